@@ -1,0 +1,193 @@
+"""The built-in layer kinds: their arguments, shape rules and op records.
+
+One table (``LAYERS``) drives argument checking, shape inference and the
+language reference, so adding a layer kind is one entry plus one builder.
+Shapes are channels-first without the batch axis: [C, H, W], [C, L] or [D].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from mixc.compiler import plan as P
+
+
+class ShapeError(Exception):
+    """A layer cannot take its input; ``hint`` says what would fix it."""
+
+    def __init__(self, message: str, hint: str | None = None, arg: str | None = None):
+        super().__init__(message)
+        self.message, self.hint, self.arg = message, hint, arg
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    params: tuple[str, ...]  # in positional order
+    required: tuple[str, ...]
+    defaults: dict[str, Any]
+    build: Callable[[str, list[str], list[int], dict[str, Any]], Any]  # (name, inputs, in_shape, args) -> Op
+    doc: str
+
+
+def _spatial(shape: list[int], kind: str) -> int:
+    if len(shape) == 3:
+        return 2
+    if len(shape) == 2:
+        return 1
+    raise ShapeError(
+        f"{kind} needs an image [C, H, W] or a signal [C, L], but its input is a vector {shape}",
+        "use linear on vectors, or keep the spatial axes (no flatten/global pooling before this layer)",
+    )
+
+
+def _tuple(v: Any, dim: int, arg: str) -> list[int]:
+    if isinstance(v, list):
+        if len(v) != dim or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            raise ShapeError(f"'{arg}' must be an integer or a list of {dim} integers, got {v}", arg=arg)
+        return list(v)
+    return [v] * dim
+
+
+def _out_size(n: int, k: int, s: int, p: int, d: int = 1) -> int:
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _spatial_out(shape: list[int], kernel: list[int], stride: list[int], padding: list[int],
+                 dilation: list[int], what: str) -> list[int]:
+    out = []
+    for n, k, s, p, d in zip(shape[1:], kernel, stride, padding, dilation):
+        if s < 1:
+            raise ShapeError(f"{what}: stride must be at least 1, got {s}", arg="stride")
+        if p < 0:
+            raise ShapeError(f"{what}: padding must not be negative, got {p}", arg="padding")
+        o = _out_size(n, k, s, p, d)
+        if o < 1:
+            raise ShapeError(
+                f"{what}: kernel {k} (dilation {d}, padding {p}) does not fit an input of size {n}",
+                "use a smaller kernel or stride, more padding, or less downsampling before this layer",
+            )
+        out.append(o)
+    return out
+
+
+def _conv(name, inputs, shape, a):
+    dim = _spatial(shape, "conv")
+    cin = shape[0]
+    kernel = _tuple(a["kernel"], dim, "kernel")
+    dilation = _tuple(a["dilation"], dim, "dilation")
+    pad = a["padding"]
+    padding = [d * (k // 2) for k, d in zip(kernel, dilation)] if pad is None else _tuple(pad, dim, "padding")
+    stride = _tuple(a["stride"], dim, "stride")
+    groups, cout = a["groups"], a["out"]
+    if groups < 1 or cin % groups or cout % groups:
+        raise ShapeError(
+            f"conv groups={groups} must divide both the input channels ({cin}) and the output channels ({cout})",
+            arg="groups",
+        )
+    if min(kernel) < 1:
+        raise ShapeError(f"kernel must be at least 1, got {kernel}", arg="kernel")
+    out = [cout, *_spatial_out(shape, kernel, stride, padding, dilation, "conv")]
+    return P.ConvOp(name=name, inputs=inputs, in_shape=shape, out_shape=out, dim=dim, in_channels=cin,
+                    out_channels=cout, kernel=kernel, stride=stride, padding=padding, dilation=dilation,
+                    groups=groups, bias=a["bias"], source="plain")
+
+
+def _linear(name, inputs, shape, a):
+    if len(shape) != 1:
+        raise ShapeError(
+            f"linear needs a vector input, but its input has shape {shape}",
+            "add global_avgpool (or flatten) before the linear layer",
+        )
+    return P.LinearOp(name=name, inputs=inputs, in_shape=shape, out_shape=[a["out"]], in_features=shape[0],
+                      out_features=a["out"], bias=a["bias"], source="plain")
+
+
+def _bn(name, inputs, shape, a):
+    if not 0 <= a["momentum"] <= 1:
+        raise ShapeError(f"bn momentum is in [0, 1] (PyTorch convention), got {a['momentum']}", arg="momentum")
+    return P.BatchNormOp(name=name, inputs=inputs, in_shape=shape, out_shape=shape, channels=shape[0],
+                         eps=a["eps"], momentum=a["momentum"])
+
+
+def _act(fn):
+    def build(name, inputs, shape, a):
+        return P.ActOp(name=name, inputs=inputs, in_shape=shape, out_shape=shape, fn=fn, slope=a.get("slope", 0.01))
+
+    return build
+
+
+def _pool(op):
+    def build(name, inputs, shape, a):
+        dim = _spatial(shape, f"{op}pool")
+        kernel = _tuple(a["kernel"], dim, "kernel")
+        stride = kernel if a["stride"] is None else _tuple(a["stride"], dim, "stride")
+        padding = _tuple(a["padding"], dim, "padding")
+        if any(2 * p > k for p, k in zip(padding, kernel)):
+            raise ShapeError(f"pool padding {padding} must be at most half the kernel {kernel}", arg="padding")
+        out = [shape[0], *_spatial_out(shape, kernel, stride, padding, [1] * dim, f"{op}pool")]
+        return P.PoolOp(name=name, inputs=inputs, in_shape=shape, out_shape=out, op=op, dim=dim, kernel=kernel,
+                        stride=stride, padding=padding)
+
+    return build
+
+
+def _global(op):
+    def build(name, inputs, shape, a):
+        _spatial(shape, f"global_{op}pool")
+        return P.GlobalPoolOp(name=name, inputs=inputs, in_shape=shape, out_shape=[shape[0]], op=op)
+
+    return build
+
+
+def _flatten(name, inputs, shape, a):
+    n = 1
+    for d in shape:
+        n *= d
+    return P.FlattenOp(name=name, inputs=inputs, in_shape=shape, out_shape=[n])
+
+
+def _dropout(name, inputs, shape, a):
+    if not 0 <= a["p"] < 1:
+        raise ShapeError(f"dropout p is in [0, 1), got {a['p']}", arg="p")
+    return P.DropoutOp(name=name, inputs=inputs, in_shape=shape, out_shape=shape, p=a["p"])
+
+
+_POOL_ARGS = dict(params=("kernel", "stride", "padding"), required=("kernel",), defaults={"stride": None, "padding": 0})
+
+LAYERS: dict[str, LayerKind] = {
+    "conv": LayerKind(("out", "kernel", "stride", "padding", "dilation", "groups", "bias"), ("out",),
+                      {"kernel": 3, "stride": 1, "padding": None, "dilation": 1, "groups": 1, "bias": False}, _conv,
+                      "1-D or 2-D convolution (by the input's rank); padding defaults to dilation*(kernel//2)"),
+    "linear": LayerKind(("out", "bias"), ("out",), {"bias": True}, _linear, "fully connected layer on a vector"),
+    "bn": LayerKind(("eps", "momentum"), (), {"eps": 1e-5, "momentum": 0.1}, _bn,
+                    "batch normalisation, one per member (PyTorch momentum convention)"),
+    "relu": LayerKind((), (), {}, _act("relu"), "activation"),
+    "gelu": LayerKind((), (), {}, _act("gelu"), "activation"),
+    "silu": LayerKind((), (), {}, _act("silu"), "activation"),
+    "tanh": LayerKind((), (), {}, _act("tanh"), "activation"),
+    "sigmoid": LayerKind((), (), {}, _act("sigmoid"), "activation"),
+    "leaky_relu": LayerKind(("slope",), (), {"slope": 0.01}, _act("leaky_relu"), "activation"),
+    "maxpool": LayerKind(**_POOL_ARGS, build=_pool("max"), doc="max pooling; stride defaults to the kernel"),
+    "avgpool": LayerKind(**_POOL_ARGS, build=_pool("avg"), doc="average pooling; stride defaults to the kernel"),
+    "global_avgpool": LayerKind((), (), {}, _global("avg"), "mean over the spatial axes: [C, ...] -> [C]"),
+    "global_maxpool": LayerKind((), (), {}, _global("max"), "max over the spatial axes: [C, ...] -> [C]"),
+    "flatten": LayerKind((), (), {}, _flatten, "[C, ...] -> [C * ...]"),
+    "dropout": LayerKind(("p",), (), {"p": 0.5}, _dropout, "dropout with probability p"),
+}
+
+# What each argument must be, for the checker in elaborate.py.
+ARG_TYPES: dict[str, str] = {
+    "out": "int", "kernel": "ints", "stride": "ints", "padding": "ints?", "dilation": "ints", "groups": "int",
+    "bias": "bool", "eps": "float", "momentum": "float", "slope": "float", "p": "float",
+}
+
+INPUT_LAYOUTS = {"image": ("channels", "height", "width"), "signal": ("channels", "length"), "vector": ("features",)}
+
+
+def weight_size(op: P.ConvOp | P.LinearOp) -> int:
+    """Parameters of one weight layer: its weight and, if any, its bias."""
+    n = 1
+    for d in op.weight_shape:
+        n *= d
+    return n + (op.weight_shape[0] if op.bias else 0)

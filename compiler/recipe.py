@@ -1,0 +1,58 @@
+"""The training recipe: the validated ``train`` section, backend-neutral.
+
+It lives in the compiler package (not spec/) because it is part of what
+crosses to the backends, inside ``Plan.train``. The spec layer validates a
+``train { ... }`` section against these models and reports errors at the
+offending line.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Optimizer(_Model):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999])  # adamw only
+
+
+class Schedule(_Model):
+    name: Literal["step", "cosine", "constant"] = "step"
+    milestones: list[int] = Field(default_factory=list)  # step: epochs at which lr *= gamma
+    gamma: float = Field(0.2, gt=0)
+    min_lr: float = Field(0.0, ge=0)  # cosine: the floor
+
+    @model_validator(mode="after")
+    def _sorted(self) -> "Schedule":
+        if self.milestones != sorted(self.milestones):
+            raise ValueError(f"milestones must be increasing, got {self.milestones}")
+        return self
+
+
+class Recipe(_Model):
+    """Everything `mixc train` needs besides the model. Defaults follow the paper's CIFAR recipe."""
+
+    data: str = "digits"  # digits | cifar10 | cifar100 | path to a .npz
+    data_dir: str | None = None  # where cifar archives live
+    epochs: int = Field(200, ge=1)
+    batch: int = Field(128, ge=1)
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    schedule: Schedule = Field(default_factory=Schedule)
+    warmup: int = Field(0, ge=0)  # epochs of linear warm-up
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    # What weight decay skips (paper appendix: alphas; ImageNet recipe: BatchNorm too).
+    weight_decay_exclude: list[Literal["alphas", "bn", "bias"]] = Field(
+        default_factory=lambda: ["alphas", "bn"]
+    )
+    augment: Literal["auto", "none", "crop_flip"] = "auto"  # auto: crop_flip for 32x32 images
+    seed: int = 0

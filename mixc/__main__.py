@@ -1,0 +1,3 @@
+from mixc.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""The Python API: ``mixc.load``, ``mixc.compile``, ``mixc.build``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from mixc.compiler.plan import Plan
+
+
+def load(spec: str | Path, overrides: Sequence[str] = ()):
+    """Parse and check a spec (a path, or a zoo name such as ``"wrn28_10"``)."""
+    from mixc.spec.loader import load_program
+
+    return load_program(spec, overrides)
+
+
+def compile(spec: str | Path | Plan, overrides: Sequence[str] = ()) -> Plan:  # noqa: A001 - public name
+    """Compile a spec to its Plan. Raises ``mixc.spec.SpecError`` on bad input."""
+    if isinstance(spec, Plan):
+        return spec
+    from mixc.compiler import compile_program
+
+    return compile_program(load(spec, overrides))
+
+
+def build(spec: str | Path | Plan, backend: str = "torch", overrides: Sequence[str] = (), **options: Any):
+    """Compile ``spec`` and build the model with ``backend`` (options go to the backend)."""
+    from mixc.backends import get_backend
+
+    plan = compile(spec, overrides)
+    return get_backend(backend).build(plan, **options)

@@ -1,0 +1,173 @@
+"""A small, safe evaluator for .mix expressions (never Python ``eval``).
+
+Values are ints, floats, bools, strings, lists, and ``Multiple`` (``1.0x``:
+a budget relative to one plain backbone). ``/`` of two integers that divide
+exactly stays an integer, so ``(depth - 4) / 6`` can be a layer count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from mixc.spec import ast as A
+from mixc.spec.diagnostics import Pos, did_you_mean
+
+_SUFFIX = {"K": 1_000, "M": 1_000_000, "G": 1_000_000_000}
+
+
+@dataclass(frozen=True)
+class Multiple:
+    """A budget written as a multiple of one plain backbone, e.g. ``1.0x``."""
+
+    factor: float
+
+    def __str__(self) -> str:
+        return f"{self.factor:g}x"
+
+
+class EvalError(Exception):
+    def __init__(self, message: str, pos: Pos, hint: str | None = None):
+        super().__init__(message)
+        self.message, self.pos, self.hint = message, pos, hint
+
+
+def type_name(v: Any) -> str:
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, int):
+        return "an integer"
+    if isinstance(v, float):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, Multiple):
+        return "a multiple such as 1.0x"
+    return type(v).__name__
+
+
+def _num(v: Any, pos: Pos, what: str) -> int | float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise EvalError(f"{what} needs numbers, got {type_name(v)} ({render(v)})", pos)
+    return v
+
+
+def render(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, list):
+        return "[" + ", ".join(render(x) for x in v) + "]"
+    return str(v)
+
+
+def _tidy(x: float) -> int | float:
+    """Turn an integral float from a quantity (36.5M) into an int."""
+    return int(x) if float(x).is_integer() and abs(x) < 2**62 else x
+
+
+def evaluate(e: A.Expr, env: Mapping[str, Any], symbols: bool = False) -> Any:
+    """Evaluate ``e`` in ``env``. With ``symbols``, an unbound name is its own string.
+
+    ``symbols`` is for settings such as ``assign shared`` where a bare word is a
+    choice, not a variable.
+    """
+    if isinstance(e, A.Num):
+        return e.value
+    if isinstance(e, A.Quantity):
+        if e.suffix == "x":
+            return Multiple(e.number)
+        return _tidy(e.number * _SUFFIX[e.suffix])
+    if isinstance(e, A.Str):
+        return e.value
+    if isinstance(e, A.Bool):
+        return e.value
+    if isinstance(e, A.Name):
+        if e.id in env:
+            return env[e.id]
+        if symbols:
+            return e.id
+        raise EvalError(f"unknown name '{e.id}'", e.pos, did_you_mean(e.id, env) or _bound_hint(env))
+    if isinstance(e, A.ListExpr):
+        return [evaluate(x, env, symbols) for x in e.items]
+    if isinstance(e, A.IfExpr):
+        cond = evaluate(e.cond, env, symbols)
+        if not isinstance(cond, bool):
+            raise EvalError(f"an if-expression needs a boolean condition, got {type_name(cond)}", e.cond.pos)
+        return evaluate(e.then if cond else e.orelse, env, symbols)
+    if isinstance(e, A.UnaryOp):
+        v = evaluate(e.operand, env, symbols)
+        if e.op == "not":
+            if not isinstance(v, bool):
+                raise EvalError(f"'not' needs a boolean, got {type_name(v)}", e.operand.pos)
+            return not v
+        return -_num(v, e.operand.pos, "'-'")
+    if isinstance(e, A.BinOp):
+        return _binop(e, env, symbols)
+    raise TypeError(f"not an expression: {e!r}")  # a parser bug, never user input
+
+
+def _bound_hint(env: Mapping[str, Any]) -> str:
+    names = sorted(k for k in env if not k.startswith("_"))
+    if not names:
+        return "no names are bound here"
+    return "names bound here: " + ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+
+
+def _binop(e: A.BinOp, env: Mapping[str, Any], symbols: bool) -> Any:
+    if e.op in ("and", "or"):
+        left = evaluate(e.left, env, symbols)
+        if not isinstance(left, bool):
+            raise EvalError(f"'{e.op}' needs booleans, got {type_name(left)}", e.left.pos)
+        if (e.op == "and" and not left) or (e.op == "or" and left):
+            return left
+        right = evaluate(e.right, env, symbols)
+        if not isinstance(right, bool):
+            raise EvalError(f"'{e.op}' needs booleans, got {type_name(right)}", e.right.pos)
+        return right
+    a = evaluate(e.left, env, symbols)
+    b = evaluate(e.right, env, symbols)
+    if e.op in ("==", "!="):
+        eq = a == b and type(a) is type(b) or (_isnum(a) and _isnum(b) and a == b)
+        return eq if e.op == "==" else not eq
+    what = f"'{e.op}'"
+    if e.op == "+" and isinstance(a, str) and isinstance(b, str):
+        return a + b
+    x = _num(a, e.left.pos, what)
+    y = _num(b, e.right.pos, what)
+    if e.op in ("<", "<=", ">", ">="):
+        return {"<": x < y, "<=": x <= y, ">": x > y, ">=": x >= y}[e.op]
+    if e.op == "+":
+        return x + y
+    if e.op == "-":
+        return x - y
+    if e.op == "*":
+        return x * y
+    if e.op == "**":
+        try:
+            r = x**y
+        except OverflowError:
+            raise EvalError("number too large", e.pos) from None
+        if isinstance(r, complex) or (isinstance(r, (int, float)) and abs(r) > 1e18):
+            raise EvalError("number too large (or not real)", e.pos)
+        return r
+    if y == 0:
+        raise EvalError("division by zero", e.right.pos)
+    if e.op == "/":
+        if isinstance(x, int) and isinstance(y, int) and x % y == 0:
+            return x // y
+        return x / y
+    if e.op == "//":
+        r = math.floor(x / y) if isinstance(x, float) or isinstance(y, float) else x // y
+        return r
+    if e.op == "%":
+        return x % y
+    raise TypeError(f"unknown operator {e.op}")
+
+
+def _isnum(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

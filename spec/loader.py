@@ -1,0 +1,287 @@
+"""Load a spec: resolve the file (or zoo name), follow imports, apply ``--set``.
+
+Imports resolve relative to the importing file, then in the zoo; a cycle is
+an error naming the chain. Definitions from every file share one namespace
+(a name defined twice is an error naming both places). Only the main file's
+``ensemble`` and ``train`` sections count; imported files supply definitions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+from mixc.spec import ast as A
+from mixc.spec.diagnostics import Diagnostics, Pos, SpecError, choices_hint, did_you_mean
+from mixc.spec.expr import EvalError, evaluate
+from mixc.spec.parser import parse, parse_value
+from mixc.spec.sections import EnsembleSpec, read_ensemble, read_train
+
+
+def zoo_dir() -> Path:
+    return Path(str(resources.files("mixc.zoo")))
+
+
+def zoo_specs() -> list[Path]:
+    """The zoo's top-level specs (block libraries in zoo/blocks/ excluded)."""
+    return sorted(zoo_dir().glob("*.mix"))
+
+
+def describe(path: Path) -> str:
+    """A spec's one-line description: its first comment line."""
+    try:
+        for line in path.read_text().splitlines():
+            s = line.strip()
+            if s.startswith("#"):
+                text = s.lstrip("#").strip()
+                if ":" in text and text.split(":", 1)[0].endswith(".mix"):
+                    text = text.split(":", 1)[1].strip()
+                return text
+            if s:
+                break
+    except OSError:
+        pass
+    return ""
+
+
+def resolve_spec_path(spec: str | Path) -> Path:
+    """An existing path, else a zoo spec by name (``wrn28_10`` or ``wrn28_10.mix``)."""
+    p = Path(spec)
+    if p.is_file():
+        return p
+    name = p.name if p.suffix == ".mix" else p.name + ".mix"
+    if p.parent in (Path("."), Path("zoo")):
+        z = zoo_dir() / name
+        if z.is_file():
+            return z
+    names = [q.stem for q in zoo_specs()]
+    hint = did_you_mean(p.stem, names)
+    if p.exists():
+        msg = f"{spec} is not a file"
+    else:
+        msg = f"no such spec file: {spec}"
+    raise SpecError(
+        [dataclasses.replace(_diag(msg), hint=hint or ("zoo specs: " + ", ".join(names) if names else None))]
+    )
+
+
+def _diag(message: str, pos: Pos | None = None, hint: str | None = None):
+    from mixc.spec.diagnostics import Diagnostic
+
+    return Diagnostic(message, pos, hint)
+
+
+@dataclass
+class Program:
+    """A loaded, checked spec: what the compiler elaborates."""
+
+    main_file: str
+    name: str  # the main file's stem, e.g. "wrn28_10"
+    sources: dict[str, str]
+    definitions: dict[str, A.Definition]
+    consts: dict[str, Any]
+    ensemble: EnsembleSpec | None
+    recipe: dict | None  # validated Recipe as a dict
+    overrides: list[str] = field(default_factory=list)
+
+
+def load_program(spec: str | Path, overrides: Sequence[str] = ()) -> Program:
+    path = resolve_spec_path(spec)
+    diags = Diagnostics()
+    modules: dict[str, A.Module] = {}
+    _load_file(path.resolve(), modules, diags, chain=(), display=str(spec) if Path(spec).is_file() else str(path))
+    diags.raise_if_any()
+    main = next(iter(modules.values()))
+
+    definitions: dict[str, A.Definition] = {}
+    for m in modules.values():
+        for d in m.definitions:
+            if d.name in definitions:
+                other = definitions[d.name]
+                diags.error(
+                    f"'{d.name}' is defined twice", d.name_pos,
+                    f"the other definition is at {other.name_pos.file}:{other.name_pos.line}; rename one of them",
+                )
+            else:
+                definitions[d.name] = d
+    consts: dict[str, Any] = {}
+    for let in main.lets:
+        try:
+            consts[let.name] = evaluate(let.value, consts)
+        except EvalError as e:
+            diags.error(e.message, e.pos, e.hint)
+
+    sections = {s.kind: s for s in main.sections}
+    for s in main.sections:
+        if sections[s.kind] is not s:
+            diags.error(f"a second '{s.kind}' section", s.pos, "merge it into the first one")
+    ens_section = sections.get("ensemble")
+    train_section = sections.get("train")
+    ens_section, train_section = _apply_overrides(list(overrides), ens_section, train_section, main.file, diags)
+
+    ensemble = read_ensemble(ens_section, consts, definitions, diags) if ens_section else None
+    recipe = read_train(train_section, consts, diags) if train_section else None
+    diags.raise_if_any()
+    return Program(
+        main_file=main.file,
+        name=path.stem,
+        sources=diags.sources,
+        definitions=definitions,
+        consts=consts,
+        ensemble=ensemble,
+        recipe=recipe,
+        overrides=list(overrides),
+    )
+
+
+def _load_file(path: Path, modules: dict[str, A.Module], diags: Diagnostics, chain: tuple[Path, ...],
+               display: str, import_pos: Pos | None = None) -> None:
+    key = str(path)
+    if key in modules:
+        return
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        diags.error(f"cannot read {display}: {e}", import_pos, "check the path and that the file is UTF-8 text")
+        return
+    diags.sources[display] = text
+    try:
+        module = parse(text, display)
+    except SpecError as err:
+        diags.extend(err)
+        return
+    modules[key] = module
+    for imp in module.imports:
+        target = _resolve_import(path, imp.path)
+        if target is None:
+            diags.error(
+                f'cannot find imported file "{imp.path}"', imp.pos,
+                f"imports are looked up next to {display}, then in the zoo ({zoo_dir()})",
+            )
+            continue
+        if target in chain or target == path:
+            cycle = " -> ".join(p.name for p in (*chain, path, target))
+            diags.error(f"import cycle: {cycle}", imp.pos, "a file cannot import itself, directly or through others")
+            continue
+        _load_file(target, modules, diags, (*chain, path), _display(target), imp.pos)
+
+
+def _display(p: Path) -> str:
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def _resolve_import(importer: Path, name: str) -> Path | None:
+    for base in (importer.parent, zoo_dir()):
+        cand = (base / name).resolve()
+        if cand.is_file():
+            return cand
+    return None
+
+
+# --- --set overrides -----------------------------------------------------------
+
+ENSEMBLE_KEYS = ("backbone", "members", "budget", "groups", "templates_per_layer", "assign", "bank_singletons")
+
+
+def _apply_overrides(overrides: list[str], ens: A.Section | None, train: A.Section | None, main_file: str,
+                     diags: Diagnostics) -> tuple[A.Section | None, A.Section | None]:
+    from mixc.compiler.recipe import Recipe
+
+    train_keys = tuple(Recipe.model_fields)
+    for i, item in enumerate(overrides):
+        origin = f"--set #{i + 1}"
+        diags.sources[origin] = item
+        if "=" not in item:
+            diags.error(f"an override must look like key=value, got {item!r}", Pos(origin, 1, 1),
+                        "for example --set members=2 or --set backbone.classes=10")
+            continue
+        key, text = item.split("=", 1)
+        key = key.strip()
+        path = key.split(".")
+        if path[0] == "ensemble":
+            path = path[1:]
+        section_kind = "train" if path and path[0] == "train" else "ensemble"
+        if section_kind == "train":
+            path = path[1:]
+        valid = train_keys if section_kind == "train" else ENSEMBLE_KEYS
+        if not path or path[0] not in valid:
+            all_keys = list(ENSEMBLE_KEYS) + [f"train.{k}" for k in train_keys]
+            bad = key or "(empty)"
+            diags.error(f"unknown setting '{bad}' in --set {item}", Pos(origin, 1, 1, 1, len(key) + 1),
+                        choices_hint(bad, all_keys))
+            continue
+        vpos = len(key) + 2  # column where the value starts in the override text
+        try:
+            value = parse_value(text, origin)
+        except SpecError as err:
+            for d in err.diagnostics:
+                p = d.pos
+                diags.error(d.message, Pos(origin, 1, (p.col if p else 1) + vpos - 1), d.hint)
+            continue
+        value = _shift_cols(value, vpos - 1)
+        opos = Pos(origin, 1, 1, 1, len(item) + 1)
+        section = train if section_kind == "train" else ens
+        if section is None:
+            section = A.Section(section_kind, (), Pos(main_file, 1, 1))
+        section = _override(section, path, value, opos, diags)
+        if section_kind == "train":
+            train = section
+        else:
+            ens = section
+    return ens, train
+
+
+def _shift_cols(node, by: int):
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        changes = {}
+        for f in dataclasses.fields(node):
+            v = getattr(node, f.name)
+            if isinstance(v, Pos):
+                changes[f.name] = dataclasses.replace(v, col=v.col + by, end_col=(v.end_col + by) if v.end_col else None)
+            elif isinstance(v, tuple):
+                changes[f.name] = tuple(_shift_cols(x, by) for x in v)
+            elif dataclasses.is_dataclass(v):
+                changes[f.name] = _shift_cols(v, by)
+        return dataclasses.replace(node, **changes)
+    return node
+
+
+def _override(section: A.Section, path: list[str], value, pos: Pos, diags: Diagnostics) -> A.Section:
+    settings = list(section.settings)
+    idx = next((i for i, s in enumerate(settings) if s.key == path[0]), None)
+    if len(path) == 1:
+        new = A.Setting(path[0], value, pos, pos)
+        if idx is None:
+            settings.append(new)
+        else:
+            settings[idx] = new
+        return dataclasses.replace(section, settings=tuple(settings))
+    # key.arg=value: set one argument of a call value (backbone.classes, optimizer.lr)
+    if len(path) > 2:
+        diags.error(f"cannot override '{'.'.join(path)}': paths go at most one level into a call", pos)
+        return section
+    if idx is None or not isinstance(settings[idx].value, A.CallValue):
+        if path[0] in ("optimizer", "schedule") and idx is None:
+            base = A.CallValue({"optimizer": "sgd", "schedule": "step"}[path[0]], (), pos)
+        else:
+            diags.error(f"cannot set '{'.'.join(path)}': '{path[0]}' is not a call with arguments in this spec", pos,
+                        f"set the whole value instead, e.g. --set {path[0]}=...")
+            return section
+    else:
+        base = settings[idx].value
+    args = [a for a in base.args if a.name != path[1]]
+    args.append(A.Arg(path[1], value, pos))
+    new_value = dataclasses.replace(base, args=tuple(args))
+    new = A.Setting(path[0], new_value, settings[idx].pos if idx is not None else pos,
+                    settings[idx].key_pos if idx is not None else pos)
+    if idx is None:
+        settings.append(new)
+    else:
+        settings[idx] = new
+    return dataclasses.replace(section, settings=tuple(settings))

@@ -1,0 +1,263 @@
+"""Check the ``ensemble`` and ``train`` sections: known keys, value types, ranges.
+
+Every error points at the setting (or the argument) at fault, with a "did you
+mean" hint for misspelt keys. The ensemble's values stay tied to their source
+positions so later stages (a budget below the minimum, a glob that matches
+nothing) can point at the right line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from mixc.spec import ast as A
+from mixc.spec.diagnostics import Diagnostics, Pos, choices_hint
+from mixc.spec.expr import EvalError, Multiple, evaluate, render, type_name
+
+
+@dataclass
+class GroupSpec:
+    """An explicit group: ``group NAME("glob", ..., share = f | templates = n)``."""
+
+    name: str
+    patterns: list[str]
+    share: float | None
+    templates: int | None
+    templates_per_layer: int | None
+    pos: Pos
+    pattern_pos: list[Pos]
+
+
+@dataclass
+class EnsembleSpec:
+    backbone: str
+    backbone_args: tuple[A.Arg, ...]
+    members: int = 4
+    budget: int | Multiple | None = None
+    groups: str = "by_shape"  # by_shape | single | none | explicit
+    explicit: list[GroupSpec] = field(default_factory=list)
+    templates_per_layer: int = 4
+    assign: str = "shared"
+    bank_singletons: bool = False
+    pos: dict[str, Pos] = field(default_factory=dict)  # setting -> where it was written
+
+
+GROUP_MODES = ("by_shape", "single", "none")
+ASSIGN = ("shared", "greedy_disjoint")
+
+
+def _eval(e, consts, diags: Diagnostics, symbols: bool = True) -> Any:
+    try:
+        return evaluate(e, consts, symbols=symbols)
+    except EvalError as err:
+        diags.error(err.message, err.pos, err.hint)
+        return None
+
+
+def _int(v: Any, pos: Pos, key: str, diags: Diagnostics, lo: int = 1) -> int | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+        diags.error(f"'{key}' must be an integer, got {type_name(v)} ({render(v)})", pos)
+        return None
+    if v < lo:
+        diags.error(f"'{key}' must be at least {lo}, got {render(v)}", pos)
+        return None
+    return int(v)
+
+
+def read_ensemble(section: A.Section, consts: dict, definitions: dict[str, A.Definition],
+                  diags: Diagnostics) -> EnsembleSpec | None:
+    n_before = len(diags.items)
+    spec = EnsembleSpec(backbone="", backbone_args=())
+    seen: dict[str, A.Setting] = {}
+    for s in section.settings:
+        if s.key in seen:
+            diags.error(f"'{s.key}' is set twice", s.key_pos, f"the first is on line {seen[s.key].pos.line}")
+            continue
+        seen[s.key] = s
+        spec.pos[s.key] = s.pos
+        vpos = getattr(s.value, "pos", s.pos)
+        if s.key == "backbone":
+            cv = s.value
+            if not isinstance(cv, A.CallValue):
+                name = cv.id if isinstance(cv, A.Name) else None
+                if name is None:
+                    diags.error("'backbone' names a backbone, e.g. backbone wrn(depth = 28)", vpos)
+                    continue
+                cv = A.CallValue(name, (), vpos)
+            d = definitions.get(cv.name)
+            if d is None or d.kind != "backbone":
+                names = [n for n, x in definitions.items() if x.kind == "backbone"]
+                what = "is a block, not a backbone" if d is not None else "is not defined"
+                diags.error(f"backbone '{cv.name}' {what}", cv.pos, choices_hint(cv.name, names) if names else
+                            "define it with `backbone NAME(params) { ... }` or import a file that does")
+                continue
+            spec.backbone, spec.backbone_args = cv.name, cv.args
+        elif s.key == "groups":
+            if isinstance(s.value, A.BodyValue):
+                spec.groups = "explicit"
+                spec.explicit = _read_groups(s.value, consts, diags)
+            else:
+                v = _eval(s.value, consts, diags)
+                if v is None:
+                    continue
+                if v not in GROUP_MODES:
+                    diags.error(f"unknown grouping '{render(v)}'", vpos,
+                                choices_hint(str(v), GROUP_MODES) + "; or { group NAME(\"glob\", share = f) ... }")
+                    continue
+                spec.groups = v
+        elif s.key in ("members", "templates_per_layer"):
+            v = _int(_eval(s.value, consts, diags), vpos, s.key, diags) if not isinstance(s.value, (A.CallValue, A.BodyValue)) else None
+            if v is not None:
+                setattr(spec, s.key, v)
+        elif s.key == "budget":
+            v = _eval(s.value, consts, diags) if not isinstance(s.value, (A.CallValue, A.BodyValue)) else None
+            if isinstance(v, Multiple):
+                if v.factor <= 0:
+                    diags.error(f"a budget must be positive, got {v}", vpos)
+                else:
+                    spec.budget = v
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                if v <= 0 or (isinstance(v, float) and not v.is_integer() and v < 1):
+                    diags.error(f"a budget must be a positive parameter count, got {render(v)}", vpos)
+                else:
+                    spec.budget = int(v)
+            elif v is not None or isinstance(s.value, (A.CallValue, A.BodyValue)):
+                diags.error(f"a budget is a parameter count (36.5M, 250K, 1200000) or a multiple of one plain "
+                            f"backbone (1.0x), got {render(v) if v is not None else 'a call'}", vpos)
+        elif s.key == "assign":
+            v = _eval(s.value, consts, diags) if not isinstance(s.value, (A.CallValue, A.BodyValue)) else None
+            if v not in ASSIGN:
+                diags.error(f"unknown assignment policy '{render(v) if v is not None else '?'}'", vpos,
+                            choices_hint(str(v), ASSIGN))
+            else:
+                spec.assign = v
+        elif s.key == "bank_singletons":
+            v = _eval(s.value, consts, diags) if not isinstance(s.value, (A.CallValue, A.BodyValue)) else None
+            if not isinstance(v, bool):
+                diags.error(f"'bank_singletons' is true or false, got {render(v) if v is not None else '?'}", vpos)
+            else:
+                spec.bank_singletons = v
+        else:
+            diags.error(f"unknown ensemble setting '{s.key}'", s.key_pos,
+                        choices_hint(s.key, ("backbone", "members", "budget", "groups", "templates_per_layer",
+                                             "assign", "bank_singletons")))
+    if "backbone" not in seen:
+        diags.error("the ensemble section does not name its backbone", section.pos,
+                    "add a line such as: backbone wrn(depth = 28, k = 10)")
+    if len(diags.items) > n_before:
+        return None
+    return spec
+
+
+def _read_groups(body: A.BodyValue, consts: dict, diags: Diagnostics) -> list[GroupSpec]:
+    groups: list[GroupSpec] = []
+    names: set[str] = set()
+    for st in body.body:
+        if not isinstance(st, A.Layer) or st.kind != "group" or st.name is None:
+            pos = getattr(st, "pos", body.pos)
+            diags.error("inside groups { ... } each line is: group NAME(\"glob\", ..., share = f | templates = n)",
+                        pos, "for example: group convs3(\"s3.*.conv*\", share = 0.5)")
+            continue
+        if st.name in names:
+            diags.error(f"group '{st.name}' is defined twice", st.name_pos or st.pos)
+            continue
+        names.add(st.name)
+        g = GroupSpec(st.name, [], None, None, None, st.pos, [])
+        for a in st.args:
+            v = _eval(a.value, consts, diags)
+            if v is None:
+                continue
+            if a.name is None:
+                if not isinstance(v, str):
+                    diags.error(f"a group's positional arguments are layer-name globs (strings), got {type_name(v)}",
+                                a.pos, 'quote the pattern: "s1.*.conv2"')
+                    continue
+                g.patterns.append(v)
+                g.pattern_pos.append(a.pos)
+            elif a.name == "share":
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                    diags.error(f"'share' is a positive number, got {render(v)}", a.pos)
+                else:
+                    g.share = float(v)
+            elif a.name in ("templates", "templates_per_layer"):
+                n = _int(v, a.pos, a.name, diags)
+                if n is not None:
+                    setattr(g, a.name, n)
+            else:
+                diags.error(f"unknown group argument '{a.name}'", a.pos,
+                            choices_hint(a.name, ("share", "templates", "templates_per_layer")))
+        if not g.patterns:
+            diags.error(f"group '{g.name}' names no layers", st.pos, 'give one or more globs: group g("s1.*")')
+        if g.share is not None and g.templates is not None:
+            diags.error(f"group '{g.name}' gives both a share and a template count", st.pos, "keep one of them")
+        groups.append(g)
+    return groups
+
+
+# --- train -------------------------------------------------------------------
+
+
+def read_train(section: A.Section, consts: dict, diags: Diagnostics) -> dict | None:
+    """Validate the train section against ``Recipe``; errors point at the setting."""
+    from mixc.compiler.recipe import Recipe
+
+    raw: dict[str, Any] = {}
+    where: dict[tuple, Pos] = {}
+    ok = True
+    for s in section.settings:
+        if s.key in raw:
+            diags.error(f"'{s.key}' is set twice", s.key_pos)
+            ok = False
+            continue
+        where[(s.key,)] = s.key_pos
+        if isinstance(s.value, A.CallValue):
+            args: dict[str, Any] = {"name": s.value.name}
+            where[(s.key, "name")] = s.value.pos
+            for a in s.value.args:
+                if a.name is None:
+                    diags.error(f"arguments of '{s.value.name}' are named, e.g. {s.value.name}(lr = 0.1)", a.pos)
+                    ok = False
+                    continue
+                args[a.name] = _eval(a.value, consts, diags)
+                where[(s.key, a.name)] = a.pos
+            raw[s.key] = args
+        elif isinstance(s.value, A.BodyValue):
+            diags.error(f"'{s.key}' takes a value, not a {{ ... }} body", s.value.pos)
+            ok = False
+        else:
+            raw[s.key] = _eval(s.value, consts, diags)
+            where[(s.key, "value")] = getattr(s.value, "pos", s.pos)
+    if not ok:
+        return None
+    # Shorthands users write: optimizer sgd / schedule cosine without arguments.
+    for key in ("optimizer", "schedule"):
+        if isinstance(raw.get(key), str):
+            raw[key] = {"name": raw[key]}
+    try:
+        return Recipe.model_validate(raw).model_dump()
+    except ValidationError as err:
+        fields = {k: tuple(v.model_fields) for k, v in (("optimizer", _sub("Optimizer")), ("schedule", _sub("Schedule")))}
+        for e in err.errors():
+            loc = tuple(str(x) for x in e["loc"])
+            pos = where.get(loc[:2]) or where.get(loc[:1]) or section.pos
+            if e["type"] == "extra_forbidden":
+                if len(loc) == 1:
+                    diags.error(f"unknown train setting '{loc[0]}'", pos, choices_hint(loc[0], Recipe.model_fields))
+                else:
+                    diags.error(f"unknown argument '{loc[1]}' of '{loc[0]}'", pos,
+                                choices_hint(loc[1], fields.get(loc[0], ())))
+            else:
+                what = ".".join(loc)
+                got = e.get("input")
+                diags.error(f"bad value for '{what}': {e['msg'].lower()}", pos,
+                            f"got {render(got) if not isinstance(got, dict) else 'a call'}")
+        return None
+
+
+def _sub(name: str):
+    from mixc.compiler import recipe
+
+    return getattr(recipe, name)
