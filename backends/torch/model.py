@@ -1,0 +1,83 @@
+"""Build a runnable model from a Plan, write it to disk, and name its tensors.
+
+``build`` generates the source with ``emit_source`` and execs exactly that text
+in a fresh module, so what runs is what ``write`` puts on disk.
+"""
+
+from __future__ import annotations
+
+import linecache
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mixc.backends.torch.codegen import class_name, emit_source, module_name
+from mixc.compiler.plan import Plan
+
+LAYOUTS = ("auto", "grouped", "loop")
+
+
+def load_source(source: str, plan: Plan) -> types.ModuleType:
+    """Exec generated ``source`` into a fresh module (registered with linecache for tracebacks)."""
+    filename = f"<mixc-generated {module_name(plan)}.py>"
+    mod = types.ModuleType(f"mixc_generated_{module_name(plan)}")
+    mod.__file__ = filename
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    exec(compile(source, filename, "exec"), mod.__dict__)  # noqa: S102 - our own generated code
+    return mod
+
+
+def build(
+    plan: Plan,
+    layout: str = "auto",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> nn.Module:
+    """Generate the plan's module, instantiate and initialise it (global torch RNG).
+
+    ``layout``: "grouped", "loop", or "auto" (grouped on CUDA, loop elsewhere,
+    decided per call from the input's device). ``channels_last`` converts 4-D
+    inputs to channels_last inside forward; prefer it to
+    ``model.to(memory_format=...)``, which rejects the 5-D per-member weights.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    mod = load_source(emit_source(plan), plan)
+    model = getattr(mod, class_name(plan))(layout=layout, channels_last=channels_last)
+    if device is not None or dtype is not None:
+        model = model.to(device=device, dtype=dtype)
+    return model
+
+
+def write(plan: Plan, out_dir: str | Path) -> Path:
+    """Write ``plan.json`` and ``<name>.py`` into ``out_dir``; return the source's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(plan.to_json() + "\n")
+    path = out / f"{module_name(plan)}.py"
+    path.write_text(emit_source(plan))
+    return path
+
+
+def named_plan_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every plan tensor name (``bank.g0``, ``bn.s1.b0.bn0.running_mean``...) -> the model's Parameter/buffer."""
+    mapping = getattr(model, "plan_tensors", None)
+    if mapping is None:
+        raise TypeError(f"{type(model).__name__} is not a mixc-generated model (it has no plan_tensors)")
+    return {name: getattr(model, attr) for name, attr in mapping.items()}
+
+
+def ensemble_probs(logits: torch.Tensor) -> torch.Tensor:
+    """THE ensemble prediction: the mean over members of their softmax.
+
+    ``logits`` [B, M, classes] -> probabilities [B, classes] (float32 at least,
+    so bf16 logits average without loss).
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"expected member logits [B, M, classes], got shape {list(logits.shape)}")
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.softmax(logits, dim=-1).mean(dim=1)

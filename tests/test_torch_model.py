@@ -1,0 +1,192 @@
+"""The torch backend's model: accounting, numerics against an independent reference, codegen."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import handmade_plans as hp
+from torch_reference import reference_forward
+
+from mixc.backends.torch import build, emit_source, ensemble_probs, named_plan_tensors, write
+
+GOLDEN = Path(__file__).parent / "golden"
+
+PLANS = {
+    "tiny": lambda: hp.tiny_convnet(),
+    "tiny_greedy": lambda: hp.tiny_convnet(members=2, assign="greedy_disjoint"),
+    "rich": lambda: hp.rich_convnet(dropout=0.0),
+    "rich_shared": lambda: hp.rich_convnet(members=2, assign="shared", dropout=0.0),
+    "signal": lambda: hp.signal_blob_net(),
+    "signal_small_blob": lambda: hp.signal_blob_net(members=3, blob_size=50),  # windows wrap many times
+    "signal_shared": lambda: hp.signal_blob_net(assign="shared"),
+    "mlp": lambda: hp.mlp_net(dropout=0.0),
+}
+
+
+def _randomise(model: torch.nn.Module) -> None:
+    """Non-trivial BN affine and running stats, so eval mode exercises them."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, t in named_plan_tensors(model).items():
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif name.startswith("bn."):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
+
+
+def _input(plan, batch=5, dtype=torch.float64):
+    return torch.randn(batch, *plan.input_shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+
+
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_parameters_match_plan(name):
+    plan = PLANS[name]()
+    model = build(plan)
+    named = named_plan_tensors(model)
+    assert list(named) == [t.name for t in plan.tensors]
+    params = {id(p) for p in model.parameters()}
+    for t in plan.tensors:
+        assert list(named[t.name].shape) == t.shape, t.name
+        assert (id(named[t.name]) in params) == t.trainable, t.name
+    assert sum(p.numel() for p in model.parameters()) == plan.accounting.total_params
+    assert len(params) == sum(t.trainable for t in plan.tensors)  # nothing trainable outside the plan
+    persistent = set(model.state_dict())
+    assert len(persistent) == len(plan.tensors)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("layout", ["grouped", "loop"])
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_matches_separate_members(name, layout, training):
+    """Fused model == each member as its own plain network (float64, max abs diff < 1e-5)."""
+    plan = PLANS[name]()
+    torch.manual_seed(0)
+    model = build(plan, layout=layout, dtype=torch.float64)
+    _randomise(model)
+    model.train(training)
+    ref_t = {k: v.detach().clone() for k, v in named_plan_tensors(model).items()}
+    x = _input(plan)
+    got = model(x)
+    want = reference_forward(plan, ref_t, x, training)
+    assert got.shape == (5, plan.members, plan.classes)
+    assert (got - want).abs().max().item() < 1e-5
+    for k, v in named_plan_tensors(model).items():  # running statistics moved the same way
+        assert (v.detach() - ref_t[k]).abs().max().item() < 1e-10, k
+
+
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_grouped_equals_loop_with_gradients(name):
+    plan = PLANS[name]()
+    torch.manual_seed(0)
+    a = build(plan, layout="grouped", dtype=torch.float64)
+    b = build(plan, layout="loop", dtype=torch.float64)
+    b.load_state_dict(a.state_dict())
+    x = _input(plan, batch=4)
+    ya, yb = a(x), b(x)
+    assert (ya - yb).abs().max().item() < 1e-10
+    target = torch.randn_like(ya)
+    (ya * target).sum().backward()
+    (yb * target).sum().backward()
+    ga, gb = named_plan_tensors(a), named_plan_tensors(b)
+    for t in plan.tensors:
+        if t.trainable:
+            assert (ga[t.name].grad - gb[t.name].grad).abs().max().item() < 1e-9, t.name
+
+
+def test_auto_layout_and_channels_last_agree():
+    plan = hp.rich_convnet(dropout=0.0)
+    torch.manual_seed(0)
+    ref = build(plan, layout="loop").eval()
+    x = _input(plan, dtype=torch.float32)
+    want = ref(x)
+    for layout in ("auto", "grouped", "loop"):
+        m = build(plan, layout=layout, channels_last=True).eval()
+        m.load_state_dict(ref.state_dict())
+        assert torch.allclose(m(x), want, atol=1e-5), layout
+
+
+def test_dropout_active_only_in_training():
+    plan = hp.mlp_net(dropout=0.5)
+    model = build(plan, layout="grouped")
+    x = _input(plan, dtype=torch.float32)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    assert not torch.equal(model(x), model(x))
+
+
+def test_init_variance_and_alphas():
+    """A composed conv starts with kaiming-normal variance; alphas are orthonormal rows."""
+    b = hp.PlanBuilder("wide", [32, 8, 8], 3)
+    x = b.input()
+    h = b.conv("c1", x, 32, kernel=3, padding=1)
+    h = b.conv("c2", h, 32, kernel=3, padding=1)
+    h = b.conv("c3", h, 32, kernel=3, padding=1)
+    h = b.global_pool("gp", h)
+    b.linear("fc", h, 4)
+    plan = b.finish("fc", banks={"g": (["c1", "c2", "c3"], 6, 4)}, assign="shared")
+    torch.manual_seed(0)
+    model = build(plan)
+    w = model.compose()
+    target = math.sqrt(2 / (32 * 9))
+    for layer in ("c1", "c2", "c3"):
+        std = w[f"{layer}.weight"].std(dim=(1, 2, 3, 4))
+        assert torch.allclose(std, torch.full_like(std, target), rtol=0.05), (layer, std, target)
+        alpha = named_plan_tensors(model)[f"alpha.{layer}"].detach()
+        assert torch.allclose(alpha @ alpha.T, torch.eye(3), atol=1e-5)
+
+
+def test_ensemble_probs():
+    logits = torch.randn(6, 3, 5)
+    p = ensemble_probs(logits)
+    assert p.shape == (6, 5)
+    assert torch.allclose(p.sum(-1), torch.ones(6))
+    assert torch.allclose(p, torch.softmax(logits, -1).mean(1))
+    assert ensemble_probs(logits.bfloat16()).dtype == torch.float32
+
+
+def test_codegen_is_deterministic_and_imports_only_torch():
+    for make in PLANS.values():
+        src = emit_source(make())
+        assert src == emit_source(make())
+        roots = set()
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.Import):
+                roots |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                roots.add(node.module.split(".")[0])
+        assert roots <= {"torch", "math"}, roots
+
+
+def test_golden_source():
+    """The emitted source of the tiny plan, byte for byte (MIXC_UPDATE_GOLDEN=1 rewrites it)."""
+    path = GOLDEN / "tiny.py"
+    src = emit_source(hp.tiny_convnet())
+    if os.environ.get("MIXC_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(src)
+    assert path.exists(), "golden file missing; run with MIXC_UPDATE_GOLDEN=1"
+    assert src == path.read_text(), "codegen output changed; review and regenerate with MIXC_UPDATE_GOLDEN=1"
+
+
+def test_written_file_is_what_runs(tmp_path):
+    plan = hp.rich_convnet(dropout=0.0)
+    src_path = write(plan, tmp_path)
+    assert (tmp_path / "plan.json").read_text().strip() == plan.to_json()
+    assert src_path == tmp_path / "rich.py"
+    spec = importlib.util.spec_from_file_location("rich_generated", src_path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    ours = build(plan, layout="grouped").eval()
+    theirs = mod.Rich(layout="grouped").eval()
+    theirs.load_state_dict(ours.state_dict())
+    x = _input(plan, dtype=torch.float32)
+    assert torch.equal(ours(x), theirs(x))

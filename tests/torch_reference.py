@@ -1,0 +1,88 @@
+"""An independent reference for the torch backend: each member as a separate plain network.
+
+Weights are composed here straight from the plan's definition (sum of alpha
+times template, blob windows by modular indexing), and each member runs the op
+graph with plain ``torch.nn.functional`` calls, one member at a time. Nothing
+is shared with the code generator.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mixc.compiler.plan import Plan
+
+
+def member_weights(plan: Plan, T: dict[str, torch.Tensor], layer: str, m: int):
+    """(weight, bias or None) of ``layer`` for member ``m``."""
+    op = plan.op(layer)
+    if op.source == "plain":
+        return T[f"plain.{layer}.weight"], T.get(f"plain.{layer}.bias")
+    if op.source == "member":
+        b = T.get(f"member.{layer}.bias")
+        return T[f"member.{layer}.weight"][m], None if b is None else b[m]
+    slot = plan.slot(layer)
+    alpha = T[f"alpha.{layer}"][m]
+    if slot.templates is not None:
+        bank = T[f"bank.{slot.group}"]
+        flat = sum(alpha[j] * bank[t] for j, t in enumerate(slot.templates[m]))
+    else:
+        blob = T["blob"]
+        n = blob.shape[0]
+        flat = sum(
+            alpha[j] * blob[(slot.offsets[m] + j * slot.size + torch.arange(slot.size)) % n] for j in range(slot.k)
+        )
+    wsize = math.prod(op.weight_shape)
+    return flat[:wsize].reshape(op.weight_shape), (flat[wsize:] if op.bias else None)
+
+
+def run_member(plan: Plan, T: dict[str, torch.Tensor], m: int, x: torch.Tensor, training: bool) -> torch.Tensor:
+    """Member ``m``'s logits; updates the running stats in ``T`` (row ``m``) like a real BatchNorm."""
+    vals: dict[str, torch.Tensor] = {}
+    for op in plan.ops:
+        a = vals[op.inputs[0]] if op.inputs else None
+        k = op.kind
+        if k == "input":
+            y = x
+        elif k == "conv":
+            w, b = member_weights(plan, T, op.name, m)
+            conv = F.conv1d if op.dim == 1 else F.conv2d
+            y = conv(a, w, b, op.stride, op.padding, op.dilation, op.groups)
+        elif k == "linear":
+            w, b = member_weights(plan, T, op.name, m)
+            y = F.linear(a, w, b)
+        elif k == "bn":
+            p = f"bn.{op.name}."
+            y = F.batch_norm(
+                a, T[p + "running_mean"][m], T[p + "running_var"][m], T[p + "weight"][m], T[p + "bias"][m],
+                training, op.momentum, op.eps,
+            )
+        elif k == "act":
+            y = {
+                "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+                "leaky_relu": lambda t: F.leaky_relu(t, op.slope),
+            }[op.fn](a)
+        elif k == "pool":
+            fn = {("max", 1): F.max_pool1d, ("max", 2): F.max_pool2d, ("avg", 1): F.avg_pool1d, ("avg", 2): F.avg_pool2d}
+            y = fn[(op.op, op.dim)](a, op.kernel, op.stride, op.padding)
+        elif k == "global_pool":
+            dims = tuple(range(2, a.dim()))
+            y = a.mean(dims) if op.op == "avg" else a.amax(dims)
+        elif k == "flatten":
+            y = a.flatten(1)
+        elif k == "dropout":
+            y = F.dropout(a, op.p, training)
+        elif k == "add":
+            y = vals[op.inputs[0]] + vals[op.inputs[1]]
+        else:
+            raise AssertionError(k)
+        vals[op.name] = y
+    return vals[plan.output]
+
+
+def reference_forward(plan: Plan, T: dict[str, torch.Tensor], x: torch.Tensor, training: bool) -> torch.Tensor:
+    """Member logits [B, M, classes], one member at a time."""
+    return torch.stack([run_member(plan, T, m, x, training) for m in range(plan.members)], 1)
