@@ -15,10 +15,12 @@ from mixc.spec.loader import Program
 
 def compile_program(program: Program) -> P.Plan:
     """Compile a loaded program. Raises ``SpecError`` listing every problem found."""
-    diags = Diagnostics(sources=dict(program.sources))
+    diags = Diagnostics(sources=dict(program.sources), items=list(program.pending))
     result = elaborate(program, diags)
-    diags.raise_if_any()
-    assert result is not None
+    if result is None:
+        diags.raise_if_any()
+    # Errors already found elsewhere (say, in the train section) do not stop the
+    # allocation: a budget problem is reported with them, all at once.
     graph, _ = result
     ens = program.ensemble
     M = ens.members
@@ -49,7 +51,8 @@ def compile_program(program: Program) -> P.Plan:
         minimum = M * backbone
     else:
         formed = form_groups(weights, ens, diags)
-        diags.raise_if_any()
+        if formed is None:
+            diags.raise_if_any()
         drafts, plain = formed
         by_name = {o.name: o for o in weights}
         plain_params = sum(weight_size(by_name[n]) for n in plain)

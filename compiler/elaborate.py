@@ -63,6 +63,8 @@ def elaborate(program: Program, diags: Diagnostics) -> tuple[Graph, A.Definition
         diags.error(f"{program.main_file} has no ensemble section, so there is nothing to compile", None,
                     "add: ensemble { backbone NAME(...)  members 4  budget 1.0x }")
         return None
+    if ens.backbone not in program.definitions:  # already reported by the section checker
+        return None
     defn = program.definitions[ens.backbone]
     el = _Elaborator(program, diags)
     call = A.Layer(defn.name, None, ens.backbone_args, ens.pos.get("backbone", defn.pos), ens.pos.get("backbone", defn.pos))
@@ -73,6 +75,8 @@ def elaborate(program: Program, diags: Diagnostics) -> tuple[Graph, A.Definition
         if cur is None:
             diags.error(f"backbone '{defn.name}' has no input statement", defn.name_pos,
                         "start it with input image(C, H, W), input signal(C, L) or input vector(D)")
+            raise _Abort
+        if el.errored:
             raise _Abort
         if len(cur.shape) != 1:
             diags.error(f"backbone '{defn.name}' must end in a vector of class scores, but it ends in shape {cur.shape}",
@@ -90,11 +94,19 @@ def elaborate(program: Program, diags: Diagnostics) -> tuple[Graph, A.Definition
 class _Elaborator:
     def __init__(self, program: Program, diags: Diagnostics):
         self.program, self.diags, self.g = program, diags, Graph()
+        # After an error, elaboration goes on past the bad statement to find more
+        # mistakes, but shape errors are then likely echoes of the first, so they are muted.
+        self.errored = False
 
     # --- helpers -----------------------------------------------------------
 
     def fail(self, message: str, pos: Pos, hint: str | None = None):
         self.diags.error(message, pos, hint)
+        raise _Abort
+
+    def fail_shape(self, message: str, pos: Pos, hint: str | None = None):
+        if not self.errored:
+            self.diags.error(message, pos, hint)
         raise _Abort
 
     def eval(self, e: A.Expr, env: dict) -> Any:
@@ -166,19 +178,25 @@ class _Elaborator:
         i = 0
         while i < len(stmts):
             st = stmts[i]
-            if isinstance(st, A.Residual):
-                sc = stmts[i + 1] if i + 1 < len(stmts) and isinstance(stmts[i + 1], A.Shortcut) else None
-                cur = self.residual(st, sc, env, scope, cur, depth)
-                i += 2 if sc is not None else 1
-                continue
-            if isinstance(st, A.Shortcut):
-                self.fail("a shortcut must follow a residual { ... }", st.pos,
-                          "write: residual { main path } then shortcut if COND { projection }")
-            if cur is None and not isinstance(st, (A.Input, A.Let)):
-                self.fail("the backbone must start with an input statement", st.pos,
-                          "add input image(C, H, W), input signal(C, L) or input vector(D) first")
-            cur = self.stmt(st, env, scope, cur, depth)
-            i += 1
+            step = 1
+            try:
+                if isinstance(st, A.Residual):
+                    sc = stmts[i + 1] if i + 1 < len(stmts) and isinstance(stmts[i + 1], A.Shortcut) else None
+                    step = 2 if sc is not None else 1
+                    cur = self.residual(st, sc, env, scope, cur, depth)
+                elif isinstance(st, A.Shortcut):
+                    self.fail("a shortcut must follow a residual { ... }", st.pos,
+                              "write: residual { main path } then shortcut if COND { projection }")
+                elif cur is None and not isinstance(st, (A.Input, A.Let)):
+                    self.fail("the backbone must start with an input statement", st.pos,
+                              "add input image(C, H, W), input signal(C, L) or input vector(D) first")
+                else:
+                    cur = self.stmt(st, env, scope, cur, depth)
+            except _Abort:
+                if cur is None or len(self.diags.items) > 50:
+                    raise
+                self.errored = True  # skip the statement, keep looking for other mistakes
+            i += step
         return cur
 
     def stmt(self, st, env: dict, scope: _Scope, cur: _Cur | None, depth: int) -> _Cur | None:
@@ -258,7 +276,7 @@ class _Elaborator:
                 short = self.body(sc.body, env, scope, x, depth + 1)
         if main.shape != short.shape:
             where = "shortcut" if short is not x else "identity shortcut"
-            self.fail(
+            self.fail_shape(
                 f"shape mismatch in residual add: the main path gives {main.shape}, the {where} gives {short.shape}",
                 st.pos,
                 "add or fix a projection: shortcut if stride != 1 or in_channels != width { conv proj(width, "
@@ -293,7 +311,7 @@ class _Elaborator:
             op = kind.build(full, [cur.name], cur.shape, args)
         except ShapeError as e:
             pos = next((a.pos for a in st.args if a.name == e.arg), st.pos) if e.arg else st.pos
-            self.fail(f"{e.message} (in layer '{full}')", pos, e.hint)
+            self.fail_shape(f"{e.message} (in layer '{full}')", pos, e.hint)
         return self.add(op, st.pos)
 
     def layer_args(self, st: A.Layer, kind, env: dict) -> dict[str, Any]:

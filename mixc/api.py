@@ -20,8 +20,9 @@ def compile(spec: str | Path | Plan, overrides: Sequence[str] = ()) -> Plan:  # 
     if isinstance(spec, Plan):
         return spec
     from mixc.compiler import compile_program
+    from mixc.spec.loader import load_program
 
-    return compile_program(load(spec, overrides))
+    return compile_program(load_program(spec, overrides, defer=True))
 
 
 def build(spec: str | Path | Plan, backend: str = "torch", overrides: Sequence[str] = (), **options: Any):

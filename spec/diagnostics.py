@@ -58,7 +58,11 @@ class SpecError(Exception):
     """One or more diagnostics about a spec. ``render()`` gives the report."""
 
     def __init__(self, diagnostics: Iterable[Diagnostic], sources: dict[str, str] | None = None):
-        self.diagnostics = list(diagnostics)
+        # In source order, so a report reads top to bottom (files in order of first mention).
+        diags = list(diagnostics)
+        files = {d.pos.file: i for i, d in reversed(list(enumerate(diags))) if d.pos}
+        self.diagnostics = sorted(
+            diags, key=lambda d: (0, files[d.pos.file], d.pos.line, d.pos.col) if d.pos else (1, 0, 0, 0))
         self.sources = dict(sources or {})
         super().__init__(self.render())
 

@@ -86,9 +86,13 @@ class Program:
     ensemble: EnsembleSpec | None
     recipe: dict | None  # validated Recipe as a dict
     overrides: list[str] = field(default_factory=list)
+    # Errors in the sections, kept so the compiler can add its own and report all at once.
+    pending: list = field(default_factory=list)
 
 
-def load_program(spec: str | Path, overrides: Sequence[str] = ()) -> Program:
+def load_program(spec: str | Path, overrides: Sequence[str] = (), defer: bool = False) -> Program:
+    """Load and check ``spec``. With ``defer``, errors in the sections are returned
+    in ``Program.pending`` instead of raised (syntax and import errors always raise)."""
     path = resolve_spec_path(spec)
     diags = Diagnostics()
     modules: dict[str, A.Module] = {}
@@ -124,7 +128,8 @@ def load_program(spec: str | Path, overrides: Sequence[str] = ()) -> Program:
 
     ensemble = read_ensemble(ens_section, consts, definitions, diags) if ens_section else None
     recipe = read_train(train_section, consts, diags) if train_section else None
-    diags.raise_if_any()
+    if not defer:
+        diags.raise_if_any()
     return Program(
         main_file=main.file,
         name=path.stem,
@@ -134,6 +139,7 @@ def load_program(spec: str | Path, overrides: Sequence[str] = ()) -> Program:
         ensemble=ensemble,
         recipe=recipe,
         overrides=list(overrides),
+        pending=list(diags.items),
     )
 
 

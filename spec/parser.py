@@ -27,16 +27,23 @@ class _DropNewlinesInBrackets:
 
     always_accept = ("_NL",)
 
+    def __init__(self) -> None:
+        self.open: list[Token] = []  # brackets not yet closed, for "'(' is never closed" errors
+
     def process(self, stream: Iterator[Token]) -> Iterator[Token]:
-        depth = 0
+        self.open = []
         for tok in stream:
             if tok.type in ("LPAR", "LSQB"):
-                depth += 1
+                self.open.append(tok)
             elif tok.type in ("RPAR", "RSQB"):
-                depth = max(0, depth - 1)
-            elif tok.type == "_NL" and depth > 0:
+                if self.open:
+                    self.open.pop()
+            elif tok.type == "_NL" and self.open:
                 continue
             yield tok
+
+
+_POSTLEX = _DropNewlinesInBrackets()
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,7 +56,8 @@ def _parser(start: str = "start") -> Lark:
         strict=True,
         propagate_positions=True,
         maybe_placeholders=True,
-        postlex=_DropNewlinesInBrackets(),
+        postlex=_POSTLEX,
+        cache=True,  # building (and strict-checking) the LALR tables costs ~1 s; reuse them
     )
 
 
@@ -215,7 +223,7 @@ class _ToAst(Transformer):
 # --- syntax errors -----------------------------------------------------------
 
 _TOKEN_NAMES = {
-    "NAME": "a name", "NUMBER": "a number", "QUANTITY": "a quantity such as 36.5M or 1.0x",
+    "NAME": "a name", "NUMBER": "a number", "QUANTITY": "a quantity (36.5M, 1.0x)",
     "STRING": "a string", "_NL": "end of line", "$END": "end of file",
     "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "LBRACE": "'{'", "RBRACE": "'}'",
     "COMMA": "','", "EQUAL": "'='", "SEMICOLON": "';'", "COLON": "':'", "DOT": "'.'",
@@ -246,7 +254,16 @@ def _syntax_diag(e: UnexpectedInput, file: str, text: str) -> tuple[str, Pos, st
         msg = "unexpected end of file"
     else:
         pos = _tok_pos(file, tok)
-        msg = f"unexpected {_describe(tok.type, str(tok))}"
+        if tok.type in ("NAME", "NUMBER", "QUANTITY", "STRING"):
+            msg = f"unexpected {tok.type.lower()} '{tok}'"
+        else:
+            msg = f"unexpected {_describe(tok.type, str(tok))}"
+    opened = _POSTLEX.open[-1] if _POSTLEX.open else None
+    if opened is not None and (tok.type == "$END" or (tok.line or 0) > (opened.line or 0)):
+        closer = ")" if opened.type == "LPAR" else "]"
+        return (f"'{opened}' is never closed", _tok_pos(file, opened),
+                f"add the matching '{closer}' (inside brackets a statement may span lines, so the next lines "
+                f"were read as part of it)")
     if "'}'" in expected and tok.type == "$END":
         hint = "a '{' is never closed: add the matching '}'"
     elif tok.type == "_NL" and ("')'" in expected or "']'" in expected):
@@ -271,6 +288,8 @@ def parse(text: str, file: str = "<string>") -> A.Module:
         if pos.line not in seen_lines:  # one report per line: later ones are usually echoes
             seen_lines.add(pos.line)
             diags.error(msg, pos, hint)
+        if msg.endswith("is never closed"):
+            return False  # everything after an unclosed bracket is noise
         return len(diags.items) < MAX_SYNTAX_ERRORS
 
     try:

@@ -68,8 +68,7 @@ def _int(v: Any, pos: Pos, key: str, diags: Diagnostics, lo: int = 1) -> int | N
 
 
 def read_ensemble(section: A.Section, consts: dict, definitions: dict[str, A.Definition],
-                  diags: Diagnostics) -> EnsembleSpec | None:
-    n_before = len(diags.items)
+                  diags: Diagnostics) -> EnsembleSpec:
     spec = EnsembleSpec(backbone="", backbone_args=())
     seen: dict[str, A.Setting] = {}
     for s in section.settings:
@@ -104,7 +103,7 @@ def read_ensemble(section: A.Section, consts: dict, definitions: dict[str, A.Def
                 if v is None:
                     continue
                 if v not in GROUP_MODES:
-                    diags.error(f"unknown grouping '{render(v)}'", vpos,
+                    diags.error(f"unknown grouping '{v}'", vpos,
                                 choices_hint(str(v), GROUP_MODES) + "; or { group NAME(\"glob\", share = f) ... }")
                     continue
                 spec.groups = v
@@ -130,7 +129,7 @@ def read_ensemble(section: A.Section, consts: dict, definitions: dict[str, A.Def
         elif s.key == "assign":
             v = _eval(s.value, consts, diags) if not isinstance(s.value, (A.CallValue, A.BodyValue)) else None
             if v not in ASSIGN:
-                diags.error(f"unknown assignment policy '{render(v) if v is not None else '?'}'", vpos,
+                diags.error(f"unknown assignment policy '{v if v is not None else '?'}'", vpos,
                             choices_hint(str(v), ASSIGN))
             else:
                 spec.assign = v
@@ -147,9 +146,7 @@ def read_ensemble(section: A.Section, consts: dict, definitions: dict[str, A.Def
     if "backbone" not in seen:
         diags.error("the ensemble section does not name its backbone", section.pos,
                     "add a line such as: backbone wrn(depth = 28, k = 10)")
-    if len(diags.items) > n_before:
-        return None
-    return spec
+    return spec  # possibly partial: the caller goes on to find more errors, then reports them all
 
 
 def _read_groups(body: A.BodyValue, consts: dict, diags: Diagnostics) -> list[GroupSpec]:
@@ -252,8 +249,10 @@ def read_train(section: A.Section, consts: dict, diags: Diagnostics) -> dict | N
             else:
                 what = ".".join(loc)
                 got = e.get("input")
-                diags.error(f"bad value for '{what}': {e['msg'].lower()}", pos,
-                            f"got {render(got) if not isinstance(got, dict) else 'a call'}")
+                msg = e["msg"].removeprefix("Value error, ")
+                msg = msg[:1].lower() + msg[1:]
+                hint = f"got {render(got)}" if not isinstance(got, dict) else "see the train section in README.md"
+                diags.error(f"bad value for '{what}': {msg}", pos, hint)
         return None
 
 

@@ -1,0 +1,188 @@
+"""The `mixc` command line. Each subcommand is a thin shell over the Python API.
+
+User mistakes (a bad spec, a missing file, a wrong checkpoint) print one
+clear report and exit non-zero; a Python traceback means a bug in mixc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+
+from mixc import __version__
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set members=2 --set budget=20M --set backbone.classes=10 "
+                        "--set train.epochs=5 (repeatable; type-checked like the file)")
+
+
+def _spec_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", help="a .mix spec, or the name of a zoo spec (e.g. wrn28_10)")
+
+
+def cmd_check(args: argparse.Namespace, out: Console) -> int:
+    from mixc.compiler import compile_program
+    from mixc.spec.loader import load_program
+
+    program = load_program(args.file, args.overrides, defer=True)
+    if program.ensemble is None and not program.pending:
+        n = len(program.definitions)
+        out.print(f"{program.main_file}: ok ({n} definition{'s' if n != 1 else ''}, no ensemble section to compile)")
+        return 0
+    plan = compile_program(program)
+    a = plan.accounting
+    budget = f" of {a.budget:,}" if a.budget else ""
+    out.print(f"{program.main_file}: ok ({plan.members} members, {a.total_params:,}{budget} parameters)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace, out: Console) -> int:
+    from mixc.api import compile
+    from mixc.report import print_inspect, summary
+
+    plan = compile(args.file, args.overrides)
+    if args.json:
+        print(json.dumps(summary(plan), indent=2))
+    else:
+        print_inspect(plan, out)
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace, out: Console) -> int:
+    from mixc.api import compile
+
+    plan = compile(args.file, args.overrides)
+    if args.backend is None:
+        text = plan.to_json() + "\n"
+        if args.output in (None, "-"):
+            sys.stdout.write(text)
+        else:
+            path = Path(args.output)
+            if path.is_dir():
+                path = path / "plan.json"
+            _write_atomic(path, text)
+            out.print(f"wrote {path}", highlight=False)
+        return 0
+    from mixc.backends import get_backend
+
+    backend = get_backend(args.backend)
+    out_dir = Path(args.output or f"{plan.name}-{args.backend}")
+    written = backend.write(plan, out_dir)
+    out.print(f"wrote {out_dir / 'plan.json'} and {written}", highlight=False)
+    return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def cmd_zoo(args: argparse.Namespace, out: Console) -> int:
+    from rich.table import Table
+
+    from mixc.spec.loader import describe, zoo_specs
+
+    t = Table(title="mixc zoo (use the name as FILE anywhere)", title_justify="left")
+    t.add_column("spec")
+    t.add_column("description")
+    for p in zoo_specs():
+        t.add_row(p.stem, describe(p))
+    out.print(t)
+    return 0
+
+
+def _optional(name: str) -> tuple[Callable, Callable] | None:
+    """Subcommands that live in mixc.commands.<name> (they may need a framework)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"mixc.commands.{name}")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("mixc.commands"):
+            return None
+        raise
+    return mod.add_arguments, mod.run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mixc", description="mixc: compile .mix specs into parameter-efficient ensembles (MixtureEnsembles)")
+    parser.add_argument("--version", action="version", version=f"mixc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("check", help="parse and check a spec; report every error")
+    _spec_arg(p)
+    _add_set(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("inspect", help="show the allocation: groups, templates, plain layers, accounting")
+    _spec_arg(p)
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of tables")
+    _add_set(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("compile", help="compile a spec to a plan (JSON) or to a backend's model source")
+    _spec_arg(p)
+    p.add_argument("--emit", choices=["plan"], default="plan", help="what to write without --backend (the plan)")
+    p.add_argument("--backend", choices=["torch", "flax"], default=None,
+                   help="write OUT/plan.json and OUT/<name>.py for this framework")
+    p.add_argument("-o", "--output", metavar="OUT", help="output file (plan) or folder (backend); plan: default stdout")
+    _add_set(p)
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("zoo", help="list the specs that ship with mixc")
+    p.set_defaults(func=cmd_zoo)
+
+    for name, help_ in (("train", "train an ensemble (or a baseline) from a spec"),
+                        ("eval", "evaluate a trained run: accuracy, NLL, ECE, Brier, diversity"),
+                        ("verify", "property-based budget verification of a spec's neighbourhood")):
+        hooks = _optional(name)
+        if hooks is None:
+            continue
+        add_arguments, run = hooks
+        p = sub.add_parser(name, help=help_)
+        add_arguments(p)
+        p.set_defaults(func=lambda a, out, run=run: run(a))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mixc.spec.diagnostics import SpecError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    out = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+    try:
+        return int(args.func(args, out) or 0)
+    except SpecError as e:
+        sys.stdout.flush()
+        sys.stderr.write(e.render() + "\n")  # plain text: rich would re-wrap the caret lines
+        return 1
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except Exception as e:  # known user-facing errors from other stages
+        from mixc.backends import BackendUnavailable
+
+        if isinstance(e, BackendUnavailable):
+            err.print(f"mixc: error: {e}", markup=False)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""What `mixc inspect` shows: the allocation as rich tables or a JSON object."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from mixc.compiler.plan import Plan
+
+
+def _shape(s: list[int]) -> str:
+    return "x".join(map(str, s))
+
+
+def summary(plan: Plan) -> dict[str, Any]:
+    """The JSON form of `mixc inspect`: stable keys for scripts and CI."""
+    a = plan.accounting
+    bn_member = a.bn_params // plan.members
+    alpha_member = a.alpha_params // plan.members
+    by_name = {o.name: o for o in plan.ops}
+    return {
+        "name": plan.name,
+        "spec_hash": plan.spec_hash,
+        "members": plan.members,
+        "grouping": plan.grouping,
+        "assign": plan.assign,
+        "templates_per_layer": plan.templates_per_layer,
+        "bank_singletons": plan.bank_singletons,
+        "backbone_params": a.backbone_params,
+        "total_params": a.total_params,
+        "budget": a.budget,
+        "minimum_budget": a.minimum_budget,
+        "utilisation": (a.total_params / a.budget) if a.budget else None,
+        "naive_params": a.naive_params,
+        "saving_vs_naive": 1 - a.total_params / a.naive_params,
+        "plain_params": a.plain_params,
+        "template_params": a.template_params,
+        "alpha_params": a.alpha_params,
+        "bn_params": a.bn_params,
+        "alphas_per_member": alpha_member,
+        "bn_per_member": bn_member,
+        "per_member_params": a.per_member_params,
+        "groups": [
+            {
+                "name": g.name,
+                "layers": g.layers,
+                "weight_shape": g.weight_shape,
+                "bias": g.bias,
+                "template_size": g.size,
+                "share": g.share,
+                "templates": g.templates,
+                "templates_per_layer": g.templates_per_layer,
+                "bank_params": g.templates * g.size,
+                "usage_min": min(g.usage),
+                "usage_max": max(g.usage),
+                "fixed": g.fixed,
+            }
+            for g in plan.groups
+        ],
+        "blob": None if plan.blob is None else {
+            "size": plan.blob.size,
+            "layers": plan.blob.layers,
+            "templates_per_layer": {s.layer: s.k for s in plan.slots},
+            "usage_min": plan.blob.usage_min,
+            "usage_max": plan.blob.usage_max,
+        },
+        "plain_layers": [
+            {"name": n, "weight_shape": by_name[n].weight_shape, "params": _params(by_name[n])}
+            for n in plan.plain_layers
+        ],
+    }
+
+
+def _params(op) -> int:
+    n = 1
+    for d in op.weight_shape:
+        n *= d
+    return n + (op.weight_shape[0] if op.bias else 0)
+
+
+def print_inspect(plan: Plan, console: Console) -> None:
+    s = summary(plan)
+    a = plan.accounting
+    console.print(
+        f"[bold]{plan.name}[/bold]  ({plan.source})  members {plan.members}, groups {plan.grouping}, "
+        f"assign {plan.assign}, templates per layer {plan.templates_per_layer}"
+        + (", singletons banked" if plan.bank_singletons else "")
+    )
+    console.print(f"plain backbone: [bold]{a.backbone_params:,}[/bold] parameters "
+                  f"(input {_shape(plan.input_shape)}, {plan.classes} classes)")
+    if plan.groups:
+        t = Table(title="parameter groups", title_justify="left")
+        t.add_column("group", overflow="fold")
+        for col in ("layers", "share", "templates", "k", "bank params", "usage"):
+            t.add_column(col, justify="right", no_wrap=True)
+        for g in s["groups"]:
+            t.add_row(g["name"], str(len(g["layers"])), "fixed" if g["fixed"] else f"{g['share']:.3f}",
+                      str(g["templates"]), str(g["templates_per_layer"]), f"{g['bank_params']:,}",
+                      f"{g['usage_min']}-{g['usage_max']}")
+        console.print(t)
+        console.print("k = templates per layer; usage = slots per template (shared: one slot per layer)")
+        for g in s["groups"]:
+            console.print(f"  {g['name']}: " + ", ".join(g["layers"]), overflow="fold")
+    if plan.blob is not None:
+        b = plan.blob
+        ks = sorted({sl.k for sl in plan.slots})
+        console.print(f"single blob: [bold]{b.size:,}[/bold] entries shared by {len(b.layers)} layers "
+                      f"(templates per layer {', '.join(map(str, ks))}; each entry read by "
+                      f"{b.usage_min}-{b.usage_max} slots)")
+    if s["plain_layers"]:
+        t = Table(title="plain layers (one weight shared by all members)" if plan.grouping != "none"
+                  else "per-member layers (no sharing)", title_justify="left")
+        t.add_column("layer")
+        t.add_column("shape")
+        t.add_column("params", justify="right")
+        for p in s["plain_layers"]:
+            t.add_row(p["name"], _shape(p["weight_shape"]), f"{p['params']:,}")
+        console.print(t)
+    elif plan.grouping == "none":
+        console.print("no sharing (groups none): every member has its own copy of every layer")
+    t = Table(title="accounting", title_justify="left", show_header=False)
+    t.add_column("what")
+    t.add_column("params", justify="right")
+    t.add_column("note")
+    t.add_row("plain layers" if plan.grouping != "none" else "per-member layers", f"{a.plain_params:,}", "")
+    t.add_row("templates", f"{a.template_params:,}", "banks" if plan.groups else ("blob" if plan.blob else ""))
+    t.add_row("alphas", f"{a.alpha_params:,}", f"{s['alphas_per_member']:,} per member")
+    t.add_row("batchnorm", f"{a.bn_params:,}", f"{s['bn_per_member']:,} per member")
+    t.add_row("per-member overhead", f"{a.per_member_params:,}",
+              f"{a.per_member_params / a.backbone_params:.2%} of one backbone")
+    t.add_row("[bold]total[/bold]", f"[bold]{a.total_params:,}[/bold]",
+              f"budget {a.budget:,}, {a.total_params / a.budget:.2%} used (minimum {a.minimum_budget:,})"
+              if a.budget else "no budget applies")
+    t.add_row("naive ensemble", f"{a.naive_params:,}",
+              f"{plan.members} x backbone; this spec saves {s['saving_vs_naive']:.1%}")
+    console.print(t)
