@@ -1,0 +1,185 @@
+"""`mixc train FILE`: compile a spec, train its ensemble (or a baseline), print a summary.
+
+Exit codes: 0 done; 1 a spec, recipe, backend or run-folder problem; 2 a data
+problem (bad --data path, arrays that do not fit the spec); 130 interrupted
+(the last finished epoch is checkpointed: the same command resumes it).
+
+Memory allocator: glibc returns every freed block over 32 MB to the OS and
+faults it back in on the next step, which costs the grouped layout 20-30%
+(DESIGN.md). Unless tcmalloc/jemalloc is preloaded or the user set the glibc
+malloc variables, the command raises glibc's mmap and trim thresholds to 1 GiB
+in-process with ``mallopt`` before any tensor exists: the same effect as
+``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` without a re-exec (checked
+here: a loop of 64 MB tensors went from 655k minor page faults to 0). If that
+fails it prints a one-line hint. ``MIXC_MALLOC=off`` leaves malloc alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from mixc.data import DataError
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_THRESHOLD = 1 << 30
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `mixc train`."""
+    parser.add_argument("file", help="a .mix spec, or the name of one in the zoo (e.g. digits)")
+    parser.add_argument("--data", help="digits, cifar10, cifar100, or a .npz with x_train/y_train/x_test/y_test "
+                        "(default: the spec's train section)")
+    parser.add_argument("--data-dir", help="folder holding the cifar archives (default: the spec's, else ./data)")
+    parser.add_argument("--epochs", type=int, help="override the spec's epochs")
+    parser.add_argument("--batch-size", type=int, help="override the spec's batch (the global batch under torchrun)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default cpu)")
+    parser.add_argument("--seed", type=int, help="override the spec's seed")
+    parser.add_argument("--out", help="run folder (default runs/<spec name>, with -single/-naive for baselines); "
+                        "a folder holding a checkpoint is resumed")
+    parser.add_argument("--layout", choices=["auto", "grouped", "loop"], default="auto",
+                        help="how members run: side by side on the channel axis, or one after another")
+    parser.add_argument("--baseline", choices=["single", "naive"],
+                        help="train one plain backbone (single) or M independent ones (naive) instead")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec setting, e.g. --set members=2 --set train.optimizer.lr=0.05 (repeatable)")
+    parser.add_argument("--backend", choices=["torch"], default="torch", help="the framework to train with")
+    parser.add_argument("--no-progress", action="store_true", help="plain lines instead of a progress bar")
+
+
+def baseline_overrides(baseline: str | None) -> list[str]:
+    """The compile overrides that turn an ensemble spec into its baseline."""
+    return {"single": ["members=1", "groups=none"], "naive": ["groups=none"]}.get(baseline or "", [])
+
+
+def tune_allocator() -> str:
+    """Keep glibc from unmapping large blocks (see module doc); returns what was done, for config.json."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    if "tcmalloc" in preload or "jemalloc" in preload:
+        return f"preloaded ({preload})"
+    user = [k for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ]
+    if user or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return "set by the user's environment"
+    if os.environ.get("MIXC_MALLOC", "").lower() == "off":
+        return "left alone (MIXC_MALLOC=off)"
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return "not glibc"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _THRESHOLD) == 1
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        print(
+            "mixc: hint: glibc malloc returns large blocks to the OS every step (20-30% slower); start with "
+            f"MALLOC_MMAP_THRESHOLD_={_THRESHOLD} MALLOC_TRIM_THRESHOLD_={_THRESHOLD} or LD_PRELOAD a tcmalloc",
+            file=sys.stderr,
+        )
+        return "untuned (mallopt failed)"
+    return f"glibc mallopt: mmap and trim thresholds {_THRESHOLD}"
+
+
+def _error(msg: str) -> None:
+    print(f"mixc train: error: {msg}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `mixc train` with parsed ``args``; returns the exit code."""
+    from pydantic import ValidationError
+
+    import mixc
+    from mixc.backends import BackendUnavailable, get_backend
+    from mixc.compiler.recipe import Recipe
+    from mixc.spec import SpecError
+
+    allocator = tune_allocator()
+    overrides = list(args.overrides or []) + baseline_overrides(args.baseline)
+    try:
+        plan = mixc.compile(args.file, overrides)
+    except SpecError as e:
+        print(e.render(), file=sys.stderr)
+        return 1
+    try:
+        recipe = Recipe.model_validate(plan.train or {})
+    except ValidationError as e:
+        _error(f"the train section of {plan.source} is invalid: {e}")
+        return 1
+    try:
+        get_backend(args.backend)
+        from mixc.backends.torch.train import TrainError, train
+    except BackendUnavailable as e:
+        _error(str(e))
+        return 1
+
+    suffix = f"-{args.baseline}" if args.baseline else ""
+    out = Path(args.out) if args.out else Path("runs") / f"{plan.name}{suffix}"
+    try:
+        metrics = train(
+            plan,
+            recipe,
+            out_dir=out,
+            data=args.data,
+            data_dir=args.data_dir,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            device=args.device,
+            seed=args.seed,
+            layout=args.layout,
+            baseline=args.baseline,
+            progress=not args.no_progress,
+            config={"file": str(args.file), "overrides": overrides, "backend": args.backend, "allocator": allocator},
+        )
+    except DataError as e:
+        _error(str(e))
+        return 2
+    except (TrainError, ValidationError) as e:
+        _error(str(e))
+        return 1
+    except KeyboardInterrupt:
+        _error(f"interrupted; the last finished epoch is saved in {out}: run the same command to resume")
+        return 130
+    if metrics:  # rank 0 only
+        print_summary(plan.name, metrics, out, args.baseline)
+    return 0
+
+
+def print_summary(name: str, metrics: dict[str, Any], out: Path, baseline: str | None = None) -> None:
+    """The final table: ensemble and members, test accuracy, NLL and ECE."""
+    from rich.console import Console
+    from rich.table import Table
+
+    title = f"{name}{f' ({baseline} baseline)' if baseline else ''}: test set after epoch {metrics.get('epoch')}"
+    table = Table(title=title)
+    for col in ("", "accuracy", "NLL", "ECE"):
+        table.add_column(col, justify="left" if not col else "right")
+    table.add_row("ensemble", f"{metrics['accuracy'] * 100:.2f}%", f"{metrics['nll']:.4f}", f"{metrics['ece'] * 100:.2f}%",
+                  style="bold")
+    eces = metrics.get("member_ece") or [None] * len(metrics["member_accuracy"])
+    for i, (a, n, c) in enumerate(zip(metrics["member_accuracy"], metrics["member_nll"], eces)):
+        table.add_row(f"member {i}", f"{a * 100:.2f}%", f"{n:.4f}", "-" if c is None else f"{c * 100:.2f}%")
+    console = Console()
+    console.print(table)
+    extra = []
+    if metrics.get("diversity") is not None:
+        extra.append(f"diversity {metrics['diversity']:.3f}")
+    if metrics.get("wall_time") is not None:
+        extra.append(f"wall time {metrics['wall_time']:.1f}s")
+    extra.append(f"files in {out}")
+    console.print(", ".join(extra), highlight=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m mixc.commands.train``), e.g. for torchrun without the full CLI."""
+    parser = argparse.ArgumentParser(prog="mixc train", description="Train a MixtureEnsemble spec.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

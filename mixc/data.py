@@ -1,0 +1,328 @@
+"""Datasets for `mixc train` and `mixc eval`: numpy in, numpy out, no framework.
+
+Both backends read data through this module, so a dataset means the same
+arrays everywhere: images float32 channels-first ``[N, C, H, W]`` (signals
+``[N, C, L]``, vectors ``[N, D]``), labels int64 ``[N]``.
+
+Sources:
+- ``digits``: scikit-learn's bundled 8x8 digits (no download), the offline
+  default. A fixed, stratified 80/20 split (360 test images) drawn with
+  ``numpy.random.RandomState(0)``, whose stream numpy keeps stable across
+  versions. Not the file's last 20%: the file is ordered in blocks of writers,
+  so its tail is a different population and a tail split measures writer
+  shift, not the model (an RBF SVM, C=10, scores 95.8% on the tail, 98.1% here).
+  Pixels are scaled to [0, 1], then normalised by the train set's mean/std.
+- ``cifar10`` / ``cifar100``: the standard python-pickle archives unpacked in a
+  data folder, normalised per channel by the train set's mean/std.
+- a path to a ``.npz`` holding ``x_train, y_train, x_test, y_test``, used as
+  stored (only cast to float32/int64): store what the model should see.
+
+Every bad input raises ``DataError`` with one paragraph naming the file or
+value at fault and a hint; the CLI prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DataError", "Dataset", "load_dataset", "check_compatible", "shard", "DEFAULT_DATA_DIR"]
+
+#: Where cifar archives are looked for when neither --data-dir nor the recipe names a folder.
+DEFAULT_DATA_DIR = "data"
+_CIFAR_URL_HINT = "download the python version from https://www.cs.toronto.edu/~kriz/cifar.html"
+
+DIGITS_TEST = 360  # ~20% of scikit-learn's 1797 digits
+
+
+class DataError(ValueError):
+    """A user-facing data problem: bad path, bad arrays, data that do not fit the plan."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    x_train: np.ndarray  # float32, [N, *input_shape]
+    y_train: np.ndarray  # int64, [N]
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: int
+    description: str
+
+    @property
+    def input_shape(self) -> list[int]:
+        return list(self.x_train.shape[1:])
+
+
+# ---------------------------------------------------------------------------
+# Public entry points
+
+
+def load_dataset(name_or_path: str, data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Load ``digits``, ``cifar10``, ``cifar100`` or a ``.npz`` file by name or path."""
+    key = str(name_or_path).strip()
+    low = key.lower()
+    if low == "digits":
+        return _load_digits()
+    if low in ("cifar10", "cifar100"):
+        return _load_cifar(low, data_dir)
+    if low.endswith(".npz") or os.sep in key or "/" in key:
+        return _load_npz(Path(key))
+    raise DataError(
+        f"unknown dataset {key!r}; hint: use digits, cifar10, cifar100, or a path to a .npz file "
+        "holding x_train, y_train, x_test and y_test"
+    )
+
+
+def check_compatible(dataset: Dataset, input_shape: list[int] | tuple[int, ...], classes: int) -> None:
+    """Raise DataError unless the dataset's samples and labels fit a model with this input and output."""
+    want = list(input_shape)
+    for split, x in (("x_train", dataset.x_train), ("x_test", dataset.x_test)):
+        got = list(x.shape[1:])
+        if got != want:
+            raise DataError(
+                f"dataset {dataset.name!r}: {split} samples have shape {got} but the spec's input is {want} "
+                f"({x.shape[0]} samples of shape {got}); hint: reshape the arrays to [N, {', '.join(map(str, want))}] "
+                "(channels first), or change the spec's `input` line to match the data"
+            )
+    for split, y in (("y_train", dataset.y_train), ("y_test", dataset.y_test)):
+        if y.size and (y.min() < 0 or y.max() >= classes):
+            bad = int(y.max()) if y.max() >= classes else int(y.min())
+            raise DataError(
+                f"dataset {dataset.name!r}: {split} holds label {bad}, outside 0..{classes - 1} for the spec's "
+                f"{classes} classes; hint: set the backbone's number of classes to at least {int(y.max()) + 1}, "
+                "or relabel the data to 0..classes-1"
+            )
+
+
+def shard(n: int, rank: int, world: int) -> slice:
+    """The contiguous part of ``range(n)`` that data-parallel rank ``rank`` of ``world`` reads.
+
+    Parts differ in length by at most one and tile ``range(n)`` exactly.
+    """
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"bad rank {rank} of world {world}")
+    return slice(n * rank // world, n * (rank + 1) // world)
+
+
+# ---------------------------------------------------------------------------
+# digits
+
+
+def _load_digits() -> Dataset:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise DataError(
+            f"the digits dataset comes with scikit-learn, which is not importable here ({e}); "
+            "hint: pip install scikit-learn"
+        ) from e
+    d = load_digits()
+    x = (np.asarray(d.data, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    y = np.asarray(d.target, dtype=np.int64)
+    test = _stratified_test_indices(y, DIGITS_TEST, seed=0)
+    mask = np.zeros(len(y), dtype=bool)
+    mask[test] = True
+    x_train, y_train, x_test, y_test = x[~mask], y[~mask], x[mask], y[mask]
+    x_train, x_test = _normalise(x_train, x_test)
+    return Dataset(
+        "digits",
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        10,
+        f"scikit-learn digits, 8x8 grey images, {len(y_train)} train / {len(y_test)} test (fixed stratified split)",
+    )
+
+
+def _stratified_test_indices(y: np.ndarray, n_test: int, seed: int) -> np.ndarray:
+    """About ``n_test`` indices, each class in proportion, reproducible across numpy versions."""
+    rng = np.random.RandomState(seed)
+    out = []
+    frac = n_test / len(y)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        idx = idx[rng.permutation(len(idx))]
+        out.append(idx[: int(np.floor(len(idx) * frac + 0.5))])
+    return np.sort(np.concatenate(out))
+
+
+# ---------------------------------------------------------------------------
+# CIFAR
+
+
+_CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", 100),
+}
+
+
+def _load_cifar(name: str, data_dir: str | os.PathLike | None) -> Dataset:
+    folder_name, train_files, test_files, label_key, classes = _CIFAR[name]
+    root = Path(data_dir if data_dir is not None else os.environ.get("MIXC_DATA_DIR", DEFAULT_DATA_DIR))
+    # Accept both the parent folder and the unpacked archive folder itself.
+    folder = root if (root / train_files[0]).is_file() else root / folder_name
+    expected = ", ".join(train_files + test_files)
+    if not folder.is_dir():
+        raise DataError(
+            f"{name}: no folder {folder} (looked in the data folder {root}"
+            f"{'' if data_dir is not None else ', the default; set it with --data-dir or MIXC_DATA_DIR'}); "
+            f"expected {folder_name}/ holding {expected}; hint: {_CIFAR_URL_HINT} and unpack it into {root}"
+        )
+    missing = [f for f in train_files + test_files if not (folder / f).is_file()]
+    if missing:
+        raise DataError(
+            f"{name}: {folder} lacks {', '.join(missing)}; expected {expected} (the python-pickle archive); "
+            f"hint: {_CIFAR_URL_HINT} and unpack it again into {root}"
+        )
+    xs, ys = [], []
+    for files in (train_files, test_files):
+        parts = [_read_cifar_file(folder / f, label_key) for f in files]
+        xs.append(np.concatenate([p[0] for p in parts]))
+        ys.append(np.concatenate([p[1] for p in parts]))
+    for split, y in zip(("train", "test"), ys):
+        if y.size and (y.min() < 0 or y.max() >= classes):
+            raise DataError(f"{name}: the {split} files in {folder} hold label {int(y.max())}, outside 0..{classes - 1}; "
+                            "hint: the archive is corrupt or of another dataset")
+    x_train, x_test = _normalise(xs[0].astype(np.float32) / 255.0, xs[1].astype(np.float32) / 255.0)
+    return Dataset(
+        name,
+        x_train,
+        ys[0],
+        x_test,
+        ys[1],
+        classes,
+        f"{name.upper()}, 32x32 colour images, {len(ys[0])} train / {len(ys[1])} test, from {folder}",
+    )
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only: a CIFAR file can run no code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 pickles bytes at protocol 2
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _read_cifar_file(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    hint = f"hint: {_CIFAR_URL_HINT} and unpack it again"
+    try:
+        with open(path, "rb") as f:
+            d = _ArrayUnpickler(f, encoding="bytes").load()
+    except Exception as e:  # any failure to read is the file's fault
+        raise DataError(f"cannot read {path} as a CIFAR python-pickle batch ({e}); {hint}") from e
+    if not isinstance(d, dict) or b"data" not in d or label_key not in d:
+        keys = sorted(k.decode(errors="replace") if isinstance(k, bytes) else str(k) for k in d) if isinstance(d, dict) else []
+        raise DataError(
+            f"{path} is not a CIFAR batch: expected keys 'data' and '{label_key.decode()}', found {keys or type(d).__name__}; {hint}"
+        )
+    x = np.asarray(d[b"data"])
+    y = np.asarray(d[label_key], dtype=np.int64)
+    if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or x.shape[0] != y.shape[0]:
+        raise DataError(
+            f"{path}: 'data' has shape {list(x.shape)} and there are {y.shape[0]} labels; expected [N, 3072] "
+            f"with N labels; {hint}"
+        )
+    return x.reshape(-1, 3, 32, 32), y
+
+
+# ---------------------------------------------------------------------------
+# .npz
+
+
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _load_npz(path: Path) -> Dataset:
+    if not path.is_file():
+        where = "" if path.parent.is_dir() else f" (and its folder {path.parent} does not exist either)"
+        raise DataError(
+            f"no dataset file {path}{where}; hint: pass digits, cifar10, cifar100, or the path of a .npz file "
+            f"holding {', '.join(_NPZ_KEYS)}"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            found = list(z.files)
+            missing = [k for k in _NPZ_KEYS if k not in found]
+            if missing:
+                raise DataError(
+                    f"{path} lacks the arrays {', '.join(missing)} (it holds {', '.join(found) or 'none'}); "
+                    f"hint: save it with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
+                )
+            arrays = {k: z[k] for k in _NPZ_KEYS}
+    except DataError:
+        raise
+    except Exception as e:  # not a zip, pickled objects, truncated...
+        raise DataError(
+            f"cannot read {path} as a .npz of plain arrays ({e}); hint: write it with numpy.savez from numeric "
+            "arrays (object arrays are refused)"
+        ) from e
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim < 2:
+            raise DataError(
+                f"{path}: x_{split} has shape {list(x.shape)}; expected [N, ...] with one sample per row; "
+                "hint: a vector dataset is [N, D], images [N, C, H, W]"
+            )
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+            raise DataError(f"{path}: x_{split} has dtype {x.dtype}; expected numbers")
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise DataError(
+                f"{path}: y_{split} has shape {list(y.shape)} but x_{split} has {x.shape[0]} samples; "
+                f"expected y_{split} of shape [{x.shape[0]}] (one integer class per sample, not one-hot)"
+            )
+        if not np.issubdtype(y.dtype, np.integer):
+            if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+                pass  # whole numbers stored as floats are fine
+            else:
+                raise DataError(f"{path}: y_{split} has dtype {y.dtype} with non-integer values; expected integer class labels")
+        if y.size and y.min() < 0:
+            raise DataError(f"{path}: y_{split} holds label {int(y.min())}; labels must be 0..classes-1")
+        if not np.all(np.isfinite(x)):
+            raise DataError(f"{path}: x_{split} holds NaN or infinite values")
+    if list(arrays["x_train"].shape[1:]) != list(arrays["x_test"].shape[1:]):
+        raise DataError(
+            f"{path}: x_train samples have shape {list(arrays['x_train'].shape[1:])} but x_test samples "
+            f"{list(arrays['x_test'].shape[1:])}; both splits must share one sample shape"
+        )
+    y_train = arrays["y_train"].astype(np.int64)
+    y_test = arrays["y_test"].astype(np.int64)
+    classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
+    return Dataset(
+        path.stem,
+        np.ascontiguousarray(arrays["x_train"], dtype=np.float32),
+        y_train,
+        np.ascontiguousarray(arrays["x_test"], dtype=np.float32),
+        y_test,
+        classes,
+        f"{path}, samples {list(arrays['x_train'].shape[1:])}, {len(y_train)} train / {len(y_test)} test",
+    )
+
+
+# ---------------------------------------------------------------------------
+
+
+def _normalise(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-mean, unit-variance per channel (axis 1), with the train split's statistics."""
+    axes = (0,) + tuple(range(2, x_train.ndim))
+    mean = x_train.mean(axis=axes, keepdims=True, dtype=np.float64)
+    std = x_train.std(axis=axes, keepdims=True, dtype=np.float64)
+    std = np.where(std > 0, std, 1.0)
+    f = lambda x: ((x - mean) / std).astype(np.float32)  # noqa: E731
+    return f(x_train), f(x_test)

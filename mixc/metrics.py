@@ -1,0 +1,133 @@
+"""Ensemble metrics, numpy only, so every backend reports the same numbers.
+
+Inputs are per-member class probabilities ``[N, M, C]`` (softmax outputs) and
+integer labels ``[N]``. The ensemble's prediction is the mean of the members'
+probabilities (paper, section 3.2), and every ensemble metric is computed on
+that mean:
+
+- ``accuracy``: argmax of the mean probabilities equals the label.
+- ``nll``: ``-log p_ens[label]`` with ``p_ens`` clipped below at 1e-12, averaged
+  over samples. Not the mean of the members' NLLs (that is ``member_nll``).
+- ``ece``: 15 equal-width confidence bins ``(k/15, (k+1)/15]`` (bin 0 also
+  takes confidence 0); confidence is the largest mean probability;
+  ``sum_b |B_b|/N * |acc(B_b) - conf(B_b)|`` over non-empty bins (Guo et al. 2017).
+  A fraction in [0, 1], not a percentage.
+- ``brier``: multi-class Brier score, ``mean_n sum_c (p_c - onehot_c)^2``, in [0, 2].
+- ``member_accuracy``, ``member_nll``, ``member_ece``: the same for each member alone.
+- ``disagreement``: mean over member pairs of the fraction of samples on which
+  the two members' top-1 predictions differ.
+- ``diversity`` (Fort et al. 2019): each pair's disagreement divided by the
+  *mean member error rate* (1 - mean member accuracy), averaged over pairs.
+  Fort et al. divide by "the error of one of them"; the mean error makes the
+  figure symmetric in the pair and independent of member order. ``None`` for
+  one member; 0.0 when every member is always right.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+
+__all__ = ["accuracy", "nll", "ece", "brier", "disagreement", "diversity", "evaluate", "ECE_BINS", "NLL_CLIP"]
+
+ECE_BINS = 15
+NLL_CLIP = 1e-12
+
+
+def _check(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    if probs.ndim != 2 or labels.shape != (probs.shape[0],):
+        raise ValueError(f"expected probs [N, C] and labels [N], got {list(probs.shape)} and {list(labels.shape)}")
+    return probs, labels
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of ``probs [N, C]``."""
+    probs, labels = _check(probs, labels)
+    return float(np.mean(probs.argmax(axis=1) == labels)) if len(labels) else 0.0
+
+
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-probability of the true class (probabilities clipped at 1e-12)."""
+    probs, labels = _check(probs, labels)
+    p = probs[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.clip(p, NLL_CLIP, None)))) if len(labels) else 0.0
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error over ``bins`` equal-width confidence bins, empty bins skipped."""
+    probs, labels = _check(probs, labels)
+    n = len(labels)
+    if n == 0:
+        return 0.0
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # searchsorted on the inner edges, side="left": a confidence equal to an edge
+    # falls in the bin that edge closes, i.e. bins are (lo, hi].
+    idx = np.searchsorted(edges[1:-1], conf, side="left")
+    total = 0.0
+    for b in range(bins):
+        m = idx == b
+        k = int(m.sum())
+        if k:
+            total += k / n * abs(correct[m].mean() - conf[m].mean())
+    return float(total)
+
+
+def brier(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Multi-class Brier score: mean over samples of the squared distance to the one-hot label."""
+    probs, labels = _check(probs, labels)
+    if len(labels) == 0:
+        return 0.0
+    onehot = np.zeros_like(probs)
+    onehot[np.arange(len(labels)), labels] = 1.0
+    return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+
+
+def disagreement(member_probs: np.ndarray) -> float | None:
+    """Mean over member pairs of the fraction of samples where their top-1 predictions differ."""
+    preds = np.asarray(member_probs).argmax(axis=2)  # [N, M]
+    pairs = list(combinations(range(preds.shape[1]), 2))
+    if not pairs or preds.shape[0] == 0:
+        return None
+    return float(np.mean([np.mean(preds[:, i] != preds[:, j]) for i, j in pairs]))
+
+
+def diversity(member_probs: np.ndarray, labels: np.ndarray) -> float | None:
+    """Fort et al. (2019) diversity: pairwise disagreement / mean member error rate (see module doc)."""
+    member_probs = np.asarray(member_probs)
+    d = disagreement(member_probs)
+    if d is None:
+        return None
+    err = float(np.mean(member_probs.argmax(axis=2) != np.asarray(labels)[:, None]))
+    if err == 0.0:
+        return 0.0  # all members always right, so they never disagree either
+    return d / err
+
+
+def evaluate(member_probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """All metrics for member probabilities ``[N, M, C]``; plain floats and lists, JSON-ready."""
+    member_probs = np.asarray(member_probs, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    if member_probs.ndim != 3 or labels.shape != (member_probs.shape[0],):
+        raise ValueError(
+            f"expected member_probs [N, M, C] and labels [N], got {list(member_probs.shape)} and {list(labels.shape)}"
+        )
+    ens = member_probs.mean(axis=1)
+    members = range(member_probs.shape[1])
+    return {
+        "accuracy": accuracy(ens, labels),
+        "nll": nll(ens, labels),
+        "ece": ece(ens, labels),
+        "brier": brier(ens, labels),
+        "member_accuracy": [accuracy(member_probs[:, m], labels) for m in members],
+        "member_nll": [nll(member_probs[:, m], labels) for m in members],
+        "member_ece": [ece(member_probs[:, m], labels) for m in members],
+        "disagreement": disagreement(member_probs),
+        "diversity": diversity(member_probs, labels),
+        "samples": int(len(labels)),
+    }

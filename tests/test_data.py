@@ -1,0 +1,110 @@
+"""Datasets: digits split, cifar archives, .npz files, and the errors for bad input."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+from mixc.data import DataError, check_compatible, load_dataset, shard
+
+
+def test_digits_fixed_split_normalised():
+    a = load_dataset("digits")
+    b = load_dataset("digits")
+    assert a.x_train.shape[1:] == (1, 8, 8) and a.x_train.dtype == np.float32
+    assert a.y_train.dtype == np.int64 and a.classes == 10
+    assert len(a.y_train) + len(a.y_test) == 1797 and 350 <= len(a.y_test) <= 370
+    np.testing.assert_array_equal(a.x_test, b.x_test)  # deterministic
+    assert abs(float(a.x_train.mean())) < 1e-5 and abs(float(a.x_train.std()) - 1) < 1e-4
+    assert np.bincount(a.y_test).min() >= 30  # stratified
+    check_compatible(a, [1, 8, 8], 10)
+
+
+def _write_cifar(root, n_train=4, n_test=2, classes=10, missing=()):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        if name in missing:
+            continue
+        n = n_test if name == "test_batch" else n_train
+        d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, classes, n))}
+        (folder / name).write_bytes(pickle.dumps(d, protocol=2))
+    return folder
+
+
+def test_cifar10_from_pickles(tmp_path):
+    _write_cifar(tmp_path)
+    d = load_dataset("cifar10", data_dir=tmp_path)
+    assert d.x_train.shape == (20, 3, 32, 32) and d.x_test.shape == (2, 3, 32, 32)
+    assert d.classes == 10
+    np.testing.assert_allclose(d.x_train.mean(axis=(0, 2, 3)), 0, atol=1e-5)
+    # pointing at the unpacked folder itself works too
+    assert load_dataset("cifar10", data_dir=tmp_path / "cifar-10-batches-py").x_train.shape[0] == 20
+
+
+def test_cifar_missing_folder_and_files(tmp_path):
+    with pytest.raises(DataError, match=r"cifar-10-batches-py.*data_batch_1.*test_batch.*cs.toronto.edu"):
+        load_dataset("cifar10", data_dir=tmp_path)
+    _write_cifar(tmp_path, missing=("data_batch_3",))
+    with pytest.raises(DataError, match="lacks data_batch_3"):
+        load_dataset("cifar10", data_dir=tmp_path)
+
+
+def test_cifar_refuses_code_in_pickles(tmp_path):
+    folder = _write_cifar(tmp_path)
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((1, 3072)), b"labels": [print]}))
+    with pytest.raises(DataError, match="test_batch"):
+        load_dataset("cifar10", data_dir=tmp_path)
+
+
+def _npz(path, **over):
+    arrays = dict(
+        x_train=np.zeros((6, 1, 8, 8), np.float32),
+        y_train=np.arange(6) % 3,
+        x_test=np.zeros((3, 1, 8, 8), np.float32),
+        y_test=np.arange(3),
+    )
+    arrays.update(over)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    np.savez(path, **arrays)
+    return path
+
+
+def test_npz_roundtrip(tmp_path):
+    d = load_dataset(str(_npz(tmp_path / "toy.npz")))
+    assert d.name == "toy" and d.classes == 3 and d.x_train.dtype == np.float32
+    check_compatible(d, [1, 8, 8], 10)
+
+
+def test_npz_errors(tmp_path):
+    with pytest.raises(DataError, match=r"no dataset file .*nope\.npz"):
+        load_dataset(str(tmp_path / "nope.npz"))
+    with pytest.raises(DataError, match="lacks the arrays y_test"):
+        load_dataset(str(_npz(tmp_path / "a.npz", y_test=None)))
+    with pytest.raises(DataError, match=r"y_train has shape \[6, 3\]"):
+        load_dataset(str(_npz(tmp_path / "b.npz", y_train=np.zeros((6, 3)))))
+    with pytest.raises(DataError, match="non-integer"):
+        load_dataset(str(_npz(tmp_path / "c.npz", y_train=np.full(6, 0.5))))
+    bad = tmp_path / "d.npz"
+    bad.write_text("not a zip")
+    with pytest.raises(DataError, match="cannot read"):
+        load_dataset(str(bad))
+    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
+        load_dataset("mnist")
+
+
+def test_check_compatible_shapes_and_labels(tmp_path):
+    d = load_dataset(str(_npz(tmp_path / "e.npz", x_train=np.zeros((6, 8, 8)), x_test=np.zeros((3, 8, 8)))))
+    with pytest.raises(DataError, match=r"shape \[8, 8\] but the spec's input is \[1, 8, 8\]"):
+        check_compatible(d, [1, 8, 8], 10)
+    d = load_dataset(str(_npz(tmp_path / "f.npz", y_test=np.array([0, 1, 12]))))
+    with pytest.raises(DataError, match="label 12, outside 0..9"):
+        check_compatible(d, [1, 8, 8], 10)
+
+
+@pytest.mark.parametrize("n,world", [(10, 3), (7, 2), (1, 2), (128, 4)])
+def test_shard_tiles(n, world):
+    parts = [list(range(n))[shard(n, r, world)] for r in range(world)]
+    assert sum(parts, []) == list(range(n))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
