@@ -25,6 +25,14 @@ def compile(spec: str | Path | Plan, overrides: Sequence[str] = ()) -> Plan:  # 
     return compile_program(load_program(spec, overrides, defer=True))
 
 
+def compile_text(text: str, overrides: Sequence[str] = (), name: str = "spec.mix") -> Plan:
+    """Compile spec source held in a string (``name`` is used in messages and as the plan's name)."""
+    from mixc.compiler import compile_program
+    from mixc.spec.loader import load_program
+
+    return compile_program(load_program(name, overrides, defer=True, text=text))
+
+
 def build(spec: str | Path | Plan, backend: str = "torch", overrides: Sequence[str] = (), **options: Any):
     """Compile ``spec`` and build the model with ``backend`` (options go to the backend)."""
     from mixc.backends import get_backend

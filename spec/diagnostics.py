@@ -39,7 +39,7 @@ class Diagnostic:
         lines = [f"{p.file}:{p.line}:{p.col}: {self.severity}: {self.message}"]
         text = (sources or {}).get(p.file)
         if text is not None:
-            src_lines = text.splitlines()
+            src_lines = text.split("\n")  # as Lark counts lines (a lone \r is not a break)
             if 1 <= p.line <= len(src_lines):
                 src = src_lines[p.line - 1].expandtabs(1)
                 width = 1

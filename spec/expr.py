@@ -77,11 +77,14 @@ def evaluate(e: A.Expr, env: Mapping[str, Any], symbols: bool = False) -> Any:
     choice, not a variable.
     """
     if isinstance(e, A.Num):
-        return e.value
+        return _finite(e.value, e.pos)
     if isinstance(e, A.Quantity):
         if e.suffix == "x":
-            return Multiple(e.number)
-        return _tidy(e.number * _SUFFIX[e.suffix])
+            return Multiple(_finite(e.number, e.pos))
+        return _tidy(_finite(e.number * _SUFFIX[e.suffix], e.pos))
+    if isinstance(e, A.BinOp):
+        v = _binop(e, env, symbols)
+        return _finite(v, e.pos) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
     if isinstance(e, A.Str):
         return e.value
     if isinstance(e, A.Bool):
@@ -106,9 +109,13 @@ def evaluate(e: A.Expr, env: Mapping[str, Any], symbols: bool = False) -> Any:
                 raise EvalError(f"'not' needs a boolean, got {type_name(v)}", e.operand.pos)
             return not v
         return -_num(v, e.operand.pos, "'-'")
-    if isinstance(e, A.BinOp):
-        return _binop(e, env, symbols)
     raise TypeError(f"not an expression: {e!r}")  # a parser bug, never user input
+
+
+def _finite(v: int | float, pos: Pos) -> int | float:
+    if isinstance(v, float) and not math.isfinite(v) or isinstance(v, int) and abs(v) > 10**18:
+        raise EvalError("number too large", pos, "numbers in a spec stay below 1e18")
+    return v
 
 
 def _bound_hint(env: Mapping[str, Any]) -> str:

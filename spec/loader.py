@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mixc.spec import ast as A
-from mixc.spec.diagnostics import Diagnostics, Pos, SpecError, choices_hint, did_you_mean
+from mixc.spec.diagnostics import Diagnostic, Diagnostics, Pos, SpecError, choices_hint, did_you_mean
 from mixc.spec.expr import EvalError, evaluate
 from mixc.spec.parser import parse, parse_value
 from mixc.spec.sections import EnsembleSpec, read_ensemble, read_train
@@ -50,8 +50,11 @@ def describe(path: Path) -> str:
 def resolve_spec_path(spec: str | Path) -> Path:
     """An existing path, else a zoo spec by name (``wrn28_10`` or ``wrn28_10.mix``)."""
     p = Path(spec)
-    if p.is_file():
-        return p
+    try:
+        if p.is_file():
+            return p
+    except (OSError, ValueError):
+        raise SpecError([Diagnostic(f"not a usable file name: {str(spec)!r}", None, None)]) from None
     name = p.name if p.suffix == ".mix" else p.name + ".mix"
     if p.parent in (Path("."), Path("zoo")):
         z = zoo_dir() / name
@@ -63,15 +66,7 @@ def resolve_spec_path(spec: str | Path) -> Path:
         msg = f"{spec} is not a file"
     else:
         msg = f"no such spec file: {spec}"
-    raise SpecError(
-        [dataclasses.replace(_diag(msg), hint=hint or ("zoo specs: " + ", ".join(names) if names else None))]
-    )
-
-
-def _diag(message: str, pos: Pos | None = None, hint: str | None = None):
-    from mixc.spec.diagnostics import Diagnostic
-
-    return Diagnostic(message, pos, hint)
+    raise SpecError([Diagnostic(msg, None, hint or ("zoo specs: " + ", ".join(names) if names else None))])
 
 
 @dataclass
@@ -90,13 +85,17 @@ class Program:
     pending: list = field(default_factory=list)
 
 
-def load_program(spec: str | Path, overrides: Sequence[str] = (), defer: bool = False) -> Program:
+def load_program(spec: str | Path, overrides: Sequence[str] = (), defer: bool = False,
+                 text: str | None = None) -> Program:
     """Load and check ``spec``. With ``defer``, errors in the sections are returned
-    in ``Program.pending`` instead of raised (syntax and import errors always raise)."""
-    path = resolve_spec_path(spec)
+    in ``Program.pending`` instead of raised (syntax and import errors always raise).
+    With ``text``, that is the main file's source and ``spec`` only names it
+    (imports then resolve from the current folder, then the zoo)."""
+    path = Path(spec) if text is not None else resolve_spec_path(spec)
     diags = Diagnostics()
     modules: dict[str, A.Module] = {}
-    _load_file(path.resolve(), modules, diags, chain=(), display=str(spec) if Path(spec).is_file() else str(path))
+    display = str(spec) if text is not None or Path(spec).is_file() else str(path)
+    _load_file(path.resolve(), modules, diags, chain=(), display=display, text=text)
     diags.raise_if_any()
     main = next(iter(modules.values()))
 
@@ -144,15 +143,16 @@ def load_program(spec: str | Path, overrides: Sequence[str] = (), defer: bool = 
 
 
 def _load_file(path: Path, modules: dict[str, A.Module], diags: Diagnostics, chain: tuple[Path, ...],
-               display: str, import_pos: Pos | None = None) -> None:
+               display: str, import_pos: Pos | None = None, text: str | None = None) -> None:
     key = str(path)
     if key in modules:
         return
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        diags.error(f"cannot read {display}: {e}", import_pos, "check the path and that the file is UTF-8 text")
-        return
+    if text is None:
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            diags.error(f"cannot read {display}: {e}", import_pos, "check the path and that the file is UTF-8 text")
+            return
     diags.sources[display] = text
     try:
         module = parse(text, display)
@@ -184,9 +184,12 @@ def _display(p: Path) -> str:
 
 def _resolve_import(importer: Path, name: str) -> Path | None:
     for base in (importer.parent, zoo_dir()):
-        cand = (base / name).resolve()
-        if cand.is_file():
-            return cand
+        try:
+            cand = (base / name).resolve()
+            if cand.is_file():
+                return cand
+        except (OSError, ValueError):  # a name the OS cannot take (NUL byte, too long)
+            return None
     return None
 
 

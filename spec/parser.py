@@ -249,7 +249,7 @@ def _syntax_diag(e: UnexpectedInput, file: str, text: str) -> tuple[str, Pos, st
     expected = sorted({_describe(t) for t in e.expected if not t.startswith("__ANON") or t in _TOKEN_NAMES})
     if tok.type == "$END":
         line = max(1, text.count("\n") + 1)
-        last = text.splitlines()[-1] if text.splitlines() else ""
+        last = text.split("\n")[-1]
         pos = Pos(file, line, len(last) + 1)
         msg = "unexpected end of file"
     else:

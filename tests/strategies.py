@@ -1,0 +1,91 @@
+"""Hypothesis strategies: random backbones (as .mix source) and ensemble settings.
+
+Widths come from a small set so that layer shapes repeat and groups form;
+residual blocks, 1-D signals, images and plain MLPs are all generated.
+"""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+WIDTHS = (4, 6, 8)
+
+
+@st.composite
+def backbones(draw, max_units: int = 5) -> str:
+    """The text of ``backbone gen(classes = C) { ... }`` plus any blocks it uses."""
+    layout = draw(st.sampled_from(["image", "signal", "vector"]))
+    classes = draw(st.integers(2, 5))
+    lines: list[str] = []
+    blocks: list[str] = []
+    if layout == "vector":
+        lines.append(f"input vector({draw(st.integers(3, 12))})")
+        for _ in range(draw(st.integers(1, max_units))):
+            w = draw(st.sampled_from(WIDTHS))
+            bias = draw(st.booleans())
+            lines.append(f"linear(" + f"{w}, bias = {'true' if bias else 'false'})")
+            if draw(st.booleans()):
+                lines.append(draw(st.sampled_from(["relu", "gelu", "tanh", "bn"])))
+        lines.append("linear fc(classes)")
+    else:
+        size = draw(st.integers(4, 9))
+        dims = "(" + str(draw(st.integers(1, 3))) + (f", {size}, {size})" if layout == "image" else f", {size})")
+        lines.append(f"input {layout}{dims}")
+        blocks.append(
+            "block unit(width, kernel = 3) {\n"
+            "    residual {\n"
+            "        conv c1(width, kernel = kernel)\n"
+            "        bn; relu\n"
+            "        conv c2(width, kernel = kernel)\n"
+            "    }\n"
+            "    shortcut if in_channels != width {\n"
+            "        conv proj(width, kernel = 1)\n"
+            "    }\n"
+            "}\n"
+        )
+        for u in range(draw(st.integers(1, max_units))):
+            w = draw(st.sampled_from(WIDTHS))
+            kind = draw(st.sampled_from(["conv", "unit", "repeat"]))
+            k = draw(st.sampled_from([1, 3]))
+            if kind == "conv":
+                bias = draw(st.booleans())
+                lines.append(f"conv({w}, kernel = {k}, bias = {'true' if bias else 'false'})")
+                lines.append(draw(st.sampled_from(["relu", "bn", "silu"])))
+            elif kind == "unit":
+                lines.append(f"unit({w}, kernel = {k})")
+            else:
+                lines.append(f"stage st{u} = repeat {draw(st.integers(1, 3))} unit({w}, kernel = {k})")
+        lines.append(draw(st.sampled_from(["global_avgpool", "global_maxpool", "flatten"])))
+        if draw(st.booleans()):
+            lines.append(f"linear({draw(st.sampled_from(WIDTHS))})")
+            lines.append("relu")
+        lines.append("linear fc(classes)")
+    body = "\n".join("    " + ln for ln in lines)
+    return "".join(blocks) + f"backbone gen(classes = {classes}) {{\n{body}\n}}\n"
+
+
+@st.composite
+def ensembles(draw, budget: bool = True) -> str:
+    """An ensemble section for ``gen`` with random members, budget, grouping and policy."""
+    members = draw(st.integers(1, 5))
+    groups = draw(st.sampled_from(["by_shape", "by_shape", "single"]))
+    tpl = draw(st.integers(1, 6))
+    policy = draw(st.sampled_from(["shared", "greedy_disjoint"]))
+    singletons = draw(st.booleans())
+    lines = [
+        "backbone gen",
+        f"members {members}",
+        f"groups {groups}",
+        f"templates_per_layer {tpl}",
+        f"assign {policy}",
+        f"bank_singletons {'true' if singletons else 'false'}",
+    ]
+    if budget:
+        factor = draw(st.floats(0.05, 4.0, allow_nan=False).map(lambda f: round(f, 3)))
+        lines.append(f"budget {factor}x")
+    return "ensemble {\n" + "\n".join("    " + ln for ln in lines) + "\n}\n"
+
+
+@st.composite
+def specs(draw) -> str:
+    return draw(backbones()) + draw(ensembles())

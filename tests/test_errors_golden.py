@@ -1,0 +1,24 @@
+"""Golden error reports for typical mistakes (regenerate: MIXC_UPDATE_GOLDEN=1 pytest tests/test_errors_golden.py)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mixc.cli import main
+
+HERE = Path(__file__).parent / "golden" / "errors"
+CASES = sorted(p.stem for p in HERE.glob("*.mix") if p.stem != "cycle_b")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden_error_report(case, capsys, monkeypatch):
+    monkeypatch.chdir(HERE)
+    rc = main(["check", f"{case}.mix"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "Traceback" not in err
+    golden = HERE / f"{case}.txt"
+    if os.environ.get("MIXC_UPDATE_GOLDEN"):
+        golden.write_text(err)
+    assert err == golden.read_text()
