@@ -651,6 +651,8 @@ PyTorch's usual init (kaiming normal for conv), BatchNorm weight 1, bias 0.
         if k == "flatten":
             return "", [f"{a}.flatten(1)"]
         if k == "dropout":
+            if op.p == 0:
+                return "", [a]  # no-op: keep the name, skip the call
             return "F.dropout", [a, repr(op.p), "self.training"]
         if k == "add":
             xs = [rep(v) if (grouped and v.shared and not self.shared[op.name]) else v.var for v in ins]
