@@ -278,8 +278,12 @@ def _syntax_diag(e: UnexpectedInput, file: str, text: str) -> tuple[str, Pos, st
     return msg, pos, hint
 
 
+@functools.lru_cache(maxsize=256)
 def parse(text: str, file: str = "<string>") -> A.Module:
-    """Parse one file's text. Raises ``SpecError`` with every syntax error found."""
+    """Parse one file's text. Raises ``SpecError`` with every syntax error found.
+
+    Cached: the AST is immutable, and `mixc verify` compiles one spec hundreds of times.
+    """
     diags = Diagnostics(sources={file: text})
     seen_lines: set[int] = set()
 

@@ -1,0 +1,244 @@
+"""Property-based budget verification of a user's own spec (`mixc verify`).
+
+Hypothesis, used as a library, searches the neighbourhood of the spec as
+written (budgets, member counts, templates per layer, policies, grouping
+modes; the backbone is fixed) and checks every point with
+``mixc.compiler.invariants.check_plan``, the same checks the test suite runs.
+Optionally a backend builds the model for a sampled subset of the points and
+its parameter count must equal the plan's accounting. A failure is shrunk to a
+small counterexample and returned as a ready-to-run command line.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+
+import mixc
+from mixc.compiler.invariants import check_plan
+from mixc.compiler.plan import Plan
+from mixc.spec.diagnostics import SpecError
+
+_SUFFIX = {"K": 1e3, "M": 1e6, "G": 1e9}
+
+
+class RangeError(ValueError):
+    """A bad --budgets/--members/... range, with the flag at fault."""
+
+
+def parse_budget(text: str) -> tuple[float, bool]:
+    """``36.5M`` -> (36500000, False); ``0.5x`` -> (0.5, True); ``1200000`` -> (1200000, False)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)([KMGx]?)\s*", text)
+    if not m:
+        raise RangeError(f"not a budget: {text!r} (write 36.5M, 250K, 1200000 or 0.5x)")
+    value, suffix = float(m.group(1)), m.group(2)
+    if suffix == "x":
+        return value, True
+    return value * _SUFFIX.get(suffix, 1.0), False
+
+
+def parse_range(text: str, flag: str, parse: Callable[[str], Any]) -> tuple[Any, Any]:
+    if ".." not in text:
+        v = parse(text)
+        return v, v
+    lo, hi = text.split("..", 1)
+    a, b = parse(lo), parse(hi)
+    if isinstance(a, tuple):
+        if a[1] != b[1]:
+            raise RangeError(f"{flag} {text}: both ends must be counts or both multiples (x)")
+        if a[0] > b[0] or a[0] <= 0:
+            raise RangeError(f"{flag} {text}: expected 0 < LO <= HI")
+    elif a > b or a < 1:
+        raise RangeError(f"{flag} {text}: expected 1 <= LO <= HI")
+    return a, b
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise RangeError(f"not an integer: {text!r}") from None
+
+
+@dataclass
+class Space:
+    """The neighbourhood to search."""
+
+    budgets: tuple[tuple[float, bool], tuple[float, bool]] = ((0.25, True), (4.0, True))
+    members: tuple[int, int] = (1, 8)
+    templates_per_layer: tuple[int, int] = (1, 8)
+    policies: tuple[str, ...] = ("shared", "greedy_disjoint")
+    groups: tuple[str, ...] = ("by_shape", "single")
+
+
+@dataclass
+class Point:
+    budget: str
+    members: int
+    templates_per_layer: int
+    assign: str
+    groups: str | None  # None: as written in the spec (explicit groups)
+
+    def overrides(self) -> list[str]:
+        out = [f"budget={self.budget}", f"members={self.members}",
+               f"templates_per_layer={self.templates_per_layer}", f"assign={self.assign}"]
+        if self.groups is not None:
+            out.append(f"groups={self.groups}")
+        return out
+
+
+@dataclass
+class Report:
+    spec: str
+    examples: int = 0
+    feasible: int = 0
+    infeasible: int = 0
+    built: int = 0
+    checks_passed: int = 0
+    seconds: float = 0.0
+    dimensions: dict[str, Counter] = field(default_factory=dict)
+    infeasible_reasons: Counter = field(default_factory=Counter)
+    failure: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec,
+            "ok": self.failure is None,
+            "examples": self.examples,
+            "feasible": self.feasible,
+            "infeasible": self.infeasible,
+            "infeasible_reasons": dict(self.infeasible_reasons),
+            "models_built": self.built,
+            "checks_passed": self.checks_passed,
+            "seconds": round(self.seconds, 2),
+            "dimensions": {k: {str(v): n for v, n in sorted(c.items(), key=lambda kv: str(kv[0]))}
+                           for k, c in self.dimensions.items()},
+            "failure": self.failure,
+        }
+
+
+def _points(space: Space, backbone_params: int) -> st.SearchStrategy[Point]:
+    (lo, mult), (hi, _) = space.budgets
+    if mult:
+        lo, hi = lo * backbone_params, hi * backbone_params
+    lo, hi = max(1, int(lo)), max(1, int(hi))
+    # Mostly log-uniform (small and large budgets alike), sometimes uniform: integers shrink to LO.
+    log_budget = st.floats(math.log(lo), math.log(hi)).map(lambda v: min(hi, max(lo, int(math.exp(v)))))
+    budgets = st.one_of(log_budget, st.integers(lo, hi))
+    return st.builds(
+        Point,
+        budget=budgets.map(str),
+        members=st.integers(*space.members),
+        templates_per_layer=st.integers(*space.templates_per_layer),
+        assign=st.sampled_from(space.policies),
+        groups=st.sampled_from(space.groups),
+    )
+
+
+def _param_count(plan: Plan, backend: str) -> int:
+    """Parameters of the model the backend builds (on torch's meta device: no memory)."""
+    from mixc.backends import get_backend
+
+    mod = get_backend(backend)
+    if backend == "torch":
+        import torch
+
+        with torch.device("meta"):
+            model = mod.build(plan)
+        return sum(p.numel() for p in model.parameters())
+    return int(mod.count_params(plan))
+
+
+def verify(spec: str, space: Space, examples: int = 100, seed_value: int = 0,
+           backends: Sequence[str] = (), build_every: int = 10,
+           on_example: Callable[[Report], None] | None = None) -> Report:
+    """Search ``space`` around ``spec``; the first failure is shrunk and reported."""
+    base = mixc.compile(spec)
+    report = Report(spec=spec)
+    for dim in ("budget", "members", "templates_per_layer", "assign", "groups"):
+        report.dimensions[dim] = Counter()
+    started = time.perf_counter()
+    last_failure: dict[str, Any] = {}
+    seen = {"n": 0}
+
+    def check(point: Point) -> None:
+        seen["n"] += 1
+        report.examples += 1
+        for dim in ("members", "templates_per_layer", "assign", "groups"):
+            report.dimensions[dim][getattr(point, dim)] += 1
+        report.dimensions["budget"][_bucket(int(point.budget), base.accounting.backbone_params)] += 1
+        try:
+            plan = mixc.compile(spec, point.overrides())
+        except SpecError as err:
+            text = err.render()
+            if "below the minimum" in text:
+                report.infeasible += 1
+                report.infeasible_reasons["below the minimum budget"] += 1
+                m = re.search(r"below the minimum ([\d,]+)", text)
+                minimum = int(m.group(1).replace(",", ""))
+                at_min = Point(str(minimum), point.members, point.templates_per_layer, point.assign, point.groups)
+                try:  # the stated minimum must itself be feasible
+                    _check_plan(mixc.compile(spec, at_min.overrides()), at_min, last_failure)
+                except SpecError:
+                    _fail(last_failure, at_min, "minimum_budget", f"the stated minimum {minimum:,} does not compile")
+                return
+            if "no layer is factorised" in text:
+                report.infeasible += 1
+                report.infeasible_reasons["no layer is factorised"] += 1
+                return
+            _fail(last_failure, point, "compiles", text.splitlines()[0])
+        report.feasible += 1
+        _check_plan(plan, point, last_failure)
+        if backends and (report.feasible - 1) % build_every == 0:
+            for b in backends:
+                n = _param_count(plan, b)
+                if n != plan.accounting.total_params:
+                    _fail(last_failure, point, f"backend_param_count[{b}]",
+                          f"the {b} model has {n:,} parameters, the plan says {plan.accounting.total_params:,}")
+                report.built += 1
+        report.checks_passed += 1
+        if on_example:
+            on_example(report)
+
+    test = settings(
+        max_examples=examples, database=None, deadline=None, derandomize=False,
+        suppress_health_check=list(HealthCheck), phases=(Phase.generate, Phase.shrink), report_multiple_bugs=False,
+    )(seed(seed_value)(given(_points(space, base.accounting.backbone_params))(check)))
+    try:
+        test()
+    except AssertionError:
+        report.failure = dict(last_failure)  # hypothesis re-runs the shrunk example last
+        report.failure["command"] = "mixc inspect " + shlex.quote(spec) + "".join(
+            f" --set {o}" for o in report.failure["overrides"])
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _bucket(budget: int, backbone: int) -> str:
+    r = budget / backbone
+    lo = 0.0
+    for edge in (0.25, 0.5, 1.0, 2.0, 4.0):
+        if r <= edge:
+            return f"{lo:g}-{edge:g}x"
+        lo = edge
+    return ">4x"
+
+
+def _check_plan(plan: Plan, point: Point, last_failure: dict) -> None:
+    problems = check_plan(plan)
+    if problems:
+        _fail(last_failure, point, problems[0].invariant, "; ".join(map(str, problems[:3])))
+
+
+def _fail(last_failure: dict, point: Point, invariant: str, detail: str) -> None:
+    last_failure.clear()
+    last_failure.update({"invariant": invariant, "detail": detail, "overrides": point.overrides()})
+    raise AssertionError(f"{invariant}: {detail}")
