@@ -305,8 +305,8 @@ class _Elaborator:
         if kind is None:
             cands = list(LAYERS) + [n for n, d in self.program.definitions.items() if d.kind == "block"]
             self.fail(f"unknown layer or block '{st.kind}'", st.kind_pos, choices_hint(st.kind, cands))
-        args = self.layer_args(st, kind, self.shape_env(env, cur))
         full = scope.full(local or scope.auto(st.kind))
+        args = self.layer_args(st, kind, self.shape_env(env, cur), full)
         try:
             op = kind.build(full, [cur.name], cur.shape, args)
         except ShapeError as e:
@@ -314,7 +314,7 @@ class _Elaborator:
             self.fail_shape(f"{e.message} (in layer '{full}')", pos, e.hint)
         return self.add(op, st.pos)
 
-    def layer_args(self, st: A.Layer, kind, env: dict) -> dict[str, Any]:
+    def layer_args(self, st: A.Layer, kind, env: dict, full: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
         positional = [a for a in st.args if a.name is None]
         if len(positional) > len(kind.params):
@@ -336,7 +336,7 @@ class _Elaborator:
         for p in kind.params:
             if p in out:
                 v, pos = out[p]
-                values[p] = self.check_type(st.kind, p, v, pos)
+                values[p] = self.check_type(st.kind, p, v, pos, full)
             elif p in kind.required:
                 self.fail(f"{st.kind} needs '{p}'", st.pos, f"for example: {st.kind}({', '.join(kind.required)} = ...)"
                           if len(kind.required) > 1 else f"pass it first: {st.kind}(64)" if p == "out"
@@ -345,14 +345,14 @@ class _Elaborator:
                 values[p] = kind.defaults[p]
         return values
 
-    def check_type(self, kind: str, arg: str, v: Any, pos: Pos) -> Any:
+    def check_type(self, kind: str, arg: str, v: Any, pos: Pos, full: str) -> Any:
         t = ARG_TYPES.get(arg, "any")
         bad = None
         if t == "int":
             if isinstance(v, bool) or not isinstance(v, int):
                 bad = "an integer"
             elif v < 1:
-                self.fail(f"{kind} '{arg}' must be at least 1, got {v}", pos)
+                self.fail(f"{kind} '{arg}' must be at least 1, got {v} (in layer '{full}')", pos)
         elif t in ("ints", "ints?"):
             if t == "ints?" and v is None:
                 return v
@@ -370,5 +370,5 @@ class _Elaborator:
                 v = float(v)
         if bad:
             hint = "use // for integer division" if isinstance(v, float) and t.startswith("int") else None
-            self.fail(f"{kind} '{arg}' must be {bad}, got {type_name(v)} ({render(v)})", pos, hint)
+            self.fail(f"{kind} '{arg}' must be {bad}, got {type_name(v)} ({render(v)}) (in layer '{full}')", pos, hint)
         return v

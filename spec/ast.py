@@ -7,8 +7,9 @@ pydantic ``Plan``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 from mixc.spec.diagnostics import Pos
 
@@ -216,3 +217,24 @@ class Module:
     definitions: tuple[Definition, ...]
     sections: tuple[Section, ...]
     lets: tuple[Let, ...]
+
+
+def relocate(node: Any, file: str, line: int, dcol: int) -> Any:
+    """A copy of ``node`` with every position moved to ``file``, ``line``, shifted ``dcol`` columns.
+
+    For ``--set`` values: they are parsed inside a wrapper, then reported
+    against the override text itself.
+    """
+    if not dataclasses.is_dataclass(node) or isinstance(node, type):
+        return node
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(node):
+        v = getattr(node, f.name)
+        if isinstance(v, Pos):
+            changes[f.name] = Pos(file, line, max(1, v.col + dcol), line,
+                                  (v.end_col + dcol) if v.end_col and v.end_line == v.line else None)
+        elif isinstance(v, tuple):
+            changes[f.name] = tuple(relocate(x, file, line, dcol) for x in v)
+        elif dataclasses.is_dataclass(v):
+            changes[f.name] = relocate(v, file, line, dcol)
+    return dataclasses.replace(node, **changes)

@@ -82,6 +82,9 @@ class Diagnostics:
     items: list[Diagnostic] = field(default_factory=list)
 
     def error(self, message: str, pos: Pos | None = None, hint: str | None = None) -> None:
+        # One report per source position: a block used many times repeats its errors.
+        if pos is not None and any(d.pos == pos for d in self.items):
+            return
         d = Diagnostic(message, pos, hint)
         if d not in self.items:
             self.items.append(d)

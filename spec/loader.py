@@ -233,7 +233,7 @@ def _apply_overrides(overrides: list[str], ens: A.Section | None, train: A.Secti
                 p = d.pos
                 diags.error(d.message, Pos(origin, 1, (p.col if p else 1) + vpos - 1), d.hint)
             continue
-        value = _shift_cols(value, vpos - 1)
+        value = A.relocate(value, origin, 1, vpos - 1)
         opos = Pos(origin, 1, 1, 1, len(item) + 1)
         section = train if section_kind == "train" else ens
         if section is None:
@@ -244,21 +244,6 @@ def _apply_overrides(overrides: list[str], ens: A.Section | None, train: A.Secti
         else:
             ens = section
     return ens, train
-
-
-def _shift_cols(node, by: int):
-    if dataclasses.is_dataclass(node) and not isinstance(node, type):
-        changes = {}
-        for f in dataclasses.fields(node):
-            v = getattr(node, f.name)
-            if isinstance(v, Pos):
-                changes[f.name] = dataclasses.replace(v, col=v.col + by, end_col=(v.end_col + by) if v.end_col else None)
-            elif isinstance(v, tuple):
-                changes[f.name] = tuple(_shift_cols(x, by) for x in v)
-            elif dataclasses.is_dataclass(v):
-                changes[f.name] = _shift_cols(v, by)
-        return dataclasses.replace(node, **changes)
-    return node
 
 
 def _override(section: A.Section, path: list[str], value, pos: Pos, diags: Diagnostics) -> A.Section:

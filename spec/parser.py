@@ -337,23 +337,4 @@ def parse_value(text: str, origin: str = "<--set>") -> A.Expr | A.CallValue:
             [Diagnostic(f"cannot read {text!r} as one value", Pos(origin, 1, 1), "write key=value with one value")],
             {origin: text},
         )
-    value = settings[0].value
-    return _shift(value, origin)
-
-
-def _shift(node, origin: str):
-    """Move the positions of an override's AST from the wrapper onto the bare value text."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(node) and not isinstance(node, type):
-        changes = {}
-        for f in dataclasses.fields(node):
-            v = getattr(node, f.name)
-            if isinstance(v, Pos):
-                changes[f.name] = Pos(origin, 1, max(1, v.col - 2), 1, (v.end_col - 2) if v.end_col else None)
-            elif isinstance(v, tuple):
-                changes[f.name] = tuple(_shift(x, origin) for x in v)
-            elif dataclasses.is_dataclass(v):
-                changes[f.name] = _shift(v, origin)
-        return dataclasses.replace(node, **changes)
-    return node
+    return A.relocate(settings[0].value, origin, 1, -2)  # the value starts at column 3 of line 2
