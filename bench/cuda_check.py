@@ -3,7 +3,7 @@
 Two steps, so the GPU machine needs nothing but torch:
 
     python bench/cuda_check.py emit DIR   # here: write generated model files (needs mixc)
-    python3 bench/cuda_check.py run DIR   # on the GPU machine: torch only
+    python3 bench/cuda_check.py run DIR [OUT.txt] [--no-compile]   # on the GPU machine: torch only
 
 The generated files are the same self-contained sources ``mixc compile``
 writes, which is also a check that they run outside the project.
@@ -53,7 +53,7 @@ def _load(path: Path):
     return mod, cls
 
 
-def run(folder: Path, log) -> None:
+def run(folder: Path, log, compile_models: bool = True) -> None:
     import torch
     import torch.nn.functional as F
 
@@ -180,7 +180,7 @@ def run(folder: Path, log) -> None:
             log(f"WRN-16-4 M=4 batch {batch} {tag} (ms/step): " + ", ".join(row))
 
     # -- torch.compile -------------------------------------------------------------------------
-    for name in ("tiny", "wrn16_4"):
+    for name in ("tiny", "wrn16_4") if compile_models else ():
         _, cls = _load(folder / f"{name}.py")
         batch = 8 if name == "tiny" else 128
         torch.manual_seed(0)
@@ -213,11 +213,13 @@ def run(folder: Path, log) -> None:
 
 
 def main() -> int:
-    cmd, folder = sys.argv[1], Path(sys.argv[2])
+    flags = {a for a in sys.argv[1:] if a.startswith("--")}
+    argv = [a for a in sys.argv[1:] if not a.startswith("--")]
+    cmd, folder = argv[0], Path(argv[1])
     if cmd == "emit":
         emit(folder)
         return 0
-    out = Path(sys.argv[3]) if len(sys.argv) > 3 else None
+    out = Path(argv[2]) if len(argv) > 2 else None
     lines = []
 
     def log(s: str) -> None:
@@ -226,7 +228,7 @@ def main() -> int:
         if out:
             out.write_text("\n".join(lines) + "\n")
 
-    run(folder, log)
+    run(folder, log, compile_models="--no-compile" not in flags)
     return 0
 
 

@@ -196,7 +196,7 @@ def test_written_file_is_what_runs(tmp_path):
 # ---------------------------------------------------------------------------
 # Compiled specs: the zoo and generated backbones
 
-from hypothesis import assume, given  # noqa: E402
+from hypothesis import assume, given, settings  # noqa: E402
 
 import mixc  # noqa: E402
 from mixc.spec import SpecError  # noqa: E402
@@ -227,6 +227,7 @@ def test_wrn16_4_runs_in_both_layouts():
     assert (ya - ref).abs().max().item() < 1e-5
 
 
+@settings(max_examples=30)
 @given(specs())
 def test_generated_specs_build_and_match_reference(text):
     """Parameter count == accounting and fused == per-member reference, over generated specs."""

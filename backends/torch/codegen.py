@@ -507,12 +507,19 @@ PyTorch's usual init (kaiming normal for conv), BatchNorm weight 1, bias 0.
             '        """',
             "        w: dict[str, torch.Tensor] = {}",
         ]
+        body = []
         if self.plan.blob is not None:
-            lines.append(f"        blob = self.{attr_name('blob')}")
+            body.append(f"        blob = self.{attr_name('blob')}")
         for op in self.plan.ops:
-            if op.kind not in ("conv", "linear"):
-                continue
-            lines += self._compose_layer(op)
+            if op.kind in ("conv", "linear"):
+                body += self._compose_layer(op)
+        store = next((t for t in self.plan.tensors if t.role in ("bank", "blob")), None)
+        if store is not None:
+            # Mix in the parameters' precision even under autocast: the convs cast the result
+            # once, and bf16 reductions of the alpha gradient over huge templates are slow on GPUs.
+            lines.append(f"        with torch.autocast(self.{attr_name(store.name)}.device.type, enabled=False):")
+            body = ["    " + ln for ln in body]
+        lines += body
         lines.append("        return w")
         return lines
 

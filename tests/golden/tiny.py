@@ -151,15 +151,16 @@ class Tiny(nn.Module):
         plain layers are the shared tensors themselves. Called once per forward.
         """
         w: dict[str, torch.Tensor] = {}
-        w["stem.weight"] = self.plain__stem__weight
-        # b0.conv1: bank.g0 templates [0, 1] for every member
-        flat = self.alpha__b0__conv1 @ self.bank__g0[0:2]
-        w["b0.conv1.weight"] = flat.view(3, 8, 8, 3, 3)
-        # b0.conv2: bank.g0 templates [2, 0] for every member
-        flat = torch.einsum("mk,mku->mu", self.alpha__b0__conv2, self.sel__b0__conv2) @ self.bank__g0
-        w["b0.conv2.weight"] = flat.view(3, 8, 8, 3, 3)
-        w["fc.weight"] = self.plain__fc__weight
-        w["fc.bias"] = self.plain__fc__bias
+        with torch.autocast(self.bank__g0.device.type, enabled=False):
+            w["stem.weight"] = self.plain__stem__weight
+            # b0.conv1: bank.g0 templates [0, 1] for every member
+            flat = self.alpha__b0__conv1 @ self.bank__g0[0:2]
+            w["b0.conv1.weight"] = flat.view(3, 8, 8, 3, 3)
+            # b0.conv2: bank.g0 templates [2, 0] for every member
+            flat = torch.einsum("mk,mku->mu", self.alpha__b0__conv2, self.sel__b0__conv2) @ self.bank__g0
+            w["b0.conv2.weight"] = flat.view(3, 8, 8, 3, 3)
+            w["fc.weight"] = self.plain__fc__weight
+            w["fc.bias"] = self.plain__fc__bias
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
