@@ -145,7 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_ in (("train", "train an ensemble (or a baseline) from a spec"),
                         ("eval", "evaluate a trained run: accuracy, NLL, ECE, Brier, diversity"),
-                        ("verify", "property-based budget verification of a spec's neighbourhood")):
+                        ("verify", "property-based budget verification of a spec's neighbourhood"),
+                        ("interpolate", "accuracy along the line between two members' weights (paper, Figure 4)"),
+                        ("sweep", "train a spec at several budgets/member counts, with baselines; table and plot"),
+                        ("report", "trained runs side by side, shaped like the paper's tables")):
         hooks = _optional(name)
         if hooks is None:
             continue

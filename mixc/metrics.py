@@ -30,7 +30,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["accuracy", "nll", "ece", "brier", "disagreement", "diversity", "evaluate", "ECE_BINS", "NLL_CLIP"]
+__all__ = [
+    "accuracy", "nll", "ece", "brier", "disagreement", "diversity", "evaluate", "reliability", "member_summary",
+    "ECE_BINS", "NLL_CLIP",
+]
 
 ECE_BINS = 15
 NLL_CLIP = 1e-12
@@ -130,4 +133,44 @@ def evaluate(member_probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
         "disagreement": disagreement(member_probs),
         "diversity": diversity(member_probs, labels),
         "samples": int(len(labels)),
+    }
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> dict[str, list]:
+    """Per-bin counts, accuracy and mean confidence, binned exactly as :func:`ece` bins them.
+
+    For reliability diagrams: ``edges`` has ``bins + 1`` entries; an empty bin
+    has count 0 and accuracy/confidence ``None``. ``sum(count/N * |acc - conf|)``
+    over non-empty bins equals ``ece``.
+    """
+    probs, labels = _check(probs, labels)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    conf = probs.max(axis=1) if len(labels) else np.zeros(0)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64) if len(labels) else np.zeros(0)
+    idx = np.searchsorted(edges[1:-1], conf, side="left")
+    count, acc, mean_conf = [], [], []
+    for b in range(bins):
+        m = idx == b
+        k = int(m.sum())
+        count.append(k)
+        acc.append(float(correct[m].mean()) if k else None)
+        mean_conf.append(float(conf[m].mean()) if k else None)
+    return {"edges": [float(e) for e in edges], "count": count, "accuracy": acc, "confidence": mean_conf}
+
+
+def member_summary(member_probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """What the paper's Table 6 discussion quotes: mean member accuracy and the best member.
+
+    ``best_member`` is the index of the most accurate member (the lowest index
+    on ties) with its accuracy and NLL.
+    """
+    member_probs = np.asarray(member_probs, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    accs = [accuracy(member_probs[:, m], labels) for m in range(member_probs.shape[1])]
+    best = int(np.argmax(accs)) if accs else 0
+    return {
+        "mean_member_accuracy": float(np.mean(accs)) if accs else 0.0,
+        "best_member": best,
+        "best_member_accuracy": accs[best] if accs else 0.0,
+        "best_member_nll": nll(member_probs[:, best], labels) if accs else 0.0,
     }

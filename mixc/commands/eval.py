@@ -1,0 +1,231 @@
+"""`mixc eval RUN_DIR|CHECKPOINT`: score a trained ensemble; optionally under corruption, with plots.
+
+Reports the ensemble's accuracy, NLL of the averaged prediction, ECE (15
+equal-width bins) and Brier score; every member's accuracy, NLL and ECE; the
+mean member accuracy and the best member; disagreement and diversity (Fort et
+al. 2019: pairwise disagreement over the mean member error, as in the paper's
+Table 6). ``--corruptions`` adds the CIFAR-C style robustness columns
+(``mixc.corruptions``), ``--data cifar10c|cifar100c`` reads the published files.
+
+A run folder keeps its last result in ``RUN/eval.json`` (``mixc report`` reads
+it). Exit codes: 0 done; 1 a run, checkpoint, backend or plot problem; 2 a data
+problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mixc.data import DataError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `mixc eval`."""
+    p.add_argument("target", metavar="RUN_DIR|CHECKPOINT", help="a run folder (mixc train --out) or a checkpoint file")
+    p.add_argument("--plan", help="the plan of a checkpoint without plan.json beside it")
+    p.add_argument("--data", help="digits, cifar10, cifar100, a .npz, or cifar10c/cifar100c (the published "
+                   "corrupted sets, read from --data-dir); default: what the run trained on")
+    p.add_argument("--data-dir", help="folder holding the cifar archives / CIFAR-10-C / CIFAR-100-C")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--save-predictions", metavar="P.npz",
+                   help="write member_probs [N, M, classes] (float32) and labels [N] of the clean test set")
+    p.add_argument("--backend", choices=["torch", "flax"], default="torch", help="the framework that evaluates")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    p.add_argument("--batch-size", type=int, default=500, help="evaluation batch (default 500)")
+    p.add_argument("--corruptions", nargs="?", const="all", metavar="LIST",
+                   help="also score corrupted copies of the test set at 5 severities: all (the default) or a "
+                        "comma-separated list of gaussian_noise, shot_noise, impulse_noise, speckle_noise, "
+                        "defocus_blur, gaussian_blur, contrast, brightness, pixelate, jpeg")
+    p.add_argument("--severities", default="1,2,3,4,5", help="comma-separated severities (default 1,2,3,4,5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corruptions' noise (default 0)")
+    p.add_argument("--plot", nargs="?", const="", metavar="DIR",
+                   help="write reliability.png (and corruptions.png with --corruptions) into DIR "
+                        "(default: the run folder)")
+    p.add_argument("--no-save", action="store_true", help="do not write RUN/eval.json")
+
+
+def _error(msg: str) -> None:
+    print(f"mixc eval: error: {msg}", file=sys.stderr)
+
+
+def _severities(text: str) -> tuple[int, ...]:
+    try:
+        sev = tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
+    except ValueError:
+        sev = ()
+    if not sev or any(s not in (1, 2, 3, 4, 5) for s in sev):
+        raise DataError(f"--severities takes a comma-separated subset of 1,2,3,4,5, not {text!r}")
+    return sev
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `mixc eval` with parsed ``args``; returns the exit code."""
+    from mixc.evaluation import EvalError
+    from mixc.plots import PlotError
+
+    try:
+        return _run(args)
+    except DataError as e:
+        _error(str(e))
+        return 2
+    except (EvalError, PlotError) as e:
+        _error(str(e))
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from mixc.corruptions import CIFAR_C, parse_corruptions
+    from mixc.evaluation import (
+        evaluate_cifar_c,
+        evaluate_corruptions,
+        load_predictor,
+        load_test_set,
+        open_run,
+        resolve_data,
+        save_eval,
+        summarise,
+    )
+
+    if args.batch_size < 1:
+        raise DataError("--batch-size must be at least 1")
+    run_ = open_run(args.target, args.plan)
+    data, data_dir = resolve_data(run_, args.data, args.data_dir)
+    cifar_c = data.lower() if data.lower() in CIFAR_C else None
+    severities = _severities(args.severities)
+    names = parse_corruptions(args.corruptions) if (args.corruptions or cifar_c) else []
+    if cifar_c and args.corruptions in (None, "all"):
+        names = None  # every file in the folder
+    # Check the data before the (possibly slow) model load.
+    dataset = None if cifar_c else load_test_set(data, data_dir, run_.plan)
+    predict = load_predictor(args.backend, run_.plan, run_.checkpoint, device=args.device, batch_size=args.batch_size)
+    err = Console(stderr=True, highlight=False)
+    step = (lambda name: err.print(f"  corrupting: {name}", markup=False)) if not args.json else None
+
+    result: dict[str, Any] = {
+        "run": run_.label,
+        "checkpoint": str(run_.checkpoint),
+        "spec": run_.plan.name,
+        "spec_hash": run_.plan.spec_hash,
+        "epoch": run_.epoch,
+        "members": run_.plan.members,
+        "params": run_.plan.accounting.total_params,
+        "baseline": run_.baseline,
+        "backend": args.backend,
+        "data": data,
+    }
+    probs = labels = None
+    if cifar_c:
+        corr, dataset = evaluate_cifar_c(predict, cifar_c, data_dir, run_.plan, names, on_step=step)
+        result["corruptions"] = corr
+    if dataset is not None:
+        probs = predict(dataset.x_test)
+        labels = dataset.y_test
+        result["clean"] = summarise(probs, labels)
+        result["samples"] = int(len(labels))
+        result["data"] = dataset.name if cifar_c else data
+        if names and not cifar_c:
+            result["corruptions"] = evaluate_corruptions(predict, dataset, names, severities, args.seed, on_step=step)
+        if cifar_c:
+            result["corruptions_of"] = data
+    written: list[Path] = []
+    if args.save_predictions and probs is not None:
+        path = Path(args.save_predictions)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, member_probs=probs.astype(np.float32), labels=labels.astype(np.int64))
+        written.append(path)
+    elif args.save_predictions:
+        err.print(f"mixc eval: no clean {data} test set loaded, so no predictions saved", markup=False)
+    if args.plot is not None:
+        written += _plots(args, run_, result, probs, labels)
+    if not args.no_save and run_.checkpoint.name == "checkpoint.safetensors":
+        written.append(save_eval(run_.folder, result))
+
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        _print(result, written)
+    return 0
+
+
+def _plots(args: argparse.Namespace, run_: Any, result: dict[str, Any], probs, labels) -> list[Path]:
+    from mixc.metrics import reliability
+    from mixc.plots import corruption_plot, reliability_diagram
+
+    folder = Path(args.plot) if args.plot else run_.folder
+    out = []
+    name = f"{run_.plan.name} ({_kind(result)}), {result['data']}"
+    if probs is not None:
+        ens = probs.mean(axis=1)
+        out.append(reliability_diagram(reliability(ens, labels), result["clean"]["ece"], folder / "reliability.png",
+                                       f"reliability: {name}"))
+    if "corruptions" in result:
+        out.append(corruption_plot(result["corruptions"], result.get("clean"), folder / "corruptions.png",
+                                   f"corruptions: {name}"))
+    return out
+
+
+def _kind(result: dict[str, Any]) -> str:
+    b = result.get("baseline")
+    if b == "single":
+        return "single network"
+    if b == "naive":
+        return f"naive ensemble x{result['members']}"
+    return f"MixtureEnsemble x{result['members']}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:.2f}%"
+
+
+def _print(result: dict[str, Any], written: list[Path]) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    head = (f"{result['spec']} ({_kind(result)}, {result['params']:,} parameters), checkpoint epoch {result['epoch']}, "
+            f"{result['backend']}")
+    c = result.get("clean")
+    if c is not None:
+        t = Table(title=f"{head}\n{result['data']} test set, {result['samples']} samples", title_justify="left")
+        for col in ("", "accuracy", "NLL", "ECE", "Brier"):
+            t.add_column(col, justify="right" if col else "left")
+        t.add_row("ensemble", _pct(c["accuracy"]), f"{c['nll']:.4f}", _pct(c["ece"]), f"{c['brier']:.4f}", style="bold")
+        for i, (a, n, e) in enumerate(zip(c["member_accuracy"], c["member_nll"], c["member_ece"])):
+            t.add_row(f"member {i}" + (" (best)" if i == c["best_member"] and len(c["member_accuracy"]) > 1 else ""),
+                      _pct(a), f"{n:.4f}", _pct(e), "")
+        console.print(t)
+        line = f"mean member accuracy {_pct(c['mean_member_accuracy'])}; best member {c['best_member']} " \
+               f"({_pct(c['best_member_accuracy'])})"
+        if c.get("diversity") is not None:
+            line += f"; disagreement {c['disagreement']:.3f}; diversity {c['diversity']:.3f} " \
+                    "(disagreement / mean member error, Fort et al. 2019)"
+        console.print(line)
+    else:
+        console.print(head)
+    corr = result.get("corruptions")
+    if corr:
+        sev = sorted(corr["by_severity"], key=int)
+        t = Table(title=f"under corruption ({corr['source']}): means over severities {', '.join(sev)}; "
+                  "then accuracy (%) by severity", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in ["corruption", "acc", "NLL", "ECE"] + [f"s{s}" for s in sev]:
+            t.add_column(col, justify="left" if col == "corruption" else "right", no_wrap=True)
+        f1 = lambda v: f"{v * 100:.1f}"  # noqa: E731
+        for name, r in corr["corruptions"].items():
+            t.add_row(name, _pct(r["accuracy"]), f"{r['nll']:.3f}", _pct(r["ece"]),
+                      *[f1(r["severities"][s]["accuracy"]) if s in r["severities"] else "-" for s in sev])
+        o = corr["overall"]
+        t.add_row("mean", _pct(o["accuracy"]), f"{o['nll']:.3f}", _pct(o["ece"]),
+                  *[f1(corr["by_severity"][s]["accuracy"]) for s in sev], style="bold")
+        console.print(t)
+        console.print(f"pixel scale: {corr['pixel_scale']}")
+    if written:
+        console.print("wrote " + ", ".join(str(p) for p in written))

@@ -1,0 +1,177 @@
+"""`mixc report RUN...`: trained runs side by side, as a markdown table shaped like the paper's tables.
+
+Columns: method, params, accuracy, NLL, ECE (Tables 1 and 3), the CIFAR-C
+style corrupted accuracy/NLL/ECE when ``mixc eval --corruptions`` has been run
+on any of the runs (Tables 2 and 4), diversity and mean member accuracy
+(Table 6), and inference FLOPs relative to one plain backbone (``mixc.flops``;
+the reference is ``--reference``, default the first single-network baseline
+among the runs, else the first run's own backbone).
+
+Numbers come from ``RUN/eval.json`` (the last ``mixc eval``) when it is of the
+run's current checkpoint, else from the last line of ``RUN/metrics.jsonl``
+(the test set after the last epoch). Nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `mixc report`."""
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (mixc train --out, or a sweep's points)")
+    p.add_argument("--labels", help="comma-separated method names, one per run (default: from each run)")
+    p.add_argument("--reference", metavar="RUN",
+                   help="the run whose plain backbone is 1x in the FLOPs column (default: the first single "
+                        "baseline given, else the first run)")
+    p.add_argument("--out", metavar="FILE.md", help="also write the markdown table to this file")
+    p.add_argument("--csv", metavar="FILE.csv", help="also write the rows as CSV")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of markdown")
+
+
+def _error(msg: str) -> None:
+    print(f"mixc report: error: {msg}", file=sys.stderr)
+
+
+def method_name(run: Any) -> str:
+    """How the paper names a row: the baseline, or the ensemble and its member count."""
+    b = run.baseline
+    if b == "single":
+        return "Single network (baseline)"
+    if b == "naive":
+        return f"Naive ensemble x{run.plan.members}"
+    if run.plan.members == 1:
+        return "MixtureEnsemble x1"
+    return f"MixtureEnsemble x{run.plan.members}"
+
+
+def collect(run: Any) -> dict[str, Any]:
+    """The numbers of one run: eval.json of this checkpoint if present, else the last metrics line."""
+    from mixc.evaluation import EVAL_FILE, EvalError, last_metrics
+
+    ev_path = run.folder / EVAL_FILE
+    row: dict[str, Any] = {}
+    if ev_path.is_file():
+        try:
+            ev = json.loads(ev_path.read_text())
+        except json.JSONDecodeError:
+            ev = {}
+        if ev.get("epoch") == run.epoch and ev.get("spec_hash") == run.plan.spec_hash and ev.get("clean"):
+            row = {**ev["clean"], "source": f"{EVAL_FILE} ({ev.get('data')})"}
+            if ev.get("corruptions"):
+                row["corrupt"] = ev["corruptions"]["overall"]
+    if not row:
+        m = last_metrics(run.folder)
+        if m is None or m.get("epoch") != run.epoch:
+            raise EvalError(
+                f"{run.label}: no metrics of its checkpoint (epoch {run.epoch}) in metrics.jsonl or eval.json; "
+                f"hint: run `mixc eval {run.label}` first"
+            )
+        row = {**m, "source": "metrics.jsonl"}
+    if row.get("member_accuracy") and "mean_member_accuracy" not in row:
+        row["mean_member_accuracy"] = sum(row["member_accuracy"]) / len(row["member_accuracy"])
+    return row
+
+
+def build_rows(runs: list[Any], labels: list[str] | None, reference: Any) -> list[dict[str, Any]]:
+    from mixc.flops import backbone_macs, ensemble_macs
+
+    ref_macs = backbone_macs(reference.plan)
+    rows = []
+    for k, r in enumerate(runs):
+        m = collect(r)
+        acc = r.plan.accounting
+        rows.append({
+            "run": r.label,
+            "method": labels[k] if labels else method_name(r),
+            "params": acc.total_params,
+            "params_x": acc.total_params / acc.backbone_params,
+            "members": r.plan.members,
+            "epoch": r.epoch,
+            "accuracy": m["accuracy"],
+            "nll": m["nll"],
+            "ece": m["ece"],
+            "corrupt_accuracy": (m.get("corrupt") or {}).get("accuracy"),
+            "corrupt_nll": (m.get("corrupt") or {}).get("nll"),
+            "corrupt_ece": (m.get("corrupt") or {}).get("ece"),
+            "diversity": m.get("diversity"),
+            "mean_member_accuracy": m.get("mean_member_accuracy"),
+            "flops": ensemble_macs(r.plan) / ref_macs,
+            "source": m["source"],
+        })
+    return rows
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.4g}K" if n >= 1e4 else f"{n:,}"
+
+
+def markdown(rows: list[dict[str, Any]], reference_label: str) -> str:
+    """The table: paper columns first, optional columns only when some run has them."""
+    corrupt = any(r["corrupt_accuracy"] is not None for r in rows)
+    div = any(r["diversity"] is not None for r in rows)
+    cols = ["Method", "Params", "Accuracy", "NLL", "ECE"]
+    if corrupt:
+        cols += ["Corrupt acc", "Corrupt NLL", "Corrupt ECE"]
+    if div:
+        cols += ["Diversity", "Mean member acc"]
+    cols += ["FLOPs", "Run"]
+    pct = lambda v: "-" if v is None else f"{v * 100:.2f}"  # noqa: E731
+    num = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in ("Method", "Run") else "---:" for c in cols) + "|"]
+    for r in rows:
+        cells = [r["method"], f"{_fmt_params(r['params'])} ({r['params_x']:.2f}x)", pct(r["accuracy"]), num(r["nll"]),
+                 f"{r['ece'] * 100:.2f}%"]
+        if corrupt:
+            cells += [pct(r["corrupt_accuracy"]), num(r["corrupt_nll"]),
+                      "-" if r["corrupt_ece"] is None else f"{r['corrupt_ece'] * 100:.2f}%"]
+        if div:
+            cells += [num(r["diversity"], 2), pct(r["mean_member_accuracy"])]
+        cells += [f"{r['flops']:.2f}x", f"`{r['run']}`"]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = (f"\nAccuracy and member accuracy in %, NLL of the averaged prediction, ECE over 15 bins; params "
+             f"as a multiple of one plain backbone; FLOPs: inference multiply-accumulates relative to one plain "
+             f"backbone of `{reference_label}`.")
+    if corrupt:
+        notes += " Corrupt: means over every corruption and severity (`mixc eval --corruptions`)."
+    return "\n".join(lines) + "\n" + notes + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `mixc report`; returns the exit code."""
+    from mixc.evaluation import EvalError, open_run
+
+    try:
+        runs = [open_run(r) for r in args.runs]
+        labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+        if labels is not None and len(labels) != len(runs):
+            raise EvalError(f"--labels names {len(labels)} methods for {len(runs)} runs")
+        if args.reference:
+            reference = open_run(args.reference)
+        else:
+            reference = next((r for r in runs if r.baseline == "single"), runs[0])
+        rows = build_rows(runs, labels, reference)
+    except EvalError as e:
+        _error(str(e))
+        return 1
+    if args.csv:
+        path = Path(args.csv)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        text = markdown(rows, reference.label)
+        print(text, end="")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(markdown(rows, reference.label))
+    return 0

@@ -1,0 +1,109 @@
+"""`mixc sweep FILE --budgets 0.25x,0.5x,1x,2x,4x [--members 4] [--baselines single,naive]`: Figure 3.
+
+Trains the spec at every budget (and member count) with its own recipe, plus
+the baselines, each into ``OUT/<point>/`` (resumable: a finished point is not
+trained again, a partial one resumes). Then writes ``OUT/sweep.md``,
+``OUT/sweep.csv`` (params, accuracy, NLL, ECE, diversity per point) and
+``OUT/sweep.png``: accuracy and NLL against parameter count with the baselines
+as reference points (Figure 3 left). ``--members 1,2,4,8`` adds
+``OUT/sweep_members.png``: accuracy and NLL against members, one line per
+budget (Figure 3 right).
+
+Exit codes: 0 every point trained; 1 a spec, option or point problem (the
+other points still train and are tabulated); 2 a data problem; 130 interrupted
+(finished epochs are kept: the same command resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mixc.data import DataError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `mixc sweep`."""
+    p.add_argument("file", metavar="FILE", help="a .mix spec, or the name of a zoo spec")
+    p.add_argument("--budgets", help="comma-separated budgets: multiples of one plain backbone (0.25x,0.5x,1x,2x,4x) "
+                   "or counts (5M,20M); default: the spec's")
+    p.add_argument("--members", help="comma-separated member counts (1,2,4,8); default: the spec's")
+    p.add_argument("--baselines", default="", help="comma-separated: single (one plain backbone), naive (M plain "
+                   "backbones; M = the one --members value, else the spec's)")
+    p.add_argument("--fallback", choices=["single", "none"], default="single",
+                   help="below the by_shape minimum, use one shared blob (groups single, as the paper's 7M point) "
+                        "or skip the point (default single)")
+    p.add_argument("--out", help="sweep folder (default runs/sweep-<spec name>)")
+    p.add_argument("--data", help="dataset (default: the spec's train section)")
+    p.add_argument("--data-dir", help="folder holding the cifar archives")
+    p.add_argument("--epochs", type=int, help="override the spec's epochs for every point")
+    p.add_argument("--seed", type=int, help="override the spec's seed")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
+    p.add_argument("--layout", choices=["auto", "grouped", "loop"], default="auto", help="how members run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec setting for every point (repeatable), e.g. --set train.epochs=15")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNGs (no matplotlib needed)")
+    p.add_argument("--no-progress", action="store_true", help="plain lines instead of progress bars")
+
+
+def _error(msg: str) -> None:
+    print(f"mixc sweep: error: {msg}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `mixc sweep`; returns the exit code."""
+    from mixc.backends import BackendUnavailable, get_backend
+    from mixc.commands.train import tune_allocator
+    from mixc.plots import PlotError
+    from mixc.spec import SpecError
+    from mixc.sweep import SweepError, parse_budgets, parse_members, plan_points, run_sweep, write_outputs
+
+    tune_allocator()
+    try:
+        get_backend("torch")
+        budgets = parse_budgets(args.budgets)
+        members = parse_members(args.members)
+        baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+        bad = [b for b in baselines if b not in ("single", "naive")]
+        if bad:
+            raise SweepError(f"--baselines takes single and/or naive, not {', '.join(bad)}")
+        if args.epochs is not None and args.epochs < 1:
+            raise SweepError("--epochs must be at least 1")
+        points = plan_points(args.file, list(args.overrides), budgets, members, baselines, args.fallback)
+    except SpecError as e:
+        print(e.render(), file=sys.stderr)
+        return 1
+    except (SweepError, BackendUnavailable) as e:
+        _error(str(e))
+        return 1
+    name = next((p.plan.name for p in points if p.plan is not None), Path(args.file).stem)
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{name}"
+    if out.exists() and not out.is_dir():
+        _error(f"--out {out} is a file, not a folder")
+        return 1
+    bad_points = [p for p in points if p.error]
+    if len(bad_points) == len(points):
+        _error("no point of the sweep can be compiled: " + "; ".join(f"{p.key}: {p.error}" for p in bad_points))
+        return 1
+    try:
+        rows = run_sweep(args.file, list(args.overrides), points, out, data=args.data, data_dir=args.data_dir,
+                         epochs=args.epochs, device=args.device, seed=args.seed, layout=args.layout,
+                         progress=not args.no_progress)
+    except DataError as e:
+        _error(str(e))
+        return 2
+    except KeyboardInterrupt:
+        _error(f"interrupted; finished epochs are saved under {out}: run the same command to resume")
+        return 130
+    title = f"{name} sweep" + (f" ({' '.join(args.overrides)})" if args.overrides else "")
+    try:
+        written = write_outputs(rows, out, title, plots=not args.no_plot)
+    except PlotError as e:
+        _error(f"{e} (the tables are written; --no-plot skips the PNGs)")
+        return 1
+    print()
+    print((out / "sweep.md").read_text(), end="")
+    print("wrote " + ", ".join(str(p) for p in written))
+    failed = [r for r in rows if r["status"] in ("failed", "infeasible")]
+    return 1 if failed else 0

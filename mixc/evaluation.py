@@ -1,0 +1,386 @@
+"""Evaluating a trained run, independently of the framework that runs it.
+
+A run folder (``mixc train --out``) holds ``plan.json``, ``config.json``,
+``metrics.jsonl`` and ``checkpoint.safetensors``. Checkpoints name tensors by
+the plan, so any backend can read any run: evaluation only needs, from the
+chosen backend, member probabilities ``[N, M, classes]`` for numpy inputs.
+:func:`load_predictor` is that narrow interface:
+
+- ``torch``: built here from ``mixc.backends.torch`` (``build``,
+  ``load_checkpoint``, ``predict_member_probs``), unless the backend exposes
+  ``load_predictor(plan, checkpoint, device=, batch_size=)`` itself.
+- ``flax``: ``mixc.backends.flax.load_predictor(plan, checkpoint)`` when it
+  exists, else ``mixc.backends.flax.predict_member_probs_from_checkpoint(plan,
+  checkpoint, x)`` called per input batch (one call per corruption, all
+  severities stacked, so a slow model load is paid few times).
+
+Everything after the probabilities (metrics, corruptions, tables, plots) is
+numpy and shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mixc.compiler.plan import Plan
+from mixc.data import DataError, Dataset, check_compatible, load_dataset
+from mixc.metrics import ece, evaluate, member_summary, nll, accuracy, brier
+
+__all__ = [
+    "EvalError",
+    "Run",
+    "open_run",
+    "last_metrics",
+    "Predictor",
+    "load_predictor",
+    "summarise",
+    "evaluate_corruptions",
+    "evaluate_cifar_c",
+    "resolve_data",
+    "checkpoint_header",
+    "EVAL_FILE",
+    "CHECKPOINT",
+]
+
+CHECKPOINT = "checkpoint.safetensors"
+EVAL_FILE = "eval.json"
+
+#: member probabilities [N, M, classes] for model inputs [N, ...] (float32, already normalised)
+Predictor = Callable[[np.ndarray], np.ndarray]
+
+
+class EvalError(RuntimeError):
+    """A user-facing problem: no such run, no checkpoint, a plan that does not match, a missing backend."""
+
+
+# ---------------------------------------------------------------------------
+# Runs
+
+
+@dataclass(frozen=True)
+class Run:
+    """A trained run: where it lives, its plan, and what trained it."""
+
+    checkpoint: Path
+    plan: Plan
+    folder: Path  # the run folder, or the checkpoint's folder
+    config: dict[str, Any] = field(default_factory=dict)  # config.json, {} if absent
+    epoch: int = 0
+
+    @property
+    def baseline(self) -> str | None:
+        return (self.config.get("options") or {}).get("baseline")
+
+    @property
+    def label(self) -> str:
+        return str(self.folder if self.checkpoint.name == CHECKPOINT else self.checkpoint)
+
+    def spec_and_overrides(self) -> tuple[str, list[str]]:
+        """The spec it was compiled from and the --set overrides, to recompile a variant (e.g. one member)."""
+        opts = self.config.get("options") or {}
+        overrides = list(opts.get("overrides") or [])
+        for cand in (opts.get("spec"), opts.get("file"), self.plan.source):
+            if cand and Path(cand).is_file():
+                return str(cand), overrides
+        return str(opts.get("file") or self.plan.source), overrides  # a zoo name, or an error from compile
+
+
+def open_run(target: str | os.PathLike, plan_file: str | os.PathLike | None = None) -> Run:
+    """Open a run folder, or a checkpoint file with ``plan.json`` beside it (or ``plan_file``)."""
+    path = Path(target)
+    if path.is_dir():
+        folder, ckpt = path, path / CHECKPOINT
+        if not ckpt.is_file():
+            found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+            raise EvalError(
+                f"{path} holds no {CHECKPOINT} (it holds {found}); hint: name a run folder written by "
+                "`mixc train --out DIR`, or the checkpoint file itself"
+            )
+    elif path.is_file():
+        folder, ckpt = path.parent, path
+    else:
+        raise EvalError(f"no run folder or checkpoint {path}; hint: `mixc train FILE --out DIR` writes one")
+    info = checkpoint_header(ckpt)
+    plan_path = Path(plan_file) if plan_file is not None else folder / "plan.json"
+    if not plan_path.is_file():
+        raise EvalError(
+            f"no plan for {ckpt}: {plan_path} does not exist; hint: pass --plan PLAN.json "
+            f"(`mixc compile SPEC -o plan.json` with the overrides it was trained with)"
+        )
+    try:
+        plan = Plan.from_json(plan_path.read_text())
+    except Exception as e:  # pydantic's ValidationError, bad JSON
+        raise EvalError(f"{plan_path} is not a mixc plan ({str(e).splitlines()[0]})") from e
+    want = plan.spec_hash or plan.content_hash()
+    if info.get("spec_hash") != want:
+        raise EvalError(
+            f"{ckpt} was written for spec {info.get('spec_name')!r} (hash {info.get('spec_hash')}), but {plan_path} "
+            f"is {plan.name!r} (hash {want}); hint: pass the plan it was trained with (--plan)"
+        )
+    config: dict[str, Any] = {}
+    cfg_path = folder / "config.json"
+    if cfg_path.is_file():
+        try:
+            config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError:
+            config = {}
+    return Run(ckpt, plan, folder, config, int(info.get("epoch", 0)))
+
+
+def checkpoint_header(path: Path) -> dict[str, str]:
+    """A mixc checkpoint's metadata, read from the safetensors header without any framework.
+
+    (safetensors: 8 bytes little-endian header length, then a JSON header whose
+    ``__metadata__`` holds string pairs.)
+    """
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n < 100_000_000:
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise EvalError(f"{path} is not a safetensors file ({e}); hint: name a checkpoint written by mixc") from e
+    meta = header.get("__metadata__") or {} if isinstance(header, dict) else {}
+    if meta.get("format") != "mixc-checkpoint":
+        raise EvalError(f"{path} is a safetensors file but not a mixc checkpoint (no 'mixc-checkpoint' header)")
+    return meta
+
+
+def last_metrics(folder: Path) -> dict[str, Any] | None:
+    """The last line of ``metrics.jsonl`` (the test metrics after the last finished epoch), or None."""
+    path = Path(folder) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    last = None
+    for line in path.read_text().splitlines():
+        try:
+            last = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    return last
+
+
+def resolve_data(run: Run, data: str | None, data_dir: str | None) -> tuple[str, str | None]:
+    """The dataset to evaluate on: ``--data``, else what the run trained on, else the spec's train section."""
+    recipe = run.config.get("recipe") or run.plan.train or {}
+    name = data or recipe.get("data")
+    if not name:
+        raise EvalError(f"{run.label}: no dataset recorded for this run; hint: pass --data (digits, cifar10, ...)")
+    return str(name), data_dir if data_dir is not None else recipe.get("data_dir")
+
+
+def load_test_set(name: str, data_dir: str | None, plan: Plan) -> Dataset:
+    """``load_dataset`` plus the check that its samples and labels fit ``plan`` (DataError otherwise)."""
+    ds = load_dataset(name, data_dir)
+    check_compatible(ds, plan.input_shape, plan.classes)
+    return ds
+
+
+# ---------------------------------------------------------------------------
+# The backend interface
+
+
+def load_predictor(
+    backend: str, plan: Plan, checkpoint: str | os.PathLike, device: str = "cpu", batch_size: int = 500
+) -> Predictor:
+    """A function from model inputs ``[N, ...]`` to member probabilities ``[N, M, classes]``."""
+    from mixc.backends import BackendUnavailable, get_backend
+
+    try:
+        mod = get_backend(backend)
+    except BackendUnavailable as e:
+        raise EvalError(str(e)) from e
+    if backend == "torch":
+        return _torch_predictor(mod, plan, Path(checkpoint), device, batch_size)
+    own = getattr(mod, "load_predictor", None)
+    if own is not None:
+        return _wrap_backend_errors(backend, lambda: own(plan, Path(checkpoint)))()
+    per_call = getattr(mod, "predict_member_probs_from_checkpoint", None)
+    if per_call is None:
+        raise EvalError(
+            f"the {backend} backend is not available in this installation: mixc.backends.{backend} has no "
+            "predict_member_probs_from_checkpoint (nor load_predictor); hint: evaluate with --backend torch "
+            "(checkpoints are shared, so the numbers are the same model's)"
+        )
+    return lambda x: np.asarray(_wrap_backend_errors(backend, lambda: per_call(plan, Path(checkpoint), x))())
+
+
+def _wrap_backend_errors(backend: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Turn a backend's own user-facing errors (a bad checkpoint...) into EvalError; let bugs through."""
+
+    def call() -> Any:
+        try:
+            return fn()
+        except (DataError, EvalError):
+            raise
+        except Exception as e:
+            if type(e).__module__.startswith(f"mixc.backends.{backend}") or "Checkpoint" in type(e).__name__:
+                raise EvalError(f"{backend} backend: {e}") from e
+            raise
+
+    return call
+
+
+def _torch_predictor(mod: Any, plan: Plan, checkpoint: Path, device: str, batch_size: int) -> Predictor:
+    own = getattr(mod, "load_predictor", None)
+    if own is not None:
+        return own(plan, checkpoint, device=device, batch_size=batch_size)
+    import torch
+
+    from mixc.backends.torch.train import predict_member_probs
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise EvalError(f"unknown device {device!r} ({e}); hint: --device cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"device {device!r} asked for, but this torch sees no CUDA GPU; hint: --device cpu")
+    model = mod.build(plan, device=dev)
+    try:
+        mod.load_checkpoint(checkpoint, model, plan)
+    except mod.CheckpointError as e:
+        raise EvalError(str(e)) from e
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
+        return predict_member_probs(model, t, batch=batch_size)
+
+    return predict
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+
+
+def summarise(member_probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """``mixc.metrics.evaluate`` plus the mean member accuracy and the best member."""
+    return {**evaluate(member_probs, labels), **member_summary(member_probs, labels)}
+
+
+def _short(member_probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The ensemble's accuracy, NLL, ECE and Brier, and the mean member accuracy (for corrupted sets)."""
+    ens = np.asarray(member_probs, dtype=np.float64).mean(axis=1)
+    return {
+        "accuracy": accuracy(ens, labels),
+        "nll": nll(ens, labels),
+        "ece": ece(ens, labels),
+        "brier": brier(ens, labels),
+        "mean_member_accuracy": member_summary(member_probs, labels)["mean_member_accuracy"],
+    }
+
+
+_KEYS = ("accuracy", "nll", "ece", "brier", "mean_member_accuracy")
+
+
+def _aggregate(per: dict[str, dict[int, dict[str, float]]], source: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """Means over severities per corruption, over everything overall, and per severity across corruptions."""
+    out: dict[str, Any] = {"source": source, **extra, "corruptions": {}}
+    for name, sev in per.items():
+        out["corruptions"][name] = {
+            **{k: float(np.mean([m[k] for m in sev.values()])) for k in _KEYS},
+            "severities": {str(s): m for s, m in sev.items()},
+        }
+    flat = [m for sev in per.values() for m in sev.values()]
+    out["overall"] = {k: float(np.mean([m[k] for m in flat])) for k in _KEYS} if flat else {}
+    sevs = sorted({s for sev in per.values() for s in sev})
+    out["by_severity"] = {
+        str(s): {k: float(np.mean([sev[s][k] for sev in per.values() if s in sev])) for k in _KEYS} for s in sevs
+    }
+    return out
+
+
+def evaluate_corruptions(
+    predict: Predictor,
+    dataset: Dataset,
+    names: list[str],
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5),
+    seed: int = 0,
+    on_step: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Corrupt ``dataset``'s test images in pixel space (``mixc.corruptions``) and score each set."""
+    from mixc.corruptions import corrupt, pixel_scale
+
+    scale = pixel_scale(dataset)
+    pixels = scale.to_pixels(dataset.x_test)
+    labels = dataset.y_test
+    per: dict[str, dict[int, dict[str, float]]] = {}
+    for name in names:
+        if on_step:
+            on_step(name)
+        xs = [scale.from_pixels(corrupt(pixels, name, s, seed)) for s in severities]
+        probs = predict(np.concatenate(xs))  # one call per corruption: every severity stacked
+        n = len(labels)
+        per[name] = {s: _short(probs[i * n : (i + 1) * n], labels) for i, s in enumerate(severities)}
+    return _aggregate(per, f"mixc.corruptions on {dataset.name}", {"seed": seed, "pixel_scale": scale.how})
+
+
+def evaluate_cifar_c(
+    predict: Predictor,
+    name: str,
+    data_dir: str | None,
+    plan: Plan,
+    names: list[str] | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> tuple[dict[str, Any], Dataset | None]:
+    """Score the published CIFAR-10-C/100-C files; returns the result and the clean dataset if it loaded.
+
+    The files hold pixels; they are normalised like the clean set ``mixc.data``
+    loads (its train split's per-channel mean/std). Without the clean archives
+    the published CIFAR statistics are used instead, and the result says so.
+    """
+    from mixc.corruptions import PixelScale, load_cifar_c, pixel_scale
+
+    cc = load_cifar_c(name, data_dir)
+    if plan.input_shape != [3, 32, 32]:
+        raise DataError(f"{name} holds 3x32x32 images, but {plan.name}'s input is {plan.input_shape}")
+    if int(cc.labels.max()) >= plan.classes:
+        raise DataError(f"{name} holds label {int(cc.labels.max())}, outside {plan.name}'s {plan.classes} classes")
+    clean: Dataset | None
+    try:
+        clean = load_test_set(cc.clean, data_dir, plan)
+        scale = pixel_scale(clean)
+    except DataError:
+        clean = None
+        stats = {
+            "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+            "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+        }[cc.clean]
+        scale = PixelScale(np.array(stats[0]), np.array(stats[1]), f"published {cc.clean} train statistics "
+                           f"(the {cc.clean} archive was not found to compute them)")
+    chosen = names if names is not None else cc.corruptions
+    files = {"jpeg": "jpeg_compression"}
+    per: dict[str, dict[int, dict[str, float]]] = {}
+    for c in chosen:
+        fname = files.get(c, c)
+        if fname not in cc.corruptions:
+            raise DataError(f"{cc.folder} has no {fname}.npy (it has {', '.join(cc.corruptions)})")
+        if on_step:
+            on_step(fname)
+        per[fname] = {}
+        for s, px, y in cc.severities(fname):
+            per[fname][s] = _short(predict(scale.from_pixels(px)), y)
+    return _aggregate(per, f"{cc.folder}", {"pixel_scale": scale.how}), clean
+
+
+def save_eval(folder: Path, result: dict[str, Any]) -> Path:
+    """Keep ``result`` in ``folder/eval.json`` for ``mixc report``; corruption results of the same
+    checkpoint and data survive a later clean-only evaluation."""
+    path = Path(folder) / EVAL_FILE
+    if "corruptions" not in result and path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("corruptions") and old.get("epoch") == result.get("epoch") and old.get("data") == result.get("data"):
+            result = {**result, "corruptions": old["corruptions"]}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path

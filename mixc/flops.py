@@ -1,0 +1,59 @@
+"""Inference cost from a Plan: multiply-accumulates of the weight layers, as the paper's FLOPs column counts.
+
+Only convolutions and linear layers are counted (BatchNorm, activations and
+pooling are a few percent of a ResNet's cost and the paper's ratios ignore
+them). An ensemble runs every member's layers, except that a chain of plain
+layers reading the shared input (e.g. a plain stem) runs once for all members,
+as the generated models do. Composing weights from templates is also left
+out: at inference it is done once, not per sample. So a 4-member
+MixtureEnsemble costs about 4x its backbone, and the paper's thin WRN-28-5 x4
+about 1x a WRN-28-10.
+"""
+
+from __future__ import annotations
+
+import math
+
+from mixc.compiler.plan import Plan
+
+__all__ = ["layer_macs", "backbone_macs", "ensemble_macs", "relative_flops"]
+
+
+def layer_macs(op) -> int:
+    """Multiply-accumulates of one conv/linear op for one sample (0 for other ops)."""
+    if op.kind == "conv":
+        return math.prod(op.out_shape) * (op.in_channels // op.groups) * math.prod(op.kernel)
+    if op.kind == "linear":
+        return op.in_features * op.out_features
+    return 0
+
+
+def backbone_macs(plan: Plan) -> int:
+    """One member's network, every layer once."""
+    return sum(layer_macs(op) for op in plan.ops)
+
+
+def ensemble_macs(plan: Plan) -> int:
+    """All members: per-member layers M times, the shared plain prefix once."""
+    shared: dict[str, bool] = {}
+    total = 0
+    for op in plan.ops:
+        if op.kind == "input":
+            shared[op.name] = True
+            continue
+        inputs_shared = all(shared.get(i, False) for i in op.inputs)
+        if op.kind == "bn":
+            s = False  # every member has its own BatchNorm
+        elif op.kind in ("conv", "linear"):
+            s = inputs_shared and op.source == "plain"
+        else:
+            s = inputs_shared
+        shared[op.name] = s
+        total += layer_macs(op) * (1 if s else plan.members)
+    return total
+
+
+def relative_flops(plan: Plan, reference: Plan | None = None) -> float:
+    """Inference cost of ``plan``'s ensemble relative to one plain ``reference`` backbone (default its own)."""
+    ref = backbone_macs(reference if reference is not None else plan)
+    return ensemble_macs(plan) / ref if ref else float("nan")

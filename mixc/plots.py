@@ -1,0 +1,178 @@
+"""PNG figures for eval, interpolate and sweep: the paper's Figures 3 and 4 and a reliability diagram.
+
+matplotlib is an optional extra (``pip install 'mixc[plot]'``); it is imported
+inside each function with the Agg backend, so figures are written without a
+display and importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["PlotError", "reliability_diagram", "corruption_plot", "interpolation_plot", "sweep_params_plot",
+           "sweep_members_plot"]
+
+
+class PlotError(RuntimeError):
+    """matplotlib is missing (a user-facing error with the install hint)."""
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise PlotError(
+            f"plots need matplotlib, which is not importable here ({e}); hint: pip install 'mixc[plot]'"
+        ) from e
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def reliability_diagram(rel: dict[str, list], ece: float, path: str | Path, title: str) -> Path:
+    """Accuracy against confidence per bin (``mixc.metrics.reliability``), the gap shaded, counts below."""
+    plt = _pyplot()
+    edges = np.asarray(rel["edges"])
+    width = edges[1] - edges[0]
+    centers = edges[:-1] + width / 2
+    acc = np.array([np.nan if a is None else a for a in rel["accuracy"]])
+    conf = np.array([np.nan if c is None else c for c in rel["confidence"]])
+    count = np.asarray(rel["count"])
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.bar(centers, np.nan_to_num(acc), width=width * 0.95, color="tab:blue", alpha=0.8, edgecolor="black",
+           label="accuracy in bin")
+    gap_lo = np.minimum(np.nan_to_num(acc), np.nan_to_num(conf))
+    ax.bar(centers, np.abs(np.nan_to_num(conf) - np.nan_to_num(acc)), bottom=gap_lo, width=width * 0.95,
+           facecolor="none", edgecolor="tab:red", hatch="//", label="gap to mean confidence")
+    ax.plot(conf, acc, "o", color="tab:red", ms=3, label="(mean confidence, accuracy)")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{title}\nECE {ece * 100:.2f}% ({len(centers)} bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    axc.bar(centers, count, width=width * 0.95, color="grey")
+    axc.set_xlabel("confidence (largest mean probability)")
+    axc.set_ylabel("samples")
+    axc.set_xlim(0, 1)
+    return _save(fig, path)
+
+
+def corruption_plot(result: dict[str, Any], clean: dict[str, float] | None, path: str | Path, title: str) -> Path:
+    """Accuracy and NLL against severity: one thin line per corruption, the mean bold, clean at severity 0."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "accuracy", "accuracy (%)"), (axes[1], "nll", "NLL")):
+        scale = 100.0 if key == "accuracy" else 1.0
+        for name, r in result["corruptions"].items():
+            sev = sorted(r["severities"], key=int)
+            xs = [int(s) for s in sev]
+            ys = [r["severities"][s][key] * scale for s in sev]
+            if clean is not None:
+                xs, ys = [0] + xs, [clean[key] * scale] + ys
+            ax.plot(xs, ys, marker=".", lw=1, alpha=0.7, label=name)
+        sev = sorted(result["by_severity"], key=int)
+        xs = [int(s) for s in sev]
+        ys = [result["by_severity"][s][key] * scale for s in sev]
+        if clean is not None:
+            xs, ys = [0] + xs, [clean[key] * scale] + ys
+        ax.plot(xs, ys, "k-o", lw=2.5, label="mean")
+        ax.set_xlabel("severity (0 = clean)" if clean is not None else "severity")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="upper left", ncol=2)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def interpolation_plot(curves: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
+    """The paper's Figure 4: accuracy (and NLL) of the network at each point between two members.
+
+    ``curves``: ``{"label", "t": [...], "accuracy": [...], "nll": [...]}`` per run.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for c in curves:
+        axes[0].plot(c["t"], np.asarray(c["accuracy"]) * 100, marker="o", label=c["label"])
+        axes[1].plot(c["t"], c["nll"], marker="o", label=c["label"])
+    for ax, lab in zip(axes, ("accuracy (%)", "NLL")):
+        ax.set_xlabel("interpolation point t  (0 = member i, 1 = member j)")
+        ax.set_ylabel(lab)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _fmt_params(n: float) -> str:
+    return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}K" if n >= 1e3 else str(int(n))
+
+
+def sweep_params_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
+    """The paper's Figure 3 (left): accuracy and NLL against parameter count, baselines as reference points.
+
+    ``rows``: sweep rows with ``kind`` (ensemble/single/naive), ``members``,
+    ``params``, ``accuracy``, ``nll`` and a ``budget`` label.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    done = [r for r in rows if r.get("accuracy") is not None]
+    ens = [r for r in done if r["kind"] == "ensemble"]
+    for ax, key, label in ((axes[0], "accuracy", "accuracy (%)"), (axes[1], "nll", "NLL")):
+        scale = 100.0 if key == "accuracy" else 1.0
+        for m in sorted({r["members"] for r in ens}):
+            pts = sorted((r for r in ens if r["members"] == m), key=lambda r: r["params"])
+            ax.plot([r["params"] for r in pts], [r[key] * scale for r in pts], "-o", label=f"MixtureEnsemble x{m}")
+            for r in pts:
+                ax.annotate(r["budget"], (r["params"], r[key] * scale), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)
+        for kind, marker, name in (("single", "*", "single network"), ("naive", "s", "naive ensemble")):
+            for r in (r for r in done if r["kind"] == kind):
+                lab = name if kind == "single" else f"{name} x{r['members']}"
+                ax.plot([r["params"]], [r[key] * scale], marker, ms=12, ls="none", label=lab)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        ticks = sorted({r["params"] for r in done})
+        if ticks:
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([_fmt_params(t) for t in ticks], rotation=45, fontsize=7)
+            ax.minorticks_off()
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def sweep_members_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
+    """The paper's Figure 3 (right): accuracy and NLL against the number of members, one line per budget."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ens = [r for r in rows if r["kind"] == "ensemble" and r.get("accuracy") is not None]
+    for ax, key, label in ((axes[0], "accuracy", "accuracy (%)"), (axes[1], "nll", "NLL")):
+        scale = 100.0 if key == "accuracy" else 1.0
+        for b in dict.fromkeys(r["budget"] for r in ens):
+            pts = sorted((r for r in ens if r["budget"] == b), key=lambda r: r["members"])
+            ax.plot([r["members"] for r in pts], [r[key] * scale for r in pts], "-o", label=f"budget {b}")
+        ms = sorted({r["members"] for r in ens})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ms)
+        ax.set_xticklabels([str(m) for m in ms])
+        ax.minorticks_off()
+        ax.set_xlabel("ensemble members")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)

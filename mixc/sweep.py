@@ -1,0 +1,277 @@
+"""Budget and member sweeps: train one spec at many operating points, tabulate, plot (the paper's Figure 3).
+
+A sweep is a list of points, each a set of ``--set`` overrides on one spec:
+``budget=B members=M`` for every budget and member count asked for, plus the
+baselines (``single``: one plain backbone; ``naive``: M plain backbones).
+Every point trains with the spec's own recipe through the torch backend's
+``train`` into ``OUT/<point>/``, an ordinary run folder (``mixc eval``,
+``interpolate`` and ``report`` work on it). A point whose checkpoint already
+reached the target epoch is not trained again; a partly trained one resumes.
+
+Low budgets: when a budget is below the ``by_shape`` minimum (the fixed cost
+plus one template per group), the paper switched to one shared blob (its 7M
+point); with ``fallback="single"`` (the default) a sweep does the same and says
+so in the table. A point that no grouping can fit is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from mixc.compiler.plan import Plan
+
+__all__ = ["SweepError", "Point", "parse_budgets", "parse_members", "plan_points", "run_point", "run_sweep",
+           "write_outputs", "COLUMNS"]
+
+
+class SweepError(RuntimeError):
+    """A user-facing problem with the sweep's options."""
+
+
+@dataclass
+class Point:
+    """One operating point of a sweep."""
+
+    key: str  # folder name under the sweep's folder
+    kind: str  # ensemble | single | naive
+    budget: str  # the budget as given ("0.5x"), "-" for the baselines
+    members: int
+    overrides: list[str]  # on top of the user's --set
+    plan: Plan | None = None
+    note: str = ""
+    error: str | None = None
+    row: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_budgets(text: str | None) -> list[str]:
+    """``0.25x,0.5x,1x`` or ``5M,20M`` -> the budget strings (checked later, by the compiler)."""
+    if not text:
+        return []
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise SweepError(f"--budgets takes a comma-separated list such as 0.25x,0.5x,1x,2x,4x, not {text!r}")
+    return list(dict.fromkeys(items))
+
+
+def parse_members(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        ms = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        ms = []
+    if not ms or any(m < 1 for m in ms):
+        raise SweepError(f"--members takes a comma-separated list of positive counts such as 1,2,4,8, not {text!r}")
+    return list(dict.fromkeys(ms))
+
+
+def _one_line(e: Exception, hint: bool = True) -> str:
+    render = getattr(e, "render", None)
+    text = render() if callable(render) else str(e)
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    first = next((l for l in lines if "error:" in l), lines[0] if lines else str(e))
+    hint = next((l for l in lines if l.startswith("hint:")), "") if hint else ""
+    return (first.split("error:", 1)[-1].strip() + (f" ({hint})" if hint else "")).strip()
+
+
+def plan_points(
+    spec: str, overrides: list[str], budgets: list[str], members: list[int], baselines: list[str],
+    fallback: str = "single",
+) -> list[Point]:
+    """Compile every point (fast, no training), applying the low-budget fallback; errors stay on the point."""
+    import mixc
+    from mixc.spec import SpecError
+
+    base = mixc.compile(spec, overrides)  # a broken spec is the user's error: let SpecError through
+    if base.grouping == "none":
+        raise SweepError(f"{spec} is a naive ensemble (groups none): there is no budget to sweep")
+    ms = members or [base.members]
+    points: list[Point] = []
+    for m in ms:
+        for b in budgets or [None]:
+            label = b if b is not None else f"{base.accounting.budget or base.accounting.total_params:,}"
+            extra = [f"members={m}"] + ([f"budget={b}"] if b is not None else [])
+            key = f"m{m}-b{b}" if b is not None else f"m{m}"
+            points.append(Point(key, "ensemble", label, m, extra))
+    naive_m = ms[0] if len(ms) == 1 else base.members
+    if "single" in baselines:
+        points.append(Point("single", "single", "-", 1, ["members=1", "groups=none"]))
+    if "naive" in baselines:
+        points.append(Point(f"naive-m{naive_m}", "naive", "-", naive_m, [f"members={naive_m}", "groups=none"]))
+    for p in points:
+        try:
+            p.plan = mixc.compile(spec, overrides + p.overrides)
+        except SpecError as e:
+            below = "below the minimum" in e.render()
+            if below and fallback == "single" and p.kind == "ensemble" and base.grouping == "by_shape":
+                try:
+                    p.plan = mixc.compile(spec, overrides + p.overrides + ["groups=single"])
+                    p.overrides = p.overrides + ["groups=single"]
+                    p.note = f"one shared blob (groups single), as the paper at its 7M point: {_one_line(e, False)}"
+                    continue
+                except SpecError as e2:
+                    e = e2
+            p.error = _one_line(e)
+    return points
+
+
+COLUMNS = ["point", "kind", "members", "budget", "grouping", "params", "params_x", "accuracy", "nll", "ece", "brier",
+           "diversity", "mean_member_accuracy", "flops", "epoch", "status", "note", "run"]
+
+
+def _finished(folder: Path, plan: Plan, epochs: int) -> dict[str, Any] | None:
+    """The final metrics of a point already trained to ``epochs`` (same spec), else None."""
+    from mixc.evaluation import EvalError, checkpoint_header, last_metrics
+
+    ckpt = folder / "checkpoint.safetensors"
+    if not ckpt.is_file():
+        return None
+    try:
+        head = checkpoint_header(ckpt)
+    except EvalError:
+        return None
+    if head.get("spec_hash") != (plan.spec_hash or plan.content_hash()) or int(head.get("epoch", 0)) < epochs:
+        return None
+    m = last_metrics(folder)
+    return m if m is not None and m.get("epoch") == int(head["epoch"]) else None
+
+
+def run_point(
+    point: Point, spec: str, overrides: list[str], folder: Path, *, data: Any = None, data_dir: str | None = None,
+    epochs: int | None = None, device: str = "cpu", seed: int | None = None, layout: str = "auto",
+    progress: bool = True,
+) -> tuple[dict[str, Any], str]:
+    """Train (or resume, or reuse) one point; returns its final metrics and what was done."""
+    from mixc.backends.torch.train import train
+    from mixc.compiler.recipe import Recipe
+
+    plan = point.plan
+    recipe = Recipe.model_validate(plan.train or {})
+    target = epochs if epochs is not None else recipe.epochs
+    done = _finished(folder, plan, target)
+    if done is not None:
+        return done, "done before"
+    status = "resumed" if (folder / "checkpoint.safetensors").is_file() else "trained"
+    baseline = point.kind if point.kind in ("single", "naive") else None
+    metrics = train(
+        plan, recipe, out_dir=folder, data=data, data_dir=data_dir, epochs=epochs, device=device, seed=seed,
+        layout=layout, baseline=baseline, progress=progress,
+        config={"file": spec, "overrides": overrides + point.overrides, "backend": "torch", "sweep_point": point.key},
+    )
+    return metrics, status
+
+
+def _row(point: Point, metrics: dict[str, Any] | None, status: str, folder: Path) -> dict[str, Any]:
+    from mixc.flops import relative_flops
+
+    row: dict[str, Any] = {c: None for c in COLUMNS}
+    row.update(point=point.key, kind=point.kind, members=point.members, budget=point.budget, status=status,
+               note=point.error or point.note, run=str(folder))
+    if point.plan is not None:
+        acc = point.plan.accounting
+        row.update(grouping=point.plan.grouping, params=acc.total_params, params_x=acc.total_params / acc.backbone_params,
+                   flops=relative_flops(point.plan))
+    if metrics:
+        accs = metrics.get("member_accuracy") or []
+        row.update(accuracy=metrics["accuracy"], nll=metrics["nll"], ece=metrics["ece"], brier=metrics.get("brier"),
+                   diversity=metrics.get("diversity"), epoch=metrics.get("epoch"),
+                   mean_member_accuracy=sum(accs) / len(accs) if accs else None)
+    return row
+
+
+def run_sweep(
+    spec: str, overrides: list[str], points: list[Point], out: Path, log: Callable[[str], None] = print, **train_kw: Any,
+) -> list[dict[str, Any]]:
+    """Train every feasible point in turn into ``out/<key>``; returns one row per point (failures included).
+
+    ``train_kw`` go to :func:`run_point` (data, data_dir, epochs, device, seed, layout, progress). A data
+    problem stops the sweep (it would fail every point); a problem with one point's folder is recorded and
+    the sweep goes on.
+    """
+    from mixc.backends.torch.train import TrainError
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    n = len(points)
+    for k, p in enumerate(points, 1):
+        folder = out / p.key
+        if p.error:
+            log(f"[{k}/{n}] {p.key}: skipped: {p.error}")
+            rows.append(_row(p, None, "infeasible", folder))
+            continue
+        log(f"[{k}/{n}] {p.key}: {p.kind}, {p.members} member(s), {p.plan.accounting.total_params:,} parameters"
+            + (f"; {p.note}" if p.note else ""))
+        try:
+            metrics, status = run_point(p, spec, overrides, folder, **train_kw)
+        except TrainError as e:
+            p.error = str(e)
+            log(f"[{k}/{n}] {p.key}: failed: {e}")
+            rows.append(_row(p, None, "failed", folder))
+            continue
+        if status == "done before":
+            log(f"[{k}/{n}] {p.key}: already trained to epoch {metrics.get('epoch')}, not trained again")
+        rows.append(_row(p, metrics, status, folder))
+    return rows
+
+
+def _fmt(v: Any, kind: str) -> str:
+    if v is None:
+        return "-"
+    if kind == "pct":
+        return f"{v * 100:.2f}"
+    if kind == "int":
+        return f"{v:,}"
+    if kind == "x":
+        return f"{v:.2f}x"
+    if kind == "f3":
+        return f"{v:.3f}"
+    return str(v)
+
+
+def markdown(rows: list[dict[str, Any]], title: str) -> str:
+    """The sweep table: one line per point, baselines last."""
+    cols = [("point", "point", "s"), ("members", "M", "s"), ("budget", "budget", "s"), ("grouping", "grouping", "s"),
+            ("params", "params", "int"), ("params_x", "x backbone", "x"), ("accuracy", "accuracy (%)", "pct"),
+            ("nll", "NLL", "f3"), ("ece", "ECE (%)", "pct"), ("diversity", "diversity", "f3"),
+            ("mean_member_accuracy", "mean member acc (%)", "pct"), ("flops", "FLOPs", "x"), ("status", "status", "s")]
+    lines = [f"## {title}", "", "| " + " | ".join(h for _, h, _ in cols) + " |",
+             "|" + "|".join("---" if f == "s" else "---:" for _, _, f in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r[c], f) for c, _, f in cols) + " |")
+    notes = [f"- {r['point']}: {r['note']}" for r in rows if r.get("note")]
+    lines += ["", "Accuracy, NLL (of the averaged prediction), ECE (15 bins) and diversity (pairwise disagreement / "
+              "mean member error) on the test set after the last epoch; FLOPs: inference cost relative to one "
+              "plain backbone."]
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(rows: list[dict[str, Any]], out: Path, title: str, plots: bool = True) -> list[Path]:
+    """``sweep.md``, ``sweep.csv``, ``sweep.json`` and the PNGs (``sweep.png``; ``sweep_members.png`` when
+    several member counts were trained)."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    md = out / "sweep.md"
+    md.write_text(markdown(rows, title))
+    written.append(md)
+    path = out / "sweep.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    written.append(path)
+    (out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
+    written.append(out / "sweep.json")
+    if plots and any(r["accuracy"] is not None for r in rows):
+        from mixc.plots import sweep_members_plot, sweep_params_plot
+
+        written.append(sweep_params_plot(rows, out / "sweep.png", title))
+        ens_members = {r["members"] for r in rows if r["kind"] == "ensemble" and r["accuracy"] is not None}
+        if len(ens_members) > 1:
+            written.append(sweep_members_plot(rows, out / "sweep_members.png", title))
+    return written

@@ -1,0 +1,251 @@
+"""mixc eval / interpolate / report on a tiny trained run; metrics worked out by hand; FLOPs."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mixc.metrics import ece, member_summary, reliability
+
+PNG = b"\x89PNG\r\n\x1a\n"
+TINY = ["--set", "backbone.width=8", "--set", "members=2"]
+
+
+def generated_npz(path, n_train=256, n_test=64, seed=0):
+    """8x8 one-channel images in [0, 1]: class c lights row c % 8 (and column c - 8 for c >= 8)."""
+    rng = np.random.default_rng(seed)
+
+    def make(n):
+        y = rng.integers(0, 10, n)
+        x = rng.random((n, 1, 8, 8)).astype(np.float32) * 0.3
+        for i, c in enumerate(y):
+            x[i, 0, c % 8, :] += 0.7
+            if c >= 8:
+                x[i, 0, :, c - 8] += 0.7
+        return np.clip(x, 0, 1), y
+
+    xtr, ytr = make(n_train)
+    xte, yte = make(n_test)
+    np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Metrics by hand (mixc.metrics' own tests cover ece/nll/diversity; these cover the additions)
+
+
+def test_reliability_bins_by_hand_and_agree_with_ece():
+    edge = np.linspace(0, 1, 16)[10]  # 10/15: closes bin 9
+    p = np.array([[0.7, 0.3], [0.7, 0.3], [0.05, 0.95], [edge, 1 - edge], [0.5, 0.5]])
+    y = np.array([0, 1, 1, 0, 1])
+    r = reliability(p, y)
+    assert len(r["edges"]) == 16 and len(r["count"]) == 15
+    assert r["count"][10] == 2 and r["accuracy"][10] == 0.5 and r["confidence"][10] == pytest.approx(0.7)
+    assert r["count"][9] == 1 and r["accuracy"][9] == 1.0  # the edge sample falls in (9/15, 10/15]
+    assert r["count"][14] == 1 and r["confidence"][14] == pytest.approx(0.95)
+    assert r["count"][7] == 1 and r["accuracy"][7] == 0.0  # 0.5 in (7/15, 8/15]; argmax 0 is wrong
+    assert sum(r["count"]) == 5
+    empty = [b for b in range(15) if b not in (7, 9, 10, 14)]
+    assert all(r["count"][b] == 0 and r["accuracy"][b] is None and r["confidence"][b] is None for b in empty)
+    from_bins = sum(c / 5 * abs(a - f) for c, a, f in zip(r["count"], r["accuracy"], r["confidence"]) if c)
+    assert from_bins == pytest.approx(ece(p, y), abs=1e-12)
+
+
+def test_member_summary_and_diversity_normalisation_by_hand():
+    from mixc.evaluation import summarise
+
+    # 3 members, 4 samples, 2 classes; labels all 0. Predicted classes:
+    #   m0: 0 0 0 1 (1 error), m1: 0 1 1 1 (3 errors), m2: 0 0 0 0 (0 errors)
+    preds = np.array([[0, 0, 0, 1], [0, 1, 1, 1], [0, 0, 0, 0]]).T  # [N, M]
+    probs = np.where(preds[..., None] == np.arange(2), 0.8, 0.2)  # [N, M, 2]
+    y = np.zeros(4, int)
+    s = summarise(probs, y)
+    # pair disagreements: (0,1) 2/4, (0,2) 1/4, (1,2) 3/4 -> mean 0.5; mean member error 4/12 -> diversity 1.5
+    assert s["disagreement"] == pytest.approx(0.5)
+    assert s["diversity"] == pytest.approx(0.5 / (4 / 12))
+    assert s["mean_member_accuracy"] == pytest.approx(8 / 12)
+    assert s["best_member"] == 2 and s["best_member_accuracy"] == 1.0
+    assert s["best_member_nll"] == pytest.approx(-math.log(0.8))
+    # the ensemble's NLL is of the averaged probabilities: sample 1 averages 0.8, 0.2, 0.8 -> 0.6
+    p_true = np.array([0.8, 0.6, 0.6, 0.4])
+    assert s["nll"] == pytest.approx(-np.mean(np.log(p_true)))
+    assert member_summary(probs[:, :1], y)["best_member"] == 0
+
+
+def test_flops_relative_to_one_backbone():
+    import mixc
+    from mixc.flops import backbone_macs, ensemble_macs, relative_flops
+
+    ens = mixc.compile("digits")
+    naive = mixc.compile("digits", ["groups=none"])
+    single = mixc.compile("digits", ["members=1", "groups=none"])
+    assert relative_flops(single) == 1.0
+    assert relative_flops(naive) == 4.0
+    stem = next(op for op in ens.ops if op.name == "stem")
+    assert stem.source == "plain"  # the plain stem reads the shared input: it runs once
+    assert ensemble_macs(ens) == 4 * backbone_macs(ens) - 3 * (64 * 32 * 9)
+    # the paper's thin WRN-28-5 x4 costs about one WRN-28-10 (its Table 2 "1x")
+    thin = mixc.compile("wrn28_5")
+    assert relative_flops(thin, mixc.compile("wrn28_10", ["members=1", "groups=none"])) == pytest.approx(1.0, abs=0.01)
+    assert backbone_macs(mixc.compile("wrn28_10", ["members=1", "groups=none"])) == pytest.approx(5.25e9, rel=0.01)
+
+
+# ---------------------------------------------------------------------------
+# A tiny trained run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    pytest.importorskip("torch")
+    from mixc.cli import main
+
+    root = tmp_path_factory.mktemp("eval")
+    npz = generated_npz(root / "gen.npz")
+    run = root / "run"
+    rc = main(["train", "digits", "--data", str(npz), "--epochs", "2", "--out", str(run), "--no-progress",
+               "--set", "train.batch=32", *TINY])
+    assert rc == 0
+    return run, npz
+
+
+def _cli(capsys, *argv):
+    from mixc.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_eval_json_matches_training_metrics_and_saves_predictions(trained, capsys, tmp_path):
+    run, npz = trained
+    pred = tmp_path / "p.npz"
+    rc, out, err = _cli(capsys, "eval", run, "--json", "--save-predictions", pred, "--plot", tmp_path)
+    assert rc == 0, err
+    r = json.loads(out)
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    c = r["clean"]
+    assert c["accuracy"] == pytest.approx(last["accuracy"]) and c["nll"] == pytest.approx(last["nll"], rel=1e-5)
+    assert c["diversity"] == pytest.approx(last["diversity"])
+    assert {"brier", "member_accuracy", "member_nll", "mean_member_accuracy", "best_member"} <= set(c)
+    assert r["members"] == 2 and r["epoch"] == 2 and r["samples"] == 64
+    with np.load(pred) as z:
+        assert z["member_probs"].shape == (64, 2, 10) and z["labels"].shape == (64,)
+        np.testing.assert_allclose(z["member_probs"].sum(-1), 1.0, atol=1e-5)
+    assert (tmp_path / "reliability.png").read_bytes()[:8] == PNG
+    assert json.loads((run / "eval.json").read_text())["clean"]["accuracy"] == c["accuracy"]
+    import matplotlib
+
+    assert matplotlib.get_backend().lower() == "agg"
+
+
+def test_eval_tables_with_corruptions_and_plot(trained, capsys, tmp_path):
+    run, _ = trained
+    rc, out, err = _cli(capsys, "eval", run, "--corruptions", "contrast,jpeg", "--severities", "1,5", "--plot", tmp_path)
+    assert rc == 0, err
+    assert "ensemble" in out and "member 1" in out and "diversity" in out
+    assert "contrast" in out and "jpeg" in out and "mean" in out
+    assert (tmp_path / "corruptions.png").read_bytes()[:8] == PNG
+    ev = json.loads((run / "eval.json").read_text())
+    assert set(ev["corruptions"]["corruptions"]) == {"contrast", "jpeg"}
+    assert set(ev["corruptions"]["corruptions"]["jpeg"]["severities"]) == {"1", "5"}
+    assert ev["corruptions"]["pixel_scale"] == "stored as pixels in [0, 1]"
+    # a second clean-only eval keeps the corruption results of the same checkpoint for `mixc report`
+    assert _cli(capsys, "eval", run)[0] == 0
+    assert "corruptions" in json.loads((run / "eval.json").read_text())
+
+
+def test_eval_of_a_checkpoint_file_and_clear_errors(trained, capsys, tmp_path):
+    run, npz = trained
+    rc, out, err = _cli(capsys, "eval", run / "checkpoint.safetensors", "--json", "--no-save")
+    assert rc == 0 and json.loads(out)["clean"]["samples"] == 64
+    # a checkpoint moved away from its plan
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes((run / "checkpoint.safetensors").read_bytes())
+    rc, out, err = _cli(capsys, "eval", lone)
+    assert rc == 1 and "no plan" in err and "--plan" in err and "Traceback" not in err
+    rc, out, err = _cli(capsys, "eval", lone, "--plan", run / "plan.json", "--json", "--no-save")
+    assert rc == 0
+    rc, out, err = _cli(capsys, "eval", tmp_path / "nope")
+    assert rc == 1 and "no run folder or checkpoint" in err
+    rc, out, err = _cli(capsys, "eval", tmp_path)
+    assert rc == 1 and "holds no checkpoint.safetensors" in err
+    not_ckpt = tmp_path / "x.safetensors"
+    not_ckpt.write_bytes(b"garbage!")
+    assert "not a safetensors file" in _cli(capsys, "eval", not_ckpt)[2]
+    # data that do not fit the model: exit 2, the shapes named
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x_train=np.zeros((4, 3, 8, 8)), y_train=np.zeros(4, int), x_test=np.zeros((4, 3, 8, 8)),
+             y_test=np.zeros(4, int))
+    rc, out, err = _cli(capsys, "eval", run, "--data", bad)
+    assert rc == 2 and "[3, 8, 8]" in err
+    rc, out, err = _cli(capsys, "eval", run, "--corruptions", "fog")
+    assert rc == 2 and "unknown corruption" in err
+    rc, out, err = _cli(capsys, "eval", run, "--data", "cifar100c", "--data-dir", tmp_path)
+    assert rc == 2 and "CIFAR-100-C" in err
+
+
+def test_eval_flax_backend_is_clear_when_missing(trained, capsys):
+    import importlib
+
+    try:
+        flax_backend = importlib.import_module("mixc.backends.flax")
+    except ImportError:
+        flax_backend = None
+    if flax_backend is not None and (hasattr(flax_backend, "predict_member_probs_from_checkpoint")
+                                     or hasattr(flax_backend, "load_predictor")):
+        pytest.skip("the flax backend exists here")
+    run, _ = trained
+    rc, out, err = _cli(capsys, "eval", run, "--backend", "flax")
+    assert rc == 1 and "flax" in err and "--backend torch" in err and "Traceback" not in err
+
+
+def test_interpolation_ends_are_the_members(trained):
+    import torch
+
+    from mixc.data import load_dataset
+    from mixc.evaluation import load_predictor, open_run
+    from mixc.interpolation import Interpolator
+
+    run, npz = trained
+    r = open_run(run)
+    ds = load_dataset(str(npz))
+    probs = load_predictor("torch", r.plan, r.checkpoint)(ds.x_test)
+    it = Interpolator(r)
+    assert it.plan.members == 1 and it.plan.grouping == "none"
+    for i, j, t, m in ((0, 1, 0.0, 0), (0, 1, 1.0, 1)):
+        it.set_point(i, j, t)
+        it.model.eval()
+        with torch.no_grad():
+            q = torch.softmax(it.model(torch.from_numpy(ds.x_test))[:, 0], -1).numpy()
+        np.testing.assert_allclose(q, probs[:, m], atol=1e-5)
+
+
+def test_interpolate_command_writes_csv_and_png(trained, capsys, tmp_path):
+    run, _ = trained
+    rc, out, err = _cli(capsys, "interpolate", run, run, "--members", "1", "0", "--points", "3", "--labels", "a,b",
+                        "--out", tmp_path)
+    assert rc == 0, err
+    rows = (tmp_path / "interpolation.csv").read_text().splitlines()
+    assert rows[0].startswith("run,label,params,member_i,member_j,bn,t,accuracy")
+    assert len(rows) == 1 + 2 * 3 and ",0.5000," in rows[2]
+    assert (tmp_path / "interpolation.png").read_bytes()[:8] == PNG
+    assert "members (eval BN)" in out
+    rc, out, err = _cli(capsys, "interpolate", run, "--members", "0", "5")
+    assert rc == 1 and "member 5 does not exist" in err
+    rc, out, err = _cli(capsys, "interpolate", run, "--points", "1")
+    assert rc == 1 and "--points" in err
+
+
+def test_report_table(trained, capsys, tmp_path):
+    run, _ = trained
+    rc, out, err = _cli(capsys, "report", run, "--labels", "mine", "--csv", tmp_path / "r.csv", "--out", tmp_path / "r.md")
+    assert rc == 0, err
+    assert out.startswith("| Method | Params | Accuracy | NLL | ECE |")
+    assert "| mine |" in out and "FLOPs" in out and "x |" in out
+    assert (tmp_path / "r.md").read_text() == out
+    assert (tmp_path / "r.csv").read_text().startswith("run,method,params")
+    rc, out, err = _cli(capsys, "report", run, "--labels", "a,b")
+    assert rc == 1 and "--labels" in err
+    rc, out, err = _cli(capsys, "report", tmp_path)
+    assert rc == 1 and "holds no checkpoint" in err

@@ -1,0 +1,102 @@
+"""mixc sweep: points, the low-budget fallback, a tiny end-to-end sweep that resumes, the plots."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from mixc.sweep import SweepError, parse_budgets, parse_members, plan_points
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_parse_options():
+    assert parse_budgets("0.25x, 0.5x,0.5x,20M") == ["0.25x", "0.5x", "20M"]
+    assert parse_budgets(None) == []
+    assert parse_members("1,2,4,8") == [1, 2, 4, 8]
+    for bad in ("0,2", "two", ","):
+        with pytest.raises(SweepError):
+            parse_members(bad)
+
+
+def test_points_fallback_and_infeasible():
+    pts = plan_points("digits", [], ["0.2x", "0.4x", "1x"], [], ["single", "naive"])
+    by = {p.key: p for p in pts}
+    assert list(by) == ["m4-b0.2x", "m4-b0.4x", "m4-b1x", "single", "naive-m4"]
+    assert by["m4-b0.2x"].error and "minimum" in by["m4-b0.2x"].error and by["m4-b0.2x"].plan is None
+    fb = by["m4-b0.4x"]  # below the by_shape minimum 70,854 but fits one blob (61,686)
+    assert fb.error is None and fb.plan.grouping == "single" and "groups single" in fb.note
+    assert fb.overrides[-1] == "groups=single"
+    assert by["m4-b1x"].plan.grouping == "by_shape"
+    assert by["single"].plan.members == 1 and by["single"].plan.grouping == "none"
+    assert by["naive-m4"].plan.members == 4 and by["naive-m4"].plan.grouping == "none"
+    strict = plan_points("digits", [], ["0.4x"], [], [], fallback="none")
+    assert strict[0].error and strict[0].plan is None
+    grid = plan_points("digits", [], ["1x", "2x"], [2, 4], ["naive"])
+    assert [p.key for p in grid] == ["m2-b1x", "m2-b2x", "m4-b1x", "m4-b2x", "naive-m4"]  # naive: the spec's M
+
+
+def test_tiny_sweep_end_to_end_and_resumes(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from test_eval import generated_npz
+
+    from mixc.cli import main
+
+    npz = generated_npz(tmp_path / "gen.npz", n_train=192, n_test=48)
+    out = tmp_path / "sweep"
+    argv = ["sweep", "digits", "--budgets", "1x,2x", "--baselines", "single", "--data", str(npz), "--epochs", "1",
+            "--set", "backbone.width=8", "--set", "members=2", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "| point |" in first
+    for f in ("sweep.md", "sweep.csv", "sweep.json", "sweep.png"):
+        assert (out / f).is_file()
+    assert (out / "sweep.png").read_bytes()[:8] == PNG
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [r["point"] for r in rows] == ["m2-b1x", "m2-b2x", "single"]
+    assert all(r["status"] == "trained" and 0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
+    assert int(rows[1]["params"]) > int(rows[0]["params"])  # 2x holds more templates than 1x
+    assert rows[0]["diversity"] and not rows[2]["diversity"]  # a single network has no pairs
+    cfg = json.loads((out / "m2-b2x" / "config.json").read_text())["options"]
+    assert cfg["overrides"][-1] == "budget=2x" and cfg["file"] == "digits"
+    stamp = (out / "m2-b1x" / "checkpoint.safetensors").stat().st_mtime_ns
+    # Again: nothing is trained, the same table comes back.
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert again.count("not trained again") == 3
+    assert (out / "m2-b1x" / "checkpoint.safetensors").stat().st_mtime_ns == stamp
+    rows2 = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [r["accuracy"] for r in rows2] == [r["accuracy"] for r in rows]
+    # the points are ordinary runs: report reads them
+    assert main(["report", str(out / "m2-b1x"), str(out / "single")]) == 0
+    assert "Single network (baseline)" in capsys.readouterr().out
+
+
+def test_sweep_errors_are_clear(tmp_path, capsys):
+    from mixc.cli import main
+
+    assert main(["sweep", "digits", "--budgets", "0.1x", "--out", str(tmp_path / "s")]) == 1
+    assert "no point of the sweep can be compiled" in capsys.readouterr().err
+    assert main(["sweep", "digits", "--baselines", "ensemble"]) == 1
+    assert "--baselines" in capsys.readouterr().err
+    assert main(["sweep", "digits", "--members", "0"]) == 1
+    assert main(["sweep", "digits", "--set", "groups=none"]) == 1
+    assert "naive ensemble" in capsys.readouterr().err
+
+
+def test_members_and_params_plots(tmp_path):
+    from mixc.plots import sweep_members_plot, sweep_params_plot
+
+    rows = []
+    for b, p in (("0.5x", 80_000), ("1x", 160_000)):
+        for m, a in ((1, 0.90), (2, 0.93), (4, 0.95)):
+            rows.append({"kind": "ensemble", "budget": b, "members": m, "params": p + m, "accuracy": a - 0.01 * (b == "0.5x"),
+                         "nll": 1 - a})
+    rows += [{"kind": "single", "budget": "-", "members": 1, "params": 170_000, "accuracy": 0.9, "nll": 0.3},
+             {"kind": "naive", "budget": "-", "members": 4, "params": 680_000, "accuracy": 0.96, "nll": 0.1},
+             {"kind": "ensemble", "budget": "0.1x", "members": 4, "params": None, "accuracy": None, "nll": None}]
+    a = sweep_params_plot(rows, tmp_path / "p.png", "t")
+    b = sweep_members_plot(rows, tmp_path / "m.png", "t")
+    assert a.read_bytes()[:8] == PNG and b.read_bytes()[:8] == PNG
+    assert np.isfinite([r["accuracy"] for r in rows if r["accuracy"] is not None]).all()
