@@ -118,3 +118,20 @@ def test_extra_may_not_shadow_plan_tensors(tmp_path):
     model = _model(plan)
     with pytest.raises(ValueError, match="collides"):
         save_checkpoint(tmp_path / "ck", model, plan, 0, extra={"bank.g0": torch.zeros(1)})
+
+
+def test_compiled_spec_round_trip_through_the_api(tmp_path):
+    import mixc
+
+    plan = mixc.compile("zoo/digits.mix")
+    torch.manual_seed(0)
+    a = mixc.build(plan, layout="loop")  # the public API reaches this backend
+    path = save_checkpoint(tmp_path / "digits.safetensors", a, plan, epoch=30)
+    b = _model(plan, seed=5)
+    assert load_checkpoint(path, b, plan)[0] == 30
+    a.eval(), b.eval()
+    x = torch.randn(2, *plan.input_shape)
+    assert torch.equal(a(x), b(x))
+    other = mixc.compile("zoo/digits.mix", overrides=["members=2"])
+    with pytest.raises(CheckpointError, match=other.spec_hash):
+        load_checkpoint(path, _model(other), other)
