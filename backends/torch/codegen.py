@@ -353,6 +353,11 @@ PyTorch's usual init (kaiming normal for conv), BatchNorm weight 1, bias 0.
         ]
         lines += self.declarations()
         lines += ["        self.reset_parameters()", ""]
+        lines += [
+            "    def extra_repr(self) -> str:",
+            '        return f"spec={SPEC_NAME}, members={MEMBERS}, layout={self.layout}, channels_last={self.channels_last}"',
+            "",
+        ]
         lines += self.reset_parameters()
         lines += [""] + self.compose()
         lines += [""] + self.forward()

@@ -126,6 +126,9 @@ class Tiny(nn.Module):
         )
         self.reset_parameters()
 
+    def extra_repr(self) -> str:
+        return f"spec={SPEC_NAME}, members={MEMBERS}, layout={self.layout}, channels_last={self.channels_last}"
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Initialise as the module docstring says (uses the global torch RNG)."""
