@@ -37,7 +37,7 @@ def _grammar() -> lark.Lark:
     return lark.Lark(grammar_text(), parser="lalr", start="start")
 
 
-@settings(max_examples=150 * SCALE)
+@settings(max_examples=80 * SCALE)
 @given(st.data())
 def test_strings_from_the_grammar(data):
     text = data.draw(from_lark(_grammar()))
