@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
 
 import handmade_plans as hp
 from strategies import specs
 from torch_reference import reference_forward
 
+import mixc
 from mixc.backends.torch import build, emit_source, ensemble_probs, named_plan_tensors, write
+from mixc.spec import SpecError
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -196,10 +199,6 @@ def test_written_file_is_what_runs(tmp_path):
 # ---------------------------------------------------------------------------
 # Compiled specs: the zoo and generated backbones
 
-from hypothesis import assume, given, settings  # noqa: E402
-
-import mixc  # noqa: E402
-from mixc.spec import SpecError  # noqa: E402
 
 ZOO = sorted(p.stem for p in (Path(__file__).parents[1] / "zoo").glob("*.mix"))
 

@@ -15,7 +15,7 @@ import json
 import keyword
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import PurePath
 
 from mixc.compiler.plan import PLAN_VERSION, ConvOp, LinearOp, Plan, Slot, Tensor
@@ -149,14 +149,6 @@ class _Val:
     var: str
     shared: bool  # identical for every member (computed once)
     ndim: int  # dims without batch
-
-
-@dataclass
-class _Section:
-    """Straight-line statements with ``del`` after each value's last use."""
-
-    indent: str
-    lines: list[str] = field(default_factory=list)
 
 
 class _Emitter:
