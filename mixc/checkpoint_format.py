@@ -1,0 +1,205 @@
+"""The mixc checkpoint format, framework-neutral: every backend reads every other backend's files.
+
+A checkpoint is one safetensors file. It holds the bank form of the model
+(templates, alphas, plain weights, BatchNorm parameters and running
+statistics) under the plan's tensor names, in the plan's (PyTorch) layout, as
+float32; extra tensors (optimiser state, by convention ``optim.<...>``) sit
+beside them. The header records the format, the spec's name and hash, the plan
+version, the epoch, and the caller's metadata as JSON. Files are written to a
+temporary file in the same folder, fsynced and moved into place with
+``os.replace``, so a crash never leaves a half-written checkpoint.
+
+The backends (``backends/torch/checkpoint.py``, ``backends/flax/checkpoint.py``)
+convert their model's tensors to and from this format; the checks and messages
+live here once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from mixc.compiler.plan import Plan
+
+FORMAT = "mixc-checkpoint"
+FORMAT_VERSION = "1"
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "spec_hash",
+    "header",
+    "check_model_tensors",
+    "check_extra_names",
+    "write_atomic",
+    "save_arrays",
+    "read_info",
+    "check_spec",
+    "read_tensors",
+]
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be loaded into this model (other spec, missing or misshapen tensors)."""
+
+
+def spec_hash(plan: Plan) -> str:
+    return plan.spec_hash or plan.content_hash()
+
+
+def header(plan: Plan, epoch: int, metadata: dict[str, str] | None = None) -> dict[str, str]:
+    """The safetensors header of a checkpoint of ``plan`` after ``epoch`` epochs."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "spec_name": plan.name,
+        "spec_hash": spec_hash(plan),
+        "plan_version": str(plan.version),
+        "epoch": str(int(epoch)),
+        "metadata": json.dumps(metadata or {}, sort_keys=True),
+    }
+
+
+def check_model_tensors(shapes: dict[str, Iterable[int]], plan: Plan) -> None:
+    """Before saving: the model's tensors are exactly the plan's, with the plan's shapes."""
+    expected = {t.name: t.shape for t in plan.tensors}
+    if set(shapes) != set(expected):
+        raise CheckpointError(
+            f"the model's tensors do not match plan {plan.name!r} ({spec_hash(plan)}); "
+            "hint: save with the plan the model was built from"
+        )
+    for name, shape in shapes.items():
+        if list(shape) != expected[name]:
+            raise CheckpointError(f"tensor {name!r} has shape {list(shape)}, the plan says {expected[name]}")
+
+
+def check_extra_names(extra: Iterable[str], plan: Plan) -> None:
+    names = {t.name for t in plan.tensors}
+    for name in extra:
+        if name in names:
+            raise ValueError(f"extra tensor {name!r} collides with a plan tensor; prefix it, e.g. 'optim.'")
+
+
+def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, move it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_arrays(
+    path: str | Path,
+    tensors: dict[str, np.ndarray],
+    plan: Plan,
+    epoch: int,
+    extra: dict[str, np.ndarray] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write numpy ``tensors`` (plan name -> array, cast to float32) and ``extra`` atomically."""
+    from safetensors.numpy import save_file
+
+    out = {name: np.ascontiguousarray(np.asarray(a, dtype=np.float32)) for name, a in tensors.items()}
+    check_model_tensors({k: v.shape for k, v in out.items()}, plan)
+    extra = extra or {}
+    check_extra_names(extra, plan)
+    out.update({name: np.ascontiguousarray(np.asarray(a)) for name, a in extra.items()})
+    head = header(plan, epoch, metadata)
+    return write_atomic(path, lambda tmp: save_file(out, tmp, metadata=head))
+
+
+def read_info(path: str | Path) -> dict[str, str]:
+    """The checkpoint's header (spec_name, spec_hash, epoch, metadata JSON...) without loading tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{str(path)!r} is not a safetensors file ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is a safetensors file but not a mixc checkpoint (no {FORMAT!r} header)")
+    return meta
+
+
+def check_spec(meta: dict[str, str], plan: Plan, path: str | Path, model_hash: str | None = None) -> None:
+    """Refuse a checkpoint of another spec, or a model built from another plan, naming both."""
+    want_name, want_hash = plan.name, spec_hash(plan)
+    got_name, got_hash = meta.get("spec_name", "?"), meta.get("spec_hash", "?")
+    if got_hash != want_hash:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was written for spec {got_name!r} (hash {got_hash}), but this model is "
+            f"spec {want_name!r} (hash {want_hash}). The hash covers everything that shapes the tensors "
+            "(backbone, members, budget, grouping, template assignment), so the tensors would not line up. "
+            f"Hint: load it with the spec it was trained from (compile {got_name!r} with the same overrides), "
+            "or start a fresh run for this spec."
+        )
+    if model_hash is not None and model_hash != want_hash:
+        raise CheckpointError(
+            f"the model was built from spec hash {model_hash}, not from plan {want_name!r} ({want_hash}); "
+            "hint: pass the plan the model was built from"
+        )
+
+
+def read_tensors(
+    path: str | Path, plan: Plan, framework: str = "numpy"
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """(plan tensors, extra tensors, header) of a checkpoint already checked with ``check_spec``.
+
+    ``framework`` is safetensors' (``numpy``, ``pt``...). Raises ``CheckpointError``
+    naming missing and misshapen tensors.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    meta = read_info(path)
+    with safe_open(str(path), framework=framework) as f:
+        names = set(f.keys())
+        missing = [t.name for t in plan.tensors if t.name not in names]
+        wrong = []
+        for t in plan.tensors:
+            if t.name in names:
+                shape = list(f.get_slice(t.name).get_shape())
+                if shape != t.shape:
+                    wrong.append(f"{t.name} {shape} (expected {t.shape})")
+        if missing or wrong:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+            if wrong:
+                parts.append(f"misshapen: {'; '.join(wrong[:5])}" + (" ..." if len(wrong) > 5 else ""))
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} for spec {meta.get('spec_name', '?')!r} (hash {meta.get('spec_hash', '?')}) "
+                f"does not hold this plan's tensors: {'; '.join(parts)}. Hint: the file was written by an "
+                "incompatible version or edited; re-save it from a model built with this plan."
+            )
+        loaded = {t.name: f.get_tensor(t.name) for t in plan.tensors}
+        extra = {name: f.get_tensor(name) for name in sorted(names - set(loaded))}
+    return loaded, extra, meta
+
+
+def epoch_and_metadata(meta: dict[str, str]) -> tuple[int, dict[str, str]]:
+    """The epoch and the caller's metadata dict from a header."""
+    return int(meta.get("epoch", "0")), json.loads(meta.get("metadata", "{}"))
