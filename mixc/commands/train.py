@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train one plain backbone (single) or M independent ones (naive) instead")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec setting, e.g. --set members=2 --set train.optimizer.lr=0.05 (repeatable)")
-    parser.add_argument("--backend", choices=["torch"], default="torch", help="the framework to train with")
+    parser.add_argument("--backend", choices=["torch", "flax"], default="torch",
+                        help="the framework to train with (flax: data parallel over every local device of --device)")
     parser.add_argument("--no-progress", action="store_true", help="plain lines instead of a progress bar")
 
 
@@ -112,7 +113,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         get_backend(args.backend)
-        from mixc.backends.torch.train import TrainError, train
+        if args.backend == "flax":
+            from mixc.backends.flax.train import TrainError, train
+        else:
+            from mixc.backends.torch.train import TrainError, train
     except BackendUnavailable as e:
         _error(str(e))
         return 1
