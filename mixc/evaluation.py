@@ -130,6 +130,8 @@ def open_run(target: str | os.PathLike, plan_file: str | os.PathLike | None = No
             config = json.loads(cfg_path.read_text())
         except json.JSONDecodeError:
             config = {}
+        if (config.get("options") or {}).get("spec_hash", want) != want:
+            config = {}  # another run's settings (a checkpoint copied beside them): not this one's
     return Run(ckpt, plan, folder, config, int(info.get("epoch", 0)))
 
 

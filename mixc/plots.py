@@ -142,10 +142,12 @@ def sweep_params_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: s
                 lab = name if kind == "single" else f"{name} x{r['members']}"
                 ax.plot([r["params"]], [r[key] * scale], marker, ms=12, ls="none", label=lab)
         ax.set_xscale("log")
+        ax.margins(x=0.06, y=0.12)  # keep the big baseline markers inside the axes
         ax.set_xlabel("parameters")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
-        ticks = sorted({r["params"] for r in done})
+        ticks = sorted({r["params"] for r in ens}) or sorted({r["params"] for r in done})
+        ticks = [t for k, t in enumerate(ticks) if k == 0 or t / ticks[k - 1] > 1.15]  # labels must not collide
         if ticks:
             ax.set_xticks(ticks)
             ax.set_xticklabels([_fmt_params(t) for t in ticks], rotation=45, fontsize=7)

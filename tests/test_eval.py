@@ -103,7 +103,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     npz = generated_npz(root / "gen.npz")
     run = root / "run"
-    rc = main(["train", "digits", "--data", str(npz), "--epochs", "2", "--out", str(run), "--no-progress",
+    rc = main(["train", "digits", "--data", str(npz), "--epochs", "1", "--out", str(run), "--no-progress",
                "--set", "train.batch=32", *TINY])
     assert rc == 0
     return run, npz
@@ -128,7 +128,7 @@ def test_eval_json_matches_training_metrics_and_saves_predictions(trained, capsy
     assert c["accuracy"] == pytest.approx(last["accuracy"]) and c["nll"] == pytest.approx(last["nll"], rel=1e-5)
     assert c["diversity"] == pytest.approx(last["diversity"])
     assert {"brier", "member_accuracy", "member_nll", "mean_member_accuracy", "best_member"} <= set(c)
-    assert r["members"] == 2 and r["epoch"] == 2 and r["samples"] == 64
+    assert r["members"] == 2 and r["epoch"] == 1 and r["samples"] == 64
     with np.load(pred) as z:
         assert z["member_probs"].shape == (64, 2, 10) and z["labels"].shape == (64,)
         np.testing.assert_allclose(z["member_probs"].sum(-1), 1.0, atol=1e-5)
@@ -249,3 +249,65 @@ def test_report_table(trained, capsys, tmp_path):
     assert rc == 1 and "--labels" in err
     rc, out, err = _cli(capsys, "report", tmp_path)
     assert rc == 1 and "holds no checkpoint" in err
+
+
+TINY_32 = """
+backbone tiny(classes = 10) {
+    input image(3, 32, 32)
+    conv stem(4, kernel = 3, stride = 4)
+    bn; relu
+    conv c1(4, kernel = 3)
+    bn; relu
+    conv c2(4, kernel = 3)
+    bn; relu
+    global_avgpool
+    linear fc(classes)
+}
+
+ensemble {
+    backbone tiny(classes = 10)
+    members 2
+    budget 1.0x
+    groups by_shape
+    templates_per_layer 2
+    assign shared
+}
+
+train {
+    data digits
+    epochs 1
+    batch 16
+    optimizer sgd(lr = 0.05)
+    schedule constant
+}
+"""
+
+
+def test_eval_on_published_cifar_c_files(tmp_path, capsys):
+    """--data cifar10c reads <corruption>.npy + labels.npy; without the clean archive, published statistics."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    spec = tmp_path / "tiny.mix"
+    spec.write_text(TINY_32)
+    npz = tmp_path / "c.npz"
+    np.savez(npz, x_train=rng.random((32, 3, 32, 32), dtype=np.float32), y_train=rng.integers(0, 10, 32),
+             x_test=rng.random((8, 3, 32, 32), dtype=np.float32), y_test=rng.integers(0, 10, 8))
+    run = tmp_path / "run"
+    rc, _, err = _cli(capsys, "train", spec, "--data", npz, "--out", run, "--no-progress")
+    assert rc == 0, err
+    folder = tmp_path / "data" / "CIFAR-10-C"
+    folder.mkdir(parents=True)
+    np.save(folder / "labels.npy", np.tile(np.arange(6), 5))
+    for name in ("fog", "jpeg_compression"):
+        np.save(folder / f"{name}.npy", rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8))
+    rc, out, err = _cli(capsys, "eval", run, "--data", "cifar10c", "--data-dir", tmp_path / "data", "--json")
+    assert rc == 0, err
+    r = json.loads(out)
+    corr = r["corruptions"]
+    assert set(corr["corruptions"]) == {"fog", "jpeg_compression"}
+    assert set(corr["corruptions"]["fog"]["severities"]) == {"1", "2", "3", "4", "5"}
+    assert "published cifar10 train statistics" in corr["pixel_scale"]
+    assert "clean" not in r  # no clean CIFAR-10 archive in the folder
+    rc, out, err = _cli(capsys, "eval", run, "--data", "cifar10c", "--data-dir", tmp_path / "data",
+                        "--corruptions", "jpeg", "--json", "--no-save")
+    assert rc == 0 and list(json.loads(out)["corruptions"]["corruptions"]) == ["jpeg_compression"]
