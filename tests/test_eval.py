@@ -311,3 +311,27 @@ def test_eval_on_published_cifar_c_files(tmp_path, capsys):
     rc, out, err = _cli(capsys, "eval", run, "--data", "cifar10c", "--data-dir", tmp_path / "data",
                         "--corruptions", "jpeg", "--json", "--no-save")
     assert rc == 0 and list(json.loads(out)["corruptions"]["corruptions"]) == ["jpeg_compression"]
+
+
+def test_flax_side_of_the_backend_interface(trained, monkeypatch):
+    """--backend flax calls predict_member_probs_from_checkpoint(plan, checkpoint, x) when the backend has it."""
+    import types
+
+    import mixc.backends
+    from mixc.evaluation import load_predictor, open_run
+
+    run, npz = trained
+    r = open_run(run)
+    torch_probs = load_predictor("torch", r.plan, r.checkpoint)
+    calls = []
+
+    def per_call(plan, checkpoint, x):
+        calls.append((plan.name, checkpoint.name, x.shape))
+        return torch_probs(x)
+
+    fake = types.SimpleNamespace(predict_member_probs_from_checkpoint=per_call)
+    real = mixc.backends.get_backend
+    monkeypatch.setattr(mixc.backends, "get_backend", lambda name: fake if name == "flax" else real(name))
+    x = np.zeros((3, 1, 8, 8), np.float32)
+    out = load_predictor("flax", r.plan, r.checkpoint)(x)
+    assert out.shape == (3, 2, 10) and calls == [("digits", "checkpoint.safetensors", (3, 1, 8, 8))]
