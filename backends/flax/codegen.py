@@ -153,7 +153,7 @@ def _linear(x, w, b=None):
 
 
 def _linear_grouped(x, w, b, members: int):
-    """Members side by side: x [B, M*I], w [M, O, I] or [O, I] (shared), b [M, O], [O] or None -> [B, M*O]."""
+    """Members side by side: x [B, M*I], w [M, O, I] (shared: [O, I]), b or None -> [B, M*O]."""
     x = x.reshape(x.shape[0], members, -1)
     y = jnp.einsum("bmi,moi->bmo", x, w) if w.ndim == 3 else x @ w.T
     if b is not None:
@@ -167,17 +167,20 @@ def _batch_norm(x, mean, var, weight, bias, train: bool, momentum: float, eps: f
     Training normalises with the batch's biased variance and moves the running
     variance towards the unbiased one, new = (1 - momentum) * old + momentum * batch
     (flax's nnx.BatchNorm would need momentum 1 - m and keeps the biased variance).
+    y = x * scale + shift, folded per channel as PyTorch's CPU kernel does: on CPU,
+    XLA runs this form's forward and backward 3-4x faster than (x - mean) * ... .
     """
-    if not train:
-        return (x - mean) * jax.lax.rsqrt(var + eps) * weight + bias, None
-    axes = tuple(range(x.ndim - 1))
-    mu = x.mean(axes)
-    v = jnp.square(x - mu).mean(axes)
-    n = x.size // x.shape[-1]
-    y = (x - mu) * jax.lax.rsqrt(v + eps) * weight + bias
-    new_mean = (1 - momentum) * mean + momentum * mu
-    new_var = (1 - momentum) * var + momentum * v * (n / max(n - 1, 1))
-    return y, (new_mean, new_var)
+    if train:
+        axes = tuple(range(x.ndim - 1))
+        mu = x.mean(axes)
+        v = jnp.square(x - mu).mean(axes)
+        n = x.size // x.shape[-1]
+        unbiased = v * (n / max(n - 1, 1))
+        stats = (1 - momentum) * mean + momentum * mu, (1 - momentum) * var + momentum * unbiased
+    else:
+        mu, v, stats = mean, var, None
+    scale = jax.lax.rsqrt(v + eps) * weight
+    return x * scale + (bias - mu * scale), stats
 
 
 def _pool(x, op: str, kernel, stride, padding=0):
@@ -203,7 +206,7 @@ def _dropout(x, p: float, train: bool, key, *salt: int):
     if not train or p == 0:
         return x
     if key is None:
-        raise ValueError("this model has dropout: with train=True pass dropout_key=jax.random.key(...)")
+        raise ValueError("the model has dropout: with train=True, pass dropout_key=jax.random.key(0)")
     for s in salt:
         key = jax.random.fold_in(key, s)
     keep = jax.random.bernoulli(key, 1.0 - p, x.shape)
