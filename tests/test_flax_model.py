@@ -223,3 +223,19 @@ def test_mixc_build_and_compile_cli(tmp_path):
 def test_zoo_parameter_counts(name):
     plan = mixc.compile(name)
     assert count_params(plan) == plan.accounting.total_params
+
+
+def test_load_predictor_pads_batches_and_matches_the_model(tmp_path):
+    from mixc.backends.flax import load_predictor, predict_member_probs, save_checkpoint
+
+    plan = hp.tiny_convnet()
+    model = build(plan, seed=5)
+    _randomise(model)
+    path = save_checkpoint(tmp_path / "ck.safetensors", model, plan, epoch=1)
+    x = np.asarray(_input(plan, batch=7))
+    predict = load_predictor(plan, path, batch_size=3)  # batches of 3, 3 and a padded 1
+    got = predict(x)
+    assert got.shape == (7, plan.members, plan.classes)
+    want = np.asarray(jax.nn.softmax(model(jnp.asarray(x)), -1))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(predict_member_probs(model, x), want, rtol=1e-5, atol=1e-6)

@@ -7,6 +7,8 @@
 - ``ensemble_probs(logits)``: the ensemble prediction (mean of member softmaxes).
 - ``count_params(plan)``: trainable parameters of the built model, from shapes only.
 - ``save_checkpoint`` / ``load_checkpoint``: the torch backend's safetensors format, plan tensor names.
+- ``predict_member_probs(model, x)`` / ``load_predictor(plan, checkpoint)``: member probabilities (numpy),
+  what `mixc eval --backend flax` uses.
 
 Training lives in ``train.py`` (imported on demand, not here).
 """
@@ -25,6 +27,7 @@ from mixc.backends.flax.model import (
     split,
     write,
 )
+from mixc.backends.flax.predict import load_predictor, predict_member_probs
 
 __all__ = [
     "CheckpointError",
@@ -36,9 +39,11 @@ __all__ = [
     "emit_source",
     "ensemble_probs",
     "load_checkpoint",
+    "load_predictor",
     "load_source",
     "named_plan_tensors",
     "plan_arrays",
+    "predict_member_probs",
     "read_checkpoint_info",
     "save_checkpoint",
     "split",
