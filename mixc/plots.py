@@ -50,7 +50,8 @@ def reliability_diagram(rel: dict[str, list], ece: float, path: str | Path, titl
     acc = np.array([np.nan if a is None else a for a in rel["accuracy"]])
     conf = np.array([np.nan if c is None else c for c in rel["confidence"]])
     count = np.asarray(rel["count"])
-    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, layout="constrained",
+                                  gridspec_kw={"height_ratios": [3, 1]})
     ax.bar(centers, np.nan_to_num(acc), width=width * 0.95, color="tab:blue", alpha=0.8, edgecolor="black",
            label="accuracy in bin")
     gap_lo = np.minimum(np.nan_to_num(acc), np.nan_to_num(conf))
@@ -72,7 +73,7 @@ def reliability_diagram(rel: dict[str, list], ece: float, path: str | Path, titl
 def corruption_plot(result: dict[str, Any], clean: dict[str, float] | None, path: str | Path, title: str) -> Path:
     """Accuracy and NLL against severity: one thin line per corruption, the mean bold, clean at severity 0."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     for ax, key, label in ((axes[0], "accuracy", "accuracy (%)"), (axes[1], "nll", "NLL")):
         scale = 100.0 if key == "accuracy" else 1.0
         for name, r in result["corruptions"].items():
@@ -102,7 +103,7 @@ def interpolation_plot(curves: Sequence[dict[str, Any]], path: str | Path, title
     ``curves``: ``{"label", "t": [...], "accuracy": [...], "nll": [...]}`` per run.
     """
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     for c in curves:
         axes[0].plot(c["t"], np.asarray(c["accuracy"]) * 100, marker="o", label=c["label"])
         axes[1].plot(c["t"], c["nll"], marker="o", label=c["label"])
@@ -126,7 +127,7 @@ def sweep_params_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: s
     ``params``, ``accuracy``, ``nll`` and a ``budget`` label.
     """
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     done = [r for r in rows if r.get("accuracy") is not None]
     ens = [r for r in done if r["kind"] == "ensemble"]
     for ax, key, label in ((axes[0], "accuracy", "accuracy (%)"), (axes[1], "nll", "NLL")):
@@ -160,7 +161,7 @@ def sweep_params_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: s
 def sweep_members_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
     """The paper's Figure 3 (right): accuracy and NLL against the number of members, one line per budget."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     ens = [r for r in rows if r["kind"] == "ensemble" and r.get("accuracy") is not None]
     for ax, key, label in ((axes[0], "accuracy", "accuracy (%)"), (axes[1], "nll", "NLL")):
         scale = 100.0 if key == "accuracy" else 1.0
