@@ -9,8 +9,8 @@ chosen backend, member probabilities ``[N, M, classes]`` for numpy inputs.
 - ``torch``: built here from ``mixc.backends.torch`` (``build``,
   ``load_checkpoint``, ``predict_member_probs``), unless the backend exposes
   ``load_predictor(plan, checkpoint, device=, batch_size=)`` itself.
-- ``flax``: ``mixc.backends.flax.load_predictor(plan, checkpoint)`` when it
-  exists, else ``mixc.backends.flax.predict_member_probs_from_checkpoint(plan,
+- ``flax``: ``mixc.backends.flax.load_predictor(plan, checkpoint, device=,
+  batch_size=)`` when it exists, else ``mixc.backends.flax.predict_member_probs_from_checkpoint(plan,
   checkpoint, x)`` called per input batch (one call per corruption, all
   severities stacked, so a slow model load is paid few times).
 
@@ -203,7 +203,9 @@ def load_predictor(
         return _torch_predictor(mod, plan, Path(checkpoint), device, batch_size)
     own = getattr(mod, "load_predictor", None)
     if own is not None:
-        return _wrap_backend_errors(backend, lambda: own(plan, Path(checkpoint)))()
+        predict = _wrap_backend_errors(
+            backend, lambda: own(plan, Path(checkpoint), device=device, batch_size=batch_size))()
+        return lambda x: np.asarray(predict(x))
     per_call = getattr(mod, "predict_member_probs_from_checkpoint", None)
     if per_call is None:
         raise EvalError(

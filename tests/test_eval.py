@@ -335,3 +335,20 @@ def test_flax_side_of_the_backend_interface(trained, monkeypatch):
     x = np.zeros((3, 1, 8, 8), np.float32)
     out = load_predictor("flax", r.plan, r.checkpoint)(x)
     assert out.shape == (3, 2, 10) and calls == [("digits", "checkpoint.safetensors", (3, 1, 8, 8))]
+
+
+def test_flax_evaluates_a_torch_run_to_the_same_numbers(trained, capsys):
+    import importlib
+
+    pytest.importorskip("jax")
+    if not hasattr(importlib.import_module("mixc.backends.flax"), "load_predictor"):
+        pytest.skip("this flax backend has no load_predictor")
+    run, _ = trained
+    got = {}
+    for backend in ("torch", "flax"):
+        rc, out, err = _cli(capsys, "eval", run, "--backend", backend, "--json", "--no-save")
+        assert rc == 0, err
+        got[backend] = json.loads(out)["clean"]
+    assert got["flax"]["accuracy"] == got["torch"]["accuracy"]
+    assert got["flax"]["nll"] == pytest.approx(got["torch"]["nll"], rel=1e-4)
+    np.testing.assert_allclose(got["flax"]["member_nll"], got["torch"]["member_nll"], rtol=1e-4)
