@@ -261,4 +261,6 @@ def test_two_devices_equal_one(tmp_path):
     assert a.keys() == b.keys()
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     print(f"max |2 devices - 1 device| over all tensors: {worst:.2e}")
-    assert worst < 2e-5, worst
+    # XLA may fuse the 1-device run differently (float reassociation): seen up to 7e-4 once. A missing
+    # gradient all-reduce (each device stepping on half the batch) moves weights by ~1e-2.
+    assert worst < 2e-3, worst
