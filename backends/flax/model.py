@@ -45,29 +45,35 @@ def model_class(plan: Plan) -> type:
     return getattr(mod, class_name(plan))
 
 
-def build(plan: Plan, layout: str = "auto", seed: int = 0, dtype: Any = None, rngs: nnx.Rngs | None = None) -> nnx.Module:
+def build(
+    plan: Plan, layout: str = "auto", seed: int = 0, dtype: Any = None, rngs: nnx.Rngs | None = None,
+    platform: str = "auto",
+) -> nnx.Module:
     """Generate the plan's module and instantiate it, initialised from ``seed`` (or ``rngs``).
 
     ``layout``: "grouped", "loop", or "auto" (loop on CPU, where XLA's grouped
-    convolutions are slow; grouped on accelerators). ``dtype`` defaults to
-    float32 (float64 needs ``jax_enable_x64``). The initialisation runs as one
-    jit-compiled function (cached per plan), much faster than op by op.
+    convolutions are slow; grouped on accelerators). ``platform``: where it will
+    run ("cpu", "gpu"; "auto": jax's default backend at call time), which picks
+    the auto layout and, on CPU, a faster convolution gradient. ``dtype``
+    defaults to float32 (float64 needs ``jax_enable_x64``). The initialisation
+    runs as one jit-compiled function (cached per plan), much faster than op by op.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
-    graphdef, init = _initializer(plan, layout, jnp.dtype(dtype or jnp.float32))
+    graphdef, init = _initializer(plan, layout, jnp.dtype(dtype or jnp.float32), platform)
     key = rngs.params() if rngs is not None else jax.random.key(seed)
     return nnx.merge(graphdef, init(key))
 
 
-def _initializer(plan: Plan, layout: str, dtype: Any) -> tuple[nnx.GraphDef, Any]:
+def _initializer(plan: Plan, layout: str, dtype: Any, platform: str) -> tuple[nnx.GraphDef, Any]:
     """(graphdef, jitted key -> initial state) for the plan's module, cached."""
-    cache_key = (plan.spec_hash or plan.content_hash(), layout, str(dtype))
+    cache_key = (plan.spec_hash or plan.content_hash(), layout, str(dtype), platform)
     hit = _INITS.get(cache_key)
     if hit is None:
         cls = model_class(plan)
-        graphdef, _ = nnx.split(nnx.eval_shape(lambda: cls(layout=layout, dtype=dtype)))
-        init = jax.jit(lambda key: nnx.state(cls(rngs=nnx.Rngs(params=key), layout=layout, dtype=dtype)))
+        opts = dict(layout=layout, dtype=dtype, platform=platform)
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: cls(**opts)))
+        init = jax.jit(lambda key: nnx.state(cls(rngs=nnx.Rngs(params=key), **opts)))
         hit = _INITS[cache_key] = (graphdef, init)
     return hit
 

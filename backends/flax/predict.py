@@ -66,8 +66,6 @@ def load_predictor(
 
     dev = devices_for(device)[0]
     with jax.default_device(dev):
-        model = build(plan, layout=layout)
-    if layout == "auto":
-        model.layout = "loop" if dev.platform == "cpu" else "grouped"
+        model = build(plan, layout=layout, platform=dev.platform)
     load_checkpoint(checkpoint, model, plan)
     return _predictor(model, batch_size, dev)

@@ -266,11 +266,10 @@ class Trainer:
         self.mesh = Mesh(np.array(devices), ("data",))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+        platform = devices[0].platform  # the training devices', not the process's default backend
         with jax.default_device(devices[0]):
-            model = build(plan, layout=layout, seed=seed)
-        if layout == "auto":  # resolve for the training devices, not the process's default backend
-            model.layout = "loop" if devices[0].platform == "cpu" else "grouped"
-        self.layout = model.layout
+            model = build(plan, layout=layout, seed=seed, platform=platform)
+        self.layout = layout if layout != "auto" else ("loop" if platform == "cpu" else "grouped")
         self.graphdef, params, stats = split(model)
         self.names = attr_to_plan(model)
         roles = {t.name: t.role for t in plan.tensors}
