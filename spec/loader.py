@@ -226,6 +226,11 @@ def _apply_overrides(overrides: list[str], ens: A.Section | None, train: A.Secti
                         choices_hint(bad, all_keys))
             continue
         vpos = len(key) + 2  # column where the value starts in the override text
+        bad_char = next((i for i, ch in enumerate(text) if (ord(ch) < 32 and ch != "\t") or ord(ch) == 127), None)
+        if bad_char is not None:  # a newline would smuggle further statements into the wrapped value
+            diags.error(f"a --set value is one line of text; found control character {text[bad_char]!r}",
+                        Pos(origin, 1, vpos + bad_char), "remove line breaks and control characters from the value")
+            continue
         try:
             value = parse_value(text, origin)
         except SpecError as err:

@@ -97,8 +97,10 @@ class _ToAst(Transformer):
     # expressions
     def number(self, meta, c):
         text = str(c[0])
-        is_int = re.fullmatch(r"\d+", text) is not None
-        return A.Num(int(text) if is_int else float(text), _tok_pos(self.file, c[0]))
+        # Beyond 19 digits an integer is past the evaluator's bound anyway: read it as a float (inf when
+        # huge) so the bound check reports it, not int()'s 4300-digit limit or a slow conversion.
+        is_int = text.isdigit() and len(text.lstrip("0")) <= 19
+        return A.Num(int(text.lstrip("0") or "0") if is_int else float(text), _tok_pos(self.file, c[0]))
 
     def quantity(self, meta, c):
         text = str(c[0])

@@ -219,6 +219,7 @@ def read_train(section: A.Section, consts: dict, diags: Diagnostics) -> dict | N
                     ok = False
                     continue
                 args[a.name] = _eval(a.value, consts, diags)
+                ok = ok and args[a.name] is not None  # None: the value's own error is reported, no echo below
                 where[(s.key, a.name)] = a.pos
             raw[s.key] = args
         elif isinstance(s.value, A.BodyValue):
@@ -226,6 +227,7 @@ def read_train(section: A.Section, consts: dict, diags: Diagnostics) -> dict | N
             ok = False
         else:
             raw[s.key] = _eval(s.value, consts, diags)
+            ok = ok and raw[s.key] is not None
             where[(s.key, "value")] = getattr(s.value, "pos", s.pos)
     if not ok:
         return None
