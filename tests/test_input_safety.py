@@ -83,3 +83,68 @@ def test_ordinary_powers_and_divisions_still_work():
     plan = mixc.compile("digits", ["members=2**2", "budget=2**17 + 10**5", "train.optimizer.lr=10**-2",
                                    "backbone.width=2**5", "templates_per_layer=9//2"])
     assert plan.members == 4 and plan.accounting.budget == 2**17 + 10**5 and plan.train["optimizer"]["lr"] == 0.01
+
+
+# --- imports stay inside the allowed folders ------------------------------------------
+
+SECRET = "TOP_SECRET_VALUE_42"
+
+
+@pytest.fixture
+def tree(tmp_path, monkeypatch):
+    """project/spec.mix beside project/lib/, a secret outside it, and a shared folder outside it."""
+    monkeypatch.delenv("MIXC_IMPORT_PATH", raising=False)
+    project = tmp_path / "project"
+    (project / "lib").mkdir(parents=True)
+    (project / "lib" / "ok.mix").write_text("block unit(w) {\n    conv(w)\n}\n")
+    (tmp_path / "secret.txt").write_text(f"{SECRET}=1\n")
+    (tmp_path / "secret.mix").write_text(f"{SECRET} = 1\n")
+    (project / "notes.txt").write_text(f"{SECRET} is here\n")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "common.mix").write_text("block common(w) {\n    conv(w)\n}\n")
+    (project / "link.mix").symlink_to(tmp_path / "secret.mix")
+    return project
+
+
+def _check(capsys, spec, *extra: str) -> tuple[int, str]:
+    rc, out, err = _cli(capsys, "check", str(spec), *extra)
+    assert "Traceback" not in out + err
+    return rc, out + err
+
+
+@pytest.mark.parametrize("target", [
+    "/etc/passwd", "../../../../etc/passwd", "/proc/self/environ", "../secret.txt", "../secret.mix",
+    "link.mix",  # a symlink inside the folder that points outside it
+    "../shared/common.mix",  # outside until named with --import-path
+])
+def test_imports_outside_the_allowed_folders_are_refused(capsys, tree, target):
+    spec = tree / "spec.mix"
+    spec.write_text(f'import "{target}"\n')
+    rc, text = _check(capsys, spec)
+    assert rc == 1
+    assert f'{spec}:1:1: error: import "{target}" is outside the folders imports may read' in text
+    assert SECRET not in text and "root:" not in text and "PATH=" not in text
+
+
+def test_imports_inside_the_tree_the_zoo_and_named_folders_resolve(capsys, tree, monkeypatch):
+    spec = tree / "spec.mix"
+    spec.write_text('import "lib/ok.mix"\nimport "blocks/wide.mix"\n')
+    assert _check(capsys, spec)[0] == 0
+    spec.write_text('import "common.mix"\n')
+    assert _check(capsys, spec)[0] == 1
+    assert _check(capsys, spec, "--import-path", str(tree.parent / "shared"))[0] == 0
+    monkeypatch.setenv("MIXC_IMPORT_PATH", str(tree.parent / "shared"))
+    assert _check(capsys, spec)[0] == 0
+    assert mixc.load(spec).definitions.keys() == {"common"}
+
+
+def test_a_file_that_is_not_a_spec_is_never_shown(capsys, tree):
+    spec = tree / "spec.mix"
+    spec.write_text('import "notes.txt"\n')
+    rc, text = _check(capsys, spec)
+    assert rc == 1 and 'does not name a .mix file' in text and SECRET not in text
+    rc, text = _check(capsys, tree / "notes.txt")  # named on the command line: still not echoed
+    assert rc == 1 and "is not a mixc spec" in text and SECRET not in text
+    rc, text = _check(capsys, "/etc/passwd")
+    assert rc == 1 and "is not a mixc spec" in text and "root" not in text
