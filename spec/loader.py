@@ -115,6 +115,10 @@ def load_program(spec: str | Path, overrides: Sequence[str] = (), defer: bool = 
     (imports then resolve from the current folder, then the zoo). ``import_paths``:
     further folders imports may read (see the module docstring)."""
     path = Path(spec) if text is not None else resolve_spec_path(spec)
+    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 or ch in "\u2028\u2029" for ch in str(path)):
+        # The name travels into plans, messages and generated source: it must be one line of text.
+        raise SpecError([Diagnostic(f"the spec's file name {str(path)!r} contains a control character", None,
+                                    "rename the file")])
     diags = Diagnostics()
     modules: dict[str, A.Module] = {}
     display = str(spec) if text is not None or Path(spec).is_file() else str(path)

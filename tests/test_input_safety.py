@@ -148,3 +148,168 @@ def test_a_file_that_is_not_a_spec_is_never_shown(capsys, tree):
     assert rc == 1 and "is not a mixc spec" in text and SECRET not in text
     rc, text = _check(capsys, "/etc/passwd")
     assert rc == 1 and "is not a mixc spec" in text and "root" not in text
+
+
+# --- no code from a plan ---------------------------------------------------------------
+
+PAYLOAD = "x)\nprint('PWNED')\n# ("
+
+
+def _rename(plan_json: dict, old: str, new: str) -> dict:
+    """Every occurrence of name ``old`` (alone or as a dotted prefix/suffix) renamed ``new``."""
+    import json
+    import re
+
+    text = json.dumps(plan_json)
+    body = json.dumps(new)[1:-1]
+    text = re.sub(r'(?<=[".])' + re.escape(old) + r'(?=[".])', lambda m: body, text)
+    return json.loads(text)
+
+
+def _tamper(data: dict, field: str) -> dict:
+    if field == "source":
+        data["source"] = PAYLOAD
+    elif field == "name":
+        data["name"] = PAYLOAD
+    elif field == "spec_hash":
+        data["spec_hash"] = "0\nprint('PWNED')\n#"
+    elif field == "op":
+        data = _rename(data, data["ops"][1]["name"], 'a"]\nprint("PWNED")\n#')
+    elif field == "group":
+        data = _rename(data, data["groups"][0]["name"], "g\nprint('PWNED')\n#")
+    elif field == "tensor":
+        data["tensors"][0]["name"] = "bank.x\nprint('PWNED')"
+    elif field == "eps":  # a valid plan, edited: only the hash can tell
+        bn = next(op for op in data["ops"] if op["kind"] == "bn")
+        bn["eps"] = 0.5
+    elif field == "no_hash":
+        data["spec_hash"] = ""
+    return data
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    """An untrained digits run (width 8, 2 members): plan.json + checkpoint, and an npz to score it on."""
+    from mixc.backends.torch import build
+    from mixc.backends.torch.checkpoint import save_checkpoint
+    from test_eval import generated_npz
+
+    root = tmp_path_factory.mktemp("runs")
+    run = root / "run"
+    run.mkdir()
+    plan = mixc.compile("digits", ["backbone.width=8", "members=2"])
+    save_checkpoint(run / "checkpoint.safetensors", build(plan), plan, 1)
+    (run / "plan.json").write_text(plan.to_json())
+    generated_npz(root / "d.npz", n_train=16, n_test=16)
+    return run
+
+
+def _copy_tampered(run, dest, field):
+    import json
+    import shutil
+
+    shutil.copytree(run, dest)
+    data = json.loads((dest / "plan.json").read_text())
+    (dest / "plan.json").write_text(json.dumps(_tamper(data, field)))
+    return dest
+
+
+def test_the_untampered_run_folder_evaluates(capsys, run_folder):
+    rc, out, err = _cli(capsys, "eval", str(run_folder), "--data", str(run_folder.parent / "d.npz"), "--no-save",
+                        "--json")
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("field", ["source", "name", "spec_hash", "op", "group", "tensor"])
+def test_code_in_a_plan_is_refused_before_it_runs(capsys, run_folder, tmp_path, field):
+    run = _copy_tampered(run_folder, tmp_path / "run", field)
+    rc, out, err = _cli(capsys, "eval", str(run), "--data", str(run_folder.parent / "d.npz"), "--no-save")
+    assert rc == 1
+    assert f"{run / 'plan.json'} is not a valid mixc plan" in err
+    assert "PWNED" not in out + err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("field,message", [("eps", "does not match its content hash"),
+                                           ("no_hash", "it has no spec_hash")])
+def test_an_edited_plan_is_refused_by_its_hash(capsys, run_folder, tmp_path, field, message):
+    run = _copy_tampered(run_folder, tmp_path / "run", field)
+    rc, out, err = _cli(capsys, "eval", str(run), "--data", str(run_folder.parent / "d.npz"), "--no-save")
+    assert rc == 1 and message in err and str(run / "plan.json") in err
+    # --plan, report and interpolate open runs the same way
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes((run / "checkpoint.safetensors").read_bytes())
+    rc, out, err = _cli(capsys, "eval", str(lone), "--plan", str(run / "plan.json"), "--no-save")
+    assert rc == 1 and message in err
+    rc, out, err = _cli(capsys, "report", str(run))
+    assert rc == 1 and message in err
+
+
+def test_resuming_into_a_folder_with_a_tampered_plan_is_refused(run_folder, tmp_path):
+    from mixc.backends.flax.runlog import TrainError as FlaxTrainError
+    from mixc.backends.flax.runlog import check_run_folder
+    from mixc.backends.torch.train import TrainError, _check_run_folder
+
+    plan = mixc.compile("digits", ["backbone.width=8", "members=2"])
+    _check_run_folder(run_folder, plan)  # the untouched folder resumes
+    check_run_folder(run_folder, plan)
+    run = _copy_tampered(run_folder, tmp_path / "run", "eps")
+    with pytest.raises(TrainError, match="does not match its content hash"):
+        _check_run_folder(run, plan)
+    with pytest.raises(FlaxTrainError, match="does not match its content hash"):
+        check_run_folder(run, plan)
+
+
+HOSTILE_TEXT = ['x)\nprint("PWNED")\n# (', '"""', "'''", "\\", 'a"""+print("PWNED")+"""b', "\u2028x", "\r", "\x00",
+                "é\u0085", "\\x\\u00"]
+
+
+@pytest.mark.parametrize("text", HOSTILE_TEXT)
+def test_quoting_helpers_keep_any_string_inert(text):
+    import ast
+
+    from mixc.backends.pysource import comment, literal
+
+    assert ast.literal_eval(literal(text)) == text
+    tree = ast.parse(f"# {comment(text)}\nX = 1\n")
+    assert len(tree.body) == 1
+    tree = ast.parse(f'"""Doc {comment(text)}."""\n')
+    assert len(tree.body) == 1 and isinstance(tree.body[0].value, ast.Constant)
+
+
+def test_valid_but_hostile_text_in_a_plan_stays_text(capsys):
+    """Names and file names may hold quotes and backslashes (a file can be called that): quoted, never code."""
+    import ast
+
+    from mixc.backends.flax.codegen import emit_source as flax_source
+    from mixc.backends.torch.codegen import emit_source as torch_source
+    from mixc.backends.torch.model import load_source
+
+    def calls(tree: ast.Module) -> list[str]:  # statements at module level that run something
+        return [ast.unparse(n) for n in tree.body if isinstance(n, ast.Expr) and not isinstance(n.value, ast.Constant)]
+
+    name = 'evil"""+print("PWNED")+"""\\'
+    honest = mixc.compile("digits", ["backbone.width=8", "members=2"])
+    plan = honest.model_copy(update={"name": name, "source": "dir/" + name + "'''.mix"})
+    for emit in (torch_source, flax_source):
+        tree = ast.parse(emit(plan))
+        spec_name = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "SPEC_NAME")
+        assert ast.literal_eval(spec_name) == name
+        assert calls(tree) == calls(ast.parse(emit(honest)))  # the text added no statement
+    mod = load_source(torch_source(plan), plan)
+    assert mod.SPEC_NAME == name
+    assert "PWNED" not in capsys.readouterr().out
+
+
+def test_a_plan_that_skipped_validation_is_not_lowered():
+    from mixc.backends.flax.codegen import CodegenError as FlaxCodegenError
+    from mixc.backends.flax.codegen import emit_source as flax_source
+    from mixc.backends.torch.codegen import CodegenError
+    from mixc.backends.torch.codegen import emit_source as torch_source
+
+    plan = mixc.compile("digits", ["backbone.width=8", "members=2"])
+    op = plan.ops[1].model_copy(update={"name": PAYLOAD})  # model_copy does not validate
+    bad = plan.model_copy(update={"ops": [plan.ops[0], op, *plan.ops[2:]], "source": PAYLOAD})
+    with pytest.raises(CodegenError, match="the plan is not valid"):
+        torch_source(bad)
+    with pytest.raises(FlaxCodegenError, match="the plan is not valid"):
+        flax_source(bad)
