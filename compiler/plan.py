@@ -80,10 +80,10 @@ Name = Annotated[str, AfterValidator(_name)]  # op, layer and group names
 TensorName = Annotated[str, AfterValidator(_tensor_name)]
 Hash = Annotated[str, AfterValidator(_hash)]
 Text = Annotated[str, AfterValidator(_text)]  # the spec's name and file: shown in messages and comments
-_BIG = 2**62
-Dim = Annotated[int, Field(ge=1, le=_BIG)]  # a shape entry, kernel, stride, dilation, count of things
-Count = Annotated[int, Field(ge=0, le=_BIG)]  # a padding, an index, a parameter count
+Dim = Annotated[int, Field(ge=1)]  # a shape entry, kernel, stride, dilation, count of things
+Count = Annotated[int, Field(ge=0)]  # a padding, an index, a parameter count
 Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 # ---------------------------------------------------------------------------
@@ -135,14 +135,14 @@ class LinearOp(_OpBase):
 class BatchNormOp(_OpBase):
     kind: Literal["bn"] = "bn"
     channels: Dim
-    eps: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+    eps: Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
     momentum: Fraction  # PyTorch convention: new = (1 - momentum) * old + momentum * batch
 
 
 class ActOp(_OpBase):
     kind: Literal["act"] = "act"
     fn: Literal["relu", "gelu", "silu", "tanh", "sigmoid", "leaky_relu"]
-    slope: Annotated[float, Field(ge=-1e6, le=1e6, allow_inf_nan=False)] = 0.01  # leaky_relu only
+    slope: Finite = 0.01  # leaky_relu only
 
 
 class PoolOp(_OpBase):
@@ -196,7 +196,7 @@ class Group(_Model):
     weight_shape: list[Dim]
     bias: bool
     size: Dim  # parameters per template: prod(weight_shape) (+ out channels with bias)
-    share: Fraction  # fraction of the template budget this group was given
+    share: Annotated[Finite, Field(ge=0.0)]  # fraction of the template budget this group was given
     templates: Dim  # n_g
     templates_per_layer: Dim  # k = min(requested, n_g)
     requested_templates_per_layer: Dim  # what the spec asked for
