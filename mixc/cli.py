@@ -173,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
     try:
-        return int(args.func(args, out) or 0)
+        rc = int(args.func(args, out) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at interpreter exit
+        return rc
+    except BrokenPipeError:
+        return _reader_gone()
     except SpecError as e:
         sys.stdout.flush()
         sys.stderr.write(e.render() + "\n")  # plain text: rich would re-wrap the caret lines
@@ -188,6 +192,20 @@ def main(argv: list[str] | None = None) -> int:
             err.print(f"mixc: error: {e}", markup=False)
             return 2
         raise
+
+
+def _reader_gone() -> int:
+    """stdout's reader went away (``mixc inspect --json | head -1``): stop quietly, as Unix tools do.
+
+    Point stdout at /dev/null so the interpreter's final flush cannot raise again.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (captured, say)
+        pass
+    return 141  # 128 + SIGPIPE: what a shell reports for a tool killed by the closed pipe
 
 
 if __name__ == "__main__":

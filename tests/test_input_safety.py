@@ -313,3 +313,42 @@ def test_a_plan_that_skipped_validation_is_not_lowered():
         torch_source(bad)
     with pytest.raises(FlaxCodegenError, match="the plan is not valid"):
         flax_source(bad)
+
+
+# --- a reader that goes away -------------------------------------------------------------
+
+
+def _closed_pipe(*argv: str) -> tuple[int, str]:
+    """Run ``mixc argv`` with its stdout pipe closed before it writes: (exit code, stderr)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mixc", *argv], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # as `| head -0` would: every write now fails with EPIPE
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    return proc.wait(timeout=120), err
+
+
+@pytest.mark.parametrize("argv", [("inspect", "wrn28_10", "--json"), ("compile", "wrn28_10")])
+def test_a_closed_pipe_ends_quietly(argv):
+    rc, err = _closed_pipe(*argv)
+    assert rc == 141, err
+    assert err == ""
+
+
+def test_report_into_a_closed_pipe_ends_quietly(capsys, run_folder, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_folder, run)
+    rc, out, err = _cli(capsys, "eval", str(run), "--data", str(run_folder.parent / "d.npz"), "--json")
+    assert rc == 0, err
+    rc, err = _closed_pipe("report", str(run), "--json")
+    assert rc == 141, err
+    assert err == ""
