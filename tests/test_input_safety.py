@@ -352,3 +352,11 @@ def test_report_into_a_closed_pipe_ends_quietly(capsys, run_folder, tmp_path):
     rc, err = _closed_pipe("report", str(run), "--json")
     assert rc == 141, err
     assert err == ""
+
+
+def test_members_are_capped_so_tables_stay_small(capsys):
+    start = time.perf_counter()
+    rc, out, err = _cli(capsys, "check", "digits", "--set", "backbone.width=1G", "--set", "members=36.5M")
+    assert rc == 1 and "'members' is at most 1,024, got 36,500,000" in err
+    assert time.perf_counter() - start < 1.0
+    assert mixc.compile("digits", ["members=1024", "budget=10x"]).members == 1024
