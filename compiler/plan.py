@@ -21,7 +21,7 @@ Conventions every backend follows:
 A plan is also an input: ``plan.json`` travels in run folders that people share,
 and backends lower it to Python source that is exec'd. So every field is
 validated here, not trusted: names are dotted identifiers, hashes are hex,
-free text has no control characters, numbers are bounded; and ``read_plan``
+free text has no control characters, sizes are positive and floats finite; and ``read_plan``
 refuses a file whose content does not match its ``spec_hash``.
 """
 

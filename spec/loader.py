@@ -6,9 +6,10 @@ error naming the chain. An import may only read a ``.mix`` file inside the main
 spec's folder tree, the zoo, or a named import folder (after symlinks are
 resolved): a spec someone hands you cannot make mixc read ``/etc/passwd`` or
 ``/proc/self/environ`` into an error message. The content of a file that is not
-a spec (its name does not end in ``.mix``) is never shown. Definitions from every file share one namespace
-(a name defined twice is an error naming both places). Only the main file's
-``ensemble`` and ``train`` sections count; imported files supply definitions.
+a spec (its name does not end in ``.mix``) is never shown. Definitions from
+every file share one namespace (a name defined twice is an error naming both
+places). Only the main file's ``ensemble`` and ``train`` sections count;
+imported files supply definitions.
 """
 
 from __future__ import annotations
