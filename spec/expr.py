@@ -18,6 +18,7 @@ _SUFFIX = {"K": 1_000, "M": 1_000_000, "G": 1_000_000_000}
 LIMIT = 10**18  # every number a spec computes stays within +-LIMIT (the largest layer or budget is far below)
 MAX_STR = 10_000  # characters in a computed string (names and globs are short)
 MAX_LIST = 100_000  # numbers and strings inside one list, nested lists counted through
+MAX_NEST = 32  # lists inside lists
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,11 @@ def evaluate(e: A.Expr, env: Mapping[str, Any], symbols: bool = False) -> Any:
         raise EvalError(f"unknown name '{e.id}'", e.pos, did_you_mean(e.id, env) or _bound_hint(env))
     if isinstance(e, A.ListExpr):
         items = [evaluate(x, env, symbols) for x in e.items]
-        if _leaves(items) > MAX_LIST:
+        leaves, depth = _measure(items)
+        if leaves > MAX_LIST:
             raise EvalError("list too large", e.pos, f"a list in a spec holds at most {MAX_LIST:,} values")
+        if depth > MAX_NEST:
+            raise EvalError("lists nested too deeply", e.pos, f"lists in a spec nest at most {MAX_NEST} deep")
         return items
     if isinstance(e, A.IfExpr):
         cond = evaluate(e.cond, env, symbols)
@@ -130,12 +134,17 @@ def _finite(v: int | float, pos: Pos) -> int | float:
     return v
 
 
-def _leaves(items: list, memo: dict[int, int] | None = None) -> int:
-    """Values inside a list, nested lists counted through (shared sublists once per use, memoised by id)."""
+def _measure(items: list, memo: dict[int, tuple[int, int]] | None = None) -> tuple[int, int]:
+    """(values inside, nesting depth) of a list; shared sublists (``[l, l]``) are counted per use but
+    measured once. Every sublist was measured when it was built, so the recursion stays shallow."""
     memo = {} if memo is None else memo
     key = id(items)
     if key not in memo:
-        memo[key] = sum(_leaves(x, memo) if isinstance(x, list) else 1 for x in items)
+        leaves, depth = 0, 0
+        for x in items:
+            n, d = _measure(x, memo) if isinstance(x, list) else (1, 0)
+            leaves, depth = leaves + n, max(depth, d)
+        memo[key] = (leaves, depth + 1)
     return memo[key]
 
 

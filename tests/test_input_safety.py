@@ -40,6 +40,9 @@ BOMBS = [
     ("budget=-1", "a budget must be a positive parameter count, got -1"),
     ("budget=0.0x", "a budget must be positive"),
     ("members=2\ntrain { epochs 1", "control character"),
+    ("members=" + "-" * 5000 + "1", "nested too deeply"),  # once a RecursionError in the parser
+    ("members=" + "+".join(["1"] * 3000), "nested too deeply"),
+    ("members=" + "[" * 3000 + "]" * 3000, "nested too deeply"),
 ]
 
 
@@ -77,6 +80,9 @@ def test_doubling_strings_and_lists_are_bounded():
     with pytest.raises(SpecError, match="list too large"):
         mixc.compile_text(lists, name="l.mix")
     assert time.perf_counter() - start < 1.0
+    deep = "let l0 = [1]\n" + "".join(f"let l{i + 1} = [l{i}]\n" for i in range(2000))
+    with pytest.raises(SpecError, match="lists nested too deeply"):  # not a RecursionError
+        mixc.compile_text(deep, name="d.mix")
 
 
 def test_ordinary_powers_and_divisions_still_work():
