@@ -400,7 +400,13 @@ def first_problem(err: ValidationError) -> str:
     """The first validation error as ``field: message`` (never the offending value: it may be hostile)."""
     problems = err.errors(include_url=False, include_input=False)
     first = problems[0]
-    loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in first["loc"]).lstrip(".") or "the file"
+
+    def part(x: int | str) -> str:  # a key comes from the file: shown only when it is a plain word
+        if isinstance(x, int):
+            return f"[{x}]"
+        return "." + (x if re.fullmatch(r"[A-Za-z0-9_]{1,64}", x) else "<a key>")
+
+    loc = "".join(part(x) for x in first["loc"]).lstrip(".")
     msg = first["msg"].removeprefix("Value error, ")
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    return f"{loc}: {msg}{more}"
+    return f"{loc}: {msg}{more}" if loc else f"{msg}{more}"

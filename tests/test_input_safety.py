@@ -366,3 +366,15 @@ def test_members_are_capped_so_tables_stay_small(capsys):
     assert rc == 1 and "'members' is at most 1,024, got 36,500,000" in err
     assert time.perf_counter() - start < 1.0
     assert mixc.compile("digits", ["members=1024", "budget=10x"]).members == 1024
+
+
+def test_a_plan_that_is_not_json_is_refused_without_echo(capsys, run_folder, tmp_path):
+    other = tmp_path / "notes.json"
+    other.write_text(f"{SECRET}\n")
+    keyed = tmp_path / "keyed.json"
+    keyed.write_text('{"\\u001b[31m' + SECRET + '": 1}')
+    for plan in (other, keyed):
+        rc, out, err = _cli(capsys, "eval", str(run_folder / "checkpoint.safetensors"), "--plan", str(plan),
+                            "--no-save")
+        assert rc == 1 and f"{plan} is not a valid mixc plan" in err
+        assert SECRET not in out + err and "\x1b" not in err
