@@ -56,7 +56,7 @@ def test_set_bombs_are_fast_positioned_errors(capsys, override, message):
     assert err.startswith("--set #1:1:"), err  # positioned in the override itself
     assert "Traceback" not in err and "no budget is given" not in err
     assert "bad value for" not in err  # no echo of the same mistake from the recipe's validation
-    assert elapsed < 1.0, f"{override!r} took {elapsed:.2f}s"
+    assert elapsed < 2.0, f"{override!r} took {elapsed:.2f}s"  # the hangs never ended
 
 
 @pytest.mark.parametrize("expr", ["9**9**9", "3**36.5M", "0**-1", "1e17//1e-300", "10**10**10"])
@@ -65,7 +65,7 @@ def test_let_bombs_are_fast_positioned_errors(expr):
     start = time.perf_counter()
     with pytest.raises(SpecError) as info:
         mixc.compile_text(text, name="bomb.mix")
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 2.0
     d = info.value.diagnostics[0]
     assert (d.pos.file, d.pos.line, d.pos.col) == ("bomb.mix", 1, 9)
     assert "Traceback" not in info.value.render()
@@ -79,7 +79,7 @@ def test_doubling_strings_and_lists_are_bounded():
     start = time.perf_counter()
     with pytest.raises(SpecError, match="list too large"):
         mixc.compile_text(lists, name="l.mix")
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 2.0
     deep = "let l0 = [1]\n" + "".join(f"let l{i + 1} = [l{i}]\n" for i in range(2000))
     with pytest.raises(SpecError, match="lists nested too deeply"):  # not a RecursionError
         mixc.compile_text(deep, name="d.mix")
@@ -364,7 +364,7 @@ def test_members_are_capped_so_tables_stay_small(capsys):
     start = time.perf_counter()
     rc, out, err = _cli(capsys, "check", "digits", "--set", "backbone.width=1G", "--set", "members=36.5M")
     assert rc == 1 and "'members' is at most 1,024, got 36,500,000" in err
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 2.0
     assert mixc.compile("digits", ["members=1024", "budget=10x"]).members == 1024
 
 
