@@ -192,8 +192,8 @@ def _load_file(path: Path, modules: dict[str, A.Module], diags: Diagnostics, cha
             diags.extend(err)
         else:  # never show a line (or a token) of a file that is not a spec: it may hold secrets
             first = err.diagnostics[0].pos if err.diagnostics else None
-            diags.error(f"{display} is not a mixc spec: it does not parse (its content is not shown, as its "
-                        f"name does not end in .mix)", first, "name a .mix file")
+            diags.error(f"{display} is not a mixc spec: it does not parse (its content is not shown, as {path} "
+                        "is not a .mix file)", first, "name a .mix file")
         return
     modules[key] = module
     for imp in module.imports:

@@ -154,6 +154,10 @@ def test_a_file_that_is_not_a_spec_is_never_shown(capsys, tree):
     assert rc == 1 and "is not a mixc spec" in text and SECRET not in text
     rc, text = _check(capsys, "/etc/passwd")
     assert rc == 1 and "is not a mixc spec" in text and "root" not in text
+    disguised = tree / "disguised.mix"  # the name is judged after symlinks are resolved
+    disguised.symlink_to(tree / "notes.txt")
+    rc, text = _check(capsys, disguised)
+    assert rc == 1 and "is not a mixc spec" in text and SECRET not in text
 
 
 # --- no code from a plan ---------------------------------------------------------------
