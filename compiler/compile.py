@@ -92,7 +92,8 @@ def compile_program(program: Program) -> P.Plan:
                 template_params = sum(g.templates * g.size for g in groups)
                 alpha_params = M * sum(len(g.layers) * g.templates_per_layer for g in groups)
         except BudgetError as e:
-            diags.error(e.message, budget_pos, e.hint)
+            if not (budget is None and "budget" in ens.pos):  # else the bad budget itself is already reported
+                diags.error(e.message, budget_pos, e.hint)
             diags.raise_if_any()
         for n in plain:
             sources[n] = "plain"

@@ -106,6 +106,8 @@ def _linear(name, inputs, shape, a):
 def _bn(name, inputs, shape, a):
     if not 0 <= a["momentum"] <= 1:
         raise ShapeError(f"bn momentum is in [0, 1] (PyTorch convention), got {a['momentum']}", arg="momentum")
+    if not a["eps"] > 0:
+        raise ShapeError(f"bn eps must be positive, got {a['eps']}", arg="eps")
     return P.BatchNormOp(name=name, inputs=inputs, in_shape=shape, out_shape=shape, channels=shape[0],
                          eps=a["eps"], momentum=a["momentum"])
 

@@ -17,15 +17,23 @@ Conventions every backend follows:
   ``member`` (an unfactorised weight per member, the naive ensemble:
   ``member.<layer>.weight`` ``[M, ...]``), ``bank`` or ``blob`` (composed per
   member from templates, see ``Slot``).
+
+A plan is also an input: ``plan.json`` travels in run folders that people share,
+and backends lower it to Python source that is exec'd. So every field is
+validated here, not trusted: names are dotted identifiers, hashes are hex,
+free text has no control characters, sizes are positive and floats finite; and ``read_plan``
+refuses a file whose content does not match its ``spec_hash``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PLAN_VERSION = 1
 
@@ -35,14 +43,58 @@ class _Model(BaseModel):
 
 
 # ---------------------------------------------------------------------------
+# Validated field types: what a plan read from disk may hold
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+_TENSOR = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+_HASH = re.compile(r"([0-9a-f]{16})?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _name(v: str) -> str:
+    if len(v) > 1000 or not _NAME.fullmatch(v):
+        raise ValueError("must be a dotted name of letters, digits and _ (such as s2.b1.conv1)")
+    return v
+
+
+def _tensor_name(v: str) -> str:
+    if len(v) > 1000 or not _TENSOR.fullmatch(v):
+        raise ValueError("must be a dotted name starting with a letter (such as bank.conv_16x16x3x3)")
+    return v
+
+
+def _hash(v: str) -> str:
+    if not _HASH.fullmatch(v):
+        raise ValueError("must be 16 lowercase hex digits (or empty)")
+    return v
+
+
+def _text(v: str) -> str:
+    if len(v) > 4096 or _CONTROL.search(v):
+        raise ValueError("must be one line of text without control characters (at most 4096 characters)")
+    return v
+
+
+Name = Annotated[str, AfterValidator(_name)]  # op, layer and group names
+TensorName = Annotated[str, AfterValidator(_tensor_name)]
+Hash = Annotated[str, AfterValidator(_hash)]
+Text = Annotated[str, AfterValidator(_text)]  # the spec's name and file: shown in messages and comments
+Dim = Annotated[int, Field(ge=1)]  # a shape entry, kernel, stride, dilation, count of things
+Count = Annotated[int, Field(ge=0)]  # a padding, an index, a parameter count
+Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+# ---------------------------------------------------------------------------
 # The op graph
 
 
 class _OpBase(_Model):
-    name: str  # hierarchical and unique, e.g. "s2.b1.conv1"
-    inputs: list[str]  # names of the ops whose outputs this op reads
-    in_shape: list[int]
-    out_shape: list[int]
+    name: Name  # hierarchical and unique, e.g. "s2.b1.conv1"
+    inputs: list[Name]  # names of the ops whose outputs this op reads
+    in_shape: list[Dim]
+    out_shape: list[Dim]
 
 
 class InputOp(_OpBase):
@@ -53,13 +105,13 @@ class InputOp(_OpBase):
 class ConvOp(_OpBase):
     kind: Literal["conv"] = "conv"
     dim: Literal[1, 2]
-    in_channels: int
-    out_channels: int
-    kernel: list[int]
-    stride: list[int]
-    padding: list[int]
-    dilation: list[int]
-    groups: int
+    in_channels: Dim
+    out_channels: Dim
+    kernel: list[Dim]
+    stride: list[Dim]
+    padding: list[Count]
+    dilation: list[Dim]
+    groups: Dim
     bias: bool
     source: Literal["plain", "member", "bank", "blob"]
 
@@ -70,8 +122,8 @@ class ConvOp(_OpBase):
 
 class LinearOp(_OpBase):
     kind: Literal["linear"] = "linear"
-    in_features: int
-    out_features: int
+    in_features: Dim
+    out_features: Dim
     bias: bool
     source: Literal["plain", "member", "bank", "blob"]
 
@@ -82,24 +134,24 @@ class LinearOp(_OpBase):
 
 class BatchNormOp(_OpBase):
     kind: Literal["bn"] = "bn"
-    channels: int
-    eps: float
-    momentum: float  # PyTorch convention: new = (1 - momentum) * old + momentum * batch
+    channels: Dim
+    eps: Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+    momentum: Fraction  # PyTorch convention: new = (1 - momentum) * old + momentum * batch
 
 
 class ActOp(_OpBase):
     kind: Literal["act"] = "act"
     fn: Literal["relu", "gelu", "silu", "tanh", "sigmoid", "leaky_relu"]
-    slope: float = 0.01  # leaky_relu only
+    slope: Finite = 0.01  # leaky_relu only
 
 
 class PoolOp(_OpBase):
     kind: Literal["pool"] = "pool"
     op: Literal["max", "avg"]
     dim: Literal[1, 2]
-    kernel: list[int]
-    stride: list[int]
-    padding: list[int]
+    kernel: list[Dim]
+    stride: list[Dim]
+    padding: list[Count]
 
 
 class GlobalPoolOp(_OpBase):
@@ -113,7 +165,7 @@ class FlattenOp(_OpBase):
 
 class DropoutOp(_OpBase):
     kind: Literal["dropout"] = "dropout"
-    p: float
+    p: Fraction
 
 
 class AddOp(_OpBase):
@@ -139,26 +191,26 @@ class Group(_Model):
     The bank is the tensor ``bank.<name>`` of shape ``[templates, size]``.
     """
 
-    name: str
-    layers: list[str]
-    weight_shape: list[int]
+    name: Name
+    layers: list[Name]
+    weight_shape: list[Dim]
     bias: bool
-    size: int  # parameters per template: prod(weight_shape) (+ out channels with bias)
-    share: float  # fraction of the template budget this group was given
-    templates: int  # n_g
-    templates_per_layer: int  # k = min(requested, n_g)
-    requested_templates_per_layer: int  # what the spec asked for
-    usage: list[int]  # how many slots use each template (shared: one slot per layer)
+    size: Dim  # parameters per template: prod(weight_shape) (+ out channels with bias)
+    share: Annotated[Finite, Field(ge=0.0)]  # fraction of the template budget this group was given
+    templates: Dim  # n_g
+    templates_per_layer: Dim  # k = min(requested, n_g)
+    requested_templates_per_layer: Dim  # what the spec asked for
+    usage: list[Count]  # how many slots use each template (shared: one slot per layer)
     fixed: bool = False  # template count fixed by the spec, not allocated
 
 
 class Blob(_Model):
     """Single-group mode: one flat parameter vector ``blob`` every banked layer reads."""
 
-    size: int
-    layers: list[str]
-    usage_min: int  # how many slots read the least-used blob entry
-    usage_max: int
+    size: Dim
+    layers: list[Name]
+    usage_min: Count  # how many slots read the least-used blob entry
+    usage_max: Count
 
 
 class Slot(_Model):
@@ -170,19 +222,19 @@ class Slot(_Model):
     mod blob.size`` (wrapping round the end of the blob).
     """
 
-    layer: str
-    group: str  # group name, or "blob"
-    size: int
-    k: int
-    templates: list[list[int]] | None = None  # [M][k], bank mode
-    offsets: list[int] | None = None  # [M], blob mode
+    layer: Name
+    group: Name  # group name, or "blob"
+    size: Dim
+    k: Dim
+    templates: list[list[Count]] | None = None  # [M][k], bank mode
+    offsets: list[Count] | None = None  # [M], blob mode
 
 
 class Tensor(_Model):
     """A named tensor of the model, as it is stored in checkpoints."""
 
-    name: str
-    shape: list[int]
+    name: TensorName
+    shape: list[Dim]
     role: Literal[
         "bank",
         "blob",
@@ -197,7 +249,7 @@ class Tensor(_Model):
         "bn_var",
     ]
     trainable: bool
-    layer: str | None = None
+    layer: Name | None = None
     per_member: bool = False
 
     @property
@@ -211,37 +263,37 @@ class Tensor(_Model):
 class Accounting(_Model):
     """Parameter counts (trainable parameters only; BN running stats are buffers)."""
 
-    backbone_params: int  # one plain member, no factorisation
-    naive_params: int  # members * backbone_params
-    plain_params: int  # layers shared by all members, unfactorised
-    template_params: int  # banks or blob
-    alpha_params: int  # all members
-    bn_params: int  # all members
-    total_params: int
-    budget: int | None  # None when every group fixed its template count
-    minimum_budget: int  # fixed cost plus one template per group
-    per_member_params: int  # alphas + BN of one member
+    backbone_params: Count  # one plain member, no factorisation
+    naive_params: Count  # members * backbone_params
+    plain_params: Count  # layers shared by all members, unfactorised
+    template_params: Count  # banks or blob
+    alpha_params: Count  # all members
+    bn_params: Count  # all members
+    total_params: Count
+    budget: Count | None  # None when every group fixed its template count
+    minimum_budget: Count  # fixed cost plus one template per group
+    per_member_params: Count  # alphas + BN of one member
 
 
 class Plan(_Model):
-    version: int = PLAN_VERSION
-    name: str
-    source: str  # the spec file it was compiled from, for messages
-    spec_hash: str = ""  # sha256 of the plan's content (see content_hash)
-    members: int
+    version: Dim = PLAN_VERSION
+    name: Text
+    source: Text  # the spec file it was compiled from, for messages
+    spec_hash: Hash = ""  # sha256 of the plan's content (see content_hash)
+    members: Dim
     grouping: Literal["by_shape", "single", "explicit", "none"]  # none: naive ensemble
     assign: Literal["shared", "greedy_disjoint"]
-    templates_per_layer: int
+    templates_per_layer: Dim
     bank_singletons: bool
-    input_shape: list[int]
+    input_shape: list[Dim]
     input_layout: Literal["image", "signal", "vector"]
-    output: str  # name of the op whose output is the logits
-    classes: int
+    output: Name  # name of the op whose output is the logits
+    classes: Dim
     ops: list[Op]
     groups: list[Group]
     blob: Blob | None = None
     slots: list[Slot]
-    plain_layers: list[str]
+    plain_layers: list[Name]
     tensors: list[Tensor]
     accounting: Accounting
     train: dict | None = None  # the validated train section, backend-neutral
@@ -274,3 +326,87 @@ class Plan(_Model):
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         return cls.model_validate_json(text)
+
+    @model_validator(mode="after")
+    def _references(self) -> "Plan":
+        """Every name the plan uses refers to something it defines (a backend then needs no guards)."""
+        ops: set[str] = set()
+        for op in self.ops:
+            if op.name in ops:
+                raise ValueError(f"op {op.name} is listed twice")
+            missing = [i for i in op.inputs if i not in ops]
+            if missing:
+                raise ValueError(f"op {op.name} reads {missing[0]}, which is not an op before it")
+            ops.add(op.name)
+        groups = {g.name for g in self.groups}
+        if len(groups) != len(self.groups):
+            raise ValueError("a group is listed twice")
+        used = [self.output, *self.plain_layers, *(n for g in self.groups for n in g.layers),
+                *(s.layer for s in self.slots), *(t.layer for t in self.tensors if t.layer is not None),
+                *(self.blob.layers if self.blob else ())]
+        unknown = next((n for n in used if n not in ops), None)
+        if unknown is not None:
+            raise ValueError(f"{unknown} is named as a layer but is not an op of the plan")
+        for s in self.slots:
+            if s.group not in groups and not (s.group == "blob" and self.blob is not None):
+                raise ValueError(f"slot of {s.layer} draws from group {s.group}, which the plan does not have")
+        return self
+
+
+# ---------------------------------------------------------------------------
+# Reading a plan file: validate it and check it against its hash before anything lowers it
+
+MAX_PLAN_BYTES = 256 * 2**20
+
+
+class PlanFileError(ValueError):
+    """A plan file that cannot be used: unreadable, not a valid plan, or not matching its spec_hash."""
+
+
+def read_plan(path: str | os.PathLike) -> Plan:
+    """Read ``path`` as a Plan, refusing it unless every field is valid and it matches its ``spec_hash``.
+
+    Run folders are shared like model files, and a plan is lowered to source that
+    is exec'd: a plan edited by hand (or damaged) must stop here, with a message
+    naming the file, never reach a backend.
+    """
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_PLAN_BYTES:
+            raise PlanFileError(f"{path} is too large to be a mixc plan ({size:,} bytes)")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise PlanFileError(f"{path} is not a mixc plan (not UTF-8 text)") from None
+    except OSError as e:
+        raise PlanFileError(f"cannot read the plan {path}: {e.strerror or type(e).__name__}") from None
+    try:
+        plan = Plan.from_json(text)
+    except ValidationError as e:
+        raise PlanFileError(f"{path} is not a valid mixc plan: {first_problem(e)}; hint: recompile the spec "
+                            "(`mixc compile SPEC -o plan.json` with the overrides it was trained with)") from None
+    want = plan.content_hash()
+    if plan.spec_hash != want:
+        got = f"its spec_hash is {plan.spec_hash}" if plan.spec_hash else "it has no spec_hash"
+        raise PlanFileError(
+            f"{path} does not match its content hash ({got}, its content hashes to {want}): it was edited or "
+            "damaged after mixc wrote it, so it is not used; hint: recompile the spec it came from "
+            "(`mixc compile SPEC -o plan.json` with the overrides it was trained with) instead of editing a plan"
+        )
+    return plan
+
+
+def first_problem(err: ValidationError) -> str:
+    """The first validation error as ``field: message`` (never the offending value: it may be hostile)."""
+    problems = err.errors(include_url=False, include_input=False)
+    first = problems[0]
+
+    def part(x: int | str) -> str:  # a key comes from the file: shown only when it is a plain word
+        if isinstance(x, int):
+            return f"[{x}]"
+        return "." + (x if re.fullmatch(r"[A-Za-z0-9_]{1,64}", x) else "<a key>")
+
+    loc = "".join(part(x) for x in first["loc"]).lstrip(".")
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{loc}: {msg}{more}" if loc else f"{msg}{more}"

@@ -26,13 +26,16 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 def _spec_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="a .mix spec, or the name of a zoo spec (e.g. wrn28_10)")
+    p.add_argument("--import-path", dest="import_paths", action="append", default=[], metavar="DIR",
+                   help="a further folder the spec's imports may read (repeatable; imports otherwise stay inside "
+                        "the spec's folder and the zoo; MIXC_IMPORT_PATH works for every command)")
 
 
 def cmd_check(args: argparse.Namespace, out: Console) -> int:
     from mixc.compiler import compile_program
     from mixc.spec.loader import load_program
 
-    program = load_program(args.file, args.overrides, defer=True)
+    program = load_program(args.file, args.overrides, defer=True, import_paths=args.import_paths)
     if program.ensemble is None and not program.pending:
         n = len(program.definitions)
         out.print(f"{program.main_file}: ok ({n} definition{'s' if n != 1 else ''}, no ensemble section to compile)")
@@ -48,7 +51,7 @@ def cmd_inspect(args: argparse.Namespace, out: Console) -> int:
     from mixc.api import compile
     from mixc.report import print_inspect, summary
 
-    plan = compile(args.file, args.overrides)
+    plan = compile(args.file, args.overrides, import_paths=args.import_paths)
     if args.json:
         print(json.dumps(summary(plan), indent=2))
     else:
@@ -59,7 +62,7 @@ def cmd_inspect(args: argparse.Namespace, out: Console) -> int:
 def cmd_compile(args: argparse.Namespace, out: Console) -> int:
     from mixc.api import compile
 
-    plan = compile(args.file, args.overrides)
+    plan = compile(args.file, args.overrides, import_paths=args.import_paths)
     if args.backend is None:
         text = plan.to_json() + "\n"
         if args.output in (None, "-"):
@@ -170,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
     try:
-        return int(args.func(args, out) or 0)
+        rc = int(args.func(args, out) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at interpreter exit
+        return rc
+    except BrokenPipeError:
+        return _reader_gone()
     except SpecError as e:
         sys.stdout.flush()
         sys.stderr.write(e.render() + "\n")  # plain text: rich would re-wrap the caret lines
@@ -185,6 +192,20 @@ def main(argv: list[str] | None = None) -> int:
             err.print(f"mixc: error: {e}", markup=False)
             return 2
         raise
+
+
+def _reader_gone() -> int:
+    """stdout's reader went away (``mixc inspect --json | head -1``): stop quietly, as Unix tools do.
+
+    Point stdout at /dev/null so the interpreter's final flush cannot raise again.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (captured, say)
+        pass
+    return 141  # 128 + SIGPIPE: what a shell reports for a tool killed by the closed pipe
 
 
 if __name__ == "__main__":

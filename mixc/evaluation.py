@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mixc.compiler.plan import Plan
+from mixc.compiler.plan import Plan, PlanFileError, read_plan
 from mixc.data import DataError, Dataset, check_compatible, load_dataset
 from mixc.metrics import ece, evaluate, member_summary, nll, accuracy, brier
 
@@ -114,10 +114,10 @@ def open_run(target: str | os.PathLike, plan_file: str | os.PathLike | None = No
             f"(`mixc compile SPEC -o plan.json` with the overrides it was trained with)"
         )
     try:
-        plan = Plan.from_json(plan_path.read_text())
-    except Exception as e:  # pydantic's ValidationError, bad JSON
-        raise EvalError(f"{plan_path} is not a mixc plan ({str(e).splitlines()[0]})") from e
-    want = plan.spec_hash or plan.content_hash()
+        plan = read_plan(plan_path)  # validated and checked against its hash before anything lowers it
+    except PlanFileError as e:
+        raise EvalError(str(e)) from None
+    want = plan.spec_hash
     if info.get("spec_hash") != want:
         raise EvalError(
             f"{ckpt} was written for spec {info.get('spec_name')!r} (hash {info.get('spec_hash')}), but {plan_path} "

@@ -15,6 +15,10 @@ from mixc.spec import ast as A
 from mixc.spec.diagnostics import Pos, did_you_mean
 
 _SUFFIX = {"K": 1_000, "M": 1_000_000, "G": 1_000_000_000}
+LIMIT = 10**18  # every number a spec computes stays within +-LIMIT (the largest layer or budget is far below)
+MAX_STR = 10_000  # characters in a computed string (names and globs are short)
+MAX_LIST = 100_000  # numbers and strings inside one list, nested lists counted through
+MAX_NEST = 32  # lists inside lists
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,13 @@ def evaluate(e: A.Expr, env: Mapping[str, Any], symbols: bool = False) -> Any:
             return e.id
         raise EvalError(f"unknown name '{e.id}'", e.pos, did_you_mean(e.id, env) or _bound_hint(env))
     if isinstance(e, A.ListExpr):
-        return [evaluate(x, env, symbols) for x in e.items]
+        items = [evaluate(x, env, symbols) for x in e.items]
+        leaves, depth = _measure(items)
+        if leaves > MAX_LIST:
+            raise EvalError("list too large", e.pos, f"a list in a spec holds at most {MAX_LIST:,} values")
+        if depth > MAX_NEST:
+            raise EvalError("lists nested too deeply", e.pos, f"lists in a spec nest at most {MAX_NEST} deep")
+        return items
     if isinstance(e, A.IfExpr):
         cond = evaluate(e.cond, env, symbols)
         if not isinstance(cond, bool):
@@ -109,13 +119,33 @@ def evaluate(e: A.Expr, env: Mapping[str, Any], symbols: bool = False) -> Any:
                 raise EvalError(f"'not' needs a boolean, got {type_name(v)}", e.operand.pos)
             return not v
         return -_num(v, e.operand.pos, "'-'")
+    if isinstance(e, A.CallValue):  # e.g. --set train.optimizer.lr=sgd(): a call where a value belongs
+        raise EvalError(f"'{e.name}(...)' is a call, not a value", e.pos,
+                        "calls such as sgd(lr = 0.1) are whole settings; here give a number, string or list")
+    if isinstance(e, A.BodyValue):
+        raise EvalError("a { ... } body is not a value", e.pos, "only 'groups' takes a body")
     raise TypeError(f"not an expression: {e!r}")  # a parser bug, never user input
 
 
 def _finite(v: int | float, pos: Pos) -> int | float:
-    if isinstance(v, float) and not math.isfinite(v) or isinstance(v, int) and abs(v) > 10**18:
+    """Refuse numbers beyond +-LIMIT (and inf/nan): later stages size tensors and loops from them."""
+    if isinstance(v, float) and not (math.isfinite(v) and abs(v) <= LIMIT) or isinstance(v, int) and abs(v) > LIMIT:
         raise EvalError("number too large", pos, "numbers in a spec stay below 1e18")
     return v
+
+
+def _measure(items: list, memo: dict[int, tuple[int, int]] | None = None) -> tuple[int, int]:
+    """(values inside, nesting depth) of a list; shared sublists (``[l, l]``) are counted per use but
+    measured once. Every sublist was measured when it was built, so the recursion stays shallow."""
+    memo = {} if memo is None else memo
+    key = id(items)
+    if key not in memo:
+        leaves, depth = 0, 0
+        for x in items:
+            n, d = _measure(x, memo) if isinstance(x, list) else (1, 0)
+            leaves, depth = leaves + n, max(depth, d)
+        memo[key] = (leaves, depth + 1)
+    return memo[key]
 
 
 def _bound_hint(env: Mapping[str, Any]) -> str:
@@ -143,6 +173,8 @@ def _binop(e: A.BinOp, env: Mapping[str, Any], symbols: bool) -> Any:
         return eq if e.op == "==" else not eq
     what = f"'{e.op}'"
     if e.op == "+" and isinstance(a, str) and isinstance(b, str):
+        if len(a) + len(b) > MAX_STR:
+            raise EvalError("string too long", e.pos, f"a string in a spec holds at most {MAX_STR:,} characters")
         return a + b
     x = _num(a, e.left.pos, what)
     y = _num(b, e.right.pos, what)
@@ -155,25 +187,43 @@ def _binop(e: A.BinOp, env: Mapping[str, Any], symbols: bool) -> Any:
     if e.op == "*":
         return x * y
     if e.op == "**":
-        try:
-            r = x**y
-        except OverflowError:
-            raise EvalError("number too large", e.pos) from None
-        if isinstance(r, complex) or (isinstance(r, (int, float)) and abs(r) > 1e18):
-            raise EvalError("number too large (or not real)", e.pos)
-        return r
+        return _power(x, y, e)
     if y == 0:
         raise EvalError("division by zero", e.right.pos)
-    if e.op == "/":
-        if isinstance(x, int) and isinstance(y, int) and x % y == 0:
+    try:
+        if e.op == "/":
+            if isinstance(x, int) and isinstance(y, int) and x % y == 0:
+                return x // y
+            return x / y
+        if e.op == "//":
+            if isinstance(x, float) or isinstance(y, float):
+                q = x / y
+                if not math.isfinite(q) or abs(q) > LIMIT:
+                    raise EvalError("number too large", e.pos, "numbers in a spec stay below 1e18")
+                return math.floor(q)
             return x // y
-        return x / y
-    if e.op == "//":
-        r = math.floor(x / y) if isinstance(x, float) or isinstance(y, float) else x // y
-        return r
-    if e.op == "%":
-        return x % y
+        if e.op == "%":
+            return x % y
+    except (OverflowError, ZeroDivisionError):  # float underflow to 0 in y, or a quotient past float range
+        raise EvalError("number too large", e.pos, "numbers in a spec stay below 1e18") from None
     raise TypeError(f"unknown operator {e.op}")
+
+
+def _power(x: int | float, y: int | float, e: A.BinOp) -> int | float:
+    """``x ** y``, its size bounded from logarithms first: ``9**9**9`` must fail in microseconds, not hang."""
+    if x == 0 and y < 0:
+        raise EvalError("0 cannot be raised to a negative power", e.pos, "division by zero")
+    if x < 0 and not float(y).is_integer():
+        raise EvalError(f"a negative number to a fractional power (({render(x)}) ** {render(y)}) is not real", e.pos)
+    if abs(x) not in (0, 1) and y * math.log10(abs(x)) > 18.5:  # |x ** y| > ~3e18
+        raise EvalError("number too large", e.pos, "numbers in a spec stay below 1e18")
+    try:
+        r = x**y
+    except (OverflowError, ZeroDivisionError):
+        raise EvalError("number too large", e.pos, "numbers in a spec stay below 1e18") from None
+    if isinstance(r, complex):
+        raise EvalError("not a real number", e.pos)
+    return r
 
 
 def _isnum(v: Any) -> bool:

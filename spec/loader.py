@@ -1,14 +1,21 @@
 """Load a spec: resolve the file (or zoo name), follow imports, apply ``--set``.
 
-Imports resolve relative to the importing file, then in the zoo; a cycle is
-an error naming the chain. Definitions from every file share one namespace
-(a name defined twice is an error naming both places). Only the main file's
-``ensemble`` and ``train`` sections count; imported files supply definitions.
+Imports resolve relative to the importing file, then in the folders named with
+``--import-path`` (or ``MIXC_IMPORT_PATH``), then in the zoo; a cycle is an
+error naming the chain. An import may only read a ``.mix`` file inside the main
+spec's folder tree, the zoo, or a named import folder (after symlinks are
+resolved): a spec someone hands you cannot make mixc read ``/etc/passwd`` or
+``/proc/self/environ`` into an error message. The content of a file that is not
+a spec (its name does not end in ``.mix``) is never shown. Definitions from
+every file share one namespace (a name defined twice is an error naming both
+places). Only the main file's ``ensemble`` and ``train`` sections count;
+imported files supply definitions.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,8 +28,24 @@ from mixc.spec.parser import parse, parse_value
 from mixc.spec.sections import EnsembleSpec, read_ensemble, read_train
 
 
+IMPORT_PATH_ENV = "MIXC_IMPORT_PATH"  # os.pathsep-separated folders imports may also read
+MAX_SPEC_BYTES = 4_000_000  # far above any real spec; a bigger file is refused before it is read
+
+
 def zoo_dir() -> Path:
     return Path(str(resources.files("mixc.zoo")))
+
+
+def import_roots(main_file: Path, import_paths: Sequence[str | Path] = ()) -> tuple[Path, ...]:
+    """The folders imports may read: the main spec's folder, ``import_paths``, ``MIXC_IMPORT_PATH``, the zoo."""
+    extra = [*import_paths, *(p for p in os.environ.get(IMPORT_PATH_ENV, "").split(os.pathsep) if p)]
+    roots = [main_file.resolve().parent]
+    for p in (*extra, zoo_dir()):
+        try:
+            roots.append(Path(p).resolve())
+        except (OSError, ValueError):  # a name the OS cannot take: no folder to allow
+            continue
+    return tuple(dict.fromkeys(roots))
 
 
 def zoo_specs() -> list[Path]:
@@ -86,16 +109,22 @@ class Program:
 
 
 def load_program(spec: str | Path, overrides: Sequence[str] = (), defer: bool = False,
-                 text: str | None = None) -> Program:
+                 text: str | None = None, import_paths: Sequence[str | Path] = ()) -> Program:
     """Load and check ``spec``. With ``defer``, errors in the sections are returned
     in ``Program.pending`` instead of raised (syntax and import errors always raise).
     With ``text``, that is the main file's source and ``spec`` only names it
-    (imports then resolve from the current folder, then the zoo)."""
+    (imports then resolve from the current folder, then the zoo). ``import_paths``:
+    further folders imports may read (see the module docstring)."""
     path = Path(spec) if text is not None else resolve_spec_path(spec)
+    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 or ch in "\u2028\u2029" for ch in str(path)):
+        # The name travels into plans, messages and generated source: it must be one line of text.
+        raise SpecError([Diagnostic(f"the spec's file name {str(path)!r} contains a control character", None,
+                                    "rename the file")])
     diags = Diagnostics()
     modules: dict[str, A.Module] = {}
     display = str(spec) if text is not None or Path(spec).is_file() else str(path)
-    _load_file(path.resolve(), modules, diags, chain=(), display=display, text=text)
+    roots = import_roots(path, import_paths)
+    _load_file(path.resolve(), modules, diags, chain=(), display=display, text=text, roots=roots)
     diags.raise_if_any()
     main = next(iter(modules.values()))
 
@@ -143,36 +172,69 @@ def load_program(spec: str | Path, overrides: Sequence[str] = (), defer: bool = 
 
 
 def _load_file(path: Path, modules: dict[str, A.Module], diags: Diagnostics, chain: tuple[Path, ...],
-               display: str, import_pos: Pos | None = None, text: str | None = None) -> None:
+               display: str, import_pos: Pos | None = None, text: str | None = None,
+               roots: tuple[Path, ...] = ()) -> None:
     key = str(path)
     if key in modules:
         return
+    from_disk = text is None
     if text is None:
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            diags.error(f"cannot read {display}: {e}", import_pos, "check the path and that the file is UTF-8 text")
+        text = _read_spec(path, display, import_pos, diags)
+        if text is None:
             return
-    diags.sources[display] = text
+    is_spec = not from_disk or path.suffix == ".mix"
+    if is_spec:
+        diags.sources[display] = text
     try:
         module = parse(text, display)
     except SpecError as err:
-        diags.extend(err)
+        if is_spec:
+            diags.extend(err)
+        else:  # never show a line (or a token) of a file that is not a spec: it may hold secrets
+            first = err.diagnostics[0].pos if err.diagnostics else None
+            diags.error(f"{display} is not a mixc spec: it does not parse (its content is not shown, as {path} "
+                        "is not a .mix file)", first, "name a .mix file")
         return
     modules[key] = module
     for imp in module.imports:
-        target = _resolve_import(path, imp.path)
+        target, refused = _resolve_import(path, imp.path, roots)
         if target is None:
-            diags.error(
-                f'cannot find imported file "{imp.path}"', imp.pos,
-                f"imports are looked up next to {display}, then in the zoo ({zoo_dir()})",
-            )
+            where = ", ".join(str(r) for r in roots)
+            if refused:
+                diags.error(f'import "{imp.path}" is outside the folders imports may read', imp.pos,
+                            f"imports resolve inside {where}; name another folder with --import-path DIR "
+                            f"(or {IMPORT_PATH_ENV})")
+            else:
+                diags.error(
+                    f'cannot find imported file "{imp.path}"', imp.pos,
+                    f"imports are looked up next to {display}, then in --import-path folders, then in the zoo "
+                    f"({zoo_dir()})",
+                )
+            continue
+        if target.suffix != ".mix":
+            diags.error(f'import "{imp.path}" does not name a .mix file', imp.pos,
+                        "only spec files (.mix) can be imported")
             continue
         if target in chain or target == path:
             cycle = " -> ".join(p.name for p in (*chain, path, target))
             diags.error(f"import cycle: {cycle}", imp.pos, "a file cannot import itself, directly or through others")
             continue
-        _load_file(target, modules, diags, (*chain, path), _display(target), imp.pos)
+        _load_file(target, modules, diags, (*chain, path), _display(target), imp.pos, roots=roots)
+
+
+def _read_spec(path: Path, display: str, pos: Pos | None, diags: Diagnostics) -> str | None:
+    """The text of a spec file, or None with an error that names the file but shows none of it."""
+    try:
+        if path.stat().st_size > MAX_SPEC_BYTES:
+            diags.error(f"{display} is too large to be a spec (over {MAX_SPEC_BYTES:,} bytes)", pos)
+            return None
+        with open(path, encoding="utf-8") as f:
+            return f.read(MAX_SPEC_BYTES + 1)[:MAX_SPEC_BYTES]
+    except UnicodeDecodeError:
+        diags.error(f"cannot read {display}: it is not UTF-8 text", pos, "a spec is a UTF-8 text file")
+    except OSError as e:
+        diags.error(f"cannot read {display}: {e.strerror or type(e).__name__}", pos, "check the path")
+    return None
 
 
 def _display(p: Path) -> str:
@@ -182,15 +244,24 @@ def _display(p: Path) -> str:
         return str(p)
 
 
-def _resolve_import(importer: Path, name: str) -> Path | None:
-    for base in (importer.parent, zoo_dir()):
+def _resolve_import(importer: Path, name: str, roots: tuple[Path, ...]) -> tuple[Path | None, bool]:
+    """(the file ``name`` names, or None; whether a candidate was refused for lying outside ``roots``).
+
+    Candidates outside the roots are refused before the file system is asked about
+    them, so an error does not even tell whether such a file exists.
+    """
+    refused = False
+    for base in (importer.parent, *roots[1:]):
         try:
             cand = (base / name).resolve()
+            if not any(cand.is_relative_to(r) for r in roots):
+                refused = True
+                continue
             if cand.is_file():
-                return cand
+                return cand, False
         except (OSError, ValueError):  # a name the OS cannot take (NUL byte, too long)
-            return None
-    return None
+            return None, refused
+    return None, refused
 
 
 # --- --set overrides -----------------------------------------------------------
@@ -226,6 +297,11 @@ def _apply_overrides(overrides: list[str], ens: A.Section | None, train: A.Secti
                         choices_hint(bad, all_keys))
             continue
         vpos = len(key) + 2  # column where the value starts in the override text
+        bad_char = next((i for i, ch in enumerate(text) if (ord(ch) < 32 and ch != "\t") or ord(ch) == 127), None)
+        if bad_char is not None:  # a newline would smuggle further statements into the wrapped value
+            diags.error(f"a --set value is one line of text; found control character {text[bad_char]!r}",
+                        Pos(origin, 1, vpos + bad_char), "remove line breaks and control characters from the value")
+            continue
         try:
             value = parse_value(text, origin)
         except SpecError as err:

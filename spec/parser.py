@@ -13,7 +13,7 @@ import re
 from importlib import resources
 from typing import Iterator
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
 from mixc.spec import ast as A
@@ -97,8 +97,10 @@ class _ToAst(Transformer):
     # expressions
     def number(self, meta, c):
         text = str(c[0])
-        is_int = re.fullmatch(r"\d+", text) is not None
-        return A.Num(int(text) if is_int else float(text), _tok_pos(self.file, c[0]))
+        # Beyond 19 digits an integer is past the evaluator's bound anyway: read it as a float (inf when
+        # huge) so the bound check reports it, not int()'s 4300-digit limit or a slow conversion.
+        is_int = text.isdigit() and len(text.lstrip("0")) <= 19
+        return A.Num(int(text.lstrip("0") or "0") if is_int else float(text), _tok_pos(self.file, c[0]))
 
     def quantity(self, meta, c):
         text = str(c[0])
@@ -278,6 +280,21 @@ def _syntax_diag(e: UnexpectedInput, file: str, text: str) -> tuple[str, Pos, st
     return msg, pos, hint
 
 
+MAX_DEPTH = 100  # parse-tree levels; the zoo needs 11. Every later pass recurses over the tree.
+
+
+def _too_deep(tree: Tree, limit: int) -> Tree | None:
+    """The first subtree more than ``limit`` levels down, found without recursion (``-`` * 5000 must
+    be an error, not a RecursionError in the transformer or the evaluator)."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return node
+        stack.extend((c, depth + 1) for c in node.children if isinstance(c, Tree))
+    return None
+
+
 @functools.lru_cache(maxsize=256)
 def parse(text: str, file: str = "<string>") -> A.Module:
     """Parse one file's text. Raises ``SpecError`` with every syntax error found.
@@ -305,6 +322,11 @@ def parse(text: str, file: str = "<string>") -> A.Module:
         diags.raise_if_any()
         raise  # unreachable: an UnexpectedInput always records a diagnostic
     diags.raise_if_any()
+    deep = _too_deep(tree, MAX_DEPTH)
+    if deep is not None:
+        diags.error(f"nested too deeply (more than {MAX_DEPTH} levels)", _meta_pos(file, deep.meta),
+                    "split the expression with let, or nest fewer blocks")
+        diags.raise_if_any()
     try:
         items = _ToAst(file).transform(tree)
     except VisitError as e:  # a bug in the transformer, not the user's fault

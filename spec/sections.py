@@ -46,6 +46,7 @@ class EnsembleSpec:
 
 
 GROUP_MODES = ("by_shape", "single", "none")
+MAX_MEMBERS = 1024  # every member has its own alphas, BatchNorm and template table in the plan
 ASSIGN = ("shared", "greedy_disjoint")
 
 
@@ -109,7 +110,10 @@ def read_ensemble(section: A.Section, consts: dict, definitions: dict[str, A.Def
                 spec.groups = v
         elif s.key in ("members", "templates_per_layer"):
             v = _int(_eval(s.value, consts, diags), vpos, s.key, diags) if not isinstance(s.value, (A.CallValue, A.BodyValue)) else None
-            if v is not None:
+            if v is not None and s.key == "members" and v > MAX_MEMBERS:  # plans and tables grow with members
+                diags.error(f"'members' is at most {MAX_MEMBERS:,}, got {v:,}", vpos,
+                            "an ensemble has a handful of members (the paper uses 4 to 16)")
+            elif v is not None:
                 setattr(spec, s.key, v)
         elif s.key == "budget":
             v = _eval(s.value, consts, diags) if not isinstance(s.value, (A.CallValue, A.BodyValue)) else None
@@ -219,6 +223,7 @@ def read_train(section: A.Section, consts: dict, diags: Diagnostics) -> dict | N
                     ok = False
                     continue
                 args[a.name] = _eval(a.value, consts, diags)
+                ok = ok and args[a.name] is not None  # None: the value's own error is reported, no echo below
                 where[(s.key, a.name)] = a.pos
             raw[s.key] = args
         elif isinstance(s.value, A.BodyValue):
@@ -226,6 +231,7 @@ def read_train(section: A.Section, consts: dict, diags: Diagnostics) -> dict | N
             ok = False
         else:
             raw[s.key] = _eval(s.value, consts, diags)
+            ok = ok and raw[s.key] is not None
             where[(s.key, "value")] = getattr(s.value, "pos", s.pos)
     if not ok:
         return None

@@ -23,7 +23,7 @@ from mixc.compiler.plan import Plan
 
 LAYOUTS = ("auto", "grouped", "loop")
 
-_SOURCES: dict[str, types.ModuleType] = {}  # spec_hash -> exec'd module (the source depends only on the plan)
+_SOURCES: dict[str, types.ModuleType] = {}  # content hash -> exec'd module (the source depends only on the plan)
 
 
 def load_source(source: str, plan: Plan) -> types.ModuleType:
@@ -38,7 +38,7 @@ def load_source(source: str, plan: Plan) -> types.ModuleType:
 
 def model_class(plan: Plan) -> type:
     """The generated nnx.Module class for ``plan`` (generated and exec'd once per plan)."""
-    key = plan.spec_hash or plan.content_hash()
+    key = plan.content_hash()  # not spec_hash: a copied plan (dropout off, say) keeps its parent's
     mod = _SOURCES.get(key)
     if mod is None:
         mod = _SOURCES[key] = load_source(emit_source(plan), plan)
@@ -67,7 +67,7 @@ def build(
 
 def _initializer(plan: Plan, layout: str, dtype: Any, platform: str) -> tuple[nnx.GraphDef, Any]:
     """(graphdef, jitted key -> initial state) for the plan's module, cached."""
-    cache_key = (plan.spec_hash or plan.content_hash(), layout, str(dtype), platform)
+    cache_key = (plan.content_hash(), layout, str(dtype), platform)
     hit = _INITS.get(cache_key)
     if hit is None:
         cls = model_class(plan)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mixc.checkpoint_format import spec_hash
-from mixc.compiler.plan import Plan
+from mixc.compiler.plan import Plan, PlanFileError, read_plan
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
@@ -118,9 +118,10 @@ def check_run_folder(out: Path, plan: Plan) -> None:
     if not old_path.exists():
         return
     try:
-        old = Plan.from_json(old_path.read_text())
-    except Exception:  # an older plan format: the checkpoint's own hash check decides
-        return
+        old = read_plan(old_path)  # validated and matching its hash, or the folder is not resumed
+    except PlanFileError as e:
+        raise TrainError(f"{e}; the run in {out} cannot be resumed from it: pass another --out folder, "
+                         "or delete that one to start over") from None
     if spec_hash(old) != spec_hash(plan):
         raise TrainError(
             f"the run folder {out} belongs to {old.name} (from {old.source}, spec hash {spec_hash(old)}), "
