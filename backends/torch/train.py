@@ -36,7 +36,9 @@ What it does, and the choices that matter for reproducing results:
   or recipe is refused.
 - Data parallel: under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is
   gloo on CPU and nccl on CUDA and the model is wrapped in
-  DistributedDataParallel. With ``MIXC_WEIGHTS_HASH_DIR`` set, every rank
+  DistributedDataParallel. torch.distributed modules that DDP imports lazily
+  are imported before the process group exists (see :func:`_import_ddp_modules`),
+  so ``destroy_process_group`` really frees it. With ``MIXC_WEIGHTS_HASH_DIR`` set, every rank
   writes ``rank<r>.sha256`` of its trainable tensors at the end (a test hook:
   ranks must agree; BN running statistics are per rank and excluded).
 """
@@ -44,6 +46,7 @@ What it does, and the choices that matter for reproducing results:
 from __future__ import annotations
 
 import hashlib
+import importlib
 import math
 import os
 import sys
@@ -136,6 +139,31 @@ def spec_hash(plan: Plan) -> str:
 # Setup
 
 
+#: What DistributedDataParallel imports on first construction. Some of these modules evaluate
+#: ``group=group.WORLD`` as default arguments at import: imported after ``init_process_group``
+#: they hold the default process group for the life of the process, ``destroy_process_group``
+#: cannot free it, and its gloo threads run on into interpreter shutdown, where a rank can die
+#: with "terminate called without an active exception" (SIGABRT) once the C++ objects are torn
+#: down. Imported first, their defaults are the "no group" sentinel.
+_DDP_MODULES = (
+    "torch.nn.parallel",
+    "torch.distributed.nn",
+    "torch.distributed.algorithms._optimizer_overlap",
+    "torch.distributed.algorithms.ddp_comm_hooks.optimizer_overlap_hooks",
+    "torch.distributed.algorithms.ddp_comm_hooks.mixed_precision_hooks",
+    "torch.distributed._functional_collectives",
+)
+
+
+def _import_ddp_modules() -> None:
+    """Import DDP's lazily imported modules before any process group exists (see ``_DDP_MODULES``)."""
+    for name in _DDP_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # another torch version: nothing to pin
+            pass
+
+
 class _Dist:
     """Rank, world and device; sets up torch.distributed when launched by torchrun."""
 
@@ -157,6 +185,7 @@ class _Dist:
                 dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
                 torch.cuda.set_device(dev)
             if not dist.is_initialized():
+                _import_ddp_modules()
                 dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
                 self.owns_group = True
             self.rank = dist.get_rank()
