@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from mixc.compiler.plan import Plan
-from mixc.run_folder import NonFiniteError, RunFolderError, non_finite_tensors, parse_header
+from mixc.run_folder import NonFiniteError, RunFolderError, default_mode, non_finite_tensors, parse_header
 
 FORMAT = "mixc-checkpoint"
 FORMAT_VERSION = "1"
@@ -98,12 +98,12 @@ def tensor_checksum(arrays: dict[str, Any]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def check_finite(arrays: dict[str, Any], what: str) -> None:
+def check_finite(arrays: dict[str, Any], what: str, after: str = "") -> None:
     """Raise ``NonFiniteTensorError`` naming every tensor of ``arrays`` that holds NaN or infinity."""
     bad = non_finite_tensors(arrays)
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise NonFiniteTensorError(f"{what}: non-finite tensor(s): {'; '.join(bad[:5])}{more}")
+        raise NonFiniteTensorError(f"{what} non-finite tensor(s): {'; '.join(bad[:5])}{more}{after}")
 
 
 def check_model_tensors(shapes: dict[str, Iterable[int]], plan: Plan) -> None:
@@ -131,6 +131,7 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, default_mode())  # not mkstemp's 0600: checkpoints are shared like model files
     os.close(fd)
     try:
         write(tmp)
@@ -163,7 +164,7 @@ def save_arrays(
     extra = extra or {}
     check_extra_names(extra, plan)
     out.update({name: np.ascontiguousarray(np.asarray(a)) for name, a in extra.items()})
-    check_finite(out, f"refusing to save {path}")
+    check_finite(out, f"refusing to save {path}:")
     head = header(plan, epoch, metadata, tensor_checksum(out))
     return write_atomic(path, lambda tmp: save_file(out, tmp, metadata=head))
 
@@ -260,7 +261,8 @@ def verify(path: str | Path, meta: dict[str, str], arrays: dict[str, Any]) -> No
             "(bytes were changed after writing: a damaged copy, or an edit); hint: copy the run again from "
             "where it was trained, or retrain"
         )
-    check_finite(arrays, f"checkpoint {str(path)!r} holds damaged weights (hint: use an undamaged copy)")
+    check_finite(arrays, f"checkpoint {str(path)!r} holds", "; the weights are damaged (or were saved by a "
+                 "diverged run); hint: use an undamaged copy, or retrain")
 
 
 def epoch_and_metadata(meta: dict[str, str], path: str | Path = "checkpoint") -> tuple[int, dict[str, Any]]:

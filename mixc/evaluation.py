@@ -31,7 +31,7 @@ import numpy as np
 from mixc.compiler.plan import Plan
 from mixc.data import DataError, Dataset, check_compatible, load_dataset
 from mixc.metrics import ece, evaluate, member_summary, nll, accuracy, brier
-from mixc.run_folder import RunFolderError, parse_header, read_config, read_header, read_raw_header
+from mixc.run_folder import RunFolderError, parse_header, read_config, read_header, read_metrics, read_raw_header
 from mixc.run_folder import last_metrics as _last_metrics
 
 __all__ = [
@@ -139,6 +139,8 @@ def open_run(target: str | os.PathLike, plan_file: str | os.PathLike | None = No
         cfg = None
     if cfg is not None and cfg.options.spec_hash in (None, want):  # else another run's settings
         config = cfg.model_dump(mode="json", exclude_none=True)
+    if ckpt.name == CHECKPOINT:
+        _parsed(lambda: read_metrics(folder))  # the whole run folder is valid, or named at fault
     return Run(ckpt, plan, folder, config, head.epoch)
 
 

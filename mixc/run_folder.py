@@ -222,7 +222,7 @@ def _validate(model: type[BaseModel], data: Any, where: str, hint: str) -> Any:
         raise RunFolderError(f"{where}: {_problems(e)}; hint: {hint}") from None
 
 
-_HEADER_HINT = "the file was edited or damaged; use a checkpoint as mixc train wrote it"
+_HEADER_HINT = "the header was edited or damaged: use the checkpoint as mixc train wrote it (with a mixc that reads its format version)"
 
 
 def read_raw_header(path: str | os.PathLike) -> dict[str, str]:
@@ -349,6 +349,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, default_mode())  # mkstemp's 0600 would hide the file from the people it is shared with
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -358,6 +359,13 @@ def write_text_atomic(path: Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def default_mode() -> int:
+    """The mode ``open()`` would give a new file: 0o666 less the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_json(path: Path, obj: Any) -> None:

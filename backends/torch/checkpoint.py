@@ -65,7 +65,7 @@ def save_checkpoint(
     for name, t in (extra or {}).items():
         tensors[name] = t.detach().to("cpu").contiguous()
     host = {name: t.numpy() for name, t in tensors.items()}  # views, no copies
-    check_finite(host, f"refusing to save {path}")
+    check_finite(host, f"refusing to save {path}:")
     head = header(plan, epoch, metadata, tensor_checksum(host))
     return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=head))
 
