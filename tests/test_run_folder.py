@@ -336,3 +336,38 @@ def test_truncated_last_line_is_dropped_on_resume_and_named_by_readers(run, caps
     rc, _, err = _cli(capsys, *_readers(folder, npz)[3])
     assert rc == 0 and "dropped a truncated last line" in err and "restored the line of epoch 2" in err
     assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_kill_between_checkpoint_and_append_then_resume(tmp_path, base, monkeypatch):
+    """The literal crash: epoch 1's checkpoint is renamed into place, the process dies before the append."""
+    import builtins
+
+    import mixc
+    from mixc import run_folder
+    from mixc.backends.torch.train import train
+    from mixc.compiler.recipe import Recipe
+    from mixc.data import load_dataset
+
+    _, npz = base
+    data = load_dataset(str(npz))
+    plan = mixc.compile("digits", ["backbone.width=8", "members=2"])
+    recipe = Recipe.model_validate({**plan.train, "epochs": 2, "batch": 32})
+    out = tmp_path / "r"
+
+    def dies_on_append(path, mode="r", *a, **k):
+        if mode == "a":
+            raise KeyboardInterrupt  # SIGINT/SIGKILL right after the checkpoint's rename
+        return builtins.open(path, mode, *a, **k)
+
+    monkeypatch.setattr(run_folder, "open", dies_on_append, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(plan, recipe, out_dir=out, data=data, progress=False)
+    monkeypatch.undo()
+    assert json.loads(_header(out / "checkpoint.safetensors")["__metadata__"]["epoch"]) == 1
+    assert not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").read_text() == ""
+    (out / ".checkpoint.safetensors.abc123.tmp").write_bytes(b"half a checkpoint")  # and a kill mid-write
+    m = train(plan, recipe, out_dir=out, data=data, progress=False)
+    assert m["epoch"] == 2
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
