@@ -5,9 +5,14 @@ A checkpoint is one safetensors file. It holds the bank form of the model
 statistics) under the plan's tensor names, in the plan's (PyTorch) layout, as
 float32; extra tensors (optimiser state, by convention ``optim.<...>``) sit
 beside them. The header records the format, the spec's name and hash, the plan
-version, the epoch, and the caller's metadata as JSON. Files are written to a
-temporary file in the same folder, fsynced and moved into place with
-``os.replace``, so a crash never leaves a half-written checkpoint.
+version, the epoch, the caller's metadata as JSON, and ``checksum``:
+``sha256:<hex>`` over every tensor (name, shape and bytes, in name order).
+Loading verifies the header (one validated model, ``mixc.run_folder``), the
+checksum (a file from before checksums loads with a note) and that every
+tensor is finite; saving refuses non-finite tensors, so a diverged model never
+replaces a good checkpoint. Files are written to a temporary file in the same
+folder, fsynced and moved into place with ``os.replace``, so a crash never
+leaves a half-written checkpoint.
 
 The backends (``backends/torch/checkpoint.py``, ``backends/flax/checkpoint.py``)
 convert their model's tensors to and from this format; the checks and messages
@@ -16,8 +21,10 @@ live here once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -25,6 +32,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from mixc.compiler.plan import Plan
+from mixc.run_folder import NonFiniteError, RunFolderError, default_mode, non_finite_tensors, parse_header
 
 FORMAT = "mixc-checkpoint"
 FORMAT_VERSION = "1"
@@ -33,7 +41,10 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "CheckpointError",
+    "NonFiniteTensorError",
     "spec_hash",
+    "tensor_checksum",
+    "check_finite",
     "header",
     "check_model_tensors",
     "check_extra_names",
@@ -46,16 +57,20 @@ __all__ = [
 
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot be loaded into this model (other spec, missing or misshapen tensors)."""
+    """A checkpoint that cannot be loaded into this model (other spec, missing or misshapen tensors, damage)."""
+
+
+class NonFiniteTensorError(CheckpointError, NonFiniteError):
+    """Tensors holding NaN or infinity: refused when saving (divergence) and when loading (damage)."""
 
 
 def spec_hash(plan: Plan) -> str:
     return plan.spec_hash or plan.content_hash()
 
 
-def header(plan: Plan, epoch: int, metadata: dict[str, str] | None = None) -> dict[str, str]:
+def header(plan: Plan, epoch: int, metadata: dict[str, Any] | None = None, checksum: str | None = None) -> dict[str, str]:
     """The safetensors header of a checkpoint of ``plan`` after ``epoch`` epochs."""
-    return {
+    head = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "spec_name": plan.name,
@@ -64,6 +79,31 @@ def header(plan: Plan, epoch: int, metadata: dict[str, str] | None = None) -> di
         "epoch": str(int(epoch)),
         "metadata": json.dumps(metadata or {}, sort_keys=True),
     }
+    if checksum is not None:
+        head["checksum"] = checksum
+    return head
+
+
+def tensor_checksum(arrays: dict[str, Any]) -> str:
+    """``sha256:<hex>`` over every array's name, shape and bytes, in name order.
+
+    ``arrays`` hold host numpy arrays (or anything ``np.asarray`` views without
+    a copy, e.g. CPU torch tensors): the checksum is of the bytes in the file.
+    """
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(np.asarray(arrays[name]))
+        h.update(f"{name}\0{list(a.shape)}\0{a.dtype.str}\0".encode())
+        h.update(a.reshape(-1).view(np.uint8))
+    return "sha256:" + h.hexdigest()
+
+
+def check_finite(arrays: dict[str, Any], what: str, after: str = "") -> None:
+    """Raise ``NonFiniteTensorError`` naming every tensor of ``arrays`` that holds NaN or infinity."""
+    bad = non_finite_tensors(arrays)
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise NonFiniteTensorError(f"{what} non-finite tensor(s): {'; '.join(bad[:5])}{more}{after}")
 
 
 def check_model_tensors(shapes: dict[str, Iterable[int]], plan: Plan) -> None:
@@ -91,6 +131,7 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, default_mode())  # not mkstemp's 0600: checkpoints are shared like model files
     os.close(fd)
     try:
         write(tmp)
@@ -123,7 +164,8 @@ def save_arrays(
     extra = extra or {}
     check_extra_names(extra, plan)
     out.update({name: np.ascontiguousarray(np.asarray(a)) for name, a in extra.items()})
-    head = header(plan, epoch, metadata)
+    check_finite(out, f"refusing to save {path}:")
+    head = header(plan, epoch, metadata, tensor_checksum(out))
     return write_atomic(path, lambda tmp: save_file(out, tmp, metadata=head))
 
 
@@ -197,9 +239,36 @@ def read_tensors(
             )
         loaded = {t.name: f.get_tensor(t.name) for t in plan.tensors}
         extra = {name: f.get_tensor(name) for name in sorted(names - set(loaded))}
+    verify(path, meta, {**loaded, **extra})
     return loaded, extra, meta
 
 
-def epoch_and_metadata(meta: dict[str, str]) -> tuple[int, dict[str, str]]:
-    """The epoch and the caller's metadata dict from a header."""
-    return int(meta.get("epoch", "0")), json.loads(meta.get("metadata", "{}"))
+_NOTED: set[str] = set()
+
+
+def verify(path: str | Path, meta: dict[str, str], arrays: dict[str, Any]) -> None:
+    """The header is valid, the tensors match its checksum (if it has one) and are finite; else CheckpointError."""
+    epoch_and_metadata(meta, path)
+    want = meta.get("checksum")
+    if want is None:
+        if str(path) not in _NOTED:
+            _NOTED.add(str(path))
+            print(f"mixc: note: {path} has no checksum (written before mixc recorded them), so its integrity "
+                  "cannot be verified; saving it again adds one", file=sys.stderr)
+    elif tensor_checksum(arrays) != want:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: its tensor data does not match the checksum recorded when it was saved "
+            "(bytes were changed after writing: a damaged copy, or an edit); hint: copy the run again from "
+            "where it was trained, or retrain"
+        )
+    check_finite(arrays, f"checkpoint {str(path)!r} holds", "; the weights are damaged (or were saved by a "
+                 "diverged run); hint: use an undamaged copy, or retrain")
+
+
+def epoch_and_metadata(meta: dict[str, str], path: str | Path = "checkpoint") -> tuple[int, dict[str, Any]]:
+    """The epoch and the caller's metadata dict from a header, validated (CheckpointError naming each bad field)."""
+    try:
+        head = parse_header(meta, path)
+    except RunFolderError as e:
+        raise CheckpointError(str(e)) from None
+    return head.epoch, json.loads(meta.get("metadata", "{}"))

@@ -91,9 +91,10 @@ def check_compatible(dataset: Dataset, input_shape: list[int] | tuple[int, ...],
             )
     for split, y in (("y_train", dataset.y_train), ("y_test", dataset.y_test)):
         if y.size and (y.min() < 0 or y.max() >= classes):
-            bad = int(y.max()) if y.max() >= classes else int(y.min())
+            i = int(np.argmax((y < 0) | (y >= classes)))
+            bad = int(y[i])
             raise DataError(
-                f"dataset {dataset.name!r}: {split} holds label {bad}, outside 0..{classes - 1} for the spec's "
+                f"dataset {dataset.name!r}: {split}[{i}] holds label {bad}, outside 0..{classes - 1} for the spec's "
                 f"{classes} classes; hint: set the backbone's number of classes to at least {int(y.max()) + 1}, "
                 "or relabel the data to 0..classes-1"
             )
@@ -274,28 +275,7 @@ def _load_npz(path: Path) -> Dataset:
             "arrays (object arrays are refused)"
         ) from e
     for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.ndim < 2:
-            raise DataError(
-                f"{path}: x_{split} has shape {list(x.shape)}; expected [N, ...] with one sample per row; "
-                "hint: a vector dataset is [N, D], images [N, C, H, W]"
-            )
-        if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-            raise DataError(f"{path}: x_{split} has dtype {x.dtype}; expected numbers")
-        if y.ndim != 1 or y.shape[0] != x.shape[0]:
-            raise DataError(
-                f"{path}: y_{split} has shape {list(y.shape)} but x_{split} has {x.shape[0]} samples; "
-                f"expected y_{split} of shape [{x.shape[0]}] (one integer class per sample, not one-hot)"
-            )
-        if not np.issubdtype(y.dtype, np.integer):
-            if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
-                pass  # whole numbers stored as floats are fine
-            else:
-                raise DataError(f"{path}: y_{split} has dtype {y.dtype} with non-integer values; expected integer class labels")
-        if y.size and y.min() < 0:
-            raise DataError(f"{path}: y_{split} holds label {int(y.min())}; labels must be 0..classes-1")
-        if not np.all(np.isfinite(x)):
-            raise DataError(f"{path}: x_{split} holds NaN or infinite values")
+        _check_split(path, split, arrays[f"x_{split}"], arrays[f"y_{split}"])
     if list(arrays["x_train"].shape[1:]) != list(arrays["x_test"].shape[1:]):
         raise DataError(
             f"{path}: x_train samples have shape {list(arrays['x_train'].shape[1:])} but x_test samples "
@@ -313,6 +293,70 @@ def _load_npz(path: Path) -> Dataset:
         classes,
         f"{path}, samples {list(arrays['x_train'].shape[1:])}, {len(y_train)} train / {len(y_test)} test",
     )
+
+
+#: Inputs beyond this magnitude overflow float32 arithmetic in a network (squares in BatchNorm, sums in
+#: convolutions) and almost always mean unnormalised or corrupted data.
+MAX_INPUT = 1e6
+#: Labels are class indices; anything this large is not one (and would not fit the cast to int64).
+MAX_LABEL = 1_000_000
+
+
+def _at(a: np.ndarray, flat: int) -> str:
+    """``[i, j, ...]`` of the ``flat``-th element of ``a``."""
+    return "[" + ", ".join(str(int(i)) for i in np.unravel_index(flat, a.shape)) + "]"
+
+
+def _check_split(path: Path, split: str, x: np.ndarray, y: np.ndarray) -> None:
+    """One split of a .npz: samples present, numeric and of sane magnitude, one integer class per sample."""
+    xs, ys = f"x_{split}", f"y_{split}"
+    if x.ndim < 2:
+        raise DataError(f"{path}: {xs} has shape {list(x.shape)}; expected [N, ...] with one sample per row; "
+                        "hint: a vector dataset is [N, D], images [N, C, H, W]")
+    if x.shape[0] == 0:
+        raise DataError(f"{path}: {xs} holds no samples (shape {list(x.shape)}); training and evaluation need at "
+                        f"least one; hint: fill both splits (x_train/y_train and x_test/y_test)")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise DataError(f"{path}: {xs} has dtype {x.dtype}; expected numbers")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise DataError(
+            f"{path}: {ys} has shape {list(y.shape)} but {xs} has {x.shape[0]} samples; "
+            f"expected {ys} of shape [{x.shape[0]}] (one integer class per sample, not one-hot)"
+        )
+    _check_labels(path, ys, y)
+    _check_inputs(path, xs, x)
+
+
+def _check_labels(path: Path, name: str, y: np.ndarray) -> None:
+    hint = "hint: labels are class indices 0..classes-1, one integer per sample"
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating) or y.dtype == bool):
+        raise DataError(f"{path}: {name} has dtype {y.dtype}; expected integer class labels; {hint}")
+    yf = y.astype(np.float64)
+    bad = ~np.isfinite(yf) | (yf != np.round(yf)) | (yf < 0) | (yf >= MAX_LABEL)
+    if bad.any():
+        i = int(np.argmax(bad))
+        v = y[i].item()
+        why = "negative" if np.isfinite(yf[i]) and yf[i] < 0 else (
+            "a non-integer value" if not np.isfinite(yf[i]) or yf[i] != np.round(yf[i]) else f"not below {MAX_LABEL:,}")
+        raise DataError(f"{path}: {name}[{i}] = {v!r} is not a class index ({why}); {hint}")
+
+
+def _check_inputs(path: Path, name: str, x: np.ndarray) -> None:
+    if x.dtype == bool:
+        return
+    if np.issubdtype(x.dtype, np.floating):
+        bad = ~np.isfinite(x) | (np.abs(x) > MAX_INPUT)  # in x's own dtype: no float64 copy of a big array
+    else:
+        bad = (x > MAX_INPUT) | (x < -MAX_INPUT)
+    if bad.any():
+        i = int(np.argmax(bad.reshape(-1)))
+        v = x.reshape(-1)[i].item()
+        why = "not a finite number" if not np.isfinite(v) else f"beyond +-{MAX_INPUT:g}, which overflows float32 arithmetic"
+        raise DataError(
+            f"{path}: {name}{_at(x, i)} = {v!r} is {why} ({int(bad.sum())} such value(s) in {name}); hint: store "
+            "normalised inputs (e.g. per channel: subtract the mean, divide by the standard deviation) and "
+            "replace missing values"
+        )
 
 
 # ---------------------------------------------------------------------------

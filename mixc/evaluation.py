@@ -31,6 +31,8 @@ import numpy as np
 from mixc.compiler.plan import Plan, PlanFileError, read_plan
 from mixc.data import DataError, Dataset, check_compatible, load_dataset
 from mixc.metrics import ece, evaluate, member_summary, nll, accuracy, brier
+from mixc.run_folder import RunFolderError, parse_header, read_config, read_header, read_metrics, read_raw_header
+from mixc.run_folder import last_metrics as _last_metrics
 
 __all__ = [
     "EvalError",
@@ -92,7 +94,12 @@ class Run:
 
 
 def open_run(target: str | os.PathLike, plan_file: str | os.PathLike | None = None) -> Run:
-    """Open a run folder, or a checkpoint file with ``plan.json`` beside it (or ``plan_file``)."""
+    """Open a run folder, or a checkpoint file with ``plan.json`` beside it (or ``plan_file``).
+
+    The checkpoint's header, ``config.json`` and ``metrics.jsonl`` are parsed
+    through ``mixc.run_folder``'s models: a damaged or edited file is an
+    ``EvalError`` naming the file, line and field.
+    """
     path = Path(target)
     if path.is_dir():
         folder, ckpt = path, path / CHECKPOINT
@@ -106,7 +113,7 @@ def open_run(target: str | os.PathLike, plan_file: str | os.PathLike | None = No
         folder, ckpt = path.parent, path
     else:
         raise EvalError(f"no run folder or checkpoint {path}; hint: `mixc train FILE --out DIR` writes one")
-    info = checkpoint_header(ckpt)
+    head = _parsed(lambda: read_header(ckpt))
     plan_path = Path(plan_file) if plan_file is not None else folder / "plan.json"
     if not plan_path.is_file():
         raise EvalError(
@@ -118,55 +125,45 @@ def open_run(target: str | os.PathLike, plan_file: str | os.PathLike | None = No
     except PlanFileError as e:
         raise EvalError(str(e)) from None
     want = plan.spec_hash
-    if info.get("spec_hash") != want:
+    if head.spec_hash != want:
         raise EvalError(
-            f"{ckpt} was written for spec {info.get('spec_name')!r} (hash {info.get('spec_hash')}), but {plan_path} "
+            f"{ckpt} was written for spec {head.spec_name!r} (hash {head.spec_hash}), but {plan_path} "
             f"is {plan.name!r} (hash {want}); hint: pass the plan it was trained with (--plan)"
         )
     config: dict[str, Any] = {}
-    cfg_path = folder / "config.json"
-    if cfg_path.is_file():
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError:
-            config = {}
-        if (config.get("options") or {}).get("spec_hash", want) != want:
-            config = {}  # another run's settings (a checkpoint copied beside them): not this one's
-    return Run(ckpt, plan, folder, config, int(info.get("epoch", 0)))
+    try:
+        cfg = read_config(folder / "config.json")
+    except RunFolderError as e:
+        if ckpt.name == CHECKPOINT:  # the run's own file; beside a loose checkpoint it may be anyone's
+            raise EvalError(str(e)) from None
+        cfg = None
+    if cfg is not None and cfg.options.spec_hash in (None, want):  # else another run's settings
+        config = cfg.model_dump(mode="json", exclude_none=True)
+    if ckpt.name == CHECKPOINT:
+        _parsed(lambda: read_metrics(folder))  # the whole run folder is valid, or named at fault
+    return Run(ckpt, plan, folder, config, head.epoch)
+
+
+def _parsed(read: Callable[[], Any]) -> Any:
+    try:
+        return read()
+    except RunFolderError as e:
+        raise EvalError(str(e)) from None
 
 
 def checkpoint_header(path: Path) -> dict[str, str]:
-    """A mixc checkpoint's metadata, read from the safetensors header without any framework.
-
-    (safetensors: 8 bytes little-endian header length, then a JSON header whose
-    ``__metadata__`` holds string pairs.)
-    """
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n < 100_000_000:
-                raise ValueError(f"header length {n}")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
-        raise EvalError(f"{path} is not a safetensors file ({e}); hint: name a checkpoint written by mixc") from e
-    meta = header.get("__metadata__") or {} if isinstance(header, dict) else {}
-    if meta.get("format") != "mixc-checkpoint":
-        raise EvalError(f"{path} is a safetensors file but not a mixc checkpoint (no 'mixc-checkpoint' header)")
-    return meta
+    """A mixc checkpoint's header, validated, read without any framework (EvalError naming each bad field)."""
+    raw = _parsed(lambda: read_raw_header(path))
+    _parsed(lambda: parse_header(raw, path))
+    return raw
 
 
 def last_metrics(folder: Path) -> dict[str, Any] | None:
-    """The last line of ``metrics.jsonl`` (the test metrics after the last finished epoch), or None."""
-    path = Path(folder) / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    last = None
-    for line in path.read_text().splitlines():
-        try:
-            last = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-    return last
+    """The last line of ``metrics.jsonl`` (the test metrics after the last finished epoch), or None.
+
+    Every line is validated: a bad one is an EvalError naming ``metrics.jsonl:<line>``.
+    """
+    return _parsed(lambda: _last_metrics(folder))
 
 
 def resolve_data(run: Run, data: str | None, data_dir: str | None) -> tuple[str, str | None]:

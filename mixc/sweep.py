@@ -130,13 +130,13 @@ def _finished(folder: Path, plan: Plan, epochs: int) -> dict[str, Any] | None:
     ckpt = folder / "checkpoint.safetensors"
     if not ckpt.is_file():
         return None
-    try:
+    try:  # a damaged folder is not finished: training it gives the clear error (or repairs it)
         head = checkpoint_header(ckpt)
+        m = last_metrics(folder)
     except EvalError:
         return None
-    if head.get("spec_hash") != (plan.spec_hash or plan.content_hash()) or int(head.get("epoch", 0)) < epochs:
+    if head.get("spec_hash") != (plan.spec_hash or plan.content_hash()) or int(head["epoch"]) < epochs:
         return None
-    m = last_metrics(folder)
     return m if m is not None and m.get("epoch") == int(head["epoch"]) else None
 
 

@@ -108,3 +108,37 @@ def test_shard_tiles(n, world):
     parts = [list(range(n))[shard(n, r, world)] for r in range(world)]
     assert sum(parts, []) == list(range(n))
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+@pytest.mark.parametrize("arrays,message", [
+    (dict(x_train=np.zeros((0, 1, 8, 8)), y_train=np.zeros(0, np.int64)), r"x_train holds no samples"),
+    (dict(x_test=np.zeros((0, 1, 8, 8)), y_test=np.zeros(0, np.int64)), r"x_test holds no samples"),
+    (dict(y_train=np.array([0, 1, 2, 1e30, 0, 1])), r"y_train\[3\] = 1e\+30 is not a class index"),
+    (dict(y_test=np.array([0, -2, 1])), r"y_test\[1\] = -2 is not a class index \(negative\)"),
+    (dict(y_train=np.array([0, 1, np.nan, 1, 0, 1])), r"y_train\[2\] = nan is not a class index"),
+])
+def test_npz_empty_splits_and_bad_labels_name_array_index_and_value(tmp_path, arrays, message):
+    with pytest.raises(DataError, match=message) as e:
+        load_dataset(str(_npz(tmp_path / "bad.npz", **arrays)))
+    assert "bad.npz" in str(e.value) and "hint" in str(e.value)
+
+
+def test_npz_inputs_must_be_finite_and_of_sane_magnitude(tmp_path):
+    x = np.zeros((6, 1, 8, 8))
+    x[4, 0, 2, 5] = 1e300  # finite in float64, infinite once cast to float32
+    with pytest.raises(DataError, match=r"x_train\[4, 0, 2, 5\] = 1e\+300 is beyond \+-1e\+06.*normalised"):
+        load_dataset(str(_npz(tmp_path / "big.npz", x_train=x)))
+    x = np.zeros((3, 1, 8, 8), np.float32)
+    x[1, 0, 0, 0] = np.inf
+    with pytest.raises(DataError, match=r"x_test\[1, 0, 0, 0\] = inf is not a finite number"):
+        load_dataset(str(_npz(tmp_path / "inf.npz", x_test=x)))
+
+
+def test_cli_reports_an_empty_split_without_a_traceback(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from mixc.commands import train as cmd
+
+    path = _npz(tmp_path / "empty.npz", x_train=np.zeros((0, 1, 8, 8)), y_train=np.zeros(0, np.int64))
+    code = cmd.main(["digits", "--data", str(path), "--out", str(tmp_path / "r"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "x_train holds no samples" in err and "Traceback" not in err

@@ -243,6 +243,27 @@ def test_run_folder_of_another_spec_is_refused(one_epoch):
         train(other, _recipe(), out_dir=one_epoch, progress=False)
 
 
+def test_flax_resume_shares_the_run_folder_rules(one_epoch, tmp_path):
+    """Another recipe is refused (before any compile), the lock holds, non-finite weights are never saved."""
+    from mixc.checkpoint_format import NonFiniteTensorError, save_arrays
+    from mixc.run_folder import RunLock
+
+    with pytest.raises(TrainError, match=r"another recipe \(optimizer.lr: 0.05 -> 0.5\)"):
+        train(_plan(), _recipe(epochs=1, optimizer={"lr": 0.5}), out_dir=one_epoch, progress=False)
+    lock = RunLock(one_epoch).acquire()
+    try:
+        with pytest.raises(TrainError, match="being written by another"):
+            train(_plan(), _recipe(epochs=1), out_dir=one_epoch, progress=False)
+    finally:
+        lock.release()
+    plan = _plan()
+    arrays = {t.name: np.zeros(t.shape, np.float32) for t in plan.tensors}
+    arrays[plan.tensors[-1].name][...] = np.inf
+    with pytest.raises(NonFiniteTensorError, match=plan.tensors[-1].name):
+        save_arrays(tmp_path / "ck.safetensors", arrays, plan, epoch=1)
+    assert not (tmp_path / "ck.safetensors").exists()
+
+
 def test_two_devices_equal_one(tmp_path):
     """Data parallel over 2 forced CPU devices: the same weights as the 1-device run (float tolerance)."""
     code = (

@@ -55,5 +55,5 @@ def load_checkpoint(path: str | Path, model: nnx.Module, plan: Plan) -> tuple[in
     check_spec(meta, plan, path, getattr(model, "spec_hash", None))
     loaded, extra, meta = read_tensors(path, plan)
     assign_plan_arrays(model, loaded)
-    epoch, metadata = epoch_and_metadata(meta)
+    epoch, metadata = epoch_and_metadata(meta, path)
     return epoch, extra, metadata

@@ -26,11 +26,12 @@ what differs is only how a step runs:
   names; the optimiser state under the torch loop's names
   (``optim.<tensor>.momentum_buffer``; AdamW ``exp_avg``, ``exp_avg_sq``,
   ``step``), so a run folder resumes under either backend.
+- The run folder (lock, recipe check on resume, divergence, crash repair,
+  files): ``mixc.run_folder.RunWriter``, the torch loop's own.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -44,22 +45,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mixc.backends.flax.runlog import (
-    CHECKPOINT,
-    METRICS,
-    Reporter,
-    TrainError,
-    check_run_folder,
-    epoch_line,
-    keep_metrics_until,
-    seed_of,
-    write_json,
-)
-from mixc.checkpoint_format import CheckpointError, check_spec, read_info, read_tensors, save_arrays, spec_hash
+from mixc.checkpoint_format import CheckpointError, read_tensors, save_arrays, spec_hash
 from mixc.compiler.plan import Plan
 from mixc.compiler.recipe import Recipe
 from mixc.data import Dataset, check_compatible, load_dataset
 from mixc.metrics import evaluate
+from mixc.run_folder import CHECKPOINT, METRICS, Reporter, RunWriter, TrainError, epoch_line, seed_of
 
 __all__ = ["train", "TrainError", "learning_rate", "crop_flip", "Trainer", "CHECKPOINT", "METRICS"]
 
@@ -344,6 +335,7 @@ def train(
     baseline: str | None = None,
     progress: bool = True,
     config: dict[str, Any] | None = None,
+    allow_recipe_change: bool = False,
 ) -> dict[str, Any]:
     """Train ``plan`` with ``recipe`` into ``out_dir`` (resuming it if it holds a checkpoint).
 
@@ -371,21 +363,28 @@ def train(
     if layout not in ("auto", "grouped", "loop"):
         raise TrainError(f"layout must be auto, grouped or loop, not {layout!r}")
     t_start = time.perf_counter()
-    return _run(plan, recipe, dataset, augment, devices_for(device), Path(out_dir), layout, baseline, progress,
-                config or {}, t_start)
+    devices = devices_for(device)
+    with RunWriter(Path(out_dir), plan, recipe, allow_recipe_change=allow_recipe_change) as run:
+        return _run(plan, recipe, dataset, augment, devices, run, layout, baseline, progress, config or {}, t_start)
+
+
+def _resume(run: RunWriter, trainer: Trainer, plan: Plan) -> None:
+    """Load the run's checkpoint (verified: header, checksum, finite tensors) into the trainer."""
+    try:
+        loaded, extra, _ = read_tensors(run.ckpt, plan)
+    except CheckpointError as e:
+        raise TrainError(
+            f"cannot resume from {run.ckpt}: {e}; hint: pass another --out folder for {plan.name}, "
+            "or delete that one to start over"
+        ) from e
+    trainer.load_arrays(loaded)
+    trainer.load_optimizer(extra)
 
 
 def _run(
-    plan: Plan, recipe: Recipe, dataset: Dataset, augment: str, devices: list[jax.Device], out: Path, layout: str,
-    baseline: str | None, progress: bool, config: dict[str, Any], t_start: float,
+    plan: Plan, recipe: Recipe, dataset: Dataset, augment: str, devices: list[jax.Device], run: RunWriter,
+    layout: str, baseline: str | None, progress: bool, config: dict[str, Any], t_start: float,
 ) -> dict[str, Any]:
-    M = plan.members
-    seed = recipe.seed
-    epochs = recipe.epochs
-    ckpt_path = out / CHECKPOINT
-    metrics_path = out / METRICS
-    check_run_folder(out, plan)
-
     n_train = len(dataset.y_train)
     batch = min(recipe.batch, n_train)
     steps = n_train // batch  # drop the last partial batch
@@ -395,69 +394,40 @@ def _run(
             f"the batch of {batch} does not split evenly over {world} {devices[0].platform} devices; "
             f"hint: --batch-size {batch - batch % world or world}"
         )
-
-    trainer = Trainer(plan, recipe, devices, layout, augment, seed)
-    start_epoch = 0
-    if ckpt_path.exists():
-        try:
-            meta = read_info(ckpt_path)
-            check_spec(meta, plan, ckpt_path)
-            loaded, extra, meta = read_tensors(ckpt_path, plan)
-        except CheckpointError as e:
-            raise TrainError(
-                f"cannot resume from {ckpt_path}: {e}; hint: pass another --out folder for {plan.name}, "
-                "or delete that one to start over"
-            ) from e
-        start_epoch = int(meta.get("epoch", "0"))
-        info = json.loads(meta.get("metadata", "{}"))
-        if "seed" in info and int(info["seed"]) != seed:
-            raise TrainError(
-                f"the run in {out} was trained with seed {info['seed']}, not {seed}; resuming with another seed "
-                f"would not reproduce either run; hint: pass --seed {info['seed']}, or another --out folder"
-            )
-        if info.get("optimizer", recipe.optimizer.name) != recipe.optimizer.name:
-            raise TrainError(
-                f"the run in {out} used the {info['optimizer']} optimiser, not {recipe.optimizer.name}; "
-                "hint: pass another --out folder"
-            )
-        trainer.load_arrays(loaded)
-        trainer.load_optimizer(extra)
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(plan.to_json())
-    write_json(
-        out / "config.json",
-        {
-            "recipe": recipe.model_dump(mode="json"),
-            "options": {
-                "spec": plan.source,
-                "spec_hash": spec_hash(plan),
-                "device": f"{devices[0].platform} x{world}",
-                "layout": layout,
-                "baseline": baseline,
-                "world_size": world,
-                "augment": augment,
-                "jax": jax.__version__,
-                **config,
-            },
-        },
-    )
-    keep_metrics_until(metrics_path, start_epoch)
-
+    trainer = Trainer(plan, recipe, devices, layout, augment, recipe.seed)
+    start_epoch = run.start_epoch
+    if run.header is not None:
+        _resume(run, trainer, plan)
+    run.begin({
+        "spec": plan.source, "spec_hash": spec_hash(plan), "device": f"{devices[0].platform} x{world}",
+        "layout": layout, "baseline": baseline, "world_size": world, "augment": augment, "jax": jax.__version__,
+        **config,
+    })
     reporter = Reporter(True, progress and sys.stdout.isatty())
     acc = plan.accounting
-    kind = f"{baseline} baseline" if baseline else f"{M} members"
+    kind = f"{baseline} baseline" if baseline else f"{plan.members} members"
     reporter.line(
         f"{plan.name}: {kind}, {acc.total_params:,} parameters; {dataset.description}; "
-        f"{epochs} epochs x {steps} steps of {batch}; {recipe.optimizer.name} lr {recipe.optimizer.lr}; "
-        f"device {devices[0].platform}{f' x{world}' if world > 1 else ''} (flax); out {out}"
+        f"{recipe.epochs} epochs x {steps} steps of {batch}; {recipe.optimizer.name} lr {recipe.optimizer.lr}; "
+        f"device {devices[0].platform}{f' x{world}' if world > 1 else ''} (flax); out {run.out}"
         + (f"; resuming after epoch {start_epoch}" if start_epoch else "")
     )
+    last = _loop(trainer, plan, recipe, dataset, run, reporter, batch, steps)
+    if last is None:  # nothing left to train: report the checkpoint as it stands
+        last = {"epoch": start_epoch, "train_loss": None,
+                **evaluate(trainer.predict_member_probs(dataset.x_test), dataset.y_test)}
+    return {**last, "wall_time": time.perf_counter() - t_start}
 
+
+def _loop(trainer: Trainer, plan: Plan, recipe: Recipe, dataset: Dataset, run: RunWriter, reporter: Reporter,
+          batch: int, steps: int) -> dict[str, Any] | None:
+    """The epochs from the run's start epoch, each checked and saved; returns the last epoch's record."""
+    M, seed, epochs = plan.members, recipe.seed, recipe.epochs
+    n_train = len(dataset.y_train)
     x_train, y_train = dataset.x_train, dataset.y_train.astype(np.int32)
     last: dict[str, Any] | None = None
     with reporter:
-        for epoch in range(start_epoch, epochs):
+        for epoch in range(run.start_epoch, epochs):
             t0 = time.perf_counter()
             perm = np.random.default_rng([seed, epoch]).permutation(n_train)
             epoch_key = jax.random.key(seed_of(seed, epoch, 0, 1) & 0x7FFFFFFF)
@@ -477,27 +447,11 @@ def _run(
                     f"the training loss became {train_loss} in epoch {epoch + 1}; hint: lower the learning rate "
                     f"(--set train.optimizer.lr=...) or add warm-up (--set train.warmup=...)"
                 )
-            rec = {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "lr": lr,
-                **evaluate(trainer.predict_member_probs(dataset.x_test), dataset.y_test),
-                "epoch_time": time.perf_counter() - t0,
-            }
-            meta = {
-                "seed": str(seed),
-                "optimizer": recipe.optimizer.name,
-                "global_step": str((epoch + 1) * steps),
-                "recipe": recipe.model_dump_json(),
-                "backend": "flax",
-            }
-            trainer.save(ckpt_path, epoch + 1, meta)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            rec = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr,
+                   **evaluate(trainer.predict_member_probs(dataset.x_test), dataset.y_test),
+                   "epoch_time": time.perf_counter() - t0}
+            run.save_epoch(rec, lambda meta: trainer.save(run.ckpt, epoch + 1, meta),
+                           {"global_step": str((epoch + 1) * steps), "backend": "flax"})
             reporter.line(epoch_line(rec, epochs))
             last = rec
-
-    if last is None:  # nothing left to train: report the checkpoint as it stands
-        last = {"epoch": start_epoch, "train_loss": None,
-                **evaluate(trainer.predict_member_probs(dataset.x_test), dataset.y_test)}
-    return {**last, "wall_time": time.perf_counter() - t_start}
+    return last

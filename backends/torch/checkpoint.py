@@ -23,7 +23,9 @@ from mixc.checkpoint_format import (
     FORMAT,
     FORMAT_VERSION,
     CheckpointError,
+    NonFiniteTensorError,
     check_extra_names,
+    check_finite,
     check_model_tensors,
     check_spec,
     epoch_and_metadata,
@@ -31,11 +33,12 @@ from mixc.checkpoint_format import (
     read_info,
     read_tensors,
     spec_hash,
+    tensor_checksum,
     write_atomic,
 )
 from mixc.compiler.plan import Plan
 
-__all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "read_checkpoint_info"]
+__all__ = ["CheckpointError", "NonFiniteTensorError", "FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "read_checkpoint_info"]
 
 _spec_hash = spec_hash  # the old private name
 
@@ -48,7 +51,11 @@ def save_checkpoint(
     extra: dict[str, torch.Tensor] | None = None,
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``model``'s plan tensors (+ ``extra`` tensors) to ``path`` atomically; return the path."""
+    """Write ``model``'s plan tensors (+ ``extra`` tensors) to ``path`` atomically; return the path.
+
+    Refuses non-finite tensors (``NonFiniteTensorError``, the file untouched)
+    and records the checksum of the tensor bytes in the header.
+    """
     tensors = {
         name: t.detach().to(device="cpu", dtype=torch.float32).contiguous()
         for name, t in named_plan_tensors(model).items()
@@ -57,7 +64,9 @@ def save_checkpoint(
     check_extra_names(extra or {}, plan)
     for name, t in (extra or {}).items():
         tensors[name] = t.detach().to("cpu").contiguous()
-    head = header(plan, epoch, metadata)
+    host = {name: t.numpy() for name, t in tensors.items()}  # views, no copies
+    check_finite(host, f"refusing to save {path}:")
+    head = header(plan, epoch, metadata, tensor_checksum(host))
     return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=head))
 
 
@@ -71,8 +80,9 @@ def load_checkpoint(
 ) -> tuple[int, dict[str, torch.Tensor], dict[str, str]]:
     """Load ``path`` into ``model`` (built from ``plan``); return (epoch, extra tensors, metadata).
 
-    Raises ``CheckpointError`` when the checkpoint belongs to another spec or
-    its tensors are missing or misshapen; the model is left untouched then.
+    Raises ``CheckpointError`` when the checkpoint belongs to another spec, its
+    header is invalid, its tensors are missing, misshapen, non-finite or do not
+    match its checksum; the model is left untouched then.
     """
     meta = read_info(path)
     check_spec(meta, plan, path, getattr(model, "spec_hash", spec_hash(plan)))
@@ -81,5 +91,5 @@ def load_checkpoint(
     with torch.no_grad():
         for name, t in loaded.items():
             targets[name].copy_(t)
-    epoch, metadata = epoch_and_metadata(meta)
+    epoch, metadata = epoch_and_metadata(meta, path)
     return epoch, extra, metadata

@@ -29,11 +29,16 @@ What it does, and the choices that matter for reproducing results:
   device.
 - Files (rank 0 only): ``plan.json``, ``config.json``, ``metrics.jsonl`` (one
   JSON line per epoch), ``checkpoint.safetensors`` (weights, optimiser state
-  under ``optim.*``, epoch; written atomically after every epoch). A folder
-  holding a checkpoint is resumed; one of another spec is refused.
+  under ``optim.*``, epoch, the epoch's metrics; written atomically after every
+  epoch). The run folder's rules (one writer, the recipe check on resume,
+  divergence, crash repair) are ``mixc.run_folder.RunWriter``'s, shared with
+  the flax loop. A folder holding a checkpoint is resumed; one of another spec
+  or recipe is refused.
 - Data parallel: under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is
   gloo on CPU and nccl on CUDA and the model is wrapped in
-  DistributedDataParallel. With ``MIXC_WEIGHTS_HASH_DIR`` set, every rank
+  DistributedDataParallel. torch.distributed modules that DDP imports lazily
+  are imported before the process group exists (see :func:`_import_ddp_modules`),
+  so ``destroy_process_group`` really frees it. With ``MIXC_WEIGHTS_HASH_DIR`` set, every rank
   writes ``rank<r>.sha256`` of its trainable tensors at the end (a test hook:
   ranks must agree; BN running statistics are per rank and excluded).
 """
@@ -41,28 +46,27 @@ What it does, and the choices that matter for reproducing results:
 from __future__ import annotations
 
 import hashlib
-import json
+import importlib
 import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixc.compiler.plan import Plan, PlanFileError, read_plan
+from mixc.compiler.plan import Plan
 from mixc.compiler.recipe import Recipe
 from mixc.data import Dataset, check_compatible, load_dataset, shard
 from mixc.metrics import evaluate
+from mixc.run_folder import CHECKPOINT, METRICS, Reporter, RunWriter, TrainError, epoch_line, seed_of
 
 __all__ = ["train", "TrainError", "learning_rate", "crop_flip", "predict_member_probs", "CHECKPOINT", "METRICS"]
 
-CHECKPOINT = "checkpoint.safetensors"
-METRICS = "metrics.jsonl"
 _EVAL_BATCH = 1000
 
 _EXCLUDE_ROLES = {
@@ -70,10 +74,6 @@ _EXCLUDE_ROLES = {
     "bn": {"bn_weight", "bn_bias"},
     "bias": {"plain_bias", "member_bias"},
 }
-
-
-class TrainError(RuntimeError):
-    """A user-facing problem with a training run (its folder, its options); printed without a traceback."""
 
 
 # ---------------------------------------------------------------------------
@@ -127,9 +127,8 @@ def predict_member_probs(model: nn.Module, x: torch.Tensor, batch: int = _EVAL_B
     return torch.cat(out).numpy()
 
 
-def _seed_of(*parts: int) -> int:
-    """A 63-bit seed derived from integers, well mixed (numpy's SeedSequence)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+_seed_of = seed_of
+_epoch_line = epoch_line  # a module attribute: tests interrupt a run by replacing it
 
 
 def spec_hash(plan: Plan) -> str:
@@ -138,6 +137,31 @@ def spec_hash(plan: Plan) -> str:
 
 # ---------------------------------------------------------------------------
 # Setup
+
+
+#: What DistributedDataParallel imports on first construction. Some of these modules evaluate
+#: ``group=group.WORLD`` as default arguments at import: imported after ``init_process_group``
+#: they hold the default process group for the life of the process, ``destroy_process_group``
+#: cannot free it, and its gloo threads run on into interpreter shutdown, where a rank can die
+#: with "terminate called without an active exception" (SIGABRT) once the C++ objects are torn
+#: down. Imported first, their defaults are the "no group" sentinel.
+_DDP_MODULES = (
+    "torch.nn.parallel",
+    "torch.distributed.nn",
+    "torch.distributed.algorithms._optimizer_overlap",
+    "torch.distributed.algorithms.ddp_comm_hooks.optimizer_overlap_hooks",
+    "torch.distributed.algorithms.ddp_comm_hooks.mixed_precision_hooks",
+    "torch.distributed._functional_collectives",
+)
+
+
+def _import_ddp_modules() -> None:
+    """Import DDP's lazily imported modules before any process group exists (see ``_DDP_MODULES``)."""
+    for name in _DDP_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # another torch version: nothing to pin
+            pass
 
 
 class _Dist:
@@ -161,6 +185,7 @@ class _Dist:
                 dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
                 torch.cuda.set_device(dev)
             if not dist.is_initialized():
+                _import_ddp_modules()
                 dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
                 self.owns_group = True
             self.rank = dist.get_rank()
@@ -245,104 +270,6 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, names: dict[int, str], ext
 # Output
 
 
-class _Reporter:
-    """Prints (rank 0 only): a rich bar on a terminal, plain lines otherwise."""
-
-    def __init__(self, enabled: bool, bar: bool) -> None:
-        self.enabled = enabled
-        self.progress = None
-        if enabled and bar:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"),
-                TimeRemainingColumn(),
-                transient=True,
-            )
-
-    def __enter__(self) -> "_Reporter":
-        if self.progress is not None:
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
-
-    def line(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.progress is not None:
-            self.progress.console.print(text, highlight=False, markup=False)
-        else:
-            print(text, flush=True)
-
-    def epoch_task(self, epoch: int, epochs: int, steps: int) -> Callable[[int, float | None], None]:
-        if self.progress is None:
-            return lambda done, loss: None
-        task = self.progress.add_task(f"epoch {epoch}/{epochs}", total=steps, loss="-")
-
-        def update(done: int, loss: float | None) -> None:
-            self.progress.update(task, completed=done, loss="-" if loss is None else f"{loss:.4f}")
-            if done >= steps:
-                self.progress.remove_task(task)
-
-        return update
-
-
-def _epoch_line(rec: dict[str, Any], epochs: int) -> str:
-    members = " ".join(f"{a * 100:.1f}" for a in rec["member_accuracy"])
-    return (
-        f"epoch {rec['epoch']}/{epochs}  loss {rec['train_loss']:.4f}  lr {rec['lr']:.4g}  "
-        f"acc {rec['accuracy'] * 100:.2f}%  nll {rec['nll']:.4f}  ece {rec['ece'] * 100:.2f}%  "
-        f"members {members}  {rec['epoch_time']:.1f}s"
-    )
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def _keep_metrics_until(path: Path, epoch: int) -> None:
-    """Drop metric lines past ``epoch`` (a crash between a line and its checkpoint), so resumes stay clean."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("epoch", 0) <= epoch:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(l + "\n" for l in keep))
-    os.replace(tmp, path)
-
-
-def _check_run_folder(out: Path, plan: Plan) -> None:
-    """Refuse a folder that holds another spec's run, naming both."""
-    old_path = out / "plan.json"
-    if not old_path.exists():
-        return
-    try:
-        old = read_plan(old_path)  # validated and matching its hash, or the folder is not resumed
-    except PlanFileError as e:
-        raise TrainError(f"{e}; the run in {out} cannot be resumed from it: pass another --out folder, "
-                         "or delete that one to start over") from None
-    if spec_hash(old) != spec_hash(plan):
-        raise TrainError(
-            f"the run folder {out} belongs to {old.name} (from {old.source}, spec hash {spec_hash(old)}), "
-            f"not to {plan.name} (from {plan.source}, spec hash {spec_hash(plan)}); the members, budget or "
-            "architecture differ, so its checkpoint cannot be resumed; hint: pass another --out folder, "
-            "or delete that one to start over"
-        )
-
-
 def _weights_hash(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
@@ -370,14 +297,17 @@ def train(
     baseline: str | None = None,
     progress: bool = True,
     config: dict[str, Any] | None = None,
+    allow_recipe_change: bool = False,
 ) -> dict[str, Any]:
     """Train ``plan`` with ``recipe`` into ``out_dir`` (resuming it if it holds a checkpoint).
 
     Arguments other than plan/recipe override the recipe (``None`` keeps it).
     ``baseline`` only labels the run: pass the already recompiled plan.
     ``config`` adds entries (e.g. the CLI's overrides) to ``config.json``.
-    Returns the final test metrics (see :func:`mixc.metrics.evaluate`) plus
-    ``epoch``, ``train_loss`` and ``wall_time``; ``{}`` on ranks other than 0.
+    ``allow_recipe_change`` lets a resume go on with a recipe other than the
+    checkpoint's (recorded in ``config.json``'s history); without it that is
+    refused. Returns the final test metrics (see :func:`mixc.metrics.evaluate`)
+    plus ``epoch``, ``train_loss`` and ``wall_time``; ``{}`` on ranks other than 0.
     """
     updates: dict[str, Any] = {}
     if epochs is not None:
@@ -402,106 +332,93 @@ def train(
     t_start = time.perf_counter()
     dist = _Dist(device)
     try:
-        return _run(plan, recipe, dataset, augment, dist, Path(out_dir), layout, baseline, progress, config or {}, t_start)
+        with RunWriter(Path(out_dir), plan, recipe, main=dist.main, allow_recipe_change=allow_recipe_change) as run:
+            return _run(plan, recipe, dataset, augment, dist, run, layout, baseline, progress, config or {}, t_start)
     finally:
         dist.close()
 
 
+def _resume(run: RunWriter, model: nn.Module, plan: Plan, opt: torch.optim.Optimizer, names: dict[int, str]) -> None:
+    """Load the run's checkpoint (verified: header, checksum, finite tensors) into the model and optimiser."""
+    from mixc.backends.torch.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        _, extra, _ = load_checkpoint(run.ckpt, model, plan)
+    except CheckpointError as e:
+        raise TrainError(
+            f"cannot resume from {run.ckpt}: {e}; hint: pass another --out folder for {plan.name}, "
+            "or delete that one to start over"
+        ) from e
+    _load_optimizer_state(opt, names, extra or {})
+
+
 def _run(
-    plan: Plan, recipe: Recipe, dataset: Dataset, augment: str, dist: _Dist, out: Path, layout: str,
+    plan: Plan, recipe: Recipe, dataset: Dataset, augment: str, dist: _Dist, run: RunWriter, layout: str,
     baseline: str | None, progress: bool, config: dict[str, Any], t_start: float,
 ) -> dict[str, Any]:
     from mixc.backends.torch import build, named_plan_tensors
-    from mixc.backends.torch.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
     dev = dist.device
-    M = plan.members
-    seed = recipe.seed
-    epochs = recipe.epochs
-    ckpt_path = out / CHECKPOINT
-    metrics_path = out / METRICS
-
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"--out {out} is a file, not a folder; hint: pass a folder for the run's files")
-    _check_run_folder(out, plan)
-
-    torch.manual_seed(seed)  # the same initial weights on every rank
+    torch.manual_seed(recipe.seed)  # the same initial weights on every rank
     model = build(plan, layout=layout, device=dev)
-    tensors = named_plan_tensors(model)
-    names = _param_names(model, tensors)
+    names = _param_names(model, named_plan_tensors(model))
     opt = _optimizer(model, plan, recipe, names)
-
-    start_epoch = 0
-    if ckpt_path.exists():
-        try:
-            start_epoch, extra, meta = load_checkpoint(ckpt_path, model, plan)
-        except CheckpointError as e:
-            raise TrainError(
-                f"cannot resume from {ckpt_path}: {e}; hint: pass another --out folder for {plan.name}, "
-                "or delete that one to start over"
-            ) from e
-        if meta and "seed" in meta and int(meta["seed"]) != seed:
-            raise TrainError(
-                f"the run in {out} was trained with seed {meta['seed']}, not {seed}; resuming with another seed "
-                f"would not reproduce either run; hint: pass --seed {meta['seed']}, or another --out folder"
-            )
-        if meta and meta.get("optimizer", recipe.optimizer.name) != recipe.optimizer.name:
-            raise TrainError(
-                f"the run in {out} used the {meta['optimizer']} optimiser, not {recipe.optimizer.name}; "
-                "hint: pass another --out folder"
-            )
-        _load_optimizer_state(opt, names, extra or {})
+    start_epoch = run.start_epoch
+    if run.header is not None:
+        _resume(run, model, plan, opt, names)
 
     n_train = len(dataset.y_train)
     batch = min(recipe.batch, n_train)
     steps = n_train // batch  # drop the last partial batch
-    x_train = torch.from_numpy(dataset.x_train).to(dev)
-    y_train = torch.from_numpy(dataset.y_train).to(dev)
-    x_test = torch.from_numpy(dataset.x_test).to(dev)
-    y_test = dataset.y_test
-
     net: nn.Module = model
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
-    reporter = _Reporter(dist.main, progress and sys.stdout.isatty())
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "plan.json").write_text(plan.to_json())
-        _write_json(
-            out / "config.json",
-            {
-                "recipe": recipe.model_dump(mode="json"),
-                "options": {
-                    "spec": plan.source,
-                    "spec_hash": spec_hash(plan),
-                    "device": str(dev),
-                    "layout": layout,
-                    "baseline": baseline,
-                    "world_size": dist.world,
-                    "augment": augment,
-                    "torch": torch.__version__,
-                    **config,
-                },
-            },
-        )
-        _keep_metrics_until(metrics_path, start_epoch)
-
+    run.begin({
+        "spec": plan.source, "spec_hash": spec_hash(plan), "device": str(dev), "layout": layout,
+        "baseline": baseline, "world_size": dist.world, "augment": augment, "torch": torch.__version__, **config,
+    })
+    reporter = Reporter(dist.main, progress and sys.stdout.isatty())
     acc = plan.accounting
-    kind = f"{baseline} baseline" if baseline else f"{M} members"
+    kind = f"{baseline} baseline" if baseline else f"{plan.members} members"
     reporter.line(
         f"{plan.name}: {kind}, {acc.total_params:,} parameters; {dataset.description}; "
-        f"{epochs} epochs x {steps} steps of {batch}; {recipe.optimizer.name} lr {recipe.optimizer.lr}; "
-        f"device {dev}{f' x{dist.world}' if dist.world > 1 else ''}; out {out}"
+        f"{recipe.epochs} epochs x {steps} steps of {batch}; {recipe.optimizer.name} lr {recipe.optimizer.lr}; "
+        f"device {dev}{f' x{dist.world}' if dist.world > 1 else ''}; out {run.out}"
         + (f"; resuming after epoch {start_epoch}" if start_epoch else "")
     )
+    x_test = torch.from_numpy(dataset.x_test).to(dev)
+    last = _loop(model, net, opt, names, plan, recipe, dataset, augment, dist, run, reporter, batch, steps)
 
+    hash_dir = os.environ.get("MIXC_WEIGHTS_HASH_DIR")
+    if hash_dir:
+        Path(hash_dir).mkdir(parents=True, exist_ok=True)
+        (Path(hash_dir) / f"rank{dist.rank}.sha256").write_text(_weights_hash(model) + "\n")
+    if not dist.main:
+        return {}
+    if last is None:  # nothing left to train: report the checkpoint as it stands
+        last = {"epoch": start_epoch, "train_loss": None, **evaluate(predict_member_probs(model, x_test), dataset.y_test)}
+    return {**last, "wall_time": time.perf_counter() - t_start}
+
+
+def _loop(
+    model: nn.Module, net: nn.Module, opt: torch.optim.Optimizer, names: dict[int, str], plan: Plan, recipe: Recipe,
+    dataset: Dataset, augment: str, dist: _Dist, run: RunWriter, reporter: Reporter, batch: int, steps: int,
+) -> dict[str, Any] | None:
+    """The epochs from the run's start epoch; rank 0 checks and saves each. Returns the last epoch's record."""
+    from mixc.backends.torch.checkpoint import save_checkpoint
+
+    dev, M, seed, epochs = dist.device, plan.members, recipe.seed, recipe.epochs
+    n_train = len(dataset.y_train)
+    x_train = torch.from_numpy(dataset.x_train).to(dev)
+    y_train = torch.from_numpy(dataset.y_train).to(dev)
+    x_test = torch.from_numpy(dataset.x_test).to(dev)
     gen = torch.Generator(device=dev)
     last: dict[str, Any] | None = None
     with reporter:
-        for epoch in range(start_epoch, epochs):
+        for epoch in range(run.start_epoch, epochs):
             t0 = time.perf_counter()
             perm = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n_train)).to(dev)
             gen.manual_seed(_seed_of(seed, epoch, dist.rank, 1))
@@ -537,32 +454,12 @@ def _run(
                 )
             if not dist.main:
                 continue
-            rec = {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "lr": lr,
-                **evaluate(predict_member_probs(model, x_test), y_test),
-                "epoch_time": time.perf_counter() - t0,
-            }
+            rec = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr,
+                   **evaluate(predict_member_probs(model, x_test), dataset.y_test),
+                   "epoch_time": time.perf_counter() - t0}
             extra = _optimizer_state(opt, names)
-            meta = {
-                "seed": str(seed),
-                "optimizer": recipe.optimizer.name,
-                "global_step": str((epoch + 1) * steps),
-                "recipe": recipe.model_dump_json(),
-            }
-            save_checkpoint(ckpt_path, model, plan, epoch + 1, extra, meta)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            run.save_epoch(rec, lambda meta: save_checkpoint(run.ckpt, model, plan, epoch + 1, extra, meta),
+                           {"global_step": str((epoch + 1) * steps)})
             reporter.line(_epoch_line(rec, epochs))
             last = rec
-
-    hash_dir = os.environ.get("MIXC_WEIGHTS_HASH_DIR")
-    if hash_dir:
-        Path(hash_dir).mkdir(parents=True, exist_ok=True)
-        (Path(hash_dir) / f"rank{dist.rank}.sha256").write_text(_weights_hash(model) + "\n")
-    if not dist.main:
-        return {}
-    if last is None:  # nothing left to train: report the checkpoint as it stands
-        last = {"epoch": start_epoch, "train_loss": None, **evaluate(predict_member_probs(model, x_test), y_test)}
-    return {**last, "wall_time": time.perf_counter() - t_start}
+    return last

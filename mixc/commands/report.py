@@ -59,8 +59,10 @@ def collect(run: Any) -> dict[str, Any]:
     if ev_path.is_file():
         try:
             ev = json.loads(ev_path.read_text())
-        except json.JSONDecodeError:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             ev = {}
+        if not isinstance(ev, dict) or not isinstance(ev.get("clean"), dict):
+            ev = {}  # a damaged cache: the metrics lines below are the record
         if ev.get("epoch") == run.epoch and ev.get("spec_hash") == run.plan.spec_hash and ev.get("clean"):
             row = {**ev["clean"], "source": f"{EVAL_FILE} ({ev.get('data')})"}
             if ev.get("corruptions"):

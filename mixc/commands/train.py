@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["torch", "flax"], default="torch",
                         help="the framework to train with (flax: data parallel over every local device of --device)")
     parser.add_argument("--no-progress", action="store_true", help="plain lines instead of a progress bar")
+    parser.add_argument("--allow-recipe-change", action="store_true",
+                        help="resume a run with a recipe (learning rate, batch, schedule, data...) other than the one "
+                             "it was trained with; the change is recorded in its config.json history")
 
 
 def baseline_overrides(baseline: str | None) -> list[str]:
@@ -138,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
             baseline=args.baseline,
             progress=not args.no_progress,
             config={"file": str(args.file), "overrides": overrides, "backend": args.backend, "allocator": allocator},
+            allow_recipe_change=args.allow_recipe_change,
         )
     except DataError as e:
         _error(str(e))
