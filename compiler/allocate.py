@@ -40,9 +40,10 @@ MAX_EXCHANGE = 64  # most templates of one group traded for another in one tie-b
 
 
 class BudgetError(Exception):
-    def __init__(self, message: str, hint: str):
+    def __init__(self, message: str, hint: str, minimum: int | None = None):
         super().__init__(message)
         self.message, self.hint = message, hint
+        self.minimum = minimum  # set when the budget is below the spec's minimum
 
 
 @dataclass
@@ -151,6 +152,7 @@ def allocate_banks(groups: list[GroupDraft], fixed_cost: int, members: int, tpl:
             f"the budget {budget:,} is below the minimum {minimum:,} for this spec",
             f"the minimum is the fixed cost (plain layers, every member's BatchNorm and alphas) plus one template "
             f"per group; raise the budget to at least {minimum:,}, or use fewer members or groups single",
+            minimum,
         )
     if budget >= maximum:  # every group at capacity: the rest of the budget is unusable
         for i in free_idx:
@@ -308,6 +310,7 @@ def allocate_blob(layer_sizes: list[int], fixed_cost: int, members: int, tpl: in
             f"the budget {budget:,} is below the minimum {minimum:,} for this spec",
             f"in single-blob mode the blob must hold at least the largest layer ({smallest:,} parameters) besides "
             f"the fixed cost; raise the budget to at least {minimum:,}",
+            minimum,
         )
     lo, hi = smallest, min(budget, cap)  # blob_cost is increasing in size: binary search the largest that fits
     while lo < hi:

@@ -75,7 +75,10 @@ def compile_program(program: Program) -> P.Plan:
         try:
             built = build(budget)
         except BudgetError as e:
-            diags.error(e.message, budget_pos, e.hint)
+            message, hint = e.message, e.hint
+            if e.minimum is not None and M > 1:  # the stated minimum must itself compile: members must differ
+                message, hint = _below_minimum(e, M, tpl, policy, budget, backbone, build) or (message, hint)
+            diags.error(message, budget_pos, hint)
             diags.raise_if_any()
         groups, slots, blob, minimum, maximum = built.groups, built.slots, built.blob, built.minimum, built.maximum
         template_params, alpha_params = built.template_params, built.alpha_params
@@ -90,6 +93,7 @@ def compile_program(program: Program) -> P.Plan:
                 f"so more templates can be read", diags.sources))
         if all_collinear(M, slots, 0):
             message, hint = _degenerate_error(M, tpl, policy, budget, backbone, build)
+
             diags.error(message, budget_pos, hint)
             diags.raise_if_any()
         same = degenerate_groups(slots) if M > 1 else []
@@ -130,7 +134,7 @@ def compile_program(program: Program) -> P.Plan:
         input_shape=list(ops[0].out_shape), input_layout=ops[0].layout, output=ops[-1].name,
         classes=ops[-1].out_shape[0], ops=ops, groups=groups, blob=blob, slots=slots, plain_layers=plain,
         tensors=tensors, accounting=accounting, train=program.recipe,
-        init=ens.init if getattr(ens, "init", None) is not None else P.InitRules(), warnings=warnings,
+        init=_init_rules(ens.init), warnings=warnings,
     )
     return plan.model_copy(update={"spec_hash": plan.content_hash()})
 
@@ -209,32 +213,64 @@ def differ_budget(build, minimum: int, maximum: int) -> int | None:
     return hi
 
 
-def _degenerate_error(M: int, tpl: int, policy: str, budget: int | None, backbone: int, build) -> tuple:
+_DEGENERATE = ("the {M} members would be identical: in every layer each member's weight is a scalar multiple of "
+               "the others' (one template per layer, the same for all members; plain layers are shared), and "
+               "BatchNorm removes the scale")
+_HUGE = 10 ** 30  # a budget above any capacity: probes the minimum and the largest useful budget
+
+
+def _bounds(build, t: int) -> tuple[int, int]:
+    """(minimum, largest useful budget) at templates_per_layer ``t``."""
+    b = build(_HUGE, t)
+    return b.minimum, max(b.maximum or b.minimum, b.minimum)
+
+
+def _setting_fix(M: int, tpl: int, policy: str, backbone: int, build) -> str:
+    """The hint when no budget separates the members at this templates_per_layer."""
+    t = max(2, tpl)
+    try:
+        at = differ_budget(lambda b: build(b, t), *_bounds(build, t))
+    except BudgetError:
+        at = None
+    if at is not None:
+        return f"set templates_per_layer {t} and a budget of at least {at:,} ({at / backbone:.3g}x), or assign " \
+               f"greedy_disjoint"
+    return "use assign greedy_disjoint, or bank more layers (bank_singletons true)"
+
+
+def _degenerate_error(M: int, tpl: int, policy: str, budget: int | None, backbone: int, build) -> tuple[str, str]:
     """(message, hint) for a degenerate ensemble: the smallest budget, or the setting, that fixes it."""
-    head = (f"the {M} members would be identical: in every layer each member's weight is a scalar multiple of "
-            f"the others' (one template per layer, the same for all members; plain layers are shared), and "
-            f"BatchNorm removes the scale")
+    head = _DEGENERATE.format(M=M)
     if budget is None:
         return (head, "give a group templates = 2 or more with templates_per_layer 2 or more, or assign "
                       "greedy_disjoint")
-    cur = build(budget)
-    at = differ_budget(build, cur.minimum, max(cur.maximum or 0, cur.minimum))
+    at = differ_budget(build, *_bounds(build, tpl))
     if at is not None:
         return (f"{head}; the smallest budget at which members can differ is {at:,}",
                 f"raise the budget to at least {at:,} ({at / backbone:.3g}x)")
-    hint = f"templates_per_layer {tpl} leaves every member one shared template per layer"
-    if tpl < 2 or policy == "shared":
-        try:
-            two = build(budget, max(2, tpl))
-            at2 = differ_budget(lambda b: build(b, max(2, tpl)), two.minimum, max(two.maximum or 0, two.minimum))
-        except BudgetError:
-            at2 = None
-        if at2 is not None:
-            hint = (f"set templates_per_layer {max(2, tpl)} and a budget of at least {at2:,} "
-                    f"({at2 / backbone:.3g}x), or assign greedy_disjoint")
-        else:
-            hint = "use assign greedy_disjoint, or bank more layers (bank_singletons true)"
-    return (f"{head}; no budget changes that at templates_per_layer {tpl} with assign {policy}", hint)
+    return (f"{head}; no budget changes that at templates_per_layer {tpl} with assign {policy}",
+            _setting_fix(M, tpl, policy, backbone, build))
+
+
+def _below_minimum(e: BudgetError, M: int, tpl: int, policy: str, budget: int, backbone: int,
+                   build) -> tuple[str, str] | None:
+    """A below-the-minimum error whose minimum also keeps the members apart (None: the plain one holds)."""
+    lo, hi = _bounds(build, tpl)
+    if not all_collinear(M, build(lo).slots, 0):
+        return None
+    at = differ_budget(build, lo, hi)
+    if at is not None:
+        return (f"the budget {budget:,} is below the minimum {at:,} for this spec (below it the {M} members would "
+                f"be identical: one template per layer, the same for all members, differs only by a scale that "
+                f"BatchNorm removes)", f"raise the budget to at least {at:,} ({at / backbone:.3g}x), or use "
+                                       f"fewer members")
+    return (f"the budget {budget:,} is too small, and at templates_per_layer {tpl} with assign {policy} no budget "
+            f"helps: " + _DEGENERATE.format(M=M), _setting_fix(M, tpl, policy, backbone, build))
+
+
+def _init_rules(rules: dict[str, dict]) -> P.InitRules:
+    """The spec's ``init { ... }`` lines over the defaults (today's behaviour)."""
+    return P.InitRules(**{k: P.InitRule(**v) for k, v in rules.items()})
 
 
 def _warning(message: str, pos: Pos | None, hint: str | None, sources: dict[str, str]) -> P.PlanWarning:
