@@ -260,10 +260,10 @@ def _below_minimum(e: BudgetError, M: int, tpl: int, policy: str, budget: int, b
         return None
     at = differ_budget(build, lo, hi)
     if at is not None:
-        return (f"the budget {budget:,} is below the minimum {at:,} for this spec (below it the {M} members would "
-                f"be identical: one template per layer, the same for all members, differs only by a scale that "
-                f"BatchNorm removes)", f"raise the budget to at least {at:,} ({at / backbone:.3g}x), or use "
-                                       f"fewer members")
+        return (f"the budget {budget:,} is below the minimum {at:,} for this spec: below it (from the bare minimum "
+                f"{lo:,} on) every layer gives the {M} members one shared template, so the members would be "
+                f"identical up to a scale that BatchNorm removes",
+                f"raise the budget to at least {at:,} ({at / backbone:.3g}x)")
     return (f"the budget {budget:,} is too small, and at templates_per_layer {tpl} with assign {policy} no budget "
             f"helps: " + _DEGENERATE.format(M=M), _setting_fix(M, tpl, policy, backbone, build))
 
