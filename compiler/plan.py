@@ -256,6 +256,11 @@ class InitRules(_Model):
     classifier: InitRule = InitRule(law="uniform")
 
 
+# Plan fields outside the content hash (see Plan.content_hash).
+_HASH_EXCLUDE = {"spec_hash": True, "source": True, "train": True, "warnings": True,
+                 "groups": {"__all__": {"capacity"}}, "accounting": {"maximum_budget"}}
+
+
 class Plan(_Model):
     version: int = PLAN_VERSION
     name: str
@@ -298,8 +303,11 @@ class Plan(_Model):
 
         Excludes the file name, the train section and the hash itself, so a
         checkpoint stays valid when the spec moves or only its recipe changes.
+        Warnings, derived bookkeeping (capacity, maximum_budget) and default init
+        rules are left out too, so a plan whose model did not change keeps its hash.
         """
-        data = self.model_dump(mode="json", exclude={"spec_hash", "source", "train", "warnings"})
+        data = self.model_dump(mode="json", exclude=_HASH_EXCLUDE | ({"init": True} if self.init == InitRules()
+                                                                      else {}))
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
