@@ -40,10 +40,11 @@ MAX_EXCHANGE = 64  # most templates of one group traded for another in one tie-b
 
 
 class BudgetError(Exception):
-    def __init__(self, message: str, hint: str, minimum: int | None = None):
+    def __init__(self, message: str, hint: str, minimum: int | None = None, setting: str | None = None):
         super().__init__(message)
         self.message, self.hint = message, hint
         self.minimum = minimum  # set when the budget is below the spec's minimum
+        self.setting = setting  # the ensemble setting at fault, when it is not the budget
 
 
 @dataclass
@@ -130,7 +131,7 @@ def allocate_banks(groups: list[GroupDraft], fixed_cost: int, members: int, tpl:
                 f"({len(g.layers)} layer(s) x {tpls[i]} per layer" + (f" x {members} members)" if policy ==
                                                                        "greedy_disjoint" else ")"),
                 f"templates no layer reads train nothing: give it at most templates = {caps[i]}, "
-                f"or raise its templates_per_layer")
+                f"or raise its templates_per_layer", setting="groups")
         n[i] = groups[i].templates
         base += n[i] * groups[i].size + alpha_cost(groups[i], n[i], tpls[i], members)
     minimum = base + sum(groups[i].size + alpha_cost(groups[i], 1, tpls[i], members) for i in free_idx)

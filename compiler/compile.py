@@ -78,7 +78,7 @@ def compile_program(program: Program) -> P.Plan:
             message, hint = e.message, e.hint
             if e.minimum is not None and M > 1:  # the stated minimum must itself compile: members must differ
                 message, hint = _below_minimum(e, M, tpl, policy, budget, backbone, build) or (message, hint)
-            diags.error(message, budget_pos, hint)
+            diags.error(message, ens.pos.get(e.setting, budget_pos) if e.setting else budget_pos, hint)
             diags.raise_if_any()
         groups, slots, blob, minimum, maximum = built.groups, built.slots, built.blob, built.minimum, built.maximum
         template_params, alpha_params = built.template_params, built.alpha_params
@@ -93,7 +93,6 @@ def compile_program(program: Program) -> P.Plan:
                 f"so more templates can be read", diags.sources))
         if all_collinear(M, slots, 0):
             message, hint = _degenerate_error(M, tpl, policy, budget, backbone, build)
-
             diags.error(message, budget_pos, hint)
             diags.raise_if_any()
         same = degenerate_groups(slots) if M > 1 else []
@@ -110,6 +109,12 @@ def compile_program(program: Program) -> P.Plan:
 
     ops = [o.model_copy(update={"source": sources[o.name]}) if isinstance(o, (P.ConvOp, P.LinearOp)) else o
            for o in ops]
+    out_op = ops[-1]
+    if ens.init.get("classifier", {}).get("law", "uniform") != "uniform" and sources.get(out_op.name) in ("bank", "blob"):
+        warnings.append(_warning(
+            f"the classifier rule does not apply: the output layer '{out_op.name}' reads templates "
+            f"({sources[out_op.name]}), which are drawn by the template rule", ens.pos.get("init"),
+            "keep the output layer plain (bank_singletons false) for the classifier rule to apply", diags.sources))
     tensors = _tensors(ops, slots, groups, blob, M)
     by_role: dict[str, int] = {}
     for t in tensors:
