@@ -110,7 +110,8 @@ def compile_program(program: Program) -> P.Plan:
     ops = [o.model_copy(update={"source": sources[o.name]}) if isinstance(o, (P.ConvOp, P.LinearOp)) else o
            for o in ops]
     out_op = ops[-1]
-    if ens.init.get("classifier", {}).get("law", "uniform") != "uniform" and sources.get(out_op.name) in ("bank", "blob"):
+    classifier_law = ens.init.get("classifier", {}).get("law", "uniform")
+    if classifier_law != "uniform" and sources.get(out_op.name) in ("bank", "blob"):
         warnings.append(_warning(
             f"the classifier rule does not apply: the output layer '{out_op.name}' reads templates "
             f"({sources[out_op.name]}), which are drawn by the template rule", ens.pos.get("init"),

@@ -142,9 +142,9 @@ def print_inspect(plan: Plan, console: Console) -> None:
                       f"{g['bank_params']:,}", f"{g['usage_min']}-{g['usage_max']}",
                       str(g["distinct_template_sets"]) + ("" if g["members_differ"] or plan.members == 1 else " (!)"))
         console.print(t)
-        console.print("n = templates; cap = most templates the group's slots can read; k = templates per layer; usage = slots "
-                      "per template (shared: one slot per layer); sets = distinct template selections among the "
-                      "members ((!): members differ only by a scale in every layer of the group)")
+        console.print("n = templates; cap = most templates the group's slots can read; k = templates per layer; "
+                      "usage = slots per template (shared: one slot per layer); sets = distinct template selections "
+                      "among the members ((!): members differ only by a scale in every layer of the group)")
         for g in s["groups"]:
             console.print(f"  {g['name']}: " + ", ".join(g["layers"]), overflow="fold")
     if plan.blob is not None:

@@ -71,3 +71,9 @@ def test_both_backends_apply_the_plans_rules(tensors):
     w = t[f"plain.{plan.output}.weight"]
     assert 0.008 < w.std() < 0.012
     assert np.all(t[f"plain.{plan.output}.bias"] == 0)
+
+
+def test_a_classifier_rule_that_cannot_apply_is_a_warning():
+    plan = mixc.compile("wrn28_5", ["init.classifier=normal(std=0.01)"])  # thin: the output layer is banked
+    assert len(plan.warnings) == 1 and "classifier rule does not apply" in plan.warnings[0].message
+    assert not mixc.compile("digits", ["init.classifier=normal(std=0.01)"]).warnings
