@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from mixc.compiler.group import GroupDraft
 
-MAX_EXCHANGE = 64  # most templates of one group traded for another in one tie-breaking move
+MAX_TIE_STEPS = 200  # bound on tie-breaking exchanges (each strictly improves; in practice a handful)
 
 
 class BudgetError(Exception):
@@ -220,39 +220,59 @@ def share_distance(n: list[int], free_idx: list[int], sizes: dict[int, int],
     return (max(dev, default=0.0), sum(dev))
 
 
+def improving_exchange(n: list[int], free_idx: list[int], sizes: dict[int, int], target: dict[int, float],
+                       budget: int, total, marginal) -> list[int] | None:
+    """One exchange (fewer templates of group i, as many of j as then fit, refill) that spends no
+    less and comes closer to the targets; None if there is none.
+
+    For each pair only the fewest removals that make room for one more template of j (and one
+    more than that) are tried: removing more is undone by the refill, so the search stays
+    O(groups^2) allocations per step however large the counts are.
+    """
+    t0 = total(n)
+    d0 = share_distance(n, free_idx, sizes, target)
+    room = budget - t0
+    for i in free_idx:
+        for j in free_idx:
+            mj = marginal(n, j)
+            if i == j or n[i] <= 1 or mj is None:
+                continue
+            first = max(1, -(-(mj - room) // sizes[i]))
+            for a in (first, first + 1):
+                if a > n[i] - 1:
+                    break
+                c = list(n)
+                c[i] -= a
+                t = total(c)
+                m = marginal(c, j)
+                if m is None or t + m > budget:
+                    continue
+                while m is not None and t + m <= budget:  # as many of j as fit
+                    c[j] += 1
+                    t += m
+                    m = marginal(c, j)
+                fill(c, free_idx, sizes, target, budget, total, marginal)
+                if total(c) < t0:
+                    continue
+                d = share_distance(c, free_idx, sizes, target)
+                if d[0] < d0[0] - 1e-12 or (abs(d[0] - d0[0]) <= 1e-12 and d[1] < d0[1] - 1e-12):
+                    return c
+    return None
+
+
 def break_ties(n: list[int], free_idx: list[int], sizes: dict[int, int], target: dict[int, float],
                budget: int, total, marginal) -> list[int]:
-    """Local search: trade templates of one group for another's while the total does not drop
-    and the allocation comes closer to the targets (see the module docstring)."""
-    best, best_total = list(n), total(n)
-    best_d = share_distance(best, free_idx, sizes, target)
-    improved = True
-    while improved:
-        improved = False
-        for i in free_idx:
-            for j in free_idx:
-                if i == j or best[i] <= 1:
-                    continue
-                most = min(best[i] - 1, MAX_EXCHANGE, -(-sizes[j] // sizes[i]) + 1)
-                for a in range(1, most + 1):
-                    c = list(best)
-                    c[i] -= a
-                    t = total(c)
-                    m = marginal(c, j)
-                    if m is None or t + m > budget:
-                        continue
-                    while m is not None and t + m <= budget:  # as many of j as fit
-                        c[j] += 1
-                        t += m
-                        m = marginal(c, j)
-                    fill(c, free_idx, sizes, target, budget, total, marginal)
-                    t = total(c)
-                    if t < best_total:
-                        continue
-                    d = share_distance(c, free_idx, sizes, target)
-                    if d[0] < best_d[0] - 1e-12 or (abs(d[0] - best_d[0]) <= 1e-12 and d[1] < best_d[1] - 1e-12):
-                        best, best_total, best_d, improved = c, t, d, True
-                        break
+    """Local search: apply improving exchanges until none is left (see the module docstring).
+
+    Each step strictly lowers the (largest, summed) deviation, so it ends; MAX_TIE_STEPS only
+    guards the running time (the invariants then report the exchange that was left).
+    """
+    best = list(n)
+    for _ in range(MAX_TIE_STEPS):
+        better = improving_exchange(best, free_idx, sizes, target, budget, total, marginal)
+        if better is None:
+            break
+        best = better
     return best
 
 

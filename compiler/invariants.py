@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mixc.compiler.allocate import (alpha_cost, blob_cost, break_ties, group_shares, next_readable_blob,
+from mixc.compiler.allocate import (alpha_cost, blob_cost, group_shares, improving_exchange, next_readable_blob,
                                     readable_capacity, share_distance, water_fill)
 from mixc.compiler.degenerate import all_collinear
 from mixc.compiler.group import GroupDraft
@@ -141,8 +141,8 @@ def _check_shares(plan: Plan) -> list[Violation]:
         return drafts[i].size + (M * len(drafts[i].layers) if c[i] < tpls[i] else 0)
 
     n = [g.templates for g in plan.groups]
-    better = break_ties(list(n), free, sizes, target, a.budget, total, marginal)
-    if better != n:
+    better = improving_exchange(list(n), free, sizes, target, a.budget, total, marginal)
+    if better is not None:
         d0, d1 = share_distance(n, free, sizes, target), share_distance(better, free, sizes, target)
         return [Violation("shares", f"templates {n} are {d0[0]:.1%} from the shares at most, but {better} "
                                     f"spends no less and is {d1[0]:.1%} from them")]
