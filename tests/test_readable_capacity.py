@@ -208,3 +208,11 @@ def test_one_member_is_never_degenerate():
     plan = mixc.compile(CNN, ["members=1"])
     assert not plan.warnings and check_plan(plan) == []
     assert math.isclose(plan.accounting.budget, plan.accounting.backbone_params, rel_tol=1e-6)
+
+
+def test_check_plan_catches_collinear_members():
+    plan = mixc.compile(CNN, ["budget=2.0x", "templates_per_layer=1", "assign=greedy_disjoint"])
+    assert check_plan(plan) == []
+    same = [s.model_copy(update={"templates": [[0]] * plan.members}) for s in plan.slots]  # all read template 0
+    broken = plan.model_copy(update={"slots": same})
+    assert "members_differ" in {v.invariant for v in check_plan(broken)}
