@@ -21,12 +21,15 @@ exceeds the total length its slots read.
 Shares break ties. Group ``g``'s target is its share ``f_g`` of the template
 parameters (after water-filling). Among maximal allocations (no further
 template fits), one that spends at least as much of the budget and is closer
-to the targets is always preferred; closeness is the largest deviation of a
-group's fraction of the template parameters from its target, then the sum of
+to the targets is preferred; closeness is the largest deviation of a group's
+fraction of the template parameters from its target, then the sum of
 deviations. After the greedy fill the allocator applies such exchanges
-(remove some templates of one group, add one or more of another, refill)
-until none improves, so two allocations of the same total never leave the
-one further from the shares.
+(remove the fewest templates of one group that make room for one more of
+another, add as many of that one as fit, refill) until none improves. It is
+a local search: the result is never beaten by one such two-group exchange
+(the ``shares`` invariant checks exactly that), not proven globally closest.
+The budget spent never drops, so ties (the same total) go to the shares and
+a higher total is never given up for them.
 """
 
 from __future__ import annotations
