@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 from mixc.compiler import plan as P
 from mixc.compiler.allocate import BudgetError, allocate_banks, allocate_blob
 from mixc.compiler.assign import assign_bank, assign_blob
+from mixc.compiler.degenerate import all_collinear, degenerate_groups
 from mixc.compiler.elaborate import elaborate
 from mixc.compiler.group import form_groups
 from mixc.compiler.layers import weight_size
-from mixc.spec.diagnostics import Diagnostics
+from mixc.spec.diagnostics import Diagnostics, Pos
 from mixc.spec.expr import Multiple
 from mixc.spec.loader import Program
 
@@ -36,6 +40,8 @@ def compile_program(program: Program) -> P.Plan:
     budget_pos = ens.pos.get("budget", ens.pos.get("backbone"))
 
     grouping = ens.groups
+    warnings: list[P.PlanWarning] = []
+    maximum: int | None = None
     groups: list[P.Group] = []
     slots: list[P.Slot] = []
     blob: P.Blob | None = None
@@ -62,47 +68,57 @@ def compile_program(program: Program) -> P.Plan:
                         ens.pos.get("groups", ens.pos.get("backbone")),
                         "set bank_singletons true (the thin variant), or use groups single")
             diags.raise_if_any()
+        tpl, policy = ens.templates_per_layer, ens.assign
+
+        def build(b: int | None, t: int = tpl) -> _Built:
+            return _allocate(drafts, weights, by_name, fixed_cost, M, t, policy, grouping, b)
+
         try:
-            if grouping == "single":
-                layers = [n for d in drafts for n in d.layers]
-                order = {o.name: i for i, o in enumerate(weights)}
-                layers.sort(key=order.__getitem__)
-                sizes = [weight_size(by_name[n]) for n in layers]
-                size, minimum = allocate_blob(sizes, fixed_cost, M, ens.templates_per_layer, budget)
-                ks = [min(ens.templates_per_layer, size // s) for s in sizes]
-                offsets, lo, hi = assign_blob(sizes, ks, size, M, ens.assign)
-                blob = P.Blob(size=size, layers=layers, usage_min=lo, usage_max=hi)
-                for name, s, k, off in zip(layers, sizes, ks, offsets):
-                    slots.append(P.Slot(layer=name, group="blob", size=s, k=k, offsets=off))
-                    sources[name] = "blob"
-                template_params = size
-                alpha_params = M * sum(ks)
-            else:
-                alloc = allocate_banks(drafts, fixed_cost, M, ens.templates_per_layer, budget)
-                minimum = alloc.minimum_budget
-                for d, n, share, k in zip(drafts, alloc.templates, alloc.shares, alloc.k):
-                    table, usage = assign_bank(len(d.layers), n, k, M, ens.assign)
-                    groups.append(P.Group(name=d.name, layers=d.layers, weight_shape=d.weight_shape, bias=d.bias,
-                                          size=d.size, share=share, templates=n, templates_per_layer=k,
-                                          requested_templates_per_layer=d.templates_per_layer or ens.templates_per_layer,
-                                          usage=usage, fixed=d.templates is not None))
-                    for layer, per_member in zip(d.layers, table):
-                        slots.append(P.Slot(layer=layer, group=d.name, size=d.size, k=k, templates=per_member))
-                        sources[layer] = "bank"
-                template_params = sum(g.templates * g.size for g in groups)
-                alpha_params = M * sum(len(g.layers) * g.templates_per_layer for g in groups)
+            built = build(budget)
         except BudgetError as e:
-            if not (budget is None and "budget" in ens.pos):  # else the bad budget itself is already reported
-                diags.error(e.message, budget_pos, e.hint)
+            if budget is None and "budget" in ens.pos:  # the bad budget itself is already reported
+                diags.raise_if_any()
+            message, hint = e.message, e.hint
+            if e.minimum is not None and M > 1:  # the stated minimum must itself compile: members must differ
+                message, hint = _below_minimum(e, M, tpl, policy, budget, backbone, build) or (message, hint)
+            diags.error(message, ens.pos.get(e.setting, budget_pos) if e.setting else budget_pos, hint)
             diags.raise_if_any()
+        groups, slots, blob, minimum, maximum = built.groups, built.slots, built.blob, built.minimum, built.maximum
+        template_params, alpha_params = built.template_params, built.alpha_params
+        for s in slots:
+            sources[s.layer] = "blob" if s.group == "blob" else "bank"
+        if budget is not None and maximum is not None and budget > maximum:
+            warnings.append(_warning(
+                f"the budget {budget:,} exceeds the largest useful budget {maximum:,} for this spec: every group "
+                f"already holds as many templates as its layers can read, so {budget - maximum:,} parameters are "
+                f"left unspent", budget_pos,
+                f"lower the budget to {maximum:,}, or raise templates_per_layer (or members under greedy_disjoint) "
+                f"so more templates can be read", diags.sources))
+        if all_collinear(M, slots, 0):
+            message, hint = _degenerate_error(M, tpl, policy, budget, backbone, build)
+            diags.error(message, budget_pos, hint)
+            diags.raise_if_any()
+        same = degenerate_groups(slots) if M > 1 else []
+        if same:
+            what = "the blob" if same == ["blob"] else "group" + ("s " if len(same) > 1 else " ") + ", ".join(same)
+            warnings.append(_warning(
+                f"{what}: every member reads the same single template in each layer, so there the members' "
+                f"weights differ only by a scale that BatchNorm removes", budget_pos,
+                "give these layers a second template per member: a larger budget or share with "
+                "templates_per_layer >= 2, or assign greedy_disjoint", diags.sources))
         for n in plain:
             sources[n] = "plain"
-        order = {o.name: i for i, o in enumerate(weights)}
-        slots.sort(key=lambda s: order[s.layer])
     diags.raise_if_any()
 
     ops = [o.model_copy(update={"source": sources[o.name]}) if isinstance(o, (P.ConvOp, P.LinearOp)) else o
            for o in ops]
+    out_op = ops[-1]
+    classifier_law = ens.init.get("classifier", {}).get("law", "uniform")
+    if classifier_law != "uniform" and sources.get(out_op.name) in ("bank", "blob"):
+        warnings.append(_warning(
+            f"the classifier rule does not apply: the output layer '{out_op.name}' reads templates "
+            f"({sources[out_op.name]}), which are drawn by the template rule", ens.pos.get("init"),
+            "keep the output layer plain (bank_singletons false) for the classifier rule to apply", diags.sources))
     tensors = _tensors(ops, slots, groups, blob, M)
     by_role: dict[str, int] = {}
     for t in tensors:
@@ -119,6 +135,7 @@ def compile_program(program: Program) -> P.Plan:
         template_params=template_params, alpha_params=alpha_params, bn_params=bn_params, total_params=total,
         budget=budget, minimum_budget=minimum,
         per_member_params=(alpha_params + bn_params) // M + (member_params // M),
+        maximum_budget=maximum,
     )
     plan = P.Plan(
         name=program.name, source=program.main_file, members=M, grouping=grouping, assign=ens.assign,
@@ -126,8 +143,157 @@ def compile_program(program: Program) -> P.Plan:
         input_shape=list(ops[0].out_shape), input_layout=ops[0].layout, output=ops[-1].name,
         classes=ops[-1].out_shape[0], ops=ops, groups=groups, blob=blob, slots=slots, plain_layers=plain,
         tensors=tensors, accounting=accounting, train=program.recipe,
+        init=_init_rules(ens.init), warnings=warnings,
     )
     return plan.model_copy(update={"spec_hash": plan.content_hash()})
+
+
+@dataclass
+class _Built:
+    """The allocation and assignment at one budget (the compiler also probes other budgets)."""
+
+    groups: list[P.Group]
+    slots: list[P.Slot]
+    blob: P.Blob | None
+    minimum: int
+    maximum: int | None
+    template_params: int
+    alpha_params: int
+
+
+def _allocate(drafts: list, weights: list, by_name: dict, fixed_cost: int, M: int, tpl: int, policy: str,
+              grouping: str, budget: int | None) -> _Built:
+    """Allocate templates (or the blob) and assign every slot. Raises ``BudgetError``."""
+    groups: list[P.Group] = []
+    slots: list[P.Slot] = []
+    blob = None
+    order = {o.name: i for i, o in enumerate(weights)}
+    if grouping == "single":
+        layers = sorted((n for d in drafts for n in d.layers), key=order.__getitem__)
+        sizes = [weight_size(by_name[n]) for n in layers]
+        size, minimum, maximum = allocate_blob(sizes, fixed_cost, M, tpl, budget, policy)
+        ks = [min(tpl, size // s) for s in sizes]
+        offsets, lo, hi = assign_blob(sizes, ks, size, M, policy)
+        blob = P.Blob(size=size, layers=layers, usage_min=lo, usage_max=hi)
+        for name, s, k, off in zip(layers, sizes, ks, offsets):
+            slots.append(P.Slot(layer=name, group="blob", size=s, k=k, offsets=off))
+        template_params, alpha_params = size, M * sum(ks)
+    else:
+        alloc = allocate_banks(drafts, fixed_cost, M, tpl, budget, policy=policy)
+        minimum, maximum = alloc.minimum_budget, alloc.maximum_budget
+        caps = alloc.capacity or [None] * len(drafts)
+        for d, n, share, k, cap in zip(drafts, alloc.templates, alloc.shares, alloc.k, caps):
+            table, usage = assign_bank(len(d.layers), n, k, M, policy)
+            groups.append(P.Group(name=d.name, layers=d.layers, weight_shape=d.weight_shape, bias=d.bias,
+                                  size=d.size, share=share, templates=n, templates_per_layer=k,
+                                  requested_templates_per_layer=d.templates_per_layer or tpl,
+                                  usage=usage, fixed=d.templates is not None, capacity=cap))
+            for layer, per_member in zip(d.layers, table):
+                slots.append(P.Slot(layer=layer, group=d.name, size=d.size, k=k, templates=per_member))
+        template_params = sum(g.templates * g.size for g in groups)
+        alpha_params = M * sum(len(g.layers) * g.templates_per_layer for g in groups)
+    slots.sort(key=lambda s: order[s.layer])
+    return _Built(groups, slots, blob, minimum, maximum, template_params, alpha_params)
+
+
+def differ_budget(build, minimum: int, maximum: int) -> int | None:
+    """The smallest budget at which the members are not all collinear (None: no budget helps).
+
+    Binary search over [minimum, maximum]; the answer is always a budget that was
+    compiled and checked, so it is guaranteed to work even where the allocation is
+    not monotone in the budget.
+    """
+    def differs(b: int) -> bool:
+        try:
+            built = build(b)
+        except BudgetError:
+            return False
+        return not all_collinear(2, built.slots, 0)
+
+    if not differs(maximum):
+        return None
+    lo, hi = minimum, maximum  # differs(hi) holds
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if differs(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+_DEGENERATE = ("the {M} members would be identical: in every layer each member's weight is a scalar multiple of "
+               "the others' (one template per layer, the same for all members; plain layers are shared), and "
+               "BatchNorm removes the scale")
+_HUGE = 10 ** 30  # a budget above any capacity: probes the minimum and the largest useful budget
+
+
+def _bounds(build, t: int) -> tuple[int, int]:
+    """(minimum, largest useful budget) at templates_per_layer ``t``."""
+    b = build(_HUGE, t)
+    return b.minimum, max(b.maximum or b.minimum, b.minimum)
+
+
+def _setting_fix(M: int, tpl: int, policy: str, backbone: int, build) -> str:
+    """The hint when no budget separates the members at this templates_per_layer."""
+    t = max(2, tpl)
+    try:
+        at = differ_budget(lambda b: build(b, t), *_bounds(build, t))
+    except BudgetError:
+        at = None
+    if at is not None:
+        return f"set templates_per_layer {t} and a budget of at least {at:,} ({at / backbone:.3g}x), or assign " \
+               f"greedy_disjoint"
+    return "use assign greedy_disjoint, or bank more layers (bank_singletons true)"
+
+
+def _degenerate_error(M: int, tpl: int, policy: str, budget: int | None, backbone: int, build) -> tuple[str, str]:
+    """(message, hint) for a degenerate ensemble: the smallest budget, or the setting, that fixes it."""
+    head = _DEGENERATE.format(M=M)
+    if budget is None:
+        return (head, "give a group templates = 2 or more with templates_per_layer 2 or more, or assign "
+                      "greedy_disjoint")
+    at = differ_budget(build, *_bounds(build, tpl))
+    if at is not None:
+        return (f"{head}; the smallest budget at which members can differ is {at:,}",
+                f"raise the budget to at least {at:,} ({at / backbone:.3g}x)")
+    return (f"{head}; no budget changes that at templates_per_layer {tpl} with assign {policy}",
+            _setting_fix(M, tpl, policy, backbone, build))
+
+
+def _below_minimum(e: BudgetError, M: int, tpl: int, policy: str, budget: int, backbone: int,
+                   build) -> tuple[str, str] | None:
+    """A below-the-minimum error whose minimum also keeps the members apart (None: the plain one holds)."""
+    lo, hi = _bounds(build, tpl)
+    if not all_collinear(M, build(lo).slots, 0):
+        return None
+    at = differ_budget(build, lo, hi)
+    if at is not None:
+        return (f"the budget {budget:,} is below the minimum {at:,} for this spec: below it (from the bare minimum "
+                f"{lo:,} on) every layer gives the {M} members one shared template, so the members would be "
+                f"identical up to a scale that BatchNorm removes",
+                f"raise the budget to at least {at:,} ({at / backbone:.3g}x)")
+    return (f"the budget {budget:,} is too small, and at templates_per_layer {tpl} with assign {policy} no budget "
+            f"helps: " + _DEGENERATE.format(M=M), _setting_fix(M, tpl, policy, backbone, build))
+
+
+def _init_rules(rules: dict[str, dict]) -> P.InitRules:
+    """The spec's ``init { ... }`` lines over the defaults (today's behaviour)."""
+    return P.InitRules(**{k: P.InitRule(**v) for k, v in rules.items()})
+
+
+def _warning(message: str, pos: Pos | None, hint: str | None, sources: dict[str, str]) -> P.PlanWarning:
+    """A positioned warning; it keeps its source line so it renders like an error anywhere."""
+    line = None
+    if pos is not None and pos.file in sources:
+        lines = sources[pos.file].split("\n")
+        line = lines[pos.line - 1] if 1 <= pos.line <= len(lines) else None
+    if line is not None:
+        # A plan holds one-line text only (a tab or a CRLF's \r would not validate); one space
+        # per character keeps the caret under the column it names.
+        line = re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", " ", line.rstrip("\r"))[:4096]
+    return P.PlanWarning(message=message, hint=hint, file=pos.file if pos else None,
+                         line=pos.line if pos else None, col=pos.col if pos else None, source_line=line)
 
 
 def _tensors(ops: list, slots: list[P.Slot], groups: list[P.Group], blob: P.Blob | None, M: int) -> list[P.Tensor]:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mixc.compiler.allocate import blob_cost
+from mixc.compiler.allocate import (alpha_cost, blob_cost, group_shares, improving_exchange, next_readable_blob,
+                                    readable_capacity, share_distance, water_fill)
+from mixc.compiler.degenerate import all_collinear
+from mixc.compiler.group import GroupDraft
 from mixc.compiler.plan import Plan
 
 INVARIANTS = (
@@ -17,7 +20,10 @@ INVARIANTS = (
     "no_template_fits",  # no further template (or blob entry) would fit
     "distinct_templates",  # a layer's k templates are distinct
     "balanced_usage",  # template usage max - min <= 1
-    "full_coverage",  # every template is used when demand covers supply
+    "full_coverage",  # every template (and every blob entry) is read by some slot
+    "readable_capacity",  # no group holds more templates than its slots can read
+    "shares",  # no exchange of templates that spends no less comes closer to the shares
+    "members_differ",  # several members are not all scalar multiples of one another
     "disjoint_members",  # greedy_disjoint: members of a layer disjoint when M*k <= n
 )
 
@@ -47,8 +53,12 @@ def check_plan(plan: Plan) -> list[Violation]:
     room = None if a.budget is None else a.budget - a.total_params
     for g in plan.groups:
         slots = [s for s in plan.slots if s.group == g.name]
-        if room is not None and not g.fixed:
-            requested = g.requested_templates_per_layer
+        requested = g.requested_templates_per_layer
+        cap = readable_capacity(len(g.layers), requested, M, plan.assign)
+        if g.templates > cap:
+            out.append(Violation("readable_capacity", f"group {g.name}: {g.templates} templates but its slots read "
+                                                      f"at most {cap}"))
+        if room is not None and not g.fixed and g.templates < cap:
             marginal = g.size + (M * len(g.layers) if g.templates < requested else 0)
             if marginal <= room:
                 out.append(Violation("no_template_fits", f"group {g.name}: one more template costs {marginal:,} "
@@ -85,14 +95,58 @@ def check_plan(plan: Plan) -> list[Violation]:
             out.append(Violation("accounting", f"group {g.name}: recorded usage {g.usage} but slots give {usage}"))
         if usage and max(usage) - min(usage) > 1:
             out.append(Violation("balanced_usage", f"group {g.name}: usage ranges {min(usage)}..{max(usage)}"))
-        if distinct_slots * g.templates_per_layer >= g.templates and usage and min(usage) == 0:
+        if usage and min(usage) == 0:
             unused = [t for t, u in enumerate(usage) if u == 0]
-            out.append(Violation("full_coverage", f"group {g.name}: templates {unused} unused although "
-                                                  f"{distinct_slots} slots x k = {g.templates_per_layer} cover "
-                                                  f"{g.templates}"))
+            shown = unused[:8] + (["..."] if len(unused) > 8 else [])
+            out.append(Violation("full_coverage", f"group {g.name}: {len(unused)} of {g.templates} templates "
+                                                  f"({', '.join(map(str, shown))}) are read by no slot"))
     if plan.blob is not None:
         out.extend(_check_blob(plan, room))
+    out.extend(_check_shares(plan))
+    member_layers = sum(1 for o in plan.ops if getattr(o, "source", None) == "member")
+    if plan.grouping != "none" and all_collinear(M, list(plan.slots), member_layers):
+        out.append(Violation("members_differ", f"all {M} members are scalar multiples of one another in "
+                                               f"every layer"))
     return out
+
+
+def _check_shares(plan: Plan) -> list[Violation]:
+    """Rebuild the allocator's targets from the plan alone and look for an exchange it missed."""
+    a = plan.accounting
+    free = [i for i, g in enumerate(plan.groups) if not g.fixed]
+    if a.budget is None or not free or (a.maximum_budget is not None and a.budget >= a.maximum_budget):
+        return []
+    M = plan.members
+    drafts = [GroupDraft(g.name, list(g.layers), list(g.weight_shape), g.bias, g.size,
+                         share=None if g.fixed else g.share, templates=g.templates if g.fixed else None,
+                         templates_per_layer=g.requested_templates_per_layer) for g in plan.groups]
+    tpls = [g.requested_templates_per_layer for g in plan.groups]
+    caps = [readable_capacity(len(g.layers), t, M, plan.assign) for g, t in zip(plan.groups, tpls)]
+    fixed_cost = a.plain_params + a.bn_params
+    base = fixed_cost + sum(g.templates * g.size + alpha_cost(d, g.templates, t, M)
+                            for d, g, t in zip(drafts, plan.groups, tpls) if g.fixed)
+    shares = group_shares(drafts)
+    template_budget = a.budget - base - sum(alpha_cost(drafts[i], tpls[i], tpls[i], M) for i in free)
+    sizes = {i: plan.groups[i].size for i in free}
+    ideal = water_fill({i: shares[i] for i in free}, sizes, {i: caps[i] for i in free}, max(0.0, template_budget))
+    mass = sum(ideal[i] * sizes[i] for i in free) or 1.0
+    target = {i: ideal[i] * sizes[i] / mass for i in free}
+
+    def total(c: list[int]) -> int:
+        return fixed_cost + sum(c[i] * d.size + alpha_cost(d, c[i], tpls[i], M) for i, d in enumerate(drafts))
+
+    def marginal(c: list[int], i: int) -> int | None:
+        if c[i] >= caps[i]:
+            return None
+        return drafts[i].size + (M * len(drafts[i].layers) if c[i] < tpls[i] else 0)
+
+    n = [g.templates for g in plan.groups]
+    better = improving_exchange(list(n), free, sizes, target, a.budget, total, marginal)
+    if better is not None:
+        d0, d1 = share_distance(n, free, sizes, target), share_distance(better, free, sizes, target)
+        return [Violation("shares", f"templates {n} are {d0[0]:.1%} from the shares at most, but {better} "
+                                    f"spends no less and is {d1[0]:.1%} from them")]
+    return []
 
 
 def _check_blob(plan: Plan, room: int | None) -> list[Violation]:
@@ -109,12 +163,17 @@ def _check_blob(plan: Plan, room: int | None) -> list[Violation]:
     if b.usage_max - b.usage_min > 1:
         out.append(Violation("balanced_usage", f"blob usage ranges {b.usage_min}..{b.usage_max}"))
     demand = sum(s.k * s.size * (1 if plan.assign == "shared" else plan.members) for s in slots)
-    if demand >= b.size and b.usage_min == 0:
-        out.append(Violation("full_coverage", f"some blob entries unused although slots read {demand:,} >= "
-                                              f"{b.size:,}"))
+    if b.usage_min == 0:
+        out.append(Violation("full_coverage", f"some blob entries are read by no slot (slots read {demand:,} "
+                                              f"entries of {b.size:,})"))
+    if demand < b.size:
+        out.append(Violation("readable_capacity", f"a blob of {b.size:,} entries but its slots read {demand:,}"))
     if room is not None:
         plain_bn = plan.accounting.plain_params + plan.accounting.bn_params
-        bigger = blob_cost(b.size + 1, [s.size for s in slots], plain_bn, plan.members, plan.templates_per_layer)
-        if bigger <= plan.accounting.budget:
-            out.append(Violation("no_template_fits", f"a blob of {b.size + 1:,} entries would still fit the budget"))
+        sizes = [s.size for s in slots]
+        nxt = next_readable_blob(b.size, sizes, plan.members, plan.templates_per_layer, plan.assign)
+        if nxt is not None and blob_cost(nxt, sizes, plain_bn, plan.members,
+                                         plan.templates_per_layer) <= plan.accounting.budget:
+            out.append(Violation("no_template_fits", f"a readable blob of {nxt:,} entries would still fit "
+                                                     f"the budget"))
     return out

@@ -202,6 +202,7 @@ class Group(_Model):
     requested_templates_per_layer: Dim  # what the spec asked for
     usage: list[Count]  # how many slots use each template (shared: one slot per layer)
     fixed: bool = False  # template count fixed by the spec, not allocated
+    capacity: Dim | None = None  # most templates its slots can read (templates never exceed it)
 
 
 class Blob(_Model):
@@ -273,6 +274,43 @@ class Accounting(_Model):
     budget: Count | None  # None when every group fixed its template count
     minimum_budget: Count  # fixed cost plus one template per group
     per_member_params: Count  # alphas + BN of one member
+    maximum_budget: Count | None = None  # largest useful budget: every group (or the blob) fully readable
+
+
+class PlanWarning(_Model):
+    """A compile-time warning (the plan is usable), positioned like an error."""
+
+    message: Text
+    file: Text | None = None
+    line: Dim | None = None
+    col: Dim | None = None
+    hint: Text | None = None
+    source_line: Text | None = None  # the line it points at, for the caret display
+
+
+class InitRule(_Model):
+    """How one kind of tensor is initialised; ``std`` only for ``normal``."""
+
+    law: Literal["orthonormal", "normal", "uniform"]
+    std: Annotated[Finite, Field(gt=0.0)] | None = None
+
+
+class InitRules(_Model):
+    """Initialisation every backend applies (defaults: the rules before they were configurable).
+
+    ``alphas``: ``orthonormal`` (unit rows, orthonormal across members in blocks of k) or
+    ``normal`` (i.i.d. N(0, std^2)). ``classifier`` (the output layer when it is plain or
+    per-member): ``uniform`` (PyTorch's U(+-1/sqrt(fan_in)) for weight and bias) or ``normal``
+    (weight N(0, std^2), bias 0).
+    """
+
+    alphas: InitRule = InitRule(law="orthonormal")
+    classifier: InitRule = InitRule(law="uniform")
+
+
+# Plan fields outside the content hash (see Plan.content_hash).
+_HASH_EXCLUDE = {"spec_hash": True, "source": True, "train": True, "warnings": True,
+                 "groups": {"__all__": {"capacity"}}, "accounting": {"maximum_budget"}}
 
 
 class Plan(_Model):
@@ -297,6 +335,8 @@ class Plan(_Model):
     tensors: list[Tensor]
     accounting: Accounting
     train: dict | None = None  # the validated train section, backend-neutral
+    init: InitRules = InitRules()  # initialisation rules (part of the model's definition)
+    warnings: list[PlanWarning] = []  # compile-time warnings (not part of the content hash)
 
     def op(self, name: str) -> Op:
         for o in self.ops:
@@ -315,8 +355,11 @@ class Plan(_Model):
 
         Excludes the file name, the train section and the hash itself, so a
         checkpoint stays valid when the spec moves or only its recipe changes.
+        Warnings, derived bookkeeping (capacity, maximum_budget) and default init
+        rules are left out too, so a plan whose model did not change keeps its hash.
         """
-        data = self.model_dump(mode="json", exclude={"spec_hash", "source", "train"})
+        data = self.model_dump(mode="json", exclude=_HASH_EXCLUDE | ({"init": True} if self.init == InitRules()
+                                                                      else {}))
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

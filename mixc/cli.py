@@ -41,6 +41,9 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
         out.print(f"{program.main_file}: ok ({n} definition{'s' if n != 1 else ''}, no ensemble section to compile)")
         return 0
     plan = compile_program(program)
+    from mixc.report import print_warnings
+
+    print_warnings(plan)
     a = plan.accounting
     budget = f" of {a.budget:,}" if a.budget else ""
     out.print(f"{program.main_file}: ok ({plan.members} members, {a.total_params:,}{budget} parameters)")
@@ -49,9 +52,10 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
 
 def cmd_inspect(args: argparse.Namespace, out: Console) -> int:
     from mixc.api import compile
-    from mixc.report import print_inspect, summary
+    from mixc.report import print_inspect, print_warnings, summary
 
     plan = compile(args.file, args.overrides, import_paths=args.import_paths)
+    print_warnings(plan)
     if args.json:
         print(json.dumps(summary(plan), indent=2))
     else:
@@ -61,8 +65,10 @@ def cmd_inspect(args: argparse.Namespace, out: Console) -> int:
 
 def cmd_compile(args: argparse.Namespace, out: Console) -> int:
     from mixc.api import compile
+    from mixc.report import print_warnings
 
     plan = compile(args.file, args.overrides, import_paths=args.import_paths)
+    print_warnings(plan)
     if args.backend is None:
         text = plan.to_json() + "\n"
         if args.output in (None, "-"):

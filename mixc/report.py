@@ -7,7 +7,29 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from mixc.compiler.degenerate import collinear, distinct_template_sets
 from mixc.compiler.plan import Plan
+
+
+def render_warnings(plan: Plan) -> str:
+    """The plan's warnings in the errors' file:line:col style (with the line and a caret), labelled warning."""
+    from mixc.spec.diagnostics import Diagnostic, Pos
+
+    out = []
+    for w in plan.warnings:
+        pos = Pos(w.file, w.line, w.col) if w.file and w.line and w.col else None
+        sources = {w.file: "\n" * (w.line - 1) + w.source_line} if pos and w.source_line is not None else {}
+        out.append(Diagnostic(w.message, pos, w.hint, severity="warning").render(sources))
+    return "\n".join(out)
+
+
+def print_warnings(plan: Plan) -> None:
+    """Write the plan's warnings to stderr (never silently compile a plan with a warning)."""
+    import sys
+
+    if plan.warnings:
+        sys.stdout.flush()
+        sys.stderr.write(render_warnings(plan) + "\n")
 
 
 def _shape(s: list[int]) -> str:
@@ -32,6 +54,8 @@ def summary(plan: Plan) -> dict[str, Any]:
         "total_params": a.total_params,
         "budget": a.budget,
         "minimum_budget": a.minimum_budget,
+        "maximum_budget": a.maximum_budget,
+        "maximum_budget_reason": _maximum_reason(plan),
         "utilisation": (a.total_params / a.budget) if a.budget else None,
         "naive_params": a.naive_params,
         "saving_vs_naive": 1 - a.total_params / a.naive_params,
@@ -56,6 +80,10 @@ def summary(plan: Plan) -> dict[str, Any]:
                 "usage_min": min(g.usage),
                 "usage_max": max(g.usage),
                 "fixed": g.fixed,
+                "capacity": g.capacity,
+                "distinct_template_sets": distinct_template_sets([sl for sl in plan.slots if sl.group == g.name]),
+                "members_differ": plan.members > 1 and not all(
+                    collinear(sl) for sl in plan.slots if sl.group == g.name),
             }
             for g in plan.groups
         ],
@@ -71,6 +99,19 @@ def summary(plan: Plan) -> dict[str, Any]:
             for n in plan.plain_layers
         ],
     }
+
+
+def _maximum_reason(plan: Plan) -> str | None:
+    """Why budget beyond ``maximum_budget`` is useless, and what would raise it."""
+    a = plan.accounting
+    if a.maximum_budget is None:
+        return None
+    what = "the blob" if plan.blob is not None else "every group"
+    per = ("layers x templates_per_layer" if plan.assign == "shared"
+           else "members x layers x templates_per_layer")
+    return (f"at {a.maximum_budget:,} {what} holds as many templates as its slots can read ({per}); "
+            f"raise templates_per_layer" + (" or members" if plan.assign == "greedy_disjoint" else "")
+            + " to use a larger budget")
 
 
 def _params(op) -> int:
@@ -93,14 +134,17 @@ def print_inspect(plan: Plan, console: Console) -> None:
     if plan.groups:
         t = Table(title="parameter groups", title_justify="left")
         t.add_column("group", overflow="fold")
-        for col in ("layers", "share", "templates", "k", "bank params", "usage"):
+        for col in ("layers", "share", "n", "cap", "k", "params", "usage", "sets"):
             t.add_column(col, justify="right", no_wrap=True)
         for g in s["groups"]:
             t.add_row(g["name"], str(len(g["layers"])), "fixed" if g["fixed"] else f"{g['share']:.3f}",
-                      str(g["templates"]), str(g["templates_per_layer"]), f"{g['bank_params']:,}",
-                      f"{g['usage_min']}-{g['usage_max']}")
+                      str(g["templates"]), str(g["capacity"]), str(g["templates_per_layer"]),
+                      f"{g['bank_params']:,}", f"{g['usage_min']}-{g['usage_max']}",
+                      str(g["distinct_template_sets"]) + ("" if g["members_differ"] or plan.members == 1 else " (!)"))
         console.print(t)
-        console.print("k = templates per layer; usage = slots per template (shared: one slot per layer)")
+        console.print("n = templates; cap = most templates the group's slots can read; k = templates per layer; "
+                      "usage = slots per template (shared: one slot per layer); sets = distinct template selections "
+                      "among the members ((!): members differ only by a scale in every layer of the group)")
         for g in s["groups"]:
             console.print(f"  {g['name']}: " + ", ".join(g["layers"]), overflow="fold")
     if plan.blob is not None:
@@ -133,6 +177,9 @@ def print_inspect(plan: Plan, console: Console) -> None:
     t.add_row("[bold]total[/bold]", f"[bold]{a.total_params:,}[/bold]",
               f"budget {a.budget:,}, {a.total_params / a.budget:.2%} used (minimum {a.minimum_budget:,})"
               if a.budget else "no budget applies")
+    if a.budget and a.maximum_budget is not None:
+        t.add_row("largest useful budget", f"{a.maximum_budget:,}", _maximum_reason(plan)
+                  + (" [bold]the budget exceeds it[/bold]" if a.budget > a.maximum_budget else ""))
     t.add_row("naive ensemble", f"{a.naive_params:,}",
               f"{plan.members} x backbone; this spec saves {s['saving_vs_naive']:.1%}")
     console.print(t)

@@ -16,6 +16,8 @@ so in the table. A point that no grouping can fit is reported and skipped.
 
 from __future__ import annotations
 
+import re
+
 import csv
 import json
 from dataclasses import dataclass, field
@@ -47,13 +49,22 @@ class Point:
     row: dict[str, Any] = field(default_factory=dict)
 
 
+_BUDGET = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?[KMGx]?")
+
+
 def parse_budgets(text: str | None) -> list[str]:
-    """``0.25x,0.5x,1x`` or ``5M,20M`` -> the budget strings (checked later, by the compiler)."""
+    """``0.25x,0.5x,1x`` (multiples of one plain backbone), ``5M,250K,1200000`` (absolute parameter
+    counts) or a mix -> the budget strings, each checked for its form here (a typo fails before any
+    training) and for its size by the compiler."""
     if not text:
         return []
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
         raise SweepError(f"--budgets takes a comma-separated list such as 0.25x,0.5x,1x,2x,4x, not {text!r}")
+    bad = [t for t in items if not _BUDGET.fullmatch(t)]
+    if bad:
+        raise SweepError(f"--budgets: {', '.join(map(repr, bad))} is not a budget; write multiples of one plain "
+                         f"backbone (0.5x, 1x) or parameter counts (250K, 5M, 1200000)")
     return list(dict.fromkeys(items))
 
 

@@ -190,6 +190,18 @@ def verify(spec: str, space: Space, examples: int = 100, seed_value: int = 0,
                 except SpecError:
                     _fail(last_failure, at_min, "minimum_budget", f"the stated minimum {minimum:,} does not compile")
                 return
+            fix = degenerate_fix(text)
+            if fix is not None:
+                report.infeasible += 1
+                report.infeasible_reasons["members would be identical"] += 1
+                budget, tpl = fix
+                at = Point(str(budget), point.members, tpl or point.templates_per_layer, point.assign, point.groups)
+                try:  # the stated fix must itself compile
+                    _check_plan(mixc.compile(spec, at.overrides()), at, last_failure)
+                except SpecError as e2:
+                    _fail(last_failure, at, "minimum_budget",
+                          f"the stated fix does not compile: {e2.render().splitlines()[0]}")
+                return
             if "no layer is factorised" in text:
                 report.infeasible += 1
                 report.infeasible_reasons["no layer is factorised"] += 1
@@ -220,6 +232,25 @@ def verify(spec: str, space: Space, examples: int = 100, seed_value: int = 0,
             f" --set {o}" for o in report.failure["overrides"])
     report.seconds = time.perf_counter() - started
     return report
+
+
+_DIFFER = re.compile(r"smallest budget at which members can differ is ([\d,]+)")
+_DIFFER_TPL = re.compile(r"set templates_per_layer (\d+) and a budget of at least ([\d,]+)")
+
+
+def degenerate_fix(text: str) -> tuple[int, int | None] | None:
+    """(budget, templates_per_layer or None) that a degenerate-ensemble error states, or None.
+
+    The error either names the smallest budget at which members differ, or a setting
+    plus a budget; a refusal that names neither (no budget helps) gives (0, None).
+    """
+    if "members would be identical" not in text:
+        return None
+    if m := _DIFFER.search(text):
+        return int(m.group(1).replace(",", "")), None
+    if m := _DIFFER_TPL.search(text):
+        return int(m.group(2).replace(",", "")), int(m.group(1))
+    return None
 
 
 def _bucket(budget: int, backbone: int) -> str:

@@ -266,7 +266,8 @@ def _resolve_import(importer: Path, name: str, roots: tuple[Path, ...]) -> tuple
 
 # --- --set overrides -----------------------------------------------------------
 
-ENSEMBLE_KEYS = ("backbone", "members", "budget", "groups", "templates_per_layer", "assign", "bank_singletons")
+ENSEMBLE_KEYS = ("backbone", "members", "budget", "groups", "templates_per_layer", "assign", "bank_singletons",
+                 "init")
 
 
 def _apply_overrides(overrides: list[str], ens: A.Section | None, train: A.Section | None, main_file: str,
@@ -322,9 +323,27 @@ def _apply_overrides(overrides: list[str], ens: A.Section | None, train: A.Secti
     return ens, train
 
 
+def _override_init(section: A.Section, settings: list, idx: int | None, what: str, value, pos: Pos) -> A.Section:
+    """``--set init.alphas=normal(std=0.5)``: replace (or add) one line of the init body."""
+    law = value.name if isinstance(value, A.CallValue) else getattr(value, "id", None)
+    args = value.args if isinstance(value, A.CallValue) else ()
+    line = A.Layer(what, law if law is not None else "?", args, pos, pos, getattr(value, "pos", pos))
+    old = settings[idx].value if idx is not None and isinstance(settings[idx].value, A.BodyValue) else None
+    body = tuple(st for st in (old.body if old else ()) if getattr(st, "kind", None) != what) + (line,)
+    new = A.Setting("init", A.BodyValue(body, old.pos if old else pos), settings[idx].pos if idx is not None else pos,
+                    settings[idx].key_pos if idx is not None else pos)
+    if idx is None:
+        settings.append(new)
+    else:
+        settings[idx] = new
+    return dataclasses.replace(section, settings=tuple(settings))
+
+
 def _override(section: A.Section, path: list[str], value, pos: Pos, diags: Diagnostics) -> A.Section:
     settings = list(section.settings)
     idx = next((i for i, s in enumerate(settings) if s.key == path[0]), None)
+    if path[0] == "init" and len(path) == 2:
+        return _override_init(section, settings, idx, path[1], value, pos)
     if len(path) == 1:
         new = A.Setting(path[0], value, pos, pos)
         if idx is None:

@@ -42,11 +42,14 @@ class EnsembleSpec:
     templates_per_layer: int = 4
     assign: str = "shared"
     bank_singletons: bool = False
+    init: dict[str, dict] = field(default_factory=dict)  # "alphas"/"classifier" -> {"law": ..., "std": ...}
     pos: dict[str, Pos] = field(default_factory=dict)  # setting -> where it was written
 
 
 GROUP_MODES = ("by_shape", "single", "none")
 MAX_MEMBERS = 1024  # every member has its own alphas, BatchNorm and template table in the plan
+# What `init { ... }` may set, and the laws each accepts (the first is the default).
+INIT_LAWS = {"alphas": ("orthonormal", "normal"), "classifier": ("uniform", "normal")}
 ASSIGN = ("shared", "greedy_disjoint")
 
 
@@ -143,10 +146,16 @@ def read_ensemble(section: A.Section, consts: dict, definitions: dict[str, A.Def
                 diags.error(f"'bank_singletons' is true or false, got {render(v) if v is not None else '?'}", vpos)
             else:
                 spec.bank_singletons = v
+        elif s.key == "init":
+            if not isinstance(s.value, A.BodyValue):
+                diags.error("'init' takes a body: init { alphas orthonormal | normal(std = 0.5); "
+                            "classifier uniform | normal(std = 0.01) }", vpos)
+            else:
+                spec.init = _read_init(s.value, consts, diags)
         else:
             diags.error(f"unknown ensemble setting '{s.key}'", s.key_pos,
                         choices_hint(s.key, ("backbone", "members", "budget", "groups", "templates_per_layer",
-                                             "assign", "bank_singletons")))
+                                             "assign", "bank_singletons", "init")))
     if "backbone" not in seen:
         diags.error("the ensemble section does not name its backbone", section.pos,
                     "add a line such as: backbone wrn(depth = 28, k = 10)")
@@ -196,6 +205,48 @@ def _read_groups(body: A.BodyValue, consts: dict, diags: Diagnostics) -> list[Gr
             diags.error(f"group '{g.name}' gives both a share and a template count", st.pos, "keep one of them")
         groups.append(g)
     return groups
+
+
+def _read_init(body: A.BodyValue, consts: dict, diags: Diagnostics) -> dict[str, dict]:
+    """``init { alphas normal(std = 0.5); classifier uniform }``: each line is WHAT LAW[(std = s)]."""
+    rules: dict[str, dict] = {}
+    for st in body.body:
+        if not isinstance(st, A.Layer) or st.name is None:
+            pos = getattr(st, "pos", body.pos)
+            diags.error("inside init { ... } each line is: WHAT LAW, e.g. alphas normal(std = 0.5)", pos,
+                        "what: " + ", ".join(INIT_LAWS) + "; laws: orthonormal, uniform, normal(std = s)")
+            continue
+        if st.kind not in INIT_LAWS:
+            diags.error(f"unknown init target '{st.kind}'", st.kind_pos, choices_hint(st.kind, INIT_LAWS))
+            continue
+        if st.kind in rules:
+            diags.error(f"'{st.kind}' is initialised twice", st.kind_pos)
+            continue
+        laws = INIT_LAWS[st.kind]
+        if st.name not in laws:
+            diags.error(f"unknown law '{st.name}' for {st.kind}", st.name_pos or st.pos, choices_hint(st.name, laws))
+            continue
+        rule: dict = {"law": st.name}
+        for a in st.args:
+            if a.name not in (None, "std") or st.name != "normal":
+                what = f"'{a.name}'" if a.name else "a positional argument"
+                diags.error(f"{st.name} takes no argument {what}" if st.name != "normal"
+                            else f"unknown argument {what} of normal", a.pos,
+                            "normal takes std: normal(std = 0.5)" if st.name == "normal" else None)
+                continue
+            v = _eval(a.value, consts, diags)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                if v is not None:
+                    diags.error(f"'std' is a positive number, got {render(v)}", a.pos)
+                continue
+            rule["std"] = float(v)
+        if st.name == "normal" and "std" not in rule:
+            if not st.args:
+                diags.error(f"normal needs its standard deviation", st.name_pos or st.pos,
+                            f"write {st.kind} normal(std = 0.5)")
+            continue
+        rules[st.kind] = rule
+    return rules
 
 
 # --- train -------------------------------------------------------------------

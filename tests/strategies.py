@@ -65,11 +65,12 @@ def backbones(draw, max_units: int = 5) -> str:
 
 
 @st.composite
-def ensembles(draw, budget: bool = True) -> str:
+def ensembles(draw, budget: bool = True, members_max: int = 8, tpl_max: int = 8,
+              factors: tuple[float, float] = (0.05, 4.0)) -> str:
     """An ensemble section for ``gen`` with random members, budget, grouping and policy."""
-    members = draw(st.integers(1, 5))
+    members = draw(st.integers(1, members_max))
     groups = draw(st.sampled_from(["by_shape", "by_shape", "single"]))
-    tpl = draw(st.integers(1, 6))
+    tpl = draw(st.integers(1, tpl_max))
     policy = draw(st.sampled_from(["shared", "greedy_disjoint"]))
     singletons = draw(st.booleans())
     lines = [
@@ -81,7 +82,7 @@ def ensembles(draw, budget: bool = True) -> str:
         f"bank_singletons {'true' if singletons else 'false'}",
     ]
     if budget:
-        factor = draw(st.floats(0.05, 4.0, allow_nan=False).map(lambda f: round(f, 3)))
+        factor = draw(st.floats(*factors, allow_nan=False).map(lambda f: round(f, 3)))
         lines.append(f"budget {factor}x")
     return "ensemble {\n" + "\n".join("    " + ln for ln in lines) + "\n}\n"
 
@@ -89,3 +90,16 @@ def ensembles(draw, budget: bool = True) -> str:
 @st.composite
 def specs(draw) -> str:
     return draw(backbones()) + draw(ensembles())
+
+
+# Settings a user would try on a zoo spec with --set (the allocation neighbourhood of issue 9).
+def zoo_variants() -> st.SearchStrategy[list[str]]:
+    """``--set`` overrides: members 1-8, templates_per_layer 1-8, both policies, by_shape/single,
+    bank_singletons, budgets 0.05x-1.5x of one plain backbone."""
+    return st.builds(
+        lambda m, t, a, g, b, f: [f"members={m}", f"templates_per_layer={t}", f"assign={a}", f"groups={g}",
+                                  f"bank_singletons={'true' if b else 'false'}", f"budget={f}x"],
+        st.integers(1, 8), st.integers(1, 8), st.sampled_from(["shared", "greedy_disjoint"]),
+        st.sampled_from(["by_shape", "single"]), st.booleans(),
+        st.floats(0.05, 1.5, allow_nan=False).map(lambda f: round(f, 4)),
+    )

@@ -1,23 +1,58 @@
 """Property tests: every invariant of DESIGN.md over generated backbones and settings."""
 
+import os
 import re
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mixc
 from mixc.compiler.assign import assign_bank, assign_blob
 from mixc.compiler.invariants import check_plan
 from mixc.spec import SpecError
-from strategies import backbones, ensembles, specs
+from mixc.spec.loader import zoo_specs
+from strategies import backbones, ensembles, specs, zoo_variants
 
+SCALE = int(os.environ.get("MIXC_FUZZ_SCALE", "1"))  # raise for a long run (issue 9: a few hundred per spec)
 MIN_RE = re.compile(r"below the minimum ([\d,]+)")
+DIFFER_RE = re.compile(r"smallest budget at which members can differ is ([\d,]+)")
+SETTING_RE = re.compile(r"set templates_per_layer (\d+) and a budget of at least ([\d,]+)")
+
+
+def _count(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def stated_fix(err: SpecError) -> list[str] | None:
+    """The overrides a rejection states as its remedy (None: a structural error that names a setting only)."""
+    text = err.render()
+    if m := MIN_RE.search(text):
+        return [f"budget={_count(m.group(1))}"]
+    if m := DIFFER_RE.search(text):
+        return [f"budget={_count(m.group(1))}"]
+    if m := SETTING_RE.search(text):
+        return [f"templates_per_layer={m.group(1)}", f"budget={_count(m.group(2))}"]
+    return None
 
 
 def _minimum(err: SpecError) -> int | None:
     m = MIN_RE.search(err.render())
-    return int(m.group(1).replace(",", "")) if m else None
+    return _count(m.group(1)) if m else None
+
+
+def compile_or_fix(compile_, overrides: list[str]):
+    """Compile; on a rejection, the stated remedy must compile to a sound plan (which is returned)."""
+    try:
+        return compile_(overrides)
+    except SpecError as err:
+        fix = stated_fix(err)
+        if fix is None:
+            assert "no layer is factorised" in err.render(), err.render()
+            return None
+        plan = compile_(overrides + fix)  # a remedy that does not compile raises here
+        assert check_plan(plan) == [], (err.render(), check_plan(plan))
+        return plan
 
 
 @given(specs())
@@ -25,18 +60,35 @@ def test_generated_specs_keep_every_invariant(text):
     try:
         plan = mixc.compile_text(text)
     except SpecError as err:
-        minimum = _minimum(err)
-        if minimum is None:
+        fix = stated_fix(err)
+        if fix is None:
             assert "no layer is factorised" in err.render(), err.render()
             return
-        # The minimum is exact: it compiles, one parameter less does not.
-        plan = mixc.compile_text(text, [f"budget={minimum}"])
-        assert plan.accounting.total_params <= minimum
-        with pytest.raises(SpecError, match="below the minimum"):
-            mixc.compile_text(text, [f"budget={minimum - 1}"])
+        # The stated remedy compiles; for a plain minimum, one parameter less does not.
+        plan = mixc.compile_text(text, fix)
+        minimum = _minimum(err)
+        if minimum is not None:
+            assert plan.accounting.total_params <= minimum
+            with pytest.raises(SpecError):
+                mixc.compile_text(text, [f"budget={minimum - 1}"])
     assert check_plan(plan) == []
     # The plan round-trips through JSON unchanged.
     assert type(plan).from_json(plan.to_json()) == plan
+
+
+@settings(max_examples=12 * SCALE)
+@given(st.sampled_from([p.stem for p in zoo_specs()]), zoo_variants())
+def test_zoo_variants_read_every_template(name, overrides):
+    """Issue 9: random --set variants of every zoo spec give no unread template, and every
+    rejection states a remedy that compiles."""
+    plan = compile_or_fix(lambda extra: mixc.compile(name, extra), overrides)
+    if plan is None:
+        return
+    assert check_plan(plan) == []
+    for g in plan.groups:
+        assert min(g.usage) >= 1 and g.templates <= g.capacity
+    if plan.blob is not None:
+        assert plan.blob.usage_min >= 1
 
 
 @given(backbones(), ensembles(budget=False), st.integers(1, 40))
@@ -47,7 +99,10 @@ def test_fixed_template_counts_need_no_budget(backbone, ensemble, n):
     try:
         plan = mixc.compile_text(text)
     except SpecError as err:
-        assert "mixes layers of different shapes" in err.render()
+        text = err.render()
+        # a group fixed beyond what its slots read, or members that cannot differ, is refused
+        assert ("mixes layers of different shapes" in text or "its slots read at most" in text
+                or "members would be identical" in text), text
         return
     assert plan.accounting.budget is None
     assert [g.templates for g in plan.groups] == [n]

@@ -267,7 +267,7 @@ backbone tiny(classes = 10) {
 ensemble {
     backbone tiny(classes = 10)
     members 2
-    budget 1.0x
+    budget 2.0x  # at 1.0x the two 4-wide convs share one template: members would be identical
     groups by_shape
     templates_per_layer 2
     assign shared

@@ -16,7 +16,7 @@ backbone mlp(width = 16, classes = 3) {
 ensemble {
     backbone mlp(width = 8)
     members 3
-    budget 1.0x
+    budget 2.0x
     templates_per_layer 2
     assign greedy_disjoint
 }
@@ -45,7 +45,7 @@ def test_signal_net_with_expressions():
         global_maxpool
         linear(classes)
     }
-    ensemble { backbone tcn; budget 1.0x; members 2 }
+    ensemble { backbone tcn; budget 2.0x; members 2 }
     """
     plan = mixc.compile_text(text)
     convs = [o for o in plan.ops if o.kind == "conv"]

@@ -20,6 +20,17 @@ def test_parse_options():
             parse_members(bad)
 
 
+def test_budgets_may_be_absolute_counts():
+    assert parse_budgets("250K,5M,1200000,1x,1.5e5") == ["250K", "5M", "1200000", "1x", "1.5e5"]
+    for bad in ("abc", "5MB", "1x,two"):
+        with pytest.raises(SweepError, match="not a budget"):
+            parse_budgets(bad)
+    pts = plan_points("digits", [], ["150K", "200000", "1x"], [4], [])
+    backbone = pts[0].plan.accounting.backbone_params
+    assert [p.plan.accounting.budget for p in pts] == [150_000, 200_000, backbone]
+    assert all(p.plan.accounting.total_params <= p.plan.accounting.budget for p in pts)
+
+
 def test_points_fallback_and_infeasible():
     pts = plan_points("digits", [], ["0.2x", "0.4x", "1x"], [], ["single", "naive"])
     by = {p.key: p for p in pts}

@@ -21,8 +21,8 @@ def test_zoo_specs_verify(name):
 
 
 def test_over_budget_allocator_is_caught(monkeypatch):
-    def greedy(groups, fixed_cost, members, tpl, budget):
-        a = allocate_banks(groups, fixed_cost, members, tpl, budget)
+    def greedy(groups, fixed_cost, members, tpl, budget, policy="shared"):
+        a = allocate_banks(groups, fixed_cost, members, tpl, budget, policy=policy)
         n = list(a.templates)
         n[0] += 1  # one template more than fits
         return Allocation(n, a.shares, [min(tpl, x) for x in n], a.minimum_budget)

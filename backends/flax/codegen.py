@@ -414,6 +414,8 @@ variance of the plain layer's default init (conv 2 / fan_in, linear
 1 / (3 fan_in), biases 1 / (3 fan_in)); the blob the read-weighted mean of its
 layers' variances; plain and member convs kaiming normal, linears
 U(+-1/sqrt(fan_in)); BatchNorm weight 1, bias 0, running mean 0, variance 1.
+These are the defaults; the plan's init rules may instead draw alphas N(0, std^2)
+and the plain output layer N(0, std^2) with bias 0.
 """'''
         return lines + [doc, ""]
 
@@ -533,6 +535,12 @@ U(+-1/sqrt(fan_in)); BatchNorm weight 1, bias 0, running mean 0, variance 1.
             if op.kind in ("conv", "linear") and op.source in ("plain", "member"):
                 t = self.tensor(f"{op.source}_weight", op.name)
                 fan = _fan_in(op)
+                if op.name == p.output and p.init.classifier.law == "normal":  # the plan's classifier rule
+                    assign(f"self.{attr_name(t.name)}", f"{p.init.classifier.std!r} * {draw('z', t.shape)}")
+                    if op.bias:
+                        t = self.tensor(f"{op.source}_bias", op.name)
+                        body.append(f"{ind}self.{attr_name(t.name)}[...] = jnp.zeros({tuple(t.shape)!r}, dtype)")
+                    continue
                 if op.kind == "conv":  # kaiming normal
                     assign(f"self.{attr_name(t.name)}", f"math.sqrt(2 / {fan}) * {draw('z', t.shape)}")
                 else:
@@ -540,6 +548,9 @@ U(+-1/sqrt(fan_in)); BatchNorm weight 1, bias 0, running mean 0, variance 1.
                 if op.bias:
                     t = self.tensor(f"{op.source}_bias", op.name)
                     assign(f"self.{attr_name(t.name)}", f"{draw('u', t.shape)} / math.sqrt({fan})")
+            elif op.kind in ("conv", "linear") and p.init.alphas.law == "normal":  # the plan's alpha rule
+                t = self.tensor("alpha", op.name)
+                assign(self.attr("alpha", op.name), f"{p.init.alphas.std!r} * {draw('z', t.shape)}")
             elif op.kind in ("conv", "linear"):
                 alphas.setdefault(self.plan.slot(op.name).k, []).append(self.attr("alpha", op.name))
             elif op.kind == "bn":

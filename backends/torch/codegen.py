@@ -281,6 +281,8 @@ U(+-1/sqrt(fan_in))), biases 1 / (3 fan_in). The blob serves layers of several
 fan-ins; it is drawn with the read-weighted mean of their variances (the
 BatchNorm after each layer absorbs the rest). Plain and member layers use
 PyTorch's usual init (kaiming normal for conv), BatchNorm weight 1, bias 0.
+These are the defaults; the plan's init rules may instead draw alphas N(0, std^2)
+(then Var W = Var T * k std^2) and the plain output layer N(0, std^2) with bias 0.
 """'''
         return lines + [doc, ""]
 
@@ -407,6 +409,11 @@ PyTorch's usual init (kaiming normal for conv), BatchNorm weight 1, bias 0.
                 role = op.source
                 weight = self.attr(f"{role}_weight", op.name)
                 fan = _fan_in(op)
+                if op.name == p.output and p.init.classifier.law == "normal":  # the plan's classifier rule
+                    lines.append(f"        nn.init.normal_({weight}, std={p.init.classifier.std!r})")
+                    if op.bias:
+                        lines.append(f"        nn.init.zeros_({self.attr(f'{role}_bias', op.name)})")
+                    continue
                 if op.kind == "conv":
                     lines.append(f"        nn.init.normal_({weight}, std=math.sqrt(2 / {fan}))  # kaiming normal")
                 else:
@@ -414,6 +421,8 @@ PyTorch's usual init (kaiming normal for conv), BatchNorm weight 1, bias 0.
                 if op.bias:
                     bias = self.attr(f"{role}_bias", op.name)
                     lines.append(f"        nn.init.uniform_({bias}, -1 / math.sqrt({fan}), 1 / math.sqrt({fan}))")
+            elif op.kind in ("conv", "linear") and p.init.alphas.law == "normal":  # the plan's alpha rule
+                lines.append(f"        nn.init.normal_({self.attr('alpha', op.name)}, std={p.init.alphas.std!r})")
             elif op.kind in ("conv", "linear"):
                 lines.append(f"        _orthonormal_rows_({self.attr('alpha', op.name)})")
             elif op.kind == "bn":

@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `mixc sweep`."""
     p.add_argument("file", metavar="FILE", help="a .mix spec, or the name of a zoo spec")
     p.add_argument("--budgets", help="comma-separated budgets: multiples of one plain backbone (0.25x,0.5x,1x,2x,4x) "
-                   "or counts (5M,20M); default: the spec's")
+                   "or absolute parameter counts (250K,5M,1200000), mixed freely; default: the spec's")
     p.add_argument("--members", help="comma-separated member counts (1,2,4,8); default: the spec's")
     p.add_argument("--baselines", default="", help="comma-separated: single (one plain backbone), naive (M plain "
                    "backbones; M = the one --members value, else the spec's)")

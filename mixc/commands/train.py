@@ -109,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
     except SpecError as e:
         print(e.render(), file=sys.stderr)
         return 1
+    from mixc.report import print_warnings  # noqa: E402 - allocation warnings, never silent
+
+    print_warnings(plan)
     try:
         recipe = Recipe.model_validate(plan.train or {})
     except ValidationError as e:

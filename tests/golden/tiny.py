@@ -39,6 +39,8 @@ U(+-1/sqrt(fan_in))), biases 1 / (3 fan_in). The blob serves layers of several
 fan-ins; it is drawn with the read-weighted mean of their variances (the
 BatchNorm after each layer absorbs the rest). Plain and member layers use
 PyTorch's usual init (kaiming normal for conv), BatchNorm weight 1, bias 0.
+These are the defaults; the plan's init rules may instead draw alphas N(0, std^2)
+(then Var W = Var T * k std^2) and the plain output layer N(0, std^2) with bias 0.
 """
 
 import math
