@@ -35,6 +35,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mixc.errors import MixcError
+
 PLAN_VERSION = 1
 
 
@@ -402,7 +404,7 @@ class Plan(_Model):
 MAX_PLAN_BYTES = 256 * 2**20
 
 
-class PlanFileError(ValueError):
+class PlanFileError(MixcError, ValueError):
     """A plan file that cannot be used: unreadable, not a valid plan, or not matching its spec_hash."""
 
 

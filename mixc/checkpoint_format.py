@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from mixc.compiler.plan import Plan
+from mixc.errors import MixcError
 from mixc.run_folder import NonFiniteError, RunFolderError, default_mode, non_finite_tensors, parse_header
 
 FORMAT = "mixc-checkpoint"
@@ -53,10 +54,11 @@ __all__ = [
     "read_info",
     "check_spec",
     "read_tensors",
+    "read_plan_arrays",
 ]
 
 
-class CheckpointError(Exception):
+class CheckpointError(MixcError):
     """A checkpoint that cannot be loaded into this model (other spec, missing or misshapen tensors, damage)."""
 
 
@@ -241,6 +243,13 @@ def read_tensors(
         extra = {name: f.get_tensor(name) for name in sorted(names - set(loaded))}
     verify(path, meta, {**loaded, **extra})
     return loaded, extra, meta
+
+
+def read_plan_arrays(path: str | Path, plan: Plan) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, str]]:
+    """(plan arrays, extra arrays, header) of a checkpoint of ``plan``, as numpy: the spec checked, then
+    everything ``read_tensors`` verifies. What a backend loads into its model, and what resume reads."""
+    check_spec(read_info(path), plan, path)
+    return read_tensors(path, plan)
 
 
 _NOTED: set[str] = set()

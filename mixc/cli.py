@@ -41,7 +41,7 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
         out.print(f"{program.main_file}: ok ({n} definition{'s' if n != 1 else ''}, no ensemble section to compile)")
         return 0
     plan = compile_program(program)
-    from mixc.report import print_warnings
+    from mixc.inspect_view import print_warnings
 
     print_warnings(plan)
     a = plan.accounting
@@ -52,7 +52,7 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
 
 def cmd_inspect(args: argparse.Namespace, out: Console) -> int:
     from mixc.api import compile
-    from mixc.report import print_inspect, print_warnings, summary
+    from mixc.inspect_view import print_inspect, print_warnings, summary
 
     plan = compile(args.file, args.overrides, import_paths=args.import_paths)
     print_warnings(plan)
@@ -65,7 +65,7 @@ def cmd_inspect(args: argparse.Namespace, out: Console) -> int:
 
 def cmd_compile(args: argparse.Namespace, out: Console) -> int:
     from mixc.api import compile
-    from mixc.report import print_warnings
+    from mixc.inspect_view import print_warnings
 
     plan = compile(args.file, args.overrides, import_paths=args.import_paths)
     print_warnings(plan)

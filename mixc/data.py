@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mixc.errors import MixcError
+
 __all__ = ["DataError", "Dataset", "load_dataset", "check_compatible", "shard", "DEFAULT_DATA_DIR"]
 
 #: Where cifar archives are looked for when neither --data-dir nor the recipe names a folder.
@@ -39,7 +41,7 @@ _CIFAR_URL_HINT = "download the python version from https://www.cs.toronto.edu/~
 DIGITS_TEST = 360  # ~20% of scikit-learn's 1797 digits
 
 
-class DataError(ValueError):
+class DataError(MixcError, ValueError):
     """A user-facing data problem: bad path, bad arrays, data that do not fit the plan."""
 
 

@@ -57,7 +57,7 @@ EVAL_FILE = "eval.json"
 Predictor = Callable[[np.ndarray], np.ndarray]
 
 
-class EvalError(RuntimeError):
+class EvalError(MixcError, RuntimeError):
     """A user-facing problem: no such run, no checkpoint, a plan that does not match, a missing backend."""
 
 

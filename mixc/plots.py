@@ -12,11 +12,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mixc.errors import MixcError
+
 __all__ = ["PlotError", "reliability_diagram", "corruption_plot", "interpolation_plot", "sweep_params_plot",
            "sweep_members_plot"]
 
 
-class PlotError(RuntimeError):
+class PlotError(MixcError, RuntimeError):
     """matplotlib is missing (a user-facing error with the install hint)."""
 
 

@@ -44,7 +44,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mixc.compiler.plan import Plan, PlanFileError, read_plan
-from mixc.compiler.recipe import Recipe
+from mixc.spec.recipe import Recipe
+from mixc.errors import MixcError
 
 __all__ = [
     "CHECKPOINT", "METRICS", "CONFIG", "PLAN", "LOCK", "FORMAT", "SUPPORTED_FORMAT_VERSIONS",
@@ -65,11 +66,11 @@ FORMAT = "mixc-checkpoint"
 SUPPORTED_FORMAT_VERSIONS = ("1",)
 
 
-class RunFolderError(ValueError):
+class RunFolderError(MixcError, ValueError):
     """A run folder file that is not what mixc wrote: one paragraph naming the file, line and field."""
 
 
-class TrainError(RuntimeError):
+class TrainError(MixcError, RuntimeError):
     """A user-facing problem with a training run (its folder, its options); printed without a traceback."""
 
 

@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mixc.compiler.plan import Plan
+from mixc.errors import MixcError
 
 __all__ = ["SweepError", "Point", "parse_budgets", "parse_members", "plan_points", "run_point", "run_sweep",
            "write_outputs", "COLUMNS"]
 
 
-class SweepError(RuntimeError):
+class SweepError(MixcError, RuntimeError):
     """A user-facing problem with the sweep's options."""
 
 
@@ -158,7 +159,7 @@ def run_point(
 ) -> tuple[dict[str, Any], str]:
     """Train (or resume, or reuse) one point; returns its final metrics and what was done."""
     from mixc.backends.torch.train import train
-    from mixc.compiler.recipe import Recipe
+    from mixc.spec.recipe import Recipe
 
     plan = point.plan
     recipe = Recipe.model_validate(plan.train or {})

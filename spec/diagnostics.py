@@ -12,6 +12,8 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from mixc.errors import MixcError
+
 
 @dataclass(frozen=True)
 class Pos:
@@ -54,7 +56,7 @@ class Diagnostic:
         return "\n".join(lines)
 
 
-class SpecError(Exception):
+class SpecError(MixcError):
     """One or more diagnostics about a spec. ``render()`` gives the report."""
 
     def __init__(self, diagnostics: Iterable[Diagnostic], sources: dict[str, str] | None = None):

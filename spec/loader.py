@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from mixc.spec import ast as A
 from mixc.spec.diagnostics import Diagnostic, Diagnostics, Pos, SpecError, choices_hint, did_you_mean
-from mixc.spec.expr import EvalError, evaluate
+from mixc.spec.expr import ExprError, evaluate
 from mixc.spec.parser import parse, parse_value
 from mixc.spec.sections import EnsembleSpec, read_ensemble, read_train
 
@@ -143,7 +143,7 @@ def load_program(spec: str | Path, overrides: Sequence[str] = (), defer: bool = 
     for let in main.lets:
         try:
             consts[let.name] = evaluate(let.value, consts)
-        except EvalError as e:
+        except ExprError as e:
             diags.error(e.message, e.pos, e.hint)
 
     sections = {s.kind: s for s in main.sections}
@@ -272,7 +272,7 @@ ENSEMBLE_KEYS = ("backbone", "members", "budget", "groups", "templates_per_layer
 
 def _apply_overrides(overrides: list[str], ens: A.Section | None, train: A.Section | None, main_file: str,
                      diags: Diagnostics) -> tuple[A.Section | None, A.Section | None]:
-    from mixc.compiler.recipe import Recipe
+    from mixc.spec.recipe import Recipe
 
     train_keys = tuple(Recipe.model_fields)
     for i, item in enumerate(overrides):

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from mixc.spec import ast as A
 from mixc.spec.diagnostics import Diagnostics, Pos, choices_hint
-from mixc.spec.expr import EvalError, Multiple, evaluate, render, type_name
+from mixc.spec.expr import ExprError, Multiple, evaluate, render, type_name
 
 
 @dataclass
@@ -56,7 +56,7 @@ ASSIGN = ("shared", "greedy_disjoint")
 def _eval(e, consts, diags: Diagnostics, symbols: bool = True) -> Any:
     try:
         return evaluate(e, consts, symbols=symbols)
-    except EvalError as err:
+    except ExprError as err:
         diags.error(err.message, err.pos, err.hint)
         return None
 
@@ -254,7 +254,7 @@ def _read_init(body: A.BodyValue, consts: dict, diags: Diagnostics) -> dict[str,
 
 def read_train(section: A.Section, consts: dict, diags: Diagnostics) -> dict | None:
     """Validate the train section against ``Recipe``; errors point at the setting."""
-    from mixc.compiler.recipe import Recipe
+    from mixc.spec.recipe import Recipe
 
     raw: dict[str, Any] = {}
     where: dict[tuple, Pos] = {}
@@ -314,6 +314,6 @@ def read_train(section: A.Section, consts: dict, diags: Diagnostics) -> dict | N
 
 
 def _sub(name: str):
-    from mixc.compiler import recipe
+    from mixc.spec import recipe
 
     return getattr(recipe, name)

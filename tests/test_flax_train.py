@@ -27,7 +27,7 @@ from mixc.backends.flax.train import (
     train,
 )
 from mixc.checkpoint_format import read_tensors
-from mixc.compiler.recipe import Recipe
+from mixc.spec.recipe import Recipe
 
 SMALL = ["backbone.width=8", "members=2"]  # digits at width 8: the same graph, a fast compile
 

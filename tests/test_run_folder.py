@@ -345,7 +345,7 @@ def test_kill_between_checkpoint_and_append_then_resume(tmp_path, base, monkeypa
     import mixc
     from mixc import run_folder
     from mixc.backends.torch.train import train
-    from mixc.compiler.recipe import Recipe
+    from mixc.spec.recipe import Recipe
     from mixc.data import load_dataset
 
     _, npz = base

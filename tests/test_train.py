@@ -13,7 +13,7 @@ from mixc.backends.torch import build, named_plan_tensors  # noqa: E402
 from mixc.backends.torch import train as train_mod  # noqa: E402
 from mixc.backends.torch.train import TrainError, crop_flip, learning_rate, train  # noqa: E402
 from mixc.commands import train as cmd  # noqa: E402
-from mixc.compiler.recipe import Recipe  # noqa: E402
+from mixc.spec.recipe import Recipe  # noqa: E402
 from mixc.data import load_dataset  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 

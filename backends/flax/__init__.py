@@ -1,5 +1,9 @@
 """The flax backend: lower a Plan to a flax.nnx Module, run it, read/write checkpoints.
 
+``backend`` (``backend.py``) is the :class:`~mixc.backends.base.Backend` object
+the registry hands out; importing this package does not import jax. The
+functions below load their module (and jax) on first access:
+
 - ``emit_source(plan)``: the model as a self-contained Python file (jax and flax only).
 - ``write(plan, out_dir)``: ``plan.json`` + ``<name>.py``.
 - ``build(plan, layout, seed, dtype)``: exec that source, instantiate.
@@ -7,45 +11,31 @@
 - ``ensemble_probs(logits)``: the ensemble prediction (mean of member softmaxes).
 - ``count_params(plan)``: trainable parameters of the built model, from shapes only.
 - ``save_checkpoint`` / ``load_checkpoint``: the torch backend's safetensors format, plan tensor names.
-- ``predict_member_probs(model, x)`` / ``load_predictor(plan, checkpoint)``: member probabilities (numpy),
-  what `mixc eval --backend flax` uses.
+- ``predict_member_probs(model, x)`` / ``load_predictor(plan, checkpoint)``: member probabilities (numpy).
 
-Training lives in ``train.py`` (imported on demand, not here).
+Training (``train.py``) is imported on demand.
 """
 
-from mixc.backends.flax.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_info, save_checkpoint
-from mixc.backends.flax.codegen import CodegenError, emit_source
-from mixc.backends.flax.model import (
-    apply,
-    assign_plan_arrays,
-    build,
-    count_params,
-    ensemble_probs,
-    load_source,
-    named_plan_tensors,
-    plan_arrays,
-    split,
-    write,
-)
-from mixc.backends.flax.predict import load_predictor, predict_member_probs
+from __future__ import annotations
 
-__all__ = [
-    "CheckpointError",
-    "CodegenError",
-    "apply",
-    "assign_plan_arrays",
-    "build",
-    "count_params",
-    "emit_source",
-    "ensemble_probs",
-    "load_checkpoint",
-    "load_predictor",
-    "load_source",
-    "named_plan_tensors",
-    "plan_arrays",
-    "predict_member_probs",
-    "read_checkpoint_info",
-    "save_checkpoint",
-    "split",
-    "write",
-]
+import importlib
+from typing import Any
+
+from mixc.backends.flax.backend import backend
+
+_LAZY = {
+    "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint", "read_checkpoint_info": "checkpoint",
+    "save_checkpoint": "checkpoint", "CodegenError": "codegen", "emit_source": "codegen",
+    "apply": "model", "assign_plan_arrays": "model", "build": "model", "count_params": "model",
+    "ensemble_probs": "model", "load_source": "model", "named_plan_tensors": "model", "plan_arrays": "model",
+    "split": "model", "write": "model", "load_predictor": "predict", "predict_member_probs": "predict",
+}
+
+__all__ = ["backend", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the framework only when one of its functions is asked for (PEP 562)."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,57 +1,90 @@
-"""Member probabilities from a flax model or a checkpoint: what `mixc eval --backend flax` needs.
+"""Member probabilities from a flax model or a checkpoint: the :class:`~mixc.backends.base.Runner`
+behind `mixc eval` and `mixc interpolate` with ``--backend flax``.
 
-One jit-compiled eval-mode forward per model; inputs go through it in batches
-of a fixed size (the last one zero-padded), so any number of inputs costs one
-compile.
+One jit-compiled forward per model and BatchNorm mode; in eval mode inputs go
+through it in batches of a fixed size (the last one zero-padded), so any number
+of inputs costs one compile. In train mode (each batch normalised with its own
+statistics) the last batch is not padded: padding would change its statistics.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixc.backends.flax.checkpoint import load_checkpoint
-from mixc.backends.flax.model import apply, build, split
+from mixc.backends.flax.model import apply, attr_to_plan, build, merge, split
 from mixc.compiler.plan import Plan
 
-__all__ = ["predict_member_probs", "load_predictor"]
+__all__ = ["FlaxRunner", "predict_member_probs", "load_predictor"]
 
 
-def _predictor(model: nnx.Module, batch: int, device: jax.Device | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    graphdef, params, stats = split(model)
-    if device is not None:
-        params, stats = jax.device_put((params, stats), device)
+class FlaxRunner:
+    """The plan's model (functional form) on one device, loaded with plan arrays, numpy in and out."""
 
-    @jax.jit
-    def probs(params, stats, x):
-        logits, _ = apply(graphdef, params, stats, x, False)
-        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    def __init__(self, plan: Plan | None = None, device: str = "cpu", batch_size: int = 500, layout: str = "auto",
+                 model: nnx.Module | None = None) -> None:
+        self.batch = batch_size
+        self.device: jax.Device | None = None
+        if model is None:
+            from mixc.backends.flax.train import devices_for
 
-    def predict(x: np.ndarray) -> np.ndarray:
+            self.device = devices_for(device)[0]
+            with jax.default_device(self.device):
+                model = build(plan, layout=layout, platform=self.device.platform)
+        self.members, self.classes = model.members, model.classes
+        self.graphdef, params, stats = split(model)
+        self.names = attr_to_plan(model)
+        self.params, self.stats = self._put((params, stats))
+        self._fns: dict[bool, Callable] = {}
+
+    def _put(self, tree):
+        return tree if self.device is None else jax.device_put(tree, self.device)
+
+    def _fn(self, train: bool) -> Callable:
+        if train not in self._fns:
+            graphdef = self.graphdef
+
+            def probs(params, stats, x):
+                logits, _ = apply(graphdef, params, stats, x, train)
+                return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+            self._fns[train] = jax.jit(probs)
+        return self._fns[train]
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        def fill(tree: dict) -> dict:
+            return {k: jnp.asarray(np.asarray(arrays[self.names[k]]).reshape(v.shape), v.dtype)
+                    if self.names[k] in arrays else v for k, v in tree.items()}
+
+        self.params, self.stats = self._put((fill(self.params), fill(self.stats)))
+
+    def member_probs(self, x: np.ndarray, bn: Literal["eval", "train"] = "eval") -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        out = []
+        train, batch = bn == "train", self.batch
+        fn, out = self._fn(train), []
         for i in range(0, len(x), batch):
             chunk = x[i : i + batch]
             n = len(chunk)
-            if n < batch and len(x) > batch:  # keep one compiled shape
+            if n < batch and len(x) > batch and not train:  # keep one compiled shape
                 chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), np.float32)])
-            xs = jnp.asarray(chunk) if device is None else jax.device_put(chunk, device)
-            out.append(np.asarray(probs(params, stats, xs))[:n])
+            out.append(np.asarray(fn(self.params, self.stats, self._put(jnp.asarray(chunk))))[:n])
         if not out:
-            return np.zeros((0, model.members, model.classes), np.float32)
+            return np.zeros((0, self.members, self.classes), np.float32)
         return np.concatenate(out)
 
-    return predict
+    def composed_weights(self) -> dict[str, np.ndarray]:
+        model = merge(self.graphdef, self.params, self.stats)
+        return {k: np.array(v) for k, v in model.compose().items()}
 
 
 def predict_member_probs(model: nnx.Module, x: np.ndarray, batch: int = 1000) -> np.ndarray:
     """Each member's softmax over ``x``, ``[N, M, classes]`` float32 numpy, in eval mode."""
-    return _predictor(model, batch)(x)
+    return FlaxRunner(model=model, batch_size=batch).member_probs(x)
 
 
 def load_predictor(
@@ -62,10 +95,6 @@ def load_predictor(
     Raises ``CheckpointError`` for a checkpoint of another spec; ``device`` as
     in `mixc train --backend flax` (the first device of that platform is used).
     """
-    from mixc.backends.flax.train import devices_for
+    from mixc.backends.flax.backend import backend
 
-    dev = devices_for(device)[0]
-    with jax.default_device(dev):
-        model = build(plan, layout=layout, platform=dev.platform)
-    load_checkpoint(checkpoint, model, plan)
-    return _predictor(model, batch_size, dev)
+    return backend.load_predictor(plan, checkpoint, device=device, batch_size=batch_size)

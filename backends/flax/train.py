@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mixc.checkpoint_format import CheckpointError, read_tensors, save_arrays, spec_hash
 from mixc.compiler.plan import Plan
-from mixc.compiler.recipe import Recipe
+from mixc.spec.recipe import Recipe
 from mixc.data import Dataset, check_compatible, load_dataset
 from mixc.metrics import evaluate
 from mixc.run_folder import CHECKPOINT, METRICS, Reporter, RunWriter, TrainError, epoch_line, seed_of

@@ -1,5 +1,9 @@
 """The PyTorch backend: lower a Plan to an nn.Module, run it, read/write checkpoints.
 
+``backend`` (``backend.py``) is the :class:`~mixc.backends.base.Backend` object
+the registry hands out; importing this package does not import torch. The
+functions below load their module (and torch) on first access:
+
 - ``emit_source(plan)``: the model as a self-contained Python file (torch only).
 - ``write(plan, out_dir)``: ``plan.json`` + ``<name>.py``.
 - ``build(plan, layout, device, dtype, channels_last)``: exec that source, instantiate.
@@ -7,23 +11,27 @@
 - ``ensemble_probs(logits)``: the ensemble prediction (mean of member softmaxes).
 - ``save_checkpoint`` / ``load_checkpoint``: safetensors, plan tensor names.
 
-Training lives in ``train.py`` (imported on demand, not here).
+Training (``train.py``) and prediction (``predict.py``) are imported on demand.
 """
 
-from mixc.backends.torch.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_info, save_checkpoint
-from mixc.backends.torch.codegen import CodegenError, emit_source
-from mixc.backends.torch.model import build, ensemble_probs, load_source, named_plan_tensors, write
+from __future__ import annotations
 
-__all__ = [
-    "CheckpointError",
-    "CodegenError",
-    "build",
-    "emit_source",
-    "ensemble_probs",
-    "load_checkpoint",
-    "load_source",
-    "named_plan_tensors",
-    "read_checkpoint_info",
-    "save_checkpoint",
-    "write",
-]
+import importlib
+from typing import Any
+
+from mixc.backends.torch.backend import backend
+
+_LAZY = {
+    "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint", "read_checkpoint_info": "checkpoint",
+    "save_checkpoint": "checkpoint", "CodegenError": "codegen", "emit_source": "codegen", "build": "model",
+    "ensemble_probs": "model", "load_source": "model", "named_plan_tensors": "model", "write": "model",
+}
+
+__all__ = ["backend", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the framework only when one of its functions is asked for (PEP 562)."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

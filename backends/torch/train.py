@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixc.compiler.plan import Plan
-from mixc.compiler.recipe import Recipe
+from mixc.spec.recipe import Recipe
 from mixc.data import Dataset, check_compatible, load_dataset, shard
 from mixc.metrics import evaluate
 from mixc.run_folder import CHECKPOINT, METRICS, Reporter, RunWriter, TrainError, epoch_line, seed_of

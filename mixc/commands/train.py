@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     import mixc
     from mixc.backends import BackendUnavailable, get_backend
-    from mixc.compiler.recipe import Recipe
+    from mixc.spec.recipe import Recipe
     from mixc.spec import SpecError
 
     allocator = tune_allocator()
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     except SpecError as e:
         print(e.render(), file=sys.stderr)
         return 1
-    from mixc.report import print_warnings  # noqa: E402 - allocation warnings, never silent
+    from mixc.inspect_view import print_warnings  # noqa: E402 - allocation warnings, never silent
 
     print_warnings(plan)
     try:

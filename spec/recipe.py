@@ -1,9 +1,9 @@
 """The training recipe: the validated ``train`` section, backend-neutral.
 
-It lives in the compiler package (not spec/) because it is part of what
-crosses to the backends, inside ``Plan.train``. The spec layer validates a
-``train { ... }`` section against these models and reports errors at the
-offending line.
+It lives in spec/ because both ends use it without a backwards import: the
+spec layer validates a ``train { ... }`` section against these models (reporting
+errors at the offending line), and the validated dict crosses to the backends
+inside ``Plan.train``, where the training driver reads it back as a ``Recipe``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,201 @@
+"""The Backend interface: everything mixc asks of a framework, in one place.
+
+A backend lowers a :class:`~mixc.compiler.plan.Plan` to a framework model and
+runs it. The commands (``compile``, ``train``, ``eval``, ``interpolate``,
+``sweep``, ``verify``) and the training driver (``mixc.training``) talk to it
+only through this interface, with numpy arrays named by the plan at the
+boundary, so they never import a framework and never compare backend names.
+
+A backend is an object (usually a subclass of :class:`Backend`) registered in
+the ``mixc.backends`` entry-point group (``backends/__init__.py``). Importing
+the object must not import its framework: ``mixc check``/``inspect``/``--help``
+list backends without loading torch or jax. Methods import it on first use;
+:meth:`Backend.require` checks it is importable and names the pip extra if not.
+
+Three narrow protocols cross the boundary:
+
+- :class:`Trainer`: what the shared training loop drives (step, predict, state
+  and optimiser arrays, checkpoint write);
+- :class:`Runner`: a built model that holds plan arrays and predicts member
+  probabilities, for ``eval`` and ``interpolate``;
+- ``Predictor``: numpy inputs ``[N, ...]`` -> member probabilities ``[N, M, classes]``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from mixc.compiler.plan import Plan
+from mixc.errors import BackendError, BackendUnavailable
+from mixc.spec.recipe import Recipe
+
+__all__ = ["Backend", "Capabilities", "Trainer", "Runner", "Predictor", "COMMANDS"]
+
+#: member probabilities ``[N, M, classes]`` (float32) for model inputs ``[N, ...]``
+Predictor = Callable[[np.ndarray], np.ndarray]
+
+#: the commands a backend can serve; :attr:`Capabilities.commands` names its subset
+COMMANDS = frozenset({"compile", "build", "train", "eval", "interpolate", "sweep", "verify"})
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, for the CLI's help and its refusals (checked before any work starts)."""
+
+    layouts: tuple[str, ...] = ("auto",)
+    devices: str = "cpu"  # how --device is spelt for it, for help texts
+    data_parallel: str = ""  # how it runs data parallel ("" if it does not)
+    commands: frozenset[str] = field(default_factory=lambda: COMMANDS)
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """One model under training, as the shared driver (``mixc.training``) sees it.
+
+    Built by :meth:`Backend.trainer` with the recipe's seed (the same initial
+    weights on every rank). Arrays cross as numpy, named by the plan; optimiser
+    state under ``optim.<plan tensor>.<buffer>`` (torch's buffer names), so a
+    run folder resumes under either backend.
+    """
+
+    rank: int  # this process's data-parallel rank (0 when single-process)
+    world: int  # data-parallel workers (processes or devices)
+    device_label: str  # for the console line: "cpu", "cuda:0 x2", "cpu x2 (flax)"
+    run_options: dict[str, Any]  # recorded in config.json: device, world_size, framework version
+
+    def use_data(self, x_train: np.ndarray, y_train: np.ndarray) -> None:
+        """Hold the training set (on the device if it pays); steps then name samples by index."""
+
+    def begin_epoch(self, augment_seed: int, dropout_seed: int) -> None:
+        """Reseed augmentation and dropout (the driver derives the seeds from seed, epoch, rank) and enter train mode."""
+
+    def step(self, idx: np.ndarray, lr: float, step: int) -> Any:
+        """One optimiser step on the global batch ``idx`` (indices into the training set; each rank takes
+        its shard) at learning rate ``lr``; ``step`` counts from 0 within the epoch. Returns the summed
+        member loss as a framework scalar (added up on the device; ``float()`` works on it)."""
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Member probabilities ``[N, M, classes]`` in eval mode (train mode is restored)."""
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Every plan tensor (parameters and BatchNorm statistics) as host arrays."""
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Replace every plan tensor (e.g. from a checkpoint)."""
+
+    def optimizer_arrays(self) -> dict[str, np.ndarray]:
+        """The optimiser state as ``optim.*`` arrays."""
+
+    def load_optimizer(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore the optimiser state from ``optim.*`` arrays (missing buffers start at zero)."""
+
+    def save(self, path: Path, epoch: int, metadata: dict[str, Any]) -> None:
+        """Write the checkpoint (plan tensors and optimiser state), refusing non-finite tensors."""
+
+    def close(self) -> None:
+        """Release process groups and devices; called once, whatever happened."""
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """A built model that holds plan arrays and predicts, for ``eval`` and ``interpolate``."""
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Set plan tensors (any subset) from host arrays."""
+
+    def member_probs(self, x: np.ndarray, bn: Literal["eval", "train"] = "eval") -> np.ndarray:
+        """Member probabilities ``[N, M, classes]``; ``bn="train"`` normalises each batch with its own statistics."""
+
+    def composed_weights(self) -> dict[str, np.ndarray]:
+        """Every member's composed weight layers: ``"<layer>.weight"/".bias"`` -> ``[M, ...]`` (a plain layer's
+        tensor without the member axis). Needed by ``interpolate``."""
+
+
+class Backend:
+    """Base class of a backend object: the framework-free parts, and the methods a backend must supply.
+
+    Subclasses set ``name``, ``extra`` (the pip extra that installs the framework),
+    ``modules`` (what must be importable) and ``capabilities``, and implement
+    the methods that raise ``NotImplementedError`` here.
+    """
+
+    name: str = ""
+    extra: str = ""
+    modules: tuple[str, ...] = ()
+    capabilities: Capabilities = Capabilities()
+
+    def __repr__(self) -> str:
+        return f"<mixc backend {self.name}>"
+
+    # -- availability ---------------------------------------------------------
+
+    def require(self, command: str | None = None) -> "Backend":
+        """``self`` if its framework imports (and it serves ``command``), else a clear error with the fix."""
+        for mod in self.modules:
+            try:
+                importlib.import_module(mod)
+            except ImportError as e:
+                raise BackendUnavailable(
+                    f"the {self.name} backend needs {mod}, which is not importable here ({e}); "
+                    f"hint: pip install 'mixc[{self.extra or self.name}]'"
+                ) from None
+        if command is not None and command not in self.capabilities.commands:
+            served = ", ".join(sorted(self.capabilities.commands))
+            raise BackendError(f"the {self.name} backend cannot {command} (it serves: {served}); "
+                               "hint: choose another --backend")
+        return self
+
+    # -- code and models --------------------------------------------------------
+
+    def emit_source(self, plan: Plan) -> str:
+        """The plan's model as one self-contained Python file (what ``mixc compile --backend`` writes)."""
+        raise NotImplementedError
+
+    def write(self, plan: Plan, out_dir: str | os.PathLike) -> Path:
+        """Write ``plan.json`` and the model source into ``out_dir``; return the source's path."""
+        raise NotImplementedError
+
+    def build(self, plan: Plan, **options: Any) -> Any:
+        """The framework model, initialised (options: layout, device, seed... as the backend documents)."""
+        raise NotImplementedError
+
+    def count_params(self, plan: Plan) -> int:
+        """Trainable parameters of the model :meth:`build` makes, without allocating them."""
+        raise NotImplementedError
+
+    # -- checkpoints -----------------------------------------------------------
+
+    def save_checkpoint(self, path: str | os.PathLike, model: Any, plan: Plan, epoch: int,
+                        extra: dict[str, Any] | None = None, metadata: dict[str, str] | None = None) -> Path:
+        """Write ``model``'s plan tensors (+ ``extra``) in mixc's checkpoint format, atomically."""
+        raise NotImplementedError
+
+    def load_checkpoint(self, path: str | os.PathLike, model: Any, plan: Plan) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """Load a checkpoint into ``model``; returns (epoch, extra tensors, metadata)."""
+        raise NotImplementedError
+
+    # -- running ---------------------------------------------------------------
+
+    def trainer(self, plan: Plan, recipe: Recipe, *, device: str, layout: str, augment: str) -> Trainer:
+        """A :class:`Trainer` for the shared driver, initialised from ``recipe.seed``."""
+        raise NotImplementedError
+
+    def runner(self, plan: Plan, *, device: str = "cpu", batch_size: int = 500, layout: str = "auto") -> Runner:
+        """A :class:`Runner`: the plan's model on ``device``, evaluated ``batch_size`` inputs at a time."""
+        raise NotImplementedError
+
+    def load_predictor(self, plan: Plan, checkpoint: str | os.PathLike, device: str = "cpu",
+                       batch_size: int = 500) -> Predictor:
+        """Member probabilities of ``checkpoint``'s model: a runner loaded from the verified checkpoint."""
+        from mixc.checkpoint_format import read_plan_arrays
+
+        arrays, _, _ = read_plan_arrays(checkpoint, plan)  # verified before the (slower) model build
+        runner = self.runner(plan, device=device, batch_size=batch_size)
+        runner.load_arrays(arrays)
+        return lambda x: runner.member_probs(np.asarray(x, dtype=np.float32))

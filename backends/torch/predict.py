@@ -1,0 +1,65 @@
+"""Member probabilities from a torch model: the :class:`~mixc.backends.base.Runner` for eval and interpolate."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixc.backends.torch.model import build, named_plan_tensors
+from mixc.compiler.plan import Plan
+from mixc.errors import BackendError
+
+__all__ = ["TorchRunner", "predict_member_probs", "torch_device"]
+
+_EVAL_BATCH = 1000
+
+
+def torch_device(device: str | torch.device) -> torch.device:
+    """``--device`` as a torch device, refused clearly when it is unknown or has no GPU behind it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise BackendError(f"unknown device {device!r} ({e}); hint: --device cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device {device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
+                           "hint: --device cpu")
+    return dev
+
+
+@torch.no_grad()
+def predict_member_probs(model: nn.Module, x: torch.Tensor, batch: int = _EVAL_BATCH, train_bn: bool = False) -> np.ndarray:
+    """Each member's softmax over ``x``, ``[N, M, classes]`` float32 numpy; eval mode unless ``train_bn``
+    (batch statistics), the model's mode restored after."""
+    was = model.training
+    model.train(train_bn)
+    out = [F.softmax(model(x[i : i + batch]).float(), dim=-1).cpu() for i in range(0, len(x), batch)]
+    model.train(was)
+    return torch.cat(out).numpy()
+
+
+class TorchRunner:
+    """The plan's model on one device, loaded with plan arrays, predicting numpy in and out."""
+
+    def __init__(self, plan: Plan, device: str = "cpu", batch_size: int = 500, layout: str = "auto") -> None:
+        self.plan, self.batch = plan, batch_size
+        self.device = torch_device(device)
+        self.model = build(plan, layout=layout, device=self.device)
+        self.targets = named_plan_tensors(self.model)
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        with torch.no_grad():
+            for name, a in arrays.items():
+                t = self.targets[name]
+                t.copy_(torch.as_tensor(np.asarray(a)).reshape(t.shape))
+
+    def member_probs(self, x: np.ndarray, bn: Literal["eval", "train"] = "eval") -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+        return predict_member_probs(self.model, t, batch=self.batch, train_bn=bn == "train")
+
+    def composed_weights(self) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            return {k: v.detach().float().cpu().numpy().copy() for k, v in self.model.compose().items()}
