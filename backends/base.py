@@ -69,8 +69,10 @@ class Trainer(Protocol):
     device_label: str  # for the console line: "cpu", "cuda:0 x2", "cpu x2 (flax)"
     run_options: dict[str, Any]  # recorded in config.json: device, world_size, framework version
 
-    def use_data(self, x_train: np.ndarray, y_train: np.ndarray) -> None:
-        """Hold the training set (on the device if it pays); steps then name samples by index."""
+    def begin(self, x_train: np.ndarray, y_train: np.ndarray, batch: int) -> None:
+        """Build the model and optimiser (from the recipe's seed) and hold the training set (on the device if
+        it pays; steps name samples by index). Called once, inside the run folder's lock, before any resume;
+        refuses a global ``batch`` its workers cannot share."""
 
     def begin_epoch(self, augment_seed: int, dropout_seed: int) -> None:
         """Reseed augmentation and dropout (the driver derives the seeds from seed, epoch, rank) and enter train mode."""

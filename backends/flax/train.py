@@ -1,41 +1,32 @@
-"""Training a Plan's ensemble with jax/flax/optax: `mixc train --backend flax`.
+"""Training with jax/flax/optax: the :class:`~mixc.backends.base.Trainer` that ``mixc.training`` drives.
 
-The same recipe, files and output as the torch loop (``backends/torch/train.py``);
-what differs is only how a step runs:
+The loop, the schedule, seeding, batches, the run folder and the checkpoint
+cadence are the shared driver's (``mixc/training.py``); what is flax's is how
+a step runs:
 
 - One jit-compiled step: augmentation, forward, the loss (sum over members of
   each member's batch-mean cross-entropy, with label smoothing), gradients,
   the optimiser update, new BatchNorm statistics. The learning rate is an
-  argument of the step, computed on the host by :func:`learning_rate` (the
-  torch loop's function of the global step), so schedules never recompile.
+  argument of the step, so schedules never recompile.
 - Optimiser (optax): SGD is ``add_decayed_weights`` (coupled L2, masked) then
   ``trace`` (momentum, Nesterov), exactly PyTorch's SGD; AdamW is
-  ``scale_by_adam`` then masked decoupled decay. The mask skips the roles in
-  ``recipe.weight_decay_exclude`` (``alphas`` -> alpha, ``bn`` -> bn_weight and
-  bn_bias, ``bias`` -> plain and member biases).
+  ``scale_by_adam`` then masked decoupled decay. The mask skips
+  ``mixc.training.decay_skipped_roles``.
 - Data parallel over every local device of the chosen platform with
   ``jax.sharding``: parameters replicated, each batch split along a ``data``
   mesh axis. The step is one SPMD program over the global batch, so its
   result equals the one-device run's up to float rounding (BatchNorm
   statistics are the global batch's, unlike per-rank statistics under torch DDP).
-- Randomness: each epoch's permutation is numpy's ``default_rng([seed, epoch])``
-  (the torch loop's), augmentation and dropout keys fold the step into a key
-  derived from ``(seed, epoch)``; checkpoints at epoch ends, so a resumed run
-  replays the rest exactly.
+- Randomness: augmentation and dropout keys fold the step into a key made from
+  the epoch's seed the driver hands over.
 - Checkpoints: the shared format (``mixc.checkpoint_format``), plan tensor
   names; the optimiser state under the torch loop's names
   (``optim.<tensor>.momentum_buffer``; AdamW ``exp_avg``, ``exp_avg_sq``,
   ``step``), so a run folder resumes under either backend.
-- The run folder (lock, recipe check on resume, divergence, crash repair,
-  files): ``mixc.run_folder.RunWriter``, the torch loop's own.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,46 +36,19 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mixc.checkpoint_format import CheckpointError, read_tensors, save_arrays, spec_hash
+from mixc.checkpoint_format import save_arrays, spec_hash
 from mixc.compiler.plan import Plan
+from mixc.run_folder import CHECKPOINT, METRICS, TrainError
 from mixc.spec.recipe import Recipe
-from mixc.data import Dataset, check_compatible, load_dataset
-from mixc.metrics import evaluate
-from mixc.run_folder import CHECKPOINT, METRICS, Reporter, RunWriter, TrainError, epoch_line, seed_of
+from mixc.training import decay_skipped_roles
 
-__all__ = ["train", "TrainError", "learning_rate", "crop_flip", "Trainer", "CHECKPOINT", "METRICS"]
+__all__ = ["train", "TrainError", "crop_flip", "Trainer", "devices_for", "CHECKPOINT", "METRICS"]
 
 _EVAL_BATCH = 1000
-
-_EXCLUDE_ROLES = {
-    "alphas": {"alpha"},
-    "bn": {"bn_weight", "bn_bias"},
-    "bias": {"plain_bias", "member_bias"},
-}
 
 
 # ---------------------------------------------------------------------------
 # Pure helpers
-
-
-def learning_rate(recipe: Recipe, step: int, steps_per_epoch: int, epochs: int) -> float:
-    """The learning rate of global step ``step`` (0-based), warm-up included (the torch loop's rule)."""
-    base = recipe.optimizer.lr
-    s = recipe.schedule
-    if s.name == "step":
-        passed = sum(1 for m in s.milestones if step >= m * steps_per_epoch)
-        lr = base * s.gamma**passed
-    elif s.name == "cosine":
-        start = recipe.warmup * steps_per_epoch
-        span = max(1, epochs * steps_per_epoch - start)
-        t = min(max((step - start) / span, 0.0), 1.0)
-        lr = s.min_lr + (base - s.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
-    else:
-        lr = base
-    warm = recipe.warmup * steps_per_epoch
-    if warm and step < warm:
-        lr *= (step + 1) / warm
-    return lr
 
 
 def crop_flip(key: jax.Array, x: jax.Array, pad: int = 4) -> jax.Array:
@@ -101,18 +65,6 @@ def crop_flip(key: jax.Array, x: jax.Array, pad: int = 4) -> jax.Array:
         return jnp.where(f, crop[..., ::-1], crop)
 
     return jax.vmap(one)(xp, oy, ox, flip)
-
-
-def _augment_mode(recipe: Recipe, plan: Plan) -> str:
-    is_image = plan.input_layout == "image" and len(plan.input_shape) == 3
-    if recipe.augment == "auto":
-        return "crop_flip" if is_image and plan.input_shape[1:] == [32, 32] else "none"
-    if recipe.augment == "crop_flip" and not is_image:
-        raise TrainError(
-            f"augment crop_flip needs image input, but {plan.name} takes {plan.input_layout} "
-            f"{plan.input_shape}; hint: set augment none (--set train.augment=none)"
-        )
-    return recipe.augment
 
 
 def devices_for(device: str) -> list[jax.Device]:
@@ -143,7 +95,7 @@ def make_optimizer(recipe: Recipe, roles: dict[str, str]) -> optax.GradientTrans
 
     ``roles`` maps each parameter key to its plan role, for the weight-decay mask.
     """
-    skip = set().union(*(_EXCLUDE_ROLES[e] for e in recipe.weight_decay_exclude))
+    skip = decay_skipped_roles(recipe)
     mask = {k: role not in skip for k, role in roles.items()}
     o = recipe.optimizer
     decay = optax.add_decayed_weights(recipe.weight_decay, mask=mask)
@@ -242,7 +194,8 @@ def _compiled_steps(plan: Plan, recipe: Recipe, graphdef: Any, tx: optax.Gradien
 
 
 class Trainer:
-    """The model's functional state and its jit-compiled train and predict steps, over a device mesh.
+    """The model's functional state and its jit-compiled train and predict steps over a device mesh: the
+    driver's Trainer.
 
     ``params``/``stats``/``opt_state`` are pytrees keyed by module attribute;
     ``names`` maps those keys to plan tensor names.
@@ -250,17 +203,30 @@ class Trainer:
 
     def __init__(self, plan: Plan, recipe: Recipe, devices: list[jax.Device], layout: str = "auto",
                  augment: str = "none", seed: int = 0) -> None:
-        from mixc.backends.flax.model import attr_to_plan, build, split
-
-        self.plan, self.recipe, self.augment = plan, recipe, augment
+        self.plan, self.recipe, self.augment, self.seed = plan, recipe, augment, seed
         self.devices = devices
+        self.rank, self.world = 0, len(devices)
+        platform = devices[0].platform  # the training devices', not the process's default backend
+        self.device_label = f"{platform}{f' x{self.world}' if self.world > 1 else ''} (flax)"
+        self.run_options = {"device": f"{platform} x{self.world}", "world_size": self.world, "jax": jax.__version__}
         self.mesh = Mesh(np.array(devices), ("data",))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
-        platform = devices[0].platform  # the training devices', not the process's default backend
-        with jax.default_device(devices[0]):
-            model = build(plan, layout=layout, seed=seed, platform=platform)
         self.layout = layout if layout != "auto" else ("loop" if platform == "cpu" else "grouped")
+        self._requested_layout = layout
+
+    def begin(self, x_train: np.ndarray, y_train: np.ndarray, batch: int) -> None:
+        """Build the model (from ``seed``) and its optimiser, jit the steps, hold the training set on the host."""
+        from mixc.backends.flax.model import attr_to_plan, build, split
+
+        if batch % self.world:
+            raise TrainError(
+                f"the batch of {batch} does not split evenly over {self.world} {self.devices[0].platform} devices; "
+                f"hint: --batch-size {batch - batch % self.world or self.world}"
+            )
+        plan, recipe, devices = self.plan, self.recipe, self.devices
+        with jax.default_device(devices[0]):
+            model = build(plan, layout=self._requested_layout, seed=self.seed, platform=devices[0].platform)
         self.graphdef, params, stats = split(model)
         self.names = attr_to_plan(model)
         roles = {t.name: t.role for t in plan.tensors}
@@ -269,15 +235,23 @@ class Trainer:
         self.stats = jax.device_put(stats, self.replicated)
         self.opt_state = jax.device_put(self.tx.init(params), self.replicated)
         key = (
-            spec_hash(plan), self.layout, augment, recipe.label_smoothing, recipe.optimizer.model_dump_json(),
+            spec_hash(plan), self.layout, self.augment, recipe.label_smoothing, recipe.optimizer.model_dump_json(),
             recipe.weight_decay, tuple(recipe.weight_decay_exclude), tuple(d.id for d in devices), devices[0].platform,
         )
-        self._step, self._predict = _compiled_steps(plan, recipe, self.graphdef, self.tx, augment, self.replicated, key)
+        self._step, self._predict = _compiled_steps(plan, recipe, self.graphdef, self.tx, self.augment,
+                                                    self.replicated, key)
+        self.x_train, self.y_train = x_train, y_train.astype(np.int32)
 
-    # -- host side -------------------------------------------------------------
+    def begin_epoch(self, augment_seed: int, dropout_seed: int) -> None:
+        """One key per epoch (augmentation and dropout split it per step; ``dropout_seed`` is not needed)."""
+        self.epoch_key = jax.random.key(augment_seed & 0x7FFFFFFF)
 
-    def step(self, x: np.ndarray, y: np.ndarray, lr: float, key: jax.Array) -> jax.Array:
-        """One optimiser step on the global batch ``x``, ``y``; returns the (on-device) summed member loss."""
+    def step(self, idx: np.ndarray, lr: float, step: int) -> jax.Array:
+        """One optimiser step on the global batch ``idx``; returns the (on-device) summed member loss."""
+        return self.step_arrays(self.x_train[idx], self.y_train[idx], lr, jax.random.fold_in(self.epoch_key, step))
+
+    def step_arrays(self, x: np.ndarray, y: np.ndarray, lr: float, key: jax.Array) -> jax.Array:
+        """One optimiser step on the global batch ``x``, ``y`` with the step's random ``key``."""
         xs = jax.device_put(x, self.batch_sharding)
         ys = jax.device_put(y, self.batch_sharding)
         self.params, self.stats, self.opt_state, loss = self._step(
@@ -285,7 +259,7 @@ class Trainer:
         )
         return loss
 
-    def predict_member_probs(self, x: np.ndarray, batch: int = _EVAL_BATCH) -> np.ndarray:
+    def predict(self, x: np.ndarray, batch: int = _EVAL_BATCH) -> np.ndarray:
         """Each member's softmax over ``x``, ``[N, M, classes]`` float32 numpy, in eval mode."""
         out = [
             np.asarray(self._predict(self.params, self.stats, jax.device_put(x[i : i + batch], self.replicated)))
@@ -293,12 +267,14 @@ class Trainer:
         ]
         return np.concatenate(out)
 
-    def plan_arrays(self) -> dict[str, np.ndarray]:
+    predict_member_probs = predict
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
         """Every plan tensor (parameters and BatchNorm statistics) as host arrays."""
         out = {self.names[k]: np.asarray(v) for k, v in {**self.params, **self.stats}.items()}
         return {t.name: out[t.name] for t in self.plan.tensors}
 
-    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Replace every plan tensor (``arrays``: plan name -> array, e.g. from a checkpoint)."""
         params = {k: jnp.asarray(arrays[self.names[k]], v.dtype) for k, v in self.params.items()}
         stats = {k: jnp.asarray(arrays[self.names[k]], v.dtype) for k, v in self.stats.items()}
@@ -308,150 +284,21 @@ class Trainer:
     def optimizer_arrays(self) -> dict[str, np.ndarray]:
         return optimizer_arrays(self.opt_state, self.names, self.recipe)
 
-    def load_optimizer(self, extra: dict[str, np.ndarray]) -> None:
-        state = restore_optimizer(self.opt_state, self.names, self.recipe, extra)
+    def load_optimizer(self, arrays: dict[str, np.ndarray]) -> None:
+        state = restore_optimizer(self.opt_state, self.names, self.recipe, arrays)
         self.opt_state = jax.device_put(state, self.replicated)
 
-    def save(self, path: Path, epoch: int, metadata: dict[str, str]) -> None:
-        save_arrays(path, self.plan_arrays(), self.plan, epoch, self.optimizer_arrays(), metadata)
+    def save(self, path: Path, epoch: int, metadata: dict[str, Any]) -> None:
+        save_arrays(path, self.state_arrays(), self.plan, epoch, self.optimizer_arrays(), metadata)
+
+    def close(self) -> None:
+        """Nothing to release: jax owns its devices for the life of the process."""
 
 
-# ---------------------------------------------------------------------------
-# The loop
+def train(plan: Plan, recipe: Recipe, **options: Any) -> dict[str, Any]:
+    """`mixc train --backend flax`: :func:`mixc.training.train` on this backend (same arguments); ``device``
+    picks the jax platform (``cpu``, ``gpu``/``cuda``, ``cuda:N``) and every local device of it is used."""
+    from mixc.backends.flax.backend import backend
+    from mixc.training import train as drive
 
-
-def train(
-    plan: Plan,
-    recipe: Recipe,
-    *,
-    out_dir: str | os.PathLike,
-    data: Dataset | str | None = None,
-    data_dir: str | os.PathLike | None = None,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    device: str = "cpu",
-    seed: int | None = None,
-    layout: str = "auto",
-    baseline: str | None = None,
-    progress: bool = True,
-    config: dict[str, Any] | None = None,
-    allow_recipe_change: bool = False,
-) -> dict[str, Any]:
-    """Train ``plan`` with ``recipe`` into ``out_dir`` (resuming it if it holds a checkpoint).
-
-    The torch loop's signature and behaviour; ``device`` picks the jax
-    platform (``cpu``, ``gpu``/``cuda``, ``cuda:N``) and every local device of
-    it is used, data parallel. Returns the final test metrics (see
-    :func:`mixc.metrics.evaluate`) plus ``epoch``, ``train_loss`` and ``wall_time``.
-    """
-    updates: dict[str, Any] = {}
-    if epochs is not None:
-        updates["epochs"] = epochs
-    if batch_size is not None:
-        updates["batch"] = batch_size
-    if seed is not None:
-        updates["seed"] = seed
-    if isinstance(data, str):
-        updates["data"] = data
-    if data_dir is not None:
-        updates["data_dir"] = str(data_dir)
-    recipe = Recipe.model_validate({**recipe.model_dump(), **updates})
-
-    dataset = data if isinstance(data, Dataset) else load_dataset(recipe.data, recipe.data_dir)
-    check_compatible(dataset, plan.input_shape, plan.classes)
-    augment = _augment_mode(recipe, plan)
-    if layout not in ("auto", "grouped", "loop"):
-        raise TrainError(f"layout must be auto, grouped or loop, not {layout!r}")
-    t_start = time.perf_counter()
-    devices = devices_for(device)
-    with RunWriter(Path(out_dir), plan, recipe, allow_recipe_change=allow_recipe_change) as run:
-        return _run(plan, recipe, dataset, augment, devices, run, layout, baseline, progress, config or {}, t_start)
-
-
-def _resume(run: RunWriter, trainer: Trainer, plan: Plan) -> None:
-    """Load the run's checkpoint (verified: header, checksum, finite tensors) into the trainer."""
-    try:
-        loaded, extra, _ = read_tensors(run.ckpt, plan)
-    except CheckpointError as e:
-        raise TrainError(
-            f"cannot resume from {run.ckpt}: {e}; hint: pass another --out folder for {plan.name}, "
-            "or delete that one to start over"
-        ) from e
-    trainer.load_arrays(loaded)
-    trainer.load_optimizer(extra)
-
-
-def _run(
-    plan: Plan, recipe: Recipe, dataset: Dataset, augment: str, devices: list[jax.Device], run: RunWriter,
-    layout: str, baseline: str | None, progress: bool, config: dict[str, Any], t_start: float,
-) -> dict[str, Any]:
-    n_train = len(dataset.y_train)
-    batch = min(recipe.batch, n_train)
-    steps = n_train // batch  # drop the last partial batch
-    world = len(devices)
-    if batch % world:
-        raise TrainError(
-            f"the batch of {batch} does not split evenly over {world} {devices[0].platform} devices; "
-            f"hint: --batch-size {batch - batch % world or world}"
-        )
-    trainer = Trainer(plan, recipe, devices, layout, augment, recipe.seed)
-    start_epoch = run.start_epoch
-    if run.header is not None:
-        _resume(run, trainer, plan)
-    run.begin({
-        "spec": plan.source, "spec_hash": spec_hash(plan), "device": f"{devices[0].platform} x{world}",
-        "layout": layout, "baseline": baseline, "world_size": world, "augment": augment, "jax": jax.__version__,
-        **config,
-    })
-    reporter = Reporter(True, progress and sys.stdout.isatty())
-    acc = plan.accounting
-    kind = f"{baseline} baseline" if baseline else f"{plan.members} members"
-    reporter.line(
-        f"{plan.name}: {kind}, {acc.total_params:,} parameters; {dataset.description}; "
-        f"{recipe.epochs} epochs x {steps} steps of {batch}; {recipe.optimizer.name} lr {recipe.optimizer.lr}; "
-        f"device {devices[0].platform}{f' x{world}' if world > 1 else ''} (flax); out {run.out}"
-        + (f"; resuming after epoch {start_epoch}" if start_epoch else "")
-    )
-    last = _loop(trainer, plan, recipe, dataset, run, reporter, batch, steps)
-    if last is None:  # nothing left to train: report the checkpoint as it stands
-        last = {"epoch": start_epoch, "train_loss": None,
-                **evaluate(trainer.predict_member_probs(dataset.x_test), dataset.y_test)}
-    return {**last, "wall_time": time.perf_counter() - t_start}
-
-
-def _loop(trainer: Trainer, plan: Plan, recipe: Recipe, dataset: Dataset, run: RunWriter, reporter: Reporter,
-          batch: int, steps: int) -> dict[str, Any] | None:
-    """The epochs from the run's start epoch, each checked and saved; returns the last epoch's record."""
-    M, seed, epochs = plan.members, recipe.seed, recipe.epochs
-    n_train = len(dataset.y_train)
-    x_train, y_train = dataset.x_train, dataset.y_train.astype(np.int32)
-    last: dict[str, Any] | None = None
-    with reporter:
-        for epoch in range(run.start_epoch, epochs):
-            t0 = time.perf_counter()
-            perm = np.random.default_rng([seed, epoch]).permutation(n_train)
-            epoch_key = jax.random.key(seed_of(seed, epoch, 0, 1) & 0x7FFFFFFF)
-            update = reporter.epoch_task(epoch + 1, epochs, steps)
-            loss_sum = jnp.zeros(())
-            lr = recipe.optimizer.lr
-            for step in range(steps):
-                idx = perm[step * batch : (step + 1) * batch]
-                lr = learning_rate(recipe, epoch * steps + step, steps, epochs)
-                loss = trainer.step(x_train[idx], y_train[idx], lr, jax.random.fold_in(epoch_key, step))
-                loss_sum = loss_sum + loss
-                if reporter.progress is not None and (step % 10 == 0 or step == steps - 1):
-                    update(step + 1, float(loss) / M)
-            train_loss = float(loss_sum) / steps / M
-            if not math.isfinite(train_loss):
-                raise TrainError(
-                    f"the training loss became {train_loss} in epoch {epoch + 1}; hint: lower the learning rate "
-                    f"(--set train.optimizer.lr=...) or add warm-up (--set train.warmup=...)"
-                )
-            rec = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr,
-                   **evaluate(trainer.predict_member_probs(dataset.x_test), dataset.y_test),
-                   "epoch_time": time.perf_counter() - t0}
-            run.save_epoch(rec, lambda meta: trainer.save(run.ckpt, epoch + 1, meta),
-                           {"global_step": str((epoch + 1) * steps), "backend": "flax"})
-            reporter.line(epoch_line(rec, epochs))
-            last = rec
-    return last
+    return drive(backend, plan, recipe, **options)

@@ -54,7 +54,7 @@ class TorchRunner:
         with torch.no_grad():
             for name, a in arrays.items():
                 t = self.targets[name]
-                t.copy_(torch.as_tensor(np.asarray(a)).reshape(t.shape))
+                t.copy_(torch.from_numpy(np.array(a)).reshape(t.shape))  # a copy: file arrays are read-only
 
     def member_probs(self, x: np.ndarray, bn: Literal["eval", "train"] = "eval") -> np.ndarray:
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)

@@ -6,7 +6,7 @@ problem (bad --data path, arrays that do not fit the spec); 130 interrupted
 
 Memory allocator: glibc returns every freed block over 32 MB to the OS and
 faults it back in on the next step, which costs the grouped layout 20-30%
-(DESIGN.md). Unless tcmalloc/jemalloc is preloaded or the user set the glibc
+(docs/execution.md). Unless tcmalloc/jemalloc is preloaded or the user set the glibc
 malloc variables, the command raises glibc's mmap and trim thresholds to 1 GiB
 in-process with ``mallopt`` before any tensor exists: the same effect as
 ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` without a re-exec (checked
@@ -24,7 +24,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mixc.data import DataError
+from pydantic import ValidationError
+
+from mixc.compiler.plan import first_problem
+from mixc.commands import add_backend_argument
+from mixc.run_folder import TrainError
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -49,8 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train one plain backbone (single) or M independent ones (naive) instead")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec setting, e.g. --set members=2 --set train.optimizer.lr=0.05 (repeatable)")
-    parser.add_argument("--backend", choices=["torch", "flax"], default="torch",
-                        help="the framework to train with (flax: data parallel over every local device of --device)")
+    add_backend_argument(parser, "train with (torch: DDP under torchrun; flax: data parallel over every local "
+                         "device of --device)")
     parser.add_argument("--no-progress", action="store_true", help="plain lines instead of a progress bar")
     parser.add_argument("--allow-recipe-change", action="store_true",
                         help="resume a run with a recipe (learning rate, batch, schedule, data...) other than the one "
@@ -89,75 +93,48 @@ def tune_allocator() -> str:
     return f"glibc mallopt: mmap and trim thresholds {_THRESHOLD}"
 
 
-def _error(msg: str) -> None:
-    print(f"mixc train: error: {msg}", file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
-    """Run `mixc train` with parsed ``args``; returns the exit code."""
-    from pydantic import ValidationError
-
+    """Run `mixc train` with parsed ``args``; returns the exit code (errors are ``MixcError``s for cli.main)."""
     import mixc
-    from mixc.backends import BackendUnavailable, get_backend
-    from mixc.spec.recipe import Recipe
-    from mixc.spec import SpecError
+    from mixc.backends import get_backend
+    from mixc.inspect_view import print_warnings
+    from mixc.training import train
 
     allocator = tune_allocator()
     overrides = list(args.overrides or []) + baseline_overrides(args.baseline)
-    try:
-        plan = mixc.compile(args.file, overrides)
-    except SpecError as e:
-        print(e.render(), file=sys.stderr)
-        return 1
-    from mixc.inspect_view import print_warnings  # noqa: E402 - allocation warnings, never silent
-
-    print_warnings(plan)
-    try:
-        recipe = Recipe.model_validate(plan.train or {})
-    except ValidationError as e:
-        _error(f"the train section of {plan.source} is invalid: {e}")
-        return 1
-    try:
-        get_backend(args.backend)
-        if args.backend == "flax":
-            from mixc.backends.flax.train import TrainError, train
-        else:
-            from mixc.backends.torch.train import TrainError, train
-    except BackendUnavailable as e:
-        _error(str(e))
-        return 1
-
+    plan = mixc.compile(args.file, overrides)
+    print_warnings(plan)  # allocation warnings, never silent
+    recipe = recipe_of(plan)
+    backend = get_backend(args.backend, "train")
     suffix = f"-{args.baseline}" if args.baseline else ""
     out = Path(args.out) if args.out else Path("runs") / f"{plan.name}{suffix}"
     try:
         metrics = train(
-            plan,
-            recipe,
-            out_dir=out,
-            data=args.data,
-            data_dir=args.data_dir,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            device=args.device,
-            seed=args.seed,
-            layout=args.layout,
-            baseline=args.baseline,
-            progress=not args.no_progress,
-            config={"file": str(args.file), "overrides": overrides, "backend": args.backend, "allocator": allocator},
+            backend, plan, recipe, out_dir=out, data=args.data, data_dir=args.data_dir, epochs=args.epochs,
+            batch_size=args.batch_size, device=args.device, seed=args.seed, layout=args.layout,
+            baseline=args.baseline, progress=not args.no_progress,
+            config={"file": str(args.file), "overrides": overrides, "backend": backend.name, "allocator": allocator},
             allow_recipe_change=args.allow_recipe_change,
         )
-    except DataError as e:
-        _error(str(e))
-        return 2
-    except (TrainError, ValidationError) as e:
-        _error(str(e))
-        return 1
+    except ValidationError as e:  # an override (--epochs 0, --batch-size 0) the recipe refuses
+        raise TrainError(f"invalid option: {first_problem(e)}") from None
     except KeyboardInterrupt:
-        _error(f"interrupted; the last finished epoch is saved in {out}: run the same command to resume")
+        print(f"mixc train: error: interrupted; the last finished epoch is saved in {out}: run the same command "
+              "to resume", file=sys.stderr)
         return 130
     if metrics:  # rank 0 only
         print_summary(plan.name, metrics, out, args.baseline)
     return 0
+
+
+def recipe_of(plan: Any) -> Any:
+    """The plan's train section as a Recipe (TrainError naming the spec if it does not validate)."""
+    from mixc.spec.recipe import Recipe
+
+    try:
+        return Recipe.model_validate(plan.train or {})
+    except ValidationError as e:
+        raise TrainError(f"the train section of {plan.source} is invalid: {first_problem(e)}") from None
 
 
 def print_summary(name: str, metrics: dict[str, Any], out: Path, baseline: str | None = None) -> None:

@@ -1,0 +1,272 @@
+"""The one training loop behind `mixc train`, for every backend: framework-free.
+
+What a backend supplies is a :class:`~mixc.backends.base.Trainer` (a step, a
+prediction, its state as plan-named arrays, a checkpoint write). Everything
+that decides *what* is trained, and so what a result means, lives here once:
+
+- Recipe overrides (``--epochs``, ``--batch-size``, ``--seed``, ``--data``) are
+  validated with the recipe; the data must fit the plan before anything runs.
+- Loss: every member sees the same batch and gets its own cross-entropy; the
+  loss is the sum over members of each member's batch-mean CE (paper, 3.2).
+  The logged ``train_loss`` is that sum divided by M (the mean member CE).
+- Weight decay skips the roles listed in ``recipe.weight_decay_exclude``
+  (:func:`decay_skipped_roles`; coupled L2 for SGD, decoupled for AdamW).
+- Learning rate: :func:`learning_rate`, a pure function of the global step,
+  set before every step, so a resumed run replays it exactly. ``step``
+  multiplies by gamma at each milestone epoch, ``cosine`` anneals from the base
+  rate to ``min_lr`` over the epochs after warm-up, ``constant`` keeps it; a
+  warm-up of W epochs multiplies the first W epochs' steps by
+  ``(step + 1) / (W * steps_per_epoch)``.
+- Batches: each epoch draws a permutation of the train set from numpy's
+  ``default_rng([seed, epoch])`` and takes ``batch``-sized slices; the last
+  partial batch is dropped (BatchNorm dislikes tiny batches) unless the set is
+  smaller than one batch. ``batch`` is the global batch: each data-parallel
+  worker takes its share (the backend's business).
+- Randomness: augmentation and dropout are reseeded at each epoch from
+  ``seed_of(seed, epoch, rank, 1|2)``. Checkpoints are written at epoch ends,
+  so a resumed run needs no saved RNG state to replay the rest exactly.
+- Augmentation (:func:`augment_mode`): ``crop_flip`` (pad 4, random crop,
+  random horizontal flip; the default for 32x32 images) or ``none``.
+- Files: the run folder's rules (one writer, the recipe check on resume,
+  divergence, crash repair) are :class:`mixc.run_folder.RunWriter`'s; each
+  epoch's checkpoint holds the weights, the optimiser state under ``optim.*``
+  and the epoch's metrics. Only rank 0 evaluates and writes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mixc.compiler.plan import Plan
+from mixc.data import Dataset, check_compatible, load_dataset
+from mixc.metrics import evaluate
+from mixc.run_folder import Reporter, RunWriter, TrainError, epoch_line, seed_of, spec_hash
+from mixc.spec.recipe import Recipe
+
+if TYPE_CHECKING:
+    from mixc.backends.base import Backend, Trainer
+
+__all__ = ["train", "learning_rate", "augment_mode", "decay_skipped_roles", "with_overrides", "epoch_line"]
+
+#: ``weight_decay_exclude`` entries -> the plan tensor roles they exempt from weight decay
+EXCLUDE_ROLES = {
+    "alphas": {"alpha"},
+    "bn": {"bn_weight", "bn_bias"},
+    "bias": {"plain_bias", "member_bias"},
+}
+
+
+# ---------------------------------------------------------------------------
+# Pure rules
+
+
+def learning_rate(recipe: Recipe, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """The learning rate of global step ``step`` (0-based), warm-up included."""
+    base = recipe.optimizer.lr
+    s = recipe.schedule
+    if s.name == "step":
+        passed = sum(1 for m in s.milestones if step >= m * steps_per_epoch)
+        lr = base * s.gamma**passed
+    elif s.name == "cosine":
+        start = recipe.warmup * steps_per_epoch
+        span = max(1, epochs * steps_per_epoch - start)
+        t = min(max((step - start) / span, 0.0), 1.0)
+        lr = s.min_lr + (base - s.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+    else:
+        lr = base
+    warm = recipe.warmup * steps_per_epoch
+    if warm and step < warm:
+        lr *= (step + 1) / warm
+    return lr
+
+
+def decay_skipped_roles(recipe: Recipe) -> set[str]:
+    """The plan tensor roles that get no weight decay under ``recipe``."""
+    return set().union(*(EXCLUDE_ROLES[e] for e in recipe.weight_decay_exclude))
+
+
+def augment_mode(recipe: Recipe, plan: Plan) -> str:
+    """``crop_flip`` or ``none``: ``auto`` picks crop_flip for 32x32 images; crop_flip needs images."""
+    is_image = plan.input_layout == "image" and len(plan.input_shape) == 3
+    if recipe.augment == "auto":
+        return "crop_flip" if is_image and plan.input_shape[1:] == [32, 32] else "none"
+    if recipe.augment == "crop_flip" and not is_image:
+        raise TrainError(
+            f"augment crop_flip needs image input, but {plan.name} takes {plan.input_layout} "
+            f"{plan.input_shape}; hint: set augment none (--set train.augment=none)"
+        )
+    return recipe.augment
+
+
+def with_overrides(recipe: Recipe, **values: Any) -> Recipe:
+    """``recipe`` with the non-None ``values`` (epochs, batch, seed, data, data_dir), validated like the file."""
+    updates = {k: (str(v) if k == "data_dir" else v) for k, v in values.items() if v is not None}
+    return Recipe.model_validate({**recipe.model_dump(), **updates})
+
+
+# ---------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class _Run:
+    """What one training run holds while it goes: its parts and the batch arithmetic."""
+
+    plan: Plan
+    recipe: Recipe
+    dataset: Dataset
+    trainer: "Trainer"
+    folder: RunWriter
+    reporter: Reporter
+    batch: int
+    steps: int
+    backend_name: str
+
+    @property
+    def main(self) -> bool:
+        return self.trainer.rank == 0
+
+
+def train(
+    backend: "Backend | str",
+    plan: Plan,
+    recipe: Recipe,
+    *,
+    out_dir: str | os.PathLike,
+    data: Dataset | str | None = None,
+    data_dir: str | os.PathLike | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    device: str = "cpu",
+    seed: int | None = None,
+    layout: str = "auto",
+    baseline: str | None = None,
+    progress: bool = True,
+    config: dict[str, Any] | None = None,
+    allow_recipe_change: bool = False,
+) -> dict[str, Any]:
+    """Train ``plan`` with ``recipe`` on ``backend`` into ``out_dir`` (resuming it if it holds a checkpoint).
+
+    Arguments other than plan/recipe override the recipe (``None`` keeps it).
+    ``baseline`` only labels the run: pass the already recompiled plan.
+    ``config`` adds entries (e.g. the CLI's overrides) to ``config.json``.
+    ``allow_recipe_change`` lets a resume go on with a recipe other than the
+    checkpoint's (recorded in ``config.json``'s history). Returns the final test
+    metrics (:func:`mixc.metrics.evaluate`) plus ``epoch``, ``train_loss`` and
+    ``wall_time``; ``{}`` on data-parallel ranks other than 0.
+    """
+    if isinstance(backend, str):
+        from mixc.backends import get_backend
+
+        backend = get_backend(backend, "train")
+    recipe = with_overrides(recipe, epochs=epochs, batch=batch_size, seed=seed,
+                            data=data if isinstance(data, str) else None, data_dir=data_dir)
+    dataset = data if isinstance(data, Dataset) else load_dataset(recipe.data, recipe.data_dir)
+    check_compatible(dataset, plan.input_shape, plan.classes)
+    augment = augment_mode(recipe, plan)
+    if layout not in backend.capabilities.layouts:
+        raise TrainError(f"layout must be {', '.join(backend.capabilities.layouts)}, not {layout!r}")
+    t_start = time.perf_counter()
+    trainer = backend.trainer(plan, recipe, device=device, layout=layout, augment=augment)
+    try:
+        with RunWriter(Path(out_dir), plan, recipe, main=trainer.rank == 0,
+                       allow_recipe_change=allow_recipe_change) as folder:
+            batch = min(recipe.batch, len(dataset.y_train))
+            trainer.begin(dataset.x_train, dataset.y_train, batch)
+            if folder.header is not None:
+                _resume(folder, trainer, plan)
+            run = _Run(plan, recipe, dataset, trainer, folder, Reporter(trainer.rank == 0, progress and sys.stdout.isatty()),
+                       batch, len(dataset.y_train) // batch, backend.name)  # the last partial batch is dropped
+            _announce(run, layout, augment, baseline, config or {})
+            last = _epochs(run)
+            if not run.main:
+                return {}
+            if last is None:  # nothing left to train: report the checkpoint as it stands
+                last = {"epoch": folder.start_epoch, "train_loss": None,
+                        **evaluate(trainer.predict(dataset.x_test), dataset.y_test)}
+            return {**last, "wall_time": time.perf_counter() - t_start}
+    finally:
+        trainer.close()
+
+
+def _resume(folder: RunWriter, trainer: "Trainer", plan: Plan) -> None:
+    """Load the run's checkpoint (verified: spec, header, checksum, finite tensors) into the trainer."""
+    from mixc.checkpoint_format import CheckpointError, read_plan_arrays
+
+    try:
+        arrays, extra, _ = read_plan_arrays(folder.ckpt, plan)
+    except CheckpointError as e:
+        raise TrainError(
+            f"cannot resume from {folder.ckpt}: {e}; hint: pass another --out folder for {plan.name}, "
+            "or delete that one to start over"
+        ) from e
+    trainer.load_state(arrays)
+    trainer.load_optimizer(extra)
+
+
+def _announce(run: _Run, layout: str, augment: str, baseline: str | None, config: dict[str, Any]) -> None:
+    """Write plan.json and config.json (rank 0) and print the run's one-line description."""
+    plan, recipe, trainer = run.plan, run.recipe, run.trainer
+    run.folder.begin({
+        "spec": plan.source, "spec_hash": spec_hash(plan), "layout": layout, "baseline": baseline,
+        "augment": augment, **trainer.run_options, **config,
+    })
+    kind = f"{baseline} baseline" if baseline else f"{plan.members} members"
+    start = run.folder.start_epoch
+    run.reporter.line(
+        f"{plan.name}: {kind}, {plan.accounting.total_params:,} parameters; {run.dataset.description}; "
+        f"{recipe.epochs} epochs x {run.steps} steps of {run.batch}; {recipe.optimizer.name} lr {recipe.optimizer.lr}; "
+        f"device {trainer.device_label}; out {run.folder.out}"
+        + (f"; resuming after epoch {start}" if start else "")
+    )
+
+
+def _epochs(run: _Run) -> dict[str, Any] | None:
+    """The epochs from the run's start epoch; rank 0 checks and saves each. Returns the last epoch's record."""
+    recipe, trainer, epochs = run.recipe, run.trainer, run.recipe.epochs
+    last: dict[str, Any] | None = None
+    with run.reporter:
+        for epoch in range(run.folder.start_epoch, epochs):
+            t0 = time.perf_counter()
+            train_loss, lr = _one_epoch(run, epoch)
+            if not math.isfinite(train_loss):
+                raise TrainError(
+                    f"the training loss became {train_loss} in epoch {epoch + 1}; hint: lower the learning rate "
+                    f"(--set train.optimizer.lr=...) or add warm-up (--set train.warmup=...)"
+                )
+            if not run.main:
+                continue
+            rec = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr,
+                   **evaluate(trainer.predict(run.dataset.x_test), run.dataset.y_test),
+                   "epoch_time": time.perf_counter() - t0}
+            run.folder.save_epoch(rec, lambda meta: trainer.save(run.folder.ckpt, epoch + 1, meta),
+                                  {"global_step": str((epoch + 1) * run.steps), "backend": run.backend_name})
+            run.reporter.line(epoch_line(rec, epochs))
+            last = rec
+    return last
+
+
+def _one_epoch(run: _Run, epoch: int) -> tuple[float, float]:
+    """Every step of ``epoch``; returns (mean member loss, the last learning rate)."""
+    recipe, trainer, steps, batch = run.recipe, run.trainer, run.steps, run.batch
+    seed, M = recipe.seed, run.plan.members
+    perm = np.random.default_rng([seed, epoch]).permutation(len(run.dataset.y_train))
+    trainer.begin_epoch(seed_of(seed, epoch, trainer.rank, 1), seed_of(seed, epoch, trainer.rank, 2))
+    update = run.reporter.epoch_task(epoch + 1, recipe.epochs, steps)
+    loss_sum: Any = 0.0
+    lr = recipe.optimizer.lr
+    for step in range(steps):
+        lr = learning_rate(recipe, epoch * steps + step, steps, recipe.epochs)
+        loss = trainer.step(perm[step * batch : (step + 1) * batch], lr, step)
+        loss_sum = loss_sum + loss  # on the device: no sync per step
+        if run.reporter.progress is not None and (step % 10 == 0 or step == steps - 1):
+            update(step + 1, float(loss) / M)
+    return float(loss_sum) / steps / M, lr
