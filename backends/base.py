@@ -35,13 +35,25 @@ from mixc.compiler.plan import Plan
 from mixc.errors import BackendError, BackendUnavailable
 from mixc.spec.recipe import Recipe
 
-__all__ = ["Backend", "Capabilities", "Trainer", "Runner", "Predictor", "COMMANDS"]
+__all__ = ["Backend", "Capabilities", "Trainer", "Runner", "Predictor", "COMMANDS", "lazy_attributes"]
 
 #: member probabilities ``[N, M, classes]`` (float32) for model inputs ``[N, ...]``
 Predictor = Callable[[np.ndarray], np.ndarray]
 
 #: the commands a backend can serve; :attr:`Capabilities.commands` names its subset
 COMMANDS = frozenset({"compile", "build", "train", "eval", "interpolate", "sweep", "verify"})
+
+
+def lazy_attributes(package: str, table: dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) for a backend package: ``table`` maps a public name to the
+    submodule defining it, imported (with its framework) only when the name is first asked for."""
+
+    def __getattr__(name: str) -> Any:
+        if name in table:
+            return getattr(importlib.import_module(f"{package}.{table[name]}"), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
 
 
 @dataclass(frozen=True)
@@ -124,10 +136,14 @@ class Backend:
 
     Subclasses set ``name``, ``extra`` (the pip extra that installs the framework),
     ``modules`` (what must be importable) and ``capabilities``, and implement
-    the methods that raise ``NotImplementedError`` here.
+    the methods that raise ``NotImplementedError`` here. A backend laid out like
+    ``backends/torch/`` (``codegen.emit_source``, ``model.build``/``write``,
+    ``checkpoint.save_checkpoint``/``load_checkpoint``) sets ``package`` and
+    inherits those methods; any other overrides them.
     """
 
     name: str = ""
+    package: str = ""
     extra: str = ""
     modules: tuple[str, ...] = ()
     capabilities: Capabilities = Capabilities()
@@ -153,19 +169,23 @@ class Backend:
                                "hint: choose another --backend")
         return self
 
-    # -- code and models --------------------------------------------------------
+    # -- code and models (by default from the conventional modules: codegen.py, model.py, checkpoint.py) --
+
+    def _module(self, name: str) -> Any:
+        """``<package>.<name>``, imported on first use (so importing the backend object imports no framework)."""
+        return importlib.import_module(f"{self.package}.{name}")
 
     def emit_source(self, plan: Plan) -> str:
         """The plan's model as one self-contained Python file (what ``mixc compile --backend`` writes)."""
-        raise NotImplementedError
+        return self._module("codegen").emit_source(plan)
 
     def write(self, plan: Plan, out_dir: str | os.PathLike) -> Path:
         """Write ``plan.json`` and the model source into ``out_dir``; return the source's path."""
-        raise NotImplementedError
+        return self._module("model").write(plan, out_dir)
 
     def build(self, plan: Plan, **options: Any) -> Any:
         """The framework model, initialised (options: layout, device, seed... as the backend documents)."""
-        raise NotImplementedError
+        return self._module("model").build(plan, **options)
 
     def count_params(self, plan: Plan) -> int:
         """Trainable parameters of the model :meth:`build` makes, without allocating them."""
@@ -176,11 +196,11 @@ class Backend:
     def save_checkpoint(self, path: str | os.PathLike, model: Any, plan: Plan, epoch: int,
                         extra: dict[str, Any] | None = None, metadata: dict[str, str] | None = None) -> Path:
         """Write ``model``'s plan tensors (+ ``extra``) in mixc's checkpoint format, atomically."""
-        raise NotImplementedError
+        return self._module("checkpoint").save_checkpoint(path, model, plan, epoch, extra, metadata)
 
     def load_checkpoint(self, path: str | os.PathLike, model: Any, plan: Plan) -> tuple[int, dict[str, Any], dict[str, str]]:
         """Load a checkpoint into ``model``; returns (epoch, extra tensors, metadata)."""
-        raise NotImplementedError
+        return self._module("checkpoint").load_checkpoint(path, model, plan)
 
     # -- running ---------------------------------------------------------------
 

@@ -13,7 +13,7 @@ GFLOP/s (conv/linear FLOPs counted from the plan, fwd+bwd = 3 x fwd) next to a
 float32 matmul measured in the same run. The loss is the sum of the members'
 cross-entropies, as in training.
 
-The allocator matters on CPU (DESIGN.md): glibc returns every block over
+The allocator matters on CPU (docs/execution.md): glibc returns every block over
 32 MB to the OS and faults it back next step. ``--tune-malloc`` applies the fix
 at run time (mallopt: no mmap'd blocks, no trimming) so the two allocators'
 effect can be compared without restarting under LD_PRELOAD.

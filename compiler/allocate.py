@@ -1,4 +1,4 @@
-"""Allocate: turn the parameter budget into template counts (DESIGN.md, "Allocate").
+"""Allocate: turn the parameter budget into template counts (docs/allocation.md).
 
 Cost model (trainable parameters):
     total = plain layers + M * BN + sum_g n_g * s_g + M * sum_g L_g * k_g,

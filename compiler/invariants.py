@@ -1,4 +1,4 @@
-"""The allocation invariants of DESIGN.md, checked on a Plan.
+"""The allocation invariants of docs/allocation.md, checked on a Plan.
 
 One implementation shared by the test suite and ``mixc verify``: each check
 returns the violations it finds, named so a report says which invariant broke.

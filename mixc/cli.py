@@ -16,6 +16,7 @@ from typing import Callable
 from rich.console import Console
 
 from mixc import __version__
+from mixc.commands import add_backend_argument
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -82,7 +83,7 @@ def cmd_compile(args: argparse.Namespace, out: Console) -> int:
         return 0
     from mixc.backends import get_backend
 
-    backend = get_backend(args.backend)
+    backend = get_backend(args.backend, "compile")
     out_dir = Path(args.output or f"{plan.name}-{args.backend}")
     written = backend.write(plan, out_dir)
     out.print(f"wrote {out_dir / 'plan.json'} and {written}", highlight=False)
@@ -124,8 +125,11 @@ def _optional(name: str) -> tuple[Callable, Callable] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mixc.backends import GROUP, names
+
     parser = argparse.ArgumentParser(
-        prog="mixc", description="mixc: compile .mix specs into parameter-efficient ensembles (MixtureEnsembles)")
+        prog="mixc", description="mixc: compile .mix specs into parameter-efficient ensembles (MixtureEnsembles)",
+        epilog=f"backends: {', '.join(names())} (registered in the {GROUP!r} entry-point group; --backend picks one)")
     parser.add_argument("--version", action="version", version=f"mixc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -143,8 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile a spec to a plan (JSON) or to a backend's model source")
     _spec_arg(p)
     p.add_argument("--emit", choices=["plan"], default="plan", help="what to write without --backend (the plan)")
-    p.add_argument("--backend", choices=["torch", "flax"], default=None,
-                   help="write OUT/plan.json and OUT/<name>.py for this framework")
+    add_backend_argument(p, "write OUT/plan.json and OUT/<name>.py for", default=None)
     p.add_argument("-o", "--output", metavar="OUT", help="output file (plan) or folder (backend); plan: default stdout")
     _add_set(p)
     p.set_defaults(func=cmd_compile)
@@ -169,17 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mixc.spec.diagnostics import SpecError
-
+    """Parse the command line and run the subcommand through :func:`run_reporting`."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     out = Console(highlight=False)
-    err = Console(stderr=True, highlight=False)
+    return run_reporting(args.command, lambda: args.func(args, out))
+
+
+def run_reporting(command: str, fn: Callable[[], int | None]) -> int:
+    """Run ``fn`` and turn every user-facing error (``MixcError``) into its one-paragraph report and exit
+    code, the one place that does (README, "Exit codes"); anything else is a bug and keeps its traceback."""
+    from mixc.errors import MixcError
+    from mixc.spec.diagnostics import SpecError
+
     try:
-        rc = int(args.func(args, out) or 0)
+        rc = int(fn() or 0)
         sys.stdout.flush()  # a closed pipe shows here, not as a traceback at interpreter exit
         return rc
     except BrokenPipeError:
@@ -187,17 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         sys.stdout.flush()
         sys.stderr.write(e.render() + "\n")  # plain text: rich would re-wrap the caret lines
-        return 1
+        return e.exit_code
+    except MixcError as e:
+        sys.stdout.flush()
+        sys.stderr.write(f"mixc {command}: error: {e.render()}\n")
+        return e.exit_code
     except KeyboardInterrupt:
-        err.print("interrupted")
+        Console(stderr=True, highlight=False).print("interrupted")
         return 130
-    except Exception as e:  # known user-facing errors from other stages
-        from mixc.backends import BackendUnavailable
-
-        if isinstance(e, BackendUnavailable):
-            err.print(f"mixc: error: {e}", markup=False)
-            return 2
-        raise
 
 
 def _reader_gone() -> int:

@@ -44,6 +44,8 @@ DIGITS_TEST = 360  # ~20% of scikit-learn's 1797 digits
 class DataError(MixcError, ValueError):
     """A user-facing data problem: bad path, bad arrays, data that do not fit the plan."""
 
+    exit_code = 2  # documented: data problems exit 2 in every command
+
 
 @dataclass(frozen=True)
 class Dataset:

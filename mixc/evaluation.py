@@ -3,16 +3,9 @@
 A run folder (``mixc train --out``) holds ``plan.json``, ``config.json``,
 ``metrics.jsonl`` and ``checkpoint.safetensors``. Checkpoints name tensors by
 the plan, so any backend can read any run: evaluation only needs, from the
-chosen backend, member probabilities ``[N, M, classes]`` for numpy inputs.
-:func:`load_predictor` is that narrow interface:
-
-- ``torch``: built here from ``mixc.backends.torch`` (``build``,
-  ``load_checkpoint``, ``predict_member_probs``), unless the backend exposes
-  ``load_predictor(plan, checkpoint, device=, batch_size=)`` itself.
-- ``flax``: ``mixc.backends.flax.load_predictor(plan, checkpoint, device=,
-  batch_size=)`` when it exists, else ``mixc.backends.flax.predict_member_probs_from_checkpoint(plan,
-  checkpoint, x)`` called per input batch (one call per corruption, all
-  severities stacked, so a slow model load is paid few times).
+chosen backend, member probabilities ``[N, M, classes]`` for numpy inputs,
+which :func:`load_predictor` asks of it through the Backend interface
+(``mixc.backends.base``).
 
 Everything after the probabilities (metrics, corruptions, tables, plots) is
 numpy and shared.
@@ -30,6 +23,7 @@ import numpy as np
 
 from mixc.compiler.plan import Plan, PlanFileError, read_plan
 from mixc.data import DataError, Dataset, check_compatible, load_dataset
+from mixc.errors import MixcError
 from mixc.metrics import ece, evaluate, member_summary, nll, accuracy, brier
 from mixc.run_folder import RunFolderError, parse_header, read_config, read_header, read_metrics, read_raw_header
 from mixc.run_folder import last_metrics as _last_metrics
@@ -189,71 +183,14 @@ def load_test_set(name: str, data_dir: str | None, plan: Plan) -> Dataset:
 def load_predictor(
     backend: str, plan: Plan, checkpoint: str | os.PathLike, device: str = "cpu", batch_size: int = 500
 ) -> Predictor:
-    """A function from model inputs ``[N, ...]`` to member probabilities ``[N, M, classes]``."""
-    from mixc.backends import BackendUnavailable, get_backend
+    """A function from model inputs ``[N, ...]`` to member probabilities ``[N, M, classes]``.
 
-    try:
-        mod = get_backend(backend)
-    except BackendUnavailable as e:
-        raise EvalError(str(e)) from e
-    if backend == "torch":
-        return _torch_predictor(mod, plan, Path(checkpoint), device, batch_size)
-    own = getattr(mod, "load_predictor", None)
-    if own is not None:
-        predict = _wrap_backend_errors(
-            backend, lambda: own(plan, Path(checkpoint), device=device, batch_size=batch_size))()
-        return lambda x: np.asarray(predict(x))
-    per_call = getattr(mod, "predict_member_probs_from_checkpoint", None)
-    if per_call is None:
-        raise EvalError(
-            f"the {backend} backend is not available in this installation: mixc.backends.{backend} has no "
-            "predict_member_probs_from_checkpoint (nor load_predictor); hint: evaluate with --backend torch "
-            "(checkpoints are shared, so the numbers are the same model's)"
-        )
-    return lambda x: np.asarray(_wrap_backend_errors(backend, lambda: per_call(plan, Path(checkpoint), x))())
+    The named backend's :meth:`~mixc.backends.base.Backend.load_predictor`; its
+    problems (missing framework, bad checkpoint, unknown device) are ``MixcError``s.
+    """
+    from mixc.backends import get_backend
 
-
-def _wrap_backend_errors(backend: str, fn: Callable[[], Any]) -> Callable[[], Any]:
-    """Turn a backend's own user-facing errors (a bad checkpoint...) into EvalError; let bugs through."""
-
-    def call() -> Any:
-        try:
-            return fn()
-        except (DataError, EvalError):
-            raise
-        except Exception as e:
-            if type(e).__module__.startswith(f"mixc.backends.{backend}") or "Checkpoint" in type(e).__name__:
-                raise EvalError(f"{backend} backend: {e}") from e
-            raise
-
-    return call
-
-
-def _torch_predictor(mod: Any, plan: Plan, checkpoint: Path, device: str, batch_size: int) -> Predictor:
-    own = getattr(mod, "load_predictor", None)
-    if own is not None:
-        return own(plan, checkpoint, device=device, batch_size=batch_size)
-    import torch
-
-    from mixc.backends.torch.train import predict_member_probs
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise EvalError(f"unknown device {device!r} ({e}); hint: --device cpu, cuda or cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"device {device!r} asked for, but this torch sees no CUDA GPU; hint: --device cpu")
-    model = mod.build(plan, device=dev)
-    try:
-        mod.load_checkpoint(checkpoint, model, plan)
-    except mod.CheckpointError as e:
-        raise EvalError(str(e)) from e
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
-        return predict_member_probs(model, t, batch=batch_size)
-
-    return predict
+    return get_backend(backend, "eval").load_predictor(plan, Path(checkpoint), device=device, batch_size=batch_size)
 
 
 # ---------------------------------------------------------------------------

@@ -17,7 +17,9 @@ digits' test set in one batch). ``bn="eval"`` interpolates the running
 statistics too; it reproduces the members exactly at t = 0 and 1. Dropout is
 switched off in both modes (the plan's dropout layers get p = 0).
 
-Torch only for now: it needs a backend that exposes the composed weights.
+Any backend whose :class:`~mixc.backends.base.Runner` gives composed weights
+(``composed_weights``) serves it; the arithmetic here is numpy, so torch and
+flax score the same points (to float rounding).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from mixc.checkpoint_format import spec_hash
 from mixc.compiler.plan import Plan
 from mixc.evaluation import EvalError, Run
 from mixc.metrics import accuracy, ece, nll
@@ -36,32 +39,27 @@ __all__ = ["MemberWeights", "member_weights", "single_plan", "Interpolator", "in
 
 @dataclass
 class MemberWeights:
-    """Per-member tensors of a run: composed layer weights and BatchNorm tensors, member axis first."""
+    """Per-member arrays of a run: composed layer weights and BatchNorm tensors, member axis first."""
 
-    layers: dict[str, Any]  # "<layer>.weight"/".bias" -> [M, ...] tensor, or a shared tensor (plain layers)
+    layers: dict[str, np.ndarray]  # "<layer>.weight"/".bias" -> [M, ...], or a shared array (plain layers)
     shared: set[str]  # keys of ``layers`` without a member axis
-    bn: dict[str, Any]  # "bn.<layer>.weight|bias|running_mean|running_var" -> [M, C]
+    bn: dict[str, np.ndarray]  # "bn.<layer>.weight|bias|running_mean|running_var" -> [M, C]
     members: int
 
 
-def member_weights(run: Run, device: str = "cpu") -> MemberWeights:
-    """Load the run's checkpoint into its model and compose every member's weights."""
-    import torch
+def member_weights(run: Run, backend: str = "torch", device: str = "cpu") -> MemberWeights:
+    """Load the run's checkpoint into ``backend``'s model and compose every member's weights."""
+    from mixc.backends import get_backend
+    from mixc.checkpoint_format import read_plan_arrays
 
-    from mixc.backends.torch import CheckpointError, build, load_checkpoint, named_plan_tensors
-
-    model = build(run.plan, device=device)
-    try:
-        load_checkpoint(run.checkpoint, model, run.plan)
-    except CheckpointError as e:
-        raise EvalError(str(e)) from e
-    with torch.no_grad():
-        layers = {k: v.detach().clone() for k, v in model.compose().items()}
+    arrays, _, _ = read_plan_arrays(run.checkpoint, run.plan)
+    runner = get_backend(backend, "interpolate").runner(run.plan, device=device)
+    runner.load_arrays(arrays)
+    layers = runner.composed_weights()
     shared = {f"{op.name}.{p}" for op in run.plan.ops if op.kind in ("conv", "linear") and op.source == "plain"
               for p in ("weight", "bias")}
-    tensors = named_plan_tensors(model)
     roles = {t.name: t.role for t in run.plan.tensors}
-    bn = {n: t.detach().clone() for n, t in tensors.items() if roles.get(n, "").startswith("bn_")}
+    bn = {n: np.array(a) for n, a in arrays.items() if roles.get(n, "").startswith("bn_")}
     return MemberWeights(layers, shared & set(layers), bn, run.plan.members)
 
 
@@ -83,8 +81,8 @@ def single_plan(run: Run) -> Plan:
             f"cannot recompile {spec} (with {' '.join(overrides) or 'no overrides'}) to build a one-member "
             f"network for {run.label}: {e.render()}"
         ) from e
-    want = run.plan.spec_hash or run.plan.content_hash()
-    if (again.spec_hash or again.content_hash()) != want:
+    want = spec_hash(run.plan)
+    if spec_hash(again) != want:
         raise EvalError(
             f"{spec} with {' '.join(overrides) or 'no overrides'} no longer compiles to the plan of {run.label} "
             f"(spec hash {again.spec_hash} vs {want}); hint: restore the spec as it was trained"
@@ -98,27 +96,24 @@ def single_plan(run: Run) -> Plan:
 class Interpolator:
     """A one-member network that can be set to any point between two members and scored."""
 
-    def __init__(self, run: Run, device: str = "cpu") -> None:
-        from mixc.backends.torch import build, named_plan_tensors
+    def __init__(self, run: Run, device: str = "cpu", backend: str = "torch", batch: int = 500) -> None:
+        from mixc.backends import get_backend
 
         if run.plan.members < 2:
             raise EvalError(f"{run.label} has {run.plan.members} member; interpolation needs two")
         self.run = run
-        self.weights = member_weights(run, device)
+        self.weights = member_weights(run, backend, device)
         self.plan = single_plan(run)
-        self.model = build(self.plan, device=device)
-        self.targets = named_plan_tensors(self.model)
-        self.device = device
+        self.runner = get_backend(backend, "interpolate").runner(self.plan, device=device, batch_size=batch)
+        self.shapes = {t.name: tuple(t.shape) for t in self.plan.tensors}
         self._sources: dict[str, tuple[str, str]] = {}  # target tensor -> (kind, key in weights)
-        for name in self.targets:
-            role = next(t.role for t in self.plan.tensors if t.name == name)
-            if role.startswith("bn_"):
-                self._sources[name] = ("bn", name)
+        for t in self.plan.tensors:
+            if t.role.startswith("bn_"):
+                self._sources[t.name] = ("bn", t.name)
             else:  # member.<layer>.weight / plain.<layer>.bias -> "<layer>.weight"
-                prefix, rest = name.split(".", 1)
-                self._sources[name] = ("layer", rest)
+                self._sources[t.name] = ("layer", t.name.split(".", 1)[1])
 
-    def _pick(self, kind: str, key: str, m: int):
+    def _pick(self, kind: str, key: str, m: int) -> np.ndarray:
         if kind == "bn":
             return self.weights.bn[key][m]
         w = self.weights.layers[key]
@@ -126,36 +121,29 @@ class Interpolator:
 
     def set_point(self, i: int, j: int, t: float) -> None:
         """Load ``(1 - t) * member_i + t * member_j`` into the network."""
-        import torch
-
         m = self.weights.members
         for k in (i, j):
             if not 0 <= k < m:
                 raise EvalError(f"member {k} does not exist: {self.run.label} has members 0..{m - 1}")
-        with torch.no_grad():
-            for name, (kind, key) in self._sources.items():
-                a, b = self._pick(kind, key, i), self._pick(kind, key, j)
-                target = self.targets[name]
-                target.copy_(((1.0 - t) * a + t * b).reshape(target.shape))
+        point = {}
+        for name, (kind, key) in self._sources.items():
+            a, b = self._pick(kind, key, i), self._pick(kind, key, j)
+            point[name] = ((1.0 - t) * a + t * b).astype(np.float32).reshape(self.shapes[name])
+        self.runner.load_arrays(point)
 
-    def score(self, x: np.ndarray, y: np.ndarray, bn: str = "train", batch: int = 500) -> dict[str, float]:
+    def probs(self, x: np.ndarray, bn: str = "train") -> np.ndarray:
+        """The network's class probabilities ``[N, classes]``; BatchNorm in ``bn`` mode."""
+        return self.runner.member_probs(x, bn=bn)[:, 0]
+
+    def score(self, x: np.ndarray, y: np.ndarray, bn: str = "train") -> dict[str, float]:
         """Accuracy, NLL and ECE of the network as it stands; BatchNorm in ``bn`` mode."""
-        import torch
-        import torch.nn.functional as F
-
-        self.model.train(bn == "train")
-        outs = []
-        with torch.no_grad():
-            for s in range(0, len(x), batch):
-                xb = torch.from_numpy(np.ascontiguousarray(x[s : s + batch], dtype=np.float32)).to(self.device)
-                outs.append(F.softmax(self.model(xb)[:, 0].float(), dim=-1).cpu().numpy())
-        p = np.concatenate(outs)
+        p = self.probs(x, bn)
         return {"accuracy": accuracy(p, y), "nll": nll(p, y), "ece": ece(p, y)}
 
 
 def interpolate(
     run: Run, i: int, j: int, points: int, x: np.ndarray, y: np.ndarray, bn: str = "train", batch: int = 500,
-    device: str = "cpu",
+    device: str = "cpu", backend: str = "torch",
 ) -> dict[str, Any]:
     """Score ``points`` evenly spaced networks from member ``i`` (t=0) to member ``j`` (t=1).
 
@@ -166,14 +154,14 @@ def interpolate(
         raise EvalError("--points must be at least 2 (the two members)")
     if i == j:
         raise EvalError("--members needs two different members")
-    interp = Interpolator(run, device)
+    interp = Interpolator(run, device, backend, batch)
     ts = [float(t) for t in np.linspace(0.0, 1.0, points)]
     rows = []
     for t in ts:
         interp.set_point(i, j, t)
-        rows.append({"t": t, **interp.score(x, y, bn, batch)})
+        rows.append({"t": t, **interp.score(x, y, bn)})
     ends = {}
     for m, t in ((i, 0.0), (j, 1.0)):
         interp.set_point(i, j, t)
-        ends[str(m)] = interp.score(x, y, "eval", batch)
+        ends[str(m)] = interp.score(x, y, "eval")
     return {"run": run.label, "members": [i, j], "bn": bn, "points": rows, "members_eval_mode": ends}

@@ -3,8 +3,8 @@
 A sweep is a list of points, each a set of ``--set`` overrides on one spec:
 ``budget=B members=M`` for every budget and member count asked for, plus the
 baselines (``single``: one plain backbone; ``naive``: M plain backbones).
-Every point trains with the spec's own recipe through the torch backend's
-``train`` into ``OUT/<point>/``, an ordinary run folder (``mixc eval``,
+Every point trains with the spec's own recipe through the shared driver
+(``mixc.training``) on the chosen backend into ``OUT/<point>/``, an ordinary run folder (``mixc eval``,
 ``interpolate`` and ``report`` work on it). A point whose checkpoint already
 reached the target epoch is not trained again; a partly trained one resumes.
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mixc.checkpoint_format import spec_hash
 from mixc.compiler.plan import Plan
 from mixc.errors import MixcError
 
@@ -147,7 +148,7 @@ def _finished(folder: Path, plan: Plan, epochs: int) -> dict[str, Any] | None:
         m = last_metrics(folder)
     except EvalError:
         return None
-    if head.get("spec_hash") != (plan.spec_hash or plan.content_hash()) or int(head["epoch"]) < epochs:
+    if head.get("spec_hash") != spec_hash(plan) or int(head["epoch"]) < epochs:
         return None
     return m if m is not None and m.get("epoch") == int(head["epoch"]) else None
 
@@ -155,11 +156,12 @@ def _finished(folder: Path, plan: Plan, epochs: int) -> dict[str, Any] | None:
 def run_point(
     point: Point, spec: str, overrides: list[str], folder: Path, *, data: Any = None, data_dir: str | None = None,
     epochs: int | None = None, device: str = "cpu", seed: int | None = None, layout: str = "auto",
-    progress: bool = True,
+    progress: bool = True, backend: str = "torch",
 ) -> tuple[dict[str, Any], str]:
-    """Train (or resume, or reuse) one point; returns its final metrics and what was done."""
-    from mixc.backends.torch.train import train
+    """Train (or resume, or reuse) one point on ``backend``; returns its final metrics and what was done."""
+    from mixc.backends import get_backend
     from mixc.spec.recipe import Recipe
+    from mixc.training import train
 
     plan = point.plan
     recipe = Recipe.model_validate(plan.train or {})
@@ -170,9 +172,9 @@ def run_point(
     status = "resumed" if (folder / "checkpoint.safetensors").is_file() else "trained"
     baseline = point.kind if point.kind in ("single", "naive") else None
     metrics = train(
-        plan, recipe, out_dir=folder, data=data, data_dir=data_dir, epochs=epochs, device=device, seed=seed,
+        get_backend(backend, "sweep"), plan, recipe, out_dir=folder, data=data, data_dir=data_dir, epochs=epochs, device=device, seed=seed,
         layout=layout, baseline=baseline, progress=progress,
-        config={"file": spec, "overrides": overrides + point.overrides, "backend": "torch", "sweep_point": point.key},
+        config={"file": spec, "overrides": overrides + point.overrides, "backend": backend, "sweep_point": point.key},
     )
     return metrics, status
 
@@ -200,11 +202,12 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Train every feasible point in turn into ``out/<key>``; returns one row per point (failures included).
 
-    ``train_kw`` go to :func:`run_point` (data, data_dir, epochs, device, seed, layout, progress). A data
-    problem stops the sweep (it would fail every point); a problem with one point's folder is recorded and
-    the sweep goes on.
+    ``train_kw`` go to :func:`run_point` (data, data_dir, epochs, device, seed, layout, progress, backend).
+    A data or backend problem stops the sweep (it would fail every point); a problem with one point's folder
+    is recorded and the sweep goes on.
     """
-    from mixc.backends.torch.train import TrainError
+    from mixc.data import DataError
+    from mixc.errors import BackendError
 
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -219,7 +222,9 @@ def run_sweep(
             + (f"; {p.note}" if p.note else ""))
         try:
             metrics, status = run_point(p, spec, overrides, folder, **train_kw)
-        except TrainError as e:
+        except (DataError, BackendError):
+            raise
+        except MixcError as e:
             p.error = str(e)
             log(f"[{k}/{n}] {p.key}: failed: {e}")
             rows.append(_row(p, None, "failed", folder))

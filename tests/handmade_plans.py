@@ -1,7 +1,7 @@
 """Plans built by hand for the backend tests, independent of the compiler.
 
 ``PlanBuilder`` infers shapes, assigns templates with the cyclic counter of
-DESIGN.md ("Semantics of allocation") and fills in tensors and accounting, so
+docs/allocation.md ("The rules") and fills in tensors and accounting, so
 the backend can be tested on graphs the zoo does not have (1-D convs, grouped
 convs, shared prefixes, blob mode) and before the compiler exists.
 """

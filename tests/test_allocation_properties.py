@@ -1,4 +1,4 @@
-"""Property tests: every invariant of DESIGN.md over generated backbones and settings."""
+"""Property tests: every invariant of docs/allocation.md over generated backbones and settings."""
 
 import os
 import re

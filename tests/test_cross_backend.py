@@ -174,7 +174,7 @@ def test_generated_specs_cross_backends(tmp_path_factory, text):
 @settings(max_examples=15)
 @given(specs())
 def test_generated_specs_parameter_counts_in_both_backends(text):
-    """DESIGN.md: the emitted model's parameter count equals the plan's accounting, in every backend."""
+    """docs/plan.md: the emitted model's parameter count equals the plan's accounting, in every backend."""
     plan = _compile(text)
     with torch.device("meta"):
         tm = tb.build(plan)

@@ -185,24 +185,21 @@ def test_eval_of_a_checkpoint_file_and_clear_errors(trained, capsys, tmp_path):
     assert rc == 2 and "CIFAR-100-C" in err
 
 
-def test_eval_flax_backend_is_clear_when_missing(trained, capsys):
-    import importlib
+def test_eval_backend_without_its_framework_is_clear(trained, capsys, monkeypatch):
+    """A registered backend whose framework does not import: exit 1, the pip extra named, no traceback."""
+    from mixc.backends.flax.backend import FlaxBackend
 
-    try:
-        flax_backend = importlib.import_module("mixc.backends.flax")
-    except ImportError:
-        flax_backend = None
-    if flax_backend is not None and (hasattr(flax_backend, "predict_member_probs_from_checkpoint")
-                                     or hasattr(flax_backend, "load_predictor")):
-        pytest.skip("the flax backend exists here")
+    monkeypatch.setattr(FlaxBackend, "modules", ("jax", "mixc_no_such_framework"))
     run, _ = trained
     rc, out, err = _cli(capsys, "eval", run, "--backend", "flax")
-    assert rc == 1 and "flax" in err and "--backend torch" in err and "Traceback" not in err
+    assert rc == 1 and "mixc_no_such_framework" in err and "pip install 'mixc[flax]'" in err
+    assert "Traceback" not in err
 
-
-def test_interpolation_ends_are_the_members(trained):
-    import torch
-
+@pytest.mark.parametrize("backend", ["torch", "flax"])
+def test_interpolation_ends_are_the_members(trained, backend):
+    """At t = 0 and 1 (BatchNorm in eval mode) the one-member network is member i, member j, in either backend."""
+    if backend == "flax":
+        pytest.importorskip("jax")
     from mixc.data import load_dataset
     from mixc.evaluation import load_predictor, open_run
     from mixc.interpolation import Interpolator
@@ -211,14 +208,30 @@ def test_interpolation_ends_are_the_members(trained):
     r = open_run(run)
     ds = load_dataset(str(npz))
     probs = load_predictor("torch", r.plan, r.checkpoint)(ds.x_test)
-    it = Interpolator(r)
+    it = Interpolator(r, backend=backend)
     assert it.plan.members == 1 and it.plan.grouping == "none"
     for i, j, t, m in ((0, 1, 0.0, 0), (0, 1, 1.0, 1)):
         it.set_point(i, j, t)
-        it.model.eval()
-        with torch.no_grad():
-            q = torch.softmax(it.model(torch.from_numpy(ds.x_test))[:, 0], -1).numpy()
-        np.testing.assert_allclose(q, probs[:, m], atol=1e-5)
+        np.testing.assert_allclose(it.probs(ds.x_test, "eval"), probs[:, m], atol=1e-5)
+
+
+def test_interpolate_flax_agrees_with_torch(trained, capsys):
+    """`mixc interpolate RUN --backend flax` on a torch-trained run: torch's numbers to 1e-3."""
+    pytest.importorskip("jax")
+    run, _ = trained
+    got = {}
+    for backend in ("torch", "flax"):
+        rc, out, err = _cli(capsys, "interpolate", run, "--points", "3", "--backend", backend, "--json",
+                            "--out", run / f"interp-{backend}")
+        assert rc == 0, err
+        got[backend] = json.loads(out)[0]
+    for a, b in zip(got["torch"]["points"], got["flax"]["points"]):
+        for k in ("accuracy", "nll", "ece"):
+            assert b[k] == pytest.approx(a[k], abs=1e-3), (a["t"], k)
+    for m in ("0", "1"):
+        for k in ("accuracy", "nll"):
+            assert got["flax"]["members_eval_mode"][m][k] == pytest.approx(got["torch"]["members_eval_mode"][m][k],
+                                                                            abs=1e-3)
 
 
 def test_interpolate_command_writes_csv_and_png(trained, capsys, tmp_path):
@@ -313,10 +326,8 @@ def test_eval_on_published_cifar_c_files(tmp_path, capsys):
     assert rc == 0 and list(json.loads(out)["corruptions"]["corruptions"]) == ["jpeg_compression"]
 
 
-def test_flax_side_of_the_backend_interface(trained, monkeypatch):
-    """--backend flax calls predict_member_probs_from_checkpoint(plan, checkpoint, x) when the backend has it."""
-    import types
-
+def test_eval_asks_the_registered_backend(trained, monkeypatch):
+    """load_predictor goes through the registry's Backend object, whatever its name."""
     import mixc.backends
     from mixc.evaluation import load_predictor, open_run
 
@@ -325,24 +336,22 @@ def test_flax_side_of_the_backend_interface(trained, monkeypatch):
     torch_probs = load_predictor("torch", r.plan, r.checkpoint)
     calls = []
 
-    def per_call(plan, checkpoint, x):
-        calls.append((plan.name, checkpoint.name, x.shape))
-        return torch_probs(x)
+    class Fake:
+        def load_predictor(self, plan, checkpoint, device="cpu", batch_size=500):
+            calls.append((plan.name, checkpoint.name, device, batch_size))
+            return torch_probs
 
-    fake = types.SimpleNamespace(predict_member_probs_from_checkpoint=per_call)
     real = mixc.backends.get_backend
-    monkeypatch.setattr(mixc.backends, "get_backend", lambda name: fake if name == "flax" else real(name))
+    monkeypatch.setattr(mixc.backends, "get_backend", lambda name, command=None: Fake() if name == "fake"
+                        else real(name, command))
     x = np.zeros((3, 1, 8, 8), np.float32)
-    out = load_predictor("flax", r.plan, r.checkpoint)(x)
-    assert out.shape == (3, 2, 10) and calls == [("digits", "checkpoint.safetensors", (3, 1, 8, 8))]
-
+    out = load_predictor("fake", r.plan, r.checkpoint, batch_size=7)(x)
+    assert out.shape == (3, 2, 10) and calls == [("digits", "checkpoint.safetensors", "cpu", 7)]
 
 def test_flax_evaluates_a_torch_run_to_the_same_numbers(trained, capsys):
     import importlib
 
     pytest.importorskip("jax")
-    if not hasattr(importlib.import_module("mixc.backends.flax"), "load_predictor"):
-        pytest.skip("this flax backend has no load_predictor")
     run, _ = trained
     got = {}
     for backend in ("torch", "flax"):

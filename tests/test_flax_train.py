@@ -20,7 +20,6 @@ from mixc.backends.flax.train import (
     TrainError,
     crop_flip,
     devices_for,
-    learning_rate,
     make_optimizer,
     optimizer_arrays,
     restore_optimizer,
@@ -60,21 +59,6 @@ def _recipe(**kw) -> Recipe:
 
 # ---------------------------------------------------------------------------
 # Pure pieces against torch
-
-
-@pytest.mark.parametrize(
-    "recipe",
-    [
-        {"schedule": {"name": "step", "milestones": [2, 4], "gamma": 0.1}, "warmup": 1},
-        {"schedule": {"name": "cosine", "min_lr": 0.001}, "warmup": 2},
-        {"schedule": {"name": "constant"}},
-    ],
-)
-def test_learning_rate_is_torchs(recipe):
-    from mixc.backends.torch.train import learning_rate as torch_lr
-
-    r = Recipe.model_validate(recipe)
-    assert [learning_rate(r, s, 7, 6) for s in range(50)] == [torch_lr(r, s, 7, 6) for s in range(50)]
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
@@ -185,7 +169,7 @@ def _few():
 
 
 def _interrupt_after_first_epoch(plan, recipe, out, data, monkeypatch) -> None:
-    from mixc.backends.flax import train as train_mod
+    from mixc import training as train_mod  # the shared driver prints each epoch's line
 
     real = train_mod.epoch_line
 

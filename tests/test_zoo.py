@@ -12,7 +12,7 @@ from mixc.spec.loader import zoo_specs
 
 PLAIN = ["members=1", "groups=none"]
 
-# DESIGN.md, "Reference numbers".
+# docs/allocation.md, "Reference numbers": plain backbones whose counts are known from the literature.
 REFERENCE = [
     ("wrn28_10", ["backbone.classes=10"], 36_479_194),
     ("wrn28_10", [], 36_536_884),

@@ -18,9 +18,7 @@ Training (``train.py``) is imported on demand.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from mixc.backends.base import lazy_attributes
 from mixc.backends.flax.backend import backend
 
 _LAZY = {
@@ -34,8 +32,4 @@ _LAZY = {
 __all__ = ["backend", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    """Import the framework only when one of its functions is asked for (PEP 562)."""
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

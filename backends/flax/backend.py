@@ -6,10 +6,6 @@ backends through it); each method imports what it needs on first use.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Any
-
 from mixc.backends.base import Backend, Capabilities, Runner, Trainer
 from mixc.compiler.plan import Plan
 from mixc.spec.recipe import Recipe
@@ -21,6 +17,7 @@ class FlaxBackend(Backend):
     """jax/flax.nnx/optax: one jit-compiled step, data parallel over every local device of a platform."""
 
     name = "flax"
+    package = "mixc.backends.flax"
     extra = "flax"
     modules = ("jax", "flax", "optax", "safetensors")
     capabilities = Capabilities(
@@ -29,35 +26,10 @@ class FlaxBackend(Backend):
         data_parallel="one SPMD step over every local device of --device's platform (jax.sharding)",
     )
 
-    def emit_source(self, plan: Plan) -> str:
-        from mixc.backends.flax.codegen import emit_source
-
-        return emit_source(plan)
-
-    def write(self, plan: Plan, out_dir: str | os.PathLike) -> Path:
-        from mixc.backends.flax.model import write
-
-        return write(plan, out_dir)
-
-    def build(self, plan: Plan, **options: Any) -> Any:
-        from mixc.backends.flax.model import build
-
-        return build(plan, **options)
-
     def count_params(self, plan: Plan) -> int:
         from mixc.backends.flax.model import count_params
 
         return int(count_params(plan))
-
-    def save_checkpoint(self, path, model, plan, epoch, extra=None, metadata=None) -> Path:
-        from mixc.backends.flax.checkpoint import save_checkpoint
-
-        return save_checkpoint(path, model, plan, epoch, extra, metadata)
-
-    def load_checkpoint(self, path, model, plan):
-        from mixc.backends.flax.checkpoint import load_checkpoint
-
-        return load_checkpoint(path, model, plan)
 
     def trainer(self, plan: Plan, recipe: Recipe, *, device: str, layout: str, augment: str) -> Trainer:
         from mixc.backends.flax.train import Trainer as FlaxTrainer, devices_for

@@ -6,10 +6,6 @@ through it); each method imports what it needs on first use.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Any
-
 from mixc.backends.base import Backend, Capabilities, Runner, Trainer
 from mixc.compiler.plan import Plan
 from mixc.spec.recipe import Recipe
@@ -21,6 +17,7 @@ class TorchBackend(Backend):
     """PyTorch: nn.Module source, DDP under ``torchrun``, CPU and CUDA."""
 
     name = "torch"
+    package = "mixc.backends.torch"
     extra = "torch"
     modules = ("torch", "safetensors")
     capabilities = Capabilities(
@@ -28,21 +25,6 @@ class TorchBackend(Backend):
         devices="cpu, cuda, cuda:N",
         data_parallel="DistributedDataParallel, one process per device under torchrun",
     )
-
-    def emit_source(self, plan: Plan) -> str:
-        from mixc.backends.torch.codegen import emit_source
-
-        return emit_source(plan)
-
-    def write(self, plan: Plan, out_dir: str | os.PathLike) -> Path:
-        from mixc.backends.torch.model import write
-
-        return write(plan, out_dir)
-
-    def build(self, plan: Plan, **options: Any) -> Any:
-        from mixc.backends.torch.model import build
-
-        return build(plan, **options)
 
     def count_params(self, plan: Plan) -> int:
         """Built on torch's meta device: shapes only, no memory."""
@@ -53,16 +35,6 @@ class TorchBackend(Backend):
         with torch.device("meta"):
             model = build(plan)
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    def save_checkpoint(self, path, model, plan, epoch, extra=None, metadata=None) -> Path:
-        from mixc.backends.torch.checkpoint import save_checkpoint
-
-        return save_checkpoint(path, model, plan, epoch, extra, metadata)
-
-    def load_checkpoint(self, path, model, plan):
-        from mixc.backends.torch.checkpoint import load_checkpoint
-
-        return load_checkpoint(path, model, plan)
 
     def trainer(self, plan: Plan, recipe: Recipe, *, device: str, layout: str, augment: str) -> Trainer:
         from mixc.backends.torch.train import TorchTrainer

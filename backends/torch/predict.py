@@ -18,14 +18,14 @@ __all__ = ["TorchRunner", "predict_member_probs", "torch_device"]
 _EVAL_BATCH = 1000
 
 
-def torch_device(device: str | torch.device) -> torch.device:
-    """``--device`` as a torch device, refused clearly when it is unknown or has no GPU behind it."""
+def torch_device(device: str | torch.device, error: type[Exception] = BackendError) -> torch.device:
+    """``--device`` as a torch device, refused clearly (as ``error``) when it is unknown or has no GPU behind it."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise BackendError(f"unknown device {device!r} ({e}); hint: --device cpu, cuda or cuda:N") from None
+        raise error(f"unknown device {device!r} ({e}); hint: --device cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError(f"device {device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
+        raise error(f"device {device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
                            "hint: --device cpu")
     return dev
 

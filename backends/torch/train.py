@@ -104,13 +104,7 @@ class _Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = 0
         self.owns_group = False
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise TrainError(f"unknown device {device!r} ({e}); hint: --device cpu, cuda or cuda:N") from e
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise TrainError(f"device {device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
-                             "hint: --device cpu")
+        dev = torch_device(device, TrainError)
         if self.world > 1:
             import torch.distributed as dist
 

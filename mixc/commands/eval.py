@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from mixc.commands import add_backend_argument
 from mixc.data import DataError
 
 
@@ -35,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--save-predictions", metavar="P.npz",
                    help="write member_probs [N, M, classes] (float32) and labels [N] of the clean test set")
-    p.add_argument("--backend", choices=["torch", "flax"], default="torch", help="the framework that evaluates")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    add_backend_argument(p, "evaluate with (checkpoints are shared: any backend reads any run)")
+    p.add_argument("--device", default="cpu", help="device (cpu, cuda, cuda:1)")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation batch (default 500)")
     p.add_argument("--corruptions", nargs="?", const="all", metavar="LIST",
                    help="also score corrupted copies of the test set at 5 severities: all (the default) or a "
@@ -50,10 +51,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-save", action="store_true", help="do not write RUN/eval.json")
 
 
-def _error(msg: str) -> None:
-    print(f"mixc eval: error: {msg}", file=sys.stderr)
-
-
 def _severities(text: str) -> tuple[int, ...]:
     try:
         sev = tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
@@ -65,21 +62,7 @@ def _severities(text: str) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `mixc eval` with parsed ``args``; returns the exit code."""
-    from mixc.evaluation import EvalError
-    from mixc.plots import PlotError
-
-    try:
-        return _run(args)
-    except DataError as e:
-        _error(str(e))
-        return 2
-    except (EvalError, PlotError) as e:
-        _error(str(e))
-        return 1
-
-
-def _run(args: argparse.Namespace) -> int:
+    """Run `mixc eval` with parsed ``args``; returns the exit code (errors are ``MixcError``s for cli.main)."""
     from rich.console import Console
 
     from mixc.corruptions import CIFAR_C, parse_corruptions

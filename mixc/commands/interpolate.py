@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
+
+from mixc.commands import add_backend_argument
 
 from mixc.data import DataError
 
@@ -34,34 +35,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "running statistics)")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation batch; with --bn train also the "
                    "batch whose statistics BatchNorm uses (default 500)")
-    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--device", default="cpu", help="device (cpu, cuda, cuda:1)")
+    add_backend_argument(p, "run the networks with (checkpoints are shared: any backend reads any run)")
     p.add_argument("--labels", help="comma-separated curve labels, one per run (default: the folder names)")
     p.add_argument("--out", help="folder for interpolation.csv/.png (default: the run folder for one run, "
                    "else the current folder)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
-def _error(msg: str) -> None:
-    print(f"mixc interpolate: error: {msg}", file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
-    """Run `mixc interpolate`; returns the exit code."""
-    from mixc.backends import BackendUnavailable
-    from mixc.evaluation import EvalError
-    from mixc.plots import PlotError
-
-    try:
-        return _run(args)
-    except DataError as e:
-        _error(str(e))
-        return 2
-    except (EvalError, PlotError, BackendUnavailable) as e:
-        _error(str(e))
-        return 1
-
-
-def _run(args: argparse.Namespace) -> int:
+    """Run `mixc interpolate`; returns the exit code (errors are ``MixcError``s for cli.main)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -70,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
     from mixc.interpolation import interpolate
     from mixc.plots import interpolation_plot
 
-    get_backend("torch")  # BackendUnavailable with the install hint when torch is missing
+    get_backend(args.backend, "interpolate")  # the install hint before any work
     if args.batch_size < 1:
         raise DataError("--batch-size must be at least 1")
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
@@ -83,7 +66,8 @@ def _run(args: argparse.Namespace) -> int:
         name, data_dir = resolve_data(r, args.data, args.data_dir)
         ds = load_test_set(name, data_dir, r.plan)
         x, y = (ds.x_test, ds.y_test) if args.split == "test" else (ds.x_train, ds.y_train)
-        res = interpolate(r, i, j, args.points, x, y, bn=args.bn, batch=args.batch_size, device=args.device)
+        res = interpolate(r, i, j, args.points, x, y, bn=args.bn, batch=args.batch_size, device=args.device,
+                          backend=args.backend)
         res["label"] = labels[k] if labels else (r.folder.name or str(r.folder))
         res["params"] = r.plan.accounting.total_params
         res["data"] = f"{name} {args.split}"

@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mixc.data import DataError
+from mixc.commands import add_backend_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder holding the cifar archives")
     p.add_argument("--epochs", type=int, help="override the spec's epochs for every point")
     p.add_argument("--seed", type=int, help="override the spec's seed")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
+    p.add_argument("--device", default="cpu", help="device: cpu, cuda, cuda:1")
+    add_backend_argument(p, "train every point with")
     p.add_argument("--layout", choices=["auto", "grouped", "loop"], default="auto", help="how members run")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec setting for every point (repeatable), e.g. --set train.epochs=15")
@@ -52,47 +53,34 @@ def _error(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `mixc sweep`; returns the exit code."""
-    from mixc.backends import BackendUnavailable, get_backend
+    """Run `mixc sweep`; returns the exit code (errors are ``MixcError``s for cli.main)."""
+    from mixc.backends import get_backend
     from mixc.commands.train import tune_allocator
     from mixc.plots import PlotError
-    from mixc.spec import SpecError
     from mixc.sweep import SweepError, parse_budgets, parse_members, plan_points, run_sweep, write_outputs
 
     tune_allocator()
-    try:
-        get_backend("torch")
-        budgets = parse_budgets(args.budgets)
-        members = parse_members(args.members)
-        baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
-        bad = [b for b in baselines if b not in ("single", "naive")]
-        if bad:
-            raise SweepError(f"--baselines takes single and/or naive, not {', '.join(bad)}")
-        if args.epochs is not None and args.epochs < 1:
-            raise SweepError("--epochs must be at least 1")
-        points = plan_points(args.file, list(args.overrides), budgets, members, baselines, args.fallback)
-    except SpecError as e:
-        print(e.render(), file=sys.stderr)
-        return 1
-    except (SweepError, BackendUnavailable) as e:
-        _error(str(e))
-        return 1
+    get_backend(args.backend, "sweep")
+    budgets = parse_budgets(args.budgets)
+    members = parse_members(args.members)
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    bad = [b for b in baselines if b not in ("single", "naive")]
+    if bad:
+        raise SweepError(f"--baselines takes single and/or naive, not {', '.join(bad)}")
+    if args.epochs is not None and args.epochs < 1:
+        raise SweepError("--epochs must be at least 1")
+    points = plan_points(args.file, list(args.overrides), budgets, members, baselines, args.fallback)
     name = next((p.plan.name for p in points if p.plan is not None), Path(args.file).stem)
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{name}"
     if out.exists() and not out.is_dir():
-        _error(f"--out {out} is a file, not a folder")
-        return 1
+        raise SweepError(f"--out {out} is a file, not a folder")
     bad_points = [p for p in points if p.error]
     if len(bad_points) == len(points):
-        _error("no point of the sweep can be compiled: " + "; ".join(f"{p.key}: {p.error}" for p in bad_points))
-        return 1
+        raise SweepError("no point of the sweep can be compiled: " + "; ".join(f"{p.key}: {p.error}" for p in bad_points))
     try:
         rows = run_sweep(args.file, list(args.overrides), points, out, data=args.data, data_dir=args.data_dir,
                          epochs=args.epochs, device=args.device, seed=args.seed, layout=args.layout,
-                         progress=not args.no_progress)
-    except DataError as e:
-        _error(str(e))
-        return 2
+                         progress=not args.no_progress, backend=args.backend)
     except KeyboardInterrupt:
         _error(f"interrupted; finished epochs are saved under {out}: run the same command to resume")
         return 130
@@ -100,8 +88,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         written = write_outputs(rows, out, title, plots=not args.no_plot)
     except PlotError as e:
-        _error(f"{e} (the tables are written; --no-plot skips the PNGs)")
-        return 1
+        raise PlotError(f"{e} (the tables are written; --no-plot skips the PNGs)") from None
     print()
     print((out / "sweep.md").read_text(), end="")
     print("wrote " + ", ".join(str(p) for p in written))

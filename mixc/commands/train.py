@@ -166,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     """Standalone entry (``python -m mixc.commands.train``), e.g. for torchrun without the full CLI."""
     parser = argparse.ArgumentParser(prog="mixc train", description="Train a MixtureEnsemble spec.")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    from mixc.cli import run_reporting
+
+    return run_reporting("train", lambda: run(args))
 
 
 if __name__ == "__main__":

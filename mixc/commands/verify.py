@@ -26,9 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--groups", default=None,
                    help="comma-separated grouping modes among by_shape, single (default both; a spec with explicit "
                         "groups keeps them unless this is given)")
-    p.add_argument("--backend", choices=["torch", "flax", "all"], default=None,
-                   help="also build models and compare their parameter count with the plan (every 10th feasible "
-                        "example: building is slow)")
+    from mixc.backends import names
+
+    p.add_argument("--backend", choices=[*names(), "all"], default=None,
+                   help="also build models with this backend (all: every installed one) and compare their parameter "
+                        "count with the plan (every 10th feasible example: building is slow)")
     p.add_argument("--examples", type=int, default=100, help="how many points to try (default 100)")
     p.add_argument("--seed", type=int, default=0, help="search seed: the same seed gives the same run")
     p.add_argument("--json", action="store_true", help="print a JSON report (for CI)")
@@ -78,13 +80,13 @@ def run(args: argparse.Namespace) -> int:
     except _Usage as e:
         err.print(f"mixc verify: error: {e}", markup=False)
         return 2
-    backends = {"torch": ["torch"], "flax": ["flax"], "all": ["torch", "flax"]}.get(args.backend or "", [])
-    if backends:
-        from mixc.backends import BackendUnavailable, get_backend
+    from mixc.backends import BackendUnavailable, get_backend, names
 
+    backends = names() if args.backend == "all" else [args.backend] if args.backend else []
+    if backends:
         for b in backends:
             try:
-                get_backend(b)
+                get_backend(b, "verify")
             except BackendUnavailable as e:
                 err.print(f"mixc verify: error: {e}", markup=False)
                 return 2
