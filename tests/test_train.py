@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 import mixc  # noqa: E402
 from mixc.backends.torch import build, named_plan_tensors  # noqa: E402
 from mixc import training as train_mod  # noqa: E402 - the shared driver
+from mixc.backends.torch import train as torch_train  # noqa: E402
 from mixc.backends.torch.train import TrainError, crop_flip, train  # noqa: E402
 from mixc.training import learning_rate  # noqa: E402
 from mixc.commands import train as cmd  # noqa: E402
@@ -124,8 +125,8 @@ def test_weight_decay_skips_alphas_and_bn():
     plan = _plan()
     model = build(plan)
     tensors = named_plan_tensors(model)
-    names = train_mod._param_names(model, tensors)
-    opt = train_mod._optimizer(model, plan, _recipe(plan, weight_decay_exclude=["alphas", "bn"]), names)
+    names = torch_train._param_names(model, tensors)
+    opt = torch_train._optimizer(model, plan, _recipe(plan, weight_decay_exclude=["alphas", "bn"]), names)
     roles = {t.name: t.role for t in plan.tensors}
     decayed = {roles[names[id(p)]] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     skipped = {roles[names[id(p)]] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
@@ -139,15 +140,15 @@ def test_optimizer_state_round_trips(optimizer):
     recipe = _recipe(plan, optimizer={"name": optimizer, "lr": 0.01})
     torch.manual_seed(0)
     model = build(plan)
-    names = train_mod._param_names(model, named_plan_tensors(model))
-    opt = train_mod._optimizer(model, plan, recipe, names)
+    names = torch_train._param_names(model, named_plan_tensors(model))
+    opt = torch_train._optimizer(model, plan, recipe, names)
     for _ in range(2):
         model(torch.randn(8, 1, 8, 8)).square().mean().backward()
         opt.step()
-    saved = train_mod._optimizer_state(opt, names)
+    saved = torch_train._optimizer_state(opt, names)
     assert saved and all(k.startswith("optim.") for k in saved)
-    fresh = train_mod._optimizer(model, plan, recipe, names)
-    train_mod._load_optimizer_state(fresh, names, saved)
+    fresh = torch_train._optimizer(model, plan, recipe, names)
+    torch_train._load_optimizer_state(fresh, names, saved)
     for p, state in opt.state.items():
         for key, value in state.items():
             assert torch.equal(torch.as_tensor(fresh.state[p][key]), torch.as_tensor(value)), key
