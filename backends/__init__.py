@@ -22,7 +22,7 @@ from importlib.metadata import EntryPoint, entry_points
 
 from mixc.errors import BackendUnavailable
 
-__all__ = ["GROUP", "BUILTIN", "BackendUnavailable", "available", "names", "get_backend", "check_name"]
+__all__ = ["GROUP", "BUILTIN", "DEFAULT", "BackendUnavailable", "available", "names", "get_backend", "check_name"]
 
 GROUP = "mixc.backends"
 
@@ -31,6 +31,10 @@ BUILTIN: dict[str, str] = {
     "torch": "mixc.backends.torch.backend:backend",
     "flax": "mixc.backends.flax.backend:backend",
 }
+
+
+#: what --backend means when it is not given
+DEFAULT = "torch"
 
 
 def available() -> dict[str, EntryPoint]:

@@ -1,7 +1,9 @@
 """The `mixc` command line. Each subcommand is a thin shell over the Python API.
 
-User mistakes (a bad spec, a missing file, a wrong checkpoint) print one
-clear report and exit non-zero; a Python traceback means a bug in mixc.
+User mistakes (a bad spec, a missing file, a wrong checkpoint) are
+``MixcError``s; :func:`run_reporting` prints each as one clear report and exits
+with its code (README, "Exit codes"); a Python traceback means a bug in mixc.
+The ``--backend`` choices come from the backend registry (``mixc.backends``).
 """
 
 from __future__ import annotations

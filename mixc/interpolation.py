@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from mixc.backends import DEFAULT
 from mixc.checkpoint_format import spec_hash
 from mixc.compiler.plan import Plan
 from mixc.evaluation import EvalError, Run
@@ -47,7 +48,7 @@ class MemberWeights:
     members: int
 
 
-def member_weights(run: Run, backend: str = "torch", device: str = "cpu") -> MemberWeights:
+def member_weights(run: Run, backend: str = DEFAULT, device: str = "cpu") -> MemberWeights:
     """Load the run's checkpoint into ``backend``'s model and compose every member's weights."""
     from mixc.backends import get_backend
     from mixc.checkpoint_format import read_plan_arrays
@@ -96,7 +97,7 @@ def single_plan(run: Run) -> Plan:
 class Interpolator:
     """A one-member network that can be set to any point between two members and scored."""
 
-    def __init__(self, run: Run, device: str = "cpu", backend: str = "torch", batch: int = 500) -> None:
+    def __init__(self, run: Run, device: str = "cpu", backend: str = DEFAULT, batch: int = 500) -> None:
         from mixc.backends import get_backend
 
         if run.plan.members < 2:
@@ -143,7 +144,7 @@ class Interpolator:
 
 def interpolate(
     run: Run, i: int, j: int, points: int, x: np.ndarray, y: np.ndarray, bn: str = "train", batch: int = 500,
-    device: str = "cpu", backend: str = "torch",
+    device: str = "cpu", backend: str = DEFAULT,
 ) -> dict[str, Any]:
     """Score ``points`` evenly spaced networks from member ``i`` (t=0) to member ``j`` (t=1).
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mixc.backends import DEFAULT
 from mixc.checkpoint_format import spec_hash
 from mixc.compiler.plan import Plan
 from mixc.errors import MixcError
@@ -156,7 +157,7 @@ def _finished(folder: Path, plan: Plan, epochs: int) -> dict[str, Any] | None:
 def run_point(
     point: Point, spec: str, overrides: list[str], folder: Path, *, data: Any = None, data_dir: str | None = None,
     epochs: int | None = None, device: str = "cpu", seed: int | None = None, layout: str = "auto",
-    progress: bool = True, backend: str = "torch",
+    progress: bool = True, backend: str = DEFAULT,
 ) -> tuple[dict[str, Any], str]:
     """Train (or resume, or reuse) one point on ``backend``; returns its final metrics and what was done."""
     from mixc.backends import get_backend

@@ -107,9 +107,18 @@ def augment_mode(recipe: Recipe, plan: Plan) -> str:
 
 
 def with_overrides(recipe: Recipe, **values: Any) -> Recipe:
-    """``recipe`` with the non-None ``values`` (epochs, batch, seed, data, data_dir), validated like the file."""
+    """``recipe`` with the non-None ``values`` (epochs, batch, seed, data, data_dir), validated like the file
+    (TrainError naming the option otherwise: ``--epochs 0`` is the user's to fix, not a traceback)."""
+    from pydantic import ValidationError
+
+    from mixc.compiler.plan import first_problem
+
     updates = {k: (str(v) if k == "data_dir" else v) for k, v in values.items() if v is not None}
-    return Recipe.model_validate({**recipe.model_dump(), **updates})
+    try:
+        return Recipe.model_validate({**recipe.model_dump(), **updates})
+    except ValidationError as e:
+        raise TrainError(f"invalid training option: {first_problem(e)}; hint: check --epochs, --batch-size, "
+                         "--seed and --data") from None
 
 
 # ---------------------------------------------------------------------------

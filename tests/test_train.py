@@ -183,6 +183,12 @@ def test_cli_wrong_shapes(tmp_path, capsys):
     assert "[64]" in err and "[1, 8, 8]" in err and "Traceback" not in err
 
 
+def test_cli_bad_option_is_one_paragraph(tmp_path, capsys):
+    code, _, err = _cli(["digits", "--epochs", "0", "--out", str(tmp_path / "r")], capsys)
+    assert code == 1 and "invalid training option: epochs" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_cli_bad_override_renders_spec_error(tmp_path, capsys):
     code, _, err = _cli(["digits", "--set", "nonsense=3", "--out", str(tmp_path / "r")], capsys)
     assert code == 1 and "nonsense" in err and "Traceback" not in err

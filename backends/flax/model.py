@@ -8,7 +8,6 @@ arrays in, pure dicts out.
 
 from __future__ import annotations
 
-import linecache
 import types
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from mixc.backends.flax.codegen import class_name, emit_source, module_name
+from mixc.backends.generated import exec_source, write_model
 from mixc.compiler.plan import Plan
 
 LAYOUTS = ("auto", "grouped", "loop")
@@ -28,12 +28,7 @@ _SOURCES: dict[str, types.ModuleType] = {}  # content hash -> exec'd module (the
 
 def load_source(source: str, plan: Plan) -> types.ModuleType:
     """Exec generated ``source`` into a fresh module (registered with linecache for tracebacks)."""
-    filename = f"<mixc-generated flax {module_name(plan)}.py>"
-    mod = types.ModuleType(f"mixc_generated_flax_{module_name(plan)}")
-    mod.__file__ = filename
-    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
-    exec(compile(source, filename, "exec"), mod.__dict__)  # noqa: S102 - our own generated code
-    return mod
+    return exec_source(source, f"<mixc-generated flax {module_name(plan)}.py>", f"mixc_generated_flax_{module_name(plan)}")
 
 
 def model_class(plan: Plan) -> type:
@@ -83,12 +78,7 @@ _INITS: dict[tuple, tuple] = {}
 
 def write(plan: Plan, out_dir: str | Path) -> Path:
     """Write ``plan.json`` and ``<name>.py`` (the flax module) into ``out_dir``; return the source's path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(plan.to_json() + "\n")
-    path = out / f"{module_name(plan)}.py"
-    path.write_text(emit_source(plan))
-    return path
+    return write_model(plan, out_dir, emit_source(plan), module_name(plan))
 
 
 def _mapping(model: nnx.Module) -> dict[str, str]:

@@ -6,13 +6,13 @@ in a fresh module, so what runs is what ``write`` puts on disk.
 
 from __future__ import annotations
 
-import linecache
 import types
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from mixc.backends.generated import exec_source, write_model
 from mixc.backends.torch.codegen import class_name, emit_source, module_name
 from mixc.compiler.plan import Plan
 
@@ -21,12 +21,7 @@ LAYOUTS = ("auto", "grouped", "loop")
 
 def load_source(source: str, plan: Plan) -> types.ModuleType:
     """Exec generated ``source`` into a fresh module (registered with linecache for tracebacks)."""
-    filename = f"<mixc-generated {module_name(plan)}.py>"
-    mod = types.ModuleType(f"mixc_generated_{module_name(plan)}")
-    mod.__file__ = filename
-    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
-    exec(compile(source, filename, "exec"), mod.__dict__)  # noqa: S102 - our own generated code
-    return mod
+    return exec_source(source, f"<mixc-generated {module_name(plan)}.py>", f"mixc_generated_{module_name(plan)}")
 
 
 def build(
@@ -54,12 +49,7 @@ def build(
 
 def write(plan: Plan, out_dir: str | Path) -> Path:
     """Write ``plan.json`` and ``<name>.py`` into ``out_dir``; return the source's path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(plan.to_json() + "\n")
-    path = out / f"{module_name(plan)}.py"
-    path.write_text(emit_source(plan))
-    return path
+    return write_model(plan, out_dir, emit_source(plan), module_name(plan))
 
 
 def named_plan_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from mixc.backends import DEFAULT
 from mixc.errors import MixcError
 
 
-def add_backend_argument(parser: argparse.ArgumentParser, what: str, default: str | None = "torch") -> None:
+def add_backend_argument(parser: argparse.ArgumentParser, what: str, default: str | None = DEFAULT) -> None:
     """``--backend NAME``, its choices and help from the registry (unknown names: did-you-mean, the list)."""
     from mixc.backends import check_name, names
 

@@ -116,8 +116,6 @@ def run(args: argparse.Namespace) -> int:
             config={"file": str(args.file), "overrides": overrides, "backend": backend.name, "allocator": allocator},
             allow_recipe_change=args.allow_recipe_change,
         )
-    except ValidationError as e:  # an override (--epochs 0, --batch-size 0) the recipe refuses
-        raise TrainError(f"invalid option: {first_problem(e)}") from None
     except KeyboardInterrupt:
         print(f"mixc train: error: interrupted; the last finished epoch is saved in {out}: run the same command "
               "to resume", file=sys.stderr)
