@@ -157,3 +157,36 @@ def test_sweep_on_flax_resumes_a_torch_sweep_to_torchs_numbers(tmp_path, capsys)
             assert f[k] == pytest.approx(t[k], abs=1e-3), k
     config = json.loads((tmp_path / "flax" / "m2-b1x" / "config.json").read_text())
     assert config["options"]["backend"] == "flax"
+
+
+@pytest.mark.parametrize("name", ["torch", "flax"])
+def test_each_backend_implements_the_protocols(name):
+    """Trainer and Runner as the driver and the commands use them: arrays named by the plan, both ways."""
+    pytest.importorskip("torch" if name == "torch" else "jax")
+    import numpy as np
+
+    import mixc
+    from mixc.backends import get_backend
+    from mixc.backends.base import Runner, Trainer
+    from mixc.spec.recipe import Recipe
+
+    plan = mixc.compile("digits", ["backbone.width=4", "members=2"])
+    backend = get_backend(name)
+    trainer = backend.trainer(plan, Recipe.model_validate(plan.train), device="cpu", layout="auto", augment="none")
+    try:
+        assert isinstance(trainer, Trainer) and trainer.rank == 0 and trainer.world == 1
+        x = np.random.default_rng(0).standard_normal((8, 1, 8, 8)).astype(np.float32)
+        trainer.begin(x, np.arange(8) % 10, 4)
+        state = trainer.state_arrays()
+        assert set(state) == {t.name for t in plan.tensors}
+        trainer.begin_epoch(1, 2)
+        float(trainer.step(np.arange(4), 0.1, 0))
+        assert any(k.startswith("optim.") for k in trainer.optimizer_arrays())
+        runner = backend.runner(plan)
+        assert isinstance(runner, Runner)
+        runner.load_arrays(trainer.state_arrays())
+        np.testing.assert_allclose(runner.member_probs(x), trainer.predict(x), atol=1e-5)
+        trainer.load_state(state)  # back to the initial weights: the step is undone
+        assert all(np.array_equal(state[k], v) for k, v in trainer.state_arrays().items())
+    finally:
+        trainer.close()

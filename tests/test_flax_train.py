@@ -169,19 +169,9 @@ def _few():
 
 
 def _interrupt_after_first_epoch(plan, recipe, out, data, monkeypatch) -> None:
-    from mixc import training as train_mod  # the shared driver prints each epoch's line
+    from interrupt import interrupt_after_first_epoch
 
-    real = train_mod.epoch_line
-
-    def interrupt(rec, epochs):  # called once epoch 1 is checkpointed
-        if rec["epoch"] == 1:
-            raise KeyboardInterrupt
-        return real(rec, epochs)
-
-    monkeypatch.setattr(train_mod, "epoch_line", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train(plan, recipe, out_dir=out, data=data, progress=False)
-    monkeypatch.setattr(train_mod, "epoch_line", real)
+    interrupt_after_first_epoch(monkeypatch, lambda: train(plan, recipe, out_dir=out, data=data, progress=False))
 
 
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 import mixc  # noqa: E402
 from mixc.backends.torch import build, named_plan_tensors  # noqa: E402
-from mixc import training as train_mod  # noqa: E402 - the shared driver
+from interrupt import interrupt_after_first_epoch  # noqa: E402
 from mixc.backends.torch import train as torch_train  # noqa: E402
 from mixc.backends.torch.train import TrainError, crop_flip, train  # noqa: E402
 from mixc.training import learning_rate  # noqa: E402
@@ -88,17 +88,8 @@ def test_resume_equals_uninterrupted(tmp_path, few, monkeypatch):
     recipe = _recipe(plan, epochs=2)  # cosine: the LR depends on the total, so this is a true interruption
     train(plan, recipe, out_dir=tmp_path / "a", data=few, progress=False)
 
-    real = train_mod.epoch_line
-
-    def interrupt_after_first(rec, epochs):  # called once epoch 1 is checkpointed
-        if rec["epoch"] == 1:
-            raise KeyboardInterrupt
-        return real(rec, epochs)
-
-    monkeypatch.setattr(train_mod, "epoch_line", interrupt_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        train(plan, recipe, out_dir=tmp_path / "b", data=few, progress=False)
-    monkeypatch.setattr(train_mod, "epoch_line", real)
+    interrupt_after_first_epoch(monkeypatch, lambda: train(plan, recipe, out_dir=tmp_path / "b", data=few,
+                                                            progress=False))
     m = train(plan, recipe, out_dir=tmp_path / "b", data=few, progress=False)
     assert m["epoch"] == 2
 
