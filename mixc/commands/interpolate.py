@@ -3,7 +3,8 @@
 Scores the network at evenly spaced points on the straight line between two
 members' composed weights (BatchNorm in train mode, as the paper does; see
 ``mixc.interpolation`` for why composed weights and not alphas). Several runs
-(e.g. a sweep's budgets) give one curve each in one figure. Writes
+(e.g. a sweep's budgets) give one curve each in one figure; `--backend` picks the framework
+(any backend reads any run). Writes
 ``interpolation.csv`` and ``interpolation.png``.
 
 Exit codes: 0 done; 1 a run, spec or plot problem; 2 a data problem.

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +31,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="FILE.md", help="also write the markdown table to this file")
     p.add_argument("--csv", metavar="FILE.csv", help="also write the rows as CSV")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of markdown")
-
-
-def _error(msg: str) -> None:
-    print(f"mixc report: error: {msg}", file=sys.stderr)
 
 
 def method_name(run: Any) -> str:
@@ -145,22 +140,18 @@ def markdown(rows: list[dict[str, Any]], reference_label: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `mixc report`; returns the exit code."""
+    """Run `mixc report`; returns the exit code (errors are ``MixcError``s for cli.main)."""
     from mixc.evaluation import EvalError, open_run
 
-    try:
-        runs = [open_run(r) for r in args.runs]
-        labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
-        if labels is not None and len(labels) != len(runs):
-            raise EvalError(f"--labels names {len(labels)} methods for {len(runs)} runs")
-        if args.reference:
-            reference = open_run(args.reference)
-        else:
-            reference = next((r for r in runs if r.baseline == "single"), runs[0])
-        rows = build_rows(runs, labels, reference)
-    except EvalError as e:
-        _error(str(e))
-        return 1
+    runs = [open_run(r) for r in args.runs]
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+    if labels is not None and len(labels) != len(runs):
+        raise EvalError(f"--labels names {len(labels)} methods for {len(runs)} runs")
+    if args.reference:
+        reference = open_run(args.reference)
+    else:
+        reference = next((r for r in runs if r.baseline == "single"), runs[0])
+    rows = build_rows(runs, labels, reference)
     if args.csv:
         path = Path(args.csv)
         path.parent.mkdir(parents=True, exist_ok=True)
