@@ -222,3 +222,23 @@ def test_predict_matches_eval_and_reads_images(trained, capsys, tmp_path):
     np.testing.assert_allclose(r["predictions"][0]["ensemble_probs"], want.mean(1)[0], atol=1e-5)
     rc, _, err = _cli(capsys, "predict", run, tmp_path / "colour.png", "--json")
     assert rc == 2 and "colour image" in err and "grey" in err and "Traceback" not in err
+
+
+def test_a_flax_run_exports_through_the_shared_checkpoint(trained, capsys, tmp_path):
+    pytest.importorskip("flax")
+    from mixc.cli import main
+    from mixc.evaluation import load_predictor, open_run
+
+    _, npz, x = trained
+    run = tmp_path / "flax-run"
+    assert main(["train", "digits", "--backend", "flax", "--data", str(npz), "--epochs", "1", "--out", str(run),
+                 "--no-progress", "--set", "train.batch=64", *TINY]) == 0
+    capsys.readouterr()
+    out = tmp_path / "m.pt2"
+    rc, stdout, err = _cli(capsys, "export", run, "--format", "torch-export", "-o", out)
+    assert rc == 0, err
+    r = open_run(run)
+    want = load_predictor("flax", r.plan, r.checkpoint)(x)  # the flax model's own predictions
+    with torch.no_grad():
+        probs, _ = torch.export.load(str(out)).module()(torch.from_numpy(x))
+    np.testing.assert_allclose(probs.numpy(), want, atol=TOL)
