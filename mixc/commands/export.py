@@ -173,11 +173,12 @@ def _run(args: argparse.Namespace) -> int:
         raise DataError("--batch-size must be at least 1")
     if args.format == "onnx":
         _need_onnx()
+    out = Path(args.output)
+    check_output(args.format, out)  # before the (slow) model load and check
     run_, arrays = load_run(args.target, args.plan)
     x, described = check_inputs(run_, args.data, args.data_dir, args.check_samples)
     reference = load_predictor("torch", run_.plan, run_.checkpoint, batch_size=args.batch_size)
     want = np.asarray(reference(x), dtype=np.float64)
-    out = Path(args.output)
     if args.format == "members":
         diff, files, exporter = _export_members(run_, arrays, out, x, want, args.batch_size)
         manifest_path = out / "export.json"
@@ -193,6 +194,22 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_output(fmt: str, out: Path) -> None:
+    """A file for onnx/torch-export; for members a new folder, an empty one, or a previous members export."""
+    from mixc.export import ExportError
+
+    if fmt != "members":
+        if out.is_dir():
+            raise ExportError(f"-o {out} is a folder; --format {fmt} writes one file; hint: -o "
+                              f"{out / ('model' + _SUFFIX[fmt])}")
+        return
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"-o {out} is a file; --format members writes a folder; hint: -o {out.with_suffix('')}")
+    if out.is_dir() and any(out.iterdir()) and not (out / "export.json").is_file():
+        raise ExportError(f"-o {out} is a folder that holds other files; --format members replaces its folder "
+                          "whole; hint: name a new or empty folder (or one a previous members export wrote)")
+
+
 def _export_graph(fmt: str, run_: Any, arrays: dict[str, np.ndarray], out: Path, x: np.ndarray,
                   want: np.ndarray, batch: int) -> tuple[float, str, int | None]:
     """Export to a temporary file beside ``out``, check it, then move it into place."""
@@ -201,8 +218,6 @@ def _export_graph(fmt: str, run_: Any, arrays: dict[str, np.ndarray], out: Path,
     from mixc.backends.torch.export import ONNX_OPSET, export_onnx, export_pt2, onnx_runner, pt2_runner
     from mixc.export import ExportError
 
-    if out.is_dir():
-        raise ExportError(f"-o {out} is a folder; --format {fmt} writes one file; hint: -o {out / ('model' + _SUFFIX[fmt])}")
     _quiet_exporters()
     module = _deployed(run_, arrays)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -263,11 +278,6 @@ def _export_members(run_: Any, arrays: dict[str, np.ndarray], out: Path, x: np.n
     spec, overrides = run_.spec_and_overrides()
     plain = mixc.compile(spec, plain_plan_overrides(overrides))
     check_plain_plan(run_.plan, plain)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"-o {out} is a file; --format members writes a folder; hint: -o {out.with_suffix('')}")
-    if out.is_dir() and any(out.iterdir()) and not (out / "export.json").is_file():
-        raise ExportError(f"-o {out} is a folder that holds other files; --format members replaces its folder "
-                          "whole; hint: name a new or empty folder (or one a previous members export wrote)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
