@@ -187,3 +187,7 @@ class ExportManifest(BaseModel):
     max_abs_diff: float = Field(ge=0)
     files: list[str]
     preprocessing: str
+    #: model input = (pixels in [0, 1] - pixel_mean) / pixel_std per channel, as the training data was
+    #: prepared (None when the inputs are not images or their pixel scale is unknown)
+    pixel_mean: list[float] | None = None
+    pixel_std: list[float] | None = None

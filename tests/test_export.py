@@ -100,6 +100,7 @@ def test_onnx_export_equals_the_run(trained, capsys, tmp_path):
     assert "max |difference|" in stdout and "opset 18" in stdout
     manifest = json.loads((tmp_path / "m.onnx.json").read_text())
     assert manifest["max_abs_diff"] <= TOL and manifest["opset"] == 18 and manifest["checked_samples"] == 48
+    assert manifest["pixel_mean"] == [0.0] and manifest["pixel_std"] == [1.0]  # this npz stores pixels in [0, 1]
     _, want = _reference(run, x)
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [o.name for o in sess.get_outputs()] == ["member_probs", "ensemble_probs"]

@@ -97,14 +97,23 @@ def load_run(target: str, plan_file: str | None) -> tuple[Any, dict[str, np.ndar
     return run_, arrays
 
 
-def check_inputs(run_: Any, data: str | None, data_dir: str | None, limit: int) -> tuple[np.ndarray, str]:
-    """The test inputs an export is compared on, and their name for messages."""
+def check_inputs(run_: Any, data: str | None, data_dir: str | None, limit: int) -> tuple[np.ndarray, str, Any]:
+    """The test inputs an export is compared on, their name for messages, and the dataset's pixel scale.
+
+    The pixel scale (``mixc.corruptions.PixelScale``, or None for non-image data or an unknown scale)
+    goes into the manifest: whoever runs the exported graph must prepare inputs the same way.
+    """
+    from mixc.corruptions import pixel_scale
     from mixc.evaluation import load_test_set, resolve_data
 
     name, ddir = resolve_data(run_, data, data_dir)
     ds = load_test_set(name, ddir, run_.plan)
     x = ds.x_test if limit <= 0 else ds.x_test[:limit]
-    return x, f"{len(x)} {ds.name} test samples"
+    try:
+        scale = pixel_scale(ds)
+    except DataError:
+        scale = None
+    return x, f"{len(x)} {ds.name} test samples", scale
 
 
 def _deployed(run_: Any, arrays: dict[str, np.ndarray]):
@@ -176,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     check_output(args.format, out)  # before the (slow) model load and check
     run_, arrays = load_run(args.target, args.plan)
-    x, described = check_inputs(run_, args.data, args.data_dir, args.check_samples)
+    x, described, scale = check_inputs(run_, args.data, args.data_dir, args.check_samples)
     reference = load_predictor("torch", run_.plan, run_.checkpoint, batch_size=args.batch_size)
     want = np.asarray(reference(x), dtype=np.float64)
     if args.format == "members":
@@ -187,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
         diff, exporter, opset = _export_graph(args.format, run_, arrays, out, x, want, args.batch_size)
         files = [out.name]
         manifest_path = out.with_name(out.name + ".json")
-    _write_manifest(manifest_path, args.format, run_, exporter, opset, described, len(x), diff, files)
+    _write_manifest(manifest_path, args.format, run_, exporter, opset, described, len(x), diff, files, scale)
     print(f"checked on {described}: max |difference| in member and ensemble probabilities = {diff:.3g} "
           f"(limit 1e-4)")
     print(f"wrote {out} ({exporter}{f', opset {opset}' if opset else ''}) and {manifest_path}")
@@ -304,7 +313,7 @@ def _export_members(run_: Any, arrays: dict[str, np.ndarray], out: Path, x: np.n
 
 
 def _write_manifest(path: Path, fmt: str, run_: Any, exporter: str, opset: int | None, described: str, n: int,
-                    diff: float, files: list[str]) -> None:
+                    diff: float, files: list[str], scale: Any) -> None:
     from mixc.export import ExportManifest
     from mixc.run_folder import write_text_atomic
 
@@ -315,6 +324,10 @@ def _write_manifest(path: Path, fmt: str, run_: Any, exporter: str, opset: int |
         members=run_.plan.members, classes=run_.plan.classes, input_shape=list(run_.plan.input_shape),
         outputs=outputs, exporter=exporter, opset=opset, checked_on=described, checked_samples=n,
         max_abs_diff=diff, files=files,
-        preprocessing="inputs normalised as the run's training data (mixc.data); `mixc predict` does it for images",
+        preprocessing=("inputs normalised as the run's training data (mixc.data): (pixels in [0, 1] - pixel_mean) / "
+                       f"pixel_std per channel ({scale.how})" if scale is not None else
+                       "inputs prepared as the run's training data (mixc.data); the pixel scale is unknown"),
+        pixel_mean=None if scale is None else [float(v) for v in scale.mean],
+        pixel_std=None if scale is None else [float(v) for v in scale.std],
     )
     write_text_atomic(path, m.model_dump_json(indent=1) + "\n")
