@@ -243,3 +243,12 @@ def test_a_flax_run_exports_through_the_shared_checkpoint(trained, capsys, tmp_p
     with torch.no_grad():
         probs, _ = torch.export.load(str(out)).module()(torch.from_numpy(x))
     np.testing.assert_allclose(probs.numpy(), want, atol=TOL)
+
+
+def test_a_plain_backbone_of_another_shape_is_refused():
+    from mixc.export import ExportError, check_plain_plan
+
+    plan = mixc.compile("digits", ["backbone.width=8", "members=2"])
+    check_plain_plan(plan, mixc.compile("digits", ["backbone.width=8", "members=1", "groups=none"]))
+    with pytest.raises(ExportError, match="spec file changed"):
+        check_plain_plan(plan, mixc.compile("digits", ["backbone.width=16", "members=1", "groups=none"]))
