@@ -145,15 +145,6 @@ def _need_onnx() -> None:
         )
 
 
-def batched(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch: int) -> np.ndarray:
-    """``fn`` over ``x`` in batches, member probabilities concatenated (``fn`` returns them first)."""
-    outs = []
-    for i in range(0, len(x), batch):
-        r = fn(x[i : i + batch])
-        outs.append(np.asarray(r[0] if isinstance(r, tuple) else r))
-    return np.concatenate(outs)
-
-
 def _compare(what: str, got: np.ndarray, want: np.ndarray, ens: np.ndarray | None) -> float:
     from mixc.export import TOLERANCE, ExportError
 
