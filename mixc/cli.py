@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                         ("verify", "property-based budget verification of a spec's neighbourhood"),
                         ("interpolate", "accuracy along the line between two members' weights (paper, Figure 4)"),
                         ("sweep", "train a spec at several budgets/member counts, with baselines; table and plot"),
-                        ("report", "trained runs side by side, shaped like the paper's tables")):
+                        ("report", "trained runs side by side, shaped like the paper's tables"),
+                        ("export", "export a trained run for deployment: onnx, torch-export (.pt2) or members"),
+                        ("predict", "predict new inputs (.npz, an image, a folder of images) with a trained run")):
         hooks = _optional(name)
         if hooks is None:
             continue

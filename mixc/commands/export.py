@@ -1,0 +1,324 @@
+"""`mixc export RUN --format onnx|torch-export|members -o OUT`: a trained ensemble, ready to deploy.
+
+- ``onnx``: one ONNX graph (torch.onnx's dynamo exporter, opset 18) taking the
+  input batch ``x [B, *input_shape]`` and returning ``member_probs [B, M,
+  classes]`` and ``ensemble_probs [B, classes]``; every member's weights are
+  composed once and stored as constants, so inference never re-composes them.
+- ``torch-export``: the same module as a ``torch.export`` program (``.pt2``,
+  ``torch.export.load(path).module()(x)``), batch axis dynamic.
+- ``members``: a folder with one checkpoint per member of the plain backbone
+  (the spec compiled with ``members=1 groups=none``; its ``plain_plan.json``
+  beside), so each member loads into an ordinary single network.
+
+Every export is checked before it is kept: it is run on the run's test set (or
+``--data``) and compared with the run's own torch model loaded from the
+checkpoint (runs trained by the flax backend too: the checkpoint format is
+shared). If the member probabilities differ by more than 1e-4 anywhere, the
+temporary file is deleted and nothing is written. A manifest (``OUT.json``, or
+``OUT/export.json`` for members) records the check.
+
+Inputs are model inputs, normalised as in training (``mixc predict`` does that
+for images). Exit codes: 0 done; 1 a run, checkpoint, spec or export problem;
+2 a data problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mixc.data import DataError
+
+FORMATS = ("onnx", "torch-export", "members")
+_SUFFIX = {"onnx": ".onnx", "torch-export": ".pt2"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `mixc export`."""
+    p.add_argument("target", metavar="RUN_DIR|CHECKPOINT", help="a run folder (mixc train --out) or a checkpoint file")
+    p.add_argument("--format", required=True, choices=FORMATS, help="onnx (.onnx), torch-export (.pt2) or members "
+                   "(a folder of plain single-network checkpoints)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the file (onnx, torch-export) or folder "
+                   "(members) to write")
+    p.add_argument("--plan", help="the plan of a checkpoint without plan.json beside it")
+    p.add_argument("--data", help="the data the export is checked on (default: the run's own test set)")
+    p.add_argument("--data-dir", help="folder holding the cifar archives")
+    p.add_argument("--check-samples", type=int, default=1000, metavar="N",
+                   help="check on the first N test samples (default 1000; 0: all)")
+    p.add_argument("--batch-size", type=int, default=250, help="batch for the check (default 250)")
+
+
+def _error(msg: str) -> None:
+    print(f"mixc export: error: {msg}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `mixc export` with parsed ``args``; returns the exit code."""
+    from mixc.backends import BackendUnavailable
+    from mixc.checkpoint_format import CheckpointError
+    from mixc.evaluation import EvalError
+    from mixc.export import ExportError
+    from mixc.spec.diagnostics import SpecError
+
+    try:
+        return _run(args)
+    except DataError as e:
+        _error(str(e))
+        return 2
+    except (EvalError, ExportError, CheckpointError, BackendUnavailable) as e:
+        _error(str(e))
+        return 1
+    except SpecError as e:
+        _error("the plain backbone (the run's spec with members=1 groups=none) does not compile:\n" + e.render())
+        return 1
+
+
+# ---------------------------------------------------------------------------
+# Shared with `mixc predict` and bench/eval_forward.py
+
+
+def load_run(target: str, plan_file: str | None) -> tuple[Any, dict[str, np.ndarray]]:
+    """The run (``mixc.evaluation.Run``) and its checkpoint's plan tensors as numpy, checksum-verified."""
+    from mixc.checkpoint_format import check_spec, read_info, read_tensors
+    from mixc.evaluation import open_run
+
+    run_ = open_run(target, plan_file)
+    meta = read_info(run_.checkpoint)
+    check_spec(meta, run_.plan, run_.checkpoint)
+    arrays, _, _ = read_tensors(run_.checkpoint, run_.plan, framework="numpy")
+    return run_, arrays
+
+
+def check_inputs(run_: Any, data: str | None, data_dir: str | None, limit: int) -> tuple[np.ndarray, str, Any]:
+    """The test inputs an export is compared on, their name for messages, and the dataset's pixel scale.
+
+    The pixel scale (``mixc.corruptions.PixelScale``, or None for non-image data or an unknown scale)
+    goes into the manifest: whoever runs the exported graph must prepare inputs the same way.
+    """
+    from mixc.corruptions import pixel_scale
+    from mixc.evaluation import load_test_set, resolve_data
+
+    name, ddir = resolve_data(run_, data, data_dir)
+    ds = load_test_set(name, ddir, run_.plan)
+    x = ds.x_test if limit <= 0 else ds.x_test[:limit]
+    try:
+        scale = pixel_scale(ds)
+    except DataError:
+        scale = None
+    return x, f"{len(x)} {ds.name} test samples", scale
+
+
+def _deployed(run_: Any, arrays: dict[str, np.ndarray]):
+    from mixc.backends.torch.export import DeployedEnsemble
+    from mixc.export import compose_all
+
+    return DeployedEnsemble(run_.plan, compose_all(run_.plan, arrays)).eval()
+
+
+def _quiet_exporters() -> None:
+    """torch.onnx logs a warning per missing torchvision op: noise for a user who exports no torchvision op."""
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
+def _need_onnx() -> None:
+    from mixc.export import ExportError
+
+    missing = []
+    for mod in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        raise ExportError(
+            f"the onnx export needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+            "installed here (onnxscript drives torch.onnx's exporter, onnxruntime checks the result); hint: "
+            "pip install 'mixc[export]', or export with --format torch-export or members"
+        )
+
+
+def _compare(what: str, got: np.ndarray, want: np.ndarray, ens: np.ndarray | None) -> float:
+    from mixc.export import TOLERANCE, ExportError
+
+    if got.shape != want.shape:
+        raise ExportError(f"{what} gives member probabilities of shape {list(got.shape)}, the run's model "
+                          f"{list(want.shape)}; nothing was written. This is a bug in mixc export.")
+    diff = float(np.max(np.abs(got.astype(np.float64) - want)))
+    if ens is not None:
+        diff = max(diff, float(np.max(np.abs(ens.astype(np.float64) - want.mean(axis=1)))))
+    if not diff <= TOLERANCE:
+        raise ExportError(
+            f"{what} disagrees with the run's own model by {diff:.3g} (more than {TOLERANCE:g}) in member "
+            "probabilities on the check data, so nothing was written (the temporary file is deleted); this is a "
+            "bug in mixc export or in the exporter: please report it with the run's plan.json"
+        )
+    return diff
+
+
+# ---------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mixc.evaluation import load_predictor
+
+    if args.batch_size < 1:
+        raise DataError("--batch-size must be at least 1")
+    if args.format == "onnx":
+        _need_onnx()
+    out = Path(args.output)
+    check_output(args.format, out)  # before the (slow) model load and check
+    run_, arrays = load_run(args.target, args.plan)
+    x, described, scale = check_inputs(run_, args.data, args.data_dir, args.check_samples)
+    reference = load_predictor("torch", run_.plan, run_.checkpoint, batch_size=args.batch_size)
+    want = np.asarray(reference(x), dtype=np.float64)
+    if args.format == "members":
+        diff, files, exporter = _export_members(run_, arrays, out, x, want, args.batch_size)
+        manifest_path = out / "export.json"
+        opset = None
+    else:
+        diff, exporter, opset = _export_graph(args.format, run_, arrays, out, x, want, args.batch_size)
+        files = [out.name]
+        manifest_path = out.with_name(out.name + ".json")
+    _write_manifest(manifest_path, args.format, run_, exporter, opset, described, len(x), diff, files, scale)
+    print(f"checked on {described}: max |difference| in member and ensemble probabilities = {diff:.3g} "
+          f"(limit 1e-4)")
+    print(f"wrote {out} ({exporter}{f', opset {opset}' if opset else ''}) and {manifest_path}")
+    return 0
+
+
+def check_output(fmt: str, out: Path) -> None:
+    """A file for onnx/torch-export; for members a new folder, an empty one, or a previous members export."""
+    from mixc.export import ExportError
+
+    if fmt != "members":
+        if out.is_dir():
+            raise ExportError(f"-o {out} is a folder; --format {fmt} writes one file; hint: -o "
+                              f"{out / ('model' + _SUFFIX[fmt])}")
+        return
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"-o {out} is a file; --format members writes a folder; hint: -o {out.with_suffix('')}")
+    if out.is_dir() and any(out.iterdir()) and not (out / "export.json").is_file():
+        raise ExportError(f"-o {out} is a folder that holds other files; --format members replaces its folder "
+                          "whole; hint: name a new or empty folder (or one a previous members export wrote)")
+
+
+def _export_graph(fmt: str, run_: Any, arrays: dict[str, np.ndarray], out: Path, x: np.ndarray,
+                  want: np.ndarray, batch: int) -> tuple[float, str, int | None]:
+    """Export to a temporary file beside ``out``, check it, then move it into place."""
+    import torch
+
+    from mixc.backends.torch.export import ONNX_OPSET, export_onnx, export_pt2, onnx_runner, pt2_runner
+    from mixc.export import ExportError
+
+    _quiet_exporters()
+    module = _deployed(run_, arrays)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # the temporary keeps the format's suffix: torch.export.save/load warn about any other
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=f".tmp{_SUFFIX[fmt]}")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            if fmt == "onnx":
+                exporter, opset = export_onnx(module, tmp), ONNX_OPSET
+                runner = onnx_runner(tmp)
+                what = "the ONNX export (run by onnxruntime)"
+            else:
+                export_pt2(module, tmp)
+                exporter, opset = f"torch.export, torch {torch.__version__}", None
+                runner = pt2_runner(tmp)
+                what = "the torch.export program"
+        except ExportError:
+            raise
+        except Exception as e:  # the exporter's own failure: name it, keep the traceback's last line
+            raise ExportError(f"{fmt} export failed inside the exporter ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); nothing was "
+                              "written; hint: try --format torch-export or members") from e
+        got, ens = _run_both(runner, x, batch)
+        diff = _compare(what, got, want, ens)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+        return diff, exporter, opset
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _run_both(runner: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], x: np.ndarray,
+              batch: int) -> tuple[np.ndarray, np.ndarray]:
+    ps, es = [], []
+    for i in range(0, len(x), batch):
+        p, e = runner(x[i : i + batch])
+        ps.append(p)
+        es.append(e)
+    return np.concatenate(ps), np.concatenate(es)
+
+
+def _export_members(run_: Any, arrays: dict[str, np.ndarray], out: Path, x: np.ndarray, want: np.ndarray,
+                    batch: int) -> tuple[float, list[str], str]:
+    """One plain-backbone checkpoint per member, each checked by loading it into the plain torch network."""
+    import mixc
+    from mixc.checkpoint_format import save_arrays
+    from mixc.evaluation import load_predictor
+    from mixc.export import ExportError, check_plain_plan, compose_member, member_tensors, plain_plan_overrides
+
+    spec, overrides = run_.spec_and_overrides()
+    plain = mixc.compile(spec, plain_plan_overrides(overrides))
+    check_plain_plan(run_.plan, plain)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        (tmp / "plain_plan.json").write_text(plain.to_json() + "\n")
+        files = ["plain_plan.json"]
+        diff = 0.0
+        for m in range(run_.plan.members):
+            name = f"member_{m}.safetensors"
+            tensors = member_tensors(plain, compose_member(run_.plan, arrays, m))
+            meta = {"exported_from": str(run_.label), "member": str(m), "of_spec_hash": run_.plan.spec_hash}
+            save_arrays(tmp / name, tensors, plain, run_.epoch, metadata=meta)
+            os.chmod(tmp / name, 0o666 & ~_umask())  # safetensors recreates the file 0600; members are shared
+            predict = load_predictor("torch", plain, tmp / name, batch_size=batch)
+            diff = max(diff, _compare(f"member {m}'s plain checkpoint", predict(x), want[:, m : m + 1], None))
+            files.append(name)
+        os.chmod(tmp, 0o777 & ~_umask())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return diff, files, "numpy composition (mixc.export) into the plain backbone's tensors"
+
+
+def _write_manifest(path: Path, fmt: str, run_: Any, exporter: str, opset: int | None, described: str, n: int,
+                    diff: float, files: list[str], scale: Any) -> None:
+    from mixc.export import ExportManifest
+    from mixc.run_folder import write_text_atomic
+
+    outputs = (["member_probs [B, M, classes]", "ensemble_probs [B, classes]"] if fmt != "members"
+               else [f"member_i.safetensors: logits [B, 1, classes] of the plain backbone"])
+    m = ExportManifest(
+        format=fmt, run=str(run_.label), spec=run_.plan.name, spec_hash=run_.plan.spec_hash, epoch=run_.epoch,
+        members=run_.plan.members, classes=run_.plan.classes, input_shape=list(run_.plan.input_shape),
+        outputs=outputs, exporter=exporter, opset=opset, checked_on=described, checked_samples=n,
+        max_abs_diff=diff, files=files,
+        preprocessing=("inputs normalised as the run's training data (mixc.data): (pixels in [0, 1] - pixel_mean) / "
+                       f"pixel_std per channel ({scale.how})" if scale is not None else
+                       "inputs prepared as the run's training data (mixc.data); the pixel scale is unknown"),
+        pixel_mean=None if scale is None else [float(v) for v in scale.mean],
+        pixel_std=None if scale is None else [float(v) for v in scale.std],
+    )
+    write_text_atomic(path, m.model_dump_json(indent=1) + "\n")
