@@ -35,10 +35,13 @@ from mixc.compiler.plan import Plan
 from mixc.errors import BackendError, BackendUnavailable
 from mixc.spec.recipe import Recipe
 
-__all__ = ["Backend", "Capabilities", "Trainer", "Runner", "Predictor", "COMMANDS", "lazy_attributes"]
+__all__ = ["Backend", "Capabilities", "Trainer", "Runner", "Predictor", "GraphRunner", "COMMANDS", "lazy_attributes"]
 
 #: member probabilities ``[N, M, classes]`` (float32) for model inputs ``[N, ...]``
 Predictor = Callable[[np.ndarray], np.ndarray]
+
+#: an exported graph run on numpy inputs: (member probabilities ``[N, M, classes]``, ensemble mean ``[N, classes]``)
+GraphRunner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 #: the commands a backend can serve; :attr:`Capabilities.commands` names its subset
 COMMANDS = frozenset({"compile", "build", "train", "eval", "interpolate", "sweep", "verify"})
@@ -64,6 +67,7 @@ class Capabilities:
     devices: str = "cpu"  # how --device is spelt for it, for help texts
     data_parallel: str = ""  # how it runs data parallel ("" if it does not)
     commands: frozenset[str] = field(default_factory=lambda: COMMANDS)
+    export_formats: tuple[str, ...] = ()  # graph formats `mixc export` can write through it ("onnx", ...)
 
 
 @runtime_checkable
@@ -221,3 +225,14 @@ class Backend:
         runner = self.runner(plan, device=device, batch_size=batch_size)
         runner.load_arrays(arrays)
         return lambda x: runner.member_probs(np.asarray(x, dtype=np.float32))
+
+    # -- deployment (``mixc export``) -------------------------------------------
+
+    def export_graph(self, plan: Plan, composed: list[Any], fmt: str, path: Path) -> tuple[str, int | None]:
+        """Write the ensemble with ``composed`` member weights (``mixc.export.compose_all``) folded in as
+        constants, as ``fmt`` (one of ``capabilities.export_formats``) to ``path``; returns (exporter, opset)."""
+        raise NotImplementedError
+
+    def graph_runner(self, fmt: str, path: Path) -> GraphRunner:
+        """Run an exported graph the way a deployment would (onnxruntime for ONNX, say)."""
+        raise NotImplementedError

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from mixc.errors import MixcError
 from pydantic import BaseModel, ConfigDict, Field
 
 from mixc.compiler.plan import ConvOp, LinearOp, Plan
@@ -47,7 +48,7 @@ __all__ = [
 TOLERANCE = 1e-4
 
 
-class ExportError(RuntimeError):
+class ExportError(MixcError):
     """A user-facing export or predict problem: one paragraph, printed without a traceback."""
 
 

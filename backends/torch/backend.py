@@ -6,7 +6,10 @@ through it); each method imports what it needs on first use.
 
 from __future__ import annotations
 
-from mixc.backends.base import Backend, Capabilities, Runner, Trainer
+from pathlib import Path
+from typing import Any
+
+from mixc.backends.base import Backend, Capabilities, GraphRunner, Runner, Trainer
 from mixc.compiler.plan import Plan
 from mixc.spec.recipe import Recipe
 
@@ -24,6 +27,7 @@ class TorchBackend(Backend):
         layouts=("auto", "grouped", "loop"),
         devices="cpu, cuda, cuda:N",
         data_parallel="DistributedDataParallel, one process per device under torchrun",
+        export_formats=("onnx", "torch-export"),
     )
 
     def count_params(self, plan: Plan) -> int:
@@ -45,6 +49,23 @@ class TorchBackend(Backend):
         from mixc.backends.torch.predict import TorchRunner
 
         return TorchRunner(plan, device=device, batch_size=batch_size, layout=layout)
+
+    def export_graph(self, plan: Plan, composed: list[Any], fmt: str, path: Path) -> tuple[str, int | None]:
+        """ONNX through torch.onnx's dynamo exporter, or a ``torch.export`` program (``.pt2``)."""
+        import torch
+
+        from mixc.backends.torch.export import ONNX_OPSET, DeployedEnsemble, export_onnx, export_pt2
+
+        module = DeployedEnsemble(plan, composed).eval()
+        if fmt == "onnx":
+            return export_onnx(module, path), ONNX_OPSET
+        export_pt2(module, path)
+        return f"torch.export, torch {torch.__version__}", None
+
+    def graph_runner(self, fmt: str, path: Path) -> GraphRunner:
+        from mixc.backends.torch.export import onnx_runner, pt2_runner
+
+        return onnx_runner(path) if fmt == "onnx" else pt2_runner(path)
 
 
 backend = TorchBackend()

@@ -26,9 +26,11 @@ cadence are the shared driver's (``mixc/training.py``); what is torch's:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -123,9 +125,20 @@ class _Dist:
         return self.rank == 0
 
     def close(self) -> None:
+        """Free the process group while gloo's worker threads are idle.
+
+        The group's destructor joins those threads with the GIL held; a worker still tearing
+        down its last collective needs the GIL for that (its work object holds Python
+        thread-local state), so freeing the group right after a collective can deadlock (seen
+        in rank 1, which goes straight from its last backward to here). So: a barrier, a short
+        GIL-free sleep for the workers to finish it, then the group goes.
+        """
         if self.owns_group:
             import torch.distributed as dist
 
+            gc.collect()  # whatever still references the group (a DistributedDataParallel reducer) goes first
+            dist.barrier()
+            time.sleep(0.2)
             dist.destroy_process_group()
 
 
@@ -280,6 +293,7 @@ class TorchTrainer:
                 Path(hash_dir).mkdir(parents=True, exist_ok=True)
                 (Path(hash_dir) / f"rank{self.rank}.sha256").write_text(_weights_hash(self.model) + "\n")
         finally:
+            self.net = self.model  # drop DistributedDataParallel: its reducer holds the process group
             self.dist.close()
 
 

@@ -1,6 +1,6 @@
 """`mixc export RUN --format onnx|torch-export|members -o OUT`: a trained ensemble, ready to deploy.
 
-- ``onnx``: one ONNX graph (torch.onnx's dynamo exporter, opset 18) taking the
+- ``onnx``: one ONNX graph (with the torch backend: torch.onnx's dynamo exporter, opset 18) taking the
   input batch ``x [B, *input_shape]`` and returning ``member_probs [B, M,
   classes]`` and ``ensemble_probs [B, classes]``; every member's weights are
   composed once and stored as constants, so inference never re-composes them.
@@ -11,9 +11,8 @@
   beside), so each member loads into an ordinary single network.
 
 Every export is checked before it is kept: it is run on the run's test set (or
-``--data``) and compared with the run's own torch model loaded from the
-checkpoint (runs trained by the flax backend too: the checkpoint format is
-shared). If the member probabilities differ by more than 1e-4 anywhere, the
+``--data``) and compared with the run's own model loaded from the checkpoint
+by ``--backend`` (any backend reads any run: the checkpoint format is shared). If the member probabilities differ by more than 1e-4 anywhere, the
 temporary file is deleted and nothing is written. A manifest (``OUT.json``, or
 ``OUT/export.json`` for members) records the check.
 
@@ -28,13 +27,13 @@ import argparse
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from mixc.commands import add_backend_argument
 from mixc.data import DataError
 
 FORMATS = ("onnx", "torch-export", "members")
@@ -54,31 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check-samples", type=int, default=1000, metavar="N",
                    help="check on the first N test samples (default 1000; 0: all)")
     p.add_argument("--batch-size", type=int, default=250, help="batch for the check (default 250)")
-
-
-def _error(msg: str) -> None:
-    print(f"mixc export: error: {msg}", file=sys.stderr)
+    add_backend_argument(p, "run the model with for the check and write graph formats through")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `mixc export` with parsed ``args``; returns the exit code."""
-    from mixc.backends import BackendUnavailable
-    from mixc.checkpoint_format import CheckpointError
-    from mixc.evaluation import EvalError
-    from mixc.export import ExportError
-    from mixc.spec.diagnostics import SpecError
-
-    try:
-        return _run(args)
-    except DataError as e:
-        _error(str(e))
-        return 2
-    except (EvalError, ExportError, CheckpointError, BackendUnavailable) as e:
-        _error(str(e))
-        return 1
-    except SpecError as e:
-        _error("the plain backbone (the run's spec with members=1 groups=none) does not compile:\n" + e.render())
-        return 1
+    """Run `mixc export` with parsed ``args``; returns the exit code (errors are ``MixcError``s for cli.main)."""
+    return _run(args)
 
 
 # ---------------------------------------------------------------------------
@@ -114,13 +94,6 @@ def check_inputs(run_: Any, data: str | None, data_dir: str | None, limit: int) 
     except DataError:
         scale = None
     return x, f"{len(x)} {ds.name} test samples", scale
-
-
-def _deployed(run_: Any, arrays: dict[str, np.ndarray]):
-    from mixc.backends.torch.export import DeployedEnsemble
-    from mixc.export import compose_all
-
-    return DeployedEnsemble(run_.plan, compose_all(run_.plan, arrays)).eval()
 
 
 def _quiet_exporters() -> None:
@@ -167,7 +140,9 @@ def _compare(what: str, got: np.ndarray, want: np.ndarray, ens: np.ndarray | Non
 
 
 def _run(args: argparse.Namespace) -> int:
+    from mixc.backends import get_backend, names
     from mixc.evaluation import load_predictor
+    from mixc.export import ExportError
 
     if args.batch_size < 1:
         raise DataError("--batch-size must be at least 1")
@@ -175,16 +150,21 @@ def _run(args: argparse.Namespace) -> int:
         _need_onnx()
     out = Path(args.output)
     check_output(args.format, out)  # before the (slow) model load and check
+    backend = get_backend(args.backend, "eval")
+    if args.format != "members" and args.format not in backend.capabilities.export_formats:
+        able = [n for n in names() if args.format in get_backend(n).capabilities.export_formats]
+        raise ExportError(f"the {backend.name} backend cannot write --format {args.format}; hint: "
+                          + (f"use --backend {' or '.join(able)}" if able else "use --format members"))
     run_, arrays = load_run(args.target, args.plan)
     x, described, scale = check_inputs(run_, args.data, args.data_dir, args.check_samples)
-    reference = load_predictor("torch", run_.plan, run_.checkpoint, batch_size=args.batch_size)
+    reference = load_predictor(args.backend, run_.plan, run_.checkpoint, batch_size=args.batch_size)
     want = np.asarray(reference(x), dtype=np.float64)
     if args.format == "members":
-        diff, files, exporter = _export_members(run_, arrays, out, x, want, args.batch_size)
+        diff, files, exporter = _export_members(args.backend, run_, arrays, out, x, want, args.batch_size)
         manifest_path = out / "export.json"
         opset = None
     else:
-        diff, exporter, opset = _export_graph(args.format, run_, arrays, out, x, want, args.batch_size)
+        diff, exporter, opset = _export_graph(backend, args.format, run_, arrays, out, x, want, args.batch_size)
         files = [out.name]
         manifest_path = out.with_name(out.name + ".json")
     _write_manifest(manifest_path, args.format, run_, exporter, opset, described, len(x), diff, files, scale)
@@ -210,38 +190,29 @@ def check_output(fmt: str, out: Path) -> None:
                           "whole; hint: name a new or empty folder (or one a previous members export wrote)")
 
 
-def _export_graph(fmt: str, run_: Any, arrays: dict[str, np.ndarray], out: Path, x: np.ndarray,
+def _export_graph(backend: Any, fmt: str, run_: Any, arrays: dict[str, np.ndarray], out: Path, x: np.ndarray,
                   want: np.ndarray, batch: int) -> tuple[float, str, int | None]:
-    """Export to a temporary file beside ``out``, check it, then move it into place."""
-    import torch
-
-    from mixc.backends.torch.export import ONNX_OPSET, export_onnx, export_pt2, onnx_runner, pt2_runner
-    from mixc.export import ExportError
+    """Export to a temporary file beside ``out`` through ``backend``, check it, then move it into place."""
+    from mixc.export import ExportError, compose_all
 
     _quiet_exporters()
-    module = _deployed(run_, arrays)
+    composed = compose_all(run_.plan, arrays)
     out.parent.mkdir(parents=True, exist_ok=True)
     # the temporary keeps the format's suffix: torch.export.save/load warn about any other
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=f".tmp{_SUFFIX[fmt]}")
     os.close(fd)
     tmp = Path(tmp_name)
+    what = "the ONNX export (run by onnxruntime)" if fmt == "onnx" else f"the {fmt} program"
     try:
         try:
-            if fmt == "onnx":
-                exporter, opset = export_onnx(module, tmp), ONNX_OPSET
-                runner = onnx_runner(tmp)
-                what = "the ONNX export (run by onnxruntime)"
-            else:
-                export_pt2(module, tmp)
-                exporter, opset = f"torch.export, torch {torch.__version__}", None
-                runner = pt2_runner(tmp)
-                what = "the torch.export program"
+            exporter, opset = backend.export_graph(run_.plan, composed, fmt, tmp)
+            runner = backend.graph_runner(fmt, tmp)
         except ExportError:
             raise
         except Exception as e:  # the exporter's own failure: name it, keep the traceback's last line
             raise ExportError(f"{fmt} export failed inside the exporter ({type(e).__name__}: "
                               f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); nothing was "
-                              "written; hint: try --format torch-export or members") from e
+                              "written; hint: try another --format") from e
         got, ens = _run_both(runner, x, batch)
         diff = _compare(what, got, want, ens)
         os.chmod(tmp, 0o666 & ~_umask())
@@ -267,9 +238,9 @@ def _run_both(runner: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], x: 
     return np.concatenate(ps), np.concatenate(es)
 
 
-def _export_members(run_: Any, arrays: dict[str, np.ndarray], out: Path, x: np.ndarray, want: np.ndarray,
+def _export_members(backend_name: str, run_: Any, arrays: dict[str, np.ndarray], out: Path, x: np.ndarray, want: np.ndarray,
                     batch: int) -> tuple[float, list[str], str]:
-    """One plain-backbone checkpoint per member, each checked by loading it into the plain torch network."""
+    """One plain-backbone checkpoint per member, each checked by loading it into the plain network."""
     import mixc
     from mixc.checkpoint_format import save_arrays
     from mixc.evaluation import load_predictor
@@ -290,7 +261,7 @@ def _export_members(run_: Any, arrays: dict[str, np.ndarray], out: Path, x: np.n
             meta = {"exported_from": str(run_.label), "member": str(m), "of_spec_hash": run_.plan.spec_hash}
             save_arrays(tmp / name, tensors, plain, run_.epoch, metadata=meta)
             os.chmod(tmp / name, 0o666 & ~_umask())  # safetensors recreates the file 0600; members are shared
-            predict = load_predictor("torch", plain, tmp / name, batch_size=batch)
+            predict = load_predictor(backend_name, plain, tmp / name, batch_size=batch)
             diff = max(diff, _compare(f"member {m}'s plain checkpoint", predict(x), want[:, m : m + 1], None))
             files.append(name)
         os.chmod(tmp, 0o777 & ~_umask())

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mixc.commands import add_backend_argument
 from mixc.data import MAX_INPUT, DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -50,26 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="the dataset whose normalisation images get (default: what the run trained on)")
     p.add_argument("--data-dir", help="folder holding the cifar archives (for their normalisation statistics)")
     p.add_argument("--batch-size", type=int, default=500, help="batch (default 500)")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
-
-
-def _error(msg: str) -> None:
-    print(f"mixc predict: error: {msg}", file=sys.stderr)
+    p.add_argument("--device", default="cpu", help="device (cpu, cuda, cuda:1)")
+    add_backend_argument(p, "predict with (checkpoints are shared: any backend reads any run)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `mixc predict` with parsed ``args``; returns the exit code."""
-    from mixc.backends import BackendUnavailable
-    from mixc.evaluation import EvalError
-
-    try:
-        return _run(args)
-    except DataError as e:
-        _error(str(e))
-        return 2
-    except (EvalError, BackendUnavailable) as e:
-        _error(str(e))
-        return 1
+    """Run `mixc predict` with parsed ``args``; returns the exit code (errors are ``MixcError``s for cli.main)."""
+    return _run(args)
 
 
 @dataclass(frozen=True)
@@ -220,7 +207,7 @@ def _run(args: argparse.Namespace) -> int:
         raise DataError("nothing to do: pass -o OUT.npz to write the predictions, or --json to print them")
     run_ = open_run(args.target, args.plan)
     inputs = read_inputs(run_, args.input, args.data, args.data_dir)  # the inputs before the (slow) model load
-    predict = load_predictor("torch", run_.plan, run_.checkpoint, device=args.device, batch_size=args.batch_size)
+    predict = load_predictor(args.backend, run_.plan, run_.checkpoint, device=args.device, batch_size=args.batch_size)
     res = summarise_predictions(np.asarray(predict(inputs.x)))
     if args.output:
         out = Path(args.output)
