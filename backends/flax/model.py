@@ -8,7 +8,6 @@ arrays in, pure dicts out.
 
 from __future__ import annotations
 
-import linecache
 import types
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mixc.backends import generated
 from mixc.backends.flax.codegen import class_name, emit_source, module_name
 from mixc.compiler.plan import Plan
 
@@ -27,13 +27,8 @@ _SOURCES: dict[str, types.ModuleType] = {}  # content hash -> exec'd module (the
 
 
 def load_source(source: str, plan: Plan) -> types.ModuleType:
-    """Exec generated ``source`` into a fresh module (registered with linecache for tracebacks)."""
-    filename = f"<mixc-generated flax {module_name(plan)}.py>"
-    mod = types.ModuleType(f"mixc_generated_flax_{module_name(plan)}")
-    mod.__file__ = filename
-    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
-    exec(compile(source, filename, "exec"), mod.__dict__)  # noqa: S102 - our own generated code
-    return mod
+    """Exec generated ``source`` into a fresh module."""
+    return generated.load_source(source, plan, "flax")
 
 
 def model_class(plan: Plan) -> type:

@@ -6,13 +6,13 @@ in a fresh module, so what runs is what ``write`` puts on disk.
 
 from __future__ import annotations
 
-import linecache
 import types
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from mixc.backends import generated
 from mixc.backends.torch.codegen import class_name, emit_source, module_name
 from mixc.compiler.plan import Plan
 
@@ -20,13 +20,8 @@ LAYOUTS = ("auto", "grouped", "loop")
 
 
 def load_source(source: str, plan: Plan) -> types.ModuleType:
-    """Exec generated ``source`` into a fresh module (registered with linecache for tracebacks)."""
-    filename = f"<mixc-generated {module_name(plan)}.py>"
-    mod = types.ModuleType(f"mixc_generated_{module_name(plan)}")
-    mod.__file__ = filename
-    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
-    exec(compile(source, filename, "exec"), mod.__dict__)  # noqa: S102 - our own generated code
-    return mod
+    """Exec generated ``source`` into a fresh module."""
+    return generated.load_source(source, plan, "torch")
 
 
 def build(
