@@ -314,8 +314,9 @@ def header(plan: Plan, backend: str) -> list[str]:
     ]
 
 
-def constants(plan: Plan) -> list[str]:
-    """The module-level constants every generated file defines, ending with ``PLAN_TENSORS``."""
+def constants(plan: Plan, tensor_table: bool = True) -> list[str]:
+    """The module-level constants every generated file defines, then (``tensor_table``) the
+    ``PLAN_TENSORS`` table from plan tensor names to flat attributes."""
     p = plan
     lines = [
         f"SPEC_NAME = {_q(p.name)}",
@@ -325,10 +326,10 @@ def constants(plan: Plan) -> list[str]:
         f"CLASSES = {p.classes}",
         f"INPUT_SHAPE = {tuple(p.input_shape)!r}",
         'LAYOUTS = ("auto", "grouped", "loop")',
-        "",
-        "# Plan tensor name -> module attribute (attribute names cannot contain dots).",
-        "PLAN_TENSORS = {",
     ]
+    if not tensor_table:
+        return lines
+    lines += ["", "# Plan tensor name -> module attribute (attribute names cannot contain dots).", "PLAN_TENSORS = {"]
     lines += [f"    {_q(t.name)}: {_q(attr_name(t.name))}," for t in p.tensors]
     lines.append("}")
     return lines
@@ -447,7 +448,7 @@ class Emitter:
     def klass(self) -> list[str]:
         raise NotImplementedError
 
-    def class_head(self, base: str) -> list[str]:
+    def class_head(self, base: str, tensor_table: bool = True) -> list[str]:
         """``class Name(base):`` with its docstring and the plan's facts as class attributes."""
         return [
             f"class {class_name(self.plan)}({base}):",
@@ -458,7 +459,7 @@ class Emitter:
             "    members = MEMBERS",
             "    classes = CLASSES",
             "    input_shape = INPUT_SHAPE",
-            "    plan_tensors = PLAN_TENSORS",
+            *(["    plan_tensors = PLAN_TENSORS"] if tensor_table else []),
             "",
         ]
 

@@ -58,11 +58,15 @@ def write(plan: Plan, out_dir: str | Path) -> Path:
 
 
 def named_plan_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every plan tensor name (``bank.g0``, ``bn.s1.b0.bn0.running_mean``...) -> the model's Parameter/buffer."""
+    """Every plan tensor name (``bank.g0``, ``bn.s1.b0.bn0.running_mean``...) -> the model's Parameter/buffer.
+
+    The one place where the checkpoint format's names (the Plan's) meet the module's hierarchical
+    state_dict keys: the generated model's ``plan_tensors()`` says which key holds which name."""
     mapping = getattr(model, "plan_tensors", None)
-    if mapping is None:
+    if not callable(mapping):
         raise TypeError(f"{type(model).__name__} is not a mixc-generated model (it has no plan_tensors)")
-    return {name: getattr(model, attr) for name, attr in mapping.items()}
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    return {name: tensors[key] for name, key in mapping().items()}
 
 
 def ensemble_probs(logits: torch.Tensor) -> torch.Tensor:

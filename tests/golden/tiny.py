@@ -11,36 +11,16 @@
 # One plain backbone: 1,445; naive ensemble of 3: 4,335.
 """MixtureEnsemble "tiny": 3 members composed from shared templates.
 
-Every banked layer's weights for all members are composed once per forward:
-member i's weight is sum_l alpha[i, l] * T[l], where the templates T are rows
-of a bank (``bank.<group>``, shape [templates, size]) or windows of the flat
-``blob``. A template is the layer's weight flattened ([out, in/groups,
-*kernel]) followed by its bias. ``plain`` layers are one weight shared by all
-members; ``member`` layers hold an unfactorised weight per member; every
-member has its own BatchNorm.
-
-forward(x) takes x [B, *INPUT_SHAPE] and returns member logits
-[B, MEMBERS, CLASSES]; the ensemble prediction is the mean over members of
-their softmax. Two layouts compute the same numbers:
-  "grouped"  members side by side on the channel axis ([B, M*C, ...]): a conv
-             is one grouped conv, a BatchNorm one batch_norm over M*C channels;
-  "loop"     each member's ops run in turn with its own composed weights.
-  "auto"     grouped on CUDA, loop elsewhere (on CPU the loop is as fast or
-             faster and keeps activations below glibc's 32 MB mmap threshold).
-Ops whose input is the same for every member (a plain stem) run once.
-
-Initialisation (reset_parameters): each member's alphas are a unit vector
-(orthonormal across members, in blocks of k, from the QR of a Gaussian), so a
-composed weight sum_l alpha_l T_l has exactly the variance of one template
-(Var W = Var T * sum_l alpha_l**2 = Var T). Templates are therefore drawn
-N(0, v) with v the variance of the plain layer's default init: conv weights
-2 / fan_in (kaiming normal, ReLU gain), linear weights 1 / (3 fan_in) (PyTorch's
-U(+-1/sqrt(fan_in))), biases 1 / (3 fan_in). The blob serves layers of several
-fan-ins; it is drawn with the read-weighted mean of their variances (the
-BatchNorm after each layer absorbs the rest). Plain and member layers use
-PyTorch's usual init (kaiming normal for conv), BatchNorm weight 1, bias 0.
-These are the defaults; the plan's init rules may instead draw alphas N(0, std^2)
-(then Var W = Var T * k std^2) and the plain output layer N(0, std^2) with bias 0.
+Member i's weight in a composed layer is sum_l alpha[i, l] * T[l], T rows of a bank ([templates,
+size]: a layer's weight flattened, then its bias) or windows of the flat ``blob``, composed once
+per forward before any layer runs (Ensemble.mix). ``plain`` layers share one weight, ``member``
+layers have one per member, each member has its own BatchNorm. forward(x [B, *INPUT_SHAPE])
+returns member logits [B, MEMBERS, CLASSES]; activations hold the members side by side on the
+channel axis ([B, M*C, ...]), values shared by all members are computed once. Layout "grouped":
+one grouped convolution for all members, "loop": one per member, "auto": grouped on CUDA.
+Init: alphas unit rows, orthonormal across members in blocks of k (or N(0, ALPHA_STD^2));
+templates N(0, v), v the plain layer's default (conv 2 / fan_in, linear and bias 1 / (3 fan_in));
+plain and member layers PyTorch's usual init (the output layer N(0, CLASSIFIER_STD^2) if set).
 """
 
 import math
@@ -56,30 +36,41 @@ MEMBERS = 3
 CLASSES = 5
 INPUT_SHAPE = (3, 8, 8)
 LAYOUTS = ("auto", "grouped", "loop")
+OUTPUT = "fc"
+ALPHA_STD = None  # None: orthonormal alphas
+CLASSIFIER_STD = None  # None: PyTorch's usual init of the output layer
+BLOB = None  # the flat template store: (size, std)
 
-# Plan tensor name -> module attribute (attribute names cannot contain dots).
-PLAN_TENSORS = {
-    "bank.g0": "bank__g0",
-    "plain.stem.weight": "plain__stem__weight",
-    "bn.bn0.weight": "bn__bn0__weight",
-    "bn.bn0.bias": "bn__bn0__bias",
-    "bn.bn0.running_mean": "bn__bn0__running_mean",
-    "bn.bn0.running_var": "bn__bn0__running_var",
-    "alpha.b0.conv1": "alpha__b0__conv1",
-    "bn.b0.bn1.weight": "bn__b0__bn1__weight",
-    "bn.b0.bn1.bias": "bn__b0__bn1__bias",
-    "bn.b0.bn1.running_mean": "bn__b0__bn1__running_mean",
-    "bn.b0.bn1.running_var": "bn__b0__bn1__running_var",
-    "alpha.b0.conv2": "alpha__b0__conv2",
-    "plain.fc.weight": "plain__fc__weight",
-    "plain.fc.bias": "plain__fc__bias",
+# Banks: plan name -> (key in model.banks, [templates, size], (weight size, weight std, bias std)).
+BANKS = {
+    "bank.g0": ("g0", (3, 576), (576, 0.16666666666666666, 0.06804138174397717)),
+}
+
+# Every BatchNorm's channels, by plan name (options other than the defaults are in LAYERS).
+BATCH_NORMS = {
+    "bn0": 8, "b0.bn1": 8,
+}
+
+# Conv and linear layers: shape [out, in/groups, *kernel], options, source of the weights.
+LAYERS = {
+    "stem": dict(shape=(8, 3, 3, 3), padding=1, source="plain", shared_input=True),
+    "bn0": dict(shared_input=True),
+    "b0.conv1": dict(shape=(8, 8, 3, 3), padding=1, source="bank", bank="g0", rows=3, templates=[[0, 1]] * 3),
+    "b0.conv2": dict(shape=(8, 8, 3, 3), padding=1, source="bank", bank="g0", rows=3, templates=[[2, 0]] * 3),
+    "fc": dict(shape=(5, 8), bias=True, source="plain"),
 }
 
 
-def _one_hot(index: list[list[int]], n: int) -> torch.Tensor:
-    """Selector [M, k, n]: alpha [M, k] @ selector gives the mixing weights over n templates."""
-    return F.one_hot(torch.tensor(index), n).to(torch.get_default_dtype())
+class Composed:
+    """Composed layers' weights for one forward, by plan name, and how members are laid out."""
 
+    def __init__(self, weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]], grouped: bool) -> None:
+        self.weights, self.grouped = weights, grouped
+
+
+def _repeat(x: torch.Tensor) -> torch.Tensor:
+    """A value shared by all members, repeated side by side on the channel axis (keeps channels_last)."""
+    return torch.cat([x] * MEMBERS, dim=1)
 
 def _orthonormal_rows_(alpha: torch.Tensor) -> None:
     """Unit-norm rows, mutually orthogonal within each block of k members (Haar-random)."""
@@ -87,11 +78,217 @@ def _orthonormal_rows_(alpha: torch.Tensor) -> None:
     for start in range(0, members, k):
         rows = min(k, members - start)
         q, r = torch.linalg.qr(torch.randn(k, rows, device=alpha.device))
-        q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
-        alpha[start : start + rows] = q.T
+        alpha[start : start + rows] = (q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)).T
+
+class _Weighted(nn.Module):
+    """A conv or linear layer of every member. ``source``: "bank" (it holds alphas [M, k]; the
+    model composes its weights from the bank rows ``templates[i]``), "blob" (alphas over blob
+    windows at ``offsets[i]``), "member" (a weight per member) or "plain" (one shared weight)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        cfg = LAYERS[name]
+        self.name, self.source, self.shape = name, cfg["source"], cfg["shape"]  # [out, in/groups, *kernel]
+        self.shared_input = cfg.get("shared_input", False)
+        self.spread = cfg.get("spread", False)  # a shared output that per-member values are added to
+        self.bias = None
+        if self.source == "bank":  # alpha [M, k] @ selector [M, k, rows] = mixing weights over the bank
+            self.alpha = nn.Parameter(torch.empty(MEMBERS, len(cfg["templates"][0])))
+            selector = F.one_hot(torch.tensor(cfg["templates"]), cfg["rows"]).to(torch.get_default_dtype())
+            self.register_buffer("selector", selector, persistent=False)
+        elif self.source == "blob":
+            self.alpha, self.offsets = nn.Parameter(torch.empty(MEMBERS, cfg["k"])), cfg["offsets"]
+        else:
+            lead = (MEMBERS,) if self.source == "member" else ()
+            self.weight = nn.Parameter(torch.empty(*lead, *self.shape))
+            self.bias = nn.Parameter(torch.empty(*lead, self.shape[0])) if cfg.get("bias") else None
+        self.has_bias = cfg.get("bias", False)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, shape={tuple(self.shape)}, source={self.source}"
+
+    def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Composed templates [M, size] -> weight [M, *shape] and bias [M, out] (or None)."""
+        size = math.prod(self.shape)
+        bias = flat[:, size:] if self.has_bias else None
+        return flat[:, :size].reshape(MEMBERS, *self.shape), bias
+
+    def weights(self, w: Composed) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return w.weights[self.name] if self.source in ("bank", "blob") else (self.weight, self.bias)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Alphas orthonormal (or the plan's normal law); plain and member layers PyTorch's usual
+        init (kaiming normal for convs); the output layer the plan's classifier rule."""
+        if self.source in ("bank", "blob"):
+            return _orthonormal_rows_(self.alpha) if ALPHA_STD is None else nn.init.normal_(self.alpha, std=ALPHA_STD)
+        bound = 1 / math.sqrt(math.prod(self.shape[1:]))
+        if self.name == OUTPUT and CLASSIFIER_STD is not None:
+            nn.init.normal_(self.weight, std=CLASSIFIER_STD)
+            return None if self.bias is None else nn.init.zeros_(self.bias)
+        if isinstance(self, Conv):
+            nn.init.normal_(self.weight, std=math.sqrt(2) * bound)
+        else:
+            nn.init.uniform_(self.weight, -bound, bound)
+        return None if self.bias is None else nn.init.uniform_(self.bias, -bound, bound)
+
+class Conv(_Weighted):
+    """A convolution of every member (see _Weighted)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        cfg = LAYERS[name]
+        self.groups = cfg.get("groups", 1)
+        self.options = {key: cfg[key] for key in ("stride", "padding", "dilation") if key in cfg}
+        self.conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.shape) - 3]
+
+    def forward(self, x: torch.Tensor, w: Composed) -> torch.Tensor:
+        weight, bias = self.weights(w)
+        conv, groups, options = self.conv, self.groups, self.options
+        if self.source == "plain" and self.shared_input:  # computed once for all members
+            y = conv(x, weight, bias, groups=groups, **options)
+            return _repeat(y) if self.spread else y
+        if self.source == "plain":  # the shared weight, once per member
+            weight, bias = weight.expand(MEMBERS, *weight.shape), None if bias is None else bias.expand(MEMBERS, -1)
+        if w.grouped:  # one convolution: the members' filters stacked on the output axis
+            bias = None if bias is None else bias.flatten()
+            if self.shared_input and groups == 1:
+                return conv(x, weight.flatten(0, 1), bias, **options)
+            x = _repeat(x) if self.shared_input else x
+            return conv(x, weight.flatten(0, 1), bias, groups=MEMBERS * groups, **options)
+        xs = [x] * MEMBERS if self.shared_input else x.chunk(MEMBERS, dim=1)
+        biases = [None] * MEMBERS if bias is None else bias
+        return torch.cat([conv(*args, groups=groups, **options) for args in zip(xs, weight, biases)], dim=1)
+
+class Linear(_Weighted):
+    """A linear layer of every member (see _Weighted); inputs [B, M*I], or shared [B, I]."""
+
+    def forward(self, x: torch.Tensor, w: Composed) -> torch.Tensor:
+        weight, bias = self.weights(w)
+        if self.source == "plain":
+            y = F.linear(x if self.shared_input else x.unflatten(1, (MEMBERS, -1)), weight, bias).flatten(1)
+            return _repeat(y) if self.spread else y
+        if self.shared_input:
+            return F.linear(x, weight.flatten(0, 1), None if bias is None else bias.flatten())
+        y = torch.einsum("bmi,moi->bmo", x.unflatten(1, (MEMBERS, -1)), weight)
+        return (y if bias is None else y + bias).flatten(1)
+
+class BatchNorm(nn.Module):
+    """Each member's own BatchNorm (weight, bias, running statistics [M, C]), applied as one
+    batch_norm over the members' M*C channels (the views update the running statistics)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        cfg = LAYERS.get(name, {})
+        self.name, channels, self.shared_input = name, BATCH_NORMS[name], cfg.get("shared_input", False)
+        self.momentum, self.eps = cfg.get("momentum", 0.1), cfg.get("eps", 1e-5)
+        self.weight = nn.Parameter(torch.ones(MEMBERS, channels))
+        self.bias = nn.Parameter(torch.zeros(MEMBERS, channels))
+        self.register_buffer("running_mean", torch.zeros(MEMBERS, channels))
+        self.register_buffer("running_var", torch.ones(MEMBERS, channels))
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, channels={self.weight.shape[1]}"
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.weight.fill_(1.0), self.bias.zero_(), self.running_mean.zero_(), self.running_var.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _repeat(x) if self.shared_input else x
+        mean, var, weight, bias = (t.view(-1) for t in (self.running_mean, self.running_var, self.weight, self.bias))
+        return F.batch_norm(x, mean, var, weight, bias, training=self.training, momentum=self.momentum, eps=self.eps)
+
+class Ensemble(nn.Module):
+    """What every generated ensemble shares: options, the template stores, composition once per
+    forward, initialisation, and the plan's tensor names for checkpoints."""
+
+    def __init__(self, layout: str, channels_last: bool) -> None:
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be auto, grouped or loop, not {layout!r}")
+        self.layout, self.channels_last = layout, channels_last
+        self.banks = nn.ParameterDict({key: nn.Parameter(torch.empty(shape)) for key, shape, _ in BANKS.values()})
+        self.blob = nn.Parameter(torch.empty(BLOB[0])) if BLOB else None
+
+    def extra_repr(self) -> str:
+        return f"spec={SPEC_NAME}, members={MEMBERS}, layout={self.layout}, channels_last={self.channels_last}"
+
+    def setup(self) -> None:
+        """Once the layers exist: list the composed ones by bank (plain lists: each layer stays
+        registered where the spec puts it), then initialise."""
+        weighted = [m for m in self.modules() if isinstance(m, _Weighted)]
+        self.banked = {key: [m for m in weighted if LAYERS[m.name].get("bank") == key] for key, _, _ in BANKS.values()}
+        self.blobbed = [m for m in weighted if m.source == "blob"]
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Templates N(0, v) (weight and bias parts, see the module docstring), then every layer."""
+        for key, (rows, size), (weight_size, weight_std, bias_std) in BANKS.values():
+            nn.init.normal_(self.banks[key][:, :weight_size], std=weight_std)
+            nn.init.normal_(self.banks[key][:, weight_size:], std=bias_std)
+        if self.blob is not None:
+            nn.init.normal_(self.blob, std=BLOB[1])
+        for layer in self.modules():
+            if isinstance(layer, (_Weighted, BatchNorm)):
+                layer.reset_parameters()
+
+    def mix(self, device: torch.device) -> Composed:
+        """Every composed layer's weights for all members, once per forward: per bank, the layers'
+        alphas spread over its rows, then one product with the templates. In the parameters'
+        precision even under autocast (the convolutions cast the result once)."""
+        weights = {}
+        with torch.autocast(device.type, enabled=False):
+            for key, layers in self.banked.items():
+                coeffs = torch.cat([torch.einsum("mk,mkt->mt", m.alpha, m.selector) for m in layers])
+                for layer, flat in zip(layers, (coeffs @ self.banks[key]).split(MEMBERS)):
+                    weights[layer.name] = layer.split(flat)
+            for layer in self.blobbed:
+                weights[layer.name] = layer.split(layer.mix_blob(self.blob))
+        return Composed(weights, grouped=self.layout == "grouped" or (self.layout == "auto" and device.type == "cuda"))
+
+    def compose(self) -> dict[str, torch.Tensor]:
+        """Every weight layer's weights by "<layer>.weight"/".bias": [M, ...] for composed and member
+        layers, the shared tensor for plain ones (for analysis; forward uses ``mix``)."""
+        layers = [m for m in self.modules() if isinstance(m, _Weighted)]
+        composed = self.mix(next(self.parameters()).device).weights
+        pairs = [(m.name, composed.get(m.name, (getattr(m, "weight", None), m.bias))) for m in layers]
+        return {f"{name}.{part}": t for name, wb in pairs for part, t in zip(("weight", "bias"), wb) if t is not None}
+
+    def plan_tensors(self) -> dict[str, str]:
+        """Plan tensor name (the checkpoint format, shared with the flax backend) -> state_dict key."""
+        names = {name: f"banks.{key}" for name, (key, _, _) in BANKS.items()} | ({"blob": "blob"} if BLOB else {})
+        for path, layer in self.named_modules():
+            if isinstance(layer, BatchNorm):
+                names |= {f"bn.{layer.name}.{t}": f"{path}.{t}" for t in ("weight", "bias", "running_mean", "running_var")}
+            elif isinstance(layer, _Weighted) and layer.source in ("bank", "blob"):
+                names[f"alpha.{layer.name}"] = f"{path}.alpha"
+            elif isinstance(layer, _Weighted):
+                names[f"{layer.source}.{layer.name}.weight"] = f"{path}.weight"
+                names |= {f"{layer.source}.{layer.name}.bias": f"{path}.bias"} if layer.bias is not None else {}
+        return names
 
 
-class Tiny(nn.Module):
+class B0(nn.Module):
+    """Scope "b0" of the spec."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.conv1 = Conv(f"{name}.conv1")
+        self.bn1 = BatchNorm(f"{name}.bn1")
+        self.conv2 = Conv(f"{name}.conv2")
+
+    def forward(self, x: torch.Tensor, w: Composed) -> torch.Tensor:
+        h = self.conv1(x, w)
+        h = self.bn1(h)
+        h = F.relu(h)
+        h = self.conv2(h, w)
+        x = x + h
+        return x
+
+
+class Tiny(Ensemble):
     """The "tiny" ensemble; see the module docstring."""
 
     spec_name = SPEC_NAME
@@ -99,172 +296,24 @@ class Tiny(nn.Module):
     members = MEMBERS
     classes = CLASSES
     input_shape = INPUT_SHAPE
-    plan_tensors = PLAN_TENSORS
 
     def __init__(self, layout: str = "auto", channels_last: bool = False) -> None:
-        super().__init__()
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be auto, grouped or loop, not {layout!r}")
-        self.layout = layout
-        self.channels_last = channels_last
-        self.bank__g0 = nn.Parameter(torch.empty(3, 576))
-        self.plain__stem__weight = nn.Parameter(torch.empty(8, 3, 3, 3))
-        self.bn__bn0__weight = nn.Parameter(torch.empty(3, 8))
-        self.bn__bn0__bias = nn.Parameter(torch.empty(3, 8))
-        self.register_buffer("bn__bn0__running_mean", torch.zeros(3, 8))
-        self.register_buffer("bn__bn0__running_var", torch.ones(3, 8))
-        self.alpha__b0__conv1 = nn.Parameter(torch.empty(3, 2))
-        self.bn__b0__bn1__weight = nn.Parameter(torch.empty(3, 8))
-        self.bn__b0__bn1__bias = nn.Parameter(torch.empty(3, 8))
-        self.register_buffer("bn__b0__bn1__running_mean", torch.zeros(3, 8))
-        self.register_buffer("bn__b0__bn1__running_var", torch.ones(3, 8))
-        self.alpha__b0__conv2 = nn.Parameter(torch.empty(3, 2))
-        self.plain__fc__weight = nn.Parameter(torch.empty(5, 8))
-        self.plain__fc__bias = nn.Parameter(torch.empty(5))
-        # Constant template selections (derived from the plan, not saved).
-        self.register_buffer(
-            "sel__b0__conv2",
-            _one_hot([[2, 0], [2, 0], [2, 0]], 3),
-            persistent=False,
-        )
-        self.reset_parameters()
-
-    def extra_repr(self) -> str:
-        return f"spec={SPEC_NAME}, members={MEMBERS}, layout={self.layout}, channels_last={self.channels_last}"
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Initialise as the module docstring says (uses the global torch RNG)."""
-        nn.init.normal_(self.bank__g0, std=math.sqrt(2 / 72))
-        nn.init.normal_(self.plain__stem__weight, std=math.sqrt(2 / 27))  # kaiming normal
-        nn.init.ones_(self.bn__bn0__weight)
-        nn.init.zeros_(self.bn__bn0__bias)
-        self.bn__bn0__running_mean.zero_()
-        self.bn__bn0__running_var.fill_(1.0)
-        _orthonormal_rows_(self.alpha__b0__conv1)
-        nn.init.ones_(self.bn__b0__bn1__weight)
-        nn.init.zeros_(self.bn__b0__bn1__bias)
-        self.bn__b0__bn1__running_mean.zero_()
-        self.bn__b0__bn1__running_var.fill_(1.0)
-        _orthonormal_rows_(self.alpha__b0__conv2)
-        nn.init.uniform_(self.plain__fc__weight, -1 / math.sqrt(8), 1 / math.sqrt(8))
-        nn.init.uniform_(self.plain__fc__bias, -1 / math.sqrt(8), 1 / math.sqrt(8))
-
-    def compose(self) -> dict[str, torch.Tensor]:
-        """Every weight layer's weights: "<layer>.weight" and "<layer>.bias".
-
-        Composed layers and member layers carry the member axis first ([M, ...]);
-        plain layers are the shared tensors themselves. Called once per forward.
-        """
-        w: dict[str, torch.Tensor] = {}
-        with torch.autocast(self.bank__g0.device.type, enabled=False):
-            w["stem.weight"] = self.plain__stem__weight
-            # b0.conv1: bank.g0 templates [0, 1] for every member
-            flat = self.alpha__b0__conv1 @ self.bank__g0[0:2]
-            w["b0.conv1.weight"] = flat.reshape(3, 8, 8, 3, 3)
-            # b0.conv2: bank.g0 templates [2, 0] for every member
-            flat = torch.einsum("mk,mku->mu", self.alpha__b0__conv2, self.sel__b0__conv2) @ self.bank__g0
-            w["b0.conv2.weight"] = flat.reshape(3, 8, 8, 3, 3)
-            w["fc.weight"] = self.plain__fc__weight
-            w["fc.bias"] = self.plain__fc__bias
-        return w
+        super().__init__(layout, channels_last)
+        self.stem = Conv("stem")
+        self.bn0 = BatchNorm("bn0")
+        self.b0 = B0("b0")
+        self.fc = Linear("fc")
+        self.setup()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, *INPUT_SHAPE] -> member logits [B, MEMBERS, CLASSES]."""
-        layout = self.layout
-        if layout == "auto":
-            layout = "grouped" if x.is_cuda else "loop"
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        w = self.compose()
-        if layout == "grouped":
-            return self.forward_grouped(x, w)
-        return self.forward_loop(x, w)
-
-    def forward_grouped(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Members side by side on the channel axis: activations are [B, M*C, ...]."""
-        stem = F.conv2d(x, w["stem.weight"], None, padding=1)
-        del x
-        stem_relu = F.relu(stem)
-        del stem
-        stem_relu_rep = torch.cat([stem_relu] * 3, 1)
-        bn0 = F.batch_norm(
-            stem_relu_rep,
-            self.bn__bn0__running_mean.view(-1),
-            self.bn__bn0__running_var.view(-1),
-            self.bn__bn0__weight.view(-1),
-            self.bn__bn0__bias.view(-1),
-            self.training,
-            0.1,
-            1e-05,
-        )
-        del stem_relu, stem_relu_rep
-        b0_conv1 = F.conv2d(bn0, w["b0.conv1.weight"].flatten(0, 1), None, padding=1, groups=3)
-        b0_bn1 = F.batch_norm(
-            b0_conv1,
-            self.bn__b0__bn1__running_mean.view(-1),
-            self.bn__b0__bn1__running_var.view(-1),
-            self.bn__b0__bn1__weight.view(-1),
-            self.bn__b0__bn1__bias.view(-1),
-            self.training,
-            0.1,
-            1e-05,
-        )
-        del b0_conv1
-        b0_relu1 = F.relu(b0_bn1)
-        del b0_bn1
-        b0_conv2 = F.conv2d(b0_relu1, w["b0.conv2.weight"].flatten(0, 1), None, padding=1, groups=3)
-        del b0_relu1
-        b0_add = bn0 + b0_conv2
-        del b0_conv2, bn0
-        relu = F.relu(b0_add)
-        del b0_add
-        pool = relu.mean((2, 3))
-        del relu
-        fc = F.linear(pool.unflatten(1, (3, 8)), w["fc.weight"], w["fc.bias"]).flatten(1)
-        del pool
-        return fc.unflatten(1, (3, 5))
-
-    def forward_loop(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Each member in turn with its own weights; shared ops run once, before the loop."""
-        stem = F.conv2d(x, w["stem.weight"], None, padding=1)
-        stem_relu = F.relu(stem)
-        del stem
-        outs = []
-        for m in range(3):
-            bn0 = F.batch_norm(
-                stem_relu,
-                self.bn__bn0__running_mean[m],
-                self.bn__bn0__running_var[m],
-                self.bn__bn0__weight[m],
-                self.bn__bn0__bias[m],
-                self.training,
-                0.1,
-                1e-05,
-            )
-            b0_conv1 = F.conv2d(bn0, w["b0.conv1.weight"][m], None, padding=1)
-            b0_bn1 = F.batch_norm(
-                b0_conv1,
-                self.bn__b0__bn1__running_mean[m],
-                self.bn__b0__bn1__running_var[m],
-                self.bn__b0__bn1__weight[m],
-                self.bn__b0__bn1__bias[m],
-                self.training,
-                0.1,
-                1e-05,
-            )
-            del b0_conv1
-            b0_relu1 = F.relu(b0_bn1)
-            del b0_bn1
-            b0_conv2 = F.conv2d(b0_relu1, w["b0.conv2.weight"][m], None, padding=1)
-            del b0_relu1
-            b0_add = bn0 + b0_conv2
-            del b0_conv2, bn0
-            relu = F.relu(b0_add)
-            del b0_add
-            pool = relu.mean((2, 3))
-            del relu
-            fc = F.linear(pool, w["fc.weight"], w["fc.bias"])
-            del pool
-            outs.append(fc)
-        return torch.stack(outs, 1)
+        x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        w = self.mix(x.device)  # every composed layer's weights, once per forward
+        x = self.stem(x, w)
+        x = F.relu(x)
+        x = self.bn0(x)
+        x = self.b0(x, w)
+        x = F.relu(x)
+        x = x.mean((2, 3))
+        x = self.fc(x, w)
+        return x.unflatten(1, (MEMBERS, CLASSES))
