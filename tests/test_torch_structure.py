@@ -32,7 +32,7 @@ def test_one_module_per_block_and_layer(wrn):
 def test_forward_hook_fires_once_per_forward(wrn, layout):
     wrn.layout = layout
     seen = []
-    handle = wrn.s1[0].conv1.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    handle = wrn.s1[0].conv1.register_forward_hook(lambda mod, args, out: seen.append(out))
     try:
         x = torch.randn(2, 3, 32, 32)
         wrn.eval()(x)
@@ -41,7 +41,10 @@ def test_forward_hook_fires_once_per_forward(wrn, layout):
         handle.remove()
         wrn.layout = "auto"
     assert len(seen) == 2
-    assert seen[0][1] == wrn.members * 64  # the members side by side on the channel axis
+    if layout == "grouped":  # the members side by side on the channel axis
+        assert seen[0].shape[1] == wrn.members * 64
+    else:  # one tensor per member
+        assert len(seen[0]) == wrn.members and seen[0][0].shape[1] == 64
 
 
 def test_state_dict_keys_are_hierarchical_and_map_to_plan_names(wrn):

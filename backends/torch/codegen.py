@@ -41,7 +41,7 @@ def _layer_call(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> s
 
 
 def _bn(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> str:
-    return f"self.{attr(relative(node, op.name))}({a[0]})"
+    return f"self.{attr(relative(node, op.name))}({a[0]}, w)"
 
 
 def _act(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> str:
@@ -74,7 +74,8 @@ def _dropout(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> str:
 
 def _add(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> str:
     """A residual sum; a term shared by all members meets per-member ones repeated side by side."""
-    return " + ".join(f"_repeat({v})" if shared[i] and not shared[op.name] else v for i, v in zip(op.inputs, a))
+    like = next((v for i, v in zip(op.inputs, a) if not shared[i]), "")
+    return " + ".join(f"_repeat({v}, {like})" if shared[i] and not shared[op.name] else v for i, v in zip(op.inputs, a))
 
 
 LOWER: dict[str, Callable[[Node, Any, list[str], dict[str, bool]], str]] = dict(
@@ -114,7 +115,8 @@ per forward before any layer runs (Ensemble.mix). ``plain`` layers share one wei
 layers have one per member, each member has its own BatchNorm. forward(x [B, *INPUT_SHAPE])
 returns member logits [B, MEMBERS, CLASSES]; activations hold the members side by side on the
 channel axis ([B, M*C, ...]), values shared by all members are computed once. Layout "grouped":
-one grouped convolution for all members, "loop": one per member, "auto": grouped on CUDA.
+one grouped convolution for all members, "loop": one per member (a Members tuple holds each
+member's activations), "auto": grouped on CUDA.
 Init: alphas unit rows, orthonormal across members in blocks of k (or N(0, ALPHA_STD^2));
 templates N(0, v), v the plain layer's default (conv 2 / fan_in, linear and bias 1 / (3 fan_in));
 plain and member layers PyTorch's usual init (the output layer N(0, CLASSIFIER_STD^2) if set).
@@ -184,7 +186,9 @@ plain and member layers PyTorch's usual init (the output layer N(0, CLASSIFIER_S
         p = self.plan
         composed = any(op.kind in ("conv", "linear") and op.source in ("bank", "blob") for op in p.ops)
         orthonormal = composed and p.init.alphas.law != "normal"
-        return pieces(p.blob is not None, orthonormal, any(op.kind == "linear" for op in p.ops)).splitlines()
+        repeat = any(op.kind == "add" and not self.shared[op.name] and any(self.shared[i] for i in op.inputs)
+                     for op in p.ops)
+        return pieces(p.blob is not None, orthonormal, any(op.kind == "linear" for op in p.ops), repeat).splitlines()
 
     # -- the classes -------------------------------------------------------
 
@@ -222,7 +226,7 @@ plain and member layers PyTorch's usual init (the output layer N(0, CLASSIFIER_S
             *(["        x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x"]
               if len(p.input_shape) == 3 else []),
             "        w = self.mix(x.device)  # every composed layer's weights, once per forward",
-            *self.statements_of(self.tree, final=f"unflatten(1, ({'MEMBERS'}, {'CLASSES'}))"),
+            *self.statements_of(self.tree, final=True),
         ]
 
     def children(self, node: Node, in_block: bool) -> list[str]:
@@ -256,7 +260,7 @@ plain and member layers PyTorch's usual init (the output layer N(0, CLASSIFIER_S
             i = j + 1
         return "[" + ", ".join(parts) + "]"
 
-    def statements_of(self, node: Node, final: str = "") -> list[str]:
+    def statements_of(self, node: Node, final: bool = False) -> list[str]:
         """The forward's statements; the model's last value is reshaped to member logits."""
         noop = {op.name for op in node.ops() if op.kind == "dropout" and op.p == 0}
         var, steps = assign_vars(node, noop)
@@ -273,7 +277,7 @@ plain and member layers PyTorch's usual init (the output layer N(0, CLASSIFIER_S
         result = var[node.output]
         if final and self.shared[node.output]:
             return lines + [f"        return {result}.unsqueeze(1).expand(-1, MEMBERS, -1)"]
-        return lines + [f"        return {result}.{final}" if final else f"        return {result}"]
+        return lines + [f"        return self.logits({result})" if final else f"        return {result}"]
 
 
 def packed_dict(name: str, items: list[tuple[str, str]]) -> list[str]:

@@ -13,16 +13,41 @@ linear layers).
 from __future__ import annotations
 
 COMMON = '''
+class Members(tuple):
+    """Each member's activation (loop layout): torch functions, tensor methods and + apply per member."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        pick = lambda v, m: v[m] if isinstance(v, Members) else v  # noqa: E731
+        return Members(
+            func(*(pick(a, m) for a in args), **{k: pick(v, m) for k, v in (kwargs or {}).items()})
+            for m in range(MEMBERS)
+        )
+
+    def __add__(self, other):
+        return Members(a + (other[m] if isinstance(other, Members) else other) for m, a in enumerate(self))
+
+    __radd__ = __add__
+
+    def __getattr__(self, name: str):  # h.mean((2, 3)), h.flatten(1)
+        return lambda *args, **kwargs: Members(getattr(t, name)(*args, **kwargs) for t in self)
+
+
 class Composed:
     """Composed layers' weights for one forward, by plan name, and how members are laid out."""
 
     def __init__(self, weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]], grouped: bool) -> None:
         self.weights, self.grouped = weights, grouped
 
+    def repeat(self, x: torch.Tensor) -> torch.Tensor | Members:
+        """A value shared by all members as every member's (grouped: side by side on the channel axis)."""
+        return torch.cat([x] * MEMBERS, dim=1) if self.grouped else Members([x] * MEMBERS)
+'''
 
-def _repeat(x: torch.Tensor) -> torch.Tensor:
-    """A value shared by all members, repeated side by side on the channel axis (keeps channels_last)."""
-    return torch.cat([x] * MEMBERS, dim=1)
+REPEAT = '''
+def _repeat(x: torch.Tensor, like: torch.Tensor | Members) -> torch.Tensor:
+    """A shared value added to per-member ones: repeated side by side (a Members broadcasts it)."""
+    return torch.cat([x] * MEMBERS, dim=1) if isinstance(like, torch.Tensor) else x
 '''
 
 WINDOW = '''
@@ -56,9 +81,8 @@ class _Weighted(nn.Module):
         super().__init__()
         cfg = LAYERS[name]
         self.name, self.source, self.shape = name, cfg["source"], cfg["shape"]  # [out, in/groups, *kernel]
-        self.shared_input = cfg.get("shared_input", False)
-        self.spread = cfg.get("spread", False)  # a shared output that per-member values are added to
-        self.bias = None
+        self.has_bias, self.bias = cfg.get("bias", False), None
+        self.shared_input, self.spread = cfg.get("shared_input", False), cfg.get("spread", False)  # spread: repeat
         if self.source == "bank":  # alpha [M, k] @ selector [M, k, rows] = mixing weights over the bank
             self.alpha = nn.Parameter(torch.empty(MEMBERS, len(cfg["templates"][0])))
             selector = F.one_hot(torch.tensor(cfg["templates"]), cfg["rows"]).to(torch.get_default_dtype())
@@ -68,8 +92,7 @@ class _Weighted(nn.Module):
         else:
             lead = (MEMBERS,) if self.source == "member" else ()
             self.weight = nn.Parameter(torch.empty(*lead, *self.shape))
-            self.bias = nn.Parameter(torch.empty(*lead, self.shape[0])) if cfg.get("bias") else None
-        self.has_bias = cfg.get("bias", False)
+            self.bias = nn.Parameter(torch.empty(*lead, self.shape[0])) if self.has_bias else None
 
     def extra_repr(self) -> str:
         return f"{self.name}, shape={tuple(self.shape)}, source={self.source}"
@@ -93,7 +116,7 @@ class _Weighted(nn.Module):
         if self.name == OUTPUT and CLASSIFIER_STD is not None:
             nn.init.normal_(self.weight, std=CLASSIFIER_STD)
             return None if self.bias is None else nn.init.zeros_(self.bias)
-        if isinstance(self, Conv):
+        if isinstance(self, Conv):  # kaiming normal
             nn.init.normal_(self.weight, std=math.sqrt(2) * bound)
         else:
             nn.init.uniform_(self.weight, -bound, bound)
@@ -121,44 +144,49 @@ class Conv(_Weighted):
         self.options = {key: cfg[key] for key in ("stride", "padding", "dilation") if key in cfg}
         self.conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.shape) - 3]
 
-    def forward(self, x: torch.Tensor, w: Composed) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Members, w: Composed) -> torch.Tensor | Members:
         weight, bias = self.weights(w)
         conv, groups, options = self.conv, self.groups, self.options
         if self.source == "plain" and self.shared_input:  # computed once for all members
             y = conv(x, weight, bias, groups=groups, **options)
-            return _repeat(y) if self.spread else y
+            return w.repeat(y) if self.spread else y
         if self.source == "plain":  # the shared weight, once per member
             weight, bias = weight.expand(MEMBERS, *weight.shape), None if bias is None else bias.expand(MEMBERS, -1)
-        if w.grouped:  # one convolution: the members' filters stacked on the output axis
-            bias = None if bias is None else bias.flatten()
-            if self.shared_input and groups == 1:
-                return conv(x, weight.flatten(0, 1), bias, **options)
-            x = _repeat(x) if self.shared_input else x
-            return conv(x, weight.flatten(0, 1), bias, groups=MEMBERS * groups, **options)
-        xs = [x] * MEMBERS if self.shared_input else x.chunk(MEMBERS, dim=1)
-        biases = [None] * MEMBERS if bias is None else bias
-        return torch.cat([conv(*args, groups=groups, **options) for args in zip(xs, weight, biases)], dim=1)
+        if not w.grouped:  # one convolution per member
+            xs = [x] * MEMBERS if self.shared_input else x
+            biases = [None] * MEMBERS if bias is None else bias
+            return Members(conv(*args, groups=groups, **options) for args in zip(xs, weight, biases))
+        bias = None if bias is None else bias.flatten()  # one convolution, the members' filters stacked
+        if self.shared_input and groups == 1:
+            return conv(x, weight.flatten(0, 1), bias, **options)
+        x = torch.cat([x] * MEMBERS, dim=1) if self.shared_input else x
+        return conv(x, weight.flatten(0, 1), bias, groups=MEMBERS * groups, **options)
 '''
 
 LINEAR = '''
 class Linear(_Weighted):
     """A linear layer of every member (see _Weighted); inputs [B, M*I], or shared [B, I]."""
 
-    def forward(self, x: torch.Tensor, w: Composed) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Members, w: Composed) -> torch.Tensor | Members:
         weight, bias = self.weights(w)
         if self.source == "plain":
-            y = F.linear(x if self.shared_input else x.unflatten(1, (MEMBERS, -1)), weight, bias).flatten(1)
-            return _repeat(y) if self.spread else y
-        if self.shared_input:
+            if self.shared_input or not w.grouped:  # a Members input runs each member
+                y = F.linear(x, weight, bias)
+                return w.repeat(y) if self.spread else y
+            return F.linear(x.unflatten(1, (MEMBERS, -1)), weight, bias).flatten(1)
+        if self.shared_input and w.grouped:
             return F.linear(x, weight.flatten(0, 1), None if bias is None else bias.flatten())
+        if not w.grouped:
+            xs = [x] * MEMBERS if self.shared_input else x
+            return Members(F.linear(xm, weight[m], None if bias is None else bias[m]) for m, xm in enumerate(xs))
         y = torch.einsum("bmi,moi->bmo", x.unflatten(1, (MEMBERS, -1)), weight)
         return (y if bias is None else y + bias).flatten(1)
 '''
 
 BATCH_NORM = '''
 class BatchNorm(nn.Module):
-    """Each member's own BatchNorm (weight, bias, running statistics [M, C]), applied as one
-    batch_norm over the members' M*C channels (the views update the running statistics)."""
+    """Each member's own BatchNorm (weight, bias, running statistics [M, C]): per member in the
+    loop layout, one batch_norm over the members' M*C channels (views of the same) when grouped."""
 
     def __init__(self, name: str) -> None:
         super().__init__()
@@ -177,10 +205,15 @@ class BatchNorm(nn.Module):
     def reset_parameters(self) -> None:
         self.weight.fill_(1.0), self.bias.zero_(), self.running_mean.zero_(), self.running_var.fill_(1.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _repeat(x) if self.shared_input else x
-        mean, var, weight, bias = (t.view(-1) for t in (self.running_mean, self.running_var, self.weight, self.bias))
-        return F.batch_norm(x, mean, var, weight, bias, training=self.training, momentum=self.momentum, eps=self.eps)
+    def forward(self, x: torch.Tensor | Members, w: Composed) -> torch.Tensor | Members:
+        x = w.repeat(x) if self.shared_input else x
+        options = dict(training=self.training, momentum=self.momentum, eps=self.eps)
+        if isinstance(x, Members):  # rows of [M, C]: the running statistics update in place
+            return Members(F.batch_norm(x[m], *(t[m] for t in self.tensors()), **options) for m in range(MEMBERS))
+        return F.batch_norm(x, *(t.view(-1) for t in self.tensors()), **options)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.running_mean, self.running_var, self.weight, self.bias
 '''
 
 ENSEMBLE = '''
@@ -200,8 +233,7 @@ class Ensemble(nn.Module):
         return f"spec={SPEC_NAME}, members={MEMBERS}, layout={self.layout}, channels_last={self.channels_last}"
 
     def setup(self) -> None:
-        """Once the layers exist: list the composed ones by bank (plain lists: each layer stays
-        registered where the spec puts it), then initialise."""
+        """Once the layers exist: list the composed ones by bank (plain lists), then initialise."""
         weighted = [m for m in self.modules() if isinstance(m, _Weighted)]
         self.banked = {key: [m for m in weighted if LAYERS[m.name].get("bank") == key] for key, _, _ in BANKS.values()}
         self.blobbed = [m for m in weighted if m.source == "blob"]
@@ -233,12 +265,15 @@ class Ensemble(nn.Module):
                 weights[layer.name] = layer.split(layer.mix_blob(self.blob))
         return Composed(weights, grouped=self.layout == "grouped" or (self.layout == "auto" and device.type == "cuda"))
 
+    def logits(self, x: torch.Tensor | Members) -> torch.Tensor:
+        """The last layer's output as member logits [B, MEMBERS, CLASSES]."""
+        return torch.stack(x, dim=1) if isinstance(x, Members) else x.unflatten(1, (MEMBERS, CLASSES))
+
     def compose(self) -> dict[str, torch.Tensor]:
-        """Every weight layer's weights by "<layer>.weight"/".bias": [M, ...] for composed and member
-        layers, the shared tensor for plain ones (for analysis; forward uses ``mix``)."""
+        """Every layer's "<layer>.weight"/".bias" ([M, ...], or shared for plain layers), for analysis."""
+        mixed = self.mix(next(self.parameters()).device).weights
         layers = [m for m in self.modules() if isinstance(m, _Weighted)]
-        composed = self.mix(next(self.parameters()).device).weights
-        pairs = [(m.name, composed.get(m.name, (getattr(m, "weight", None), m.bias))) for m in layers]
+        pairs = [(m.name, mixed.get(m.name, (getattr(m, "weight", None), m.bias))) for m in layers]
         return {f"{name}.{part}": t for name, wb in pairs for part, t in zip(("weight", "bias"), wb) if t is not None}
 
     def plan_tensors(self) -> dict[str, str]:
@@ -256,9 +291,9 @@ class Ensemble(nn.Module):
 '''
 
 
-def pieces(blob: bool, orthonormal: bool, linear: bool) -> str:
+def pieces(blob: bool, orthonormal: bool, linear: bool, repeat: bool) -> str:
     """The layer classes a plan needs, as source text (blank lines as a formatter would put them)."""
-    parts = [COMMON]
+    parts = [COMMON] + ([REPEAT] if repeat else [])
     parts += [WINDOW] if blob else []
     parts += [ORTHONORMAL] if orthonormal else []
     parts += [WEIGHTED.rstrip("\n") + ("\n" + MIX_BLOB if blob else "\n"), CONV]

@@ -1,7 +1,8 @@
 """Build a runnable model from a Plan, write it to disk, and name its tensors.
 
-``build`` generates the source with ``emit_source`` and execs exactly that text
-in a fresh module, so what runs is what ``write`` puts on disk.
+``build`` generates the source with ``emit_source`` and imports exactly that text
+from the model cache (``backends/generated.py``), so what runs is what ``write``
+puts on disk, and the class has a stable module name (``torch.save(model)`` works).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def build(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
-    mod = load_source(emit_source(plan), plan)
+    mod = generated.importable(emit_source(plan), plan, "torch")  # importable: pickle and deepcopy work
     model = getattr(mod, class_name(plan))(layout=layout, channels_last=channels_last)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
