@@ -109,17 +109,13 @@ class TorchEmitter(Emitter):
         p = self.plan
         doc = f'''"""MixtureEnsemble {_q(p.name)}: {p.members} members composed from shared templates.
 
-Member i's weight in a composed layer is sum_l alpha[i, l] * T[l], T rows of a bank ([templates,
-size]: a layer's weight flattened, then its bias) or windows of the flat ``blob``, composed once
-per forward before any layer runs (Ensemble.mix). ``plain`` layers share one weight, ``member``
-layers have one per member, each member has its own BatchNorm. forward(x [B, *INPUT_SHAPE])
-returns member logits [B, MEMBERS, CLASSES]; activations hold the members side by side on the
-channel axis ([B, M*C, ...]), values shared by all members are computed once. Layout "grouped":
-one grouped convolution for all members, "loop": one per member (a Members tuple holds each
-member's activations), "auto": grouped on CUDA.
-Init: alphas unit rows, orthonormal across members in blocks of k (or N(0, ALPHA_STD^2));
-templates N(0, v), v the plain layer's default (conv 2 / fan_in, linear and bias 1 / (3 fan_in));
-plain and member layers PyTorch's usual init (the output layer N(0, CLASSIFIER_STD^2) if set).
+Member i's weight in a composed layer is sum_l alpha[i, l] * T[l], T rows of a bank (a layer's
+weight flattened, then its bias) or windows of the flat ``blob``, composed once per forward before
+any layer runs (Ensemble.mix). ``plain`` layers share one weight, ``member`` layers have one per
+member, each member has its own BatchNorm. forward(x [B, *INPUT_SHAPE]) returns member logits
+[B, MEMBERS, CLASSES]. Layout "grouped": activations [B, M*C, ...], one grouped convolution for
+all members; "loop": a Members tuple, one convolution per member; "auto": grouped on CUDA.
+Initialisation and layouts: docs/execution.md in the mixc repository.
 """'''
         return [doc, ""]
 

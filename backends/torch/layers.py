@@ -24,10 +24,8 @@ class Members(tuple):
             for m in range(MEMBERS)
         )
 
-    def __add__(self, other):
+    def __add__(self, other):  # tensor + Members goes through __torch_function__
         return Members(a + (other[m] if isinstance(other, Members) else other) for m, a in enumerate(self))
-
-    __radd__ = __add__
 
     def __getattr__(self, name: str):  # h.mean((2, 3)), h.flatten(1)
         return lambda *args, **kwargs: Members(getattr(t, name)(*args, **kwargs) for t in self)
@@ -39,8 +37,7 @@ class Composed:
     def __init__(self, weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]], grouped: bool) -> None:
         self.weights, self.grouped = weights, grouped
 
-    def repeat(self, x: torch.Tensor) -> torch.Tensor | Members:
-        """A value shared by all members as every member's (grouped: side by side on the channel axis)."""
+    def repeat(self, x: torch.Tensor) -> torch.Tensor | Members:  # a shared value, as every member's
         return torch.cat([x] * MEMBERS, dim=1) if self.grouped else Members([x] * MEMBERS)
 '''
 
@@ -208,18 +205,15 @@ class BatchNorm(nn.Module):
     def forward(self, x: torch.Tensor | Members, w: Composed) -> torch.Tensor | Members:
         x = w.repeat(x) if self.shared_input else x
         options = dict(training=self.training, momentum=self.momentum, eps=self.eps)
+        tensors = (self.running_mean, self.running_var, self.weight, self.bias)
         if isinstance(x, Members):  # rows of [M, C]: the running statistics update in place
-            return Members(F.batch_norm(x[m], *(t[m] for t in self.tensors()), **options) for m in range(MEMBERS))
-        return F.batch_norm(x, *(t.view(-1) for t in self.tensors()), **options)
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.running_mean, self.running_var, self.weight, self.bias
+            return Members(F.batch_norm(x[m], *(t[m] for t in tensors), **options) for m in range(MEMBERS))
+        return F.batch_norm(x, *(t.view(-1) for t in tensors), **options)
 '''
 
 ENSEMBLE = '''
 class Ensemble(nn.Module):
-    """What every generated ensemble shares: options, the template stores, composition once per
-    forward, initialisation, and the plan's tensor names for checkpoints."""
+    """What every generated ensemble shares: templates, composition, initialisation, tensor names."""
 
     def __init__(self, layout: str, channels_last: bool) -> None:
         super().__init__()

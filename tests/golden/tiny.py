@@ -6,17 +6,13 @@
 # One plain backbone: 1,445; naive ensemble of 3: 4,335.
 """MixtureEnsemble "tiny": 3 members composed from shared templates.
 
-Member i's weight in a composed layer is sum_l alpha[i, l] * T[l], T rows of a bank ([templates,
-size]: a layer's weight flattened, then its bias) or windows of the flat ``blob``, composed once
-per forward before any layer runs (Ensemble.mix). ``plain`` layers share one weight, ``member``
-layers have one per member, each member has its own BatchNorm. forward(x [B, *INPUT_SHAPE])
-returns member logits [B, MEMBERS, CLASSES]; activations hold the members side by side on the
-channel axis ([B, M*C, ...]), values shared by all members are computed once. Layout "grouped":
-one grouped convolution for all members, "loop": one per member (a Members tuple holds each
-member's activations), "auto": grouped on CUDA.
-Init: alphas unit rows, orthonormal across members in blocks of k (or N(0, ALPHA_STD^2));
-templates N(0, v), v the plain layer's default (conv 2 / fan_in, linear and bias 1 / (3 fan_in));
-plain and member layers PyTorch's usual init (the output layer N(0, CLASSIFIER_STD^2) if set).
+Member i's weight in a composed layer is sum_l alpha[i, l] * T[l], T rows of a bank (a layer's
+weight flattened, then its bias) or windows of the flat ``blob``, composed once per forward before
+any layer runs (Ensemble.mix). ``plain`` layers share one weight, ``member`` layers have one per
+member, each member has its own BatchNorm. forward(x [B, *INPUT_SHAPE]) returns member logits
+[B, MEMBERS, CLASSES]. Layout "grouped": activations [B, M*C, ...], one grouped convolution for
+all members; "loop": a Members tuple, one convolution per member; "auto": grouped on CUDA.
+Initialisation and layouts: docs/execution.md in the mixc repository.
 """
 
 import math
@@ -68,10 +64,8 @@ class Members(tuple):
             for m in range(MEMBERS)
         )
 
-    def __add__(self, other):
+    def __add__(self, other):  # tensor + Members goes through __torch_function__
         return Members(a + (other[m] if isinstance(other, Members) else other) for m, a in enumerate(self))
-
-    __radd__ = __add__
 
     def __getattr__(self, name: str):  # h.mean((2, 3)), h.flatten(1)
         return lambda *args, **kwargs: Members(getattr(t, name)(*args, **kwargs) for t in self)
@@ -83,8 +77,7 @@ class Composed:
     def __init__(self, weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]], grouped: bool) -> None:
         self.weights, self.grouped = weights, grouped
 
-    def repeat(self, x: torch.Tensor) -> torch.Tensor | Members:
-        """A value shared by all members as every member's (grouped: side by side on the channel axis)."""
+    def repeat(self, x: torch.Tensor) -> torch.Tensor | Members:  # a shared value, as every member's
         return torch.cat([x] * MEMBERS, dim=1) if self.grouped else Members([x] * MEMBERS)
 
 def _orthonormal_rows_(alpha: torch.Tensor) -> None:
@@ -215,16 +208,13 @@ class BatchNorm(nn.Module):
     def forward(self, x: torch.Tensor | Members, w: Composed) -> torch.Tensor | Members:
         x = w.repeat(x) if self.shared_input else x
         options = dict(training=self.training, momentum=self.momentum, eps=self.eps)
+        tensors = (self.running_mean, self.running_var, self.weight, self.bias)
         if isinstance(x, Members):  # rows of [M, C]: the running statistics update in place
-            return Members(F.batch_norm(x[m], *(t[m] for t in self.tensors()), **options) for m in range(MEMBERS))
-        return F.batch_norm(x, *(t.view(-1) for t in self.tensors()), **options)
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.running_mean, self.running_var, self.weight, self.bias
+            return Members(F.batch_norm(x[m], *(t[m] for t in tensors), **options) for m in range(MEMBERS))
+        return F.batch_norm(x, *(t.view(-1) for t in tensors), **options)
 
 class Ensemble(nn.Module):
-    """What every generated ensemble shares: options, the template stores, composition once per
-    forward, initialisation, and the plan's tensor names for checkpoints."""
+    """What every generated ensemble shares: templates, composition, initialisation, tensor names."""
 
     def __init__(self, layout: str, channels_last: bool) -> None:
         super().__init__()
@@ -316,10 +306,7 @@ class B0(nn.Module):
 class Tiny(Ensemble):
     """The "tiny" ensemble; see the module docstring."""
 
-    spec_name = SPEC_NAME
-    spec_hash = SPEC_HASH
-    members = MEMBERS
-    classes = CLASSES
+    spec_name, spec_hash, members, classes = SPEC_NAME, SPEC_HASH, MEMBERS, CLASSES
     input_shape = INPUT_SHAPE
 
     def __init__(self, layout: str = "auto", channels_last: bool = False) -> None:
