@@ -33,6 +33,16 @@ def cache_dir() -> Path:
     return Path(base) / "mixc"
 
 
+def write(plan: Plan, out_dir: str | Path, source: str) -> Path:
+    """Write ``plan.json`` and ``<name>.py`` (``source``) into ``out_dir``; return the source's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(plan.to_json() + "\n")
+    path = out / f"{module_name(plan)}.py"
+    path.write_text(source)
+    return path
+
+
 def load_source(source: str, plan: Plan, backend: str) -> types.ModuleType:
     """Exec generated ``source`` into a fresh module (registered with linecache for tracebacks)."""
     filename = f"<mixc-generated {backend} {module_name(plan)}.py>"

@@ -29,8 +29,8 @@ import math
 from typing import ClassVar
 
 from mixc.backends.emit import (
-    BankMix, CodegenError, Emitter, LINE_WIDTH, Lowered, Site, Val, add_terms, attr_name, methods, blob_var,
-    call, checked, class_name, constants, conv_kwargs, fan_in, module_name, tup, weight_var
+    BankMix, CodegenError, Emitter, LINE_WIDTH, Lowered, Site, Val, add_terms, attr_name, blob_var, methods,
+    checked, class_name, constants, conv_kwargs, fan_in, module_name, tup, weight_var,
 )
 from mixc.backends.pysource import literal as _q
 from mixc.compiler.plan import Plan, Slot

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from mixc.backends import generated
-from mixc.backends.flax.codegen import class_name, emit_source, module_name
+from mixc.backends.flax.codegen import class_name, emit_source
 from mixc.compiler.plan import Plan
 
 LAYOUTS = ("auto", "grouped", "loop")
@@ -78,12 +78,7 @@ _INITS: dict[tuple, tuple] = {}
 
 def write(plan: Plan, out_dir: str | Path) -> Path:
     """Write ``plan.json`` and ``<name>.py`` (the flax module) into ``out_dir``; return the source's path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(plan.to_json() + "\n")
-    path = out / f"{module_name(plan)}.py"
-    path.write_text(emit_source(plan))
-    return path
+    return generated.write(plan, out_dir, emit_source(plan))
 
 
 def _mapping(model: nnx.Module) -> dict[str, str]:

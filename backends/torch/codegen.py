@@ -21,9 +21,9 @@ from collections.abc import Callable
 from typing import Any
 
 from mixc.backends.emit import (
-    CodegenError, Emitter, attr_name, blob_var, call, checked, class_name, constants, fan_in, ident, module_name, tup, weight_var_value,
+    CodegenError, Emitter, attr_name, blob_var, call, checked, class_name, constants, fan_in, ident, module_name,
+    tup, weight_var_value,
 )
-from mixc.backends.pysource import comment as _c
 from mixc.backends.pysource import literal as _q
 from mixc.backends.structure import Node, assign_vars, attr, build_tree, class_bodies, relative
 from mixc.backends.torch.layers import pieces

@@ -20,15 +20,15 @@ class Members(tuple):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         pick = lambda v, m: v[m] if isinstance(v, Members) else v  # noqa: E731
         return Members(
-            func(*(pick(a, m) for a in args), **{k: pick(v, m) for k, v in (kwargs or {}).items()})
-            for m in range(MEMBERS)
+            [func(*[pick(a, m) for a in args], **{k: pick(v, m) for k, v in (kwargs or {}).items()})
+             for m in range(MEMBERS)]
         )
 
     def __add__(self, other):  # tensor + Members goes through __torch_function__
-        return Members(a + (other[m] if isinstance(other, Members) else other) for m, a in enumerate(self))
+        return Members([a + (other[m] if isinstance(other, Members) else other) for m, a in enumerate(self)])
 
     def __getattr__(self, name: str):  # h.mean((2, 3)), h.flatten(1)
-        return lambda *args, **kwargs: Members(getattr(t, name)(*args, **kwargs) for t in self)
+        return lambda *args, **kwargs: Members([getattr(t, name)(*args, **kwargs) for t in self])
 
 
 class Composed:
@@ -152,7 +152,7 @@ class Conv(_Weighted):
         if not w.grouped:  # one convolution per member
             xs = [x] * MEMBERS if self.shared_input else x
             biases = [None] * MEMBERS if bias is None else bias
-            return Members(conv(*args, groups=groups, **options) for args in zip(xs, weight, biases))
+            return Members([conv(*args, groups=groups, **options) for args in zip(xs, weight, biases)])
         bias = None if bias is None else bias.flatten()  # one convolution, the members' filters stacked
         if self.shared_input and groups == 1:
             return conv(x, weight.flatten(0, 1), bias, **options)
@@ -175,7 +175,7 @@ class Linear(_Weighted):
             return F.linear(x, weight.flatten(0, 1), None if bias is None else bias.flatten())
         if not w.grouped:
             xs = [x] * MEMBERS if self.shared_input else x
-            return Members(F.linear(xm, weight[m], None if bias is None else bias[m]) for m, xm in enumerate(xs))
+            return Members([F.linear(xm, weight[m], None if bias is None else bias[m]) for m, xm in enumerate(xs)])
         y = torch.einsum("bmi,moi->bmo", x.unflatten(1, (MEMBERS, -1)), weight)
         return (y if bias is None else y + bias).flatten(1)
 '''
@@ -207,7 +207,7 @@ class BatchNorm(nn.Module):
         options = dict(training=self.training, momentum=self.momentum, eps=self.eps)
         tensors = (self.running_mean, self.running_var, self.weight, self.bias)
         if isinstance(x, Members):  # rows of [M, C]: the running statistics update in place
-            return Members(F.batch_norm(x[m], *(t[m] for t in tensors), **options) for m in range(MEMBERS))
+            return Members([F.batch_norm(x[m], *[t[m] for t in tensors], **options) for m in range(MEMBERS)])
         return F.batch_norm(x, *(t.view(-1) for t in tensors), **options)
 '''
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mixc.backends import generated
-from mixc.backends.torch.codegen import class_name, emit_source, module_name
+from mixc.backends.torch.codegen import class_name, emit_source
 from mixc.compiler.plan import Plan
 
 LAYOUTS = ("auto", "grouped", "loop")
@@ -50,12 +50,7 @@ def build(
 
 def write(plan: Plan, out_dir: str | Path) -> Path:
     """Write ``plan.json`` and ``<name>.py`` into ``out_dir``; return the source's path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(plan.to_json() + "\n")
-    path = out / f"{module_name(plan)}.py"
-    path.write_text(emit_source(plan))
-    return path
+    return generated.write(plan, out_dir, emit_source(plan))
 
 
 def named_plan_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
