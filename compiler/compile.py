@@ -143,7 +143,7 @@ def compile_program(program: Program) -> P.Plan:
         input_shape=list(ops[0].out_shape), input_layout=ops[0].layout, output=ops[-1].name,
         classes=ops[-1].out_shape[0], ops=ops, groups=groups, blob=blob, slots=slots, plain_layers=plain,
         tensors=tensors, accounting=accounting, train=program.recipe,
-        init=_init_rules(ens.init), warnings=warnings,
+        init=_init_rules(ens.init), warnings=warnings, scopes=graph.scopes,
     )
     return plan.model_copy(update={"spec_hash": plan.content_hash()})
 

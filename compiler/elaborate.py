@@ -33,6 +33,7 @@ class Graph:
     ops: list[Any] = field(default_factory=list)
     names: set[str] = field(default_factory=set)
     pos: dict[str, Pos] = field(default_factory=dict)  # op name -> where it was written
+    scopes: list[P.Scope] = field(default_factory=list)  # named scopes in order (blocks, stages, repeats)
 
 
 @dataclass
@@ -209,6 +210,7 @@ class _Elaborator:
             if st.name in scope.explicit:
                 self.fail(f"duplicate name '{st.name}'", st.pos)
             scope.explicit.add(st.name)
+            self.g.scopes.append(P.Scope(name=scope.full(st.name)))
             return self.body(st.body, env, _Scope(scope.full(st.name)), cur, depth + 1)
         if isinstance(st, A.Repeat):
             return self.repeat(st, env, scope, cur, depth)
@@ -248,7 +250,7 @@ class _Elaborator:
                 is_block = layer.kind in self.program.definitions
                 if is_block or layer.name:
                     name = f"{layer.name or 'b'}{i}"
-                    cur = self.layer(layer, e, scope, cur, depth, name=name)
+                    cur = self.layer(layer, e, scope, cur, depth, name=name, index=i)
                 else:
                     cur = self.layer(layer, e, scope, cur, depth)
             else:
@@ -256,6 +258,7 @@ class _Elaborator:
                 if local in scope.explicit:
                     self.fail(f"duplicate name '{scope.full(local)}'", st.pos)
                 scope.explicit.add(local)
+                self.g.scopes.append(P.Scope(name=scope.full(local), index=i))
                 cur = self.body(st.body, e, _Scope(scope.full(local)), cur, depth + 1)
         return cur
 
@@ -286,7 +289,8 @@ class _Elaborator:
         return self.add(P.AddOp(name=name, inputs=[main.name, short.name], in_shape=main.shape,
                                 out_shape=main.shape), st.pos)
 
-    def layer(self, st: A.Layer, env: dict, scope: _Scope, cur: _Cur, depth: int, name: str | None = None) -> _Cur:
+    def layer(self, st: A.Layer, env: dict, scope: _Scope, cur: _Cur, depth: int, name: str | None = None,
+              index: int | None = None) -> _Cur:
         local = name or st.name
         if local is not None:
             if local in scope.explicit:
@@ -300,6 +304,7 @@ class _Elaborator:
                           f"turn it into a block: block {st.kind}(...) {{ ... }}")
             local = local or scope.auto(st.kind)
             benv = self.bind(defn, st, dict(self.program.consts), self.shape_env(env, cur), cur)
+            self.g.scopes.append(P.Scope(name=scope.full(local), block=st.kind, index=index))
             return self.body(defn.body, benv, _Scope(scope.full(local)), cur, depth + 1)
         kind = LAYERS.get(st.kind)
         if kind is None:

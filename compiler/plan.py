@@ -310,8 +310,18 @@ class InitRules(_Model):
     classifier: InitRule = InitRule(law="uniform")
 
 
+class Scope(_Model):
+    """A named scope of the backbone, as the spec wrote it: the scope ``s1.b0`` is the call of
+    block ``wide_basic`` at ``index`` 0 of a repeat. Ops belong to the scopes their names start
+    with; backends use this to emit one module per block (descriptive, so not hashed)."""
+
+    name: Name  # the full dotted path, e.g. "s1.b0"
+    block: Name | None = None  # the .mix block it instantiates (None: a stage or repeat body)
+    index: Count | None = None  # its position in a repeat
+
+
 # Plan fields outside the content hash (see Plan.content_hash).
-_HASH_EXCLUDE = {"spec_hash": True, "source": True, "train": True, "warnings": True,
+_HASH_EXCLUDE = {"spec_hash": True, "source": True, "train": True, "warnings": True, "scopes": True,
                  "groups": {"__all__": {"capacity"}}, "accounting": {"maximum_budget"}}
 
 
@@ -339,6 +349,7 @@ class Plan(_Model):
     train: dict | None = None  # the validated train section, backend-neutral
     init: InitRules = InitRules()  # initialisation rules (part of the model's definition)
     warnings: list[PlanWarning] = []  # compile-time warnings (not part of the content hash)
+    scopes: list[Scope] = []  # the spec's blocks, stages and repeats (not part of the content hash)
 
     def op(self, name: str) -> Op:
         for o in self.ops:

@@ -2,31 +2,69 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 from mixc.compiler.plan import Plan
 
+Overrides = Union[Mapping[str, Any], Sequence[str]]
 
-def load(spec: str | Path, overrides: Sequence[str] = (), import_paths: Sequence[str | Path] = ()):
+
+def override_list(overrides: Overrides | None = None, **keywords: Any) -> list[str]:
+    """``--set`` items (``key=value``) from a mapping (dotted keys: ``{"train.epochs": 3}``), a
+    list of ``key=value`` strings, and keywords (``members=2``; ``train__epochs=3`` for a dotted
+    key). They are checked by the loader exactly as ``--set`` is: unknown keys and bad values are
+    positioned SpecErrors."""
+    if isinstance(overrides, (str, bytes)):
+        raise TypeError(
+            "overrides must be a mapping ({'train.epochs': 3}) or a list of 'key=value' strings, "
+            f"not the string {overrides!r}; hint: overrides=[{overrides!r}]"
+        )
+    if overrides is None:
+        items: list[str] = []
+    elif isinstance(overrides, Mapping):
+        items = [f"{k}={_value(v)}" for k, v in overrides.items()]
+    else:
+        items = list(overrides)
+        bad = [o for o in items if not isinstance(o, str)]
+        if bad:
+            raise TypeError(f"overrides in a list are 'key=value' strings, not {bad[0]!r}")
+    return items + [f"{k.replace('__', '.')}={_value(v)}" for k, v in keywords.items()]
+
+
+def _value(v: Any) -> str:
+    """A Python value as ``--set`` text: true/false, numbers, names and lists as written in a spec."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    return str(v)
+
+
+def load(spec: str | Path, overrides: Overrides = (), import_paths: Sequence[str | Path] = ()):
     """Parse and check a spec (a path, or a zoo name such as ``"wrn28_10"``).
 
     ``import_paths``: folders its imports may read besides its own folder and the zoo.
     """
     from mixc.spec.loader import load_program
 
-    return load_program(spec, overrides, import_paths=import_paths)
+    return load_program(spec, override_list(overrides), import_paths=import_paths)
 
 
-def compile(spec: str | Path | Plan, overrides: Sequence[str] = (),  # noqa: A001 - public name
+def compile(spec: str | Path | Plan, overrides: Overrides = (),  # noqa: A001 - public name
             import_paths: Sequence[str | Path] = ()) -> Plan:
     """Compile a spec to its Plan. Raises ``mixc.spec.SpecError`` on bad input."""
+    items = override_list(overrides)
     if isinstance(spec, Plan):
+        if items:
+            raise TypeError("overrides apply to a spec, not to a compiled Plan")
         return spec
     from mixc.compiler import compile_program
     from mixc.spec.loader import load_program
 
-    return compile_program(load_program(spec, overrides, defer=True, import_paths=import_paths))
+    return compile_program(load_program(spec, items, defer=True, import_paths=import_paths))
 
 
 def compile_text(text: str, overrides: Sequence[str] = (), name: str = "spec.mix",
@@ -38,9 +76,19 @@ def compile_text(text: str, overrides: Sequence[str] = (), name: str = "spec.mix
     return compile_program(load_program(name, overrides, defer=True, text=text, import_paths=import_paths))
 
 
-def build(spec: str | Path | Plan, backend: str = "torch", overrides: Sequence[str] = (), **options: Any):
-    """Compile ``spec`` and build the model with ``backend`` (options go to the backend)."""
+def build(spec: str | Path | Plan, backend: str = "torch", overrides: Overrides | None = None, **keywords: Any):
+    """Compile ``spec`` and build its model with ``backend``.
+
+    Keywords that the backend's ``build`` takes (``layout``, ``device``, ``channels_last``...)
+    go to it; every other keyword is a spec override checked like ``--set``:
+    ``mixc.build("digits", members=2, budget="0.5x", layout="loop")``. Dotted keys go through
+    ``overrides={"train.epochs": 3}`` (or ``overrides=["train.epochs=3"]``, or ``train__epochs=3``).
+    """
     from mixc.backends import get_backend
 
-    plan = compile(spec, overrides)
-    return get_backend(backend).build(plan, **options)
+    make = get_backend(backend).build
+    accepted = set(inspect.signature(make).parameters) - {"plan"}
+    options = {k: v for k, v in keywords.items() if k in accepted}
+    spec_keys = {k: v for k, v in keywords.items() if k not in accepted}
+    plan = compile(spec, override_list(overrides, **spec_keys))
+    return make(plan, **options)

@@ -11,3 +11,9 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Built models are imported from the compiled-model cache (backends/generated.py): keep the tests' own.
+if "MIXC_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["MIXC_CACHE_DIR"] = tempfile.mkdtemp(prefix="mixc-test-cache-")

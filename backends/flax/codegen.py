@@ -18,110 +18,24 @@ would silently change results are handled here, once:
 - Padding is explicit ``(p, p)`` per side; average pooling counts padded zeros
   (PyTorch's ``count_include_pad``); gelu is the exact (erf) form.
 
-Generation is deterministic: the same Plan gives byte-identical source.
+The backend-neutral half (names, checks, header, composition, statement order)
+is ``backends/emit.py``; this module holds the flax idioms and the table ``LOWER``
+from op kind to lowering function. The same Plan gives byte-identical source.
 """
 
 from __future__ import annotations
 
-import keyword
 import math
-import re
-from dataclasses import dataclass
+from typing import ClassVar
 
-from mixc.backends.pysource import comment as _c
+from mixc.backends.emit import (
+    BankMix, CodegenError, Emitter, LINE_WIDTH, Lowered, Site, Val, add_terms, attr_name, blob_var, methods,
+    checked, class_name, constants, conv_kwargs, fan_in, module_name, tup, weight_var,
+)
 from mixc.backends.pysource import literal as _q
-from mixc.backends.pysource import validated
-from mixc.compiler.plan import PLAN_VERSION, ConvOp, LinearOp, Plan, Slot, Tensor
+from mixc.compiler.plan import Plan, Slot
 
-LINE_WIDTH = 100
-
-
-class CodegenError(ValueError):
-    """The plan asks for something this backend cannot lower."""
-
-
-# ---------------------------------------------------------------------------
-# Names (the same rules as the torch backend, so attributes read alike)
-
-
-def attr_name(tensor_name: str) -> str:
-    """The module attribute holding a plan tensor: dots become ``__``."""
-    return re.sub(r"\W", "_", tensor_name.replace(".", "__"), flags=re.ASCII)
-
-
-def module_name(plan: Plan) -> str:
-    """Module name for a plan's source: the plan name made an identifier."""
-    name = re.sub(r"\W", "_", plan.name, flags=re.ASCII) or "model"
-    return f"m_{name}" if name[0].isdigit() or keyword.iskeyword(name) else name
-
-
-def class_name(plan: Plan) -> str:
-    name = module_name(plan)
-    return name[0].upper() + name[1:]
-
-
-_RESERVED = {
-    "x", "w", "m", "flat", "blob", "outs", "layout", "self", "jax", "jnp", "nnx", "math", "stats", "train",
-    "dropout_key", "logits",
-}
-
-
-def _var_names(plan: Plan) -> dict[str, str]:
-    """A distinct Python identifier for each op's output."""
-    out: dict[str, str] = {}
-    taken = set(_RESERVED)
-    for op in plan.ops:
-        if op.kind == "input":
-            out[op.name] = "x"
-            continue
-        base = re.sub(r"\W", "_", op.name, flags=re.ASCII) or "v"
-        if base[0].isdigit() or keyword.iskeyword(base) or base in _RESERVED or base.startswith("_"):
-            base = f"v_{base}"
-        name, i = base, 1
-        while name in taken:
-            i += 1
-            name = f"{base}_{i}"
-        taken.add(name)
-        out[op.name] = name
-    return out
-
-
-# ---------------------------------------------------------------------------
-# Formatting helpers
-
-
-def _tup(v: list[int]) -> str:
-    """A static int tuple argument: an int when all entries agree."""
-    if len(set(v)) == 1:
-        return str(v[0])
-    return "(" + ", ".join(map(str, v)) + ")"
-
-
-def _call(head: str, args: list[str], indent: str) -> list[str]:
-    """``head(arg, ...)`` on one line, or one argument per line when too long."""
-    one = f"{indent}{head}({', '.join(args)})"
-    if len(one) <= LINE_WIDTH:
-        return [one]
-    return [f"{indent}{head}("] + [f"{indent}    {a}," for a in args] + [f"{indent})"]
-
-
-def _fmt_int(n: int) -> str:
-    return f"{n:,}"
-
-
-def _fan_in(op: ConvOp | LinearOp) -> int:
-    return math.prod(op.weight_shape[1:])
-
-
-def _weight_var_value(op: ConvOp | LinearOp) -> float:
-    """Variance of a plain layer's default init: conv 2 / fan_in (kaiming), linear 1 / (3 fan_in)."""
-    fan = _fan_in(op)
-    return 2 / fan if op.kind == "conv" else 1 / (3 * fan)
-
-
-def _weight_var(op: ConvOp | LinearOp) -> str:
-    fan = _fan_in(op)
-    return f"2 / {fan}" if op.kind == "conv" else f"1 / (3 * {fan})"
+__all__ = ["CodegenError", "attr_name", "class_name", "emit_source", "module_name"]
 
 
 # ---------------------------------------------------------------------------
@@ -247,6 +161,11 @@ def _dropout(x, p: float, train: bool, key, *salt: int):
     return jnp.where(keep, x / (1.0 - p), 0.0).astype(x.dtype)
 
 
+def _spread(alpha, index, n: int):
+    """Mixing weights [M, n] over n bank rows: member i's alphas placed at its rows ``index[i]``."""
+    return jnp.einsum("mk,mkn->mn", alpha, jax.nn.one_hot(jnp.array(index), n, dtype=alpha.dtype))
+
+
 def _orthonormal_rows(g, members: int):
     """Gaussians g [layers, blocks, k, k] -> [layers, members, k]: per layer, unit-norm rows,
     orthogonal within each block of k members.
@@ -267,121 +186,146 @@ def _orthonormal_rows(g, members: int):
 
 
 # ---------------------------------------------------------------------------
+# The lowering table: one function per op kind
+
+
+def _bias(s: Site, member: bool = False) -> str:
+    return (s.w("bias") + ("[m]" if member else "")) if s.op.bias else "None"
+
+
+def _conv(e: "FlaxEmitter", s: Site) -> Lowered:
+    op, M, a, W = s.op, e.M, s.a, s.w("weight")
+
+    def args(groups: int) -> list[str]:
+        return [*conv_kwargs(op, groups), "cpu=cpu"]
+
+    if op.source == "plain":
+        if s.grouped and not s.ins[0].shared:
+            ones = ", ".join(["1"] * (len(op.weight_shape) - 1))
+            bias = f"jnp.tile({s.w('bias')}, {M})" if op.bias else "None"
+            return Lowered("_conv", [a, f"jnp.tile({W}, ({M}, {ones}))", bias, *args(M * op.groups)])
+        return Lowered("_conv", [a, W, _bias(s), *args(op.groups)])
+    if not s.grouped:
+        return Lowered("_conv", [a, f"{W}[m]", _bias(s, True), *args(op.groups)])
+    stacked_shape = ", ".join(map(str, [M * op.out_channels, *op.weight_shape[1:]]))
+    ws, bs = f"{W}.reshape({stacked_shape})", (f"{s.w('bias')}.reshape(-1)" if op.bias else "None")
+    if s.ins[0].shared and op.groups == 1:  # one conv with the members' filters stacked
+        return Lowered("_conv", [a, ws, bs, *args(1)])
+    src = s.rep(s.ins[0]) if s.ins[0].shared else a
+    return Lowered("_conv", [src, ws, bs, *args(M * op.groups)])
+
+
+def _linear(e: "FlaxEmitter", s: Site) -> Lowered:
+    op, M, a, W = s.op, e.M, s.a, s.w("weight")
+    if op.source == "plain":
+        if s.grouped and not s.ins[0].shared:
+            return Lowered("_linear_grouped", [a, W, _bias(s), str(M)])
+        return Lowered("_linear", [a, W, _bias(s)])
+    if not s.grouped:
+        return Lowered("_linear", [a, f"{W}[m]", _bias(s, True)])
+    if s.ins[0].shared:
+        shape = f"{M * op.out_features}, {op.in_features}"
+        return Lowered("_linear", [a, f"{W}.reshape({shape})", f"{s.w('bias')}.reshape(-1)" if op.bias else "None"])
+    return Lowered("_linear_grouped", [a, W, _bias(s), str(M)])
+
+
+def _bn(e: "FlaxEmitter", s: Site) -> Lowered:
+    name = _q(s.op.name)
+    if s.grouped:
+        src = s.rep(s.ins[0]) if s.ins[0].shared else s.a
+        params, target = f"*self.bn_tensors({name})", f"stats[{name}]"
+    else:
+        src, params, target = s.a, f"*self.bn_tensors({name}, m)", f"stats[{name}][m]"
+    return Lowered("_batch_norm", [src, params, "train", repr(s.op.momentum), repr(s.op.eps)], extra=target)
+
+
+def _act(e: "FlaxEmitter", s: Site) -> Lowered:
+    fn = s.op.fn
+    if fn == "tanh":
+        return Lowered("jnp.tanh", [s.a])
+    if fn == "leaky_relu":
+        return Lowered("jax.nn.leaky_relu", [s.a, repr(s.op.slope)])
+    if fn == "gelu":
+        return Lowered("jax.nn.gelu", [s.a, "approximate=False"])
+    return Lowered(f"jax.nn.{fn}", [s.a])
+
+
+def _pool(e: "FlaxEmitter", s: Site) -> Lowered:
+    op = s.op
+    args = [s.a, _q(op.op), tup(op.kernel), tup(op.stride)]
+    if any(p != 0 for p in op.padding):
+        args.append(tup(op.padding))
+    return Lowered("_pool", args)
+
+
+def _global_pool(e: "FlaxEmitter", s: Site) -> Lowered:
+    axes = tuple(range(1, len(s.op.in_shape)))
+    fn = "mean" if s.op.op == "avg" else "max"
+    return Lowered("", [f"{s.a}.{fn}(axis={axes if len(axes) > 1 else axes[0]})"])
+
+
+def _flatten(e: "FlaxEmitter", s: Site) -> Lowered:
+    return Lowered("_flatten", [s.a])
+
+
+def _dropout(e: "FlaxEmitter", s: Site) -> Lowered:
+    if s.op.p == 0:
+        return Lowered("", [s.a])
+    salt = [str(s.index)] + ([] if s.grouped else ["m"])
+    return Lowered("_dropout", [s.a, repr(s.op.p), "train", "dropout_key", *salt])
+
+
+def _add(e: "FlaxEmitter", s: Site) -> Lowered:
+    return Lowered("", [add_terms(s)])
+
+
+# ---------------------------------------------------------------------------
 # The emitter
 
 
-@dataclass
-class _Val:
-    var: str
-    shared: bool  # identical for every member (computed once)
+class FlaxEmitter(Emitter):
+    LOWER: ClassVar = dict(  # op kind -> lowering function
+        conv=_conv, linear=_linear, bn=_bn, act=_act, pool=_pool,
+        global_pool=_global_pool, flatten=_flatten, dropout=_dropout, add=_add,
+    )
+    RESERVED: ClassVar = Emitter.RESERVED | {"jax", "jnp", "nnx", "stats", "train", "dropout_key", "logits", "cpu"}
+    BACKEND: ClassVar = "flax"
+    STACK: ClassVar = "jnp.stack"
+    CONCAT: ClassVar = "jnp.concatenate([{}])"
+    TILE: ClassVar = "jnp.tile(blob, {})"
 
-
-class _Emitter:
     def __init__(self, plan: Plan) -> None:
-        self.plan = plan
-        self.M = plan.members
-        self.vars = _var_names(plan)
-        self.ops = {op.name: op for op in plan.ops}
-        self.tensors: dict[tuple[str, str | None], Tensor] = {}
-        for t in plan.tensors:
-            self.tensors[(t.role, t.layer if t.role not in ("bank", "blob") else t.name)] = t
-        self.shared = self._shared_flags()
+        super().__init__(plan)
         self.bns = [op for op in plan.ops if op.kind == "bn"]
-        self._check()
-
-    # -- plan queries ------------------------------------------------------
-
-    def tensor(self, role: str, key: str) -> Tensor:
-        try:
-            return self.tensors[(role, key)]
-        except KeyError:
-            raise CodegenError(
-                f"plan {self.plan.name!r} has no {role} tensor for {key!r}; "
-                "hint: the plan's tensors list and its ops disagree (a compiler bug)"
-            ) from None
-
-    def attr(self, role: str, key: str) -> str:
-        return "self." + attr_name(self.tensor(role, key).name)
-
-    def _shared_flags(self) -> dict[str, bool]:
-        """An op's output is shared when it is the same for every member."""
-        shared: dict[str, bool] = {}
-        for op in self.plan.ops:
-            ins = all(shared[i] for i in op.inputs)
-            if op.kind == "input":
-                shared[op.name] = True
-            elif op.kind == "bn":
-                shared[op.name] = False
-            elif op.kind in ("conv", "linear"):
-                shared[op.name] = ins and op.source == "plain"
-            else:
-                shared[op.name] = ins
-        return shared
-
-    def _check(self) -> None:
-        p = self.plan
-        names = [t.name for t in p.tensors]
-        if len(set(names)) != len(names):
-            raise CodegenError(f"plan {p.name!r} lists a tensor twice")
-        attrs = [attr_name(n) for n in names]
-        if len(set(attrs)) != len(attrs):
-            raise CodegenError(f"plan {p.name!r}: two tensor names map to one attribute ({sorted(attrs)})")
-        out = self.ops.get(p.output)
-        if out is None:
-            raise CodegenError(f"plan {p.name!r}: output op {p.output!r} does not exist")
-        if out.out_shape != [p.classes]:
-            raise CodegenError(f"plan {p.name!r}: output {p.output!r} has shape {out.out_shape}, not [{p.classes}]")
-        if [op.kind for op in p.ops].count("input") != 1 or p.ops[0].kind != "input":
-            raise CodegenError(f"plan {p.name!r} must start with exactly one input op")
-        for op in p.ops:
-            if op.kind == "linear" and len(op.in_shape) != 1:
-                raise CodegenError(f"linear {op.name!r} reads shape {op.in_shape}; only vectors are supported")
-            if op.kind in ("conv", "linear") and op.source in ("bank", "blob") and p.slot(op.name) is None:
-                raise CodegenError(f"layer {op.name!r} is {op.source}-sourced but has no slot")
+        for op in plan.ops:
             if op.kind in ("conv", "pool") and op.dim not in (1, 2):
                 raise CodegenError(f"{op.kind} {op.name!r} is {op.dim}-D; only 1-D and 2-D are supported")
 
+    IMPORTS: ClassVar = ["import math", "", "import jax", "import jax.numpy as jnp", "from flax import nnx"]
+
+    def helpers(self) -> list[str]:
+        return _HELPERS.splitlines()
+
+    def repeat(self, var: str) -> str:
+        return f"jnp.concatenate([{var}] * {self.M}, axis=-1)"
+
+    def read(self, attr: str) -> str:
+        return attr + "[...]"
+
+    def bank_rows(self, bank: str, mix: BankMix, slot: Slot) -> str:
+        if mix.rows is not None:
+            return f"{bank}[jnp.array({mix.rows})]"
+        return f"{bank}[...]" if mix.whole else f"{bank}[{mix.lo}:{mix.hi}]"
+
+    def bank_coeffs(self, alpha: str, mix: BankMix, slot: Slot) -> str:
+        if mix.selector is None:
+            return alpha
+        return f"_spread({alpha}, {mix.selector}, {mix.n})"
+
     # -- the file ----------------------------------------------------------
 
-    def source(self) -> str:
-        out: list[str] = []
-        out += self.header()
-        out += ["import math", "", "import jax", "import jax.numpy as jnp", "from flax import nnx", ""]
-        out += self.constants()
-        out += ["", ""] + _HELPERS.splitlines()
-        out += ["", ""] + self.klass()
-        return "\n".join(out).rstrip() + "\n"
-
-    def header(self) -> list[str]:
-        p, a = self.plan, self.plan.accounting
-        roles: dict[str, int] = {}
-        for t in p.tensors:
-            if t.trainable:
-                roles[t.role] = roles.get(t.role, 0) + t.numel
-        total = sum(roles.values())
-
-        def n(*rs: str) -> int:
-            return sum(roles.get(r, 0) for r in rs)
-
-        budget = "none (template counts fixed)" if a.budget is None else _fmt_int(a.budget)
-        banks = ", ".join(f"bank.{_c(g.name)} {g.templates}x{g.size}" for g in p.groups)
-        if p.blob:
-            banks = (banks + ", " if banks else "") + f"blob {p.blob.size}"
-        lines = [
-            f"# Generated by mixc (flax backend) from spec {_q(p.name)} ({_c(p.source)}).",
-            f"# Plan version {p.version}, spec_hash {_c(p.spec_hash or p.content_hash())}. Do not edit: regenerate.",
-            "#",
-            f"# {p.members} members, grouping {_c(p.grouping)}, assign {_c(p.assign)}, "
-            f"up to {p.templates_per_layer} templates per layer.",
-            f"# Trainable parameters: {_fmt_int(total)} (budget {budget}; minimum {_fmt_int(a.minimum_budget)})",
-            f"#   templates   {_fmt_int(n('bank', 'blob')):>12}" + (f"  ({banks})" if banks else ""),
-            f"#   plain       {_fmt_int(n('plain_weight', 'plain_bias')):>12}  ({len(p.plain_layers)} layers shared by all members)",
-            f"#   per member  {_fmt_int(n('member_weight', 'member_bias')):>12}  (unfactorised weights)",
-            f"#   alphas      {_fmt_int(n('alpha')):>12}",
-            f"#   batch norm  {_fmt_int(n('bn_weight', 'bn_bias')):>12}",
-            f"# One plain backbone: {_fmt_int(a.backbone_params)}; naive ensemble of {p.members}: "
-            f"{_fmt_int(a.naive_params)}.",
-        ]
+    def docstring(self) -> list[str]:
+        p = self.plan
         doc = f'''"""MixtureEnsemble {_q(p.name)} as a flax.nnx Module: {p.members} members composed from shared templates.
 
 Every banked layer's weights for all members are composed once per call:
@@ -417,24 +361,10 @@ U(+-1/sqrt(fan_in)); BatchNorm weight 1, bias 0, running mean 0, variance 1.
 These are the defaults; the plan's init rules may instead draw alphas N(0, std^2)
 and the plain output layer N(0, std^2) with bias 0.
 """'''
-        return lines + [doc, ""]
+        return [doc, ""]
 
     def constants(self) -> list[str]:
-        p = self.plan
-        lines = [
-            f"SPEC_NAME = {_q(p.name)}",
-            f"SPEC_HASH = {_q(p.spec_hash or p.content_hash())}",
-            f"PLAN_VERSION = {p.version}",
-            f"MEMBERS = {p.members}",
-            f"CLASSES = {p.classes}",
-            f"INPUT_SHAPE = {tuple(p.input_shape)!r}",
-            'LAYOUTS = ("auto", "grouped", "loop")',
-            "",
-            "# Plan tensor name -> module attribute (attribute names cannot contain dots).",
-            "PLAN_TENSORS = {",
-        ]
-        lines += [f"    {_q(t.name)}: {_q(attr_name(t.name))}," for t in p.tensors]
-        lines.append("}")
+        lines = constants(self.plan)
         lines += ["", "# BatchNorm op -> the attributes of its running mean and variance, weight and bias.", "BN_TENSORS = {"]
         for op in self.bns:
             names = [_q(attr_name(self.tensor(r, op.name).name)) for r in ("bn_mean", "bn_var", "bn_weight", "bn_bias")]
@@ -446,17 +376,7 @@ and the plain output layer N(0, std^2) with bias 0.
 
     def klass(self) -> list[str]:
         p = self.plan
-        lines = [
-            f"class {class_name(p)}(nnx.Module):",
-            f'    """The {_q(p.name)} ensemble; see the module docstring."""',
-            "",
-            "    spec_name = SPEC_NAME",
-            "    spec_hash = SPEC_HASH",
-            "    members = MEMBERS",
-            "    classes = CLASSES",
-            "    input_shape = INPUT_SHAPE",
-            "    plan_tensors = PLAN_TENSORS",
-            "",
+        lines = self.class_head("nnx.Module") + [
             "    def __init__(",
             "        self,",
             "        rngs: nnx.Rngs | None = None,",
@@ -477,14 +397,8 @@ and the plain output layer N(0, std^2) with bias 0.
             "        self.reset_parameters(rngs.params() if rngs is not None else jax.random.key(0))",
             "",
         ]
-        lines += self.reset_parameters()
-        lines += [""] + self.compose()
-        lines += [""] + self.call()
-        lines += [""] + self.bn_tensors()
-        lines += [""] + self.write_stats()
-        lines += [""] + self.forward_grouped()
-        lines += [""] + self.forward_loop()
-        return lines
+        parts = [self.reset_parameters(), self.compose(), self.call(), self.bn_tensors(), self.write_stats()]
+        return lines + methods(*parts, self.forward_grouped(), self.forward_loop())
 
     def declarations(self) -> list[str]:
         lines = []
@@ -520,21 +434,21 @@ and the plain output layer N(0, std^2) with bias 0.
             op = self.ops[g.layers[0]]
             bank = self.attr("bank", f"bank.{g.name}")
             wsize = math.prod(g.weight_shape)
-            fan = _fan_in(op)
+            fan = fan_in(op)
             if g.bias:  # the weight part and the bias part of each template have their own laws
                 body += [f"{ind}{bank}[...] = jnp.concatenate(", f"{ind}    ["]
-                body.append(f"{ind}        math.sqrt({_weight_var(op)}) * {draw('z', [g.templates, wsize])},")
+                body.append(f"{ind}        math.sqrt({weight_var(op)}) * {draw('z', [g.templates, wsize])},")
                 body.append(f"{ind}        math.sqrt(1 / (3 * {fan})) * {draw('z', [g.templates, g.size - wsize])},")
                 body += [f"{ind}    ],", f"{ind}    axis=1,", f"{ind})"]
             else:
-                assign(bank, f"math.sqrt({_weight_var(op)}) * {draw('z', [g.templates, g.size])}")
+                assign(bank, f"math.sqrt({weight_var(op)}) * {draw('z', [g.templates, g.size])}")
         if p.blob is not None:
-            assign(f"self.{attr_name('blob')}", f"math.sqrt({self._blob_var()!r}) * {draw('z', [p.blob.size])}")
+            assign(f"self.{attr_name('blob')}", f"math.sqrt({blob_var(self.plan)!r}) * {draw('z', [p.blob.size])}")
         alphas: dict[int, list[str]] = {}
         for op in p.ops:
             if op.kind in ("conv", "linear") and op.source in ("plain", "member"):
                 t = self.tensor(f"{op.source}_weight", op.name)
-                fan = _fan_in(op)
+                fan = fan_in(op)
                 if op.name == p.output and p.init.classifier.law == "normal":  # the plan's classifier rule
                     assign(f"self.{attr_name(t.name)}", f"{p.init.classifier.std!r} * {draw('z', t.shape)}")
                     if op.bias:
@@ -574,43 +488,7 @@ and the plain output layer N(0, std^2) with bias 0.
         ]
         return lines + body
 
-    def _blob_var(self) -> float:
-        """Read-weighted mean of the target variances of the layers reading the blob."""
-        num = den = 0.0
-        for slot in self.plan.slots:
-            if slot.offsets is None:
-                continue
-            op = self.ops[slot.layer]
-            wsize = math.prod(op.weight_shape)
-            reads = len(slot.offsets) * slot.k
-            num += reads * (wsize * _weight_var_value(op) + (slot.size - wsize) / (3 * _fan_in(op)))
-            den += reads * slot.size
-        return num / den if den else 1.0
-
     # -- composition ---------------------------------------------------------
-
-    @staticmethod
-    def _rows(bank: str, row: list[int]) -> str:
-        """Expression for bank rows ``row`` (a slice when they are a contiguous run)."""
-        if row == list(range(row[0], row[0] + len(row))):
-            return f"{bank}[{row[0]}:{row[0] + len(row)}]"
-        return f"{bank}[jnp.array({row})]"
-
-    def _blob_window(self, off: int, length: int) -> str:
-        """Expression for ``length`` consecutive blob entries from ``off``, wrapping."""
-        total = self.plan.blob.size
-        if off + length <= total:
-            return f"blob[{off}:{off + length}]"
-        pieces, pos, left = [], off, length
-        while left > 0:
-            take = min(left, total - pos)
-            pieces.append("blob" if (pos, take) == (0, total) else f"blob[{pos}:{pos + take}]")
-            left -= take
-            pos = 0
-        if len(pieces) <= 4:
-            return f"jnp.concatenate([{', '.join(pieces)}])"
-        reps = -(-(off + length) // total)
-        return f"jnp.tile(blob, {reps})[{off}:{off + length}]"
 
     def compose(self) -> list[str]:
         lines = [
@@ -626,60 +504,9 @@ and the plain output layer N(0, std^2) with bias 0.
             lines.append(f"        blob = self.{attr_name('blob')}[...]")
         for op in self.plan.ops:
             if op.kind in ("conv", "linear"):
-                lines += self._compose_layer(op)
+                lines += self.compose_layer(op, "        ")
         lines.append("        return w")
         return lines
-
-    def _compose_layer(self, op: ConvOp | LinearOp) -> list[str]:
-        M, ind = self.M, "        "
-        key = op.name
-        if op.source in ("plain", "member"):
-            lines = [f'{ind}w[{_q(key + ".weight")}] = {self.attr(op.source + "_weight", key)}[...]']
-            if op.bias:
-                lines.append(f'{ind}w[{_q(key + ".bias")}] = {self.attr(op.source + "_bias", key)}[...]')
-            return lines
-        slot: Slot = self.plan.slot(key)
-        alpha_m = self.attr("alpha", key)  # a Variable: [m] reads one member's row
-        alpha = alpha_m + "[...]"
-        if slot.templates is not None:
-            bank = self.attr("bank", f"bank.{slot.group}")
-            rows = slot.templates
-            same = all(r == rows[0] for r in rows)
-            desc = f"{rows[0]} for every member" if same else ", ".join(map(str, rows))
-            lines = [f"{ind}# {_c(key)}: bank.{_c(slot.group)} templates {desc}"]
-            if same:
-                lines.append(f"{ind}flat = {alpha} @ {self._rows(bank, rows[0])}")
-            elif all(r == list(range(r[0], r[0] + len(r))) for r in rows):
-                items = [f"{alpha_m}[{m}] @ {self._rows(bank, r)}" for m, r in enumerate(rows)]
-                lines += self._stack(items, ind)
-            else:
-                lines += _call("flat = jnp.einsum", ['"mk,mks->ms"', alpha, f"{bank}[jnp.array({rows})]"], ind)
-        else:
-            span = slot.k * slot.size
-            lines = [f"{ind}# {_c(key)}: blob windows of {slot.k} x {slot.size} from offsets {slot.offsets}"]
-            if all(o == slot.offsets[0] for o in slot.offsets):
-                lines.append(f"{ind}flat = {alpha} @ {self._blob_window(slot.offsets[0], span)}.reshape({slot.k}, {slot.size})")
-            else:
-                items = [
-                    f"{alpha_m}[{m}] @ {self._blob_window(o, span)}.reshape({slot.k}, {slot.size})"
-                    for m, o in enumerate(slot.offsets)
-                ]
-                lines += self._stack(items, ind)
-        shape = ", ".join(map(str, [M, *op.weight_shape]))
-        wsize = math.prod(op.weight_shape)
-        if op.bias:
-            lines.append(f'{ind}w[{_q(key + ".weight")}] = flat[:, :{wsize}].reshape({shape})')
-            lines.append(f'{ind}w[{_q(key + ".bias")}] = flat[:, {wsize}:]')
-        else:
-            lines.append(f'{ind}w[{_q(key + ".weight")}] = flat.reshape({shape})')
-        return lines
-
-    @staticmethod
-    def _stack(items: list[str], ind: str) -> list[str]:
-        one = f"{ind}flat = jnp.stack([{', '.join(items)}])"
-        if len(one) <= LINE_WIDTH:
-            return [one]
-        return [f"{ind}flat = jnp.stack(", f"{ind}    ["] + [f"{ind}        {it}," for it in items] + [f"{ind}    ]", f"{ind})"]
 
     # -- calling -------------------------------------------------------------
 
@@ -730,116 +557,6 @@ and the plain output layer N(0, std^2) with bias 0.
             "            getattr(self, var_attr)[...] = var",
         ]
 
-    def _expr(self, op, ins: list[_Val], grouped: bool, rep, index: int) -> tuple[str, str, list[str]]:
-        """(target prefix, function, arguments) computing ``op``; function "" means args[0] is the expression."""
-        M = self.M
-        k = op.kind
-        a = ins[0].var if ins else "x"
-        W, B = f'w[{_q(op.name + ".weight")}]', f'w[{_q(op.name + ".bias")}]'
-        if k == "conv":
-            def conv_args(groups: int) -> list[str]:
-                args = []
-                if any(s != 1 for s in op.stride):
-                    args.append(f"stride={_tup(op.stride)}")
-                if any(p != 0 for p in op.padding):
-                    args.append(f"padding={_tup(op.padding)}")
-                if any(d != 1 for d in op.dilation):
-                    args.append(f"dilation={_tup(op.dilation)}")
-                if groups != 1:
-                    args.append(f"groups={groups}")
-                return args + ["cpu=cpu"]
-
-            bias = B if op.bias else "None"
-            stacked_shape = ", ".join(map(str, [M * op.out_channels, *op.weight_shape[1:]]))
-            if op.source == "plain":
-                if grouped and not ins[0].shared:
-                    ones = ", ".join(["1"] * (len(op.weight_shape) - 1))
-                    wr, br = f"jnp.tile({W}, ({M}, {ones}))", (f"jnp.tile({B}, {M})" if op.bias else "None")
-                    return "", "_conv", [a, wr, br, *conv_args(M * op.groups)]
-                return "", "_conv", [a, W, bias, *conv_args(op.groups)]
-            if not grouped:
-                return "", "_conv", [a, f"{W}[m]", f"{B}[m]" if op.bias else "None", *conv_args(op.groups)]
-            ws = f"{W}.reshape({stacked_shape})"
-            bs = f"{B}.reshape(-1)" if op.bias else "None"
-            if ins[0].shared and op.groups == 1:  # one conv with the members' filters stacked
-                return "", "_conv", [a, ws, bs, *conv_args(1)]
-            src = rep(ins[0]) if ins[0].shared else a
-            return "", "_conv", [src, ws, bs, *conv_args(M * op.groups)]
-        if k == "linear":
-            bias = B if op.bias else "None"
-            if op.source == "plain":
-                if grouped and not ins[0].shared:
-                    return "", "_linear_grouped", [a, W, bias, str(M)]
-                return "", "_linear", [a, W, bias]
-            if not grouped:
-                return "", "_linear", [a, f"{W}[m]", f"{B}[m]" if op.bias else "None"]
-            if ins[0].shared:
-                shape = f"{M * op.out_features}, {op.in_features}"
-                return "", "_linear", [a, f"{W}.reshape({shape})", f"{B}.reshape(-1)" if op.bias else "None"]
-            return "", "_linear_grouped", [a, W, bias, str(M)]
-        if k == "bn":
-            if grouped:
-                src = rep(ins[0]) if ins[0].shared else a
-                params, target = f"*self.bn_tensors({_q(op.name)})", f"stats[{_q(op.name)}]"
-            else:
-                src, params, target = a, f"*self.bn_tensors({_q(op.name)}, m)", f"stats[{_q(op.name)}][m]"
-            return target, "_batch_norm", [src, params, "train", repr(op.momentum), repr(op.eps)]
-        if k == "act":
-            if op.fn in ("tanh",):
-                return "", "jnp.tanh", [a]
-            if op.fn == "leaky_relu":
-                return "", "jax.nn.leaky_relu", [a, repr(op.slope)]
-            if op.fn == "gelu":
-                return "", "jax.nn.gelu", [a, "approximate=False"]
-            return "", f"jax.nn.{op.fn}", [a]
-        if k == "pool":
-            args = [a, _q(op.op), _tup(op.kernel), _tup(op.stride)]
-            if any(p != 0 for p in op.padding):
-                args.append(_tup(op.padding))
-            return "", "_pool", args
-        if k == "global_pool":
-            axes = tuple(range(1, len(op.in_shape)))
-            fn = "mean" if op.op == "avg" else "max"
-            return "", "", [f"{a}.{fn}(axis={axes if len(axes) > 1 else axes[0]})"]
-        if k == "flatten":
-            return "", "_flatten", [a]
-        if k == "dropout":
-            if op.p == 0:
-                return "", "", [a]
-            salt = [str(index)] + ([] if grouped else ["m"])
-            return "", "_dropout", [a, repr(op.p), "train", "dropout_key", *salt]
-        if k == "add":
-            xs = [rep(v) if (grouped and v.shared and not self.shared[op.name]) else v.var for v in ins]
-            return "", "", [" + ".join(xs)]
-        raise CodegenError(f"op kind {k!r} is not supported by the flax backend")
-
-    def _statements(self, ops, grouped: bool, indent: str, vals: dict[str, _Val]) -> list[str]:
-        lines: list[str] = []
-        reps: dict[str, str] = {}
-        M = self.M
-
-        def rep(v: _Val) -> str:  # shared value -> members side by side on the channel axis
-            if v.var not in reps:
-                reps[v.var] = f"{v.var}_rep"
-                lines.append(f"{indent}{v.var}_rep = jnp.concatenate([{v.var}] * {M}, axis=-1)")
-            return reps[v.var]
-
-        for op in ops:
-            if op.kind == "input":
-                vals[op.name] = _Val(self.vars[op.name], True)
-                continue
-            ins = [vals[n] for n in op.inputs]
-            index = self.plan.ops.index(op)
-            target, fn, args = self._expr(op, ins, grouped, rep, index)
-            var = self.vars[op.name]
-            lhs = f"{var}, {target}" if target else var
-            if fn:
-                lines += _call(f"{lhs} = {fn}", args, indent)
-            else:
-                lines.append(f"{indent}{lhs} = {args[0]}")
-            vals[op.name] = _Val(var, self.shared[op.name])
-        return lines
-
     def _signature(self, name: str, doc: str) -> list[str]:
         return [
             f"    def {name}(self, x: jax.Array, w: dict, train: bool, dropout_key, cpu: bool):",
@@ -850,8 +567,8 @@ and the plain output layer N(0, std^2) with bias 0.
         p = self.plan
         lines = self._signature("forward_grouped", "Members side by side on the channel axis: activations are [B, ..., M*C].")
         lines.append("        stats: dict = {}")
-        vals: dict[str, _Val] = {}
-        lines += self._statements(p.ops, True, "        ", vals)
+        vals: dict[str, Val] = {}
+        lines += self.statements(p.ops, True, "        ", vals)
         out = self.vars[p.output]
         if self.shared[p.output]:
             lines.append(f"        return jnp.broadcast_to({out}[:, None], ({out}.shape[0], {self.M}, {p.classes})), stats")
@@ -866,8 +583,8 @@ and the plain output layer N(0, std^2) with bias 0.
         member_ops = [op for op in p.ops if not self.shared[op.name]]
         bn_names = [op.name for op in member_ops if op.kind == "bn"]
         out = self.vars[p.output]
-        vals: dict[str, _Val] = {}
-        lines += self._statements(shared_ops, False, "        ", vals)
+        vals: dict[str, Val] = {}
+        lines += self.statements(shared_ops, False, "        ", vals)
         if self.shared[p.output]:
             lines.append(f"        return jnp.broadcast_to({out}[:, None], ({out}.shape[0], {self.M}, {p.classes})), {{}}")
             return lines
@@ -876,7 +593,7 @@ and the plain output layer N(0, std^2) with bias 0.
         else:
             lines.append("        stats: dict = {}")
         lines += ["        outs = []", f"        for m in range({self.M}):"]
-        lines += self._statements(member_ops, False, "            ", vals)
+        lines += self.statements(member_ops, False, "            ", vals)
         lines += [f"            outs.append({out})", "        return jnp.stack(outs, 1), stats"]
         return lines
 
@@ -891,6 +608,4 @@ def _wrapped_dict(names: list[str], members: int, indent: str) -> list[str]:
 
 def emit_source(plan: Plan) -> str:
     """The Python source of ``plan`` as a flax.nnx Module (deterministic)."""
-    if plan.version != PLAN_VERSION:
-        raise CodegenError(f"plan version {plan.version} is not the supported version {PLAN_VERSION}; recompile the spec")
-    return _Emitter(validated(plan, CodegenError)).source()
+    return FlaxEmitter(checked(plan)).source()

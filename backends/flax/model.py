@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixc.backends.flax.codegen import class_name, emit_source, module_name
-from mixc.backends.generated import exec_source, write_model
+from mixc.backends import generated
+from mixc.backends.flax.codegen import class_name, emit_source
 from mixc.compiler.plan import Plan
 
 LAYOUTS = ("auto", "grouped", "loop")
@@ -27,8 +27,8 @@ _SOURCES: dict[str, types.ModuleType] = {}  # content hash -> exec'd module (the
 
 
 def load_source(source: str, plan: Plan) -> types.ModuleType:
-    """Exec generated ``source`` into a fresh module (registered with linecache for tracebacks)."""
-    return exec_source(source, f"<mixc-generated flax {module_name(plan)}.py>", f"mixc_generated_flax_{module_name(plan)}")
+    """Exec generated ``source`` into a fresh module."""
+    return generated.load_source(source, plan, "flax")
 
 
 def model_class(plan: Plan) -> type:
@@ -78,7 +78,7 @@ _INITS: dict[tuple, tuple] = {}
 
 def write(plan: Plan, out_dir: str | Path) -> Path:
     """Write ``plan.json`` and ``<name>.py`` (the flax module) into ``out_dir``; return the source's path."""
-    return write_model(plan, out_dir, emit_source(plan), module_name(plan))
+    return generated.write(plan, out_dir, emit_source(plan))
 
 
 def _mapping(model: nnx.Module) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Build a runnable model from a Plan, write it to disk, and name its tensors.
 
-``build`` generates the source with ``emit_source`` and execs exactly that text
-in a fresh module, so what runs is what ``write`` puts on disk.
+``build`` generates the source with ``emit_source`` and imports exactly that text
+from the model cache (``backends/generated.py``), so what runs is what ``write``
+puts on disk, and the class has a stable module name (``torch.save(model)`` works).
 """
 
 from __future__ import annotations
@@ -12,16 +13,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mixc.backends.generated import exec_source, write_model
-from mixc.backends.torch.codegen import class_name, emit_source, module_name
+from mixc.backends import generated
+from mixc.backends.torch.codegen import class_name, emit_source
 from mixc.compiler.plan import Plan
 
 LAYOUTS = ("auto", "grouped", "loop")
 
 
 def load_source(source: str, plan: Plan) -> types.ModuleType:
-    """Exec generated ``source`` into a fresh module (registered with linecache for tracebacks)."""
-    return exec_source(source, f"<mixc-generated {module_name(plan)}.py>", f"mixc_generated_{module_name(plan)}")
+    """Exec generated ``source`` into a fresh module."""
+    return generated.load_source(source, plan, "torch")
 
 
 def build(
@@ -40,7 +41,7 @@ def build(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
-    mod = load_source(emit_source(plan), plan)
+    mod = generated.importable(emit_source(plan), plan, "torch")  # importable: pickle and deepcopy work
     model = getattr(mod, class_name(plan))(layout=layout, channels_last=channels_last)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
@@ -49,15 +50,19 @@ def build(
 
 def write(plan: Plan, out_dir: str | Path) -> Path:
     """Write ``plan.json`` and ``<name>.py`` into ``out_dir``; return the source's path."""
-    return write_model(plan, out_dir, emit_source(plan), module_name(plan))
+    return generated.write(plan, out_dir, emit_source(plan))
 
 
 def named_plan_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every plan tensor name (``bank.g0``, ``bn.s1.b0.bn0.running_mean``...) -> the model's Parameter/buffer."""
+    """Every plan tensor name (``bank.g0``, ``bn.s1.b0.bn0.running_mean``...) -> the model's Parameter/buffer.
+
+    The one place where the checkpoint format's names (the Plan's) meet the module's hierarchical
+    state_dict keys: the generated model's ``plan_tensors()`` says which key holds which name."""
     mapping = getattr(model, "plan_tensors", None)
-    if mapping is None:
+    if not callable(mapping):
         raise TypeError(f"{type(model).__name__} is not a mixc-generated model (it has no plan_tensors)")
-    return {name: getattr(model, attr) for name, attr in mapping.items()}
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    return {name: tensors[key] for name, key in mapping().items()}
 
 
 def ensemble_probs(logits: torch.Tensor) -> torch.Tensor:
