@@ -24,6 +24,7 @@ Three narrow protocols cross the boundary:
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,6 +191,10 @@ class Backend:
     def build(self, plan: Plan, **options: Any) -> Any:
         """The framework model, initialised (options: layout, device, seed... as the backend documents)."""
         return self._module("model").build(plan, **options)
+
+    def build_options(self) -> frozenset[str]:
+        """The keyword options :meth:`build` takes (``mixc.build`` treats every other keyword as a spec override)."""
+        return frozenset(inspect.signature(self._module("model").build).parameters) - {"plan"}
 
     def count_params(self, plan: Plan) -> int:
         """Trainable parameters of the model :meth:`build` makes, without allocating them."""

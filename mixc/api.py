@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -86,9 +85,9 @@ def build(spec: str | Path | Plan, backend: str = "torch", overrides: Overrides 
     """
     from mixc.backends import get_backend
 
-    make = get_backend(backend).build
-    accepted = set(inspect.signature(make).parameters) - {"plan"}
+    chosen = get_backend(backend)
+    accepted = chosen.build_options()
     options = {k: v for k, v in keywords.items() if k in accepted}
     spec_keys = {k: v for k, v in keywords.items() if k not in accepted}
     plan = compile(spec, override_list(overrides, **spec_keys))
-    return make(plan, **options)
+    return chosen.build(plan, **options)

@@ -281,3 +281,15 @@ def mlp_net(members: int = 4, dropout: float = 0.1) -> Plan:
     h = b.add("res2", h, b.linear("pskip", x, 12))  # shared + per-member
     b.linear("out", h, 3, bias=True)
     return b.finish("out", banks={"g12": (["l2", "l3"], 3, 3), "g_in": (["l1"], 2, 2)}, assign="shared")
+
+
+def three_conv_bank() -> Plan:
+    """Three 32-wide 3x3 convs sharing one bank of 6 templates (k = 4, shared): for init checks."""
+    b = PlanBuilder("wide", [32, 8, 8], 3)
+    x = b.input()
+    h = b.conv("c1", x, 32, kernel=3, padding=1)
+    h = b.conv("c2", h, 32, kernel=3, padding=1)
+    h = b.conv("c3", h, 32, kernel=3, padding=1)
+    h = b.global_pool("gp", h)
+    b.linear("fc", h, 4)
+    return b.finish("fc", banks={"g": (["c1", "c2", "c3"], 6, 4)}, assign="shared")

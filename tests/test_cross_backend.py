@@ -13,6 +13,8 @@ from hypothesis import assume, given, settings
 import handmade_plans as hp
 from strategies import specs
 
+from framework_fixtures import fast_xla_compiles, one_torch_thread  # noqa: F401 (autouse)
+
 import mixc
 from mixc.backends import flax as fb
 from mixc.backends import torch as tb
@@ -29,24 +31,6 @@ PLANS = {
     "digits": lambda: mixc.compile("digits"),
     "wrn16_4_k1": lambda: mixc.compile("wrn16_4", ["backbone.k=1", "members=2"]),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_xla_compiles():
-    """Compiling dominates these tests and XLA's optimisations do not change what is checked."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The torch side here is tiny; two OpenMP threads on a busy 2-core machine can be 100x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _randomise_torch(model: torch.nn.Module, seed: int) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import math
 from pathlib import Path
 
@@ -14,6 +12,8 @@ import pytest
 from flax import nnx
 
 import handmade_plans as hp
+from source_checks import import_roots, import_written
+from framework_fixtures import fast_xla_compiles  # noqa: F401 (autouse)
 
 import mixc
 from mixc.backends.flax import (
@@ -35,15 +35,6 @@ PLANS = {
     "mlp": lambda: hp.mlp_net(dropout=0.0),
 }
 ZOO = sorted(p.stem for p in (Path(__file__).parents[1] / "zoo").glob("*.mix"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_xla_compiles():
-    """Compiling dominates these tests and XLA's optimisations do not change what is checked."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
 
 
 def _randomise(model) -> None:
@@ -142,14 +133,7 @@ def test_dropout_active_only_in_training():
 
 def test_init_variance_and_alphas():
     """A composed conv starts with kaiming-normal variance; alphas are orthonormal rows."""
-    b = hp.PlanBuilder("wide", [32, 8, 8], 3)
-    x = b.input()
-    h = b.conv("c1", x, 32, kernel=3, padding=1)
-    h = b.conv("c2", h, 32, kernel=3, padding=1)
-    h = b.conv("c3", h, 32, kernel=3, padding=1)
-    h = b.global_pool("gp", h)
-    b.linear("fc", h, 4)
-    plan = b.finish("fc", banks={"g": (["c1", "c2", "c3"], 6, 4)}, assign="shared")
+    plan = hp.three_conv_bank()
     model = build(plan, seed=0)
     w = model.compose()
     target = math.sqrt(2 / (32 * 9))
@@ -178,23 +162,13 @@ def test_codegen_is_deterministic_and_imports_only_jax_and_flax():
     for make in [*PLANS.values(), lambda: mixc.compile("digits"), lambda: mixc.compile("wrn28_10_7m")]:
         src = emit_source(make())
         assert src == emit_source(make())
-        roots = set()
-        for node in ast.walk(ast.parse(src)):
-            if isinstance(node, ast.Import):
-                roots |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                roots.add(node.module.split(".")[0])
+        roots = import_roots(src)
         assert roots <= {"jax", "flax", "optax", "math"}, roots
 
 
 def test_written_file_is_what_runs(tmp_path):
     plan = hp.mlp_net(dropout=0.0)
-    src_path = write(plan, tmp_path)
-    assert (tmp_path / "plan.json").read_text().strip() == plan.to_json()
-    assert src_path == tmp_path / "mlp.py"
-    spec = importlib.util.spec_from_file_location("mlp_generated_flax", src_path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = import_written(write, plan, tmp_path, "mlp", "mlp_generated_flax")
     ours = build(plan, layout="grouped", seed=3)  # jit-compiled initialisation
     theirs = mod.Mlp(rngs=nnx.Rngs(3), layout="grouped")  # op by op: the same numbers
     theirs_arrays = plan_arrays(theirs)

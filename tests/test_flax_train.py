@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 torch = pytest.importorskip("torch")
 
+from framework_fixtures import fast_xla_compiles, one_torch_thread  # noqa: F401 (autouse)
+
 import mixc
 from mixc.backends.flax.train import (
     TrainError,
@@ -29,24 +31,6 @@ from mixc.checkpoint_format import read_tensors
 from mixc.spec.recipe import Recipe
 
 SMALL = ["backbone.width=8", "members=2"]  # digits at width 8: the same graph, a fast compile
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_xla_compiles():
-    """Compiling dominates these tests and XLA's optimisations do not change what is checked."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The torch side here is tiny; two OpenMP threads on a busy 2-core machine can be 100x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _plan():

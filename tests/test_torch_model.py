@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import math
 import os
 from pathlib import Path
@@ -13,6 +11,7 @@ import torch
 from hypothesis import assume, given, settings
 
 import handmade_plans as hp
+from source_checks import import_roots, import_written
 from strategies import specs
 from torch_reference import reference_forward
 
@@ -128,14 +127,7 @@ def test_dropout_active_only_in_training():
 
 def test_init_variance_and_alphas():
     """A composed conv starts with kaiming-normal variance; alphas are orthonormal rows."""
-    b = hp.PlanBuilder("wide", [32, 8, 8], 3)
-    x = b.input()
-    h = b.conv("c1", x, 32, kernel=3, padding=1)
-    h = b.conv("c2", h, 32, kernel=3, padding=1)
-    h = b.conv("c3", h, 32, kernel=3, padding=1)
-    h = b.global_pool("gp", h)
-    b.linear("fc", h, 4)
-    plan = b.finish("fc", banks={"g": (["c1", "c2", "c3"], 6, 4)}, assign="shared")
+    plan = hp.three_conv_bank()
     torch.manual_seed(0)
     model = build(plan)
     w = model.compose()
@@ -160,12 +152,7 @@ def test_codegen_is_deterministic_and_imports_only_torch():
     for make in PLANS.values():
         src = emit_source(make())
         assert src == emit_source(make())
-        roots = set()
-        for node in ast.walk(ast.parse(src)):
-            if isinstance(node, ast.Import):
-                roots |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                roots.add(node.module.split(".")[0])
+        roots = import_roots(src)
         assert roots <= {"torch", "math"}, roots
 
 
@@ -182,12 +169,7 @@ def test_golden_source():
 
 def test_written_file_is_what_runs(tmp_path):
     plan = hp.rich_convnet(dropout=0.0)
-    src_path = write(plan, tmp_path)
-    assert (tmp_path / "plan.json").read_text().strip() == plan.to_json()
-    assert src_path == tmp_path / "rich.py"
-    spec = importlib.util.spec_from_file_location("rich_generated", src_path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = import_written(write, plan, tmp_path, "rich", "rich_generated")
     torch.manual_seed(0)
     ours = build(plan, layout="grouped").eval()
     theirs = mod.Rich(layout="grouped").eval()
