@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from pathlib import Path
@@ -228,3 +229,38 @@ def test_generated_specs_build_and_match_reference(text):
     loop.load_state_dict(model.state_dict())
     assert (got - want).abs().max().item() < 1e-5
     assert (loop(x) - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["tiny", "signal_small_blob"])
+def test_eval_mode_keeps_composed_weights_until_a_parameter_changes(name):
+    """Inference composes once; an optimiser step, a loaded state or train mode make it compose again,
+    and every answer equals a fresh composition."""
+    plan = PLANS[name]()
+    model = build(plan).double().eval()
+    x = _input(plan)
+    calls = []
+    real = model._mix
+    model._mix = lambda device: calls.append(1) or real(device)
+    with torch.no_grad():
+        first = model(x)
+        assert torch.equal(model(x), first) and len(calls) == 1  # the second forward reused the weights
+    with torch.inference_mode():
+        model(x)
+    assert len(calls) == 1
+    bank = next(t for n, t in named_plan_tensors(model).items() if n.startswith(("bank.", "blob")))
+    with torch.no_grad():
+        bank.mul_(1.5)  # an in-place update, as an optimiser step makes
+        changed = model(x)
+    assert len(calls) == 2 and not torch.allclose(changed, first)
+    alpha = next(t for n, t in named_plan_tensors(model).items() if n.startswith("alpha."))
+    with torch.no_grad():
+        alpha.add_(0.25)
+        after_alpha = model(x)
+    assert len(calls) == 3 and not torch.allclose(after_alpha, changed)
+    fresh = build(plan).double().eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), after_alpha, rtol=0, atol=1e-12)
+    model(x)  # autograd on: composed afresh, not from the cache
+    assert len(calls) == 4
+    assert copy.deepcopy(model)._mixed is None

@@ -222,6 +222,11 @@ class Ensemble(nn.Module):
         self.layout, self.channels_last = layout, channels_last
         self.banks = nn.ParameterDict({key: nn.Parameter(torch.empty(shape)) for key, shape, _ in BANKS.values()})
         self.blob = nn.Parameter(torch.empty(BLOB[0])) if BLOB else None
+        self._mixed = None  # (key, composed weights) kept between eval-mode forwards, see mix
+
+    def __getstate__(self) -> dict:
+        """Pickles and deep copies leave the eval-mode cache of composed weights behind."""
+        return {**super().__getstate__(), "_mixed": None}
 
     def extra_repr(self) -> str:
         return f"spec={SPEC_NAME}, members={MEMBERS}, layout={self.layout}, channels_last={self.channels_last}"
@@ -246,9 +251,22 @@ class Ensemble(nn.Module):
                 layer.reset_parameters()
 
     def mix(self, device: torch.device) -> Composed:
-        """Every composed layer's weights for all members, once per forward: per bank, the layers'
-        alphas spread over its rows, then one product with the templates. In the parameters'
-        precision even under autocast (the convolutions cast the result once)."""
+        """Every composed layer's weights for all members, once per forward. In eval mode without
+        autograd they are kept until a template or alpha changes (their version counters and storage),
+        so inference costs what per-member weights would."""
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            self._mixed = None
+            return self._mix(device)
+        inputs = [*self.banks.values(), *([self.blob] if self.blob is not None else [])]
+        inputs += [m.alpha for layers in self.banked.values() for m in layers] + [m.alpha for m in self.blobbed]
+        key = (device, self.layout, *((t._version, t.data_ptr(), t.dtype) for t in inputs))
+        if self._mixed is None or self._mixed[0] != key:
+            self._mixed = (key, self._mix(device))
+        return self._mixed[1]
+
+    def _mix(self, device: torch.device) -> Composed:
+        """Per bank, the layers' alphas spread over its rows, then one product with the templates. In the
+        parameters' precision even under autocast (the convolutions cast the result once)."""
         weights = {}
         with torch.autocast(device.type, enabled=False):
             for key, layers in self.banked.items():
