@@ -208,6 +208,18 @@ class Backend:
 
     # -- running ---------------------------------------------------------------
 
+    def set_threads(self, n: int) -> dict[str, Any]:
+        """Run the framework's CPU work on ``n`` threads (``mixc.threads`` picks ``n``); returns what was set,
+        for config.json. By default ``<package>.threads.set_threads``; a backend without one sets nothing."""
+        try:
+            module = self._module("threads")
+        except ModuleNotFoundError as e:
+            if e.name != f"{self.package}.threads":
+                raise
+            return {"threads": n, "applied": False}
+        return module.set_threads(n)
+
+
     def trainer(self, plan: Plan, recipe: Recipe, *, device: str, layout: str, augment: str) -> Trainer:
         """A :class:`Trainer` for the shared driver, initialised from ``recipe.seed``."""
         raise NotImplementedError

@@ -50,6 +50,7 @@ from mixc.data import Dataset, check_compatible, load_dataset
 from mixc.metrics import evaluate
 from mixc.run_folder import Reporter, RunWriter, TrainError, epoch_line, seed_of, spec_hash
 from mixc.spec.recipe import Recipe
+from mixc.threads import resolve_threads
 
 if TYPE_CHECKING:
     from mixc.backends.base import Backend, Trainer
@@ -161,6 +162,7 @@ def train(
     progress: bool = True,
     config: dict[str, Any] | None = None,
     allow_recipe_change: bool = False,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Train ``plan`` with ``recipe`` on ``backend`` into ``out_dir`` (resuming it if it holds a checkpoint).
 
@@ -168,7 +170,8 @@ def train(
     ``baseline`` only labels the run: pass the already recompiled plan.
     ``config`` adds entries (e.g. the CLI's overrides) to ``config.json``.
     ``allow_recipe_change`` lets a resume go on with a recipe other than the
-    checkpoint's (recorded in ``config.json``'s history). Returns the final test
+    checkpoint's (recorded in ``config.json``'s history). ``threads`` is the CPU
+    thread count (``None``: :func:`mixc.threads.default_threads`). Returns the final test
     metrics (:func:`mixc.metrics.evaluate`) plus ``epoch``, ``train_loss`` and
     ``wall_time``; ``{}`` on data-parallel ranks other than 0.
     """
@@ -183,6 +186,7 @@ def train(
     augment = augment_mode(recipe, plan)
     if layout not in backend.capabilities.layouts:
         raise TrainError(f"layout must be {', '.join(backend.capabilities.layouts)}, not {layout!r}")
+    thread_info = backend.set_threads(resolve_threads(threads))
     t_start = time.perf_counter()
     trainer = backend.trainer(plan, recipe, device=device, layout=layout, augment=augment)
     try:
@@ -194,7 +198,7 @@ def train(
                 _resume(folder, trainer, plan)
             run = _Run(plan, recipe, dataset, trainer, folder, Reporter(trainer.rank == 0, progress and sys.stdout.isatty()),
                        batch, len(dataset.y_train) // batch, backend.name)  # the last partial batch is dropped
-            _announce(run, layout, augment, baseline, config or {})
+            _announce(run, layout, augment, baseline, {**thread_info, **(config or {})})
             last = _epochs(run)
             if not run.main:
                 return {}
@@ -233,7 +237,7 @@ def _announce(run: _Run, layout: str, augment: str, baseline: str | None, config
     run.reporter.line(
         f"{plan.name}: {kind}, {plan.accounting.total_params:,} parameters; {run.dataset.description}; "
         f"{recipe.epochs} epochs x {run.steps} steps of {run.batch}; {recipe.optimizer.name} lr {recipe.optimizer.lr}; "
-        f"device {trainer.device_label}; out {run.folder.out}"
+        f"device {trainer.device_label}, {config.get('threads', '?')} threads; out {run.folder.out}"
         + (f"; resuming after epoch {start}" if start else "")
     )
 

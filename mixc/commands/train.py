@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mixc.compiler.plan import first_problem
-from mixc.commands import add_backend_argument
+from mixc.commands import add_backend_argument, add_threads_argument
 from mixc.run_folder import TrainError
 
 _M_TRIM_THRESHOLD = -1
@@ -55,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a spec setting, e.g. --set members=2 --set train.optimizer.lr=0.05 (repeatable)")
     add_backend_argument(parser, "train with (torch: DDP under torchrun; flax: data parallel over every local "
                          "device of --device)")
+    add_threads_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="plain lines instead of a progress bar")
     parser.add_argument("--allow-recipe-change", action="store_true",
                         help="resume a run with a recipe (learning rate, batch, schedule, data...) other than the one "
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, device=args.device, seed=args.seed, layout=args.layout,
             baseline=args.baseline, progress=not args.no_progress,
             config={"file": str(args.file), "overrides": overrides, "backend": backend.name, "allocator": allocator},
-            allow_recipe_change=args.allow_recipe_change,
+            allow_recipe_change=args.allow_recipe_change, threads=args.threads,
         )
     except KeyboardInterrupt:
         print(f"mixc train: error: interrupted; the last finished epoch is saved in {out}: run the same command "
