@@ -157,7 +157,7 @@ def _finished(folder: Path, plan: Plan, epochs: int) -> dict[str, Any] | None:
 def run_point(
     point: Point, spec: str, overrides: list[str], folder: Path, *, data: Any = None, data_dir: str | None = None,
     epochs: int | None = None, device: str = "cpu", seed: int | None = None, layout: str = "auto",
-    progress: bool = True, backend: str = DEFAULT,
+    progress: bool = True, backend: str = DEFAULT, threads: int | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Train (or resume, or reuse) one point on ``backend``; returns its final metrics and what was done."""
     from mixc.backends import get_backend
@@ -174,7 +174,7 @@ def run_point(
     baseline = point.kind if point.kind in ("single", "naive") else None
     metrics = train(
         get_backend(backend, "sweep"), plan, recipe, out_dir=folder, data=data, data_dir=data_dir, epochs=epochs, device=device, seed=seed,
-        layout=layout, baseline=baseline, progress=progress,
+        layout=layout, baseline=baseline, progress=progress, threads=threads,
         config={"file": spec, "overrides": overrides + point.overrides, "backend": backend, "sweep_point": point.key},
     )
     return metrics, status
@@ -203,7 +203,7 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Train every feasible point in turn into ``out/<key>``; returns one row per point (failures included).
 
-    ``train_kw`` go to :func:`run_point` (data, data_dir, epochs, device, seed, layout, progress, backend).
+    ``train_kw`` go to :func:`run_point` (data, data_dir, epochs, device, seed, layout, progress, backend, threads).
     A data or backend problem stops the sweep (it would fail every point); a problem with one point's folder
     is recorded and the sweep goes on.
     """

@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mixc.commands import add_backend_argument
+from mixc.commands import add_backend_argument, add_threads_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=["auto", "grouped", "loop"], default="auto", help="how members run")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec setting for every point (repeatable), e.g. --set train.epochs=15")
+    add_threads_argument(p)
     p.add_argument("--no-plot", action="store_true", help="skip the PNGs (no matplotlib needed)")
     p.add_argument("--no-progress", action="store_true", help="plain lines instead of progress bars")
 
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         rows = run_sweep(args.file, list(args.overrides), points, out, data=args.data, data_dir=args.data_dir,
                          epochs=args.epochs, device=args.device, seed=args.seed, layout=args.layout,
-                         progress=not args.no_progress, backend=args.backend)
+                         progress=not args.no_progress, backend=args.backend,
+                         threads=args.threads)
     except KeyboardInterrupt:
         _error(f"interrupted; finished epochs are saved under {out}: run the same command to resume")
         return 130
