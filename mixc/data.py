@@ -23,6 +23,8 @@ value at fault and a hint; the CLI prints it without a traceback.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import pickle
 from dataclasses import dataclass
@@ -56,6 +58,8 @@ class Dataset:
     y_test: np.ndarray
     classes: int
     description: str
+    x_val: np.ndarray | None = None  # a validation split, when the dataset has one (or one was held out)
+    y_val: np.ndarray | None = None
 
     @property
     def input_shape(self) -> list[int]:
@@ -82,10 +86,35 @@ def load_dataset(name_or_path: str, data_dir: str | os.PathLike | None = None) -
     )
 
 
+def split_validation(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+    """Hold out ``fraction`` of the training set for validation, drawn with ``default_rng([seed, 7919])``.
+
+    Why seeded by the recipe's seed: a resumed run (and the same command run again) must
+    train on exactly the same samples; the split is a pure function of (data, fraction, seed).
+    A dataset that already has a validation split keeps it when ``fraction`` is 0.
+    """
+    if fraction <= 0:
+        return dataset
+    n = len(dataset.y_train)
+    n_val = int(round(n * fraction))
+    if n_val < 1 or n - n_val < 1:
+        raise DataError(f"--val-fraction {fraction} of {n} training samples leaves {n_val} for validation and "
+                        f"{n - n_val} for training; hint: choose a fraction that leaves both sets non-empty")
+    perm = np.random.default_rng([seed, 7919]).permutation(n)
+    val, keep = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    return dataclasses.replace(
+        dataset, x_train=dataset.x_train[keep], y_train=dataset.y_train[keep],
+        x_val=dataset.x_train[val], y_val=dataset.y_train[val],
+        description=f"{dataset.description}; {n_val} of the train samples held out for validation",
+    )
+
+
 def check_compatible(dataset: Dataset, input_shape: list[int] | tuple[int, ...], classes: int) -> None:
     """Raise DataError unless the dataset's samples and labels fit a model with this input and output."""
     want = list(input_shape)
-    for split, x in (("x_train", dataset.x_train), ("x_test", dataset.x_test)):
+    for split, x in (("x_train", dataset.x_train), ("x_test", dataset.x_test), ("x_val", dataset.x_val)):
+        if x is None:
+            continue
         got = list(x.shape[1:])
         if got != want:
             raise DataError(
@@ -93,8 +122,8 @@ def check_compatible(dataset: Dataset, input_shape: list[int] | tuple[int, ...],
                 f"({x.shape[0]} samples of shape {got}); hint: reshape the arrays to [N, {', '.join(map(str, want))}] "
                 "(channels first), or change the spec's `input` line to match the data"
             )
-    for split, y in (("y_train", dataset.y_train), ("y_test", dataset.y_test)):
-        if y.size and (y.min() < 0 or y.max() >= classes):
+    for split, y in (("y_train", dataset.y_train), ("y_test", dataset.y_test), ("y_val", dataset.y_val)):
+        if y is not None and y.size and (y.min() < 0 or y.max() >= classes):
             i = int(np.argmax((y < 0) | (y >= classes)))
             bad = int(y[i])
             raise DataError(

@@ -46,9 +46,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mixc.compiler.plan import Plan
-from mixc.data import Dataset, check_compatible, load_dataset
+from mixc.data import Dataset, check_compatible, load_dataset, split_validation
 from mixc.metrics import evaluate
-from mixc.run_folder import Reporter, RunWriter, TrainError, epoch_line, seed_of, spec_hash
+from mixc.run_folder import BEST_METRICS, Reporter, RunWriter, TrainError, epoch_line, seed_of, spec_hash
 from mixc.spec.recipe import Recipe
 from mixc.threads import resolve_threads
 
@@ -108,7 +108,7 @@ def augment_mode(recipe: Recipe, plan: Plan) -> str:
 
 
 def with_overrides(recipe: Recipe, **values: Any) -> Recipe:
-    """``recipe`` with the non-None ``values`` (epochs, batch, seed, data, data_dir), validated like the file
+    """``recipe`` with the non-None ``values`` (epochs, batch, seed, data, data_dir, val_fraction), validated like the file
     (TrainError naming the option otherwise: ``--epochs 0`` is the user's to fix, not a traceback)."""
     from pydantic import ValidationError
 
@@ -119,7 +119,7 @@ def with_overrides(recipe: Recipe, **values: Any) -> Recipe:
         return Recipe.model_validate({**recipe.model_dump(), **updates})
     except ValidationError as e:
         raise TrainError(f"invalid training option: {first_problem(e)}; hint: check --epochs, --batch-size, "
-                         "--seed and --data") from None
+                         "--seed, --data and --val-fraction") from None
 
 
 # ---------------------------------------------------------------------------
@@ -139,6 +139,9 @@ class _Run:
     batch: int
     steps: int
     backend_name: str
+    best_metric: str = "nll"
+    keep: int = 1
+    test_every_epoch: bool = False
 
     @property
     def main(self) -> bool:
@@ -163,6 +166,10 @@ def train(
     config: dict[str, Any] | None = None,
     allow_recipe_change: bool = False,
     threads: int | None = None,
+    val_fraction: float | None = None,
+    best_metric: str = "nll",
+    keep: int = 1,
+    eval_test_every_epoch: bool = False,
 ) -> dict[str, Any]:
     """Train ``plan`` with ``recipe`` on ``backend`` into ``out_dir`` (resuming it if it holds a checkpoint).
 
@@ -171,7 +178,10 @@ def train(
     ``config`` adds entries (e.g. the CLI's overrides) to ``config.json``.
     ``allow_recipe_change`` lets a resume go on with a recipe other than the
     checkpoint's (recorded in ``config.json``'s history). ``threads`` is the CPU
-    thread count (``None``: :func:`mixc.threads.default_threads`). Returns the final test
+    thread count (``None``: :func:`mixc.threads.default_threads`). ``val_fraction``
+    overrides the recipe's held-out share; with a validation set, ``best.safetensors`` follows
+    ``best_metric`` (``nll``, ``accuracy``, ``ece`` on it) and the test set is scored at the last
+    epoch only, unless ``eval_test_every_epoch``; ``keep`` > 1 keeps the last K epochs' checkpoints. Returns the final test
     metrics (:func:`mixc.metrics.evaluate`) plus ``epoch``, ``train_loss`` and
     ``wall_time``; ``{}`` on data-parallel ranks other than 0.
     """
@@ -180,8 +190,10 @@ def train(
 
         backend = get_backend(backend, "train")
     recipe = with_overrides(recipe, epochs=epochs, batch=batch_size, seed=seed,
-                            data=data if isinstance(data, str) else None, data_dir=data_dir)
+                            data=data if isinstance(data, str) else None, data_dir=data_dir, val_fraction=val_fraction)
+    _check_options(best_metric, keep)
     dataset = data if isinstance(data, Dataset) else load_dataset(recipe.data, recipe.data_dir)
+    dataset = split_validation(dataset, recipe.val_fraction, recipe.seed)
     check_compatible(dataset, plan.input_shape, plan.classes)
     augment = augment_mode(recipe, plan)
     if layout not in backend.capabilities.layouts:
@@ -197,7 +209,8 @@ def train(
             if folder.header is not None:
                 _resume(folder, trainer, plan)
             run = _Run(plan, recipe, dataset, trainer, folder, Reporter(trainer.rank == 0, progress and sys.stdout.isatty()),
-                       batch, len(dataset.y_train) // batch, backend.name)  # the last partial batch is dropped
+                       batch, len(dataset.y_train) // batch, backend.name,  # the last partial batch is dropped
+                       best_metric, keep, eval_test_every_epoch)
             _announce(run, layout, augment, baseline, {**thread_info, **(config or {})})
             last = _epochs(run)
             if not run.main:
@@ -257,14 +270,35 @@ def _epochs(run: _Run) -> dict[str, Any] | None:
                 )
             if not run.main:
                 continue
-            rec = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr,
-                   **evaluate(trainer.predict(run.dataset.x_test), run.dataset.y_test),
+            rec = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr, **_scores(run, epoch + 1 == epochs),
                    "epoch_time": time.perf_counter() - t0}
             run.folder.save_epoch(rec, lambda meta: trainer.save(run.folder.ckpt, epoch + 1, meta),
                                   {"global_step": str((epoch + 1) * run.steps), "backend": run.backend_name})
-            run.reporter.line(epoch_line(rec, epochs))
+            best = run.folder.keep_best(rec, run.best_metric)
+            run.folder.keep_last(epoch + 1, run.keep)
+            run.reporter.line(epoch_line({**rec, "best": best}, epochs))
             last = rec
     return last
+
+
+def _check_options(best_metric: str, keep: int) -> None:
+    """``--best-metric`` and ``--keep`` (TrainError naming the option)."""
+    if best_metric not in BEST_METRICS:
+        raise TrainError(f"--best-metric must be {', '.join(BEST_METRICS)}, not {best_metric!r}")
+    if keep < 1:
+        raise TrainError(f"--keep must be 1 or more (1: only the last checkpoint), not {keep}")
+
+
+def _scores(run: _Run, last: bool) -> dict[str, Any]:
+    """An epoch's evaluation: validation metrics (``val_*``) when there is a validation set; test metrics
+    without one, at the last epoch, or every epoch when asked (the test set is not for choosing epochs)."""
+    ds, out = run.dataset, {}
+    if ds.x_val is not None:
+        v = evaluate(run.trainer.predict(ds.x_val), ds.y_val)
+        out.update({f"val_{k}": v[k] for k in ("accuracy", "nll", "ece", "brier") if k in v})
+    if ds.x_val is None or last or run.test_every_epoch:
+        out.update(evaluate(run.trainer.predict(ds.x_test), ds.y_test))
+    return out
 
 
 def _one_epoch(run: _Run, epoch: int) -> tuple[float, float]:

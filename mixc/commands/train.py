@@ -56,6 +56,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_backend_argument(parser, "train with (torch: DDP under torchrun; flax: data parallel over every local "
                          "device of --device)")
     add_threads_argument(parser)
+    parser.add_argument("--val-fraction", type=float, metavar="F",
+                        help="hold out this share of the training set (seeded by --seed) for validation: per-epoch "
+                             "val metrics, best.safetensors; the test set is then scored after the last epoch")
+    parser.add_argument("--best-metric", choices=["nll", "accuracy", "ece"], default="nll",
+                        help="the validation metric that picks best.safetensors (default nll)")
+    parser.add_argument("--keep", type=int, default=1, metavar="K",
+                        help="keep the last K epochs' checkpoints as epoch-NNNN.safetensors (default 1: only "
+                             "checkpoint.safetensors, the last)")
+    parser.add_argument("--eval-test-every-epoch", action="store_true",
+                        help="with a validation set, score the test set after every epoch too (default: the last only)")
     parser.add_argument("--no-progress", action="store_true", help="plain lines instead of a progress bar")
     parser.add_argument("--allow-recipe-change", action="store_true",
                         help="resume a run with a recipe (learning rate, batch, schedule, data...) other than the one "
@@ -116,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
             baseline=args.baseline, progress=not args.no_progress,
             config={"file": str(args.file), "overrides": overrides, "backend": backend.name, "allocator": allocator},
             allow_recipe_change=args.allow_recipe_change, threads=args.threads,
+            val_fraction=args.val_fraction, best_metric=args.best_metric, keep=args.keep,
+            eval_test_every_epoch=args.eval_test_every_epoch,
         )
     except KeyboardInterrupt:
         print(f"mixc train: error: interrupted; the last finished epoch is saved in {out}: run the same command "
