@@ -70,14 +70,26 @@ class Dataset:
 # Public entry points
 
 
-def load_dataset(name_or_path: str, data_dir: str | os.PathLike | None = None) -> Dataset:
-    """Load ``digits``, ``cifar10``, ``cifar100`` or a ``.npz`` file by name or path."""
+def load_dataset(name_or_path: str, data_dir: str | os.PathLike | None = None,
+                 input_shape: list[int] | None = None) -> Dataset:
+    """Load ``digits``, ``cifar10``, ``cifar100``, ``imagenet`` (the image folder ``<data dir>/imagenet``),
+    an image folder (``mixc.imagefolder``; needs the model's ``input_shape``) or a ``.npz`` by name or path."""
     key = str(name_or_path).strip()
     low = key.lower()
     if low == "digits":
         return _load_digits()
     if low in ("cifar10", "cifar100"):
         return _load_cifar(low, data_dir)
+    if low == "imagenet":
+        key = str(Path(data_dir if data_dir is not None else os.environ.get("MIXC_DATA_DIR", DEFAULT_DATA_DIR))
+                  / "imagenet")
+    if Path(key).expanduser().is_dir() or low == "imagenet":
+        from mixc.imagefolder import load_image_folder
+
+        if input_shape is None:
+            raise DataError(f"{key} is an image folder: it is decoded to the model's input size, which this "
+                            "command does not know; hint: evaluate a run folder (it holds the plan)")
+        return load_image_folder(key, input_shape)
     if low.endswith(".npz") or os.sep in key or "/" in key:
         return _load_npz(Path(key))
     raise DataError(
@@ -95,6 +107,9 @@ def split_validation(dataset: Dataset, fraction: float, seed: int) -> Dataset:
     """
     if fraction <= 0:
         return dataset
+    if dataset.x_val is not None:
+        raise DataError(f"{dataset.name} has its own validation split (e.g. an image folder's val/); "
+                        "hint: drop --val-fraction (train.val_fraction), or remove that split")
     n = len(dataset.y_train)
     n_val = int(round(n * fraction))
     if n_val < 1 or n - n_val < 1:
@@ -107,6 +122,21 @@ def split_validation(dataset: Dataset, fraction: float, seed: int) -> Dataset:
         x_val=dataset.x_train[val], y_val=dataset.y_train[val],
         description=f"{dataset.description}; {n_val} of the train samples held out for validation",
     )
+
+
+KNOWN = ("digits", "cifar10", "cifar100", "imagenet")
+
+
+def resolve_data_path(value: str, base: str | os.PathLike | None) -> str:
+    """A dataset name as is; a relative path made absolute from ``base`` (the spec's folder for a spec's
+    ``data``, like its imports; the current folder for ``--data``), so a run records where its data was
+    and can be evaluated or resumed from anywhere."""
+    if value.strip().lower() in KNOWN:
+        return value
+    p = Path(value).expanduser()
+    if not p.is_absolute():
+        p = Path(base or ".") / p
+    return str(p.resolve())
 
 
 def check_compatible(dataset: Dataset, input_shape: list[int] | tuple[int, ...], classes: int) -> None:

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mixc.compiler.plan import Plan
-from mixc.data import Dataset, check_compatible, load_dataset, split_validation
+from mixc.data import Dataset, check_compatible, load_dataset, resolve_data_path, split_validation
 from mixc.metrics import evaluate
 from mixc.run_folder import BEST_METRICS, Reporter, RunWriter, TrainError, epoch_line, seed_of, spec_hash
 from mixc.spec.recipe import Recipe
@@ -189,10 +189,10 @@ def train(
         from mixc.backends import get_backend
 
         backend = get_backend(backend, "train")
-    recipe = with_overrides(recipe, epochs=epochs, batch=batch_size, seed=seed,
-                            data=data if isinstance(data, str) else None, data_dir=data_dir, val_fraction=val_fraction)
+    recipe = with_overrides(recipe, epochs=epochs, batch=batch_size, seed=seed, data=_data_path(data, plan, recipe),
+                            data_dir=data_dir, val_fraction=val_fraction)
     _check_options(best_metric, keep)
-    dataset = data if isinstance(data, Dataset) else load_dataset(recipe.data, recipe.data_dir)
+    dataset = data if isinstance(data, Dataset) else load_dataset(recipe.data, recipe.data_dir, plan.input_shape)
     dataset = split_validation(dataset, recipe.val_fraction, recipe.seed)
     check_compatible(dataset, plan.input_shape, plan.classes)
     augment = augment_mode(recipe, plan)
@@ -279,6 +279,16 @@ def _epochs(run: _Run) -> dict[str, Any] | None:
             run.reporter.line(epoch_line({**rec, "best": best}, epochs))
             last = rec
     return last
+
+
+def _data_path(data: "Dataset | str | None", plan: Plan, recipe: Recipe) -> str | None:
+    """The data the run reads, absolute: ``--data`` from the current folder, the spec's ``data`` from the
+    spec's folder (like its imports), dataset names as they are."""
+    if isinstance(data, Dataset):
+        return None
+    if isinstance(data, str):
+        return resolve_data_path(data, None)
+    return resolve_data_path(recipe.data, Path(plan.source).parent if plan.source else None)
 
 
 def _check_options(best_metric: str, keep: int) -> None:
