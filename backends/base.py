@@ -220,8 +220,10 @@ class Backend:
         return module.set_threads(n)
 
 
-    def trainer(self, plan: Plan, recipe: Recipe, *, device: str, layout: str, augment: str) -> Trainer:
-        """A :class:`Trainer` for the shared driver, initialised from ``recipe.seed``."""
+    def trainer(self, plan: Plan, recipe: Recipe, *, device: str, layout: str, augment: str,
+                compile: bool = False) -> Trainer:
+        """A :class:`Trainer` for the shared driver, initialised from ``recipe.seed``; ``compile`` asks for the
+        framework's graph compiler (torch.compile) where the backend has one, and is refused where not."""
         raise NotImplementedError
 
     def runner(self, plan: Plan, *, device: str = "cpu", batch_size: int = 500, layout: str = "auto") -> Runner:

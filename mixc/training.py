@@ -170,6 +170,9 @@ def train(
     best_metric: str = "nll",
     keep: int = 1,
     eval_test_every_epoch: bool = False,
+    precision: str | None = None,
+    grad_clip: float | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Train ``plan`` with ``recipe`` on ``backend`` into ``out_dir`` (resuming it if it holds a checkpoint).
 
@@ -181,7 +184,8 @@ def train(
     thread count (``None``: :func:`mixc.threads.default_threads`). ``val_fraction``
     overrides the recipe's held-out share; with a validation set, ``best.safetensors`` follows
     ``best_metric`` (``nll``, ``accuracy``, ``ece`` on it) and the test set is scored at the last
-    epoch only, unless ``eval_test_every_epoch``; ``keep`` > 1 keeps the last K epochs' checkpoints. Returns the final test
+    epoch only, unless ``eval_test_every_epoch``; ``keep`` > 1 keeps the last K epochs' checkpoints. ``precision`` and ``grad_clip`` override the
+    recipe's; ``compile`` asks the backend for its graph compiler. Returns the final test
     metrics (:func:`mixc.metrics.evaluate`) plus ``epoch``, ``train_loss`` and
     ``wall_time``; ``{}`` on data-parallel ranks other than 0.
     """
@@ -190,7 +194,7 @@ def train(
 
         backend = get_backend(backend, "train")
     recipe = with_overrides(recipe, epochs=epochs, batch=batch_size, seed=seed, data=_data_path(data, plan, recipe),
-                            data_dir=data_dir, val_fraction=val_fraction)
+                            data_dir=data_dir, val_fraction=val_fraction, precision=precision, grad_clip=grad_clip)
     _check_options(best_metric, keep)
     dataset = data if isinstance(data, Dataset) else load_dataset(recipe.data, recipe.data_dir, plan.input_shape)
     dataset = split_validation(dataset, recipe.val_fraction, recipe.seed)
@@ -200,7 +204,7 @@ def train(
         raise TrainError(f"layout must be {', '.join(backend.capabilities.layouts)}, not {layout!r}")
     thread_info = backend.set_threads(resolve_threads(threads))
     t_start = time.perf_counter()
-    trainer = backend.trainer(plan, recipe, device=device, layout=layout, augment=augment)
+    trainer = backend.trainer(plan, recipe, device=device, layout=layout, augment=augment, compile=compile)
     try:
         with RunWriter(Path(out_dir), plan, recipe, main=trainer.rank == 0,
                        allow_recipe_change=allow_recipe_change) as folder:
@@ -211,7 +215,7 @@ def train(
             run = _Run(plan, recipe, dataset, trainer, folder, Reporter(trainer.rank == 0, progress and sys.stdout.isatty()),
                        batch, len(dataset.y_train) // batch, backend.name,  # the last partial batch is dropped
                        best_metric, keep, eval_test_every_epoch)
-            _announce(run, layout, augment, baseline, {**thread_info, **(config or {})})
+            _announce(run, layout, augment, baseline, {**thread_info, "compile": compile, **(config or {})})
             last = _epochs(run)
             if not run.main:
                 return {}
@@ -249,7 +253,9 @@ def _announce(run: _Run, layout: str, augment: str, baseline: str | None, config
     start = run.folder.start_epoch
     run.reporter.line(
         f"{plan.name}: {kind}, {plan.accounting.total_params:,} parameters; {run.dataset.description}; "
-        f"{recipe.epochs} epochs x {run.steps} steps of {run.batch}; {recipe.optimizer.name} lr {recipe.optimizer.lr}; "
+        f"{recipe.epochs} epochs x {run.steps} steps of {run.batch}; {recipe.optimizer.name} lr {recipe.optimizer.lr}"
+        + (f", {recipe.precision}" if recipe.precision != "fp32" else "")
+        + (f", grad clip {recipe.grad_clip}" if recipe.grad_clip else "") + "; "
         f"device {trainer.device_label}, {config.get('threads', '?')} threads; out {run.folder.out}"
         + (f"; resuming after epoch {start}" if start else "")
     )

@@ -40,10 +40,11 @@ class TorchBackend(Backend):
             model = build(plan)
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    def trainer(self, plan: Plan, recipe: Recipe, *, device: str, layout: str, augment: str) -> Trainer:
+    def trainer(self, plan: Plan, recipe: Recipe, *, device: str, layout: str, augment: str,
+                compile: bool = False) -> Trainer:
         from mixc.backends.torch.train import TorchTrainer
 
-        return TorchTrainer(plan, recipe, device=device, layout=layout, augment=augment)
+        return TorchTrainer(plan, recipe, device=device, layout=layout, augment=augment, compile=compile)
 
     def runner(self, plan: Plan, *, device: str = "cpu", batch_size: int = 500, layout: str = "auto") -> Runner:
         from mixc.backends.torch.predict import TorchRunner

@@ -64,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=int, default=1, metavar="K",
                         help="keep the last K epochs' checkpoints as epoch-NNNN.safetensors (default 1: only "
                              "checkpoint.safetensors, the last)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                        help="forward-pass arithmetic (default: the spec's, fp32): autocast to bf16, or fp16 with a "
+                             "gradient scaler; torch only (flax refuses)")
+    parser.add_argument("--grad-clip", type=float, metavar="NORM", help="clip the global gradient norm before each step")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (worth it on GPU for long runs; flax refuses: it always jits)")
     parser.add_argument("--eval-test-every-epoch", action="store_true",
                         help="with a validation set, score the test set after every epoch too (default: the last only)")
     parser.add_argument("--no-progress", action="store_true", help="plain lines instead of a progress bar")
@@ -127,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
             config={"file": str(args.file), "overrides": overrides, "backend": backend.name, "allocator": allocator},
             allow_recipe_change=args.allow_recipe_change, threads=args.threads,
             val_fraction=args.val_fraction, best_metric=args.best_metric, keep=args.keep,
-            eval_test_every_epoch=args.eval_test_every_epoch,
+            eval_test_every_epoch=args.eval_test_every_epoch, precision=args.precision, grad_clip=args.grad_clip,
+            compile=args.compile,
         )
     except KeyboardInterrupt:
         print(f"mixc train: error: interrupted; the last finished epoch is saved in {out}: run the same command "
