@@ -15,7 +15,7 @@ import numpy as np
 from mixc.errors import MixcError
 
 __all__ = ["PlotError", "reliability_diagram", "corruption_plot", "interpolation_plot", "sweep_params_plot",
-           "sweep_members_plot"]
+           "sweep_members_plot", "training_curves"]
 
 
 class PlotError(MixcError, RuntimeError):
@@ -38,7 +38,8 @@ def _pyplot():
 def _save(fig: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=200, bbox_inches="tight")
+    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")  # every figure also as PDF, for papers
     _pyplot().close(fig)
     return path
 
@@ -179,5 +180,30 @@ def sweep_members_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: 
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def training_curves(lines: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
+    """Loss (train loss; validation and test NLL) and accuracy (validation, test) per epoch, from metrics.jsonl
+    lines; a series is drawn where it was measured (the test set may be scored at the last epoch only)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    series = (
+        (axes[0], "train_loss", "train loss (mean member CE)", 1.0), (axes[0], "val_nll", "validation NLL", 1.0),
+        (axes[0], "nll", "test NLL", 1.0), (axes[1], "val_accuracy", "validation accuracy", 100.0),
+        (axes[1], "accuracy", "test accuracy", 100.0),
+    )
+    for ax, key, label, scale in series:
+        pts = [(m["epoch"], m[key] * scale) for m in lines if m.get(key) is not None]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, "-o" if len(pts) > 1 else "o", ms=3, label=label)
+    for ax, label in zip(axes, ("loss", "accuracy (%)")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     return _save(fig, path)

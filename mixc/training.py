@@ -48,7 +48,8 @@ import numpy as np
 from mixc.compiler.plan import Plan
 from mixc.data import Dataset, check_compatible, load_dataset, resolve_data_path, split_validation
 from mixc.metrics import evaluate
-from mixc.run_folder import BEST_METRICS, Reporter, RunWriter, TrainError, epoch_line, seed_of, spec_hash
+from mixc.loggers import make_logger
+from mixc.run_folder import BEST_METRICS, Reporter, read_metrics, RunWriter, TrainError, epoch_line, seed_of, spec_hash
 from mixc.spec.recipe import Recipe
 from mixc.threads import resolve_threads
 
@@ -141,7 +142,9 @@ class _Run:
     backend_name: str
     best_metric: str = "nll"
     keep: int = 1
+    baseline: str | None = None
     test_every_epoch: bool = False
+    logger: Any = None  # mixc.loggers.Logger (rank 0)
 
     @property
     def main(self) -> bool:
@@ -173,6 +176,8 @@ def train(
     precision: str | None = None,
     grad_clip: float | None = None,
     compile: bool = False,
+    logger: str = "none",
+    curves: bool = True,
 ) -> dict[str, Any]:
     """Train ``plan`` with ``recipe`` on ``backend`` into ``out_dir`` (resuming it if it holds a checkpoint).
 
@@ -185,7 +190,8 @@ def train(
     overrides the recipe's held-out share; with a validation set, ``best.safetensors`` follows
     ``best_metric`` (``nll``, ``accuracy``, ``ece`` on it) and the test set is scored at the last
     epoch only, unless ``eval_test_every_epoch``; ``keep`` > 1 keeps the last K epochs' checkpoints. ``precision`` and ``grad_clip`` override the
-    recipe's; ``compile`` asks the backend for its graph compiler. Returns the final test
+    recipe's; ``compile`` asks the backend for its graph compiler. ``logger`` (none, csv,
+    tensorboard) mirrors each epoch for other tools; ``curves`` writes curves.png/.pdf at the end. Returns the final test
     metrics (:func:`mixc.metrics.evaluate`) plus ``epoch``, ``train_loss`` and
     ``wall_time``; ``{}`` on data-parallel ranks other than 0.
     """
@@ -214,11 +220,18 @@ def train(
                 _resume(folder, trainer, plan)
             run = _Run(plan, recipe, dataset, trainer, folder, Reporter(trainer.rank == 0, progress and sys.stdout.isatty()),
                        batch, len(dataset.y_train) // batch, backend.name,  # the last partial batch is dropped
-                       best_metric, keep, eval_test_every_epoch)
+                       best_metric=best_metric, keep=keep, baseline=baseline, test_every_epoch=eval_test_every_epoch,
+                       logger=make_logger(logger, folder.out) if trainer.rank == 0 else None)
             _announce(run, layout, augment, baseline, {**thread_info, "compile": compile, **(config or {})})
-            last = _epochs(run)
+            try:
+                last = _epochs(run)
+            finally:
+                if run.logger is not None:
+                    run.logger.close()
             if not run.main:
                 return {}
+            if curves:
+                _write_curves(run)
             if last is None:  # nothing left to train: report the checkpoint as it stands
                 last = {"epoch": folder.start_epoch, "train_loss": None,
                         **evaluate(trainer.predict(dataset.x_test), dataset.y_test)}
@@ -281,6 +294,7 @@ def _epochs(run: _Run) -> dict[str, Any] | None:
             run.folder.save_epoch(rec, lambda meta: trainer.save(run.folder.ckpt, epoch + 1, meta),
                                   {"global_step": str((epoch + 1) * run.steps), "backend": run.backend_name})
             best = run.folder.keep_best(rec, run.best_metric)
+            run.logger.log(rec, [m.model_dump() for m in read_metrics(run.folder.out)])
             run.folder.keep_last(epoch + 1, run.keep)
             run.reporter.line(epoch_line({**rec, "best": best}, epochs))
             last = rec
@@ -295,6 +309,21 @@ def _data_path(data: "Dataset | str | None", plan: Plan, recipe: Recipe) -> str 
     if isinstance(data, str):
         return resolve_data_path(data, None)
     return resolve_data_path(recipe.data, Path(plan.source).parent if plan.source else None)
+
+
+def _write_curves(run: _Run) -> None:
+    """curves.png and curves.pdf from metrics.jsonl, titled by what was trained (not by the folder's name);
+    without matplotlib, a note instead (the run itself is complete)."""
+    from mixc.plots import PlotError, training_curves
+
+    plan, acc = run.plan, run.plan.accounting
+    what = (f"{run.baseline} baseline" if run.baseline else f"{plan.members}-member MixtureEnsemble")
+    title = (f"{plan.name}: {what}, {acc.total_params:,} parameters ({acc.total_params / acc.backbone_params:.2f}x "
+             f"one backbone)")
+    try:
+        training_curves([m.model_dump() for m in read_metrics(run.folder.out)], run.folder.out / "curves.png", title)
+    except PlotError as e:
+        run.reporter.line(f"note: no curves.png: {e}")
 
 
 def _check_options(best_metric: str, keep: int) -> None:

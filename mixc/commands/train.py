@@ -70,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-clip", type=float, metavar="NORM", help="clip the global gradient norm before each step")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model (worth it on GPU for long runs; flax refuses: it always jits)")
+    parser.add_argument("--logger", choices=["none", "csv", "tensorboard"], default="none",
+                        help="also log each epoch to metrics.csv (csv) or TensorBoard event files in <out>/tensorboard "
+                             "(tensorboard; pip install 'mixc[log]'); metrics.jsonl is always written")
+    parser.add_argument("--no-curves", action="store_true", help="skip curves.png/.pdf (written when matplotlib is installed)")
     parser.add_argument("--eval-test-every-epoch", action="store_true",
                         help="with a validation set, score the test set after every epoch too (default: the last only)")
     parser.add_argument("--no-progress", action="store_true", help="plain lines instead of a progress bar")
@@ -134,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             allow_recipe_change=args.allow_recipe_change, threads=args.threads,
             val_fraction=args.val_fraction, best_metric=args.best_metric, keep=args.keep,
             eval_test_every_epoch=args.eval_test_every_epoch, precision=args.precision, grad_clip=args.grad_clip,
-            compile=args.compile,
+            compile=args.compile, logger=args.logger, curves=not args.no_curves,
         )
     except KeyboardInterrupt:
         print(f"mixc train: error: interrupted; the last finished epoch is saved in {out}: run the same command "
