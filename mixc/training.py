@@ -181,19 +181,12 @@ def train(
 ) -> dict[str, Any]:
     """Train ``plan`` with ``recipe`` on ``backend`` into ``out_dir`` (resuming it if it holds a checkpoint).
 
-    Arguments other than plan/recipe override the recipe (``None`` keeps it).
-    ``baseline`` only labels the run: pass the already recompiled plan.
-    ``config`` adds entries (e.g. the CLI's overrides) to ``config.json``.
-    ``allow_recipe_change`` lets a resume go on with a recipe other than the
-    checkpoint's (recorded in ``config.json``'s history). ``threads`` is the CPU
-    thread count (``None``: :func:`mixc.threads.default_threads`). ``val_fraction``
-    overrides the recipe's held-out share; with a validation set, ``best.safetensors`` follows
-    ``best_metric`` (``nll``, ``accuracy``, ``ece`` on it) and the test set is scored at the last
-    epoch only, unless ``eval_test_every_epoch``; ``keep`` > 1 keeps the last K epochs' checkpoints. ``precision`` and ``grad_clip`` override the
-    recipe's; ``compile`` asks the backend for its graph compiler. ``logger`` (none, csv,
-    tensorboard) mirrors each epoch for other tools; ``curves`` writes curves.png/.pdf at the end. Returns the final test
-    metrics (:func:`mixc.metrics.evaluate`) plus ``epoch``, ``train_loss`` and
-    ``wall_time``; ``{}`` on data-parallel ranks other than 0.
+    Options other than plan/recipe override the recipe where it has them (``None`` keeps it); the rest are
+    the CLI's (README, "Training"): ``baseline`` only labels the run (pass the recompiled plan), ``config``
+    adds entries to ``config.json``, ``threads`` defaults to :func:`mixc.threads.default_threads`,
+    ``best_metric``/``keep``/``eval_test_every_epoch`` choose the checkpoints and test scoring, ``logger``
+    and ``curves`` the extra outputs. Returns the final test metrics (:func:`mixc.metrics.evaluate`) plus
+    ``epoch``, ``train_loss`` and ``wall_time``; ``{}`` on data-parallel ranks other than 0.
     """
     if isinstance(backend, str):
         from mixc.backends import get_backend
@@ -201,13 +194,9 @@ def train(
         backend = get_backend(backend, "train")
     recipe = with_overrides(recipe, epochs=epochs, batch=batch_size, seed=seed, data=_data_path(data, plan, recipe),
                             data_dir=data_dir, val_fraction=val_fraction, precision=precision, grad_clip=grad_clip)
-    _check_options(best_metric, keep)
-    dataset = data if isinstance(data, Dataset) else load_dataset(recipe.data, recipe.data_dir, plan.input_shape)
-    dataset = split_validation(dataset, recipe.val_fraction, recipe.seed)
-    check_compatible(dataset, plan.input_shape, plan.classes)
+    _check_options(best_metric, keep, layout, backend)
+    dataset = _dataset(data, plan, recipe)
     augment = augment_mode(recipe, plan)
-    if layout not in backend.capabilities.layouts:
-        raise TrainError(f"layout must be {', '.join(backend.capabilities.layouts)}, not {layout!r}")
     thread_info = backend.set_threads(resolve_threads(threads))
     t_start = time.perf_counter()
     trainer = backend.trainer(plan, recipe, device=device, layout=layout, augment=augment, compile=compile)
@@ -326,8 +315,18 @@ def _write_curves(run: _Run) -> None:
         run.reporter.line(f"note: no curves.png: {e}")
 
 
-def _check_options(best_metric: str, keep: int) -> None:
-    """``--best-metric`` and ``--keep`` (TrainError naming the option)."""
+def _dataset(data: "Dataset | str | None", plan: Plan, recipe: Recipe) -> Dataset:
+    """The run's data: loaded (image folders at the plan's input size), validation held out, checked against the plan."""
+    dataset = data if isinstance(data, Dataset) else load_dataset(recipe.data, recipe.data_dir, plan.input_shape)
+    dataset = split_validation(dataset, recipe.val_fraction, recipe.seed)
+    check_compatible(dataset, plan.input_shape, plan.classes)
+    return dataset
+
+
+def _check_options(best_metric: str, keep: int, layout: str, backend: "Backend") -> None:
+    """``--best-metric``, ``--keep`` and ``--layout`` (TrainError naming the option)."""
+    if layout not in backend.capabilities.layouts:
+        raise TrainError(f"layout must be {', '.join(backend.capabilities.layouts)}, not {layout!r}")
     if best_metric not in BEST_METRICS:
         raise TrainError(f"--best-metric must be {', '.join(BEST_METRICS)}, not {best_metric!r}")
     if keep < 1:
