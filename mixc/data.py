@@ -29,6 +29,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -60,6 +61,9 @@ class Dataset:
     description: str
     x_val: np.ndarray | None = None  # a validation split, when the dataset has one (or one was held out)
     y_val: np.ndarray | None = None
+    #: an image folder (``mixc.imagefolder.ImageFolder``) streamed from disk: the x arrays are then empty
+    #: ``[0, C, H, W]`` and the y arrays hold the labels; batches come from ``Backend.batches``
+    folder: Any = None
 
     @property
     def input_shape(self) -> list[int]:
@@ -71,7 +75,7 @@ class Dataset:
 
 
 def load_dataset(name_or_path: str, data_dir: str | os.PathLike | None = None,
-                 input_shape: list[int] | None = None) -> Dataset:
+                 input_shape: list[int] | None = None, stream: bool = False) -> Dataset:
     """Load ``digits``, ``cifar10``, ``cifar100``, ``imagenet`` (the image folder ``<data dir>/imagenet``),
     an image folder (``mixc.imagefolder``; needs the model's ``input_shape``) or a ``.npz`` by name or path."""
     key = str(name_or_path).strip()
@@ -89,7 +93,7 @@ def load_dataset(name_or_path: str, data_dir: str | os.PathLike | None = None,
         if input_shape is None:
             raise DataError(f"{key} is an image folder: it is decoded to the model's input size, which this "
                             "command does not know; hint: evaluate a run folder (it holds the plan)")
-        return load_image_folder(key, input_shape)
+        return load_image_folder(key, input_shape, stream=stream)
     if low.endswith(".npz") or os.sep in key or "/" in key:
         return _load_npz(Path(key))
     raise DataError(
@@ -107,6 +111,9 @@ def split_validation(dataset: Dataset, fraction: float, seed: int) -> Dataset:
     """
     if fraction <= 0:
         return dataset
+    if dataset.folder is not None:
+        raise DataError(f"{dataset.name} is streamed from disk, where --val-fraction cannot hold samples out yet; "
+                        "hint: give the folder a val/ of class folders, or leave out --stream if it fits in memory")
     if dataset.x_val is not None:
         raise DataError(f"{dataset.name} has its own validation split (e.g. an image folder's val/); "
                         "hint: drop --val-fraction (train.val_fraction), or remove that split")

@@ -195,22 +195,47 @@ class FolderReader:
         return to_array(img, self.channels), int(self.split.labels[i])
 
 
+def iter_batches(split: FolderSplit, input_shape: list[int], *, train: bool, batch: int, seed: int = 0,
+                 epoch: int = 0):
+    """``(x [b, C, H, W] float32, y [b] int64)`` batches decoded in this process; the same samples, order and
+    augmentation draws (``default_rng([seed, epoch, i])`` per sample) as the torch DataLoader's."""
+    reader = FolderReader(split, input_shape, train)
+    order = np.random.default_rng([seed, epoch]).permutation(len(reader)) if train else np.arange(len(reader))
+    stop = len(order) - len(order) % batch if train else len(order)
+    for k in range(0, stop, batch):
+        items = [reader.get(int(i), np.random.default_rng([seed, epoch, int(i)])) for i in order[k:k + batch]]
+        yield np.stack([x for x, _ in items]), np.asarray([y for _, y in items], np.int64)
+
+
 def _decode_all(split: FolderSplit, input_shape: list[int]) -> np.ndarray:
     reader = FolderReader(split, input_shape, train=False)
     return np.stack([reader.get(i)[0] for i in range(len(reader))])
 
 
-def load_image_folder(path: str | os.PathLike, input_shape: list[int]) -> Dataset:
+def _streamed(folder: ImageFolder, input_shape: list[int]) -> Dataset:
+    """The folder as a streamed Dataset: empty x arrays, the labels, and the folder for ``Backend.batches``."""
+    FolderReader(folder.train, input_shape, train=True)  # checks the input shape now, not in a worker
+    empty = np.zeros((0, *input_shape), np.float32)
+    val = folder.val
+    return Dataset(
+        name=str(folder.root), x_train=empty, y_train=folder.train.labels, x_test=empty, y_test=folder.test.labels,
+        classes=len(folder.classes), folder=folder,
+        description=(f"image folder {folder.root} (streamed): {len(folder.classes)} classes, "
+                     f"{len(folder.train.paths)} train" + (f" / {len(val.paths)} val" if val else "")
+                     + f" / {len(folder.test.paths)} test images"),
+        x_val=None if val is None else empty, y_val=None if val is None else val.labels,
+    )
+
+
+def load_image_folder(path: str | os.PathLike, input_shape: list[int], stream: bool = False) -> Dataset:
     """The folder decoded once into memory (resize + center crop; training-time augmentation is then the
-    backend's crop_flip at 32x32, none at other sizes). Refuses folders above MEMORY_LIMIT decoded bytes."""
+    backend's crop_flip at 32x32, none at other sizes), or streamed from disk (``stream``, or when it would
+    take more than MEMORY_LIMIT bytes decoded) with the random-resized crop at sizes above 64 pixels."""
     folder = scan(path)
     n = len(folder.train.paths) + len(folder.test.paths) + (len(folder.val.paths) if folder.val else 0)
     need = n * int(np.prod(input_shape)) * 4
-    limit = int(os.environ.get("MIXC_IMAGE_MEMORY", MEMORY_LIMIT))
-    if need > limit:
-        raise DataError(f"{folder.root}: {n} images at {input_shape} take {need / 2**30:.1f} GiB decoded, over the "
-                        f"in-memory limit of {limit / 2**30:.1f} GiB; streaming training from disk is not implemented "
-                        "yet; hint: train on a subset, or raise MIXC_IMAGE_MEMORY if the machine has the memory")
+    if stream or need > int(os.environ.get("MIXC_IMAGE_MEMORY", MEMORY_LIMIT)):
+        return _streamed(folder, input_shape)
     val = folder.val
     return Dataset(
         name=str(folder.root), x_train=_decode_all(folder.train, input_shape), y_train=folder.train.labels,

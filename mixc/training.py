@@ -145,6 +145,7 @@ class _Run:
     baseline: str | None = None
     test_every_epoch: bool = False
     logger: Any = None  # mixc.loggers.Logger (rank 0)
+    batches: Any = None  # Backend.batches with the worker count bound, for a streamed image folder
 
     @property
     def main(self) -> bool:
@@ -178,6 +179,8 @@ def train(
     compile: bool = False,
     logger: str = "none",
     curves: bool = True,
+    stream: bool = False,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Train ``plan`` with ``recipe`` on ``backend`` into ``out_dir`` (resuming it if it holds a checkpoint).
 
@@ -185,7 +188,8 @@ def train(
     the CLI's (README, "Training"): ``baseline`` only labels the run (pass the recompiled plan), ``config``
     adds entries to ``config.json``, ``threads`` defaults to :func:`mixc.threads.default_threads`,
     ``best_metric``/``keep``/``eval_test_every_epoch`` choose the checkpoints and test scoring, ``logger``
-    and ``curves`` the extra outputs. Returns the final test metrics (:func:`mixc.metrics.evaluate`) plus
+    and ``curves`` the extra outputs; ``stream`` reads an image folder from disk with ``workers`` loader
+    processes (default min(4, threads)) instead of decoding it into memory. Returns the final test metrics (:func:`mixc.metrics.evaluate`) plus
     ``epoch``, ``train_loss`` and ``wall_time``; ``{}`` on data-parallel ranks other than 0.
     """
     if isinstance(backend, str):
@@ -195,22 +199,24 @@ def train(
     recipe = with_overrides(recipe, epochs=epochs, batch=batch_size, seed=seed, data=_data_path(data, plan, recipe),
                             data_dir=data_dir, val_fraction=val_fraction, precision=precision, grad_clip=grad_clip)
     _check_options(best_metric, keep, layout, backend)
-    dataset = _dataset(data, plan, recipe)
+    dataset = _dataset(data, plan, recipe, stream)
     augment = augment_mode(recipe, plan)
-    thread_info = backend.set_threads(resolve_threads(threads))
+    n_threads = resolve_threads(threads)
+    thread_info = backend.set_threads(n_threads)
     t_start = time.perf_counter()
     trainer = backend.trainer(plan, recipe, device=device, layout=layout, augment=augment, compile=compile)
     try:
         with RunWriter(Path(out_dir), plan, recipe, main=trainer.rank == 0,
                        allow_recipe_change=allow_recipe_change) as folder:
             batch = min(recipe.batch, len(dataset.y_train))
-            trainer.begin(dataset.x_train, dataset.y_train, batch)
+            trainer.begin(dataset.x_train, dataset.y_train[: len(dataset.x_train)], batch)
             if folder.header is not None:
                 _resume(folder, trainer, plan)
             run = _Run(plan, recipe, dataset, trainer, folder, Reporter(trainer.rank == 0, progress and sys.stdout.isatty()),
                        batch, len(dataset.y_train) // batch, backend.name,  # the last partial batch is dropped
                        best_metric=best_metric, keep=keep, baseline=baseline, test_every_epoch=eval_test_every_epoch,
-                       logger=make_logger(logger, folder.out) if trainer.rank == 0 else None)
+                       logger=make_logger(logger, folder.out) if trainer.rank == 0 else None,
+                       batches=_batches(backend, dataset, trainer, workers if workers is not None else min(4, n_threads)))
             _announce(run, layout, augment, baseline, {**thread_info, "compile": compile, **(config or {})})
             try:
                 last = _epochs(run)
@@ -222,8 +228,7 @@ def train(
             if curves:
                 _write_curves(run)
             if last is None:  # nothing left to train: report the checkpoint as it stands
-                last = {"epoch": folder.start_epoch, "train_loss": None,
-                        **evaluate(trainer.predict(dataset.x_test), dataset.y_test)}
+                last = {"epoch": folder.start_epoch, "train_loss": None, **_evaluate(run, "test")}
             return {**last, "wall_time": time.perf_counter() - t_start}
     finally:
         trainer.close()
@@ -315,12 +320,39 @@ def _write_curves(run: _Run) -> None:
         run.reporter.line(f"note: no curves.png: {e}")
 
 
-def _dataset(data: "Dataset | str | None", plan: Plan, recipe: Recipe) -> Dataset:
+def _dataset(data: "Dataset | str | None", plan: Plan, recipe: Recipe, stream: bool) -> Dataset:
     """The run's data: loaded (image folders at the plan's input size), validation held out, checked against the plan."""
-    dataset = data if isinstance(data, Dataset) else load_dataset(recipe.data, recipe.data_dir, plan.input_shape)
+    dataset = data if isinstance(data, Dataset) else load_dataset(recipe.data, recipe.data_dir, plan.input_shape,
+                                                                  stream)
+    if stream and dataset.folder is None:
+        raise TrainError(f"--stream reads image folders from disk; {dataset.name} is not one; hint: drop --stream")
     dataset = split_validation(dataset, recipe.val_fraction, recipe.seed)
     check_compatible(dataset, plan.input_shape, plan.classes)
     return dataset
+
+
+def _batches(backend: "Backend", dataset: Dataset, trainer: "Trainer", workers: int) -> Any:
+    """``split, train, batch, epoch -> batches`` for a streamed folder (None otherwise); one process only."""
+    if dataset.folder is None:
+        return None
+    if trainer.world > 1:
+        raise TrainError("a streamed image folder trains in one process for now; hint: run without torchrun, or "
+                         "use a folder that fits in memory (MIXC_IMAGE_MEMORY)")
+    if workers < 0:
+        raise TrainError(f"--workers must be 0 or more, not {workers}")
+    return lambda split, train, batch, seed, epoch: backend.batches(
+        split, list(dataset.x_train.shape[1:]), train=train, batch=batch, seed=seed, epoch=epoch, workers=workers)
+
+
+def _evaluate(run: _Run, split: str) -> dict[str, Any]:
+    """Metrics of ``split`` (val or test): from memory, or streamed batch by batch (resize + center crop)."""
+    ds = run.dataset
+    y = ds.y_val if split == "val" else ds.y_test
+    if run.batches is None:
+        return evaluate(run.trainer.predict(ds.x_val if split == "val" else ds.x_test), y)
+    folder = ds.folder.val if split == "val" else ds.folder.test
+    probs = [run.trainer.predict(np.asarray(x)) for x, _ in run.batches(folder, False, 250, 0, 0)]
+    return evaluate(np.concatenate(probs), y)
 
 
 def _check_options(best_metric: str, keep: int, layout: str, backend: "Backend") -> None:
@@ -338,10 +370,10 @@ def _scores(run: _Run, last: bool) -> dict[str, Any]:
     without one, at the last epoch, or every epoch when asked (the test set is not for choosing epochs)."""
     ds, out = run.dataset, {}
     if ds.x_val is not None:
-        v = evaluate(run.trainer.predict(ds.x_val), ds.y_val)
+        v = _evaluate(run, "val")
         out.update({f"val_{k}": v[k] for k in ("accuracy", "nll", "ece", "brier") if k in v})
     if ds.x_val is None or last or run.test_every_epoch:
-        out.update(evaluate(run.trainer.predict(ds.x_test), ds.y_test))
+        out.update(_evaluate(run, "test"))
     return out
 
 
@@ -354,9 +386,14 @@ def _one_epoch(run: _Run, epoch: int) -> tuple[float, float]:
     update = run.reporter.epoch_task(epoch + 1, recipe.epochs, steps)
     loss_sum: Any = 0.0
     lr = recipe.optimizer.lr
+    stream = None if run.batches is None else iter(run.batches(run.dataset.folder.train, True, batch, seed, epoch))
     for step in range(steps):
         lr = learning_rate(recipe, epoch * steps + step, steps, recipe.epochs)
-        loss = trainer.step(perm[step * batch : (step + 1) * batch], lr, step)
+        if stream is not None:  # the loader shuffles with the same default_rng([seed, epoch]) rule
+            x, y = next(stream)
+            loss = trainer.step_batch(x, y, lr, step)
+        else:
+            loss = trainer.step(perm[step * batch : (step + 1) * batch], lr, step)
         loss_sum = loss_sum + loss  # on the device: no sync per step
         if run.reporter.progress is not None and (step % 10 == 0 or step == steps - 1):
             update(step + 1, float(loss) / M)

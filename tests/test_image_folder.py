@@ -116,3 +116,24 @@ def test_image_folder_trains_two_epochs_from_another_folder(tmp_path, monkeypatc
     assert recipe["data"] == str((proj / "imgs").resolve())
     monkeypatch.chdir(tmp_path)  # evaluated from a third folder: the recorded absolute path is found
     assert main(["eval", str(elsewhere / "run"), "--json", "--no-save", "--threads", "1"]) == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "flax"])
+def test_streamed_folder_trains_and_resumes_exactly(tmp_path, backend):
+    """--stream: batches come from the loader (torch: DataLoader workers); two epochs, then a resumed third
+    equals an uninterrupted three-epoch run (per-sample seeds, the same permutation rule)."""
+    pytest.importorskip("torch" if backend == "torch" else "jax")
+    from mixc.cli import main
+    from mixc.run_folder import read_metrics
+
+    data = make_folder(tmp_path / "imgs", ("train", "val", "test"), n=10)
+    (tmp_path / "tiny.mix").write_text(SPEC.replace("epochs 2", "epochs 3"))
+    common = [str(tmp_path / "tiny.mix"), "--backend", backend, "--threads", "1", "--no-progress", "--stream",
+              "--workers", "1" if backend == "torch" else "0", "--data", str(data), "--no-curves"]
+    assert main(["train", *common, "--out", str(tmp_path / "full")]) == 0
+    assert main(["train", *common, "--epochs", "2", "--out", str(tmp_path / "part")]) == 0
+    assert main(["train", *common, "--out", str(tmp_path / "part")]) == 0
+    full, part = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+    assert all(m.val_nll is not None for m in full) and full[-1].accuracy is not None
+    assert [m.train_loss for m in full] == [m.train_loss for m in part]
+    assert full[-1].val_nll == part[-1].val_nll

@@ -259,6 +259,10 @@ class Trainer:
         """One optimiser step on the global batch ``idx``; returns the (on-device) summed member loss."""
         return self.step_arrays(self.x_train[idx], self.y_train[idx], lr, jax.random.fold_in(self.epoch_key, step))
 
+    def step_batch(self, x: np.ndarray, y: np.ndarray, lr: float, step: int) -> jax.Array:
+        """One step on a streamed batch (numpy, from the shared folder loader)."""
+        return self.step_arrays(np.asarray(x), np.asarray(y, np.int32), lr, jax.random.fold_in(self.epoch_key, step))
+
     def step_arrays(self, x: np.ndarray, y: np.ndarray, lr: float, key: jax.Array) -> jax.Array:
         """One optimiser step on the global batch ``x``, ``y`` with the step's random ``key``."""
         xs = jax.device_put(x, self.batch_sharding)

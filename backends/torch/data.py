@@ -8,6 +8,8 @@ number of workers, and an epoch replays exactly on resume.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -36,7 +38,10 @@ def folder_loader(split: FolderSplit, input_shape: list[int], *, train: bool, ba
     """A DataLoader over ``split``: shuffled by ``default_rng([seed, epoch])`` when ``train`` (the driver's own
     permutation rule), ``workers`` processes (0: in this process), memory pinned when CUDA is there."""
     ds = FolderDataset(split, input_shape, train, seed, epoch)
+    # fork() after jax has started its threads can deadlock the child (jax warns): spawn workers then
+    context = "spawn" if workers and "jax" in sys.modules else None
     order = np.random.default_rng([seed, epoch]).permutation(len(ds)) if train else np.arange(len(ds))
     return DataLoader(ds, batch_size=batch, sampler=order.tolist(), num_workers=workers,
                       pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                      drop_last=train, persistent_workers=False, prefetch_factor=4 if workers else None)
+                      drop_last=train, persistent_workers=False, prefetch_factor=4 if workers else None,
+                      multiprocessing_context=context)

@@ -270,8 +270,15 @@ class TorchTrainer:
 
     def step(self, idx: np.ndarray, lr: float, step: int) -> torch.Tensor:
         rows = torch.from_numpy(np.ascontiguousarray(idx[self.part])).to(self.device)
-        xb = self.x_train.index_select(0, rows)
-        yb = self.y_train.index_select(0, rows)
+        return self._step(self.x_train.index_select(0, rows), self.y_train.index_select(0, rows), lr)
+
+    def step_batch(self, x: Any, y: Any, lr: float, step: int) -> torch.Tensor:
+        """One step on a streamed batch (numpy or a DataLoader's pinned tensors), already augmented."""
+        xb = torch.as_tensor(x).to(self.device, non_blocking=True)
+        yb = torch.as_tensor(y).to(self.device, dtype=torch.int64, non_blocking=True)
+        return self._step(xb, yb, lr)
+
+    def _step(self, xb: torch.Tensor, yb: torch.Tensor, lr: float) -> torch.Tensor:
         if self.augment == "crop_flip":
             xb = crop_flip(xb, self.gen)
         for g in self.opt.param_groups:

@@ -74,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also log each epoch to metrics.csv (csv) or TensorBoard event files in <out>/tensorboard "
                              "(tensorboard; pip install 'mixc[log]'); metrics.jsonl is always written")
     parser.add_argument("--no-curves", action="store_true", help="skip curves.png/.pdf (written when matplotlib is installed)")
+    parser.add_argument("--stream", action="store_true",
+                        help="read an image folder from disk batch by batch (DataLoader workers under torch) instead "
+                             "of decoding it into memory; automatic above MIXC_IMAGE_MEMORY bytes (4 GiB)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="loader processes for a streamed image folder (default min(4, threads))")
     parser.add_argument("--eval-test-every-epoch", action="store_true",
                         help="with a validation set, score the test set after every epoch too (default: the last only)")
     parser.add_argument("--no-progress", action="store_true", help="plain lines instead of a progress bar")
@@ -138,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
             allow_recipe_change=args.allow_recipe_change, threads=args.threads,
             val_fraction=args.val_fraction, best_metric=args.best_metric, keep=args.keep,
             eval_test_every_epoch=args.eval_test_every_epoch, precision=args.precision, grad_clip=args.grad_clip,
-            compile=args.compile, logger=args.logger, curves=not args.no_curves,
+            compile=args.compile, logger=args.logger, curves=not args.no_curves, stream=args.stream,
+            workers=args.workers,
         )
     except KeyboardInterrupt:
         print(f"mixc train: error: interrupted; the last finished epoch is saved in {out}: run the same command "
