@@ -4,7 +4,6 @@ cross-backend resume, and data parallelism over two (forced) CPU devices."""
 from __future__ import annotations
 
 import importlib.util
-
 import json
 import os
 import subprocess
