@@ -99,6 +99,10 @@ class Trainer(Protocol):
         its shard) at learning rate ``lr``; ``step`` counts from 0 within the epoch. Returns the summed
         member loss as a framework scalar (added up on the device; ``float()`` works on it)."""
 
+    def step_batch(self, x: Any, y: Any, lr: float, step: int) -> Any:
+        """One optimiser step on a batch streamed from disk (``Backend.batches``: numpy arrays or the
+        backend's own tensors), augmented by the loader (a 32x32 batch still gets the trainer's crop_flip)."""
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Member probabilities ``[N, M, classes]`` in eval mode (train mode is restored)."""
 
@@ -213,8 +217,32 @@ class Backend:
 
     # -- running ---------------------------------------------------------------
 
-    def trainer(self, plan: Plan, recipe: Recipe, *, device: str, layout: str, augment: str) -> Trainer:
-        """A :class:`Trainer` for the shared driver, initialised from ``recipe.seed``."""
+    def batches(self, split: Any, input_shape: list[int], *, train: bool, batch: int, seed: int, epoch: int,
+                workers: int) -> Any:
+        """Batches ``(x, y)`` of an image-folder split (``mixc.imagefolder.FolderSplit``) for a streamed run:
+        shuffled by ``default_rng([seed, epoch])`` and the last partial batch dropped when ``train``. By
+        default decoded in this process with numpy (``mixc.imagefolder.iter_batches``); torch uses a
+        DataLoader with ``workers`` processes and pinned memory."""
+        from mixc.imagefolder import iter_batches
+
+        return iter_batches(split, input_shape, train=train, batch=batch, seed=seed, epoch=epoch)
+
+    def set_threads(self, n: int) -> dict[str, Any]:
+        """Run the framework's CPU work on ``n`` threads (``mixc.threads`` picks ``n``); returns what was set,
+        for config.json. By default ``<package>.threads.set_threads``; a backend without one sets nothing."""
+        try:
+            module = self._module("threads")
+        except ModuleNotFoundError as e:
+            if e.name != f"{self.package}.threads":
+                raise
+            return {"threads": n, "applied": False}
+        return module.set_threads(n)
+
+
+    def trainer(self, plan: Plan, recipe: Recipe, *, device: str, layout: str, augment: str,
+                compile: bool = False) -> Trainer:
+        """A :class:`Trainer` for the shared driver, initialised from ``recipe.seed``; ``compile`` asks for the
+        framework's graph compiler (torch.compile) where the backend has one, and is refused where not."""
         raise NotImplementedError
 
     def runner(self, plan: Plan, *, device: str = "cpu", batch_size: int = 500, layout: str = "auto") -> Runner:

@@ -23,10 +23,13 @@ value at fault and a hint; the CLI prints it without a traceback.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +59,11 @@ class Dataset:
     y_test: np.ndarray
     classes: int
     description: str
+    x_val: np.ndarray | None = None  # a validation split, when the dataset has one (or one was held out)
+    y_val: np.ndarray | None = None
+    #: an image folder (``mixc.imagefolder.ImageFolder``) streamed from disk: the x arrays are then empty
+    #: ``[0, C, H, W]`` and the y arrays hold the labels; batches come from ``Backend.batches``
+    folder: Any = None
 
     @property
     def input_shape(self) -> list[int]:
@@ -66,14 +74,26 @@ class Dataset:
 # Public entry points
 
 
-def load_dataset(name_or_path: str, data_dir: str | os.PathLike | None = None) -> Dataset:
-    """Load ``digits``, ``cifar10``, ``cifar100`` or a ``.npz`` file by name or path."""
+def load_dataset(name_or_path: str, data_dir: str | os.PathLike | None = None,
+                 input_shape: list[int] | None = None, stream: bool = False) -> Dataset:
+    """Load ``digits``, ``cifar10``, ``cifar100``, ``imagenet`` (the image folder ``<data dir>/imagenet``),
+    an image folder (``mixc.imagefolder``; needs the model's ``input_shape``) or a ``.npz`` by name or path."""
     key = str(name_or_path).strip()
     low = key.lower()
     if low == "digits":
         return _load_digits()
     if low in ("cifar10", "cifar100"):
         return _load_cifar(low, data_dir)
+    if low == "imagenet":
+        key = str(Path(data_dir if data_dir is not None else os.environ.get("MIXC_DATA_DIR", DEFAULT_DATA_DIR))
+                  / "imagenet")
+    if Path(key).expanduser().is_dir() or low == "imagenet":
+        from mixc.imagefolder import load_image_folder
+
+        if input_shape is None:
+            raise DataError(f"{key} is an image folder: it is decoded to the model's input size, which this "
+                            "command does not know; hint: evaluate a run folder (it holds the plan)")
+        return load_image_folder(key, input_shape, stream=stream)
     if low.endswith(".npz") or os.sep in key or "/" in key:
         return _load_npz(Path(key))
     raise DataError(
@@ -82,10 +102,56 @@ def load_dataset(name_or_path: str, data_dir: str | os.PathLike | None = None) -
     )
 
 
+def split_validation(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+    """Hold out ``fraction`` of the training set for validation, drawn with ``default_rng([seed, 7919])``.
+
+    Why seeded by the recipe's seed: a resumed run (and the same command run again) must
+    train on exactly the same samples; the split is a pure function of (data, fraction, seed).
+    A dataset that already has a validation split keeps it when ``fraction`` is 0.
+    """
+    if fraction <= 0:
+        return dataset
+    if dataset.folder is not None:
+        raise DataError(f"{dataset.name} is streamed from disk, where --val-fraction cannot hold samples out yet; "
+                        "hint: give the folder a val/ of class folders, or leave out --stream if it fits in memory")
+    if dataset.x_val is not None:
+        raise DataError(f"{dataset.name} has its own validation split (e.g. an image folder's val/); "
+                        "hint: drop --val-fraction (train.val_fraction), or remove that split")
+    n = len(dataset.y_train)
+    n_val = int(round(n * fraction))
+    if n_val < 1 or n - n_val < 1:
+        raise DataError(f"--val-fraction {fraction} of {n} training samples leaves {n_val} for validation and "
+                        f"{n - n_val} for training; hint: choose a fraction that leaves both sets non-empty")
+    perm = np.random.default_rng([seed, 7919]).permutation(n)
+    val, keep = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    return dataclasses.replace(
+        dataset, x_train=dataset.x_train[keep], y_train=dataset.y_train[keep],
+        x_val=dataset.x_train[val], y_val=dataset.y_train[val],
+        description=f"{dataset.description}; {n_val} of the train samples held out for validation",
+    )
+
+
+KNOWN = ("digits", "cifar10", "cifar100", "imagenet")
+
+
+def resolve_data_path(value: str, base: str | os.PathLike | None) -> str:
+    """A dataset name as is; a relative path made absolute from ``base`` (the spec's folder for a spec's
+    ``data``, like its imports; the current folder for ``--data``), so a run records where its data was
+    and can be evaluated or resumed from anywhere."""
+    if value.strip().lower() in KNOWN:
+        return value
+    p = Path(value).expanduser()
+    if not p.is_absolute():
+        p = Path(base or ".") / p
+    return str(p.resolve())
+
+
 def check_compatible(dataset: Dataset, input_shape: list[int] | tuple[int, ...], classes: int) -> None:
     """Raise DataError unless the dataset's samples and labels fit a model with this input and output."""
     want = list(input_shape)
-    for split, x in (("x_train", dataset.x_train), ("x_test", dataset.x_test)):
+    for split, x in (("x_train", dataset.x_train), ("x_test", dataset.x_test), ("x_val", dataset.x_val)):
+        if x is None:
+            continue
         got = list(x.shape[1:])
         if got != want:
             raise DataError(
@@ -93,8 +159,8 @@ def check_compatible(dataset: Dataset, input_shape: list[int] | tuple[int, ...],
                 f"({x.shape[0]} samples of shape {got}); hint: reshape the arrays to [N, {', '.join(map(str, want))}] "
                 "(channels first), or change the spec's `input` line to match the data"
             )
-    for split, y in (("y_train", dataset.y_train), ("y_test", dataset.y_test)):
-        if y.size and (y.min() < 0 or y.max() >= classes):
+    for split, y in (("y_train", dataset.y_train), ("y_test", dataset.y_test), ("y_val", dataset.y_val)):
+        if y is not None and y.size and (y.min() < 0 or y.max() >= classes):
             i = int(np.argmax((y < 0) | (y >= classes)))
             bad = int(y[i])
             raise DataError(

@@ -171,7 +171,7 @@ def resolve_data(run: Run, data: str | None, data_dir: str | None) -> tuple[str,
 
 def load_test_set(name: str, data_dir: str | None, plan: Plan) -> Dataset:
     """``load_dataset`` plus the check that its samples and labels fit ``plan`` (DataError otherwise)."""
-    ds = load_dataset(name, data_dir)
+    ds = load_dataset(name, data_dir, plan.input_shape)
     check_compatible(ds, plan.input_shape, plan.classes)
     return ds
 

@@ -15,7 +15,7 @@ import numpy as np
 from mixc.errors import MixcError
 
 __all__ = ["PlotError", "reliability_diagram", "corruption_plot", "interpolation_plot", "sweep_params_plot",
-           "sweep_members_plot"]
+           "sweep_members_plot", "training_curves"]
 
 
 class PlotError(MixcError, RuntimeError):
@@ -38,7 +38,8 @@ def _pyplot():
 def _save(fig: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=200, bbox_inches="tight")
+    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")  # every figure also as PDF, for papers
     _pyplot().close(fig)
     return path
 
@@ -122,6 +123,12 @@ def _fmt_params(n: float) -> str:
     return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}K" if n >= 1e3 else str(int(n))
 
 
+def _sd(rows: Sequence[dict[str, Any]], key: str, scale: float) -> list[float] | None:
+    """Error bars: the seeds' standard deviation (``<key>_sd``) of each row, None when no row has one."""
+    sds = [r.get(f"{key}_sd") for r in rows]
+    return None if all(s is None for s in sds) else [(s or 0.0) * scale for s in sds]
+
+
 def sweep_params_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
     """The paper's Figure 3 (left): accuracy and NLL against parameter count, baselines as reference points.
 
@@ -136,14 +143,16 @@ def sweep_params_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: s
         scale = 100.0 if key == "accuracy" else 1.0
         for m in sorted({r["members"] for r in ens}):
             pts = sorted((r for r in ens if r["members"] == m), key=lambda r: r["params"])
-            ax.plot([r["params"] for r in pts], [r[key] * scale for r in pts], "-o", label=f"MixtureEnsemble x{m}")
+            ax.errorbar([r["params"] for r in pts], [r[key] * scale for r in pts], yerr=_sd(pts, key, scale), fmt="-o",
+                        capsize=3, label=f"MixtureEnsemble x{m}")
             for r in pts:
                 ax.annotate(r["budget"], (r["params"], r[key] * scale), textcoords="offset points", xytext=(4, 4),
                             fontsize=7)
         for kind, marker, name in (("single", "*", "single network"), ("naive", "s", "naive ensemble")):
             for r in (r for r in done if r["kind"] == kind):
                 lab = name if kind == "single" else f"{name} x{r['members']}"
-                ax.plot([r["params"]], [r[key] * scale], marker, ms=12, ls="none", label=lab)
+                ax.errorbar([r["params"]], [r[key] * scale], yerr=_sd([r], key, scale), fmt=marker, ms=12, capsize=3,
+                            label=lab)
         ax.set_xscale("log")
         ax.margins(x=0.06, y=0.12)  # keep the big baseline markers inside the axes
         ax.set_xlabel("parameters")
@@ -169,7 +178,8 @@ def sweep_members_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: 
         scale = 100.0 if key == "accuracy" else 1.0
         for b in dict.fromkeys(r["budget"] for r in ens):
             pts = sorted((r for r in ens if r["budget"] == b), key=lambda r: r["members"])
-            ax.plot([r["members"] for r in pts], [r[key] * scale for r in pts], "-o", label=f"budget {b}")
+            ax.errorbar([r["members"] for r in pts], [r[key] * scale for r in pts], yerr=_sd(pts, key, scale),
+                        fmt="-o", capsize=3, label=f"budget {b}")
         ms = sorted({r["members"] for r in ens})
         ax.set_xscale("log", base=2)
         ax.set_xticks(ms)
@@ -179,5 +189,30 @@ def sweep_members_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: 
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def training_curves(lines: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
+    """Loss (train loss; validation and test NLL) and accuracy (validation, test) per epoch, from metrics.jsonl
+    lines; a series is drawn where it was measured (the test set may be scored at the last epoch only)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    series = (
+        (axes[0], "train_loss", "train loss (mean member CE)", 1.0), (axes[0], "val_nll", "validation NLL", 1.0),
+        (axes[0], "nll", "test NLL", 1.0), (axes[1], "val_accuracy", "validation accuracy", 100.0),
+        (axes[1], "accuracy", "test accuracy", 100.0),
+    )
+    for ax, key, label, scale in series:
+        pts = [(m["epoch"], m[key] * scale) for m in lines if m.get(key) is not None]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, "-o" if len(pts) > 1 else "o", ms=3, label=label)
+    for ax, label in zip(axes, ("loss", "accuracy (%)")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     return _save(fig, path)

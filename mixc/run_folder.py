@@ -59,6 +59,9 @@ __all__ = [
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
+BEST = "best.safetensors"
+#: what ``--best-metric`` may name, and whether larger is better
+BEST_METRICS = {"nll": False, "accuracy": True, "ece": False}
 PLAN = "plan.json"
 LOCK = ".mixc-train.lock"
 FORMAT = "mixc-checkpoint"
@@ -93,14 +96,22 @@ class _Lenient(BaseModel):
 
 
 class MetricsLine(_Lenient):
-    """One line of ``metrics.jsonl``: the test metrics after an epoch (NaN is allowed: it is what was measured)."""
+    """One line of ``metrics.jsonl``: the metrics after an epoch (NaN is allowed: it is what was measured).
+
+    Test metrics (``accuracy``, ``nll``, ``ece``...) are on every line of a run without a validation set;
+    with one, they are on the last epoch's line (and every line under ``--eval-test-every-epoch``), and
+    every line has the validation metrics under ``val_*``.
+    """
 
     epoch: int = Field(ge=1)
     train_loss: float | None = None
     lr: float | None = None
-    accuracy: float = Field(ge=0, le=1)
-    nll: float
-    ece: float
+    accuracy: float | None = Field(None, ge=0, le=1)
+    nll: float | None = None
+    ece: float | None = None
+    val_accuracy: float | None = Field(None, ge=0, le=1)
+    val_nll: float | None = None
+    val_ece: float | None = None
     member_accuracy: list[float] = Field(default_factory=list)
     member_nll: list[float] = Field(default_factory=list)
     diversity: float | None = None
@@ -113,6 +124,7 @@ class RunOptions(_Lenient):
     baseline: Literal["single", "naive"] | None = None
     overrides: list[str] = Field(default_factory=list)
     world_size: int = Field(1, ge=1)
+    threads: int | None = Field(None, ge=1)  # CPU threads of the framework (mixc/threads.py)
 
 
 class HistoryEntry(_Lenient):
@@ -374,7 +386,8 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 _TEMPORARY = re.compile(
-    r"^(\.(checkpoint\.safetensors|config\.json|metrics\.jsonl|plan\.json)\..+\.tmp|(config\.json|metrics\.jsonl)\.tmp)$"
+    r"^(\.(checkpoint\.safetensors|best\.safetensors|epoch-\d{4}\.safetensors|config\.json|metrics\.jsonl|plan\.json)"
+    r"\..+\.tmp|(config\.json|metrics\.jsonl)\.tmp)$"
 )
 
 
@@ -694,6 +707,45 @@ class RunWriter:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
+    def keep_best(self, rec: dict[str, Any], metric: str) -> bool:
+        """Copy this epoch's checkpoint to ``best.safetensors`` if its ``val_<metric>`` beats every earlier
+        epoch's (read back from metrics.jsonl, so a resumed run keeps comparing with the whole run).
+        Call after :meth:`save_epoch`. Returns whether it was copied."""
+        key, higher = f"val_{metric}", BEST_METRICS[metric]
+        value = rec.get(key)
+        if value is None:
+            return False
+        earlier = [getattr(m, key, None) for m in read_metrics(self.out) if m.epoch < int(rec["epoch"])]
+        earlier = [v for v in earlier if v is not None]
+        if earlier and not (value > max(earlier) if higher else value < min(earlier)):
+            return False
+        copy_atomic(self.ckpt, self.out / BEST)
+        return True
+
+    def keep_last(self, epoch: int, keep: int) -> list[Path]:
+        """With ``keep`` > 1, copy this epoch's checkpoint to ``epoch-NNNN.safetensors`` and delete such copies
+        older than the last ``keep`` epochs (``checkpoint.safetensors`` is always the last). Returns the kept copies."""
+        if keep <= 1:
+            return []
+        copy_atomic(self.ckpt, self.out / f"epoch-{epoch:04d}.safetensors")
+        copies = sorted(self.out.glob("epoch-[0-9][0-9][0-9][0-9].safetensors"))
+        for old in copies[:-keep]:
+            old.unlink()
+        return copies[-keep:]
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` through a temporary and a rename, so a reader never sees half a checkpoint."""
+    import shutil
+
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(src, tmp)
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
 
 # ---------------------------------------------------------------------------
 # Console output and seeds (the same lines whichever backend trains)
@@ -753,9 +805,14 @@ class Reporter:
 
 
 def epoch_line(rec: dict[str, Any], epochs: int) -> str:
-    members = " ".join(f"{a * 100:.1f}" for a in rec["member_accuracy"])
-    return (
-        f"epoch {rec['epoch']}/{epochs}  loss {rec['train_loss']:.4f}  lr {rec['lr']:.4g}  "
-        f"acc {rec['accuracy'] * 100:.2f}%  nll {rec['nll']:.4f}  ece {rec['ece'] * 100:.2f}%  "
-        f"members {members}  {rec['epoch_time']:.1f}s"
-    )
+    """One console line per epoch: loss, lr, then validation and/or test metrics (whichever were measured)."""
+    parts = [f"epoch {rec['epoch']}/{epochs}", f"loss {rec['train_loss']:.4f}", f"lr {rec['lr']:.4g}"]
+    if rec.get("val_accuracy") is not None:
+        parts.append(f"val acc {rec['val_accuracy'] * 100:.2f}%  val nll {rec['val_nll']:.4f}  "
+                     f"val ece {rec['val_ece'] * 100:.2f}%" + ("  best" if rec.get("best") else ""))
+    if rec.get("accuracy") is not None:
+        members = " ".join(f"{a * 100:.1f}" for a in rec["member_accuracy"])
+        label = "test " if rec.get("val_accuracy") is not None else ""
+        parts.append(f"{label}acc {rec['accuracy'] * 100:.2f}%  {label}nll {rec['nll']:.4f}  "
+                     f"{label}ece {rec['ece'] * 100:.2f}%  members {members}")
+    return "  ".join(parts + [f"{rec['epoch_time']:.1f}s"])

@@ -134,7 +134,40 @@ def plan_points(
 
 
 COLUMNS = ["point", "kind", "members", "budget", "grouping", "params", "params_x", "accuracy", "nll", "ece", "brier",
-           "diversity", "mean_member_accuracy", "flops", "epoch", "status", "note", "run"]
+           "diversity", "mean_member_accuracy", "flops", "epoch", "status", "note", "run", "seeds", "accuracy_sd",
+           "nll_sd", "ece_sd", "brier_sd", "diversity_sd", "mean_member_accuracy_sd"]
+#: the measured columns that several seeds average (mean, and the sample standard deviation in ``<name>_sd``)
+MEASURED = ["accuracy", "nll", "ece", "brier", "diversity", "mean_member_accuracy"]
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """``0,1,2`` -> [0, 1, 2] (distinct whole numbers), None when not given."""
+    if text is None:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SweepError(f"--seeds takes comma-separated whole numbers (e.g. 0,1,2), not {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SweepError(f"--seeds needs at least one seed and no repeats, not {text!r}")
+    return seeds
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One point's rows over seeds -> one row: the measured columns' mean and sample sd (``<name>_sd``; None with
+    one seed), ``seeds`` = how many finished; status and note from the first row that has them."""
+    import statistics
+
+    done = [r for r in rows if r.get("accuracy") is not None]
+    out = {**(done[0] if done else rows[0]), "seeds": len(done),
+           "run": rows[0]["run"] if len(rows) == 1 else str(Path(rows[0]["run"]).parent)}
+    for c in MEASURED:
+        vals = [r[c] for r in done if r.get(c) is not None]
+        out[c] = statistics.fmean(vals) if vals else None
+        out[f"{c}_sd"] = statistics.stdev(vals) if len(vals) > 1 else None
+    if len(done) < len(rows):
+        out["status"] = "failed" if not done else f"{len(done)} of {len(rows)} seeds"
+    return out
 
 
 def _finished(folder: Path, plan: Plan, epochs: int) -> dict[str, Any] | None:
@@ -157,7 +190,7 @@ def _finished(folder: Path, plan: Plan, epochs: int) -> dict[str, Any] | None:
 def run_point(
     point: Point, spec: str, overrides: list[str], folder: Path, *, data: Any = None, data_dir: str | None = None,
     epochs: int | None = None, device: str = "cpu", seed: int | None = None, layout: str = "auto",
-    progress: bool = True, backend: str = DEFAULT,
+    progress: bool = True, backend: str = DEFAULT, threads: int | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Train (or resume, or reuse) one point on ``backend``; returns its final metrics and what was done."""
     from mixc.backends import get_backend
@@ -174,7 +207,7 @@ def run_point(
     baseline = point.kind if point.kind in ("single", "naive") else None
     metrics = train(
         get_backend(backend, "sweep"), plan, recipe, out_dir=folder, data=data, data_dir=data_dir, epochs=epochs, device=device, seed=seed,
-        layout=layout, baseline=baseline, progress=progress,
+        layout=layout, baseline=baseline, progress=progress, threads=threads,
         config={"file": spec, "overrides": overrides + point.overrides, "backend": backend, "sweep_point": point.key},
     )
     return metrics, status
@@ -199,11 +232,29 @@ def _row(point: Point, metrics: dict[str, Any] | None, status: str, folder: Path
 
 
 def run_sweep(
-    spec: str, overrides: list[str], points: list[Point], out: Path, log: Callable[[str], None] = print, **train_kw: Any,
+    spec: str, overrides: list[str], points: list[Point], out: Path, log: Callable[[str], None] = print,
+    seeds: list[int] | None = None, **train_kw: Any,
 ) -> list[dict[str, Any]]:
-    """Train every feasible point in turn into ``out/<key>``; returns one row per point (failures included).
+    """Train every point for each of ``seeds`` (``out/<key>/seed-<s>``; without seeds, the recipe's or
+    ``seed`` in ``out/<key>``); returns one row per point, its measured columns averaged over the seeds with
+    their sd (:func:`aggregate`). Per-seed rows are in each row's ``per_seed``."""
+    if not seeds:
+        return [aggregate([r]) for r in _run_points(spec, overrides, points, out, log, **train_kw)]
+    train_kw.pop("seed", None)
+    per_seed = []
+    for s in seeds:
+        log(f"seed {s}:")
+        per_seed.append(_run_points(spec, overrides, points, out, log, subfolder=f"seed-{s}", seed=s, **train_kw))
+    return [{**aggregate(list(rs)), "per_seed": list(rs)} for rs in zip(*per_seed)]
 
-    ``train_kw`` go to :func:`run_point` (data, data_dir, epochs, device, seed, layout, progress, backend).
+
+def _run_points(
+    spec: str, overrides: list[str], points: list[Point], out: Path, log: Callable[[str], None] = print,
+    subfolder: str = "", **train_kw: Any,
+) -> list[dict[str, Any]]:
+    """Train every feasible point in turn into ``out/<key>[/subfolder]``; one row per point (failures included).
+
+    ``train_kw`` go to :func:`run_point` (data, data_dir, epochs, device, seed, layout, progress, backend, threads).
     A data or backend problem stops the sweep (it would fail every point); a problem with one point's folder
     is recorded and the sweep goes on.
     """
@@ -214,7 +265,7 @@ def run_sweep(
     rows = []
     n = len(points)
     for k, p in enumerate(points, 1):
-        folder = out / p.key
+        folder = out / p.key / subfolder if subfolder else out / p.key
         if p.error:
             log(f"[{k}/{n}] {p.key}: skipped: {p.error}")
             rows.append(_row(p, None, "infeasible", folder))
@@ -236,9 +287,11 @@ def run_sweep(
     return rows
 
 
-def _fmt(v: Any, kind: str) -> str:
+def _fmt(v: Any, kind: str, sd: float | None = None) -> str:
     if v is None:
         return "-"
+    if sd is not None:
+        return f"{_fmt(v, kind)} ± {_fmt(sd, kind)}"
     if kind == "pct":
         return f"{v * 100:.2f}"
     if kind == "int":
@@ -259,11 +312,14 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
     lines = [f"## {title}", "", "| " + " | ".join(h for _, h, _ in cols) + " |",
              "|" + "|".join("---" if f == "s" else "---:" for _, _, f in cols) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r[c], f) for c, _, f in cols) + " |")
+        lines.append("| " + " | ".join(_fmt(r[c], f, r.get(f"{c}_sd")) for c, _, f in cols) + " |")
     notes = [f"- {r['point']}: {r['note']}" for r in rows if r.get("note")]
     lines += ["", "Accuracy, NLL (of the averaged prediction), ECE (15 bins) and diversity (pairwise disagreement / "
               "mean member error) on the test set after the last epoch; FLOPs: inference cost relative to one "
               "plain backbone."]
+    n_seeds = max((r.get("seeds") or 0 for r in rows), default=0)
+    if n_seeds > 1:
+        lines += ["", f"Each point trained with {n_seeds} seeds: mean ± sample standard deviation over the seeds."]
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
@@ -279,7 +335,7 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str, plots: bool
     written.append(md)
     path = out / "sweep.csv"
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     written.append(path)

@@ -46,10 +46,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mixc.compiler.plan import Plan
-from mixc.data import Dataset, check_compatible, load_dataset
+from mixc.data import Dataset, check_compatible, load_dataset, resolve_data_path, split_validation
 from mixc.metrics import evaluate
-from mixc.run_folder import Reporter, RunWriter, TrainError, epoch_line, seed_of, spec_hash
+from mixc.loggers import make_logger
+from mixc.run_folder import BEST_METRICS, Reporter, read_metrics, RunWriter, TrainError, epoch_line, seed_of, spec_hash
 from mixc.spec.recipe import Recipe
+from mixc.threads import resolve_threads
 
 if TYPE_CHECKING:
     from mixc.backends.base import Backend, Trainer
@@ -107,7 +109,7 @@ def augment_mode(recipe: Recipe, plan: Plan) -> str:
 
 
 def with_overrides(recipe: Recipe, **values: Any) -> Recipe:
-    """``recipe`` with the non-None ``values`` (epochs, batch, seed, data, data_dir), validated like the file
+    """``recipe`` with the non-None ``values`` (epochs, batch, seed, data, data_dir, val_fraction), validated like the file
     (TrainError naming the option otherwise: ``--epochs 0`` is the user's to fix, not a traceback)."""
     from pydantic import ValidationError
 
@@ -118,7 +120,7 @@ def with_overrides(recipe: Recipe, **values: Any) -> Recipe:
         return Recipe.model_validate({**recipe.model_dump(), **updates})
     except ValidationError as e:
         raise TrainError(f"invalid training option: {first_problem(e)}; hint: check --epochs, --batch-size, "
-                         "--seed and --data") from None
+                         "--seed, --data and --val-fraction") from None
 
 
 # ---------------------------------------------------------------------------
@@ -138,6 +140,12 @@ class _Run:
     batch: int
     steps: int
     backend_name: str
+    best_metric: str = "nll"
+    keep: int = 1
+    baseline: str | None = None
+    test_every_epoch: bool = False
+    logger: Any = None  # mixc.loggers.Logger (rank 0)
+    batches: Any = None  # Backend.batches with the worker count bound, for a streamed image folder
 
     @property
     def main(self) -> bool:
@@ -161,46 +169,66 @@ def train(
     progress: bool = True,
     config: dict[str, Any] | None = None,
     allow_recipe_change: bool = False,
+    threads: int | None = None,
+    val_fraction: float | None = None,
+    best_metric: str = "nll",
+    keep: int = 1,
+    eval_test_every_epoch: bool = False,
+    precision: str | None = None,
+    grad_clip: float | None = None,
+    compile: bool = False,
+    logger: str = "none",
+    curves: bool = True,
+    stream: bool = False,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Train ``plan`` with ``recipe`` on ``backend`` into ``out_dir`` (resuming it if it holds a checkpoint).
 
-    Arguments other than plan/recipe override the recipe (``None`` keeps it).
-    ``baseline`` only labels the run: pass the already recompiled plan.
-    ``config`` adds entries (e.g. the CLI's overrides) to ``config.json``.
-    ``allow_recipe_change`` lets a resume go on with a recipe other than the
-    checkpoint's (recorded in ``config.json``'s history). Returns the final test
-    metrics (:func:`mixc.metrics.evaluate`) plus ``epoch``, ``train_loss`` and
-    ``wall_time``; ``{}`` on data-parallel ranks other than 0.
+    Options other than plan/recipe override the recipe where it has them (``None`` keeps it); the rest are
+    the CLI's (README, "Training"): ``baseline`` only labels the run (pass the recompiled plan), ``config``
+    adds entries to ``config.json``, ``threads`` defaults to :func:`mixc.threads.default_threads`,
+    ``best_metric``/``keep``/``eval_test_every_epoch`` choose the checkpoints and test scoring, ``logger``
+    and ``curves`` the extra outputs; ``stream`` reads an image folder from disk with ``workers`` loader
+    processes (default min(4, threads)) instead of decoding it into memory. Returns the final test metrics (:func:`mixc.metrics.evaluate`) plus
+    ``epoch``, ``train_loss`` and ``wall_time``; ``{}`` on data-parallel ranks other than 0.
     """
     if isinstance(backend, str):
         from mixc.backends import get_backend
 
         backend = get_backend(backend, "train")
-    recipe = with_overrides(recipe, epochs=epochs, batch=batch_size, seed=seed,
-                            data=data if isinstance(data, str) else None, data_dir=data_dir)
-    dataset = data if isinstance(data, Dataset) else load_dataset(recipe.data, recipe.data_dir)
-    check_compatible(dataset, plan.input_shape, plan.classes)
+    recipe = with_overrides(recipe, epochs=epochs, batch=batch_size, seed=seed, data=_data_path(data, plan, recipe),
+                            data_dir=data_dir, val_fraction=val_fraction, precision=precision, grad_clip=grad_clip)
+    _check_options(best_metric, keep, layout, backend)
+    dataset = _dataset(data, plan, recipe, stream)
     augment = augment_mode(recipe, plan)
-    if layout not in backend.capabilities.layouts:
-        raise TrainError(f"layout must be {', '.join(backend.capabilities.layouts)}, not {layout!r}")
+    n_threads = resolve_threads(threads)
+    thread_info = backend.set_threads(n_threads)
     t_start = time.perf_counter()
-    trainer = backend.trainer(plan, recipe, device=device, layout=layout, augment=augment)
+    trainer = backend.trainer(plan, recipe, device=device, layout=layout, augment=augment, compile=compile)
     try:
         with RunWriter(Path(out_dir), plan, recipe, main=trainer.rank == 0,
                        allow_recipe_change=allow_recipe_change) as folder:
             batch = min(recipe.batch, len(dataset.y_train))
-            trainer.begin(dataset.x_train, dataset.y_train, batch)
+            trainer.begin(dataset.x_train, dataset.y_train[: len(dataset.x_train)], batch)
             if folder.header is not None:
                 _resume(folder, trainer, plan)
             run = _Run(plan, recipe, dataset, trainer, folder, Reporter(trainer.rank == 0, progress and sys.stdout.isatty()),
-                       batch, len(dataset.y_train) // batch, backend.name)  # the last partial batch is dropped
-            _announce(run, layout, augment, baseline, config or {})
-            last = _epochs(run)
+                       batch, len(dataset.y_train) // batch, backend.name,  # the last partial batch is dropped
+                       best_metric=best_metric, keep=keep, baseline=baseline, test_every_epoch=eval_test_every_epoch,
+                       logger=make_logger(logger, folder.out) if trainer.rank == 0 else None,
+                       batches=_batches(backend, dataset, trainer, workers if workers is not None else min(4, n_threads)))
+            _announce(run, layout, augment, baseline, {**thread_info, "compile": compile, **(config or {})})
+            try:
+                last = _epochs(run)
+            finally:
+                if run.logger is not None:
+                    run.logger.close()
             if not run.main:
                 return {}
+            if curves:
+                _write_curves(run)
             if last is None:  # nothing left to train: report the checkpoint as it stands
-                last = {"epoch": folder.start_epoch, "train_loss": None,
-                        **evaluate(trainer.predict(dataset.x_test), dataset.y_test)}
+                last = {"epoch": folder.start_epoch, "train_loss": None, **_evaluate(run, "test")}
             return {**last, "wall_time": time.perf_counter() - t_start}
     finally:
         trainer.close()
@@ -232,8 +260,10 @@ def _announce(run: _Run, layout: str, augment: str, baseline: str | None, config
     start = run.folder.start_epoch
     run.reporter.line(
         f"{plan.name}: {kind}, {plan.accounting.total_params:,} parameters; {run.dataset.description}; "
-        f"{recipe.epochs} epochs x {run.steps} steps of {run.batch}; {recipe.optimizer.name} lr {recipe.optimizer.lr}; "
-        f"device {trainer.device_label}; out {run.folder.out}"
+        f"{recipe.epochs} epochs x {run.steps} steps of {run.batch}; {recipe.optimizer.name} lr {recipe.optimizer.lr}"
+        + (f", {recipe.precision}" if recipe.precision != "fp32" else "")
+        + (f", grad clip {recipe.grad_clip}" if recipe.grad_clip else "") + "; "
+        f"device {trainer.device_label}, {config.get('threads', '?')} threads; out {run.folder.out}"
         + (f"; resuming after epoch {start}" if start else "")
     )
 
@@ -253,14 +283,98 @@ def _epochs(run: _Run) -> dict[str, Any] | None:
                 )
             if not run.main:
                 continue
-            rec = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr,
-                   **evaluate(trainer.predict(run.dataset.x_test), run.dataset.y_test),
+            rec = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr, **_scores(run, epoch + 1 == epochs),
                    "epoch_time": time.perf_counter() - t0}
             run.folder.save_epoch(rec, lambda meta: trainer.save(run.folder.ckpt, epoch + 1, meta),
                                   {"global_step": str((epoch + 1) * run.steps), "backend": run.backend_name})
-            run.reporter.line(epoch_line(rec, epochs))
+            best = run.folder.keep_best(rec, run.best_metric)
+            run.logger.log(rec, [m.model_dump() for m in read_metrics(run.folder.out)])
+            run.folder.keep_last(epoch + 1, run.keep)
+            run.reporter.line(epoch_line({**rec, "best": best}, epochs))
             last = rec
     return last
+
+
+def _data_path(data: "Dataset | str | None", plan: Plan, recipe: Recipe) -> str | None:
+    """The data the run reads, absolute: ``--data`` from the current folder, the spec's ``data`` from the
+    spec's folder (like its imports), dataset names as they are."""
+    if isinstance(data, Dataset):
+        return None
+    if isinstance(data, str):
+        return resolve_data_path(data, None)
+    return resolve_data_path(recipe.data, Path(plan.source).parent if plan.source else None)
+
+
+def _write_curves(run: _Run) -> None:
+    """curves.png and curves.pdf from metrics.jsonl, titled by what was trained (not by the folder's name);
+    without matplotlib, a note instead (the run itself is complete)."""
+    from mixc.plots import PlotError, training_curves
+
+    plan, acc = run.plan, run.plan.accounting
+    what = (f"{run.baseline} baseline" if run.baseline else f"{plan.members}-member MixtureEnsemble")
+    title = (f"{plan.name}: {what}, {acc.total_params:,} parameters ({acc.total_params / acc.backbone_params:.2f}x "
+             f"one backbone)")
+    try:
+        training_curves([m.model_dump() for m in read_metrics(run.folder.out)], run.folder.out / "curves.png", title)
+    except PlotError as e:
+        run.reporter.line(f"note: no curves.png: {e}")
+
+
+def _dataset(data: "Dataset | str | None", plan: Plan, recipe: Recipe, stream: bool) -> Dataset:
+    """The run's data: loaded (image folders at the plan's input size), validation held out, checked against the plan."""
+    dataset = data if isinstance(data, Dataset) else load_dataset(recipe.data, recipe.data_dir, plan.input_shape,
+                                                                  stream)
+    if stream and dataset.folder is None:
+        raise TrainError(f"--stream reads image folders from disk; {dataset.name} is not one; hint: drop --stream")
+    dataset = split_validation(dataset, recipe.val_fraction, recipe.seed)
+    check_compatible(dataset, plan.input_shape, plan.classes)
+    return dataset
+
+
+def _batches(backend: "Backend", dataset: Dataset, trainer: "Trainer", workers: int) -> Any:
+    """``split, train, batch, epoch -> batches`` for a streamed folder (None otherwise); one process only."""
+    if dataset.folder is None:
+        return None
+    if trainer.world > 1:
+        raise TrainError("a streamed image folder trains in one process for now; hint: run without torchrun, or "
+                         "use a folder that fits in memory (MIXC_IMAGE_MEMORY)")
+    if workers < 0:
+        raise TrainError(f"--workers must be 0 or more, not {workers}")
+    return lambda split, train, batch, seed, epoch: backend.batches(
+        split, list(dataset.x_train.shape[1:]), train=train, batch=batch, seed=seed, epoch=epoch, workers=workers)
+
+
+def _evaluate(run: _Run, split: str) -> dict[str, Any]:
+    """Metrics of ``split`` (val or test): from memory, or streamed batch by batch (resize + center crop)."""
+    ds = run.dataset
+    y = ds.y_val if split == "val" else ds.y_test
+    if run.batches is None:
+        return evaluate(run.trainer.predict(ds.x_val if split == "val" else ds.x_test), y)
+    folder = ds.folder.val if split == "val" else ds.folder.test
+    probs = [run.trainer.predict(np.asarray(x)) for x, _ in run.batches(folder, False, 250, 0, 0)]
+    return evaluate(np.concatenate(probs), y)
+
+
+def _check_options(best_metric: str, keep: int, layout: str, backend: "Backend") -> None:
+    """``--best-metric``, ``--keep`` and ``--layout`` (TrainError naming the option)."""
+    if layout not in backend.capabilities.layouts:
+        raise TrainError(f"layout must be {', '.join(backend.capabilities.layouts)}, not {layout!r}")
+    if best_metric not in BEST_METRICS:
+        raise TrainError(f"--best-metric must be {', '.join(BEST_METRICS)}, not {best_metric!r}")
+    if keep < 1:
+        raise TrainError(f"--keep must be 1 or more (1: only the last checkpoint), not {keep}")
+
+
+def _scores(run: _Run, last: bool) -> dict[str, Any]:
+    """An epoch's evaluation: validation metrics (``val_*``) when there is a validation set; test metrics
+    without one, at the last epoch, or every epoch when asked (the test set is not for choosing epochs)."""
+    ds, out = run.dataset, {}
+    if ds.x_val is not None:
+        v = _evaluate(run, "val")
+        out.update({f"val_{k}": v[k] for k in ("accuracy", "nll", "ece", "brier") if k in v})
+    if ds.x_val is None or last or run.test_every_epoch:
+        out.update(_evaluate(run, "test"))
+    return out
 
 
 def _one_epoch(run: _Run, epoch: int) -> tuple[float, float]:
@@ -272,9 +386,14 @@ def _one_epoch(run: _Run, epoch: int) -> tuple[float, float]:
     update = run.reporter.epoch_task(epoch + 1, recipe.epochs, steps)
     loss_sum: Any = 0.0
     lr = recipe.optimizer.lr
+    stream = None if run.batches is None else iter(run.batches(run.dataset.folder.train, True, batch, seed, epoch))
     for step in range(steps):
         lr = learning_rate(recipe, epoch * steps + step, steps, recipe.epochs)
-        loss = trainer.step(perm[step * batch : (step + 1) * batch], lr, step)
+        if stream is not None:  # the loader shuffles with the same default_rng([seed, epoch]) rule
+            x, y = next(stream)
+            loss = trainer.step_batch(x, y, lr, step)
+        else:
+            loss = trainer.step(perm[step * batch : (step + 1) * batch], lr, step)
         loss_sum = loss_sum + loss  # on the device: no sync per step
         if run.reporter.progress is not None and (step % 10 == 0 or step == steps - 1):
             update(step + 1, float(loss) / M)

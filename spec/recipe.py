@@ -56,3 +56,9 @@ class Recipe(_Model):
     )
     augment: Literal["auto", "none", "crop_flip"] = "auto"  # auto: crop_flip for 32x32 images
     seed: int = 0
+    # A seeded share of the training set held out for validation (per-epoch val metrics, best.safetensors);
+    # 0: none (a dataset's own validation split, e.g. an image folder's val/, is used when it has one).
+    val_fraction: float = Field(0.0, ge=0, lt=1)
+    # Arithmetic of the forward pass: fp32, or autocast to bf16/fp16 (fp16 with a gradient scaler); torch only.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_clip: float | None = Field(None, gt=0)  # clip the global gradient norm to this before each step

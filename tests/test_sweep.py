@@ -111,3 +111,32 @@ def test_members_and_params_plots(tmp_path):
     b = sweep_members_plot(rows, tmp_path / "m.png", "t")
     assert a.read_bytes()[:8] == PNG and b.read_bytes()[:8] == PNG
     assert np.isfinite([r["accuracy"] for r in rows if r["accuracy"] is not None]).all()
+
+
+def test_two_seed_sweep_prints_mean_and_sd(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from mixc.cli import main
+
+    out = tmp_path / "seeds"
+    argv = ["sweep", "digits", "--budgets", "1x", "--seeds", "0,1", "--epochs", "1", "--set", "backbone.width=4",
+            "--set", "members=2", "--set", "train.batch=512", "--threads", "1", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "±" in text and "2 seeds" in text
+    assert (out / "b1x" / "seed-0" / "checkpoint.safetensors").is_file() or any(out.glob("*/seed-1/checkpoint.safetensors"))
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert rows[0]["seeds"] == "2" and float(rows[0]["accuracy_sd"]) >= 0
+    per = json.loads((out / "sweep.json").read_text())[0]["per_seed"]
+    accs = [r["accuracy"] for r in per]
+    assert float(rows[0]["accuracy"]) == pytest.approx(sum(accs) / 2)
+    assert accs[0] != accs[1]  # the seeds really differ
+    assert (out / "sweep.pdf").is_file()
+    assert main(["sweep", "digits", "--seeds", "0,0"]) == 1
+    capsys.readouterr()
+    seed_runs = sorted(str(p.parent) for p in out.glob("*/seed-*/checkpoint.safetensors"))
+    assert len(seed_runs) == 2
+    assert main(["report", *seed_runs]) == 0  # runs that differ only in seed: one row, mean ± sd
+    table = capsys.readouterr().out
+    assert "(2 seeds)" in table and "±" in table and table.count("MixtureEnsemble") == 1
+    assert main(["report", "--per-seed", *seed_runs]) == 0
+    assert capsys.readouterr().out.count("MixtureEnsemble") == 2

@@ -31,10 +31,11 @@ class FlaxBackend(Backend):
 
         return int(count_params(plan))
 
-    def trainer(self, plan: Plan, recipe: Recipe, *, device: str, layout: str, augment: str) -> Trainer:
+    def trainer(self, plan: Plan, recipe: Recipe, *, device: str, layout: str, augment: str,
+                compile: bool = False) -> Trainer:
         from mixc.backends.flax.train import Trainer as FlaxTrainer, devices_for
 
-        return FlaxTrainer(plan, recipe, devices_for(device), layout, augment, recipe.seed)
+        return FlaxTrainer(plan, recipe, devices_for(device), layout, augment, recipe.seed, compile)
 
     def runner(self, plan: Plan, *, device: str = "cpu", batch_size: int = 500, layout: str = "auto") -> Runner:
         from mixc.backends.flax.predict import FlaxRunner

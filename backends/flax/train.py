@@ -99,9 +99,11 @@ def make_optimizer(recipe: Recipe, roles: dict[str, str]) -> optax.GradientTrans
     mask = {k: role not in skip for k, role in roles.items()}
     o = recipe.optimizer
     decay = optax.add_decayed_weights(recipe.weight_decay, mask=mask)
+    # torch clips the raw gradients (clip_grad_norm_) before its optimiser adds decay: the same order here
+    clip = [optax.clip_by_global_norm(recipe.grad_clip)] if recipe.grad_clip else []
     if o.name == "sgd":
-        return optax.chain(decay, optax.trace(decay=o.momentum, nesterov=o.nesterov and o.momentum > 0))
-    return optax.chain(optax.scale_by_adam(b1=o.betas[0], b2=o.betas[1], eps=1e-8), decay)
+        return optax.chain(*clip, decay, optax.trace(decay=o.momentum, nesterov=o.nesterov and o.momentum > 0))
+    return optax.chain(*clip, optax.scale_by_adam(b1=o.betas[0], b2=o.betas[1], eps=1e-8), decay)
 
 
 def _find(state: Any, kind: type) -> Any:
@@ -202,7 +204,13 @@ class Trainer:
     """
 
     def __init__(self, plan: Plan, recipe: Recipe, devices: list[jax.Device], layout: str = "auto",
-                 augment: str = "none", seed: int = 0) -> None:
+                 augment: str = "none", seed: int = 0, compile: bool = False) -> None:
+        if recipe.precision != "fp32":
+            raise TrainError(f"the flax backend trains in fp32 only (the generated flax model has no dtype policy "
+                             f"yet), not {recipe.precision}; hint: --backend torch for --precision {recipe.precision}")
+        if compile:
+            raise TrainError("--compile is torch.compile; the flax backend's steps are always jit-compiled by XLA; "
+                             "hint: drop --compile")
         self.plan, self.recipe, self.augment, self.seed = plan, recipe, augment, seed
         self.devices = devices
         self.rank, self.world = 0, len(devices)
@@ -237,6 +245,7 @@ class Trainer:
         key = (
             spec_hash(plan), self.layout, self.augment, recipe.label_smoothing, recipe.optimizer.model_dump_json(),
             recipe.weight_decay, tuple(recipe.weight_decay_exclude), tuple(d.id for d in devices), devices[0].platform,
+            recipe.grad_clip,
         )
         self._step, self._predict = _compiled_steps(plan, recipe, self.graphdef, self.tx, self.augment,
                                                     self.replicated, key)
@@ -249,6 +258,10 @@ class Trainer:
     def step(self, idx: np.ndarray, lr: float, step: int) -> jax.Array:
         """One optimiser step on the global batch ``idx``; returns the (on-device) summed member loss."""
         return self.step_arrays(self.x_train[idx], self.y_train[idx], lr, jax.random.fold_in(self.epoch_key, step))
+
+    def step_batch(self, x: np.ndarray, y: np.ndarray, lr: float, step: int) -> jax.Array:
+        """One step on a streamed batch (numpy, from the shared folder loader)."""
+        return self.step_arrays(np.asarray(x), np.asarray(y, np.int32), lr, jax.random.fold_in(self.epoch_key, step))
 
     def step_arrays(self, x: np.ndarray, y: np.ndarray, lr: float, key: jax.Array) -> jax.Array:
         """One optimiser step on the global batch ``x``, ``y`` with the step's random ``key``."""

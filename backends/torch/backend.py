@@ -40,10 +40,17 @@ class TorchBackend(Backend):
             model = build(plan)
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    def trainer(self, plan: Plan, recipe: Recipe, *, device: str, layout: str, augment: str) -> Trainer:
+    def trainer(self, plan: Plan, recipe: Recipe, *, device: str, layout: str, augment: str,
+                compile: bool = False) -> Trainer:
         from mixc.backends.torch.train import TorchTrainer
 
-        return TorchTrainer(plan, recipe, device=device, layout=layout, augment=augment)
+        return TorchTrainer(plan, recipe, device=device, layout=layout, augment=augment, compile=compile)
+
+    def batches(self, split: Any, input_shape: list[int], *, train: bool, batch: int, seed: int, epoch: int,
+                workers: int) -> Any:
+        from mixc.backends.torch.data import folder_loader
+
+        return folder_loader(split, input_shape, train=train, batch=batch, workers=workers, seed=seed, epoch=epoch)
 
     def runner(self, plan: Plan, *, device: str = "cpu", batch_size: int = 500, layout: str = "auto") -> Runner:
         from mixc.backends.torch.predict import TorchRunner

@@ -206,12 +206,35 @@ def _weights_hash(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` (None: fp32, autocast off)."""
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _backward_and_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: Any, clip: float | None,
+                       model: nn.Module) -> None:
+    """Backward, optional global-norm clipping, optimiser step; under fp16 through the gradient scaler
+    (gradients are unscaled before clipping, so ``clip`` means the true norm)."""
+    if scaler is None:
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        return
+    scaler.scale(loss).backward()
+    if clip:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    scaler.step(opt)
+    scaler.update()
+
+
 class TorchTrainer:
     """An nn.Module and its optimiser under training (DDP across ``torchrun`` ranks): the driver's Trainer."""
 
     def __init__(self, plan: Plan, recipe: Recipe, *, device: str = "cpu", layout: str = "auto",
-                 augment: str = "none") -> None:
-        self.plan, self.recipe, self.layout, self.augment = plan, recipe, layout, augment
+                 augment: str = "none", compile: bool = False) -> None:
+        self.plan, self.recipe, self.layout, self.augment, self.compile = plan, recipe, layout, augment, compile
         self.dist = _Dist(device)
         self.rank, self.world, self.device = self.dist.rank, self.dist.world, self.dist.device
         self.device_label = f"{self.device}{f' x{self.world}' if self.world > 1 else ''}"
@@ -231,6 +254,10 @@ class TorchTrainer:
             from torch.nn.parallel import DistributedDataParallel
 
             self.net = DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        if self.compile:
+            self.net = torch.compile(self.net)
+        self.amp = _autocast_dtype(self.recipe.precision)
+        self.scaler = torch.amp.GradScaler(dev.type) if self.recipe.precision == "fp16" else None
         self.x_train = torch.from_numpy(x_train).to(dev)
         self.y_train = torch.from_numpy(y_train).to(dev)
         self.gen = torch.Generator(device=dev)
@@ -243,20 +270,27 @@ class TorchTrainer:
 
     def step(self, idx: np.ndarray, lr: float, step: int) -> torch.Tensor:
         rows = torch.from_numpy(np.ascontiguousarray(idx[self.part])).to(self.device)
-        xb = self.x_train.index_select(0, rows)
-        yb = self.y_train.index_select(0, rows)
+        return self._step(self.x_train.index_select(0, rows), self.y_train.index_select(0, rows), lr)
+
+    def step_batch(self, x: Any, y: Any, lr: float, step: int) -> torch.Tensor:
+        """One step on a streamed batch (numpy or a DataLoader's pinned tensors), already augmented."""
+        xb = torch.as_tensor(x).to(self.device, non_blocking=True)
+        yb = torch.as_tensor(y).to(self.device, dtype=torch.int64, non_blocking=True)
+        return self._step(xb, yb, lr)
+
+    def _step(self, xb: torch.Tensor, yb: torch.Tensor, lr: float) -> torch.Tensor:
         if self.augment == "crop_flip":
             xb = crop_flip(xb, self.gen)
         for g in self.opt.param_groups:
             g["lr"] = lr
         M = self.plan.members
-        logits = self.net(xb)  # [b, M, classes]
-        loss = F.cross_entropy(
-            logits.transpose(1, 2), yb[:, None].expand(-1, M), label_smoothing=self.recipe.label_smoothing
-        ) * M
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            logits = self.net(xb)  # [b, M, classes]
+            loss = F.cross_entropy(
+                logits.float().transpose(1, 2), yb[:, None].expand(-1, M), label_smoothing=self.recipe.label_smoothing
+            ) * M
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        _backward_and_step(loss, self.opt, self.scaler, self.recipe.grad_clip, self.model)
         return loss.detach()
 
     def predict(self, x: np.ndarray) -> np.ndarray:

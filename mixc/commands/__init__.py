@@ -22,3 +22,11 @@ def add_backend_argument(parser: argparse.ArgumentParser, what: str, default: st
     parser.add_argument("--backend", type=backend_name, default=default, metavar="{" + ",".join(known) + "}",
                         help=f"the framework to {what}; installed: {', '.join(known)}"
                              + (f" (default {default})" if default else ""))
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: CPU threads of the framework (default: the cores this process may use, capped by
+    OMP_NUM_THREADS; see mixc/threads.py)."""
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for the framework (default: the cores this process may run on, "
+                             "capped by OMP_NUM_THREADS if set)")

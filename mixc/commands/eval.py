@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mixc.commands import add_backend_argument
+from mixc.commands import add_backend_argument, add_threads_argument
 from mixc.data import DataError
 
 
@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_backend_argument(p, "evaluate with (checkpoints are shared: any backend reads any run)")
     p.add_argument("--device", default="cpu", help="device (cpu, cuda, cuda:1)")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation batch (default 500)")
+    add_threads_argument(p)
     p.add_argument("--corruptions", nargs="?", const="all", metavar="LIST",
                    help="also score corrupted copies of the test set at 5 severities: all (the default) or a "
                         "comma-separated list of gaussian_noise, shot_noise, impulse_noise, speckle_noise, "
@@ -88,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
         names = None  # every file in the folder
     # Check the data before the (possibly slow) model load.
     dataset = None if cifar_c else load_test_set(data, data_dir, run_.plan)
+    from mixc.backends import get_backend
+    from mixc.threads import resolve_threads
+
+    get_backend(args.backend, "eval").set_threads(resolve_threads(args.threads))
     predict = load_predictor(args.backend, run_.plan, run_.checkpoint, device=args.device, batch_size=args.batch_size)
     err = Console(stderr=True, highlight=False)
     step = (lambda name: err.print(f"  corrupting: {name}", markup=False)) if not args.json else None

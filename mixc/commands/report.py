@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="FILE.md", help="also write the markdown table to this file")
     p.add_argument("--csv", metavar="FILE.csv", help="also write the rows as CSV")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of markdown")
+    p.add_argument("--per-seed", action="store_true",
+                   help="one row per run (default: runs that differ only in their seed are one row, mean ± sd)")
 
 
 def method_name(run: Any) -> str:
@@ -104,8 +106,49 @@ def build_rows(runs: list[Any], labels: list[str] | None, reference: Any) -> lis
     return rows
 
 
+MEASURED = ["accuracy", "nll", "ece", "corrupt_accuracy", "corrupt_nll", "corrupt_ece", "diversity",
+            "mean_member_accuracy"]
+
+
+def seed_key(run: Any) -> str:
+    """What must be equal for two runs to be the same experiment but for the seed: the spec (plan hash), the
+    baseline, the epoch reached and the recipe without its seed."""
+    recipe = dict((run.config or {}).get("recipe") or run.plan.train or {})
+    recipe.pop("seed", None)
+    return json.dumps([run.plan.spec_hash, run.baseline, run.epoch, recipe], sort_keys=True, default=str)
+
+
+def aggregate_seeds(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+    """Rows with equal keys become one: the measured columns' mean and sample sd (``<col>_sd``), ``seeds`` the
+    count, ``run`` every folder; order of first appearance. A group of one is left as it is."""
+    import statistics
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for key, row in zip(keys, rows):
+        groups.setdefault(key, []).append(row)
+    out = []
+    for group in groups.values():
+        row = dict(group[0])
+        if len(group) > 1:
+            row.update(seeds=len(group), run=", ".join(r["run"] for r in group))
+            for c in MEASURED:
+                vals = [r[c] for r in group if r.get(c) is not None]
+                row[c] = statistics.fmean(vals) if vals else None
+                row[f"{c}_sd"] = statistics.stdev(vals) if len(vals) > 1 else None
+        out.append(row)
+    return out
+
+
 def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.4g}K" if n >= 1e4 else f"{n:,}"
+
+
+def _cell(row: dict[str, Any], col: str, fmt: Any, unit: str = "") -> str:
+    """``mean`` or ``mean ± sd`` of a column, ``-`` when not measured."""
+    v, sd = row.get(col), row.get(f"{col}_sd")
+    if v is None:
+        return "-"
+    return fmt(v) + (f" ± {fmt(sd)}" if sd is not None else "") + unit
 
 
 def markdown(rows: list[dict[str, Any]], reference_label: str) -> str:
@@ -118,22 +161,23 @@ def markdown(rows: list[dict[str, Any]], reference_label: str) -> str:
     if div:
         cols += ["Diversity", "Mean member acc"]
     cols += ["FLOPs", "Run"]
-    pct = lambda v: "-" if v is None else f"{v * 100:.2f}"  # noqa: E731
-    num = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in ("Method", "Run") else "---:" for c in cols) + "|"]
     for r in rows:
-        cells = [r["method"], f"{_fmt_params(r['params'])} ({r['params_x']:.2f}x)", pct(r["accuracy"]), num(r["nll"]),
-                 f"{r['ece'] * 100:.2f}%"]
+        pct = lambda c, unit="": _cell(r, c, lambda v: f"{v * 100:.2f}", unit)  # noqa: E731
+        num = lambda c, d=3: _cell(r, c, lambda v: f"{v:.{d}f}")  # noqa: E731
+        cells = [r["method"] + (f" ({r['seeds']} seeds)" if r.get("seeds") else ""),
+                 f"{_fmt_params(r['params'])} ({r['params_x']:.2f}x)", pct("accuracy"), num("nll"), pct("ece", "%")]
         if corrupt:
-            cells += [pct(r["corrupt_accuracy"]), num(r["corrupt_nll"]),
-                      "-" if r["corrupt_ece"] is None else f"{r['corrupt_ece'] * 100:.2f}%"]
+            cells += [pct("corrupt_accuracy"), num("corrupt_nll"), pct("corrupt_ece", "%")]
         if div:
-            cells += [num(r["diversity"], 2), pct(r["mean_member_accuracy"])]
+            cells += [num("diversity", 2), pct("mean_member_accuracy")]
         cells += [f"{r['flops']:.2f}x", f"`{r['run']}`"]
         lines.append("| " + " | ".join(cells) + " |")
     notes = (f"\nAccuracy and member accuracy in %, NLL of the averaged prediction, ECE over 15 bins; params "
              f"as a multiple of one plain backbone; FLOPs: inference multiply-accumulates relative to one plain "
              f"backbone of `{reference_label}`.")
+    if any(r.get("seeds") for r in rows):
+        notes += " Rows over several seeds (runs that differ only in their seed): mean ± sample standard deviation."
     if corrupt:
         notes += " Corrupt: means over every corruption and severity (`mixc eval --corruptions`)."
     return "\n".join(lines) + "\n" + notes + "\n"
@@ -152,11 +196,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         reference = next((r for r in runs if r.baseline == "single"), runs[0])
     rows = build_rows(runs, labels, reference)
+    if not args.per_seed and labels is None:
+        rows = aggregate_seeds(rows, [seed_key(r) for r in runs])
     if args.csv:
         path = Path(args.csv)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
             w.writeheader()
             w.writerows(rows)
     if args.json:

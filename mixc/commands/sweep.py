@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mixc.commands import add_backend_argument
+from mixc.commands import add_backend_argument, add_threads_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,13 +39,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder holding the cifar archives")
     p.add_argument("--epochs", type=int, help="override the spec's epochs for every point")
     p.add_argument("--seed", type=int, help="override the spec's seed")
+    p.add_argument("--seeds", metavar="LIST", help="comma-separated seeds (0,1,2): train every point once per seed "
+                   "(OUT/<point>/seed-<s>) and report mean ± sd, with error bars in the plots")
     p.add_argument("--device", default="cpu", help="device: cpu, cuda, cuda:1")
     add_backend_argument(p, "train every point with")
     p.add_argument("--layout", choices=["auto", "grouped", "loop"], default="auto", help="how members run")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec setting for every point (repeatable), e.g. --set train.epochs=15")
+    add_threads_argument(p)
     p.add_argument("--no-plot", action="store_true", help="skip the PNGs (no matplotlib needed)")
     p.add_argument("--no-progress", action="store_true", help="plain lines instead of progress bars")
+
+
+def _title(name: str, rows: list, seeds: list[int] | None) -> str:
+    """What the figures and the table show: the spec, the methods, the budgets and members (not folder names
+    or override strings)."""
+    budgets = list(dict.fromkeys(r["budget"] for r in rows if r["kind"] == "ensemble"))
+    members = sorted({r["members"] for r in rows if r["kind"] == "ensemble"})
+    base = sorted({r["kind"] for r in rows if r["kind"] != "ensemble"})
+    parts = [f"MixtureEnsemble, budgets {', '.join(budgets)}, members {', '.join(map(str, members))}"] if budgets else []
+    parts += [f"{b} baseline" for b in base]
+    return f"{name}: " + "; ".join(parts) + (f" ({len(seeds)} seeds, mean ± sd)" if seeds and len(seeds) > 1 else "")
 
 
 def _error(msg: str) -> None:
@@ -57,12 +71,15 @@ def run(args: argparse.Namespace) -> int:
     from mixc.backends import get_backend
     from mixc.commands.train import tune_allocator
     from mixc.plots import PlotError
-    from mixc.sweep import SweepError, parse_budgets, parse_members, plan_points, run_sweep, write_outputs
+    from mixc.sweep import SweepError, parse_budgets, parse_members, parse_seeds, plan_points, run_sweep, write_outputs
 
     tune_allocator()
     get_backend(args.backend, "sweep")
     budgets = parse_budgets(args.budgets)
     members = parse_members(args.members)
+    seeds = parse_seeds(args.seeds)
+    if seeds and args.seed is not None:
+        raise SweepError("give --seed or --seeds, not both")
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     bad = [b for b in baselines if b not in ("single", "naive")]
     if bad:
@@ -80,11 +97,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         rows = run_sweep(args.file, list(args.overrides), points, out, data=args.data, data_dir=args.data_dir,
                          epochs=args.epochs, device=args.device, seed=args.seed, layout=args.layout,
-                         progress=not args.no_progress, backend=args.backend)
+                         progress=not args.no_progress, backend=args.backend,
+                         threads=args.threads, seeds=seeds)
     except KeyboardInterrupt:
         _error(f"interrupted; finished epochs are saved under {out}: run the same command to resume")
         return 130
-    title = f"{name} sweep" + (f" ({' '.join(args.overrides)})" if args.overrides else "")
+    title = _title(name, rows, seeds)
     try:
         written = write_outputs(rows, out, title, plots=not args.no_plot)
     except PlotError as e:

@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mixc.compiler.plan import first_problem
-from mixc.commands import add_backend_argument
+from mixc.commands import add_backend_argument, add_threads_argument
 from mixc.run_folder import TrainError
 
 _M_TRIM_THRESHOLD = -1
@@ -55,6 +55,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a spec setting, e.g. --set members=2 --set train.optimizer.lr=0.05 (repeatable)")
     add_backend_argument(parser, "train with (torch: DDP under torchrun; flax: data parallel over every local "
                          "device of --device)")
+    add_threads_argument(parser)
+    parser.add_argument("--val-fraction", type=float, metavar="F",
+                        help="hold out this share of the training set (seeded by --seed) for validation: per-epoch "
+                             "val metrics, best.safetensors; the test set is then scored after the last epoch")
+    parser.add_argument("--best-metric", choices=["nll", "accuracy", "ece"], default="nll",
+                        help="the validation metric that picks best.safetensors (default nll)")
+    parser.add_argument("--keep", type=int, default=1, metavar="K",
+                        help="keep the last K epochs' checkpoints as epoch-NNNN.safetensors (default 1: only "
+                             "checkpoint.safetensors, the last)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                        help="forward-pass arithmetic (default: the spec's, fp32): autocast to bf16, or fp16 with a "
+                             "gradient scaler; torch only (flax refuses)")
+    parser.add_argument("--grad-clip", type=float, metavar="NORM", help="clip the global gradient norm before each step")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (worth it on GPU for long runs; flax refuses: it always jits)")
+    parser.add_argument("--logger", choices=["none", "csv", "tensorboard"], default="none",
+                        help="also log each epoch to metrics.csv (csv) or TensorBoard event files in <out>/tensorboard "
+                             "(tensorboard; pip install 'mixc[log]'); metrics.jsonl is always written")
+    parser.add_argument("--no-curves", action="store_true", help="skip curves.png/.pdf (written when matplotlib is installed)")
+    parser.add_argument("--stream", action="store_true",
+                        help="read an image folder from disk batch by batch (DataLoader workers under torch) instead "
+                             "of decoding it into memory; automatic above MIXC_IMAGE_MEMORY bytes (4 GiB)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="loader processes for a streamed image folder (default min(4, threads))")
+    parser.add_argument("--eval-test-every-epoch", action="store_true",
+                        help="with a validation set, score the test set after every epoch too (default: the last only)")
     parser.add_argument("--no-progress", action="store_true", help="plain lines instead of a progress bar")
     parser.add_argument("--allow-recipe-change", action="store_true",
                         help="resume a run with a recipe (learning rate, batch, schedule, data...) other than the one "
@@ -114,7 +140,11 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, device=args.device, seed=args.seed, layout=args.layout,
             baseline=args.baseline, progress=not args.no_progress,
             config={"file": str(args.file), "overrides": overrides, "backend": backend.name, "allocator": allocator},
-            allow_recipe_change=args.allow_recipe_change,
+            allow_recipe_change=args.allow_recipe_change, threads=args.threads,
+            val_fraction=args.val_fraction, best_metric=args.best_metric, keep=args.keep,
+            eval_test_every_epoch=args.eval_test_every_epoch, precision=args.precision, grad_clip=args.grad_clip,
+            compile=args.compile, logger=args.logger, curves=not args.no_curves, stream=args.stream,
+            workers=args.workers,
         )
     except KeyboardInterrupt:
         print(f"mixc train: error: interrupted; the last finished epoch is saved in {out}: run the same command "

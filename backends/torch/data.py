@@ -1,0 +1,47 @@
+"""Image folders through ``torch.utils.data.DataLoader``: worker processes decode and augment, pinned memory.
+
+The scan, class mapping, decoding and transforms are ``mixc.imagefolder``'s (numpy/Pillow, shared with
+the flax backend); this module only puts them behind a DataLoader. Randomness: each sample's
+augmentation draws from ``default_rng([seed, epoch, index])``, so a batch is the same whatever the
+number of workers, and an epoch replays exactly on resume.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mixc.imagefolder import FolderReader, FolderSplit
+
+__all__ = ["FolderDataset", "folder_loader"]
+
+
+class FolderDataset(Dataset):
+    """Sample ``i`` of an image-folder split as (float32 tensor ``[C, H, W]``, label)."""
+
+    def __init__(self, split: FolderSplit, input_shape: list[int], train: bool, seed: int = 0, epoch: int = 0) -> None:
+        self.reader, self.seed, self.epoch = FolderReader(split, input_shape, train), seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x, y = self.reader.get(i, np.random.default_rng([self.seed, self.epoch, i]))
+        return torch.from_numpy(x), y
+
+
+def folder_loader(split: FolderSplit, input_shape: list[int], *, train: bool, batch: int, workers: int,
+                  seed: int = 0, epoch: int = 0, pin_memory: bool | None = None) -> DataLoader:
+    """A DataLoader over ``split``: shuffled by ``default_rng([seed, epoch])`` when ``train`` (the driver's own
+    permutation rule), ``workers`` processes (0: in this process), memory pinned when CUDA is there."""
+    ds = FolderDataset(split, input_shape, train, seed, epoch)
+    # fork() after jax has started its threads can deadlock the child (jax warns): spawn workers then
+    context = "spawn" if workers and "jax" in sys.modules else None
+    order = np.random.default_rng([seed, epoch]).permutation(len(ds)) if train else np.arange(len(ds))
+    return DataLoader(ds, batch_size=batch, sampler=order.tolist(), num_workers=workers,
+                      pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                      drop_last=train, persistent_workers=False, prefetch_factor=4 if workers else None,
+                      multiprocessing_context=context)

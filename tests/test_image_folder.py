@@ -1,0 +1,139 @@
+"""Image folders: the scan, the transforms, training from PNGs on both backends, a spec's relative data path."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PIL = pytest.importorskip("PIL")
+from PIL import Image  # noqa: E402
+
+from mixc.data import DataError, load_dataset  # noqa: E402
+from mixc.imagefolder import FolderReader, random_resized_crop, resize_center_crop, scan  # noqa: E402
+
+SPEC = """
+backbone tiny(classes = 2) {
+    input image(1, 8, 8)
+    conv stem(4, kernel = 3)
+    bn; relu
+    conv c1(4, kernel = 3)
+    bn; relu
+    conv c2(4, kernel = 3)
+    bn; relu
+    global_avgpool
+    linear fc(classes)
+}
+ensemble {
+    backbone tiny(classes = 2)
+    members 2
+    budget 2.0x
+    groups by_shape
+}
+train {
+    data "imgs"
+    epochs 2
+    batch 16
+    optimizer sgd(lr = 0.05, momentum = 0.9)
+    schedule constant
+}
+"""
+
+
+def make_folder(root: Path, splits=("train", "val"), n=12, size=8, mode="L") -> Path:
+    """Two classes of PNGs: bright-left vs bright-right squares with noise (learnable, tiny)."""
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for k, name in enumerate(["left", "right"]):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                a = rng.integers(0, 60, (size, size), dtype=np.uint8)
+                if k == 0:
+                    a[:, : size // 2] += 180
+                else:
+                    a[:, size // 2 :] += 180
+                img = Image.fromarray(a, "L").convert(mode)
+                img.save(d / f"{i}.png")
+    return root
+
+
+def test_scan_layout_and_errors(tmp_path):
+    f = scan(make_folder(tmp_path / "a", ("train", "val", "test"), n=3))
+    assert f.classes == ("left", "right") and len(f.train.paths) == 6 and f.val is not None
+    assert list(f.test.labels) == [0, 0, 0, 1, 1, 1]
+    only_val = scan(make_folder(tmp_path / "b", ("train", "val"), n=2))
+    assert only_val.val is None and len(only_val.test.paths) == 4  # ImageNet layout: val/ is the reported set
+    make_folder(tmp_path / "c", ("train",), n=1)
+    with pytest.raises(DataError, match="neither val/ nor test/"):
+        scan(tmp_path / "c")
+    (tmp_path / "b" / "val" / "cat").mkdir()
+    (tmp_path / "b" / "val" / "cat" / "x.png").write_bytes(b"")
+    with pytest.raises(DataError, match="not in"):
+        scan(tmp_path / "b")
+
+
+def test_transforms_shapes():
+    img = Image.fromarray(np.zeros((300, 400, 3), np.uint8))
+    assert resize_center_crop(img, (224, 224)).size == (224, 224)
+    rng = np.random.default_rng(0)
+    assert all(random_resized_crop(img, (224, 224), rng).size == (224, 224) for _ in range(5))
+
+
+def test_reader_normalises_rgb(tmp_path):
+    f = scan(make_folder(tmp_path / "rgb", n=1, size=80, mode="RGB"))
+    x, y = FolderReader(f.train, [3, 72, 72], train=True).get(0, np.random.default_rng(1))
+    assert x.shape == (3, 72, 72) and x.dtype == np.float32 and y == 0
+    assert -2.2 < x.min() and x.max() < 2.7  # ImageNet mean/std
+
+
+def test_in_memory_load(tmp_path):
+    ds = load_dataset(str(make_folder(tmp_path / "f", n=4)), input_shape=[1, 8, 8])
+    assert ds.x_train.shape == (8, 1, 8, 8) and ds.x_test.shape == (8, 1, 8, 8) and ds.classes == 2
+    with pytest.raises(DataError, match="image folder"):
+        load_dataset(str(tmp_path / "f"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "flax"])
+def test_image_folder_trains_two_epochs_from_another_folder(tmp_path, monkeypatch, backend):
+    """The spec says data "imgs": it resolves from the spec's folder, not the current one; the run records it."""
+    pytest.importorskip("torch" if backend == "torch" else "jax")
+    from mixc.cli import main
+    from mixc.run_folder import read_metrics
+
+    proj = tmp_path / "proj"
+    make_folder(proj / "imgs")
+    (proj / "tiny.mix").write_text(SPEC)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code = main(["train", str(proj / "tiny.mix"), "--backend", backend, "--threads", "1", "--no-progress",
+                 "--out", "run"])
+    assert code == 0
+    lines = read_metrics(elsewhere / "run")
+    assert [m.epoch for m in lines] == [1, 2] and lines[-1].accuracy is not None
+    recipe = json.loads((elsewhere / "run" / "config.json").read_text())["recipe"]
+    assert recipe["data"] == str((proj / "imgs").resolve())
+    monkeypatch.chdir(tmp_path)  # evaluated from a third folder: the recorded absolute path is found
+    assert main(["eval", str(elsewhere / "run"), "--json", "--no-save", "--threads", "1"]) == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "flax"])
+def test_streamed_folder_trains_and_resumes_exactly(tmp_path, backend):
+    """--stream: batches come from the loader (torch: DataLoader workers); two epochs, then a resumed third
+    equals an uninterrupted three-epoch run (per-sample seeds, the same permutation rule)."""
+    pytest.importorskip("torch" if backend == "torch" else "jax")
+    from mixc.cli import main
+    from mixc.run_folder import read_metrics
+
+    data = make_folder(tmp_path / "imgs", ("train", "val", "test"), n=10)
+    (tmp_path / "tiny.mix").write_text(SPEC.replace("epochs 2", "epochs 3"))
+    common = [str(tmp_path / "tiny.mix"), "--backend", backend, "--threads", "1", "--no-progress", "--stream",
+              "--workers", "1" if backend == "torch" else "0", "--data", str(data), "--no-curves"]
+    assert main(["train", *common, "--out", str(tmp_path / "full")]) == 0
+    assert main(["train", *common, "--epochs", "2", "--out", str(tmp_path / "part")]) == 0
+    assert main(["train", *common, "--out", str(tmp_path / "part")]) == 0
+    full, part = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+    assert all(m.val_nll is not None for m in full) and full[-1].accuracy is not None
+    assert [m.train_loss for m in full] == [m.train_loss for m in part]
+    assert full[-1].val_nll == part[-1].val_nll

@@ -1,0 +1,45 @@
+"""Thread count: the default respects OMP_NUM_THREADS and the CPU affinity; --threads is applied and recorded."""
+
+import json
+import os
+
+import pytest
+
+from mixc.threads import ThreadsError, default_threads, resolve_threads
+
+
+def test_default_respects_omp_and_affinity(monkeypatch):
+    monkeypatch.setattr("mixc.threads._affinity", lambda: 6)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert default_threads() == 6
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert default_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "16")
+    assert default_threads() == 6  # never more than the cores we may run on
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")
+    with pytest.raises(ThreadsError, match="OMP_NUM_THREADS"):
+        default_threads()
+
+
+def test_resolve_checks_the_option():
+    assert resolve_threads(3) == 3
+    with pytest.raises(ThreadsError, match="--threads must be 1 or more"):
+        resolve_threads(0)
+
+
+def test_threads_recorded_and_applied(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from mixc.cli import main
+
+    out = tmp_path / "run"
+    before = torch.get_num_threads()
+    try:
+        code = main(["train", "digits", "--set", "backbone.width=4", "--set", "members=2", "--epochs", "1",
+                     "--set", "train.batch=512", "--threads", "1", "--no-progress", "--out", str(out)])
+        assert code == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    options = json.loads((out / "config.json").read_text())["options"]
+    assert options["threads"] == 1
+    assert "1 threads" in capsys.readouterr().out
