@@ -4,8 +4,10 @@ Why: torch's default (one intra-op thread per *online* core) ignores both the
 process's CPU affinity (``taskset``, cgroup cpusets, a batch scheduler's
 allocation) and ``OMP_NUM_THREADS``, and oversubscribes a shared machine: on a
 busy 2-core box ``mixc train digits`` ran many times slower at torch's default
-than with one thread. The default here is the number of cores this process may
-run on, capped by ``OMP_NUM_THREADS`` when the user set it.
+than with one thread (OpenMP's threads spin at every barrier waiting for the one
+another process holds up). The default here is the number of cores this process
+may run on, less the cores other processes keep busy (the 1-minute load average,
+rounded), at least one; ``OMP_NUM_THREADS``, when the user set it, caps it.
 """
 
 from __future__ import annotations
@@ -29,9 +31,18 @@ def _affinity() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _busy_cores() -> int:
+    """Cores other processes keep busy now: the 1-minute load average, rounded (0 where the OS has none)."""
+    try:
+        return int(os.getloadavg()[0] + 0.5)
+    except (AttributeError, OSError):
+        return 0
+
+
 def default_threads() -> int:
-    """min(affinity cores, ``OMP_NUM_THREADS`` if set): what a run uses without ``--threads``."""
-    n = _affinity()
+    """Affinity cores less busy ones (at least 1), capped by ``OMP_NUM_THREADS`` if set: what a run uses
+    without ``--threads``."""
+    n = max(1, _affinity() - _busy_cores())
     omp = os.environ.get("OMP_NUM_THREADS", "").strip()
     if omp:
         try:
