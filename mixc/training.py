@@ -263,7 +263,7 @@ def _announce(run: _Run, layout: str, augment: str, baseline: str | None, config
         f"{recipe.epochs} epochs x {run.steps} steps of {run.batch}; {recipe.optimizer.name} lr {recipe.optimizer.lr}"
         + (f", {recipe.precision}" if recipe.precision != "fp32" else "")
         + (f", grad clip {recipe.grad_clip}" if recipe.grad_clip else "") + "; "
-        f"device {trainer.device_label}, {config.get('threads', '?')} threads; out {run.folder.out}"
+        f"device {trainer.device_label}, {_threads_text(config.get('threads'))}; out {run.folder.out}"
         + (f"; resuming after epoch {start}" if start else "")
     )
 
@@ -398,3 +398,8 @@ def _one_epoch(run: _Run, epoch: int) -> tuple[float, float]:
         if run.reporter.progress is not None and (step % 10 == 0 or step == steps - 1):
             update(step + 1, float(loss) / M)
     return float(loss_sum) / steps / M, lr
+
+
+def _threads_text(n: Any) -> str:
+    """"1 thread", "2 threads" (the run header states how many the run uses)."""
+    return f"{n} thread" + ("" if n == 1 else "s")
