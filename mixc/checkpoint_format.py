@@ -50,6 +50,8 @@ __all__ = [
     "check_model_tensors",
     "check_extra_names",
     "write_atomic",
+    "write_bytes_atomic",
+    "canonical_safetensors",
     "save_arrays",
     "read_info",
     "check_spec",
@@ -150,6 +152,27 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """safetensors bytes with the JSON header's keys sorted. Its writer orders the header (and the
+    metadata) as a hash map iterates, so the same tensors gave different bytes from one save to the
+    next; sorted, a checkpoint is a function of its content (tensor data offsets are unchanged: they
+    count from the header's end, which stays 8-byte aligned as the format asks)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + n :]
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """``data`` into ``path`` through :func:`write_atomic` (the file keeps its shareable mode)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    return write_atomic(path, write)
+
+
 def save_arrays(
     path: str | Path,
     tensors: dict[str, np.ndarray],
@@ -159,7 +182,7 @@ def save_arrays(
     metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write numpy ``tensors`` (plan name -> array, cast to float32) and ``extra`` atomically."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     out = {name: np.ascontiguousarray(np.asarray(a, dtype=np.float32)) for name, a in tensors.items()}
     check_model_tensors({k: v.shape for k, v in out.items()}, plan)
@@ -168,7 +191,7 @@ def save_arrays(
     out.update({name: np.ascontiguousarray(np.asarray(a)) for name, a in extra.items()})
     check_finite(out, f"refusing to save {path}:")
     head = header(plan, epoch, metadata, tensor_checksum(out))
-    return write_atomic(path, lambda tmp: save_file(out, tmp, metadata=head))
+    return write_bytes_atomic(path, canonical_safetensors(save(out, metadata=head)))
 
 
 def read_info(path: str | Path) -> dict[str, str]:

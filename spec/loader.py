@@ -330,7 +330,13 @@ def _override_init(section: A.Section, settings: list, idx: int | None, what: st
     line = A.Layer(what, law if law is not None else "?", args, pos, pos, getattr(value, "pos", pos))
     old = settings[idx].value if idx is not None and isinstance(settings[idx].value, A.BodyValue) else None
     body = tuple(st for st in (old.body if old else ()) if getattr(st, "kind", None) != what) + (line,)
-    new = A.Setting("init", A.BodyValue(body, old.pos if old else pos), settings[idx].pos if idx is not None else pos,
+    return _put(section, settings, idx, "init", A.BodyValue(body, old.pos if old else pos), pos)
+
+
+def _put(section: A.Section, settings: list, idx: int | None, key: str, value, pos: Pos) -> A.Section:
+    """The section with setting ``key`` (at ``idx``, or appended) holding ``value``; a replaced setting
+    keeps its own position, so errors still point into the file."""
+    new = A.Setting(key, value, settings[idx].pos if idx is not None else pos,
                     settings[idx].key_pos if idx is not None else pos)
     if idx is None:
         settings.append(new)
@@ -366,11 +372,4 @@ def _override(section: A.Section, path: list[str], value, pos: Pos, diags: Diagn
         base = settings[idx].value
     args = [a for a in base.args if a.name != path[1]]
     args.append(A.Arg(path[1], value, pos))
-    new_value = dataclasses.replace(base, args=tuple(args))
-    new = A.Setting(path[0], new_value, settings[idx].pos if idx is not None else pos,
-                    settings[idx].key_pos if idx is not None else pos)
-    if idx is None:
-        settings.append(new)
-    else:
-        settings[idx] = new
-    return dataclasses.replace(section, settings=tuple(settings))
+    return _put(section, settings, idx, path[0], dataclasses.replace(base, args=tuple(args)), pos)

@@ -101,12 +101,14 @@ def test_atomic_write_leaves_no_temp_files(tmp_path, monkeypatch):
 
     import mixc.backends.torch.checkpoint as ck
 
-    def boom(tensors, filename, metadata=None):
+    from mixc.checkpoint_format import write_atomic
+
+    def boom(filename):
         with open(filename, "wb") as f:
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "save_file", boom)
+    monkeypatch.setattr(ck, "write_bytes_atomic", lambda path, data: write_atomic(path, boom))
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, model, plan, epoch=3)
     assert [p.name for p in tmp_path.iterdir()] == ["ck.safetensors"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from mixc.backends.torch.model import named_plan_tensors
@@ -24,6 +24,7 @@ from mixc.checkpoint_format import (
     FORMAT_VERSION,
     CheckpointError,
     NonFiniteTensorError,
+    canonical_safetensors,
     check_extra_names,
     check_finite,
     check_model_tensors,
@@ -34,7 +35,7 @@ from mixc.checkpoint_format import (
     read_tensors,
     spec_hash,
     tensor_checksum,
-    write_atomic,
+    write_bytes_atomic,
 )
 from mixc.compiler.plan import Plan
 
@@ -67,7 +68,7 @@ def save_checkpoint(
     host = {name: t.numpy() for name, t in tensors.items()}  # views, no copies
     check_finite(host, f"refusing to save {path}:")
     head = header(plan, epoch, metadata, tensor_checksum(host))
-    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=head))
+    return write_bytes_atomic(path, canonical_safetensors(save(tensors, metadata=head)))
 
 
 def read_checkpoint_info(path: str | Path) -> dict[str, str]:
