@@ -126,7 +126,8 @@ grouped on accelerators. Initialisation and layouts: docs/execution.md in the mi
         orthonormal = composed and p.init.alphas.law != "normal"
         repeat = any(op.kind == "add" and not self.shared[op.name] and any(self.shared[i] for i in op.inputs)
                      for op in p.ops)
-        return pieces(p.blob is not None, orthonormal, any(op.kind == "linear" for op in p.ops), repeat).splitlines()
+        kinds = {op.kind for op in p.ops}
+        return pieces(p.blob is not None, orthonormal, "linear" in kinds, repeat, "pool" in kinds, "flatten" in kinds).splitlines()
 
     def klass(self) -> list[str]:
         lines: list[str] = []

@@ -18,10 +18,7 @@ def _pairs(v, dim: int) -> tuple[int, ...]:
 
 
 def _conv(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, cpu=False):
-    """PyTorch's conv on channels-last x [B, *spatial, C]; w in PyTorch layout [O, I/groups, *k].
-
-    ``cpu``: take the kernel gradient from matmuls (_conv_cpu), several times faster there.
-    """
+    """PyTorch's conv of channels-last x with w [O, I/groups, *k]; ``cpu``: _conv_cpu's gradient."""
     dim = w.ndim - 2
     kernel = jnp.moveaxis(w, (0, 1), (-1, -2))  # [*kernel, I/groups, O]
     args = (_pairs(stride, dim), _pairs(padding, dim), _pairs(dilation, dim), groups)
@@ -66,12 +63,9 @@ _conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
 
 
 def _batch_norm(x, mean, var, weight, bias, train: bool, momentum: float, eps: float):
-    """PyTorch's batch_norm over the last (channel) axis; returns (y, (new_mean, new_var)).
-
-    Training normalises with the batch's biased variance and moves the running variance towards
-    the unbiased one, new = (1 - momentum) * old + momentum * batch. y = x * scale + shift, folded
-    per channel: on CPU, XLA runs this form 3-4x faster than (x - mean) * ... .
-    """
+    """PyTorch's batch_norm over the channel (last) axis -> (y, new running (mean, var) or None):
+    biased batch variance, unbiased running one, new = (1 - momentum) * old + momentum * batch;
+    y = x * scale + shift, which XLA runs 3-4x faster on CPU than (x - mean) * ..."""
     if train:
         axes = tuple(range(x.ndim - 1))
         mu = x.mean(axes)
@@ -83,8 +77,9 @@ def _batch_norm(x, mean, var, weight, bias, train: bool, momentum: float, eps: f
         mu, v, stats = mean, var, None
     scale = jax.lax.rsqrt(v + eps) * weight
     return x * scale + (bias - mu * scale), stats
+'''
 
-
+POOL = '''
 def _pool(x, op: str, kernel, stride, padding=0):
     """Max or average pooling of channels-last x; an average counts padded zeros, as in PyTorch."""
     dim = x.ndim - 2
@@ -94,8 +89,9 @@ def _pool(x, op: str, kernel, stride, padding=0):
     if op == "max":
         return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, strides, pads)
     return jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, pads) / math.prod(k)
+'''
 
-
+FLATTEN = '''
 def _flatten(x):
     """PyTorch's flatten(1): channels-first order, so the next linear sees the same features."""
     if x.ndim > 2:
@@ -357,34 +353,25 @@ class BatchNorm(nnx.Module):
 ENSEMBLE = '''
 class _Draws:
     """Every random draw of the initialisation is a slice of one uniform vector u on (-1, 1), the
-    normal ones of z = sqrt(2) erfinv(u) (XLA compiles each random call on its own, slowly on CPU)."""
+    normal ones of z = sqrt(2) erfinv(u) (XLA compiles each random call on its own, slowly on CPU).
+    Without a key it only counts (a first pass, to size u)."""
 
     def __init__(self, key, sizes: tuple[int, int], dtype) -> None:
-        self.dtype, self.pos = dtype, [0, 0]
-        u = jax.random.uniform(key, (sizes[0] + sizes[1],), dtype, -1.0, 1.0)
-        self.vecs = (u[: sizes[0]], math.sqrt(2) * jax.scipy.special.erfinv(u[sizes[0]:]))
+        self.key, self.dtype, self.pos = key, dtype, [0, 0]
+        if key is not None:
+            u = jax.random.uniform(key, (sizes[0] + sizes[1],), dtype, -1.0, 1.0)
+            self.vecs = (u[: sizes[0]], math.sqrt(2) * jax.scipy.special.erfinv(u[sizes[0]:]))
 
     def _take(self, i: int, shape):
         n = math.prod(shape)
         start, self.pos[i] = self.pos[i], self.pos[i] + n
-        return self.vecs[i][start : start + n].reshape(shape)
+        return jnp.zeros(shape, self.dtype) if self.key is None else self.vecs[i][start : start + n].reshape(shape)
 
     def uniform(self, shape):
         return self._take(0, shape)
 
     def normal(self, shape):
         return self._take(1, shape)
-
-
-class _Count(_Draws):
-    """Counts the draws (a first pass, to size the vectors)."""
-
-    def __init__(self, dtype) -> None:
-        self.dtype, self.pos = dtype, [0, 0]
-
-    def _take(self, i: int, shape):
-        self.pos[i] += math.prod(shape)
-        return jnp.zeros(shape, self.dtype)
 
 
 class Ensemble(nnx.Module):
@@ -413,7 +400,7 @@ class Ensemble(nnx.Module):
     def reset_parameters(self, key) -> None:
         """Templates N(0, v) (weight and bias parts with their own laws), orthonormal alphas per k
         (or the plan's normal law), then every layer; see docs/execution.md."""
-        count = _Count(self.dtype)
+        count = _Draws(None, (0, 0), self.dtype)
         self._draw_all(count)
         self._draw_all(_Draws(key, tuple(count.pos), self.dtype))
 
@@ -482,12 +469,13 @@ class Ensemble(nnx.Module):
 '''
 
 
-def pieces(blob: bool, orthonormal: bool, linear: bool, repeat: bool) -> str:
-    """The layer classes a plan needs, as source text."""
-    parts = [FUNCTIONS, COMMON] + ([REPEAT] if repeat else [])
+def pieces(blob: bool, orthonormal: bool, linear: bool, repeat: bool, pool: bool, flatten: bool) -> str:
+    """The layer classes and functions a plan needs, as source text."""
+    parts = [FUNCTIONS] + ([POOL] if pool else []) + ([FLATTEN] if flatten else []) + [COMMON]
+    parts += [REPEAT] if repeat else []
     parts += [WINDOW] if blob else []
     parts += [ORTHONORMAL] if orthonormal else []
     parts += [WEIGHTED.rstrip("\n") + ("\n" + MIX_BLOB if blob else "\n"), CONV]
     parts += [LINEAR] if linear else []
     parts += [BATCH_NORM, ENSEMBLE]
-    return "\n\n".join(p.strip("\n") for p in parts)
+    return "\n\n\n".join(p.strip("\n") for p in parts)
