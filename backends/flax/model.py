@@ -93,7 +93,15 @@ def named_plan_tensors(model: nnx.Module) -> dict[str, nnx.Variable]:
 
     Read a value with ``v[...]``, write one with ``v[...] = array``.
     """
-    return {name: getattr(model, attr) for name, attr in _mapping(model).items()}
+    return {name: _resolve(model, path) for name, path in _mapping(model).items()}
+
+
+def _resolve(model: nnx.Module, path: str) -> nnx.Variable:
+    """The Variable at a dotted module path (``s1.0.conv1.alpha``, ``banks.conv_32x32x3x3``)."""
+    node: Any = model
+    for part in path.split("."):
+        node = node[int(part)] if part.isdigit() else (node[part] if isinstance(node, nnx.Dict) else getattr(node, part))
+    return node
 
 
 def plan_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -139,14 +147,35 @@ def count_params(plan: Plan) -> int:
 
 def split(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, jax.Array], dict[str, jax.Array]]:
     """(graphdef, params, stats): the model's trainable parameters and BatchNorm statistics as pure dicts
-    keyed by module attribute."""
+    keyed by dotted module path (``s1.0.conv1.alpha``)."""
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+    return graphdef, _flat(nnx.to_pure_dict(params)), _flat(nnx.to_pure_dict(stats))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, jax.Array]:
+    """A nested pure dict as one dict keyed by dotted module paths (the plan_tensors values)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out |= _flat(v, key + ".") if isinstance(v, dict) else {key: v}
+    return out
+
+
+def _nested(flat: dict) -> dict:
+    """The inverse of ``_flat`` (digit parts are list indices)."""
+    out: dict = {}
+    for key, v in flat.items():
+        parts = [int(p) if p.isdigit() else p for p in key.split(".")]
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return out
 
 
 def merge(graphdef: nnx.GraphDef, params: dict, stats: dict) -> nnx.Module:
     """The inverse of ``split``."""
-    return nnx.merge(graphdef, nnx.State(params), nnx.State(stats))
+    return nnx.merge(graphdef, nnx.State(_nested(params)), nnx.State(_nested(stats)))
 
 
 def apply(
@@ -156,9 +185,9 @@ def apply(
     """Pure call: (member logits, new stats). Safe under ``jax.jit``/``jax.grad``."""
     model = merge(graphdef, params, stats)
     logits = model(x, train=train, dropout_key=dropout_key)
-    return logits, (nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)) if train else stats)
+    return logits, (_flat(nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))) if train else stats)
 
 
 def attr_to_plan(model: nnx.Module) -> dict[str, str]:
-    """Module attribute -> plan tensor name."""
+    """Module path (the keys of ``split``'s dicts) -> plan tensor name."""
     return {attr: name for name, attr in _mapping(model).items()}

@@ -1,0 +1,481 @@
+"""The ensemble's flax.nnx layer classes, written once into every generated flax file.
+
+Plain text (it does not depend on the plan): each layer reads its configuration from the
+generated file's ``LAYERS`` table by its plan name, holds its own per-member parameters (alphas,
+unfactorised weights, BatchNorm) and runs every member at once. Activations are channels-last and
+carry the members side by side on the channel axis ([B, ..., M*C], "grouped") or as a ``Members``
+tuple of one array per member ("loop"); a value shared by all members (the image, a plain stem's
+output) is one [B, ..., C] array read by every member. The layout is a property of the call, so
+blocks have one forward. The functions (``_conv`` with its CPU kernel gradient, ``_batch_norm``
+in PyTorch's semantics) are the ones the flat emitter used, unchanged.
+"""
+
+from __future__ import annotations
+
+FUNCTIONS = '''
+def _pairs(v, dim: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * dim
+
+
+def _conv(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, cpu=False):
+    """PyTorch's conv of channels-last x with w [O, I/groups, *k]; ``cpu``: _conv_cpu's gradient."""
+    dim = w.ndim - 2
+    kernel = jnp.moveaxis(w, (0, 1), (-1, -2))  # [*kernel, I/groups, O]
+    args = (_pairs(stride, dim), _pairs(padding, dim), _pairs(dilation, dim), groups)
+    y = _conv_cpu(x, kernel, *args) if cpu and groups == 1 else _xla_conv(x, kernel, *args)
+    return y if b is None else y + b
+
+
+def _xla_conv(x, kernel, stride, padding, dilation, groups):
+    numbers = ("NWC", "WIO", "NWC") if x.ndim == 3 else ("NHWC", "HWIO", "NHWC")
+    pads = [(p, p) for p in padding]
+    return jax.lax.conv_general_dilated(
+        x, kernel, stride, pads, rhs_dilation=dilation, dimension_numbers=numbers,
+        feature_group_count=groups,
+    )
+
+
+def _conv_cpu_fwd(x, kernel, stride, padding, dilation, groups):
+    return _xla_conv(x, kernel, stride, padding, dilation, groups), (x, kernel)
+
+
+def _conv_cpu_bwd(stride, padding, dilation, groups, res, dy):
+    """XLA's input gradient; the kernel gradient as one matmul per kernel tap, sum over (batch,
+    positions) of x's shifted window times dy (XLA's own runs at a few GFLOP/s on CPU)."""
+    x, kernel = res
+    dx = jax.vjp(lambda x: _xla_conv(x, kernel, stride, padding, dilation, groups), x)[1](dy)[0]
+    xp = jnp.pad(x, ((0, 0), *((p, p) for p in padding), (0, 0)))
+    d = dy.reshape(-1, dy.shape[-1])
+    grid = [()]
+    for k in kernel.shape[:-2]:
+        grid = [tap + (i,) for tap in grid for i in range(k)]
+    taps = []
+    for tap in grid:
+        start = (0, *(t * dl for t, dl in zip(tap, dilation)), 0)
+        ends = [s + (n - 1) * st + 1 for s, n, st in zip(start[1:-1], dy.shape[1:-1], stride)]
+        window = jax.lax.slice(xp, start, (x.shape[0], *ends, x.shape[-1]), (1, *stride, 1))
+        taps.append(window.reshape(-1, x.shape[-1]).T @ d)
+    return dx, jnp.stack(taps).reshape(kernel.shape)
+
+
+_conv_cpu = jax.custom_vjp(_xla_conv, nondiff_argnums=(2, 3, 4, 5))
+_conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
+
+
+def _batch_norm(x, mean, var, weight, bias, train: bool, momentum: float, eps: float):
+    """PyTorch's batch_norm over the channel (last) axis -> (y, new running (mean, var) or None):
+    biased batch variance, unbiased running one, new = (1 - momentum) * old + momentum * batch;
+    y = x * scale + shift, which XLA runs 3-4x faster on CPU than (x - mean) * ..."""
+    if train:
+        axes = tuple(range(x.ndim - 1))
+        mu = x.mean(axes)
+        v = jnp.square(x - mu).mean(axes)
+        n = x.size // x.shape[-1]
+        unbiased = v * (n / max(n - 1, 1))
+        stats = (1 - momentum) * mean + momentum * mu, (1 - momentum) * var + momentum * unbiased
+    else:
+        mu, v, stats = mean, var, None
+    scale = jax.lax.rsqrt(v + eps) * weight
+    return x * scale + (bias - mu * scale), stats
+'''
+
+POOL = '''
+def _pool(x, op: str, kernel, stride, padding=0):
+    """Max or average pooling of channels-last x; an average counts padded zeros, as in PyTorch."""
+    dim = x.ndim - 2
+    k, s, p = _pairs(kernel, dim), _pairs(stride, dim), _pairs(padding, dim)
+    window, strides = (1, *k, 1), (1, *s, 1)
+    pads = ((0, 0), *((q, q) for q in p), (0, 0))
+    if op == "max":
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, strides, pads)
+    return jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, pads) / math.prod(k)
+'''
+
+FLATTEN = '''
+def _flatten(x):
+    """PyTorch's flatten(1): channels-first order, so the next linear sees the same features."""
+    if x.ndim > 2:
+        x = jnp.moveaxis(x, -1, 1)
+    return x.reshape(x.shape[0], -1)
+'''
+
+COMMON = '''
+class Members(tuple):
+    """Each member's activation (loop layout); ``+`` adds per member (a shared array to each)."""
+
+    def __add__(self, other):
+        return Members([a + (other[m] if isinstance(other, Members) else other) for m, a in enumerate(self)])
+
+    __radd__ = __add__
+
+
+_MADE = [0]
+
+
+def _made() -> int:
+    """A creation counter: layers are made in the plan's op order (nnx sorts attributes by name)."""
+    _MADE[0] += 1
+    return _MADE[0]
+
+
+def _each(fn, x, *args, **kwargs):
+    """``fn`` of every member's activation (a Members), or of one array."""
+    if isinstance(x, Members):
+        return Members([fn(v, *args, **kwargs) for v in x])
+    return fn(x, *args, **kwargs)
+
+
+class Composed:
+    """One call's composed weights (by plan name), the layout, and the call's options."""
+
+    def __init__(self, weights: dict, grouped: bool, cpu: bool, train: bool, dropout_key) -> None:
+        self.weights, self.grouped, self.cpu, self.train, self.dropout_key = weights, grouped, cpu, train, dropout_key
+
+    def repeat(self, x):  # a shared value, as every member's
+        return jnp.concatenate([x] * MEMBERS, axis=-1) if self.grouped else Members([x] * MEMBERS)
+
+    def dropout(self, x, p: float, salt: int):
+        """Inverted dropout; the key is folded with the op's ``salt`` (and the member, in a loop)."""
+        if not self.train or p == 0:
+            return x
+        if self.dropout_key is None:
+            raise ValueError("train=True with dropout needs dropout_key=jax.random.key(...)")
+        key = jax.random.fold_in(self.dropout_key, salt)
+
+        def drop(v, key):
+            keep = jax.random.bernoulli(key, 1.0 - p, v.shape)
+            return jnp.where(keep, v / (1.0 - p), 0.0).astype(v.dtype)
+
+        if isinstance(x, Members):
+            return Members([drop(v, jax.random.fold_in(key, m)) for m, v in enumerate(x)])
+        return drop(x, key)
+'''
+
+REPEAT = '''
+def _repeat(x, like):
+    """A shared value added to per-member ones: repeated side by side (a Members broadcasts it)."""
+    return x if isinstance(like, Members) else jnp.concatenate([x] * MEMBERS, axis=-1)
+'''
+
+WINDOW = '''
+def _window(blob, start: int, length: int):
+    """``length`` consecutive blob entries from ``start``, wrapping round the end."""
+    pieces = []
+    while length > 0:
+        take = min(length, blob.shape[0] - start)
+        pieces.append(blob[start : start + take])
+        length, start = length - take, 0
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+'''
+
+ORTHONORMAL = '''
+def _orthonormal_rows(g, members: int):
+    """Gaussians g [layers, blocks, k, k] -> [layers, members, k]: per layer, unit-norm rows,
+    orthogonal within each block of k members (Gram-Schmidt, the Q of a QR with a positive
+    diagonal, without a LAPACK call, which is slow to compile on CPU)."""
+    layers, blocks, k, _ = g.shape
+    cols = []
+    for j in range(k):
+        v = g[..., j]
+        for q in cols:
+            v = v - (q * v).sum(-1, keepdims=True) * q
+        cols.append(v * jax.lax.rsqrt((v * v).sum(-1, keepdims=True)))
+    return jnp.stack(cols, axis=-2).reshape(layers, blocks * k, k)[:, :members]
+'''
+
+WEIGHTED = '''
+class _Weighted(nnx.Module):
+    """A conv or linear layer of every member. ``source``: "bank" (alphas [M, k]; the model
+    composes its weights from the bank rows ``templates[i]``), "blob" (alphas over blob windows at
+    ``offsets[i]``), "member" (a weight per member) or "plain" (one shared weight). Parameters are
+    in the plan's (PyTorch) layout."""
+
+    def __init__(self, name: str) -> None:
+        cfg = LAYERS[name]
+        self.name, self.source, self.shape, self.made = name, cfg["source"], tuple(cfg["shape"]), _made()
+        self.has_bias = cfg.get("bias", False)
+        self.shared_input, self.spread = cfg.get("shared_input", False), cfg.get("spread", False)
+        if self.source == "bank":
+            self.alpha = nnx.Param(jnp.zeros((MEMBERS, len(cfg["templates"][0]))))
+        elif self.source == "blob":
+            self.alpha = nnx.Param(jnp.zeros((MEMBERS, cfg["k"])))
+        else:
+            lead = (MEMBERS,) if self.source == "member" else ()
+            self.weight = nnx.Param(jnp.zeros((*lead, *self.shape)))
+            if self.has_bias:
+                self.bias = nnx.Param(jnp.zeros((*lead, self.shape[0])))
+
+    def split(self, flat):
+        """Composed templates [M, size] -> weight [M, *shape] and bias [M, out] (or None)."""
+        size = math.prod(self.shape)
+        bias = flat[:, size:] if self.has_bias else None
+        return flat[:, :size].reshape(MEMBERS, *self.shape), bias
+
+    def weights(self, w: Composed):
+        if self.source in ("bank", "blob"):
+            return w.weights[self.name]
+        return self.weight[...], (self.bias[...] if self.has_bias else None)
+
+    def plan_tensors(self, path: str) -> dict[str, str]:
+        if self.source in ("bank", "blob"):
+            return {f"alpha.{self.name}": f"{path}.alpha"}
+        names = {f"{self.source}.{self.name}.weight": f"{path}.weight"}
+        return names | ({f"{self.source}.{self.name}.bias": f"{path}.bias"} if self.has_bias else {})
+
+    def reset_parameters(self, draw) -> None:
+        """Plain and member layers PyTorch's usual init (kaiming normal for convs, the plan's rule for
+        the output layer); alphas are set by the model (orthonormal per k, or ALPHA_STD)."""
+        if self.source in ("bank", "blob"):
+            if ALPHA_STD is not None:
+                self.alpha.set_value(ALPHA_STD * draw.normal(self.alpha.shape))
+            return
+        fan = math.prod(self.shape[1:])
+        if self.name == OUTPUT and CLASSIFIER_STD is not None:
+            self.weight.set_value(CLASSIFIER_STD * draw.normal(self.weight.shape))
+            if self.has_bias:
+                self.bias.set_value(jnp.zeros(self.bias.shape, draw.dtype))
+            return
+        if isinstance(self, Conv):
+            self.weight.set_value(math.sqrt(2 / fan) * draw.normal(self.weight.shape))
+        else:
+            self.weight.set_value(draw.uniform(self.weight.shape) / math.sqrt(fan))
+        if self.has_bias:
+            self.bias.set_value(draw.uniform(self.bias.shape) / math.sqrt(fan))
+'''
+
+MIX_BLOB = '''
+    def mix_blob(self, blob):
+        """Member i's templates [k, size] are the blob's window at offsets[i], mixed by its alphas."""
+        offsets = LAYERS[self.name]["offsets"]
+        alpha = self.alpha[...]
+        k, size = alpha.shape[1], math.prod(self.shape) + (self.shape[0] if self.has_bias else 0)
+        windows = [_window(blob, offset, k * size).reshape(k, size) for offset in offsets]
+        if len(set(offsets)) == 1:
+            return alpha @ windows[0]
+        return jnp.stack([a @ window for a, window in zip(alpha, windows)])
+'''
+
+CONV = '''
+class Conv(_Weighted):
+    """A convolution of every member (see _Weighted)."""
+
+    def __call__(self, x, w: Composed):
+        cfg = LAYERS[self.name]
+        weight, bias = self.weights(w)
+        groups = cfg.get("groups", 1)
+        options = dict(stride=cfg.get("stride", 1), padding=cfg.get("padding", 0), dilation=cfg.get("dilation", 1))
+        if self.source == "plain" and self.shared_input:  # computed once for all members
+            y = _conv(x, weight, bias, groups=groups, cpu=w.cpu, **options)
+            return w.repeat(y) if self.spread else y
+        if self.source == "plain" and isinstance(x, Members):  # the shared weight, once per member
+            return Members([_conv(v, weight, bias, groups=groups, cpu=w.cpu, **options) for v in x])
+        if self.source == "plain":  # members side by side: the weight tiled
+            weight = jnp.tile(weight, (MEMBERS,) + (1,) * (weight.ndim - 1))
+            bias = None if bias is None else jnp.tile(bias, MEMBERS)
+            return _conv(x, weight, bias, groups=MEMBERS * groups, cpu=w.cpu, **options)
+        if not w.grouped:  # one convolution per member
+            xs = [x] * MEMBERS if self.shared_input else x
+            biases = [None] * MEMBERS if bias is None else bias
+            return Members([_conv(v, wm, bm, groups=groups, cpu=w.cpu, **options) for v, wm, bm in zip(xs, weight, biases)])
+        weight = weight.reshape(-1, *weight.shape[2:])  # one convolution, the members' filters stacked
+        bias = None if bias is None else bias.reshape(-1)
+        if self.shared_input and groups == 1:
+            return _conv(x, weight, bias, cpu=w.cpu, **options)
+        x = jnp.concatenate([x] * MEMBERS, axis=-1) if self.shared_input else x
+        return _conv(x, weight, bias, groups=MEMBERS * groups, cpu=w.cpu, **options)
+'''
+
+LINEAR = '''
+def _linear(x, w, b=None):
+    """x [..., I] @ w [O, I].T (+ b)."""
+    y = x @ w.T
+    return y if b is None else y + b
+
+
+class Linear(_Weighted):
+    """A linear layer of every member (see _Weighted); inputs [B, M*I], or shared [B, I]."""
+
+    def __call__(self, x, w: Composed):
+        weight, bias = self.weights(w)
+        if self.source == "plain":
+            if self.shared_input or isinstance(x, Members):
+                y = _each(_linear, x, weight, bias)
+                return w.repeat(y) if self.spread else y
+            y = x.reshape(x.shape[0], MEMBERS, -1) @ weight.T
+            return (y if bias is None else y + bias).reshape(x.shape[0], -1)
+        if self.shared_input and w.grouped:
+            return _linear(x, weight.reshape(-1, weight.shape[-1]), None if bias is None else bias.reshape(-1))
+        if not w.grouped:
+            xs = [x] * MEMBERS if self.shared_input else x
+            return Members([_linear(v, weight[m], None if bias is None else bias[m]) for m, v in enumerate(xs)])
+        y = jnp.einsum("bmi,moi->bmo", x.reshape(x.shape[0], MEMBERS, -1), weight)
+        return (y if bias is None else y + bias).reshape(x.shape[0], -1)
+'''
+
+BATCH_NORM = '''
+class BatchNorm(nnx.Module):
+    """Each member's own BatchNorm (weight, bias, running statistics [M, C]; PyTorch's semantics):
+    per member in the loop layout, one normalisation over the members' M*C channels when grouped.
+    In training the running statistics are updated in place (nnx.BatchStat)."""
+
+    def __init__(self, name: str) -> None:
+        cfg = LAYERS.get(name, {})
+        self.name, channels, self.shared_input = name, BATCH_NORMS[name], cfg.get("shared_input", False)
+        self.made = _made()
+        self.momentum, self.eps = cfg.get("momentum", 0.1), cfg.get("eps", 1e-5)
+        self.weight = nnx.Param(jnp.ones((MEMBERS, channels)))
+        self.bias = nnx.Param(jnp.zeros((MEMBERS, channels)))
+        self.running_mean = nnx.BatchStat(jnp.zeros((MEMBERS, channels)))
+        self.running_var = nnx.BatchStat(jnp.ones((MEMBERS, channels)))
+
+    def plan_tensors(self, path: str) -> dict[str, str]:
+        return {f"bn.{self.name}.{t}": f"{path}.{t}" for t in ("weight", "bias", "running_mean", "running_var")}
+
+    def reset_parameters(self, draw) -> None:
+        for t, fill in ((self.weight, 1), (self.bias, 0), (self.running_mean, 0), (self.running_var, 1)):
+            t.set_value(jnp.full(t.shape, fill, draw.dtype))
+
+    def __call__(self, x, w: Composed):
+        x = w.repeat(x) if self.shared_input else x
+        tensors = [t[...] for t in (self.running_mean, self.running_var, self.weight, self.bias)]
+        options = (w.train, self.momentum, self.eps)
+        if isinstance(x, Members):
+            outs = [_batch_norm(v, *[t[m] for t in tensors], *options) for m, v in enumerate(x)]
+            y, stats = Members([o[0] for o in outs]), [jnp.stack(s) for s in zip(*[o[1] for o in outs])] if w.train else None
+        else:
+            y, stats = _batch_norm(x, *[t.reshape(-1) for t in tensors], *options)
+            stats = [s.reshape(MEMBERS, -1) for s in stats] if w.train else None
+        if w.train:
+            self.running_mean[...], self.running_var[...] = stats
+        return y
+'''
+
+ENSEMBLE = '''
+class _Draws:
+    """Every random draw of the initialisation is a slice of one uniform vector u on (-1, 1), the
+    normal ones of z = sqrt(2) erfinv(u) (XLA compiles each random call on its own, slowly on CPU).
+    Without a key it only counts (a first pass, to size u)."""
+
+    def __init__(self, key, sizes: tuple[int, int], dtype) -> None:
+        self.key, self.dtype, self.pos = key, dtype, [0, 0]
+        if key is not None:
+            u = jax.random.uniform(key, (sizes[0] + sizes[1],), dtype, -1.0, 1.0)
+            self.vecs = (u[: sizes[0]], math.sqrt(2) * jax.scipy.special.erfinv(u[sizes[0]:]))
+
+    def _take(self, i: int, shape):
+        n = math.prod(shape)
+        start, self.pos[i] = self.pos[i], self.pos[i] + n
+        return jnp.zeros(shape, self.dtype) if self.key is None else self.vecs[i][start : start + n].reshape(shape)
+
+    def uniform(self, shape):
+        return self._take(0, shape)
+
+    def normal(self, shape):
+        return self._take(1, shape)
+
+
+class Ensemble(nnx.Module):
+    """What every generated ensemble shares: templates, composition, initialisation, tensor names."""
+
+    def __init__(self, layout: str, dtype, platform: str) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be auto, grouped or loop, not {layout!r}")
+        self.layout, self.platform, self.dtype = layout, platform, jnp.dtype(dtype)
+        self.banks = nnx.Dict({key: nnx.Param(jnp.zeros(shape)) for key, shape, _ in BANKS.values()})
+        if BLOB:
+            self.blob = nnx.Param(jnp.zeros(BLOB[0]))
+
+    def layers(self) -> list[tuple[str, nnx.Module]]:
+        """(path, layer) of every Conv, Linear and BatchNorm, in the order they were made (the plan's)."""
+        def walk(node, path: str):
+            items = enumerate(node) if isinstance(node, nnx.List) else vars(node).items()
+            for key, child in items:
+                if isinstance(child, (_Weighted, BatchNorm)):
+                    yield f"{path}{key}", child
+                elif isinstance(child, (nnx.Module, nnx.List)) and not isinstance(child, nnx.Dict):
+                    yield from walk(child, f"{path}{key}.")
+
+        return sorted(walk(self, ""), key=lambda item: item[1].made)
+
+    def reset_parameters(self, key) -> None:
+        """Templates N(0, v) (weight and bias parts with their own laws), orthonormal alphas per k
+        (or the plan's normal law), then every layer; see docs/execution.md."""
+        count = _Draws(None, (0, 0), self.dtype)
+        self._draw_all(count)
+        self._draw_all(_Draws(key, tuple(count.pos), self.dtype))
+
+    def _draw_all(self, draw) -> None:
+        for key, (rows, size), (weight_size, weight_std, bias_std) in BANKS.values():
+            weight = weight_std * draw.normal((rows, weight_size))
+            bias = bias_std * draw.normal((rows, size - weight_size))
+            self.banks[key].set_value(jnp.concatenate([weight, bias], axis=1))
+        if BLOB:
+            self.blob.set_value(BLOB[1] * draw.normal((BLOB[0],)))
+        alphas: dict[int, list] = {}
+        for _, layer in self.layers():
+            layer.reset_parameters(draw)
+            if isinstance(layer, _Weighted) and layer.source in ("bank", "blob") and ALPHA_STD is None:
+                alphas.setdefault(layer.alpha.shape[1], []).append(layer)
+        for k, layers in sorted(alphas.items()):
+            rows = _orthonormal_rows(draw.normal((len(layers), -(-MEMBERS // k), k, k)), MEMBERS)
+            for j, layer in enumerate(layers):
+                layer.alpha.set_value(rows[j])
+
+    def mix(self) -> dict:
+        """Every composed layer's (weight, bias) for all members, once per call: per bank, the
+        layers' alphas spread over its rows, then one product with the templates."""
+        weights, banked = {}, {}
+        for _, layer in self.layers():
+            if isinstance(layer, _Weighted) and layer.source == "bank":
+                banked.setdefault(LAYERS[layer.name]["bank"], []).append(layer)
+            elif isinstance(layer, _Weighted) and layer.source == "blob":
+                weights[layer.name] = layer.split(layer.mix_blob(self.blob[...]))
+        for key, layers in banked.items():
+            cfg = [LAYERS[m.name] for m in layers]
+            coeffs = jnp.concatenate([
+                jnp.einsum("mk,mkt->mt", m.alpha[...], jax.nn.one_hot(jnp.array(c["templates"]), c["rows"], dtype=self.dtype))
+                for m, c in zip(layers, cfg)
+            ])
+            flat = coeffs @ self.banks[key][...]
+            for j, layer in enumerate(layers):
+                weights[layer.name] = layer.split(flat[j * MEMBERS : (j + 1) * MEMBERS])
+        return weights
+
+    def composed(self, train: bool, dropout_key) -> Composed:
+        cpu = (jax.default_backend() if self.platform == "auto" else self.platform) == "cpu"
+        grouped = self.layout == "grouped" or (self.layout == "auto" and not cpu)
+        return Composed(self.mix(), grouped, cpu, train, dropout_key)
+
+    def logits(self, x):
+        """The last layer's output as member logits [B, MEMBERS, CLASSES]."""
+        return jnp.stack(x, axis=1) if isinstance(x, Members) else x.reshape(x.shape[0], MEMBERS, CLASSES)
+
+    def compose(self) -> dict:
+        """Every layer's "<layer>.weight"/".bias" ([M, ...], or shared for plain layers), for analysis."""
+        mixed, out = self.mix(), {}
+        for _, m in self.layers():
+            if isinstance(m, _Weighted):
+                wb = mixed.get(m.name) or (m.weight[...], m.bias[...] if m.has_bias else None)
+                out |= {f"{m.name}.{part}": t for part, t in zip(("weight", "bias"), wb) if t is not None}
+        return out
+
+    @property
+    def plan_tensors(self) -> dict[str, str]:
+        """Plan tensor name (the checkpoint format, shared with the torch backend) -> module path."""
+        names = {name: f"banks.{key}" for name, (key, _, _) in BANKS.items()} | ({"blob": "blob"} if BLOB else {})
+        for path, layer in self.layers():
+            names |= layer.plan_tensors(path)
+        return names
+'''
+
+
+def pieces(blob: bool, orthonormal: bool, linear: bool, repeat: bool, pool: bool, flatten: bool) -> str:
+    """The layer classes and functions a plan needs, as source text."""
+    parts = [FUNCTIONS] + ([POOL] if pool else []) + ([FLATTEN] if flatten else []) + [COMMON]
+    parts += [REPEAT] if repeat else []
+    parts += [WINDOW] if blob else []
+    parts += [ORTHONORMAL] if orthonormal else []
+    parts += [WEIGHTED.rstrip("\n") + ("\n" + MIX_BLOB if blob else "\n"), CONV]
+    parts += [LINEAR] if linear else []
+    parts += [BATCH_NORM, ENSEMBLE]
+    return "\n\n\n".join(p.strip("\n") for p in parts)
