@@ -25,11 +25,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from mixc.backends.emit import CodegenError, attr_name, call, checked, class_name, module_name, tup
+from mixc.backends.emit import CodegenError, checked, class_name, tup  # class_name: model.py imports it from here
 from mixc.backends.flax.layers import pieces
 from mixc.backends.pysource import literal as _q
-from mixc.backends.structure import Node, assign_vars, attr, relative
-from mixc.backends.torch.codegen import LAYER_CLASS, TorchEmitter, _name
+from mixc.backends.structure import Node, attr, relative
+from mixc.backends.torch.codegen import TorchEmitter
 from mixc.compiler.plan import Plan
 
 __all__ = ["CodegenError", "attr_name", "class_name", "emit_source", "module_name"]
@@ -89,6 +89,8 @@ class FlaxEmitter(TorchEmitter):
     BACKEND = "flax"
     IMPORTS = ["import math", "", "import jax", "import jax.numpy as jnp", "from flax import nnx"]
     RESERVED_CLASSES = {"Composed", "Conv", "Linear", "BatchNorm", "Ensemble", "Members"}
+    MODULE_LIST = "nnx.List"
+    MODULE_BASE = "nnx.Module"
 
     def __init__(self, plan: Plan) -> None:
         dropout = _Dropout()
@@ -121,19 +123,7 @@ grouped on accelerators. Initialisation and layouts: docs/execution.md in the mi
         return [doc, ""]
 
     def helpers(self) -> list[str]:
-        p = self.plan
-        composed = any(op.kind in ("conv", "linear") and op.source in ("bank", "blob") for op in p.ops)
-        orthonormal = composed and p.init.alphas.law != "normal"
-        repeat = any(op.kind == "add" and not self.shared[op.name] and any(self.shared[i] for i in op.inputs)
-                     for op in p.ops)
-        kinds = {op.kind for op in p.ops}
-        return pieces(p.blob is not None, orthonormal, "linear" in kinds, repeat, "pool" in kinds, "flatten" in kinds).splitlines()
-
-    def klass(self) -> list[str]:
-        lines: list[str] = []
-        for name, nodes in self.classes.items():
-            lines += [f"class {name}(nnx.Module):"] + self.block_body(nodes[0]) + ["", ""]
-        return lines + self.model_class()
+        return pieces(**self.needs()).splitlines()
 
     def block_body(self, node: Node) -> list[str]:
         what = f"Block {_q(node.block)} of the spec" if node.block else f"Scope {_q(node.path)} of the spec"
@@ -165,37 +155,11 @@ grouped on accelerators. Initialisation and layouts: docs/execution.md in the mi
             *self.statements_of(self.tree, final=True),
         ]
 
-    def children(self, node: Node, in_block: bool) -> list[str]:
-        lines = []
-        for it in node.items:
-            local = relative(node, it.path if isinstance(it, Node) else it.name)
-            target = f"        self.{attr(local)} = "
-            if isinstance(it, Node) and it.is_list:
-                lines += call(f"self.{attr(local)} = nnx.List", [self.module_list(node, it, in_block)], "        ")
-            elif isinstance(it, Node):
-                lines.append(f"{target}{it.cls}({_name(local, in_block)})")
-            elif it.kind in LAYER_CLASS:
-                lines.append(f"{target}{LAYER_CLASS[it.kind]}({_name(local, in_block)})")
-        return lines or ["        pass"]
+    def lower_table(self) -> dict:
+        return self.FLAX_LOWER
 
-    def statements_of(self, node: Node, final: bool = False) -> list[str]:
-        noop = {op.name for op in node.ops() if op.kind == "dropout" and op.p == 0}
-        var, steps = assign_vars(node, noop)
-        lines = []
-        for it, out, ins in steps:
-            if isinstance(it, Node) and it.is_list:
-                if out != ins[0]:
-                    lines.append(f"        {out} = {ins[0]}")
-                lines += [f"        for block in self.{attr(relative(node, it.path))}:", f"            {out} = block({out}, w)"]
-            elif isinstance(it, Node):
-                lines.append(f"        {out} = self.{attr(relative(node, it.path))}({ins[0]}, w)")
-            else:
-                lines.append(f"        {out} = {self.FLAX_LOWER[it.kind](node, it, ins, self.shared)}")
-        result = var[node.output]
-        if final and self.shared[node.output]:
-            return lines + [f"        return jnp.broadcast_to({result}[:, None], ({result}.shape[0], MEMBERS, CLASSES))"]
-        return lines + [f"        return self.logits({result})" if final else f"        return {result}"]
-
+    def spread_to_members(self, result: str) -> str:
+        return f"jnp.broadcast_to({result}[:, None], ({result}.shape[0], MEMBERS, CLASSES))"
 
 def emit_source(plan: Plan) -> str:
     """The Python source of ``plan`` as a flax.nnx Module (deterministic)."""

@@ -89,6 +89,8 @@ class TorchEmitter(Emitter):
     BACKEND = "torch"
     IMPORTS = ["import math", "", "import torch", "import torch.nn.functional as F", "from torch import nn"]
     RESERVED_CLASSES = {"Composed", "Conv", "Linear", "BatchNorm", "Ensemble"}
+    MODULE_LIST = "nn.ModuleList"  # what holds a stage's blocks
+    MODULE_BASE = "nn.Module"  # what a block class derives from
 
     def __init__(self, plan: Plan) -> None:
         self.LOWER = LOWER
@@ -178,20 +180,26 @@ Initialisation and layouts: docs/execution.md in the mixc repository.
         cfg += ["shared_input=True"] if shared_in else []
         return cfg + (["spread=True"] if op.name in self.spread else [])
 
-    def helpers(self) -> list[str]:
+    def needs(self) -> dict[str, bool]:
+        """Which optional pieces of the layer-class text this plan uses."""
         p = self.plan
         composed = any(op.kind in ("conv", "linear") and op.source in ("bank", "blob") for op in p.ops)
-        orthonormal = composed and p.init.alphas.law != "normal"
         repeat = any(op.kind == "add" and not self.shared[op.name] and any(self.shared[i] for i in op.inputs)
                      for op in p.ops)
-        return pieces(p.blob is not None, orthonormal, any(op.kind == "linear" for op in p.ops), repeat).splitlines()
+        kinds = {op.kind for op in p.ops}
+        return dict(blob=p.blob is not None, orthonormal=composed and p.init.alphas.law != "normal",
+                    linear="linear" in kinds, repeat=repeat, pool="pool" in kinds, flatten="flatten" in kinds)
+
+    def helpers(self) -> list[str]:
+        need = self.needs()
+        return pieces(need["blob"], need["orthonormal"], need["linear"], need["repeat"]).splitlines()
 
     # -- the classes -------------------------------------------------------
 
     def klass(self) -> list[str]:
         lines: list[str] = []
         for name, nodes in self.classes.items():
-            lines += [f"class {name}(nn.Module):"] + self.block_body(nodes[0]) + ["", ""]
+            lines += [f"class {name}({self.MODULE_BASE}):"] + self.block_body(nodes[0]) + ["", ""]
         return lines + self.model_class()
 
     def block_body(self, node: Node) -> list[str]:
@@ -232,7 +240,7 @@ Initialisation and layouts: docs/execution.md in the mixc repository.
             local = relative(node, it.path if isinstance(it, Node) else it.name)
             target = f"        self.{attr(local)} = "
             if isinstance(it, Node) and it.is_list:
-                lines += call(f"self.{attr(local)} = nn.ModuleList", [self.module_list(node, it, in_block)], "        ")
+                lines += call(f"self.{attr(local)} = {self.MODULE_LIST}", [self.module_list(node, it, in_block)], "        ")
             elif isinstance(it, Node):
                 lines.append(f"{target}{it.cls}({_name(local, in_block)})")
             elif it.kind in LAYER_CLASS:
@@ -269,11 +277,19 @@ Initialisation and layouts: docs/execution.md in the mixc repository.
             elif isinstance(it, Node):
                 lines.append(f"        {out} = self.{attr(relative(node, it.path))}({ins[0]}, w)")
             else:
-                lines.append(f"        {out} = {LOWER[it.kind](node, it, ins, self.shared)}")
+                lines.append(f"        {out} = {self.lower_table()[it.kind](node, it, ins, self.shared)}")
         result = var[node.output]
         if final and self.shared[node.output]:
-            return lines + [f"        return {result}.unsqueeze(1).expand(-1, MEMBERS, -1)"]
+            return lines + [f"        return {self.spread_to_members(result)}"]
         return lines + [f"        return self.logits({result})" if final else f"        return {result}"]
+
+    def lower_table(self) -> dict:
+        """{op kind: lower function} of this framework (the flax emitter swaps in its own)."""
+        return LOWER
+
+    def spread_to_members(self, result: str) -> str:
+        """A value every member shares (no member axis) as member logits [B, MEMBERS, CLASSES]."""
+        return f"{result}.unsqueeze(1).expand(-1, MEMBERS, -1)"
 
 
 def packed_dict(name: str, items: list[tuple[str, str]]) -> list[str]:
