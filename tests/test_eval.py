@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mixc.metrics import ece, member_summary, reliability
+from spec_texts import tiny_cnn
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ["--set", "backbone.width=8", "--set", "members=2"]
@@ -264,36 +265,9 @@ def test_report_table(trained, capsys, tmp_path):
     assert rc == 1 and "holds no checkpoint" in err
 
 
-TINY_32 = """
-backbone tiny(classes = 10) {
-    input image(3, 32, 32)
-    conv stem(4, kernel = 3, stride = 4)
-    bn; relu
-    conv c1(4, kernel = 3)
-    bn; relu
-    conv c2(4, kernel = 3)
-    bn; relu
-    global_avgpool
-    linear fc(classes)
-}
-
-ensemble {
-    backbone tiny(classes = 10)
-    members 2
-    budget 2.0x  # at 1.0x the two 4-wide convs share one template: members would be identical
-    groups by_shape
-    templates_per_layer 2
-    assign shared
-}
-
-train {
-    data digits
-    epochs 1
-    batch 16
-    optimizer sgd(lr = 0.05)
-    schedule constant
-}
-"""
+TINY_32 = tiny_cnn("image(3, 32, 32)", 10, stem="conv stem(4, kernel = 3, stride = 4)",
+                   ensemble_extra="    templates_per_layer 2\n    assign shared\n",
+                   train="    data digits\n    epochs 1\n    batch 16\n    optimizer sgd(lr = 0.05)\n    schedule constant\n")
 
 
 def test_eval_on_published_cifar_c_files(tmp_path, capsys):

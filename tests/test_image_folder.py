@@ -11,33 +11,10 @@ from PIL import Image  # noqa: E402
 
 from mixc.data import DataError, load_dataset  # noqa: E402
 from mixc.imagefolder import FolderReader, random_resized_crop, resize_center_crop, scan  # noqa: E402
+from spec_texts import tiny_cnn  # noqa: E402
 
-SPEC = """
-backbone tiny(classes = 2) {
-    input image(1, 8, 8)
-    conv stem(4, kernel = 3)
-    bn; relu
-    conv c1(4, kernel = 3)
-    bn; relu
-    conv c2(4, kernel = 3)
-    bn; relu
-    global_avgpool
-    linear fc(classes)
-}
-ensemble {
-    backbone tiny(classes = 2)
-    members 2
-    budget 2.0x
-    groups by_shape
-}
-train {
-    data "imgs"
-    epochs 2
-    batch 16
-    optimizer sgd(lr = 0.05, momentum = 0.9)
-    schedule constant
-}
-"""
+SPEC = tiny_cnn("image(1, 8, 8)", 2, train=('    data "imgs"\n    epochs 2\n    batch 16\n'
+                                            "    optimizer sgd(lr = 0.05, momentum = 0.9)\n    schedule constant\n"))
 
 
 def make_folder(root: Path, splits=("train", "val"), n=12, size=8, mode="L") -> Path:

@@ -1,0 +1,28 @@
+"""Small .mix sources the tests write to disk: one tiny CNN, shaped per test."""
+
+
+def tiny_cnn(input_: str, classes: int, train: str, stem: str = "conv stem(4, kernel = 3)",
+             ensemble_extra: str = "") -> str:
+    """Three 4-wide convs and a classifier; 2 members at 2.0x (at 1.0x the two same-shape convs would
+    share one template and the members would be identical)."""
+    return f"""
+backbone tiny(classes = {classes}) {{
+    input {input_}
+    {stem}
+    bn; relu
+    conv c1(4, kernel = 3)
+    bn; relu
+    conv c2(4, kernel = 3)
+    bn; relu
+    global_avgpool
+    linear fc(classes)
+}}
+ensemble {{
+    backbone tiny(classes = {classes})
+    members 2
+    budget 2.0x
+    groups by_shape
+{ensemble_extra}}}
+train {{
+{train}}}
+"""
