@@ -24,12 +24,13 @@ from mixc.backends.pysource import comment as _c
 from mixc.backends.pysource import literal as _q
 from mixc.backends.pysource import validated
 from mixc.compiler.plan import PLAN_VERSION, ConvOp, LinearOp, Plan, Slot, Tensor
+from mixc.errors import MixcError
 
 LINE_WIDTH = 100
 
 
-class CodegenError(ValueError):
-    """The plan asks for something this backend cannot lower."""
+class CodegenError(MixcError, ValueError):
+    """The plan asks for something this backend cannot lower (a user-facing error: exit 1, no traceback)."""
 
 
 # ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from mixc.compiler import plan as P
 from mixc.compiler.layers import ARG_TYPES, INPUT_LAYOUTS, LAYERS, ShapeError
 from mixc.spec import ast as A
 from mixc.spec.diagnostics import Diagnostics, Pos, choices_hint
-from mixc.spec.expr import EvalError, evaluate, render, type_name
+from mixc.spec.expr import ExprError, evaluate, render, type_name
 from mixc.spec.loader import Program
 
 MAX_OPS = 20_000
@@ -113,7 +113,7 @@ class _Elaborator:
     def eval(self, e: A.Expr, env: dict) -> Any:
         try:
             return evaluate(e, env)
-        except EvalError as err:
+        except ExprError as err:
             self.fail(err.message, err.pos, err.hint)
 
     def add(self, op, pos: Pos) -> _Cur:

@@ -39,10 +39,6 @@ class ExprError(Exception):
         self.message, self.pos, self.hint = message, pos, hint
 
 
-#: The old name, still imported by compiler/elaborate.py (owned by the emitter work); drop it once that imports ExprError.
-EvalError = ExprError
-
-
 def type_name(v: Any) -> str:
     if isinstance(v, bool):
         return "a boolean"
