@@ -3,12 +3,13 @@ gives the same member logits (max abs difference < 1e-4, float32), and both coun
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-torch = pytest.importorskip("torch")
 from hypothesis import assume, given, settings
+
+jax = pytest.importorskip("jax")
+torch = pytest.importorskip("torch")
+import jax.numpy as jnp  # noqa: E402
 
 import handmade_plans as hp
 from strategies import specs

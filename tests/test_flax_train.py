@@ -10,11 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+
+jax = pytest.importorskip("jax")
 torch = pytest.importorskip("torch")
+import jax.numpy as jnp  # noqa: E402
 
 from framework_fixtures import fast_xla_compiles, one_torch_thread  # noqa: F401 (autouse)
 

@@ -200,6 +200,7 @@ def _tamper(data: dict, field: str) -> dict:
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
     """An untrained digits run (width 8, 2 members): plan.json + checkpoint, and an npz to score it on."""
+    pytest.importorskip("torch")
     from mixc.backends.torch import build
     from mixc.backends.torch.checkpoint import save_checkpoint
     from test_eval import generated_npz
@@ -286,6 +287,7 @@ def test_valid_but_hostile_text_in_a_plan_stays_text(capsys):
     """Names and file names may hold quotes and backslashes (a file can be called that): quoted, never code."""
     import ast
 
+    pytest.importorskip("torch")  # the torch text is executed below
     from mixc.backends.flax.codegen import emit_source as flax_source
     from mixc.backends.torch.codegen import emit_source as torch_source
     from mixc.backends.torch.model import load_source

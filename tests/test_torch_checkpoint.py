@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 from safetensors import safe_open
 from safetensors.torch import save_file
 

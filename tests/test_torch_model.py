@@ -8,10 +8,11 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import assume, given, settings
 
-import handmade_plans as hp
+torch = pytest.importorskip("torch")
+
+import handmade_plans as hp  # noqa: E402
 from source_checks import import_roots, import_written
 from strategies import specs
 from torch_reference import reference_forward

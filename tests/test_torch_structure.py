@@ -6,7 +6,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 
 import mixc
 from mixc.backends.torch import build, emit_source, named_plan_tensors
