@@ -184,13 +184,14 @@ class Backend:
         """``<package>.<name>``, imported on first use (so importing the backend object imports no framework)."""
         return importlib.import_module(f"{self.package}.{name}")
 
-    def emit_source(self, plan: Plan) -> str:
-        """The plan's model as one self-contained Python file (what ``mixc compile --backend`` writes)."""
-        return self._module("codegen").emit_source(plan)
+    def emit_source(self, plan: Plan, standalone: bool = False) -> str:
+        """The plan's model as one Python file (what ``mixc compile --backend`` writes); it imports the
+        backend's layer classes, or with ``standalone`` holds them (a file that needs the framework alone)."""
+        return self._module("codegen").emit_source(plan, standalone=standalone)
 
-    def write(self, plan: Plan, out_dir: str | os.PathLike) -> Path:
+    def write(self, plan: Plan, out_dir: str | os.PathLike, standalone: bool = False) -> Path:
         """Write ``plan.json`` and the model source into ``out_dir``; return the source's path."""
-        return self._module("model").write(plan, out_dir)
+        return self._module("model").write(plan, out_dir, standalone=standalone)
 
     def build(self, plan: Plan, **options: Any) -> Any:
         """The framework model, initialised (options: layout, device, seed... as the backend documents)."""

@@ -87,7 +87,8 @@ def cmd_compile(args: argparse.Namespace, out: Console) -> int:
 
     backend = get_backend(args.backend, "compile")
     out_dir = Path(args.output or f"{plan.name}-{args.backend}")
-    written = backend.write(plan, out_dir)
+    # standalone only when asked: a backend written before the option need not take it
+    written = backend.write(plan, out_dir, **({"standalone": True} if args.standalone else {}))
     out.print(f"wrote {out_dir / 'plan.json'} and {written}", highlight=False)
     return 0
 
@@ -151,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emit", choices=["plan"], default="plan", help="what to write without --backend (the plan)")
     add_backend_argument(p, "write OUT/plan.json and OUT/<name>.py for", default=None)
     p.add_argument("-o", "--output", metavar="OUT", help="output file (plan) or folder (backend); plan: default stdout")
+    p.add_argument("--standalone", action="store_true",
+                   help="with --backend: write the layer classes into the file (needs the framework alone, not mixc)")
     _add_set(p)
     p.set_defaults(func=cmd_compile)
 

@@ -219,3 +219,21 @@ def test_generated_source_and_checkpoints_do_not_depend_on_the_checkout(tmp_path
         outputs.append((chosen.emit_source(plan), Path(ckpt).read_bytes()))
     assert outputs[0][0] == outputs[1][0]
     assert outputs[0][1] == outputs[1][1]
+
+
+# The emitted files stay short enough to read: the spec's tables, blocks and forward, with the layer
+# classes imported from the backend's runtime module (limits from the readable-models issue).
+LINE_LIMITS = {"digits": 160, "wrn28_10": 400, "resnet50": 450}
+
+
+@pytest.mark.parametrize("backend", ["torch", "flax"])
+@pytest.mark.parametrize("spec", sorted(LINE_LIMITS))
+def test_emitted_source_is_short(backend, spec):
+    import importlib
+
+    import mixc
+
+    codegen = importlib.import_module(f"mixc.backends.{backend}.codegen")
+    lines = codegen.emit_source(mixc.compile(spec)).splitlines()
+    assert len(lines) <= LINE_LIMITS[spec], f"{spec} ({backend}): {len(lines)} lines"
+    assert not any(line.lstrip().startswith("del ") for line in lines)

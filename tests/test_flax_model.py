@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from source_checks import import_roots, import_written
 from framework_fixtures import fast_xla_compiles  # noqa: F401 (autouse)
 
 import mixc
+from mixc.backends.emit import class_name
 from mixc.backends.flax import (
     apply,
     build,
@@ -159,12 +161,32 @@ def test_ensemble_probs():
         ensemble_probs(logits[0])
 
 
-def test_codegen_is_deterministic_and_imports_only_jax_and_flax():
+def test_codegen_is_deterministic_and_imports_jax_flax_and_the_runtime():
     for make in [*PLANS.values(), lambda: mixc.compile("digits"), lambda: mixc.compile("wrn28_10_7m")]:
         src = emit_source(make())
         assert src == emit_source(make())
-        roots = import_roots(src)
-        assert roots <= {"jax", "flax", "optax", "math"}, roots
+        assert import_roots(src) == {"jax", "flax", "mixc"}
+        assert "from mixc.backends.flax.runtime import " in src
+
+
+def test_standalone_source_needs_jax_and_flax_alone_and_computes_the_same(tmp_path):
+    """``--standalone`` writes the runtime into the file: no mixc import, the same parameters and logits."""
+    from mixc.cli import main
+
+    plan = hp.tiny_convnet()
+    src = emit_source(plan, standalone=True)
+    assert import_roots(src) <= {"jax", "flax", "math", "dataclasses", "typing"}, import_roots(src)
+    mod = types.ModuleType("standalone_flax_model")
+    exec(compile(src, "standalone_flax_model.py", "exec", dont_inherit=True), mod.__dict__)  # noqa: S102
+    alone = getattr(mod, class_name(plan))(rngs=nnx.Rngs(3), layout="loop")
+    ours = build(plan, layout="loop", seed=3)
+    ours_arrays = plan_arrays(ours)
+    for name, a in plan_arrays(alone).items():
+        np.testing.assert_allclose(a, ours_arrays[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    x = _input(plan)
+    np.testing.assert_allclose(np.asarray(alone(x)), np.asarray(ours(x)), rtol=1e-5, atol=1e-6)
+    assert main(["compile", "digits", "--backend", "flax", "--standalone", "-o", str(tmp_path / "out")]) == 0
+    assert "from mixc" not in (tmp_path / "out" / "digits.py").read_text()
 
 
 def test_written_file_is_what_runs(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import types
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from strategies import specs
 from torch_reference import reference_forward
 
 import mixc
+from mixc.backends.emit import class_name
 from mixc.backends.torch import build, emit_source, ensemble_probs, named_plan_tensors, write
 from mixc.spec import SpecError
 
@@ -150,12 +152,30 @@ def test_ensemble_probs():
     assert ensemble_probs(logits.bfloat16()).dtype == torch.float32
 
 
-def test_codegen_is_deterministic_and_imports_only_torch():
+def test_codegen_is_deterministic_and_imports_torch_and_the_runtime():
     for make in PLANS.values():
         src = emit_source(make())
         assert src == emit_source(make())
-        roots = import_roots(src)
-        assert roots <= {"torch", "math"}, roots
+        assert import_roots(src) == {"torch", "mixc"}
+        assert "from mixc.backends.torch.runtime import " in src
+
+
+def test_standalone_source_needs_torch_alone_and_computes_the_same():
+    """``--standalone`` writes the runtime into the file: no mixc import, and the same model."""
+    for make in PLANS.values():
+        plan = make()
+        src = emit_source(plan, standalone=True)
+        assert src == emit_source(plan, standalone=True)
+        assert import_roots(src) <= {"torch", "math", "dataclasses", "typing", "__future__"}, import_roots(src)
+        mod = types.ModuleType("standalone_model")
+        exec(compile(src, "standalone_model.py", "exec", dont_inherit=True), mod.__dict__)  # noqa: S102
+        torch.manual_seed(0)
+        alone = getattr(mod, class_name(plan))(layout="loop").eval()
+        torch.manual_seed(0)
+        built = build(plan, layout="loop").eval()
+        assert alone.state_dict().keys() == built.state_dict().keys()
+        x = torch.randn(3, *plan.input_shape)
+        assert torch.equal(alone(x), built(x))
 
 
 def test_golden_source():

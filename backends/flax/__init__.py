@@ -4,7 +4,7 @@
 the registry hands out; importing this package does not import jax. The
 functions below load their module (and jax) on first access:
 
-- ``emit_source(plan)``: the model as a self-contained Python file (jax and flax only).
+- ``emit_source(plan, standalone=False)``: the model as a Python file (importing ``runtime.py``'s layer classes, or holding them).
 - ``write(plan, out_dir)``: ``plan.json`` + ``<name>.py``.
 - ``build(plan, layout, seed, dtype)``: exec that source, instantiate.
 - ``named_plan_tensors(model)``: plan tensor names -> nnx Variables; ``plan_arrays``/``assign_plan_arrays``.

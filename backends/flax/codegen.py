@@ -1,11 +1,11 @@
 """Lower a Plan to the Python source of a ``flax.nnx`` Module that reads like the spec.
 
-The output is a self-contained file (it imports only ``math``, ``jax`` and ``flax``) that a user
-can copy into their own project: one ``nnx.Module`` class per ``.mix`` block, a stage of repeats
-an ``nnx.List`` iterated in a loop, and the ensemble's layer classes (``Conv``, ``Linear``,
-``BatchNorm``, written once per file from ``layers.py``) configured by a ``LAYERS`` table of
-literals, the same tables the torch backend writes. It computes exactly what the torch backend's
-module computes, so a checkpoint written by either backend gives the same logits in the other:
+The output holds what is particular to the spec: the same tables the torch backend writes, one
+``nnx.Module`` class per ``.mix`` block, a stage of repeats an ``nnx.List`` iterated in a loop, and
+the model's call; the layer classes (``Conv``, ``Linear``, ``BatchNorm``, ``Ensemble``) are
+imported from ``runtime.py``, or written into the file with ``standalone``. It computes exactly
+what the torch backend's module computes, so a checkpoint written by either backend gives the same
+logits in the other:
 
 - Layout: parameters are stored in the plan's (PyTorch) layout, so checkpoint tensors need no
   conversion; activations run channels-last (NHWC / NWC, XLA's native conv layout) and conv
@@ -26,7 +26,6 @@ from collections.abc import Callable
 from typing import Any
 
 from mixc.backends.emit import CodegenError, checked, class_name, tup  # class_name: model.py imports it from here
-from mixc.backends.flax.layers import pieces
 from mixc.backends.pysource import literal as _q
 from mixc.backends.structure import Node, attr, relative
 from mixc.backends.torch.codegen import TorchEmitter
@@ -45,28 +44,28 @@ def _layer_call(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> s
 
 def _act(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> str:
     if op.fn == "tanh":
-        return f"_each(jnp.tanh, {a[0]})"
+        return f"each(jnp.tanh, {a[0]})"
     if op.fn == "leaky_relu":
-        return f"_each(jax.nn.leaky_relu, {a[0]}, {op.slope!r})"
+        return f"each(jax.nn.leaky_relu, {a[0]}, {op.slope!r})"
     if op.fn == "gelu":
-        return f"_each(jax.nn.gelu, {a[0]}, approximate=False)"
-    return f"_each(jax.nn.{op.fn}, {a[0]})"
+        return f"each(jax.nn.gelu, {a[0]}, approximate=False)"
+    return f"each(jax.nn.{op.fn}, {a[0]})"
 
 
 def _pool(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> str:
     args = [a[0], _q(op.op), tup(op.kernel), tup(op.stride)]
     if any(p != 0 for p in op.padding):
         args.append(tup(op.padding))
-    return f"_each(_pool, {', '.join(args)})"
+    return f"each(pool, {', '.join(args)})"
 
 
 def _global_pool(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> str:
     axes = tuple(range(1, len(op.in_shape)))
-    return f"_each(jnp.{'mean' if op.op == 'avg' else 'max'}, {a[0]}, axis={axes if len(axes) > 1 else axes[0]})"
+    return f"each(jnp.{'mean' if op.op == 'avg' else 'max'}, {a[0]}, axis={axes if len(axes) > 1 else axes[0]})"
 
 
 def _flatten(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> str:
-    return f"_each(_flatten, {a[0]})"
+    return f"each(flatten, {a[0]})"
 
 
 class _Dropout:
@@ -81,18 +80,17 @@ class _Dropout:
 
 def _add(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> str:
     """A residual sum; a term shared by all members meets per-member ones repeated side by side."""
-    like = next((v for i, v in zip(op.inputs, a) if not shared[i]), "")
-    return " + ".join(f"_repeat({v}, {like})" if shared[i] and not shared[op.name] else v for i, v in zip(op.inputs, a))
+    return " + ".join(f"w.repeat({v})" if shared[i] and not shared[op.name] else v for i, v in zip(op.inputs, a))
 
 
 class FlaxEmitter(TorchEmitter):
     BACKEND = "flax"
-    IMPORTS = ["import math", "", "import jax", "import jax.numpy as jnp", "from flax import nnx"]
-    RESERVED_CLASSES = {"Composed", "Conv", "Linear", "BatchNorm", "Ensemble", "Members"}
+    IMPORTS = ["import jax", "import jax.numpy as jnp", "from flax import nnx"]
+    RUNTIME = "mixc.backends.flax.runtime"
     MODULE_LIST = "nnx.List"
     MODULE_BASE = "nnx.Module"
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, standalone: bool = False) -> None:
         dropout = _Dropout()
         dropout.index = {op.name: i for i, op in enumerate(plan.ops)}
         self.FLAX_LOWER: dict[str, Callable] = dict(
@@ -102,11 +100,12 @@ class FlaxEmitter(TorchEmitter):
         for op in plan.ops:
             if op.kind in ("conv", "pool") and op.dim not in (1, 2):
                 raise CodegenError(f"{op.kind} {op.name!r} is {op.dim}-D; only 1-D and 2-D are supported")
-        super().__init__(plan)
+        super().__init__(plan, standalone)
         self.LOWER = self.FLAX_LOWER
 
     def docstring(self) -> list[str]:
         p = self.plan
+        where = "below" if self.standalone else self.RUNTIME
         doc = f'''"""MixtureEnsemble {_q(p.name)} as a flax.nnx Module: {p.members} members composed from shared templates.
 
 Member i's weight in a composed layer is sum_l alpha[i, l] * T[l], T rows of a bank (a layer's
@@ -118,12 +117,15 @@ paths, so the torch backend's checkpoints load unchanged. model(x, train=False, 
 takes x [B, *INPUT_SHAPE] channels-first and returns member logits [B, MEMBERS, CLASSES]; inside,
 activations are channels-last. Layout "grouped": members side by side on the channel axis, one
 grouped convolution; "loop": a Members tuple, one convolution per member; "auto": loop on CPU,
-grouped on accelerators. Initialisation and layouts: docs/execution.md in the mixc repository.
+grouped on accelerators. Layer classes: {where}; initialisation and layouts: docs/execution.md
+in the mixc repository.
 """'''
         return [doc, ""]
 
-    def helpers(self) -> list[str]:
-        return pieces(**self.needs()).splitlines()
+    def runtime_names(self) -> list[str]:
+        need = self.needs()
+        names = ["BatchNorm", "Composed", "Config", "Conv", "Ensemble", "each"]
+        return names + ["Linear"] * need["linear"] + ["flatten"] * need["flatten"] + ["pool"] * need["pool"]
 
     def block_body(self, node: Node) -> list[str]:
         what = f"Block {_q(node.block)} of the spec" if node.block else f"Scope {_q(node.path)} of the spec"
@@ -138,13 +140,13 @@ grouped on accelerators. Initialisation and layouts: docs/execution.md in the mi
         ]
 
     def model_class(self) -> list[str]:
-        return self.class_head("Ensemble", tensor_table=False) + [
+        return self.class_head("Ensemble") + [
             "    def __init__(",
             '        self, rngs: nnx.Rngs | None = None, layout: str = "auto", dtype=jnp.float32, platform: str = "auto"',
             "    ) -> None:",
             '        """``platform``: where it runs ("cpu", "gpu"...; "auto": jax\'s default backend when called);',
             '        it picks the "auto" layout and the CPU convolution gradient."""',
-            "        super().__init__(layout, dtype, platform)",
+            "        super().__init__(CONFIG, layout, dtype, platform)",
             *[ln for ln in self.children(self.tree, in_block=False) if ln.strip() != "pass"],
             "        self.reset_parameters(rngs.params() if rngs is not None else jax.random.key(0))",
             "",
@@ -161,6 +163,7 @@ grouped on accelerators. Initialisation and layouts: docs/execution.md in the mi
     def spread_to_members(self, result: str) -> str:
         return f"jnp.broadcast_to({result}[:, None], ({result}.shape[0], MEMBERS, CLASSES))"
 
-def emit_source(plan: Plan) -> str:
-    """The Python source of ``plan`` as a flax.nnx Module (deterministic)."""
-    return FlaxEmitter(checked(plan)).source()
+def emit_source(plan: Plan, standalone: bool = False) -> str:
+    """The Python source of ``plan`` as a flax.nnx Module (deterministic); ``standalone`` writes the
+    runtime's layer classes into the file instead of importing them."""
+    return FlaxEmitter(checked(plan), standalone).source()

@@ -76,9 +76,9 @@ def _initializer(plan: Plan, layout: str, dtype: Any, platform: str) -> tuple[nn
 _INITS: dict[tuple, tuple] = {}
 
 
-def write(plan: Plan, out_dir: str | Path) -> Path:
+def write(plan: Plan, out_dir: str | Path, standalone: bool = False) -> Path:
     """Write ``plan.json`` and ``<name>.py`` (the flax module) into ``out_dir``; return the source's path."""
-    return generated.write(plan, out_dir, emit_source(plan))
+    return generated.write(plan, out_dir, emit_source(plan, standalone=standalone))
 
 
 def _mapping(model: nnx.Module) -> dict[str, str]:

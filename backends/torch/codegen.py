@@ -1,10 +1,11 @@
 """Lower a Plan to the Python source of a torch ``nn.Module`` that reads like the spec.
 
-The output is a self-contained file (it imports only ``math`` and ``torch``) that a user can
-copy into their own project: one class per ``.mix`` block, a stage of repeats as a module list
-iterated in a loop, and the ensemble's layer classes (``Conv``, ``Linear``, ``BatchNorm``, written
-once per file from ``layers.py``) configured by a ``LAYERS`` table of literals. Module paths follow
-the spec's names (``model.s1[0].conv1``). ``build`` in ``model.py`` execs this very text, so the
+The output holds what is particular to the spec: its tables (``LAYERS``, ``BANKS``,
+``BATCH_NORMS``, literals gathered into one ``CONFIG``), one class per ``.mix`` block, a stage of
+repeats as a module list iterated in a loop, and the model's forward. The ensemble's layer classes
+(``Conv``, ``Linear``, ``BatchNorm``, ``Ensemble``) are imported from ``runtime.py``, or written
+into the file with ``standalone`` (a single file that needs torch alone). Module paths follow the
+spec's names (``model.s1[0].conv1``). ``build`` in ``model.py`` imports this very text, so the
 file on disk is exactly what runs.
 
 Composition happens once per forward, in the model's ``compose``: per bank, one product of all its
@@ -22,11 +23,10 @@ from typing import Any
 
 from mixc.backends.emit import (
     CodegenError, Emitter, attr_name, blob_var, call, checked, class_name, constants, fan_in, ident, module_name,
-    tup, weight_var_value,
+    runtime_source, tup, weight_var_value,
 )
 from mixc.backends.pysource import literal as _q
 from mixc.backends.structure import Node, assign_vars, attr, build_tree, class_bodies, relative
-from mixc.backends.torch.layers import pieces
 from mixc.compiler.plan import Plan
 
 __all__ = ["CodegenError", "attr_name", "class_name", "emit_source", "module_name"]
@@ -74,8 +74,7 @@ def _dropout(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> str:
 
 def _add(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> str:
     """A residual sum; a term shared by all members meets per-member ones repeated side by side."""
-    like = next((v for i, v in zip(op.inputs, a) if not shared[i]), "")
-    return " + ".join(f"_repeat({v}, {like})" if shared[i] and not shared[op.name] else v for i, v in zip(op.inputs, a))
+    return " + ".join(f"w.repeat({v})" if shared[i] and not shared[op.name] else v for i, v in zip(op.inputs, a))
 
 
 LOWER: dict[str, Callable[[Node, Any, list[str], dict[str, bool]], str]] = dict(
@@ -87,13 +86,15 @@ LAYER_CLASS = {"conv": "Conv", "linear": "Linear", "bn": "BatchNorm"}
 
 class TorchEmitter(Emitter):
     BACKEND = "torch"
-    IMPORTS = ["import math", "", "import torch", "import torch.nn.functional as F", "from torch import nn"]
-    RESERVED_CLASSES = {"Composed", "Conv", "Linear", "BatchNorm", "Ensemble"}
+    IMPORTS = ["import torch", "import torch.nn.functional as F", "from torch import nn"]
+    RUNTIME = "mixc.backends.torch.runtime"  # where the layer classes live (see helpers)
+    RESERVED_CLASSES = {"Composed", "Config", "Conv", "Linear", "BatchNorm", "Ensemble", "Members", "Weighted"}
     MODULE_LIST = "nn.ModuleList"  # what holds a stage's blocks
     MODULE_BASE = "nn.Module"  # what a block class derives from
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, standalone: bool = False) -> None:
         self.LOWER = LOWER
+        self.standalone = standalone
         super().__init__(plan)
         # A shared layer output that per-member values are added to is repeated by the layer
         # itself, so a block reads the same whether or not its input is shared.
@@ -109,6 +110,7 @@ class TorchEmitter(Emitter):
 
     def docstring(self) -> list[str]:
         p = self.plan
+        where = "below" if self.standalone else self.RUNTIME
         doc = f'''"""MixtureEnsemble {_q(p.name)}: {p.members} members composed from shared templates.
 
 Member i's weight in a composed layer is sum_l alpha[i, l] * T[l], T rows of a bank (a layer's
@@ -117,20 +119,24 @@ any layer runs (Ensemble.mix). ``plain`` layers share one weight, ``member`` lay
 member, each member has its own BatchNorm. forward(x [B, *INPUT_SHAPE]) returns member logits
 [B, MEMBERS, CLASSES]. Layout "grouped": activations [B, M*C, ...], one grouped convolution for
 all members; "loop": a Members tuple, one convolution per member; "auto": grouped on CUDA.
-Initialisation and layouts: docs/execution.md in the mixc repository.
+Layer classes: {where}; initialisation and layouts: docs/execution.md in the mixc repository.
 """'''
         return [doc, ""]
 
+    def imports(self) -> list[str]:
+        """The framework's imports, then the runtime's (or, standalone, what its code needs)."""
+        if self.standalone:
+            return runtime_source(self.RUNTIME)[0]
+        return self.IMPORTS + ["", f"from {self.RUNTIME} import {', '.join(sorted(self.runtime_names(), key=str.lower))}"]
+
+    def runtime_names(self) -> list[str]:
+        """What the file takes from the runtime module."""
+        return ["BatchNorm", "Composed", "Config", "Conv", "Ensemble"] + ["Linear"] * self.needs()["linear"]
+
     def constants(self) -> list[str]:
         p = self.plan
-        lines = constants(p, tensor_table=False)
-        alpha_std = p.init.alphas.std if p.init.alphas.law == "normal" else None
-        classifier_std = p.init.classifier.std if p.init.classifier.law == "normal" else None
+        lines = constants(p)
         lines += [
-            f"OUTPUT = {_q(p.output)}",
-            f"ALPHA_STD = {alpha_std!r}  # None: orthonormal alphas",
-            f"CLASSIFIER_STD = {classifier_std!r}  # None: PyTorch's usual init of the output layer",
-            f"BLOB = {(p.blob.size, math.sqrt(blob_var(p))) if p.blob else None!r}  # the flat template store: (size, std)",
             "",
             "# Banks: plan name -> (key in model.banks, [templates, size], (weight size, weight std, bias std)).",
             "BANKS = {",
@@ -147,7 +153,22 @@ Initialisation and layouts: docs/execution.md in the mixc repository.
             config = self.layer_config(op) if op.kind in LAYER_CLASS else []
             if config:
                 lines.append(f"    {_q(op.name)}: dict({', '.join(config)}),")
-        return lines + ["}"]
+        return lines + ["}", ""] + self.config_lines()
+
+    def config_lines(self) -> list[str]:
+        """``CONFIG``: the tables and init rules the layer classes read (each its row by plan name)."""
+        p = self.plan
+        alpha_std = p.init.alphas.std if p.init.alphas.law == "normal" else None
+        classifier_std = p.init.classifier.std if p.init.classifier.law == "normal" else None
+        blob = (p.blob.size, math.sqrt(blob_var(p))) if p.blob else None
+        return [
+            "CONFIG = Config(",
+            "    members=MEMBERS, classes=CLASSES, layers=LAYERS, batch_norms=BATCH_NORMS, banks=BANKS,",
+            f"    blob={blob!r},  # the flat template store: (size, std)",
+            f"    output={_q(p.output)}, alpha_std={alpha_std!r}, classifier_std={classifier_std!r},"
+            "  # None: orthonormal alphas; PyTorch's usual init",
+            ")",
+        ]
 
     def bank_entry(self, g: Any) -> str:
         op = self.ops[g.layers[0]]
@@ -181,18 +202,13 @@ Initialisation and layouts: docs/execution.md in the mixc repository.
         return cfg + (["spread=True"] if op.name in self.spread else [])
 
     def needs(self) -> dict[str, bool]:
-        """Which optional pieces of the layer-class text this plan uses."""
-        p = self.plan
-        composed = any(op.kind in ("conv", "linear") and op.source in ("bank", "blob") for op in p.ops)
-        repeat = any(op.kind == "add" and not self.shared[op.name] and any(self.shared[i] for i in op.inputs)
-                     for op in p.ops)
-        kinds = {op.kind for op in p.ops}
-        return dict(blob=p.blob is not None, orthonormal=composed and p.init.alphas.law != "normal",
-                    linear="linear" in kinds, repeat=repeat, pool="pool" in kinds, flatten="flatten" in kinds)
+        """Which of the runtime's optional names this plan uses."""
+        kinds = {op.kind for op in self.plan.ops}
+        return dict(linear="linear" in kinds, pool="pool" in kinds, flatten="flatten" in kinds)
 
     def helpers(self) -> list[str]:
-        need = self.needs()
-        return pieces(need["blob"], need["orthonormal"], need["linear"], need["repeat"]).splitlines()
+        """Standalone: the runtime's code, written into the file (otherwise it is imported)."""
+        return ["", ""] + runtime_source(self.RUNTIME)[1] + ["", ""] if self.standalone else []
 
     # -- the classes -------------------------------------------------------
 
@@ -219,9 +235,9 @@ Initialisation and layouts: docs/execution.md in the mixc repository.
 
     def model_class(self) -> list[str]:
         p = self.plan
-        return self.class_head("Ensemble", tensor_table=False) + [
+        return self.class_head("Ensemble") + [
             '    def __init__(self, layout: str = "auto", channels_last: bool = False) -> None:',
-            "        super().__init__(layout, channels_last)",
+            "        super().__init__(CONFIG, layout, channels_last)",
             *self.children(self.tree, in_block=False),
             "        self.setup()",
             "",
@@ -244,7 +260,7 @@ Initialisation and layouts: docs/execution.md in the mixc repository.
             elif isinstance(it, Node):
                 lines.append(f"{target}{it.cls}({_name(local, in_block)})")
             elif it.kind in LAYER_CLASS:
-                lines.append(f"{target}{LAYER_CLASS[it.kind]}({_name(local, in_block)})")
+                lines.append(f"{target}{LAYER_CLASS[it.kind]}(CONFIG, {_name(local, in_block)})")
         return lines or ["        pass"]
 
     def module_list(self, node: Node, stage: Node, in_block: bool) -> str:
@@ -312,6 +328,7 @@ def _name(local: str, in_block: bool, tail: str = "") -> str:
     return "f" + _q(local + tail) if tail else _q(local)
 
 
-def emit_source(plan: Plan) -> str:
-    """The Python source of ``plan`` as a torch nn.Module (deterministic)."""
-    return TorchEmitter(checked(plan)).source()
+def emit_source(plan: Plan, standalone: bool = False) -> str:
+    """The Python source of ``plan`` as a torch nn.Module (deterministic); ``standalone`` writes the
+    runtime's layer classes into the file instead of importing them."""
+    return TorchEmitter(checked(plan), standalone).source()

@@ -48,9 +48,9 @@ def build(
     return model
 
 
-def write(plan: Plan, out_dir: str | Path) -> Path:
+def write(plan: Plan, out_dir: str | Path, standalone: bool = False) -> Path:
     """Write ``plan.json`` and ``<name>.py`` into ``out_dir``; return the source's path."""
-    return generated.write(plan, out_dir, emit_source(plan))
+    return generated.write(plan, out_dir, emit_source(plan, standalone=standalone))
 
 
 def named_plan_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -12,14 +12,14 @@ any layer runs (Ensemble.mix). ``plain`` layers share one weight, ``member`` lay
 member, each member has its own BatchNorm. forward(x [B, *INPUT_SHAPE]) returns member logits
 [B, MEMBERS, CLASSES]. Layout "grouped": activations [B, M*C, ...], one grouped convolution for
 all members; "loop": a Members tuple, one convolution per member; "auto": grouped on CUDA.
-Initialisation and layouts: docs/execution.md in the mixc repository.
+Layer classes: mixc.backends.torch.runtime; initialisation and layouts: docs/execution.md in the mixc repository.
 """
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mixc.backends.torch.runtime import BatchNorm, Composed, Config, Conv, Ensemble, Linear
 
 SPEC_NAME = "tiny"
 SPEC_HASH = "384c3934b74f5935"
@@ -27,11 +27,6 @@ PLAN_VERSION = 1
 MEMBERS = 3
 CLASSES = 5
 INPUT_SHAPE = (3, 8, 8)
-LAYOUTS = ("auto", "grouped", "loop")
-OUTPUT = "fc"
-ALPHA_STD = None  # None: orthonormal alphas
-CLASSIFIER_STD = None  # None: PyTorch's usual init of the output layer
-BLOB = None  # the flat template store: (size, std)
 
 # Banks: plan name -> (key in model.banks, [templates, size], (weight size, weight std, bias std)).
 BANKS = {
@@ -52,255 +47,11 @@ LAYERS = {
     "fc": dict(shape=(5, 8), bias=True, source="plain"),
 }
 
-
-class Members(tuple):
-    """Each member's activation (loop layout): torch functions, tensor methods and + apply per member."""
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        pick = lambda v, m: v[m] if isinstance(v, Members) else v  # noqa: E731
-        return Members(
-            [func(*[pick(a, m) for a in args], **{k: pick(v, m) for k, v in (kwargs or {}).items()})
-             for m in range(MEMBERS)]
-        )
-
-    def __add__(self, other):  # tensor + Members goes through __torch_function__
-        return Members([a + (other[m] if isinstance(other, Members) else other) for m, a in enumerate(self)])
-
-    def __getattr__(self, name: str):  # h.mean((2, 3)), h.flatten(1)
-        return lambda *args, **kwargs: Members([getattr(t, name)(*args, **kwargs) for t in self])
-
-
-class Composed:
-    """Composed layers' weights for one forward, by plan name, and how members are laid out."""
-
-    def __init__(self, weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]], grouped: bool) -> None:
-        self.weights, self.grouped = weights, grouped
-
-    def repeat(self, x: torch.Tensor) -> torch.Tensor | Members:  # a shared value, as every member's
-        return torch.cat([x] * MEMBERS, dim=1) if self.grouped else Members([x] * MEMBERS)
-
-def _orthonormal_rows_(alpha: torch.Tensor) -> None:
-    """Unit-norm rows, mutually orthogonal within each block of k members (Haar-random)."""
-    members, k = alpha.shape
-    for start in range(0, members, k):
-        rows = min(k, members - start)
-        q, r = torch.linalg.qr(torch.randn(k, rows, device=alpha.device))
-        alpha[start : start + rows] = (q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)).T
-
-class _Weighted(nn.Module):
-    """A conv or linear layer of every member. ``source``: "bank" (it holds alphas [M, k]; the
-    model composes its weights from the bank rows ``templates[i]``), "blob" (alphas over blob
-    windows at ``offsets[i]``), "member" (a weight per member) or "plain" (one shared weight)."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        cfg = LAYERS[name]
-        self.name, self.source, self.shape = name, cfg["source"], cfg["shape"]  # [out, in/groups, *kernel]
-        self.has_bias, self.bias = cfg.get("bias", False), None
-        self.shared_input, self.spread = cfg.get("shared_input", False), cfg.get("spread", False)  # spread: repeat
-        if self.source == "bank":  # alpha [M, k] @ selector [M, k, rows] = mixing weights over the bank
-            self.alpha = nn.Parameter(torch.empty(MEMBERS, len(cfg["templates"][0])))
-            selector = F.one_hot(torch.tensor(cfg["templates"]), cfg["rows"]).to(torch.get_default_dtype())
-            self.register_buffer("selector", selector, persistent=False)
-        elif self.source == "blob":
-            self.alpha, self.offsets = nn.Parameter(torch.empty(MEMBERS, cfg["k"])), cfg["offsets"]
-        else:
-            lead = (MEMBERS,) if self.source == "member" else ()
-            self.weight = nn.Parameter(torch.empty(*lead, *self.shape))
-            self.bias = nn.Parameter(torch.empty(*lead, self.shape[0])) if self.has_bias else None
-
-    def extra_repr(self) -> str:
-        return f"{self.name}, shape={tuple(self.shape)}, source={self.source}"
-
-    def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Composed templates [M, size] -> weight [M, *shape] and bias [M, out] (or None)."""
-        size = math.prod(self.shape)
-        bias = flat[:, size:] if self.has_bias else None
-        return flat[:, :size].reshape(MEMBERS, *self.shape), bias
-
-    def weights(self, w: Composed) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return w.weights[self.name] if self.source in ("bank", "blob") else (self.weight, self.bias)
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Alphas orthonormal (or the plan's normal law); plain and member layers PyTorch's usual
-        init (kaiming normal for convs); the output layer the plan's classifier rule."""
-        if self.source in ("bank", "blob"):
-            return _orthonormal_rows_(self.alpha) if ALPHA_STD is None else nn.init.normal_(self.alpha, std=ALPHA_STD)
-        bound = 1 / math.sqrt(math.prod(self.shape[1:]))
-        if self.name == OUTPUT and CLASSIFIER_STD is not None:
-            nn.init.normal_(self.weight, std=CLASSIFIER_STD)
-            return None if self.bias is None else nn.init.zeros_(self.bias)
-        if isinstance(self, Conv):  # kaiming normal
-            nn.init.normal_(self.weight, std=math.sqrt(2) * bound)
-        else:
-            nn.init.uniform_(self.weight, -bound, bound)
-        return None if self.bias is None else nn.init.uniform_(self.bias, -bound, bound)
-
-class Conv(_Weighted):
-    """A convolution of every member (see _Weighted)."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        cfg = LAYERS[name]
-        self.groups = cfg.get("groups", 1)
-        self.options = {key: cfg[key] for key in ("stride", "padding", "dilation") if key in cfg}
-        self.conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.shape) - 3]
-
-    def forward(self, x: torch.Tensor | Members, w: Composed) -> torch.Tensor | Members:
-        weight, bias = self.weights(w)
-        conv, groups, options = self.conv, self.groups, self.options
-        if self.source == "plain" and self.shared_input:  # computed once for all members
-            y = conv(x, weight, bias, groups=groups, **options)
-            return w.repeat(y) if self.spread else y
-        if self.source == "plain":  # the shared weight, once per member
-            weight, bias = weight.expand(MEMBERS, *weight.shape), None if bias is None else bias.expand(MEMBERS, -1)
-        if not w.grouped:  # one convolution per member
-            xs = [x] * MEMBERS if self.shared_input else x
-            biases = [None] * MEMBERS if bias is None else bias
-            return Members([conv(*args, groups=groups, **options) for args in zip(xs, weight, biases)])
-        bias = None if bias is None else bias.flatten()  # one convolution, the members' filters stacked
-        if self.shared_input and groups == 1:
-            return conv(x, weight.flatten(0, 1), bias, **options)
-        x = torch.cat([x] * MEMBERS, dim=1) if self.shared_input else x
-        return conv(x, weight.flatten(0, 1), bias, groups=MEMBERS * groups, **options)
-
-class Linear(_Weighted):
-    """A linear layer of every member (see _Weighted); inputs [B, M*I], or shared [B, I]."""
-
-    def forward(self, x: torch.Tensor | Members, w: Composed) -> torch.Tensor | Members:
-        weight, bias = self.weights(w)
-        if self.source == "plain":
-            if self.shared_input or not w.grouped:  # a Members input runs each member
-                y = F.linear(x, weight, bias)
-                return w.repeat(y) if self.spread else y
-            return F.linear(x.unflatten(1, (MEMBERS, -1)), weight, bias).flatten(1)
-        if self.shared_input and w.grouped:
-            return F.linear(x, weight.flatten(0, 1), None if bias is None else bias.flatten())
-        if not w.grouped:
-            xs = [x] * MEMBERS if self.shared_input else x
-            return Members([F.linear(xm, weight[m], None if bias is None else bias[m]) for m, xm in enumerate(xs)])
-        y = torch.einsum("bmi,moi->bmo", x.unflatten(1, (MEMBERS, -1)), weight)
-        return (y if bias is None else y + bias).flatten(1)
-
-class BatchNorm(nn.Module):
-    """Each member's own BatchNorm (weight, bias, running statistics [M, C]): per member in the
-    loop layout, one batch_norm over the members' M*C channels (views of the same) when grouped."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        cfg = LAYERS.get(name, {})
-        self.name, channels, self.shared_input = name, BATCH_NORMS[name], cfg.get("shared_input", False)
-        self.momentum, self.eps = cfg.get("momentum", 0.1), cfg.get("eps", 1e-5)
-        self.weight = nn.Parameter(torch.ones(MEMBERS, channels))
-        self.bias = nn.Parameter(torch.zeros(MEMBERS, channels))
-        self.register_buffer("running_mean", torch.zeros(MEMBERS, channels))
-        self.register_buffer("running_var", torch.ones(MEMBERS, channels))
-
-    def extra_repr(self) -> str:
-        return f"{self.name}, channels={self.weight.shape[1]}"
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        self.weight.fill_(1.0), self.bias.zero_(), self.running_mean.zero_(), self.running_var.fill_(1.0)
-
-    def forward(self, x: torch.Tensor | Members, w: Composed) -> torch.Tensor | Members:
-        x = w.repeat(x) if self.shared_input else x
-        options = dict(training=self.training, momentum=self.momentum, eps=self.eps)
-        tensors = (self.running_mean, self.running_var, self.weight, self.bias)
-        if isinstance(x, Members):  # rows of [M, C]: the running statistics update in place
-            return Members([F.batch_norm(x[m], *[t[m] for t in tensors], **options) for m in range(MEMBERS)])
-        return F.batch_norm(x, *(t.view(-1) for t in tensors), **options)
-
-class Ensemble(nn.Module):
-    """What every generated ensemble shares: templates, composition, initialisation, tensor names."""
-
-    def __init__(self, layout: str, channels_last: bool) -> None:
-        super().__init__()
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be auto, grouped or loop, not {layout!r}")
-        self.layout, self.channels_last = layout, channels_last
-        self.banks = nn.ParameterDict({key: nn.Parameter(torch.empty(shape)) for key, shape, _ in BANKS.values()})
-        self.blob = nn.Parameter(torch.empty(BLOB[0])) if BLOB else None
-        self._mixed = None  # (key, composed weights) kept between eval-mode forwards, see mix
-
-    def __getstate__(self) -> dict:
-        """Pickles and deep copies leave the eval-mode cache of composed weights behind."""
-        return {**super().__getstate__(), "_mixed": None}
-
-    def extra_repr(self) -> str:
-        return f"spec={SPEC_NAME}, members={MEMBERS}, layout={self.layout}, channels_last={self.channels_last}"
-
-    def setup(self) -> None:
-        """Once the layers exist: list the composed ones by bank (plain lists), then initialise."""
-        weighted = [m for m in self.modules() if isinstance(m, _Weighted)]
-        self.banked = {key: [m for m in weighted if LAYERS[m.name].get("bank") == key] for key, _, _ in BANKS.values()}
-        self.blobbed = [m for m in weighted if m.source == "blob"]
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Templates N(0, v) (weight and bias parts, see the module docstring), then every layer."""
-        for key, (rows, size), (weight_size, weight_std, bias_std) in BANKS.values():
-            nn.init.normal_(self.banks[key][:, :weight_size], std=weight_std)
-            nn.init.normal_(self.banks[key][:, weight_size:], std=bias_std)
-        if self.blob is not None:
-            nn.init.normal_(self.blob, std=BLOB[1])
-        for layer in self.modules():
-            if isinstance(layer, (_Weighted, BatchNorm)):
-                layer.reset_parameters()
-
-    def mix(self, device: torch.device) -> Composed:
-        """Every composed layer's weights for all members, once per forward. In eval mode without
-        autograd they are kept until a template or alpha changes (their version counters and storage),
-        so inference costs what per-member weights would."""
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            self._mixed = None
-            return self._mix(device)
-        inputs = [*self.banks.values(), *([self.blob] if self.blob is not None else [])]
-        inputs += [m.alpha for layers in self.banked.values() for m in layers] + [m.alpha for m in self.blobbed]
-        key = (device, self.layout, *((t._version, t.data_ptr(), t.dtype) for t in inputs))
-        if self._mixed is None or self._mixed[0] != key:
-            self._mixed = (key, self._mix(device))
-        return self._mixed[1]
-
-    def _mix(self, device: torch.device) -> Composed:
-        """Per bank, the layers' alphas spread over its rows, then one product with the templates. In the
-        parameters' precision even under autocast (the convolutions cast the result once)."""
-        weights = {}
-        with torch.autocast(device.type, enabled=False):
-            for key, layers in self.banked.items():
-                coeffs = torch.cat([torch.einsum("mk,mkt->mt", m.alpha, m.selector) for m in layers])
-                for layer, flat in zip(layers, (coeffs @ self.banks[key]).split(MEMBERS)):
-                    weights[layer.name] = layer.split(flat)
-            for layer in self.blobbed:
-                weights[layer.name] = layer.split(layer.mix_blob(self.blob))
-        return Composed(weights, grouped=self.layout == "grouped" or (self.layout == "auto" and device.type == "cuda"))
-
-    def logits(self, x: torch.Tensor | Members) -> torch.Tensor:
-        """The last layer's output as member logits [B, MEMBERS, CLASSES]."""
-        return torch.stack(x, dim=1) if isinstance(x, Members) else x.unflatten(1, (MEMBERS, CLASSES))
-
-    def compose(self) -> dict[str, torch.Tensor]:
-        """Every layer's "<layer>.weight"/".bias" ([M, ...], or shared for plain layers), for analysis."""
-        mixed = self.mix(next(self.parameters()).device).weights
-        layers = [m for m in self.modules() if isinstance(m, _Weighted)]
-        pairs = [(m.name, mixed.get(m.name, (getattr(m, "weight", None), m.bias))) for m in layers]
-        return {f"{name}.{part}": t for name, wb in pairs for part, t in zip(("weight", "bias"), wb) if t is not None}
-
-    def plan_tensors(self) -> dict[str, str]:
-        """Plan tensor name (the checkpoint format, shared with the flax backend) -> state_dict key."""
-        names = {name: f"banks.{key}" for name, (key, _, _) in BANKS.items()} | ({"blob": "blob"} if BLOB else {})
-        for path, layer in self.named_modules():
-            if isinstance(layer, BatchNorm):
-                names |= {f"bn.{layer.name}.{t}": f"{path}.{t}" for t in ("weight", "bias", "running_mean", "running_var")}
-            elif isinstance(layer, _Weighted) and layer.source in ("bank", "blob"):
-                names[f"alpha.{layer.name}"] = f"{path}.alpha"
-            elif isinstance(layer, _Weighted):
-                names[f"{layer.source}.{layer.name}.weight"] = f"{path}.weight"
-                names |= {f"{layer.source}.{layer.name}.bias": f"{path}.bias"} if layer.bias is not None else {}
-        return names
+CONFIG = Config(
+    members=MEMBERS, classes=CLASSES, layers=LAYERS, batch_norms=BATCH_NORMS, banks=BANKS,
+    blob=None,  # the flat template store: (size, std)
+    output="fc", alpha_std=None, classifier_std=None,  # None: orthonormal alphas; PyTorch's usual init
+)
 
 
 class B0(nn.Module):
@@ -308,9 +59,9 @@ class B0(nn.Module):
 
     def __init__(self, name: str) -> None:
         super().__init__()
-        self.conv1 = Conv(f"{name}.conv1")
-        self.bn1 = BatchNorm(f"{name}.bn1")
-        self.conv2 = Conv(f"{name}.conv2")
+        self.conv1 = Conv(CONFIG, f"{name}.conv1")
+        self.bn1 = BatchNorm(CONFIG, f"{name}.bn1")
+        self.conv2 = Conv(CONFIG, f"{name}.conv2")
 
     def forward(self, x: torch.Tensor, w: Composed) -> torch.Tensor:
         h = self.conv1(x, w)
@@ -328,11 +79,11 @@ class Tiny(Ensemble):
     input_shape = INPUT_SHAPE
 
     def __init__(self, layout: str = "auto", channels_last: bool = False) -> None:
-        super().__init__(layout, channels_last)
-        self.stem = Conv("stem")
-        self.bn0 = BatchNorm("bn0")
+        super().__init__(CONFIG, layout, channels_last)
+        self.stem = Conv(CONFIG, "stem")
+        self.bn0 = BatchNorm(CONFIG, "bn0")
         self.b0 = B0("b0")
-        self.fc = Linear("fc")
+        self.fc = Linear(CONFIG, "fc")
         self.setup()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

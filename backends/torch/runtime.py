@@ -1,28 +1,56 @@
-"""The ensemble's layer classes, written once into every generated torch file.
+"""The layer classes every generated torch ensemble is built from.
 
-Plain text (it does not depend on the plan): each layer reads its configuration from the
-generated file's ``LAYERS`` table by its plan name, holds its own per-member parameters (alphas,
-unfactorised weights, BatchNorm), and runs every member at once. Activations carry the members
-side by side on the channel axis ([B, M*C, ...]); a value shared by all members (the image, a
-plain stem's output) is [B, C, ...] and is read by every member. The layout ("grouped": one
-grouped convolution; "loop": one convolution per member) is a property of the call, so blocks
-have one forward. ``pieces`` leaves out what a plan does not use (the blob, orthonormal alphas,
-linear layers).
+A generated file (``mixc compile --backend torch``) holds what is particular to its spec: the
+tables of layers, banks and BatchNorms, one class per ``.mix`` block and the model's forward. It
+imports these classes, so a reader sees the architecture first and the machinery once, here;
+``mixc compile --standalone`` writes this module's code into the file instead (a single file to
+copy into another project, depending on torch alone).
+
+Each layer reads its row of the file's ``Config`` by its plan name, holds its own per-member
+parameters (alphas, unfactorised weights, BatchNorm) and runs every member at once. Activations
+carry the members side by side on the channel axis ([B, M*C, ...], the "grouped" layout: one
+grouped convolution) or as a ``Members`` tuple (the "loop" layout: one convolution per member); a
+value shared by all members (the image, a plain stem's output) is [B, C, ...] and read by every
+member. The layout is a property of the call, so blocks have one forward.
 """
 
 from __future__ import annotations
 
-COMMON = '''
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# --- the runtime (``--standalone`` copies everything below this line into the file) ---
+
+
+@dataclass(frozen=True)
+class Config:
+    """A generated file's tables: members, classes, output layer, init rules, banks, blob, layers."""
+
+    members: int
+    classes: int
+    layers: dict[str, dict[str, Any]]  # conv/linear (and non-default BatchNorm) options by plan name
+    batch_norms: dict[str, int]  # channels by plan name
+    banks: dict[str, tuple]  # plan name -> (key, (templates, size), (weight size, weight std, bias std))
+    blob: tuple[int, float] | None = None  # (size, std) of the flat template store
+    output: str = ""  # the output layer (the classifier rule applies to it)
+    alpha_std: float | None = None  # None: orthonormal alphas
+    classifier_std: float | None = None  # None: PyTorch's usual init of the output layer
+
+
 class Members(tuple):
     """Each member's activation (loop layout): torch functions, tensor methods and + apply per member."""
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        n = next(len(v) for v in (*args, *kwargs.values()) if isinstance(v, Members))
         pick = lambda v, m: v[m] if isinstance(v, Members) else v  # noqa: E731
-        return Members(
-            [func(*[pick(a, m) for a in args], **{k: pick(v, m) for k, v in (kwargs or {}).items()})
-             for m in range(MEMBERS)]
-        )
+        return Members([func(*[pick(a, m) for a in args], **{k: pick(v, m) for k, v in kwargs.items()}) for m in range(n)])
 
     def __add__(self, other):  # tensor + Members goes through __torch_function__
         return Members([a + (other[m] if isinstance(other, Members) else other) for m, a in enumerate(self)])
@@ -34,21 +62,24 @@ class Members(tuple):
 class Composed:
     """Composed layers' weights for one forward, by plan name, and how members are laid out."""
 
-    def __init__(self, weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]], grouped: bool) -> None:
-        self.weights, self.grouped = weights, grouped
+    def __init__(self, weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]], members: int, grouped: bool) -> None:
+        self.weights, self.members, self.grouped = weights, members, grouped
 
-    def repeat(self, x: torch.Tensor) -> torch.Tensor | Members:  # a shared value, as every member's
-        return torch.cat([x] * MEMBERS, dim=1) if self.grouped else Members([x] * MEMBERS)
-'''
+    def repeat(self, x: torch.Tensor) -> torch.Tensor | Members:
+        """A value shared by all members as every member's (beside per-member values)."""
+        return torch.cat([x] * self.members, dim=1) if self.grouped else Members([x] * self.members)
 
-REPEAT = '''
-def _repeat(x: torch.Tensor, like: torch.Tensor | Members) -> torch.Tensor:
-    """A shared value added to per-member ones: repeated side by side (a Members broadcasts it)."""
-    return torch.cat([x] * MEMBERS, dim=1) if isinstance(like, torch.Tensor) else x
-'''
 
-WINDOW = '''
-def _window(blob: torch.Tensor, start: int, length: int) -> torch.Tensor:
+def orthonormal_rows_(alpha: torch.Tensor) -> None:
+    """Unit-norm rows, mutually orthogonal within each block of k members (Haar-random)."""
+    members, k = alpha.shape
+    for start in range(0, members, k):
+        rows = min(k, members - start)
+        q, r = torch.linalg.qr(torch.randn(k, rows, device=alpha.device))
+        alpha[start : start + rows] = (q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)).T
+
+
+def window(blob: torch.Tensor, start: int, length: int) -> torch.Tensor:
     """``length`` consecutive blob entries from ``start``, wrapping round the end."""
     pieces = []
     while length > 0:
@@ -56,38 +87,28 @@ def _window(blob: torch.Tensor, start: int, length: int) -> torch.Tensor:
         pieces.append(blob[start : start + take])
         length, start = length - take, 0
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-'''
 
-ORTHONORMAL = '''
-def _orthonormal_rows_(alpha: torch.Tensor) -> None:
-    """Unit-norm rows, mutually orthogonal within each block of k members (Haar-random)."""
-    members, k = alpha.shape
-    for start in range(0, members, k):
-        rows = min(k, members - start)
-        q, r = torch.linalg.qr(torch.randn(k, rows, device=alpha.device))
-        alpha[start : start + rows] = (q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)).T
-'''
 
-WEIGHTED = '''
-class _Weighted(nn.Module):
+class Weighted(nn.Module):
     """A conv or linear layer of every member. ``source``: "bank" (it holds alphas [M, k]; the
     model composes its weights from the bank rows ``templates[i]``), "blob" (alphas over blob
     windows at ``offsets[i]``), "member" (a weight per member) or "plain" (one shared weight)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, config: Config, name: str) -> None:
         super().__init__()
-        cfg = LAYERS[name]
+        cfg, M = config.layers[name], config.members
         self.name, self.source, self.shape = name, cfg["source"], cfg["shape"]  # [out, in/groups, *kernel]
-        self.has_bias, self.bias = cfg.get("bias", False), None
+        self.members, self.bank, self.has_bias, self.bias = M, cfg.get("bank"), cfg.get("bias", False), None
         self.shared_input, self.spread = cfg.get("shared_input", False), cfg.get("spread", False)  # spread: repeat
+        self.init = (config.alpha_std, config.classifier_std if name == config.output else None)
         if self.source == "bank":  # alpha [M, k] @ selector [M, k, rows] = mixing weights over the bank
-            self.alpha = nn.Parameter(torch.empty(MEMBERS, len(cfg["templates"][0])))
+            self.alpha = nn.Parameter(torch.empty(M, len(cfg["templates"][0])))
             selector = F.one_hot(torch.tensor(cfg["templates"]), cfg["rows"]).to(torch.get_default_dtype())
             self.register_buffer("selector", selector, persistent=False)
         elif self.source == "blob":
-            self.alpha, self.offsets = nn.Parameter(torch.empty(MEMBERS, cfg["k"])), cfg["offsets"]
+            self.alpha, self.offsets = nn.Parameter(torch.empty(M, cfg["k"])), cfg["offsets"]
         else:
-            lead = (MEMBERS,) if self.source == "member" else ()
+            lead = (M,) if self.source == "member" else ()
             self.weight = nn.Parameter(torch.empty(*lead, *self.shape))
             self.bias = nn.Parameter(torch.empty(*lead, self.shape[0])) if self.has_bias else None
 
@@ -97,8 +118,15 @@ class _Weighted(nn.Module):
     def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Composed templates [M, size] -> weight [M, *shape] and bias [M, out] (or None)."""
         size = math.prod(self.shape)
-        bias = flat[:, size:] if self.has_bias else None
-        return flat[:, :size].reshape(MEMBERS, *self.shape), bias
+        return flat[:, :size].reshape(self.members, *self.shape), flat[:, size:] if self.has_bias else None
+
+    def mix_blob(self, blob: torch.Tensor) -> torch.Tensor:
+        """Member i's templates [k, size] are the blob's window at offsets[i], mixed by its alphas."""
+        k, size = self.alpha.shape[1], math.prod(self.shape) + (self.shape[0] if self.has_bias else 0)
+        windows = [window(blob, offset, k * size).view(k, size) for offset in self.offsets]
+        if len(set(self.offsets)) == 1:
+            return self.alpha @ windows[0]
+        return torch.stack([a @ w for a, w in zip(self.alpha, windows)])
 
     def weights(self, w: Composed) -> tuple[torch.Tensor, torch.Tensor | None]:
         return w.weights[self.name] if self.source in ("bank", "blob") else (self.weight, self.bias)
@@ -107,62 +135,51 @@ class _Weighted(nn.Module):
     def reset_parameters(self) -> None:
         """Alphas orthonormal (or the plan's normal law); plain and member layers PyTorch's usual
         init (kaiming normal for convs); the output layer the plan's classifier rule."""
+        alpha_std, classifier_std = self.init
         if self.source in ("bank", "blob"):
-            return _orthonormal_rows_(self.alpha) if ALPHA_STD is None else nn.init.normal_(self.alpha, std=ALPHA_STD)
+            return orthonormal_rows_(self.alpha) if alpha_std is None else nn.init.normal_(self.alpha, std=alpha_std)
         bound = 1 / math.sqrt(math.prod(self.shape[1:]))
-        if self.name == OUTPUT and CLASSIFIER_STD is not None:
-            nn.init.normal_(self.weight, std=CLASSIFIER_STD)
+        if classifier_std is not None:
+            nn.init.normal_(self.weight, std=classifier_std)
             return None if self.bias is None else nn.init.zeros_(self.bias)
         if isinstance(self, Conv):  # kaiming normal
             nn.init.normal_(self.weight, std=math.sqrt(2) * bound)
         else:
             nn.init.uniform_(self.weight, -bound, bound)
         return None if self.bias is None else nn.init.uniform_(self.bias, -bound, bound)
-'''
 
-MIX_BLOB = '''
-    def mix_blob(self, blob: torch.Tensor) -> torch.Tensor:
-        """Member i's templates [k, size] are the blob's window at offsets[i], mixed by its alphas."""
-        k, size = self.alpha.shape[1], math.prod(self.shape) + (self.shape[0] if self.has_bias else 0)
-        windows = [_window(blob, offset, k * size).view(k, size) for offset in self.offsets]
-        if len(set(self.offsets)) == 1:
-            return self.alpha @ windows[0]
-        return torch.stack([a @ window for a, window in zip(self.alpha, windows)])
-'''
 
-CONV = '''
-class Conv(_Weighted):
-    """A convolution of every member (see _Weighted)."""
+class Conv(Weighted):
+    """A convolution of every member (see Weighted)."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        cfg = LAYERS[name]
+    def __init__(self, config: Config, name: str) -> None:
+        super().__init__(config, name)
+        cfg = config.layers[name]
         self.groups = cfg.get("groups", 1)
         self.options = {key: cfg[key] for key in ("stride", "padding", "dilation") if key in cfg}
         self.conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.shape) - 3]
 
     def forward(self, x: torch.Tensor | Members, w: Composed) -> torch.Tensor | Members:
         weight, bias = self.weights(w)
-        conv, groups, options = self.conv, self.groups, self.options
+        conv, groups, options, M = self.conv, self.groups, self.options, self.members
         if self.source == "plain" and self.shared_input:  # computed once for all members
             y = conv(x, weight, bias, groups=groups, **options)
             return w.repeat(y) if self.spread else y
         if self.source == "plain":  # the shared weight, once per member
-            weight, bias = weight.expand(MEMBERS, *weight.shape), None if bias is None else bias.expand(MEMBERS, -1)
+            weight, bias = weight.expand(M, *weight.shape), None if bias is None else bias.expand(M, -1)
         if not w.grouped:  # one convolution per member
-            xs = [x] * MEMBERS if self.shared_input else x
-            biases = [None] * MEMBERS if bias is None else bias
+            xs = [x] * M if self.shared_input else x
+            biases = [None] * M if bias is None else bias
             return Members([conv(*args, groups=groups, **options) for args in zip(xs, weight, biases)])
         bias = None if bias is None else bias.flatten()  # one convolution, the members' filters stacked
         if self.shared_input and groups == 1:
             return conv(x, weight.flatten(0, 1), bias, **options)
-        x = torch.cat([x] * MEMBERS, dim=1) if self.shared_input else x
-        return conv(x, weight.flatten(0, 1), bias, groups=MEMBERS * groups, **options)
-'''
+        x = torch.cat([x] * M, dim=1) if self.shared_input else x
+        return conv(x, weight.flatten(0, 1), bias, groups=M * groups, **options)
 
-LINEAR = '''
-class Linear(_Weighted):
-    """A linear layer of every member (see _Weighted); inputs [B, M*I], or shared [B, I]."""
+
+class Linear(Weighted):
+    """A linear layer of every member (see Weighted); inputs [B, M*I], or shared [B, I]."""
 
     def forward(self, x: torch.Tensor | Members, w: Composed) -> torch.Tensor | Members:
         weight, bias = self.weights(w)
@@ -170,30 +187,29 @@ class Linear(_Weighted):
             if self.shared_input or not w.grouped:  # a Members input runs each member
                 y = F.linear(x, weight, bias)
                 return w.repeat(y) if self.spread else y
-            return F.linear(x.unflatten(1, (MEMBERS, -1)), weight, bias).flatten(1)
+            return F.linear(x.unflatten(1, (self.members, -1)), weight, bias).flatten(1)
         if self.shared_input and w.grouped:
             return F.linear(x, weight.flatten(0, 1), None if bias is None else bias.flatten())
         if not w.grouped:
-            xs = [x] * MEMBERS if self.shared_input else x
+            xs = [x] * self.members if self.shared_input else x
             return Members([F.linear(xm, weight[m], None if bias is None else bias[m]) for m, xm in enumerate(xs)])
-        y = torch.einsum("bmi,moi->bmo", x.unflatten(1, (MEMBERS, -1)), weight)
+        y = torch.einsum("bmi,moi->bmo", x.unflatten(1, (self.members, -1)), weight)
         return (y if bias is None else y + bias).flatten(1)
-'''
 
-BATCH_NORM = '''
+
 class BatchNorm(nn.Module):
     """Each member's own BatchNorm (weight, bias, running statistics [M, C]): per member in the
     loop layout, one batch_norm over the members' M*C channels (views of the same) when grouped."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, config: Config, name: str) -> None:
         super().__init__()
-        cfg = LAYERS.get(name, {})
-        self.name, channels, self.shared_input = name, BATCH_NORMS[name], cfg.get("shared_input", False)
+        cfg, M, channels = config.layers.get(name, {}), config.members, config.batch_norms[name]
+        self.name, self.shared_input = name, cfg.get("shared_input", False)
         self.momentum, self.eps = cfg.get("momentum", 0.1), cfg.get("eps", 1e-5)
-        self.weight = nn.Parameter(torch.ones(MEMBERS, channels))
-        self.bias = nn.Parameter(torch.zeros(MEMBERS, channels))
-        self.register_buffer("running_mean", torch.zeros(MEMBERS, channels))
-        self.register_buffer("running_var", torch.ones(MEMBERS, channels))
+        self.weight = nn.Parameter(torch.ones(M, channels))
+        self.bias = nn.Parameter(torch.zeros(M, channels))
+        self.register_buffer("running_mean", torch.zeros(M, channels))
+        self.register_buffer("running_var", torch.ones(M, channels))
 
     def extra_repr(self) -> str:
         return f"{self.name}, channels={self.weight.shape[1]}"
@@ -207,21 +223,20 @@ class BatchNorm(nn.Module):
         options = dict(training=self.training, momentum=self.momentum, eps=self.eps)
         tensors = (self.running_mean, self.running_var, self.weight, self.bias)
         if isinstance(x, Members):  # rows of [M, C]: the running statistics update in place
-            return Members([F.batch_norm(x[m], *[t[m] for t in tensors], **options) for m in range(MEMBERS)])
+            return Members([F.batch_norm(xm, *[t[m] for t in tensors], **options) for m, xm in enumerate(x)])
         return F.batch_norm(x, *(t.view(-1) for t in tensors), **options)
-'''
 
-ENSEMBLE = '''
+
 class Ensemble(nn.Module):
     """What every generated ensemble shares: templates, composition, initialisation, tensor names."""
 
-    def __init__(self, layout: str, channels_last: bool) -> None:
+    def __init__(self, config: Config, layout: str, channels_last: bool) -> None:
         super().__init__()
-        if layout not in LAYOUTS:
+        if layout not in ("auto", "grouped", "loop"):
             raise ValueError(f"layout must be auto, grouped or loop, not {layout!r}")
-        self.layout, self.channels_last = layout, channels_last
-        self.banks = nn.ParameterDict({key: nn.Parameter(torch.empty(shape)) for key, shape, _ in BANKS.values()})
-        self.blob = nn.Parameter(torch.empty(BLOB[0])) if BLOB else None
+        self.config, self.layout, self.channels_last = config, layout, channels_last
+        self.banks = nn.ParameterDict({key: nn.Parameter(torch.empty(shape)) for key, shape, _ in config.banks.values()})
+        self.blob = nn.Parameter(torch.empty(config.blob[0])) if config.blob else None
         self._mixed = None  # (key, composed weights) kept between eval-mode forwards, see mix
 
     def __getstate__(self) -> dict:
@@ -229,25 +244,25 @@ class Ensemble(nn.Module):
         return {**super().__getstate__(), "_mixed": None}
 
     def extra_repr(self) -> str:
-        return f"spec={SPEC_NAME}, members={MEMBERS}, layout={self.layout}, channels_last={self.channels_last}"
+        return f"spec={getattr(self, 'spec_name', '?')}, members={self.config.members}, layout={self.layout}, channels_last={self.channels_last}"
 
     def setup(self) -> None:
         """Once the layers exist: list the composed ones by bank (plain lists), then initialise."""
-        weighted = [m for m in self.modules() if isinstance(m, _Weighted)]
-        self.banked = {key: [m for m in weighted if LAYERS[m.name].get("bank") == key] for key, _, _ in BANKS.values()}
+        weighted = [m for m in self.modules() if isinstance(m, Weighted)]
+        self.banked = {key: [m for m in weighted if m.bank == key] for key, _, _ in self.config.banks.values()}
         self.blobbed = [m for m in weighted if m.source == "blob"]
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Templates N(0, v) (weight and bias parts, see the module docstring), then every layer."""
-        for key, (rows, size), (weight_size, weight_std, bias_std) in BANKS.values():
+        """Templates N(0, v) (weight and bias parts; the variances are in the banks table), then every layer."""
+        for key, _, (weight_size, weight_std, bias_std) in self.config.banks.values():
             nn.init.normal_(self.banks[key][:, :weight_size], std=weight_std)
             nn.init.normal_(self.banks[key][:, weight_size:], std=bias_std)
         if self.blob is not None:
-            nn.init.normal_(self.blob, std=BLOB[1])
+            nn.init.normal_(self.blob, std=self.config.blob[1])
         for layer in self.modules():
-            if isinstance(layer, (_Weighted, BatchNorm)):
+            if isinstance(layer, (Weighted, BatchNorm)):
                 layer.reset_parameters()
 
     def mix(self, device: torch.device) -> Composed:
@@ -267,48 +282,40 @@ class Ensemble(nn.Module):
     def _mix(self, device: torch.device) -> Composed:
         """Per bank, the layers' alphas spread over its rows, then one product with the templates. In the
         parameters' precision even under autocast (the convolutions cast the result once)."""
-        weights = {}
+        weights, M = {}, self.config.members
         with torch.autocast(device.type, enabled=False):
             for key, layers in self.banked.items():
                 coeffs = torch.cat([torch.einsum("mk,mkt->mt", m.alpha, m.selector) for m in layers])
-                for layer, flat in zip(layers, (coeffs @ self.banks[key]).split(MEMBERS)):
+                for layer, flat in zip(layers, (coeffs @ self.banks[key]).split(M)):
                     weights[layer.name] = layer.split(flat)
             for layer in self.blobbed:
                 weights[layer.name] = layer.split(layer.mix_blob(self.blob))
-        return Composed(weights, grouped=self.layout == "grouped" or (self.layout == "auto" and device.type == "cuda"))
+        grouped = self.layout == "grouped" or (self.layout == "auto" and device.type == "cuda")
+        return Composed(weights, M, grouped)
 
     def logits(self, x: torch.Tensor | Members) -> torch.Tensor:
-        """The last layer's output as member logits [B, MEMBERS, CLASSES]."""
-        return torch.stack(x, dim=1) if isinstance(x, Members) else x.unflatten(1, (MEMBERS, CLASSES))
+        """The last layer's output as member logits [B, members, classes]."""
+        if isinstance(x, Members):
+            return torch.stack(x, dim=1)
+        return x.unflatten(1, (self.config.members, self.config.classes))
 
     def compose(self) -> dict[str, torch.Tensor]:
         """Every layer's "<layer>.weight"/".bias" ([M, ...], or shared for plain layers), for analysis."""
         mixed = self.mix(next(self.parameters()).device).weights
-        layers = [m for m in self.modules() if isinstance(m, _Weighted)]
+        layers = [m for m in self.modules() if isinstance(m, Weighted)]
         pairs = [(m.name, mixed.get(m.name, (getattr(m, "weight", None), m.bias))) for m in layers]
         return {f"{name}.{part}": t for name, wb in pairs for part, t in zip(("weight", "bias"), wb) if t is not None}
 
     def plan_tensors(self) -> dict[str, str]:
         """Plan tensor name (the checkpoint format, shared with the flax backend) -> state_dict key."""
-        names = {name: f"banks.{key}" for name, (key, _, _) in BANKS.items()} | ({"blob": "blob"} if BLOB else {})
+        names = {name: f"banks.{key}" for name, (key, _, _) in self.config.banks.items()}
+        names |= {"blob": "blob"} if self.config.blob else {}
         for path, layer in self.named_modules():
             if isinstance(layer, BatchNorm):
                 names |= {f"bn.{layer.name}.{t}": f"{path}.{t}" for t in ("weight", "bias", "running_mean", "running_var")}
-            elif isinstance(layer, _Weighted) and layer.source in ("bank", "blob"):
+            elif isinstance(layer, Weighted) and layer.source in ("bank", "blob"):
                 names[f"alpha.{layer.name}"] = f"{path}.alpha"
-            elif isinstance(layer, _Weighted):
+            elif isinstance(layer, Weighted):
                 names[f"{layer.source}.{layer.name}.weight"] = f"{path}.weight"
                 names |= {f"{layer.source}.{layer.name}.bias": f"{path}.bias"} if layer.bias is not None else {}
         return names
-'''
-
-
-def pieces(blob: bool, orthonormal: bool, linear: bool, repeat: bool) -> str:
-    """The layer classes a plan needs, as source text (blank lines as a formatter would put them)."""
-    parts = [COMMON] + ([REPEAT] if repeat else [])
-    parts += [WINDOW] if blob else []
-    parts += [ORTHONORMAL] if orthonormal else []
-    parts += [WEIGHTED.rstrip("\n") + ("\n" + MIX_BLOB if blob else "\n"), CONV]
-    parts += [LINEAR] if linear else []
-    parts += [BATCH_NORM, ENSEMBLE]
-    return "\n\n".join(p.strip("\n") for p in parts)

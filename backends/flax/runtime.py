@@ -1,18 +1,47 @@
-"""The ensemble's flax.nnx layer classes, written once into every generated flax file.
+"""The layer classes and functions every generated flax.nnx ensemble is built from.
 
-Plain text (it does not depend on the plan): each layer reads its configuration from the
-generated file's ``LAYERS`` table by its plan name, holds its own per-member parameters (alphas,
-unfactorised weights, BatchNorm) and runs every member at once. Activations are channels-last and
-carry the members side by side on the channel axis ([B, ..., M*C], "grouped") or as a ``Members``
-tuple of one array per member ("loop"); a value shared by all members (the image, a plain stem's
-output) is one [B, ..., C] array read by every member. The layout is a property of the call, so
-blocks have one forward. The functions (``_conv`` with its CPU kernel gradient, ``_batch_norm``
-in PyTorch's semantics) are the ones the flat emitter used, unchanged.
+A generated file (``mixc compile --backend flax``) holds what is particular to its spec: the same
+tables the torch backend writes, one ``nnx.Module`` per ``.mix`` block and the model's call. It
+imports these, so a reader sees the architecture first and the machinery once, here; ``mixc
+compile --backend flax --standalone`` writes this module's code into the file instead.
+
+Each layer reads its row of the file's ``Config`` by its plan name (keeping hashable copies: nnx
+treats plain attributes as static), holds its own per-member parameters (alphas, unfactorised
+weights, BatchNorm) and runs every member at once. Activations are channels-last and carry the
+members side by side on the channel axis ([B, ..., M*C], "grouped") or as a ``Members`` tuple of one
+array per member ("loop"); a value shared by all members (the image, a plain stem's output) is one
+[B, ..., C] array read by every member. ``conv`` (with its CPU kernel gradient) and
+``_batch_norm`` (PyTorch's semantics) compute exactly what the torch backend's layers compute.
 """
 
 from __future__ import annotations
 
-FUNCTIONS = '''
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# --- the runtime (``--standalone`` copies everything below this line into the file) ---
+
+
+@dataclass(frozen=True)
+class Config:
+    """A generated file's tables: members, classes, output layer, init rules, banks, blob, layers."""
+
+    members: int
+    classes: int
+    layers: dict[str, dict[str, Any]]  # conv/linear (and non-default BatchNorm) options by plan name
+    batch_norms: dict[str, int]  # channels by plan name
+    banks: dict[str, tuple]  # plan name -> (key, (templates, size), (weight size, weight std, bias std))
+    blob: tuple[int, float] | None = None  # (size, std) of the flat template store
+    output: str = ""  # the output layer (the classifier rule applies to it)
+    alpha_std: float | None = None  # None: orthonormal alphas
+    classifier_std: float | None = None  # None: PyTorch's usual init of the output layer
+
+
 def _pairs(v, dim: int) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * dim
 
@@ -77,10 +106,9 @@ def _batch_norm(x, mean, var, weight, bias, train: bool, momentum: float, eps: f
         mu, v, stats = mean, var, None
     scale = jax.lax.rsqrt(v + eps) * weight
     return x * scale + (bias - mu * scale), stats
-'''
 
-POOL = '''
-def _pool(x, op: str, kernel, stride, padding=0):
+
+def pool(x, op: str, kernel, stride, padding=0):
     """Max or average pooling of channels-last x; an average counts padded zeros, as in PyTorch."""
     dim = x.ndim - 2
     k, s, p = _pairs(kernel, dim), _pairs(stride, dim), _pairs(padding, dim)
@@ -89,17 +117,15 @@ def _pool(x, op: str, kernel, stride, padding=0):
     if op == "max":
         return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, strides, pads)
     return jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, pads) / math.prod(k)
-'''
 
-FLATTEN = '''
-def _flatten(x):
+
+def flatten(x):
     """PyTorch's flatten(1): channels-first order, so the next linear sees the same features."""
     if x.ndim > 2:
         x = jnp.moveaxis(x, -1, 1)
     return x.reshape(x.shape[0], -1)
-'''
 
-COMMON = '''
+
 class Members(tuple):
     """Each member's activation (loop layout); ``+`` adds per member (a shared array to each)."""
 
@@ -118,7 +144,7 @@ def _made() -> int:
     return _MADE[0]
 
 
-def _each(fn, x, *args, **kwargs):
+def each(fn, x, *args, **kwargs):
     """``fn`` of every member's activation (a Members), or of one array."""
     if isinstance(x, Members):
         return Members([fn(v, *args, **kwargs) for v in x])
@@ -128,11 +154,13 @@ def _each(fn, x, *args, **kwargs):
 class Composed:
     """One call's composed weights (by plan name), the layout, and the call's options."""
 
-    def __init__(self, weights: dict, grouped: bool, cpu: bool, train: bool, dropout_key) -> None:
-        self.weights, self.grouped, self.cpu, self.train, self.dropout_key = weights, grouped, cpu, train, dropout_key
+    def __init__(self, weights: dict, members: int, grouped: bool, cpu: bool, train: bool, dropout_key) -> None:
+        self.weights, self.members, self.grouped = weights, members, grouped
+        self.cpu, self.train, self.dropout_key = cpu, train, dropout_key
 
-    def repeat(self, x):  # a shared value, as every member's
-        return jnp.concatenate([x] * MEMBERS, axis=-1) if self.grouped else Members([x] * MEMBERS)
+    def repeat(self, x):
+        """A value shared by all members as every member's (beside per-member values)."""
+        return jnp.concatenate([x] * self.members, axis=-1) if self.grouped else Members([x] * self.members)
 
     def dropout(self, x, p: float, salt: int):
         """Inverted dropout; the key is folded with the op's ``salt`` (and the member, in a loop)."""
@@ -149,16 +177,9 @@ class Composed:
         if isinstance(x, Members):
             return Members([drop(v, jax.random.fold_in(key, m)) for m, v in enumerate(x)])
         return drop(x, key)
-'''
 
-REPEAT = '''
-def _repeat(x, like):
-    """A shared value added to per-member ones: repeated side by side (a Members broadcasts it)."""
-    return x if isinstance(like, Members) else jnp.concatenate([x] * MEMBERS, axis=-1)
-'''
 
-WINDOW = '''
-def _window(blob, start: int, length: int):
+def window(blob, start: int, length: int):
     """``length`` consecutive blob entries from ``start``, wrapping round the end."""
     pieces = []
     while length > 0:
@@ -166,10 +187,9 @@ def _window(blob, start: int, length: int):
         pieces.append(blob[start : start + take])
         length, start = length - take, 0
     return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
-'''
 
-ORTHONORMAL = '''
-def _orthonormal_rows(g, members: int):
+
+def orthonormal_rows(g, members: int):
     """Gaussians g [layers, blocks, k, k] -> [layers, members, k]: per layer, unit-norm rows,
     orthogonal within each block of k members (Gram-Schmidt, the Q of a QR with a positive
     diagonal, without a LAPACK call, which is slow to compile on CPU)."""
@@ -181,26 +201,28 @@ def _orthonormal_rows(g, members: int):
             v = v - (q * v).sum(-1, keepdims=True) * q
         cols.append(v * jax.lax.rsqrt((v * v).sum(-1, keepdims=True)))
     return jnp.stack(cols, axis=-2).reshape(layers, blocks * k, k)[:, :members]
-'''
 
-WEIGHTED = '''
-class _Weighted(nnx.Module):
+
+class Weighted(nnx.Module):
     """A conv or linear layer of every member. ``source``: "bank" (alphas [M, k]; the model
     composes its weights from the bank rows ``templates[i]``), "blob" (alphas over blob windows at
     ``offsets[i]``), "member" (a weight per member) or "plain" (one shared weight). Parameters are
     in the plan's (PyTorch) layout."""
 
-    def __init__(self, name: str) -> None:
-        cfg = LAYERS[name]
+    def __init__(self, config: Config, name: str) -> None:
+        cfg, M = config.layers[name], config.members
         self.name, self.source, self.shape, self.made = name, cfg["source"], tuple(cfg["shape"]), _made()
-        self.has_bias = cfg.get("bias", False)
+        self.members, self.has_bias, self.bank = M, cfg.get("bias", False), cfg.get("bank")
         self.shared_input, self.spread = cfg.get("shared_input", False), cfg.get("spread", False)
-        if self.source == "bank":
-            self.alpha = nnx.Param(jnp.zeros((MEMBERS, len(cfg["templates"][0]))))
+        self.init = (config.alpha_std, config.classifier_std if name == config.output else None)
+        if self.source == "bank":  # static attributes are tuples: nnx hashes them
+            self.templates, self.rows = tuple(map(tuple, cfg["templates"])), cfg["rows"]
+            self.alpha = nnx.Param(jnp.zeros((M, len(cfg["templates"][0]))))
         elif self.source == "blob":
-            self.alpha = nnx.Param(jnp.zeros((MEMBERS, cfg["k"])))
+            self.offsets = tuple(cfg["offsets"])
+            self.alpha = nnx.Param(jnp.zeros((M, cfg["k"])))
         else:
-            lead = (MEMBERS,) if self.source == "member" else ()
+            lead = (M,) if self.source == "member" else ()
             self.weight = nnx.Param(jnp.zeros((*lead, *self.shape)))
             if self.has_bias:
                 self.bias = nnx.Param(jnp.zeros((*lead, self.shape[0])))
@@ -209,7 +231,7 @@ class _Weighted(nnx.Module):
         """Composed templates [M, size] -> weight [M, *shape] and bias [M, out] (or None)."""
         size = math.prod(self.shape)
         bias = flat[:, size:] if self.has_bias else None
-        return flat[:, :size].reshape(MEMBERS, *self.shape), bias
+        return flat[:, :size].reshape(self.members, *self.shape), bias
 
     def weights(self, w: Composed):
         if self.source in ("bank", "blob"):
@@ -224,14 +246,15 @@ class _Weighted(nnx.Module):
 
     def reset_parameters(self, draw) -> None:
         """Plain and member layers PyTorch's usual init (kaiming normal for convs, the plan's rule for
-        the output layer); alphas are set by the model (orthonormal per k, or ALPHA_STD)."""
+        the output layer); alphas are set by the model (orthonormal per k, or the plan's normal law)."""
+        alpha_std, classifier_std = self.init
         if self.source in ("bank", "blob"):
-            if ALPHA_STD is not None:
-                self.alpha.set_value(ALPHA_STD * draw.normal(self.alpha.shape))
+            if alpha_std is not None:
+                self.alpha.set_value(alpha_std * draw.normal(self.alpha.shape))
             return
         fan = math.prod(self.shape[1:])
-        if self.name == OUTPUT and CLASSIFIER_STD is not None:
-            self.weight.set_value(CLASSIFIER_STD * draw.normal(self.weight.shape))
+        if classifier_std is not None:
+            self.weight.set_value(classifier_std * draw.normal(self.weight.shape))
             if self.has_bias:
                 self.bias.set_value(jnp.zeros(self.bias.shape, draw.dtype))
             return
@@ -241,92 +264,89 @@ class _Weighted(nnx.Module):
             self.weight.set_value(draw.uniform(self.weight.shape) / math.sqrt(fan))
         if self.has_bias:
             self.bias.set_value(draw.uniform(self.bias.shape) / math.sqrt(fan))
-'''
 
-MIX_BLOB = '''
     def mix_blob(self, blob):
         """Member i's templates [k, size] are the blob's window at offsets[i], mixed by its alphas."""
-        offsets = LAYERS[self.name]["offsets"]
-        alpha = self.alpha[...]
+        offsets, alpha = self.offsets, self.alpha[...]
         k, size = alpha.shape[1], math.prod(self.shape) + (self.shape[0] if self.has_bias else 0)
-        windows = [_window(blob, offset, k * size).reshape(k, size) for offset in offsets]
+        windows = [window(blob, offset, k * size).reshape(k, size) for offset in offsets]
         if len(set(offsets)) == 1:
             return alpha @ windows[0]
-        return jnp.stack([a @ window for a, window in zip(alpha, windows)])
-'''
+        return jnp.stack([a @ w for a, w in zip(alpha, windows)])
 
-CONV = '''
-class Conv(_Weighted):
-    """A convolution of every member (see _Weighted)."""
+
+class Conv(Weighted):
+    """A convolution of every member (see Weighted)."""
+
+    def __init__(self, config: Config, name: str) -> None:
+        super().__init__(config, name)
+        cfg = config.layers[name]
+        self.groups = cfg.get("groups", 1)
+        self.options = tuple((key, cfg.get(key, default)) for key, default in (("stride", 1), ("padding", 0), ("dilation", 1)))
 
     def __call__(self, x, w: Composed):
-        cfg = LAYERS[self.name]
         weight, bias = self.weights(w)
-        groups = cfg.get("groups", 1)
-        options = dict(stride=cfg.get("stride", 1), padding=cfg.get("padding", 0), dilation=cfg.get("dilation", 1))
+        groups, options, M = self.groups, dict(self.options), self.members
         if self.source == "plain" and self.shared_input:  # computed once for all members
             y = _conv(x, weight, bias, groups=groups, cpu=w.cpu, **options)
             return w.repeat(y) if self.spread else y
         if self.source == "plain" and isinstance(x, Members):  # the shared weight, once per member
             return Members([_conv(v, weight, bias, groups=groups, cpu=w.cpu, **options) for v in x])
         if self.source == "plain":  # members side by side: the weight tiled
-            weight = jnp.tile(weight, (MEMBERS,) + (1,) * (weight.ndim - 1))
-            bias = None if bias is None else jnp.tile(bias, MEMBERS)
-            return _conv(x, weight, bias, groups=MEMBERS * groups, cpu=w.cpu, **options)
+            weight = jnp.tile(weight, (M,) + (1,) * (weight.ndim - 1))
+            bias = None if bias is None else jnp.tile(bias, M)
+            return _conv(x, weight, bias, groups=M * groups, cpu=w.cpu, **options)
         if not w.grouped:  # one convolution per member
-            xs = [x] * MEMBERS if self.shared_input else x
-            biases = [None] * MEMBERS if bias is None else bias
+            xs = [x] * M if self.shared_input else x
+            biases = [None] * M if bias is None else bias
             return Members([_conv(v, wm, bm, groups=groups, cpu=w.cpu, **options) for v, wm, bm in zip(xs, weight, biases)])
         weight = weight.reshape(-1, *weight.shape[2:])  # one convolution, the members' filters stacked
         bias = None if bias is None else bias.reshape(-1)
         if self.shared_input and groups == 1:
             return _conv(x, weight, bias, cpu=w.cpu, **options)
-        x = jnp.concatenate([x] * MEMBERS, axis=-1) if self.shared_input else x
-        return _conv(x, weight, bias, groups=MEMBERS * groups, cpu=w.cpu, **options)
-'''
+        x = jnp.concatenate([x] * M, axis=-1) if self.shared_input else x
+        return _conv(x, weight, bias, groups=M * groups, cpu=w.cpu, **options)
 
-LINEAR = '''
+
 def _linear(x, w, b=None):
     """x [..., I] @ w [O, I].T (+ b)."""
     y = x @ w.T
     return y if b is None else y + b
 
 
-class Linear(_Weighted):
-    """A linear layer of every member (see _Weighted); inputs [B, M*I], or shared [B, I]."""
+class Linear(Weighted):
+    """A linear layer of every member (see Weighted); inputs [B, M*I], or shared [B, I]."""
 
     def __call__(self, x, w: Composed):
-        weight, bias = self.weights(w)
+        weight, bias, M = *self.weights(w), self.members
         if self.source == "plain":
             if self.shared_input or isinstance(x, Members):
-                y = _each(_linear, x, weight, bias)
+                y = each(_linear, x, weight, bias)
                 return w.repeat(y) if self.spread else y
-            y = x.reshape(x.shape[0], MEMBERS, -1) @ weight.T
+            y = x.reshape(x.shape[0], M, -1) @ weight.T
             return (y if bias is None else y + bias).reshape(x.shape[0], -1)
         if self.shared_input and w.grouped:
             return _linear(x, weight.reshape(-1, weight.shape[-1]), None if bias is None else bias.reshape(-1))
         if not w.grouped:
-            xs = [x] * MEMBERS if self.shared_input else x
+            xs = [x] * M if self.shared_input else x
             return Members([_linear(v, weight[m], None if bias is None else bias[m]) for m, v in enumerate(xs)])
-        y = jnp.einsum("bmi,moi->bmo", x.reshape(x.shape[0], MEMBERS, -1), weight)
+        y = jnp.einsum("bmi,moi->bmo", x.reshape(x.shape[0], M, -1), weight)
         return (y if bias is None else y + bias).reshape(x.shape[0], -1)
-'''
 
-BATCH_NORM = '''
+
 class BatchNorm(nnx.Module):
     """Each member's own BatchNorm (weight, bias, running statistics [M, C]; PyTorch's semantics):
     per member in the loop layout, one normalisation over the members' M*C channels when grouped.
     In training the running statistics are updated in place (nnx.BatchStat)."""
 
-    def __init__(self, name: str) -> None:
-        cfg = LAYERS.get(name, {})
-        self.name, channels, self.shared_input = name, BATCH_NORMS[name], cfg.get("shared_input", False)
-        self.made = _made()
+    def __init__(self, config: Config, name: str) -> None:
+        cfg, M, channels = config.layers.get(name, {}), config.members, config.batch_norms[name]
+        self.name, self.shared_input, self.made = name, cfg.get("shared_input", False), _made()
         self.momentum, self.eps = cfg.get("momentum", 0.1), cfg.get("eps", 1e-5)
-        self.weight = nnx.Param(jnp.ones((MEMBERS, channels)))
-        self.bias = nnx.Param(jnp.zeros((MEMBERS, channels)))
-        self.running_mean = nnx.BatchStat(jnp.zeros((MEMBERS, channels)))
-        self.running_var = nnx.BatchStat(jnp.ones((MEMBERS, channels)))
+        self.weight = nnx.Param(jnp.ones((M, channels)))
+        self.bias = nnx.Param(jnp.zeros((M, channels)))
+        self.running_mean = nnx.BatchStat(jnp.zeros((M, channels)))
+        self.running_var = nnx.BatchStat(jnp.ones((M, channels)))
 
     def plan_tensors(self, path: str) -> dict[str, str]:
         return {f"bn.{self.name}.{t}": f"{path}.{t}" for t in ("weight", "bias", "running_mean", "running_var")}
@@ -344,13 +364,12 @@ class BatchNorm(nnx.Module):
             y, stats = Members([o[0] for o in outs]), [jnp.stack(s) for s in zip(*[o[1] for o in outs])] if w.train else None
         else:
             y, stats = _batch_norm(x, *[t.reshape(-1) for t in tensors], *options)
-            stats = [s.reshape(MEMBERS, -1) for s in stats] if w.train else None
+            stats = [s.reshape(w.members, -1) for s in stats] if w.train else None
         if w.train:
             self.running_mean[...], self.running_var[...] = stats
         return y
-'''
 
-ENSEMBLE = '''
+
 class _Draws:
     """Every random draw of the initialisation is a slice of one uniform vector u on (-1, 1), the
     normal ones of z = sqrt(2) erfinv(u) (XLA compiles each random call on its own, slowly on CPU).
@@ -377,20 +396,23 @@ class _Draws:
 class Ensemble(nnx.Module):
     """What every generated ensemble shares: templates, composition, initialisation, tensor names."""
 
-    def __init__(self, layout: str, dtype, platform: str) -> None:
-        if layout not in LAYOUTS:
+    def __init__(self, config: Config, layout: str, dtype, platform: str) -> None:
+        if layout not in ("auto", "grouped", "loop"):
             raise ValueError(f"layout must be auto, grouped or loop, not {layout!r}")
         self.layout, self.platform, self.dtype = layout, platform, jnp.dtype(dtype)
-        self.banks = nnx.Dict({key: nnx.Param(jnp.zeros(shape)) for key, shape, _ in BANKS.values()})
-        if BLOB:
-            self.blob = nnx.Param(jnp.zeros(BLOB[0]))
+        self.members, self.n_classes, self.alpha_std = config.members, config.classes, config.alpha_std
+        self.bank_table = tuple((name, key, tuple(shape), tuple(stds)) for name, (key, shape, stds) in config.banks.items())
+        self.blob_init = config.blob  # (size, std) or None
+        self.banks = nnx.Dict({key: nnx.Param(jnp.zeros(shape)) for _, key, shape, _ in self.bank_table})
+        if config.blob:
+            self.blob = nnx.Param(jnp.zeros(config.blob[0]))
 
     def layers(self) -> list[tuple[str, nnx.Module]]:
         """(path, layer) of every Conv, Linear and BatchNorm, in the order they were made (the plan's)."""
         def walk(node, path: str):
             items = enumerate(node) if isinstance(node, nnx.List) else vars(node).items()
             for key, child in items:
-                if isinstance(child, (_Weighted, BatchNorm)):
+                if isinstance(child, (Weighted, BatchNorm)):
                     yield f"{path}{key}", child
                 elif isinstance(child, (nnx.Module, nnx.List)) and not isinstance(child, nnx.Dict):
                     yield from walk(child, f"{path}{key}.")
@@ -405,19 +427,19 @@ class Ensemble(nnx.Module):
         self._draw_all(_Draws(key, tuple(count.pos), self.dtype))
 
     def _draw_all(self, draw) -> None:
-        for key, (rows, size), (weight_size, weight_std, bias_std) in BANKS.values():
+        for _, key, (rows, size), (weight_size, weight_std, bias_std) in self.bank_table:
             weight = weight_std * draw.normal((rows, weight_size))
             bias = bias_std * draw.normal((rows, size - weight_size))
             self.banks[key].set_value(jnp.concatenate([weight, bias], axis=1))
-        if BLOB:
-            self.blob.set_value(BLOB[1] * draw.normal((BLOB[0],)))
+        if self.blob_init:
+            self.blob.set_value(self.blob_init[1] * draw.normal((self.blob_init[0],)))
         alphas: dict[int, list] = {}
         for _, layer in self.layers():
             layer.reset_parameters(draw)
-            if isinstance(layer, _Weighted) and layer.source in ("bank", "blob") and ALPHA_STD is None:
+            if isinstance(layer, Weighted) and layer.source in ("bank", "blob") and self.alpha_std is None:
                 alphas.setdefault(layer.alpha.shape[1], []).append(layer)
         for k, layers in sorted(alphas.items()):
-            rows = _orthonormal_rows(draw.normal((len(layers), -(-MEMBERS // k), k, k)), MEMBERS)
+            rows = orthonormal_rows(draw.normal((len(layers), -(-self.members // k), k, k)), self.members)
             for j, layer in enumerate(layers):
                 layer.alpha.set_value(rows[j])
 
@@ -426,35 +448,35 @@ class Ensemble(nnx.Module):
         layers' alphas spread over its rows, then one product with the templates."""
         weights, banked = {}, {}
         for _, layer in self.layers():
-            if isinstance(layer, _Weighted) and layer.source == "bank":
-                banked.setdefault(LAYERS[layer.name]["bank"], []).append(layer)
-            elif isinstance(layer, _Weighted) and layer.source == "blob":
+            if isinstance(layer, Weighted) and layer.source == "bank":
+                banked.setdefault(layer.bank, []).append(layer)
+            elif isinstance(layer, Weighted) and layer.source == "blob":
                 weights[layer.name] = layer.split(layer.mix_blob(self.blob[...]))
+        M = self.members
         for key, layers in banked.items():
-            cfg = [LAYERS[m.name] for m in layers]
             coeffs = jnp.concatenate([
-                jnp.einsum("mk,mkt->mt", m.alpha[...], jax.nn.one_hot(jnp.array(c["templates"]), c["rows"], dtype=self.dtype))
-                for m, c in zip(layers, cfg)
+                jnp.einsum("mk,mkt->mt", m.alpha[...], jax.nn.one_hot(jnp.array(m.templates), m.rows, dtype=self.dtype))
+                for m in layers
             ])
             flat = coeffs @ self.banks[key][...]
             for j, layer in enumerate(layers):
-                weights[layer.name] = layer.split(flat[j * MEMBERS : (j + 1) * MEMBERS])
+                weights[layer.name] = layer.split(flat[j * M : (j + 1) * M])
         return weights
 
     def composed(self, train: bool, dropout_key) -> Composed:
         cpu = (jax.default_backend() if self.platform == "auto" else self.platform) == "cpu"
         grouped = self.layout == "grouped" or (self.layout == "auto" and not cpu)
-        return Composed(self.mix(), grouped, cpu, train, dropout_key)
+        return Composed(self.mix(), self.members, grouped, cpu, train, dropout_key)
 
     def logits(self, x):
-        """The last layer's output as member logits [B, MEMBERS, CLASSES]."""
-        return jnp.stack(x, axis=1) if isinstance(x, Members) else x.reshape(x.shape[0], MEMBERS, CLASSES)
+        """The last layer's output as member logits [B, members, classes]."""
+        return jnp.stack(x, axis=1) if isinstance(x, Members) else x.reshape(x.shape[0], self.members, self.n_classes)
 
     def compose(self) -> dict:
         """Every layer's "<layer>.weight"/".bias" ([M, ...], or shared for plain layers), for analysis."""
         mixed, out = self.mix(), {}
         for _, m in self.layers():
-            if isinstance(m, _Weighted):
+            if isinstance(m, Weighted):
                 wb = mixed.get(m.name) or (m.weight[...], m.bias[...] if m.has_bias else None)
                 out |= {f"{m.name}.{part}": t for part, t in zip(("weight", "bias"), wb) if t is not None}
         return out
@@ -462,20 +484,7 @@ class Ensemble(nnx.Module):
     @property
     def plan_tensors(self) -> dict[str, str]:
         """Plan tensor name (the checkpoint format, shared with the torch backend) -> module path."""
-        names = {name: f"banks.{key}" for name, (key, _, _) in BANKS.items()} | ({"blob": "blob"} if BLOB else {})
+        names = {name: f"banks.{key}" for name, key, _, _ in self.bank_table} | ({"blob": "blob"} if self.blob_init else {})
         for path, layer in self.layers():
             names |= layer.plan_tensors(path)
         return names
-'''
-
-
-def pieces(blob: bool, orthonormal: bool, linear: bool, repeat: bool, pool: bool, flatten: bool) -> str:
-    """The layer classes and functions a plan needs, as source text."""
-    parts = [FUNCTIONS] + ([POOL] if pool else []) + ([FLATTEN] if flatten else []) + [COMMON]
-    parts += [REPEAT] if repeat else []
-    parts += [WINDOW] if blob else []
-    parts += [ORTHONORMAL] if orthonormal else []
-    parts += [WEIGHTED.rstrip("\n") + ("\n" + MIX_BLOB if blob else "\n"), CONV]
-    parts += [LINEAR] if linear else []
-    parts += [BATCH_NORM, ENSEMBLE]
-    return "\n\n\n".join(p.strip("\n") for p in parts)
