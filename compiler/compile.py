@@ -198,13 +198,13 @@ def _ignored_warnings(ens, sources: dict[str, str]) -> list[P.PlanWarning]:
     unused = [k for k, _ in ignored if k not in ("method.alpha",) and not (k == "budget" and m == "packed")]
     reasons = []
     if unused:
-        reasons.append(f"method {m} does not use {', '.join(unused)}")
+        reasons.append(f"method {m}, chosen with --set, does not use the spec's {', '.join(unused)} "
+                       f"({'they are' if len(unused) > 1 else 'it is'} ignored)")
     if any(k == "budget" for k, _ in ignored) and m == "packed":
-        reasons.append("packed's alpha is given, so the budget does not size it")
+        reasons.append("the spec's budget is ignored: packed's alpha is given with --set")
     if any(k == "method.alpha" for k, _ in ignored):
-        reasons.append("the budget solves packed's alpha")
-    names = ", ".join(k for k, _ in ignored)
-    return [_warning(f"--set overrides the spec's {names}: " + "; ".join(reasons), ignored[0][1],
+        reasons.append("the spec's alpha is ignored: the budget given with --set solves alpha")
+    return [_warning("; ".join(reasons), ignored[0][1],
                      f"to silence this, remove {'them' if len(ignored) > 1 else 'it'} from the spec", sources)]
 
 

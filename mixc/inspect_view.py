@@ -191,6 +191,7 @@ def _print_method(plan: Plan, console: Console) -> None:
             console.print(f"one network, every layer alpha = {m.alpha:g} times as wide and split into gamma x "
                           f"members = {m.gamma * M} groups (the first layer '{first.name}' not split, the output "
                           f"layer in {M} groups producing {M} x {plan.classes})")
+            console.print(_budget_note(plan))
         t.add_row("weights and biases", f"{a.plain_params:,}", "one network holding every member")
     t.add_row("batchnorm", f"{a.bn_params:,}",
               f"{a.bn_params // M:,} per member" if plan.execution == "per_member" else "one per layer (per channel)")
@@ -198,7 +199,8 @@ def _print_method(plan: Plan, console: Console) -> None:
            "mimo": "its share of the first layer's input channels and its head",
            "packed": "its groups of every layer (a member owns 1/M of every tensor)"}[name]
     t.add_row("per member", f"{a.per_member_params:,}", own)
-    t.add_row("[bold]total[/bold]", f"[bold]{a.total_params:,}[/bold]", _budget_note(plan))
+    t.add_row("[bold]total[/bold]", f"[bold]{a.total_params:,}[/bold]",
+              f"budget {a.budget:,}, {a.total_params / a.budget - 1:+.2%}" if a.budget else "no budget applies")
     t.add_row("naive ensemble", f"{a.naive_params:,}",
               f"{M} x backbone; this is {a.total_params / a.naive_params:.1%} of it")
     _flops_row(t, plan)
@@ -206,13 +208,12 @@ def _print_method(plan: Plan, console: Console) -> None:
 
 
 def _budget_note(plan: Plan) -> str:
+    """How packed's alpha was chosen."""
     a, m = plan.accounting, plan.method
-    if m.name == "packed" and m.alpha_from_budget and a.budget:
-        return (f"alpha {m.alpha:g} solved from the budget {a.budget:,}: the alpha (among those at which every "
-                f"width divides) whose total is closest to it, {a.total_params / a.budget - 1:+.2%}")
-    if m.name == "packed":
-        return f"alpha {m.alpha:g} as given; no budget applies (a budget instead of alpha would solve alpha)"
-    return "no budget applies: the size follows from the backbone and the members"
+    if m.alpha_from_budget and a.budget:
+        return (f"alpha {m.alpha:g} solved from the budget {a.budget:,}: of the alphas at which every width divides, "
+                f"the one whose total is closest to the budget ({a.total_params / a.budget - 1:+.2%})")
+    return f"alpha {m.alpha:g} as given (with a budget and no alpha, the alpha closest to the budget is taken)"
 
 
 def _print_mixture(plan: Plan, console: Console) -> None:
