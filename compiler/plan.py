@@ -53,7 +53,8 @@ class _Model(BaseModel):
 class _Grown(_Model):
     """A model that gained fields after plan version 1: each is left out of the JSON (and so of the
     content hash) while it holds the value every older plan implies, so those plans keep their bytes
-    and their hashes. ``_implied`` maps such a field to that value."""
+    and their hashes. ``_implied`` maps such a field to that value. ``model_dump()`` leaves it out
+    too: read ``plan.method``, never ``plan.model_dump()["method"]``."""
 
     _implied: ClassVar[dict[str, Any]] = {}
 

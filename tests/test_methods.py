@@ -370,6 +370,8 @@ def test_method_line_and_overrides():
     assert _compile("method mimo", ["method=batch_ensemble"]).method.name == "batch_ensemble"
     plan = mixc.compile("wrn16_4", ["method=packed(alpha = 2)"])
     assert plan.method.name == "packed" and plan.method.alpha == 2.0
+    with pytest.raises(SpecError, match="choose the method first: --set method=batch_ensemble --set method.fast_std"):
+        mixc.compile("wrn16_4", ["method.fast_std=0.1"])
 
 
 def test_unknown_methods_and_options_are_positioned():
