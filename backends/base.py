@@ -23,6 +23,7 @@ Three narrow protocols cross the boundary:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
@@ -69,6 +70,26 @@ class Capabilities:
     data_parallel: str = ""  # how it runs data parallel ("" if it does not)
     commands: frozenset[str] = field(default_factory=lambda: COMMANDS)
     export_formats: tuple[str, ...] = ()  # graph formats `mixc export` can write through it ("onnx", ...)
+    methods: frozenset[str] = frozenset({"mixture", "naive"})  # the ensemble methods it builds (Plan.method.name)
+
+
+#: the Backend methods that take a plan first; each refuses a plan whose method the backend does not build
+PLAN_ENTRIES = ("emit_source", "write", "build", "count_params", "trainer", "runner", "load_predictor",
+                "export_graph")
+
+
+def _refusing_unbuilt_methods(entry: Callable) -> Callable:
+    """``entry`` preceded by :meth:`Backend.check_method` (applied to every PLAN_ENTRIES method, overrides included)."""
+    if getattr(entry, "_checks_method", False):
+        return entry
+
+    @functools.wraps(entry)
+    def checked(self: "Backend", *args: Any, **kwargs: Any) -> Any:
+        self.check_method(args[0] if args else kwargs["plan"])
+        return entry(self, *args, **kwargs)
+
+    checked._checks_method = True  # type: ignore[attr-defined]
+    return checked
 
 
 @runtime_checkable
@@ -159,6 +180,22 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<mixc backend {self.name}>"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's own plan entries check the method too: one check, whichever entry a command uses."""
+        super().__init_subclass__(**kwargs)
+        for name in PLAN_ENTRIES:
+            if name in cls.__dict__:
+                setattr(cls, name, _refusing_unbuilt_methods(cls.__dict__[name]))
+
+    def check_method(self, plan: Plan) -> None:
+        """Refuse, with one clear error, a plan whose ensemble method this backend does not build."""
+        method = plan.method.name
+        if method not in self.capabilities.methods:
+            built = ", ".join(sorted(self.capabilities.methods))
+            raise BackendError(f"method '{method}' is not built by the {self.name} backend yet (it builds: {built}); "
+                               f"hint: inspect or compile the plan without a backend (`mixc inspect`, `mixc compile "
+                               f"--emit plan`), or choose a method it builds with --set method=...")
 
     # -- availability ---------------------------------------------------------
 
@@ -270,3 +307,7 @@ class Backend:
     def graph_runner(self, fmt: str, path: Path) -> GraphRunner:
         """Run an exported graph the way a deployment would (onnxruntime for ONNX, say)."""
         raise NotImplementedError
+
+
+for _name in PLAN_ENTRIES:  # the base class's own entries (subclasses get theirs in __init_subclass__)
+    setattr(Backend, _name, _refusing_unbuilt_methods(getattr(Backend, _name)))

@@ -12,6 +12,7 @@ from mixc.compiler.degenerate import all_collinear, degenerate_groups
 from mixc.compiler.elaborate import elaborate
 from mixc.compiler.group import form_groups
 from mixc.compiler.layers import weight_size
+from mixc.compiler.methods import MethodError, build_method
 from mixc.spec.diagnostics import Diagnostics, Pos
 from mixc.spec.expr import Multiple
 from mixc.spec.loader import Program
@@ -38,9 +39,11 @@ def compile_program(program: Program) -> P.Plan:
     if isinstance(budget, Multiple):
         budget = int(budget.factor * backbone)
     budget_pos = ens.pos.get("budget", ens.pos.get("backbone"))
+    warnings: list[P.PlanWarning] = _ignored_warnings(ens, diags.sources)
+    if ens.method.name in ("batch_ensemble", "mimo", "packed"):
+        return _compile_method(program, graph, backbone, budget, budget_pos, warnings, diags)
 
-    grouping = ens.groups
-    warnings: list[P.PlanWarning] = []
+    grouping = "none" if ens.method.name == "naive" else ens.groups  # groups none is the naive ensemble
     maximum: int | None = None
     groups: list[P.Group] = []
     slots: list[P.Slot] = []
@@ -144,8 +147,65 @@ def compile_program(program: Program) -> P.Plan:
         classes=ops[-1].out_shape[0], ops=ops, groups=groups, blob=blob, slots=slots, plain_layers=plain,
         tensors=tensors, accounting=accounting, train=program.recipe,
         init=_init_rules(ens.init), warnings=warnings, scopes=graph.scopes,
+        method=P.NaiveMethod() if grouping == "none" else P.MixtureMethod(),
     )
     return plan.model_copy(update={"spec_hash": plan.content_hash()})
+
+
+def _compile_method(program: Program, graph, backbone: int, budget: int | None, budget_pos: Pos | None,
+                    warnings: list[P.PlanWarning], diags: Diagnostics) -> P.Plan:
+    """A batch_ensemble, mimo or packed plan (compiler/methods.py): no groups, slots or blob."""
+    ens = program.ensemble
+    M = ens.members
+    try:
+        parts = build_method(ens.method.name, ens.method.options, list(graph.ops), M, budget, budget_pos,
+                             graph.pos, backbone)
+    except MethodError as e:
+        diags.error(e.message, e.pos, e.hint)
+        diags.raise_if_any()
+    diags.raise_if_any()  # errors found earlier (the train section, say) are reported with none of ours
+    by_role: dict[str, int] = {}
+    for t in parts.tensors:
+        if t.trainable:
+            by_role[t.role] = by_role.get(t.role, 0) + t.numel
+    part = {k: sum(by_role.get(r, 0) for r in roles) for k, roles in (
+        ("plain", ("plain_weight", "plain_bias", "member_weight", "member_bias")), ("fast", ("fast_in", "fast_out")),
+        ("bn", ("bn_weight", "bn_bias")))}
+    accounting = P.Accounting(
+        backbone_params=backbone, naive_params=M * backbone, plain_params=part["plain"], template_params=0,
+        alpha_params=0, bn_params=part["bn"], total_params=sum(by_role.values()), budget=parts.budget,
+        minimum_budget=parts.minimum, per_member_params=parts.per_member, fast_params=part["fast"],
+        backbone_macs=parts.backbone_macs,
+    )
+    ops = parts.ops
+    plan = P.Plan(
+        name=program.name, source=program.main_file, members=M, grouping="none", assign=ens.assign,
+        templates_per_layer=ens.templates_per_layer, bank_singletons=ens.bank_singletons,
+        input_shape=list(ops[0].in_shape), input_layout=ops[0].layout, output=ops[-1].name,
+        classes=graph.ops[-1].out_shape[0], ops=ops, groups=[], blob=None, slots=[], plain_layers=[],
+        tensors=parts.tensors, accounting=accounting, train=program.recipe, init=_init_rules(ens.init),
+        warnings=warnings, scopes=graph.scopes, method=parts.method, execution=P.EXECUTION[ens.method.name],
+    )
+    return plan.model_copy(update={"spec_hash": plan.content_hash()})
+
+
+def _ignored_warnings(ens, sources: dict[str, str]) -> list[P.PlanWarning]:
+    """One warning naming the spec's settings that a --set made moot (spec/sections.py decides which)."""
+    if not ens.ignored:
+        return []
+    ignored = sorted(ens.ignored, key=lambda kp: (kp[1].line, kp[1].col))
+    m = ens.method.name
+    unused = [k for k, _ in ignored if k not in ("method.alpha",) and not (k == "budget" and m == "packed")]
+    reasons = []
+    if unused:
+        reasons.append(f"method {m}, chosen with --set, does not use the spec's {', '.join(unused)} "
+                       f"({'they are' if len(unused) > 1 else 'it is'} ignored)")
+    if any(k == "budget" for k, _ in ignored) and m == "packed":
+        reasons.append("the spec's budget is ignored: packed's alpha is given with --set")
+    if any(k == "method.alpha" for k, _ in ignored):
+        reasons.append("the spec's alpha is ignored: the budget given with --set solves alpha")
+    return [_warning("; ".join(reasons), ignored[0][1],
+                     f"to silence this, remove {'them' if len(ignored) > 1 else 'it'} from the spec", sources)]
 
 
 @dataclass

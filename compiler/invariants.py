@@ -25,6 +25,7 @@ INVARIANTS = (
     "shares",  # no exchange of templates that spends no less comes closer to the shares
     "members_differ",  # several members are not all scalar multiples of one another
     "disjoint_members",  # greedy_disjoint: members of a layer disjoint when M*k <= n
+    "method_tensors",  # every weight layer and BatchNorm has exactly the tensors its method prescribes
 )
 
 
@@ -43,12 +44,15 @@ def check_plan(plan: Plan) -> list[Violation]:
     a = plan.accounting
     M = plan.members
     trainable = sum(t.numel for t in plan.tensors if t.trainable)
-    parts = a.plain_params + a.template_params + a.alpha_params + a.bn_params
+    parts = a.plain_params + a.template_params + a.alpha_params + a.fast_params + a.bn_params
     if trainable != a.total_params or parts != a.total_params:
         out.append(Violation("accounting", f"tensors hold {trainable:,}, parts sum to {parts:,}, "
                                            f"total says {a.total_params:,}"))
-    if a.budget is not None and a.total_params > a.budget:
+    # A budget is a ceiling for mixture; packed takes the alpha closest to it (compiler/methods.py).
+    if a.budget is not None and a.total_params > a.budget and plan.method.name == "mixture":
         out.append(Violation("within_budget", f"total {a.total_params:,} exceeds the budget {a.budget:,}"))
+    if plan.method.name != "mixture":
+        out.extend(_check_method_tensors(plan))
 
     room = None if a.budget is None else a.budget - a.total_params
     for g in plan.groups:
@@ -176,4 +180,49 @@ def _check_blob(plan: Plan, room: int | None) -> list[Violation]:
                                          plan.templates_per_layer) <= plan.accounting.budget:
             out.append(Violation("no_template_fits", f"a readable blob of {nxt:,} entries would still fit "
                                                      f"the budget"))
+    return out
+
+
+def _expected_tensors(plan: Plan) -> dict[str, list[int]]:
+    """Tensor name -> shape that the plan's method prescribes for its ops (docs/plan.md), for every
+    method but mixture (whose banks and alphas the checks above cover)."""
+    M, name = plan.members, plan.method.name
+    per_member = plan.execution == "per_member"
+    want: dict[str, list[int]] = {}
+    for o in plan.ops:
+        if o.kind in ("conv", "linear"):
+            shape = list(o.weight_shape)
+            cin, cout = shape[1] * o.groups, shape[0]
+            if name == "naive":
+                want[f"member.{o.name}.weight"] = [M, *shape]
+            else:
+                want[f"plain.{o.name}.weight"] = shape
+            if name == "batch_ensemble":
+                want[f"fast.{o.name}.r"], want[f"fast.{o.name}.s"] = [M, cin], [M, cout]
+            if o.bias:
+                want[f"{'plain' if not per_member else 'member'}.{o.name}.bias"] = [cout] if not per_member else [M, cout]
+        elif o.kind == "bn":
+            for field in ("weight", "bias", "running_mean", "running_var"):
+                want[f"bn.{o.name}.{field}"] = [M, o.channels] if per_member else [o.channels]
+    return want
+
+
+def _check_method_tensors(plan: Plan) -> list[Violation]:
+    out: list[Violation] = []
+    want = _expected_tensors(plan)
+    have = {t.name: list(t.shape) for t in plan.tensors}
+    for n in sorted(set(want) | set(have)):
+        if want.get(n) != have.get(n):
+            out.append(Violation("method_tensors", f"{plan.method.name}: tensor {n} has shape {have.get(n)}, "
+                                                   f"expected {want.get(n)}"))
+            break
+    if plan.execution == "single_path":
+        M = plan.members
+        logits = plan.op(plan.output).out_shape
+        if logits != [M * plan.classes]:
+            out.append(Violation("method_tensors", f"{plan.method.name}: the output has shape {logits}, expected "
+                                                   f"[{M} x {plan.classes}] (M heads)"))
+        if plan.method.name == "packed" and plan.accounting.total_params != M * plan.accounting.per_member_params:
+            out.append(Violation("method_tensors", f"packed: {plan.accounting.total_params:,} parameters do not split "
+                                                   f"into {M} members of {plan.accounting.per_member_params:,}"))
     return out

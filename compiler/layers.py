@@ -193,3 +193,15 @@ def weight_size(op: P.ConvOp | P.LinearOp) -> int:
     for d in op.weight_shape:
         n *= d
     return n + (op.weight_shape[0] if op.bias else 0)
+
+
+def macs(op) -> int:
+    """Multiply-accumulates of one conv/linear op for one sample (0 for every other op)."""
+    if op.kind == "conv":
+        n = op.in_channels // op.groups
+        for d in (*op.out_shape, *op.kernel):
+            n *= d
+        return n
+    if op.kind == "linear":
+        return op.in_features * op.out_features // op.groups
+    return 0

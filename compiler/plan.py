@@ -13,10 +13,15 @@ Conventions every backend follows:
   order, followed by its bias when the layer has one (``size`` entries).
 - Per-member tensors carry the member axis first (``[M, ...]``).
 - A weight layer's ``source`` says where its weights come from: ``plain``
-  (one tensor shared by all members: ``plain.<layer>.weight``/``.bias``),
-  ``member`` (an unfactorised weight per member, the naive ensemble:
-  ``member.<layer>.weight`` ``[M, ...]``), ``bank`` or ``blob`` (composed per
-  member from templates, see ``Slot``).
+  (one tensor: ``plain.<layer>.weight``/``.bias``; shared by all members, or
+  the single network of a single-path method), ``member`` (an unfactorised
+  weight per member, the naive ensemble: ``member.<layer>.weight`` ``[M, ...]``),
+  ``bank`` or ``blob`` (composed per member from templates, see ``Slot``), or
+  ``batch_ensemble`` (a shared weight scaled per member by fast weights).
+- ``method`` names the ensemble method and ``execution`` how activations run:
+  ``per_member`` (each member's activations apart: mixture, naive,
+  batch_ensemble) or ``single_path`` (one network holds every member: mimo,
+  packed). docs/plan.md lists each method's tensors.
 
 A plan is also an input: ``plan.json`` travels in run folders that people share,
 and backends lower it to Python source that is exec'd. So every field is
@@ -31,9 +36,10 @@ import hashlib
 import json
 import os
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SerializationInfo, SerializerFunctionWrapHandler,
+                      ValidationError, model_serializer, model_validator)
 
 from mixc.errors import MixcError
 
@@ -42,6 +48,26 @@ PLAN_VERSION = 1
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Grown(_Model):
+    """A model that gained fields after plan version 1: each is left out of the JSON (and so of the
+    content hash) while it holds the value every older plan implies, so those plans keep their bytes
+    and their hashes. ``_implied`` maps such a field to that value. ``model_dump()`` leaves it out
+    too: read ``plan.method``, never ``plan.model_dump()["method"]``."""
+
+    _implied: ClassVar[dict[str, Any]] = {}
+
+    @model_serializer(mode="wrap")
+    def _leave_out_implied(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict:
+        data = handler(self)
+        for key, value in self._implied_values().items():
+            if key in data and getattr(self, key) == value:
+                del data[key]
+        return data
+
+    def _implied_values(self) -> dict[str, Any]:
+        return self._implied
 
 
 # ---------------------------------------------------------------------------
@@ -91,6 +117,9 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 # ---------------------------------------------------------------------------
 # The op graph
 
+#: where a weight layer's weights come from (module docstring; docs/plan.md)
+Source = Literal["plain", "member", "bank", "blob", "batch_ensemble"]
+
 
 class _OpBase(_Model):
     name: Name  # hierarchical and unique, e.g. "s2.b1.conv1"
@@ -115,23 +144,26 @@ class ConvOp(_OpBase):
     dilation: list[Dim]
     groups: Dim
     bias: bool
-    source: Literal["plain", "member", "bank", "blob"]
+    source: Source
 
     @property
     def weight_shape(self) -> list[int]:
         return [self.out_channels, self.in_channels // self.groups, *self.kernel]
 
 
-class LinearOp(_OpBase):
+class LinearOp(_OpBase, _Grown):
     kind: Literal["linear"] = "linear"
     in_features: Dim
     out_features: Dim
     bias: bool
-    source: Literal["plain", "member", "bank", "blob"]
+    source: Source
+    groups: Dim = 1  # a grouped linear (Packed-Ensembles): block-diagonal, ``groups`` blocks
+
+    _implied: ClassVar[dict[str, Any]] = {"groups": 1}
 
     @property
     def weight_shape(self) -> list[int]:
-        return [self.out_features, self.in_features]
+        return [self.out_features, self.in_features // self.groups]
 
 
 class BatchNormOp(_OpBase):
@@ -246,6 +278,8 @@ class Tensor(_Model):
         "member_weight",
         "member_bias",
         "alpha",
+        "fast_in",  # BatchEnsemble: r, scales a layer's input channels per member
+        "fast_out",  # BatchEnsemble: s, scales a layer's output channels per member
         "bn_weight",
         "bn_bias",
         "bn_mean",
@@ -263,20 +297,28 @@ class Tensor(_Model):
         return n
 
 
-class Accounting(_Model):
-    """Parameter counts (trainable parameters only; BN running stats are buffers)."""
+class Accounting(_Grown):
+    """Parameter counts (trainable parameters only; BN running stats are buffers).
+
+    ``total = plain + templates + alphas + fast + bn``; the fields after ``maximum_budget`` came with
+    the other ensemble methods and are left out of the JSON at their defaults (see ``_Grown``).
+    """
 
     backbone_params: Count  # one plain member, no factorisation
     naive_params: Count  # members * backbone_params
-    plain_params: Count  # layers shared by all members, unfactorised
+    plain_params: Count  # unfactorised weights and biases: shared, per-member, or the single-path network's
     template_params: Count  # banks or blob
     alpha_params: Count  # all members
     bn_params: Count  # all members
     total_params: Count
-    budget: Count | None  # None when every group fixed its template count
-    minimum_budget: Count  # fixed cost plus one template per group
-    per_member_params: Count  # alphas + BN of one member
+    budget: Count | None  # None when no budget applies (or every group fixed its template count)
+    minimum_budget: Count  # fixed cost plus one template per group (other methods: the smallest model)
+    per_member_params: Count  # what one member holds alone (mixture: alphas + BN; see docs/plan.md)
     maximum_budget: Count | None = None  # largest useful budget: every group (or the blob) fully readable
+    fast_params: Count = 0  # BatchEnsemble's fast weights r and s, all members
+    backbone_macs: Count | None = None  # one plain backbone's MACs, where the ops are not that backbone
+
+    _implied: ClassVar[dict[str, Any]] = {"fast_params": 0, "backbone_macs": None}
 
 
 class PlanWarning(_Model):
@@ -310,6 +352,66 @@ class InitRules(_Model):
     classifier: InitRule = InitRule(law="uniform")
 
 
+Positive = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+
+
+class MixtureMethod(_Model):
+    """MixtureEnsembles: every banked layer of every member mixes shared templates (``groups``, ``blob``, ``slots``)."""
+
+    name: Literal["mixture"] = "mixture"
+
+
+class NaiveMethod(_Model):
+    """A deep ensemble: M independent backbones (``member.*`` weights); what ``groups none`` compiles to."""
+
+    name: Literal["naive"] = "naive"
+
+
+class BatchEnsembleMethod(_Model):
+    """BatchEnsemble (Wen et al. 2020; edward2's ``Conv2DBatchEnsemble``/``DenseBatchEnsemble``).
+
+    Member i's layer computes ``((x * r[i]) conv W) * s[i] + b[i]`` with one shared ``W``; the batch is
+    tiled M times. ``fast_init``/``fast_std`` initialise r and s (N(1, fast_std^2), or random signs +-1);
+    ``fast_lr`` multiplies the learning rate of r and s, which get no weight decay (training only: not hashed).
+    """
+
+    name: Literal["batch_ensemble"] = "batch_ensemble"
+    fast_init: Literal["normal", "signs"] = "normal"
+    fast_std: Positive = 0.5
+    fast_lr: Positive = 0.5
+
+
+class MimoMethod(_Model):
+    """MIMO (Havasi et al. 2021): one network; the first layer reads the M members' inputs stacked on the
+    channel axis, the last has M heads. ``batch_repetitions`` and ``input_sharing`` (rho) shape training
+    batches only (not hashed)."""
+
+    name: Literal["mimo"] = "mimo"
+    batch_repetitions: Dim = 4
+    input_sharing: Fraction = 0.0
+
+
+class PackedMethod(_Model):
+    """Packed-Ensembles (Laurent et al. 2023): every layer widened by ``alpha`` and split into ``gamma * M``
+    groups (the first not split, the last with M groups producing M x classes). ``alpha_from_budget``:
+    alpha was solved from the budget (the one closest to it: see compiler/methods.py)."""
+
+    name: Literal["packed"] = "packed"
+    alpha: Positive = 2.0
+    gamma: Dim = 1
+    alpha_from_budget: bool = False
+
+
+Method = Annotated[Union[MixtureMethod, NaiveMethod, BatchEnsembleMethod, MimoMethod, PackedMethod],
+                   Field(discriminator="name")]
+METHODS = ("mixture", "batch_ensemble", "mimo", "packed", "naive")
+#: how each method runs its members' activations (``Plan.execution``)
+EXECUTION: dict[str, str] = {"mixture": "per_member", "naive": "per_member", "batch_ensemble": "per_member",
+                             "mimo": "single_path", "packed": "single_path"}
+#: method options that only shape training, left out of the content hash (as the train section is)
+_TRAINING_OPTIONS = {"fast_lr", "batch_repetitions", "input_sharing"}
+
+
 class Scope(_Model):
     """A named scope of the backbone, as the spec wrote it: the scope ``s1.b0`` is the call of
     block ``wide_basic`` at ``index`` 0 of a repeat. Ops belong to the scopes their names start
@@ -322,16 +424,17 @@ class Scope(_Model):
 
 # Plan fields outside the content hash (see Plan.content_hash).
 _HASH_EXCLUDE = {"spec_hash": True, "source": True, "train": True, "warnings": True, "scopes": True,
-                 "groups": {"__all__": {"capacity"}}, "accounting": {"maximum_budget"}}
+                 "groups": {"__all__": {"capacity"}}, "accounting": {"maximum_budget", "backbone_macs"},
+                 "method": _TRAINING_OPTIONS}
 
 
-class Plan(_Model):
+class Plan(_Grown):
     version: Dim = PLAN_VERSION
     name: Text
     source: Text  # the spec file it was compiled from, for messages
     spec_hash: Hash = ""  # sha256 of the plan's content (see content_hash)
     members: Dim
-    grouping: Literal["by_shape", "single", "explicit", "none"]  # none: naive ensemble
+    grouping: Literal["by_shape", "single", "explicit", "none"]  # none: no template groups (every method but mixture)
     assign: Literal["shared", "greedy_disjoint"]
     templates_per_layer: Dim
     bank_singletons: bool
@@ -350,6 +453,13 @@ class Plan(_Model):
     init: InitRules = InitRules()  # initialisation rules (part of the model's definition)
     warnings: list[PlanWarning] = []  # compile-time warnings (not part of the content hash)
     scopes: list[Scope] = []  # the spec's blocks, stages and repeats (not part of the content hash)
+    # The ensemble method; a plan without one (every plan before methods existed) is mixture, or naive
+    # when grouping is none. Left out of the JSON while it is that implied default (see _Grown).
+    method: Method = MixtureMethod()
+    execution: Literal["per_member", "single_path"] = "per_member"  # how activations run: EXECUTION[method]
+
+    def _implied_values(self) -> dict[str, Any]:
+        return {"method": NaiveMethod() if self.grouping == "none" else MixtureMethod(), "execution": "per_member"}
 
     def op(self, name: str) -> Op:
         for o in self.ops:
@@ -382,6 +492,32 @@ class Plan(_Model):
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         return cls.model_validate_json(text)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _implied_method(cls, data: Any) -> Any:
+        """A plan that names no method has the one its grouping implies: naive for ``none``, else mixture."""
+        if isinstance(data, dict) and "method" not in data and data.get("grouping") == "none":
+            return {**data, "method": NaiveMethod()}
+        return data
+
+    @model_validator(mode="after")
+    def _method_fits(self) -> "Plan":
+        """The method, the execution, the grouping and the weight sources agree (backends branch on them)."""
+        name = self.method.name
+        if self.execution != EXECUTION[name]:
+            raise ValueError(f"method {name} runs {EXECUTION[name]}, but execution is {self.execution}")
+        if (name == "mixture") == (self.grouping == "none"):
+            raise ValueError(f"method {name} with grouping {self.grouping}: mixture has template groups "
+                             "(grouping none is the naive ensemble), other methods have none")
+        if name != "mixture" and (self.groups or self.slots or self.blob is not None):
+            raise ValueError(f"method {name} has no template groups, slots or blob")
+        allowed = {"naive": {"member"}, "batch_ensemble": {"batch_ensemble"}, "mimo": {"plain"},
+                   "packed": {"plain"}}.get(name, {"plain", "member", "bank", "blob"})
+        bad = next((o for o in self.ops if isinstance(o, (ConvOp, LinearOp)) and o.source not in allowed), None)
+        if bad is not None:
+            raise ValueError(f"layer {bad.name} has source {bad.source}, which method {name} does not use")
+        return self
 
     @model_validator(mode="after")
     def _references(self) -> "Plan":

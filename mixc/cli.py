@@ -49,7 +49,8 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
     print_warnings(plan)
     a = plan.accounting
     budget = f" of {a.budget:,}" if a.budget else ""
-    out.print(f"{program.main_file}: ok ({plan.members} members, {a.total_params:,}{budget} parameters)")
+    method = f"method {plan.method.name}, " if plan.method.name != "mixture" else ""
+    out.print(f"{program.main_file}: ok ({method}{plan.members} members, {a.total_params:,}{budget} parameters)")
     return 0
 
 

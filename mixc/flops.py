@@ -7,13 +7,13 @@ layers reading the shared input (e.g. a plain stem) runs once for all members,
 as the generated models do. Composing weights from templates is also left
 out: at inference it is done once, not per sample. So a 4-member
 MixtureEnsemble costs about 4x its backbone, and the paper's thin WRN-28-5 x4
-about 1x a WRN-28-10.
+about 1x a WRN-28-10. BatchEnsemble runs every layer per member (M x); MIMO and Packed-Ensembles run
+one network (MIMO about 1x, Packed-Ensembles about alpha^2 / (gamma M) x).
 """
 
 from __future__ import annotations
 
-import math
-
+from mixc.compiler.layers import macs
 from mixc.compiler.plan import Plan
 
 __all__ = ["layer_macs", "backbone_macs", "ensemble_macs", "relative_flops"]
@@ -21,20 +21,22 @@ __all__ = ["layer_macs", "backbone_macs", "ensemble_macs", "relative_flops"]
 
 def layer_macs(op) -> int:
     """Multiply-accumulates of one conv/linear op for one sample (0 for other ops)."""
-    if op.kind == "conv":
-        return math.prod(op.out_shape) * (op.in_channels // op.groups) * math.prod(op.kernel)
-    if op.kind == "linear":
-        return op.in_features * op.out_features
-    return 0
+    return macs(op)
 
 
 def backbone_macs(plan: Plan) -> int:
-    """One member's network, every layer once."""
+    """One plain backbone, every layer once (a single-path plan records it: its ops are the widened network)."""
+    if plan.accounting.backbone_macs is not None:
+        return plan.accounting.backbone_macs
     return sum(layer_macs(op) for op in plan.ops)
 
 
 def ensemble_macs(plan: Plan) -> int:
-    """All members: per-member layers M times, the shared plain prefix once."""
+    """All members: per-member layers M times, the shared plain prefix once; a single-path plan
+    (MIMO, Packed-Ensembles) runs its one network once. BatchEnsemble's fast weights add M x (in + out)
+    multiplies per layer, elementwise, which are not counted (like BatchNorm)."""
+    if plan.execution == "single_path":
+        return sum(layer_macs(op) for op in plan.ops)
     shared: dict[str, bool] = {}
     total = 0
     for op in plan.ops:

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from mixc.compiler.degenerate import collinear, distinct_template_sets
 from mixc.compiler.plan import Plan
+from mixc.flops import backbone_macs, ensemble_macs
 
 
 def render_warnings(plan: Plan) -> str:
@@ -45,6 +46,9 @@ def summary(plan: Plan) -> dict[str, Any]:
     return {
         "name": plan.name,
         "spec_hash": plan.spec_hash,
+        "method": plan.method.name,
+        "method_options": plan.method.model_dump(exclude={"name"}),
+        "execution": plan.execution,
         "members": plan.members,
         "grouping": plan.grouping,
         "assign": plan.assign,
@@ -66,6 +70,10 @@ def summary(plan: Plan) -> dict[str, Any]:
         "alphas_per_member": alpha_member,
         "bn_per_member": bn_member,
         "per_member_params": a.per_member_params,
+        "fast_params": a.fast_params,
+        "inference_macs": ensemble_macs(plan),
+        "backbone_macs": backbone_macs(plan),
+        "relative_flops": ensemble_macs(plan) / backbone_macs(plan),
         "groups": [
             {
                 "name": g.name,
@@ -121,16 +129,96 @@ def _params(op) -> int:
     return n + (op.weight_shape[0] if op.bias else 0)
 
 
+def method_label(plan: Plan) -> str:
+    """``packed(alpha = 2, gamma = 1)``: the method as a spec writes it, with the options that define it."""
+    opts = plan.method.model_dump(exclude={"name", "alpha_from_budget"})
+    if not opts:
+        return plan.method.name
+    return f"{plan.method.name}(" + ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}"
+                                               for k, v in opts.items()) + ")"
+
+
+def _role_params(plan: Plan, *roles: str) -> int:
+    return sum(t.numel for t in plan.tensors if t.trainable and t.role in roles)
+
+
 def print_inspect(plan: Plan, console: Console) -> None:
-    s = summary(plan)
     a = plan.accounting
-    console.print(
-        f"[bold]{plan.name}[/bold]  ({plan.source})  members {plan.members}, groups {plan.grouping}, "
-        f"assign {plan.assign}, templates per layer {plan.templates_per_layer}"
-        + (", singletons banked" if plan.bank_singletons else "")
-    )
+    if plan.method.name in ("mixture", "naive"):
+        head = (f"groups {plan.grouping}, assign {plan.assign}, templates per layer {plan.templates_per_layer}"
+                + (", singletons banked" if plan.bank_singletons else "")) if plan.method.name == "mixture" else ""
+    else:
+        head = "activations " + plan.execution.replace("_", " ")
+    console.print(f"[bold]{plan.name}[/bold]  ({plan.source})  method {method_label(plan)}, members {plan.members}"
+                  + (f", {head}" if head else ""), markup=True)
     console.print(f"plain backbone: [bold]{a.backbone_params:,}[/bold] parameters "
                   f"(input {_shape(plan.input_shape)}, {plan.classes} classes)")
+    if plan.method.name in ("mixture", "naive"):
+        _print_mixture(plan, console)
+    else:
+        _print_method(plan, console)
+
+
+def _flops_row(t: Table, plan: Plan) -> None:
+    macs, ref = ensemble_macs(plan), backbone_macs(plan)
+    t.add_row("inference MACs", f"{macs:,}", f"{macs / ref:.2f}x one plain backbone ({ref:,}), per sample")
+
+
+def _print_method(plan: Plan, console: Console) -> None:
+    """batch_ensemble, mimo and packed: what the method holds, then the accounting."""
+    a, M, name = plan.accounting, plan.members, plan.method.name
+    t = Table(title="accounting", title_justify="left", show_header=False)
+    t.add_column("what")
+    t.add_column("params", justify="right")
+    t.add_column("note")
+    if name == "batch_ensemble":
+        console.print(f"every conv/linear layer: one shared weight W and, per member, fast weights r (input "
+                      f"channels) and s (output channels): member i computes ((x * r_i) conv W) * s_i + b_i; "
+                      f"the batch runs tiled {M} times")
+        bias = _role_params(plan, "member_bias")
+        t.add_row("shared weights", f"{_role_params(plan, 'plain_weight'):,}", "one W per layer, all members")
+        t.add_row("fast weights r, s", f"{a.fast_params:,}", f"{a.fast_params // M:,} per member")
+        if bias:
+            t.add_row("biases", f"{bias:,}", f"{bias // M:,} per member")
+    else:
+        first = next(o for o in plan.ops if o.kind in ("conv", "linear"))
+        if name == "mimo":
+            console.print(f"one network: its first layer '{first.name}' reads the {M} members' inputs stacked on "
+                          f"the channel axis ({_shape(plan.ops[0].out_shape)}), its output has {M} heads "
+                          f"({M} x {plan.classes})")
+        else:
+            m = plan.method
+            console.print(f"one network, every layer alpha = {m.alpha:g} times as wide and split into gamma x "
+                          f"members = {m.gamma * M} groups (the first layer '{first.name}' not split, the output "
+                          f"layer in {M} groups producing {M} x {plan.classes})")
+            console.print(_budget_note(plan))
+        t.add_row("weights and biases", f"{a.plain_params:,}", "one network holding every member")
+    t.add_row("batchnorm", f"{a.bn_params:,}",
+              f"{a.bn_params // M:,} per member" if plan.execution == "per_member" else "one per layer (per channel)")
+    own = {"batch_ensemble": "fast weights, biases and batchnorm",
+           "mimo": "its share of the first layer's input channels and its head",
+           "packed": "its groups of every layer (a member owns 1/M of every tensor)"}[name]
+    t.add_row("per member", f"{a.per_member_params:,}", own)
+    t.add_row("[bold]total[/bold]", f"[bold]{a.total_params:,}[/bold]",
+              f"budget {a.budget:,}, {a.total_params / a.budget - 1:+.2%}" if a.budget else "no budget applies")
+    t.add_row("naive ensemble", f"{a.naive_params:,}",
+              f"{M} x backbone; this is {a.total_params / a.naive_params:.1%} of it")
+    _flops_row(t, plan)
+    console.print(t)
+
+
+def _budget_note(plan: Plan) -> str:
+    """How packed's alpha was chosen."""
+    a, m = plan.accounting, plan.method
+    if m.alpha_from_budget and a.budget:
+        return (f"alpha {m.alpha:g} solved from the budget {a.budget:,}: of the alphas at which every width divides, "
+                f"the one whose total is closest to the budget ({a.total_params / a.budget - 1:+.2%})")
+    return f"alpha {m.alpha:g} as given (with a budget and no alpha, the alpha closest to the budget is taken)"
+
+
+def _print_mixture(plan: Plan, console: Console) -> None:
+    s = summary(plan)
+    a = plan.accounting
     if plan.groups:
         t = Table(title="parameter groups", title_justify="left")
         t.add_column("group", overflow="fold")
@@ -182,4 +270,5 @@ def print_inspect(plan: Plan, console: Console) -> None:
                   + (" [bold]the budget exceeds it[/bold]" if a.budget > a.maximum_budget else ""))
     t.add_row("naive ensemble", f"{a.naive_params:,}",
               f"{plan.members} x backbone; this spec saves {s['saving_vs_naive']:.1%}")
+    _flops_row(t, plan)
     console.print(t)

@@ -4,9 +4,12 @@ Hypothesis, used as a library, searches the neighbourhood of the spec as
 written (budgets, member counts, templates per layer, policies, grouping
 modes; the backbone is fixed) and checks every point with
 ``mixc.compiler.invariants.check_plan``, the same checks the test suite runs.
-Optionally a backend builds the model for a sampled subset of the points and
-its parameter count must equal the plan's accounting. A failure is shrunk to a
-small counterexample and returned as a ready-to-run command line.
+A spec whose method is not mixture is searched over what that method reads:
+members (and the budget, for packed). Optionally a backend builds the model
+for a sampled subset of the points and its parameter count must equal the
+plan's accounting; a backend that does not build the spec's method yet is
+reported as not checkable. A failure is shrunk to a small counterexample and
+returned as a ready-to-run command line.
 """
 
 from __future__ import annotations
@@ -82,15 +85,19 @@ class Space:
 
 @dataclass
 class Point:
-    budget: str
+    budget: str | None  # None: no budget applies (a method other than mixture and packed)
     members: int
-    templates_per_layer: int
-    assign: str
-    groups: str | None  # None: as written in the spec (explicit groups)
+    templates_per_layer: int | None  # None (and assign, groups): the method has no template banks
+    assign: str | None
+    groups: str | None  # None: as written in the spec (explicit groups, or another method)
 
     def overrides(self) -> list[str]:
-        out = [f"budget={self.budget}", f"members={self.members}",
-               f"templates_per_layer={self.templates_per_layer}", f"assign={self.assign}"]
+        out = [] if self.budget is None else [f"budget={self.budget}"]
+        out.append(f"members={self.members}")
+        if self.templates_per_layer is not None:
+            out.append(f"templates_per_layer={self.templates_per_layer}")
+        if self.assign is not None:
+            out.append(f"assign={self.assign}")
         if self.groups is not None:
             out.append(f"groups={self.groups}")
         return out
@@ -108,6 +115,8 @@ class Report:
     dimensions: dict[str, Counter] = field(default_factory=dict)
     infeasible_reasons: Counter = field(default_factory=Counter)
     failure: dict[str, Any] | None = None
+    method: str = "mixture"
+    not_checkable: dict[str, str] = field(default_factory=dict)  # backend -> why its count was not compared
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -123,10 +132,12 @@ class Report:
             "dimensions": {k: {str(v): n for v, n in sorted(c.items(), key=lambda kv: str(kv[0]))}
                            for k, c in self.dimensions.items()},
             "failure": self.failure,
+            "method": self.method,
+            "not_checkable": self.not_checkable,
         }
 
 
-def _points(space: Space, backbone_params: int) -> st.SearchStrategy[Point]:
+def _points(space: Space, backbone_params: int, method: str = "mixture") -> st.SearchStrategy[Point]:
     (lo, mult), (hi, _) = space.budgets
     if mult:
         lo, hi = lo * backbone_params, hi * backbone_params
@@ -134,6 +145,10 @@ def _points(space: Space, backbone_params: int) -> st.SearchStrategy[Point]:
     # Mostly log-uniform (small and large budgets alike), sometimes uniform: integers shrink to LO.
     log_budget = st.floats(math.log(lo), math.log(hi)).map(lambda v: min(hi, max(lo, int(math.exp(v)))))
     budgets = st.one_of(log_budget, st.integers(lo, hi))
+    if method != "mixture":  # only what the method reads: members, and packed's budget
+        return st.builds(Point, budget=budgets.map(str) if method == "packed" else st.none(),
+                         members=st.integers(*space.members), templates_per_layer=st.none(), assign=st.none(),
+                         groups=st.none())
     return st.builds(
         Point,
         budget=budgets.map(str),
@@ -142,6 +157,35 @@ def _points(space: Space, backbone_params: int) -> st.SearchStrategy[Point]:
         assign=st.sampled_from(space.policies),
         groups=st.sampled_from(space.groups),
     )
+
+
+def _start(spec: str, method: str, backends: Sequence[str]) -> tuple[Report, tuple[str, ...], list[str]]:
+    """The empty report, the dimensions searched for ``method``, and the backends whose counts can be compared."""
+    report = Report(spec=spec, method=method)
+    dims = ("budget", "members", "templates_per_layer", "assign", "groups") if method == "mixture" else \
+        ("budget", "members") if method == "packed" else ("members",)
+    for dim in dims:
+        report.dimensions[dim] = Counter()
+    for b in backends:
+        why = _builds(b, method)
+        if why is not None:
+            report.not_checkable[b] = why
+    return report, dims, [b for b in backends if b not in report.not_checkable]
+
+
+def spec_method(spec: str) -> str:
+    """The method the spec itself chooses: searched as written, so the neighbourhood stays that method's."""
+    return mixc.load(spec).ensemble.method.name
+
+
+def _builds(backend: str, method: str) -> str | None:
+    """None if ``backend`` builds ``method``, else why its parameter count cannot be compared."""
+    from mixc.backends import get_backend
+
+    methods = get_backend(backend, "verify").capabilities.methods
+    if method in methods:
+        return None
+    return f"method '{method}' is not built by the {backend} backend yet (it builds: {', '.join(sorted(methods))})"
 
 
 def _param_count(plan: Plan, backend: str) -> int:
@@ -156,9 +200,8 @@ def verify(spec: str, space: Space, examples: int = 100, seed_value: int = 0,
            on_example: Callable[[Report], None] | None = None) -> Report:
     """Search ``space`` around ``spec``; the first failure is shrunk and reported."""
     base = mixc.compile(spec)
-    report = Report(spec=spec)
-    for dim in ("budget", "members", "templates_per_layer", "assign", "groups"):
-        report.dimensions[dim] = Counter()
+    method = spec_method(spec)
+    report, dims, backends = _start(spec, method, backends)
     started = time.perf_counter()
     last_failure: dict[str, Any] = {}
     seen = {"n": 0}
@@ -166,13 +209,16 @@ def verify(spec: str, space: Space, examples: int = 100, seed_value: int = 0,
     def check(point: Point) -> None:
         seen["n"] += 1
         report.examples += 1
-        for dim in ("members", "templates_per_layer", "assign", "groups"):
+        for dim in dims[1:]:
             report.dimensions[dim][getattr(point, dim)] += 1
-        report.dimensions["budget"][_bucket(int(point.budget), base.accounting.backbone_params)] += 1
+        if point.budget is not None:
+            report.dimensions["budget"][_bucket(int(point.budget), base.accounting.backbone_params)] += 1
         try:
             plan = mixc.compile(spec, point.overrides())
         except SpecError as err:
             text = err.render()
+            if _method_infeasible(text, point, report, spec, last_failure):
+                return
             if "below the minimum" in text:
                 report.infeasible += 1
                 report.infeasible_reasons["below the minimum budget"] += 1
@@ -217,7 +263,7 @@ def verify(spec: str, space: Space, examples: int = 100, seed_value: int = 0,
     test = settings(
         max_examples=examples, database=None, deadline=None, derandomize=False,
         suppress_health_check=list(HealthCheck), phases=(Phase.generate, Phase.shrink), report_multiple_bugs=False,
-    )(seed(seed_value)(given(_points(space, base.accounting.backbone_params))(check)))
+    )(seed(seed_value)(given(_points(space, base.accounting.backbone_params, method))(check)))
     try:
         test()
     except AssertionError:
@@ -226,6 +272,28 @@ def verify(spec: str, space: Space, examples: int = 100, seed_value: int = 0,
             f" --set {o}" for o in report.failure["overrides"])
     report.seconds = time.perf_counter() - started
     return report
+
+
+_PACKED_MINIMUM = re.compile(r"below the smallest Packed-Ensemble.*?raise the budget to at least ([\d,]+)", re.S)
+
+
+def _method_infeasible(text: str, point: Point, report: Report, spec: str, last_failure: dict) -> bool:
+    """Count a packed point that cannot compile (a budget below the smallest, widths that do not divide);
+    the smallest budget the error states must itself compile. False: not such an error."""
+    if m := _PACKED_MINIMUM.search(text):
+        report.infeasible += 1
+        report.infeasible_reasons["below the smallest Packed-Ensemble"] += 1
+        at = Point(m.group(1).replace(",", ""), point.members, None, None, None)
+        try:
+            _check_plan(mixc.compile(spec, at.overrides()), at, last_failure)
+        except SpecError:
+            _fail(last_failure, at, "minimum_budget", f"the stated smallest budget {m.group(1)} does not compile")
+        return True
+    if "which do not split into" in text or "not a whole number" in text:
+        report.infeasible += 1
+        report.infeasible_reasons["packed widths do not divide"] += 1
+        return True
+    return False
 
 
 _DIFFER = re.compile(r"smallest budget at which members can differ is ([\d,]+)")

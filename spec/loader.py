@@ -25,7 +25,7 @@ from mixc.spec import ast as A
 from mixc.spec.diagnostics import Diagnostic, Diagnostics, Pos, SpecError, choices_hint, did_you_mean
 from mixc.spec.expr import ExprError, evaluate
 from mixc.spec.parser import parse, parse_value
-from mixc.spec.sections import EnsembleSpec, read_ensemble, read_train
+from mixc.spec.sections import ENSEMBLE_SETTINGS, METHODS, EnsembleSpec, read_ensemble, read_train
 
 
 IMPORT_PATH_ENV = "MIXC_IMPORT_PATH"  # os.pathsep-separated folders imports may also read
@@ -266,8 +266,7 @@ def _resolve_import(importer: Path, name: str, roots: tuple[Path, ...]) -> tuple
 
 # --- --set overrides -----------------------------------------------------------
 
-ENSEMBLE_KEYS = ("backbone", "members", "budget", "groups", "templates_per_layer", "assign", "bank_singletons",
-                 "init")
+ENSEMBLE_KEYS = ENSEMBLE_SETTINGS
 
 
 def _apply_overrides(overrides: list[str], ens: A.Section | None, train: A.Section | None, main_file: str,
@@ -361,12 +360,18 @@ def _override(section: A.Section, path: list[str], value, pos: Pos, diags: Diagn
     if len(path) > 2:
         diags.error(f"cannot override '{'.'.join(path)}': paths go at most one level into a call", pos)
         return section
-    if idx is None or not isinstance(settings[idx].value, A.CallValue):
+    if idx is not None and path[0] == "method" and isinstance(settings[idx].value, A.Name):
+        name = settings[idx].value  # method packed, then --set method.alpha=3: packed(alpha = 3)
+        base = A.CallValue(name.id, (), name.pos)
+    elif idx is None or not isinstance(settings[idx].value, A.CallValue):
         if path[0] in ("optimizer", "schedule") and idx is None:
             base = A.CallValue({"optimizer": "sgd", "schedule": "step"}[path[0]], (), pos)
         else:
+            owner = next((m for m, options in METHODS.items() if path[1] in options), "packed")
+            hint = f"set the whole value instead, e.g. --set {path[0]}=..." if path[0] != "method" else \
+                f"choose the method first: --set method={owner} --set method.{path[1]}=..."
             diags.error(f"cannot set '{'.'.join(path)}': '{path[0]}' is not a call with arguments in this spec", pos,
-                        f"set the whole value instead, e.g. --set {path[0]}=...")
+                        hint)
             return section
     else:
         base = settings[idx].value

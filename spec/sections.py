@@ -32,9 +32,20 @@ class GroupSpec:
 
 
 @dataclass
+class MethodSpec:
+    """``method NAME`` or ``method NAME(option = value, ...)``: the options given, checked and typed."""
+
+    name: str = "mixture"
+    options: dict[str, Any] = field(default_factory=dict)  # only those written
+    pos: Pos | None = None  # the setting (None: not written, the default)
+    option_pos: dict[str, Pos] = field(default_factory=dict)
+
+
+@dataclass
 class EnsembleSpec:
     backbone: str
     backbone_args: tuple[A.Arg, ...]
+    method: MethodSpec = field(default_factory=MethodSpec)
     members: int = 4
     budget: int | Multiple | None = None
     groups: str = "by_shape"  # by_shape | single | none | explicit
@@ -44,6 +55,8 @@ class EnsembleSpec:
     bank_singletons: bool = False
     init: dict[str, dict] = field(default_factory=dict)  # "alphas"/"classifier" -> {"law": ..., "std": ...}
     pos: dict[str, Pos] = field(default_factory=dict)  # setting -> where it was written
+    # Settings written in the file that a method chosen later (with --set) does not use: (setting, where).
+    ignored: list[tuple[str, Pos]] = field(default_factory=list)
 
 
 GROUP_MODES = ("by_shape", "single", "none")
@@ -51,6 +64,33 @@ MAX_MEMBERS = 1024  # every member has its own alphas, BatchNorm and template ta
 # What `init { ... }` may set, and the laws each accepts (the first is the default).
 INIT_LAWS = {"alphas": ("orthonormal", "normal"), "classifier": ("uniform", "normal")}
 ASSIGN = ("shared", "greedy_disjoint")
+ENSEMBLE_SETTINGS = ("backbone", "method", "members", "budget", "groups", "templates_per_layer", "assign",
+                     "bank_singletons", "init")
+
+# The ensemble methods and their options: option -> (kind, default). Kinds: "positive" (a number > 0),
+# "count" (an integer >= 1), "fraction" (a number in [0, 1]), or a tuple of the words it takes.
+METHODS: dict[str, dict[str, tuple[Any, Any]]] = {
+    "mixture": {},
+    "batch_ensemble": {"fast_init": (("normal", "signs"), "normal"), "fast_std": ("positive", 0.5),
+                       "fast_lr": ("positive", 0.5)},
+    "mimo": {"batch_repetitions": ("count", 4), "input_sharing": ("fraction", 0.0)},
+    "packed": {"alpha": ("positive", 2.0), "gamma": ("count", 1)},
+    "naive": {},
+}
+# Settings that configure MixtureEnsembles' template banks, and the methods that use each.
+MIXTURE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "budget": ("mixture", "packed"),
+    "groups": ("mixture",),
+    "templates_per_layer": ("mixture",),
+    "assign": ("mixture",),
+    "bank_singletons": ("mixture",),
+    "init.alphas": ("mixture",),
+}
+_WHY = {
+    "budget": "its size follows from the backbone and the members (a budget sizes mixture's template banks, "
+              "or solves packed's alpha)",
+    "init.alphas": "it has no alphas (they mix mixture's templates)",
+}
 
 
 def _eval(e, consts, diags: Diagnostics, symbols: bool = True) -> Any:
@@ -98,6 +138,10 @@ def read_ensemble(section: A.Section, consts: dict, definitions: dict[str, A.Def
                             "define it with `backbone NAME(params) { ... }` or import a file that does")
                 continue
             spec.backbone, spec.backbone_args = cv.name, cv.args
+        elif s.key == "method":
+            m = _read_method(s, consts, diags)
+            if m is not None:
+                spec.method = m
         elif s.key == "groups":
             if isinstance(s.value, A.BodyValue):
                 spec.groups = "explicit"
@@ -153,13 +197,126 @@ def read_ensemble(section: A.Section, consts: dict, definitions: dict[str, A.Def
             else:
                 spec.init = _read_init(s.value, consts, diags)
         else:
-            diags.error(f"unknown ensemble setting '{s.key}'", s.key_pos,
-                        choices_hint(s.key, ("backbone", "members", "budget", "groups", "templates_per_layer",
-                                             "assign", "bank_singletons", "init")))
+            diags.error(f"unknown ensemble setting '{s.key}'", s.key_pos, choices_hint(s.key, ENSEMBLE_SETTINGS))
     if "backbone" not in seen:
         diags.error("the ensemble section does not name its backbone", section.pos,
                     "add a line such as: backbone wrn(depth = 28, k = 10)")
+    _check_method_settings(spec, seen, diags)
     return spec  # possibly partial: the caller goes on to find more errors, then reports them all
+
+
+def _read_method(s: A.Setting, consts: dict, diags: Diagnostics) -> MethodSpec | None:
+    """``method packed(alpha = 2, gamma = 1)``: a known method, known options, values of the right kind."""
+    v = s.value
+    if isinstance(v, A.Name):
+        name, args, npos = v.id, (), v.pos
+    elif isinstance(v, A.CallValue):
+        name, args, npos = v.name, v.args, v.pos
+    else:
+        diags.error("'method' names an ensemble method, e.g. method batch_ensemble or method packed(alpha = 2)",
+                    getattr(v, "pos", s.pos), "methods: " + ", ".join(METHODS))
+        return None
+    if name not in METHODS:
+        diags.error(f"unknown ensemble method '{name}'", npos, choices_hint(name, METHODS))
+        return None
+    table = METHODS[name]
+    m = MethodSpec(name, {}, s.pos, {})
+    for a in args:
+        if a.name is None:
+            diags.error(f"options of method {name} are named, e.g. {_example(name)}", a.pos)
+            continue
+        if a.name not in table:
+            if a.name == "members":
+                hint = "members is a setting of its own: members 3"
+            elif table:
+                hint = choices_hint(a.name, table)
+            else:
+                hint = f"method {name} takes no options"
+            diags.error(f"method {name} has no option '{a.name}'", a.pos, hint)
+            continue
+        if a.name in m.options:
+            diags.error(f"option '{a.name}' is given twice", a.pos)
+            continue
+        value = _method_option(name, a, table[a.name][0], consts, diags)
+        if value is not None:
+            m.options[a.name] = value
+            m.option_pos[a.name] = a.pos
+    return m
+
+
+def _example(name: str) -> str:
+    opts = ", ".join(f"{k} = {render(d)}" for k, (_, d) in METHODS[name].items())
+    return f"{name}({opts})" if opts else name
+
+
+def _method_option(method: str, a: A.Arg, kind: Any, consts: dict, diags: Diagnostics) -> Any:
+    v = _eval(a.value, consts, diags, symbols=isinstance(kind, tuple))
+    if v is None:
+        return None
+    if isinstance(kind, tuple):
+        if v in kind:
+            return v
+        diags.error(f"unknown value {render(v)} for option '{a.name}' of {method}", a.pos, choices_hint(str(v), kind))
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        diags.error(f"option '{a.name}' of {method} is a number, got {type_name(v)} ({render(v)})", a.pos)
+        return None
+    if kind == "count":
+        return _int(v, a.pos, a.name, diags)
+    if kind == "positive" and v <= 0:
+        diags.error(f"option '{a.name}' of {method} must be positive, got {render(v)}", a.pos)
+        return None
+    if kind == "fraction" and not 0 <= v <= 1:
+        diags.error(f"option '{a.name}' of {method} is a fraction in [0, 1], got {render(v)}", a.pos)
+        return None
+    return float(v)
+
+
+def override_level(pos: Pos | None) -> int:
+    """Where a setting was written: -1 nowhere (a default), 0 the spec file, 1 a ``--set`` override."""
+    if pos is None:
+        return -1
+    return 1 if pos.file.startswith("--set #") else 0
+
+
+def _check_method_settings(spec: EnsembleSpec, seen: dict[str, A.Setting], diags: Diagnostics) -> None:
+    """Settings the method does not use: an error where they are written beside (or after) the method
+    choice; ignored (and listed in ``spec.ignored`` for a warning) where the file wrote them and a
+    ``--set`` chose the method. Packed-Ensembles: alpha or a budget, the later one wins."""
+    m = spec.method
+    level = override_level(m.pos)
+    written: dict[str, Pos] = {k: seen[k].key_pos for k in MIXTURE_SETTINGS if k in seen}
+    if "alphas" in spec.init:
+        written["init.alphas"] = next((st.pos for st in seen["init"].value.body
+                                       if isinstance(st, A.Layer) and st.kind == "alphas"), seen["init"].key_pos)
+    for key, pos in written.items():
+        if m.name in MIXTURE_SETTINGS[key] or (key == "groups" and m.name == "naive" and spec.groups == "none"):
+            continue
+        if override_level(pos) < level:
+            spec.ignored.append((key, pos))
+            continue
+        why = _WHY.get(key, "it configures mixture's template banks")
+        hint = (f"remove '{key}', or choose method mixture" if key != "groups" or spec.groups != "none"
+                else "groups none is the naive ensemble: use method naive")
+        diags.error(f"'{key}' does not apply to method {m.name}: {why}", pos, hint)
+    for key, _ in spec.ignored:  # back to the defaults: a later stage must not use them
+        if key == "init.alphas":
+            spec.init.pop("alphas", None)
+        else:
+            setattr(spec, key, EnsembleSpec.__dataclass_fields__[key].default)
+            if key == "groups":
+                spec.explicit = []
+    if m.name == "packed" and "alpha" in m.options and "budget" in written and spec.budget is not None:
+        a_level, b_level = override_level(m.option_pos["alpha"]), override_level(written["budget"])
+        if a_level == b_level:
+            diags.error("packed takes alpha or a budget, not both: a budget solves alpha", m.option_pos["alpha"],
+                        "drop alpha to size the ensemble by the budget, or drop the budget")
+        elif a_level > b_level:  # the later choice wins
+            spec.ignored.append(("budget", written["budget"]))
+            spec.budget = None
+        else:
+            spec.ignored.append(("method.alpha", m.option_pos["alpha"]))
+            del m.options["alpha"]
 
 
 def _read_groups(body: A.BodyValue, consts: dict, diags: Diagnostics) -> list[GroupSpec]:

@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print(report, out: Console) -> None:
-    t = Table(title=f"mixc verify {report.spec}", title_justify="left")
+    title = f"mixc verify {report.spec}" + (f" (method {report.method})" if report.method != "mixture" else "")
+    t = Table(title=title, title_justify="left")
     t.add_column("dimension")
     t.add_column("values tried (examples)")
     for dim, counts in report.dimensions.items():
@@ -112,6 +113,8 @@ def _print(report, out: Console) -> None:
     out.print(f"{report.examples} examples in {report.seconds:.1f} s: {report.feasible} feasible, "
               f"{report.infeasible} infeasible ({reasons}); {report.checks_passed} passed every invariant"
               + (f"; {report.built} models built" if report.built else ""))
+    for why in report.not_checkable.values():
+        out.print(f"not checkable: {why}, so its parameter count was not compared", markup=False)
     if report.failure:
         f = report.failure
         out.print(f"[bold red]FAILED[/bold red] invariant {f['invariant']}: {f['detail']}")
