@@ -246,7 +246,10 @@ def _resume(folder: RunWriter, trainer: "Trainer", plan: Plan) -> None:
             "or delete that one to start over"
         ) from e
     trainer.load_state(arrays)
-    trainer.load_optimizer(extra)
+    try:
+        trainer.load_optimizer(extra)
+    except CheckpointError as e:
+        raise TrainError(f"cannot resume from {folder.ckpt}: {e}") from e
 
 
 def _announce(run: _Run, layout: str, augment: str, baseline: str | None, config: dict[str, Any]) -> None:

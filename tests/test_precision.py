@@ -57,3 +57,63 @@ def test_flax_refuses_low_precision_and_compile(tmp_path, capsys):
     assert "fp32 only" in capsys.readouterr().err
     assert main(["train", "digits", *SMALL, "--backend", "flax", "--compile", "--out", str(tmp_path / "b")]) == 1
     assert "always jit-compiled" in capsys.readouterr().err
+
+
+def _few_digits():
+    """A quarter of digits' train set (3 steps of 128 per epoch): enough for a resume check, fast."""
+    import dataclasses
+
+    from mixc.data import load_dataset
+
+    d = load_dataset("digits")
+    return dataclasses.replace(d, x_train=d.x_train[:384], y_train=d.y_train[:384])
+
+
+def test_torch_fp16_resume_is_exact_with_the_scaler_state(tmp_path, monkeypatch):
+    """Interrupted after epoch 1 of 2 and resumed == 2 epochs straight, bit for bit, under fp16: the gradient
+    scaler's scale and growth tracker travel in the checkpoint. A scaler that grows after every good step
+    reaches the overflow (at about 2**21 here) in epoch 2 and skips steps there; a resume that restarted it
+    at 2**17 would not."""
+    torch = pytest.importorskip("torch")
+    import functools
+
+    import numpy as np
+
+    import mixc
+    from interrupt import interrupt_after_first_epoch
+    from mixc.backends.torch.train import train
+    from mixc.checkpoint_format import read_plan_arrays
+    from mixc.spec.recipe import Recipe
+
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**17,
+                                                                   growth_interval=1))
+    few = _few_digits()
+    plan = mixc.compile("digits", ["backbone.width=8", "members=2", "train.batch=128"])
+    recipe = Recipe.model_validate({**plan.train, "epochs": 2, "precision": "fp16"})
+    run = lambda out: train(plan, recipe, out_dir=out, data=few, progress=False)  # noqa: E731
+    run(tmp_path / "a")
+    interrupt_after_first_epoch(monkeypatch, lambda: run(tmp_path / "b"))
+    _, extra, _ = read_plan_arrays(tmp_path / "b" / "checkpoint.safetensors", plan)
+    assert extra["optim.grad_scaler.scale"].dtype == np.float32 and extra["optim.grad_scaler.scale"][0] != 2.0**17
+    assert run(tmp_path / "b")["epoch"] == 2
+    a, _, _ = read_plan_arrays(tmp_path / "a" / "checkpoint.safetensors", plan)
+    b, _, _ = read_plan_arrays(tmp_path / "b" / "checkpoint.safetensors", plan)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_grad_scaler_state_is_checked_on_load():
+    """The scaler's tensors are read like every checkpoint field: whole, and within what a scaler can hold."""
+    import numpy as np
+
+    from mixc.checkpoint_format import CheckpointError, grad_scaler_arrays, read_grad_scaler
+
+    assert read_grad_scaler({}) is None  # fp32/bf16 runs have none
+    good = grad_scaler_arrays(1024.0, 7)
+    assert read_grad_scaler(good) == (1024.0, 7)
+    with pytest.raises(CheckpointError, match="growth_tracker"):
+        read_grad_scaler({"optim.grad_scaler.scale": good["optim.grad_scaler.scale"]})
+    with pytest.raises(CheckpointError, match=r"scale must be one positive finite number, not float32 \[-1.0\]"):
+        read_grad_scaler({**good, "optim.grad_scaler.scale": np.asarray([-1.0], np.float32)})
+    with pytest.raises(CheckpointError, match="integer of 0 or more"):
+        read_grad_scaler({**good, "optim.grad_scaler.growth_tracker": np.asarray([0.5], np.float32)})

@@ -21,7 +21,10 @@ cadence are the shared driver's (``mixc/training.py``); what is torch's:
   every rank writes ``rank<r>.sha256`` of its trainable tensors at the end (a
   test hook: ranks must agree; BN running statistics are per rank and excluded).
 - Checkpoints: ``checkpoint.save_checkpoint`` (safetensors via torch), the
-  optimiser state under ``optim.<tensor>.<buffer>``.
+  optimiser state under ``optim.<tensor>.<buffer>``; under fp16 also the
+  GradScaler's scale and growth tracker (``mixc.checkpoint_format.GRAD_SCALER_KEYS``),
+  so a resumed fp16 run skips and grows its loss scale exactly where an
+  uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -310,15 +313,33 @@ class TorchTrainer:
                 targets[name].copy_(torch.from_numpy(np.array(a)))  # a copy: file arrays are read-only
 
     def optimizer_arrays(self) -> dict[str, np.ndarray]:
-        return {k: v.numpy() for k, v in _optimizer_state(self.opt, self.names).items()}
+        return {k: v.numpy() for k, v in self._extra_state().items()}
 
     def load_optimizer(self, arrays: dict[str, np.ndarray]) -> None:
-        _load_optimizer_state(self.opt, self.names, {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+        from mixc.checkpoint_format import GRAD_SCALER_KEYS, read_grad_scaler
+
+        scaler = read_grad_scaler(arrays)
+        if scaler is not None and self.scaler is not None:  # another precision's run: a fresh scaler
+            state = self.scaler.state_dict()
+            self.scaler.load_state_dict({**state, "scale": scaler[0], "_growth_tracker": scaler[1]})
+        _load_optimizer_state(self.opt, self.names, {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()
+                                                     if k not in GRAD_SCALER_KEYS})
+
+    def _extra_state(self) -> dict[str, torch.Tensor]:
+        """The optimiser state and, under fp16, the GradScaler's (scale, growth tracker): what resume needs."""
+        out = _optimizer_state(self.opt, self.names)
+        if self.scaler is not None:
+            from mixc.checkpoint_format import grad_scaler_arrays
+
+            state = self.scaler.state_dict()
+            out.update({k: torch.from_numpy(v) for k, v in
+                        grad_scaler_arrays(state["scale"], state["_growth_tracker"]).items()})
+        return out
 
     def save(self, path: Path, epoch: int, metadata: dict[str, Any]) -> None:
         from mixc.backends.torch.checkpoint import save_checkpoint
 
-        save_checkpoint(path, self.model, self.plan, epoch, _optimizer_state(self.opt, self.names), metadata)
+        save_checkpoint(path, self.model, self.plan, epoch, self._extra_state(), metadata)
 
     def close(self) -> None:
         hash_dir = os.environ.get("MIXC_WEIGHTS_HASH_DIR")
