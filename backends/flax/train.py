@@ -19,10 +19,21 @@ a step runs:
   statistics are the global batch's, unlike per-rank statistics under torch DDP).
 - Randomness: augmentation and dropout keys fold the step into a key made from
   the epoch's seed the driver hands over.
+- Precision (``recipe.precision``), a dtype policy: the master parameters, the
+  optimiser state and BatchNorm's running statistics stay float32; under
+  ``bf16``/``fp16`` the step casts the parameters and the (augmented) inputs to
+  that dtype for the forward pass (the model built for it, so composition runs
+  in it too), and the logits back to float32 for the softmax and the loss;
+  gradients reach the float32 masters through the casts. ``fp16`` adds dynamic
+  loss scaling with torch's GradScaler rules (:func:`loss_scale_update`: start at
+  2**16, halve and skip the step on a non-finite gradient, double after 2000
+  good steps), its state checkpointed under the same names as torch's.
+  Evaluation runs in float32.
 - Checkpoints: the shared format (``mixc.checkpoint_format``), plan tensor
   names; the optimiser state under the torch loop's names
   (``optim.<tensor>.momentum_buffer``; AdamW ``exp_avg``, ``exp_avg_sq``,
-  ``step``), so a run folder resumes under either backend.
+  ``step``), so a run folder resumes under either backend (an fp16 run's loss
+  scale included).
 """
 
 from __future__ import annotations
@@ -36,15 +47,20 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mixc.checkpoint_format import save_arrays, spec_hash
+from mixc.checkpoint_format import grad_scaler_arrays, read_grad_scaler, save_arrays, spec_hash
 from mixc.compiler.plan import Plan
 from mixc.run_folder import CHECKPOINT, METRICS, TrainError
 from mixc.spec.recipe import Recipe
 from mixc.training import decay_skipped_roles
 
-__all__ = ["train", "TrainError", "crop_flip", "Trainer", "devices_for", "CHECKPOINT", "METRICS"]
+__all__ = ["train", "TrainError", "crop_flip", "Trainer", "devices_for", "loss_scale_update", "CHECKPOINT", "METRICS"]
 
 _EVAL_BATCH = 1000
+
+#: the forward pass's dtype under each ``precision`` (None: float32 throughout)
+COMPUTE_DTYPES = {"fp32": None, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+#: fp16 loss scaling: torch.amp.GradScaler's defaults, so either backend scales (and resumes) a run alike
+SCALE_INIT, SCALE_GROWTH, SCALE_BACKOFF, SCALE_INTERVAL = 2.0**16, 2.0, 0.5, 2000
 
 
 # ---------------------------------------------------------------------------
@@ -65,6 +81,18 @@ def crop_flip(key: jax.Array, x: jax.Array, pad: int = 4) -> jax.Array:
         return jnp.where(f, crop[..., ::-1], crop)
 
     return jax.vmap(one)(xp, oy, ox, flip)
+
+
+def loss_scale_update(scale: jax.Array, tracker: jax.Array, finite: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The next (loss scale, growth tracker) after a step whose gradients were ``finite`` or not, torch's
+    GradScaler rule: a non-finite step halves the scale and restarts the count; the 2000th good step in a row
+    doubles it (when the double is finite) and restarts the count."""
+    grown = tracker + 1
+    grow = grown >= SCALE_INTERVAL
+    doubled = scale * SCALE_GROWTH
+    new_scale = jnp.where(finite, jnp.where(grow & jnp.isfinite(doubled), doubled, scale), scale * SCALE_BACKOFF)
+    new_tracker = jnp.where(finite & ~grow, grown, jnp.zeros_like(tracker))
+    return new_scale.astype(scale.dtype), new_tracker.astype(tracker.dtype)
 
 
 def devices_for(device: str) -> list[jax.Device]:
@@ -159,37 +187,54 @@ _COMPILED: dict[tuple, tuple] = {}  # jitted steps, reused by every Trainer of t
 
 
 def _compiled_steps(plan: Plan, recipe: Recipe, graphdef: Any, tx: optax.GradientTransformation, augment: str,
-                    replicated: NamedSharding, key: tuple) -> tuple[Any, Any]:
-    """(train step, predict step), jit-compiled once per ``key`` (plan, layout, loss and optimiser settings, devices)."""
+                    replicated: NamedSharding, key: tuple, compute_graphdef: Any = None) -> tuple[Any, Any]:
+    """(train step, predict step), jit-compiled once per ``key`` (plan, layout, loss, optimiser and precision
+    settings, devices). ``compute_graphdef``: the model built for the forward's dtype under bf16/fp16."""
     from mixc.backends.flax.model import apply
 
     hit = _COMPILED.get(key)
     if hit is not None:
         return hit
     eps, classes = recipe.label_smoothing, plan.classes
+    compute = COMPUTE_DTYPES[recipe.precision]
+    scaled = recipe.precision == "fp16"
+    forward_def = graphdef if compute is None else compute_graphdef
 
-    def loss_fn(params, stats, x, y, drop_key):
-        logits, new_stats = apply(graphdef, params, stats, x, True, drop_key)
+    def loss_fn(params, stats, x, y, drop_key, scale):
+        if compute is not None:  # the dtype policy: fp32 masters, the forward in `compute`
+            params = jax.tree.map(lambda p: p.astype(compute), params)
+            x = x.astype(compute)
+        logits, new_stats = apply(forward_def, params, stats, x, True, drop_key)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, M, C]
         target = jax.nn.one_hot(y, classes) * (1.0 - eps) + eps / classes
         member_ce = -(target[:, None, :] * logp).sum(-1).mean(0)  # [M]: each member's batch-mean CE
-        return member_ce.sum(), new_stats
+        loss = member_ce.sum()
+        return (loss * scale if scaled else loss), (new_stats, loss)
 
-    def train_step(params, stats, opt_state, x, y, lr, step_key):
+    def train_step(params, stats, opt_state, scaler, x, y, lr, step_key):
         aug_key, drop_key = jax.random.split(step_key)
         if augment == "crop_flip":
             x = crop_flip(aug_key, x)
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y, drop_key)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), params, updates)
-        return params, stats, opt_state, loss
+        scale, tracker = scaler
+        (_, (stats, loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y, drop_key, scale)
+        if scaled:
+            inv = (1.0 / scale).astype(jnp.float32)
+            grads = jax.tree.map(lambda g: g * inv, grads)
+            finite = jnp.all(jnp.stack([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), params, updates)
+        if scaled:  # a step with inf/NaN gradients is skipped (BatchNorm statistics still move, as in torch)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            new_params, new_opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
+            scaler = loss_scale_update(scale, tracker, finite)
+        return new_params, stats, new_opt_state, scaler, loss
 
     def predict_step(params, stats, x):
         logits, _ = apply(graphdef, params, stats, x, False)
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
     hit = _COMPILED[key] = (
-        jax.jit(train_step, donate_argnums=(0, 1, 2), out_shardings=replicated),
+        jax.jit(train_step, donate_argnums=(0, 1, 2, 3), out_shardings=replicated),
         jax.jit(predict_step, out_shardings=replicated),
     )
     return hit
@@ -205,9 +250,6 @@ class Trainer:
 
     def __init__(self, plan: Plan, recipe: Recipe, devices: list[jax.Device], layout: str = "auto",
                  augment: str = "none", seed: int = 0, compile: bool = False) -> None:
-        if recipe.precision != "fp32":
-            raise TrainError(f"the flax backend trains in fp32 only (the generated flax model has no dtype policy "
-                             f"yet), not {recipe.precision}; hint: --backend torch for --precision {recipe.precision}")
         if compile:
             raise TrainError("--compile is torch.compile; the flax backend's steps are always jit-compiled by XLA; "
                              "hint: drop --compile")
@@ -225,7 +267,7 @@ class Trainer:
 
     def begin(self, x_train: np.ndarray, y_train: np.ndarray, batch: int) -> None:
         """Build the model (from ``seed``) and its optimiser, jit the steps, hold the training set on the host."""
-        from mixc.backends.flax.model import attr_to_plan, build, split
+        from mixc.backends.flax.model import attr_to_plan, build, compute_graphdef, split
 
         if batch % self.world:
             raise TrainError(
@@ -242,13 +284,18 @@ class Trainer:
         self.params = jax.device_put(params, self.replicated)
         self.stats = jax.device_put(stats, self.replicated)
         self.opt_state = jax.device_put(self.tx.init(params), self.replicated)
+        self.scaler = jax.device_put((jnp.float32(SCALE_INIT if recipe.precision == "fp16" else 1.0), jnp.int32(0)),
+                                     self.replicated)
         key = (
             spec_hash(plan), self.layout, self.augment, recipe.label_smoothing, recipe.optimizer.model_dump_json(),
             recipe.weight_decay, tuple(recipe.weight_decay_exclude), tuple(d.id for d in devices), devices[0].platform,
-            recipe.grad_clip,
+            recipe.grad_clip, recipe.precision,
         )
+        compute = COMPUTE_DTYPES[recipe.precision]
+        forward_def = None if compute is None else compute_graphdef(
+            plan, self._requested_layout, compute, devices[0].platform)
         self._step, self._predict = _compiled_steps(plan, recipe, self.graphdef, self.tx, self.augment,
-                                                    self.replicated, key)
+                                                    self.replicated, key, forward_def)
         self.x_train, self.y_train = x_train, y_train.astype(np.int32)
 
     def begin_epoch(self, augment_seed: int, dropout_seed: int) -> None:
@@ -267,8 +314,8 @@ class Trainer:
         """One optimiser step on the global batch ``x``, ``y`` with the step's random ``key``."""
         xs = jax.device_put(x, self.batch_sharding)
         ys = jax.device_put(y, self.batch_sharding)
-        self.params, self.stats, self.opt_state, loss = self._step(
-            self.params, self.stats, self.opt_state, xs, ys, jnp.float32(lr), key
+        self.params, self.stats, self.opt_state, self.scaler, loss = self._step(
+            self.params, self.stats, self.opt_state, self.scaler, xs, ys, jnp.float32(lr), key
         )
         return loss
 
@@ -295,11 +342,18 @@ class Trainer:
         self.stats = jax.device_put(stats, self.replicated)
 
     def optimizer_arrays(self) -> dict[str, np.ndarray]:
-        return optimizer_arrays(self.opt_state, self.names, self.recipe)
+        """The optimiser state and, under fp16, the loss scaler's (torch's names for both)."""
+        out = optimizer_arrays(self.opt_state, self.names, self.recipe)
+        if self.recipe.precision == "fp16":
+            out.update(grad_scaler_arrays(float(self.scaler[0]), int(self.scaler[1])))
+        return out
 
     def load_optimizer(self, arrays: dict[str, np.ndarray]) -> None:
         state = restore_optimizer(self.opt_state, self.names, self.recipe, arrays)
         self.opt_state = jax.device_put(state, self.replicated)
+        scaler = read_grad_scaler(arrays)
+        if scaler is not None and self.recipe.precision == "fp16":  # another precision's run: a fresh scaler
+            self.scaler = jax.device_put((jnp.float32(scaler[0]), jnp.int32(scaler[1])), self.replicated)
 
     def save(self, path: Path, epoch: int, metadata: dict[str, Any]) -> None:
         save_arrays(path, self.state_arrays(), self.plan, epoch, self.optimizer_arrays(), metadata)
