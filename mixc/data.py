@@ -107,13 +107,12 @@ def split_validation(dataset: Dataset, fraction: float, seed: int) -> Dataset:
 
     Why seeded by the recipe's seed: a resumed run (and the same command run again) must
     train on exactly the same samples; the split is a pure function of (data, fraction, seed).
-    A dataset that already has a validation split keeps it when ``fraction`` is 0.
+    A dataset that already has a validation split keeps it when ``fraction`` is 0. A streamed image
+    folder splits its list of training files by the same rule (so it holds out the same images as
+    the folder decoded into memory); its validation images get the evaluation transform.
     """
     if fraction <= 0:
         return dataset
-    if dataset.folder is not None:
-        raise DataError(f"{dataset.name} is streamed from disk, where --val-fraction cannot hold samples out yet; "
-                        "hint: give the folder a val/ of class folders, or leave out --stream if it fits in memory")
     if dataset.x_val is not None:
         raise DataError(f"{dataset.name} has its own validation split (e.g. an image folder's val/); "
                         "hint: drop --val-fraction (train.val_fraction), or remove that split")
@@ -124,10 +123,26 @@ def split_validation(dataset: Dataset, fraction: float, seed: int) -> Dataset:
                         f"{n - n_val} for training; hint: choose a fraction that leaves both sets non-empty")
     perm = np.random.default_rng([seed, 7919]).permutation(n)
     val, keep = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    if dataset.folder is not None:  # streamed: split the file list, the same files an in-memory split takes
+        return _split_folder(dataset, keep, val)
     return dataclasses.replace(
         dataset, x_train=dataset.x_train[keep], y_train=dataset.y_train[keep],
         x_val=dataset.x_train[val], y_val=dataset.y_train[val],
         description=f"{dataset.description}; {n_val} of the train samples held out for validation",
+    )
+
+
+def _split_folder(dataset: Dataset, keep: np.ndarray, val: np.ndarray) -> Dataset:
+    """A streamed image folder with the training files ``val`` held out as its validation split (read with the
+    evaluation transform, resize + center crop, like a val/ folder) and ``keep`` left to train on."""
+    folder = dataset.folder
+    train = folder.train
+    part = lambda rows: dataclasses.replace(train, paths=tuple(train.paths[i] for i in rows),  # noqa: E731
+                                            labels=train.labels[rows])
+    return dataclasses.replace(
+        dataset, y_train=train.labels[keep], x_val=dataset.x_train[:0], y_val=train.labels[val],
+        folder=dataclasses.replace(folder, train=part(keep), val=part(val)),
+        description=f"{dataset.description}; {len(val)} of the train images held out for validation",
     )
 
 
