@@ -35,7 +35,7 @@ import numpy as np
 
 from mixc.errors import MixcError
 
-__all__ = ["DataError", "Dataset", "load_dataset", "check_compatible", "shard", "DEFAULT_DATA_DIR"]
+__all__ = ["DataError", "Dataset", "load_dataset", "check_compatible", "shard", "default_augment", "DEFAULT_DATA_DIR"]
 
 #: Where cifar archives are looked for when neither --data-dir nor the recipe names a folder.
 DEFAULT_DATA_DIR = "data"
@@ -183,6 +183,20 @@ def check_compatible(dataset: Dataset, input_shape: list[int] | tuple[int, ...],
                 f"{classes} classes; hint: set the backbone's number of classes to at least {int(y.max()) + 1}, "
                 "or relabel the data to 0..classes-1"
             )
+
+
+def default_augment(input_shape: list[int] | tuple[int, ...], layout: str = "image") -> str:
+    """What ``augment auto`` does to training samples of ``input_shape``, one rule for arrays in memory and
+    streamed image folders: ``crop_flip`` (pad 4, random crop, flip) at 32x32, CIFAR's recipe;
+    ``random_resized_crop`` (a random area share of 8-100% and aspect of 3/4-4/3, resized back, and a flip)
+    when both sides exceed 32 pixels, ImageNet's; ``none`` for anything else (digits' 8x8, signals, vectors),
+    where neither recipe is known to help."""
+    if layout != "image" or len(input_shape) != 3:
+        return "none"
+    h, w = input_shape[1:]
+    if (h, w) == (32, 32):
+        return "crop_flip"
+    return "random_resized_crop" if min(h, w) > 32 else "none"
 
 
 def shard(n: int, rank: int, world: int) -> slice:

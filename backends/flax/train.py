@@ -38,6 +38,7 @@ a step runs:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,8 @@ from mixc.run_folder import CHECKPOINT, METRICS, TrainError
 from mixc.spec.recipe import Recipe
 from mixc.training import decay_skipped_roles
 
-__all__ = ["train", "TrainError", "crop_flip", "Trainer", "devices_for", "loss_scale_update", "CHECKPOINT", "METRICS"]
+__all__ = ["train", "TrainError", "crop_flip", "random_resized_crop", "Trainer", "devices_for", "loss_scale_update",
+           "CHECKPOINT", "METRICS"]
 
 _EVAL_BATCH = 1000
 
@@ -81,6 +83,44 @@ def crop_flip(key: jax.Array, x: jax.Array, pad: int = 4) -> jax.Array:
         return jnp.where(f, crop[..., ::-1], crop)
 
     return jax.vmap(one)(xp, oy, ox, flip)
+
+
+def random_resized_crop(key: jax.Array, x: jax.Array, scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> jax.Array:
+    """ImageNet's training augmentation for a batch in memory ``[B, C, H, W]``, torch's rule
+    (``backends/torch/train.py``): per image up to 10 draws of an area share in ``scale`` and a log-uniform
+    aspect in ``ratio``, the first that fits (else the central crop clamped to ``ratio``), resized back to
+    ``H x W`` (bilinear, edges clamped), and a random horizontal flip."""
+    b, _, h, w = x.shape
+    u = jax.random.uniform(key, (b, 23))
+    target = h * w * (scale[0] + (scale[1] - scale[0]) * u[:, :10])
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    aspect = jnp.exp(log_r[0] + (log_r[1] - log_r[0]) * u[:, 10:20])
+    cw, ch = jnp.round(jnp.sqrt(target * aspect)), jnp.round(jnp.sqrt(target / aspect))
+    fits = (cw >= 1) & (cw <= w) & (ch >= 1) & (ch <= h)
+    first = jnp.argmax(fits, axis=1)[:, None]  # the first draw that fits
+    a = w / h
+    fw, fh = (round(h * ratio[1]), h) if a > ratio[1] else (w, round(w / ratio[0])) if a < ratio[0] else (w, h)
+    ok = fits.any(1)
+    cw = jnp.where(ok, jnp.take_along_axis(cw, first, 1)[:, 0], fw)
+    ch = jnp.where(ok, jnp.take_along_axis(ch, first, 1)[:, 0], fh)
+    x0 = jnp.where(ok, jnp.minimum(jnp.floor(u[:, 20] * (w - cw + 1)), w - cw), (w - fw) // 2)
+    y0 = jnp.where(ok, jnp.minimum(jnp.floor(u[:, 21] * (h - ch + 1)), h - ch), (h - fh) // 2)
+    cols = jnp.where((u[:, 22] < 0.5)[:, None], w - 1 - jnp.arange(w), jnp.arange(w))  # [B, W], flipped or not
+    sx = x0[:, None] + (cols + 0.5) * cw[:, None] / w - 0.5  # source coordinates of each output pixel
+    sy = y0[:, None] + (jnp.arange(h) + 0.5) * ch[:, None] / h - 0.5
+
+    def taps(s, n):  # the two clamped neighbours of each coordinate and the far one's weight
+        lo = jnp.floor(s)
+        return jnp.clip(lo, 0, n - 1).astype(jnp.int32), jnp.clip(lo + 1, 0, n - 1).astype(jnp.int32), s - lo
+
+    def one(img, sy, sx):
+        ya, yb, fy = taps(sy, h)
+        xa, xb, fx = taps(sx, w)
+        rows = img[:, ya, :] * (1 - fy)[None, :, None] + img[:, yb, :] * fy[None, :, None]
+        return rows[:, :, xa] * (1 - fx) + rows[:, :, xb] * fx
+
+    return jax.vmap(one)(x, sy, sx).astype(x.dtype)
 
 
 def loss_scale_update(scale: jax.Array, tracker: jax.Array, finite: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -215,6 +255,8 @@ def _compiled_steps(plan: Plan, recipe: Recipe, graphdef: Any, tx: optax.Gradien
         aug_key, drop_key = jax.random.split(step_key)
         if augment == "crop_flip":
             x = crop_flip(aug_key, x)
+        elif augment == "random_resized_crop":
+            x = random_resized_crop(aug_key, x)
         scale, tracker = scaler
         (_, (stats, loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y, drop_key, scale)
         if scaled:
@@ -286,16 +328,21 @@ class Trainer:
         self.opt_state = jax.device_put(self.tx.init(params), self.replicated)
         self.scaler = jax.device_put((jnp.float32(SCALE_INIT if recipe.precision == "fp16" else 1.0), jnp.int32(0)),
                                      self.replicated)
-        key = (
-            spec_hash(plan), self.layout, self.augment, recipe.label_smoothing, recipe.optimizer.model_dump_json(),
-            recipe.weight_decay, tuple(recipe.weight_decay_exclude), tuple(d.id for d in devices), devices[0].platform,
-            recipe.grad_clip, recipe.precision,
-        )
         compute = COMPUTE_DTYPES[recipe.precision]
         forward_def = None if compute is None else compute_graphdef(
             plan, self._requested_layout, compute, devices[0].platform)
-        self._step, self._predict = _compiled_steps(plan, recipe, self.graphdef, self.tx, self.augment,
-                                                    self.replicated, key, forward_def)
+
+        def steps(augment: str) -> tuple[Any, Any]:
+            key = (
+                spec_hash(plan), self.layout, augment, recipe.label_smoothing, recipe.optimizer.model_dump_json(),
+                recipe.weight_decay, tuple(recipe.weight_decay_exclude), tuple(d.id for d in devices),
+                devices[0].platform, recipe.grad_clip, recipe.precision,
+            )
+            return _compiled_steps(plan, recipe, self.graphdef, self.tx, augment, self.replicated, key, forward_def)
+
+        self._step, self._predict = steps(self.augment)
+        # a streamed batch was random-resized-cropped by the loader: only crop_flip is applied to it here
+        self._stream_step = self._step if self.augment != "random_resized_crop" else steps("none")[0]
         self.x_train, self.y_train = x_train, y_train.astype(np.int32)
 
     def begin_epoch(self, augment_seed: int, dropout_seed: int) -> None:
@@ -307,14 +354,16 @@ class Trainer:
         return self.step_arrays(self.x_train[idx], self.y_train[idx], lr, jax.random.fold_in(self.epoch_key, step))
 
     def step_batch(self, x: np.ndarray, y: np.ndarray, lr: float, step: int) -> jax.Array:
-        """One step on a streamed batch (numpy, from the shared folder loader)."""
-        return self.step_arrays(np.asarray(x), np.asarray(y, np.int32), lr, jax.random.fold_in(self.epoch_key, step))
+        """One step on a streamed batch (numpy, from the shared folder loader, which crops it if that is the
+        augmentation)."""
+        return self.step_arrays(np.asarray(x), np.asarray(y, np.int32), lr, jax.random.fold_in(self.epoch_key, step),
+                                streamed=True)
 
-    def step_arrays(self, x: np.ndarray, y: np.ndarray, lr: float, key: jax.Array) -> jax.Array:
+    def step_arrays(self, x: np.ndarray, y: np.ndarray, lr: float, key: jax.Array, streamed: bool = False) -> jax.Array:
         """One optimiser step on the global batch ``x``, ``y`` with the step's random ``key``."""
         xs = jax.device_put(x, self.batch_sharding)
         ys = jax.device_put(y, self.batch_sharding)
-        self.params, self.stats, self.opt_state, self.scaler, loss = self._step(
+        self.params, self.stats, self.opt_state, self.scaler, loss = (self._stream_step if streamed else self._step)(
             self.params, self.stats, self.opt_state, self.scaler, xs, ys, jnp.float32(lr), key
         )
         return loss

@@ -6,10 +6,11 @@ cadence are the shared driver's (``mixc/training.py``); what is torch's:
 - Optimiser: SGD with (Nesterov) momentum, or AdamW, in two parameter groups
   (with and without weight decay: ``mixc.training.decay_skipped_roles``). The
   learning rate is set by hand before every step.
-- Augmentation (``crop_flip``): pad 4 with zeros, random 32x32 crop, random
-  horizontal flip, on batched tensors on the device, from a generator the
-  driver reseeds every epoch; dropout draws from torch's global RNG, reseeded
-  likewise.
+- Augmentation, on batched tensors on the device, from a generator the driver
+  reseeds every epoch: ``crop_flip`` (pad 4 with zeros, random crop, random
+  horizontal flip) or ``random_resized_crop`` (:func:`random_resized_crop`, for
+  arrays in memory; a streamed folder's loader crops the full images itself);
+  dropout draws from torch's global RNG, reseeded likewise.
 - The training set is copied to the device once; a step gathers its batch by
   index there.
 - Data parallel: under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is
@@ -49,7 +50,8 @@ from mixc.run_folder import CHECKPOINT, METRICS, TrainError
 from mixc.spec.recipe import Recipe
 from mixc.training import decay_skipped_roles
 
-__all__ = ["train", "TrainError", "TorchTrainer", "crop_flip", "predict_member_probs", "CHECKPOINT", "METRICS"]
+__all__ = ["train", "TrainError", "TorchTrainer", "crop_flip", "random_resized_crop", "predict_member_probs", "CHECKPOINT",
+           "METRICS"]
 
 
 # ---------------------------------------------------------------------------
@@ -71,6 +73,50 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, pad: in
     # Advanced indices split by a slice put their dims first: [B, H, W, C].
     out = xp[torch.arange(b, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+def crop_boxes(u: torch.Tensor, h: int, w: int, scale: tuple[float, float] = (0.08, 1.0),
+               ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[torch.Tensor, ...]:
+    """(x0, y0, crop width, crop height) per image, from uniforms ``u [B, 22]``, by the image-folder loader's rule
+    (``mixc.imagefolder.random_resized_crop``, torchvision's): up to 10 draws of an area share in ``scale`` and
+    a log-uniform aspect in ``ratio``, the first that fits; else the central crop clamped to ``ratio``."""
+    area, log_r = h * w, torch.log(torch.tensor(ratio, dtype=torch.float64))
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[:, :10].double())
+    aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * u[:, 10:20].double())
+    cw, ch = torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
+    fits = (cw >= 1) & (cw <= w) & (ch >= 1) & (ch <= h)
+    first = fits.int().argmax(1, keepdim=True)  # the first draw that fits
+    a = w / h
+    fw, fh = (round(h * ratio[1]), h) if a > ratio[1] else (w, round(w / ratio[0])) if a < ratio[0] else (w, h)
+    ok = fits.any(1)
+    cw = torch.where(ok, cw.gather(1, first)[:, 0], float(fw))
+    ch = torch.where(ok, ch.gather(1, first)[:, 0], float(fh))
+    x0 = torch.where(ok, torch.floor(u[:, 20].double() * (w - cw + 1)).clamp(max=w - cw), float((w - fw) // 2))
+    y0 = torch.where(ok, torch.floor(u[:, 21].double() * (h - ch + 1)).clamp(max=h - ch), float((h - fh) // 2))
+    return x0, y0, cw, ch
+
+
+def random_resized_crop(x: torch.Tensor, generator: torch.Generator | None = None,
+                        scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
+                        ) -> torch.Tensor:
+    """ImageNet's training augmentation for a batch in memory ``[B, C, H, W]``: per image a random crop
+    (:func:`crop_boxes`) resized back to ``H x W`` (bilinear, edges clamped) and a random horizontal flip.
+    In memory the images are already at the model's size, so this upsamples a part of that; a streamed
+    folder's loader crops the full-size file instead."""
+    b, _, h, w = x.shape
+    dev = x.device
+    u = torch.rand(b, 23, generator=generator, device=dev)
+    x0, y0, cw, ch = crop_boxes(u[:, :22], h, w, scale, ratio)
+    flip = u[:, 22] < 0.5
+    # affine_grid maps output coordinates in [-1, 1] (pixel centres, align_corners=False) to input ones:
+    # source pixel = x0 + (j + 0.5) * cw / W - 0.5, i.e. normalised sx * u + tx
+    theta = torch.zeros(b, 2, 3, dtype=torch.float64, device=dev)
+    theta[:, 0, 0] = torch.where(flip, -cw / w, cw / w)
+    theta[:, 0, 2] = (2 * x0 + cw) / w - 1
+    theta[:, 1, 1] = ch / h
+    theta[:, 1, 2] = (2 * y0 + ch) / h - 1
+    grid = F.affine_grid(theta.to(x.dtype), [b, x.shape[1], h, w], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 # ---------------------------------------------------------------------------
@@ -273,17 +319,20 @@ class TorchTrainer:
 
     def step(self, idx: np.ndarray, lr: float, step: int) -> torch.Tensor:
         rows = torch.from_numpy(np.ascontiguousarray(idx[self.part])).to(self.device)
-        return self._step(self.x_train.index_select(0, rows), self.y_train.index_select(0, rows), lr)
+        return self._step(self.x_train.index_select(0, rows), self.y_train.index_select(0, rows), lr, self.augment)
 
     def step_batch(self, x: Any, y: Any, lr: float, step: int) -> torch.Tensor:
-        """One step on a streamed batch (numpy or a DataLoader's pinned tensors), already augmented."""
+        """One step on a streamed batch (numpy or a DataLoader's pinned tensors), random-resized-cropped by the
+        loader if at all: only crop_flip is applied here."""
         xb = torch.as_tensor(x).to(self.device, non_blocking=True)
         yb = torch.as_tensor(y).to(self.device, dtype=torch.int64, non_blocking=True)
-        return self._step(xb, yb, lr)
+        return self._step(xb, yb, lr, "crop_flip" if self.augment == "crop_flip" else "none")
 
-    def _step(self, xb: torch.Tensor, yb: torch.Tensor, lr: float) -> torch.Tensor:
-        if self.augment == "crop_flip":
+    def _step(self, xb: torch.Tensor, yb: torch.Tensor, lr: float, augment: str) -> torch.Tensor:
+        if augment == "crop_flip":
             xb = crop_flip(xb, self.gen)
+        elif augment == "random_resized_crop":
+            xb = random_resized_crop(xb, self.gen)
         for g in self.opt.param_groups:
             g["lr"] = lr
         M = self.plan.members
