@@ -11,8 +11,11 @@ cadence are the shared driver's (``mixc/training.py``); what is torch's:
   horizontal flip) or ``random_resized_crop`` (:func:`random_resized_crop`, for
   arrays in memory; a streamed folder's loader crops the full images itself);
   dropout draws from torch's global RNG, reseeded likewise.
-- The training set is copied to the device once; a step gathers its batch by
-  index there.
+- The training set is copied to the device once when it takes at most half of
+  the device's free memory, and a step gathers its batch by index there;
+  otherwise (and always on CPU) it stays in host memory, shared with the
+  dataset's array (a memory-mapped ``.npz`` stays mapped), and each step
+  gathers its batch there and copies it over.
 - Data parallel: under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is
   gloo on CPU and nccl on CUDA and the model is wrapped in
   DistributedDataParallel; each rank takes its :func:`mixc.data.shard` of every
@@ -43,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixc.backends.torch.predict import predict_member_probs, torch_device
+from mixc.backends.torch.predict import host_tensor, predict_member_probs, torch_device
 from mixc.compiler.plan import Plan
 from mixc.data import shard
 from mixc.run_folder import CHECKPOINT, METRICS, TrainError
@@ -255,6 +258,25 @@ def _weights_hash(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether a training set of ``nbytes`` goes to the accelerator: at most half its free memory, the rest
+    left for the model, its activations and the optimiser."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= free // 2
+
+
+def _training_set(x: np.ndarray, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """(the training inputs where steps gather from, whether that is host memory apart from ``device``)."""
+    host = host_tensor(x)
+    if device.type == "cpu":
+        return host, False  # the host is the device: no copy (a mapped file stays mapped)
+    if _fits_on_device(x.nbytes, device):
+        return host.to(device), False
+    return host, True
+
+
 def _autocast_dtype(precision: str) -> torch.dtype | None:
     """The autocast dtype of ``precision`` (None: fp32, autocast off)."""
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -307,8 +329,8 @@ class TorchTrainer:
             self.net = torch.compile(self.net)
         self.amp = _autocast_dtype(self.recipe.precision)
         self.scaler = torch.amp.GradScaler(dev.type) if self.recipe.precision == "fp16" else None
-        self.x_train = torch.from_numpy(x_train).to(dev)
-        self.y_train = torch.from_numpy(y_train).to(dev)
+        self.x_train, self.x_on_host = _training_set(x_train, dev)
+        self.y_train = torch.from_numpy(np.ascontiguousarray(y_train)).to(dev)
         self.gen = torch.Generator(device=dev)
         self.part = shard(batch, self.rank, self.world)
 
@@ -318,8 +340,13 @@ class TorchTrainer:
         self.net.train()
 
     def step(self, idx: np.ndarray, lr: float, step: int) -> torch.Tensor:
-        rows = torch.from_numpy(np.ascontiguousarray(idx[self.part])).to(self.device)
-        return self._step(self.x_train.index_select(0, rows), self.y_train.index_select(0, rows), lr, self.augment)
+        host_rows = torch.from_numpy(np.ascontiguousarray(idx[self.part]))
+        rows = host_rows.to(self.device)
+        if self.x_on_host:  # the set did not fit on the device: gather in host memory, copy the batch over
+            xb = self.x_train.index_select(0, host_rows).to(self.device, non_blocking=True)
+        else:
+            xb = self.x_train.index_select(0, rows)
+        return self._step(xb, self.y_train.index_select(0, rows), lr, self.augment)
 
     def step_batch(self, x: Any, y: Any, lr: float, step: int) -> torch.Tensor:
         """One step on a streamed batch (numpy or a DataLoader's pinned tensors), random-resized-cropped by the
@@ -346,7 +373,7 @@ class TorchTrainer:
         return loss.detach()
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return predict_member_probs(self.model, torch.from_numpy(np.ascontiguousarray(x)).to(self.device))
+        return predict_member_probs(self.model, x, device=self.device)  # batch by batch to the device
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         from mixc.backends.torch.model import named_plan_tensors
