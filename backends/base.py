@@ -122,7 +122,8 @@ class Trainer(Protocol):
 
     def step_batch(self, x: Any, y: Any, lr: float, step: int) -> Any:
         """One optimiser step on a batch streamed from disk (``Backend.batches``: numpy arrays or the
-        backend's own tensors), augmented by the loader (a 32x32 batch still gets the trainer's crop_flip)."""
+        backend's own tensors), random-resized-cropped by the loader when that is the augmentation; the
+        trainer applies only crop_flip (at 32x32) to it, never its own random-resized crop."""
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Member probabilities ``[N, M, classes]`` in eval mode (train mode is restored)."""
@@ -256,14 +257,16 @@ class Backend:
     # -- running ---------------------------------------------------------------
 
     def batches(self, split: Any, input_shape: list[int], *, train: bool, batch: int, seed: int, epoch: int,
-                workers: int) -> Any:
+                workers: int, random_crop: bool | None = None) -> Any:
         """Batches ``(x, y)`` of an image-folder split (``mixc.imagefolder.FolderSplit``) for a streamed run:
-        shuffled by ``default_rng([seed, epoch])`` and the last partial batch dropped when ``train``. By
-        default decoded in this process with numpy (``mixc.imagefolder.iter_batches``); torch uses a
-        DataLoader with ``workers`` processes and pinned memory."""
+        shuffled by ``default_rng([seed, epoch])``, the last partial batch dropped and, with ``random_crop``
+        (None: ``mixc.data.default_augment``'s rule), each image random-resized-cropped and flipped when
+        ``train``. By default decoded in this process with numpy (``mixc.imagefolder.iter_batches``); torch
+        uses a DataLoader with ``workers`` processes and pinned memory."""
         from mixc.imagefolder import iter_batches
 
-        return iter_batches(split, input_shape, train=train, batch=batch, seed=seed, epoch=epoch)
+        return iter_batches(split, input_shape, train=train, batch=batch, seed=seed, epoch=epoch,
+                            random_crop=random_crop)
 
     def set_threads(self, n: int) -> dict[str, Any]:
         """Run the framework's CPU work on ``n`` threads (``mixc.threads`` picks ``n``); returns what was set,

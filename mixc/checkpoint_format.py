@@ -57,6 +57,9 @@ __all__ = [
     "check_spec",
     "read_tensors",
     "read_plan_arrays",
+    "GRAD_SCALER_KEYS",
+    "grad_scaler_arrays",
+    "read_grad_scaler",
 ]
 
 
@@ -273,6 +276,39 @@ def read_plan_arrays(path: str | Path, plan: Plan) -> tuple[dict[str, np.ndarray
     everything ``read_tensors`` verifies. What a backend loads into its model, and what resume reads."""
     check_spec(read_info(path), plan, path)
     return read_tensors(path, plan)
+
+
+#: fp16 training's dynamic loss scale and its growth tracker (good steps since the scale last changed), saved
+#: beside the optimiser state so a resumed fp16 run skips and grows exactly where an uninterrupted one would.
+#: Both backends write and read these names; a checkpoint of an fp32 or bf16 run has neither.
+GRAD_SCALER_KEYS = ("optim.grad_scaler.scale", "optim.grad_scaler.growth_tracker")
+
+
+def grad_scaler_arrays(scale: float, growth_tracker: int) -> dict[str, np.ndarray]:
+    """The loss scaler's state as checkpoint tensors (float32 and int64, shape ``[1]``)."""
+    return {GRAD_SCALER_KEYS[0]: np.asarray([scale], np.float32),
+            GRAD_SCALER_KEYS[1]: np.asarray([growth_tracker], np.int64)}
+
+
+def read_grad_scaler(extra: dict[str, Any], path: str | Path = "checkpoint") -> tuple[float, int] | None:
+    """(scale, growth tracker) from a checkpoint's extra tensors, or None when it holds no scaler state (a run
+    that was not fp16). Checked like every other field: a value no scaler can hold is a CheckpointError."""
+    present = [k for k in GRAD_SCALER_KEYS if k in extra]
+    if not present:
+        return None
+    hint = "hint: use an undamaged copy of the run, or start a new one"
+    if len(present) == 1:
+        missing = next(k for k in GRAD_SCALER_KEYS if k not in extra)
+        raise CheckpointError(f"checkpoint {str(path)!r} holds {present[0]} but not {missing}; the fp16 loss "
+                              f"scaler's state is saved whole; {hint}")
+    scale, tracker = (np.asarray(extra[k]) for k in GRAD_SCALER_KEYS)
+    if scale.size != 1 or not np.issubdtype(scale.dtype, np.floating) or not (0 < float(scale.reshape(-1)[0]) < np.inf):
+        raise CheckpointError(f"checkpoint {str(path)!r}: {GRAD_SCALER_KEYS[0]} must be one positive finite "
+                              f"number, not {scale.dtype} {scale.reshape(-1)[:3].tolist()}; {hint}")
+    if tracker.size != 1 or not np.issubdtype(tracker.dtype, np.integer) or int(tracker.reshape(-1)[0]) < 0:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {GRAD_SCALER_KEYS[1]} must be one integer of 0 or "
+                              f"more, not {tracker.dtype} {tracker.reshape(-1)[:3].tolist()}; {hint}")
+    return float(scale.reshape(-1)[0]), int(tracker.reshape(-1)[0])
 
 
 _NOTED: set[str] = set()

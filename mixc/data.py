@@ -15,7 +15,11 @@ Sources:
 - ``cifar10`` / ``cifar100``: the standard python-pickle archives unpacked in a
   data folder, normalised per channel by the train set's mean/std.
 - a path to a ``.npz`` holding ``x_train, y_train, x_test, y_test``, used as
-  stored (only cast to float32/int64): store what the model should see.
+  stored (only cast to float32/int64): store what the model should see; with
+  ``x_val, y_val`` too, a validation split (as ``--val-fraction`` holds out). Arrays
+  that ``np.savez`` stored uncompressed are memory-mapped, not read: a float32
+  dataset larger than the host's memory trains from the page cache
+  (``np.savez_compressed`` members, and other dtypes, are read into memory).
 
 Every bad input raises ``DataError`` with one paragraph naming the file or
 value at fault and a hint; the CLI prints it without a traceback.
@@ -35,7 +39,7 @@ import numpy as np
 
 from mixc.errors import MixcError
 
-__all__ = ["DataError", "Dataset", "load_dataset", "check_compatible", "shard", "DEFAULT_DATA_DIR"]
+__all__ = ["DataError", "Dataset", "load_dataset", "check_compatible", "shard", "default_augment", "DEFAULT_DATA_DIR"]
 
 #: Where cifar archives are looked for when neither --data-dir nor the recipe names a folder.
 DEFAULT_DATA_DIR = "data"
@@ -107,15 +111,14 @@ def split_validation(dataset: Dataset, fraction: float, seed: int) -> Dataset:
 
     Why seeded by the recipe's seed: a resumed run (and the same command run again) must
     train on exactly the same samples; the split is a pure function of (data, fraction, seed).
-    A dataset that already has a validation split keeps it when ``fraction`` is 0.
+    A dataset that already has a validation split keeps it when ``fraction`` is 0. A streamed image
+    folder splits its list of training files by the same rule (so it holds out the same images as
+    the folder decoded into memory); its validation images get the evaluation transform.
     """
     if fraction <= 0:
         return dataset
-    if dataset.folder is not None:
-        raise DataError(f"{dataset.name} is streamed from disk, where --val-fraction cannot hold samples out yet; "
-                        "hint: give the folder a val/ of class folders, or leave out --stream if it fits in memory")
     if dataset.x_val is not None:
-        raise DataError(f"{dataset.name} has its own validation split (e.g. an image folder's val/); "
+        raise DataError(f"{dataset.name} has its own validation split (an image folder's val/, a .npz's x_val); "
                         "hint: drop --val-fraction (train.val_fraction), or remove that split")
     n = len(dataset.y_train)
     n_val = int(round(n * fraction))
@@ -124,10 +127,26 @@ def split_validation(dataset: Dataset, fraction: float, seed: int) -> Dataset:
                         f"{n - n_val} for training; hint: choose a fraction that leaves both sets non-empty")
     perm = np.random.default_rng([seed, 7919]).permutation(n)
     val, keep = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    if dataset.folder is not None:  # streamed: split the file list, the same files an in-memory split takes
+        return _split_folder(dataset, keep, val)
     return dataclasses.replace(
         dataset, x_train=dataset.x_train[keep], y_train=dataset.y_train[keep],
         x_val=dataset.x_train[val], y_val=dataset.y_train[val],
         description=f"{dataset.description}; {n_val} of the train samples held out for validation",
+    )
+
+
+def _split_folder(dataset: Dataset, keep: np.ndarray, val: np.ndarray) -> Dataset:
+    """A streamed image folder with the training files ``val`` held out as its validation split (read with the
+    evaluation transform, resize + center crop, like a val/ folder) and ``keep`` left to train on."""
+    folder = dataset.folder
+    train = folder.train
+    part = lambda rows: dataclasses.replace(train, paths=tuple(train.paths[i] for i in rows),  # noqa: E731
+                                            labels=train.labels[rows])
+    return dataclasses.replace(
+        dataset, y_train=train.labels[keep], x_val=dataset.x_train[:0], y_val=train.labels[val],
+        folder=dataclasses.replace(folder, train=part(keep), val=part(val)),
+        description=f"{dataset.description}; {len(val)} of the train images held out for validation",
     )
 
 
@@ -168,6 +187,20 @@ def check_compatible(dataset: Dataset, input_shape: list[int] | tuple[int, ...],
                 f"{classes} classes; hint: set the backbone's number of classes to at least {int(y.max()) + 1}, "
                 "or relabel the data to 0..classes-1"
             )
+
+
+def default_augment(input_shape: list[int] | tuple[int, ...], layout: str = "image") -> str:
+    """What ``augment auto`` does to training samples of ``input_shape``, one rule for arrays in memory and
+    streamed image folders: ``crop_flip`` (pad 4, random crop, flip) at 32x32, CIFAR's recipe;
+    ``random_resized_crop`` (a random area share of 8-100% and aspect of 3/4-4/3, resized back, and a flip)
+    when both sides exceed 32 pixels, ImageNet's; ``none`` for anything else (digits' 8x8, signals, vectors),
+    where neither recipe is known to help."""
+    if layout != "image" or len(input_shape) != 3:
+        return "none"
+    h, w = input_shape[1:]
+    if (h, w) == (32, 32):
+        return "crop_flip"
+    return "random_resized_crop" if min(h, w) > 32 else "none"
 
 
 def shard(n: int, rank: int, world: int) -> slice:
@@ -318,6 +351,7 @@ def _read_cifar_file(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarr
 
 
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+_NPZ_VAL_KEYS = ("x_val", "y_val")  # optional: a validation split of the file's own
 
 
 def _load_npz(path: Path) -> Dataset:
@@ -336,7 +370,12 @@ def _load_npz(path: Path) -> Dataset:
                     f"{path} lacks the arrays {', '.join(missing)} (it holds {', '.join(found) or 'none'}); "
                     f"hint: save it with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
                 )
-            arrays = {k: z[k] for k in _NPZ_KEYS}
+            val = [k for k in _NPZ_VAL_KEYS if k in found]
+            if len(val) == 1:
+                raise DataError(f"{path} holds {val[0]} but not {({*_NPZ_VAL_KEYS} - {val[0]}).pop()}; hint: a "
+                                "validation split needs both x_val and y_val (or neither: --val-fraction holds one out)")
+            arrays = {k: _npz_member(path, k) for k in (*_NPZ_KEYS, *val)}
+            arrays = {k: z[k] if a is None else a for k, a in arrays.items()}
     except DataError:
         raise
     except Exception as e:  # not a zip, pickled objects, truncated...
@@ -344,25 +383,57 @@ def _load_npz(path: Path) -> Dataset:
             f"cannot read {path} as a .npz of plain arrays ({e}); hint: write it with numpy.savez from numeric "
             "arrays (object arrays are refused)"
         ) from e
-    for split in ("train", "test"):
+    splits = [s for s in ("train", "val", "test") if f"x_{s}" in arrays]
+    for split in splits:
         _check_split(path, split, arrays[f"x_{split}"], arrays[f"y_{split}"])
-    if list(arrays["x_train"].shape[1:]) != list(arrays["x_test"].shape[1:]):
-        raise DataError(
-            f"{path}: x_train samples have shape {list(arrays['x_train'].shape[1:])} but x_test samples "
-            f"{list(arrays['x_test'].shape[1:])}; both splits must share one sample shape"
-        )
-    y_train = arrays["y_train"].astype(np.int64)
-    y_test = arrays["y_test"].astype(np.int64)
-    classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
+        if list(arrays["x_train"].shape[1:]) != list(arrays[f"x_{split}"].shape[1:]):
+            raise DataError(
+                f"{path}: x_train samples have shape {list(arrays['x_train'].shape[1:])} but x_{split} samples "
+                f"{list(arrays[f'x_{split}'].shape[1:])}; all splits must share one sample shape"
+            )
+    x = {s: np.ascontiguousarray(arrays[f"x_{s}"], dtype=np.float32) for s in splits}
+    y = {s: arrays[f"y_{s}"].astype(np.int64) for s in splits}
+    classes = int(max(v.max(initial=0) for v in y.values())) + 1
     return Dataset(
-        path.stem,
-        np.ascontiguousarray(arrays["x_train"], dtype=np.float32),
-        y_train,
-        np.ascontiguousarray(arrays["x_test"], dtype=np.float32),
-        y_test,
-        classes,
-        f"{path}, samples {list(arrays['x_train'].shape[1:])}, {len(y_train)} train / {len(y_test)} test",
+        path.stem, x["train"], y["train"], x["test"], y["test"], classes,
+        f"{path}, samples {list(x['train'].shape[1:])}, {len(y['train'])} train"
+        + (f" / {len(y['val'])} val" if "val" in y else "") + f" / {len(y['test'])} test",
+        x_val=x.get("val"), y_val=y.get("val"),
     )
+
+
+def _npz_member(path: Path, key: str) -> np.ndarray | None:
+    """``key`` of the .npz at ``path`` as a read-only memory map, when the zip stores it uncompressed (what
+    ``np.savez`` writes) as a .npy of plain numbers; None when it must be read instead (compressed, empty, an
+    unusual header): ``np.load`` then reads it, with its own checks. Why: a dataset read whole must fit in
+    the host's memory twice over (the file's copy, then the float32 one); mapped, pages come from the file
+    as batches touch them, and the kernel can drop them again."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(f"{key}.npy")
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:  # compressed or encrypted
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the zip local file header: its name and extra field lengths end it
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            return None
+        f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little"))
+        start = f.tell()
+        try:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read:
+                return None
+            shape, fortran, dtype = read[version](f)
+        except ValueError:
+            return None
+        offset = f.tell()
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if dtype.hasobject or size == 0 or offset - start + size != info.file_size:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
 #: Inputs beyond this magnitude overflow float32 arithmetic in a network (squares in BatchNorm, sums in
@@ -411,22 +482,36 @@ def _check_labels(path: Path, name: str, y: np.ndarray) -> None:
         raise DataError(f"{path}: {name}[{i}] = {v!r} is not a class index ({why}); {hint}")
 
 
+#: rows of an input array checked at a time, so the check's temporaries stay small (mapped arrays included)
+_CHECK_BYTES = 64 << 20
+
+
 def _check_inputs(path: Path, name: str, x: np.ndarray) -> None:
     if x.dtype == bool:
         return
-    if np.issubdtype(x.dtype, np.floating):
-        bad = ~np.isfinite(x) | (np.abs(x) > MAX_INPUT)  # in x's own dtype: no float64 copy of a big array
-    else:
-        bad = (x > MAX_INPUT) | (x < -MAX_INPUT)
-    if bad.any():
-        i = int(np.argmax(bad.reshape(-1)))
-        v = x.reshape(-1)[i].item()
-        why = "not a finite number" if not np.isfinite(v) else f"beyond +-{MAX_INPUT:g}, which overflows float32 arithmetic"
-        raise DataError(
-            f"{path}: {name}{_at(x, i)} = {v!r} is {why} ({int(bad.sum())} such value(s) in {name}); hint: store "
-            "normalised inputs (e.g. per channel: subtract the mean, divide by the standard deviation) and "
-            "replace missing values"
-        )
+    rows = max(1, _CHECK_BYTES // max(1, x[:1].nbytes))
+    for r in range(0, len(x), rows):
+        part = x[r : r + rows]
+        if np.issubdtype(x.dtype, np.floating):
+            bad = ~np.isfinite(part) | (np.abs(part) > MAX_INPUT)  # in x's own dtype: no float64 copy
+        else:
+            bad = (part > MAX_INPUT) | (part < -MAX_INPUT)
+        if bad.any():
+            _bad_input(path, name, x, r * int(np.prod(x.shape[1:], dtype=np.int64)) + int(np.argmax(bad.reshape(-1))),
+                       bad, r + len(part) < len(x))
+
+
+def _bad_input(path: Path, name: str, x: np.ndarray, i: int, bad: np.ndarray, more: bool) -> None:
+    """The DataError for input value ``i`` (flat C-order index) of ``x``; ``bad`` marks the bad values of the
+    chunk it is in, ``more`` says rows after that chunk were not checked."""
+    v = x[np.unravel_index(i, x.shape)].item()  # not x.reshape(-1): a Fortran-ordered map would be copied
+    why = "not a finite number" if not np.isfinite(v) else f"beyond +-{MAX_INPUT:g}, which overflows float32 arithmetic"
+    count = f"{int(bad.sum())}{' or more' if more else ''}"
+    raise DataError(
+        f"{path}: {name}{_at(x, i)} = {v!r} is {why} ({count} such value(s) in {name}); hint: store "
+        "normalised inputs (e.g. per channel: subtract the mean, divide by the standard deviation) and "
+        "replace missing values"
+    )
 
 
 # ---------------------------------------------------------------------------

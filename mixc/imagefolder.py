@@ -12,8 +12,9 @@ its labelled "val" is the set everybody reports), ``val/`` is the test set and a
 set can still be held out with ``--val-fraction``; with both, ``val/`` validates and ``test/`` tests.
 
 Transforms (numpy/Pillow, so both backends see the same pixels): training images get a
-random-resized crop (scale 0.08-1, aspect 3/4-4/3) and a horizontal flip at 224-like sizes, or
-pad-4 crop and flip at 32x32 (applied by the backend's ``crop_flip``); evaluation images are
+random-resized crop (scale 0.08-1, aspect 3/4-4/3) and a horizontal flip when both sides of the
+input exceed 32 pixels, or pad-4 crop and flip at 32x32 (applied by the backend's ``crop_flip``),
+the rule of ``mixc.data.default_augment`` that arrays in memory follow too; evaluation images are
 resized (shorter side to size * 256/224) and center-cropped. Pixels are scaled to [0, 1] and
 normalised per channel with ImageNet's mean/std (RGB) or 0.5/0.25 (grey), fixed constants so a
 streamed batch and an in-memory one are the same numbers.
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixc.data import Dataset, DataError
+from mixc.data import Dataset, DataError, default_augment
 
 __all__ = ["is_image_folder", "scan", "ImageFolder", "FolderSplit", "FolderReader", "load_image_folder",
            "random_resized_crop", "resize_center_crop", "EXTENSIONS"]
@@ -140,7 +141,7 @@ def resize_center_crop(img, size: tuple[int, int]):
 def random_resized_crop(img, size: tuple[int, int], rng: np.random.Generator,
                         scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
     """Training transform (Inception/ImageNet): a random area share and aspect, resized to ``size``;
-    after 10 failed draws, the central crop of the largest allowed aspect (torchvision's rule)."""
+    after 10 failed draws, the central crop of the image clamped to the allowed aspects (torchvision's rule)."""
     from PIL import Image
 
     iw, ih = img.size
@@ -153,7 +154,7 @@ def random_resized_crop(img, size: tuple[int, int], rng: np.random.Generator,
             x0, y0 = int(rng.integers(0, iw - cw + 1)), int(rng.integers(0, ih - ch + 1))
             return img.resize((size[1], size[0]), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
     a = iw / ih
-    cw, ch = (iw, round(iw / ratio[1])) if a > ratio[1] else (round(ih * ratio[0]), ih) if a < ratio[0] else (iw, ih)
+    cw, ch = (round(ih * ratio[1]), ih) if a > ratio[1] else (iw, round(iw / ratio[0])) if a < ratio[0] else (iw, ih)
     x0, y0 = (iw - cw) // 2, (ih - ch) // 2
     return img.resize((size[1], size[0]), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
 
@@ -169,17 +170,21 @@ def to_array(img, channels: int) -> np.ndarray:
 class FolderReader:
     """Sample ``i`` of a split as (float32 ``[C, H, W]``, label): the same in a DataLoader worker and in memory.
 
-    ``train`` with an input above 64 pixels draws a random-resized crop and a flip from the ``rng``
-    it is handed (a worker's, seeded from the run's seed and epoch); otherwise resize + center crop
-    (32x32 training images are then pad-cropped and flipped by the backend's ``crop_flip``).
+    ``train`` with ``random_crop`` (None: when :func:`mixc.data.default_augment` picks it, both sides
+    above 32 pixels) draws a random-resized crop and a flip from the ``rng`` it is handed (a
+    worker's, seeded from the run's seed, epoch and index); otherwise resize + center crop (32x32
+    training images are then pad-cropped and flipped by the backend's ``crop_flip``).
     """
 
-    def __init__(self, split: FolderSplit, input_shape: list[int], train: bool) -> None:
+    def __init__(self, split: FolderSplit, input_shape: list[int], train: bool,
+                 random_crop: bool | None = None) -> None:
         if len(input_shape) != 3 or input_shape[0] not in (1, 3):
             raise DataError(f"an image folder feeds image input [1 or 3, H, W], but the spec's input is "
                             f"{input_shape}; hint: change the spec's `input image(...)` line")
         self.split, self.channels, self.size = split, input_shape[0], (input_shape[1], input_shape[2])
-        self.random = train and min(self.size) > 64
+        if random_crop is None:
+            random_crop = default_augment(input_shape) == "random_resized_crop"
+        self.random = train and random_crop
 
     def __len__(self) -> int:
         return len(self.split.paths)
@@ -196,10 +201,10 @@ class FolderReader:
 
 
 def iter_batches(split: FolderSplit, input_shape: list[int], *, train: bool, batch: int, seed: int = 0,
-                 epoch: int = 0):
+                 epoch: int = 0, random_crop: bool | None = None):
     """``(x [b, C, H, W] float32, y [b] int64)`` batches decoded in this process; the same samples, order and
     augmentation draws (``default_rng([seed, epoch, i])`` per sample) as the torch DataLoader's."""
-    reader = FolderReader(split, input_shape, train)
+    reader = FolderReader(split, input_shape, train, random_crop)
     order = np.random.default_rng([seed, epoch]).permutation(len(reader)) if train else np.arange(len(reader))
     stop = len(order) - len(order) % batch if train else len(order)
     for k in range(0, stop, batch):
@@ -229,8 +234,9 @@ def _streamed(folder: ImageFolder, input_shape: list[int]) -> Dataset:
 
 def load_image_folder(path: str | os.PathLike, input_shape: list[int], stream: bool = False) -> Dataset:
     """The folder decoded once into memory (resize + center crop; training-time augmentation is then the
-    backend's crop_flip at 32x32, none at other sizes), or streamed from disk (``stream``, or when it would
-    take more than MEMORY_LIMIT bytes decoded) with the random-resized crop at sizes above 64 pixels."""
+    backend's, on those arrays: crop_flip at 32x32, the random-resized crop above 32 pixels a side), or
+    streamed from disk (``stream``, or when it would take more than MEMORY_LIMIT bytes decoded), where the
+    loader draws the random-resized crop from the full image."""
     folder = scan(path)
     n = len(folder.train.paths) + len(folder.test.paths) + (len(folder.val.paths) if folder.val else 0)
     need = n * int(np.prod(input_shape)) * 4

@@ -26,7 +26,10 @@ that decides *what* is trained, and so what a result means, lives here once:
   ``seed_of(seed, epoch, rank, 1|2)``. Checkpoints are written at epoch ends,
   so a resumed run needs no saved RNG state to replay the rest exactly.
 - Augmentation (:func:`augment_mode`): ``crop_flip`` (pad 4, random crop,
-  random horizontal flip; the default for 32x32 images) or ``none``.
+  random horizontal flip; the default for 32x32 images), ``random_resized_crop``
+  (a random area and aspect resized back, and a flip; the default above 32
+  pixels a side: the backend's on arrays in memory, the loader's on the full
+  image when a folder streams) or ``none``.
 - Files: the run folder's rules (one writer, the recipe check on resume,
   divergence, crash repair) are :class:`mixc.run_folder.RunWriter`'s; each
   epoch's checkpoint holds the weights, the optimiser state under ``optim.*``
@@ -46,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mixc.compiler.plan import Plan
-from mixc.data import Dataset, check_compatible, load_dataset, resolve_data_path, split_validation
+from mixc.data import Dataset, check_compatible, default_augment, load_dataset, resolve_data_path, split_validation
 from mixc.metrics import evaluate
 from mixc.loggers import make_logger
 from mixc.run_folder import BEST_METRICS, Reporter, read_metrics, RunWriter, TrainError, epoch_line, seed_of, spec_hash
@@ -96,10 +99,11 @@ def decay_skipped_roles(recipe: Recipe) -> set[str]:
 
 
 def augment_mode(recipe: Recipe, plan: Plan) -> str:
-    """``crop_flip`` or ``none``: ``auto`` picks crop_flip for 32x32 images; crop_flip needs images."""
+    """``crop_flip``, ``random_resized_crop`` or ``none``: ``auto`` is :func:`mixc.data.default_augment` (crop_flip
+    at 32x32, the random-resized crop above 32 pixels a side, none otherwise); crop_flip needs images."""
     is_image = plan.input_layout == "image" and len(plan.input_shape) == 3
     if recipe.augment == "auto":
-        return "crop_flip" if is_image and plan.input_shape[1:] == [32, 32] else "none"
+        return default_augment(plan.input_shape, plan.input_layout)
     if recipe.augment == "crop_flip" and not is_image:
         raise TrainError(
             f"augment crop_flip needs image input, but {plan.name} takes {plan.input_layout} "
@@ -216,7 +220,7 @@ def train(
                        batch, len(dataset.y_train) // batch, backend.name,  # the last partial batch is dropped
                        best_metric=best_metric, keep=keep, baseline=baseline, test_every_epoch=eval_test_every_epoch,
                        logger=make_logger(logger, folder.out) if trainer.rank == 0 else None,
-                       batches=_batches(backend, dataset, trainer, workers if workers is not None else min(4, n_threads)))
+                       batches=_batches(backend, dataset, trainer, workers, n_threads, augment))
             _announce(run, layout, augment, baseline, {**thread_info, "compile": compile, **(config or {})})
             try:
                 last = _epochs(run)
@@ -246,7 +250,10 @@ def _resume(folder: RunWriter, trainer: "Trainer", plan: Plan) -> None:
             "or delete that one to start over"
         ) from e
     trainer.load_state(arrays)
-    trainer.load_optimizer(extra)
+    try:
+        trainer.load_optimizer(extra)
+    except CheckpointError as e:
+        raise TrainError(f"cannot resume from {folder.ckpt}: {e}") from e
 
 
 def _announce(run: _Run, layout: str, augment: str, baseline: str | None, config: dict[str, Any]) -> None:
@@ -331,17 +338,22 @@ def _dataset(data: "Dataset | str | None", plan: Plan, recipe: Recipe, stream: b
     return dataset
 
 
-def _batches(backend: "Backend", dataset: Dataset, trainer: "Trainer", workers: int) -> Any:
-    """``split, train, batch, epoch -> batches`` for a streamed folder (None otherwise); one process only."""
+def _batches(backend: "Backend", dataset: Dataset, trainer: "Trainer", workers: int | None, threads: int,
+             augment: str) -> Any:
+    """``split, train, batch, epoch -> batches`` for a streamed folder (None otherwise); one process only, with
+    ``workers`` loader processes (default min(4, threads)). The loader draws the random-resized crop (on the
+    full image) when ``augment`` asks for it; crop_flip is the trainer's, as in memory."""
     if dataset.folder is None:
         return None
+    workers = min(4, threads) if workers is None else workers
     if trainer.world > 1:
         raise TrainError("a streamed image folder trains in one process for now; hint: run without torchrun, or "
                          "use a folder that fits in memory (MIXC_IMAGE_MEMORY)")
     if workers < 0:
         raise TrainError(f"--workers must be 0 or more, not {workers}")
     return lambda split, train, batch, seed, epoch: backend.batches(
-        split, list(dataset.x_train.shape[1:]), train=train, batch=batch, seed=seed, epoch=epoch, workers=workers)
+        split, list(dataset.x_train.shape[1:]), train=train, batch=batch, seed=seed, epoch=epoch, workers=workers,
+        random_crop=augment == "random_resized_crop")
 
 
 def _evaluate(run: _Run, split: str) -> dict[str, Any]:

@@ -142,3 +142,97 @@ def test_cli_reports_an_empty_split_without_a_traceback(tmp_path, capsys):
     code = cmd.main(["digits", "--data", str(path), "--out", str(tmp_path / "r"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "x_train holds no samples" in err and "Traceback" not in err
+
+
+def _mapped(a: np.ndarray) -> bool:
+    """Whether ``a``'s memory is a file mapping (np.load's mmap_mode arrays, or ours from a .npz)."""
+    import mmap
+
+    while a is not None:
+        if isinstance(a, mmap.mmap):
+            return True
+        a = getattr(a, "base", None)
+    return False
+
+
+def test_npz_stored_uncompressed_is_memory_mapped(tmp_path):
+    """np.savez members are mapped from the file (float32 ones stay mapped through loading); compressed ones and
+    other orders or dtypes are read as before; every value is the stored one."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20, 1, 8, 8)).astype(np.float32)
+    y = np.arange(20) % 3
+    plain, packed, fortran = tmp_path / "plain.npz", tmp_path / "packed.npz", tmp_path / "fortran.npz"
+    np.savez(plain, x_train=x, y_train=y, x_test=x[:5], y_test=y[:5])
+    np.savez_compressed(packed, x_train=x, y_train=y, x_test=x[:5], y_test=y[:5])
+    np.savez(fortran, x_train=np.asfortranarray(x.astype(np.float64)), y_train=y, x_test=x[:5], y_test=y[:5])
+    d = load_dataset(str(plain))
+    assert _mapped(d.x_train) and _mapped(d.x_test) and not d.x_train.flags.writeable
+    for path in (plain, packed, fortran):
+        d = load_dataset(str(path))
+        np.testing.assert_array_equal(d.x_train, x)
+        np.testing.assert_array_equal(d.y_train, y)
+        assert d.x_train.dtype == np.float32 and d.y_train.dtype == np.int64
+    assert not _mapped(load_dataset(str(packed)).x_train)
+
+
+def test_mapped_inputs_are_checked_in_chunks(tmp_path, monkeypatch):
+    """The finiteness check walks a large array a chunk at a time and still names the first bad value."""
+    from mixc import data
+
+    monkeypatch.setattr(data, "_CHECK_BYTES", 3 * 64 * 4)  # 3 samples per chunk
+    x = np.zeros((10, 1, 8, 8), np.float32)
+    x[7, 0, 3, 1] = x[9, 0, 0, 0] = np.nan  # chunks: rows 0-2, 3-5, 6-8, 9
+    with pytest.raises(DataError, match=r"x_train\[7, 0, 3, 1\] = nan is not a finite number \(1 or more such"):
+        load_dataset(str(_npz(tmp_path / "nan.npz", x_train=x, y_train=np.zeros(10, np.int64))))
+
+
+def test_torch_trains_from_the_mapped_file(tmp_path):
+    """On CPU the torch trainer gathers batches straight from the mapped array (no copy, no warning about its
+    read-only memory); gathering in host memory and copying each batch over (the path for a training set too
+    big for the accelerator) gives the same step."""
+    pytest.importorskip("torch")
+    import warnings
+
+    import mixc
+    from mixc.backends import get_backend
+    from mixc.backends.torch import train as torch_train
+    from mixc.spec.recipe import Recipe
+
+    digits = load_dataset("digits")
+    path = tmp_path / "digits.npz"
+    np.savez(path, x_train=digits.x_train, y_train=digits.y_train, x_test=digits.x_test, y_test=digits.y_test)
+    d = load_dataset(str(path))
+    plan = mixc.compile("digits", ["backbone.width=4", "members=2"])
+    recipe = Recipe.model_validate(plan.train)
+    weights = []
+    for on_host in (False, True):
+        t = get_backend("torch").trainer(plan, recipe, device="cpu", layout="auto", augment="none")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            t.begin(d.x_train, d.y_train, 64)
+            assert np.shares_memory(t.x_train.numpy(), d.x_train)
+            t.x_on_host = on_host
+            t.begin_epoch(1, 2)
+            t.step(np.arange(64), 0.1, 0)
+            assert t.predict(d.x_test).shape == (len(d.y_test), 2, 10)
+        weights.append(t.state_arrays())
+        t.close()
+    for k in weights[0]:
+        np.testing.assert_array_equal(weights[0][k], weights[1][k], err_msg=k)
+    assert torch_train._fits_on_device(1 << 40, torch_train.torch.device("cpu"))  # CPU: the host is the device
+
+
+def test_npz_may_hold_its_own_validation_split(tmp_path):
+    """x_val/y_val in the file are the validation split (so a large mapped set need not be split in memory)."""
+    from mixc.data import split_validation
+
+    x = np.zeros((4, 1, 8, 8), np.float32)
+    d = load_dataset(str(_npz(tmp_path / "v.npz", x_val=x, y_val=np.array([0, 1, 2, 3]))))
+    assert d.x_val.shape == (4, 1, 8, 8) and list(d.y_val) == [0, 1, 2, 3] and d.classes == 4
+    assert _mapped(d.x_val) and "4 val" in d.description
+    with pytest.raises(DataError, match="own validation split"):
+        split_validation(d, 0.2, 0)
+    with pytest.raises(DataError, match="holds x_val but not y_val"):
+        load_dataset(str(_npz(tmp_path / "w.npz", x_val=x)))
+    with pytest.raises(DataError, match=r"x_val samples \[2, 8, 8\]"):
+        load_dataset(str(_npz(tmp_path / "s.npz", x_val=np.zeros((4, 2, 8, 8)), y_val=np.zeros(4))))

@@ -114,3 +114,43 @@ def test_streamed_folder_trains_and_resumes_exactly(tmp_path, backend):
     assert all(m.val_nll is not None for m in full) and full[-1].accuracy is not None
     assert [m.train_loss for m in full] == [m.train_loss for m in part]
     assert full[-1].val_nll == part[-1].val_nll
+
+
+def test_streamed_val_fraction_holds_out_the_in_memory_split(tmp_path):
+    """--val-fraction on a streamed folder splits its file list by the in-memory rule: the same images held out,
+    read with the evaluation transform; a folder with its own val/ still refuses it."""
+    from mixc.data import split_validation
+    from mixc.imagefolder import iter_batches
+
+    root = make_folder(tmp_path / "imgs", ("train", "test"), n=10)
+    memory = split_validation(load_dataset(str(root), input_shape=[1, 8, 8]), 0.3, seed=4)
+    streamed = split_validation(load_dataset(str(root), input_shape=[1, 8, 8], stream=True), 0.3, seed=4)
+    assert len(streamed.folder.val.paths) == 6 and len(streamed.folder.train.paths) == 14
+    assert not set(streamed.folder.val.paths) & set(streamed.folder.train.paths)
+    np.testing.assert_array_equal(streamed.y_val, memory.y_val)
+    np.testing.assert_array_equal(streamed.y_train, memory.y_train)
+    x_val = np.concatenate([x for x, _ in iter_batches(streamed.folder.val, [1, 8, 8], train=False, batch=4)])
+    np.testing.assert_array_equal(x_val, memory.x_val)  # the evaluation transform, as in memory
+    assert "6 of the train images held out" in streamed.description
+    other = split_validation(load_dataset(str(root), input_shape=[1, 8, 8], stream=True), 0.3, seed=5)
+    assert set(other.folder.val.paths) != set(streamed.folder.val.paths)  # seeded
+    own_val = make_folder(tmp_path / "withval", ("train", "val", "test"), n=2)
+    with pytest.raises(DataError, match="own validation split"):
+        split_validation(load_dataset(str(own_val), input_shape=[1, 8, 8], stream=True), 0.3, seed=0)
+
+
+def test_streamed_training_with_val_fraction(tmp_path):
+    """A streamed folder without val/ trains with --val-fraction: validation metrics each epoch, a best checkpoint."""
+    pytest.importorskip("torch")
+    from mixc.cli import main
+    from mixc.run_folder import read_metrics
+
+    data = make_folder(tmp_path / "imgs", ("train", "test"), n=16)
+    (tmp_path / "tiny.mix").write_text(SPEC)
+    out = tmp_path / "run"
+    assert main(["train", str(tmp_path / "tiny.mix"), "--threads", "1", "--no-progress", "--no-curves", "--stream",
+                 "--workers", "0", "--data", str(data), "--val-fraction", "0.25", "--out", str(out)]) == 0
+    lines = read_metrics(out)
+    assert all(m.val_nll is not None and m.val_accuracy is not None for m in lines)
+    assert lines[0].accuracy is None and lines[-1].accuracy is not None
+    assert (out / "best.safetensors").is_file()

@@ -191,3 +191,12 @@ def apply(
 def attr_to_plan(model: nnx.Module) -> dict[str, str]:
     """Module path (the keys of ``split``'s dicts) -> plan tensor name."""
     return {attr: name for name, attr in _mapping(model).items()}
+
+
+def compute_graphdef(plan: Plan, layout: str = "auto", dtype: Any = None, platform: str = "auto") -> nnx.GraphDef:
+    """The module's structure for arithmetic in ``dtype`` (bf16/fp16 under a mixed-precision policy), to merge with
+    parameters cast to that dtype: the module's own constants (composition's one-hot rows) take its dtype, so a
+    graphdef built for float32 would mix dtypes that XLA's convolutions refuse."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    return _initializer(plan, layout, jnp.dtype(dtype or jnp.float32), platform)[0]

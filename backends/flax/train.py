@@ -19,14 +19,26 @@ a step runs:
   statistics are the global batch's, unlike per-rank statistics under torch DDP).
 - Randomness: augmentation and dropout keys fold the step into a key made from
   the epoch's seed the driver hands over.
+- Precision (``recipe.precision``), a dtype policy: the master parameters, the
+  optimiser state and BatchNorm's running statistics stay float32; under
+  ``bf16``/``fp16`` the step casts the parameters and the (augmented) inputs to
+  that dtype for the forward pass (the model built for it, so composition runs
+  in it too), and the logits back to float32 for the softmax and the loss;
+  gradients reach the float32 masters through the casts. ``fp16`` adds dynamic
+  loss scaling with torch's GradScaler rules (:func:`loss_scale_update`: start at
+  2**16, halve and skip the step on a non-finite gradient, double after 2000
+  good steps), its state checkpointed under the same names as torch's.
+  Evaluation runs in float32.
 - Checkpoints: the shared format (``mixc.checkpoint_format``), plan tensor
   names; the optimiser state under the torch loop's names
   (``optim.<tensor>.momentum_buffer``; AdamW ``exp_avg``, ``exp_avg_sq``,
-  ``step``), so a run folder resumes under either backend.
+  ``step``), so a run folder resumes under either backend (an fp16 run's loss
+  scale included).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +48,21 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mixc.checkpoint_format import save_arrays, spec_hash
+from mixc.checkpoint_format import grad_scaler_arrays, read_grad_scaler, save_arrays, spec_hash
 from mixc.compiler.plan import Plan
 from mixc.run_folder import CHECKPOINT, METRICS, TrainError
 from mixc.spec.recipe import Recipe
 from mixc.training import decay_skipped_roles
 
-__all__ = ["train", "TrainError", "crop_flip", "Trainer", "devices_for", "CHECKPOINT", "METRICS"]
+__all__ = ["train", "TrainError", "crop_flip", "random_resized_crop", "Trainer", "devices_for", "loss_scale_update",
+           "CHECKPOINT", "METRICS"]
 
 _EVAL_BATCH = 1000
+
+#: the forward pass's dtype under each ``precision`` (None: float32 throughout)
+COMPUTE_DTYPES = {"fp32": None, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+#: fp16 loss scaling: torch.amp.GradScaler's defaults, so either backend scales (and resumes) a run alike
+SCALE_INIT, SCALE_GROWTH, SCALE_BACKOFF, SCALE_INTERVAL = 2.0**16, 2.0, 0.5, 2000
 
 
 # ---------------------------------------------------------------------------
@@ -65,6 +83,56 @@ def crop_flip(key: jax.Array, x: jax.Array, pad: int = 4) -> jax.Array:
         return jnp.where(f, crop[..., ::-1], crop)
 
     return jax.vmap(one)(xp, oy, ox, flip)
+
+
+def random_resized_crop(key: jax.Array, x: jax.Array, scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> jax.Array:
+    """ImageNet's training augmentation for a batch in memory ``[B, C, H, W]``, torch's rule
+    (``backends/torch/train.py``): per image up to 10 draws of an area share in ``scale`` and a log-uniform
+    aspect in ``ratio``, the first that fits (else the central crop clamped to ``ratio``), resized back to
+    ``H x W`` (bilinear, edges clamped), and a random horizontal flip."""
+    b, _, h, w = x.shape
+    u = jax.random.uniform(key, (b, 23))
+    target = h * w * (scale[0] + (scale[1] - scale[0]) * u[:, :10])
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    aspect = jnp.exp(log_r[0] + (log_r[1] - log_r[0]) * u[:, 10:20])
+    cw, ch = jnp.round(jnp.sqrt(target * aspect)), jnp.round(jnp.sqrt(target / aspect))
+    fits = (cw >= 1) & (cw <= w) & (ch >= 1) & (ch <= h)
+    first = jnp.argmax(fits, axis=1)[:, None]  # the first draw that fits
+    a = w / h
+    fw, fh = (round(h * ratio[1]), h) if a > ratio[1] else (w, round(w / ratio[0])) if a < ratio[0] else (w, h)
+    ok = fits.any(1)
+    cw = jnp.where(ok, jnp.take_along_axis(cw, first, 1)[:, 0], fw)
+    ch = jnp.where(ok, jnp.take_along_axis(ch, first, 1)[:, 0], fh)
+    x0 = jnp.where(ok, jnp.minimum(jnp.floor(u[:, 20] * (w - cw + 1)), w - cw), (w - fw) // 2)
+    y0 = jnp.where(ok, jnp.minimum(jnp.floor(u[:, 21] * (h - ch + 1)), h - ch), (h - fh) // 2)
+    cols = jnp.where((u[:, 22] < 0.5)[:, None], w - 1 - jnp.arange(w), jnp.arange(w))  # [B, W], flipped or not
+    sx = x0[:, None] + (cols + 0.5) * cw[:, None] / w - 0.5  # source coordinates of each output pixel
+    sy = y0[:, None] + (jnp.arange(h) + 0.5) * ch[:, None] / h - 0.5
+
+    def taps(s, n):  # the two clamped neighbours of each coordinate and the far one's weight
+        lo = jnp.floor(s)
+        return jnp.clip(lo, 0, n - 1).astype(jnp.int32), jnp.clip(lo + 1, 0, n - 1).astype(jnp.int32), s - lo
+
+    def one(img, sy, sx):
+        ya, yb, fy = taps(sy, h)
+        xa, xb, fx = taps(sx, w)
+        rows = img[:, ya, :] * (1 - fy)[None, :, None] + img[:, yb, :] * fy[None, :, None]
+        return rows[:, :, xa] * (1 - fx) + rows[:, :, xb] * fx
+
+    return jax.vmap(one)(x, sy, sx).astype(x.dtype)
+
+
+def loss_scale_update(scale: jax.Array, tracker: jax.Array, finite: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The next (loss scale, growth tracker) after a step whose gradients were ``finite`` or not, torch's
+    GradScaler rule: a non-finite step halves the scale and restarts the count; the 2000th good step in a row
+    doubles it (when the double is finite) and restarts the count."""
+    grown = tracker + 1
+    grow = grown >= SCALE_INTERVAL
+    doubled = scale * SCALE_GROWTH
+    new_scale = jnp.where(finite, jnp.where(grow & jnp.isfinite(doubled), doubled, scale), scale * SCALE_BACKOFF)
+    new_tracker = jnp.where(finite & ~grow, grown, jnp.zeros_like(tracker))
+    return new_scale.astype(scale.dtype), new_tracker.astype(tracker.dtype)
 
 
 def devices_for(device: str) -> list[jax.Device]:
@@ -159,37 +227,56 @@ _COMPILED: dict[tuple, tuple] = {}  # jitted steps, reused by every Trainer of t
 
 
 def _compiled_steps(plan: Plan, recipe: Recipe, graphdef: Any, tx: optax.GradientTransformation, augment: str,
-                    replicated: NamedSharding, key: tuple) -> tuple[Any, Any]:
-    """(train step, predict step), jit-compiled once per ``key`` (plan, layout, loss and optimiser settings, devices)."""
+                    replicated: NamedSharding, key: tuple, compute_graphdef: Any = None) -> tuple[Any, Any]:
+    """(train step, predict step), jit-compiled once per ``key`` (plan, layout, loss, optimiser and precision
+    settings, devices). ``compute_graphdef``: the model built for the forward's dtype under bf16/fp16."""
     from mixc.backends.flax.model import apply
 
     hit = _COMPILED.get(key)
     if hit is not None:
         return hit
     eps, classes = recipe.label_smoothing, plan.classes
+    compute = COMPUTE_DTYPES[recipe.precision]
+    scaled = recipe.precision == "fp16"
+    forward_def = graphdef if compute is None else compute_graphdef
 
-    def loss_fn(params, stats, x, y, drop_key):
-        logits, new_stats = apply(graphdef, params, stats, x, True, drop_key)
+    def loss_fn(params, stats, x, y, drop_key, scale):
+        if compute is not None:  # the dtype policy: fp32 masters, the forward in `compute`
+            params = jax.tree.map(lambda p: p.astype(compute), params)
+            x = x.astype(compute)
+        logits, new_stats = apply(forward_def, params, stats, x, True, drop_key)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, M, C]
         target = jax.nn.one_hot(y, classes) * (1.0 - eps) + eps / classes
         member_ce = -(target[:, None, :] * logp).sum(-1).mean(0)  # [M]: each member's batch-mean CE
-        return member_ce.sum(), new_stats
+        loss = member_ce.sum()
+        return (loss * scale if scaled else loss), (new_stats, loss)
 
-    def train_step(params, stats, opt_state, x, y, lr, step_key):
+    def train_step(params, stats, opt_state, scaler, x, y, lr, step_key):
         aug_key, drop_key = jax.random.split(step_key)
         if augment == "crop_flip":
             x = crop_flip(aug_key, x)
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y, drop_key)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), params, updates)
-        return params, stats, opt_state, loss
+        elif augment == "random_resized_crop":
+            x = random_resized_crop(aug_key, x)
+        scale, tracker = scaler
+        (_, (stats, loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y, drop_key, scale)
+        if scaled:
+            inv = (1.0 / scale).astype(jnp.float32)
+            grads = jax.tree.map(lambda g: g * inv, grads)
+            finite = jnp.all(jnp.stack([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), params, updates)
+        if scaled:  # a step with inf/NaN gradients is skipped (BatchNorm statistics still move, as in torch)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            new_params, new_opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
+            scaler = loss_scale_update(scale, tracker, finite)
+        return new_params, stats, new_opt_state, scaler, loss
 
     def predict_step(params, stats, x):
         logits, _ = apply(graphdef, params, stats, x, False)
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
     hit = _COMPILED[key] = (
-        jax.jit(train_step, donate_argnums=(0, 1, 2), out_shardings=replicated),
+        jax.jit(train_step, donate_argnums=(0, 1, 2, 3), out_shardings=replicated),
         jax.jit(predict_step, out_shardings=replicated),
     )
     return hit
@@ -205,9 +292,6 @@ class Trainer:
 
     def __init__(self, plan: Plan, recipe: Recipe, devices: list[jax.Device], layout: str = "auto",
                  augment: str = "none", seed: int = 0, compile: bool = False) -> None:
-        if recipe.precision != "fp32":
-            raise TrainError(f"the flax backend trains in fp32 only (the generated flax model has no dtype policy "
-                             f"yet), not {recipe.precision}; hint: --backend torch for --precision {recipe.precision}")
         if compile:
             raise TrainError("--compile is torch.compile; the flax backend's steps are always jit-compiled by XLA; "
                              "hint: drop --compile")
@@ -225,7 +309,7 @@ class Trainer:
 
     def begin(self, x_train: np.ndarray, y_train: np.ndarray, batch: int) -> None:
         """Build the model (from ``seed``) and its optimiser, jit the steps, hold the training set on the host."""
-        from mixc.backends.flax.model import attr_to_plan, build, split
+        from mixc.backends.flax.model import attr_to_plan, build, compute_graphdef, split
 
         if batch % self.world:
             raise TrainError(
@@ -242,13 +326,23 @@ class Trainer:
         self.params = jax.device_put(params, self.replicated)
         self.stats = jax.device_put(stats, self.replicated)
         self.opt_state = jax.device_put(self.tx.init(params), self.replicated)
-        key = (
-            spec_hash(plan), self.layout, self.augment, recipe.label_smoothing, recipe.optimizer.model_dump_json(),
-            recipe.weight_decay, tuple(recipe.weight_decay_exclude), tuple(d.id for d in devices), devices[0].platform,
-            recipe.grad_clip,
-        )
-        self._step, self._predict = _compiled_steps(plan, recipe, self.graphdef, self.tx, self.augment,
-                                                    self.replicated, key)
+        self.scaler = jax.device_put((jnp.float32(SCALE_INIT if recipe.precision == "fp16" else 1.0), jnp.int32(0)),
+                                     self.replicated)
+        compute = COMPUTE_DTYPES[recipe.precision]
+        forward_def = None if compute is None else compute_graphdef(
+            plan, self._requested_layout, compute, devices[0].platform)
+
+        def steps(augment: str) -> tuple[Any, Any]:
+            key = (
+                spec_hash(plan), self.layout, augment, recipe.label_smoothing, recipe.optimizer.model_dump_json(),
+                recipe.weight_decay, tuple(recipe.weight_decay_exclude), tuple(d.id for d in devices),
+                devices[0].platform, recipe.grad_clip, recipe.precision,
+            )
+            return _compiled_steps(plan, recipe, self.graphdef, self.tx, augment, self.replicated, key, forward_def)
+
+        self._step, self._predict = steps(self.augment)
+        # a streamed batch was random-resized-cropped by the loader: only crop_flip is applied to it here
+        self._stream_step = self._step if self.augment != "random_resized_crop" else steps("none")[0]
         self.x_train, self.y_train = x_train, y_train.astype(np.int32)
 
     def begin_epoch(self, augment_seed: int, dropout_seed: int) -> None:
@@ -260,15 +354,17 @@ class Trainer:
         return self.step_arrays(self.x_train[idx], self.y_train[idx], lr, jax.random.fold_in(self.epoch_key, step))
 
     def step_batch(self, x: np.ndarray, y: np.ndarray, lr: float, step: int) -> jax.Array:
-        """One step on a streamed batch (numpy, from the shared folder loader)."""
-        return self.step_arrays(np.asarray(x), np.asarray(y, np.int32), lr, jax.random.fold_in(self.epoch_key, step))
+        """One step on a streamed batch (numpy, from the shared folder loader, which crops it if that is the
+        augmentation)."""
+        return self.step_arrays(np.asarray(x), np.asarray(y, np.int32), lr, jax.random.fold_in(self.epoch_key, step),
+                                streamed=True)
 
-    def step_arrays(self, x: np.ndarray, y: np.ndarray, lr: float, key: jax.Array) -> jax.Array:
+    def step_arrays(self, x: np.ndarray, y: np.ndarray, lr: float, key: jax.Array, streamed: bool = False) -> jax.Array:
         """One optimiser step on the global batch ``x``, ``y`` with the step's random ``key``."""
         xs = jax.device_put(x, self.batch_sharding)
         ys = jax.device_put(y, self.batch_sharding)
-        self.params, self.stats, self.opt_state, loss = self._step(
-            self.params, self.stats, self.opt_state, xs, ys, jnp.float32(lr), key
+        self.params, self.stats, self.opt_state, self.scaler, loss = (self._stream_step if streamed else self._step)(
+            self.params, self.stats, self.opt_state, self.scaler, xs, ys, jnp.float32(lr), key
         )
         return loss
 
@@ -295,11 +391,18 @@ class Trainer:
         self.stats = jax.device_put(stats, self.replicated)
 
     def optimizer_arrays(self) -> dict[str, np.ndarray]:
-        return optimizer_arrays(self.opt_state, self.names, self.recipe)
+        """The optimiser state and, under fp16, the loss scaler's (torch's names for both)."""
+        out = optimizer_arrays(self.opt_state, self.names, self.recipe)
+        if self.recipe.precision == "fp16":
+            out.update(grad_scaler_arrays(float(self.scaler[0]), int(self.scaler[1])))
+        return out
 
     def load_optimizer(self, arrays: dict[str, np.ndarray]) -> None:
         state = restore_optimizer(self.opt_state, self.names, self.recipe, arrays)
         self.opt_state = jax.device_put(state, self.replicated)
+        scaler = read_grad_scaler(arrays)
+        if scaler is not None and self.recipe.precision == "fp16":  # another precision's run: a fresh scaler
+            self.scaler = jax.device_put((jnp.float32(scaler[0]), jnp.int32(scaler[1])), self.replicated)
 
     def save(self, path: Path, epoch: int, metadata: dict[str, Any]) -> None:
         save_arrays(path, self.state_arrays(), self.plan, epoch, self.optimizer_arrays(), metadata)

@@ -47,10 +47,11 @@ class TorchBackend(Backend):
         return TorchTrainer(plan, recipe, device=device, layout=layout, augment=augment, compile=compile)
 
     def batches(self, split: Any, input_shape: list[int], *, train: bool, batch: int, seed: int, epoch: int,
-                workers: int) -> Any:
+                workers: int, random_crop: bool | None = None) -> Any:
         from mixc.backends.torch.data import folder_loader
 
-        return folder_loader(split, input_shape, train=train, batch=batch, workers=workers, seed=seed, epoch=epoch)
+        return folder_loader(split, input_shape, train=train, batch=batch, workers=workers, seed=seed, epoch=epoch,
+                             random_crop=random_crop)
 
     def runner(self, plan: Plan, *, device: str = "cpu", batch_size: int = 500, layout: str = "auto") -> Runner:
         from mixc.backends.torch.predict import TorchRunner

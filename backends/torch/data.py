@@ -22,8 +22,9 @@ __all__ = ["FolderDataset", "folder_loader"]
 class FolderDataset(Dataset):
     """Sample ``i`` of an image-folder split as (float32 tensor ``[C, H, W]``, label)."""
 
-    def __init__(self, split: FolderSplit, input_shape: list[int], train: bool, seed: int = 0, epoch: int = 0) -> None:
-        self.reader, self.seed, self.epoch = FolderReader(split, input_shape, train), seed, epoch
+    def __init__(self, split: FolderSplit, input_shape: list[int], train: bool, seed: int = 0, epoch: int = 0,
+                 random_crop: bool | None = None) -> None:
+        self.reader, self.seed, self.epoch = FolderReader(split, input_shape, train, random_crop), seed, epoch
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -34,10 +35,12 @@ class FolderDataset(Dataset):
 
 
 def folder_loader(split: FolderSplit, input_shape: list[int], *, train: bool, batch: int, workers: int,
-                  seed: int = 0, epoch: int = 0, pin_memory: bool | None = None) -> DataLoader:
+                  seed: int = 0, epoch: int = 0, pin_memory: bool | None = None,
+                  random_crop: bool | None = None) -> DataLoader:
     """A DataLoader over ``split``: shuffled by ``default_rng([seed, epoch])`` when ``train`` (the driver's own
-    permutation rule), ``workers`` processes (0: in this process), memory pinned when CUDA is there."""
-    ds = FolderDataset(split, input_shape, train, seed, epoch)
+    permutation rule), ``workers`` processes (0: in this process), memory pinned when CUDA is there;
+    ``random_crop`` as in :class:`mixc.imagefolder.FolderReader`."""
+    ds = FolderDataset(split, input_shape, train, seed, epoch, random_crop)
     # fork() after jax has started its threads can deadlock the child (jax warns): spawn workers then
     context = "spawn" if workers and "jax" in sys.modules else None
     order = np.random.default_rng([seed, epoch]).permutation(len(ds)) if train else np.arange(len(ds))

@@ -30,13 +30,30 @@ def torch_device(device: str | torch.device, error: type[Exception] = BackendErr
     return dev
 
 
+def host_tensor(x: np.ndarray) -> torch.Tensor:
+    """``x`` as a CPU tensor sharing its memory (no copy): a memory-mapped dataset stays mapped. Such arrays
+    are read-only, which torch warns about; mixc only reads them (gathers and copies to the device)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(x)
+
+
 @torch.no_grad()
-def predict_member_probs(model: nn.Module, x: torch.Tensor, batch: int = _EVAL_BATCH, train_bn: bool = False) -> np.ndarray:
+def predict_member_probs(model: nn.Module, x: torch.Tensor | np.ndarray, batch: int = _EVAL_BATCH,
+                         train_bn: bool = False, device: torch.device | None = None) -> np.ndarray:
     """Each member's softmax over ``x``, ``[N, M, classes]`` float32 numpy; eval mode unless ``train_bn``
-    (batch statistics), the model's mode restored after."""
+    (batch statistics), the model's mode restored after. Host arrays go to ``device`` one batch at a time,
+    so an evaluation set need not fit in the device's memory."""
     was = model.training
     model.train(train_bn)
-    out = [F.softmax(model(x[i : i + batch]).float(), dim=-1).cpu() for i in range(0, len(x), batch)]
+    if isinstance(x, np.ndarray):
+        device = device or next(model.parameters()).device
+        part = lambda i: host_tensor(np.ascontiguousarray(x[i : i + batch], dtype=np.float32)).to(device)  # noqa: E731
+    else:
+        part = lambda i: x[i : i + batch]  # noqa: E731
+    out = [F.softmax(model(part(i)).float(), dim=-1).cpu() for i in range(0, len(x), batch)]
     model.train(was)
     return torch.cat(out).numpy()
 
@@ -57,8 +74,8 @@ class TorchRunner:
                 t.copy_(torch.from_numpy(np.array(a)).reshape(t.shape))  # a copy: file arrays are read-only
 
     def member_probs(self, x: np.ndarray, bn: Literal["eval", "train"] = "eval") -> np.ndarray:
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
-        return predict_member_probs(self.model, t, batch=self.batch, train_bn=bn == "train")
+        return predict_member_probs(self.model, np.asarray(x), batch=self.batch, train_bn=bn == "train",
+                                    device=self.device)
 
     def composed_weights(self) -> dict[str, np.ndarray]:
         with torch.no_grad():

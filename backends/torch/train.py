@@ -6,12 +6,16 @@ cadence are the shared driver's (``mixc/training.py``); what is torch's:
 - Optimiser: SGD with (Nesterov) momentum, or AdamW, in two parameter groups
   (with and without weight decay: ``mixc.training.decay_skipped_roles``). The
   learning rate is set by hand before every step.
-- Augmentation (``crop_flip``): pad 4 with zeros, random 32x32 crop, random
-  horizontal flip, on batched tensors on the device, from a generator the
-  driver reseeds every epoch; dropout draws from torch's global RNG, reseeded
-  likewise.
-- The training set is copied to the device once; a step gathers its batch by
-  index there.
+- Augmentation, on batched tensors on the device, from a generator the driver
+  reseeds every epoch: ``crop_flip`` (pad 4 with zeros, random crop, random
+  horizontal flip) or ``random_resized_crop`` (:func:`random_resized_crop`, for
+  arrays in memory; a streamed folder's loader crops the full images itself);
+  dropout draws from torch's global RNG, reseeded likewise.
+- The training set is copied to the device once when it takes at most half of
+  the device's free memory, and a step gathers its batch by index there;
+  otherwise (and always on CPU) it stays in host memory, shared with the
+  dataset's array (a memory-mapped ``.npz`` stays mapped), and each step
+  gathers its batch there and copies it over.
 - Data parallel: under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is
   gloo on CPU and nccl on CUDA and the model is wrapped in
   DistributedDataParallel; each rank takes its :func:`mixc.data.shard` of every
@@ -21,7 +25,10 @@ cadence are the shared driver's (``mixc/training.py``); what is torch's:
   every rank writes ``rank<r>.sha256`` of its trainable tensors at the end (a
   test hook: ranks must agree; BN running statistics are per rank and excluded).
 - Checkpoints: ``checkpoint.save_checkpoint`` (safetensors via torch), the
-  optimiser state under ``optim.<tensor>.<buffer>``.
+  optimiser state under ``optim.<tensor>.<buffer>``; under fp16 also the
+  GradScaler's scale and growth tracker (``mixc.checkpoint_format.GRAD_SCALER_KEYS``),
+  so a resumed fp16 run skips and grows its loss scale exactly where an
+  uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -39,14 +46,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixc.backends.torch.predict import predict_member_probs, torch_device
+from mixc.backends.torch.predict import host_tensor, predict_member_probs, torch_device
 from mixc.compiler.plan import Plan
 from mixc.data import shard
 from mixc.run_folder import CHECKPOINT, METRICS, TrainError
 from mixc.spec.recipe import Recipe
 from mixc.training import decay_skipped_roles
 
-__all__ = ["train", "TrainError", "TorchTrainer", "crop_flip", "predict_member_probs", "CHECKPOINT", "METRICS"]
+__all__ = ["train", "TrainError", "TorchTrainer", "crop_flip", "random_resized_crop", "predict_member_probs", "CHECKPOINT",
+           "METRICS"]
 
 
 # ---------------------------------------------------------------------------
@@ -68,6 +76,50 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, pad: in
     # Advanced indices split by a slice put their dims first: [B, H, W, C].
     out = xp[torch.arange(b, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+def crop_boxes(u: torch.Tensor, h: int, w: int, scale: tuple[float, float] = (0.08, 1.0),
+               ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[torch.Tensor, ...]:
+    """(x0, y0, crop width, crop height) per image, from uniforms ``u [B, 22]``, by the image-folder loader's rule
+    (``mixc.imagefolder.random_resized_crop``, torchvision's): up to 10 draws of an area share in ``scale`` and
+    a log-uniform aspect in ``ratio``, the first that fits; else the central crop clamped to ``ratio``."""
+    area, log_r = h * w, torch.log(torch.tensor(ratio, dtype=torch.float64))
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[:, :10].double())
+    aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * u[:, 10:20].double())
+    cw, ch = torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
+    fits = (cw >= 1) & (cw <= w) & (ch >= 1) & (ch <= h)
+    first = fits.int().argmax(1, keepdim=True)  # the first draw that fits
+    a = w / h
+    fw, fh = (round(h * ratio[1]), h) if a > ratio[1] else (w, round(w / ratio[0])) if a < ratio[0] else (w, h)
+    ok = fits.any(1)
+    cw = torch.where(ok, cw.gather(1, first)[:, 0], float(fw))
+    ch = torch.where(ok, ch.gather(1, first)[:, 0], float(fh))
+    x0 = torch.where(ok, torch.floor(u[:, 20].double() * (w - cw + 1)).clamp(max=w - cw), float((w - fw) // 2))
+    y0 = torch.where(ok, torch.floor(u[:, 21].double() * (h - ch + 1)).clamp(max=h - ch), float((h - fh) // 2))
+    return x0, y0, cw, ch
+
+
+def random_resized_crop(x: torch.Tensor, generator: torch.Generator | None = None,
+                        scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
+                        ) -> torch.Tensor:
+    """ImageNet's training augmentation for a batch in memory ``[B, C, H, W]``: per image a random crop
+    (:func:`crop_boxes`) resized back to ``H x W`` (bilinear, edges clamped) and a random horizontal flip.
+    In memory the images are already at the model's size, so this upsamples a part of that; a streamed
+    folder's loader crops the full-size file instead."""
+    b, _, h, w = x.shape
+    dev = x.device
+    u = torch.rand(b, 23, generator=generator, device=dev)
+    x0, y0, cw, ch = crop_boxes(u[:, :22], h, w, scale, ratio)
+    flip = u[:, 22] < 0.5
+    # affine_grid maps output coordinates in [-1, 1] (pixel centres, align_corners=False) to input ones:
+    # source pixel = x0 + (j + 0.5) * cw / W - 0.5, i.e. normalised sx * u + tx
+    theta = torch.zeros(b, 2, 3, dtype=torch.float64, device=dev)
+    theta[:, 0, 0] = torch.where(flip, -cw / w, cw / w)
+    theta[:, 0, 2] = (2 * x0 + cw) / w - 1
+    theta[:, 1, 1] = ch / h
+    theta[:, 1, 2] = (2 * y0 + ch) / h - 1
+    grid = F.affine_grid(theta.to(x.dtype), [b, x.shape[1], h, w], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 # ---------------------------------------------------------------------------
@@ -206,6 +258,25 @@ def _weights_hash(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether a training set of ``nbytes`` goes to the accelerator: at most half its free memory, the rest
+    left for the model, its activations and the optimiser."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= free // 2
+
+
+def _training_set(x: np.ndarray, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """(the training inputs where steps gather from, whether that is host memory apart from ``device``)."""
+    host = host_tensor(x)
+    if device.type == "cpu":
+        return host, False  # the host is the device: no copy (a mapped file stays mapped)
+    if _fits_on_device(x.nbytes, device):
+        return host.to(device), False
+    return host, True
+
+
 def _autocast_dtype(precision: str) -> torch.dtype | None:
     """The autocast dtype of ``precision`` (None: fp32, autocast off)."""
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -258,8 +329,8 @@ class TorchTrainer:
             self.net = torch.compile(self.net)
         self.amp = _autocast_dtype(self.recipe.precision)
         self.scaler = torch.amp.GradScaler(dev.type) if self.recipe.precision == "fp16" else None
-        self.x_train = torch.from_numpy(x_train).to(dev)
-        self.y_train = torch.from_numpy(y_train).to(dev)
+        self.x_train, self.x_on_host = _training_set(x_train, dev)
+        self.y_train = torch.from_numpy(np.ascontiguousarray(y_train)).to(dev)
         self.gen = torch.Generator(device=dev)
         self.part = shard(batch, self.rank, self.world)
 
@@ -269,18 +340,26 @@ class TorchTrainer:
         self.net.train()
 
     def step(self, idx: np.ndarray, lr: float, step: int) -> torch.Tensor:
-        rows = torch.from_numpy(np.ascontiguousarray(idx[self.part])).to(self.device)
-        return self._step(self.x_train.index_select(0, rows), self.y_train.index_select(0, rows), lr)
+        host_rows = torch.from_numpy(np.ascontiguousarray(idx[self.part]))
+        rows = host_rows.to(self.device)
+        if self.x_on_host:  # the set did not fit on the device: gather in host memory, copy the batch over
+            xb = self.x_train.index_select(0, host_rows).to(self.device, non_blocking=True)
+        else:
+            xb = self.x_train.index_select(0, rows)
+        return self._step(xb, self.y_train.index_select(0, rows), lr, self.augment)
 
     def step_batch(self, x: Any, y: Any, lr: float, step: int) -> torch.Tensor:
-        """One step on a streamed batch (numpy or a DataLoader's pinned tensors), already augmented."""
+        """One step on a streamed batch (numpy or a DataLoader's pinned tensors), random-resized-cropped by the
+        loader if at all: only crop_flip is applied here."""
         xb = torch.as_tensor(x).to(self.device, non_blocking=True)
         yb = torch.as_tensor(y).to(self.device, dtype=torch.int64, non_blocking=True)
-        return self._step(xb, yb, lr)
+        return self._step(xb, yb, lr, "crop_flip" if self.augment == "crop_flip" else "none")
 
-    def _step(self, xb: torch.Tensor, yb: torch.Tensor, lr: float) -> torch.Tensor:
-        if self.augment == "crop_flip":
+    def _step(self, xb: torch.Tensor, yb: torch.Tensor, lr: float, augment: str) -> torch.Tensor:
+        if augment == "crop_flip":
             xb = crop_flip(xb, self.gen)
+        elif augment == "random_resized_crop":
+            xb = random_resized_crop(xb, self.gen)
         for g in self.opt.param_groups:
             g["lr"] = lr
         M = self.plan.members
@@ -294,7 +373,7 @@ class TorchTrainer:
         return loss.detach()
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return predict_member_probs(self.model, torch.from_numpy(np.ascontiguousarray(x)).to(self.device))
+        return predict_member_probs(self.model, x, device=self.device)  # batch by batch to the device
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         from mixc.backends.torch.model import named_plan_tensors
@@ -310,15 +389,33 @@ class TorchTrainer:
                 targets[name].copy_(torch.from_numpy(np.array(a)))  # a copy: file arrays are read-only
 
     def optimizer_arrays(self) -> dict[str, np.ndarray]:
-        return {k: v.numpy() for k, v in _optimizer_state(self.opt, self.names).items()}
+        return {k: v.numpy() for k, v in self._extra_state().items()}
 
     def load_optimizer(self, arrays: dict[str, np.ndarray]) -> None:
-        _load_optimizer_state(self.opt, self.names, {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+        from mixc.checkpoint_format import GRAD_SCALER_KEYS, read_grad_scaler
+
+        scaler = read_grad_scaler(arrays)
+        if scaler is not None and self.scaler is not None:  # another precision's run: a fresh scaler
+            state = self.scaler.state_dict()
+            self.scaler.load_state_dict({**state, "scale": scaler[0], "_growth_tracker": scaler[1]})
+        _load_optimizer_state(self.opt, self.names, {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()
+                                                     if k not in GRAD_SCALER_KEYS})
+
+    def _extra_state(self) -> dict[str, torch.Tensor]:
+        """The optimiser state and, under fp16, the GradScaler's (scale, growth tracker): what resume needs."""
+        out = _optimizer_state(self.opt, self.names)
+        if self.scaler is not None:
+            from mixc.checkpoint_format import grad_scaler_arrays
+
+            state = self.scaler.state_dict()
+            out.update({k: torch.from_numpy(v) for k, v in
+                        grad_scaler_arrays(state["scale"], state["_growth_tracker"]).items()})
+        return out
 
     def save(self, path: Path, epoch: int, metadata: dict[str, Any]) -> None:
         from mixc.backends.torch.checkpoint import save_checkpoint
 
-        save_checkpoint(path, self.model, self.plan, epoch, _optimizer_state(self.opt, self.names), metadata)
+        save_checkpoint(path, self.model, self.plan, epoch, self._extra_state(), metadata)
 
     def close(self) -> None:
         hash_dir = os.environ.get("MIXC_WEIGHTS_HASH_DIR")

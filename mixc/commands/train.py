@@ -65,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the last K epochs' checkpoints as epoch-NNNN.safetensors (default 1: only "
                              "checkpoint.safetensors, the last)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
-                        help="forward-pass arithmetic (default: the spec's, fp32): autocast to bf16, or fp16 with a "
-                             "gradient scaler; torch only (flax refuses)")
+                        help="forward-pass arithmetic (default: the spec's, fp32): bf16, or fp16 with dynamic loss "
+                             "scaling; float32 master weights (torch: autocast; flax: a dtype policy)")
     parser.add_argument("--grad-clip", type=float, metavar="NORM", help="clip the global gradient norm before each step")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model (worth it on GPU for long runs; flax refuses: it always jits)")
