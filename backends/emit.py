@@ -114,7 +114,10 @@ def blob_var(plan: Plan) -> float:
 
 
 def shared_flags(plan: Plan) -> dict[str, bool]:
-    """An op's output is shared when it is the same for every member (computed once)."""
+    """An op's output is shared when it is the same for every member (computed once); in a
+    single-path plan (MIMO, Packed-Ensembles) every op runs once for all members."""
+    if plan.execution == "single_path":
+        return {op.name: True for op in plan.ops}
     shared: dict[str, bool] = {}
     for op in plan.ops:
         ins = all(shared[i] for i in op.inputs)
@@ -141,8 +144,9 @@ def check(plan: Plan) -> None:
     out = next((op for op in p.ops if op.name == p.output), None)
     if out is None:
         raise CodegenError(f"plan {p.name!r}: output op {p.output!r} does not exist")
-    if out.out_shape != [p.classes]:
-        raise CodegenError(f"plan {p.name!r}: output {p.output!r} has shape {out.out_shape}, not [{p.classes}]")
+    classes = p.classes * (p.members if p.execution == "single_path" else 1)  # one network: M heads side by side
+    if out.out_shape != [classes]:
+        raise CodegenError(f"plan {p.name!r}: output {p.output!r} has shape {out.out_shape}, not [{classes}]")
     if [op.kind for op in p.ops].count("input") != 1 or p.ops[0].kind != "input":
         raise CodegenError(f"plan {p.name!r} must start with exactly one input op")
     for op in p.ops:

@@ -92,6 +92,13 @@ def compose_layer(plan: Plan, arrays: dict[str, np.ndarray], op: ConvOp | Linear
     if op.source == "member":
         b = f"member.{op.name}.bias"
         return LayerWeights(_get(arrays, f"member.{op.name}.weight")[m], _get(arrays, b)[m] if op.bias else None)
+    if op.source == "batch_ensemble":  # W * s r^T, r read per group of input channels
+        w, r, s = (_get(arrays, f"{k}.{op.name}{p}") for k, p in (("plain", ".weight"), ("fast", ".r"), ("fast", ".s")))
+        out, per_group = w.shape[0], w.shape[1]
+        r_m = np.repeat(r[m].reshape(op.groups, per_group), out // op.groups, axis=0)  # [O, I/g]
+        tail = (1,) * (w.ndim - 2)
+        bias = _get(arrays, f"member.{op.name}.bias")[m] if op.bias else None
+        return LayerWeights(w * s[m].reshape(out, 1, *tail) * r_m.reshape(*r_m.shape, *tail), bias)
     slot = plan.slot(op.name)
     if slot is None:
         raise ExportError(f"plan {plan.name!r}: layer {op.name} draws from a {op.source} but has no slot; "
@@ -119,6 +126,7 @@ def compose_member(plan: Plan, arrays: dict[str, np.ndarray], m: int) -> MemberW
 
 
 def compose_all(plan: Plan, arrays: dict[str, np.ndarray]) -> list[MemberWeights]:
+    check_member_method(plan, "export", ExportError)
     return [compose_member(plan, arrays, m) for m in range(plan.members)]
 
 
@@ -126,9 +134,21 @@ def compose_all(plan: Plan, arrays: dict[str, np.ndarray]) -> list[MemberWeights
 # The plain backbone
 
 
-def plain_plan_overrides(overrides: list[str]) -> list[str]:
-    """The run's overrides plus ``members=1 groups=none`` (later --set wins): the plain backbone's plan."""
-    return [*overrides, "members=1", "groups=none"]
+def plain_plan_overrides(overrides: list[str], method: str = "mixture") -> list[str]:
+    """The run's overrides plus ``members=1`` and unfactorised weights (later --set wins): the plain
+    backbone's plan. ``groups=none`` for a mixture (the spec's grouping line may stay), ``method=naive``
+    for the other per-member methods (grouping does not apply to them)."""
+    return [*overrides, "members=1", "groups=none" if method in ("mixture", "naive") else "method=naive"]
+
+
+def check_member_method(plan: Plan, what: str, error: type[Exception]) -> None:
+    """Refuse a single-path plan (MIMO, Packed-Ensembles) where each member must be a network of its own."""
+    if plan.execution == "single_path":
+        raise error(
+            f"{what} needs each member as a network of its own, but method {plan.method.name} runs all "
+            f"{plan.members} members in one network; hint: evaluate it as an ensemble (mixc eval), or export it "
+            "whole (--format onnx/torch-export)"
+        )
 
 
 def check_plain_plan(plan: Plan, plain: Plan) -> None:

@@ -73,10 +73,13 @@ def single_plan(run: Run) -> Plan:
     import mixc
     from mixc.spec import SpecError
 
+    from mixc.export import check_member_method, plain_plan_overrides
+
+    check_member_method(run.plan, "interpolation between members", EvalError)
     spec, overrides = run.spec_and_overrides()
     try:
         again = mixc.compile(spec, overrides)
-        plan = mixc.compile(spec, overrides + ["members=1", "groups=none"])
+        plan = mixc.compile(spec, plain_plan_overrides(overrides, run.plan.method.name))
     except SpecError as e:
         raise EvalError(
             f"cannot recompile {spec} (with {' '.join(overrides) or 'no overrides'}) to build a one-member "

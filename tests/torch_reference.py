@@ -3,7 +3,10 @@
 Weights are composed here straight from the plan's definition (sum of alpha
 times template, blob windows by modular indexing), and each member runs the op
 graph with plain ``torch.nn.functional`` calls, one member at a time. Nothing
-is shared with the code generator.
+is shared with the code generator. BatchEnsemble scales activations (the
+backend folds nothing either, but batches the members); a single-path plan
+(MIMO, Packed-Ensembles) runs once, its grouped linear layer as a loop of
+blocks, and its logits are cut into the members' heads.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ def member_weights(plan: Plan, T: dict[str, torch.Tensor], layer: str, m: int):
     op = plan.op(layer)
     if op.source == "plain":
         return T[f"plain.{layer}.weight"], T.get(f"plain.{layer}.bias")
+    if op.source == "batch_ensemble":  # the shared weight, the member's own bias
+        b = T.get(f"member.{layer}.bias")
+        return T[f"plain.{layer}.weight"], None if b is None else b[m]
     if op.source == "member":
         b = T.get(f"member.{layer}.bias")
         return T[f"member.{layer}.weight"][m], None if b is None else b[m]
@@ -39,8 +45,26 @@ def member_weights(plan: Plan, T: dict[str, torch.Tensor], layer: str, m: int):
     return flat[:wsize].reshape(op.weight_shape), (flat[wsize:] if op.bias else None)
 
 
+def _fast(op, T: dict[str, torch.Tensor], m: int, run, a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """BatchEnsemble: ((a * r[m]) run W) * s[m] + b[m], r and s along the channel axis."""
+    r, s = T[f"fast.{op.name}.r"][m], T[f"fast.{op.name}.s"][m]
+    tail = (1,) * (a.dim() - 2)
+    y = run(a * r.view(1, -1, *tail)) * s.view(1, -1, *tail)
+    return y if b is None else y + b.view(1, -1, *tail)
+
+
+def _grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """Block-diagonal linear: block j maps input slice j to output slice j."""
+    ins, outs = a.chunk(groups, dim=1), w.chunk(groups, dim=0)
+    y = torch.cat([F.linear(x_j, w_j) for x_j, w_j in zip(ins, outs)], dim=1)
+    return y if b is None else y + b
+
+
 def run_member(plan: Plan, T: dict[str, torch.Tensor], m: int, x: torch.Tensor, training: bool) -> torch.Tensor:
-    """Member ``m``'s logits; updates the running stats in ``T`` (row ``m``) like a real BatchNorm."""
+    """Member ``m``'s logits; updates the running stats in ``T`` (row ``m``) like a real BatchNorm. A
+    single-path plan's one network runs as "member" 0 with unindexed BatchNorm and gives every head."""
+    single = plan.execution == "single_path"
+    row = (lambda t: t) if single else (lambda t: t[m])
     vals: dict[str, torch.Tensor] = {}
     for op in plan.ops:
         a = vals[op.inputs[0]] if op.inputs else None
@@ -50,14 +74,20 @@ def run_member(plan: Plan, T: dict[str, torch.Tensor], m: int, x: torch.Tensor, 
         elif k == "conv":
             w, b = member_weights(plan, T, op.name, m)
             conv = F.conv1d if op.dim == 1 else F.conv2d
-            y = conv(a, w, b, op.stride, op.padding, op.dilation, op.groups)
+            if op.source == "batch_ensemble":
+                y = _fast(op, T, m, lambda h: conv(h, w, None, op.stride, op.padding, op.dilation, op.groups), a, b)
+            else:
+                y = conv(a, w, b, op.stride, op.padding, op.dilation, op.groups)
         elif k == "linear":
             w, b = member_weights(plan, T, op.name, m)
-            y = F.linear(a, w, b)
+            if op.source == "batch_ensemble":
+                y = _fast(op, T, m, lambda h: F.linear(h, w), a, b)
+            else:
+                y = _grouped_linear(a, w, b, op.groups) if op.groups > 1 else F.linear(a, w, b)
         elif k == "bn":
             p = f"bn.{op.name}."
             y = F.batch_norm(
-                a, T[p + "running_mean"][m], T[p + "running_var"][m], T[p + "weight"][m], T[p + "bias"][m],
+                a, row(T[p + "running_mean"]), row(T[p + "running_var"]), row(T[p + "weight"]), row(T[p + "bias"]),
                 training, op.momentum, op.eps,
             )
         elif k == "act":
@@ -84,5 +114,10 @@ def run_member(plan: Plan, T: dict[str, torch.Tensor], m: int, x: torch.Tensor, 
 
 
 def reference_forward(plan: Plan, T: dict[str, torch.Tensor], x: torch.Tensor, training: bool) -> torch.Tensor:
-    """Member logits [B, M, classes], one member at a time."""
+    """Member logits [B, M, classes], one member at a time (single path: one run, its logits cut into
+    M heads; MIMO's input is the members' images stacked member-major, the same image for all here)."""
+    if plan.execution == "single_path":
+        if plan.method.name == "mimo":
+            x = torch.cat([x] * plan.members, dim=1)
+        return run_member(plan, T, 0, x, training).unflatten(1, (plan.members, plan.classes))
     return torch.stack([run_member(plan, T, m, x, training) for m in range(plan.members)], 1)

@@ -28,6 +28,7 @@ class TorchBackend(Backend):
         devices="cpu, cuda, cuda:N",
         data_parallel="DistributedDataParallel, one process per device under torchrun",
         export_formats=("onnx", "torch-export"),
+        methods=frozenset({"mixture", "naive", "batch_ensemble", "mimo", "packed"}),
     )
 
     def count_params(self, plan: Plan) -> int:

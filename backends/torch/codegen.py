@@ -95,6 +95,7 @@ class TorchEmitter(Emitter):
     def __init__(self, plan: Plan, standalone: bool = False) -> None:
         self.LOWER = LOWER
         self.standalone = standalone
+        self.single_path = plan.execution == "single_path"  # MIMO, Packed-Ensembles: one network
         super().__init__(plan)
         # A shared layer output that per-member values are added to is repeated by the layer
         # itself, so a block reads the same whether or not its input is shared.
@@ -167,8 +168,20 @@ Layer classes: {where}; initialisation and layouts: docs/execution.md in the mix
             f"    blob={blob!r},  # the flat template store: (size, std)",
             f"    output={_q(p.output)}, alpha_std={alpha_std!r}, classifier_std={classifier_std!r},"
             "  # None: orthonormal alphas; PyTorch's usual init",
+            *self.method_config(),
             ")",
         ]
+
+    def method_config(self) -> list[str]:
+        """``CONFIG``'s lines for the ensemble methods beside MixtureEnsembles (none for mixture and naive)."""
+        method = self.plan.method
+        if method.name == "batch_ensemble":
+            fast = (method.fast_init, method.fast_std if method.fast_init == "normal" else 0.0)
+            return [f"    fast_init={fast!r},  # BatchEnsemble's r and s: N(1, std^2), or random signs"]
+        if not self.single_path:
+            return []
+        stacked = self.M if method.name == "mimo" else 1
+        return [f"    single_path=True, input_members={stacked},  # {method.name}: one network holds every member"]
 
     def bank_entry(self, g: Any) -> str:
         op = self.ops[g.layers[0]]
@@ -181,13 +194,13 @@ Layer classes: {where}; initialisation and layouts: docs/execution.md in the mix
         if op.kind == "bn":
             cfg = [f"momentum={op.momentum!r}"] if op.momentum != 0.1 else []
             cfg += [f"eps={op.eps!r}"] if op.eps != 1e-5 else []
-            return cfg + (["shared_input=True"] if shared_in else [])
+            return cfg + (["shared_input=True"] if shared_in and not self.single_path else [])
         cfg = [f"shape={tuple(op.weight_shape)!r}"]
         if op.kind == "conv":
             for key, v, default in (("stride", op.stride, 1), ("padding", op.padding, 0), ("dilation", op.dilation, 1)):
                 if any(e != default for e in v):
                     cfg.append(f"{key}={tup(v)}")
-            cfg += [f"groups={op.groups}"] if op.groups != 1 else []
+        cfg += [f"groups={op.groups}"] if op.groups != 1 else []
         cfg += ["bias=True"] if op.bias else []
         cfg.append(f"source={_q(op.source)}")
         slot = self.plan.slot(op.name)
@@ -243,6 +256,8 @@ Layer classes: {where}; initialisation and layouts: docs/execution.md in the mix
             "",
             "    def forward(self, x: torch.Tensor) -> torch.Tensor:",
             '        """x [B, *INPUT_SHAPE] -> member logits [B, MEMBERS, CLASSES]."""',
+            *(["        x = self.stack_inputs(x)  # MIMO: the members' images side by side on the channels"]
+              if p.method.name == "mimo" else []),
             *(["        x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x"]
               if len(p.input_shape) == 3 else []),
             "        w = self.mix(x.device)  # every composed layer's weights, once per forward",
@@ -295,7 +310,7 @@ Layer classes: {where}; initialisation and layouts: docs/execution.md in the mix
             else:
                 lines.append(f"        {out} = {self.lower_table()[it.kind](node, it, ins, self.shared)}")
         result = var[node.output]
-        if final and self.shared[node.output]:
+        if final and self.shared[node.output] and not self.single_path:
             return lines + [f"        return {self.spread_to_members(result)}"]
         return lines + [f"        return self.logits({result})" if final else f"        return {result}"]
 

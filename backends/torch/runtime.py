@@ -40,6 +40,9 @@ class Config:
     output: str = ""  # the output layer (the classifier rule applies to it)
     alpha_std: float | None = None  # None: orthonormal alphas
     classifier_std: float | None = None  # None: PyTorch's usual init of the output layer
+    single_path: bool = False  # one network holds every member (MIMO, Packed-Ensembles): BatchNorm [C]
+    input_members: int = 1  # MIMO: the input stacks this many members' images on the channel axis
+    fast_init: tuple[str, float] | None = None  # BatchEnsemble: ("normal", std) or ("signs", 0) for r and s
 
 
 class Members(tuple):
@@ -92,7 +95,9 @@ def window(blob: torch.Tensor, start: int, length: int) -> torch.Tensor:
 class Weighted(nn.Module):
     """A conv or linear layer of every member. ``source``: "bank" (it holds alphas [M, k]; the
     model composes its weights from the bank rows ``templates[i]``), "blob" (alphas over blob
-    windows at ``offsets[i]``), "member" (a weight per member) or "plain" (one shared weight)."""
+    windows at ``offsets[i]``), "member" (a weight per member), "plain" (one shared weight) or
+    "batch_ensemble" (one shared weight, each member's input scaled by r [M, in] and its output by
+    s [M, out], a bias [M, out] per member)."""
 
     def __init__(self, config: Config, name: str) -> None:
         super().__init__()
@@ -101,6 +106,7 @@ class Weighted(nn.Module):
         self.members, self.bank, self.has_bias, self.bias = M, cfg.get("bank"), cfg.get("bias", False), None
         self.shared_input, self.spread = cfg.get("shared_input", False), cfg.get("spread", False)  # spread: repeat
         self.init = (config.alpha_std, config.classifier_std if name == config.output else None)
+        self.groups, self.fast_init = cfg.get("groups", 1), config.fast_init
         if self.source == "bank":  # alpha [M, k] @ selector [M, k, rows] = mixing weights over the bank
             self.alpha = nn.Parameter(torch.empty(M, len(cfg["templates"][0])))
             selector = F.one_hot(torch.tensor(cfg["templates"]), cfg["rows"]).to(torch.get_default_dtype())
@@ -110,7 +116,11 @@ class Weighted(nn.Module):
         else:
             lead = (M,) if self.source == "member" else ()
             self.weight = nn.Parameter(torch.empty(*lead, *self.shape))
+            lead = (M,) if self.source in ("member", "batch_ensemble") else ()
             self.bias = nn.Parameter(torch.empty(*lead, self.shape[0])) if self.has_bias else None
+        if self.source == "batch_ensemble":
+            self.r = nn.Parameter(torch.empty(M, self.shape[1] * self.groups))
+            self.s = nn.Parameter(torch.empty(M, self.shape[0]))
 
     def extra_repr(self) -> str:
         return f"{self.name}, shape={tuple(self.shape)}, source={self.source}"
@@ -131,6 +141,28 @@ class Weighted(nn.Module):
     def weights(self, w: Composed) -> tuple[torch.Tensor, torch.Tensor | None]:
         return w.weights[self.name] if self.source in ("bank", "blob") else (self.weight, self.bias)
 
+    def batch_ensemble(self, x: torch.Tensor | Members, w: Composed, apply) -> torch.Tensor | Members:
+        """((x * r[m]) apply W) * s[m] + b[m] for every member; ``apply`` is the layer's own op on one
+        batch. Grouped: the members' activations [B, M*C, ...] are read as a batch [B*M, C, ...] (a
+        view), so the shared weight runs once, as BatchEnsemble's tiled batch does."""
+        M, b = self.members, self.bias
+        if not w.grouped:
+            xs = [x] * M if self.shared_input else x
+            return Members([_scaled(apply(_scaled(xm, self.r[m])), self.s[m], None if b is None else b[m])
+                            for m, xm in enumerate(xs)])
+        x = w.repeat(x) if self.shared_input else x
+        h = _scaled(x.unflatten(1, (M, -1)), self.r, dim=2)  # [B, M, C, ...]
+        y = apply(h.flatten(0, 1)).unflatten(0, (x.shape[0], M))  # [B, M, O, ...]
+        return _scaled(y, self.s, b, dim=2).flatten(1, 2)
+
+    def member_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """BatchEnsemble's per-member weights W * s r^T ([M, *shape]; r read per group), for analysis."""
+        out, per_group = self.shape[0], self.shape[1]
+        r = self.r.unflatten(1, (self.groups, per_group)).repeat_interleave(out // self.groups, dim=1)  # [M, O, I/g]
+        tail = (1,) * (len(self.shape) - 2)
+        weight = self.weight[None] * self.s.view(self.members, out, 1, *tail) * r.view(*r.shape, *tail)
+        return weight, self.bias
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Alphas orthonormal (or the plan's normal law); plain and member layers PyTorch's usual
@@ -139,6 +171,10 @@ class Weighted(nn.Module):
         if self.source in ("bank", "blob"):
             return orthonormal_rows_(self.alpha) if alpha_std is None else nn.init.normal_(self.alpha, std=alpha_std)
         bound = 1 / math.sqrt(math.prod(self.shape[1:]))
+        if self.source == "batch_ensemble":  # fast weights N(1, std^2) or random signs
+            law, std = self.fast_init
+            for t in (self.r, self.s):
+                nn.init.normal_(t, mean=1.0, std=std) if law == "normal" else t.copy_(torch.randint_like(t, 2) * 2 - 1)
         if classifier_std is not None:
             nn.init.normal_(self.weight, std=classifier_std)
             return None if self.bias is None else nn.init.zeros_(self.bias)
@@ -149,19 +185,27 @@ class Weighted(nn.Module):
         return None if self.bias is None else nn.init.uniform_(self.bias, -bound, bound)
 
 
+def _scaled(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, dim: int = 1) -> torch.Tensor:
+    """x * scale (+ bias), both [..., C] broadcast along x's axis ``dim`` (the channels)."""
+    shape = (*scale.shape, *(1,) * (x.dim() - dim - 1))
+    x = x * scale.view(*([1] * (dim - scale.dim() + 1)), *shape)
+    return x if bias is None else x + bias.view(*([1] * (dim - bias.dim() + 1)), *shape)
+
+
 class Conv(Weighted):
     """A convolution of every member (see Weighted)."""
 
     def __init__(self, config: Config, name: str) -> None:
         super().__init__(config, name)
         cfg = config.layers[name]
-        self.groups = cfg.get("groups", 1)
         self.options = {key: cfg[key] for key in ("stride", "padding", "dilation") if key in cfg}
         self.conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.shape) - 3]
 
     def forward(self, x: torch.Tensor | Members, w: Composed) -> torch.Tensor | Members:
         weight, bias = self.weights(w)
         conv, groups, options, M = self.conv, self.groups, self.options, self.members
+        if self.source == "batch_ensemble":
+            return self.batch_ensemble(x, w, lambda h: conv(h, weight, groups=groups, **options))
         if self.source == "plain" and self.shared_input:  # computed once for all members
             y = conv(x, weight, bias, groups=groups, **options)
             return w.repeat(y) if self.spread else y
@@ -179,10 +223,16 @@ class Conv(Weighted):
 
 
 class Linear(Weighted):
-    """A linear layer of every member (see Weighted); inputs [B, M*I], or shared [B, I]."""
+    """A linear layer of every member (see Weighted); inputs [B, M*I], or shared [B, I]. With
+    ``groups`` (Packed-Ensembles' last layer) block-diagonal: group j maps its slice of the inputs."""
 
     def forward(self, x: torch.Tensor | Members, w: Composed) -> torch.Tensor | Members:
         weight, bias = self.weights(w)
+        if self.source == "batch_ensemble":
+            return self.batch_ensemble(x, w, lambda h: F.linear(h, weight))
+        if self.groups > 1:  # one network (single path): weight [O, I/g]
+            y = torch.einsum("bgi,goi->bgo", x.unflatten(1, (self.groups, -1)), weight.unflatten(0, (self.groups, -1)))
+            return y.flatten(1) if bias is None else y.flatten(1) + bias
         if self.source == "plain":
             if self.shared_input or not w.grouped:  # a Members input runs each member
                 y = F.linear(x, weight, bias)
@@ -203,16 +253,17 @@ class BatchNorm(nn.Module):
 
     def __init__(self, config: Config, name: str) -> None:
         super().__init__()
-        cfg, M, channels = config.layers.get(name, {}), config.members, config.batch_norms[name]
+        cfg, channels = config.layers.get(name, {}), config.batch_norms[name]
         self.name, self.shared_input = name, cfg.get("shared_input", False)
         self.momentum, self.eps = cfg.get("momentum", 0.1), cfg.get("eps", 1e-5)
-        self.weight = nn.Parameter(torch.ones(M, channels))
-        self.bias = nn.Parameter(torch.zeros(M, channels))
-        self.register_buffer("running_mean", torch.zeros(M, channels))
-        self.register_buffer("running_var", torch.ones(M, channels))
+        lead = () if config.single_path else (config.members,)  # one network: one BatchNorm [C]
+        self.weight = nn.Parameter(torch.ones(*lead, channels))
+        self.bias = nn.Parameter(torch.zeros(*lead, channels))
+        self.register_buffer("running_mean", torch.zeros(*lead, channels))
+        self.register_buffer("running_var", torch.ones(*lead, channels))
 
     def extra_repr(self) -> str:
-        return f"{self.name}, channels={self.weight.shape[1]}"
+        return f"{self.name}, channels={self.weight.shape[-1]}"
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -293,6 +344,13 @@ class Ensemble(nn.Module):
         grouped = self.layout == "grouped" or (self.layout == "auto" and device.type == "cuda")
         return Composed(weights, M, grouped)
 
+    def stack_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """MIMO: the members' inputs side by side on the channel axis, member-major. x [B, M, *input]
+        gives each member its own (training); x [B, *input] gives every member the same (evaluation)."""
+        if x.dim() == len(self.input_shape) + 2:
+            return x.flatten(1, 2)
+        return torch.cat([x] * self.config.input_members, dim=1)
+
     def logits(self, x: torch.Tensor | Members) -> torch.Tensor:
         """The last layer's output as member logits [B, members, classes]."""
         if isinstance(x, Members):
@@ -303,7 +361,8 @@ class Ensemble(nn.Module):
         """Every layer's "<layer>.weight"/".bias" ([M, ...], or shared for plain layers), for analysis."""
         mixed = self.mix(next(self.parameters()).device).weights
         layers = [m for m in self.modules() if isinstance(m, Weighted)]
-        pairs = [(m.name, mixed.get(m.name, (getattr(m, "weight", None), m.bias))) for m in layers]
+        pairs = [(m.name, m.member_weights() if m.source == "batch_ensemble" else mixed.get(m.name, (getattr(m, "weight", None), m.bias)))
+                 for m in layers]
         return {f"{name}.{part}": t for name, wb in pairs for part, t in zip(("weight", "bias"), wb) if t is not None}
 
     def plan_tensors(self) -> dict[str, str]:
@@ -315,6 +374,10 @@ class Ensemble(nn.Module):
                 names |= {f"bn.{layer.name}.{t}": f"{path}.{t}" for t in ("weight", "bias", "running_mean", "running_var")}
             elif isinstance(layer, Weighted) and layer.source in ("bank", "blob"):
                 names[f"alpha.{layer.name}"] = f"{path}.alpha"
+            elif isinstance(layer, Weighted) and layer.source == "batch_ensemble":
+                names |= {f"plain.{layer.name}.weight": f"{path}.weight", f"fast.{layer.name}.r": f"{path}.r",
+                          f"fast.{layer.name}.s": f"{path}.s"}
+                names |= {f"member.{layer.name}.bias": f"{path}.bias"} if layer.bias is not None else {}
             elif isinstance(layer, Weighted):
                 names[f"{layer.source}.{layer.name}.weight"] = f"{path}.weight"
                 names |= {f"{layer.source}.{layer.name}.bias": f"{path}.bias"} if layer.bias is not None else {}

@@ -51,6 +51,7 @@ from mixc.compiler.plan import Plan
 from mixc.data import shard
 from mixc.run_folder import CHECKPOINT, METRICS, TrainError
 from mixc.spec.recipe import Recipe
+from mixc.method_batches import FAST_ROLES, lr_scale, mimo_rows
 from mixc.training import decay_skipped_roles
 
 __all__ = ["train", "TrainError", "TorchTrainer", "crop_flip", "random_resized_crop", "predict_member_probs", "CHECKPOINT",
@@ -203,15 +204,19 @@ def _param_names(model: nn.Module, plan_tensors: dict[str, torch.Tensor]) -> dic
 
 
 def _optimizer(model: nn.Module, plan: Plan, recipe: Recipe, names: dict[int, str]) -> torch.optim.Optimizer:
+    """SGD or AdamW over three groups: decayed, not decayed, and BatchEnsemble's fast weights (no decay,
+    their own learning-rate multiplier ``lr_scale``, applied in ``_step``)."""
     roles = {t.name: t.role for t in plan.tensors}
     skip = decay_skipped_roles(recipe)
-    decay, no_decay = [], []
+    decay, no_decay, fast = [], [], []
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if roles.get(names[id(p)]) in skip else decay).append(p)
+            role = roles.get(names[id(p)])
+            (fast if role in FAST_ROLES else no_decay if role in skip else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": recipe.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
+        {"params": fast, "weight_decay": 0.0, "lr_scale": lr_scale(plan, "fast_in")},
     ]
     groups = [g for g in groups if g["params"]]
     o = recipe.optimizer
@@ -332,10 +337,12 @@ class TorchTrainer:
         self.x_train, self.x_on_host = _training_set(x_train, dev)
         self.y_train = torch.from_numpy(np.ascontiguousarray(y_train)).to(dev)
         self.gen = torch.Generator(device=dev)
+        self.method_rng = np.random.default_rng(self.recipe.seed)  # MIMO's shuffles (reseeded per epoch)
         self.part = shard(batch, self.rank, self.world)
 
     def begin_epoch(self, augment_seed: int, dropout_seed: int) -> None:
         self.gen.manual_seed(augment_seed)
+        self.method_rng = np.random.default_rng(augment_seed)  # MIMO's shuffles
         torch.manual_seed(dropout_seed)
         self.net.train()
 
@@ -361,12 +368,18 @@ class TorchTrainer:
         elif augment == "random_resized_crop":
             xb = random_resized_crop(xb, self.gen)
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         M = self.plan.members
+        rows = mimo_rows(len(xb), self.plan, self.method_rng)
+        if rows is not None:  # MIMO: each member its own rows, [b * repetitions, M, ...]
+            rows = torch.from_numpy(rows).to(xb.device)
+            xb, yb = xb[rows], yb[rows]
+        else:
+            yb = yb[:, None].expand(-1, M)
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             logits = self.net(xb)  # [b, M, classes]
             loss = F.cross_entropy(
-                logits.float().transpose(1, 2), yb[:, None].expand(-1, M), label_smoothing=self.recipe.label_smoothing
+                logits.float().transpose(1, 2), yb, label_smoothing=self.recipe.label_smoothing
             ) * M
         self.opt.zero_grad(set_to_none=True)
         _backward_and_step(loss, self.opt, self.scaler, self.recipe.grad_clip, self.model)

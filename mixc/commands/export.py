@@ -244,10 +244,12 @@ def _export_members(backend_name: str, run_: Any, arrays: dict[str, np.ndarray],
     import mixc
     from mixc.checkpoint_format import save_arrays
     from mixc.evaluation import load_predictor
-    from mixc.export import ExportError, check_plain_plan, compose_member, member_tensors, plain_plan_overrides
+    from mixc.export import (ExportError, check_member_method, check_plain_plan, compose_member, member_tensors,
+                             plain_plan_overrides)
 
+    check_member_method(run_.plan, "export --format members", ExportError)
     spec, overrides = run_.spec_and_overrides()
-    plain = mixc.compile(spec, plain_plan_overrides(overrides))
+    plain = mixc.compile(spec, plain_plan_overrides(overrides, run_.plan.method.name))
     check_plain_plan(run_.plan, plain)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))

@@ -1,0 +1,159 @@
+"""The torch backend's BatchEnsemble, MIMO and Packed-Ensembles against an independent reference
+(tests/torch_reference.py: each member as its own network, activations scaled by the fast weights,
+a single-path network run once), in both layouts, with parameter counts from the plan."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch_reference import reference_forward  # noqa: E402
+
+import mixc  # noqa: E402
+from mixc.backends.torch import build, named_plan_tensors  # noqa: E402
+
+MLP = """
+backbone mlp(classes = 3) {
+    input vector(12)
+    linear h1(16, bias = true)
+    bn; relu
+    linear h2(16, bias = true)
+    relu
+    linear fc(classes)
+}
+ensemble {
+    backbone mlp(classes = 3)
+    members 4
+}
+"""
+
+CASES = {
+    "digits batch_ensemble": ("digits", ["method=batch_ensemble"]),
+    "digits batch_ensemble signs": ("digits", ["method=batch_ensemble(fast_init = signs)", "members=3"]),
+    "digits mimo": ("digits", ["method=mimo", "members=3"]),
+    "digits packed": ("digits", ["method=packed(alpha = 2, gamma = 1)"]),
+    "digits packed gamma 2": ("digits", ["method=packed(alpha = 2, gamma = 2)", "members=2"]),
+    "mlp batch_ensemble": (MLP, ["method=batch_ensemble"]),
+    "mlp packed": (MLP, ["method=packed(alpha = 2)"]),
+    "mlp mimo": (MLP, ["method=mimo"]),
+}
+
+
+def _plan(case: str):
+    spec, overrides = CASES[case]
+    if spec == MLP:
+        return mixc.compile_text(MLP, overrides, name="mlp.mix")
+    return mixc.compile(spec, overrides)
+
+
+def _randomise(model) -> None:
+    """Non-trivial BatchNorm statistics and affine, so evaluation exercises them."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, t in named_plan_tensors(model).items():
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif name.startswith("bn."):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("layout", ["grouped", "loop"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_the_reference(case, layout, training):
+    plan = _plan(case)
+    torch.manual_seed(0)
+    model = build(plan, layout=layout, dtype=torch.float64)
+    _randomise(model)
+    model.train(training)
+    named = named_plan_tensors(model)
+    assert [n for n in named] == [t.name for t in plan.tensors]
+    assert all(list(named[t.name].shape) == t.shape for t in plan.tensors)
+    assert sum(p.numel() for p in model.parameters()) == plan.accounting.total_params
+    ref = {k: v.detach().clone() for k, v in named.items()}
+    x = torch.randn(5, *plan.input_shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    got = model(x)
+    want = reference_forward(plan, ref, x, training)
+    assert got.shape == (5, plan.members, plan.classes)
+    assert (got - want).abs().max().item() < 1e-9
+    for k, v in named_plan_tensors(model).items():  # running statistics moved the same way
+        assert (v.detach() - ref[k]).abs().max().item() < 1e-10, k
+
+
+@pytest.mark.parametrize("case", ["digits batch_ensemble", "mlp batch_ensemble"])
+def test_batch_ensemble_members_fold_into_plain_weights(case):
+    """compose() folds r and s into each member's weight (W * s r^T): the reference run with those
+    folded weights as plain per-member layers gives the same logits."""
+    plan = _plan(case)
+    torch.manual_seed(0)
+    model = build(plan, layout="loop", dtype=torch.float64).eval()
+    _randomise(model)
+    folded = model.compose()
+    T = {k: v.detach() for k, v in named_plan_tensors(model).items()}
+    naive = mixc.compile(CASES[case][0], ["method=naive"]) if CASES[case][0] != MLP else \
+        mixc.compile_text(MLP, ["method=naive"], name="mlp.mix")
+    T |= {f"member.{op.name}.{part}": folded[f"{op.name}.{part}"] for op in naive.ops if op.kind in ("conv", "linear")
+          for part in ("weight", "bias") if f"{op.name}.{part}" in folded}
+    x = torch.randn(4, *plan.input_shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert (model(x) - reference_forward(naive, T, x, False)).abs().max().item() < 1e-9
+
+
+def test_mimo_gives_each_member_its_own_input():
+    """x [B, M, *input] feeds member m its own image; the same image M times equals x [B, *input]."""
+    plan = _plan("digits mimo")
+    torch.manual_seed(0)
+    model = build(plan, dtype=torch.float64).eval()
+    x = torch.randn(6, *plan.input_shape, dtype=torch.float64)
+    same = model(x[:, None].expand(-1, plan.members, *plan.input_shape))
+    assert (same - model(x)).abs().max().item() < 1e-12
+    other = x.clone()
+    other[:, 0] += 1.0
+    mixed = model(torch.stack([other, x, x], dim=1))
+    assert (mixed - same).abs().amax(dim=(0, 2)).min().item() > 0  # one network: every head sees every input
+
+
+@pytest.mark.parametrize("case", ["digits packed", "digits packed gamma 2", "mlp packed"])
+def test_packed_members_are_independent(case):
+    """A Packed-Ensemble's member m reads only its own channels: changing member 0's slice of every
+    weight moves member 0's logits and no other member's."""
+    plan = _plan(case)
+    torch.manual_seed(0)
+    model = build(plan, dtype=torch.float64).eval()
+    x = torch.randn(4, *plan.input_shape, dtype=torch.float64)
+    before = model(x)
+    with torch.no_grad():
+        for name, t in named_plan_tensors(model).items():
+            if name.endswith(".weight") and name.startswith("plain."):
+                t[: t.shape[0] // plan.members] *= 1.5  # the first output slice: member 0's
+    after = model(x)
+    assert (after[:, 0] - before[:, 0]).abs().max().item() > 1e-6
+    assert (after[:, 1:] - before[:, 1:]).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_grouped_equals_loop_with_gradients(case):
+    plan = _plan(case)
+    torch.manual_seed(0)
+    a = build(plan, layout="grouped", dtype=torch.float64)
+    b = build(plan, layout="loop", dtype=torch.float64)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, *plan.input_shape, dtype=torch.float64)
+    ya, yb = a(x), b(x)
+    assert (ya - yb).abs().max().item() < 1e-10
+    target = torch.randn_like(ya)
+    (ya * target).sum().backward()
+    (yb * target).sum().backward()
+    ga, gb = named_plan_tensors(a), named_plan_tensors(b)
+    for t in plan.tensors:
+        if t.trainable:
+            assert (ga[t.name].grad - gb[t.name].grad).abs().max().item() < 1e-9, t.name
+
+
+def test_fast_weights_initialise_by_the_plan():
+    torch.manual_seed(0)
+    named = named_plan_tensors(mixc.build("wrn16_4", method="batch_ensemble(fast_std = 0.25)"))
+    fast = torch.cat([t.detach().flatten() for n, t in named.items() if n.startswith("fast.")])  # ~7,000 draws
+    assert abs(fast.mean().item() - 1.0) < 0.02 and abs(fast.std().item() - 0.25) < 0.02
+    signs = named_plan_tensors(mixc.build("digits", method="batch_ensemble(fast_init = signs)"))["fast.stem.s"]
+    assert set(signs.unique().tolist()) == {-1.0, 1.0}
