@@ -31,6 +31,9 @@ PLANS = {
     "mlp": lambda: hp.mlp_net(dropout=0.0),
     "digits": lambda: mixc.compile("digits"),
     "wrn16_4_k1": lambda: mixc.compile("wrn16_4", ["backbone.k=1", "members=2"]),
+    "digits_batch_ensemble": lambda: mixc.compile("digits", ["method=batch_ensemble", "members=3"]),
+    "digits_mimo": lambda: mixc.compile("digits", ["method=mimo", "members=3"]),
+    "digits_packed": lambda: mixc.compile("digits", ["method=packed(alpha = 2, gamma = 2)", "members=2"]),
 }
 
 

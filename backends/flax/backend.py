@@ -24,6 +24,7 @@ class FlaxBackend(Backend):
         layouts=("auto", "grouped", "loop"),
         devices="cpu, gpu (cuda), cuda:N",
         data_parallel="one SPMD step over every local device of --device's platform (jax.sharding)",
+        methods=frozenset({"mixture", "naive", "batch_ensemble", "mimo", "packed"}),
     )
 
     def count_params(self, plan: Plan) -> int:

@@ -152,6 +152,8 @@ in the mixc repository.
             "",
             "    def __call__(self, x: jax.Array, train: bool = False, dropout_key: jax.Array | None = None):",
             '        """x [B, *INPUT_SHAPE] channels-first -> member logits [B, MEMBERS, CLASSES]."""',
+            *(["        x = self.stack_inputs(x)  # MIMO: the members' images side by side on the channels"]
+              if self.plan.method.name == "mimo" else []),
             "        x = jnp.moveaxis(x, 1, -1) if x.ndim > 2 else x  # channels last",
             "        w = self.composed(train, dropout_key)  # every composed layer's weights, once per call",
             *self.statements_of(self.tree, final=True),

@@ -40,6 +40,9 @@ class Config:
     output: str = ""  # the output layer (the classifier rule applies to it)
     alpha_std: float | None = None  # None: orthonormal alphas
     classifier_std: float | None = None  # None: PyTorch's usual init of the output layer
+    single_path: bool = False  # one network holds every member (MIMO, Packed-Ensembles): BatchNorm [C]
+    input_members: int = 1  # MIMO: the input stacks this many members' images on the channel axis
+    fast_init: tuple[str, float] | None = None  # BatchEnsemble: ("normal", std) or ("signs", 0) for r and s
 
 
 def _pairs(v, dim: int) -> tuple[int, ...]:
@@ -206,8 +209,9 @@ def orthonormal_rows(g, members: int):
 class Weighted(nnx.Module):
     """A conv or linear layer of every member. ``source``: "bank" (alphas [M, k]; the model
     composes its weights from the bank rows ``templates[i]``), "blob" (alphas over blob windows at
-    ``offsets[i]``), "member" (a weight per member) or "plain" (one shared weight). Parameters are
-    in the plan's (PyTorch) layout."""
+    ``offsets[i]``), "member" (a weight per member), "plain" (one shared weight) or "batch_ensemble"
+    (one shared weight, each member's input scaled by r [M, in] and its output by s [M, out], a bias
+    [M, out] per member). Parameters are in the plan's (PyTorch) layout."""
 
     def __init__(self, config: Config, name: str) -> None:
         cfg, M = config.layers[name], config.members
@@ -215,6 +219,7 @@ class Weighted(nnx.Module):
         self.members, self.has_bias, self.bank = M, cfg.get("bias", False), cfg.get("bank")
         self.shared_input, self.spread = cfg.get("shared_input", False), cfg.get("spread", False)
         self.init = (config.alpha_std, config.classifier_std if name == config.output else None)
+        self.groups, self.fast_init = cfg.get("groups", 1), config.fast_init
         if self.source == "bank":  # static attributes are tuples: nnx hashes them
             self.templates, self.rows = tuple(map(tuple, cfg["templates"])), cfg["rows"]
             self.alpha = nnx.Param(jnp.zeros((M, len(cfg["templates"][0]))))
@@ -224,8 +229,12 @@ class Weighted(nnx.Module):
         else:
             lead = (M,) if self.source == "member" else ()
             self.weight = nnx.Param(jnp.zeros((*lead, *self.shape)))
+            lead = (M,) if self.source in ("member", "batch_ensemble") else ()
             if self.has_bias:
                 self.bias = nnx.Param(jnp.zeros((*lead, self.shape[0])))
+        if self.source == "batch_ensemble":
+            self.r = nnx.Param(jnp.zeros((M, self.shape[1] * self.groups)))
+            self.s = nnx.Param(jnp.zeros((M, self.shape[0])))
 
     def split(self, flat):
         """Composed templates [M, size] -> weight [M, *shape] and bias [M, out] (or None)."""
@@ -241,8 +250,35 @@ class Weighted(nnx.Module):
     def plan_tensors(self, path: str) -> dict[str, str]:
         if self.source in ("bank", "blob"):
             return {f"alpha.{self.name}": f"{path}.alpha"}
+        if self.source == "batch_ensemble":
+            names = {f"plain.{self.name}.weight": f"{path}.weight", f"fast.{self.name}.r": f"{path}.r",
+                     f"fast.{self.name}.s": f"{path}.s"}
+            return names | ({f"member.{self.name}.bias": f"{path}.bias"} if self.has_bias else {})
         names = {f"{self.source}.{self.name}.weight": f"{path}.weight"}
         return names | ({f"{self.source}.{self.name}.bias": f"{path}.bias"} if self.has_bias else {})
+
+    def batch_ensemble(self, x, w: Composed, apply):
+        """((x * r[m]) apply W) * s[m] + b[m] for every member; ``apply`` is the layer's own op on one
+        batch (channels last, so r and s broadcast). Grouped: the members move to the batch axis, so
+        the shared weight runs once, as BatchEnsemble's tiled batch does."""
+        M, r, s = self.members, self.r[...], self.s[...]
+        b = self.bias[...] if self.has_bias else None
+        if not w.grouped:
+            xs = [x] * M if self.shared_input else x
+            return Members([apply(v * r[m]) * s[m] + (0 if b is None else b[m]) for m, v in enumerate(xs)])
+        x = w.repeat(x) if self.shared_input else x
+        h = jnp.moveaxis(x.reshape(*x.shape[:-1], M, -1) * r, -2, 0)  # [M, B, ..., C]
+        y = apply(h.reshape(-1, *h.shape[2:]))
+        y = jnp.moveaxis(y.reshape(M, -1, *y.shape[1:]), 0, -2) * s + (0 if b is None else b)  # [B, ..., M, O]
+        return y.reshape(*y.shape[:-2], -1)
+
+    def member_weights(self):
+        """BatchEnsemble's per-member weights W * s r^T ([M, *shape]; r read per group), for analysis."""
+        out, per_group = self.shape[0], self.shape[1]
+        r = jnp.repeat(self.r[...].reshape(self.members, self.groups, per_group), out // self.groups, axis=1)
+        tail = (1,) * (len(self.shape) - 2)
+        weight = self.weight[...][None] * self.s[...].reshape(self.members, out, 1, *tail) * r.reshape(*r.shape, *tail)
+        return weight, self.bias[...] if self.has_bias else None
 
     def reset_parameters(self, draw) -> None:
         """Plain and member layers PyTorch's usual init (kaiming normal for convs, the plan's rule for
@@ -253,6 +289,10 @@ class Weighted(nnx.Module):
                 self.alpha.set_value(alpha_std * draw.normal(self.alpha.shape))
             return
         fan = math.prod(self.shape[1:])
+        if self.source == "batch_ensemble":  # fast weights N(1, std^2) or random signs
+            law, std = self.fast_init
+            for t in (self.r, self.s):
+                t.set_value(1.0 + std * draw.normal(t.shape) if law == "normal" else jnp.sign(draw.uniform(t.shape) + 1e-30))
         if classifier_std is not None:
             self.weight.set_value(classifier_std * draw.normal(self.weight.shape))
             if self.has_bias:
@@ -281,12 +321,13 @@ class Conv(Weighted):
     def __init__(self, config: Config, name: str) -> None:
         super().__init__(config, name)
         cfg = config.layers[name]
-        self.groups = cfg.get("groups", 1)
         self.options = tuple((key, cfg.get(key, default)) for key, default in (("stride", 1), ("padding", 0), ("dilation", 1)))
 
     def __call__(self, x, w: Composed):
         weight, bias = self.weights(w)
         groups, options, M = self.groups, dict(self.options), self.members
+        if self.source == "batch_ensemble":
+            return self.batch_ensemble(x, w, lambda h: _conv(h, weight, groups=groups, cpu=w.cpu, **options))
         if self.source == "plain" and self.shared_input:  # computed once for all members
             y = _conv(x, weight, bias, groups=groups, cpu=w.cpu, **options)
             return w.repeat(y) if self.spread else y
@@ -315,10 +356,18 @@ def _linear(x, w, b=None):
 
 
 class Linear(Weighted):
-    """A linear layer of every member (see Weighted); inputs [B, M*I], or shared [B, I]."""
+    """A linear layer of every member (see Weighted); inputs [B, M*I], or shared [B, I]. With
+    ``groups`` (Packed-Ensembles' last layer) block-diagonal: group j maps its slice of the inputs."""
 
     def __call__(self, x, w: Composed):
         weight, bias, M = *self.weights(w), self.members
+        if self.source == "batch_ensemble":
+            return self.batch_ensemble(x, w, lambda h: _linear(h, weight))
+        if self.groups > 1:  # one network (single path): weight [O, I/g]
+            g = self.groups
+            y = jnp.einsum("bgi,goi->bgo", x.reshape(x.shape[0], g, -1), weight.reshape(g, -1, weight.shape[-1]))
+            y = y.reshape(x.shape[0], -1)
+            return y if bias is None else y + bias
         if self.source == "plain":
             if self.shared_input or isinstance(x, Members):
                 y = each(_linear, x, weight, bias)
@@ -340,13 +389,14 @@ class BatchNorm(nnx.Module):
     In training the running statistics are updated in place (nnx.BatchStat)."""
 
     def __init__(self, config: Config, name: str) -> None:
-        cfg, M, channels = config.layers.get(name, {}), config.members, config.batch_norms[name]
+        cfg, channels = config.layers.get(name, {}), config.batch_norms[name]
         self.name, self.shared_input, self.made = name, cfg.get("shared_input", False), _made()
         self.momentum, self.eps = cfg.get("momentum", 0.1), cfg.get("eps", 1e-5)
-        self.weight = nnx.Param(jnp.ones((M, channels)))
-        self.bias = nnx.Param(jnp.zeros((M, channels)))
-        self.running_mean = nnx.BatchStat(jnp.zeros((M, channels)))
-        self.running_var = nnx.BatchStat(jnp.ones((M, channels)))
+        shape = (channels,) if config.single_path else (config.members, channels)  # one network: one BatchNorm
+        self.weight = nnx.Param(jnp.ones(shape))
+        self.bias = nnx.Param(jnp.zeros(shape))
+        self.running_mean = nnx.BatchStat(jnp.zeros(shape))
+        self.running_var = nnx.BatchStat(jnp.ones(shape))
 
     def plan_tensors(self, path: str) -> dict[str, str]:
         return {f"bn.{self.name}.{t}": f"{path}.{t}" for t in ("weight", "bias", "running_mean", "running_var")}
@@ -364,7 +414,7 @@ class BatchNorm(nnx.Module):
             y, stats = Members([o[0] for o in outs]), [jnp.stack(s) for s in zip(*[o[1] for o in outs])] if w.train else None
         else:
             y, stats = _batch_norm(x, *[t.reshape(-1) for t in tensors], *options)
-            stats = [s.reshape(w.members, -1) for s in stats] if w.train else None
+            stats = [s.reshape(tensors[0].shape) for s in stats] if w.train else None
         if w.train:
             self.running_mean[...], self.running_var[...] = stats
         return y
@@ -401,6 +451,7 @@ class Ensemble(nnx.Module):
             raise ValueError(f"layout must be auto, grouped or loop, not {layout!r}")
         self.layout, self.platform, self.dtype = layout, platform, jnp.dtype(dtype)
         self.members, self.n_classes, self.alpha_std = config.members, config.classes, config.alpha_std
+        self.input_members = config.input_members
         self.bank_table = tuple((name, key, tuple(shape), tuple(stds)) for name, (key, shape, stds) in config.banks.items())
         self.blob_init = config.blob  # (size, std) or None
         self.banks = nnx.Dict({key: nnx.Param(jnp.zeros(shape)) for _, key, shape, _ in self.bank_table})
@@ -468,6 +519,13 @@ class Ensemble(nnx.Module):
         grouped = self.layout == "grouped" or (self.layout == "auto" and not cpu)
         return Composed(self.mix(), self.members, grouped, cpu, train, dropout_key)
 
+    def stack_inputs(self, x):
+        """MIMO: the members' inputs side by side on the channel axis (channels-first, member-major).
+        x [B, M, *input] gives each member its own (training); x [B, *input] every member the same."""
+        if x.ndim == len(self.input_shape) + 2:
+            return x.reshape(x.shape[0], -1, *x.shape[3:])
+        return jnp.concatenate([x] * self.input_members, axis=1)
+
     def logits(self, x):
         """The last layer's output as member logits [B, members, classes]."""
         return jnp.stack(x, axis=1) if isinstance(x, Members) else x.reshape(x.shape[0], self.members, self.n_classes)
@@ -476,7 +534,9 @@ class Ensemble(nnx.Module):
         """Every layer's "<layer>.weight"/".bias" ([M, ...], or shared for plain layers), for analysis."""
         mixed, out = self.mix(), {}
         for _, m in self.layers():
-            if isinstance(m, Weighted):
+            if isinstance(m, Weighted) and m.source == "batch_ensemble":
+                wb = m.member_weights()
+            elif isinstance(m, Weighted):
                 wb = mixed.get(m.name) or (m.weight[...], m.bias[...] if m.has_bias else None)
                 out |= {f"{m.name}.{part}": t for part, t in zip(("weight", "bias"), wb) if t is not None}
         return out

@@ -52,6 +52,7 @@ from mixc.checkpoint_format import grad_scaler_arrays, read_grad_scaler, save_ar
 from mixc.compiler.plan import Plan
 from mixc.run_folder import CHECKPOINT, METRICS, TrainError
 from mixc.spec.recipe import Recipe
+from mixc.method_batches import FAST_ROLES, lr_scale, mimo_rows
 from mixc.training import decay_skipped_roles
 
 __all__ = ["train", "TrainError", "crop_flip", "random_resized_crop", "Trainer", "devices_for", "loss_scale_update",
@@ -158,20 +159,23 @@ def devices_for(device: str) -> list[jax.Device]:
 # Optimiser
 
 
-def make_optimizer(recipe: Recipe, roles: dict[str, str]) -> optax.GradientTransformation:
+def make_optimizer(recipe: Recipe, roles: dict[str, str], fast_lr: float = 1.0) -> optax.GradientTransformation:
     """The recipe's optimiser without the learning rate (the step multiplies by -lr).
 
-    ``roles`` maps each parameter key to its plan role, for the weight-decay mask.
+    ``roles`` maps each parameter key to its plan role, for the weight-decay mask. BatchEnsemble's fast
+    weights get no decay and their updates times ``fast_lr`` (torch: their own group's learning rate).
     """
     skip = decay_skipped_roles(recipe)
-    mask = {k: role not in skip for k, role in roles.items()}
+    mask = {k: role not in skip and role not in FAST_ROLES for k, role in roles.items()}
     o = recipe.optimizer
     decay = optax.add_decayed_weights(recipe.weight_decay, mask=mask)
     # torch clips the raw gradients (clip_grad_norm_) before its optimiser adds decay: the same order here
     clip = [optax.clip_by_global_norm(recipe.grad_clip)] if recipe.grad_clip else []
+    fast = {k: role in FAST_ROLES for k, role in roles.items()}
+    scale = [optax.masked(optax.scale(fast_lr), fast)] if fast_lr != 1.0 and any(fast.values()) else []
     if o.name == "sgd":
-        return optax.chain(*clip, decay, optax.trace(decay=o.momentum, nesterov=o.nesterov and o.momentum > 0))
-    return optax.chain(*clip, optax.scale_by_adam(b1=o.betas[0], b2=o.betas[1], eps=1e-8), decay)
+        return optax.chain(*clip, decay, optax.trace(decay=o.momentum, nesterov=o.nesterov and o.momentum > 0), *scale)
+    return optax.chain(*clip, optax.scale_by_adam(b1=o.betas[0], b2=o.betas[1], eps=1e-8), decay, *scale)
 
 
 def _find(state: Any, kind: type) -> Any:
@@ -246,17 +250,19 @@ def _compiled_steps(plan: Plan, recipe: Recipe, graphdef: Any, tx: optax.Gradien
             x = x.astype(compute)
         logits, new_stats = apply(forward_def, params, stats, x, True, drop_key)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, M, C]
-        target = jax.nn.one_hot(y, classes) * (1.0 - eps) + eps / classes
-        member_ce = -(target[:, None, :] * logp).sum(-1).mean(0)  # [M]: each member's batch-mean CE
+        target = jax.nn.one_hot(y, classes) * (1.0 - eps) + eps / classes  # [B, C], or [B, M, C] (MIMO)
+        member_ce = -((target if y.ndim == 2 else target[:, None, :]) * logp).sum(-1).mean(0)  # [M]
         loss = member_ce.sum()
         return (loss * scale if scaled else loss), (new_stats, loss)
 
-    def train_step(params, stats, opt_state, scaler, x, y, lr, step_key):
+    def train_step(params, stats, opt_state, scaler, x, y, lr, step_key, rows):
         aug_key, drop_key = jax.random.split(step_key)
         if augment == "crop_flip":
             x = crop_flip(aug_key, x)
         elif augment == "random_resized_crop":
             x = random_resized_crop(aug_key, x)
+        if rows is not None:  # MIMO: each member its own rows, [b * repetitions, M, ...]
+            x, y = x[rows], y[rows]
         scale, tracker = scaler
         (_, (stats, loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y, drop_key, scale)
         if scaled:
@@ -322,7 +328,8 @@ class Trainer:
         self.graphdef, params, stats = split(model)
         self.names = attr_to_plan(model)
         roles = {t.name: t.role for t in plan.tensors}
-        self.tx = make_optimizer(recipe, {k: roles[self.names[k]] for k in params})
+        self.tx = make_optimizer(recipe, {k: roles[self.names[k]] for k in params}, lr_scale(plan, "fast_in"))
+        self.method_rng = np.random.default_rng(recipe.seed)  # MIMO's shuffles (reseeded per epoch)
         self.params = jax.device_put(params, self.replicated)
         self.stats = jax.device_put(stats, self.replicated)
         self.opt_state = jax.device_put(self.tx.init(params), self.replicated)
@@ -337,6 +344,7 @@ class Trainer:
                 spec_hash(plan), self.layout, augment, recipe.label_smoothing, recipe.optimizer.model_dump_json(),
                 recipe.weight_decay, tuple(recipe.weight_decay_exclude), tuple(d.id for d in devices),
                 devices[0].platform, recipe.grad_clip, recipe.precision,
+                plan.method.model_dump_json(),  # fast_lr shapes the optimiser but not the spec hash
             )
             return _compiled_steps(plan, recipe, self.graphdef, self.tx, augment, self.replicated, key, forward_def)
 
@@ -348,6 +356,7 @@ class Trainer:
     def begin_epoch(self, augment_seed: int, dropout_seed: int) -> None:
         """One key per epoch (augmentation and dropout split it per step; ``dropout_seed`` is not needed)."""
         self.epoch_key = jax.random.key(augment_seed & 0x7FFFFFFF)
+        self.method_rng = np.random.default_rng(augment_seed)  # the torch trainer's MIMO rows
 
     def step(self, idx: np.ndarray, lr: float, step: int) -> jax.Array:
         """One optimiser step on the global batch ``idx``; returns the (on-device) summed member loss."""
@@ -363,8 +372,10 @@ class Trainer:
         """One optimiser step on the global batch ``x``, ``y`` with the step's random ``key``."""
         xs = jax.device_put(x, self.batch_sharding)
         ys = jax.device_put(y, self.batch_sharding)
+        rows = mimo_rows(len(x), self.plan, self.method_rng)
+        rows = None if rows is None else jax.device_put(rows.astype(np.int32), self.replicated)
         self.params, self.stats, self.opt_state, self.scaler, loss = (self._stream_step if streamed else self._step)(
-            self.params, self.stats, self.opt_state, self.scaler, xs, ys, jnp.float32(lr), key
+            self.params, self.stats, self.opt_state, self.scaler, xs, ys, jnp.float32(lr), key, rows
         )
         return loss
 

@@ -1,4 +1,4 @@
-"""The torch backend's BatchEnsemble, MIMO and Packed-Ensembles against an independent reference
+"""BatchEnsemble, MIMO and Packed-Ensembles in the torch backend against an independent reference
 (tests/torch_reference.py: each member as its own network, activations scaled by the fast weights,
 a single-path network run once), in both layouts, with parameter counts from the plan."""
 
@@ -157,3 +157,37 @@ def test_fast_weights_initialise_by_the_plan():
     assert abs(fast.mean().item() - 1.0) < 0.02 and abs(fast.std().item() - 0.25) < 0.02
     signs = named_plan_tensors(mixc.build("digits", method="batch_ensemble(fast_init = signs)"))["fast.stem.s"]
     assert set(signs.unique().tolist()) == {-1.0, 1.0}
+
+
+# ---------------------------------------------------------------------------
+# A trained run of each method, evaluated by the other backend
+
+
+@pytest.mark.parametrize("method,train_backend", [
+    ("batch_ensemble", "torch"), ("mimo", "torch"), ("packed(alpha = 2)", "torch"), ("batch_ensemble", "flax"),
+])
+def test_a_run_of_each_method_scores_the_same_in_both_backends(method, train_backend, tmp_path, capsys):
+    """Train one epoch with one backend, evaluate with both: the same NLL within 1e-3 (the issue's bar),
+    and the training loop's own last NLL."""
+    pytest.importorskip("jax")
+    import json
+
+    from test_eval import generated_npz
+
+    from mixc.cli import main
+
+    npz = generated_npz(tmp_path / "gen.npz")
+    run = tmp_path / "run"
+    rc = main(["train", "digits", "--data", str(npz), "--epochs", "1", "--out", str(run), "--no-progress",
+               "--backend", train_backend, "--set", "train.batch=32", "--set", "backbone.width=8",
+               "--set", f"method={method}"])
+    assert rc == 0
+    scores = {}
+    for backend in ("torch", "flax"):
+        capsys.readouterr()
+        assert main(["eval", str(run), "--json", "--no-save", "--backend", backend]) == 0
+        scores[backend] = json.loads(capsys.readouterr().out)["clean"]
+    assert abs(scores["torch"]["nll"] - scores["flax"]["nll"]) < 1e-3
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert scores[train_backend]["nll"] == pytest.approx(last["nll"], rel=1e-4)
+    assert json.loads((run / "plan.json").read_text())["method"]["name"] == method.split("(")[0]
