@@ -129,6 +129,11 @@ def _sd(rows: Sequence[dict[str, Any]], key: str, scale: float) -> list[float] |
     return None if all(s is None for s in sds) else [(s or 0.0) * scale for s in sds]
 
 
+#: how the figures name the ensemble methods
+METHOD_NAMES = {"mixture": "MixtureEnsemble", "batch_ensemble": "BatchEnsemble", "mimo": "MIMO",
+                "packed": "Packed-Ensembles", "naive": "deep ensemble"}
+
+
 def sweep_params_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
     """The paper's Figure 3 (left): accuracy and NLL against parameter count, baselines as reference points.
 
@@ -141,13 +146,16 @@ def sweep_params_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: s
     ens = [r for r in done if r["kind"] == "ensemble"]
     for ax, key, label in ((axes[0], "accuracy", "accuracy (%)"), (axes[1], "nll", "NLL")):
         scale = 100.0 if key == "accuracy" else 1.0
-        for m in sorted({r["members"] for r in ens}):
-            pts = sorted((r for r in ens if r["members"] == m), key=lambda r: r["params"])
-            ax.errorbar([r["params"] for r in pts], [r[key] * scale for r in pts], yerr=_sd(pts, key, scale), fmt="-o",
-                        capsize=3, label=f"MixtureEnsemble x{m}")
+        series = dict.fromkeys((r.get("method") or "mixture", r["members"]) for r in ens)
+        for method, m in series:
+            pts = sorted((r for r in ens if (r.get("method") or "mixture", r["members"]) == (method, m)),
+                         key=lambda r: r["params"])
+            ax.errorbar([r["params"] for r in pts], [r[key] * scale for r in pts], yerr=_sd(pts, key, scale),
+                        fmt="-o" if len(pts) > 1 else "D", capsize=3, label=f"{METHOD_NAMES.get(method, method)} x{m}")
             for r in pts:
-                ax.annotate(r["budget"], (r["params"], r[key] * scale), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7)
+                if r["budget"] != "-":
+                    ax.annotate(r["budget"], (r["params"], r[key] * scale), textcoords="offset points",
+                                xytext=(4, 4), fontsize=7)
         for kind, marker, name in (("single", "*", "single network"), ("naive", "s", "naive ensemble")):
             for r in (r for r in done if r["kind"] == kind):
                 lab = name if kind == "single" else f"{name} x{r['members']}"

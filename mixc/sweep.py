@@ -2,7 +2,10 @@
 
 A sweep is a list of points, each a set of ``--set`` overrides on one spec:
 ``budget=B members=M`` for every budget and member count asked for, plus the
-baselines (``single``: one plain backbone; ``naive``: M plain backbones).
+baselines (``single``: one plain backbone; ``naive``: M plain backbones). With
+``methods`` each ensemble method is a series of its own (``method=X``): budgets
+apply to mixture and packed (which solves its width for the budget), the other
+methods have one point per member count.
 Every point trains with the spec's own recipe through the shared driver
 (``mixc.training``) on the chosen backend into ``OUT/<point>/``, an ordinary run folder (``mixc eval``,
 ``interpolate`` and ``report`` work on it). A point whose checkpoint already
@@ -50,6 +53,7 @@ class Point:
     note: str = ""
     error: str | None = None
     row: dict[str, Any] = field(default_factory=dict)
+    method: str = "mixture"  # the ensemble method (Plan.method.name) of an ensemble point
 
 
 _BUDGET = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?[KMGx]?")
@@ -92,25 +96,61 @@ def _one_line(e: Exception, hint: bool = True) -> str:
     return (first.split("error:", 1)[-1].strip() + (f" ({hint})" if hint else "")).strip()
 
 
+#: the methods ``--methods`` takes (the spec language's ``method`` line)
+METHODS = ("mixture", "batch_ensemble", "mimo", "packed", "naive")
+BUDGETED = ("mixture", "packed")  # the methods a budget applies to
+
+
+def parse_methods(text: str | None) -> list[str]:
+    """``mixture,batch_ensemble,packed(alpha = 2, gamma = 1)`` -> the method values (commas inside
+    parentheses belong to the method), each name checked here so a typo fails before any training."""
+    if text is None:
+        return []
+    items, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            items.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    items = [i for i in items + [cur.strip()] if i]
+    bad = [i for i in items if i.split("(")[0].strip() not in METHODS]
+    if not items or bad:
+        raise SweepError(f"--methods takes a comma-separated list of {', '.join(METHODS)} (options in parentheses, "
+                         f"e.g. packed(alpha = 2)), not {text!r}")
+    return items
+
+
+def _method_name(method: str) -> str:
+    return method.split("(")[0].strip()
+
+
 def plan_points(
     spec: str, overrides: list[str], budgets: list[str], members: list[int], baselines: list[str],
-    fallback: str = "single",
+    fallback: str = "single", methods: list[str] | None = None,
 ) -> list[Point]:
-    """Compile every point (fast, no training), applying the low-budget fallback; errors stay on the point."""
+    """Compile every point (fast, no training), applying the low-budget fallback; errors stay on the point.
+    ``methods``: one series per ensemble method (default: the spec's, as the mixture points always were)."""
     import mixc
     from mixc.spec import SpecError
 
     base = mixc.compile(spec, overrides)  # a broken spec is the user's error: let SpecError through
-    if base.grouping == "none":
-        raise SweepError(f"{spec} is a naive ensemble (groups none): there is no budget to sweep")
+    if base.grouping == "none" and not methods:
+        raise SweepError(f"{spec} is a naive ensemble (groups none): there is no budget to sweep; "
+                         "hint: --methods mixture,naive compares it with a MixtureEnsemble")
     ms = members or [base.members]
     points: list[Point] = []
-    for m in ms:
-        for b in budgets or [None]:
-            label = b if b is not None else f"{base.accounting.budget or base.accounting.total_params:,}"
-            extra = [f"members={m}"] + ([f"budget={b}"] if b is not None else [])
-            key = f"m{m}-b{b}" if b is not None else f"m{m}"
-            points.append(Point(key, "ensemble", label, m, extra))
+    for method in methods or [None]:
+        name = _method_name(method) if method else "mixture"
+        tag = "" if method is None or name == "mixture" and method == "mixture" else f"{name}-"
+        for m in ms:
+            for b in (budgets or [None]) if name in BUDGETED else [None]:
+                label = "-" if name not in BUDGETED else (
+                    b if b is not None else f"{base.accounting.budget or base.accounting.total_params:,}")
+                extra = [f"members={m}"] + ([f"method={method}"] if method else []) + ([f"budget={b}"] if b is not None else [])
+                key = f"{tag}m{m}-b{b}" if b is not None else f"{tag}m{m}"
+                points.append(Point(key, "ensemble", label, m, extra, method=name))
     naive_m = ms[0] if len(ms) == 1 else base.members
     if "single" in baselines:
         points.append(Point("single", "single", "-", 1, ["members=1", "groups=none"]))
@@ -121,7 +161,8 @@ def plan_points(
             p.plan = mixc.compile(spec, overrides + p.overrides)
         except SpecError as e:
             below = "below the minimum" in e.render()
-            if below and fallback == "single" and p.kind == "ensemble" and base.grouping == "by_shape":
+            if below and fallback == "single" and p.kind == "ensemble" and p.method == "mixture" \
+                    and base.grouping == "by_shape":
                 try:
                     p.plan = mixc.compile(spec, overrides + p.overrides + ["groups=single"])
                     p.overrides = p.overrides + ["groups=single"]
@@ -133,7 +174,7 @@ def plan_points(
     return points
 
 
-COLUMNS = ["point", "kind", "members", "budget", "grouping", "params", "params_x", "accuracy", "nll", "ece", "brier",
+COLUMNS = ["point", "kind", "method", "members", "budget", "grouping", "params", "params_x", "accuracy", "nll", "ece", "brier",
            "diversity", "mean_member_accuracy", "flops", "epoch", "status", "note", "run", "seeds", "accuracy_sd",
            "nll_sd", "ece_sd", "brier_sd", "diversity_sd", "mean_member_accuracy_sd"]
 #: the measured columns that several seeds average (mean, and the sample standard deviation in ``<name>_sd``)
@@ -217,7 +258,8 @@ def _row(point: Point, metrics: dict[str, Any] | None, status: str, folder: Path
     from mixc.flops import relative_flops
 
     row: dict[str, Any] = {c: None for c in COLUMNS}
-    row.update(point=point.key, kind=point.kind, members=point.members, budget=point.budget, status=status,
+    row.update(point=point.key, kind=point.kind, method=point.method if point.kind == "ensemble" else None,
+               members=point.members, budget=point.budget, status=status,
                note=point.error or point.note, run=str(folder))
     if point.plan is not None:
         acc = point.plan.accounting
@@ -305,7 +347,7 @@ def _fmt(v: Any, kind: str, sd: float | None = None) -> str:
 
 def markdown(rows: list[dict[str, Any]], title: str) -> str:
     """The sweep table: one line per point, baselines last."""
-    cols = [("point", "point", "s"), ("members", "M", "s"), ("budget", "budget", "s"), ("grouping", "grouping", "s"),
+    cols = [("point", "point", "s"), ("method", "method", "s"), ("members", "M", "s"), ("budget", "budget", "s"), ("grouping", "grouping", "s"),
             ("params", "params", "int"), ("params_x", "x backbone", "x"), ("accuracy", "accuracy (%)", "pct"),
             ("nll", "NLL", "f3"), ("ece", "ECE (%)", "pct"), ("diversity", "diversity", "f3"),
             ("mean_member_accuracy", "mean member acc (%)", "pct"), ("flops", "FLOPs", "x"), ("status", "status", "s")]
@@ -316,7 +358,7 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
     notes = [f"- {r['point']}: {r['note']}" for r in rows if r.get("note")]
     lines += ["", "Accuracy, NLL (of the averaged prediction), ECE (15 bins) and diversity (pairwise disagreement / "
               "mean member error) on the test set after the last epoch; FLOPs: inference cost relative to one "
-              "plain backbone."]
+              "plain backbone (multiply-accumulates of the convolutions and linear layers)."]
     n_seeds = max((r.get("seeds") or 0 for r in rows), default=0)
     if n_seeds > 1:
         lines += ["", f"Each point trained with {n_seeds} seeds: mean ± sample standard deviation over the seeds."]

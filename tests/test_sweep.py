@@ -142,3 +142,48 @@ def test_two_seed_sweep_prints_mean_and_sd(tmp_path, capsys):
     assert "(2 seeds)" in table and "±" in table and table.count("MixtureEnsemble") == 1
     assert main(["report", "--per-seed", *seed_runs]) == 0
     assert capsys.readouterr().out.count("MixtureEnsemble") == 2
+
+
+def test_parse_methods_keeps_options_and_refuses_unknown_names():
+    from mixc.sweep import parse_methods
+
+    assert parse_methods("mixture, batch_ensemble,packed(alpha = 2, gamma = 1),naive") == [
+        "mixture", "batch_ensemble", "packed(alpha = 2, gamma = 1)", "naive"]
+    assert parse_methods(None) == []
+    for bad in ("mixture,batchensemble", "", "deep"):
+        with pytest.raises(SweepError, match="--methods"):
+            parse_methods(bad)
+
+
+def test_methods_sweep_trains_each_method_as_an_ordinary_run(tmp_path, capsys):
+    """One series per method, each point an ordinary run with the method in its plan; the table names the
+    method, its parameters and inference FLOPs; report shows the method beside the metrics."""
+    pytest.importorskip("torch")
+    from test_eval import generated_npz
+
+    from mixc.cli import main
+
+    npz = generated_npz(tmp_path / "gen.npz", n_train=128, n_test=48)
+    out = tmp_path / "sweep"
+    argv = ["sweep", "digits", "--methods", "mixture,batch_ensemble,mimo,packed,naive", "--data", str(npz),
+            "--epochs", "1", "--set", "backbone.width=8", "--set", "members=2", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| method |" in table
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [r["method"] for r in rows] == ["mixture", "batch_ensemble", "mimo", "packed", "naive"]
+    assert [r["point"] for r in rows] == ["m2", "batch_ensemble-m2", "mimo-m2", "packed-m2", "naive-m2"]
+    assert all(r["status"] == "trained" and 0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
+    flops = {r["method"]: float(r["flops"]) for r in rows}
+    assert flops["naive"] == pytest.approx(2.0) and flops["batch_ensemble"] == pytest.approx(2.0)
+    assert flops["mimo"] == pytest.approx(1.0, rel=0.05)  # one network; only the first conv reads M inputs
+    params = {r["method"]: int(r["params"]) for r in rows}
+    assert params["naive"] > 1.8 * params["mixture"]
+    for r in rows:  # a plan file leaves out the method where grouping implies it (mixture; none: naive)
+        plan = json.loads((out / r["point"] / "plan.json").read_text())
+        implied = "naive" if plan["grouping"] == "none" else "mixture"
+        assert plan.get("method", {}).get("name", implied) == r["method"]
+    assert (out / "sweep.png").read_bytes()[:8] == PNG
+    assert main(["report", *(str(out / r["point"]) for r in rows)]) == 0
+    report = capsys.readouterr().out
+    assert "BatchEnsemble" in report and "MIMO" in report and "Packed-Ensembles" in report

@@ -42,9 +42,11 @@ def method_name(run: Any) -> str:
         return "Single network (baseline)"
     if b == "naive":
         return f"Naive ensemble x{run.plan.members}"
-    if run.plan.members == 1:
-        return "MixtureEnsemble x1"
-    return f"MixtureEnsemble x{run.plan.members}"
+    method = run.plan.method
+    if method.name == "packed":
+        return f"Packed-Ensembles x{run.plan.members} (alpha {method.alpha:g}, gamma {method.gamma})"
+    names = {"mixture": "MixtureEnsemble", "batch_ensemble": "BatchEnsemble", "mimo": "MIMO", "naive": "Deep ensemble"}
+    return f"{names[method.name]} x{run.plan.members}"
 
 
 def collect(run: Any) -> dict[str, Any]:

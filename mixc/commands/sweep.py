@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", help="comma-separated budgets: multiples of one plain backbone (0.25x,0.5x,1x,2x,4x) "
                    "or absolute parameter counts (250K,5M,1200000), mixed freely; default: the spec's")
     p.add_argument("--members", help="comma-separated member counts (1,2,4,8); default: the spec's")
+    p.add_argument("--methods", help="comma-separated ensemble methods, one series each: mixture, batch_ensemble, "
+                   "mimo, packed, naive (options in parentheses: packed(alpha = 2)); budgets apply to mixture and "
+                   "packed; default: the spec's method")
     p.add_argument("--baselines", default="", help="comma-separated: single (one plain backbone), naive (M plain "
                    "backbones; M = the one --members value, else the spec's)")
     p.add_argument("--fallback", choices=["single", "none"], default="single",
@@ -54,10 +57,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _title(name: str, rows: list, seeds: list[int] | None) -> str:
     """What the figures and the table show: the spec, the methods, the budgets and members (not folder names
     or override strings)."""
-    budgets = list(dict.fromkeys(r["budget"] for r in rows if r["kind"] == "ensemble"))
-    members = sorted({r["members"] for r in rows if r["kind"] == "ensemble"})
+    ens = [r for r in rows if r["kind"] == "ensemble"]
+    budgets = list(dict.fromkeys(r["budget"] for r in ens if r.get("method", "mixture") == "mixture"))
+    members = sorted({r["members"] for r in ens})
+    methods = list(dict.fromkeys(r.get("method") or "mixture" for r in ens))
     base = sorted({r["kind"] for r in rows if r["kind"] != "ensemble"})
-    parts = [f"MixtureEnsemble, budgets {', '.join(budgets)}, members {', '.join(map(str, members))}"] if budgets else []
+    if methods != ["mixture"]:
+        parts = [f"{', '.join(methods)}, members {', '.join(map(str, members))}"
+                 + (f", budgets {', '.join(budgets)}" if budgets else "")]
+    else:
+        parts = [f"MixtureEnsemble, budgets {', '.join(budgets)}, members {', '.join(map(str, members))}"] if budgets else []
     parts += [f"{b} baseline" for b in base]
     return f"{name}: " + "; ".join(parts) + (f" ({len(seeds)} seeds, mean ± sd)" if seeds and len(seeds) > 1 else "")
 
@@ -71,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     from mixc.backends import get_backend
     from mixc.commands.train import tune_allocator
     from mixc.plots import PlotError
-    from mixc.sweep import SweepError, parse_budgets, parse_members, parse_seeds, plan_points, run_sweep, write_outputs
+    from mixc.sweep import (SweepError, parse_budgets, parse_members, parse_methods, parse_seeds, plan_points, run_sweep,
+                            write_outputs)
 
     tune_allocator()
     get_backend(args.backend, "sweep")
@@ -86,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         raise SweepError(f"--baselines takes single and/or naive, not {', '.join(bad)}")
     if args.epochs is not None and args.epochs < 1:
         raise SweepError("--epochs must be at least 1")
-    points = plan_points(args.file, list(args.overrides), budgets, members, baselines, args.fallback)
+    methods = parse_methods(args.methods)
+    points = plan_points(args.file, list(args.overrides), budgets, members, baselines, args.fallback, methods)
     name = next((p.plan.name for p in points if p.plan is not None), Path(args.file).stem)
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{name}"
     if out.exists() and not out.is_dir():
