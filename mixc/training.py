@@ -104,9 +104,9 @@ def augment_mode(recipe: Recipe, plan: Plan) -> str:
     is_image = plan.input_layout == "image" and len(plan.input_shape) == 3
     if recipe.augment == "auto":
         return default_augment(plan.input_shape, plan.input_layout)
-    if recipe.augment == "crop_flip" and not is_image:
+    if recipe.augment in ("crop_flip", "random_resized_crop") and not is_image:
         raise TrainError(
-            f"augment crop_flip needs image input, but {plan.name} takes {plan.input_layout} "
+            f"augment {recipe.augment} needs image input, but {plan.name} takes {plan.input_layout} "
             f"{plan.input_shape}; hint: set augment none (--set train.augment=none)"
         )
     return recipe.augment

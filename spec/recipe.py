@@ -54,11 +54,12 @@ class Recipe(_Model):
     weight_decay_exclude: list[Literal["alphas", "bn", "bias"]] = Field(
         default_factory=lambda: ["alphas", "bn"]
     )
-    augment: Literal["auto", "none", "crop_flip"] = "auto"  # auto: crop_flip for 32x32 images
+    # auto: crop_flip at 32x32, random_resized_crop above 32 pixels a side, none otherwise (mixc.data.default_augment)
+    augment: Literal["auto", "none", "crop_flip", "random_resized_crop"] = "auto"
     seed: int = 0
     # A seeded share of the training set held out for validation (per-epoch val metrics, best.safetensors);
     # 0: none (a dataset's own validation split, e.g. an image folder's val/, is used when it has one).
     val_fraction: float = Field(0.0, ge=0, lt=1)
-    # Arithmetic of the forward pass: fp32, or autocast to bf16/fp16 (fp16 with a gradient scaler); torch only.
+    # Arithmetic of the forward pass: fp32, or bf16/fp16 (torch: autocast; flax: a dtype policy; fp16 with loss scaling).
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_clip: float | None = Field(None, gt=0)  # clip the global gradient norm to this before each step

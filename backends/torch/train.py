@@ -49,9 +49,9 @@ from torch import nn
 from mixc.backends.torch.predict import host_tensor, predict_member_probs, torch_device
 from mixc.compiler.plan import Plan
 from mixc.data import shard
+from mixc.method_batches import FAST_ROLES, lr_scale, mimo_rows
 from mixc.run_folder import CHECKPOINT, METRICS, TrainError
 from mixc.spec.recipe import Recipe
-from mixc.method_batches import FAST_ROLES, lr_scale, mimo_rows
 from mixc.training import decay_skipped_roles
 
 __all__ = ["train", "TrainError", "TorchTrainer", "crop_flip", "random_resized_crop", "predict_member_probs", "CHECKPOINT",
