@@ -203,6 +203,31 @@ def header(plan: Plan, backend: str) -> list[str]:
     ]
 
 
+#: what a generated file's docstring says of each method beside MixtureEnsembles (title, paragraph)
+METHOD_DOCS = {
+    "naive": ("Deep ensemble", "Each member has its own weights (``member`` layers) and its own BatchNorm."),
+    "batch_ensemble": ("BatchEnsemble", "Every conv and linear layer holds one weight W shared by all members and "
+                       "fast weights\nr [M, in], s [M, out]: member i computes ((x * r[i]) conv W) * s[i] + b[i], "
+                       "with its own bias and\nBatchNorm."),
+    "mimo": ("MIMO", "One network: its first layer reads the M members' inputs side by side on the channel axis\n"
+             "(stack_inputs), its last layer gives M heads; one BatchNorm per layer."),
+    "packed": ("Packed-Ensembles", "One network, every layer widened and split into groups so that member i "
+               "owns the i-th share\nof every width; one BatchNorm per layer over the widened channels."),
+}
+
+
+def method_doc(doc: str, plan: Plan) -> str:
+    """A MixtureEnsemble docstring made to say what another method's model is: its title and first
+    paragraph replaced (the rest, on layouts and layer classes, holds for every method)."""
+    if plan.method.name not in METHOD_DOCS:
+        return doc
+    title, paragraph = METHOD_DOCS[plan.method.name]
+    head, first, rest = doc.split("\n\n", 2)[0], doc.split("\n\n", 2)[1], doc.split("\n\n", 2)[2:]
+    head = head.replace("MixtureEnsemble", title, 1).replace(" composed from shared templates", "")
+    first = paragraph + "\n" + first[first.index("forward(") if "forward(" in first else first.index("model(x"):]
+    return "\n\n".join([head, first, *rest])
+
+
 def constants(plan: Plan) -> list[str]:
     """The module-level constants every generated file defines (a model class repeats them as attributes)."""
     p = plan

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from mixc.backends.emit import CodegenError, checked, class_name, tup  # class_name: model.py imports it from here
+from mixc.backends.emit import CodegenError, checked, class_name, method_doc, tup  # class_name: model.py imports it
 from mixc.backends.pysource import literal as _q
 from mixc.backends.structure import Node, attr, relative
 from mixc.backends.torch.codegen import TorchEmitter
@@ -120,7 +120,7 @@ grouped convolution; "loop": a Members tuple, one convolution per member; "auto"
 grouped on accelerators. Layer classes: {where}; initialisation and layouts: docs/execution.md
 in the mixc repository.
 """'''
-        return [doc, ""]
+        return [method_doc(doc, p), ""]
 
     def runtime_names(self) -> list[str]:
         need = self.needs()

@@ -23,7 +23,7 @@ from typing import Any
 
 from mixc.backends.emit import (
     CodegenError, Emitter, attr_name, blob_var, call, checked, class_name, constants, fan_in, ident, module_name,
-    runtime_source, tup, weight_var_value,
+    method_doc, runtime_source, tup, weight_var_value,
 )
 from mixc.backends.pysource import literal as _q
 from mixc.backends.structure import Node, assign_vars, attr, build_tree, class_bodies, relative
@@ -122,7 +122,7 @@ member, each member has its own BatchNorm. forward(x [B, *INPUT_SHAPE]) returns 
 all members; "loop": a Members tuple, one convolution per member; "auto": grouped on CUDA.
 Layer classes: {where}; initialisation and layouts: docs/execution.md in the mixc repository.
 """'''
-        return [doc, ""]
+        return [method_doc(doc, p), ""]
 
     def imports(self) -> list[str]:
         """The framework's imports, then the runtime's (or, standalone, what its code needs)."""
