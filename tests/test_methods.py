@@ -543,8 +543,3 @@ def test_a_backend_that_builds_a_method_passes_the_check():
     plan = mixc.compile("digits", ["method=mimo"])
     assert Wide().build(plan) == "built" and Wide().count_params(plan) == plan.accounting.total_params
 
-
-def test_torch_build_refuses_mimo():
-    pytest.importorskip("torch")
-    with pytest.raises(BackendError, match="method 'mimo' is not built by the torch backend yet"):
-        mixc.build("digits", method="mimo")
