@@ -54,7 +54,12 @@ def _conv(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, cpu=False):
     dim = w.ndim - 2
     kernel = jnp.moveaxis(w, (0, 1), (-1, -2))  # [*kernel, I/groups, O]
     args = (_pairs(stride, dim), _pairs(padding, dim), _pairs(dilation, dim), groups)
-    y = _conv_cpu(x, kernel, *args) if cpu and groups == 1 else _xla_conv(x, kernel, *args)
+    if cpu and 1 < groups <= 16:  # XLA's grouped convolution is 7-11x slower on CPU than one per group
+        parts = zip(jnp.split(x, groups, axis=-1), jnp.split(kernel, groups, axis=-1))
+        y = jnp.concatenate([_conv(xg, jnp.moveaxis(kg, (-1, -2), (0, 1)), None, *args[:3], cpu=cpu) for xg, kg in parts],
+                            axis=-1)
+    else:
+        y = _conv_cpu(x, kernel, *args) if cpu and groups == 1 else _xla_conv(x, kernel, *args)
     return y if b is None else y + b
 
 
