@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from torch_reference import reference_forward  # noqa: E402
+from torch_reference import assert_grouped_equals_loop, reference_forward  # noqa: E402
 
 import mixc  # noqa: E402
 from mixc.backends.torch import build, named_plan_tensors  # noqa: E402
@@ -133,21 +133,7 @@ def test_packed_members_are_independent(case):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_grouped_equals_loop_with_gradients(case):
-    plan = _plan(case)
-    torch.manual_seed(0)
-    a = build(plan, layout="grouped", dtype=torch.float64)
-    b = build(plan, layout="loop", dtype=torch.float64)
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(4, *plan.input_shape, dtype=torch.float64)
-    ya, yb = a(x), b(x)
-    assert (ya - yb).abs().max().item() < 1e-10
-    target = torch.randn_like(ya)
-    (ya * target).sum().backward()
-    (yb * target).sum().backward()
-    ga, gb = named_plan_tensors(a), named_plan_tensors(b)
-    for t in plan.tensors:
-        if t.trainable:
-            assert (ga[t.name].grad - gb[t.name].grad).abs().max().item() < 1e-9, t.name
+    assert_grouped_equals_loop(_plan(case), build, named_plan_tensors)
 
 
 def test_fast_weights_initialise_by_the_plan():

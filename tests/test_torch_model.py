@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 import handmade_plans as hp  # noqa: E402
 from source_checks import import_roots, import_written
 from strategies import specs
-from torch_reference import reference_forward
+from torch_reference import assert_grouped_equals_loop, reference_forward
 
 import mixc
 from mixc.backends.emit import class_name
@@ -90,21 +90,7 @@ def test_matches_separate_members(name, layout, training):
 
 @pytest.mark.parametrize("name", sorted(PLANS))
 def test_grouped_equals_loop_with_gradients(name):
-    plan = PLANS[name]()
-    torch.manual_seed(0)
-    a = build(plan, layout="grouped", dtype=torch.float64)
-    b = build(plan, layout="loop", dtype=torch.float64)
-    b.load_state_dict(a.state_dict())
-    x = _input(plan, batch=4)
-    ya, yb = a(x), b(x)
-    assert (ya - yb).abs().max().item() < 1e-10
-    target = torch.randn_like(ya)
-    (ya * target).sum().backward()
-    (yb * target).sum().backward()
-    ga, gb = named_plan_tensors(a), named_plan_tensors(b)
-    for t in plan.tensors:
-        if t.trainable:
-            assert (ga[t.name].grad - gb[t.name].grad).abs().max().item() < 1e-9, t.name
+    assert_grouped_equals_loop(PLANS[name](), build, named_plan_tensors)
 
 
 def test_auto_layout_and_channels_last_agree():

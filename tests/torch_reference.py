@@ -121,3 +121,21 @@ def reference_forward(plan: Plan, T: dict[str, torch.Tensor], x: torch.Tensor, t
             x = torch.cat([x] * plan.members, dim=1)
         return run_member(plan, T, 0, x, training).unflatten(1, (plan.members, plan.classes))
     return torch.stack([run_member(plan, T, m, x, training) for m in range(plan.members)], 1)
+
+
+def assert_grouped_equals_loop(plan: Plan, build, named_plan_tensors) -> None:
+    """The grouped and loop layouts give the same logits and gradients (float64), from one state."""
+    torch.manual_seed(0)
+    a = build(plan, layout="grouped", dtype=torch.float64)
+    b = build(plan, layout="loop", dtype=torch.float64)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, *plan.input_shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ya, yb = a(x), b(x)
+    assert (ya - yb).abs().max().item() < 1e-10
+    target = torch.randn_like(ya)
+    (ya * target).sum().backward()
+    (yb * target).sum().backward()
+    ga, gb = named_plan_tensors(a), named_plan_tensors(b)
+    for t in plan.tensors:
+        if t.trainable:
+            assert (ga[t.name].grad - gb[t.name].grad).abs().max().item() < 1e-9, t.name

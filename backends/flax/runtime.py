@@ -27,6 +27,7 @@ from flax import nnx
 # --- the runtime (``--standalone`` copies everything below this line into the file) ---
 
 
+# The same dataclass as backends/torch/runtime.py's: each runtime must stand alone (--standalone copies it).
 @dataclass(frozen=True)
 class Config:
     """A generated file's tables: members, classes, output layer, init rules, banks, blob, layers."""
