@@ -63,7 +63,9 @@ def _title(name: str, rows: list, seeds: list[int] | None) -> str:
     methods = list(dict.fromkeys(r.get("method") or "mixture" for r in ens))
     base = sorted({r["kind"] for r in rows if r["kind"] != "ensemble"})
     if methods != ["mixture"]:
-        parts = [f"{', '.join(methods)}, members {', '.join(map(str, members))}"
+        from mixc.plots import METHOD_NAMES
+
+        parts = [f"{', '.join(METHOD_NAMES.get(m, m) for m in methods)}, members {', '.join(map(str, members))}"
                  + (f", budgets {', '.join(budgets)}" if budgets else "")]
     else:
         parts = [f"MixtureEnsemble, budgets {', '.join(budgets)}, members {', '.join(map(str, members))}"] if budgets else []
