@@ -46,10 +46,20 @@ def _pairs(v, dim: int) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * dim
 
 
-def _conv(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, cpu=False):
-    """PyTorch's conv of channels-last x with w [O, I/groups, *k]; ``cpu``: _conv_cpu's gradient."""
-    dim = w.ndim - 2
-    kernel = jnp.moveaxis(w, (0, 1), (-1, -2))  # [*kernel, I/groups, O]
+def kernel_layout(w, lead: int = 0):
+    """A PyTorch conv weight [*lead, O, I/groups, *k] in XLA's kernel layout [*lead, *k, I/groups, O]."""
+    return jnp.moveaxis(w, (lead, lead + 1), (-1, -2))
+
+
+def torch_layout(kernel, lead: int = 0):
+    """The inverse of ``kernel_layout``."""
+    return jnp.moveaxis(kernel, (-1, -2), (lead, lead + 1))
+
+
+def _conv(x, kernel, b=None, stride=1, padding=0, dilation=1, groups=1, cpu=False):
+    """PyTorch's conv of channels-last x with ``kernel`` [*k, I/groups, O] (``kernel_layout``);
+    ``cpu``: on CPU, _conv_cpu's kernel gradient where it is the faster one."""
+    dim = kernel.ndim - 2
     args = (_pairs(stride, dim), _pairs(padding, dim), _pairs(dilation, dim), groups)
     taps = cpu and groups == 1 and _taps_gradient(kernel, args[0])
     y = _conv_cpu(x, kernel, *args) if taps else _xla_conv(x, kernel, *args)
@@ -236,16 +246,20 @@ class Weighted(nnx.Module):
             if self.has_bias:
                 self.bias = nnx.Param(jnp.zeros((*lead, self.shape[0])))
 
-    def split(self, flat):
-        """Composed templates [M, size] -> weight [M, *shape] and bias [M, out] (or None)."""
-        size = math.prod(self.shape)
-        bias = flat[:, size:] if self.has_bias else None
-        return flat[:, :size].reshape(self.members, *self.shape), bias
+    def layout(self, weight, lead: int = 0):
+        """A weight [*lead, *shape] as the layer's call reads it (a conv's kernel layout)."""
+        return weight
+
+    def plan_layout(self, weight, lead: int = 0):
+        """The inverse of ``layout``: the plan's (PyTorch) layout."""
+        return weight
 
     def weights(self, w: Composed):
+        """(weight in the call's layout ([M, ...] unless plain), bias or None)."""
         if self.source in ("bank", "blob"):
             return w.weights[self.name]
-        return self.weight[...], (self.bias[...] if self.has_bias else None)
+        lead = int(self.source == "member")
+        return self.layout(self.weight[...], lead), (self.bias[...] if self.has_bias else None)
 
     def plan_tensors(self, path: str) -> dict[str, str]:
         if self.source in ("bank", "blob"):
@@ -275,13 +289,18 @@ class Weighted(nnx.Module):
             self.bias.set_value(draw.uniform(self.bias.shape) / math.sqrt(fan))
 
     def mix_blob(self, blob):
-        """Member i's templates [k, size] are the blob's window at offsets[i], mixed by its alphas."""
+        """(weight [M, ...] in the call's layout, bias [M, out] or None): member i's templates [k, size]
+        are the blob's window at offsets[i], mixed by its alphas."""
         offsets, alpha = self.offsets, self.alpha[...]
         k, size = alpha.shape[1], math.prod(self.shape) + (self.shape[0] if self.has_bias else 0)
         windows = [window(blob, offset, k * size).reshape(k, size) for offset in offsets]
         if len(set(offsets)) == 1:
-            return alpha @ windows[0]
-        return jnp.stack([a @ w for a, w in zip(alpha, windows)])
+            flat = alpha @ windows[0]
+        else:
+            flat = jnp.stack([a @ w for a, w in zip(alpha, windows)])
+        weight_size = math.prod(self.shape)
+        weight = self.layout(flat[:, :weight_size].reshape(self.members, *self.shape), 1)
+        return weight, (flat[:, weight_size:] if self.has_bias else None)
 
 
 class Conv(Weighted):
@@ -293,8 +312,14 @@ class Conv(Weighted):
         self.groups = cfg.get("groups", 1)
         self.options = tuple((key, cfg.get(key, default)) for key, default in (("stride", 1), ("padding", 0), ("dilation", 1)))
 
+    def layout(self, weight, lead: int = 0):
+        return kernel_layout(weight, lead)
+
+    def plan_layout(self, weight, lead: int = 0):
+        return torch_layout(weight, lead)
+
     def __call__(self, x, w: Composed):
-        weight, bias = self.weights(w)
+        weight, bias = self.weights(w)  # kernel layout [(M,) *k, I/groups, O]
         groups, options, M = self.groups, dict(self.options), self.members
         if self.source == "plain" and self.shared_input:  # computed once for all members
             y = _conv(x, weight, bias, groups=groups, cpu=w.cpu, **options)
@@ -302,14 +327,14 @@ class Conv(Weighted):
         if self.source == "plain" and isinstance(x, Members):  # the shared weight, once per member
             return Members([_conv(v, weight, bias, groups=groups, cpu=w.cpu, **options) for v in x])
         if self.source == "plain":  # members side by side: the weight tiled
-            weight = jnp.tile(weight, (M,) + (1,) * (weight.ndim - 1))
+            weight = jnp.tile(weight, (1,) * (weight.ndim - 1) + (M,))
             bias = None if bias is None else jnp.tile(bias, M)
             return _conv(x, weight, bias, groups=M * groups, cpu=w.cpu, **options)
         if not w.grouped:  # one convolution per member
             xs = [x] * M if self.shared_input else x
             biases = [None] * M if bias is None else bias
             return Members([_conv(v, wm, bm, groups=groups, cpu=w.cpu, **options) for v, wm, bm in zip(xs, weight, biases)])
-        weight = weight.reshape(-1, *weight.shape[2:])  # one convolution, the members' filters stacked
+        weight = jnp.moveaxis(weight, 0, -2).reshape(*weight.shape[1:-1], -1)  # the members' filters stacked
         bias = None if bias is None else bias.reshape(-1)
         if self.shared_input and groups == 1:
             return _conv(x, weight, bias, cpu=w.cpu, **options)
@@ -402,6 +427,31 @@ class _Draws:
         return self._take(1, shape)
 
 
+def _coefficients(layers: list, rows: int, dtype):
+    """The bank layers' alphas spread over the bank's rows, [layers * M, rows]: row j*M + i holds
+    member i of layer j, alpha[i, l] at column templates[i][l]. Alphas that already are the rows'
+    coefficients (every member reads the bank's rows in order) are used as they are; otherwise one
+    gather through a static index (a one-hot product where a member reads a row twice)."""
+    alphas = [layer.alpha[...] for layer in layers]
+    if all(t == tuple(range(rows)) for layer in layers for t in layer.templates):
+        return alphas[0] if len(alphas) == 1 else jnp.concatenate(alphas)
+    index, n = [], 0
+    for layer in layers:
+        for member in layer.templates:
+            if len(set(member)) < len(member):
+                return jnp.concatenate([
+                    jnp.einsum("mk,mkt->mt", m.alpha[...], jax.nn.one_hot(jnp.array(m.templates), rows, dtype=dtype))
+                    for m in layers
+                ])
+            row = [None] * rows
+            for l, t in enumerate(member):
+                row[t] = n + l
+            index.append(row)
+            n += len(member)
+    flat = jnp.concatenate([a.reshape(-1) for a in alphas] + [jnp.zeros(1, alphas[0].dtype)])
+    return flat[jnp.array([[n if i is None else i for i in row] for row in index])]  # n: the trailing zero
+
+
 class Ensemble(nnx.Module):
     """What every generated ensemble shares: templates, composition, initialisation, tensor names."""
 
@@ -453,23 +503,26 @@ class Ensemble(nnx.Module):
                 layer.alpha.set_value(rows[j])
 
     def mix(self) -> dict:
-        """Every composed layer's (weight, bias) for all members, once per call: per bank, the
-        layers' alphas spread over its rows, then one product with the templates."""
+        """Every composed layer's (weight [M, ...] in the layer's call layout, bias [M, out] or None),
+        once per call. Per bank: its templates permuted once into the layers' layout (a conv's
+        kernel layout [*k, I, O]), the layers' alphas spread over the bank's rows, then one product,
+        whose rows are every layer's member weights, ready to use."""
         weights, banked = {}, {}
         for _, layer in self.layers():
             if isinstance(layer, Weighted) and layer.source == "bank":
                 banked.setdefault(layer.bank, []).append(layer)
             elif isinstance(layer, Weighted) and layer.source == "blob":
-                weights[layer.name] = layer.split(layer.mix_blob(self.blob[...]))
+                weights[layer.name] = layer.mix_blob(self.blob[...])
         M = self.members
         for key, layers in banked.items():
-            coeffs = jnp.concatenate([
-                jnp.einsum("mk,mkt->mt", m.alpha[...], jax.nn.one_hot(jnp.array(m.templates), m.rows, dtype=self.dtype))
-                for m in layers
-            ])
-            flat = coeffs @ self.banks[key][...]
+            first, bank = layers[0], self.banks[key][...]  # a bank's layers share one shape
+            rows, size = bank.shape[0], math.prod(first.shape)
+            templates = first.layout(bank[:, :size].reshape(rows, *first.shape), 1)
+            coeffs = _coefficients(layers, rows, self.dtype)
+            composed = (coeffs @ templates.reshape(rows, size)).reshape(len(layers), M, *templates.shape[1:])
+            biases = coeffs @ bank[:, size:] if first.has_bias else None
             for j, layer in enumerate(layers):
-                weights[layer.name] = layer.split(flat[j * M : (j + 1) * M])
+                weights[layer.name] = composed[j], (None if biases is None else biases[j * M : (j + 1) * M])
         return weights
 
     def composed(self, train: bool, dropout_key) -> Composed:
@@ -482,11 +535,15 @@ class Ensemble(nnx.Module):
         return jnp.stack(x, axis=1) if isinstance(x, Members) else x.reshape(x.shape[0], self.members, self.n_classes)
 
     def compose(self) -> dict:
-        """Every layer's "<layer>.weight"/".bias" ([M, ...], or shared for plain layers), for analysis."""
+        """Every layer's "<layer>.weight"/".bias" ([M, ...], or shared for plain layers) in the plan's
+        (PyTorch) layout, for analysis."""
         mixed, out = self.mix(), {}
         for _, m in self.layers():
             if isinstance(m, Weighted):
-                wb = mixed.get(m.name) or (m.weight[...], m.bias[...] if m.has_bias else None)
+                if m.name in mixed:
+                    wb = m.plan_layout(mixed[m.name][0], 1), mixed[m.name][1]
+                else:
+                    wb = m.weight[...], (m.bias[...] if m.has_bias else None)
                 out |= {f"{m.name}.{part}": t for part, t in zip(("weight", "bias"), wb) if t is not None}
         return out
 
