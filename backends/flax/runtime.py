@@ -50,18 +50,36 @@ def _pairs(v, dim: int) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * dim
 
 
-def _conv(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, cpu=False):
-    """PyTorch's conv of channels-last x with w [O, I/groups, *k]; ``cpu``: _conv_cpu's gradient."""
-    dim = w.ndim - 2
-    kernel = jnp.moveaxis(w, (0, 1), (-1, -2))  # [*kernel, I/groups, O]
+def kernel_layout(w, lead: int = 0):
+    """A PyTorch conv weight [*lead, O, I/groups, *k] in XLA's kernel layout [*lead, *k, I/groups, O]."""
+    return jnp.moveaxis(w, (lead, lead + 1), (-1, -2))
+
+
+def torch_layout(kernel, lead: int = 0):
+    """The inverse of ``kernel_layout``."""
+    return jnp.moveaxis(kernel, (-1, -2), (lead, lead + 1))
+
+
+def _conv(x, kernel, b=None, stride=1, padding=0, dilation=1, groups=1, cpu=False):
+    """PyTorch's conv of channels-last x with ``kernel`` [*k, I/groups, O] (``kernel_layout``);
+    ``cpu``: on CPU, _conv_cpu's kernel gradient where it is the faster one."""
+    dim = kernel.ndim - 2
     args = (_pairs(stride, dim), _pairs(padding, dim), _pairs(dilation, dim), groups)
     if cpu and 1 < groups <= 16:  # XLA's grouped convolution is 7-11x slower on CPU than one per group
         parts = zip(jnp.split(x, groups, axis=-1), jnp.split(kernel, groups, axis=-1))
-        y = jnp.concatenate([_conv(xg, jnp.moveaxis(kg, (-1, -2), (0, 1)), None, *args[:3], cpu=cpu) for xg, kg in parts],
-                            axis=-1)
+        y = jnp.concatenate([_conv(xg, kg, None, *args[:3], cpu=cpu) for xg, kg in parts], axis=-1)
     else:
-        y = _conv_cpu(x, kernel, *args) if cpu and groups == 1 else _xla_conv(x, kernel, *args)
+        taps = cpu and groups == 1 and _taps_gradient(kernel, args[0])
+        y = _conv_cpu(x, kernel, *args) if taps else _xla_conv(x, kernel, *args)
     return y if b is None else y + b
+
+
+def _taps_gradient(kernel, stride) -> bool:
+    """Whether _conv_cpu's kernel gradient beats XLA's own on CPU for this ``kernel`` [*k, I, O]
+    (measured with jax 0.10 on 2 cores: XLA's is up to 2x faster for stride-1 convolutions with at
+    most 128 output channels and a kernel wider than 1x1; up to 10x slower for 1x1 kernels, 1.2-1.6x
+    slower for strided or wider convolutions)."""
+    return math.prod(kernel.shape[:-2]) == 1 or max(stride) > 1 or kernel.shape[-1] > 128
 
 
 def _xla_conv(x, kernel, stride, padding, dilation, groups):
@@ -79,7 +97,7 @@ def _conv_cpu_fwd(x, kernel, stride, padding, dilation, groups):
 
 def _conv_cpu_bwd(stride, padding, dilation, groups, res, dy):
     """XLA's input gradient; the kernel gradient as one matmul per kernel tap, sum over (batch,
-    positions) of x's shifted window times dy (XLA's own runs at a few GFLOP/s on CPU)."""
+    positions) of x's shifted window times dy (see _taps_gradient for where it beats XLA's own)."""
     x, kernel = res
     dx = jax.vjp(lambda x: _xla_conv(x, kernel, stride, padding, dilation, groups), x)[1](dy)[0]
     xp = jnp.pad(x, ((0, 0), *((p, p) for p in padding), (0, 0)))
@@ -242,16 +260,20 @@ class Weighted(nnx.Module):
             self.r = nnx.Param(jnp.zeros((M, self.shape[1] * self.groups)))
             self.s = nnx.Param(jnp.zeros((M, self.shape[0])))
 
-    def split(self, flat):
-        """Composed templates [M, size] -> weight [M, *shape] and bias [M, out] (or None)."""
-        size = math.prod(self.shape)
-        bias = flat[:, size:] if self.has_bias else None
-        return flat[:, :size].reshape(self.members, *self.shape), bias
+    def layout(self, weight, lead: int = 0):
+        """A weight [*lead, *shape] as the layer's call reads it (a conv's kernel layout)."""
+        return weight
+
+    def plan_layout(self, weight, lead: int = 0):
+        """The inverse of ``layout``: the plan's (PyTorch) layout."""
+        return weight
 
     def weights(self, w: Composed):
+        """(weight in the call's layout ([M, ...] unless plain), bias or None)."""
         if self.source in ("bank", "blob"):
             return w.weights[self.name]
-        return self.weight[...], (self.bias[...] if self.has_bias else None)
+        lead = int(self.source == "member")
+        return self.layout(self.weight[...], lead), (self.bias[...] if self.has_bias else None)
 
     def plan_tensors(self, path: str) -> dict[str, str]:
         if self.source in ("bank", "blob"):
@@ -312,13 +334,18 @@ class Weighted(nnx.Module):
             self.bias.set_value(draw.uniform(self.bias.shape) / math.sqrt(fan))
 
     def mix_blob(self, blob):
-        """Member i's templates [k, size] are the blob's window at offsets[i], mixed by its alphas."""
+        """(weight [M, ...] in the call's layout, bias [M, out] or None): member i's templates [k, size]
+        are the blob's window at offsets[i], mixed by its alphas."""
         offsets, alpha = self.offsets, self.alpha[...]
         k, size = alpha.shape[1], math.prod(self.shape) + (self.shape[0] if self.has_bias else 0)
         windows = [window(blob, offset, k * size).reshape(k, size) for offset in offsets]
         if len(set(offsets)) == 1:
-            return alpha @ windows[0]
-        return jnp.stack([a @ w for a, w in zip(alpha, windows)])
+            flat = alpha @ windows[0]
+        else:
+            flat = jnp.stack([a @ w for a, w in zip(alpha, windows)])
+        weight_size = math.prod(self.shape)
+        weight = self.layout(flat[:, :weight_size].reshape(self.members, *self.shape), 1)
+        return weight, (flat[:, weight_size:] if self.has_bias else None)
 
 
 class Conv(Weighted):
@@ -329,8 +356,14 @@ class Conv(Weighted):
         cfg = config.layers[name]
         self.options = tuple((key, cfg.get(key, default)) for key, default in (("stride", 1), ("padding", 0), ("dilation", 1)))
 
+    def layout(self, weight, lead: int = 0):
+        return kernel_layout(weight, lead)
+
+    def plan_layout(self, weight, lead: int = 0):
+        return torch_layout(weight, lead)
+
     def __call__(self, x, w: Composed):
-        weight, bias = self.weights(w)
+        weight, bias = self.weights(w)  # kernel layout [(M,) *k, I/groups, O]
         groups, options, M = self.groups, dict(self.options), self.members
         if self.source == "batch_ensemble":
             return self.batch_ensemble(x, w, lambda h: _conv(h, weight, groups=groups, cpu=w.cpu, **options))
@@ -340,14 +373,14 @@ class Conv(Weighted):
         if self.source == "plain" and isinstance(x, Members):  # the shared weight, once per member
             return Members([_conv(v, weight, bias, groups=groups, cpu=w.cpu, **options) for v in x])
         if self.source == "plain":  # members side by side: the weight tiled
-            weight = jnp.tile(weight, (M,) + (1,) * (weight.ndim - 1))
+            weight = jnp.tile(weight, (1,) * (weight.ndim - 1) + (M,))
             bias = None if bias is None else jnp.tile(bias, M)
             return _conv(x, weight, bias, groups=M * groups, cpu=w.cpu, **options)
         if not w.grouped:  # one convolution per member
             xs = [x] * M if self.shared_input else x
             biases = [None] * M if bias is None else bias
             return Members([_conv(v, wm, bm, groups=groups, cpu=w.cpu, **options) for v, wm, bm in zip(xs, weight, biases)])
-        weight = weight.reshape(-1, *weight.shape[2:])  # one convolution, the members' filters stacked
+        weight = jnp.moveaxis(weight, 0, -2).reshape(*weight.shape[1:-1], -1)  # the members' filters stacked
         bias = None if bias is None else bias.reshape(-1)
         if self.shared_input and groups == 1:
             return _conv(x, weight, bias, cpu=w.cpu, **options)
@@ -449,6 +482,31 @@ class _Draws:
         return self._take(1, shape)
 
 
+def _coefficients(layers: list, rows: int, dtype):
+    """The bank layers' alphas spread over the bank's rows, [layers * M, rows]: row j*M + i holds
+    member i of layer j, alpha[i, l] at column templates[i][l]. Alphas that already are the rows'
+    coefficients (every member reads the bank's rows in order) are used as they are; otherwise one
+    gather through a static index (a one-hot product where a member reads a row twice)."""
+    alphas = [layer.alpha[...] for layer in layers]
+    if all(t == tuple(range(rows)) for layer in layers for t in layer.templates):
+        return alphas[0] if len(alphas) == 1 else jnp.concatenate(alphas)
+    index, n = [], 0
+    for layer in layers:
+        for member in layer.templates:
+            if len(set(member)) < len(member):
+                return jnp.concatenate([
+                    jnp.einsum("mk,mkt->mt", m.alpha[...], jax.nn.one_hot(jnp.array(m.templates), rows, dtype=dtype))
+                    for m in layers
+                ])
+            row = [None] * rows
+            for l, t in enumerate(member):
+                row[t] = n + l
+            index.append(row)
+            n += len(member)
+    flat = jnp.concatenate([a.reshape(-1) for a in alphas] + [jnp.zeros(1, alphas[0].dtype)])
+    return flat[jnp.array([[n if i is None else i for i in row] for row in index])]  # n: the trailing zero
+
+
 class Ensemble(nnx.Module):
     """What every generated ensemble shares: templates, composition, initialisation, tensor names."""
 
@@ -501,23 +559,26 @@ class Ensemble(nnx.Module):
                 layer.alpha.set_value(rows[j])
 
     def mix(self) -> dict:
-        """Every composed layer's (weight, bias) for all members, once per call: per bank, the
-        layers' alphas spread over its rows, then one product with the templates."""
+        """Every composed layer's (weight [M, ...] in the layer's call layout, bias [M, out] or None),
+        once per call. Per bank: its templates permuted once into the layers' layout (a conv's
+        kernel layout [*k, I, O]), the layers' alphas spread over the bank's rows, then one product,
+        whose rows are every layer's member weights, ready to use."""
         weights, banked = {}, {}
         for _, layer in self.layers():
             if isinstance(layer, Weighted) and layer.source == "bank":
                 banked.setdefault(layer.bank, []).append(layer)
             elif isinstance(layer, Weighted) and layer.source == "blob":
-                weights[layer.name] = layer.split(layer.mix_blob(self.blob[...]))
+                weights[layer.name] = layer.mix_blob(self.blob[...])
         M = self.members
         for key, layers in banked.items():
-            coeffs = jnp.concatenate([
-                jnp.einsum("mk,mkt->mt", m.alpha[...], jax.nn.one_hot(jnp.array(m.templates), m.rows, dtype=self.dtype))
-                for m in layers
-            ])
-            flat = coeffs @ self.banks[key][...]
+            first, bank = layers[0], self.banks[key][...]  # a bank's layers share one shape
+            rows, size = bank.shape[0], math.prod(first.shape)
+            templates = first.layout(bank[:, :size].reshape(rows, *first.shape), 1)
+            coeffs = _coefficients(layers, rows, self.dtype)
+            composed = (coeffs @ templates.reshape(rows, size)).reshape(len(layers), M, *templates.shape[1:])
+            biases = coeffs @ bank[:, size:] if first.has_bias else None
             for j, layer in enumerate(layers):
-                weights[layer.name] = layer.split(flat[j * M : (j + 1) * M])
+                weights[layer.name] = composed[j], (None if biases is None else biases[j * M : (j + 1) * M])
         return weights
 
     def composed(self, train: bool, dropout_key) -> Composed:
@@ -537,13 +598,17 @@ class Ensemble(nnx.Module):
         return jnp.stack(x, axis=1) if isinstance(x, Members) else x.reshape(x.shape[0], self.members, self.n_classes)
 
     def compose(self) -> dict:
-        """Every layer's "<layer>.weight"/".bias" ([M, ...], or shared for plain layers), for analysis."""
+        """Every layer's "<layer>.weight"/".bias" ([M, ...], or shared for plain layers) in the plan's
+        (PyTorch) layout, for analysis."""
         mixed, out = self.mix(), {}
         for _, m in self.layers():
             if isinstance(m, Weighted) and m.source == "batch_ensemble":
                 wb = m.member_weights()
             elif isinstance(m, Weighted):
-                wb = mixed.get(m.name) or (m.weight[...], m.bias[...] if m.has_bias else None)
+                if m.name in mixed:
+                    wb = m.plan_layout(mixed[m.name][0], 1), mixed[m.name][1]
+                else:
+                    wb = m.weight[...], (m.bias[...] if m.has_bias else None)
                 out |= {f"{m.name}.{part}": t for part, t in zip(("weight", "bias"), wb) if t is not None}
         return out
 
