@@ -349,14 +349,14 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
     """The sweep table: one line per point, baselines last."""
     cols = [("point", "point", "s"), ("method", "method", "s"), ("members", "M", "s"), ("budget", "budget", "s"), ("grouping", "grouping", "s"),
             ("params", "params", "int"), ("params_x", "x backbone", "x"), ("accuracy", "accuracy (%)", "pct"),
-            ("nll", "NLL", "f3"), ("ece", "ECE (%)", "pct"), ("diversity", "diversity", "f3"),
+            ("nll", "NLL", "f3"), ("ece", "ECE (%)", "pct"), ("brier", "Brier", "f3"), ("diversity", "diversity", "f3"),
             ("mean_member_accuracy", "mean member acc (%)", "pct"), ("flops", "FLOPs", "x"), ("status", "status", "s")]
     lines = [f"## {title}", "", "| " + " | ".join(h for _, h, _ in cols) + " |",
              "|" + "|".join("---" if f == "s" else "---:" for _, _, f in cols) + "|"]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r[c], f, r.get(f"{c}_sd")) for c, _, f in cols) + " |")
     notes = [f"- {r['point']}: {r['note']}" for r in rows if r.get("note")]
-    lines += ["", "Accuracy, NLL (of the averaged prediction), ECE (15 bins) and diversity (pairwise disagreement / "
+    lines += ["", "Accuracy, NLL and Brier score (of the averaged prediction), ECE (15 bins) and diversity (pairwise disagreement / "
               "mean member error) on the test set after the last epoch; FLOPs: inference cost relative to one "
               "plain backbone (multiply-accumulates of the convolutions and linear layers)."]
     n_seeds = max((r.get("seeds") or 0 for r in rows), default=0)
