@@ -60,3 +60,27 @@ def test_default_leaves_the_cores_other_processes_keep_busy(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     monkeypatch.setattr("mixc.threads._busy_cores", lambda: 3)
     assert default_threads() == 4  # 13 free, capped by the user's OMP_NUM_THREADS
+
+
+def test_flax_threads_size_xlas_pool_and_give_the_cores_back():
+    """--threads 1 on flax: jax's CPU client starts while the thread may run on one core (its pool keeps
+    that mask), then the thread gets every core back (data workers started later are not squeezed)."""
+    pytest.importorskip("jax")
+    import subprocess
+    import sys
+
+    code = (
+        "import json, os\n"
+        "before = sorted(os.sched_getaffinity(0))\n"
+        "from mixc.backends.flax.threads import set_threads\n"
+        "info = set_threads(1)\n"
+        "print(json.dumps({'info': info, 'same': sorted(os.sched_getaffinity(0)) == before, 'cores': len(before)}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                    env=env).stdout.strip().splitlines()[-1])
+    assert out["same"]
+    if out["cores"] > 1:
+        assert out["info"]["xla_threads"] == f"XLA's pool on 1 of {out['cores']} cores"
+    else:
+        assert out["info"]["xla_threads"] == "XLA's pool on every allowed core (1)"

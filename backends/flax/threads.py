@@ -1,11 +1,13 @@
-"""Apply mixc's thread count to XLA's CPU client, which reads its flags once, when jax first starts.
+"""Apply mixc's thread count to XLA's CPU client, which sizes itself once, when jax first starts.
 
-XLA has no "N threads" flag for the CPU backend: it can run single-threaded
-(``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``) or
-use its own pool sized by the cores the process may run on (which already
-respects CPU affinity). So ``--threads 1`` is exact; more threads leave XLA
-its affinity-sized pool. Once jax has started, the flags cannot change: the
-function says so in what it returns (and config.json records it).
+XLA has no "N threads" flag for the CPU backend: its intra-op pool is sized by the cores the
+process may run on (its CPU affinity) when the client starts, and with jax 0.10 the old
+single-thread flags (``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``) no
+longer keep it to one thread (measured: a digits run still used 1.3 cores). So ``--threads N``
+below the allowed cores starts jax's CPU client while the calling thread may run on only N of them
+(the pool's threads inherit that mask and keep it), then gives the thread its cores back, so data
+loader workers started later are not squeezed onto N cores. Once jax has started, its pool cannot
+change: the function says so in what it returns (and config.json records it).
 """
 
 from __future__ import annotations
@@ -15,22 +17,29 @@ import sys
 
 __all__ = ["set_threads"]
 
-_SINGLE = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+_SINGLE = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"  # still honoured by older jax
 
 
 def _started() -> bool:
-    """Whether jax's backends already exist (flags read)."""
+    """Whether jax's backends already exist (its CPU client sized)."""
     xb = sys.modules.get("jax._src.xla_bridge")
     return bool(xb is not None and getattr(xb, "_backends", None))
 
 
 def set_threads(n: int) -> dict[str, object]:
-    """Set XLA_FLAGS for ``n`` threads if jax has not started; returns what holds, for config.json."""
+    """Size XLA's CPU pool for ``n`` threads if jax has not started; returns what holds, for config.json."""
     if _started():
         return {"threads": n, "xla_threads": "fixed: jax had started before --threads applied"}
-    flags = os.environ.get("XLA_FLAGS", "")
-    if n == 1:
-        if "xla_cpu_multi_thread_eigen" not in flags:
-            os.environ["XLA_FLAGS"] = f"{flags} {_SINGLE}".strip()
-        return {"threads": 1, "xla_threads": "1 (single-threaded eigen)"}
-    return {"threads": n, "xla_threads": "XLA's pool (sized by the CPU affinity)"}
+    if n == 1 and "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_SINGLE}".strip()
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not allowed or n >= len(allowed):
+        return {"threads": n, "xla_threads": f"XLA's pool on every allowed core ({len(allowed) or 'unknown'})"}
+    import jax
+
+    os.sched_setaffinity(0, allowed[:n])
+    try:
+        jax.devices("cpu")  # the CPU client starts now: its pool's threads inherit this mask
+    finally:
+        os.sched_setaffinity(0, allowed)
+    return {"threads": n, "xla_threads": f"XLA's pool on {n} of {len(allowed)} cores"}
