@@ -152,10 +152,11 @@ def plan_points(
                 key = f"{tag}m{m}-b{b}" if b is not None else f"{tag}m{m}"
                 points.append(Point(key, "ensemble", label, m, extra, method=name))
     naive_m = ms[0] if len(ms) == 1 else base.members
+    plain = "groups=none" if base.method.name in ("mixture", "naive") else "method=naive"
     if "single" in baselines:
-        points.append(Point("single", "single", "-", 1, ["members=1", "groups=none"]))
+        points.append(Point("single", "single", "-", 1, ["members=1", plain]))
     if "naive" in baselines:
-        points.append(Point(f"naive-m{naive_m}", "naive", "-", naive_m, [f"members={naive_m}", "groups=none"]))
+        points.append(Point(f"naive-m{naive_m}", "naive", "-", naive_m, [f"members={naive_m}", plain]))
     for p in points:
         try:
             p.plan = mixc.compile(spec, overrides + p.overrides)

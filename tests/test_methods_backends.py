@@ -177,3 +177,27 @@ def test_a_run_of_each_method_scores_the_same_in_both_backends(method, train_bac
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert scores[train_backend]["nll"] == pytest.approx(last["nll"], rel=1e-4)
     assert json.loads((run / "plan.json").read_text())["method"]["name"] == method.split("(")[0]
+
+
+def test_baselines_of_a_spec_written_for_another_method(tmp_path):
+    """A spec whose file says `method batch_ensemble` trains its single-network baseline (no grouping
+    line is added for a method that has none)."""
+    import json
+
+    from test_eval import generated_npz
+
+    from mixc.cli import main
+    from mixc.spec.loader import zoo_specs
+
+    zoo = next(p for p in zoo_specs() if p.stem == "digits").parent
+    spec = (zoo / "digits.mix").read_text().replace('import "blocks/wide.mix"', f'import "{zoo}/blocks/wide.mix"')
+    for line in ("    budget 1.0x\n", "    groups by_shape\n", "    templates_per_layer 4\n", "    assign shared\n"):
+        spec = spec.replace(line, "")
+    spec = spec.replace("    members 4\n", "    members 2\n    method batch_ensemble\n")
+    (tmp_path / "be.mix").write_text(spec)
+    npz = generated_npz(tmp_path / "gen.npz", n_train=64, n_test=32)
+    run = tmp_path / "single"
+    assert main(["train", str(tmp_path / "be.mix"), "--baseline", "single", "--data", str(npz), "--epochs", "1",
+                 "--out", str(run), "--no-progress", "--set", "backbone.width=8"]) == 0
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["members"] == 1 and plan["grouping"] == "none"

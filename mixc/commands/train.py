@@ -87,9 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "it was trained with; the change is recorded in its config.json history")
 
 
-def baseline_overrides(baseline: str | None) -> list[str]:
-    """The compile overrides that turn an ensemble spec into its baseline."""
-    return {"single": ["members=1", "groups=none"], "naive": ["groups=none"]}.get(baseline or "", [])
+def baseline_overrides(baseline: str | None, method: str = "mixture") -> list[str]:
+    """The compile overrides that turn an ensemble spec (whose method is ``method``) into its baseline:
+    ``groups=none`` for a mixture (its grouping line may stay), ``method=naive`` for the other methods
+    (grouping does not apply to them)."""
+    plain = "groups=none" if method in ("mixture", "naive") else "method=naive"
+    return {"single": ["members=1", plain], "naive": [plain]}.get(baseline or "", [])
 
 
 def tune_allocator() -> str:
@@ -127,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
     from mixc.training import train
 
     allocator = tune_allocator()
-    overrides = list(args.overrides or []) + baseline_overrides(args.baseline)
+    method = mixc.compile(args.file, list(args.overrides or [])).method.name if args.baseline else "mixture"
+    overrides = list(args.overrides or []) + baseline_overrides(args.baseline, method)
     plan = mixc.compile(args.file, overrides)
     print_warnings(plan)  # allocation warnings, never silent
     recipe = recipe_of(plan)
