@@ -203,7 +203,7 @@ def header(plan: Plan, backend: str) -> list[str]:
     ]
 
 
-#: what a generated file's docstring says of each method beside MixtureEnsembles (title, paragraph)
+#: what a generated file's docstring says of each method beside MixtureEnsembles (title, what its layers hold)
 METHOD_DOCS = {
     "naive": ("Deep ensemble", "Each member has its own weights (``member`` layers) and its own BatchNorm."),
     "batch_ensemble": ("BatchEnsemble", "Every conv and linear layer holds one weight W shared by all members and "
@@ -216,16 +216,10 @@ METHOD_DOCS = {
 }
 
 
-def method_doc(doc: str, plan: Plan) -> str:
-    """A MixtureEnsemble docstring made to say what another method's model is: its title and first
-    paragraph replaced (the rest, on layouts and layer classes, holds for every method)."""
-    if plan.method.name not in METHOD_DOCS:
-        return doc
-    title, paragraph = METHOD_DOCS[plan.method.name]
-    head, first, rest = doc.split("\n\n", 2)[0], doc.split("\n\n", 2)[1], doc.split("\n\n", 2)[2:]
-    head = head.replace("MixtureEnsemble", title, 1).replace(" composed from shared templates", "")
-    first = paragraph + "\n" + first[first.index("forward(") if "forward(" in first else first.index("model(x"):]
-    return "\n\n".join([head, first, *rest])
+def describe(plan: Plan, mixture: str) -> tuple[str, str]:
+    """(title, what its layers hold) of the plan's method, for a generated file's docstring; ``mixture``
+    is the backend's own paragraph on MixtureEnsembles (the rest of a docstring holds for every method)."""
+    return METHOD_DOCS.get(plan.method.name, ("MixtureEnsemble", mixture))
 
 
 def constants(plan: Plan) -> list[str]:
@@ -279,7 +273,7 @@ class Emitter:
                 raise CodegenError(f"op kind {op.kind!r} is not supported by the {self.BACKEND} backend")
 
     def source(self) -> str:
-        """The whole file: header, docstring, imports, constants, helpers, the classes."""
+        """The whole file: header, docstring, imports, helpers (standalone: the runtime), constants, classes."""
         out = header(self.plan, self.BACKEND) + self.docstring() + self.imports() + [""]
         out += self.helpers()
         out += self.constants()

@@ -116,7 +116,7 @@ def parse_methods(text: str | None) -> list[str]:
             cur += ch
     items = [i for i in items + [cur.strip()] if i]
     bad = [i for i in items if i.split("(")[0].strip() not in METHODS]
-    if not items or bad:
+    if not items or bad or depth != 0:
         raise SweepError(f"--methods takes a comma-separated list of {', '.join(METHODS)} (options in parentheses, "
                          f"e.g. packed(alpha = 2)), not {text!r}")
     return items

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 import jax.numpy as jnp  # noqa: E402
 
 import handmade_plans as hp
+from torch_reference import randomise_batch_norm
 from strategies import specs
 
 from framework_fixtures import fast_xla_compiles, one_torch_thread  # noqa: F401 (autouse)
@@ -35,17 +36,6 @@ PLANS = {
     "digits_mimo": lambda: mixc.compile("digits", ["method=mimo", "members=3"]),
     "digits_packed": lambda: mixc.compile("digits", ["method=packed(alpha = 2, gamma = 2)", "members=2"]),
 }
-
-
-def _randomise_torch(model: torch.nn.Module, seed: int) -> None:
-    """Non-trivial BN affine and running stats, so eval mode exercises them."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in tb.named_plan_tensors(model).items():
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif name.startswith("bn."):
-                t.copy_(torch.randn(t.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
 
 
 def _randomise_flax(model, seed: int) -> None:
@@ -101,7 +91,7 @@ def _check_both_directions(plan, tmp_path, batch: int = 4) -> None:
     # torch -> flax
     torch.manual_seed(0)
     tm = tb.build(plan)
-    _randomise_torch(tm, 1)
+    randomise_batch_norm(tb.named_plan_tensors(tm), 1)
     path = tb.save_checkpoint(tmp_path / "from_torch.safetensors", tm, plan, epoch=4, metadata={"by": "torch"})
     fm = fb.build(plan, seed=7)
     epoch, extra, meta = fb.load_checkpoint(path, fm, plan)

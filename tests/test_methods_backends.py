@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from torch_reference import assert_grouped_equals_loop, reference_forward  # noqa: E402
+from torch_reference import assert_grouped_equals_loop, randomise_batch_norm, reference_forward  # noqa: E402
 
 import mixc  # noqa: E402
 from mixc.backends.torch import build, named_plan_tensors  # noqa: E402
@@ -47,17 +47,6 @@ def _plan(case: str):
     return mixc.compile(spec, overrides)
 
 
-def _randomise(model) -> None:
-    """Non-trivial BatchNorm statistics and affine, so evaluation exercises them."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, t in named_plan_tensors(model).items():
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif name.startswith("bn."):
-                t.copy_(torch.randn(t.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
-
-
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("layout", ["grouped", "loop"])
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -65,7 +54,7 @@ def test_matches_the_reference(case, layout, training):
     plan = _plan(case)
     torch.manual_seed(0)
     model = build(plan, layout=layout, dtype=torch.float64)
-    _randomise(model)
+    randomise_batch_norm(named_plan_tensors(model))
     model.train(training)
     named = named_plan_tensors(model)
     assert [n for n in named] == [t.name for t in plan.tensors]
@@ -88,7 +77,7 @@ def test_batch_ensemble_members_fold_into_plain_weights(case):
     plan = _plan(case)
     torch.manual_seed(0)
     model = build(plan, layout="loop", dtype=torch.float64).eval()
-    _randomise(model)
+    randomise_batch_norm(named_plan_tensors(model))
     folded = model.compose()
     T = {k: v.detach() for k, v in named_plan_tensors(model).items()}
     naive = mixc.compile(CASES[case][0], ["method=naive"]) if CASES[case][0] != MLP else \
@@ -110,6 +99,8 @@ def test_mimo_gives_each_member_its_own_input():
     other = x.clone()
     other[:, 0] += 1.0
     mixed = model(torch.stack([other, x, x], dim=1))
+    with pytest.raises(ValueError, match="one input per member"):
+        model(torch.stack([x, x], dim=1))
     assert (mixed - same).abs().amax(dim=(0, 2)).min().item() > 0  # one network: every head sees every input
 
 

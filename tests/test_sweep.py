@@ -150,7 +150,7 @@ def test_parse_methods_keeps_options_and_refuses_unknown_names():
     assert parse_methods("mixture, batch_ensemble,packed(alpha = 2, gamma = 1),naive") == [
         "mixture", "batch_ensemble", "packed(alpha = 2, gamma = 1)", "naive"]
     assert parse_methods(None) == []
-    for bad in ("mixture,batchensemble", "", "deep"):
+    for bad in ("mixture,batchensemble", "", "deep", "packed(alpha = 2"):
         with pytest.raises(SweepError, match="--methods"):
             parse_methods(bad)
 

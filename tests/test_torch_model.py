@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 import handmade_plans as hp  # noqa: E402
 from source_checks import import_roots, import_written
 from strategies import specs
-from torch_reference import assert_grouped_equals_loop, reference_forward
+from torch_reference import assert_grouped_equals_loop, randomise_batch_norm, reference_forward
 
 import mixc
 from mixc.backends.emit import class_name
@@ -35,17 +35,6 @@ PLANS = {
     "signal_shared": lambda: hp.signal_blob_net(assign="shared"),
     "mlp": lambda: hp.mlp_net(dropout=0.0),
 }
-
-
-def _randomise(model: torch.nn.Module) -> None:
-    """Non-trivial BN affine and running stats, so eval mode exercises them."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, t in named_plan_tensors(model).items():
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif name.startswith("bn."):
-                t.copy_(torch.randn(t.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
 
 
 def _input(plan, batch=5, dtype=torch.float64):
@@ -76,7 +65,7 @@ def test_matches_separate_members(name, layout, training):
     plan = PLANS[name]()
     torch.manual_seed(0)
     model = build(plan, layout=layout, dtype=torch.float64)
-    _randomise(model)
+    randomise_batch_norm(named_plan_tensors(model))
     model.train(training)
     ref_t = {k: v.detach().clone() for k, v in named_plan_tensors(model).items()}
     x = _input(plan)

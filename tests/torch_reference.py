@@ -139,3 +139,15 @@ def assert_grouped_equals_loop(plan: Plan, build, named_plan_tensors) -> None:
     for t in plan.tensors:
         if t.trainable:
             assert (ga[t.name].grad - gb[t.name].grad).abs().max().item() < 1e-9, t.name
+
+
+def randomise_batch_norm(named: dict[str, torch.Tensor], seed: int = 1) -> None:
+    """Non-trivial BatchNorm affine and running statistics in a model's plan tensors (``named``), so
+    evaluation mode exercises them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in named.items():
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif name.startswith("bn."):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))

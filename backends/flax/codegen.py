@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from mixc.backends.emit import CodegenError, checked, class_name, method_doc, tup  # class_name: model.py imports it
+from mixc.backends.emit import CodegenError, checked, class_name, describe, tup  # class_name: model.py imports it
 from mixc.backends.pysource import literal as _q
 from mixc.backends.structure import Node, attr, relative
 from mixc.backends.torch.codegen import TorchEmitter
@@ -83,6 +83,13 @@ def _add(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> str:
     return " + ".join(f"w.repeat({v})" if shared[i] and not shared[op.name] else v for i, v in zip(op.inputs, a))
 
 
+#: what a MixtureEnsemble's docstring says its layers hold (emit.describe: other methods say their own)
+MIXTURE_DOC = """Member i's weight in a composed layer is sum_l alpha[i, l] * T[l], T rows of a bank (a layer's
+weight flattened in PyTorch order, then its bias) or windows of the flat ``blob``, composed once
+per call before any layer runs (Ensemble.mix). ``plain`` layers share one weight, ``member``
+layers have one per member, each member has its own BatchNorm (PyTorch's semantics)."""
+
+
 class FlaxEmitter(TorchEmitter):
     BACKEND = "flax"
     IMPORTS = ["import jax", "import jax.numpy as jnp", "from flax import nnx"]
@@ -106,21 +113,19 @@ class FlaxEmitter(TorchEmitter):
     def docstring(self) -> list[str]:
         p = self.plan
         where = "below" if self.standalone else self.RUNTIME
-        doc = f'''"""MixtureEnsemble {_q(p.name)} as a flax.nnx Module: {p.members} members composed from shared templates.
+        title, layers = describe(p, MIXTURE_DOC)
+        doc = f'''"""{title} {_q(p.name)} as a flax.nnx Module: {p.members} members.
 
-Member i's weight in a composed layer is sum_l alpha[i, l] * T[l], T rows of a bank (a layer's
-weight flattened in PyTorch order, then its bias) or windows of the flat ``blob``, composed once
-per call before any layer runs (Ensemble.mix). ``plain`` layers share one weight, ``member``
-layers have one per member, each member has its own BatchNorm (PyTorch's semantics). Parameters
-are in the plan's (PyTorch) layout; ``model.plan_tensors`` maps the plan's tensor names to their
-paths, so the torch backend's checkpoints load unchanged. model(x, train=False, dropout_key=None)
-takes x [B, *INPUT_SHAPE] channels-first and returns member logits [B, MEMBERS, CLASSES]; inside,
-activations are channels-last. Layout "grouped": members side by side on the channel axis, one
-grouped convolution; "loop": a Members tuple, one convolution per member; "auto": loop on CPU,
-grouped on accelerators. Layer classes: {where}; initialisation and layouts: docs/execution.md
-in the mixc repository.
+{layers}
+Parameters are in the plan's (PyTorch) layout; ``model.plan_tensors`` maps the plan's tensor names
+to their paths, so the torch backend's checkpoints load unchanged. model(x, train=False,
+dropout_key=None) takes x [B, *INPUT_SHAPE] channels-first and returns member logits [B, MEMBERS,
+CLASSES]; inside, activations are channels-last. Layout "grouped": members side by side on the
+channel axis, one grouped convolution; "loop": a Members tuple, one convolution per member; "auto":
+loop on CPU, grouped on accelerators. Layer classes: {where}; initialisation and layouts:
+docs/execution.md in the mixc repository.
 """'''
-        return [method_doc(doc, p), ""]
+        return [doc, ""]
 
     def runtime_names(self) -> list[str]:
         need = self.needs()
@@ -164,6 +169,7 @@ in the mixc repository.
 
     def spread_to_members(self, result: str) -> str:
         return f"jnp.broadcast_to({result}[:, None], ({result}.shape[0], MEMBERS, CLASSES))"
+
 
 def emit_source(plan: Plan, standalone: bool = False) -> str:
     """The Python source of ``plan`` as a flax.nnx Module (deterministic); ``standalone`` writes the

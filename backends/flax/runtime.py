@@ -590,6 +590,9 @@ class Ensemble(nnx.Module):
         """MIMO: the members' inputs side by side on the channel axis (channels-first, member-major).
         x [B, M, *input] gives each member its own (training); x [B, *input] every member the same."""
         if x.ndim == len(self.input_shape) + 2:
+            if x.shape[1] != self.input_members:
+                raise ValueError(f"MIMO takes one input per member, [B, {self.input_members}, *input], "
+                                 f"not {list(x.shape)}")
             return x.reshape(x.shape[0], -1, *x.shape[3:])
         return jnp.concatenate([x] * self.input_members, axis=1)
 

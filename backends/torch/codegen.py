@@ -23,7 +23,7 @@ from typing import Any
 
 from mixc.backends.emit import (
     CodegenError, Emitter, attr_name, blob_var, call, checked, class_name, constants, fan_in, ident, module_name,
-    method_doc, runtime_source, tup, weight_var_value,
+    describe, runtime_source, tup, weight_var_value,
 )
 from mixc.backends.pysource import literal as _q
 from mixc.backends.structure import Node, assign_vars, attr, build_tree, class_bodies, relative
@@ -83,6 +83,12 @@ LOWER: dict[str, Callable[[Node, Any, list[str], dict[str, bool]], str]] = dict(
 )
 LAYER_CLASS = {"conv": "Conv", "linear": "Linear", "bn": "BatchNorm"}
 
+#: what a MixtureEnsemble's docstring says its layers hold (emit.describe: other methods say their own)
+MIXTURE_DOC = """Member i's weight in a composed layer is sum_l alpha[i, l] * T[l], T rows of a bank (a layer's
+weight flattened, then its bias) or windows of the flat ``blob``, composed once per forward before
+any layer runs (Ensemble.mix). ``plain`` layers share one weight, ``member`` layers have one per
+member, each member has its own BatchNorm."""
+
 
 class TorchEmitter(Emitter):
     BACKEND = "torch"
@@ -112,17 +118,16 @@ class TorchEmitter(Emitter):
     def docstring(self) -> list[str]:
         p = self.plan
         where = "below" if self.standalone else self.RUNTIME
-        doc = f'''"""MixtureEnsemble {_q(p.name)}: {p.members} members composed from shared templates.
+        title, layers = describe(p, MIXTURE_DOC)
+        doc = f'''"""{title} {_q(p.name)}: {p.members} members.
 
-Member i's weight in a composed layer is sum_l alpha[i, l] * T[l], T rows of a bank (a layer's
-weight flattened, then its bias) or windows of the flat ``blob``, composed once per forward before
-any layer runs (Ensemble.mix). ``plain`` layers share one weight, ``member`` layers have one per
-member, each member has its own BatchNorm. forward(x [B, *INPUT_SHAPE]) returns member logits
-[B, MEMBERS, CLASSES]. Layout "grouped": activations [B, M*C, ...], one grouped convolution for
-all members; "loop": a Members tuple, one convolution per member; "auto": grouped on CUDA.
+{layers}
+forward(x [B, *INPUT_SHAPE]) returns member logits [B, MEMBERS, CLASSES]. Layout "grouped":
+activations [B, M*C, ...], one grouped convolution for all members; "loop": a Members tuple, one
+convolution per member; "auto": grouped on CUDA.
 Layer classes: {where}; initialisation and layouts: docs/execution.md in the mixc repository.
 """'''
-        return [method_doc(doc, p), ""]
+        return [doc, ""]
 
     def imports(self) -> list[str]:
         """The framework's imports, then the runtime's (or, standalone, what its code needs)."""

@@ -348,6 +348,9 @@ class Ensemble(nn.Module):
         """MIMO: the members' inputs side by side on the channel axis, member-major. x [B, M, *input]
         gives each member its own (training); x [B, *input] gives every member the same (evaluation)."""
         if x.dim() == len(self.input_shape) + 2:
+            if x.shape[1] != self.config.input_members:
+                raise ValueError(f"MIMO takes one input per member, [B, {self.config.input_members}, *input], "
+                                 f"not {list(x.shape)}")
             return x.flatten(1, 2)
         return torch.cat([x] * self.config.input_members, dim=1)
 

@@ -4,14 +4,15 @@
 # Trainable parameters: 2,097 (budget none (template counts fixed); minimum 0): templates 1,728 (bank.g0 3x576),
 #   plain 261 (2 layers shared by all members), per member 0, alphas 12, batch norm 96.
 # One plain backbone: 1,445; naive ensemble of 3: 4,335.
-"""MixtureEnsemble "tiny": 3 members composed from shared templates.
+"""MixtureEnsemble "tiny": 3 members.
 
 Member i's weight in a composed layer is sum_l alpha[i, l] * T[l], T rows of a bank (a layer's
 weight flattened, then its bias) or windows of the flat ``blob``, composed once per forward before
 any layer runs (Ensemble.mix). ``plain`` layers share one weight, ``member`` layers have one per
-member, each member has its own BatchNorm. forward(x [B, *INPUT_SHAPE]) returns member logits
-[B, MEMBERS, CLASSES]. Layout "grouped": activations [B, M*C, ...], one grouped convolution for
-all members; "loop": a Members tuple, one convolution per member; "auto": grouped on CUDA.
+member, each member has its own BatchNorm.
+forward(x [B, *INPUT_SHAPE]) returns member logits [B, MEMBERS, CLASSES]. Layout "grouped":
+activations [B, M*C, ...], one grouped convolution for all members; "loop": a Members tuple, one
+convolution per member; "auto": grouped on CUDA.
 Layer classes: mixc.backends.torch.runtime; initialisation and layouts: docs/execution.md in the mixc repository.
 """
 
