@@ -192,3 +192,22 @@ def test_baselines_of_a_spec_written_for_another_method(tmp_path):
                  "--out", str(run), "--no-progress", "--set", "backbone.width=8"]) == 0
     plan = json.loads((run / "plan.json").read_text())
     assert plan["members"] == 1 and plan["grouping"] == "none"
+
+
+def test_export_folds_batch_ensemble_members_as_the_model_does():
+    """mixc.export's numpy fold (what `mixc export` writes per member) equals the model's compose()."""
+    import numpy as np
+
+    from mixc.export import ExportError, compose_all
+
+    plan = _plan("digits batch_ensemble")
+    torch.manual_seed(0)
+    model = build(plan, dtype=torch.float64)
+    arrays = {k: v.detach().numpy() for k, v in named_plan_tensors(model).items()}
+    folded = {k: v.detach().numpy() for k, v in model.compose().items()}
+    members = compose_all(plan, arrays)
+    for m, member in enumerate(members):
+        for name, layer in member.layers.items():
+            np.testing.assert_allclose(layer.weight, folded[f"{name}.weight"][m], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ExportError, match="runs all 3 members in one network"):
+        compose_all(_plan("digits mimo"), {})
