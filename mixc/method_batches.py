@@ -1,7 +1,17 @@
-"""How the ensemble methods beside MixtureEnsembles shape a training batch and its optimiser.
+"""How the ensemble methods shape a training batch and its optimiser.
 
-Framework-free, so both backends train a method on the same rows: a torch run and a flax run of
-the same recipe see the same MIMO batches.
+Framework-free, so both backends train a method on the same rows and the same gradient scales: a
+torch run and a flax run of the same recipe see the same MIMO batches and take the same steps.
+
+- Shared weights (:func:`gradient_scales`): the loss is the sum of the members' cross-entropies, so
+  a weight that every member reads as it is (a mixture's plain layers: the stem, a stage's first
+  conv, the projections, the classifier; BatchEnsemble's shared ``W``) gets the sum of M members'
+  gradients: M times the step a network of its own would take. Under the recipe's
+  ``shared_gradient mean`` (the default) its gradient is divided by M. Per-member tensors keep their
+  own gradient, and so do templates: each member reads them through its alphas, orthonormal across
+  members, so the template-path update of member i's weight is its own gradient step (the
+  cross-member terms cancel). The single-path methods (MIMO, Packed-Ensembles) train one network as
+  their references do. docs/execution.md has the measurements that chose this.
 
 - MIMO (uncertainty-baselines ``cifar/mimo.py``): the batch of B unique examples is repeated
   ``batch_repetitions`` times and shuffled; each member then reads its own shuffle of the first
@@ -31,6 +41,21 @@ def mimo_rows(batch: int, plan: Plan, rng: np.random.Generator) -> np.ndarray | 
     shuffled = int(len(main) * (1.0 - method.input_sharing))
     cols = [np.concatenate([rng.permutation(main[:shuffled]), main[shuffled:]]) for _ in range(plan.members)]
     return np.stack(cols, axis=1)
+
+
+#: the plan tensor roles of weights that every member of a multi-path ensemble reads as they are
+SHARED_ROLES = frozenset({"plain_weight", "plain_bias"})
+
+
+def gradient_scales(plan: Plan, shared_gradient: str) -> dict[str, float]:
+    """Plan tensor name -> the factor its gradient is multiplied by before clipping and the optimiser
+    (only the tensors whose factor is not 1). ``shared_gradient`` is the recipe's: "mean" divides the
+    gradient of a weight every member reads as it is by the member count, "sum" leaves every gradient
+    as the summed loss gives it."""
+    M = plan.members
+    if shared_gradient == "sum" or M == 1 or plan.execution == "single_path":
+        return {}
+    return {t.name: 1.0 / M for t in plan.tensors if t.trainable and t.role in SHARED_ROLES}
 
 
 def lr_scale(plan: Plan, role: str) -> float:

@@ -135,14 +135,6 @@ class HistoryEntry(_Lenient):
     changes: dict[str, list[Any]] = Field(default_factory=dict)
 
 
-class RunConfig(_Lenient):
-    """``config.json``: the recipe in force for the latest epochs, the options, and the history of changes."""
-
-    recipe: Recipe | None = None
-    options: RunOptions = Field(default_factory=RunOptions)
-    history: list[HistoryEntry] = Field(default_factory=list)
-
-
 def _json_object(value: Any) -> Any:
     """Header values are strings; some hold JSON objects (the recipe, the caller's metadata)."""
     if isinstance(value, str):
@@ -151,6 +143,25 @@ def _json_object(value: Any) -> Any:
         except json.JSONDecodeError as e:
             raise ValueError(f"not JSON ({e.msg} at column {e.colno})") from None
     return value
+
+
+def _recorded_recipe(value: Any) -> Any:
+    """A recipe as a run recorded it. Runs recorded before ``shared_gradient`` existed trained with the summed
+    gradient: read them so, or resuming one would silently change its recipe to today's default."""
+    value = _json_object(value)
+    if isinstance(value, dict) and "shared_gradient" not in value:
+        value = {**value, "shared_gradient": "sum"}
+    return value
+
+
+class RunConfig(_Lenient):
+    """``config.json``: the recipe in force for the latest epochs, the options, and the history of changes."""
+
+    recipe: Recipe | None = None
+    options: RunOptions = Field(default_factory=RunOptions)
+    history: list[HistoryEntry] = Field(default_factory=list)
+
+    _parse_recipe = field_validator("recipe", mode="before")(_recorded_recipe)
 
 
 class TrainMetadata(_Lenient):
@@ -163,7 +174,7 @@ class TrainMetadata(_Lenient):
     backend: str | None = None
     metrics: MetricsLine | None = None
 
-    _parse_recipe = field_validator("recipe", mode="before")(_json_object)
+    _parse_recipe = field_validator("recipe", mode="before")(_recorded_recipe)
 
 
 class CheckpointHeader(_Lenient):

@@ -30,6 +30,11 @@ that decides *what* is trained, and so what a result means, lives here once:
   (a random area and aspect resized back, and a flip; the default above 32
   pixels a side: the backend's on arrays in memory, the loader's on the full
   image when a folder streams) or ``none``.
+- Divergence: every step's loss is read every few steps (:class:`mixc.loss_watch.LossWatch`):
+  a non-finite one stops the run at once, naming the step (the run folder keeps
+  the last finished epoch); one that stays far above its start gets a warning.
+- Shared weights: ``recipe.shared_gradient`` (``mixc.method_batches.gradient_scales``):
+  a weight every member reads as it is takes the mean of their gradients.
 - Files: the run folder's rules (one writer, the recipe check on resume,
   divergence, crash repair) are :class:`mixc.run_folder.RunWriter`'s; each
   epoch's checkpoint holds the weights, the optimiser state under ``optim.*``
@@ -52,6 +57,7 @@ from mixc.compiler.plan import Plan
 from mixc.data import Dataset, check_compatible, default_augment, load_dataset, resolve_data_path, split_validation
 from mixc.metrics import evaluate
 from mixc.loggers import make_logger
+from mixc.loss_watch import LossWatch
 from mixc.run_folder import BEST_METRICS, Reporter, read_metrics, RunWriter, TrainError, epoch_line, seed_of, spec_hash
 from mixc.spec.recipe import Recipe
 from mixc.threads import resolve_threads
@@ -150,6 +156,7 @@ class _Run:
     test_every_epoch: bool = False
     logger: Any = None  # mixc.loggers.Logger (rank 0)
     batches: Any = None  # Backend.batches with the worker count bound, for a streamed image folder
+    watch: Any = None  # mixc.loss_watch.LossWatch: the per-step divergence check
 
     @property
     def main(self) -> bool:
@@ -222,6 +229,7 @@ def train(
                        logger=make_logger(logger, folder.out) if trainer.rank == 0 else None,
                        batches=_batches(backend, dataset, trainer, workers, n_threads, augment))
             _announce(run, layout, augment, baseline, {**thread_info, "compile": compile, **(config or {})})
+            run.watch = LossWatch(plan.members, run.steps, run.reporter.line, _divergence_hint(plan, recipe))
             try:
                 last = _epochs(run)
             finally:
@@ -407,9 +415,21 @@ def _one_epoch(run: _Run, epoch: int) -> tuple[float, float]:
         else:
             loss = trainer.step(perm[step * batch : (step + 1) * batch], lr, step)
         loss_sum = loss_sum + loss  # on the device: no sync per step
+        run.watch.add(epoch * steps + step, loss)  # read every few steps: a NaN stops the run there
         if run.reporter.progress is not None and (step % 10 == 0 or step == steps - 1):
             update(step + 1, float(loss) / M)
+    run.watch.check()
     return float(loss_sum) / steps / M, lr
+
+
+def _divergence_hint(plan: Plan, recipe: Recipe) -> str:
+    """What to add to a divergence message about this run: the summed shared gradient, when it applies."""
+    from mixc.method_batches import gradient_scales
+
+    if recipe.shared_gradient == "sum" and gradient_scales(plan, "mean"):
+        return ("; this run sums the members' gradients on the weights they share (shared_gradient sum), which "
+                "diverges at width: --set train.shared_gradient=mean")
+    return ""
 
 
 def _threads_text(n: Any) -> str:

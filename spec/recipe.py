@@ -63,3 +63,8 @@ class Recipe(_Model):
     # Arithmetic of the forward pass: fp32, or bf16/fp16 (torch: autocast; flax: a dtype policy; fp16 with loss scaling).
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_clip: float | None = Field(None, gt=0)  # clip the global gradient norm to this before each step
+    # How a weight every member reads as it is (a mixture's plain layers, BatchEnsemble's shared weights) combines the
+    # members' gradients: "mean" (each member's step on it is what a network of its own would take) or "sum" (the
+    # gradient of the summed member losses, mixc before 2026-12, which diverges at width: docs/execution.md).
+    # Templates always take the sum: members' orthonormal alphas keep their template-path updates apart.
+    shared_gradient: Literal["mean", "sum"] = "mean"

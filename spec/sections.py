@@ -409,6 +409,10 @@ def _read_init(body: A.BodyValue, consts: dict, diags: Diagnostics) -> dict[str,
 # --- train -------------------------------------------------------------------
 
 
+#: train settings left out of a Plan at these (default) values: see read_train
+IMPLIED_TRAIN = {"shared_gradient": "mean"}
+
+
 def read_train(section: A.Section, consts: dict, diags: Diagnostics) -> dict | None:
     """Validate the train section against ``Recipe``; errors point at the setting."""
     from mixc.spec.recipe import Recipe
@@ -448,7 +452,7 @@ def read_train(section: A.Section, consts: dict, diags: Diagnostics) -> dict | N
         if isinstance(raw.get(key), str):
             raw[key] = {"name": raw[key]}
     try:
-        return Recipe.model_validate(raw).model_dump()
+        recipe = Recipe.model_validate(raw).model_dump()
     except ValidationError as err:
         fields = {k: tuple(v.model_fields) for k, v in (("optimizer", _sub("Optimizer")), ("schedule", _sub("Schedule")))}
         for e in err.errors():
@@ -468,6 +472,12 @@ def read_train(section: A.Section, consts: dict, diags: Diagnostics) -> dict | N
                 hint = f"got {render(got)}" if not isinstance(got, dict) else "see the train section in README.md"
                 diags.error(f"bad value for '{what}': {msg}", pos, hint)
         return None
+    # Settings added after plans were pinned stay out of the Plan at their defaults, so its bytes and hash
+    # do not move (Recipe fills them back in when the Plan's train section is read).
+    for key, default in IMPLIED_TRAIN.items():
+        if recipe.get(key) == default:
+            del recipe[key]
+    return recipe
 
 
 def _sub(name: str):

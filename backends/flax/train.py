@@ -11,7 +11,9 @@ a step runs:
 - Optimiser (optax): SGD is ``add_decayed_weights`` (coupled L2, masked) then
   ``trace`` (momentum, Nesterov), exactly PyTorch's SGD; AdamW is
   ``scale_by_adam`` then masked decoupled decay. The mask skips
-  ``mixc.training.decay_skipped_roles``.
+  ``mixc.training.decay_skipped_roles``. First, the gradients of weights every
+  member reads as they are are multiplied by ``mixc.method_batches.gradient_scales``
+  (masked ``optax.scale``; 1/M under ``shared_gradient mean``), as torch does.
 - Data parallel over every local device of the chosen platform with
   ``jax.sharding``: parameters replicated, each batch split along a ``data``
   mesh axis. The step is one SPMD program over the global batch, so its
@@ -52,7 +54,7 @@ from mixc.checkpoint_format import grad_scaler_arrays, read_grad_scaler, save_ar
 from mixc.compiler.plan import Plan
 from mixc.run_folder import CHECKPOINT, METRICS, TrainError
 from mixc.spec.recipe import Recipe
-from mixc.method_batches import FAST_ROLES, lr_scale, mimo_rows
+from mixc.method_batches import FAST_ROLES, gradient_scales, lr_scale, mimo_rows
 from mixc.training import decay_skipped_roles
 
 __all__ = ["train", "TrainError", "crop_flip", "random_resized_crop", "Trainer", "devices_for", "loss_scale_update",
@@ -159,11 +161,14 @@ def devices_for(device: str) -> list[jax.Device]:
 # Optimiser
 
 
-def make_optimizer(recipe: Recipe, roles: dict[str, str], fast_lr: float = 1.0) -> optax.GradientTransformation:
+def make_optimizer(recipe: Recipe, roles: dict[str, str], fast_lr: float = 1.0,
+                   grad_scales: dict[str, float] | None = None) -> optax.GradientTransformation:
     """The recipe's optimiser without the learning rate (the step multiplies by -lr).
 
     ``roles`` maps each parameter key to its plan role, for the weight-decay mask. BatchEnsemble's fast
     weights get no decay and their updates times ``fast_lr`` (torch: their own group's learning rate).
+    ``grad_scales`` (parameter key -> factor, ``mixc.method_batches.gradient_scales``) multiply those
+    gradients first, before clipping and decay, as the torch trainer does after its backward.
     """
     skip = decay_skipped_roles(recipe)
     mask = {k: role not in skip and role not in FAST_ROLES for k, role in roles.items()}
@@ -171,6 +176,8 @@ def make_optimizer(recipe: Recipe, roles: dict[str, str], fast_lr: float = 1.0) 
     decay = optax.add_decayed_weights(recipe.weight_decay, mask=mask)
     # torch clips the raw gradients (clip_grad_norm_) before its optimiser adds decay: the same order here
     clip = [optax.clip_by_global_norm(recipe.grad_clip)] if recipe.grad_clip else []
+    clip = [optax.masked(optax.scale(f), {k: (grad_scales or {}).get(k) == f for k in roles})
+            for f in sorted(set((grad_scales or {}).values()))] + clip
     fast = {k: role in FAST_ROLES for k, role in roles.items()}
     scale = [optax.masked(optax.scale(fast_lr), fast)] if fast_lr != 1.0 and any(fast.values()) else []
     if o.name == "sgd":
@@ -328,7 +335,9 @@ class Trainer:
         self.graphdef, params, stats = split(model)
         self.names = attr_to_plan(model)
         roles = {t.name: t.role for t in plan.tensors}
-        self.tx = make_optimizer(recipe, {k: roles[self.names[k]] for k in params}, lr_scale(plan, "fast_in"))
+        scales = gradient_scales(plan, recipe.shared_gradient)
+        self.tx = make_optimizer(recipe, {k: roles[self.names[k]] for k in params}, lr_scale(plan, "fast_in"),
+                                 {k: scales[self.names[k]] for k in params if self.names[k] in scales})
         self.method_rng = np.random.default_rng(recipe.seed)  # MIMO's shuffles (reseeded per epoch)
         self.params = jax.device_put(params, self.replicated)
         self.stats = jax.device_put(stats, self.replicated)
@@ -343,7 +352,7 @@ class Trainer:
             key = (
                 spec_hash(plan), self.layout, augment, recipe.label_smoothing, recipe.optimizer.model_dump_json(),
                 recipe.weight_decay, tuple(recipe.weight_decay_exclude), tuple(d.id for d in devices),
-                devices[0].platform, recipe.grad_clip, recipe.precision,
+                devices[0].platform, recipe.grad_clip, recipe.precision, recipe.shared_gradient,
                 plan.method.model_dump_json(),  # fast_lr shapes the optimiser but not the spec hash
             )
             return _compiled_steps(plan, recipe, self.graphdef, self.tx, augment, self.replicated, key, forward_def)

@@ -5,7 +5,9 @@ cadence are the shared driver's (``mixc/training.py``); what is torch's:
 
 - Optimiser: SGD with (Nesterov) momentum, or AdamW, in two parameter groups
   (with and without weight decay: ``mixc.training.decay_skipped_roles``). The
-  learning rate is set by hand before every step.
+  learning rate is set by hand before every step. Before clipping and the step,
+  the gradients of weights every member reads as they are are multiplied by
+  ``mixc.method_batches.gradient_scales`` (1/M under ``shared_gradient mean``).
 - Augmentation, on batched tensors on the device, from a generator the driver
   reseeds every epoch: ``crop_flip`` (pad 4 with zeros, random crop, random
   horizontal flip) or ``random_resized_crop`` (:func:`random_resized_crop`, for
@@ -49,7 +51,7 @@ from torch import nn
 from mixc.backends.torch.predict import host_tensor, predict_member_probs, torch_device
 from mixc.compiler.plan import Plan
 from mixc.data import shard
-from mixc.method_batches import FAST_ROLES, lr_scale, mimo_rows
+from mixc.method_batches import FAST_ROLES, gradient_scales, lr_scale, mimo_rows
 from mixc.run_folder import CHECKPOINT, METRICS, TrainError
 from mixc.spec.recipe import Recipe
 from mixc.training import decay_skipped_roles
@@ -288,16 +290,20 @@ def _autocast_dtype(precision: str) -> torch.dtype | None:
 
 
 def _backward_and_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: Any, clip: float | None,
-                       model: nn.Module) -> None:
-    """Backward, optional global-norm clipping, optimiser step; under fp16 through the gradient scaler
-    (gradients are unscaled before clipping, so ``clip`` means the true norm)."""
+                       model: nn.Module, scales: list[tuple[torch.Tensor, float]] = ()) -> None:
+    """Backward, the shared weights' gradient scales (``mixc.method_batches.gradient_scales``), optional
+    global-norm clipping, optimiser step; under fp16 through the gradient scaler (gradients are unscaled
+    before clipping, so ``clip`` means the true norm)."""
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    with torch.no_grad():
+        for p, factor in scales:
+            if p.grad is not None:
+                p.grad.mul_(factor)
     if scaler is None:
-        loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         return
-    scaler.scale(loss).backward()
     if clip:
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -325,6 +331,8 @@ class TorchTrainer:
         self.model = build(self.plan, layout=self.layout, device=dev)
         self.names = _param_names(self.model, named_plan_tensors(self.model))
         self.opt = _optimizer(self.model, self.plan, self.recipe, self.names)
+        tensors = named_plan_tensors(self.model)
+        self.grad_scales = [(tensors[n], f) for n, f in gradient_scales(self.plan, self.recipe.shared_gradient).items()]
         self.net: nn.Module = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -382,7 +390,7 @@ class TorchTrainer:
                 logits.float().transpose(1, 2), yb, label_smoothing=self.recipe.label_smoothing
             ) * M
         self.opt.zero_grad(set_to_none=True)
-        _backward_and_step(loss, self.opt, self.scaler, self.recipe.grad_clip, self.model)
+        _backward_and_step(loss, self.opt, self.scaler, self.recipe.grad_clip, self.model, self.grad_scales)
         return loss.detach()
 
     def predict(self, x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,89 @@
+"""Divergence inside the epoch: a NaN stops the run at its step, a loss far above its start is reported."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mixc.loss_watch import CHECK_EVERY, HIGH_FACTOR, HIGH_STEPS, LossWatch
+from mixc.run_folder import TrainError
+
+
+def _watch(lines, members=2, steps_per_epoch=30):
+    return LossWatch(members, steps_per_epoch, lines.append, hint="; HINT")
+
+
+def test_a_nan_names_its_step_and_epoch():
+    lines = []
+    w = _watch(lines)
+    losses = [4.0] * 37 + [math.nan] + [4.0] * 5  # summed over 2 members: 2.0 each
+    with pytest.raises(TrainError, match=r"became nan at step 38 \(epoch 2, step 8 of 30\).*HINT"):
+        for s, v in enumerate(losses):
+            w.add(s, v)
+    assert s == 39  # read at the next check, not at the epoch's end (step 60)
+    assert lines == []
+
+
+def test_an_infinite_loss_found_by_the_final_check_of_an_epoch():
+    w = _watch([])
+    for s in range(3):
+        w.add(s, 2.0)
+    w.add(3, math.inf)
+    with pytest.raises(TrainError, match="became inf at step 4"):
+        w.check()
+
+
+def test_a_loss_that_stays_high_is_warned_about_once():
+    lines = []
+    w = _watch(lines)
+    start = 2.3
+    high = HIGH_FACTOR * start * 1.2
+    values = [start] * CHECK_EVERY + [high] * (HIGH_STEPS - 1) + [start] + [high] * (2 * HIGH_STEPS)
+    for s, v in enumerate(values):
+        w.add(s, 2 * v)
+    w.check()
+    assert len(lines) == 1  # 49 high steps, a dip, then 100: one warning, naming where the last run began
+    first_high = CHECK_EVERY + HIGH_STEPS + 1  # 1-based
+    assert f"since step {first_high} " in lines[0] and "HINT" in lines[0], lines
+
+
+def test_a_noisy_healthy_loss_is_not_warned_about():
+    lines = []
+    w = _watch(lines)
+    r = np.random.default_rng(0)
+    for s in range(500):
+        w.add(s, 2 * (2.3 * np.exp(-s / 100) + 0.3 * r.random()))
+    w.check()
+    assert lines == []
+
+
+def test_training_stops_at_the_nan_step_and_keeps_the_last_epoch(tmp_path, monkeypatch, capsys):
+    torch = pytest.importorskip("torch")
+    import mixc
+    from mixc.backends.torch.train import TorchTrainer, train
+    from mixc.data import load_dataset
+    from mixc.spec.recipe import Recipe
+
+    data = load_dataset("digits")
+    data = dataclasses.replace(data, x_train=data.x_train[:512], y_train=data.y_train[:512])
+    plan = mixc.compile("digits", ["backbone.width=8", "members=2", "train.batch=32"])
+    recipe = Recipe.model_validate({**plan.train, "epochs": 3})
+    real_step, calls = TorchTrainer.step, []
+
+    def step(self, idx, lr, s):
+        calls.append(s)
+        loss = real_step(self, idx, lr, s)
+        return loss * torch.nan if len(calls) == 16 + 3 else loss  # epoch 2 (16 steps each), its 3rd step
+
+    monkeypatch.setattr(TorchTrainer, "step", step)
+    with pytest.raises(TrainError, match=r"at step 19 \(epoch 2, step 3 of 16\)"):
+        train(plan, recipe, out_dir=tmp_path, data=data, progress=False)
+    assert len(calls) == 16 + CHECK_EVERY  # stopped at epoch 2's first check, not at its end (32)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1]
+    from mixc.checkpoint_format import read_plan_arrays
+
+    _, _, header = read_plan_arrays(tmp_path / "checkpoint.safetensors", plan)
+    assert int(header["epoch"]) == 1

@@ -1,0 +1,123 @@
+"""The paper's recipe at width: shared weights take the mean of their members' gradients (issue: a 4-member
+WRN-28-10 diverged at lr 0.1 while one member and the naive ensemble trained).
+
+The CPU-sized reproducer is a 1024-wide MLP ensemble at lr 0.1 (the WRN recipe's SGD): its classifier and
+input layer are plain layers every member reads, and at that width the summed gradient of four members
+throws the loss far above its start, as the WRN-28-10 did on the GPU. ``bench/stability.py`` measures
+the same on the zoo's WRN at full or reduced size.
+"""
+
+import numpy as np
+import pytest
+
+import mixc
+from mixc.method_batches import gradient_scales
+from mixc.spec.recipe import Recipe
+from mixc.stability import first_steps, synthetic
+
+from framework_fixtures import fast_xla_compiles, one_torch_thread  # noqa: F401  (autouse)
+
+WIDE_MLP = """
+backbone mlp(width = 512, classes = 10) {
+    input vector(64)
+    linear inp(width)
+    stage body = repeat 4 block(width)
+    bn; relu
+    linear fc(classes)
+}
+block block(width) {
+    bn; relu
+    linear l(width)
+}
+ensemble {
+    backbone mlp(width = 512)
+    members 4
+    budget 1x
+    groups by_shape
+    templates_per_layer 4
+    assign shared
+}
+train {
+    batch 128
+    optimizer sgd(lr = 0.1, momentum = 0.9, nesterov = true)
+    weight_decay 5e-4
+    weight_decay_exclude [alphas]
+}
+"""
+
+STEPS = 40
+
+
+def _plan(*overrides: str):
+    return mixc.compile_text(WIDE_MLP, list(overrides), name="wide_mlp.mix")
+
+
+def _trace(backend_name: str, *overrides: str):
+    from mixc.backends import get_backend
+
+    plan = _plan(*overrides)
+    recipe = Recipe.model_validate(plan.train)
+    x, y = synthetic(plan.input_shape, plan.classes, STEPS * recipe.batch, signal=0.3)
+    return first_steps(get_backend(backend_name, "train"), plan, recipe, x, y, STEPS)
+
+
+def test_only_weights_every_member_reads_as_they_are_take_the_mean():
+    plan = _plan()
+    scales = gradient_scales(plan, "mean")
+    assert scales == {"plain.inp.weight": 0.25, "plain.inp.bias": 0.25, "plain.fc.weight": 0.25, "plain.fc.bias": 0.25}
+    assert gradient_scales(plan, "sum") == {}
+    assert gradient_scales(_plan("members=1"), "mean") == {}
+    assert gradient_scales(_plan("groups=none"), "mean") == {}  # the naive ensemble shares nothing
+    be = _plan("method=batch_ensemble")
+    assert set(gradient_scales(be, "mean")) == {t.name for t in be.tensors if t.role == "plain_weight"}
+    for single_path in ("method=mimo", "method=packed"):  # one network, trained as the references do
+        assert gradient_scales(_plan(single_path), "mean") == {}
+
+
+def test_the_recipe_defaults_to_the_mean_and_takes_sum_by_set():
+    assert Recipe().shared_gradient == "mean"
+    assert Recipe.model_validate(_plan("train.shared_gradient=sum").train).shared_gradient == "sum"
+    with pytest.raises(mixc.spec.SpecError, match="shared_gradient"):
+        _plan("train.shared_gradient=average")
+
+
+@pytest.mark.parametrize("backend", ["torch", "flax"])
+def test_one_step_divides_exactly_the_shared_gradients(backend):
+    """Momentum and decay off: one step under ``mean`` moves a plain layer 1/M as far as under ``sum``, and
+    every other tensor exactly as far."""
+    pytest.importorskip({"torch": "torch", "flax": "jax"}[backend])
+    from mixc.backends import get_backend
+
+    moved = {}
+    for rule in ("sum", "mean"):
+        plan = _plan(f"train.shared_gradient={rule}", "train.optimizer.momentum=0", "train.weight_decay=0",
+                     "members=2", "backbone.width=32")
+        recipe = Recipe.model_validate(plan.train)
+        x, y = synthetic(plan.input_shape, plan.classes, recipe.batch)
+        trainer = get_backend(backend, "train").trainer(plan, recipe, device="cpu", layout="loop", augment="none")
+        trainer.begin(x, y, recipe.batch)
+        trainer.begin_epoch(1, 2)
+        before = {k: np.array(v) for k, v in trainer.state_arrays().items()}  # copies: torch's are live views
+        trainer.step(np.arange(recipe.batch), 0.1, 0)
+        after = trainer.state_arrays()
+        trainer.close()
+        moved[rule] = {t.name: after[t.name] - before[t.name] for t in plan.tensors if t.trainable}
+    for name, delta in moved["sum"].items():
+        factor = 0.5 if name.startswith("plain.") else 1.0
+        np.testing.assert_allclose(moved["mean"][name], factor * delta, rtol=1e-4, atol=1e-7, err_msg=name)
+    assert any(np.abs(d).max() > 0 for n, d in moved["sum"].items() if n.startswith("plain."))
+
+
+@pytest.mark.parametrize("backend", ["torch", "flax"])
+def test_the_wide_mixture_trains_like_the_naive_ensemble(backend):
+    """The reproducer: under ``sum`` the mixture's loss shoots far above its start (the divergence); under
+    ``mean`` its peak and its last steps stay within 1.3x of the naive ensemble's at the same recipe."""
+    pytest.importorskip({"torch": "torch", "flax": "jax"}[backend])
+    naive = _trace(backend, "groups=none")
+    summed = _trace(backend, "train.shared_gradient=sum")
+    mean = _trace(backend)
+    start = naive.losses[0]
+    assert summed.peak > 3 * naive.peak, (summed.losses, naive.losses)  # the fault reproduces
+    assert mean.peak <= 1.3 * max(naive.peak, start), (mean.losses, naive.losses)
+    assert mean.tail() <= 1.3 * naive.tail(), (mean.losses, naive.losses)
+    assert mean.tail() < 0.6 * start  # and it learns
