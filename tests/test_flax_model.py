@@ -260,3 +260,13 @@ def test_cpu_kernel_gradient_equals_xlas(name):
     for k in ga:
         scale = 1.0 + float(jnp.abs(gb[k]).max())
         assert float(jnp.abs(ga[k] - gb[k]).max()) < 1e-5 * scale, k
+
+
+def test_normal_draws_are_finite_at_the_size_of_a_wide_network():
+    """The init's normals are erfinv of uniforms on [-1, 1): one draw in 2^23 is exactly -1, so a WRN-28-10
+    (36M weights) started with -inf weights and trained to NaN (on a GPU at once). Key 0 draws -1 in 2^24."""
+    from mixc.backends.flax.runtime import _Draws
+
+    z = np.asarray(_Draws(jax.random.key(0), (0, 1 << 24), jnp.float32).normal((1 << 24,)))
+    assert np.isfinite(z).all()
+    assert 5 < np.abs(z).max() < 6 and abs(z.std() - 1) < 1e-3

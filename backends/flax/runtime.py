@@ -468,7 +468,11 @@ class _Draws:
         self.key, self.dtype, self.pos = key, dtype, [0, 0]
         if key is not None:
             u = jax.random.uniform(key, (sizes[0] + sizes[1],), dtype, -1.0, 1.0)
-            self.vecs = (u[: sizes[0]], math.sqrt(2) * jax.scipy.special.erfinv(u[sizes[0]:]))
+            # uniform's interval includes -1 (one draw in 2^23), where erfinv is -inf: a model of tens of millions
+            # of weights then starts with -inf weights and trains to NaN. Clip to the open interval (|z| <= 5.4).
+            tiny = jnp.finfo(dtype).epsneg
+            inner = jnp.clip(u[sizes[0]:], -1.0 + tiny, 1.0 - tiny)
+            self.vecs = (u[: sizes[0]], math.sqrt(2) * jax.scipy.special.erfinv(inner))
 
     def _take(self, i: int, shape):
         n = math.prod(shape)
