@@ -81,7 +81,9 @@ def cmd_compile(args: argparse.Namespace, out: Console) -> int:
             path = Path(args.output)
             if path.is_dir():
                 path = path / "plan.json"
-            _write_atomic(path, text)
+            from mixc.safe_write import write_text
+
+            write_text(path, text)
             out.print(f"wrote {path}", highlight=False)
         return 0
     from mixc.backends import get_backend
@@ -92,13 +94,6 @@ def cmd_compile(args: argparse.Namespace, out: Console) -> int:
     written = backend.write(plan, out_dir, **({"standalone": True} if args.standalone else {}))
     out.print(f"wrote {out_dir / 'plan.json'} and {written}", highlight=False)
     return 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def cmd_zoo(args: argparse.Namespace, out: Console) -> int:
