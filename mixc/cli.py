@@ -78,11 +78,12 @@ def cmd_compile(args: argparse.Namespace, out: Console) -> int:
         if args.output in (None, "-"):
             sys.stdout.write(text)
         else:
-            path = Path(args.output)
-            if path.is_dir():
-                path = path / "plan.json"
-            from mixc.safe_write import write_text
+            from mixc.safe_write import check_output, write_text
 
+            path = Path(args.output)
+            if path.is_dir() and not path.is_symlink():
+                path = path / "plan.json"
+            check_output(path, inputs=[plan.source, args.file], force=True)  # never over the spec it read
             write_text(path, text)
             out.print(f"wrote {path}", highlight=False)
         return 0

@@ -289,3 +289,35 @@ def test_api_arguments_are_checked_like_the_cli():
 
     with pytest.raises(BackendError, match="unknown device 'bogus'"):
         mixc.build("digits", device="bogus")
+
+
+def test_compile_never_writes_over_its_spec(capsys, tmp_path):
+    spec = tmp_path / "mine.mix"
+    text = (Path(mixc.__file__).parent.parent / "zoo" / "digits.mix").read_text()
+    spec.write_text(text.replace('import "blocks/', f'import "{Path(mixc.__file__).parent.parent / "zoo"}/blocks/'))
+    rc, out, err = _cli(capsys, "compile", str(spec), "--import-path", str(Path(mixc.__file__).parent.parent / "zoo"),
+                        "-o", str(spec))
+    assert rc == 1 and "is an input of this command" in err
+    assert "import" in spec.read_text()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("method=packed(alpha = 1e9)", "more than 16,777,216 channels"),
+    ("method=mimo(batch_repetitions = 1e9)", "at most 1,024 repetitions"),
+    ("method=naive", "more than numbers in mixc go (1e18)"),  # with backbone.width=100M
+])
+def test_method_options_and_counts_stay_within_the_limits(capsys, override, message):
+    rc, out, err = _cli(capsys, "inspect", "digits", "--set", "backbone.width=100M" if "naive" in override else
+                        "members=2", "--set", override)
+    assert rc == 1 and message in err and "Traceback" not in err
+
+
+def test_a_model_larger_than_memory_is_refused_before_allocation(monkeypatch):
+    pytest.importorskip("torch")
+    import os
+
+    from mixc.errors import BackendError
+
+    monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_PHYS_PAGES" else 4096)  # 4 KiB
+    with pytest.raises(BackendError, match="more than this machine's"):
+        mixc.build("digits", members=2, backbone__width=8)

@@ -41,6 +41,9 @@ def build(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    from mixc.backends.base import check_fits_in_memory
+
+    check_fits_in_memory(plan)
     if device is not None:
         from mixc.backends.torch.predict import torch_device
 
