@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mixc.compiler.plan import Plan, PlanFileError, read_plan
 from mixc.spec.recipe import Recipe
 from mixc.errors import MixcError
-from mixc.safe_write import WriteError, append_text, copy_file, open_nofollow, write_json, write_text
+from mixc.safe_write import append_text, copy_file, open_nofollow, write_json, write_text
 
 __all__ = [
     "CHECKPOINT", "METRICS", "CONFIG", "PLAN", "LOCK", "FORMAT", "SUPPORTED_FORMAT_VERSIONS",
