@@ -61,6 +61,22 @@ def lazy_attributes(package: str, table: dict[str, str]) -> Callable[[str], Any]
     return __getattr__
 
 
+
+def check_fits_in_memory(plan: Plan, bytes_per_parameter: int = 4) -> None:
+    """Refuse, before allocating, a model whose parameters alone exceed this machine's memory (a BackendError
+    naming the count), instead of the framework's raw allocation error (packed with a huge alpha, say)."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):  # not POSIX: the framework decides
+        return
+    need = plan.accounting.total_params * bytes_per_parameter
+    if need > memory:
+        raise BackendError(
+            f"{plan.name} has {plan.accounting.total_params:,} parameters ({need / 2**30:,.1f} GiB at "
+            f"{bytes_per_parameter} bytes each), more than this machine's {memory / 2**30:,.1f} GiB of memory; "
+            "hint: lower the budget, the width or the method's options (mixc inspect shows the accounting)"
+        )
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a backend can do, for the CLI's help and its refusals (checked before any work starts)."""

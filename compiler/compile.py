@@ -12,7 +12,8 @@ from mixc.compiler.degenerate import all_collinear, degenerate_groups
 from mixc.compiler.elaborate import elaborate
 from mixc.compiler.group import form_groups
 from mixc.compiler.layers import weight_size
-from mixc.compiler.methods import MethodError, build_method
+from mixc.spec.expr import LIMIT
+from mixc.compiler.methods import MethodError, build_method, check_method_sizes
 from mixc.spec.diagnostics import Diagnostics, Pos
 from mixc.spec.expr import Multiple
 from mixc.spec.loader import Program
@@ -20,6 +21,18 @@ from mixc.spec.loader import Program
 
 def compile_program(program: Program) -> P.Plan:
     """Compile a loaded program. Raises ``SpecError`` listing every problem found."""
+    plan = _compile(program)
+    if plan.accounting.total_params > LIMIT:  # counts stay within the spec's number limit (docs/security.md)
+        ens = program.ensemble
+        diags = Diagnostics(sources=dict(program.sources))
+        diags.error(f"the model would have {plan.accounting.total_params:,} parameters, more than numbers in mixc "
+                    "go (1e18)", ens.method.pos or ens.pos.get("backbone") or ens.pos.get("members"),
+                    "lower the backbone's width, the members or the method's options")
+        diags.raise_if_any()
+    return plan
+
+
+def _compile(program: Program) -> P.Plan:
     diags = Diagnostics(sources=dict(program.sources), items=list(program.pending))
     result = elaborate(program, diags)
     if result is None:
@@ -158,6 +171,8 @@ def _compile_method(program: Program, graph, backbone: int, budget: int | None, 
     ens = program.ensemble
     M = ens.members
     try:
+        check_method_sizes(ens.method.name, ens.method.options, list(graph.ops),
+                           lambda key: ens.method.option_pos.get(key, ens.method.pos))
         parts = build_method(ens.method.name, ens.method.options, list(graph.ops), M, budget, budget_pos,
                              graph.pos, backbone)
     except MethodError as e:

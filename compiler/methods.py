@@ -360,6 +360,29 @@ def method_tensors(ops: list, M: int, method: str) -> list[P.Tensor]:
 # The whole method
 
 
+#: MIMO trains on ``batch x batch_repetitions`` rows a step; like members (1,024), kept where tables and
+#: index arrays stay small (the paper repeats a batch 2 to 4 times)
+MAX_REPETITIONS = 1024
+
+
+def check_method_sizes(name: str, options: dict, ops: list, pos_of: Callable[[str], Pos | None]) -> None:
+    """Refuse method options that make a model too large by construction, at the option (MethodError):
+    a packed alpha widening a layer past MAX_WIDTH channels, MIMO repetitions past MAX_REPETITIONS."""
+    if name == "mimo" and options.get("batch_repetitions", 1) > MAX_REPETITIONS:
+        r = options["batch_repetitions"]
+        raise MethodError(f"mimo(batch_repetitions = {r:,}): at most {MAX_REPETITIONS:,} repetitions of a batch "
+                          f"(each training step reads batch x {r:,} rows)", pos_of("batch_repetitions"),
+                          "the MIMO paper repeats a batch 2 to 4 times")
+    if name == "packed" and "alpha" in options:
+        alpha = options["alpha"]
+        widths = [_out_width(o) for o in ops if o.kind in WEIGHT_KINDS]
+        if widths and alpha * max(widths) > MAX_WIDTH:
+            raise MethodError(f"packed(alpha = {alpha:g}) would widen a layer of {max(widths):,} channels to "
+                              f"{alpha * max(widths):,.0f}, more than {MAX_WIDTH:,} channels", pos_of("alpha"),
+                              "Packed-Ensembles widen layers by 1 to 4 (alpha 2 is the paper's); or give a budget, "
+                              "which picks alpha")
+
+
 def build_method(name: str, options: dict, ops: list, M: int, budget: int | None, budget_pos: Pos | None,
                  where: dict[str, Pos], backbone: int) -> MethodParts:
     """``batch_ensemble``, ``mimo`` or ``packed`` on the elaborated backbone ``ops``. Raises MethodError."""

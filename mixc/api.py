@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -42,6 +43,21 @@ def _value(v: Any) -> str:
     return str(v)
 
 
+def import_path_list(import_paths: Sequence[str | Path] | None) -> list[str | Path]:
+    """``import_paths`` checked as the CLI's repeated ``--import-path``: a list of folder paths, never a string
+    (iterated, ``"/some/dir"`` would allow ``/`` and every letter as a folder)."""
+    if import_paths is None:
+        return []
+    if isinstance(import_paths, (str, bytes, os.PathLike)):
+        raise TypeError(f"import_paths must be a list of folders, not the single path {import_paths!r}; "
+                        f"hint: import_paths=[{str(import_paths)!r}]")
+    items = list(import_paths)
+    bad = [p for p in items if not isinstance(p, (str, os.PathLike)) or not str(p)]
+    if bad:
+        raise TypeError(f"import_paths holds folder paths (str or pathlib.Path), not {bad[0]!r}")
+    return items
+
+
 def load(spec: str | Path, overrides: Overrides = (), import_paths: Sequence[str | Path] = ()):
     """Parse and check a spec (a path, or a zoo name such as ``"wrn28_10"``).
 
@@ -49,7 +65,7 @@ def load(spec: str | Path, overrides: Overrides = (), import_paths: Sequence[str
     """
     from mixc.spec.loader import load_program
 
-    return load_program(spec, override_list(overrides), import_paths=import_paths)
+    return load_program(_spec(spec), override_list(overrides), import_paths=import_path_list(import_paths))
 
 
 def compile(spec: str | Path | Plan, overrides: Overrides = (),  # noqa: A001 - public name
@@ -63,7 +79,7 @@ def compile(spec: str | Path | Plan, overrides: Overrides = (),  # noqa: A001 - 
     from mixc.compiler import compile_program
     from mixc.spec.loader import load_program
 
-    return compile_program(load_program(spec, items, defer=True, import_paths=import_paths))
+    return compile_program(load_program(_spec(spec), items, defer=True, import_paths=import_path_list(import_paths)))
 
 
 def compile_text(text: str, overrides: Sequence[str] = (), name: str = "spec.mix",
@@ -72,7 +88,19 @@ def compile_text(text: str, overrides: Sequence[str] = (), name: str = "spec.mix
     from mixc.compiler import compile_program
     from mixc.spec.loader import load_program
 
-    return compile_program(load_program(name, overrides, defer=True, text=text, import_paths=import_paths))
+    if not isinstance(text, str):  # None would read the file called ``name`` instead
+        raise TypeError(f"compile_text takes the spec's text as a str, not {type(text).__name__}; hint: "
+                        "mixc.compile(path) compiles a file")
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str (used in messages), not {name!r}")
+    return compile_program(load_program(name, override_list(overrides), defer=True, text=text,
+                                        import_paths=import_path_list(import_paths)))
+
+
+def _spec(spec: Any) -> str | Path:
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec):
+        raise TypeError(f"spec is a path or a zoo name (str or pathlib.Path), not {spec!r}")
+    return spec
 
 
 def build(spec: str | Path | Plan, backend: str = "torch", overrides: Overrides | None = None, **keywords: Any):

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -33,7 +32,8 @@ import numpy as np
 
 from mixc.compiler.plan import Plan
 from mixc.errors import MixcError
-from mixc.run_folder import NonFiniteError, RunFolderError, default_mode, non_finite_tensors, parse_header
+from mixc.run_folder import NonFiniteError, RunFolderError, non_finite_tensors, parse_header
+from mixc.safe_write import write_bytes, write_with
 
 FORMAT = "mixc-checkpoint"
 FORMAT_VERSION = "1"
@@ -133,26 +133,10 @@ def check_extra_names(extra: Iterable[str], plan: Plan) -> None:
             raise ValueError(f"extra tensor {name!r} collides with a plan tensor; prefix it, e.g. 'optim.'")
 
 
-def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, move it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, default_mode())  # not mkstemp's 0600: checkpoints are shared like model files
-    os.close(fd)
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+# Checkpoints are written like every other file (mixc/safe_write.py): temporary beside it, fsync, rename,
+# never through a link; the names stay for callers of this module.
+write_atomic = write_with
+write_bytes_atomic = write_bytes
 
 
 def canonical_safetensors(data: bytes) -> bytes:
@@ -164,16 +148,6 @@ def canonical_safetensors(data: bytes) -> bytes:
     header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
     return len(header).to_bytes(8, "little") + header + data[8 + n :]
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """``data`` into ``path`` through :func:`write_atomic` (the file keeps its shareable mode)."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    return write_atomic(path, write)
 
 
 def save_arrays(

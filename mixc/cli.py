@@ -78,10 +78,13 @@ def cmd_compile(args: argparse.Namespace, out: Console) -> int:
         if args.output in (None, "-"):
             sys.stdout.write(text)
         else:
+            from mixc.safe_write import check_output, write_text
+
             path = Path(args.output)
-            if path.is_dir():
+            if path.is_dir() and not path.is_symlink():
                 path = path / "plan.json"
-            _write_atomic(path, text)
+            check_output(path, inputs=[plan.source, args.file], force=True)  # never over the spec it read
+            write_text(path, text)
             out.print(f"wrote {path}", highlight=False)
         return 0
     from mixc.backends import get_backend
@@ -92,13 +95,6 @@ def cmd_compile(args: argparse.Namespace, out: Console) -> int:
     written = backend.write(plan, out_dir, **({"standalone": True} if args.standalone else {}))
     out.print(f"wrote {out_dir / 'plan.json'} and {written}", highlight=False)
     return 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def cmd_zoo(args: argparse.Namespace, out: Console) -> int:

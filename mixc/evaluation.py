@@ -310,15 +310,16 @@ def evaluate_cifar_c(
 def save_eval(folder: Path, result: dict[str, Any]) -> Path:
     """Keep ``result`` in ``folder/eval.json`` for ``mixc report``; corruption results of the same
     checkpoint and data survive a later clean-only evaluation."""
+    from mixc.safe_write import write_json
+
     path = Path(folder) / EVAL_FILE
-    if "corruptions" not in result and path.is_file():
+    if "corruptions" not in result and path.is_file() and not path.is_symlink():
         try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
+            old = json.loads(path.read_bytes().decode("utf-8"))
+        except (ValueError, OSError):  # not UTF-8, not JSON: replaced by this evaluation
+            old = {}
+        if not isinstance(old, dict):
             old = {}
         if old.get("corruptions") and old.get("epoch") == result.get("epoch") and old.get("data") == result.get("data"):
             result = {**result, "corruptions": old["corruptions"]}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(path, result)

@@ -111,15 +111,76 @@ def scan(path: str | os.PathLike) -> ImageFolder:
 # Decoding and transforms (Pillow images in, float32 CHW out)
 
 
-def decode(path: Path, channels: int):  # -> PIL.Image.Image
-    """Open an image with Pillow as RGB (3 channels) or greyscale (1); DataError naming a bad file."""
+#: modes converted as Pillow does (alpha dropped, palette expanded, CMYK and YCbCr to RGB)
+_AS_GREY = {"1": "L", "L": "L", "LA": "L", "La": "L"}
+_AS_COLOUR = {"RGB": "RGB", "RGBA": "RGB", "RGBX": "RGB", "RGBa": "RGB", "CMYK": "RGB", "YCbCr": "RGB"}
+
+
+def _wide_grey(img, path: Path):  # -> PIL.Image.Image in mode L
+    """A 16-bit, 32-bit integer or float greyscale image as 8 bits, scaled by its format's range (Pillow's own
+    ``convert("L")`` clips such values at 255, so a 16-bit image came out nearly white)."""
+    from PIL import Image
+
+    a = np.asarray(img)
+    if img.mode.startswith("I;16") or img.mode == "I":
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise DataError(f"{path}: a 32-bit integer image with values outside 0..65535 (mode {img.mode}), "
+                            "whose scale mixc cannot tell; hint: save it as an 8- or 16-bit PNG")
+        a = a.astype(np.float64) / 65535.0
+    else:  # "F": 32-bit float
+        if a.size and not (np.isfinite(a).all() and a.min() >= 0.0 and a.max() <= 1.0):
+            raise DataError(f"{path}: a floating-point image (mode F) with values outside [0, 1] (or not finite); "
+                            "mixc reads float images as intensities in [0, 1]; hint: rescale it, or save it as an "
+                            "8- or 16-bit PNG")
+    return Image.fromarray(np.round(a * 255.0).astype(np.uint8), "L")
+
+
+def open_image(path: Path, channels: int, strict: bool = False):  # -> PIL.Image.Image
+    """Open an image as RGB (3 channels) or greyscale (1), every mode handled explicitly: 16-bit and float
+    greyscale scaled by their range, palette, alpha, CMYK and YCbCr converted, others refused with the reason.
+
+    ``strict``: a colour image for a grey model (or the reverse) is refused instead of converted. Images
+    beyond Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) are refused before decoding.
+    Every problem is a DataError naming the file.
+    """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB" if channels == 3 else "L")
-    except (UnidentifiedImageError, OSError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a warning below the hard limit
+            with Image.open(path) as img:
+                img.load()
+                mode = img.mode
+                if mode in ("P", "PA"):
+                    img = img.convert("RGBA" if mode == "PA" or "transparency" in img.info else "RGB")
+                if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+                    img = _wide_grey(img, path)
+                target = _AS_GREY.get(img.mode) or _AS_COLOUR.get(img.mode)
+                if target is None:
+                    raise DataError(f"{path}: images of mode {img.mode} are not read by mixc (it reads grey, RGB, "
+                                    "palette, CMYK and YCbCr images, 8 or 16 bits); hint: save it as a PNG in RGB "
+                                    "or greyscale")
+                img = img.convert(target)
+                have = 1 if target == "L" else 3
+                if strict and have != channels:
+                    kind = "grey" if have == 1 else "colour"
+                    want = {1: "grey (one channel)", 3: "colour (three channels)"}.get(channels, f"{channels}-channel")
+                    raise DataError(f"{path} is a {kind} image (mode {mode}), but the model takes {want} images; "
+                                    "hint: convert it to the model's channels yourself (the model was not trained "
+                                    "on the other kind), or pass a .npz of prepared inputs")
+                return img.convert("RGB" if channels == 3 else "L")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"{path}: the image is too large to decode safely (more than {Image.MAX_IMAGE_PIXELS:,} "
+                        "pixels, Pillow's decompression-bomb limit); hint: downscale it, or remove it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{path}: cannot decode this image ({e}); hint: remove or replace the file") from None
+
+
+def decode(path: Path, channels: int):  # -> PIL.Image.Image
+    """Open an image with Pillow as RGB (3 channels) or greyscale (1); DataError naming a bad file."""
+    return open_image(path, channels)
 
 
 def resize_center_crop(img, size: tuple[int, int]):

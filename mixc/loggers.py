@@ -52,12 +52,15 @@ class CsvLogger:
     def log(self, rec: dict[str, Any], lines: list[dict[str, Any]]) -> None:
         rows = [_scalars(m) for m in lines]
         cols = list(dict.fromkeys(k for r in rows for k in r))
-        tmp = self.path.with_name(".metrics.csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(rows)
-        tmp.replace(self.path)
+        from mixc.safe_write import write_with
+
+        def fill(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=cols)
+                w.writeheader()
+                w.writerows(rows)
+
+        write_with(self.path, fill)
 
     def close(self) -> None:
         pass

@@ -36,11 +36,15 @@ def _pyplot():
 
 
 def _save(fig: Any, path: str | Path) -> Path:
+    from mixc.safe_write import write_with
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=200, bbox_inches="tight")
-    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")  # every figure also as PDF, for papers
-    _pyplot().close(fig)
+    try:
+        write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=200, bbox_inches="tight"))
+        # every figure also as PDF, for papers
+        write_with(path.with_suffix(".pdf"), lambda tmp: fig.savefig(tmp, format="pdf", bbox_inches="tight"))
+    finally:
+        _pyplot().close(fig)
     return path
 
 

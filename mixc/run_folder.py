@@ -35,7 +35,6 @@ import os
 import re
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -46,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mixc.compiler.plan import Plan, PlanFileError, read_plan
 from mixc.spec.recipe import Recipe
 from mixc.errors import MixcError
+from mixc.safe_write import append_text, copy_file, open_nofollow, write_json, write_text
 
 __all__ = [
     "CHECKPOINT", "METRICS", "CONFIG", "PLAN", "LOCK", "FORMAT", "SUPPORTED_FORMAT_VERSIONS",
@@ -363,37 +363,8 @@ def non_finite_metrics(rec: dict[str, Any]) -> list[str]:
 # Writing files
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a temporary ``.<name>.<random>.tmp`` beside ``path``, fsync it, rename it over ``path``.
-
-    Readers never see half a file; a crash leaves at most the temporary, which
-    :func:`clean_temporaries` removes on the next start.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, default_mode())  # mkstemp's 0600 would hide the file from the people it is shared with
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def default_mode() -> int:
-    """The mode ``open()`` would give a new file: 0o666 less the umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
+# Every write goes through mixc/safe_write.py (temporary beside the file, fsync, rename; no links followed).
+write_text_atomic = write_text
 
 
 _TEMPORARY = re.compile(
@@ -459,7 +430,7 @@ class RunLock:
             self.log(f"no fcntl here: {self.path.parent} is not locked against a second writer")
             return self
         for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -522,10 +493,30 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+#: the names `mixc train` and `mixc eval` write in a run folder (besides epoch-NNNN.safetensors)
+WRITTEN = (PLAN, CONFIG, METRICS, CHECKPOINT, BEST, LOCK, "eval.json", "metrics.csv", "curves.png", "curves.pdf",
+           "tensorboard")
+
+
+def linked_files(out: Path) -> list[Path]:
+    """The files of run folder ``out`` that mixc writes and that are symbolic links (a write would follow them)."""
+    if not out.is_dir():
+        return []
+    names = [out / n for n in WRITTEN] + sorted(out.glob("epoch-[0-9][0-9][0-9][0-9].safetensors"))
+    return [p for p in names if p.is_symlink()]
+
+
 def check_run_folder(out: Path, plan: Plan) -> None:
-    """Refuse a folder that is a file or holds another spec's run, naming both."""
+    """Refuse a folder that is a file, holds links where mixc writes, or holds another spec's run, naming them."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file, not a folder; hint: pass a folder for the run's files")
+    links = linked_files(out)
+    if links:
+        raise TrainError(
+            f"the run folder {out} holds symbolic links where mixc writes its files ({', '.join(map(str, links))}); "
+            "writing through them would overwrite files outside the run folder; hint: remove the links (or "
+            "replace them with the files themselves), or pass another --out folder"
+        )
     old_path = out / PLAN
     if not old_path.exists():
         return
@@ -715,8 +706,7 @@ class RunWriter:
         except NonFiniteError as e:
             raise TrainError(f"training diverged in epoch {epoch}: {e}; {kept}; {hint}") from None
         self.saved_epoch = epoch
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_text(self.metrics_path, json.dumps(rec) + "\n")
 
     def keep_best(self, rec: dict[str, Any], metric: str) -> bool:
         """Copy this epoch's checkpoint to ``best.safetensors`` if its ``val_<metric>`` beats every earlier
@@ -730,7 +720,7 @@ class RunWriter:
         earlier = [v for v in earlier if v is not None]
         if earlier and not (value > max(earlier) if higher else value < min(earlier)):
             return False
-        copy_atomic(self.ckpt, self.out / BEST)
+        copy_file(self.ckpt, self.out / BEST)
         return True
 
     def keep_last(self, epoch: int, keep: int) -> list[Path]:
@@ -738,24 +728,11 @@ class RunWriter:
         older than the last ``keep`` epochs (``checkpoint.safetensors`` is always the last). Returns the kept copies."""
         if keep <= 1:
             return []
-        copy_atomic(self.ckpt, self.out / f"epoch-{epoch:04d}.safetensors")
+        copy_file(self.ckpt, self.out / f"epoch-{epoch:04d}.safetensors")
         copies = sorted(self.out.glob("epoch-[0-9][0-9][0-9][0-9].safetensors"))
         for old in copies[:-keep]:
             old.unlink()
         return copies[-keep:]
-
-
-def copy_atomic(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` through a temporary and a rename, so a reader never sees half a checkpoint."""
-    import shutil
-
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, default_mode())
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------

@@ -192,6 +192,12 @@ def parse_seeds(text: str | None) -> list[int] | None:
         raise SweepError(f"--seeds takes comma-separated whole numbers (e.g. 0,1,2), not {text!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise SweepError(f"--seeds needs at least one seed and no repeats, not {text!r}")
+    from mixc.spec.recipe import MAX_SEED
+
+    bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if bad:
+        raise SweepError(f"--seeds {text}: a seed is a whole number from 0 to {MAX_SEED:,} (2**32 - 1), not {bad[0]:,}; "
+                         "hint: --seeds 0,1,2")
     return seeds
 
 
@@ -371,19 +377,18 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
 def write_outputs(rows: list[dict[str, Any]], out: Path, title: str, plots: bool = True) -> list[Path]:
     """``sweep.md``, ``sweep.csv``, ``sweep.json`` and the PNGs (``sweep.png``; ``sweep_members.png`` when
     several member counts were trained)."""
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    md = out / "sweep.md"
-    md.write_text(markdown(rows, title))
-    written.append(md)
-    path = out / "sweep.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    written.append(path)
-    (out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
-    written.append(out / "sweep.json")
+    from mixc.safe_write import write_text, write_with
+
+    written = [write_text(out / "sweep.md", markdown(rows, title))]
+
+    def fill(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    written.append(write_with(out / "sweep.csv", fill))
+    written.append(write_text(out / "sweep.json", json.dumps(rows, indent=1) + "\n"))
     if plots and any(r["accuracy"] is not None for r in rows):
         from mixc.plots import sweep_members_plot, sweep_params_plot
 

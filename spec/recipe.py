@@ -13,8 +13,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+#: seeds are 0 .. 2**32 - 1: what every framework's generator takes (numpy, torch, jax), and what resume compares
+MAX_SEED = 2**32 - 1
+
+
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # every float of a recipe is finite (lr=inf would train NaNs from the first step; the bounds below say the rest)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Optimizer(_Model):
@@ -56,7 +61,7 @@ class Recipe(_Model):
     )
     # auto: crop_flip at 32x32, random_resized_crop above 32 pixels a side, none otherwise (mixc.data.default_augment)
     augment: Literal["auto", "none", "crop_flip", "random_resized_crop"] = "auto"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     # A seeded share of the training set held out for validation (per-epoch val metrics, best.safetensors);
     # 0: none (a dataset's own validation split, e.g. an image folder's val/, is used when it has one).
     val_fraction: float = Field(0.0, ge=0, lt=1)

@@ -340,8 +340,6 @@ def test_truncated_last_line_is_dropped_on_resume_and_named_by_readers(run, caps
 
 def test_kill_between_checkpoint_and_append_then_resume(tmp_path, base, monkeypatch):
     """The literal crash: epoch 1's checkpoint is renamed into place, the process dies before the append."""
-    import builtins
-
     import mixc
     from mixc import run_folder
     from mixc.backends.torch.train import train
@@ -354,12 +352,10 @@ def test_kill_between_checkpoint_and_append_then_resume(tmp_path, base, monkeypa
     recipe = Recipe.model_validate({**plan.train, "epochs": 2, "batch": 32})
     out = tmp_path / "r"
 
-    def dies_on_append(path, mode="r", *a, **k):
-        if mode == "a":
-            raise KeyboardInterrupt  # SIGINT/SIGKILL right after the checkpoint's rename
-        return builtins.open(path, mode, *a, **k)
+    def dies_on_append(path, text):
+        raise KeyboardInterrupt  # SIGINT/SIGKILL right after the checkpoint's rename
 
-    monkeypatch.setattr(run_folder, "open", dies_on_append, raising=False)
+    monkeypatch.setattr(run_folder, "append_text", dies_on_append)
     with pytest.raises(KeyboardInterrupt):
         train(plan, recipe, out_dir=out, data=data, progress=False)
     monkeypatch.undo()

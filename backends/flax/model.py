@@ -55,6 +55,9 @@ def build(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    from mixc.backends.base import check_fits_in_memory
+
+    check_fits_in_memory(plan)
     graphdef, init = _initializer(plan, layout, jnp.dtype(dtype or jnp.float32), platform)
     key = rngs.params() if rngs is not None else jax.random.key(seed)
     return nnx.merge(graphdef, init(key))

@@ -9,11 +9,13 @@ number of workers, and an epoch replays exactly on resume.
 from __future__ import annotations
 
 import sys
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mixc.data import DataError
 from mixc.imagefolder import FolderReader, FolderSplit
 
 __all__ = ["FolderDataset", "folder_loader"]
@@ -34,6 +36,25 @@ class FolderDataset(Dataset):
         return torch.from_numpy(x), y
 
 
+class _Loader(DataLoader):
+    """A DataLoader whose workers' DataErrors reach the user as the one paragraph they were, naming the file."""
+
+    def __iter__(self):  # noqa: ANN204 - a generator over the batches
+        return _plain_errors(super().__iter__())
+
+
+def _plain_errors(batches: Any) -> Iterator[Any]:
+    """Re-raise a worker's DataError without torch's "Caught ... Original Traceback" wrapping."""
+    try:
+        yield from batches
+    except DataError as e:
+        text = str(e)
+        if "Original Traceback" not in text:
+            raise
+        # the traceback's last entry: "mixc.data.DataError: <the message>"
+        raise DataError(text.rsplit("DataError: ", 1)[-1].strip()) from None
+
+
 def folder_loader(split: FolderSplit, input_shape: list[int], *, train: bool, batch: int, workers: int,
                   seed: int = 0, epoch: int = 0, pin_memory: bool | None = None,
                   random_crop: bool | None = None) -> DataLoader:
@@ -44,7 +65,7 @@ def folder_loader(split: FolderSplit, input_shape: list[int], *, train: bool, ba
     # fork() after jax has started its threads can deadlock the child (jax warns): spawn workers then
     context = "spawn" if workers and "jax" in sys.modules else None
     order = np.random.default_rng([seed, epoch]).permutation(len(ds)) if train else np.arange(len(ds))
-    return DataLoader(ds, batch_size=batch, sampler=order.tolist(), num_workers=workers,
+    return _Loader(ds, batch_size=batch, sampler=order.tolist(), num_workers=workers,
                       pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                       drop_last=train, persistent_workers=False, prefetch_factor=4 if workers else None,
                       multiprocessing_context=context)

@@ -41,6 +41,13 @@ def build(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    from mixc.backends.base import check_fits_in_memory
+
+    check_fits_in_memory(plan)
+    if device is not None:
+        from mixc.backends.torch.predict import torch_device
+
+        device = torch_device(device)  # a clear BackendError for "bogus" or a missing GPU, not torch's own
     mod = generated.importable(emit_source(plan), plan, "torch")  # importable: pickle and deepcopy work
     model = getattr(mod, class_name(plan))(layout=layout, channels_last=channels_last)
     if device is not None or dtype is not None:

@@ -125,10 +125,7 @@ def run(args: argparse.Namespace) -> int:
             result["corruptions_of"] = data
     written: list[Path] = []
     if args.save_predictions and probs is not None:
-        path = Path(args.save_predictions)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, member_probs=probs.astype(np.float32), labels=labels.astype(np.int64))
-        written.append(path)
+        written.append(_save_predictions(Path(args.save_predictions), probs, labels))
     elif args.save_predictions:
         err.print(f"mixc eval: no clean {data} test set loaded, so no predictions saved", markup=False)
     if args.plot is not None:
@@ -217,3 +214,14 @@ def _print(result: dict[str, Any], written: list[Path]) -> None:
         console.print(f"pixel scale: {corr['pixel_scale']}")
     if written:
         console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _save_predictions(path: Path, probs: np.ndarray, labels: np.ndarray) -> Path:
+    """``member_probs`` and ``labels`` into ``path`` (a .npz), through the one write rule (no links, atomic)."""
+    from mixc.safe_write import write_with
+
+    def fill(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: numpy adds no suffix
+            np.savez_compressed(f, member_probs=probs.astype(np.float32), labels=labels.astype(np.int64))
+
+    return write_with(path, fill)

@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the file (onnx, torch-export) or folder "
                    "(members) to write")
     p.add_argument("--plan", help="the plan of a checkpoint without plan.json beside it")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT that an earlier export did not "
+                   "write (never one of the run's own files)")
     p.add_argument("--data", help="the data the export is checked on (default: the run's own test set)")
     p.add_argument("--data-dir", help="folder holding the cifar archives")
     p.add_argument("--check-samples", type=int, default=1000, metavar="N",
@@ -149,7 +148,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         _need_onnx()
     out = Path(args.output)
-    check_output(args.format, out)  # before the (slow) model load and check
+    check_output(args.format, out, _run_files(args.target, args.plan), args.force)  # before the (slow) load
     backend = get_backend(args.backend, "eval")
     if args.format != "members" and args.format not in backend.capabilities.export_formats:
         able = [n for n in names() if args.format in get_backend(n).capabilities.export_formats]
@@ -174,17 +173,44 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_output(fmt: str, out: Path) -> None:
-    """A file for onnx/torch-export; for members a new folder, an empty one, or a previous members export."""
+def _run_files(target: str, plan: str | None) -> list[Path]:
+    """The files of the run being exported (its checkpoint, plan and every file mixc train or eval writes)."""
+    from mixc.run_folder import WRITTEN
+
+    path = Path(target)
+    folder = path if path.is_dir() else path.parent
+    files = [folder / n for n in WRITTEN] + sorted(folder.glob("epoch-[0-9][0-9][0-9][0-9].safetensors"))
+    return files + [path] + ([Path(plan)] if plan else [])
+
+
+def _exported_before(out: Path) -> bool:
+    """Whether ``out`` is a file an earlier `mixc export` wrote: its manifest beside it lists it."""
+    from mixc.export import ExportManifest
+
+    manifest = out.with_name(out.name + ".json")
+    try:
+        return out.name in ExportManifest.model_validate_json(manifest.read_bytes()).files
+    except (OSError, ValueError):
+        return False
+
+
+def check_output(fmt: str, out: Path, inputs: list[Path] = (), force: bool = False) -> None:
+    """A file for onnx/torch-export (new, an earlier export's, or any with ``force``); for members a new folder,
+    an empty one, or a previous members export. Never a link, nor one of the run's files."""
     from mixc.export import ExportError
+    from mixc.safe_write import check_output as check
 
     if fmt != "members":
-        if out.is_dir():
+        if out.is_dir() and not out.is_symlink():
             raise ExportError(f"-o {out} is a folder; --format {fmt} writes one file; hint: -o "
                               f"{out / ('model' + _SUFFIX[fmt])}")
+        for path in (out, out.with_name(out.name + ".json")):  # the file and its manifest
+            check(path, inputs=inputs, force=force or _exported_before(out))
         return
+    check(out, inputs=inputs, force=True, folder_ok=True)
     if out.exists() and not out.is_dir():
         raise ExportError(f"-o {out} is a file; --format members writes a folder; hint: -o {out.with_suffix('')}")
+    check(out / "export.json", inputs=inputs, force=True)
     if out.is_dir() and any(out.iterdir()) and not (out / "export.json").is_file():
         raise ExportError(f"-o {out} is a folder that holds other files; --format members replaces its folder "
                           "whole; hint: name a new or empty folder (or one a previous members export wrote)")
@@ -196,14 +222,14 @@ def _export_graph(backend: Any, fmt: str, run_: Any, arrays: dict[str, np.ndarra
     from mixc.export import ExportError, compose_all
 
     _quiet_exporters()
+    from mixc.safe_write import write_with
+
     composed = compose_all(run_.plan, arrays)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # the temporary keeps the format's suffix: torch.export.save/load warn about any other
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=f".tmp{_SUFFIX[fmt]}")
-    os.close(fd)
-    tmp = Path(tmp_name)
     what = "the ONNX export (run by onnxruntime)" if fmt == "onnx" else f"the {fmt} program"
-    try:
+    result: list[Any] = []
+
+    def fill(tmp_name: str) -> None:
+        tmp = Path(tmp_name)
         try:
             exporter, opset = backend.export_graph(run_.plan, composed, fmt, tmp)
             runner = backend.graph_runner(fmt, tmp)
@@ -214,18 +240,11 @@ def _export_graph(backend: Any, fmt: str, run_: Any, arrays: dict[str, np.ndarra
                               f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); nothing was "
                               "written; hint: try another --format") from e
         got, ens = _run_both(runner, x, batch)
-        diff = _compare(what, got, want, ens)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, out)
-        return diff, exporter, opset
-    finally:
-        tmp.unlink(missing_ok=True)
+        result.extend([_compare(what, got, want, ens), exporter, opset])
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    # the temporary keeps the format's suffix: torch.export.save/load warn about any other
+    write_with(out, fill, suffix=f".tmp{_SUFFIX[fmt]}")
+    return result[0], result[1], result[2]
 
 
 def _run_both(runner: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], x: np.ndarray,
@@ -244,6 +263,7 @@ def _export_members(backend_name: str, run_: Any, arrays: dict[str, np.ndarray],
     import mixc
     from mixc.checkpoint_format import save_arrays
     from mixc.evaluation import load_predictor
+    from mixc.safe_write import replace_folder, write_text
     from mixc.export import (ExportError, check_member_method, check_plain_plan, compose_member, member_tensors,
                              plain_plan_overrides)
 
@@ -251,35 +271,28 @@ def _export_members(backend_name: str, run_: Any, arrays: dict[str, np.ndarray],
     spec, overrides = run_.spec_and_overrides()
     plain = mixc.compile(spec, plain_plan_overrides(overrides, run_.plan.method.name))
     check_plain_plan(run_.plan, plain)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        (tmp / "plain_plan.json").write_text(plain.to_json() + "\n")
-        files = ["plain_plan.json"]
-        diff = 0.0
+    files = ["plain_plan.json"]
+    diffs = [0.0]
+
+    def fill(tmp: Path) -> None:
+        write_text(tmp / "plain_plan.json", plain.to_json() + "\n")
         for m in range(run_.plan.members):
             name = f"member_{m}.safetensors"
             tensors = member_tensors(plain, compose_member(run_.plan, arrays, m))
             meta = {"exported_from": str(run_.label), "member": str(m), "of_spec_hash": run_.plan.spec_hash}
             save_arrays(tmp / name, tensors, plain, run_.epoch, metadata=meta)
-            os.chmod(tmp / name, 0o666 & ~_umask())  # safetensors recreates the file 0600; members are shared
             predict = load_predictor(backend_name, plain, tmp / name, batch_size=batch)
-            diff = max(diff, _compare(f"member {m}'s plain checkpoint", predict(x), want[:, m : m + 1], None))
+            diffs.append(_compare(f"member {m}'s plain checkpoint", predict(x), want[:, m : m + 1], None))
             files.append(name)
-        os.chmod(tmp, 0o777 & ~_umask())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return diff, files, "numpy composition (mixc.export) into the plain backbone's tensors"
+
+    replace_folder(out, fill)  # refuses a link at OUT: the old folder is removed only when it is a real one
+    return max(diffs), files, "numpy composition (mixc.export) into the plain backbone's tensors"
 
 
 def _write_manifest(path: Path, fmt: str, run_: Any, exporter: str, opset: int | None, described: str, n: int,
                     diff: float, files: list[str], scale: Any) -> None:
     from mixc.export import ExportManifest
-    from mixc.run_folder import write_text_atomic
+    from mixc.safe_write import write_text
 
     outputs = (["member_probs [B, M, classes]", "ensemble_probs [B, classes]"] if fmt != "members"
                else [f"member_i.safetensors: logits [B, 1, classes] of the plain backbone"])
@@ -294,4 +307,4 @@ def _write_manifest(path: Path, fmt: str, run_: Any, exporter: str, opset: int |
         pixel_mean=None if scale is None else [float(v) for v in scale.mean],
         pixel_std=None if scale is None else [float(v) for v in scale.std],
     )
-    write_text_atomic(path, m.model_dump_json(indent=1) + "\n")
+    write_text(path, m.model_dump_json(indent=1) + "\n")

@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from mixc.evaluation import EvalError, load_test_set, open_run, resolve_data
     from mixc.interpolation import interpolate
     from mixc.plots import interpolation_plot
+    from mixc.safe_write import refuse_link, write_with
 
     get_backend(args.backend, "interpolate")  # the install hint before any work
     if args.batch_size < 1:
@@ -61,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
     if labels is not None and len(labels) != len(args.runs):
         raise EvalError(f"--labels names {len(labels)} curves for {len(args.runs)} runs")
     runs = [open_run(r) for r in args.runs]
+    out = Path(args.out) if args.out else (runs[0].folder if len(runs) == 1 else Path("."))
+    for name in ("interpolation.csv", "interpolation.png", "interpolation.pdf"):  # refused before the work
+        refuse_link(out / name)
     i, j = args.members
     results = []
     for k, r in enumerate(runs):
@@ -74,16 +78,18 @@ def run(args: argparse.Namespace) -> int:
         res["data"] = f"{name} {args.split}"
         results.append(res)
 
-    out = Path(args.out) if args.out else (runs[0].folder if len(runs) == 1 else Path("."))
-    out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "interpolation.csv"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["run", "label", "params", "member_i", "member_j", "bn", "t", "accuracy", "nll", "ece"])
-        for res in results:
-            for p in res["points"]:
-                w.writerow([res["run"], res["label"], res["params"], i, j, res["bn"], f"{p['t']:.4f}",
-                            f"{p['accuracy']:.6f}", f"{p['nll']:.6f}", f"{p['ece']:.6f}"])
+
+    def fill(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["run", "label", "params", "member_i", "member_j", "bn", "t", "accuracy", "nll", "ece"])
+            for res in results:
+                for p in res["points"]:
+                    w.writerow([res["run"], res["label"], res["params"], i, j, res["bn"], f"{p['t']:.4f}",
+                                f"{p['accuracy']:.6f}", f"{p['nll']:.6f}", f"{p['ece']:.6f}"])
+
+    write_with(csv_path, fill)
     curves = [{"label": f"{res['label']} ({res['params']:,} params)", "t": [p["t"] for p in res["points"]],
                "accuracy": [p["accuracy"] for p in res["points"]], "nll": [p["nll"] for p in res["points"]]}
               for res in results]

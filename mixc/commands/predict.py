@@ -99,32 +99,20 @@ def read_npz(path: Path, input_shape: list[int]) -> Inputs:
 def _image_pixels(path: Path, input_shape: list[int]) -> np.ndarray:
     """One image as pixels in [0, 1], [C, H, W], resized to the plan's size; its channels must match."""
     try:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
     except ImportError as e:
         raise DataError(f"reading images needs Pillow, which is not importable here ({e}); hint: pip install pillow, "
                         "or pass a .npz of inputs") from e
+    from mixc.imagefolder import open_image
+
     c, h, w = input_shape
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode == "P":
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-            bands = [b for b in im.getbands() if b != "A"]
-            if len(bands) != c or (c not in (1, 3)):
-                kind = "grey" if len(bands) == 1 else "colour" if len(bands) == 3 else f"{len(bands)}-band"
-                want = {1: "grey (one channel)", 3: "colour (three channels)"}.get(c, f"{c}-channel")
-                raise DataError(f"{path} is a {kind} image (mode {mode}), but the model takes {want} images; "
-                                "hint: convert it to the model's channels yourself (the model was not trained on "
-                                "the other kind), or pass a .npz of prepared inputs")
-            im = im.convert("L" if c == 1 else "RGB")
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.Resampling.BILINEAR)
-            a = np.asarray(im, dtype=np.float32) / 255.0
-    except DataError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"cannot read {path} as an image ({e}); hint: pass PNG/JPEG files, or a .npz of inputs") from e
+    if c not in (1, 3):
+        raise DataError(f"{path}: the model takes {c}-channel images, which no image file holds; hint: pass a .npz "
+                        "of prepared inputs")
+    im = open_image(path, c, strict=True)  # every mode explicitly, 16-bit scaled; DataError naming the file
+    if im.size != (w, h):
+        im = im.resize((w, h), Image.Resampling.BILINEAR)
+    a = np.asarray(im, dtype=np.float32) / 255.0
     return a[None] if c == 1 else a.transpose(2, 0, 1)
 
 
@@ -206,13 +194,27 @@ def _run(args: argparse.Namespace) -> int:
     if not args.output and not args.json:
         raise DataError("nothing to do: pass -o OUT.npz to write the predictions, or --json to print them")
     run_ = open_run(args.target, args.plan)
+    out = None
+    if args.output:
+        from mixc.commands.export import _run_files
+        from mixc.safe_write import check_output
+
+        out = Path(args.output)
+        check_output(out, force=True)  # a folder, a link, or below a file: refused as named
+        out = out if out.suffix == ".npz" else out.with_name(out.name + ".npz")  # numpy's rule, said up front
+        given = Path(args.input)
+        check_output(out, inputs=[*_run_files(args.target, args.plan), given], force=True)
     inputs = read_inputs(run_, args.input, args.data, args.data_dir)  # the inputs before the (slow) model load
     predict = load_predictor(args.backend, run_.plan, run_.checkpoint, device=args.device, batch_size=args.batch_size)
     res = summarise_predictions(np.asarray(predict(inputs.x)))
-    if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(out, **res, names=np.array(inputs.names))
+    if out is not None:
+        from mixc.safe_write import write_with
+
+        def fill(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: numpy adds no suffix to it
+                np.savez_compressed(f, **res, names=np.array(inputs.names))
+
+        write_with(out, fill)
     if args.json:
         shown = [{"input": inputs.names[i], "predicted": int(res["predicted"][i]),
                   "confidence": round(float(res["confidence"][i]), 6),
@@ -221,9 +223,9 @@ def _run(args: argparse.Namespace) -> int:
                   "ensemble_probs": [round(float(p), 6) for p in res["ensemble_probs"][i]]}
                  for i in range(min(max(args.show, 0), len(inputs.names)))]
         print(json.dumps({"run": run_.label, "inputs": len(inputs.names), "preprocessing": inputs.preprocessing,
-                          "written": args.output, "predictions": shown}, indent=1))
+                          "written": None if out is None else str(out), "predictions": shown}, indent=1))
     else:
         print(f"{len(inputs.names)} input(s) ({inputs.preprocessing}); mean confidence "
               f"{float(res['confidence'].mean()):.3f}, mean disagreement {float(res['disagreement'].mean()):.3f}; "
-              f"wrote {args.output}")
+              + (f"wrote {out}" if out is not None else "nothing written"))
     return 0

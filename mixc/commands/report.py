@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -188,8 +189,16 @@ def markdown(rows: list[dict[str, Any]], reference_label: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run `mixc report`; returns the exit code (errors are ``MixcError``s for cli.main)."""
     from mixc.evaluation import EvalError, open_run
+    from mixc.safe_write import check_output, write_text, write_with
 
     runs = [open_run(r) for r in args.runs]
+    seen: dict[str, str] = {}
+    for given, r in zip(args.runs, runs):  # one run given twice would count as two seeds of one experiment
+        key = os.path.realpath(r.checkpoint)
+        if key in seen:
+            raise EvalError(f"the run {given} is given twice (also as {seen[key]}); each run counts once (runs "
+                            "that differ only in their seed are averaged); hint: name each run folder once")
+        seen[key] = given
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     if labels is not None and len(labels) != len(runs):
         raise EvalError(f"--labels names {len(labels)} methods for {len(runs)} runs")
@@ -200,19 +209,23 @@ def run(args: argparse.Namespace) -> int:
     rows = build_rows(runs, labels, reference)
     if not args.per_seed and labels is None:
         rows = aggregate_seeds(rows, [seed_key(r) for r in runs])
+    inputs = [p for r in runs for p in sorted(r.folder.iterdir()) if p.is_file()]
     if args.csv:
-        path = Path(args.csv)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-            w.writeheader()
-            w.writerows(rows)
+        check_output(args.csv, inputs=inputs, force=True, option="--csv")
+
+        def fill(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+                w.writeheader()
+                w.writerows(rows)
+
+        write_with(args.csv, fill)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
         text = markdown(rows, reference.label)
         print(text, end="")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(markdown(rows, reference.label))
+        check_output(args.out, inputs=inputs, force=True, option="--out")
+        write_text(args.out, markdown(rows, reference.label))
     return 0

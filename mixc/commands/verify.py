@@ -49,6 +49,11 @@ def _space(args: argparse.Namespace, explicit: bool):
         tpl = parse_range(args.templates_per_layer, "--templates-per-layer", _int)
     except RangeError as e:
         raise _Usage(str(e)) from None
+    from mixc.spec.sections import MAX_MEMBERS
+
+    if members[1] > MAX_MEMBERS:  # an option out of range, not a broken invariant of the spec
+        raise _Usage(f"--members {args.members}: a spec has at most {MAX_MEMBERS:,} members; hint: a range "
+                     f"within 1..{MAX_MEMBERS}, e.g. --members 1..8")
     policies = tuple(x.strip() for x in args.policies.split(",") if x.strip())
     bad = [x for x in policies if x not in ("shared", "greedy_disjoint")]
     if bad or not policies:
