@@ -24,7 +24,7 @@ import numpy as np
 from mixc.compiler.plan import Plan, PlanFileError, read_plan
 from mixc.data import DataError, Dataset, check_compatible, load_dataset
 from mixc.errors import MixcError
-from mixc.metrics import ece, evaluate, member_summary, nll, accuracy, brier
+from mixc.metrics import adaptive_ece, classwise_ece, ece, evaluate, member_summary, nll, accuracy, brier
 from mixc.run_folder import RunFolderError, parse_header, read_config, read_header, read_metrics, read_raw_header
 from mixc.run_folder import last_metrics as _last_metrics
 
@@ -36,6 +36,7 @@ __all__ = [
     "Predictor",
     "load_predictor",
     "summarise",
+    "calibration_summary",
     "evaluate_corruptions",
     "evaluate_cifar_c",
     "resolve_data",
@@ -198,8 +199,19 @@ def load_predictor(
 
 
 def summarise(member_probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """``mixc.metrics.evaluate`` plus the mean member accuracy and the best member."""
-    return {**evaluate(member_probs, labels), **member_summary(member_probs, labels)}
+    """``mixc.metrics.evaluate`` plus the ensemble's adaptive and classwise ECE, the mean member accuracy and the
+    best member."""
+    ens = np.asarray(member_probs, dtype=np.float64).mean(axis=1)
+    calib = {"adaptive_ece": adaptive_ece(ens, labels), "classwise_ece": classwise_ece(ens, labels)}
+    return {**evaluate(member_probs, labels), **calib, **member_summary(member_probs, labels)}
+
+
+def calibration_summary(member_probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The ensemble's accuracy, NLL, the three ECEs and Brier: the before/after columns of a temperature."""
+    ens = np.asarray(member_probs, dtype=np.float64).mean(axis=1)
+    return {"accuracy": accuracy(ens, labels), "nll": nll(ens, labels), "ece": ece(ens, labels),
+            "adaptive_ece": adaptive_ece(ens, labels), "classwise_ece": classwise_ece(ens, labels),
+            "brier": brier(ens, labels)}
 
 
 def _short(member_probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
