@@ -155,3 +155,30 @@ def test_calibrate_option_and_data_errors(digits_run, capsys, tmp_path):
     cal.write_text(json.dumps({"temperature": "hot"}))
     rc, _, err = _cli(capsys, "predict", tmp_path / "run2" / "r", bad, "--json")
     assert rc == 1 and "calibration.json" in err and "temperature" in err
+
+
+def test_report_and_sweep_carry_the_uncertainty_columns(digits_run, capsys, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    rc, out, err = _cli(capsys, "eval", run, "--json", "--threads", "1", "--ood", "noise")
+    assert rc == 0, err
+    ev = json.loads(out)
+    rc, out, err = _cli(capsys, "report", run, "--json")
+    assert rc == 0, err
+    row = json.loads(out)[0]
+    assert row["ood_auroc"] == ev["ood"]["sets"]["noise"]["scores"]["msp"]["auroc"] and row["ood_sets"] == "noise"
+    assert row["aurc"] == ev["selective"]["aurc"] and row["adaptive_ece"] == ev["clean"]["adaptive_ece"]
+    assert row["temperature"] is None  # never calibrated
+    rc, out, _ = _cli(capsys, "report", run)
+    assert "OOD AUROC" in out and "AURC" in out and "(noise)" in out and "NLL (T)" not in out
+
+    from mixc.compiler.plan import read_plan
+    from mixc.run_folder import last_metrics
+    from mixc.sweep import Point, _row, markdown
+
+    point = Point("p", "ensemble", "1x", 4, [], plan=read_plan(run / "plan.json"))
+    r = _row(point, last_metrics(run), "done before", run)
+    assert r["ood_auroc"] == row["ood_auroc"] and r["aurc"] == row["aurc"]
+    assert "OOD AUROC" in markdown([r], "t")
+    (run / "eval.json").write_text("{not json")  # a damaged eval.json: the columns are left empty, no error
+    assert _row(point, last_metrics(run), "done before", run)["ood_auroc"] is None
