@@ -325,10 +325,13 @@ class Backend:
         only (no ``member_logits``): `mixc eval --ood` then leaves the logit scores out, saying so."""
         from mixc.checkpoint_format import read_plan_arrays
 
-        arrays, _, _ = read_plan_arrays(checkpoint, plan)
-        runner = self.runner(plan, device=device, batch_size=batch_size)
+        try:
+            runner = self.runner(plan, device=device, batch_size=batch_size)
+        except NotImplementedError:  # a backend that only overrides load_predictor
+            return None
         if not hasattr(runner, "member_logits"):
             return None
+        arrays, _, _ = read_plan_arrays(checkpoint, plan)
         runner.load_arrays(arrays)
         return lambda x: runner.member_logits(np.asarray(x, dtype=np.float32))
 

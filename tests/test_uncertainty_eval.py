@@ -182,3 +182,38 @@ def test_report_and_sweep_carry_the_uncertainty_columns(digits_run, capsys, tmp_
     assert "OOD AUROC" in markdown([r], "t")
     (run / "eval.json").write_text("{not json")  # a damaged eval.json: the columns are left empty, no error
     assert _row(point, last_metrics(run), "done before", run)["ood_auroc"] is None
+
+
+def test_logits_from_the_backend_or_a_note_without_them(digits_run, capsys, monkeypatch):
+    import mixc.backends
+    from mixc.backends import get_backend
+    from mixc.backends.base import Backend
+    from mixc.evaluation import load_predictor, open_run
+
+    r = open_run(digits_run)
+    x = np.random.default_rng(0).normal(size=(5, 1, 8, 8)).astype(np.float32)
+    z = get_backend("torch").load_logit_predictor(r.plan, r.checkpoint)(x)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    np.testing.assert_allclose(e / e.sum(-1, keepdims=True), load_predictor("torch", r.plan, r.checkpoint)(x), atol=1e-6)
+
+    class NoRunner(Backend):  # a third-party backend that only overrides load_predictor
+        name = "no-runner"
+
+    assert NoRunner().load_logit_predictor(r.plan, r.checkpoint) is None
+    torch_backend = get_backend("torch")
+
+    class ProbsOnly:
+        def __getattr__(self, name):
+            return getattr(torch_backend, name)
+
+        def load_logit_predictor(self, *a, **k):
+            return None
+
+    real = mixc.backends.get_backend
+    monkeypatch.setattr(mixc.backends, "get_backend",
+                        lambda name, command=None: ProbsOnly() if name == "torch" else real(name, command))
+    rc, out, err = _cli(capsys, "eval", digits_run, "--json", "--no-save", "--threads", "1", "--ood", "noise")
+    assert rc == 0, err
+    ood = json.loads(out)["ood"]
+    assert "probabilities only" in ood["note"] and set(ood["sets"]["noise"]["scores"]) == {
+        "msp", "entropy", "mutual_information", "disagreement"}

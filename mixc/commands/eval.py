@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
             result["corruptions"] = evaluate_corruptions(predict, dataset, names, severities, args.seed, on_step=step)
         if cifar_c:
             result["corruptions_of"] = data
-        result.update(_uncertainty(args, run_, dataset, probs, ood_sets, data, err))
+        result.update(_uncertainty(args, run_, dataset, probs, ood_sets, data, err, predict))
     written: list[Path] = []
     if args.save_predictions and probs is not None:
         written.append(_save_predictions(Path(args.save_predictions), probs, labels))
@@ -159,7 +159,7 @@ def _head(run_: Any, args: argparse.Namespace, data: str) -> dict[str, Any]:
 
 
 def _uncertainty(args: argparse.Namespace, run_: Any, dataset: Any, probs: np.ndarray, ood_sets: list[Any],
-                 data: str, err: Any) -> dict[str, Any]:
+                 data: str, err: Any, predict: Any) -> dict[str, Any]:
     """Selective prediction on the test set, the temperature's before/after, OOD detection (``--ood``)."""
     from mixc.selective import selective_metrics
 
@@ -168,7 +168,7 @@ def _uncertainty(args: argparse.Namespace, run_: Any, dataset: Any, probs: np.nd
     out: dict[str, Any] = {"selective": selective_metrics(ens.max(axis=1), ens.argmax(axis=1) != labels)}
     out.update(_calibration(run_, probs, labels, err))
     if ood_sets:
-        out["ood"] = _ood(args, run_, dataset, probs, ood_sets, data)
+        out["ood"] = _ood(args, run_, dataset, probs, ood_sets, data, predict)
     return out
 
 
@@ -188,15 +188,13 @@ def _ood_sets(run_: Any, args: argparse.Namespace, dataset: Any, data_dir: str |
 
 
 def _ood(args: argparse.Namespace, run_: Any, dataset: Any, probs: np.ndarray, sets: list[Any],
-         data: str) -> dict[str, Any]:
+         data: str, predict: Any) -> dict[str, Any]:
     """OOD detection of every set against the test set, every score (``mixc.ood``), with the legend."""
     from mixc.backends import get_backend
-    from mixc.evaluation import load_predictor
     from mixc.ood import METRIC_LEGEND, SCORE_LEGEND, evaluate_ood, ood_scores
 
     backend = get_backend(args.backend, "eval")
     logits = backend.load_logit_predictor(run_.plan, run_.checkpoint, device=args.device, batch_size=args.batch_size)
-    predict = load_predictor(args.backend, run_.plan, run_.checkpoint, device=args.device, batch_size=args.batch_size)
     id_scores = ood_scores(probs, None if logits is None else logits(dataset.x_test))
     out: dict[str, Any] = {
         "in_distribution": f"{data} test set", "samples": int(len(probs)), "positive": "in-distribution",
