@@ -16,7 +16,7 @@ import numpy as np
 
 from mixc.errors import MixcError
 from mixc.run_folder import CALIBRATION, Calibration, RunFolderError, file_sha256, read_calibration
-from mixc.temperature import apply_temperature, fit_temperature, tempered_nll
+from mixc.temperature import T_MAX, T_MIN, apply_temperature, fit_temperature, tempered_nll
 
 __all__ = ["CalibrationError", "fit", "save", "lookup", "for_deployment", "tempered"]
 
@@ -31,11 +31,25 @@ def fit(run: Any, member_probs: np.ndarray, labels: np.ndarray, fitted_on: str) 
     t = fit_temperature(p, labels)
     members = [fit_temperature(p[:, m : m + 1], labels) for m in range(p.shape[1])] if p.shape[1] > 1 else [t]
     return Calibration(
-        temperature=t, member_temperatures=members, checkpoint=run.checkpoint.name,
-        checkpoint_sha256=file_sha256(run.checkpoint), epoch=run.epoch, spec_hash=run.plan.spec_hash,
+        warning=_warning(p, labels, [t, *members]), temperature=t, member_temperatures=members,
+        checkpoint=run.checkpoint.name, checkpoint_sha256=file_sha256(run.checkpoint), epoch=run.epoch, spec_hash=run.plan.spec_hash,
         fitted_on=fitted_on, samples=len(labels), nll_before=tempered_nll(p, labels, 1.0),
         nll_after=tempered_nll(p, labels, t),
     )
+
+
+def _warning(p: np.ndarray, labels: np.ndarray, temps: list[float]) -> str | None:
+    """Why a fitted temperature may mislead: no errors to calibrate on, or the search stopped at its bound."""
+    wrong = int(np.sum(p.mean(axis=1).argmax(axis=1) != np.asarray(labels)))
+    if wrong == 0:
+        return (f"the ensemble makes no error on the {len(labels)} held-out samples, so their NLL keeps falling as "
+                "T shrinks and the fit only sharpens the predictions; the temperature is not reliable: hold out "
+                "more data (a larger --val-fraction when training, or --data VAL)")
+    at_bound = [t for t in temps if t <= T_MIN * 1.01 or t >= T_MAX * 0.99]
+    if at_bound:
+        return (f"a fitted temperature reached the search bound ({T_MIN:g} or {T_MAX:g}): the held-out data "
+                f"({len(labels)} samples, {wrong} errors) hardly constrains it; hold out more data")
+    return None
 
 
 def save(run: Any, cal: Calibration) -> Any:

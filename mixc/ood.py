@@ -38,7 +38,7 @@ __all__ = ["SCORES", "SCORE_LEGEND", "METRIC_LEGEND", "ood_scores", "auroc", "av
 #: score -> (what it is, its direction as computed: "higher = in-distribution" or "higher = OOD")
 SCORES: dict[str, tuple[str, str]] = {
     "msp": ("the ensemble's top probability (mean of the members' softmaxes)", "higher = in-distribution"),
-    "max_logit": ("the largest class logit, averaged over members", "higher = in-distribution"),
+    "max_logit": ("the largest class logit of the members' mean logits", "higher = in-distribution"),
     "energy": ("-logsumexp of the members' mean logits (Liu et al. 2020)", "lower = in-distribution"),
     "entropy": ("entropy of the ensemble's prediction (predictive entropy)", "higher = OOD"),
     "mutual_information": ("entropy of the mean minus the mean of the members' entropies", "higher = OOD"),

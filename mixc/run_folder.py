@@ -223,6 +223,8 @@ class Calibration(BaseModel):
     samples: int = Field(ge=1)
     nll_before: float
     nll_after: float
+    #: why the temperature may not be trustworthy (held-out data without errors, a search bound reached)
+    warning: str | None = Field(None, max_length=10_000)
 
     @field_validator("member_temperatures")
     @classmethod

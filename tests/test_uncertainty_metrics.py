@@ -112,3 +112,12 @@ def test_temperature_recovers_a_known_temperature_and_lowers_nll():
     np.testing.assert_allclose(apply_temperature(over, 3.0)[:, 0], np.exp(z[:, 0]) / np.exp(z[:, 0]).sum(-1, keepdims=True),
                                atol=1e-9)
     assert fit_temperature(over, y) > 1.0
+
+
+def test_a_temperature_fitted_without_errors_is_flagged():
+    from mixc.calibration import _warning
+
+    p = np.array([[[0.9, 0.1]], [[0.2, 0.8]]])
+    assert "no error" in _warning(p, np.array([0, 1]), [0.05])
+    assert "bound" in _warning(p, np.array([1, 1]), [0.05])
+    assert _warning(p, np.array([1, 1]), [1.3]) is None

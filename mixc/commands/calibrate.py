@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -134,4 +135,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"temperature {cal.temperature:.4f} (every member's logits / T before the softmax-mean), fitted on "
               f"{described}: NLL {cal.nll_before:.4f} -> {cal.nll_after:.4f}; member temperatures {members}")
         print(f"wrote {path} (mixc eval reports before and after; mixc export and predict apply it)")
+    if cal.warning:
+        print(f"mixc calibrate: warning: {cal.warning}", file=sys.stderr)
     return 0

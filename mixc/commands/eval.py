@@ -220,6 +220,7 @@ def _calibration(run_: Any, probs: np.ndarray, labels: np.ndarray, err: Any) -> 
         return {}
     return {"calibration": {
         "temperature": cal.temperature, "member_temperatures": cal.member_temperatures, "fitted_on": cal.fitted_on,
+        "warning": cal.warning,
         "before": calibration_summary(probs, labels), "after": calibration_summary(tempered(probs, cal), labels),
     }}
 
@@ -331,6 +332,8 @@ def _print_extras(console: Any, result: dict[str, Any]) -> None:
             t.add_row(row, _pct(r["accuracy"]), f"{r['nll']:.4f}", _pct(r["ece"]), _pct(r["adaptive_ece"]),
                       _pct(r["classwise_ece"]), f"{r['brier']:.4f}")
         console.print(t)
+        if cal.get("warning"):
+            console.print(f"warning: {cal['warning']}")
     ood = result.get("ood")
     if not ood:
         return
