@@ -68,6 +68,19 @@ def test_eval_ood_errors_are_one_paragraph(digits_run, capsys, tmp_path):
     assert rc == 2 and "no-such-set" in err and "hint" in err
 
 
+def test_eval_ood_reads_an_image_folder(digits_run, capsys, tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    folder = tmp_path / "letters"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8), mode="L").save(folder / f"{i}.png")
+    rc, out, err = _cli(capsys, "eval", digits_run, "--json", "--no-save", "--threads", "1", "--ood", folder)
+    assert rc == 0, err
+    s = json.loads(out)["ood"]["sets"]["letters"]
+    assert s["samples"] == 3 and "normalised" in s["source"] and set(s["scores"]) >= {"msp", "energy"}
+
+
 def _overconfident_copy(run, dest, factor=8.0, epoch=None):
     """The run with its classifier's weight and bias multiplied by ``factor``: logits x factor, over-confident."""
     from mixc.checkpoint_format import read_plan_arrays, save_arrays
@@ -149,6 +162,13 @@ def test_calibrate_option_and_data_errors(digits_run, capsys, tmp_path):
     np.savez(bad, x_val=np.zeros((4, 1, 8, 8), np.float32), y_val=np.array([0, 1, 2, 10]))
     rc, _, err = _cli(capsys, "calibrate", digits_run, "--data", bad)
     assert rc == 2 and "val.npz" in err and "label 10" in err
+    no_val = tmp_path / "no_val"
+    shutil.copytree(digits_run, no_val)
+    config = json.loads((no_val / "config.json").read_text())
+    config["recipe"]["val_fraction"] = 0.0  # as if trained on the whole training set
+    (no_val / "config.json").write_text(json.dumps(config))
+    rc, _, err = _cli(capsys, "calibrate", no_val)
+    assert rc == 1 and "no held-out data" in err and "--val-fraction" in err and "Traceback" not in err
     (tmp_path / "run2").mkdir()
     shutil.copytree(digits_run, tmp_path / "run2" / "r")
     cal = tmp_path / "run2" / "r" / "calibration.json"

@@ -107,10 +107,11 @@ def held_out(run: Any, data: str | None, fraction: float | None, data_dir: str |
         ds = split_validation(ds, run_fraction, seed)
         return ds.x_val, ds.y_val, (f"the run's validation split ({run_fraction:g} of the {ds.name} training set, "
                                     f"seed {seed}, {len(ds.y_val)} samples)")
-    raise EvalError(f"{run.label}: no held-out data to fit a temperature on ({name} has no validation split and the "
-                    "run trained on its whole training set); hint: pass --val-fraction F (a share of the training "
-                    "set; the run has seen it, so the temperature is a lower bound) or --data VAL.npz holding x_val, "
-                    "y_val; the test set is never used, since mixc eval reports on it")
+    why = (f"--data {data} holds no x_val, y_val (nor x, y) and no validation split" if data is not None else
+           f"{name} has no validation split and the run trained on its whole training set")
+    raise EvalError(f"{run.label}: no held-out data to fit a temperature on ({why}); hint: pass --val-fraction F (a "
+                    "share of the training set; if the run trained on it, the temperature comes out too low) or "
+                    "--data VAL.npz holding x_val, y_val; the test set is never used, since mixc eval reports on it")
 
 
 def run(args: argparse.Namespace) -> int:
