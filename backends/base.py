@@ -91,7 +91,7 @@ class Capabilities:
 
 #: the Backend methods that take a plan first; each refuses a plan whose method the backend does not build
 PLAN_ENTRIES = ("emit_source", "write", "build", "count_params", "trainer", "runner", "load_predictor",
-                "export_graph")
+                "load_logit_predictor", "export_graph")
 
 
 def _refusing_unbuilt_methods(entry: Callable) -> Callable:
@@ -172,6 +172,9 @@ class Runner(Protocol):
 
     def member_probs(self, x: np.ndarray, bn: Literal["eval", "train"] = "eval") -> np.ndarray:
         """Member probabilities ``[N, M, classes]``; ``bn="train"`` normalises each batch with its own statistics."""
+
+    # Optional: ``member_logits(x) -> [N, M, classes]`` (BatchNorm in eval mode). A runner that has it lets
+    # `mixc eval --ood` report the logit scores (max logit, energy); without it they are left out.
 
     def composed_weights(self) -> dict[str, np.ndarray]:
         """Every member's composed weight layers: ``"<layer>.weight"/".bias"`` -> ``[M, ...]`` (a plain layer's
@@ -315,6 +318,22 @@ class Backend:
         runner = self.runner(plan, device=device, batch_size=batch_size)
         runner.load_arrays(arrays)
         return lambda x: runner.member_probs(np.asarray(x, dtype=np.float32))
+
+    def load_logit_predictor(self, plan: Plan, checkpoint: str | os.PathLike, device: str = "cpu",
+                             batch_size: int = 500) -> Predictor | None:
+        """Member logits ``[N, M, classes]`` of ``checkpoint``'s model, or None when the runner gives probabilities
+        only (no ``member_logits``): `mixc eval --ood` then leaves the logit scores out, saying so."""
+        from mixc.checkpoint_format import read_plan_arrays
+
+        try:
+            runner = self.runner(plan, device=device, batch_size=batch_size)
+        except NotImplementedError:  # a backend that only overrides load_predictor
+            return None
+        if not hasattr(runner, "member_logits"):
+            return None
+        arrays, _, _ = read_plan_arrays(checkpoint, plan)
+        runner.load_arrays(arrays)
+        return lambda x: runner.member_logits(np.asarray(x, dtype=np.float32))
 
     # -- deployment (``mixc export``) -------------------------------------------
 

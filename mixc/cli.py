@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_zoo)
 
     for name, help_ in (("train", "train an ensemble (or a baseline) from a spec"),
-                        ("eval", "evaluate a trained run: accuracy, NLL, ECE, Brier, diversity"),
+                        ("eval", "evaluate a trained run: accuracy, NLL, ECE, Brier, diversity; --ood, selective prediction"),
+                        ("calibrate", "fit a temperature for a trained run on held-out data (eval, export, predict use it)"),
                         ("verify", "property-based budget verification of a spec's neighbourhood"),
                         ("interpolate", "accuracy along the line between two members' weights (paper, Figure 4)"),
                         ("sweep", "train a spec at several budgets/member counts, with baselines; table and plot"),

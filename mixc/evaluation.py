@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from mixc.compiler.plan import Plan, PlanFileError, read_plan
 from mixc.data import DataError, Dataset, check_compatible, load_dataset
 from mixc.errors import MixcError
-from mixc.metrics import ece, evaluate, member_summary, nll, accuracy, brier
+from mixc.metrics import adaptive_ece, classwise_ece, ece, evaluate, member_summary, nll, accuracy, brier
 from mixc.run_folder import RunFolderError, parse_header, read_config, read_header, read_metrics, read_raw_header
 from mixc.run_folder import last_metrics as _last_metrics
 
@@ -36,12 +37,15 @@ __all__ = [
     "Predictor",
     "load_predictor",
     "summarise",
+    "calibration_summary",
     "evaluate_corruptions",
     "evaluate_cifar_c",
     "resolve_data",
     "checkpoint_header",
     "EVAL_FILE",
     "CHECKPOINT",
+    "UNCERTAINTY_COLUMNS",
+    "uncertainty_columns",
 ]
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -198,8 +202,19 @@ def load_predictor(
 
 
 def summarise(member_probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """``mixc.metrics.evaluate`` plus the mean member accuracy and the best member."""
-    return {**evaluate(member_probs, labels), **member_summary(member_probs, labels)}
+    """``mixc.metrics.evaluate`` plus the ensemble's adaptive and classwise ECE, the mean member accuracy and the
+    best member."""
+    ens = np.asarray(member_probs, dtype=np.float64).mean(axis=1)
+    calib = {"adaptive_ece": adaptive_ece(ens, labels), "classwise_ece": classwise_ece(ens, labels)}
+    return {**evaluate(member_probs, labels), **calib, **member_summary(member_probs, labels)}
+
+
+def calibration_summary(member_probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The ensemble's accuracy, NLL, the three ECEs and Brier: the before/after columns of a temperature."""
+    ens = np.asarray(member_probs, dtype=np.float64).mean(axis=1)
+    return {"accuracy": accuracy(ens, labels), "nll": nll(ens, labels), "ece": ece(ens, labels),
+            "adaptive_ece": adaptive_ece(ens, labels), "classwise_ece": classwise_ece(ens, labels),
+            "brier": brier(ens, labels)}
 
 
 def _short(member_probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -323,3 +338,90 @@ def save_eval(folder: Path, result: dict[str, Any]) -> Path:
         if old.get("corruptions") and old.get("epoch") == result.get("epoch") and old.get("data") == result.get("data"):
             result = {**result, "corruptions": old["corruptions"]}
     return write_json(path, result)
+
+
+# ---------------------------------------------------------------------------
+# The uncertainty columns of `mixc report` and `mixc sweep`, from eval.json
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+class _Selective(_Section):
+    aurc: float = Field(ge=0, le=1)
+    augrc: float = Field(ge=0, le=1)
+    risk_at_80: float = Field(ge=0, le=1)
+    coverage_at_5: float = Field(ge=0, le=1)
+
+
+class _Detection(_Section):
+    auroc: float = Field(ge=0, le=1)
+    fpr95: float = Field(ge=0, le=1)
+
+
+class _OodSet(_Section):
+    scores: dict[str, _Detection]
+
+
+class _Ood(_Section):
+    sets: dict[str, _OodSet]
+
+
+class _Calibrated(_Section):
+    nll: float
+    ece: float = Field(ge=0, le=1)
+
+
+class _CalibrationResult(_Section):
+    temperature: float = Field(gt=0)
+    after: _Calibrated
+
+
+class _Clean(_Section):
+    adaptive_ece: float | None = Field(None, ge=0, le=1)
+    classwise_ece: float | None = Field(None, ge=0, le=1)
+
+
+class EvalUncertainty(_Section):
+    """The parts of ``eval.json`` that report and sweep carry (validated; a bad file contributes nothing)."""
+
+    epoch: int | None = None
+    spec_hash: str | None = None
+    clean: _Clean | None = None
+    selective: _Selective | None = None
+    ood: _Ood | None = None
+    calibration: _CalibrationResult | None = None
+
+
+#: the columns, in order; None where `mixc eval` did not compute them
+UNCERTAINTY_COLUMNS = ["adaptive_ece", "classwise_ece", "aurc", "augrc", "risk_at_80", "coverage_at_5", "ood_auroc",
+                       "ood_fpr95", "ood_sets", "temperature", "calibrated_nll", "calibrated_ece"]
+
+
+def uncertainty_columns(folder: Path, epoch: int, spec_hash: str) -> dict[str, Any]:
+    """The uncertainty columns of ``folder/eval.json`` when it is of this checkpoint (epoch and spec hash),
+    else all None. OOD: the MSP score's AUROC and FPR95, means over the sets evaluated (named in ``ood_sets``)."""
+    out: dict[str, Any] = {c: None for c in UNCERTAINTY_COLUMNS}
+    path = Path(folder) / EVAL_FILE
+    if not path.is_file() or path.is_symlink():
+        return out
+    try:
+        ev = EvalUncertainty.model_validate_json(path.read_bytes())
+    except (OSError, ValueError):  # a damaged cache: the metrics lines stay the record
+        return out
+    if ev.epoch != epoch or ev.spec_hash != spec_hash:
+        return out
+    if ev.clean is not None:
+        out.update(adaptive_ece=ev.clean.adaptive_ece, classwise_ece=ev.clean.classwise_ece)
+    if ev.selective is not None:
+        out.update(aurc=ev.selective.aurc, augrc=ev.selective.augrc, risk_at_80=ev.selective.risk_at_80,
+                   coverage_at_5=ev.selective.coverage_at_5)
+    msp = {name: s.scores["msp"] for name, s in (ev.ood.sets.items() if ev.ood else []) if "msp" in s.scores}
+    if msp:
+        out.update(ood_auroc=float(np.mean([d.auroc for d in msp.values()])),
+                   ood_fpr95=float(np.mean([d.fpr95 for d in msp.values()])), ood_sets=", ".join(msp))
+    if ev.calibration is not None:
+        out.update(temperature=ev.calibration.temperature, calibrated_nll=ev.calibration.after.nll,
+                   calibrated_ece=ev.calibration.after.ece)
+    return out

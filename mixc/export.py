@@ -37,6 +37,7 @@ __all__ = [
     "MemberWeights",
     "compose_member",
     "compose_all",
+    "with_temperature",
     "plain_plan_overrides",
     "member_tensors",
     "check_plain_plan",
@@ -130,6 +131,25 @@ def compose_all(plan: Plan, arrays: dict[str, np.ndarray]) -> list[MemberWeights
     return [compose_member(plan, arrays, m) for m in range(plan.members)]
 
 
+def with_temperature(plan: Plan, members: list[MemberWeights], temperature: float | None) -> list[MemberWeights]:
+    """``members`` with the output layer's weight and bias divided by ``temperature``: its logits / T, so the
+    exported softmaxes are the tempered ones (``mixc.temperature``). The plan's last op must be that layer
+    (every zoo backbone ends in its classifier); otherwise an ExportError says to export without it."""
+    if temperature is None or temperature == 1.0:
+        return members
+    last = plan.ops[-1]
+    if last.kind not in ("conv", "linear"):
+        raise ExportError(f"the run's temperature divides the logits, but {plan.name}'s last op {last.name} is a "
+                          f"{last.kind}, not the classifier, so it cannot be folded into the exported weights; "
+                          "hint: pass --no-temperature (and divide the logits yourself)")
+    out = []
+    for mw in members:
+        lw = mw.layers[last.name]
+        scaled = LayerWeights(lw.weight / temperature, None if lw.bias is None else lw.bias / temperature)
+        out.append(MemberWeights({**mw.layers, last.name: scaled}, mw.bn))
+    return out
+
+
 # ---------------------------------------------------------------------------
 # The plain backbone
 
@@ -212,3 +232,7 @@ class ExportManifest(BaseModel):
     #: prepared (None when the inputs are not images or their pixel scale is unknown)
     pixel_mean: list[float] | None = None
     pixel_std: list[float] | None = None
+    #: the run's temperature (``mixc calibrate``), folded into the classifier's weights and bias (logits / T);
+    #: None when the export is uncalibrated
+    temperature: float | None = None
+    calibration_checkpoint_sha256: str | None = None

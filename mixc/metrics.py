@@ -12,6 +12,13 @@ that mean:
   takes confidence 0); confidence is the largest mean probability;
   ``sum_b |B_b|/N * |acc(B_b) - conf(B_b)|`` over non-empty bins (Guo et al. 2017).
   A fraction in [0, 1], not a percentage.
+- ``adaptive_ece``: the same sum over 15 *equal-mass* bins (inputs sorted by
+  confidence, a stable sort, then split into 15 bins whose sizes differ by at
+  most one; Nixon et al. 2019), so sparse high-confidence bins do not hide.
+- ``classwise_ece``: for every class c, the probability given to c (by every
+  input, predicted or not) binned into the 15 equal-width bins,
+  ``sum_b |B_b|/N * |freq(label = c in B_b) - mean p_c in B_b|``; the mean over
+  classes (Kull et al. 2019).
 - ``brier``: multi-class Brier score, ``mean_n sum_c (p_c - onehot_c)^2``, in [0, 2].
 - ``member_accuracy``, ``member_nll``, ``member_ece``: the same for each member alone.
 - ``disagreement``: mean over member pairs of the fraction of samples on which
@@ -31,7 +38,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "accuracy", "nll", "ece", "brier", "disagreement", "diversity", "evaluate", "reliability", "member_summary",
+    "accuracy", "nll", "ece", "adaptive_ece", "classwise_ece", "brier", "disagreement", "diversity", "evaluate", "reliability", "member_summary",
     "ECE_BINS", "NLL_CLIP",
 ]
 
@@ -79,6 +86,35 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
         if k:
             total += k / n * abs(correct[m].mean() - conf[m].mean())
     return float(total)
+
+
+def adaptive_ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE over ``bins`` equal-mass confidence bins (sizes differ by at most one; see the module doc)."""
+    probs, labels = _check(probs, labels)
+    n = len(labels)
+    if n == 0:
+        return 0.0
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    order = np.argsort(conf, kind="mergesort")
+    bounds = np.linspace(0, n, min(bins, n) + 1).round().astype(np.int64)[:-1]  # sizes differ by at most one
+    gap = np.add.reduceat(correct[order] - conf[order], bounds)
+    return float(np.sum(np.abs(gap)) / n)
+
+
+def classwise_ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Mean over classes of the ECE of each class's probability (equal-width bins as :func:`ece`)."""
+    probs, labels = _check(probs, labels)
+    n, c = probs.shape
+    if n == 0:
+        return 0.0
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.searchsorted(edges[1:-1], probs, side="left")  # [N, C], bins (lo, hi] like ece
+    hit = np.zeros_like(probs)
+    hit[np.arange(n), labels] = 1.0
+    key = (np.arange(c)[None, :] * bins + idx).reshape(-1)
+    gap = np.bincount(key, weights=(hit - probs).reshape(-1), minlength=c * bins)
+    return float(np.sum(np.abs(gap)) / n / c)
 
 
 def brier(probs: np.ndarray, labels: np.ndarray) -> float:

@@ -14,7 +14,7 @@ import numpy as np
 
 from mixc.errors import MixcError
 
-__all__ = ["PlotError", "reliability_diagram", "corruption_plot", "interpolation_plot", "sweep_params_plot",
+__all__ = ["PlotError", "reliability_diagram", "risk_coverage_plot", "corruption_plot", "interpolation_plot", "sweep_params_plot",
            "sweep_members_plot", "training_curves"]
 
 
@@ -74,6 +74,28 @@ def reliability_diagram(rel: dict[str, list], ece: float, path: str | Path, titl
     axc.set_xlabel("confidence (largest mean probability)")
     axc.set_ylabel("samples")
     axc.set_xlim(0, 1)
+    return _save(fig, path)
+
+
+def risk_coverage_plot(coverage: np.ndarray, risk: np.ndarray, metrics: dict[str, Any], path: str | Path,
+                       title: str) -> Path:
+    """Selective risk against coverage (``mixc.selective.risk_coverage``), AURC and the two operating points."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4), layout="constrained")
+    ax.plot(coverage, risk, color="tab:blue", lw=1.5, label=f"risk-coverage (AURC {metrics['aurc']:.4f})")
+    ax.fill_between(coverage, risk, color="tab:blue", alpha=0.15)
+    ax.axvline(0.8, color="grey", ls=":", lw=1)
+    ax.plot([0.8], [metrics["risk_at_80"]], "o", color="tab:red",
+            label=f"risk at 80% coverage: {metrics['risk_at_80'] * 100:.2f}%")
+    ax.axhline(0.05, color="grey", ls="--", lw=1)
+    ax.plot([metrics["coverage_at_5"]], [0.05], "s", color="tab:green",
+            label=f"coverage at 5% risk: {metrics['coverage_at_5'] * 100:.1f}%")
+    ax.set_xlabel("coverage (share of inputs answered, most confident first)")
+    ax.set_ylabel("selective risk (error rate of the answered)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, max(0.1, float(np.max(risk)) * 1.05) if len(risk) else 1)
+    ax.set_title(f"{title}\nAUGRC {metrics['augrc']:.4f}")
+    ax.legend(loc="upper left", fontsize=8)
     return _save(fig, path)
 
 

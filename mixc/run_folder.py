@@ -53,7 +53,7 @@ __all__ = [
     "read_raw_header", "parse_header", "read_header", "read_config", "read_metrics", "last_metrics",
     "recipe_changes", "RunLock", "clean_temporaries", "RunWriter", "Reporter", "epoch_line", "seed_of",
     "write_json", "write_text_atomic", "spec_hash", "NonFiniteError", "non_finite_tensors", "non_finite_metrics",
-    "check_run_folder",
+    "check_run_folder", "CALIBRATION", "Calibration", "read_calibration", "file_sha256",
 ]
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -63,6 +63,7 @@ BEST = "best.safetensors"
 #: what ``--best-metric`` may name, and whether larger is better
 BEST_METRICS = {"nll": False, "accuracy": True, "ece": False}
 PLAN = "plan.json"
+CALIBRATION = "calibration.json"
 LOCK = ".mixc-train.lock"
 FORMAT = "mixc-checkpoint"
 #: Checkpoint format versions this mixc reads (the checksum is an optional header entry of version 1).
@@ -211,6 +212,50 @@ class CheckpointHeader(_Lenient):
         return self
 
 
+class Calibration(BaseModel):
+    """``calibration.json``, written by `mixc calibrate`: the fitted temperatures and the checkpoint they fit.
+
+    ``temperature`` divides every member's logits before the softmax-mean (``mixc.temperature``);
+    ``member_temperatures[m]`` is member m's own. The checkpoint's sha256 is recorded so that a
+    temperature is never applied to weights it was not fitted on (a resumed or retrained run).
+    """
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    format: Literal["mixc-calibration"] = "mixc-calibration"
+    method: Literal["temperature"] = "temperature"
+    temperature: float = Field(ge=0.05, le=20.0)
+    member_temperatures: list[float] = Field(default_factory=list)
+    checkpoint: str = Field(min_length=1, max_length=255)
+    checkpoint_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    epoch: int = Field(ge=0)
+    spec_hash: str = Field(pattern=r"^[0-9a-f]{8,64}$")
+    fitted_on: str = Field(max_length=10_000)
+    samples: int = Field(ge=1)
+    nll_before: float
+    nll_after: float
+    #: why the temperature may not be trustworthy (held-out data without errors, a search bound reached)
+    warning: str | None = Field(None, max_length=10_000)
+
+    @field_validator("member_temperatures")
+    @classmethod
+    def _in_range(cls, v: list[float]) -> list[float]:
+        if len(v) > 1024 or any(not 0.05 <= t <= 20.0 for t in v):
+            raise ValueError("member temperatures must be at most 1,024 numbers in [0.05, 20]")
+        return v
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (read in 1 MiB chunks), as hex."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------------------
 # Parsing, with one message per bad field
 
@@ -289,6 +334,19 @@ def read_config(path: str | os.PathLike) -> RunConfig | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunFolderError(f"{path}: not JSON ({e}); hint: {hint}") from None
     return _validate(RunConfig, data, str(path), hint)
+
+
+def read_calibration(folder: str | os.PathLike) -> Calibration | None:
+    """``calibration.json`` validated, or None when there is none (RunFolderError naming the field if bad)."""
+    path = Path(folder) / CALIBRATION
+    if not path.is_file():
+        return None
+    hint = "run `mixc calibrate` again to rewrite it, or delete it"
+    try:
+        data = json.loads(path.read_bytes()[:1_000_000].decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunFolderError(f"{path}: not JSON ({e}); hint: {hint}") from None
+    return _validate(Calibration, data, str(path), hint)
 
 
 def _metric_lines(path: Path, repair: bool) -> tuple[list[MetricsLine], bool]:
@@ -494,8 +552,8 @@ def _now() -> str:
 
 
 #: the names `mixc train` and `mixc eval` write in a run folder (besides epoch-NNNN.safetensors)
-WRITTEN = (PLAN, CONFIG, METRICS, CHECKPOINT, BEST, LOCK, "eval.json", "metrics.csv", "curves.png", "curves.pdf",
-           "tensorboard")
+WRITTEN = (PLAN, CONFIG, METRICS, CHECKPOINT, BEST, LOCK, "eval.json", "calibration.json", "metrics.csv", "curves.png",
+           "curves.pdf", "tensorboard")
 
 
 def linked_files(out: Path) -> list[Path]:

@@ -177,9 +177,14 @@ def plan_points(
 
 COLUMNS = ["point", "kind", "method", "members", "budget", "grouping", "params", "params_x", "accuracy", "nll", "ece", "brier",
            "diversity", "mean_member_accuracy", "flops", "epoch", "status", "note", "run", "seeds", "accuracy_sd",
-           "nll_sd", "ece_sd", "brier_sd", "diversity_sd", "mean_member_accuracy_sd"]
+           "nll_sd", "ece_sd", "brier_sd", "diversity_sd", "mean_member_accuracy_sd",
+           # from the point's eval.json when `mixc eval` (--ood, after `mixc calibrate`) scored its checkpoint
+           "aurc", "augrc", "ood_auroc", "ood_fpr95", "ood_sets", "temperature", "calibrated_nll",
+           "aurc_sd", "augrc_sd", "ood_auroc_sd", "ood_fpr95_sd", "temperature_sd", "calibrated_nll_sd"]
+#: the uncertainty columns a sweep carries (shown when some point has them)
+UNCERTAINTY = ["aurc", "augrc", "ood_auroc", "ood_fpr95", "temperature", "calibrated_nll"]
 #: the measured columns that several seeds average (mean, and the sample standard deviation in ``<name>_sd``)
-MEASURED = ["accuracy", "nll", "ece", "brier", "diversity", "mean_member_accuracy"]
+MEASURED = ["accuracy", "nll", "ece", "brier", "diversity", "mean_member_accuracy", *UNCERTAINTY]
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
@@ -277,6 +282,11 @@ def _row(point: Point, metrics: dict[str, Any] | None, status: str, folder: Path
         row.update(accuracy=metrics["accuracy"], nll=metrics["nll"], ece=metrics["ece"], brier=metrics.get("brier"),
                    diversity=metrics.get("diversity"), epoch=metrics.get("epoch"),
                    mean_member_accuracy=sum(accs) / len(accs) if accs else None)
+        if point.plan is not None and metrics.get("epoch") is not None:
+            from mixc.evaluation import uncertainty_columns
+
+            extra = uncertainty_columns(folder, int(metrics["epoch"]), spec_hash(point.plan))
+            row.update({k: extra[k] for k in UNCERTAINTY + ["ood_sets"]})
     return row
 
 
@@ -349,6 +359,8 @@ def _fmt(v: Any, kind: str, sd: float | None = None) -> str:
         return f"{v:.2f}x"
     if kind == "f3":
         return f"{v:.3f}"
+    if kind == "f4":
+        return f"{v:.4f}"
     return str(v)
 
 
@@ -358,6 +370,10 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
             ("params", "params", "int"), ("params_x", "x backbone", "x"), ("accuracy", "accuracy (%)", "pct"),
             ("nll", "NLL", "f3"), ("ece", "ECE (%)", "pct"), ("brier", "Brier", "f3"), ("diversity", "diversity", "f3"),
             ("mean_member_accuracy", "mean member acc (%)", "pct"), ("flops", "FLOPs", "x"), ("status", "status", "s")]
+    extra = [("aurc", "AURC", "f4"), ("augrc", "AUGRC", "f4"), ("ood_auroc", "OOD AUROC", "f4"),
+             ("ood_fpr95", "OOD FPR95 (%)", "pct"), ("temperature", "T", "f3"), ("calibrated_nll", "NLL (T)", "f3")]
+    shown = [c for c in extra if any(r.get(c[0]) is not None for r in rows)]
+    cols = cols[:-2] + shown + cols[-2:]
     lines = [f"## {title}", "", "| " + " | ".join(h for _, h, _ in cols) + " |",
              "|" + "|".join("---" if f == "s" else "---:" for _, _, f in cols) + "|"]
     for r in rows:
@@ -366,6 +382,10 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
     lines += ["", "Accuracy, NLL and Brier score (of the averaged prediction), ECE (15 bins) and diversity (pairwise disagreement / "
               "mean member error) on the test set after the last epoch; FLOPs: inference cost relative to one "
               "plain backbone (multiply-accumulates of the convolutions and linear layers)."]
+    if shown:
+        lines += ["", "From each point's `mixc eval` (eval.json of its last checkpoint): AURC and AUGRC (selective prediction, "
+                  "lower is better), OOD AUROC and FPR95 of the ensemble's top probability (means over the `--ood` sets), "
+                  "T and NLL (T): the `mixc calibrate` temperature and the test NLL after it."]
     n_seeds = max((r.get("seeds") or 0 for r in rows), default=0)
     if n_seeds > 1:
         lines += ["", f"Each point trained with {n_seeds} seeds: mean ± sample standard deviation over the seeds."]

@@ -45,16 +45,18 @@ class FlaxRunner:
     def _put(self, tree):
         return tree if self.device is None else jax.device_put(tree, self.device)
 
-    def _fn(self, train: bool) -> Callable:
-        if train not in self._fns:
+    def _fn(self, train: bool, logits: bool = False) -> Callable:
+        key = (train, logits)
+        if key not in self._fns:
             graphdef = self.graphdef
 
             def probs(params, stats, x):
-                logits, _ = apply(graphdef, params, stats, x, train)
-                return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+                z, _ = apply(graphdef, params, stats, x, train)
+                z = z.astype(jnp.float32)
+                return z if logits else jax.nn.softmax(z, axis=-1)
 
-            self._fns[train] = jax.jit(probs)
-        return self._fns[train]
+            self._fns[key] = jax.jit(probs)
+        return self._fns[key]
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         def fill(tree: dict) -> dict:
@@ -63,10 +65,10 @@ class FlaxRunner:
 
         self.params, self.stats = self._put((fill(self.params), fill(self.stats)))
 
-    def member_probs(self, x: np.ndarray, bn: Literal["eval", "train"] = "eval") -> np.ndarray:
+    def member_probs(self, x: np.ndarray, bn: Literal["eval", "train"] = "eval", logits: bool = False) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         train, batch = bn == "train", self.batch
-        fn, out = self._fn(train), []
+        fn, out = self._fn(train, logits), []
         for i in range(0, len(x), batch):
             chunk = x[i : i + batch]
             n = len(chunk)
@@ -76,6 +78,10 @@ class FlaxRunner:
         if not out:
             return np.zeros((0, self.members, self.classes), np.float32)
         return np.concatenate(out)
+
+    def member_logits(self, x: np.ndarray) -> np.ndarray:
+        """Member logits ``[N, M, classes]`` (BatchNorm in eval mode): for scores that need them (energy)."""
+        return self.member_probs(x, logits=True)
 
     def composed_weights(self) -> dict[str, np.ndarray]:
         model = merge(self.graphdef, self.params, self.stats)

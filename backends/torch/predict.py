@@ -42,10 +42,10 @@ def host_tensor(x: np.ndarray) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_member_probs(model: nn.Module, x: torch.Tensor | np.ndarray, batch: int = _EVAL_BATCH,
-                         train_bn: bool = False, device: torch.device | None = None) -> np.ndarray:
+                         train_bn: bool = False, device: torch.device | None = None, logits: bool = False) -> np.ndarray:
     """Each member's softmax over ``x``, ``[N, M, classes]`` float32 numpy; eval mode unless ``train_bn``
     (batch statistics), the model's mode restored after. Host arrays go to ``device`` one batch at a time,
-    so an evaluation set need not fit in the device's memory."""
+    so an evaluation set need not fit in the device's memory. ``logits``: the members' logits instead."""
     was = model.training
     model.train(train_bn)
     if isinstance(x, np.ndarray):
@@ -53,7 +53,8 @@ def predict_member_probs(model: nn.Module, x: torch.Tensor | np.ndarray, batch: 
         part = lambda i: host_tensor(np.ascontiguousarray(x[i : i + batch], dtype=np.float32)).to(device)  # noqa: E731
     else:
         part = lambda i: x[i : i + batch]  # noqa: E731
-    out = [F.softmax(model(part(i)).float(), dim=-1).cpu() for i in range(0, len(x), batch)]
+    out_fn = (lambda z: z) if logits else (lambda z: F.softmax(z, dim=-1))  # noqa: E731
+    out = [out_fn(model(part(i)).float()).cpu() for i in range(0, len(x), batch)]
     model.train(was)
     return torch.cat(out).numpy()
 
@@ -76,6 +77,10 @@ class TorchRunner:
     def member_probs(self, x: np.ndarray, bn: Literal["eval", "train"] = "eval") -> np.ndarray:
         return predict_member_probs(self.model, np.asarray(x), batch=self.batch, train_bn=bn == "train",
                                     device=self.device)
+
+    def member_logits(self, x: np.ndarray) -> np.ndarray:
+        """Member logits ``[N, M, classes]`` (BatchNorm in eval mode): for scores that need them (energy)."""
+        return predict_member_probs(self.model, np.asarray(x), batch=self.batch, device=self.device, logits=True)
 
     def composed_weights(self) -> dict[str, np.ndarray]:
         with torch.no_grad():

@@ -1,7 +1,11 @@
 """`mixc eval RUN_DIR|CHECKPOINT`: score a trained ensemble; optionally under corruption, with plots.
 
 Reports the ensemble's accuracy, NLL of the averaged prediction, ECE (15
-equal-width bins) and Brier score; every member's accuracy, NLL and ECE; the
+equal-width bins), adaptive (equal-mass) and classwise ECE and Brier score;
+selective prediction (AURC, AUGRC, risk at 80% coverage, coverage at 5% risk;
+``mixc.selective``); before/after the run's temperature when `mixc calibrate`
+fitted one for this checkpoint; with ``--ood DATA`` out-of-distribution
+detection against each set (``mixc.ood``); every member's accuracy, NLL and ECE; the
 mean member accuracy and the best member; disagreement and diversity (Fort et
 al. 2019: pairwise disagreement over the mean member error, as in the paper's
 Table 6). ``--corruptions`` adds the CIFAR-C style robustness columns
@@ -50,6 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write reliability.png (and corruptions.png with --corruptions) into DIR "
                         "(default: the run folder)")
     p.add_argument("--no-save", action="store_true", help="do not write RUN/eval.json")
+    p.add_argument("--ood", action="append", metavar="DATA",
+                   help="also score out-of-distribution detection against DATA (repeatable): a .npz holding x (or "
+                        "x_test) as model inputs, an image file or folder, noise / inverted / flipped (made from the "
+                        "test set, offline), or a dataset mixc loads (digits, cifar10, ...)")
 
 
 def _severities(text: str) -> tuple[int, ...]:
@@ -89,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
         names = None  # every file in the folder
     # Check the data before the (possibly slow) model load.
     dataset = None if cifar_c else load_test_set(data, data_dir, run_.plan)
+    if args.ood and cifar_c:
+        raise DataError(f"--ood compares against a clean test set, and --data {data} is a corrupted one; hint: "
+                        "evaluate --ood and the corrupted sets in two runs of mixc eval")
+    ood_sets = _ood_sets(run_, args, dataset, data_dir) if args.ood else []
     from mixc.backends import get_backend
     from mixc.threads import resolve_threads
 
@@ -97,18 +109,7 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False)
     step = (lambda name: err.print(f"  corrupting: {name}", markup=False)) if not args.json else None
 
-    result: dict[str, Any] = {
-        "run": run_.label,
-        "checkpoint": str(run_.checkpoint),
-        "spec": run_.plan.name,
-        "spec_hash": run_.plan.spec_hash,
-        "epoch": run_.epoch,
-        "members": run_.plan.members,
-        "params": run_.plan.accounting.total_params,
-        "baseline": run_.baseline,
-        "backend": args.backend,
-        "data": data,
-    }
+    result = _head(run_, args, data)
     probs = labels = None
     if cifar_c:
         corr, dataset = evaluate_cifar_c(predict, cifar_c, data_dir, run_.plan, names, on_step=step)
@@ -123,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
             result["corruptions"] = evaluate_corruptions(predict, dataset, names, severities, args.seed, on_step=step)
         if cifar_c:
             result["corruptions_of"] = data
+        result.update(_uncertainty(args, run_, dataset, probs, ood_sets, data, err, predict))
     written: list[Path] = []
     if args.save_predictions and probs is not None:
         written.append(_save_predictions(Path(args.save_predictions), probs, labels))
@@ -140,9 +142,93 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _head(run_: Any, args: argparse.Namespace, data: str) -> dict[str, Any]:
+    """What was evaluated: the run, its checkpoint, spec, size, backend and data."""
+    return {
+        "run": run_.label,
+        "checkpoint": str(run_.checkpoint),
+        "spec": run_.plan.name,
+        "spec_hash": run_.plan.spec_hash,
+        "epoch": run_.epoch,
+        "members": run_.plan.members,
+        "params": run_.plan.accounting.total_params,
+        "baseline": run_.baseline,
+        "backend": args.backend,
+        "data": data,
+    }
+
+
+def _uncertainty(args: argparse.Namespace, run_: Any, dataset: Any, probs: np.ndarray, ood_sets: list[Any],
+                 data: str, err: Any, predict: Any) -> dict[str, Any]:
+    """Selective prediction on the test set, the temperature's before/after, OOD detection (``--ood``)."""
+    from mixc.selective import selective_metrics
+
+    labels = dataset.y_test
+    ens = probs.astype(np.float64).mean(axis=1)
+    out: dict[str, Any] = {"selective": selective_metrics(ens.max(axis=1), ens.argmax(axis=1) != labels)}
+    out.update(_calibration(run_, probs, labels, err))
+    if ood_sets:
+        out["ood"] = _ood(args, run_, dataset, probs, ood_sets, data, predict)
+    return out
+
+
+def _ood_sets(run_: Any, args: argparse.Namespace, dataset: Any, data_dir: str | None) -> list[Any]:
+    """Every --ood set as model inputs (before the model loads, so a bad one fails fast)."""
+    from mixc.ood_sets import load_ood_set
+
+    sets, seen = [], set()
+    for value in args.ood:
+        s = load_ood_set(run_, value, dataset, args.data, data_dir, args.seed)
+        name, k = s.name, 2
+        while name in seen:  # two sets of one name stay apart in the result
+            name, k = f"{s.name} ({k})", k + 1
+        seen.add(name)
+        sets.append((name, s))
+    return sets
+
+
+def _ood(args: argparse.Namespace, run_: Any, dataset: Any, probs: np.ndarray, sets: list[Any],
+         data: str, predict: Any) -> dict[str, Any]:
+    """OOD detection of every set against the test set, every score (``mixc.ood``), with the legend."""
+    from mixc.backends import get_backend
+    from mixc.ood import METRIC_LEGEND, SCORE_LEGEND, evaluate_ood, ood_scores
+
+    backend = get_backend(args.backend, "eval")
+    logits = backend.load_logit_predictor(run_.plan, run_.checkpoint, device=args.device, batch_size=args.batch_size)
+    id_scores = ood_scores(probs, None if logits is None else logits(dataset.x_test))
+    out: dict[str, Any] = {
+        "in_distribution": f"{data} test set", "samples": int(len(probs)), "positive": "in-distribution",
+        "scores": SCORE_LEGEND, "metrics": METRIC_LEGEND, "sets": {},
+    }
+    if logits is None:
+        out["note"] = f"the {backend.name} backend gives probabilities only: max_logit and energy are left out"
+    for name, s in sets:
+        scores = ood_scores(predict(s.x), None if logits is None else logits(s.x))
+        out["sets"][name] = {"source": s.how, "samples": int(len(s.x)), "scores": evaluate_ood(id_scores, scores)}
+    return out
+
+
+def _calibration(run_: Any, probs: np.ndarray, labels: np.ndarray, err: Any) -> dict[str, Any]:
+    """Before and after the run's temperature, when `mixc calibrate` fitted one for this checkpoint."""
+    from mixc.calibration import lookup, tempered
+    from mixc.evaluation import calibration_summary
+
+    cal, why = lookup(run_)
+    if why is not None:
+        err.print(f"mixc eval: note: {why}; the temperature is ignored", markup=False)
+    if cal is None:
+        return {}
+    return {"calibration": {
+        "temperature": cal.temperature, "member_temperatures": cal.member_temperatures, "fitted_on": cal.fitted_on,
+        "warning": cal.warning,
+        "before": calibration_summary(probs, labels), "after": calibration_summary(tempered(probs, cal), labels),
+    }}
+
+
 def _plots(args: argparse.Namespace, run_: Any, result: dict[str, Any], probs, labels) -> list[Path]:
     from mixc.metrics import reliability
-    from mixc.plots import corruption_plot, reliability_diagram
+    from mixc.plots import corruption_plot, reliability_diagram, risk_coverage_plot
+    from mixc.selective import risk_coverage
 
     folder = Path(args.plot) if args.plot else run_.folder
     out = []
@@ -151,6 +237,9 @@ def _plots(args: argparse.Namespace, run_: Any, result: dict[str, Any], probs, l
         ens = probs.mean(axis=1)
         out.append(reliability_diagram(reliability(ens, labels), result["clean"]["ece"], folder / "reliability.png",
                                        f"reliability: {name}"))
+        cov, risk = risk_coverage(ens.max(axis=1), ens.argmax(axis=1) != labels)
+        out.append(risk_coverage_plot(cov, risk, result["selective"], folder / "risk_coverage.png",
+                                      f"selective prediction: {name}"))
     if "corruptions" in result:
         out.append(corruption_plot(result["corruptions"], result.get("clean"), folder / "corruptions.png",
                                    f"corruptions: {name}"))
@@ -194,6 +283,9 @@ def _print(result: dict[str, Any], written: list[Path]) -> None:
             line += f"; disagreement {c['disagreement']:.3f}; diversity {c['diversity']:.3f} " \
                     "(disagreement / mean member error, Fort et al. 2019)"
         console.print(line)
+        console.print(f"calibration: ECE {_pct(c['ece'])} (15 equal-width bins), adaptive ECE {_pct(c['adaptive_ece'])} "
+                      f"(15 equal-mass bins), classwise ECE {_pct(c['classwise_ece'])}")
+        _print_extras(console, result)
     else:
         console.print(head)
     corr = result.get("corruptions")
@@ -214,6 +306,53 @@ def _print(result: dict[str, Any], written: list[Path]) -> None:
         console.print(f"pixel scale: {corr['pixel_scale']}")
     if written:
         console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _print_extras(console: Any, result: dict[str, Any]) -> None:
+    """Selective prediction, the temperature's before/after, and OOD detection, each with what it means."""
+    from rich import box
+    from rich.table import Table
+
+    from mixc.selective import LEGEND
+
+    s = result.get("selective")
+    if s:
+        console.print(f"selective prediction (reject the least confident first): AURC {s['aurc']:.4f}, AUGRC "
+                      f"{s['augrc']:.4f}, risk at 80% coverage {_pct(s['risk_at_80'])}, coverage at 5% risk "
+                      f"{_pct(s['coverage_at_5'])}")
+        console.print("  " + "; ".join(f"{k}: {v}" for k, v in LEGEND.items()), style="dim")
+    cal = result.get("calibration")
+    if cal:
+        t = Table(title=f"temperature {cal['temperature']:.4f} (every member's logits / T before the softmax-mean; "
+                  f"fitted on {cal['fitted_on']})", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in ("", "accuracy", "NLL", "ECE", "adaptive ECE", "classwise ECE", "Brier"):
+            t.add_column(col, justify="right" if col else "left")
+        for row in ("before", "after"):
+            r = cal[row]
+            t.add_row(row, _pct(r["accuracy"]), f"{r['nll']:.4f}", _pct(r["ece"]), _pct(r["adaptive_ece"]),
+                      _pct(r["classwise_ece"]), f"{r['brier']:.4f}")
+        console.print(t)
+        if cal.get("warning"):
+            console.print(f"warning: {cal['warning']}")
+    ood = result.get("ood")
+    if not ood:
+        return
+    console.print(f"OOD detection: in-distribution (the positives) = {ood['in_distribution']}, {ood['samples']} inputs")
+    for name, entry in ood["sets"].items():
+        t = Table(title=f"against {name}: {entry['samples']} inputs, {entry['source']}", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+        for col in ("score", "ID when", "AUROC", "AUPR-in", "AUPR-out", "FPR95"):
+            t.add_column(col, justify="left" if col in ("score", "ID when") else "right", no_wrap=True)
+        for score, m in entry["scores"].items():
+            t.add_row(score, "higher" if m["direction"] == "higher = in-distribution" else "lower",
+                      f"{m['auroc']:.4f}", f"{m['aupr_in']:.4f}", f"{m['aupr_out']:.4f}", _pct(m["fpr95"]))
+        console.print(t)
+    if ood.get("note"):
+        console.print(f"note: {ood['note']}")
+    console.print("scores (\"ID when\": the direction that means in-distribution): "
+                  + "; ".join(f"{k} = {v}" for k, v in ood["scores"].items()), style="dim")
+    shown = {"auroc": "AUROC", "aupr_in": "AUPR-in", "aupr_out": "AUPR-out", "fpr95": "FPR95"}
+    console.print("metrics: " + "; ".join(f"{shown.get(k, k)} = {v}" for k, v in ood["metrics"].items()), style="dim")
 
 
 def _save_predictions(path: Path, probs: np.ndarray, labels: np.ndarray) -> Path:

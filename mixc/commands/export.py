@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check-samples", type=int, default=1000, metavar="N",
                    help="check on the first N test samples (default 1000; 0: all)")
     p.add_argument("--batch-size", type=int, default=250, help="batch for the check (default 250)")
+    p.add_argument("--no-temperature", action="store_true",
+                   help="export the uncalibrated model even when `mixc calibrate` fitted a temperature")
     add_backend_argument(p, "run the model with for the check and write graph formats through")
 
 
@@ -156,19 +158,23 @@ def _run(args: argparse.Namespace) -> int:
                           + (f"use --backend {' or '.join(able)}" if able else "use --format members"))
     run_, arrays = load_run(args.target, args.plan)
     x, described, scale = check_inputs(run_, args.data, args.data_dir, args.check_samples)
+    from mixc.calibration import for_deployment, tempered
+
+    cal = for_deployment(run_, args.no_temperature)  # a temperature of another checkpoint is refused
+    t = None if cal is None else cal.temperature
     reference = load_predictor(args.backend, run_.plan, run_.checkpoint, batch_size=args.batch_size)
-    want = np.asarray(reference(x), dtype=np.float64)
+    want = np.asarray(tempered(reference(x), cal), dtype=np.float64)
     if args.format == "members":
-        diff, files, exporter = _export_members(args.backend, run_, arrays, out, x, want, args.batch_size)
+        diff, files, exporter = _export_members(args.backend, run_, arrays, out, x, want, args.batch_size, t)
         manifest_path = out / "export.json"
         opset = None
     else:
-        diff, exporter, opset = _export_graph(backend, args.format, run_, arrays, out, x, want, args.batch_size)
+        diff, exporter, opset = _export_graph(backend, args.format, run_, arrays, out, x, want, args.batch_size, t)
         files = [out.name]
         manifest_path = out.with_name(out.name + ".json")
-    _write_manifest(manifest_path, args.format, run_, exporter, opset, described, len(x), diff, files, scale)
+    _write_manifest(manifest_path, args.format, run_, exporter, opset, described, len(x), diff, files, scale, cal)
     print(f"checked on {described}: max |difference| in member and ensemble probabilities = {diff:.3g} "
-          f"(limit 1e-4)")
+          f"(limit 1e-4)" + (f"; temperature {t:.4f} folded into the classifier (logits / T)" if t else ""))
     print(f"wrote {out} ({exporter}{f', opset {opset}' if opset else ''}) and {manifest_path}")
     return 0
 
@@ -217,14 +223,14 @@ def check_output(fmt: str, out: Path, inputs: list[Path] = (), force: bool = Fal
 
 
 def _export_graph(backend: Any, fmt: str, run_: Any, arrays: dict[str, np.ndarray], out: Path, x: np.ndarray,
-                  want: np.ndarray, batch: int) -> tuple[float, str, int | None]:
+                  want: np.ndarray, batch: int, temperature: float | None = None) -> tuple[float, str, int | None]:
     """Export to a temporary file beside ``out`` through ``backend``, check it, then move it into place."""
-    from mixc.export import ExportError, compose_all
+    from mixc.export import ExportError, compose_all, with_temperature
 
     _quiet_exporters()
     from mixc.safe_write import write_with
 
-    composed = compose_all(run_.plan, arrays)
+    composed = with_temperature(run_.plan, compose_all(run_.plan, arrays), temperature)
     what = "the ONNX export (run by onnxruntime)" if fmt == "onnx" else f"the {fmt} program"
     result: list[Any] = []
 
@@ -258,14 +264,14 @@ def _run_both(runner: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], x: 
 
 
 def _export_members(backend_name: str, run_: Any, arrays: dict[str, np.ndarray], out: Path, x: np.ndarray, want: np.ndarray,
-                    batch: int) -> tuple[float, list[str], str]:
+                    batch: int, temperature: float | None = None) -> tuple[float, list[str], str]:
     """One plain-backbone checkpoint per member, each checked by loading it into the plain network."""
     import mixc
     from mixc.checkpoint_format import save_arrays
     from mixc.evaluation import load_predictor
     from mixc.safe_write import replace_folder, write_text
     from mixc.export import (ExportError, check_member_method, check_plain_plan, compose_member, member_tensors,
-                             plain_plan_overrides)
+                             plain_plan_overrides, with_temperature)
 
     check_member_method(run_.plan, "export --format members", ExportError)
     spec, overrides = run_.spec_and_overrides()
@@ -278,7 +284,8 @@ def _export_members(backend_name: str, run_: Any, arrays: dict[str, np.ndarray],
         write_text(tmp / "plain_plan.json", plain.to_json() + "\n")
         for m in range(run_.plan.members):
             name = f"member_{m}.safetensors"
-            tensors = member_tensors(plain, compose_member(run_.plan, arrays, m))
+            member = with_temperature(run_.plan, [compose_member(run_.plan, arrays, m)], temperature)[0]
+            tensors = member_tensors(plain, member)
             meta = {"exported_from": str(run_.label), "member": str(m), "of_spec_hash": run_.plan.spec_hash}
             save_arrays(tmp / name, tensors, plain, run_.epoch, metadata=meta)
             predict = load_predictor(backend_name, plain, tmp / name, batch_size=batch)
@@ -290,7 +297,7 @@ def _export_members(backend_name: str, run_: Any, arrays: dict[str, np.ndarray],
 
 
 def _write_manifest(path: Path, fmt: str, run_: Any, exporter: str, opset: int | None, described: str, n: int,
-                    diff: float, files: list[str], scale: Any) -> None:
+                    diff: float, files: list[str], scale: Any, cal: Any = None) -> None:
     from mixc.export import ExportManifest
     from mixc.safe_write import write_text
 
@@ -306,5 +313,7 @@ def _write_manifest(path: Path, fmt: str, run_: Any, exporter: str, opset: int |
                        "inputs prepared as the run's training data (mixc.data); the pixel scale is unknown"),
         pixel_mean=None if scale is None else [float(v) for v in scale.mean],
         pixel_std=None if scale is None else [float(v) for v in scale.std],
+        temperature=None if cal is None else cal.temperature,
+        calibration_checkpoint_sha256=None if cal is None else cal.checkpoint_sha256,
     )
     write_text(path, m.model_dump_json(indent=1) + "\n")

@@ -17,7 +17,9 @@ INPUT is one of:
 OUT.npz holds ``member_probs [N, M, classes]``, ``ensemble_probs [N,
 classes]`` (the mean of the members' softmaxes), ``predicted [N]``,
 ``confidence [N]`` (the ensemble's top probability), ``disagreement [N]`` (the
-fraction of member pairs whose top classes differ) and ``names [N]``.
+fraction of member pairs whose top classes differ), ``names [N]`` and
+``temperature`` (the run's, from `mixc calibrate`, applied to every member's
+logits before the softmax; 1.0 when there is none or with ``--no-temperature``).
 ``--json`` prints the first few inputs' results.
 
 Exit codes: 0 done; 1 a run or checkpoint problem; 2 an input problem.
@@ -52,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=500, help="batch (default 500)")
     p.add_argument("--device", default="cpu", help="device (cpu, cuda, cuda:1)")
     add_backend_argument(p, "predict with (checkpoints are shared: any backend reads any run)")
+    p.add_argument("--no-temperature", action="store_true",
+                   help="the uncalibrated probabilities even when `mixc calibrate` fitted a temperature")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -204,9 +208,13 @@ def _run(args: argparse.Namespace) -> int:
         out = out if out.suffix == ".npz" else out.with_name(out.name + ".npz")  # numpy's rule, said up front
         given = Path(args.input)
         check_output(out, inputs=[*_run_files(args.target, args.plan), given], force=True)
+    from mixc.calibration import for_deployment, tempered
+
+    cal = for_deployment(run_, args.no_temperature)  # a temperature of another checkpoint is refused
     inputs = read_inputs(run_, args.input, args.data, args.data_dir)  # the inputs before the (slow) model load
     predict = load_predictor(args.backend, run_.plan, run_.checkpoint, device=args.device, batch_size=args.batch_size)
-    res = summarise_predictions(np.asarray(predict(inputs.x)))
+    res = summarise_predictions(np.asarray(tempered(predict(inputs.x), cal)))
+    res["temperature"] = np.float32(1.0 if cal is None else cal.temperature)
     if out is not None:
         from mixc.safe_write import write_with
 
@@ -223,9 +231,11 @@ def _run(args: argparse.Namespace) -> int:
                   "ensemble_probs": [round(float(p), 6) for p in res["ensemble_probs"][i]]}
                  for i in range(min(max(args.show, 0), len(inputs.names)))]
         print(json.dumps({"run": run_.label, "inputs": len(inputs.names), "preprocessing": inputs.preprocessing,
+                          "temperature": None if cal is None else cal.temperature,
                           "written": None if out is None else str(out), "predictions": shown}, indent=1))
     else:
         print(f"{len(inputs.names)} input(s) ({inputs.preprocessing}); mean confidence "
               f"{float(res['confidence'].mean()):.3f}, mean disagreement {float(res['disagreement'].mean()):.3f}; "
+              + (f"temperature {cal.temperature:.4f} applied (mixc calibrate); " if cal is not None else "")
               + (f"wrote {out}" if out is not None else "nothing written"))
     return 0

@@ -81,6 +81,7 @@ def collect(run: Any) -> dict[str, Any]:
 
 
 def build_rows(runs: list[Any], labels: list[str] | None, reference: Any) -> list[dict[str, Any]]:
+    from mixc.evaluation import uncertainty_columns
     from mixc.flops import backbone_macs, ensemble_macs
 
     ref_macs = backbone_macs(reference.plan)
@@ -105,12 +106,22 @@ def build_rows(runs: list[Any], labels: list[str] | None, reference: Any) -> lis
             "mean_member_accuracy": m.get("mean_member_accuracy"),
             "flops": ensemble_macs(r.plan) / ref_macs,
             "source": m["source"],
+            **uncertainty_columns(r.folder, r.epoch, r.plan.spec_hash),
         })
     return rows
 
 
 MEASURED = ["accuracy", "nll", "ece", "corrupt_accuracy", "corrupt_nll", "corrupt_ece", "diversity",
-            "mean_member_accuracy"]
+            "mean_member_accuracy", "adaptive_ece", "classwise_ece", "aurc", "augrc", "risk_at_80", "coverage_at_5",
+            "ood_auroc", "ood_fpr95", "temperature", "calibrated_nll", "calibrated_ece"]
+
+#: the optional uncertainty columns (from eval.json): (key, header, kind), shown when some run has the first key
+UNCERTAINTY = [
+    [("aurc", "AURC", "f4"), ("augrc", "AUGRC", "f4"), ("risk_at_80", "Risk@80%", "pct"),
+     ("coverage_at_5", "Cov@5%", "pct")],
+    [("ood_auroc", "OOD AUROC", "f4"), ("ood_fpr95", "OOD FPR95", "pct")],
+    [("temperature", "T", "f3"), ("calibrated_nll", "NLL (T)", "f3"), ("calibrated_ece", "ECE (T)", "pct")],
+]
 
 
 def seed_key(run: Any) -> str:
@@ -163,6 +174,8 @@ def markdown(rows: list[dict[str, Any]], reference_label: str) -> str:
         cols += ["Corrupt acc", "Corrupt NLL", "Corrupt ECE"]
     if div:
         cols += ["Diversity", "Mean member acc"]
+    groups = [g for g in UNCERTAINTY if any(r.get(g[0][0]) is not None for r in rows)]
+    cols += [h for g in groups for _, h, _ in g]
     cols += ["FLOPs", "Run"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in ("Method", "Run") else "---:" for c in cols) + "|"]
     for r in rows:
@@ -174,6 +187,8 @@ def markdown(rows: list[dict[str, Any]], reference_label: str) -> str:
             cells += [pct("corrupt_accuracy"), num("corrupt_nll"), pct("corrupt_ece", "%")]
         if div:
             cells += [num("diversity", 2), pct("mean_member_accuracy")]
+        for g in groups:
+            cells += [pct(k, "%") if kind == "pct" else num(k, 4 if kind == "f4" else 3) for k, _, kind in g]
         cells += [f"{r['flops']:.2f}x", f"`{r['run']}`"]
         lines.append("| " + " | ".join(cells) + " |")
     notes = (f"\nAccuracy and member accuracy in %, NLL of the averaged prediction, ECE over 15 bins; params "
@@ -183,6 +198,17 @@ def markdown(rows: list[dict[str, Any]], reference_label: str) -> str:
         notes += " Rows over several seeds (runs that differ only in their seed): mean ± sample standard deviation."
     if corrupt:
         notes += " Corrupt: means over every corruption and severity (`mixc eval --corruptions`)."
+    if UNCERTAINTY[0] in groups:
+        notes += (" AURC, AUGRC: areas under the (generalised) risk-coverage curve, rejecting the least confident "
+                  "first (lower is better); Risk@80%: error on the 80% most confident; Cov@5%: largest share "
+                  "answerable at 5% error (`mixc eval`).")
+    if UNCERTAINTY[1] in groups:
+        sets = sorted({r["ood_sets"] for r in rows if r.get("ood_sets")})
+        notes += (" OOD: the ensemble's top probability (MSP) as the in-distribution score, AUROC (1 perfect, 0.5 "
+                  "chance) and the share of OOD inputs accepted at 95% of the test set (FPR95, lower is better), "
+                  f"means over the sets of `mixc eval --ood` ({'; '.join(sets)}).")
+    if UNCERTAINTY[2] in groups:
+        notes += " T: the temperature of `mixc calibrate`; NLL (T), ECE (T): the test set after it."
     return "\n".join(lines) + "\n" + notes + "\n"
 
 
