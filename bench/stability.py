@@ -7,7 +7,8 @@ Every run uses the spec's own recipe (learning rate, momentum, batch, weight dec
 data of the spec's input shape (``signal * prototype[y] + N(0, 1)``, 10 classes; ``mixc.stability``), each
 example seen once. The kinds:
 
-- ``mixture``: the spec's ensemble under its recipe's ``shared_gradient`` (default ``mean``);
+- ``mixture``: the spec's ensemble (its method: ``--set method=batch_ensemble`` for another) under its
+  recipe's ``shared_gradient`` (default ``mean``);
 - ``mixture-sum``: the same with ``shared_gradient sum`` (the summed member losses' gradient as it is:
   what mixc did before; on the paper's WRN-28-10 x4 at lr 0.1 it diverges in the first epoch);
 - ``naive``: M plain backbones (``--baseline naive``); ``single``: one (``--baseline single``).
@@ -41,12 +42,12 @@ from mixc.spec.recipe import Recipe  # noqa: E402
 from mixc.stability import Trace, first_steps, synthetic  # noqa: E402
 
 CPU_SPEC = str(Path(__file__).resolve().parent / "specs" / "wrn16_10_8px.mix")
-KINDS = {
-    "mixture": [],
-    "mixture-sum": ["train.shared_gradient=sum"],
-    "naive": baseline_overrides("naive"),
-    "single": baseline_overrides("single"),
-}
+KINDS = ("mixture", "mixture-sum", "naive", "single")
+
+
+def kind_overrides(kind: str, method: str) -> list[str]:
+    """The ``--set`` items of one kind of run, for a spec whose method is ``method``."""
+    return {"mixture": [], "mixture-sum": ["train.shared_gradient=sum"]}.get(kind) or baseline_overrides(kind, method)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -87,9 +88,10 @@ def main() -> int:
           f"threads {threads.get('threads', 'default')} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); "
           f"{args.steps} steps", flush=True)
 
+    method = mixc.compile(spec, base).method.name
     traces: dict[str, Trace] = {}
     for kind in kinds:
-        plan = mixc.compile(spec, base + KINDS[kind])
+        plan = mixc.compile(spec, base + kind_overrides(kind, method))
         recipe = Recipe.model_validate(plan.train or {})
         x, y = synthetic(plan.input_shape, plan.classes, args.steps * recipe.batch, signal=args.signal,
                          seed=recipe.seed)

@@ -229,7 +229,6 @@ def train(
                        logger=make_logger(logger, folder.out) if trainer.rank == 0 else None,
                        batches=_batches(backend, dataset, trainer, workers, n_threads, augment))
             _announce(run, layout, augment, baseline, {**thread_info, "compile": compile, **(config or {})})
-            run.watch = LossWatch(plan.members, run.steps, run.reporter.line, _divergence_hint(plan, recipe))
             try:
                 last = _epochs(run)
             finally:
@@ -286,6 +285,7 @@ def _announce(run: _Run, layout: str, augment: str, baseline: str | None, config
 def _epochs(run: _Run) -> dict[str, Any] | None:
     """The epochs from the run's start epoch; rank 0 checks and saves each. Returns the last epoch's record."""
     recipe, trainer, epochs = run.recipe, run.trainer, run.recipe.epochs
+    run.watch = LossWatch(run.plan.members, run.steps, run.reporter.line, _divergence_hint(run.plan, recipe))
     last: dict[str, Any] | None = None
     with run.reporter:
         for epoch in range(run.folder.start_epoch, epochs):

@@ -81,31 +81,44 @@ def test_the_recipe_defaults_to_the_mean_and_takes_sum_by_set():
         _plan("train.shared_gradient=average")
 
 
-@pytest.mark.parametrize("backend", ["torch", "flax"])
-def test_one_step_divides_exactly_the_shared_gradients(backend):
-    """Momentum and decay off: one step under ``mean`` moves a plain layer 1/M as far as under ``sum``, and
-    every other tensor exactly as far."""
-    pytest.importorskip({"torch": "torch", "flax": "jax"}[backend])
+def _one_step(backend: str, rule: str, init: dict | None = None) -> tuple[dict, dict]:
+    """(state before, state after) one SGD step (momentum and decay off) of a 2-member 32-wide mixture."""
     from mixc.backends import get_backend
 
+    plan = _plan(f"train.shared_gradient={rule}", "train.optimizer.momentum=0", "train.weight_decay=0",
+                 "members=2", "backbone.width=32")
+    recipe = Recipe.model_validate(plan.train)
+    x, y = synthetic(plan.input_shape, plan.classes, recipe.batch)
+    trainer = get_backend(backend, "train").trainer(plan, recipe, device="cpu", layout="loop", augment="none")
+    trainer.begin(x, y, recipe.batch)
+    if init is not None:
+        trainer.load_state(init)
+    trainer.begin_epoch(1, 2)
+    before = {k: np.array(v) for k, v in trainer.state_arrays().items()}  # copies: torch's are live views
+    trainer.step(np.arange(recipe.batch), 0.1, 0)
+    after = {k: np.array(v) for k, v in trainer.state_arrays().items()}
+    trainer.close()
+    return before, after
+
+
+def test_one_step_divides_exactly_the_shared_gradients_in_both_backends():
+    """From one initial state, one step under ``mean`` moves a plain layer 1/M as far as under ``sum`` and
+    every other tensor exactly as far, and torch and flax take the same step."""
+    pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    init, _ = _one_step("torch", "sum")
     moved = {}
-    for rule in ("sum", "mean"):
-        plan = _plan(f"train.shared_gradient={rule}", "train.optimizer.momentum=0", "train.weight_decay=0",
-                     "members=2", "backbone.width=32")
-        recipe = Recipe.model_validate(plan.train)
-        x, y = synthetic(plan.input_shape, plan.classes, recipe.batch)
-        trainer = get_backend(backend, "train").trainer(plan, recipe, device="cpu", layout="loop", augment="none")
-        trainer.begin(x, y, recipe.batch)
-        trainer.begin_epoch(1, 2)
-        before = {k: np.array(v) for k, v in trainer.state_arrays().items()}  # copies: torch's are live views
-        trainer.step(np.arange(recipe.batch), 0.1, 0)
-        after = trainer.state_arrays()
-        trainer.close()
-        moved[rule] = {t.name: after[t.name] - before[t.name] for t in plan.tensors if t.trainable}
-    for name, delta in moved["sum"].items():
+    for backend in ("torch", "flax"):
+        for rule in ("sum", "mean"):
+            before, after = _one_step(backend, rule, init)
+            moved[backend, rule] = {k: after[k] - before[k] for k in after if not k.startswith("bn.") or
+                                    not k.endswith(("running_mean", "running_var"))}
+    for name, delta in moved["torch", "sum"].items():
         factor = 0.5 if name.startswith("plain.") else 1.0
-        np.testing.assert_allclose(moved["mean"][name], factor * delta, rtol=1e-4, atol=1e-7, err_msg=name)
-    assert any(np.abs(d).max() > 0 for n, d in moved["sum"].items() if n.startswith("plain."))
+        for backend in ("torch", "flax"):
+            np.testing.assert_allclose(moved[backend, "mean"][name], factor * delta, rtol=1e-3, atol=1e-6,
+                                       err_msg=f"{backend} {name}")
+    assert any(np.abs(d).max() > 1e-4 for n, d in moved["torch", "sum"].items() if n.startswith("plain."))
 
 
 @pytest.mark.parametrize("backend", ["torch", "flax"])
@@ -121,3 +134,19 @@ def test_the_wide_mixture_trains_like_the_naive_ensemble(backend):
     assert mean.peak <= 1.3 * max(naive.peak, start), (mean.losses, naive.losses)
     assert mean.tail() <= 1.3 * naive.tail(), (mean.losses, naive.losses)
     assert mean.tail() < 0.6 * start  # and it learns
+
+
+def test_a_recipe_recorded_before_the_setting_reads_as_sum():
+    """Runs recorded before ``shared_gradient`` existed trained with the sum: resuming one under today's
+    default is a recipe change (refused unless --allow-recipe-change), not a silent one."""
+    import json
+
+    from mixc.run_folder import RunConfig, TrainMetadata, recipe_changes
+
+    old = Recipe().model_dump(mode="json")
+    del old["shared_gradient"]
+    assert RunConfig.model_validate({"recipe": old}).recipe.shared_gradient == "sum"
+    recorded = TrainMetadata.model_validate({"recipe": json.dumps(old)}).recipe
+    assert recorded.shared_gradient == "sum"
+    assert recipe_changes(recorded, Recipe()) == {"shared_gradient": ("sum", "mean")}
+    assert RunConfig.model_validate({"recipe": Recipe().model_dump(mode="json")}).recipe.shared_gradient == "mean"
