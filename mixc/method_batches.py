@@ -50,12 +50,17 @@ SHARED_ROLES = frozenset({"plain_weight", "plain_bias"})
 def gradient_scales(plan: Plan, shared_gradient: str) -> dict[str, float]:
     """Plan tensor name -> the factor its gradient is multiplied by before clipping and the optimiser
     (only the tensors whose factor is not 1). ``shared_gradient`` is the recipe's: "mean" divides the
-    gradient of a weight every member reads as it is by the member count, "sum" leaves every gradient
-    as the summed loss gives it."""
+    gradient of every weight all members read as it is by the member count, "mean_output" only the output
+    layer's (the one weight of that kind no normalisation follows), "sum" leaves every gradient as the
+    summed loss gives it."""
     M = plan.members
     if shared_gradient == "sum" or M == 1 or plan.execution == "single_path":
         return {}
-    return {t.name: 1.0 / M for t in plan.tensors if t.trainable and t.role in SHARED_ROLES}
+    shared = [t for t in plan.tensors if t.trainable and t.role in SHARED_ROLES]
+    if shared_gradient == "mean_output":
+        output = [o.name for o in plan.ops if o.kind in ("conv", "linear")][-1]
+        shared = [t for t in shared if t.layer == output]
+    return {t.name: 1.0 / M for t in shared}
 
 
 def lr_scale(plan: Plan, role: str) -> float:

@@ -423,12 +423,13 @@ def _one_epoch(run: _Run, epoch: int) -> tuple[float, float]:
 
 
 def _divergence_hint(plan: Plan, recipe: Recipe) -> str:
-    """What to add to a divergence message about this run: the summed shared gradient, when it applies."""
+    """What to add to a divergence message about this run: shared weights that take their members' summed
+    gradient, when the mean would reach more of them."""
     from mixc.method_batches import gradient_scales
 
-    if recipe.shared_gradient == "sum" and gradient_scales(plan, "mean"):
-        return ("; this run sums the members' gradients on the weights they share (shared_gradient sum), which "
-                "diverges at width: --set train.shared_gradient=mean")
+    if set(gradient_scales(plan, "mean")) - set(gradient_scales(plan, recipe.shared_gradient)):
+        return (f"; under shared_gradient {recipe.shared_gradient}, weights the members share take their summed "
+                "gradient, which diverges at width: --set train.shared_gradient=mean divides it by the member count")
     return ""
 
 

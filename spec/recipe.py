@@ -72,4 +72,4 @@ class Recipe(_Model):
     # members' gradients: "mean" (each member's step on it is what a network of its own would take) or "sum" (the
     # gradient of the summed member losses, mixc before 2026-12, which diverges at width: docs/execution.md).
     # Templates always take the sum: members' orthonormal alphas keep their template-path updates apart.
-    shared_gradient: Literal["mean", "sum"] = "mean"
+    shared_gradient: Literal["mean", "mean_output", "sum"] = "mean"

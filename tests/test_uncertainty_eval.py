@@ -97,10 +97,16 @@ def _overconfident_copy(run, dest, factor=8.0, epoch=None):
 
 
 def test_calibrate_lowers_nll_and_round_trips_through_export_and_predict(digits_run, capsys, tmp_path):
-    run = _overconfident_copy(digits_run, tmp_path / "over")
+    rc, out, err = _cli(capsys, "calibrate", _overconfident_copy(digits_run, tmp_path / "base", factor=1.0), "--json",
+                        "--threads", "1")
+    assert rc == 0, err
+    t0 = json.loads(out)["temperature"]  # the run as trained (a short run is often under-confident: t0 < 1)
+    factor = max(8.0, 4.0 / t0)  # its logits times factor: over-confident, a temperature of 4 or more
+    run = _overconfident_copy(digits_run, tmp_path / "over", factor=factor)
     rc, out, err = _cli(capsys, "calibrate", run, "--json", "--threads", "1")
     assert rc == 0, err
     cal = json.loads(out)
+    assert cal["temperature"] == pytest.approx(factor * t0, rel=0.02)  # softmax(f z / f T) = softmax(z / T)
     assert cal["temperature"] > 1.5 and "the run's validation split" in cal["fitted_on"]
     assert cal["nll_after"] < cal["nll_before"] and len(cal["member_temperatures"]) == 4
 
