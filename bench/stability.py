@@ -8,7 +8,7 @@ data of the spec's input shape (``signal * prototype[y] + N(0, 1)``, 10 classes;
 example seen once. The kinds:
 
 - ``mixture``: the spec's ensemble (its method: ``--set method=batch_ensemble`` for another) under its
-  recipe's ``shared_gradient`` (default ``mean``);
+  recipe's ``shared_gradient`` (default ``mean_output``; ``--set train.shared_gradient=mean`` for the other);
 - ``mixture-sum``: the same with ``shared_gradient sum`` (the summed member losses' gradient as it is:
   what mixc did before; on the paper's WRN-28-10 x4 at lr 0.1 it diverges in the first epoch);
 - ``naive``: M plain backbones (``--baseline naive``); ``single``: one (``--baseline single``).

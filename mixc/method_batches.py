@@ -6,8 +6,11 @@ torch run and a flax run of the same recipe see the same MIMO batches and take t
 - Shared weights (:func:`gradient_scales`): the loss is the sum of the members' cross-entropies, so
   a weight that every member reads as it is (a mixture's plain layers: the stem, a stage's first
   conv, the projections, the classifier; BatchEnsemble's shared ``W``) gets the sum of M members'
-  gradients: M times the step a network of its own would take. Under the recipe's
-  ``shared_gradient mean`` (the default) its gradient is divided by M. Per-member tensors keep their
+  gradients: up to M times the step a network of its own would take. Behind a BatchNorm that is
+  absorbed (the layer is scale-invariant); the output layer has none, and there the summed step
+  diverges at width. Under the recipe's ``shared_gradient mean_output`` (the default) the output
+  layer's gradient is divided by M; under ``mean`` every such weight's; ``sum`` divides none.
+  Per-member tensors keep their
   own gradient, and so do templates: each member reads them through its alphas, orthonormal across
   members, so the template-path update of member i's weight is its own gradient step (the
   cross-member terms cancel). The single-path methods (MIMO, Packed-Ensembles) train one network as

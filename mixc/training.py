@@ -34,7 +34,8 @@ that decides *what* is trained, and so what a result means, lives here once:
   a non-finite one stops the run at once, naming the step (the run folder keeps
   the last finished epoch); one that stays far above its start gets a warning.
 - Shared weights: ``recipe.shared_gradient`` (``mixc.method_batches.gradient_scales``):
-  a weight every member reads as it is takes the mean of their gradients.
+  the shared output layer (by default; or every weight all members read as it is)
+  takes the mean of the members' gradients instead of their sum.
 - Files: the run folder's rules (one writer, the recipe check on resume,
   divergence, crash repair) are :class:`mixc.run_folder.RunWriter`'s; each
   epoch's checkpoint holds the weights, the optimiser state under ``optim.*``

@@ -68,8 +68,9 @@ class Recipe(_Model):
     # Arithmetic of the forward pass: fp32, or bf16/fp16 (torch: autocast; flax: a dtype policy; fp16 with loss scaling).
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_clip: float | None = Field(None, gt=0)  # clip the global gradient norm to this before each step
-    # How a weight every member reads as it is (a mixture's plain layers, BatchEnsemble's shared weights) combines the
-    # members' gradients: "mean" (each member's step on it is what a network of its own would take) or "sum" (the
-    # gradient of the summed member losses, mixc before 2026-12, which diverges at width: docs/execution.md).
-    # Templates always take the sum: members' orthonormal alphas keep their template-path updates apart.
-    shared_gradient: Literal["mean", "mean_output", "sum"] = "mean"
+    # Which weights that every member reads as they are (a mixture's plain layers, BatchEnsemble's shared weights)
+    # take the mean of the members' gradients instead of their sum: "mean_output" the output layer only (no
+    # normalisation follows it; the summed step there is what diverges at width), "mean" all of them, "sum" none
+    # (mixc before 2026-12). Templates always take the sum: members' orthonormal alphas keep their updates apart.
+    # Measurements: docs/execution.md, "Shared weights".
+    shared_gradient: Literal["mean_output", "mean", "sum"] = "mean_output"

@@ -410,7 +410,7 @@ def _read_init(body: A.BodyValue, consts: dict, diags: Diagnostics) -> dict[str,
 
 
 #: train settings left out of a Plan at these (default) values: see read_train
-IMPLIED_TRAIN = {"shared_gradient": "mean"}
+IMPLIED_TRAIN = {"shared_gradient": "mean_output"}
 
 
 def read_train(section: A.Section, consts: dict, diags: Diagnostics) -> dict | None:

@@ -61,22 +61,27 @@ def _trace(backend_name: str, *overrides: str):
     return first_steps(get_backend(backend_name, "train"), plan, recipe, x, y, STEPS)
 
 
-def test_only_weights_every_member_reads_as_they_are_take_the_mean():
+def test_which_weights_take_the_mean():
     plan = _plan()
-    scales = gradient_scales(plan, "mean")
-    assert scales == {"plain.inp.weight": 0.25, "plain.inp.bias": 0.25, "plain.fc.weight": 0.25, "plain.fc.bias": 0.25}
+    assert gradient_scales(plan, "mean_output") == {"plain.fc.weight": 0.25, "plain.fc.bias": 0.25}
+    assert gradient_scales(plan, "mean") == {"plain.inp.weight": 0.25, "plain.inp.bias": 0.25,
+                                             "plain.fc.weight": 0.25, "plain.fc.bias": 0.25}
     assert gradient_scales(plan, "sum") == {}
-    assert gradient_scales(_plan("members=1"), "mean") == {}
-    assert gradient_scales(_plan("groups=none"), "mean") == {}  # the naive ensemble shares nothing
+    for rule in ("mean", "mean_output"):
+        assert gradient_scales(_plan("members=1"), rule) == {}
+        assert gradient_scales(_plan("groups=none"), rule) == {}  # the naive ensemble shares nothing
+        for single_path in ("method=mimo", "method=packed"):  # one network, trained as the references do
+            assert gradient_scales(_plan(single_path), rule) == {}
     be = _plan("method=batch_ensemble")
     assert set(gradient_scales(be, "mean")) == {t.name for t in be.tensors if t.role == "plain_weight"}
-    for single_path in ("method=mimo", "method=packed"):  # one network, trained as the references do
-        assert gradient_scales(_plan(single_path), "mean") == {}
+    assert set(gradient_scales(be, "mean_output")) == {"plain.fc.weight"}
 
 
-def test_the_recipe_defaults_to_the_mean_and_takes_sum_by_set():
-    assert Recipe().shared_gradient == "mean"
-    assert Recipe.model_validate(_plan("train.shared_gradient=sum").train).shared_gradient == "sum"
+def test_the_recipe_defaults_to_the_output_mean_and_takes_the_others_by_set():
+    assert Recipe().shared_gradient == "mean_output"
+    assert "shared_gradient" not in _plan().train  # the default stays out of the Plan: its bytes do not move
+    for rule in ("sum", "mean"):
+        assert Recipe.model_validate(_plan(f"train.shared_gradient={rule}").train).shared_gradient == rule
     with pytest.raises(mixc.spec.SpecError, match="shared_gradient"):
         _plan("train.shared_gradient=average")
 
@@ -102,38 +107,43 @@ def _one_step(backend: str, rule: str, init: dict | None = None) -> tuple[dict, 
 
 
 def test_one_step_divides_exactly_the_shared_gradients_in_both_backends():
-    """From one initial state, one step under ``mean`` moves a plain layer 1/M as far as under ``sum`` and
-    every other tensor exactly as far, and torch and flax take the same step."""
+    """From one initial state, one step under ``mean`` (``mean_output``) moves every plain layer (the output
+    layer) 1/M as far as under ``sum`` and every other tensor exactly as far, and torch and flax take the
+    same step."""
     pytest.importorskip("torch")
     pytest.importorskip("jax")
     init, _ = _one_step("torch", "sum")
     moved = {}
     for backend in ("torch", "flax"):
-        for rule in ("sum", "mean"):
+        for rule in ("sum", "mean", "mean_output"):
             before, after = _one_step(backend, rule, init)
-            moved[backend, rule] = {k: after[k] - before[k] for k in after if not k.startswith("bn.") or
-                                    not k.endswith(("running_mean", "running_var"))}
+            moved[backend, rule] = {k: after[k] - before[k] for k in after
+                                    if not k.endswith(("running_mean", "running_var"))}
+    halved = {"mean": ("plain.",), "mean_output": ("plain.fc.",)}
     for name, delta in moved["torch", "sum"].items():
-        factor = 0.5 if name.startswith("plain.") else 1.0
-        for backend in ("torch", "flax"):
-            np.testing.assert_allclose(moved[backend, "mean"][name], factor * delta, rtol=1e-3, atol=1e-6,
-                                       err_msg=f"{backend} {name}")
-    assert any(np.abs(d).max() > 1e-4 for n, d in moved["torch", "sum"].items() if n.startswith("plain."))
+        for rule, prefixes in halved.items():
+            factor = 0.5 if name.startswith(prefixes) else 1.0
+            for backend in ("torch", "flax"):
+                np.testing.assert_allclose(moved[backend, rule][name], factor * delta, rtol=1e-3, atol=1e-6,
+                                           err_msg=f"{backend} {rule} {name}")
+    assert any(np.abs(d).max() > 1e-4 for n, d in moved["torch", "sum"].items() if n.startswith("plain.inp"))
+    assert any(np.abs(d).max() > 1e-4 for n, d in moved["torch", "sum"].items() if n.startswith("plain.fc"))
 
 
 @pytest.mark.parametrize("backend", ["torch", "flax"])
 def test_the_wide_mixture_trains_like_the_naive_ensemble(backend):
-    """The reproducer: under ``sum`` the mixture's loss shoots far above its start (the divergence); under
-    ``mean`` its peak and its last steps stay within 1.3x of the naive ensemble's at the same recipe."""
+    """The reproducer: under ``sum`` the mixture's loss shoots far above its start (the divergence); under the
+    default (``mean_output``) and under ``mean`` its peak and its last steps stay within 1.3x of the naive
+    ensemble's at the same recipe."""
     pytest.importorskip({"torch": "torch", "flax": "jax"}[backend])
     naive = _trace(backend, "groups=none")
     summed = _trace(backend, "train.shared_gradient=sum")
-    mean = _trace(backend)
     start = naive.losses[0]
     assert summed.peak > 3 * naive.peak, (summed.losses, naive.losses)  # the fault reproduces
-    assert mean.peak <= 1.3 * max(naive.peak, start), (mean.losses, naive.losses)
-    assert mean.tail() <= 1.3 * naive.tail(), (mean.losses, naive.losses)
-    assert mean.tail() < 0.6 * start  # and it learns
+    for fixed in (_trace(backend), _trace(backend, "train.shared_gradient=mean")):
+        assert fixed.peak <= 1.3 * max(naive.peak, start), (fixed.losses, naive.losses)
+        assert fixed.tail() <= 1.3 * naive.tail(), (fixed.losses, naive.losses)
+        assert fixed.tail() < 0.6 * start  # and it learns
 
 
 def test_a_recipe_recorded_before_the_setting_reads_as_sum():
@@ -148,5 +158,6 @@ def test_a_recipe_recorded_before_the_setting_reads_as_sum():
     assert RunConfig.model_validate({"recipe": old}).recipe.shared_gradient == "sum"
     recorded = TrainMetadata.model_validate({"recipe": json.dumps(old)}).recipe
     assert recorded.shared_gradient == "sum"
-    assert recipe_changes(recorded, Recipe()) == {"shared_gradient": ("sum", "mean")}
-    assert RunConfig.model_validate({"recipe": Recipe().model_dump(mode="json")}).recipe.shared_gradient == "mean"
+    assert recipe_changes(recorded, Recipe()) == {"shared_gradient": ("sum", "mean_output")}
+    new = Recipe(shared_gradient="mean").model_dump(mode="json")
+    assert RunConfig.model_validate({"recipe": new}).recipe.shared_gradient == "mean"

@@ -13,7 +13,7 @@ a step runs:
   ``scale_by_adam`` then masked decoupled decay. The mask skips
   ``mixc.training.decay_skipped_roles``. First, the gradients of weights every
   member reads as they are are multiplied by ``mixc.method_batches.gradient_scales``
-  (masked ``optax.scale``; 1/M under ``shared_gradient mean``), as torch does.
+  (masked ``optax.scale``; 1/M for the output layer by default), as torch does.
 - Data parallel over every local device of the chosen platform with
   ``jax.sharding``: parameters replicated, each batch split along a ``data``
   mesh axis. The step is one SPMD program over the global batch, so its

@@ -7,7 +7,7 @@ cadence are the shared driver's (``mixc/training.py``); what is torch's:
   (with and without weight decay: ``mixc.training.decay_skipped_roles``). The
   learning rate is set by hand before every step. Before clipping and the step,
   the gradients of weights every member reads as they are are multiplied by
-  ``mixc.method_batches.gradient_scales`` (1/M under ``shared_gradient mean``).
+  ``mixc.method_batches.gradient_scales`` (1/M for the output layer by default).
 - Augmentation, on batched tensors on the device, from a generator the driver
   reseeds every epoch: ``crop_flip`` (pad 4 with zeros, random crop, random
   horizontal flip) or ``random_resized_crop`` (:func:`random_resized_crop`, for
