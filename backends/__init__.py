@@ -10,7 +10,7 @@ one with ``pip install`` and nothing else::
 
 Listing names (``mixc --help``, ``--backend`` choices) reads metadata only;
 :func:`get_backend` loads the one asked for and checks its framework imports,
-each failure a :class:`~mixc.errors.BackendUnavailable` that says what to do.
+each failure a :class:`~mixc.core.errors.BackendUnavailable` that says what to do.
 From a source checkout whose installed metadata predates the group (or
 without any install), the built-in torch and flax entries are used.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 from importlib.metadata import EntryPoint, entry_points
 
-from mixc.errors import BackendUnavailable
+from mixc.core.errors import BackendUnavailable
 
 __all__ = ["GROUP", "BUILTIN", "DEFAULT", "BackendUnavailable", "available", "names", "get_backend", "check_name"]
 

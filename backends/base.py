@@ -34,7 +34,7 @@ from typing import Any, Callable, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from mixc.compiler.plan import Plan
-from mixc.errors import BackendError, BackendUnavailable
+from mixc.core.errors import BackendError, BackendUnavailable
 from mixc.spec.recipe import Recipe
 
 __all__ = ["Backend", "Capabilities", "Trainer", "Runner", "Predictor", "GraphRunner", "COMMANDS", "lazy_attributes"]
@@ -277,18 +277,18 @@ class Backend:
 
     def batches(self, split: Any, input_shape: list[int], *, train: bool, batch: int, seed: int, epoch: int,
                 workers: int, random_crop: bool | None = None) -> Any:
-        """Batches ``(x, y)`` of an image-folder split (``mixc.imagefolder.FolderSplit``) for a streamed run:
+        """Batches ``(x, y)`` of an image-folder split (``mixc.core.imagefolder.FolderSplit``) for a streamed run:
         shuffled by ``default_rng([seed, epoch])``, the last partial batch dropped and, with ``random_crop``
-        (None: ``mixc.data.default_augment``'s rule), each image random-resized-cropped and flipped when
-        ``train``. By default decoded in this process with numpy (``mixc.imagefolder.iter_batches``); torch
+        (None: ``mixc.core.data.default_augment``'s rule), each image random-resized-cropped and flipped when
+        ``train``. By default decoded in this process with numpy (``mixc.core.imagefolder.iter_batches``); torch
         uses a DataLoader with ``workers`` processes and pinned memory."""
-        from mixc.imagefolder import iter_batches
+        from mixc.core.imagefolder import iter_batches
 
         return iter_batches(split, input_shape, train=train, batch=batch, seed=seed, epoch=epoch,
                             random_crop=random_crop)
 
     def set_threads(self, n: int) -> dict[str, Any]:
-        """Run the framework's CPU work on ``n`` threads (``mixc.threads`` picks ``n``); returns what was set,
+        """Run the framework's CPU work on ``n`` threads (``mixc.core.threads`` picks ``n``); returns what was set,
         for config.json. By default ``<package>.threads.set_threads``; a backend without one sets nothing."""
         try:
             module = self._module("threads")
@@ -312,7 +312,7 @@ class Backend:
     def load_predictor(self, plan: Plan, checkpoint: str | os.PathLike, device: str = "cpu",
                        batch_size: int = 500) -> Predictor:
         """Member probabilities of ``checkpoint``'s model: a runner loaded from the verified checkpoint."""
-        from mixc.checkpoint_format import read_plan_arrays
+        from mixc.core.checkpoint_format import read_plan_arrays
 
         arrays, _, _ = read_plan_arrays(checkpoint, plan)  # verified before the (slower) model build
         runner = self.runner(plan, device=device, batch_size=batch_size)
@@ -323,7 +323,7 @@ class Backend:
                              batch_size: int = 500) -> Predictor | None:
         """Member logits ``[N, M, classes]`` of ``checkpoint``'s model, or None when the runner gives probabilities
         only (no ``member_logits``): `mixc eval --ood` then leaves the logit scores out, saying so."""
-        from mixc.checkpoint_format import read_plan_arrays
+        from mixc.core.checkpoint_format import read_plan_arrays
 
         try:
             runner = self.runner(plan, device=device, batch_size=batch_size)

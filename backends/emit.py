@@ -24,7 +24,7 @@ from mixc.backends.pysource import comment as _c
 from mixc.backends.pysource import literal as _q
 from mixc.backends.pysource import validated
 from mixc.compiler.plan import PLAN_VERSION, ConvOp, LinearOp, Plan
-from mixc.errors import MixcError
+from mixc.core.errors import MixcError
 
 LINE_WIDTH = 100
 

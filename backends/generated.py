@@ -84,7 +84,7 @@ def private_cache() -> Path | None:
 
 def write(plan: Plan, out_dir: str | Path, source: str) -> Path:
     """Write ``plan.json`` and ``<name>.py`` (``source``) into ``out_dir``; return the source's path."""
-    from mixc.safe_write import write_text
+    from mixc.core.safe_write import write_text
 
     out = Path(out_dir)
     write_text(out / "plan.json", plan.to_json() + "\n")
@@ -108,7 +108,7 @@ def load_source(source: str, plan: Plan, backend: str) -> types.ModuleType:
 
 def _store(folder: Path, stem: str, source: str, plan: Plan) -> Path:
     """Keep ``<stem>.py`` and ``<stem>.plan.json`` in the cache (rewritten when they differ); the ``.py``'s path."""
-    from mixc.safe_write import write_bytes
+    from mixc.core.safe_write import write_bytes
 
     for path, data in ((folder / f"{stem}.py", source.encode()), (folder / f"{stem}.plan.json", plan.to_json().encode())):
         try:
@@ -123,7 +123,7 @@ def _store(folder: Path, stem: str, source: str, plan: Plan) -> Path:
 def importable(source: str, plan: Plan, backend: str) -> types.ModuleType:
     """``source`` as the module ``mixc.backends.compiled.<backend>_<name>_<plan hash>``, exec'd from the text
     itself (never from the cache's files), and kept in the cache for other processes where it is private."""
-    from mixc.errors import MixcError
+    from mixc.core.errors import MixcError
 
     stem = f"{backend}_{module_name(plan)}_{plan.content_hash()}"
     name = _PREFIX + stem

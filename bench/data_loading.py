@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import mixc  # noqa: E402
 from mixc.backends.torch.data import folder_loader  # noqa: E402
-from mixc.imagefolder import scan  # noqa: E402
+from mixc.core.imagefolder import scan  # noqa: E402
 
 
 def make_folder(root: Path, n: int, classes: int = 4, size: int = 224) -> Path:

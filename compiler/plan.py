@@ -41,7 +41,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SerializationInfo, SerializerFunctionWrapHandler,
                       ValidationError, model_serializer, model_validator)
 
-from mixc.errors import MixcError
+from mixc.core.errors import MixcError
 
 PLAN_VERSION = 1
 

@@ -1,6 +1,6 @@
 """A run's temperature (`mixc calibrate`): fitting it, storing it, and finding it again, valid or not.
 
-The temperature lives in ``RUN/calibration.json`` (``mixc.run_folder.Calibration``,
+The temperature lives in ``RUN/calibration.json`` (``mixc.core.run_models.Calibration``,
 validated when read) with the sha256 of the checkpoint it was fitted on. A
 temperature applies only to that checkpoint: after a resume or a retraining
 the checkpoint's bytes differ, and `mixc eval` ignores the file with a note,
@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from mixc.errors import MixcError
-from mixc.run_folder import CALIBRATION, Calibration, RunFolderError, file_sha256, read_calibration
+from mixc.core.errors import MixcError, RunFolderError
+from mixc.core.run_files import CALIBRATION
+from mixc.core.run_models import Calibration
+from mixc.core.run_read import file_sha256, read_calibration
 from mixc.temperature import T_MAX, T_MIN, apply_temperature, fit_temperature, tempered_nll
 
 __all__ = ["CalibrationError", "fit", "save", "lookup", "for_deployment", "tempered"]
@@ -54,7 +56,7 @@ def _warning(p: np.ndarray, labels: np.ndarray, temps: list[float]) -> str | Non
 
 def save(run: Any, cal: Calibration) -> Any:
     """Write ``cal`` to the run's ``calibration.json`` through the one write rule (atomic, no links)."""
-    from mixc.safe_write import write_json
+    from mixc.core.safe_write import write_json
 
     return write_json(run.folder / CALIBRATION, cal.model_dump(mode="json"))
 

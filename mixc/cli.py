@@ -78,7 +78,7 @@ def cmd_compile(args: argparse.Namespace, out: Console) -> int:
         if args.output in (None, "-"):
             sys.stdout.write(text)
         else:
-            from mixc.safe_write import check_output, write_text
+            from mixc.core.safe_write import check_output, write_text
 
             path = Path(args.output)
             if path.is_dir() and not path.is_symlink():
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_reporting(command: str, fn: Callable[[], int | None]) -> int:
     """Run ``fn`` and turn every user-facing error (``MixcError``) into its one-paragraph report and exit
     code, the one place that does (README, "Exit codes"); anything else is a bug and keeps its traceback."""
-    from mixc.errors import MixcError
+    from mixc.core.errors import MixcError
     from mixc.spec.diagnostics import SpecError
 
     try:

@@ -35,7 +35,7 @@ as they are for other sizes (on 8x8 digits a blur reaches further, relatively).
 Randomness comes from ``numpy.random.default_rng([seed, crc32(name), severity])``:
 the same seed gives the same corrupted set, whichever corruptions are chosen.
 
-Datasets are normalised (``mixc.data``), so :class:`PixelScale` recovers the
+Datasets are normalised (``mixc.core.data``), so :class:`PixelScale` recovers the
 pixels first and normalises the corrupted images back the same way.
 ``load_cifar_c`` reads the published ``.npy`` files instead.
 """
@@ -51,7 +51,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mixc.data import DataError, Dataset
+from mixc.core.data import DataError, Dataset
 
 __all__ = [
     "CORRUPTIONS",
@@ -297,7 +297,7 @@ def pixel_scale(dataset: Dataset) -> PixelScale:
     """How ``dataset``'s images map to pixels in ``[0, 1]``, so corruptions can act on pixels.
 
     - A dataset carrying ``mean``/``std`` attributes: those.
-    - ``digits``, ``cifar10``, ``cifar100``: ``mixc.data`` scales pixels to
+    - ``digits``, ``cifar10``, ``cifar100``: ``mixc.core.data`` scales pixels to
       ``[0, 1]`` and normalises per channel with the train split's mean/std;
       both extremes 0 and 1 occur in every channel of those train sets, so the
       train split's per-channel minimum and maximum give the scale back exactly

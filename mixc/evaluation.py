@@ -23,11 +23,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from mixc.compiler.plan import Plan, PlanFileError, read_plan
-from mixc.data import DataError, Dataset, check_compatible, load_dataset
-from mixc.errors import MixcError
+from mixc.core.data import DataError, Dataset, check_compatible, load_dataset
+from mixc.core.errors import MixcError, RunFolderError
+from mixc.core.run_read import last_metrics as _last_metrics
+from mixc.core.run_read import parse_header, read_config, read_header, read_metrics, read_raw_header
 from mixc.metrics import adaptive_ece, classwise_ece, ece, evaluate, member_summary, nll, accuracy, brier
-from mixc.run_folder import RunFolderError, parse_header, read_config, read_header, read_metrics, read_raw_header
-from mixc.run_folder import last_metrics as _last_metrics
 
 __all__ = [
     "EvalError",
@@ -95,7 +95,7 @@ def open_run(target: str | os.PathLike, plan_file: str | os.PathLike | None = No
     """Open a run folder, or a checkpoint file with ``plan.json`` beside it (or ``plan_file``).
 
     The checkpoint's header, ``config.json`` and ``metrics.jsonl`` are parsed
-    through ``mixc.run_folder``'s models: a damaged or edited file is an
+    through ``mixc.core.run_models``: a damaged or edited file is an
     ``EvalError`` naming the file, line and field.
     """
     path = Path(target)
@@ -284,7 +284,7 @@ def evaluate_cifar_c(
 ) -> tuple[dict[str, Any], Dataset | None]:
     """Score the published CIFAR-10-C/100-C files; returns the result and the clean dataset if it loaded.
 
-    The files hold pixels; they are normalised like the clean set ``mixc.data``
+    The files hold pixels; they are normalised like the clean set ``mixc.core.data``
     loads (its train split's per-channel mean/std). Without the clean archives
     the published CIFAR statistics are used instead, and the result says so.
     """
@@ -325,7 +325,7 @@ def evaluate_cifar_c(
 def save_eval(folder: Path, result: dict[str, Any]) -> Path:
     """Keep ``result`` in ``folder/eval.json`` for ``mixc report``; corruption results of the same
     checkpoint and data survive a later clean-only evaluation."""
-    from mixc.safe_write import write_json
+    from mixc.core.safe_write import write_json
 
     path = Path(folder) / EVAL_FILE
     if "corruptions" not in result and path.is_file() and not path.is_symlink():

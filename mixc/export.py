@@ -22,14 +22,14 @@ Each file is an ordinary mixc checkpoint of that plan (header, checksum), so
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from mixc.errors import MixcError
+from mixc.core.errors import MixcError
 from pydantic import BaseModel, ConfigDict, Field
 
 from mixc.compiler.plan import ConvOp, LinearOp, Plan
+from mixc.core.member_weights import LayerWeights, MemberWeights
 
 __all__ = [
     "ExportError",
@@ -51,20 +51,6 @@ TOLERANCE = 1e-4
 
 class ExportError(MixcError):
     """A user-facing export or predict problem: one paragraph, printed without a traceback."""
-
-
-@dataclass(frozen=True)
-class LayerWeights:
-    weight: np.ndarray  # the op's weight_shape (PyTorch layout)
-    bias: np.ndarray | None
-
-
-@dataclass(frozen=True)
-class MemberWeights:
-    """One member as a plain network: weights per weight op, BatchNorm per bn op (weight, bias, mean, var)."""
-
-    layers: dict[str, LayerWeights]
-    bn: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 
 
 def _weight_ops(plan: Plan) -> list[ConvOp | LinearOp]:

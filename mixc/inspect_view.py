@@ -9,7 +9,7 @@ from rich.table import Table
 
 from mixc.compiler.degenerate import collinear, distinct_template_sets
 from mixc.compiler.plan import Plan
-from mixc.flops import backbone_macs, ensemble_macs
+from mixc.core.flops import backbone_macs, ensemble_macs
 
 
 def render_warnings(plan: Plan) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from mixc.backends import DEFAULT
-from mixc.checkpoint_format import spec_hash
+from mixc.core.checkpoint_format import spec_hash
 from mixc.compiler.plan import Plan
 from mixc.evaluation import EvalError, Run
 from mixc.metrics import accuracy, ece, nll
@@ -51,7 +51,7 @@ class MemberWeights:
 def member_weights(run: Run, backend: str = DEFAULT, device: str = "cpu") -> MemberWeights:
     """Load the run's checkpoint into ``backend``'s model and compose every member's weights."""
     from mixc.backends import get_backend
-    from mixc.checkpoint_format import read_plan_arrays
+    from mixc.core.checkpoint_format import read_plan_arrays
 
     arrays, _, _ = read_plan_arrays(run.checkpoint, run.plan)
     runner = get_backend(backend, "interpolate").runner(run.plan, device=device)

@@ -12,7 +12,7 @@ import csv
 from pathlib import Path
 from typing import Any, Protocol
 
-from mixc.errors import MixcError
+from mixc.core.errors import MixcError
 
 __all__ = ["Logger", "LoggerError", "make_logger", "LOGGERS"]
 
@@ -52,7 +52,7 @@ class CsvLogger:
     def log(self, rec: dict[str, Any], lines: list[dict[str, Any]]) -> None:
         rows = [_scalars(m) for m in lines]
         cols = list(dict.fromkeys(k for r in rows for k in r))
-        from mixc.safe_write import write_with
+        from mixc.core.safe_write import write_with
 
         def fill(tmp: str) -> None:
             with open(tmp, "w", newline="") as f:

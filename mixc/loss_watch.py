@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from mixc.run_folder import TrainError
+from mixc.core.errors import TrainError
 
 __all__ = ["LossWatch", "CHECK_EVERY", "HIGH_FACTOR", "HIGH_STEPS"]
 

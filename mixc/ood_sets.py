@@ -12,7 +12,7 @@
   has an OOD check without a download: uniform noise pixels (seeded, as many
   as the test set), the test images with pixels ``1 - p``, or the test images
   turned upside down and mirrored (rotated 180 degrees);
-- a dataset name or path ``mixc.data`` loads (``digits``, ``cifar10``,
+- a dataset name or path ``mixc.core.data`` loads (``digits``, ``cifar10``,
   ``cifar100``, a dataset ``.npz``...): its test set, which must fit the
   model's input.
 """
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from mixc.data import DataError, Dataset
+from mixc.core.data import DataError, Dataset
 
 __all__ = ["OodSet", "SYNTHETIC", "load_ood_set"]
 

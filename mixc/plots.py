@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mixc.errors import MixcError
+from mixc.core.errors import MixcError
 
 __all__ = ["PlotError", "reliability_diagram", "risk_coverage_plot", "corruption_plot", "interpolation_plot", "sweep_params_plot",
            "sweep_members_plot", "training_curves"]
@@ -36,7 +36,7 @@ def _pyplot():
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    from mixc.safe_write import write_with
+    from mixc.core.safe_write import write_with
 
     path = Path(path)
     try:

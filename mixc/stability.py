@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mixc.compiler.plan import Plan
-from mixc.run_folder import seed_of
+from mixc.run_writer import seed_of
 from mixc.spec.recipe import Recipe
 from mixc.training import learning_rate
 

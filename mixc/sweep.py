@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mixc.backends import DEFAULT
-from mixc.checkpoint_format import spec_hash
+from mixc.core.checkpoint_format import spec_hash
 from mixc.compiler.plan import Plan
-from mixc.errors import MixcError
+from mixc.core.errors import MixcError
 
 __all__ = ["SweepError", "Point", "parse_budgets", "parse_members", "plan_points", "run_point", "run_sweep",
            "write_outputs", "COLUMNS"]
@@ -267,7 +267,7 @@ def run_point(
 
 
 def _row(point: Point, metrics: dict[str, Any] | None, status: str, folder: Path) -> dict[str, Any]:
-    from mixc.flops import relative_flops
+    from mixc.core.flops import relative_flops
 
     row: dict[str, Any] = {c: None for c in COLUMNS}
     row.update(point=point.key, kind=point.kind, method=point.method if point.kind == "ensemble" else None,
@@ -317,8 +317,8 @@ def _run_points(
     A data or backend problem stops the sweep (it would fail every point); a problem with one point's folder
     is recorded and the sweep goes on.
     """
-    from mixc.data import DataError
-    from mixc.errors import BackendError
+    from mixc.core.data import DataError
+    from mixc.core.errors import BackendError
 
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -397,7 +397,7 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
 def write_outputs(rows: list[dict[str, Any]], out: Path, title: str, plots: bool = True) -> list[Path]:
     """``sweep.md``, ``sweep.csv``, ``sweep.json`` and the PNGs (``sweep.png``; ``sweep_members.png`` when
     several member counts were trained)."""
-    from mixc.safe_write import write_text, write_with
+    from mixc.core.safe_write import write_text, write_with
 
     written = [write_text(out / "sweep.md", markdown(rows, title))]
 

@@ -10,7 +10,7 @@ that decides *what* is trained, and so what a result means, lives here once:
   loss is the sum over members of each member's batch-mean CE (paper, 3.2).
   The logged ``train_loss`` is that sum divided by M (the mean member CE).
 - Weight decay skips the roles listed in ``recipe.weight_decay_exclude``
-  (:func:`decay_skipped_roles`; coupled L2 for SGD, decoupled for AdamW).
+  (:func:`mixc.core.weight_decay.decay_skipped_roles`; coupled L2 for SGD, decoupled for AdamW).
 - Learning rate: :func:`learning_rate`, a pure function of the global step,
   set before every step, so a resumed run replays it exactly. ``step``
   multiplies by gamma at each milestone epoch, ``cosine`` anneals from the base
@@ -33,11 +33,11 @@ that decides *what* is trained, and so what a result means, lives here once:
 - Divergence: every step's loss is read every few steps (:class:`mixc.loss_watch.LossWatch`):
   a non-finite one stops the run at once, naming the step (the run folder keeps
   the last finished epoch); one that stays far above its start gets a warning.
-- Shared weights: ``recipe.shared_gradient`` (``mixc.method_batches.gradient_scales``):
+- Shared weights: ``recipe.shared_gradient`` (``mixc.core.method_batches.gradient_scales``):
   the shared output layer (by default; or every weight all members read as it is)
   takes the mean of the members' gradients instead of their sum.
 - Files: the run folder's rules (one writer, the recipe check on resume,
-  divergence, crash repair) are :class:`mixc.run_folder.RunWriter`'s; each
+  divergence, crash repair) are :class:`mixc.run_writer.RunWriter`'s; each
   epoch's checkpoint holds the weights, the optimiser state under ``optim.*``
   and the epoch's metrics. Only rank 0 evaluates and writes.
 """
@@ -55,26 +55,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mixc.compiler.plan import Plan
-from mixc.data import Dataset, check_compatible, default_augment, load_dataset, resolve_data_path, split_validation
+from mixc.core.data import Dataset, check_compatible, default_augment, load_dataset, resolve_data_path, split_validation
 from mixc.metrics import evaluate
 from mixc.loggers import make_logger
 from mixc.loss_watch import LossWatch
-from mixc.run_folder import BEST_METRICS, Reporter, read_metrics, RunWriter, TrainError, epoch_line, seed_of, spec_hash
+from mixc.core.checkpoint_format import spec_hash
+from mixc.core.errors import TrainError
+from mixc.core.run_files import BEST_METRICS
+from mixc.core.run_read import read_metrics
+from mixc.core.threads import resolve_threads
+from mixc.reporter import Reporter, epoch_line
+from mixc.run_writer import RunWriter, seed_of
 from mixc.spec.recipe import Recipe
-from mixc.threads import resolve_threads
 
 if TYPE_CHECKING:
     from mixc.backends.base import Backend, Trainer
 
-__all__ = ["train", "learning_rate", "augment_mode", "decay_skipped_roles", "with_overrides", "epoch_line"]
-
-#: ``weight_decay_exclude`` entries -> the plan tensor roles they exempt from weight decay
-EXCLUDE_ROLES = {
-    "alphas": {"alpha"},
-    "bn": {"bn_weight", "bn_bias"},
-    "bias": {"plain_bias", "member_bias"},
-}
-
+__all__ = ["train", "learning_rate", "augment_mode", "with_overrides", "epoch_line"]
 
 # ---------------------------------------------------------------------------
 # Pure rules
@@ -100,13 +97,8 @@ def learning_rate(recipe: Recipe, step: int, steps_per_epoch: int, epochs: int) 
     return lr
 
 
-def decay_skipped_roles(recipe: Recipe) -> set[str]:
-    """The plan tensor roles that get no weight decay under ``recipe``."""
-    return set().union(*(EXCLUDE_ROLES[e] for e in recipe.weight_decay_exclude))
-
-
 def augment_mode(recipe: Recipe, plan: Plan) -> str:
-    """``crop_flip``, ``random_resized_crop`` or ``none``: ``auto`` is :func:`mixc.data.default_augment` (crop_flip
+    """``crop_flip``, ``random_resized_crop`` or ``none``: ``auto`` is :func:`mixc.core.data.default_augment` (crop_flip
     at 32x32, the random-resized crop above 32 pixels a side, none otherwise); crop_flip needs images."""
     is_image = plan.input_layout == "image" and len(plan.input_shape) == 3
     if recipe.augment == "auto":
@@ -198,7 +190,7 @@ def train(
 
     Options other than plan/recipe override the recipe where it has them (``None`` keeps it); the rest are
     the CLI's (README, "Training"): ``baseline`` only labels the run (pass the recompiled plan), ``config``
-    adds entries to ``config.json``, ``threads`` defaults to :func:`mixc.threads.default_threads`,
+    adds entries to ``config.json``, ``threads`` defaults to :func:`mixc.core.threads.default_threads`,
     ``best_metric``/``keep``/``eval_test_every_epoch`` choose the checkpoints and test scoring, ``logger``
     and ``curves`` the extra outputs; ``stream`` reads an image folder from disk with ``workers`` loader
     processes (default min(4, threads)) instead of decoding it into memory. Returns the final test metrics (:func:`mixc.metrics.evaluate`) plus
@@ -248,7 +240,7 @@ def train(
 
 def _resume(folder: RunWriter, trainer: "Trainer", plan: Plan) -> None:
     """Load the run's checkpoint (verified: spec, header, checksum, finite tensors) into the trainer."""
-    from mixc.checkpoint_format import CheckpointError, read_plan_arrays
+    from mixc.core.checkpoint_format import CheckpointError, read_plan_arrays
 
     try:
         arrays, extra, _ = read_plan_arrays(folder.ckpt, plan)
@@ -426,7 +418,7 @@ def _one_epoch(run: _Run, epoch: int) -> tuple[float, float]:
 def _divergence_hint(plan: Plan, recipe: Recipe) -> str:
     """What to add to a divergence message about this run: shared weights that take their members' summed
     gradient, when the mean would reach more of them."""
-    from mixc.method_batches import gradient_scales
+    from mixc.core.method_batches import gradient_scales
 
     if set(gradient_scales(plan, "mean")) - set(gradient_scales(plan, recipe.shared_gradient)):
         return (f"; under shared_gradient {recipe.shared_gradient}, weights the members share take their summed "

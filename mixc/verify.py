@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 import mixc
 from mixc.compiler.invariants import check_plan
 from mixc.compiler.plan import Plan
-from mixc.errors import MixcError
+from mixc.core.errors import MixcError
 from mixc.spec.diagnostics import SpecError
 
 _SUFFIX = {"K": 1e3, "M": 1e6, "G": 1e9}

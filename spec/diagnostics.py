@@ -12,7 +12,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from mixc.errors import MixcError
+from mixc.core.errors import MixcError
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ class Recipe(_Model):
     weight_decay_exclude: list[Literal["alphas", "bn", "bias"]] = Field(
         default_factory=lambda: ["alphas", "bn"]
     )
-    # auto: crop_flip at 32x32, random_resized_crop above 32 pixels a side, none otherwise (mixc.data.default_augment)
+    # auto: crop_flip at 32x32, random_resized_crop above 32 pixels a side, none otherwise (mixc.core.data.default_augment)
     augment: Literal["auto", "none", "crop_flip", "random_resized_crop"] = "auto"
     seed: int = Field(0, ge=0, le=MAX_SEED)
     # A seeded share of the training set held out for validation (per-epoch val metrics, best.safetensors);

@@ -4,7 +4,7 @@ arrays in memory and streamed folders; the in-memory random-resized crop of both
 import numpy as np
 import pytest
 
-from mixc.data import default_augment
+from mixc.core.data import default_augment
 from spec_texts import tiny_cnn
 
 
@@ -14,7 +14,7 @@ def test_one_rule_for_memory_and_folders():
     assert default_augment([1, 8, 8]) == default_augment([3, 32, 64]) == default_augment([3, 16, 64]) == "none"
     assert default_augment([3, 100]) == default_augment([64], "vector") == "none"
     pytest.importorskip("PIL")
-    from mixc.imagefolder import FolderReader, FolderSplit
+    from mixc.core.imagefolder import FolderReader, FolderSplit
 
     split = FolderSplit(None, (), np.zeros(0, np.int64))
     assert FolderReader(split, [3, 40, 40], train=True).random  # the loader follows the same rule
@@ -73,7 +73,7 @@ def test_folder_crop_falls_back_to_a_window_inside_the_image():
     pytest.importorskip("PIL")
     from PIL import Image
 
-    from mixc.imagefolder import random_resized_crop
+    from mixc.core.imagefolder import random_resized_crop
 
     a = np.random.default_rng(0).integers(0, 255, (100, 400), dtype=np.uint8)
     img = Image.fromarray(a)

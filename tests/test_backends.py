@@ -106,7 +106,7 @@ def test_registry_falls_back_to_the_built_in_backends(monkeypatch):
 def test_a_missing_framework_names_the_pip_extra(monkeypatch):
     from mixc.backends import get_backend
     from mixc.backends.torch.backend import TorchBackend
-    from mixc.errors import BackendUnavailable
+    from mixc.core.errors import BackendUnavailable
 
     monkeypatch.setattr(TorchBackend, "modules", ("mixc_no_such_framework",))
     with pytest.raises(BackendUnavailable, match=r"pip install 'mixc\[torch\]'"):

@@ -13,7 +13,7 @@ from mixc.corruptions import (
     parse_corruptions,
     pixel_scale,
 )
-from mixc.data import DataError, Dataset
+from mixc.core.data import DataError, Dataset
 
 
 def _images(n=6, c=3, h=16, w=16, seed=0):

@@ -119,7 +119,7 @@ def test_files_are_byte_compatible(tmp_path):
     """Same tensor names, dtypes and header keys whichever backend writes."""
     from safetensors import safe_open
 
-    from mixc.checkpoint_format import tensor_checksum
+    from mixc.core.checkpoint_format import tensor_checksum
 
     plan = hp.rich_convnet(dropout=0.0)
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from mixc.data import DataError, check_compatible, load_dataset, shard
+from mixc.core.data import DataError, check_compatible, load_dataset, shard
 
 
 def test_digits_fixed_split_normalised():
@@ -177,7 +177,7 @@ def test_npz_stored_uncompressed_is_memory_mapped(tmp_path):
 
 def test_mapped_inputs_are_checked_in_chunks(tmp_path, monkeypatch):
     """The finiteness check walks a large array a chunk at a time and still names the first bad value."""
-    from mixc import data
+    from mixc.core import data
 
     monkeypatch.setattr(data, "_CHECK_BYTES", 3 * 64 * 4)  # 3 samples per chunk
     x = np.zeros((10, 1, 8, 8), np.float32)
@@ -224,7 +224,7 @@ def test_torch_trains_from_the_mapped_file(tmp_path):
 
 def test_npz_may_hold_its_own_validation_split(tmp_path):
     """x_val/y_val in the file are the validation split (so a large mapped set need not be split in memory)."""
-    from mixc.data import split_validation
+    from mixc.core.data import split_validation
 
     x = np.zeros((4, 1, 8, 8), np.float32)
     d = load_dataset(str(_npz(tmp_path / "v.npz", x_val=x, y_val=np.array([0, 1, 2, 3]))))

@@ -76,7 +76,7 @@ def test_member_summary_and_diversity_normalisation_by_hand():
 
 def test_flops_relative_to_one_backbone():
     import mixc
-    from mixc.flops import backbone_macs, ensemble_macs, relative_flops
+    from mixc.core.flops import backbone_macs, ensemble_macs, relative_flops
 
     ens = mixc.compile("digits")
     naive = mixc.compile("digits", ["groups=none"])
@@ -201,7 +201,7 @@ def test_interpolation_ends_are_the_members(trained, backend):
     """At t = 0 and 1 (BatchNorm in eval mode) the one-member network is member i, member j, in either backend."""
     if backend == "flax":
         pytest.importorskip("jax")
-    from mixc.data import load_dataset
+    from mixc.core.data import load_dataset
     from mixc.evaluation import load_predictor, open_run
     from mixc.interpolation import Interpolator
 

@@ -21,16 +21,16 @@ from framework_fixtures import fast_xla_compiles, one_torch_thread  # noqa: F401
 
 import mixc
 from mixc.backends.flax.train import (
-    TrainError,
     crop_flip,
     devices_for,
     make_optimizer,
     optimizer_arrays,
     restore_optimizer,
-    train,
 )
-from mixc.checkpoint_format import read_tensors
+from mixc.core.checkpoint_format import read_tensors
+from mixc.core.errors import TrainError
 from mixc.spec.recipe import Recipe
+from mixc.training import train
 
 SMALL = ["backbone.width=8", "members=2"]  # digits at width 8: the same graph, a fast compile
 
@@ -149,7 +149,7 @@ def _few():
     """A quarter of the train set: enough for the resume checks, four times faster."""
     import dataclasses
 
-    from mixc.data import load_dataset
+    from mixc.core.data import load_dataset
 
     digits = load_dataset("digits")
     return dataclasses.replace(digits, x_train=digits.x_train[:384], y_train=digits.y_train[:384])
@@ -158,16 +158,16 @@ def _few():
 def _interrupt_after_first_epoch(plan, recipe, out, data, monkeypatch) -> None:
     from interrupt import interrupt_after_first_epoch
 
-    interrupt_after_first_epoch(monkeypatch, lambda: train(plan, recipe, out_dir=out, data=data, progress=False))
+    interrupt_after_first_epoch(monkeypatch, lambda: train("flax", plan, recipe, out_dir=out, data=data, progress=False))
 
 
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     """Interrupted after epoch 1 of 2 and resumed == 2 epochs straight, bit for bit."""
     few = _few()
     plan, recipe = _plan(), _recipe(epochs=2)  # cosine: the LR depends on the total, so this is a true interruption
-    train(plan, recipe, out_dir=tmp_path / "a", data=few, progress=False)
+    train("flax", plan, recipe, out_dir=tmp_path / "a", data=few, progress=False)
     _interrupt_after_first_epoch(plan, recipe, tmp_path / "b", few, monkeypatch)
-    assert train(plan, recipe, out_dir=tmp_path / "b", data=few, progress=False)["epoch"] == 2
+    assert train("flax", plan, recipe, out_dir=tmp_path / "b", data=few, progress=False)["epoch"] == 2
 
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert a.keys() == b.keys()
@@ -183,14 +183,13 @@ def test_torch_resumes_a_flax_run(tmp_path, monkeypatch):
     and ends where the flax loop ends (no dropout or augmentation here: the same arithmetic)."""
     import shutil
 
-    from mixc.backends.torch.train import train as torch_train
 
     few = _few()
     plan, recipe = _plan(), _recipe(epochs=2)
     _interrupt_after_first_epoch(plan, recipe, tmp_path / "flax", few, monkeypatch)
     shutil.copytree(tmp_path / "flax", tmp_path / "torch")
-    a = train(plan, recipe, out_dir=tmp_path / "flax", data=few, progress=False)
-    b = torch_train(plan, recipe, out_dir=tmp_path / "torch", data=few, progress=False)
+    a = train("flax", plan, recipe, out_dir=tmp_path / "flax", data=few, progress=False)
+    b = train("torch", plan, recipe, out_dir=tmp_path / "torch", data=few, progress=False)
     assert a["epoch"] == b["epoch"] == 2
     wa, wb = _weights(tmp_path / "flax"), _weights(tmp_path / "torch")
     assert wa.keys() == wb.keys()
@@ -201,20 +200,20 @@ def test_torch_resumes_a_flax_run(tmp_path, monkeypatch):
 def test_run_folder_of_another_spec_is_refused(one_epoch):
     other = mixc.compile("digits", ["backbone.width=8", "members=3"])
     with pytest.raises(TrainError, match="belongs to"):
-        train(other, _recipe(), out_dir=one_epoch, progress=False)
+        train("flax", other, _recipe(), out_dir=one_epoch, progress=False)
 
 
 def test_flax_resume_shares_the_run_folder_rules(one_epoch, tmp_path):
     """Another recipe is refused (before any compile), the lock holds, non-finite weights are never saved."""
-    from mixc.checkpoint_format import NonFiniteTensorError, save_arrays
-    from mixc.run_folder import RunLock
+    from mixc.core.checkpoint_format import NonFiniteTensorError, save_arrays
+    from mixc.run_lock import RunLock
 
     with pytest.raises(TrainError, match=r"another recipe \(optimizer.lr: 0.05 -> 0.5\)"):
-        train(_plan(), _recipe(epochs=1, optimizer={"lr": 0.5}), out_dir=one_epoch, progress=False)
+        train("flax", _plan(), _recipe(epochs=1, optimizer={"lr": 0.5}), out_dir=one_epoch, progress=False)
     lock = RunLock(one_epoch).acquire()
     try:
         with pytest.raises(TrainError, match="being written by another"):
-            train(_plan(), _recipe(epochs=1), out_dir=one_epoch, progress=False)
+            train("flax", _plan(), _recipe(epochs=1), out_dir=one_epoch, progress=False)
     finally:
         lock.release()
     plan = _plan()
@@ -231,14 +230,14 @@ def test_two_devices_equal_one(tmp_path):
         "import sys, jax, mixc; sys.path.insert(0, {tests!r}); import test_flax_train as t; "
         "jax.config.update('jax_disable_most_optimizations', True); "
         "assert len(jax.devices()) == 2; "
-        "t.train(t._plan(), t._recipe(epochs=1), out_dir={out!r}, data=t._few(), progress=False)"
+        "t.train('flax', t._plan(), t._recipe(epochs=1), out_dir={out!r}, data=t._few(), progress=False)"
     ).format(tests=str(Path(__file__).parent), out=str(tmp_path / "two"))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "cpu x2" in done.stdout
     assert json.loads((tmp_path / "two" / "config.json").read_text())["options"]["world_size"] == 2
-    train(_plan(), _recipe(epochs=1), out_dir=tmp_path / "one", data=_few(), progress=False)
+    train("flax", _plan(), _recipe(epochs=1), out_dir=tmp_path / "one", data=_few(), progress=False)
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert a.keys() == b.keys()
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)

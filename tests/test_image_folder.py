@@ -9,8 +9,8 @@ import pytest
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
-from mixc.data import DataError, load_dataset  # noqa: E402
-from mixc.imagefolder import FolderReader, random_resized_crop, resize_center_crop, scan  # noqa: E402
+from mixc.core.data import DataError, load_dataset  # noqa: E402
+from mixc.core.imagefolder import FolderReader, random_resized_crop, resize_center_crop, scan  # noqa: E402
 from spec_texts import tiny_cnn  # noqa: E402
 
 SPEC = tiny_cnn("image(1, 8, 8)", 2, train=('    data "imgs"\n    epochs 2\n    batch 16\n'
@@ -76,7 +76,7 @@ def test_image_folder_trains_two_epochs_from_another_folder(tmp_path, monkeypatc
     """The spec says data "imgs": it resolves from the spec's folder, not the current one; the run records it."""
     pytest.importorskip("torch" if backend == "torch" else "jax")
     from mixc.cli import main
-    from mixc.run_folder import read_metrics
+    from mixc.core.run_read import read_metrics
 
     proj = tmp_path / "proj"
     make_folder(proj / "imgs")
@@ -101,7 +101,7 @@ def test_streamed_folder_trains_and_resumes_exactly(tmp_path, backend):
     equals an uninterrupted three-epoch run (per-sample seeds, the same permutation rule)."""
     pytest.importorskip("torch" if backend == "torch" else "jax")
     from mixc.cli import main
-    from mixc.run_folder import read_metrics
+    from mixc.core.run_read import read_metrics
 
     data = make_folder(tmp_path / "imgs", ("train", "val", "test"), n=10)
     (tmp_path / "tiny.mix").write_text(SPEC.replace("epochs 2", "epochs 3"))
@@ -119,8 +119,8 @@ def test_streamed_folder_trains_and_resumes_exactly(tmp_path, backend):
 def test_streamed_val_fraction_holds_out_the_in_memory_split(tmp_path):
     """--val-fraction on a streamed folder splits its file list by the in-memory rule: the same images held out,
     read with the evaluation transform; a folder with its own val/ still refuses it."""
-    from mixc.data import split_validation
-    from mixc.imagefolder import iter_batches
+    from mixc.core.data import split_validation
+    from mixc.core.imagefolder import iter_batches
 
     root = make_folder(tmp_path / "imgs", ("train", "test"), n=10)
     memory = split_validation(load_dataset(str(root), input_shape=[1, 8, 8]), 0.3, seed=4)
@@ -143,7 +143,7 @@ def test_streamed_training_with_val_fraction(tmp_path):
     """A streamed folder without val/ trains with --val-fraction: validation metrics each epoch, a best checkpoint."""
     pytest.importorskip("torch")
     from mixc.cli import main
-    from mixc.run_folder import read_metrics
+    from mixc.core.run_read import read_metrics
 
     data = make_folder(tmp_path / "imgs", ("train", "test"), n=16)
     (tmp_path / "tiny.mix").write_text(SPEC)

@@ -257,7 +257,8 @@ def test_an_edited_plan_is_refused_by_its_hash(capsys, run_folder, tmp_path, fie
 
 def test_resuming_into_a_folder_with_a_tampered_plan_is_refused(run_folder, tmp_path):
     """Both training loops check the run folder through mixc.run_folder before resuming."""
-    from mixc.run_folder import TrainError, check_run_folder
+    from mixc.core.errors import TrainError
+    from mixc.run_writer import check_run_folder
 
     plan = mixc.compile("digits", ["backbone.width=8", "members=2"])
     check_run_folder(run_folder, plan)  # the untouched folder resumes

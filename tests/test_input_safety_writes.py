@@ -44,8 +44,8 @@ def test_train_refuses_links_where_it_writes(capsys, run_folder, tmp_path, victi
 
 
 def test_the_lock_and_appends_never_follow_a_link(tmp_path, victim):
-    from mixc.run_folder import RunLock
-    from mixc.safe_write import WriteError, append_text
+    from mixc.run_lock import RunLock
+    from mixc.core.safe_write import WriteError, append_text
 
     (tmp_path / ".mixc-train.lock").symlink_to(victim)
     with pytest.raises(WriteError, match="symbolic link"):
@@ -76,7 +76,7 @@ def test_interpolate_refuses_a_linked_output(capsys, run_folder, tmp_path, victi
 
 
 def test_whole_file_writes_replace_nothing_through_a_link(tmp_path, victim):
-    from mixc.safe_write import WriteError, write_text
+    from mixc.core.safe_write import WriteError, write_text
 
     (tmp_path / "out.json").symlink_to(victim)
     with pytest.raises(WriteError, match="symbolic link"):
@@ -187,8 +187,8 @@ def test_float_palette_and_cmyk_images_by_their_mode(tmp_path):
     pytest.importorskip("PIL")
     from PIL import Image
 
-    from mixc.data import DataError
-    from mixc.imagefolder import open_image
+    from mixc.core.data import DataError
+    from mixc.core.imagefolder import open_image
 
     grey = np.asarray(open_image(_png(tmp_path / "g.png", np.full((4, 4), 51, np.uint8), "L"), 1))
     flt = tmp_path / "f.tiff"
@@ -209,8 +209,8 @@ def test_a_decompression_bomb_is_a_data_error_naming_the_file(capsys, run_folder
     pytest.importorskip("PIL")
     from PIL import Image
 
-    from mixc.data import DataError
-    from mixc.imagefolder import load_image_folder
+    from mixc.core.data import DataError
+    from mixc.core.imagefolder import load_image_folder
 
     bomb = _png(tmp_path / "bomb.png", np.zeros((64, 64), np.uint8), "L")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4,096 pixels: past twice the limit, an error in Pillow
@@ -231,8 +231,8 @@ def test_a_corrupt_image_in_a_streamed_folder_is_one_paragraph(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("PIL")
     from mixc.backends.torch.data import folder_loader
-    from mixc.data import DataError
-    from mixc.imagefolder import scan
+    from mixc.core.data import DataError
+    from mixc.core.imagefolder import scan
 
     for split in ("train", "test"):
         (root := tmp_path / "f" / split / "a").mkdir(parents=True)
@@ -285,7 +285,7 @@ def test_api_arguments_are_checked_like_the_cli():
     with pytest.raises(TypeError, match="takes the spec's text as a str"):
         mixc.compile_text(None)
     pytest.importorskip("torch")
-    from mixc.errors import BackendError
+    from mixc.core.errors import BackendError
 
     with pytest.raises(BackendError, match="unknown device 'bogus'"):
         mixc.build("digits", device="bogus")
@@ -316,7 +316,7 @@ def test_a_model_larger_than_memory_is_refused_before_allocation(monkeypatch):
     pytest.importorskip("torch")
     import os
 
-    from mixc.errors import BackendError
+    from mixc.core.errors import BackendError
 
     monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_PHYS_PAGES" else 4096)  # 4 KiB
     with pytest.raises(BackendError, match="more than this machine's"):

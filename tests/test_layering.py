@@ -1,5 +1,6 @@
 """The layering rules of docs/architecture.md, checked on the source: frameworks only in backends/, no
-backend compared by name outside backends/, no function over 80 lines."""
+backend compared by name outside backends/, the floors (spec/ and compiler/ below mixc/core, below
+backends/, below the application; each imports only from below), no function over 80 lines."""
 
 from __future__ import annotations
 
@@ -33,21 +34,96 @@ def test_spec_never_imports_the_compiler():
         assert not imports.search(path.read_text()), path
 
 
-#: Functions allowed over the limit for now: the two code generators belong to the emitter-core work
-#: (issue 11, second half), which splits them; tighten this to nothing when it lands.
-LONG_FUNCTION_EXCEPTIONS: set[str] = set()
+#: The floors, lowest first: what each folder may import of mixc (``import mixc`` alone loads the application).
+_LOWER = ("mixc.spec", "mixc.compiler")
+_CORE = (*_LOWER, "mixc.core")
+_BACKENDS = (*_CORE, "mixc.backends")
+
+
+def _module_of(path: Path) -> str:
+    """``backends/torch/train.py`` -> ``mixc.backends.torch.train`` (the folders map into one package)."""
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[0] != "mixc":
+        parts.insert(0, "mixc")
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported(path: Path) -> list[tuple[int, str]]:
+    """Every mixc module ``path`` imports (top-level, function-local and TYPE_CHECKING alike), with its line."""
+    package = _module_of(path) if path.name == "__init__.py" else _module_of(path).rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            # ``from mixc import training`` imports a module: name it, so the check sees which
+            found += [(node.lineno, f"{base}.{a.name}" if base == "mixc" else base) for a in node.names]
+    return [(line, name) for line, name in found if name == "mixc" or name.startswith("mixc.")]
+
+
+def _outside(folders: tuple[str, ...], allowed: tuple[str, ...]) -> list[str]:
+    bad = []
+    for path in _files(*folders):
+        for line, name in _imported(path):
+            if not any(name == a or name.startswith(a + ".") for a in allowed):
+                bad.append(f"{path.relative_to(REPO)}:{line} imports {name}")
+    return bad
+
+
+def test_backends_import_only_the_core_and_below():
+    """A backend is written against mixc.core, the spec and the plan: never the application that drives it."""
+    bad = _outside(("backends",), _BACKENDS)
+    assert not bad, "backends/ imports the application; move what it needs to mixc/core: " + "; ".join(bad)
+
+
+def test_the_core_imports_neither_the_application_nor_the_backends():
+    bad = _outside(("mixc/core",), _CORE)
+    assert not bad, "mixc/core imports above its floor: " + "; ".join(bad)
+
+
+def test_spec_and_compiler_import_neither_the_application_nor_the_backends():
+    """spec/ and compiler/ may derive their errors from mixc.core.errors, nothing more of the floors above."""
+    bad = _outside(("spec", "compiler"), (*_LOWER, "mixc.core.errors"))
+    assert not bad, "spec/ or compiler/ imports above its floor: " + "; ".join(bad)
+
+
+def test_the_layering_check_sees_local_and_relative_imports(tmp_path, monkeypatch):
+    """The parser above must catch the imports a shortcut would hide: inside a function, from a package."""
+    src = "def f():\n    from mixc import training\n    import mixc.cli\n"
+    path = REPO / "backends" / "torch" / "train.py"
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: src)
+    assert [n for _, n in _imported(path)] == ["mixc.training", "mixc.cli"]
+    src = "from ..core.errors import MixcError\n"
+    assert [n for _, n in _imported(REPO / "mixc" / "core" / "data.py")] == ["mixc.core.errors"]
+
+
+#: Functions allowed over the limit for now, as "path:function". Each is split by other work (the
+#: compiler's pass pipeline, the allocator's search, the spec reader's sections); tighten this to
+#: nothing when it lands.
+LONG_FUNCTION_EXCEPTIONS: set[str] = {
+    "compiler/compile.py:_compile",
+    "compiler/allocate.py:allocate_banks",
+    "spec/sections.py:read_ensemble",
+}
 MAX_LINES = 80
 
 
 def test_no_function_over_80_lines():
-    long = []
-    for path in _files("backends", "mixc"):
+    long, seen = [], set()
+    for path in _files("spec", "compiler", "backends", "mixc"):
         rel = str(path.relative_to(REPO))
-        if rel in LONG_FUNCTION_EXCEPTIONS:
-            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = node.end_lineno - node.lineno + 1
                 if n > MAX_LINES:
-                    long.append(f"{rel}:{node.lineno} {node.name} ({n} lines)")
+                    key = f"{rel}:{node.name}"
+                    seen.add(key)
+                    if key not in LONG_FUNCTION_EXCEPTIONS:
+                        long.append(f"{rel}:{node.lineno} {node.name} ({n} lines)")
     assert not long, "split these functions: " + "; ".join(long)
+    stale = LONG_FUNCTION_EXCEPTIONS - seen
+    assert not stale, f"no longer over {MAX_LINES} lines, drop from LONG_FUNCTION_EXCEPTIONS: {sorted(stale)}"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mixc.loss_watch import CHECK_EVERY, HIGH_FACTOR, HIGH_STEPS, LossWatch
-from mixc.run_folder import TrainError
+from mixc.core.errors import TrainError
 
 
 def _watch(lines, members=2, steps_per_epoch=30):
@@ -62,8 +62,9 @@ def test_a_noisy_healthy_loss_is_not_warned_about():
 def test_training_stops_at_the_nan_step_and_keeps_the_last_epoch(tmp_path, monkeypatch, capsys):
     torch = pytest.importorskip("torch")
     import mixc
-    from mixc.backends.torch.train import TorchTrainer, train
-    from mixc.data import load_dataset
+    from mixc.backends.torch.train import TorchTrainer
+    from mixc.training import train
+    from mixc.core.data import load_dataset
     from mixc.spec.recipe import Recipe
 
     data = load_dataset("digits")
@@ -79,11 +80,11 @@ def test_training_stops_at_the_nan_step_and_keeps_the_last_epoch(tmp_path, monke
 
     monkeypatch.setattr(TorchTrainer, "step", step)
     with pytest.raises(TrainError, match=r"at step 19 \(epoch 2, step 3 of 16\)"):
-        train(plan, recipe, out_dir=tmp_path, data=data, progress=False)
+        train("torch", plan, recipe, out_dir=tmp_path, data=data, progress=False)
     assert len(calls) == 16 + CHECK_EVERY  # stopped at epoch 2's first check, not at its end (32)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1]
-    from mixc.checkpoint_format import read_plan_arrays
+    from mixc.core.checkpoint_format import read_plan_arrays
 
     _, _, header = read_plan_arrays(tmp_path / "checkpoint.safetensors", plan)
     assert int(header["epoch"]) == 1

@@ -22,8 +22,8 @@ from mixc.backends.base import Backend, Capabilities
 from mixc.cli import main
 from mixc.compiler.invariants import check_plan
 from mixc.compiler.plan import Plan, read_plan
-from mixc.errors import BackendError
-from mixc.flops import backbone_macs, ensemble_macs
+from mixc.core.errors import BackendError
+from mixc.core.flops import backbone_macs, ensemble_macs
 from mixc.spec import SpecError
 from mixc.spec.loader import zoo_specs
 

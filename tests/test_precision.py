@@ -13,7 +13,7 @@ SMALL = ["--set", "backbone.width=4", "--set", "members=2", "--set", "train.batc
 def test_torch_low_precision_on_cpu(tmp_path, precision, capsys):
     pytest.importorskip("torch")
     from mixc.cli import main
-    from mixc.run_folder import read_metrics
+    from mixc.core.run_read import read_metrics
 
     out = tmp_path / precision
     assert main(["train", "digits", *SMALL, "--precision", precision, "--grad-clip", "1.0", "--out", str(out)]) == 0
@@ -29,7 +29,7 @@ def test_grad_clip_bounds_the_update():
     import numpy as np
 
     import mixc
-    from mixc.data import load_dataset
+    from mixc.core.data import load_dataset
     from mixc.backends import get_backend
     from mixc.spec.recipe import Recipe
 
@@ -67,10 +67,10 @@ def test_flax_bf16_trains_digits(tmp_path, monkeypatch, capsys):
 
     from mixc.backends.flax import model as flax_model
     from mixc.backends.flax import train as flax_train
-    from mixc.checkpoint_format import read_plan_arrays
+    from mixc.core.checkpoint_format import read_plan_arrays
     from mixc.cli import main
     from mixc.compiler.plan import Plan
-    from mixc.run_folder import read_metrics
+    from mixc.core.run_read import read_metrics
 
     seen = []
     real_apply = flax_model.apply
@@ -124,8 +124,9 @@ def test_flax_fp16_resume_is_exact_with_the_loss_scale(tmp_path, monkeypatch):
     import mixc
     from interrupt import interrupt_after_first_epoch
     from mixc.backends.flax import train as flax_train
-    from mixc.checkpoint_format import read_plan_arrays
+    from mixc.core.checkpoint_format import read_plan_arrays
     from mixc.spec.recipe import Recipe
+    from mixc.training import train
 
     monkeypatch.setattr(flax_train, "SCALE_INIT", 2.0**17)
     monkeypatch.setattr(flax_train, "SCALE_INTERVAL", 1)
@@ -133,7 +134,7 @@ def test_flax_fp16_resume_is_exact_with_the_loss_scale(tmp_path, monkeypatch):
     few = _few_digits()
     plan = mixc.compile("digits", ["backbone.width=4", "members=2", "train.batch=128"])
     recipe = Recipe.model_validate({**plan.train, "epochs": 2, "precision": "fp16"})
-    run = lambda out: flax_train.train(plan, recipe, out_dir=out, data=few, progress=False)  # noqa: E731
+    run = lambda out: train("flax", plan, recipe, out_dir=out, data=few, progress=False)  # noqa: E731
     run(tmp_path / "a")
     interrupt_after_first_epoch(monkeypatch, lambda: run(tmp_path / "b"))
     _, extra, _ = read_plan_arrays(tmp_path / "b" / "checkpoint.safetensors", plan)
@@ -150,7 +151,7 @@ def _few_digits():
     """A quarter of digits' train set (3 steps of 128 per epoch): enough for a resume check, fast."""
     import dataclasses
 
-    from mixc.data import load_dataset
+    from mixc.core.data import load_dataset
 
     d = load_dataset("digits")
     return dataclasses.replace(d, x_train=d.x_train[:384], y_train=d.y_train[:384])
@@ -168,8 +169,8 @@ def test_torch_fp16_resume_is_exact_with_the_scaler_state(tmp_path, monkeypatch)
 
     import mixc
     from interrupt import interrupt_after_first_epoch
-    from mixc.backends.torch.train import train
-    from mixc.checkpoint_format import read_plan_arrays
+    from mixc.training import train
+    from mixc.core.checkpoint_format import read_plan_arrays
     from mixc.spec.recipe import Recipe
 
     monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**17,
@@ -177,7 +178,7 @@ def test_torch_fp16_resume_is_exact_with_the_scaler_state(tmp_path, monkeypatch)
     few = _few_digits()
     plan = mixc.compile("digits", ["backbone.width=8", "members=2", "train.batch=128"])
     recipe = Recipe.model_validate({**plan.train, "epochs": 2, "precision": "fp16"})
-    run = lambda out: train(plan, recipe, out_dir=out, data=few, progress=False)  # noqa: E731
+    run = lambda out: train("torch", plan, recipe, out_dir=out, data=few, progress=False)  # noqa: E731
     run(tmp_path / "a")
     interrupt_after_first_epoch(monkeypatch, lambda: run(tmp_path / "b"))
     _, extra, _ = read_plan_arrays(tmp_path / "b" / "checkpoint.safetensors", plan)
@@ -193,7 +194,7 @@ def test_grad_scaler_state_is_checked_on_load():
     """The scaler's tensors are read like every checkpoint field: whole, and within what a scaler can hold."""
     import numpy as np
 
-    from mixc.checkpoint_format import CheckpointError, grad_scaler_arrays, read_grad_scaler
+    from mixc.core.checkpoint_format import CheckpointError, grad_scaler_arrays, read_grad_scaler
 
     assert read_grad_scaler({}) is None  # fp32/bf16 runs have none
     good = grad_scaler_arrays(1024.0, 7)

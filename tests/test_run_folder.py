@@ -18,9 +18,11 @@ torch = pytest.importorskip("torch")
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from mixc.checkpoint_format import CheckpointError, read_tensors, tensor_checksum  # noqa: E402
+from mixc.core.checkpoint_format import CheckpointError, read_tensors, tensor_checksum  # noqa: E402
 from mixc.compiler.plan import Plan  # noqa: E402
-from mixc.run_folder import LOCK, RunLock, TrainError  # noqa: E402
+from mixc.core.errors import TrainError  # noqa: E402
+from mixc.core.run_files import LOCK
+from mixc.run_lock import RunLock
 
 from test_eval import generated_npz  # noqa: E402
 
@@ -261,7 +263,7 @@ def test_second_writer_is_refused_and_a_dead_writers_lock_taken_over(run, capsys
         holder.release()
     assert not (folder / LOCK).exists()
     # a writer killed while holding the lock: the kernel released it, the file still names it
-    code = f"from mixc.run_folder import RunLock; import os; RunLock(__import__('pathlib').Path({str(folder)!r})).acquire(); os._exit(0)"
+    code = f"from mixc.run_lock import RunLock; import os; RunLock(__import__('pathlib').Path({str(folder)!r})).acquire(); os._exit(0)"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
     assert (folder / LOCK).exists()
     rc, _, err = _cli(capsys, *_readers(folder, npz)[3])
@@ -341,10 +343,10 @@ def test_truncated_last_line_is_dropped_on_resume_and_named_by_readers(run, caps
 def test_kill_between_checkpoint_and_append_then_resume(tmp_path, base, monkeypatch):
     """The literal crash: epoch 1's checkpoint is renamed into place, the process dies before the append."""
     import mixc
-    from mixc import run_folder
-    from mixc.backends.torch.train import train
+    from mixc import run_writer
+    from mixc.training import train
     from mixc.spec.recipe import Recipe
-    from mixc.data import load_dataset
+    from mixc.core.data import load_dataset
 
     _, npz = base
     data = load_dataset(str(npz))
@@ -355,14 +357,14 @@ def test_kill_between_checkpoint_and_append_then_resume(tmp_path, base, monkeypa
     def dies_on_append(path, text):
         raise KeyboardInterrupt  # SIGINT/SIGKILL right after the checkpoint's rename
 
-    monkeypatch.setattr(run_folder, "append_text", dies_on_append)
+    monkeypatch.setattr(run_writer, "append_text", dies_on_append)
     with pytest.raises(KeyboardInterrupt):
-        train(plan, recipe, out_dir=out, data=data, progress=False)
+        train("torch", plan, recipe, out_dir=out, data=data, progress=False)
     monkeypatch.undo()
     assert json.loads(_header(out / "checkpoint.safetensors")["__metadata__"]["epoch"]) == 1
     assert not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").read_text() == ""
     (out / ".checkpoint.safetensors.abc123.tmp").write_bytes(b"half a checkpoint")  # and a kill mid-write
-    m = train(plan, recipe, out_dir=out, data=data, progress=False)
+    m = train("torch", plan, recipe, out_dir=out, data=data, progress=False)
     assert m["epoch"] == 2
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]

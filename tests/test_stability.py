@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import mixc
-from mixc.method_batches import gradient_scales
+from mixc.core.method_batches import gradient_scales
 from mixc.spec.recipe import Recipe
 from mixc.stability import first_steps, synthetic
 
@@ -151,7 +151,9 @@ def test_a_recipe_recorded_before_the_setting_reads_as_sum():
     default is a recipe change (refused unless --allow-recipe-change), not a silent one."""
     import json
 
-    from mixc.run_folder import RunConfig, TrainMetadata, recipe_changes
+    from mixc.core.run_models import RunConfig, TrainMetadata
+
+    from mixc.recipe_diff import recipe_changes
 
     old = Recipe().model_dump(mode="json")
     del old["shared_gradient"]

@@ -5,12 +5,12 @@ import os
 
 import pytest
 
-from mixc.threads import ThreadsError, default_threads, resolve_threads
+from mixc.core.threads import ThreadsError, default_threads, resolve_threads
 
 
 def test_default_respects_omp_and_affinity(monkeypatch):
-    monkeypatch.setattr("mixc.threads._affinity", lambda: 6)
-    monkeypatch.setattr("mixc.threads._busy_cores", lambda: 0)
+    monkeypatch.setattr("mixc.core.threads._affinity", lambda: 6)
+    monkeypatch.setattr("mixc.core.threads._busy_cores", lambda: 0)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert default_threads() == 6
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
@@ -49,16 +49,16 @@ def test_threads_recorded_and_applied(tmp_path, capsys):
 def test_default_leaves_the_cores_other_processes_keep_busy(monkeypatch):
     """On a shared machine OpenMP threads that wait on a busy core slow every step: use the free ones."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr("mixc.threads._affinity", lambda: 2)
-    monkeypatch.setattr("mixc.threads._busy_cores", lambda: 0)
+    monkeypatch.setattr("mixc.core.threads._affinity", lambda: 2)
+    monkeypatch.setattr("mixc.core.threads._busy_cores", lambda: 0)
     assert default_threads() == 2
-    monkeypatch.setattr("mixc.threads._busy_cores", lambda: 1)
+    monkeypatch.setattr("mixc.core.threads._busy_cores", lambda: 1)
     assert default_threads() == 1
-    monkeypatch.setattr("mixc.threads._busy_cores", lambda: 7)
+    monkeypatch.setattr("mixc.core.threads._busy_cores", lambda: 7)
     assert default_threads() == 1  # never below one
-    monkeypatch.setattr("mixc.threads._affinity", lambda: 16)
+    monkeypatch.setattr("mixc.core.threads._affinity", lambda: 16)
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
-    monkeypatch.setattr("mixc.threads._busy_cores", lambda: 3)
+    monkeypatch.setattr("mixc.core.threads._busy_cores", lambda: 3)
     assert default_threads() == 4  # 13 free, capped by the user's OMP_NUM_THREADS
 
 

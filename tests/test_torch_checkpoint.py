@@ -102,7 +102,7 @@ def test_atomic_write_leaves_no_temp_files(tmp_path, monkeypatch):
 
     import mixc.backends.torch.checkpoint as ck
 
-    from mixc.checkpoint_format import write_atomic
+    from mixc.core.checkpoint_format import write_atomic
 
     def boom(filename):
         with open(filename, "wb") as f:

@@ -12,11 +12,13 @@ import mixc  # noqa: E402
 from mixc.backends.torch import build, named_plan_tensors  # noqa: E402
 from interrupt import interrupt_after_first_epoch  # noqa: E402
 from mixc.backends.torch import train as torch_train  # noqa: E402
-from mixc.backends.torch.train import TrainError, crop_flip, train  # noqa: E402
+from mixc.backends.torch.train import crop_flip  # noqa: E402
+from mixc.core.errors import TrainError  # noqa: E402
+from mixc.training import train  # noqa: E402
 from mixc.training import learning_rate  # noqa: E402
 from mixc.commands import train as cmd  # noqa: E402
 from mixc.spec.recipe import Recipe  # noqa: E402
-from mixc.data import load_dataset  # noqa: E402
+from mixc.core.data import load_dataset  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 SMALL = ["backbone.width=8", "members=2", "train.batch=128", "train.optimizer.lr=0.2"]
@@ -71,7 +73,7 @@ def test_crop_flip_is_a_shifted_window():
 def test_training_decreases_loss_and_writes_files(tmp_path, digits):
     plan = _plan()
     out = tmp_path / "run"
-    m = train(plan, _recipe(plan, epochs=3), out_dir=out, data=digits, progress=False)
+    m = train("torch", plan, _recipe(plan, epochs=3), out_dir=out, data=digits, progress=False)
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == [1, 2, 3]
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
@@ -86,11 +88,11 @@ def test_training_decreases_loss_and_writes_files(tmp_path, digits):
 def test_resume_equals_uninterrupted(tmp_path, few, monkeypatch):
     plan = _plan()
     recipe = _recipe(plan, epochs=2)  # cosine: the LR depends on the total, so this is a true interruption
-    train(plan, recipe, out_dir=tmp_path / "a", data=few, progress=False)
+    train("torch", plan, recipe, out_dir=tmp_path / "a", data=few, progress=False)
 
-    interrupt_after_first_epoch(monkeypatch, lambda: train(plan, recipe, out_dir=tmp_path / "b", data=few,
+    interrupt_after_first_epoch(monkeypatch, lambda: train("torch", plan, recipe, out_dir=tmp_path / "b", data=few,
                                                             progress=False))
-    m = train(plan, recipe, out_dir=tmp_path / "b", data=few, progress=False)
+    m = train("torch", plan, recipe, out_dir=tmp_path / "b", data=few, progress=False)
     assert m["epoch"] == 2
 
     a = load_file(str(tmp_path / "a" / "checkpoint.safetensors"))
@@ -106,10 +108,10 @@ def test_resume_equals_uninterrupted(tmp_path, few, monkeypatch):
 
 def test_run_folder_of_another_spec_is_refused(tmp_path, few):
     plan = _plan()
-    train(plan, _recipe(plan, epochs=1), out_dir=tmp_path, data=few, progress=False)
+    train("torch", plan, _recipe(plan, epochs=1), out_dir=tmp_path, data=few, progress=False)
     other = mixc.compile("digits", ["backbone.width=4", "members=2"])
     with pytest.raises(TrainError, match=rf"belongs to digits .*{plan.spec_hash}.*{other.spec_hash}"):
-        train(other, _recipe(other, epochs=1), out_dir=tmp_path, data=few, progress=False)
+        train("torch", other, _recipe(other, epochs=1), out_dir=tmp_path, data=few, progress=False)
 
 
 def test_weight_decay_skips_alphas_and_bn():
@@ -150,7 +152,7 @@ def test_missing_cuda_is_a_clear_error(tmp_path, few):
         pytest.skip("this machine has a GPU")
     plan = _plan()
     with pytest.raises(TrainError, match="no CUDA GPU"):
-        train(plan, _recipe(plan, epochs=1), out_dir=tmp_path, data=few, device="cuda", progress=False)
+        train("torch", plan, _recipe(plan, epochs=1), out_dir=tmp_path, data=few, device="cuda", progress=False)
 
 
 def _cli(argv, capsys):

@@ -83,7 +83,7 @@ def test_eval_ood_reads_an_image_folder(digits_run, capsys, tmp_path):
 
 def _overconfident_copy(run, dest, factor=8.0, epoch=None):
     """The run with its classifier's weight and bias multiplied by ``factor``: logits x factor, over-confident."""
-    from mixc.checkpoint_format import read_plan_arrays, save_arrays
+    from mixc.core.checkpoint_format import read_plan_arrays, save_arrays
     from mixc.compiler.plan import read_plan
 
     if not dest.exists():
@@ -121,7 +121,7 @@ def test_calibrate_lowers_nll_and_round_trips_through_export_and_predict(digits_
     want = apply_temperature(member_probs, cal["temperature"])
 
     x = tmp_path / "x.npz"
-    from mixc.data import load_dataset
+    from mixc.core.data import load_dataset
 
     np.savez(x, x=load_dataset("digits").x_test[:50])
     rc, out, err = _cli(capsys, "predict", run, x, "-o", tmp_path / "out.npz")
@@ -199,7 +199,7 @@ def test_report_and_sweep_carry_the_uncertainty_columns(digits_run, capsys, tmp_
     assert "OOD AUROC" in out and "AURC" in out and "(noise)" in out and "NLL (T)" not in out
 
     from mixc.compiler.plan import read_plan
-    from mixc.run_folder import last_metrics
+    from mixc.core.run_read import last_metrics
     from mixc.sweep import Point, _row, markdown
 
     point = Point("p", "ensemble", "1x", 4, [], plan=read_plan(run / "plan.json"))

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from mixc.data import DataError, load_dataset, split_validation
+from mixc.core.data import DataError, load_dataset, split_validation
 
 SMALL = ["--set", "backbone.width=4", "--set", "members=2", "--set", "train.batch=256", "--threads", "1",
          "--no-progress"]
@@ -26,9 +26,9 @@ def test_split_is_seeded_and_disjoint():
 @pytest.mark.parametrize("backend", ["torch", "flax"])
 def test_val_fraction_writes_val_metrics_and_best(tmp_path, backend):
     pytest.importorskip("torch" if backend == "torch" else "jax")
-    from mixc.checkpoint_format import read_plan_arrays
+    from mixc.core.checkpoint_format import read_plan_arrays
     from mixc.cli import main
-    from mixc.run_folder import read_metrics
+    from mixc.core.run_read import read_metrics
 
     out = tmp_path / "run"
     code = main(["train", "digits", *SMALL, "--epochs", "2", "--val-fraction", "0.2", "--keep", "2",

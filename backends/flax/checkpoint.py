@@ -1,4 +1,4 @@
-"""Checkpoints for flax models, in the format the torch backend writes (``mixc.checkpoint_format``).
+"""Checkpoints for flax models, in the format the torch backend writes (``mixc.core.checkpoint_format``).
 
 The model stores every parameter in the plan's layout under the plan's names,
 so saving is a copy to host float32 and loading a copy back: a file written by
@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from mixc.backends.flax.model import assign_plan_arrays, plan_arrays
-from mixc.checkpoint_format import (
+from mixc.core.checkpoint_format import (
     CheckpointError,
     check_spec,
     epoch_and_metadata,

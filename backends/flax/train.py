@@ -11,8 +11,8 @@ a step runs:
 - Optimiser (optax): SGD is ``add_decayed_weights`` (coupled L2, masked) then
   ``trace`` (momentum, Nesterov), exactly PyTorch's SGD; AdamW is
   ``scale_by_adam`` then masked decoupled decay. The mask skips
-  ``mixc.training.decay_skipped_roles``. First, the gradients of weights every
-  member reads as they are are multiplied by ``mixc.method_batches.gradient_scales``
+  ``mixc.core.weight_decay.decay_skipped_roles``. First, the gradients of weights every
+  member reads as they are are multiplied by ``mixc.core.method_batches.gradient_scales``
   (masked ``optax.scale``; 1/M for the output layer by default), as torch does.
 - Data parallel over every local device of the chosen platform with
   ``jax.sharding``: parameters replicated, each batch split along a ``data``
@@ -31,7 +31,7 @@ a step runs:
   2**16, halve and skip the step on a non-finite gradient, double after 2000
   good steps), its state checkpointed under the same names as torch's.
   Evaluation runs in float32.
-- Checkpoints: the shared format (``mixc.checkpoint_format``), plan tensor
+- Checkpoints: the shared format (``mixc.core.checkpoint_format``), plan tensor
   names; the optimiser state under the torch loop's names
   (``optim.<tensor>.momentum_buffer``; AdamW ``exp_avg``, ``exp_avg_sq``,
   ``step``), so a run folder resumes under either backend (an fp16 run's loss
@@ -50,14 +50,15 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mixc.checkpoint_format import grad_scaler_arrays, read_grad_scaler, save_arrays, spec_hash
+from mixc.core.checkpoint_format import grad_scaler_arrays, read_grad_scaler, save_arrays, spec_hash
 from mixc.compiler.plan import Plan
-from mixc.run_folder import CHECKPOINT, METRICS, TrainError
+from mixc.core.errors import TrainError
+from mixc.core.run_files import CHECKPOINT, METRICS
 from mixc.spec.recipe import Recipe
-from mixc.method_batches import FAST_ROLES, gradient_scales, lr_scale, mimo_rows
-from mixc.training import decay_skipped_roles
+from mixc.core.method_batches import FAST_ROLES, gradient_scales, lr_scale, mimo_rows
+from mixc.core.weight_decay import decay_skipped_roles
 
-__all__ = ["train", "TrainError", "crop_flip", "random_resized_crop", "Trainer", "devices_for", "loss_scale_update",
+__all__ = ["TrainError", "crop_flip", "random_resized_crop", "Trainer", "devices_for", "loss_scale_update",
            "CHECKPOINT", "METRICS"]
 
 _EVAL_BATCH = 1000
@@ -167,7 +168,7 @@ def make_optimizer(recipe: Recipe, roles: dict[str, str], fast_lr: float = 1.0,
 
     ``roles`` maps each parameter key to its plan role, for the weight-decay mask. BatchEnsemble's fast
     weights get no decay and their updates times ``fast_lr`` (torch: their own group's learning rate).
-    ``grad_scales`` (parameter key -> factor, ``mixc.method_batches.gradient_scales``) multiply those
+    ``grad_scales`` (parameter key -> factor, ``mixc.core.method_batches.gradient_scales``) multiply those
     gradients first, before clipping and decay, as the torch trainer does after its backward.
     """
     skip = decay_skipped_roles(recipe)
@@ -429,12 +430,3 @@ class Trainer:
 
     def close(self) -> None:
         """Nothing to release: jax owns its devices for the life of the process."""
-
-
-def train(plan: Plan, recipe: Recipe, **options: Any) -> dict[str, Any]:
-    """`mixc train --backend flax`: :func:`mixc.training.train` on this backend (same arguments); ``device``
-    picks the jax platform (``cpu``, ``gpu``/``cuda``, ``cuda:N``) and every local device of it is used."""
-    from mixc.backends.flax.backend import backend
-    from mixc.training import train as drive
-
-    return drive(backend, plan, recipe, **options)

@@ -1,4 +1,4 @@
-"""Checkpoints for torch models, in mixc's framework-neutral format (``mixc.checkpoint_format``).
+"""Checkpoints for torch models, in mixc's framework-neutral format (``mixc.core.checkpoint_format``).
 
 A checkpoint holds the bank form (templates, alphas, plain weights, BatchNorm
 parameters and running statistics) under the plan's tensor names, in the
@@ -19,7 +19,7 @@ from safetensors.torch import save
 from torch import nn
 
 from mixc.backends.torch.model import named_plan_tensors
-from mixc.checkpoint_format import (
+from mixc.core.checkpoint_format import (
     FORMAT,
     FORMAT_VERSION,
     CheckpointError,

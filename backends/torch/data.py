@@ -1,6 +1,6 @@
 """Image folders through ``torch.utils.data.DataLoader``: worker processes decode and augment, pinned memory.
 
-The scan, class mapping, decoding and transforms are ``mixc.imagefolder``'s (numpy/Pillow, shared with
+The scan, class mapping, decoding and transforms are ``mixc.core.imagefolder``'s (numpy/Pillow, shared with
 the flax backend); this module only puts them behind a DataLoader. Randomness: each sample's
 augmentation draws from ``default_rng([seed, epoch, index])``, so a batch is the same whatever the
 number of workers, and an epoch replays exactly on resume.
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mixc.data import DataError
-from mixc.imagefolder import FolderReader, FolderSplit
+from mixc.core.data import DataError
+from mixc.core.imagefolder import FolderReader, FolderSplit
 
 __all__ = ["FolderDataset", "folder_loader"]
 
@@ -51,7 +51,7 @@ def _plain_errors(batches: Any) -> Iterator[Any]:
         text = str(e)
         if "Original Traceback" not in text:
             raise
-        # the traceback's last entry: "mixc.data.DataError: <the message>"
+        # the traceback's last entry: "mixc.core.dataset.DataError: <the message>"
         raise DataError(text.rsplit("DataError: ", 1)[-1].strip()) from None
 
 
@@ -60,7 +60,7 @@ def folder_loader(split: FolderSplit, input_shape: list[int], *, train: bool, ba
                   random_crop: bool | None = None) -> DataLoader:
     """A DataLoader over ``split``: shuffled by ``default_rng([seed, epoch])`` when ``train`` (the driver's own
     permutation rule), ``workers`` processes (0: in this process), memory pinned when CUDA is there;
-    ``random_crop`` as in :class:`mixc.imagefolder.FolderReader`."""
+    ``random_crop`` as in :class:`mixc.core.imagefolder.FolderReader`."""
     ds = FolderDataset(split, input_shape, train, seed, epoch, random_crop)
     # fork() after jax has started its threads can deadlock the child (jax warns): spawn workers then
     context = "spawn" if workers and "jax" in sys.modules else None

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixc.compiler.plan import Plan
-from mixc.export import MemberWeights
+from mixc.core.member_weights import MemberWeights
 
 __all__ = ["DeployedEnsemble", "export_onnx", "export_pt2", "onnx_runner", "pt2_runner", "ONNX_OPSET"]
 

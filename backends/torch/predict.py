@@ -11,7 +11,7 @@ from torch import nn
 
 from mixc.backends.torch.model import build, named_plan_tensors
 from mixc.compiler.plan import Plan
-from mixc.errors import BackendError
+from mixc.core.errors import BackendError
 
 __all__ = ["TorchRunner", "predict_member_probs", "torch_device"]
 

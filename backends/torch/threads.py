@@ -1,4 +1,4 @@
-"""Apply mixc's thread count to torch (``mixc.threads`` decides the number)."""
+"""Apply mixc's thread count to torch (``mixc.core.threads`` decides the number)."""
 
 from __future__ import annotations
 

@@ -4,10 +4,10 @@ The loop, the schedule, seeding, batches, the run folder and the checkpoint
 cadence are the shared driver's (``mixc/training.py``); what is torch's:
 
 - Optimiser: SGD with (Nesterov) momentum, or AdamW, in two parameter groups
-  (with and without weight decay: ``mixc.training.decay_skipped_roles``). The
+  (with and without weight decay: ``mixc.core.weight_decay.decay_skipped_roles``). The
   learning rate is set by hand before every step. Before clipping and the step,
   the gradients of weights every member reads as they are are multiplied by
-  ``mixc.method_batches.gradient_scales`` (1/M for the output layer by default).
+  ``mixc.core.method_batches.gradient_scales`` (1/M for the output layer by default).
 - Augmentation, on batched tensors on the device, from a generator the driver
   reseeds every epoch: ``crop_flip`` (pad 4 with zeros, random crop, random
   horizontal flip) or ``random_resized_crop`` (:func:`random_resized_crop`, for
@@ -20,7 +20,7 @@ cadence are the shared driver's (``mixc/training.py``); what is torch's:
   gathers its batch there and copies it over.
 - Data parallel: under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is
   gloo on CPU and nccl on CUDA and the model is wrapped in
-  DistributedDataParallel; each rank takes its :func:`mixc.data.shard` of every
+  DistributedDataParallel; each rank takes its :func:`mixc.core.data.shard` of every
   global batch. torch.distributed modules that DDP imports lazily are imported
   before the process group exists (see :func:`_import_ddp_modules`), so
   ``destroy_process_group`` really frees it. With ``MIXC_WEIGHTS_HASH_DIR`` set,
@@ -28,7 +28,7 @@ cadence are the shared driver's (``mixc/training.py``); what is torch's:
   test hook: ranks must agree; BN running statistics are per rank and excluded).
 - Checkpoints: ``checkpoint.save_checkpoint`` (safetensors via torch), the
   optimiser state under ``optim.<tensor>.<buffer>``; under fp16 also the
-  GradScaler's scale and growth tracker (``mixc.checkpoint_format.GRAD_SCALER_KEYS``),
+  GradScaler's scale and growth tracker (``mixc.core.checkpoint_format.GRAD_SCALER_KEYS``),
   so a resumed fp16 run skips and grows its loss scale exactly where an
   uninterrupted one does.
 """
@@ -50,13 +50,14 @@ from torch import nn
 
 from mixc.backends.torch.predict import host_tensor, predict_member_probs, torch_device
 from mixc.compiler.plan import Plan
-from mixc.data import shard
-from mixc.method_batches import FAST_ROLES, gradient_scales, lr_scale, mimo_rows
-from mixc.run_folder import CHECKPOINT, METRICS, TrainError
+from mixc.core.data import shard
+from mixc.core.method_batches import FAST_ROLES, gradient_scales, lr_scale, mimo_rows
+from mixc.core.errors import TrainError
+from mixc.core.run_files import CHECKPOINT, METRICS
 from mixc.spec.recipe import Recipe
-from mixc.training import decay_skipped_roles
+from mixc.core.weight_decay import decay_skipped_roles
 
-__all__ = ["train", "TrainError", "TorchTrainer", "crop_flip", "random_resized_crop", "predict_member_probs", "CHECKPOINT",
+__all__ = ["TrainError", "TorchTrainer", "crop_flip", "random_resized_crop", "predict_member_probs", "CHECKPOINT",
            "METRICS"]
 
 
@@ -84,7 +85,7 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, pad: in
 def crop_boxes(u: torch.Tensor, h: int, w: int, scale: tuple[float, float] = (0.08, 1.0),
                ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[torch.Tensor, ...]:
     """(x0, y0, crop width, crop height) per image, from uniforms ``u [B, 22]``, by the image-folder loader's rule
-    (``mixc.imagefolder.random_resized_crop``, torchvision's): up to 10 draws of an area share in ``scale`` and
+    (``mixc.core.imagefolder.random_resized_crop``, torchvision's): up to 10 draws of an area share in ``scale`` and
     a log-uniform aspect in ``ratio``, the first that fits; else the central crop clamped to ``ratio``."""
     area, log_r = h * w, torch.log(torch.tensor(ratio, dtype=torch.float64))
     target = area * (scale[0] + (scale[1] - scale[0]) * u[:, :10].double())
@@ -291,7 +292,7 @@ def _autocast_dtype(precision: str) -> torch.dtype | None:
 
 def _backward_and_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: Any, clip: float | None,
                        model: nn.Module, scales: list[tuple[torch.Tensor, float]] = ()) -> None:
-    """Backward, the shared weights' gradient scales (``mixc.method_batches.gradient_scales``), optional
+    """Backward, the shared weights' gradient scales (``mixc.core.method_batches.gradient_scales``), optional
     global-norm clipping, optimiser step; under fp16 through the gradient scaler (gradients are unscaled
     before clipping, so ``clip`` means the true norm)."""
     (loss if scaler is None else scaler.scale(loss)).backward()
@@ -413,7 +414,7 @@ class TorchTrainer:
         return {k: v.numpy() for k, v in self._extra_state().items()}
 
     def load_optimizer(self, arrays: dict[str, np.ndarray]) -> None:
-        from mixc.checkpoint_format import GRAD_SCALER_KEYS, read_grad_scaler
+        from mixc.core.checkpoint_format import GRAD_SCALER_KEYS, read_grad_scaler
 
         scaler = read_grad_scaler(arrays)
         if scaler is not None and self.scaler is not None:  # another precision's run: a fresh scaler
@@ -426,7 +427,7 @@ class TorchTrainer:
         """The optimiser state and, under fp16, the GradScaler's (scale, growth tracker): what resume needs."""
         out = _optimizer_state(self.opt, self.names)
         if self.scaler is not None:
-            from mixc.checkpoint_format import grad_scaler_arrays
+            from mixc.core.checkpoint_format import grad_scaler_arrays
 
             state = self.scaler.state_dict()
             out.update({k: torch.from_numpy(v) for k, v in
@@ -447,11 +448,3 @@ class TorchTrainer:
         finally:
             self.net = self.model  # drop DistributedDataParallel: its reducer holds the process group
             self.dist.close()
-
-
-def train(plan: Plan, recipe: Recipe, **options: Any) -> dict[str, Any]:
-    """`mixc train` with torch: :func:`mixc.training.train` on this backend (same arguments)."""
-    from mixc.backends.torch.backend import backend
-    from mixc.training import train as drive
-
-    return drive(backend, plan, recipe, **options)

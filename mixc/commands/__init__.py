@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mixc.backends import DEFAULT
-from mixc.errors import MixcError
+from mixc.core.errors import MixcError
 
 
 def add_backend_argument(parser: argparse.ArgumentParser, what: str, default: str | None = DEFAULT) -> None:
@@ -26,7 +26,7 @@ def add_backend_argument(parser: argparse.ArgumentParser, what: str, default: st
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """``--threads N``: CPU threads of the framework (default: the cores this process may use, capped by
-    OMP_NUM_THREADS; see mixc/threads.py)."""
+    OMP_NUM_THREADS; see mixc/core/threads.py)."""
     parser.add_argument("--threads", type=int, metavar="N",
                         help="CPU threads for the framework (default: the cores this process may run on, "
                              "capped by OMP_NUM_THREADS if set)")

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from mixc.commands import add_backend_argument, add_threads_argument
-from mixc.data import MAX_INPUT, DataError
+from mixc.core.data import MAX_INPUT, DataError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,7 +78,7 @@ def _npz_pair(path: Path, plan: Any) -> tuple[np.ndarray, np.ndarray] | None:
 
 def held_out(run: Any, data: str | None, fraction: float | None, data_dir: str | None) -> tuple[np.ndarray, np.ndarray, str]:
     """The held-out inputs, labels and a description (module doc for the order)."""
-    from mixc.data import split_validation
+    from mixc.core.data import split_validation
     from mixc.evaluation import EvalError, load_test_set, resolve_data
 
     recipe = run.config.get("recipe") or run.plan.train or {}
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from mixc.backends import get_backend
     from mixc.calibration import fit, save
     from mixc.evaluation import load_predictor, open_run
-    from mixc.threads import resolve_threads
+    from mixc.core.threads import resolve_threads
 
     if args.batch_size < 1:
         raise DataError("--batch-size must be at least 1")

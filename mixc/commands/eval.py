@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from mixc.commands import add_backend_argument, add_threads_argument
-from mixc.data import DataError
+from mixc.core.data import DataError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                         "evaluate --ood and the corrupted sets in two runs of mixc eval")
     ood_sets = _ood_sets(run_, args, dataset, data_dir) if args.ood else []
     from mixc.backends import get_backend
-    from mixc.threads import resolve_threads
+    from mixc.core.threads import resolve_threads
 
     get_backend(args.backend, "eval").set_threads(resolve_threads(args.threads))
     predict = load_predictor(args.backend, run_.plan, run_.checkpoint, device=args.device, batch_size=args.batch_size)
@@ -357,7 +357,7 @@ def _print_extras(console: Any, result: dict[str, Any]) -> None:
 
 def _save_predictions(path: Path, probs: np.ndarray, labels: np.ndarray) -> Path:
     """``member_probs`` and ``labels`` into ``path`` (a .npz), through the one write rule (no links, atomic)."""
-    from mixc.safe_write import write_with
+    from mixc.core.safe_write import write_with
 
     def fill(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object: numpy adds no suffix

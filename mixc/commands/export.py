@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mixc.commands import add_backend_argument
-from mixc.data import DataError
+from mixc.core.data import DataError
 
 FORMATS = ("onnx", "torch-export", "members")
 _SUFFIX = {"onnx": ".onnx", "torch-export": ".pt2"}
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
 def load_run(target: str, plan_file: str | None) -> tuple[Any, dict[str, np.ndarray]]:
     """The run (``mixc.evaluation.Run``) and its checkpoint's plan tensors as numpy, checksum-verified."""
-    from mixc.checkpoint_format import check_spec, read_info, read_tensors
+    from mixc.core.checkpoint_format import check_spec, read_info, read_tensors
     from mixc.evaluation import open_run
 
     run_ = open_run(target, plan_file)
@@ -181,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_files(target: str, plan: str | None) -> list[Path]:
     """The files of the run being exported (its checkpoint, plan and every file mixc train or eval writes)."""
-    from mixc.run_folder import WRITTEN
+    from mixc.core.run_files import WRITTEN
 
     path = Path(target)
     folder = path if path.is_dir() else path.parent
@@ -204,7 +204,7 @@ def check_output(fmt: str, out: Path, inputs: list[Path] = (), force: bool = Fal
     """A file for onnx/torch-export (new, an earlier export's, or any with ``force``); for members a new folder,
     an empty one, or a previous members export. Never a link, nor one of the run's files."""
     from mixc.export import ExportError
-    from mixc.safe_write import check_output as check
+    from mixc.core.safe_write import check_output as check
 
     if fmt != "members":
         if out.is_dir() and not out.is_symlink():
@@ -228,7 +228,7 @@ def _export_graph(backend: Any, fmt: str, run_: Any, arrays: dict[str, np.ndarra
     from mixc.export import ExportError, compose_all, with_temperature
 
     _quiet_exporters()
-    from mixc.safe_write import write_with
+    from mixc.core.safe_write import write_with
 
     composed = with_temperature(run_.plan, compose_all(run_.plan, arrays), temperature)
     what = "the ONNX export (run by onnxruntime)" if fmt == "onnx" else f"the {fmt} program"
@@ -267,9 +267,9 @@ def _export_members(backend_name: str, run_: Any, arrays: dict[str, np.ndarray],
                     batch: int, temperature: float | None = None) -> tuple[float, list[str], str]:
     """One plain-backbone checkpoint per member, each checked by loading it into the plain network."""
     import mixc
-    from mixc.checkpoint_format import save_arrays
+    from mixc.core.checkpoint_format import save_arrays
     from mixc.evaluation import load_predictor
-    from mixc.safe_write import replace_folder, write_text
+    from mixc.core.safe_write import replace_folder, write_text
     from mixc.export import (ExportError, check_member_method, check_plain_plan, compose_member, member_tensors,
                              plain_plan_overrides, with_temperature)
 
@@ -299,7 +299,7 @@ def _export_members(backend_name: str, run_: Any, arrays: dict[str, np.ndarray],
 def _write_manifest(path: Path, fmt: str, run_: Any, exporter: str, opset: int | None, described: str, n: int,
                     diff: float, files: list[str], scale: Any, cal: Any = None) -> None:
     from mixc.export import ExportManifest
-    from mixc.safe_write import write_text
+    from mixc.core.safe_write import write_text
 
     outputs = (["member_probs [B, M, classes]", "ensemble_probs [B, classes]"] if fmt != "members"
                else [f"member_i.safetensors: logits [B, 1, classes] of the plain backbone"])
@@ -308,9 +308,9 @@ def _write_manifest(path: Path, fmt: str, run_: Any, exporter: str, opset: int |
         members=run_.plan.members, classes=run_.plan.classes, input_shape=list(run_.plan.input_shape),
         outputs=outputs, exporter=exporter, opset=opset, checked_on=described, checked_samples=n,
         max_abs_diff=diff, files=files,
-        preprocessing=("inputs normalised as the run's training data (mixc.data): (pixels in [0, 1] - pixel_mean) / "
+        preprocessing=("inputs normalised as the run's training data (mixc.core.data): (pixels in [0, 1] - pixel_mean) / "
                        f"pixel_std per channel ({scale.how})" if scale is not None else
-                       "inputs prepared as the run's training data (mixc.data); the pixel scale is unknown"),
+                       "inputs prepared as the run's training data (mixc.core.data); the pixel scale is unknown"),
         pixel_mean=None if scale is None else [float(v) for v in scale.mean],
         pixel_std=None if scale is None else [float(v) for v in scale.std],
         temperature=None if cal is None else cal.temperature,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mixc.commands import add_backend_argument
 
-from mixc.data import DataError
+from mixc.core.data import DataError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from mixc.evaluation import EvalError, load_test_set, open_run, resolve_data
     from mixc.interpolation import interpolate
     from mixc.plots import interpolation_plot
-    from mixc.safe_write import refuse_link, write_with
+    from mixc.core.safe_write import refuse_link, write_with
 
     get_backend(args.backend, "interpolate")  # the install hint before any work
     if args.batch_size < 1:

@@ -7,7 +7,7 @@ INPUT is one of:
   be normalised like the training data);
 - an image file (anything Pillow reads), or a folder of them (sorted by name):
   pixels are scaled to ``[0, 1]`` and normalised with the statistics of the
-  run's training set, the way ``mixc.data`` prepared it (digits and CIFAR:
+  run's training set, the way ``mixc.core.data`` prepared it (digits and CIFAR:
   per-channel mean/std of the train split, recovered from the dataset; a
   ``.npz`` dataset: its stored pixel scale, [0, 1] or [0, 255]). An image is
   resized to the plan's height and width, but its channels must match the
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from mixc.commands import add_backend_argument
-from mixc.data import MAX_INPUT, DataError
+from mixc.core.data import MAX_INPUT, DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -107,7 +107,7 @@ def _image_pixels(path: Path, input_shape: list[int]) -> np.ndarray:
     except ImportError as e:
         raise DataError(f"reading images needs Pillow, which is not importable here ({e}); hint: pip install pillow, "
                         "or pass a .npz of inputs") from e
-    from mixc.imagefolder import open_image
+    from mixc.core.imagefolder import open_image
 
     c, h, w = input_shape
     if c not in (1, 3):
@@ -201,7 +201,7 @@ def _run(args: argparse.Namespace) -> int:
     out = None
     if args.output:
         from mixc.commands.export import _run_files
-        from mixc.safe_write import check_output
+        from mixc.core.safe_write import check_output
 
         out = Path(args.output)
         check_output(out, force=True)  # a folder, a link, or below a file: refused as named
@@ -216,7 +216,7 @@ def _run(args: argparse.Namespace) -> int:
     res = summarise_predictions(np.asarray(tempered(predict(inputs.x), cal)))
     res["temperature"] = np.float32(1.0 if cal is None else cal.temperature)
     if out is not None:
-        from mixc.safe_write import write_with
+        from mixc.core.safe_write import write_with
 
         def fill(tmp: str) -> None:
             with open(tmp, "wb") as f:  # a file object: numpy adds no suffix to it

@@ -3,7 +3,7 @@
 Columns: method, params, accuracy, NLL, ECE (Tables 1 and 3), the CIFAR-C
 style corrupted accuracy/NLL/ECE when ``mixc eval --corruptions`` has been run
 on any of the runs (Tables 2 and 4), diversity and mean member accuracy
-(Table 6), and inference FLOPs relative to one plain backbone (``mixc.flops``;
+(Table 6), and inference FLOPs relative to one plain backbone (``mixc.core.flops``;
 the reference is ``--reference``, default the first single-network baseline
 among the runs, else the first run's own backbone).
 
@@ -82,7 +82,7 @@ def collect(run: Any) -> dict[str, Any]:
 
 def build_rows(runs: list[Any], labels: list[str] | None, reference: Any) -> list[dict[str, Any]]:
     from mixc.evaluation import uncertainty_columns
-    from mixc.flops import backbone_macs, ensemble_macs
+    from mixc.core.flops import backbone_macs, ensemble_macs
 
     ref_macs = backbone_macs(reference.plan)
     rows = []
@@ -215,7 +215,7 @@ def markdown(rows: list[dict[str, Any]], reference_label: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run `mixc report`; returns the exit code (errors are ``MixcError``s for cli.main)."""
     from mixc.evaluation import EvalError, open_run
-    from mixc.safe_write import check_output, write_text, write_with
+    from mixc.core.safe_write import check_output, write_text, write_with
 
     runs = [open_run(r) for r in args.runs]
     seen: dict[str, str] = {}

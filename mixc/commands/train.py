@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from mixc.compiler.plan import first_problem
 from mixc.commands import add_backend_argument, add_threads_argument
-from mixc.run_folder import TrainError
+from mixc.core.errors import TrainError
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

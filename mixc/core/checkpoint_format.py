@@ -7,7 +7,7 @@ float32; extra tensors (optimiser state, by convention ``optim.<...>``) sit
 beside them. The header records the format, the spec's name and hash, the plan
 version, the epoch, the caller's metadata as JSON, and ``checksum``:
 ``sha256:<hex>`` over every tensor (name, shape and bytes, in name order).
-Loading verifies the header (one validated model, ``mixc.run_folder``), the
+Loading verifies the header (one validated model, ``mixc.core.run_models``), the
 checksum (a file from before checksums loads with a note) and that every
 tensor is finite; saving refuses non-finite tensors, so a diverged model never
 replaces a good checkpoint. Files are written to a temporary file in the same
@@ -31,11 +31,12 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from mixc.compiler.plan import Plan
-from mixc.errors import MixcError
-from mixc.run_folder import NonFiniteError, RunFolderError, non_finite_tensors, parse_header
-from mixc.safe_write import write_bytes, write_with
+from mixc.core.errors import MixcError, RunFolderError
+from mixc.core.finite import NonFiniteError, non_finite_tensors
+from mixc.core.run_files import FORMAT
+from mixc.core.run_read import parse_header
+from mixc.core.safe_write import write_bytes, write_with
 
-FORMAT = "mixc-checkpoint"
 FORMAT_VERSION = "1"
 
 __all__ = [
@@ -72,6 +73,7 @@ class NonFiniteTensorError(CheckpointError, NonFiniteError):
 
 
 def spec_hash(plan: Plan) -> str:
+    """The hash a checkpoint and a run folder record for ``plan`` (the spec's, else the plan's content hash)."""
     return plan.spec_hash or plan.content_hash()
 
 
@@ -133,7 +135,7 @@ def check_extra_names(extra: Iterable[str], plan: Plan) -> None:
             raise ValueError(f"extra tensor {name!r} collides with a plan tensor; prefix it, e.g. 'optim.'")
 
 
-# Checkpoints are written like every other file (mixc/safe_write.py): temporary beside it, fsync, rename,
+# Checkpoints are written like every other file (mixc/core/safe_write.py): temporary beside it, fsync, rename,
 # never through a link; the names stay for callers of this module.
 write_atomic = write_with
 write_bytes_atomic = write_bytes

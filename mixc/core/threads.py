@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from mixc.errors import MixcError
+from mixc.core.errors import MixcError
 
 __all__ = ["default_threads", "resolve_threads", "ThreadsError"]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-__all__ = ["MixcError", "UsageError", "BackendError", "BackendUnavailable"]
+__all__ = ["MixcError", "UsageError", "BackendError", "BackendUnavailable", "RunFolderError", "TrainError"]
 
 
 class MixcError(Exception):
@@ -40,3 +40,11 @@ class BackendError(MixcError):
 
 class BackendUnavailable(BackendError):
     """The named backend is not installed, or its framework cannot be imported here."""
+
+
+class RunFolderError(MixcError, ValueError):
+    """A run folder file that is not what mixc wrote: one paragraph naming the file, line and field."""
+
+
+class TrainError(MixcError, RuntimeError):
+    """A user-facing problem with a training run (its folder, its options); printed without a traceback."""

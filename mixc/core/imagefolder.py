@@ -14,7 +14,7 @@ set can still be held out with ``--val-fraction``; with both, ``val/`` validates
 Transforms (numpy/Pillow, so both backends see the same pixels): training images get a
 random-resized crop (scale 0.08-1, aspect 3/4-4/3) and a horizontal flip when both sides of the
 input exceed 32 pixels, or pad-4 crop and flip at 32x32 (applied by the backend's ``crop_flip``),
-the rule of ``mixc.data.default_augment`` that arrays in memory follow too; evaluation images are
+the rule of ``mixc.core.data.default_augment`` that arrays in memory follow too; evaluation images are
 resized (shorter side to size * 256/224) and center-cropped. Pixels are scaled to [0, 1] and
 normalised per channel with ImageNet's mean/std (RGB) or 0.5/0.25 (grey), fixed constants so a
 streamed batch and an in-memory one are the same numbers.
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixc.data import Dataset, DataError, default_augment
+from mixc.core.dataset import DataError, Dataset, default_augment
 
 __all__ = ["is_image_folder", "scan", "ImageFolder", "FolderSplit", "FolderReader", "load_image_folder",
            "random_resized_crop", "resize_center_crop", "EXTENSIONS"]
@@ -231,7 +231,7 @@ def to_array(img, channels: int) -> np.ndarray:
 class FolderReader:
     """Sample ``i`` of a split as (float32 ``[C, H, W]``, label): the same in a DataLoader worker and in memory.
 
-    ``train`` with ``random_crop`` (None: when :func:`mixc.data.default_augment` picks it, both sides
+    ``train`` with ``random_crop`` (None: when :func:`mixc.core.data.default_augment` picks it, both sides
     above 32 pixels) draws a random-resized crop and a flip from the ``rng`` it is handed (a
     worker's, seeded from the run's seed, epoch and index); otherwise resize + center crop (32x32
     training images are then pad-cropped and flipped by the backend's ``crop_flip``).

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from mixc.errors import MixcError
+from mixc.core.errors import MixcError
 
 __all__ = ["WriteError", "default_mode", "refuse_link", "write_with", "write_bytes", "write_text", "write_json",
            "append_text", "copy_file", "open_nofollow", "check_output", "replace_folder"]

@@ -28,16 +28,14 @@ value at fault and a hint; the CLI prints it without a traceback.
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from mixc.errors import MixcError
+from mixc.core.dataset import DataError, Dataset, default_augment
+from mixc.core.imagefolder import load_image_folder
 
 __all__ = ["DataError", "Dataset", "load_dataset", "check_compatible", "shard", "default_augment", "DEFAULT_DATA_DIR"]
 
@@ -48,32 +46,6 @@ _CIFAR_URL_HINT = "download the python version from https://www.cs.toronto.edu/~
 DIGITS_TEST = 360  # ~20% of scikit-learn's 1797 digits
 
 
-class DataError(MixcError, ValueError):
-    """A user-facing data problem: bad path, bad arrays, data that do not fit the plan."""
-
-    exit_code = 2  # documented: data problems exit 2 in every command
-
-
-@dataclass(frozen=True)
-class Dataset:
-    name: str
-    x_train: np.ndarray  # float32, [N, *input_shape]
-    y_train: np.ndarray  # int64, [N]
-    x_test: np.ndarray
-    y_test: np.ndarray
-    classes: int
-    description: str
-    x_val: np.ndarray | None = None  # a validation split, when the dataset has one (or one was held out)
-    y_val: np.ndarray | None = None
-    #: an image folder (``mixc.imagefolder.ImageFolder``) streamed from disk: the x arrays are then empty
-    #: ``[0, C, H, W]`` and the y arrays hold the labels; batches come from ``Backend.batches``
-    folder: Any = None
-
-    @property
-    def input_shape(self) -> list[int]:
-        return list(self.x_train.shape[1:])
-
-
 # ---------------------------------------------------------------------------
 # Public entry points
 
@@ -81,7 +53,7 @@ class Dataset:
 def load_dataset(name_or_path: str, data_dir: str | os.PathLike | None = None,
                  input_shape: list[int] | None = None, stream: bool = False) -> Dataset:
     """Load ``digits``, ``cifar10``, ``cifar100``, ``imagenet`` (the image folder ``<data dir>/imagenet``),
-    an image folder (``mixc.imagefolder``; needs the model's ``input_shape``) or a ``.npz`` by name or path."""
+    an image folder (``mixc.core.imagefolder``; needs the model's ``input_shape``) or a ``.npz`` by name or path."""
     key = str(name_or_path).strip()
     low = key.lower()
     if low == "digits":
@@ -92,8 +64,6 @@ def load_dataset(name_or_path: str, data_dir: str | os.PathLike | None = None,
         key = str(Path(data_dir if data_dir is not None else os.environ.get("MIXC_DATA_DIR", DEFAULT_DATA_DIR))
                   / "imagenet")
     if Path(key).expanduser().is_dir() or low == "imagenet":
-        from mixc.imagefolder import load_image_folder
-
         if input_shape is None:
             raise DataError(f"{key} is an image folder: it is decoded to the model's input size, which this "
                             "command does not know; hint: evaluate a run folder (it holds the plan)")
@@ -187,20 +157,6 @@ def check_compatible(dataset: Dataset, input_shape: list[int] | tuple[int, ...],
                 f"{classes} classes; hint: set the backbone's number of classes to at least {int(y.max()) + 1}, "
                 "or relabel the data to 0..classes-1"
             )
-
-
-def default_augment(input_shape: list[int] | tuple[int, ...], layout: str = "image") -> str:
-    """What ``augment auto`` does to training samples of ``input_shape``, one rule for arrays in memory and
-    streamed image folders: ``crop_flip`` (pad 4, random crop, flip) at 32x32, CIFAR's recipe;
-    ``random_resized_crop`` (a random area share of 8-100% and aspect of 3/4-4/3, resized back, and a flip)
-    when both sides exceed 32 pixels, ImageNet's; ``none`` for anything else (digits' 8x8, signals, vectors),
-    where neither recipe is known to help."""
-    if layout != "image" or len(input_shape) != 3:
-        return "none"
-    h, w = input_shape[1:]
-    if (h, w) == (32, 32):
-        return "crop_flip"
-    return "random_resized_crop" if min(h, w) > 32 else "none"
 
 
 def shard(n: int, rank: int, world: int) -> slice:

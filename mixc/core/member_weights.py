@@ -1,0 +1,27 @@
+"""One member's own weights, composed out of the banks: what an export hands a backend to fold in.
+
+In the core because ``mixc.export`` (the application) composes them and a backend's export
+(``backends/torch/export.py``) consumes them: the type sits below both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["LayerWeights", "MemberWeights"]
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    weight: np.ndarray  # the op's weight_shape (PyTorch layout)
+    bias: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class MemberWeights:
+    """One member as a plain network: weights per weight op, BatchNorm per bn op (weight, bias, mean, var)."""
+
+    layers: dict[str, LayerWeights]
+    bn: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
