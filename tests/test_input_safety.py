@@ -256,7 +256,7 @@ def test_an_edited_plan_is_refused_by_its_hash(capsys, run_folder, tmp_path, fie
 
 
 def test_resuming_into_a_folder_with_a_tampered_plan_is_refused(run_folder, tmp_path):
-    """Both training loops check the run folder through mixc.run_folder before resuming."""
+    """Both training loops check the run folder through mixc.run_writer.check_run_folder before resuming."""
     from mixc.core.errors import TrainError
     from mixc.run_writer import check_run_folder
 

@@ -33,7 +33,7 @@ class Dataset:
     description: str
     x_val: np.ndarray | None = None  # a validation split, when the dataset has one (or one was held out)
     y_val: np.ndarray | None = None
-    #: an image folder (``mixc.imagefolder.ImageFolder``) streamed from disk: the x arrays are then empty
+    #: an image folder (``mixc.core.imagefolder.ImageFolder``) streamed from disk: the x arrays are then empty
     #: ``[0, C, H, W]`` and the y arrays hold the labels; batches come from ``Backend.batches``
     folder: Any = None
 

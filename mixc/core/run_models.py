@@ -56,7 +56,7 @@ class RunOptions(_Lenient):
     baseline: Literal["single", "naive"] | None = None
     overrides: list[str] = Field(default_factory=list)
     world_size: int = Field(1, ge=1)
-    threads: int | None = Field(None, ge=1)  # CPU threads of the framework (mixc/threads.py)
+    threads: int | None = Field(None, ge=1)  # CPU threads of the framework (mixc/core/threads.py)
 
 
 class HistoryEntry(_Lenient):
