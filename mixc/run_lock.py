@@ -47,7 +47,6 @@ def clean_temporaries(folder: Path, log: Callable[[str], None] = note) -> list[P
     return removed
 
 
-
 def _holder(text: str) -> str:
     try:
         info = json.loads(text)

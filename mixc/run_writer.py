@@ -77,10 +77,8 @@ def check_run_folder(out: Path, plan: Plan) -> None:
         )
 
 
-
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
 
 
 def _fmt(v: Any) -> str:
