@@ -5,7 +5,7 @@ import tempfile
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # for `import strategies`
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "support"))  # shared helpers: `import strategies`
 
 # Without mixc's own dependencies nothing here can import: say so once, with the fix, instead of one
 # collection traceback per test file. (Tests of an optional extra skip when it is not installed.)

@@ -1,4 +1,4 @@
-"""Golden error reports for typical mistakes (regenerate: MIXC_UPDATE_GOLDEN=1 pytest tests/test_errors_golden.py)."""
+"""Golden error reports for typical mistakes (regenerate: MIXC_UPDATE_GOLDEN=1 pytest tests/spec/test_errors_golden.py)."""
 
 import os
 from pathlib import Path
@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 from mixc.cli import main
+from paths import GOLDEN
 
-HERE = Path(__file__).parent / "golden" / "errors"
+HERE = GOLDEN / "errors"
 CASES = sorted(p.stem for p in HERE.glob("*.mix") if p.stem != "cycle_b")
 
 

@@ -99,7 +99,7 @@ def _combine(children):
 
 
 EXPRESSIONS = st.recursive(_ATOMS, _combine, max_leaves=8)
-# Not budget: how fast a huge budget allocates is the allocator's property (tests/test_allocation_properties.py).
+# Not budget: how fast a huge budget allocates is the allocator's property (tests/compiler/test_allocation_properties.py).
 KEYS = ["members", "templates_per_layer", "backbone.width", "backbone.classes", "train.optimizer.lr",
         "train.epochs", "train.batch", "train.optimizer", "assign", "groups"]
 

@@ -31,6 +31,7 @@ from mixc.core.checkpoint_format import read_tensors
 from mixc.core.errors import TrainError
 from mixc.spec.recipe import Recipe
 from mixc.training import train
+from paths import SUPPORT
 
 SMALL = ["backbone.width=8", "members=2"]  # digits at width 8: the same graph, a fast compile
 
@@ -227,11 +228,11 @@ def test_flax_resume_shares_the_run_folder_rules(one_epoch, tmp_path):
 def test_two_devices_equal_one(tmp_path):
     """Data parallel over 2 forced CPU devices: the same weights as the 1-device run (float tolerance)."""
     code = (
-        "import sys, jax, mixc; sys.path.insert(0, {tests!r}); import test_flax_train as t; "
+        "import sys, jax, mixc; sys.path[:0] = [{here!r}, {support!r}]; import test_flax_train as t; "
         "jax.config.update('jax_disable_most_optimizations', True); "
         "assert len(jax.devices()) == 2; "
         "t.train('flax', t._plan(), t._recipe(epochs=1), out_dir={out!r}, data=t._few(), progress=False)"
-    ).format(tests=str(Path(__file__).parent), out=str(tmp_path / "two"))
+    ).format(here=str(Path(__file__).parent), support=str(SUPPORT), out=str(tmp_path / "two"))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -22,8 +22,8 @@ import mixc
 from mixc.backends.emit import class_name
 from mixc.backends.torch import build, emit_source, ensemble_probs, named_plan_tensors, write
 from mixc.spec import SpecError
+from paths import GOLDEN, ZOO as ZOO_DIR
 
-GOLDEN = Path(__file__).parent / "golden"
 
 PLANS = {
     "tiny": lambda: hp.tiny_convnet(),
@@ -179,7 +179,7 @@ def test_written_file_is_what_runs(tmp_path):
 # Compiled specs: the zoo and generated backbones
 
 
-ZOO = sorted(p.stem for p in (Path(__file__).parents[1] / "zoo").glob("*.mix"))
+ZOO = sorted(p.stem for p in ZOO_DIR.glob("*.mix"))
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -14,6 +14,7 @@ import pytest
 import mixc
 from mixc.cli import main
 from mixc.spec import SpecError
+from paths import REPO
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -203,7 +204,7 @@ def run_folder(tmp_path_factory):
     pytest.importorskip("torch")
     from mixc.backends.torch import build
     from mixc.backends.torch.checkpoint import save_checkpoint
-    from test_eval import generated_npz
+    from synthetic import generated_npz
 
     root = tmp_path_factory.mktemp("runs")
     run = root / "run"
@@ -334,7 +335,7 @@ def _closed_pipe(*argv: str) -> tuple[int, str]:
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = REPO
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "mixc", *argv], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -19,8 +19,9 @@ from mixc.spec.loader import zoo_dir
 from mixc.spec import SpecError
 from mixc.verify import Space, verify
 from test_allocation_properties import compile_or_fix
+from paths import GOLDEN
 
-CNN = Path(__file__).parent / "golden" / "errors" / "degenerate_members.mix"
+CNN = GOLDEN / "errors" / "degenerate_members.mix"
 
 # The reproducers of issue 9: each held templates (or blob entries) no slot reads.
 REPRODUCERS = [

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from paths import REPO
 
 pytest.importorskip("torch")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 
 @pytest.mark.slow
@@ -25,7 +26,7 @@ def test_two_gloo_ranks_agree(tmp_path):
     )
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        str(ROOT / "tests" / "ddp_rank.py"), "train", "digits", "--set", "backbone.width=8", "--set", "members=2",
+        str(ROOT / "tests" / "support" / "ddp_rank.py"), "train", "digits", "--set", "backbone.width=8", "--set", "members=2",
         "--epochs", "2", "--out", str(tmp_path / "run"), "--no-progress",
     ]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -12,8 +12,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 
 FAKE_BACKEND = '''
 from pathlib import Path
@@ -139,7 +139,7 @@ def test_sweep_on_flax_resumes_a_torch_sweep_to_torchs_numbers(tmp_path, capsys)
     torch ends: the same metrics to 1e-3 (no augmentation or dropout here: the same arithmetic)."""
     pytest.importorskip("torch")
     pytest.importorskip("jax")
-    from test_eval import generated_npz
+    from synthetic import generated_npz
 
     from mixc.cli import main
 

@@ -14,8 +14,9 @@ torch = pytest.importorskip("torch")
 
 import mixc
 from mixc.spec import SpecError
+from paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 
 def test_keywords_split_between_spec_and_backend():

@@ -24,9 +24,10 @@ from mixc.core.errors import TrainError  # noqa: E402
 from mixc.core.run_files import LOCK
 from mixc.run_lock import RunLock
 
-from test_eval import generated_npz  # noqa: E402
+from synthetic import generated_npz  # noqa: E402
+from paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 TINY = ["--set", "backbone.width=8", "--set", "members=2", "--set", "train.batch=32", "--no-progress"]
 
 

@@ -11,7 +11,7 @@ import mixc  # noqa: E402
 from mixc.backends.torch import build, load_checkpoint, named_plan_tensors  # noqa: E402
 from mixc.backends.torch.export import DeployedEnsemble  # noqa: E402
 from mixc.export import compose_all  # noqa: E402
-from test_eval import generated_npz  # noqa: E402
+from synthetic import generated_npz  # noqa: E402
 
 TINY = ["--set", "backbone.width=8", "--set", "members=2"]
 TOL = 1e-4

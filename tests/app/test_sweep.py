@@ -50,7 +50,7 @@ def test_points_fallback_and_infeasible():
 
 def test_tiny_sweep_end_to_end_and_resumes(tmp_path, capsys):
     pytest.importorskip("torch")
-    from test_eval import generated_npz
+    from synthetic import generated_npz
 
     from mixc.cli import main
 
@@ -159,7 +159,7 @@ def test_methods_sweep_trains_each_method_as_an_ordinary_run(tmp_path, capsys):
     """One series per method, each point an ordinary run with the method in its plan; the table names the
     method, its parameters and inference FLOPs; report shows the method beside the metrics."""
     pytest.importorskip("torch")
-    from test_eval import generated_npz
+    from synthetic import generated_npz
 
     from mixc.cli import main
 

@@ -1,4 +1,4 @@
-"""A torchrun entry for tests/test_ddp.py: `mixc ...`, then record which native threads outlive it.
+"""A torchrun entry for tests/backends/torch/test_ddp.py: `mixc ...`, then record which native threads outlive it.
 
 After `mixc train` returns, destroy_process_group must have freed the process
 group: no gloo thread may run on into interpreter shutdown, where tearing it

@@ -14,6 +14,7 @@ nnx = pytest.importorskip("flax.nnx")
 import jax.numpy as jnp  # noqa: E402
 
 import handmade_plans as hp
+from paths import ZOO as ZOO_DIR
 from source_checks import import_roots, import_written
 from framework_fixtures import fast_xla_compiles  # noqa: F401 (autouse)
 
@@ -37,7 +38,7 @@ PLANS = {
     "signal_small_blob": lambda: hp.signal_blob_net(members=3, blob_size=50),
     "mlp": lambda: hp.mlp_net(dropout=0.0),
 }
-ZOO = sorted(p.stem for p in (Path(__file__).parents[1] / "zoo").glob("*.mix"))
+ZOO = sorted(p.stem for p in ZOO_DIR.glob("*.mix"))
 
 
 def _randomise(model) -> None:

@@ -1,5 +1,5 @@
 """BatchEnsemble, MIMO and Packed-Ensembles in the torch backend against an independent reference
-(tests/torch_reference.py: each member as its own network, activations scaled by the fast weights,
+(tests/support/torch_reference.py: each member as its own network, activations scaled by the fast weights,
 a single-path network run once), in both layouts, with parameter counts from the plan."""
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def test_a_run_of_each_method_scores_the_same_in_both_backends(method, train_bac
     pytest.importorskip("jax")
     import json
 
-    from test_eval import generated_npz
+    from synthetic import generated_npz
 
     from mixc.cli import main
 
@@ -175,7 +175,7 @@ def test_baselines_of_a_spec_written_for_another_method(tmp_path):
     line is added for a method that has none)."""
     import json
 
-    from test_eval import generated_npz
+    from synthetic import generated_npz
 
     from mixc.cli import main
     from mixc.spec.loader import zoo_specs
