@@ -1,13 +1,17 @@
-"""The backend-neutral half of code generation: one place for what every backend's emitter shares.
+"""The backend-neutral emitter: what every backend's generated file holds alike, written once.
 
-A backend's ``codegen.py`` subclasses ``Emitter`` and supplies its framework's idioms: a lowering
-table ``LOWER = {op kind: function}`` (adding an op kind is one entry per backend), the file's
-imports, docstring and classes. Everything that must not drift between backends lives here once:
-identifiers, the plan checks, the header and constants, initialisation variances, which values all
-members share, and how a standalone file takes in its backend's runtime module.
+A backend's ``codegen.py`` subclasses ``Emitter`` (``TorchEmitter``, ``FlaxEmitter``: siblings, so
+no backend depends on another's code) and supplies only its framework's idioms: the lowering table
+``LOWER = {op kind: function}`` as a class attribute (adding an op kind is one entry per backend),
+the imports, the docstring and the bodies of a block's and the model's class. Everything that must
+not drift between backends lives here: identifiers, the plan checks, the header and constants, the
+tables (``BANKS``, ``BATCH_NORMS``, ``LAYERS``, ``CONFIG``), initialisation variances, which values
+all members share, the module tree and forward statements, and how a standalone file takes in its
+backend's runtime module.
 
-Every plan string written into source goes through ``pysource.literal``/``comment``; output is
-deterministic (no paths, no clocks), so the same Plan gives byte-identical files on every checkout.
+Every plan string written into source goes through ``pysource.literal``/``comment``; lines are at
+most ``pysource.LINE_WIDTH`` (100) characters; output is deterministic (no paths, no clocks), so the
+same Plan gives byte-identical files on every checkout.
 """
 
 from __future__ import annotations
