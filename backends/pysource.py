@@ -91,7 +91,11 @@ def fill(args: list[str], first: str, rest: str, end: str) -> list[str]:
     return lines + [cur]
 
 
+#: a space a comment's lines are not broken at (``comment`` escapes a NUL, so none comes from a plan)
+KEEP = "\x00"
+
+
 def wrapped_comment(text: str, first: str = "# ", rest: str = "#   ") -> list[str]:
     """``text`` (already made inert, see ``comment``) as ``#`` lines of at most LINE_WIDTH characters."""
-    return textwrap.wrap(text, LINE_WIDTH, initial_indent=first, subsequent_indent=rest,
-                         break_on_hyphens=False) or [first.rstrip()]
+    lines = textwrap.wrap(text, LINE_WIDTH, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False)
+    return [line.replace(KEEP, " ") for line in lines] or [first.rstrip()]
