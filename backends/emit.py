@@ -305,7 +305,8 @@ class Emitter:
             return runtime_source(self.RUNTIME)[0]
         names = sorted(self.runtime_names(), key=str.lower)
         one = f"from {self.RUNTIME} import {', '.join(names)}"
-        return self.IMPORTS + [""] + ([one] if len(one) <= LINE_WIDTH else packed(f"{one[:one.index(' import ')]} import ", names, ""))
+        return self.IMPORTS + ["", one] if len(one) <= LINE_WIDTH else \
+            self.IMPORTS + [""] + packed(f"from {self.RUNTIME} import ", names, "")
 
     def runtime_names(self) -> list[str]:
         """What the file takes from the runtime module."""
