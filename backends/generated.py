@@ -1,7 +1,7 @@
 """Run generated model source as a Python module with a stable, importable name.
 
 Both backends run the very text that ``mixc compile`` writes, so what runs is what a user reads.
-``importable`` runs it as the module ``mixc.backends.compiled.<backend>_<name>_<plan hash>``: a
+``load`` (the one entry point, for every backend) runs it as the module ``mixc.backends.compiled.<backend>_<name>_<plan hash>``: a
 stable name, so ``pickle``, ``copy.deepcopy``, ``torch.save(model)`` and ``torch.load`` in another
 process find the class.
 
@@ -100,12 +100,6 @@ def _exec_into(mod: types.ModuleType, source: str, filename: str) -> types.Modul
     return mod
 
 
-def load_source(source: str, plan: Plan, backend: str) -> types.ModuleType:
-    """Exec generated ``source`` into a fresh module (registered with linecache for tracebacks)."""
-    filename = f"<mixc-generated {backend} {module_name(plan)}.py>"
-    return _exec_into(types.ModuleType(f"mixc_generated_{backend}_{module_name(plan)}"), source, filename)
-
-
 def _store(folder: Path, stem: str, source: str, plan: Plan) -> Path:
     """Keep ``<stem>.py`` and ``<stem>.plan.json`` in the cache (rewritten when they differ); the ``.py``'s path."""
     from mixc.core.safe_write import write_bytes
@@ -120,10 +114,19 @@ def _store(folder: Path, stem: str, source: str, plan: Plan) -> Path:
     return folder / f"{stem}.py"
 
 
-def importable(source: str, plan: Plan, backend: str) -> types.ModuleType:
-    """``source`` as the module ``mixc.backends.compiled.<backend>_<name>_<plan hash>``, exec'd from the text
-    itself (never from the cache's files), and kept in the cache for other processes where it is private."""
+def load(plan: Plan, backend: str, source: str | None = None) -> types.ModuleType:
+    """The plan's generated module for ``backend``: the one way both backends run generated code.
+
+    ``source`` (else the backend's ``emit_source(plan)``) runs as the module
+    ``mixc.backends.compiled.<backend>_<name>_<plan hash>``, exec'd from the text itself (never
+    from the cache's files), and is kept in the cache for other processes where it is private.
+    """
     from mixc.core.errors import MixcError
+
+    if backend not in _EMITTERS:
+        raise ValueError(f"no code generator for backend {backend!r}")
+    if source is None:
+        source = importlib.import_module(_EMITTERS[backend]).emit_source(plan)
 
     stem = f"{backend}_{module_name(plan)}_{plan.content_hash()}"
     name = _PREFIX + stem

@@ -14,7 +14,7 @@ import keyword
 from dataclasses import dataclass, field
 from typing import Any
 
-from mixc.backends.emit import ident
+from mixc.backends.pysource import ident
 from mixc.compiler.plan import Plan
 
 

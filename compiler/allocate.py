@@ -127,14 +127,7 @@ def allocate_banks(groups: list[GroupDraft], fixed_cost: int, members: int, tpl:
     n = [0] * len(groups)
     base = fixed_cost
     for i in fixed_idx:
-        if groups[i].templates > caps[i]:
-            g = groups[i]
-            raise BudgetError(
-                f"group '{g.name}' fixes {g.templates} templates but its slots read at most {caps[i]} "
-                f"({len(g.layers)} layer(s) x {tpls[i]} per layer" + (f" x {members} members)" if policy ==
-                                                                       "greedy_disjoint" else ")"),
-                f"templates no layer reads train nothing: give it at most templates = {caps[i]}, "
-                f"or raise its templates_per_layer", setting="groups")
+        _check_fixed(groups[i], caps[i], tpls[i], members, policy)
         n[i] = groups[i].templates
         base += n[i] * groups[i].size + alpha_cost(groups[i], n[i], tpls[i], members)
     minimum = base + sum(groups[i].size + alpha_cost(groups[i], 1, tpls[i], members) for i in free_idx)
@@ -177,6 +170,32 @@ def allocate_banks(groups: list[GroupDraft], fixed_cost: int, members: int, tpl:
     template_budget = budget - base - sum(alpha_cost(groups[i], tpls[i], tpls[i], members) for i in free_idx)
     ideal = water_fill({i: shares[i] for i in free_idx}, {i: groups[i].size for i in free_idx},
                        {i: caps[i] for i in free_idx}, max(0.0, template_budget))
+    _round(n, free_idx, ideal, caps, budget, total, marginal)
+    # 3. Spend what is left: the group furthest below its target first, while any template fits.
+    sizes = {i: groups[i].size for i in free_idx}
+    mass = sum(ideal[i] * sizes[i] for i in free_idx) or 1.0
+    target = {i: ideal[i] * sizes[i] / mass for i in free_idx}
+    fill(n, free_idx, sizes, target, budget, total, marginal)
+    # 4. Ties go to the shares: exchanges that spend no less and come closer to the targets.
+    n = break_ties(n, free_idx, sizes, target, budget, total, marginal)
+    return done(n)
+
+
+def _check_fixed(g: GroupDraft, cap: int, tpl: int, members: int, policy: str) -> None:
+    """BudgetError when group ``g`` fixes more templates than its slots read (``cap``)."""
+    if g.templates > cap:
+        raise BudgetError(
+            f"group '{g.name}' fixes {g.templates} templates but its slots read at most {cap} "
+            f"({len(g.layers)} layer(s) x {tpl} per layer" + (f" x {members} members)" if policy ==
+                                                               "greedy_disjoint" else ")"),
+            f"templates no layer reads train nothing: give it at most templates = {cap}, "
+            f"or raise its templates_per_layer", setting="groups")
+
+
+def _round(n: list[int], free_idx: list[int], ideal: dict[int, float], caps: list[int], budget: int,
+           total, marginal) -> None:
+    """Real-valued counts ``ideal`` made whole in place: floored (at least one), then the largest
+    remainders rounded up while they fit."""
     for i in free_idx:
         n[i] = min(caps[i], max(1, math.floor(ideal[i])))
     # Clamping to one template can overshoot a tight budget: give back from the most over-served group.
@@ -191,14 +210,6 @@ def allocate_banks(groups: list[GroupDraft], fixed_cost: int, members: int, tpl:
             continue
         if total(n) + m <= budget:
             n[i] += 1
-    # 3. Spend what is left: the group furthest below its target first, while any template fits.
-    sizes = {i: groups[i].size for i in free_idx}
-    mass = sum(ideal[i] * sizes[i] for i in free_idx) or 1.0
-    target = {i: ideal[i] * sizes[i] / mass for i in free_idx}
-    fill(n, free_idx, sizes, target, budget, total, marginal)
-    # 4. Ties go to the shares: exchanges that spend no less and come closer to the targets.
-    n = break_ties(n, free_idx, sizes, target, budget, total, marginal)
-    return done(n)
 
 
 def fill(n: list[int], free_idx: list[int], sizes: dict[int, int], target: dict[int, float], budget: int,

@@ -123,21 +123,9 @@ def read_ensemble(section: A.Section, consts: dict, definitions: dict[str, A.Def
         spec.pos[s.key] = s.pos
         vpos = getattr(s.value, "pos", s.pos)
         if s.key == "backbone":
-            cv = s.value
-            if not isinstance(cv, A.CallValue):
-                name = cv.id if isinstance(cv, A.Name) else None
-                if name is None:
-                    diags.error("'backbone' names a backbone, e.g. backbone wrn(depth = 28)", vpos)
-                    continue
-                cv = A.CallValue(name, (), vpos)
-            d = definitions.get(cv.name)
-            if d is None or d.kind != "backbone":
-                names = [n for n, x in definitions.items() if x.kind == "backbone"]
-                what = "is a block, not a backbone" if d is not None else "is not defined"
-                diags.error(f"backbone '{cv.name}' {what}", cv.pos, choices_hint(cv.name, names) if names else
-                            "define it with `backbone NAME(params) { ... }` or import a file that does")
-                continue
-            spec.backbone, spec.backbone_args = cv.name, cv.args
+            cv = _read_backbone(s, vpos, definitions, diags)
+            if cv is not None:
+                spec.backbone, spec.backbone_args = cv.name, cv.args
         elif s.key == "method":
             m = _read_method(s, consts, diags)
             if m is not None:
@@ -163,20 +151,7 @@ def read_ensemble(section: A.Section, consts: dict, definitions: dict[str, A.Def
             elif v is not None:
                 setattr(spec, s.key, v)
         elif s.key == "budget":
-            v = _eval(s.value, consts, diags) if not isinstance(s.value, (A.CallValue, A.BodyValue)) else None
-            if isinstance(v, Multiple):
-                if v.factor <= 0:
-                    diags.error(f"a budget must be positive, got {v}", vpos)
-                else:
-                    spec.budget = v
-            elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                if v <= 0 or (isinstance(v, float) and not v.is_integer() and v < 1):
-                    diags.error(f"a budget must be a positive parameter count, got {render(v)}", vpos)
-                else:
-                    spec.budget = int(v)
-            elif v is not None or isinstance(s.value, (A.CallValue, A.BodyValue)):
-                diags.error(f"a budget is a parameter count (36.5M, 250K, 1200000) or a multiple of one plain "
-                            f"backbone (1.0x), got {render(v) if v is not None else 'a call'}", vpos)
+            _read_budget(s, vpos, consts, diags, spec)
         elif s.key == "assign":
             v = _eval(s.value, consts, diags) if not isinstance(s.value, (A.CallValue, A.BodyValue)) else None
             if v not in ASSIGN:
@@ -203,6 +178,44 @@ def read_ensemble(section: A.Section, consts: dict, definitions: dict[str, A.Def
                     "add a line such as: backbone wrn(depth = 28, k = 10)")
     _check_method_settings(spec, seen, diags)
     return spec  # possibly partial: the caller goes on to find more errors, then reports them all
+
+
+def _read_backbone(s: A.Setting, vpos: Pos, definitions: dict[str, A.Definition],
+                   diags: Diagnostics) -> A.CallValue | None:
+    """``backbone wrn(depth = 28)`` (or a bare name): the call of a defined backbone, else None."""
+    cv = s.value
+    if not isinstance(cv, A.CallValue):
+        name = cv.id if isinstance(cv, A.Name) else None
+        if name is None:
+            diags.error("'backbone' names a backbone, e.g. backbone wrn(depth = 28)", vpos)
+            return None
+        cv = A.CallValue(name, (), vpos)
+    d = definitions.get(cv.name)
+    if d is None or d.kind != "backbone":
+        names = [n for n, x in definitions.items() if x.kind == "backbone"]
+        what = "is a block, not a backbone" if d is not None else "is not defined"
+        diags.error(f"backbone '{cv.name}' {what}", cv.pos, choices_hint(cv.name, names) if names else
+                    "define it with `backbone NAME(params) { ... }` or import a file that does")
+        return None
+    return cv
+
+
+def _read_budget(s: A.Setting, vpos: Pos, consts: dict, diags: Diagnostics, spec: EnsembleSpec) -> None:
+    """``budget 36.5M`` or ``budget 1.0x``: set on ``spec`` when valid, else an error."""
+    v = _eval(s.value, consts, diags) if not isinstance(s.value, (A.CallValue, A.BodyValue)) else None
+    if isinstance(v, Multiple):
+        if v.factor <= 0:
+            diags.error(f"a budget must be positive, got {v}", vpos)
+        else:
+            spec.budget = v
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        if v <= 0 or (isinstance(v, float) and not v.is_integer() and v < 1):
+            diags.error(f"a budget must be a positive parameter count, got {render(v)}", vpos)
+        else:
+            spec.budget = int(v)
+    elif v is not None or isinstance(s.value, (A.CallValue, A.BodyValue)):
+        diags.error(f"a budget is a parameter count (36.5M, 250K, 1200000) or a multiple of one plain "
+                    f"backbone (1.0x), got {render(v) if v is not None else 'a call'}", vpos)
 
 
 def _read_method(s: A.Setting, consts: dict, diags: Diagnostics) -> MethodSpec | None:

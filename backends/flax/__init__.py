@@ -25,7 +25,7 @@ _LAZY = {
     "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint", "read_checkpoint_info": "checkpoint",
     "save_checkpoint": "checkpoint", "CodegenError": "codegen", "emit_source": "codegen",
     "apply": "model", "assign_plan_arrays": "model", "build": "model", "count_params": "model",
-    "ensemble_probs": "model", "load_source": "model", "named_plan_tensors": "model", "plan_arrays": "model",
+    "ensemble_probs": "model", "named_plan_tensors": "model", "plan_arrays": "model",
     "split": "model", "write": "model", "load_predictor": "predict", "predict_member_probs": "predict",
 }
 

@@ -14,35 +14,32 @@ logits in the other:
   epsilon, biased variance for normalising and unbiased variance for the running estimate.
 - Padding is explicit ``(p, p)`` per side; average pooling counts padded zeros; gelu is exact.
 
-The module tree is the torch generator's (``backends/structure.py``, ``TorchEmitter``); this
-module swaps in flax's idioms and the table ``LOWER`` from op kind to statement. Parameter paths
+Everything the backends write alike (tables, module tree, statements) is ``Emitter`` in
+``backends/emit.py``, a sibling of the torch backend's emitter, not a child: this module holds
+flax's idioms only and the table ``LOWER`` from op kind to expression. Parameter paths
 (``s1.0.conv1.alpha``) map to the plan's tensor names in one place, ``Ensemble.plan_tensors``.
 The same Plan gives byte-identical source.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from mixc.backends.emit import CodegenError, checked, class_name, describe, tup  # class_name: model.py imports it
+from mixc.backends.emit import CodegenError, Emitter, add, attr_name, checked, class_name, describe, layer_call
+from mixc.backends.emit import module_name
 from mixc.backends.pysource import literal as _q
-from mixc.backends.structure import Node, attr, relative
-from mixc.backends.torch.codegen import TorchEmitter
+from mixc.backends.pysource import tup
+from mixc.backends.structure import Node
 from mixc.compiler.plan import Plan
 
 __all__ = ["CodegenError", "attr_name", "class_name", "emit_source", "module_name"]
 
 
 # ---------------------------------------------------------------------------
-# The lowering table: op kind -> the expression of one forward statement
+# The lowerings: op kind -> the expression of one forward statement
 
 
-def _layer_call(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> str:
-    return f"self.{attr(relative(node, op.name))}({a[0]}, w)"
-
-
-def _act(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> str:
+def _act(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
     if op.fn == "tanh":
         return f"each(jnp.tanh, {a[0]})"
     if op.fn == "leaky_relu":
@@ -52,35 +49,25 @@ def _act(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> str:
     return f"each(jax.nn.{op.fn}, {a[0]})"
 
 
-def _pool(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> str:
+def _pool(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
     args = [a[0], _q(op.op), tup(op.kernel), tup(op.stride)]
     if any(p != 0 for p in op.padding):
         args.append(tup(op.padding))
     return f"each(pool, {', '.join(args)})"
 
 
-def _global_pool(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> str:
+def _global_pool(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
     axes = tuple(range(1, len(op.in_shape)))
     return f"each(jnp.{'mean' if op.op == 'avg' else 'max'}, {a[0]}, axis={axes if len(axes) > 1 else axes[0]})"
 
 
-def _flatten(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> str:
+def _flatten(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
     return f"each(flatten, {a[0]})"
 
 
-class _Dropout:
+def _dropout(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
     """Dropout salts its key with the op's position in the plan (stable across layouts)."""
-
-    def __init__(self) -> None:
-        self.index: dict[str, int] = {}
-
-    def __call__(self, node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> str:
-        return f"w.dropout({a[0]}, {op.p!r}, {self.index[op.name]})"
-
-
-def _add(node: Node, op: Any, a: list[str], shared: dict[str, bool]) -> str:
-    """A residual sum; a term shared by all members meets per-member ones repeated side by side."""
-    return " + ".join(f"w.repeat({v})" if shared[i] and not shared[op.name] else v for i, v in zip(op.inputs, a))
+    return f"w.dropout({a[0]}, {op.p!r}, {em.op_index[op.name]})"
 
 
 #: what a MixtureEnsemble's docstring says its layers hold (emit.describe: other methods say their own)
@@ -90,29 +77,27 @@ per call before any layer runs (Ensemble.mix). ``plain`` layers share one weight
 layers have one per member, each member has its own BatchNorm (PyTorch's semantics)."""
 
 
-class FlaxEmitter(TorchEmitter):
+class FlaxEmitter(Emitter):
     BACKEND = "flax"
+    LOWER = dict(
+        conv=layer_call, linear=layer_call, bn=layer_call, act=_act, pool=_pool,
+        global_pool=_global_pool, flatten=_flatten, dropout=_dropout, add=add,
+    )
     IMPORTS = ["import jax", "import jax.numpy as jnp", "from flax import nnx"]
     RUNTIME = "mixc.backends.flax.runtime"
+    RUNTIME_NAMES = [*Emitter.RUNTIME_NAMES, "each"]
+    OPTIONAL_NAMES = {"linear": "Linear", "flatten": "flatten", "pool": "pool"}
     MODULE_LIST = "nnx.List"
     MODULE_BASE = "nnx.Module"
 
     def __init__(self, plan: Plan, standalone: bool = False) -> None:
-        dropout = _Dropout()
-        dropout.index = {op.name: i for i, op in enumerate(plan.ops)}
-        self.FLAX_LOWER: dict[str, Callable] = dict(
-            conv=_layer_call, linear=_layer_call, bn=_layer_call, act=_act, pool=_pool,
-            global_pool=_global_pool, flatten=_flatten, dropout=dropout, add=_add,
-        )
         for op in plan.ops:
             if op.kind in ("conv", "pool") and op.dim not in (1, 2):
                 raise CodegenError(f"{op.kind} {op.name!r} is {op.dim}-D; only 1-D and 2-D are supported")
         super().__init__(plan, standalone)
-        self.LOWER = self.FLAX_LOWER
 
     def docstring(self) -> list[str]:
         p = self.plan
-        where = "below" if self.standalone else self.RUNTIME
         title, layers = describe(p, MIXTURE_DOC)
         doc = f'''"""{title} {_q(p.name)} as a flax.nnx Module: {p.members} members.
 
@@ -122,20 +107,14 @@ to their paths, so the torch backend's checkpoints load unchanged. model(x, trai
 dropout_key=None) takes x [B, *INPUT_SHAPE] channels-first and returns member logits [B, MEMBERS,
 CLASSES]; inside, activations are channels-last. Layout "grouped": members side by side on the
 channel axis, one grouped convolution; "loop": a Members tuple, one convolution per member; "auto":
-loop on CPU, grouped on accelerators. Layer classes: {where}; initialisation and layouts:
-docs/execution.md in the mixc repository.
+loop on CPU, grouped on accelerators. Layer classes: {self.where()};
+initialisation and layouts: docs/execution.md in the mixc repository.
 """'''
         return [doc, ""]
 
-    def runtime_names(self) -> list[str]:
-        need = self.needs()
-        names = ["BatchNorm", "Composed", "Config", "Conv", "Ensemble", "each"]
-        return names + ["Linear"] * need["linear"] + ["flatten"] * need["flatten"] + ["pool"] * need["pool"]
-
     def block_body(self, node: Node) -> list[str]:
-        what = f"Block {_q(node.block)} of the spec" if node.block else f"Scope {_q(node.path)} of the spec"
         return [
-            f'    """{what}."""',
+            self.block_doc(node),
             "",
             "    def __init__(self, name: str) -> None:",
             *self.children(node, in_block=True),
@@ -147,7 +126,8 @@ docs/execution.md in the mixc repository.
     def model_class(self) -> list[str]:
         return self.class_head("Ensemble") + [
             "    def __init__(",
-            '        self, rngs: nnx.Rngs | None = None, layout: str = "auto", dtype=jnp.float32, platform: str = "auto"',
+            '        self, rngs: nnx.Rngs | None = None, layout: str = "auto", dtype=jnp.float32,',
+            '        platform: str = "auto",',
             "    ) -> None:",
             '        """``platform``: where it runs ("cpu", "gpu"...; "auto": jax\'s default backend when called);',
             '        it picks the "auto" layout and the CPU convolution gradient."""',
@@ -157,15 +137,11 @@ docs/execution.md in the mixc repository.
             "",
             "    def __call__(self, x: jax.Array, train: bool = False, dropout_key: jax.Array | None = None):",
             '        """x [B, *INPUT_SHAPE] channels-first -> member logits [B, MEMBERS, CLASSES]."""',
-            *(["        x = self.stack_inputs(x)  # MIMO: the members' images side by side on the channels"]
-              if self.plan.method.name == "mimo" else []),
+            *self.stacked_inputs(),
             "        x = jnp.moveaxis(x, 1, -1) if x.ndim > 2 else x  # channels last",
             "        w = self.composed(train, dropout_key)  # every composed layer's weights, once per call",
             *self.statements_of(self.tree, final=True),
         ]
-
-    def lower_table(self) -> dict:
-        return self.FLAX_LOWER
 
     def spread_to_members(self, result: str) -> str:
         return f"jnp.broadcast_to({result}[:, None], ({result}.shape[0], MEMBERS, CLASSES))"

@@ -1,9 +1,9 @@
 """Build a runnable flax.nnx model from a Plan, write it to disk, and name its tensors.
 
-``build`` generates the source with ``emit_source`` and execs exactly that text
-in a fresh module, so what runs is what ``write`` puts on disk. The functional
-helpers (``split``/``apply``) are what jit-compiled training uses: pure dicts of
-arrays in, pure dicts out.
+``build`` runs the source ``emit_source`` generates through ``generated.load``
+(``backends/generated.py``, as the torch backend does), so what runs is what
+``write`` puts on disk. The functional helpers (``split``/``apply``) are what
+jit-compiled training uses: pure dicts of arrays in, pure dicts out.
 """
 
 from __future__ import annotations
@@ -26,17 +26,12 @@ LAYOUTS = ("auto", "grouped", "loop")
 _SOURCES: dict[str, types.ModuleType] = {}  # content hash -> exec'd module (the source depends only on the plan)
 
 
-def load_source(source: str, plan: Plan) -> types.ModuleType:
-    """Exec generated ``source`` into a fresh module."""
-    return generated.load_source(source, plan, "flax")
-
-
 def model_class(plan: Plan) -> type:
     """The generated nnx.Module class for ``plan`` (generated and exec'd once per plan)."""
     key = plan.content_hash()  # not spec_hash: a copied plan (dropout off, say) keeps its parent's
     mod = _SOURCES.get(key)
     if mod is None:
-        mod = _SOURCES[key] = load_source(emit_source(plan), plan)
+        mod = _SOURCES[key] = generated.load(plan, "flax")
     return getattr(mod, class_name(plan))
 
 

@@ -22,7 +22,7 @@ from mixc.backends.torch.backend import backend
 _LAZY = {
     "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint", "read_checkpoint_info": "checkpoint",
     "save_checkpoint": "checkpoint", "CodegenError": "codegen", "emit_source": "codegen", "build": "model",
-    "ensemble_probs": "model", "load_source": "model", "named_plan_tensors": "model", "write": "model",
+    "ensemble_probs": "model", "named_plan_tensors": "model", "write": "model",
 }
 
 __all__ = ["backend", *_LAZY]

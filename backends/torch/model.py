@@ -1,13 +1,12 @@
 """Build a runnable model from a Plan, write it to disk, and name its tensors.
 
-``build`` generates the source with ``emit_source`` and imports exactly that text
-from the model cache (``backends/generated.py``), so what runs is what ``write``
-puts on disk, and the class has a stable module name (``torch.save(model)`` works).
+``build`` runs the source ``emit_source`` generates through ``generated.load``
+(``backends/generated.py``), so what runs is what ``write`` puts on disk, and the
+class has a stable module name (``torch.save(model)`` works).
 """
 
 from __future__ import annotations
 
-import types
 from pathlib import Path
 
 import torch
@@ -18,11 +17,6 @@ from mixc.backends.torch.codegen import class_name, emit_source
 from mixc.compiler.plan import Plan
 
 LAYOUTS = ("auto", "grouped", "loop")
-
-
-def load_source(source: str, plan: Plan) -> types.ModuleType:
-    """Exec generated ``source`` into a fresh module."""
-    return generated.load_source(source, plan, "torch")
 
 
 def build(
@@ -48,7 +42,7 @@ def build(
         from mixc.backends.torch.predict import torch_device
 
         device = torch_device(device)  # a clear BackendError for "bogus" or a missing GPU, not torch's own
-    mod = generated.importable(emit_source(plan), plan, "torch")  # importable: pickle and deepcopy work
+    mod = generated.load(plan, "torch")  # a stable module name: pickle and deepcopy work
     model = getattr(mod, class_name(plan))(layout=layout, channels_last=channels_last)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)

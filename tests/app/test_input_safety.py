@@ -290,9 +290,9 @@ def test_valid_but_hostile_text_in_a_plan_stays_text(capsys):
     import ast
 
     pytest.importorskip("torch")  # the torch text is executed below
+    from mixc.backends import generated
     from mixc.backends.flax.codegen import emit_source as flax_source
     from mixc.backends.torch.codegen import emit_source as torch_source
-    from mixc.backends.torch.model import load_source
 
     def calls(tree: ast.Module) -> list[str]:  # statements at module level that run something
         return [ast.unparse(n) for n in tree.body if isinstance(n, ast.Expr) and not isinstance(n.value, ast.Constant)]
@@ -305,7 +305,7 @@ def test_valid_but_hostile_text_in_a_plan_stays_text(capsys):
         spec_name = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "SPEC_NAME")
         assert ast.literal_eval(spec_name) == name
         assert calls(tree) == calls(ast.parse(emit(honest)))  # the text added no statement
-    mod = load_source(torch_source(plan), plan)
+    mod = generated.load(plan, "torch", torch_source(plan))
     assert mod.SPEC_NAME == name
     assert "PWNED" not in capsys.readouterr().out
 

@@ -72,3 +72,26 @@ def test_inspect_does_not_import_frameworks():
     for key in ("backbone_params", "total_params", "budget", "members", "groups"):
         assert key in data
     assert data["total_params"] <= data["budget"]
+
+
+METHODS = ["mixture", "naive", "batch_ensemble", "mimo", "packed(alpha = 2, gamma = 2)"]
+
+
+@pytest.mark.parametrize("path", zoo_specs(), ids=lambda p: p.stem)
+def test_generated_source_fits_in_100_columns(path):
+    """Every line of every zoo spec's source, under every method, both backends, is at most 100
+    characters; a standalone file is too, but for the lines it copies from the backend's runtime.py."""
+    from mixc.backends.emit import runtime_source
+    from mixc.backends.flax.codegen import FlaxEmitter
+    from mixc.backends.flax.codegen import emit_source as flax_source
+    from mixc.backends.torch.codegen import TorchEmitter
+    from mixc.backends.torch.codegen import emit_source as torch_source
+
+    for method in METHODS:
+        plan = mixc.compile(path, [] if method == "mixture" else [f"method={method}"])
+        for emit, emitter in ((torch_source, TorchEmitter), (flax_source, FlaxEmitter)):
+            copied = {line for part in runtime_source(emitter.RUNTIME) for line in part}
+            for standalone in (False, True):
+                long = [line for line in emit(plan, standalone=standalone).splitlines()
+                        if len(line) > 100 and not (standalone and line in copied)]
+                assert not long, f"{emitter.BACKEND} {method} standalone={standalone}: {long[0]!r}"

@@ -271,3 +271,17 @@ def test_normal_draws_are_finite_at_the_size_of_a_wide_network():
     z = np.asarray(_Draws(jax.random.key(0), (0, 1 << 24), jnp.float32).normal((1 << 24,)))
     assert np.isfinite(z).all()
     assert 5 < np.abs(z).max() < 6 and abs(z.std() - 1) < 1e-3
+
+
+def test_the_model_runs_through_the_one_loader():
+    """generated.load serves both backends: the class lives under its stable compiled-module name,
+    made from the very text emit_source writes."""
+    import sys
+
+    from mixc.backends import generated
+
+    plan = hp.tiny_convnet()
+    cls = type(build(plan, layout="loop"))
+    assert cls.__module__ == f"{generated.PACKAGE}.flax_{generated.module_name(plan)}_{plan.content_hash()}"
+    assert sys.modules[cls.__module__].__mixc_source__ == emit_source(plan)
+    assert generated.load(plan, "flax") is sys.modules[cls.__module__]
