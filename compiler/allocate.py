@@ -125,18 +125,7 @@ def allocate_banks(groups: list[GroupDraft], fixed_cost: int, members: int, tpl:
     fixed_idx = [i for i, g in enumerate(groups) if g.templates is not None]
     free_idx = [i for i, g in enumerate(groups) if g.templates is None]
     n = [0] * len(groups)
-    base = fixed_cost
-    for i in fixed_idx:
-        if groups[i].templates > caps[i]:
-            g = groups[i]
-            raise BudgetError(
-                f"group '{g.name}' fixes {g.templates} templates but its slots read at most {caps[i]} "
-                f"({len(g.layers)} layer(s) x {tpls[i]} per layer" + (f" x {members} members)" if policy ==
-                                                                       "greedy_disjoint" else ")"),
-                f"templates no layer reads train nothing: give it at most templates = {caps[i]}, "
-                f"or raise its templates_per_layer", setting="groups")
-        n[i] = groups[i].templates
-        base += n[i] * groups[i].size + alpha_cost(groups[i], n[i], tpls[i], members)
+    base = fixed_cost + _fixed_counts(groups, fixed_idx, caps, tpls, members, policy, n)
     minimum = base + sum(groups[i].size + alpha_cost(groups[i], 1, tpls[i], members) for i in free_idx)
     maximum = base + sum(caps[i] * groups[i].size + alpha_cost(groups[i], caps[i], tpls[i], members)
                          for i in free_idx)
@@ -199,6 +188,24 @@ def allocate_banks(groups: list[GroupDraft], fixed_cost: int, members: int, tpl:
     # 4. Ties go to the shares: exchanges that spend no less and come closer to the targets.
     n = break_ties(n, free_idx, sizes, target, budget, total, marginal)
     return done(n)
+
+
+def _fixed_counts(groups: list[GroupDraft], fixed_idx: list[int], caps: list[int], tpls: list[int], members: int,
+                  policy: str, n: list[int]) -> int:
+    """Set the counts of the groups that fix theirs (in ``n``); their cost. Raises BudgetError past a capacity."""
+    cost = 0
+    for i in fixed_idx:
+        if groups[i].templates > caps[i]:
+            g = groups[i]
+            raise BudgetError(
+                f"group '{g.name}' fixes {g.templates} templates but its slots read at most {caps[i]} "
+                f"({len(g.layers)} layer(s) x {tpls[i]} per layer" + (f" x {members} members)" if policy ==
+                                                                       "greedy_disjoint" else ")"),
+                f"templates no layer reads train nothing: give it at most templates = {caps[i]}, "
+                f"or raise its templates_per_layer", setting="groups")
+        n[i] = groups[i].templates
+        cost += n[i] * groups[i].size + alpha_cost(groups[i], n[i], tpls[i], members)
+    return cost
 
 
 def fill(n: list[int], free_idx: list[int], sizes: dict[int, int], target: dict[int, float], budget: int,
