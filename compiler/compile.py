@@ -6,7 +6,6 @@ from mixc.compiler import plan as P
 from mixc.compiler.elaborate import elaborate
 from mixc.compiler.layers import weight_size
 from mixc.compiler.methods import Backbone, EnsembleMethod, MethodError, MethodParts, get_method
-from mixc.compiler.methods.mixture import differ_budget  # noqa: F401  (its home before methods/)
 from mixc.compiler.plan_warnings import plan_warning
 from mixc.spec.diagnostics import Diagnostics
 from mixc.spec.expr import LIMIT

@@ -76,3 +76,13 @@ def test_runtime_tensor_tables_equal_the_compilers(backend):
     node = next(n for n in ast.parse(text).body if isinstance(n, ast.AnnAssign) and
                 getattr(n.target, "id", None) == "LAYER_TENSORS")
     assert ast.literal_eval(node.value) == LAYER_TENSORS
+
+
+def test_no_compiler_function_over_80_lines():
+    """tests/test_layering.py's rule, for compiler/ (kept here while that file is reworked elsewhere)."""
+    long = []
+    for path in sorted((REPO / "compiler").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}")
+    assert not long, "split these functions: " + "; ".join(long)
