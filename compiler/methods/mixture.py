@@ -14,7 +14,7 @@ from mixc.compiler.assign import assign_bank, assign_blob
 from mixc.compiler.degenerate import all_collinear, degenerate_groups
 from mixc.compiler.group import form_groups
 from mixc.compiler.layers import weight_size
-from mixc.compiler.methods.base import Backbone, EnsembleMethod, MethodParts, register_method
+from mixc.compiler.methods.base import Backbone, EnsembleMethod, MethodParts, get_method, register_method
 from mixc.compiler.methods.tensors import alpha_tensors, bn_tensors, member_tensors, plain_tensors, template_tensors
 from mixc.compiler.plan_warnings import plan_warning
 
@@ -85,8 +85,7 @@ class Mixture(EnsembleMethod):
     def build(self, b: Backbone) -> MethodParts:
         ens, diags, M, grouping = b.ens, b.diags, b.members, b.ens.groups
         if grouping == "none":  # groups none is the naive ensemble
-            from mixc.compiler.methods.naive import naive_parts
-            return naive_parts(b)
+            return get_method("naive").build(b)
         weights = [o for o in b.ops if isinstance(o, (P.ConvOp, P.LinearOp))]
         formed = form_groups(weights, ens, diags)
         if formed is None:
