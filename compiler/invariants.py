@@ -12,7 +12,9 @@ from mixc.compiler.allocate import (alpha_cost, blob_cost, group_shares, improvi
                                     readable_capacity, share_distance, water_fill)
 from mixc.compiler.degenerate import all_collinear
 from mixc.compiler.group import GroupDraft
+from mixc.compiler.methods import method_of
 from mixc.compiler.plan import Plan
+from mixc.compiler.tensor_names import tensor_name
 
 INVARIANTS = (
     "accounting",  # the plan's total equals the sum of its tensors
@@ -48,10 +50,10 @@ def check_plan(plan: Plan) -> list[Violation]:
     if trainable != a.total_params or parts != a.total_params:
         out.append(Violation("accounting", f"tensors hold {trainable:,}, parts sum to {parts:,}, "
                                            f"total says {a.total_params:,}"))
-    # A budget is a ceiling for mixture; packed takes the alpha closest to it (compiler/methods.py).
-    if a.budget is not None and a.total_params > a.budget and plan.method.name == "mixture":
+    # A budget is a ceiling for mixture; packed takes the alpha closest to it (compiler/methods/packed.py).
+    if a.budget is not None and a.total_params > a.budget and method_of(plan).budget_is_ceiling:
         out.append(Violation("within_budget", f"total {a.total_params:,} exceeds the budget {a.budget:,}"))
-    if plan.method.name != "mixture":
+    if not method_of(plan).has_templates:
         out.extend(_check_method_tensors(plan))
 
     room = None if a.budget is None else a.budget - a.total_params
@@ -186,24 +188,22 @@ def _check_blob(plan: Plan, room: int | None) -> list[Violation]:
 def _expected_tensors(plan: Plan) -> dict[str, list[int]]:
     """Tensor name -> shape that the plan's method prescribes for its ops (docs/plan.md), for every
     method but mixture (whose banks and alphas the checks above cover)."""
-    M, name = plan.members, plan.method.name
-    per_member = plan.execution == "per_member"
+    M, method = plan.members, method_of(plan)
+    per_member = not method.single_path
     want: dict[str, list[int]] = {}
     for o in plan.ops:
         if o.kind in ("conv", "linear"):
             shape = list(o.weight_shape)
             cin, cout = shape[1] * o.groups, shape[0]
-            if name == "naive":
-                want[f"member.{o.name}.weight"] = [M, *shape]
-            else:
-                want[f"plain.{o.name}.weight"] = shape
-            if name == "batch_ensemble":
-                want[f"fast.{o.name}.r"], want[f"fast.{o.name}.s"] = [M, cin], [M, cout]
+            name = lambda attribute: tensor_name(o.source, o.name, attribute)  # noqa: E731
+            want[name("weight")] = [M, *shape] if method.per_member_weights else shape
+            if method.has_fast_weights:
+                want[name("r")], want[name("s")] = [M, cin], [M, cout]
             if o.bias:
-                want[f"{'plain' if not per_member else 'member'}.{o.name}.bias"] = [cout] if not per_member else [M, cout]
+                want[name("bias")] = [cout] if not per_member else [M, cout]
         elif o.kind == "bn":
             for field in ("weight", "bias", "running_mean", "running_var"):
-                want[f"bn.{o.name}.{field}"] = [M, o.channels] if per_member else [o.channels]
+                want[tensor_name("bn", o.name, field)] = [M, o.channels] if per_member else [o.channels]
     return want
 
 
@@ -216,13 +216,13 @@ def _check_method_tensors(plan: Plan) -> list[Violation]:
             out.append(Violation("method_tensors", f"{plan.method.name}: tensor {n} has shape {have.get(n)}, "
                                                    f"expected {want.get(n)}"))
             break
-    if plan.execution == "single_path":
+    if method_of(plan).single_path:
         M = plan.members
         logits = plan.op(plan.output).out_shape
         if logits != [M * plan.classes]:
             out.append(Violation("method_tensors", f"{plan.method.name}: the output has shape {logits}, expected "
                                                    f"[{M} x {plan.classes}] (M heads)"))
-        if plan.method.name == "packed" and plan.accounting.total_params != M * plan.accounting.per_member_params:
-            out.append(Violation("method_tensors", f"packed: {plan.accounting.total_params:,} parameters do not split "
+        if method_of(plan).equal_shares and plan.accounting.total_params != M * plan.accounting.per_member_params:
+            out.append(Violation("method_tensors", f"{plan.method.name}: {plan.accounting.total_params:,} parameters do not split "
                                                    f"into {M} members of {plan.accounting.per_member_params:,}"))
     return out

@@ -394,7 +394,7 @@ class MimoMethod(_Model):
 class PackedMethod(_Model):
     """Packed-Ensembles (Laurent et al. 2023): every layer widened by ``alpha`` and split into ``gamma * M``
     groups (the first not split, the last with M groups producing M x classes). ``alpha_from_budget``:
-    alpha was solved from the budget (the one closest to it: see compiler/methods.py)."""
+    alpha was solved from the budget (the one closest to it: see compiler/methods/packed.py)."""
 
     name: Literal["packed"] = "packed"
     alpha: Positive = 2.0
@@ -405,9 +405,6 @@ class PackedMethod(_Model):
 Method = Annotated[Union[MixtureMethod, NaiveMethod, BatchEnsembleMethod, MimoMethod, PackedMethod],
                    Field(discriminator="name")]
 METHODS = ("mixture", "batch_ensemble", "mimo", "packed", "naive")
-#: how each method runs its members' activations (``Plan.execution``)
-EXECUTION: dict[str, str] = {"mixture": "per_member", "naive": "per_member", "batch_ensemble": "per_member",
-                             "mimo": "single_path", "packed": "single_path"}
 #: method options that only shape training, left out of the content hash (as the train section is)
 _TRAINING_OPTIONS = {"fast_lr", "batch_repetitions", "input_sharing"}
 
@@ -456,7 +453,7 @@ class Plan(_Grown):
     # The ensemble method; a plan without one (every plan before methods existed) is mixture, or naive
     # when grouping is none. Left out of the JSON while it is that implied default (see _Grown).
     method: Method = MixtureMethod()
-    execution: Literal["per_member", "single_path"] = "per_member"  # how activations run: EXECUTION[method]
+    execution: Literal["per_member", "single_path"] = "per_member"  # how activations run: the method's execution
 
     def _implied_values(self) -> dict[str, Any]:
         return {"method": NaiveMethod() if self.grouping == "none" else MixtureMethod(), "execution": "per_member"}
@@ -504,16 +501,17 @@ class Plan(_Grown):
     @model_validator(mode="after")
     def _method_fits(self) -> "Plan":
         """The method, the execution, the grouping and the weight sources agree (backends branch on them)."""
-        name = self.method.name
-        if self.execution != EXECUTION[name]:
-            raise ValueError(f"method {name} runs {EXECUTION[name]}, but execution is {self.execution}")
-        if (name == "mixture") == (self.grouping == "none"):
+        from mixc.compiler.methods import get_method  # the methods' modules build plans: imported when used
+
+        name, method = self.method.name, get_method(self.method.name)
+        if self.execution != method.execution:
+            raise ValueError(f"method {name} runs {method.execution}, but execution is {self.execution}")
+        if method.has_templates == (self.grouping == "none"):
             raise ValueError(f"method {name} with grouping {self.grouping}: mixture has template groups "
                              "(grouping none is the naive ensemble), other methods have none")
-        if name != "mixture" and (self.groups or self.slots or self.blob is not None):
+        if not method.has_templates and (self.groups or self.slots or self.blob is not None):
             raise ValueError(f"method {name} has no template groups, slots or blob")
-        allowed = {"naive": {"member"}, "batch_ensemble": {"batch_ensemble"}, "mimo": {"plain"},
-                   "packed": {"plain"}}.get(name, {"plain", "member", "bank", "blob"})
+        allowed = method.weight_sources
         bad = next((o for o in self.ops if isinstance(o, (ConvOp, LinearOp)) and o.source not in allowed), None)
         if bad is not None:
             raise ValueError(f"layer {bad.name} has source {bad.source}, which method {name} does not use")

@@ -92,12 +92,211 @@ def window(blob: torch.Tensor, start: int, length: int) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
+#: weight source (or "bn") -> (plan tensor name, module attribute) of each tensor a layer holds; an entry on
+#: "bias" exists only when the layer has a bias. The compiler's table (compiler/tensor_names.py), kept here
+#: because a standalone file holds this module alone (tests/test_method_homes.py checks they agree).
+LAYER_TENSORS: dict[str, tuple[tuple[str, str], ...]] = {
+    "plain": (("plain.{layer}.weight", "weight"), ("plain.{layer}.bias", "bias")),
+    "member": (("member.{layer}.weight", "weight"), ("member.{layer}.bias", "bias")),
+    "bank": (("alpha.{layer}", "alpha"),),
+    "blob": (("alpha.{layer}", "alpha"),),
+    "batch_ensemble": (("plain.{layer}.weight", "weight"), ("fast.{layer}.r", "r"), ("fast.{layer}.s", "s"),
+                       ("member.{layer}.bias", "bias")),
+    "bn": (("bn.{layer}.weight", "weight"), ("bn.{layer}.bias", "bias"), ("bn.{layer}.running_mean", "running_mean"),
+           ("bn.{layer}.running_var", "running_var")),
+}
+
+
+def _layer_tensors(source: str, name: str, path: str, has_bias: bool) -> dict[str, str]:
+    """A layer's plan tensor names -> its state_dict keys under ``path``."""
+    return {n.format(layer=name): f"{path}.{a}" for n, a in LAYER_TENSORS[source] if a != "bias" or has_bias}
+
+
+class _Member:
+    """A weight [M, *shape] (and bias [M, out]) per member: the naive ensemble's layers. Its forwards are
+    every per-member layer's (composed ones too, once their weights are composed)."""
+
+    templates = None  # "bank" or "blob": the model composes this layer's weights from that store
+
+    @staticmethod
+    def make(layer: "Weighted", cfg: dict, M: int, lead: tuple = None, bias_lead: tuple = None) -> None:
+        lead = (M,) if lead is None else lead
+        layer.weight = nn.Parameter(torch.empty(*lead, *layer.shape))
+        bias_lead = lead if bias_lead is None else bias_lead
+        layer.bias = nn.Parameter(torch.empty(*bias_lead, layer.shape[0])) if layer.has_bias else None
+
+    @staticmethod
+    def weights(layer: "Weighted", w: Composed) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return layer.weight, layer.bias
+
+    @staticmethod
+    def reset(layer: "Weighted") -> None:
+        """PyTorch's usual init (kaiming normal for convs); the output layer the plan's classifier rule."""
+        classifier_std = layer.init[1]
+        bound = 1 / math.sqrt(math.prod(layer.shape[1:]))
+        if classifier_std is not None:
+            nn.init.normal_(layer.weight, std=classifier_std)
+            return None if layer.bias is None else nn.init.zeros_(layer.bias)
+        if isinstance(layer, Conv):  # kaiming normal
+            nn.init.normal_(layer.weight, std=math.sqrt(2) * bound)
+        else:
+            nn.init.uniform_(layer.weight, -bound, bound)
+        return None if layer.bias is None else nn.init.uniform_(layer.bias, -bound, bound)
+
+    @staticmethod
+    def conv(layer: "Conv", x, weight, bias, w: Composed):
+        conv, groups, options, M = layer.conv, layer.groups, layer.options, layer.members
+        if not w.grouped:  # one convolution per member
+            xs = [x] * M if layer.shared_input else x
+            biases = [None] * M if bias is None else bias
+            return Members([conv(*args, groups=groups, **options) for args in zip(xs, weight, biases)])
+        bias = None if bias is None else bias.flatten()  # one convolution, the members' filters stacked
+        if layer.shared_input and groups == 1:
+            return conv(x, weight.flatten(0, 1), bias, **options)
+        x = torch.cat([x] * M, dim=1) if layer.shared_input else x
+        return conv(x, weight.flatten(0, 1), bias, groups=M * groups, **options)
+
+    @staticmethod
+    def linear(layer: "Linear", x, weight, bias, w: Composed):
+        if layer.groups > 1:
+            return _grouped_linear(layer, x, weight, bias)
+        if layer.shared_input and w.grouped:
+            return F.linear(x, weight.flatten(0, 1), None if bias is None else bias.flatten())
+        if not w.grouped:
+            xs = [x] * layer.members if layer.shared_input else x
+            return Members([F.linear(xm, weight[m], None if bias is None else bias[m]) for m, xm in enumerate(xs)])
+        y = torch.einsum("bmi,moi->bmo", x.unflatten(1, (layer.members, -1)), weight)
+        return (y if bias is None else y + bias).flatten(1)
+
+    @staticmethod
+    def composed(layer: "Weighted", mixed: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's weight and bias for analysis (``Ensemble.compose``)."""
+        return mixed.get(layer.name, (getattr(layer, "weight", None), layer.bias))
+
+
+def _grouped_linear(layer: "Linear", x, weight, bias):
+    """A block-diagonal linear layer (one network, single path): group j maps its slice; weight [O, I/g]."""
+    y = torch.einsum("bgi,goi->bgo", x.unflatten(1, (layer.groups, -1)), weight.unflatten(0, (layer.groups, -1)))
+    return y.flatten(1) if bias is None else y.flatten(1) + bias
+
+
+class _Plain(_Member):
+    """One weight shared by all members (and the whole network of a single-path method)."""
+
+    @staticmethod
+    def make(layer: "Weighted", cfg: dict, M: int) -> None:
+        _Member.make(layer, cfg, M, lead=())
+
+    @staticmethod
+    def conv(layer: "Conv", x, weight, bias, w: Composed):
+        if layer.shared_input:  # computed once for all members
+            y = layer.conv(x, weight, bias, groups=layer.groups, **layer.options)
+            return w.repeat(y) if layer.spread else y
+        M = layer.members  # the shared weight, once per member
+        weight, bias = weight.expand(M, *weight.shape), None if bias is None else bias.expand(M, -1)
+        return _Member.conv(layer, x, weight, bias, w)
+
+    @staticmethod
+    def linear(layer: "Linear", x, weight, bias, w: Composed):
+        if layer.groups > 1:
+            return _grouped_linear(layer, x, weight, bias)
+        if layer.shared_input or not w.grouped:  # a Members input runs each member
+            y = F.linear(x, weight, bias)
+            return w.repeat(y) if layer.spread else y
+        return F.linear(x.unflatten(1, (layer.members, -1)), weight, bias).flatten(1)
+
+
+class _Bank(_Member):
+    """Alphas [M, k] over bank rows ``templates[i]``; the model composes the weights (Ensemble.mix)."""
+
+    templates = "bank"
+
+    @staticmethod
+    def make(layer: "Weighted", cfg: dict, M: int) -> None:
+        layer.alpha = nn.Parameter(torch.empty(M, len(cfg["templates"][0])))  # alpha [M, k] @ selector [M, k, rows]
+        selector = F.one_hot(torch.tensor(cfg["templates"]), cfg["rows"]).to(torch.get_default_dtype())
+        layer.register_buffer("selector", selector, persistent=False)
+
+    @staticmethod
+    def weights(layer: "Weighted", w: Composed) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return w.weights[layer.name]
+
+    @staticmethod
+    def reset(layer: "Weighted") -> None:
+        """Orthonormal alphas, or the plan's normal law."""
+        alpha_std = layer.init[0]
+        return orthonormal_rows_(layer.alpha) if alpha_std is None else nn.init.normal_(layer.alpha, std=alpha_std)
+
+
+class _Blob(_Bank):
+    """Alphas [M, k] over blob windows at ``offsets[i]``."""
+
+    templates = "blob"
+
+    @staticmethod
+    def make(layer: "Weighted", cfg: dict, M: int) -> None:
+        layer.alpha, layer.offsets = nn.Parameter(torch.empty(M, cfg["k"])), cfg["offsets"]
+
+
+class _BatchEnsemble(_Member):
+    """One shared weight W, each member's input scaled by r [M, in] and its output by s [M, out], a bias
+    [M, out] per member: ((x * r[m]) apply W) * s[m] + b[m]."""
+
+    @staticmethod
+    def make(layer: "Weighted", cfg: dict, M: int) -> None:
+        _Member.make(layer, cfg, M, lead=(), bias_lead=(M,))
+        layer.r = nn.Parameter(torch.empty(M, layer.shape[1] * layer.groups))
+        layer.s = nn.Parameter(torch.empty(M, layer.shape[0]))
+
+    @staticmethod
+    def reset(layer: "Weighted") -> None:
+        """Fast weights N(1, std^2) or random signs, then the shared weight as a plain layer's."""
+        law, std = layer.fast_init
+        for t in (layer.r, layer.s):
+            nn.init.normal_(t, mean=1.0, std=std) if law == "normal" else t.copy_(torch.randint_like(t, 2) * 2 - 1)
+        _Member.reset(layer)
+
+    @staticmethod
+    def conv(layer: "Conv", x, weight, bias, w: Composed):
+        return _BatchEnsemble.apply(layer, x, w, lambda h: layer.conv(h, weight, groups=layer.groups, **layer.options))
+
+    @staticmethod
+    def linear(layer: "Linear", x, weight, bias, w: Composed):
+        return _BatchEnsemble.apply(layer, x, w, lambda h: F.linear(h, weight))
+
+    @staticmethod
+    def apply(layer: "Weighted", x: torch.Tensor | Members, w: Composed, apply) -> torch.Tensor | Members:
+        """``apply`` is the layer's own op on one batch. Grouped: the members' activations [B, M*C, ...] are
+        read as a batch [B*M, C, ...] (a view), so the shared weight runs once, as BatchEnsemble's tiled
+        batch does."""
+        M, b = layer.members, layer.bias
+        if not w.grouped:
+            xs = [x] * M if layer.shared_input else x
+            return Members([_scaled(apply(_scaled(xm, layer.r[m])), layer.s[m], None if b is None else b[m])
+                            for m, xm in enumerate(xs)])
+        x = w.repeat(x) if layer.shared_input else x
+        h = _scaled(x.unflatten(1, (M, -1)), layer.r, dim=2)  # [B, M, C, ...]
+        y = apply(h.flatten(0, 1)).unflatten(0, (x.shape[0], M))  # [B, M, O, ...]
+        return _scaled(y, layer.s, b, dim=2).flatten(1, 2)
+
+    @staticmethod
+    def composed(layer: "Weighted", mixed: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-member weights W * s r^T ([M, *shape]; r read per group)."""
+        out, per_group = layer.shape[0], layer.shape[1]
+        r = layer.r.unflatten(1, (layer.groups, per_group)).repeat_interleave(out // layer.groups, dim=1)  # [M, O, I/g]
+        tail = (1,) * (len(layer.shape) - 2)
+        weight = layer.weight[None] * layer.s.view(layer.members, out, 1, *tail) * r.view(*r.shape, *tail)
+        return weight, layer.bias
+
+
+#: a layer's weight source (the plan's ``source``) -> the code that holds and runs its weights
+WEIGHTS = {"plain": _Plain, "member": _Member, "bank": _Bank, "blob": _Blob, "batch_ensemble": _BatchEnsemble}
+
+
 class Weighted(nn.Module):
-    """A conv or linear layer of every member. ``source``: "bank" (it holds alphas [M, k]; the
-    model composes its weights from the bank rows ``templates[i]``), "blob" (alphas over blob
-    windows at ``offsets[i]``), "member" (a weight per member), "plain" (one shared weight) or
-    "batch_ensemble" (one shared weight, each member's input scaled by r [M, in] and its output by
-    s [M, out], a bias [M, out] per member)."""
+    """A conv or linear layer of every member; how it holds and runs its weights is its source's
+    (WEIGHTS): "bank" and "blob" (alphas; the model composes the weights), "member" (a weight per
+    member), "plain" (one shared weight) or "batch_ensemble" (one shared weight and fast weights)."""
 
     def __init__(self, config: Config, name: str) -> None:
         super().__init__()
@@ -107,20 +306,12 @@ class Weighted(nn.Module):
         self.shared_input, self.spread = cfg.get("shared_input", False), cfg.get("spread", False)  # spread: repeat
         self.init = (config.alpha_std, config.classifier_std if name == config.output else None)
         self.groups, self.fast_init = cfg.get("groups", 1), config.fast_init
-        if self.source == "bank":  # alpha [M, k] @ selector [M, k, rows] = mixing weights over the bank
-            self.alpha = nn.Parameter(torch.empty(M, len(cfg["templates"][0])))
-            selector = F.one_hot(torch.tensor(cfg["templates"]), cfg["rows"]).to(torch.get_default_dtype())
-            self.register_buffer("selector", selector, persistent=False)
-        elif self.source == "blob":
-            self.alpha, self.offsets = nn.Parameter(torch.empty(M, cfg["k"])), cfg["offsets"]
-        else:
-            lead = (M,) if self.source == "member" else ()
-            self.weight = nn.Parameter(torch.empty(*lead, *self.shape))
-            lead = (M,) if self.source in ("member", "batch_ensemble") else ()
-            self.bias = nn.Parameter(torch.empty(*lead, self.shape[0])) if self.has_bias else None
-        if self.source == "batch_ensemble":
-            self.r = nn.Parameter(torch.empty(M, self.shape[1] * self.groups))
-            self.s = nn.Parameter(torch.empty(M, self.shape[0]))
+        self.kind.make(self, cfg, M)
+
+    @property
+    def kind(self):
+        """The code of this layer's weight source."""
+        return WEIGHTS[self.source]
 
     def extra_repr(self) -> str:
         return f"{self.name}, shape={tuple(self.shape)}, source={self.source}"
@@ -139,50 +330,16 @@ class Weighted(nn.Module):
         return torch.stack([a @ w for a, w in zip(self.alpha, windows)])
 
     def weights(self, w: Composed) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return w.weights[self.name] if self.source in ("bank", "blob") else (self.weight, self.bias)
-
-    def batch_ensemble(self, x: torch.Tensor | Members, w: Composed, apply) -> torch.Tensor | Members:
-        """((x * r[m]) apply W) * s[m] + b[m] for every member; ``apply`` is the layer's own op on one
-        batch. Grouped: the members' activations [B, M*C, ...] are read as a batch [B*M, C, ...] (a
-        view), so the shared weight runs once, as BatchEnsemble's tiled batch does."""
-        M, b = self.members, self.bias
-        if not w.grouped:
-            xs = [x] * M if self.shared_input else x
-            return Members([_scaled(apply(_scaled(xm, self.r[m])), self.s[m], None if b is None else b[m])
-                            for m, xm in enumerate(xs)])
-        x = w.repeat(x) if self.shared_input else x
-        h = _scaled(x.unflatten(1, (M, -1)), self.r, dim=2)  # [B, M, C, ...]
-        y = apply(h.flatten(0, 1)).unflatten(0, (x.shape[0], M))  # [B, M, O, ...]
-        return _scaled(y, self.s, b, dim=2).flatten(1, 2)
-
-    def member_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """BatchEnsemble's per-member weights W * s r^T ([M, *shape]; r read per group), for analysis."""
-        out, per_group = self.shape[0], self.shape[1]
-        r = self.r.unflatten(1, (self.groups, per_group)).repeat_interleave(out // self.groups, dim=1)  # [M, O, I/g]
-        tail = (1,) * (len(self.shape) - 2)
-        weight = self.weight[None] * self.s.view(self.members, out, 1, *tail) * r.view(*r.shape, *tail)
-        return weight, self.bias
+        return self.kind.weights(self, w)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Alphas orthonormal (or the plan's normal law); plain and member layers PyTorch's usual
         init (kaiming normal for convs); the output layer the plan's classifier rule."""
-        alpha_std, classifier_std = self.init
-        if self.source in ("bank", "blob"):
-            return orthonormal_rows_(self.alpha) if alpha_std is None else nn.init.normal_(self.alpha, std=alpha_std)
-        bound = 1 / math.sqrt(math.prod(self.shape[1:]))
-        if self.source == "batch_ensemble":  # fast weights N(1, std^2) or random signs
-            law, std = self.fast_init
-            for t in (self.r, self.s):
-                nn.init.normal_(t, mean=1.0, std=std) if law == "normal" else t.copy_(torch.randint_like(t, 2) * 2 - 1)
-        if classifier_std is not None:
-            nn.init.normal_(self.weight, std=classifier_std)
-            return None if self.bias is None else nn.init.zeros_(self.bias)
-        if isinstance(self, Conv):  # kaiming normal
-            nn.init.normal_(self.weight, std=math.sqrt(2) * bound)
-        else:
-            nn.init.uniform_(self.weight, -bound, bound)
-        return None if self.bias is None else nn.init.uniform_(self.bias, -bound, bound)
+        self.kind.reset(self)
+
+    def plan_tensors(self, path: str) -> dict[str, str]:
+        return _layer_tensors(self.source, self.name, path, self.bias is not None)
 
 
 def _scaled(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, dim: int = 1) -> torch.Tensor:
@@ -202,24 +359,7 @@ class Conv(Weighted):
         self.conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.shape) - 3]
 
     def forward(self, x: torch.Tensor | Members, w: Composed) -> torch.Tensor | Members:
-        weight, bias = self.weights(w)
-        conv, groups, options, M = self.conv, self.groups, self.options, self.members
-        if self.source == "batch_ensemble":
-            return self.batch_ensemble(x, w, lambda h: conv(h, weight, groups=groups, **options))
-        if self.source == "plain" and self.shared_input:  # computed once for all members
-            y = conv(x, weight, bias, groups=groups, **options)
-            return w.repeat(y) if self.spread else y
-        if self.source == "plain":  # the shared weight, once per member
-            weight, bias = weight.expand(M, *weight.shape), None if bias is None else bias.expand(M, -1)
-        if not w.grouped:  # one convolution per member
-            xs = [x] * M if self.shared_input else x
-            biases = [None] * M if bias is None else bias
-            return Members([conv(*args, groups=groups, **options) for args in zip(xs, weight, biases)])
-        bias = None if bias is None else bias.flatten()  # one convolution, the members' filters stacked
-        if self.shared_input and groups == 1:
-            return conv(x, weight.flatten(0, 1), bias, **options)
-        x = torch.cat([x] * M, dim=1) if self.shared_input else x
-        return conv(x, weight.flatten(0, 1), bias, groups=M * groups, **options)
+        return self.kind.conv(self, x, *self.weights(w), w)
 
 
 class Linear(Weighted):
@@ -227,24 +367,7 @@ class Linear(Weighted):
     ``groups`` (Packed-Ensembles' last layer) block-diagonal: group j maps its slice of the inputs."""
 
     def forward(self, x: torch.Tensor | Members, w: Composed) -> torch.Tensor | Members:
-        weight, bias = self.weights(w)
-        if self.source == "batch_ensemble":
-            return self.batch_ensemble(x, w, lambda h: F.linear(h, weight))
-        if self.groups > 1:  # one network (single path): weight [O, I/g]
-            y = torch.einsum("bgi,goi->bgo", x.unflatten(1, (self.groups, -1)), weight.unflatten(0, (self.groups, -1)))
-            return y.flatten(1) if bias is None else y.flatten(1) + bias
-        if self.source == "plain":
-            if self.shared_input or not w.grouped:  # a Members input runs each member
-                y = F.linear(x, weight, bias)
-                return w.repeat(y) if self.spread else y
-            return F.linear(x.unflatten(1, (self.members, -1)), weight, bias).flatten(1)
-        if self.shared_input and w.grouped:
-            return F.linear(x, weight.flatten(0, 1), None if bias is None else bias.flatten())
-        if not w.grouped:
-            xs = [x] * self.members if self.shared_input else x
-            return Members([F.linear(xm, weight[m], None if bias is None else bias[m]) for m, xm in enumerate(xs)])
-        y = torch.einsum("bmi,moi->bmo", x.unflatten(1, (self.members, -1)), weight)
-        return (y if bias is None else y + bias).flatten(1)
+        return self.kind.linear(self, x, *self.weights(w), w)
 
 
 class BatchNorm(nn.Module):
@@ -301,7 +424,7 @@ class Ensemble(nn.Module):
         """Once the layers exist: list the composed ones by bank (plain lists), then initialise."""
         weighted = [m for m in self.modules() if isinstance(m, Weighted)]
         self.banked = {key: [m for m in weighted if m.bank == key] for key, _, _ in self.config.banks.values()}
-        self.blobbed = [m for m in weighted if m.source == "blob"]
+        self.blobbed = [m for m in weighted if m.kind.templates == "blob"]
         self.reset_parameters()
 
     @torch.no_grad()
@@ -364,8 +487,7 @@ class Ensemble(nn.Module):
         """Every layer's "<layer>.weight"/".bias" ([M, ...], or shared for plain layers), for analysis."""
         mixed = self.mix(next(self.parameters()).device).weights
         layers = [m for m in self.modules() if isinstance(m, Weighted)]
-        pairs = [(m.name, m.member_weights() if m.source == "batch_ensemble" else mixed.get(m.name, (getattr(m, "weight", None), m.bias)))
-                 for m in layers]
+        pairs = [(m.name, m.kind.composed(m, mixed)) for m in layers]
         return {f"{name}.{part}": t for name, wb in pairs for part, t in zip(("weight", "bias"), wb) if t is not None}
 
     def plan_tensors(self) -> dict[str, str]:
@@ -374,14 +496,7 @@ class Ensemble(nn.Module):
         names |= {"blob": "blob"} if self.config.blob else {}
         for path, layer in self.named_modules():
             if isinstance(layer, BatchNorm):
-                names |= {f"bn.{layer.name}.{t}": f"{path}.{t}" for t in ("weight", "bias", "running_mean", "running_var")}
-            elif isinstance(layer, Weighted) and layer.source in ("bank", "blob"):
-                names[f"alpha.{layer.name}"] = f"{path}.alpha"
-            elif isinstance(layer, Weighted) and layer.source == "batch_ensemble":
-                names |= {f"plain.{layer.name}.weight": f"{path}.weight", f"fast.{layer.name}.r": f"{path}.r",
-                          f"fast.{layer.name}.s": f"{path}.s"}
-                names |= {f"member.{layer.name}.bias": f"{path}.bias"} if layer.bias is not None else {}
+                names |= _layer_tensors("bn", layer.name, path, True)
             elif isinstance(layer, Weighted):
-                names[f"{layer.source}.{layer.name}.weight"] = f"{path}.weight"
-                names |= {f"{layer.source}.{layer.name}.bias": f"{path}.bias"} if layer.bias is not None else {}
+                names |= layer.plan_tensors(path)
         return names

@@ -3,7 +3,7 @@ its counts and FLOPs, inspect, verify, and the backends' refusal of methods they
 
 Counts are recomputed here from the plain backbone's layer list (the `members=1 groups=none` plan, whose
 counts tests/compiler/test_zoo.py pins to the literature) with each method's formula written out independently of
-compiler/methods.py.
+compiler/methods/.
 """
 
 from __future__ import annotations

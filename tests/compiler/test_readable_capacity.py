@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import mixc
-import mixc.compiler.compile as compile_module
+import mixc.compiler.methods.mixture as mixture_module  # where mixture calls the allocator and the assigner
 from mixc.cli import main
 from mixc.compiler.allocate import Allocation, allocate_banks, readable_blob
 from mixc.compiler.group import GroupDraft
@@ -142,7 +142,7 @@ def test_a_tie_broken_the_wrong_way_is_caught(monkeypatch):
         n = [10, 10, 6] if a.templates == [6, 7, 7] else a.templates  # the old allocator's answer
         return Allocation(n, a.shares, [min(tpl, x) for x in n], a.minimum_budget, a.maximum_budget, a.capacity)
 
-    monkeypatch.setattr(compile_module, "allocate_banks", skewed)
+    monkeypatch.setattr(mixture_module, "allocate_banks", skewed)
     plan = mixc.compile("wrn28_10")
     assert [g.templates for g in plan.groups] == [10, 10, 6]
     assert [v.invariant for v in check_plan(plan)] == ["shares"]
@@ -154,7 +154,7 @@ def test_an_unreadable_template_is_caught_by_verify(monkeypatch):
         n = [c if c < cap else cap + 1 for c, cap in zip(a.templates, a.capacity)]  # one past capacity
         return Allocation(n, a.shares, [min(tpl, x) for x in n], a.minimum_budget, a.maximum_budget, a.capacity)
 
-    monkeypatch.setattr(compile_module, "allocate_banks", overfilled)
+    monkeypatch.setattr(mixture_module, "allocate_banks", overfilled)
     plan = mixc.compile("wrn28_10", ["budget=1e12"])
     names = {v.invariant for v in check_plan(plan)}
     assert {"full_coverage", "readable_capacity"} <= names
