@@ -29,6 +29,7 @@ from mixc.backends.pysource import KEEP, LINE_WIDTH, call, fill, ident, packed, 
 from mixc.backends.structure import Node, assign_vars, attr, build_tree, class_bodies, relative
 from mixc.compiler.plan import PLAN_VERSION, ConvOp, LinearOp, Plan
 from mixc.core.errors import MixcError
+from mixc.compiler.methods import method_of
 
 
 class CodegenError(MixcError, ValueError):
@@ -361,12 +362,12 @@ class Emitter:
     def method_config(self) -> list[str]:
         """``CONFIG``'s lines for the ensemble methods beside MixtureEnsembles (none for mixture and naive)."""
         method = self.plan.method
-        if method.name == "batch_ensemble":
+        if method_of(self.plan).has_fast_weights:
             fast = (method.fast_init, method.fast_std if method.fast_init == "normal" else 0.0)
             return [f"    fast_init={fast!r},  # BatchEnsemble's r and s: N(1, std^2), or random signs"]
         if not self.single_path:
             return []
-        stacked = self.M if method.name == "mimo" else 1
+        stacked = self.M if method_of(self.plan).stacks_inputs else 1
         return [f"    single_path=True, input_members={stacked},  # {method.name}: one network holds every member"]
 
     def bank_entry(self, g: Any) -> list[str]:
@@ -433,7 +434,7 @@ class Emitter:
 
     def stacked_inputs(self) -> list[str]:
         """MIMO's first statement."""
-        if self.plan.method.name != "mimo":
+        if not method_of(self.plan).stacks_inputs:
             return []
         return ["        x = self.stack_inputs(x)  # MIMO: the members' images side by side on the channels"]
 

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from mixc import __version__
 from mixc.commands import add_backend_argument
+from mixc.spec.sections import DEFAULT_METHOD
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -49,7 +50,7 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
     print_warnings(plan)
     a = plan.accounting
     budget = f" of {a.budget:,}" if a.budget else ""
-    method = f"method {plan.method.name}, " if plan.method.name != "mixture" else ""
+    method = f"method {plan.method.name}, " if plan.method.name != DEFAULT_METHOD else ""
     out.print(f"{program.main_file}: ok ({method}{plan.members} members, {a.total_params:,}{budget} parameters)")
     return 0
 

@@ -30,6 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mixc.compiler.plan import ConvOp, LinearOp, Plan
 from mixc.core.member_weights import LayerWeights, MemberWeights
+from mixc.compiler.methods import get_method
+from mixc.spec.sections import DEFAULT_METHOD
 
 __all__ = [
     "ExportError",
@@ -140,11 +142,11 @@ def with_temperature(plan: Plan, members: list[MemberWeights], temperature: floa
 # The plain backbone
 
 
-def plain_plan_overrides(overrides: list[str], method: str = "mixture") -> list[str]:
+def plain_plan_overrides(overrides: list[str], method: str = DEFAULT_METHOD) -> list[str]:
     """The run's overrides plus ``members=1`` and unfactorised weights (later --set wins): the plain
     backbone's plan. ``groups=none`` for a mixture (the spec's grouping line may stay), ``method=naive``
     for the other per-member methods (grouping does not apply to them)."""
-    return [*overrides, "members=1", "groups=none" if method in ("mixture", "naive") else "method=naive"]
+    return [*overrides, "members=1", *get_method(method).plain_backbone_override]
 
 
 def check_member_method(plan: Plan, what: str, error: type[Exception]) -> None:

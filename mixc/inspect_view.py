@@ -10,6 +10,7 @@ from rich.table import Table
 from mixc.compiler.degenerate import collinear, distinct_template_sets
 from mixc.compiler.plan import Plan
 from mixc.core.flops import backbone_macs, ensemble_macs
+from mixc.compiler.methods import method_of
 
 
 def render_warnings(plan: Plan) -> str:
@@ -144,16 +145,16 @@ def _role_params(plan: Plan, *roles: str) -> int:
 
 def print_inspect(plan: Plan, console: Console) -> None:
     a = plan.accounting
-    if plan.method.name in ("mixture", "naive"):
+    if method_of(plan).per_member_weights:
         head = (f"groups {plan.grouping}, assign {plan.assign}, templates per layer {plan.templates_per_layer}"
-                + (", singletons banked" if plan.bank_singletons else "")) if plan.method.name == "mixture" else ""
+                + (", singletons banked" if plan.bank_singletons else "")) if method_of(plan).has_templates else ""
     else:
         head = "activations " + plan.execution.replace("_", " ")
     console.print(f"[bold]{plan.name}[/bold]  ({plan.source})  method {method_label(plan)}, members {plan.members}"
                   + (f", {head}" if head else ""), markup=True)
     console.print(f"plain backbone: [bold]{a.backbone_params:,}[/bold] parameters "
                   f"(input {_shape(plan.input_shape)}, {plan.classes} classes)")
-    if plan.method.name in ("mixture", "naive"):
+    if method_of(plan).per_member_weights:
         _print_mixture(plan, console)
     else:
         _print_method(plan, console)
@@ -171,7 +172,7 @@ def _print_method(plan: Plan, console: Console) -> None:
     t.add_column("what")
     t.add_column("params", justify="right")
     t.add_column("note")
-    if name == "batch_ensemble":
+    if method_of(plan).has_fast_weights:
         console.print(f"every conv/linear layer: one shared weight W and, per member, fast weights r (input "
                       f"channels) and s (output channels): member i computes ((x * r_i) conv W) * s_i + b_i; "
                       f"the batch runs tiled {M} times")
@@ -182,7 +183,7 @@ def _print_method(plan: Plan, console: Console) -> None:
             t.add_row("biases", f"{bias:,}", f"{bias // M:,} per member")
     else:
         first = next(o for o in plan.ops if o.kind in ("conv", "linear"))
-        if name == "mimo":
+        if method_of(plan).stacks_inputs:
             console.print(f"one network: its first layer '{first.name}' reads the {M} members' inputs stacked on "
                           f"the channel axis ({_shape(plan.ops[0].out_shape)}), its output has {M} heads "
                           f"({M} x {plan.classes})")

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mixc.core.errors import MixcError
+from mixc.spec.sections import DEFAULT_METHOD
 
 __all__ = ["PlotError", "reliability_diagram", "risk_coverage_plot", "corruption_plot", "interpolation_plot", "sweep_params_plot",
            "sweep_members_plot", "training_curves"]
@@ -172,9 +173,9 @@ def sweep_params_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: s
     ens = [r for r in done if r["kind"] == "ensemble"]
     for ax, key, label in ((axes[0], "accuracy", "accuracy (%)"), (axes[1], "nll", "NLL")):
         scale = 100.0 if key == "accuracy" else 1.0
-        series = dict.fromkeys((r.get("method") or "mixture", r["members"]) for r in ens)
+        series = dict.fromkeys((r.get("method") or DEFAULT_METHOD, r["members"]) for r in ens)
         for method, m in series:
-            pts = sorted((r for r in ens if (r.get("method") or "mixture", r["members"]) == (method, m)),
+            pts = sorted((r for r in ens if (r.get("method") or DEFAULT_METHOD, r["members"]) == (method, m)),
                          key=lambda r: r["params"])
             ax.errorbar([r["params"] for r in pts], [r[key] * scale for r in pts], yerr=_sd(pts, key, scale),
                         fmt="-o" if len(pts) > 1 else "D", capsize=3, label=f"{METHOD_NAMES.get(method, method)} x{m}")

@@ -31,6 +31,11 @@ from mixc.backends import DEFAULT
 from mixc.core.checkpoint_format import spec_hash
 from mixc.compiler.plan import Plan
 from mixc.core.errors import MixcError
+from mixc.compiler.methods import method_of
+from mixc.core.run_models import BASELINES, NAIVE, SINGLE
+from mixc.compiler.methods import get_method
+from mixc.compiler.plan import METHODS as PLAN_METHODS
+from mixc.spec.sections import DEFAULT_METHOD
 
 __all__ = ["SweepError", "Point", "parse_budgets", "parse_members", "plan_points", "run_point", "run_sweep",
            "write_outputs", "COLUMNS"]
@@ -53,7 +58,7 @@ class Point:
     note: str = ""
     error: str | None = None
     row: dict[str, Any] = field(default_factory=dict)
-    method: str = "mixture"  # the ensemble method (Plan.method.name) of an ensemble point
+    method: str = DEFAULT_METHOD  # the ensemble method (Plan.method.name) of an ensemble point
 
 
 _BUDGET = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?[KMGx]?")
@@ -97,8 +102,8 @@ def _one_line(e: Exception, hint: bool = True) -> str:
 
 
 #: the methods ``--methods`` takes (the spec language's ``method`` line)
-METHODS = ("mixture", "batch_ensemble", "mimo", "packed", "naive")
-BUDGETED = ("mixture", "packed")  # the methods a budget applies to
+METHODS = PLAN_METHODS
+BUDGETED = tuple(m for m in METHODS if get_method(m).uses_budget)  # the methods a budget applies to
 
 
 def parse_methods(text: str | None) -> list[str]:
@@ -142,8 +147,8 @@ def plan_points(
     ms = members or [base.members]
     points: list[Point] = []
     for method in methods or [None]:
-        name = _method_name(method) if method else "mixture"
-        tag = "" if method is None or name == "mixture" and method == "mixture" else f"{name}-"
+        name = _method_name(method) if method else DEFAULT_METHOD
+        tag = "" if method is None or name == method == DEFAULT_METHOD else f"{name}-"
         for m in ms:
             for b in (budgets or [None]) if name in BUDGETED else [None]:
                 label = "-" if name not in BUDGETED else (
@@ -152,17 +157,17 @@ def plan_points(
                 key = f"{tag}m{m}-b{b}" if b is not None else f"{tag}m{m}"
                 points.append(Point(key, "ensemble", label, m, extra, method=name))
     naive_m = ms[0] if len(ms) == 1 else base.members
-    plain = "groups=none" if base.method.name in ("mixture", "naive") else "method=naive"
-    if "single" in baselines:
-        points.append(Point("single", "single", "-", 1, ["members=1", plain]))
-    if "naive" in baselines:
-        points.append(Point(f"naive-m{naive_m}", "naive", "-", naive_m, [f"members={naive_m}", plain]))
+    plain = list(method_of(base).plain_backbone_override)
+    if SINGLE in baselines:
+        points.append(Point(SINGLE, SINGLE, "-", 1, ["members=1", *plain]))
+    if NAIVE in baselines:
+        points.append(Point(f"{NAIVE}-m{naive_m}", NAIVE, "-", naive_m, [f"members={naive_m}", *plain]))
     for p in points:
         try:
             p.plan = mixc.compile(spec, overrides + p.overrides)
         except SpecError as e:
             below = "below the minimum" in e.render()
-            if below and fallback == "single" and p.kind == "ensemble" and p.method == "mixture" \
+            if below and fallback == "single" and p.kind == "ensemble" and get_method(p.method).has_templates \
                     and base.grouping == "by_shape":
                 try:
                     p.plan = mixc.compile(spec, overrides + p.overrides + ["groups=single"])
@@ -257,7 +262,7 @@ def run_point(
     if done is not None:
         return done, "done before"
     status = "resumed" if (folder / "checkpoint.safetensors").is_file() else "trained"
-    baseline = point.kind if point.kind in ("single", "naive") else None
+    baseline = point.kind if point.kind in BASELINES else None
     metrics = train(
         get_backend(backend, "sweep"), plan, recipe, out_dir=folder, data=data, data_dir=data_dir, epochs=epochs, device=device, seed=seed,
         layout=layout, baseline=baseline, progress=progress, threads=threads,

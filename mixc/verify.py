@@ -30,6 +30,8 @@ from mixc.compiler.invariants import check_plan
 from mixc.compiler.plan import Plan
 from mixc.core.errors import MixcError
 from mixc.spec.diagnostics import SpecError
+from mixc.compiler.methods import get_method
+from mixc.spec.sections import DEFAULT_METHOD
 
 _SUFFIX = {"K": 1e3, "M": 1e6, "G": 1e9}
 
@@ -115,7 +117,7 @@ class Report:
     dimensions: dict[str, Counter] = field(default_factory=dict)
     infeasible_reasons: Counter = field(default_factory=Counter)
     failure: dict[str, Any] | None = None
-    method: str = "mixture"
+    method: str = DEFAULT_METHOD
     not_checkable: dict[str, str] = field(default_factory=dict)  # backend -> why its count was not compared
 
     def to_json(self) -> dict[str, Any]:
@@ -137,7 +139,7 @@ class Report:
         }
 
 
-def _points(space: Space, backbone_params: int, method: str = "mixture") -> st.SearchStrategy[Point]:
+def _points(space: Space, backbone_params: int, method: str = DEFAULT_METHOD) -> st.SearchStrategy[Point]:
     (lo, mult), (hi, _) = space.budgets
     if mult:
         lo, hi = lo * backbone_params, hi * backbone_params
@@ -145,25 +147,25 @@ def _points(space: Space, backbone_params: int, method: str = "mixture") -> st.S
     # Mostly log-uniform (small and large budgets alike), sometimes uniform: integers shrink to LO.
     log_budget = st.floats(math.log(lo), math.log(hi)).map(lambda v: min(hi, max(lo, int(math.exp(v)))))
     budgets = st.one_of(log_budget, st.integers(lo, hi))
-    if method != "mixture":  # only what the method reads: members, and packed's budget
-        return st.builds(Point, budget=budgets.map(str) if method == "packed" else st.none(),
-                         members=st.integers(*space.members), templates_per_layer=st.none(), assign=st.none(),
-                         groups=st.none())
+    searched = get_method(method).searched_settings  # only what the method reads
+
+    def varied(setting: str, strategy: st.SearchStrategy) -> st.SearchStrategy:
+        return strategy if setting in searched else st.none()
+
     return st.builds(
         Point,
-        budget=budgets.map(str),
+        budget=varied("budget", budgets.map(str)),
         members=st.integers(*space.members),
-        templates_per_layer=st.integers(*space.templates_per_layer),
-        assign=st.sampled_from(space.policies),
-        groups=st.sampled_from(space.groups),
+        templates_per_layer=varied("templates_per_layer", st.integers(*space.templates_per_layer)),
+        assign=varied("assign", st.sampled_from(space.policies)),
+        groups=varied("groups", st.sampled_from(space.groups)),
     )
 
 
 def _start(spec: str, method: str, backends: Sequence[str]) -> tuple[Report, tuple[str, ...], list[str]]:
     """The empty report, the dimensions searched for ``method``, and the backends whose counts can be compared."""
     report = Report(spec=spec, method=method)
-    dims = ("budget", "members", "templates_per_layer", "assign", "groups") if method == "mixture" else \
-        ("budget", "members") if method == "packed" else ("members",)
+    dims = get_method(method).searched_settings
     for dim in dims:
         report.dimensions[dim] = Counter()
     for b in backends:

@@ -31,11 +31,15 @@ class GroupSpec:
     pattern_pos: list[Pos]
 
 
+#: the method a spec without a ``method`` line compiles with
+DEFAULT_METHOD = "mixture"
+
+
 @dataclass
 class MethodSpec:
     """``method NAME`` or ``method NAME(option = value, ...)``: the options given, checked and typed."""
 
-    name: str = "mixture"
+    name: str = DEFAULT_METHOD
     options: dict[str, Any] = field(default_factory=dict)  # only those written
     pos: Pos | None = None  # the setting (None: not written, the default)
     option_pos: dict[str, Pos] = field(default_factory=dict)

@@ -16,9 +16,10 @@ from mixc.compiler.tensor_names import LAYER_TENSORS
 REPO = Path(__file__).resolve().parent.parent  # this file checks the whole tree, like test_layering.py
 NAMES = frozenset(METHODS)
 
-#: method-name comparisons left outside compiler/methods/, per top-level folder: upper bounds (lower them
-#: as comparisons give way to capabilities; never raise them)
-MAX_COMPARISONS = {"spec": 2, "compiler": 0, "backends": 4, "mixc": 28, "bench": 0}
+#: method-name comparisons left outside compiler/methods/, per top-level folder: upper bounds, never raised.
+#: spec/sections.py checks which settings a method's syntax takes (spec/ cannot import the compiler);
+#: mixc/export.py compares a layer's weight source, which shares BatchEnsemble's name.
+MAX_COMPARISONS = {"spec": 2, "compiler": 0, "backends": 0, "mixc": 1, "bench": 0}
 
 
 def _names(node: ast.AST) -> bool:

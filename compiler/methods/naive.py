@@ -29,7 +29,7 @@ class Naive(EnsembleMethod):
     budget_solves = None
     equal_shares = False
     searched_settings = ("members",)
-    plain_backbone_override = ("method=naive",)
+    plain_backbone_override = ("groups=none",)  # a naive spec may keep its grouping line
 
     def build(self, b: Backbone) -> MethodParts:
         return naive_parts(b)

@@ -28,6 +28,7 @@ import numpy as np
 
 from mixc.commands import add_backend_argument, add_threads_argument
 from mixc.core.data import DataError
+from mixc.core.run_models import NAIVE, SINGLE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -248,9 +249,9 @@ def _plots(args: argparse.Namespace, run_: Any, result: dict[str, Any], probs, l
 
 def _kind(result: dict[str, Any]) -> str:
     b = result.get("baseline")
-    if b == "single":
+    if b == SINGLE:
         return "single network"
-    if b == "naive":
+    if b == NAIVE:
         return f"naive ensemble x{result['members']}"
     return f"MixtureEnsemble x{result['members']}"
 

@@ -20,6 +20,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+from mixc.core.run_models import NAIVE, SINGLE
+from mixc.compiler.methods import method_of
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,15 +41,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def method_name(run: Any) -> str:
     """How the paper names a row: the baseline, or the ensemble and its member count."""
     b = run.baseline
-    if b == "single":
+    if b == SINGLE:
         return "Single network (baseline)"
-    if b == "naive":
+    if b == NAIVE:
         return f"Naive ensemble x{run.plan.members}"
     method = run.plan.method
-    if method.name == "packed":
-        return f"Packed-Ensembles x{run.plan.members} (alpha {method.alpha:g}, gamma {method.gamma})"
-    names = {"mixture": "MixtureEnsemble", "batch_ensemble": "BatchEnsemble", "mimo": "MIMO", "naive": "Deep ensemble"}
-    return f"{names[method.name]} x{run.plan.members}"
+    title = f"{method_of(run.plan).title} x{run.plan.members}"
+    if method_of(run.plan).budget_solves:  # the solved option says which model the budget made
+        return f"{title} (alpha {method.alpha:g}, gamma {method.gamma})"
+    return title
 
 
 def collect(run: Any) -> dict[str, Any]:

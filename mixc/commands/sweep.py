@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 
 from mixc.commands import add_backend_argument, add_threads_argument
+from mixc.spec.sections import DEFAULT_METHOD
+from mixc.core.run_models import BASELINES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,11 +60,11 @@ def _title(name: str, rows: list, seeds: list[int] | None) -> str:
     """What the figures and the table show: the spec, the methods, the budgets and members (not folder names
     or override strings)."""
     ens = [r for r in rows if r["kind"] == "ensemble"]
-    budgets = list(dict.fromkeys(r["budget"] for r in ens if r.get("method", "mixture") == "mixture"))
+    budgets = list(dict.fromkeys(r["budget"] for r in ens if r.get("method", DEFAULT_METHOD) == DEFAULT_METHOD))
     members = sorted({r["members"] for r in ens})
-    methods = list(dict.fromkeys(r.get("method") or "mixture" for r in ens))
+    methods = list(dict.fromkeys(r.get("method") or DEFAULT_METHOD for r in ens))
     base = sorted({r["kind"] for r in rows if r["kind"] != "ensemble"})
-    if methods != ["mixture"]:
+    if methods != [DEFAULT_METHOD]:
         from mixc.plots import METHOD_NAMES
 
         parts = [f"{', '.join(METHOD_NAMES.get(m, m) for m in methods)}, members {', '.join(map(str, members))}"
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if seeds and args.seed is not None:
         raise SweepError("give --seed or --seeds, not both")
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
-    bad = [b for b in baselines if b not in ("single", "naive")]
+    bad = [b for b in baselines if b not in BASELINES]
     if bad:
         raise SweepError(f"--baselines takes single and/or naive, not {', '.join(bad)}")
     if args.epochs is not None and args.epochs < 1:

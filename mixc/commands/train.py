@@ -29,6 +29,9 @@ from pydantic import ValidationError
 from mixc.compiler.plan import first_problem
 from mixc.commands import add_backend_argument, add_threads_argument
 from mixc.core.errors import TrainError
+from mixc.compiler.methods import get_method
+from mixc.core.run_models import NAIVE, SINGLE
+from mixc.spec.sections import DEFAULT_METHOD
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -87,12 +90,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "it was trained with; the change is recorded in its config.json history")
 
 
-def baseline_overrides(baseline: str | None, method: str = "mixture") -> list[str]:
+def baseline_overrides(baseline: str | None, method: str = DEFAULT_METHOD) -> list[str]:
     """The compile overrides that turn an ensemble spec (whose method is ``method``) into its baseline:
     ``groups=none`` for a mixture (its grouping line may stay), ``method=naive`` for the other methods
     (grouping does not apply to them)."""
-    plain = "groups=none" if method in ("mixture", "naive") else "method=naive"
-    return {"single": ["members=1", plain], "naive": [plain]}.get(baseline or "", [])
+    plain = list(get_method(method).plain_backbone_override)
+    return {SINGLE: ["members=1", *plain], NAIVE: plain}.get(baseline or "", [])
 
 
 def tune_allocator() -> str:
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     from mixc.training import train
 
     allocator = tune_allocator()
-    method = mixc.compile(args.file, list(args.overrides or [])).method.name if args.baseline else "mixture"
+    method = mixc.compile(args.file, list(args.overrides or [])).method.name if args.baseline else DEFAULT_METHOD
     overrides = list(args.overrides or []) + baseline_overrides(args.baseline, method)
     plan = mixc.compile(args.file, overrides)
     print_warnings(plan)  # allocation warnings, never silent

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mixc.spec.diagnostics import SpecError
+from mixc.spec.sections import DEFAULT_METHOD
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print(report, out: Console) -> None:
-    title = f"mixc verify {report.spec}" + (f" (method {report.method})" if report.method != "mixture" else "")
+    title = f"mixc verify {report.spec}" + (f" (method {report.method})" if report.method != DEFAULT_METHOD else "")
     t = Table(title=title, title_justify="left")
     t.add_column("dimension")
     t.add_column("values tried (examples)")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from mixc.compiler.plan import Plan
+from mixc.compiler.methods import method_of
 
 #: the plan tensor roles of BatchEnsemble's fast weights
 FAST_ROLES = frozenset({"fast_in", "fast_out"})
@@ -38,7 +39,7 @@ FAST_ROLES = frozenset({"fast_in", "fast_out"})
 def mimo_rows(batch: int, plan: Plan, rng: np.random.Generator) -> np.ndarray | None:
     """Rows of the batch each member reads, ``[batch * repetitions, M]``; None for other methods."""
     method = plan.method
-    if method.name != "mimo":
+    if not method_of(plan).stacks_inputs:
         return None
     main = rng.permutation(np.tile(np.arange(batch), method.batch_repetitions))
     shuffled = int(len(main) * (1.0 - method.input_sharing))
@@ -68,4 +69,4 @@ def gradient_scales(plan: Plan, shared_gradient: str) -> dict[str, float]:
 
 def lr_scale(plan: Plan, role: str) -> float:
     """The learning-rate multiplier of a tensor of ``role`` under ``plan``'s method."""
-    return plan.method.fast_lr if role in FAST_ROLES and plan.method.name == "batch_ensemble" else 1.0
+    return plan.method.fast_lr if role in FAST_ROLES and method_of(plan).has_fast_weights else 1.0

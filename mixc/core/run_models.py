@@ -49,11 +49,16 @@ class MetricsLine(_Lenient):
     diversity: float | None = None
 
 
+#: the baselines a run can be (``mixc train --baseline``): kinds of run, not ensemble methods
+SINGLE, NAIVE = "single", "naive"
+BASELINES = (SINGLE, NAIVE)
+
+
 class RunOptions(_Lenient):
     spec: str | None = None
     file: str | None = None
     spec_hash: str | None = None
-    baseline: Literal["single", "naive"] | None = None
+    baseline: Literal["single", "naive"] | None = None  # BASELINES
     overrides: list[str] = Field(default_factory=list)
     world_size: int = Field(1, ge=1)
     threads: int | None = Field(None, ge=1)  # CPU threads of the framework (mixc/core/threads.py)
