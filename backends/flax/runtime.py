@@ -444,13 +444,7 @@ class _BatchEnsemble(_Member):
 
     @staticmethod
     def composed(layer, mixed: dict):
-        """(None, None): left out of ``Ensemble.compose`` as before the layers were grouped by source (torch's
-        compose folds W * s r^T, see ``member_weights``); a known difference, to be settled on its own."""
-        return None, None
-
-    @staticmethod
-    def member_weights(layer):
-        """Per-member weights W * s r^T ([M, *shape]; r read per group), for analysis."""
+        """Per-member weights W * s r^T ([M, *shape]; r read per group), for analysis, as torch's."""
         out, per_group = layer.shape[0], layer.shape[1]
         r = jnp.repeat(layer.r[...].reshape(layer.members, layer.groups, per_group), out // layer.groups, axis=1)
         tail = (1,) * (len(layer.shape) - 2)

@@ -211,3 +211,26 @@ def test_export_folds_batch_ensemble_members_as_the_model_does():
             np.testing.assert_allclose(layer.weight, folded[f"{name}.weight"][m], rtol=1e-12, atol=1e-12)
     with pytest.raises(ExportError, match="runs all 3 members in one network"):
         compose_all(_plan("digits mimo"), {})
+
+
+def test_flax_composes_batch_ensemble_members_as_torch_does():
+    """Both backends' compose() fold BatchEnsemble's W * s r^T per member, from the same plan tensors."""
+    pytest.importorskip("jax")
+    import numpy as np
+
+    from mixc.backends.flax import build as flax_build
+    from mixc.backends.flax.model import assign_plan_arrays
+
+    plan = _plan("digits batch_ensemble")
+    torch.manual_seed(0)
+    model = build(plan, dtype=torch.float32)
+    arrays = {k: v.detach().numpy() for k, v in named_plan_tensors(model).items()}
+    flax_model = flax_build(plan, seed=0)
+    assign_plan_arrays(flax_model, arrays)
+    expected = {k: v.detach().numpy() for k, v in model.compose().items()}
+    got = {k: np.asarray(v) for k, v in flax_model.compose().items()}
+    assert set(got) == set(expected)
+    layer = next(o.name for o in plan.ops if getattr(o, "source", None) == "batch_ensemble")
+    assert got[f"{layer}.weight"].shape[0] == plan.members
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6)
