@@ -1,4 +1,5 @@
-"""The backend registry: the ``mixc.backends`` entry-point group, read without importing a framework.
+"""The backend registry: the ``mixc.backends`` entry-point group, read without importing a
+framework.
 
 A backend is an object implementing :class:`mixc.backends.base.Backend`,
 published under the entry-point group ``mixc.backends``; mixc's own
@@ -22,7 +23,16 @@ from importlib.metadata import EntryPoint, entry_points
 
 from mixc.core.errors import BackendUnavailable
 
-__all__ = ["GROUP", "BUILTIN", "DEFAULT", "BackendUnavailable", "available", "names", "get_backend", "check_name"]
+__all__ = [
+    "GROUP",
+    "BUILTIN",
+    "DEFAULT",
+    "BackendUnavailable",
+    "available",
+    "names",
+    "get_backend",
+    "check_name",
+]
 
 GROUP = "mixc.backends"
 
@@ -52,26 +62,30 @@ def names() -> list[str]:
 
 
 def check_name(name: str) -> str:
-    """``name`` if a backend is registered under it, else BackendUnavailable with a did-you-mean and the list."""
+    """``name`` if a backend is registered under it, else BackendUnavailable with a did-you-mean and
+    the list."""
     known = names()
     if name in known:
         return name
     close = difflib.get_close_matches(name, known, n=2, cutoff=0.5)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
     raise BackendUnavailable(
-        f"unknown backend {name!r}; {hint}installed backends: {', '.join(known)} (a backend registers "
-        f"itself in the {GROUP!r} entry-point group); hint: --backend {close[0] if close else known[0]}"
+        f"unknown backend {name!r}; {hint}installed backends: {', '.join(known)} (a backend"
+        f" registers itself in the {GROUP!r} entry-point group); hint: --backend"
+        f" {close[0] if close else known[0]}"
     )
 
 
 def get_backend(name: str, command: str | None = None):
-    """The backend object called ``name``, its framework importable (and serving ``command``, if given)."""
+    """The backend object called ``name``, its framework importable (and serving ``command``, if
+    given)."""
     ep = available()[check_name(name)]
     try:
         obj = ep.load()
     except ImportError as e:
         raise BackendUnavailable(
-            f"the {name} backend ({ep.value}) cannot be imported here ({e}); hint: reinstall the package "
-            f"that provides it{', or: pip install mixc[' + name + ']' if name in BUILTIN else ''}"
+            f"the {name} backend ({ep.value}) cannot be imported here ({e}); hint: reinstall the"
+            " package that provides"
+            f" it{', or: pip install mixc[' + name + ']' if name in BUILTIN else ''}"
         ) from None
     return obj.require(command)

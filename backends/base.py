@@ -27,9 +27,10 @@ import functools
 import importlib
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -37,12 +38,22 @@ from mixc.compiler.plan import Plan
 from mixc.core.errors import BackendError, BackendUnavailable
 from mixc.spec.recipe import Recipe
 
-__all__ = ["Backend", "Capabilities", "Trainer", "Runner", "Predictor", "GraphRunner", "COMMANDS", "lazy_attributes"]
+__all__ = [
+    "Backend",
+    "Capabilities",
+    "Trainer",
+    "Runner",
+    "Predictor",
+    "GraphRunner",
+    "COMMANDS",
+    "lazy_attributes",
+]
 
 #: member probabilities ``[N, M, classes]`` (float32) for model inputs ``[N, ...]``
 Predictor = Callable[[np.ndarray], np.ndarray]
 
-#: an exported graph run on numpy inputs: (member probabilities ``[N, M, classes]``, ensemble mean ``[N, classes]``)
+#: an exported graph run on numpy inputs: (member probabilities ``[N, M, classes]``, ensemble mean
+#: ``[N, classes]``)
 GraphRunner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 #: the commands a backend can serve; :attr:`Capabilities.commands` names its subset
@@ -61,10 +72,11 @@ def lazy_attributes(package: str, table: dict[str, str]) -> Callable[[str], Any]
     return __getattr__
 
 
-
 def check_fits_in_memory(plan: Plan, bytes_per_parameter: int = 4) -> None:
-    """Refuse, before allocating, a model whose parameters alone exceed this machine's memory (a BackendError
-    naming the count), instead of the framework's raw allocation error (packed with a huge alpha, say)."""
+    """Refuse, before allocating, a model whose parameters alone exceed this machine's memory (a
+    BackendError naming the count), instead of the framework's raw allocation error (packed with
+    a huge alpha, say).
+    """
     try:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, OSError, ValueError):  # not POSIX: the framework decides
@@ -72,35 +84,52 @@ def check_fits_in_memory(plan: Plan, bytes_per_parameter: int = 4) -> None:
     need = plan.accounting.total_params * bytes_per_parameter
     if need > memory:
         raise BackendError(
-            f"{plan.name} has {plan.accounting.total_params:,} parameters ({need / 2**30:,.1f} GiB at "
-            f"{bytes_per_parameter} bytes each), more than this machine's {memory / 2**30:,.1f} GiB of memory; "
-            "hint: lower the budget, the width or the method's options (mixc inspect shows the accounting)"
+            f"{plan.name} has {plan.accounting.total_params:,} parameters ({need / 2**30:,.1f} GiB"
+            f" at {bytes_per_parameter} bytes each), more than this machine's {memory / 2**30:,.1f}"
+            " GiB of memory; hint: lower the budget, the width or the method's options (mixc"
+            " inspect shows the accounting)"
         )
+
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend can do, for the CLI's help and its refusals (checked before any work starts)."""
+    """What a backend can do, for the CLI's help and its refusals (checked before any work
+    starts)."""
 
     layouts: tuple[str, ...] = ("auto",)
     devices: str = "cpu"  # how --device is spelt for it, for help texts
     data_parallel: str = ""  # how it runs data parallel ("" if it does not)
     commands: frozenset[str] = field(default_factory=lambda: COMMANDS)
-    export_formats: tuple[str, ...] = ()  # graph formats `mixc export` can write through it ("onnx", ...)
-    methods: frozenset[str] = frozenset({"mixture", "naive"})  # the ensemble methods it builds (Plan.method.name)
+    export_formats: tuple[
+        str, ...
+    ] = ()  # graph formats `mixc export` can write through it ("onnx", ...)
+    # the ensemble methods it builds (Plan.method.name)
+    methods: frozenset[str] = frozenset({"mixture", "naive"})
 
 
-#: the Backend methods that take a plan first; each refuses a plan whose method the backend does not build
-PLAN_ENTRIES = ("emit_source", "write", "build", "count_params", "trainer", "runner", "load_predictor",
-                "load_logit_predictor", "export_graph")
+#: the Backend methods that take a plan first; each refuses a plan whose method the backend does not
+#: build
+PLAN_ENTRIES = (
+    "emit_source",
+    "write",
+    "build",
+    "count_params",
+    "trainer",
+    "runner",
+    "load_predictor",
+    "load_logit_predictor",
+    "export_graph",
+)
 
 
 def _refusing_unbuilt_methods(entry: Callable) -> Callable:
-    """``entry`` preceded by :meth:`Backend.check_method` (applied to every PLAN_ENTRIES method, overrides included)."""
+    """``entry`` preceded by :meth:`Backend.check_method` (applied to every PLAN_ENTRIES method,
+    overrides included)."""
     if getattr(entry, "_checks_method", False):
         return entry
 
     @functools.wraps(entry)
-    def checked(self: "Backend", *args: Any, **kwargs: Any) -> Any:
+    def checked(self: Backend, *args: Any, **kwargs: Any) -> Any:
         self.check_method(args[0] if args else kwargs["plan"])
         return entry(self, *args, **kwargs)
 
@@ -124,22 +153,25 @@ class Trainer(Protocol):
     run_options: dict[str, Any]  # recorded in config.json: device, world_size, framework version
 
     def begin(self, x_train: np.ndarray, y_train: np.ndarray, batch: int) -> None:
-        """Build the model and optimiser (from the recipe's seed) and hold the training set (on the device if
-        it pays; steps name samples by index). Called once, inside the run folder's lock, before any resume;
-        refuses a global ``batch`` its workers cannot share."""
+        """Build the model and optimiser (from the recipe's seed) and hold the training set (on the
+        device if it pays; steps name samples by index). Called once, inside the run folder's
+        lock, before any resume; refuses a global ``batch`` its workers cannot share."""
 
     def begin_epoch(self, augment_seed: int, dropout_seed: int) -> None:
-        """Reseed augmentation and dropout (the driver derives the seeds from seed, epoch, rank) and enter train mode."""
+        """Reseed augmentation and dropout (the driver derives the seeds from seed, epoch, rank) and
+        enter train mode."""
 
     def step(self, idx: np.ndarray, lr: float, step: int) -> Any:
-        """One optimiser step on the global batch ``idx`` (indices into the training set; each rank takes
-        its shard) at learning rate ``lr``; ``step`` counts from 0 within the epoch. Returns the summed
-        member loss as a framework scalar (added up on the device; ``float()`` works on it)."""
+        """One optimiser step on the global batch ``idx`` (indices into the training set; each rank
+        takes its shard) at learning rate ``lr``; ``step`` counts from 0 within the epoch.
+        Returns the summed member loss as a framework scalar (added up on the device; ``float()``
+        works on it)."""
 
     def step_batch(self, x: Any, y: Any, lr: float, step: int) -> Any:
-        """One optimiser step on a batch streamed from disk (``Backend.batches``: numpy arrays or the
-        backend's own tensors), random-resized-cropped by the loader when that is the augmentation; the
-        trainer applies only crop_flip (at 32x32) to it, never its own random-resized crop."""
+        """One optimiser step on a batch streamed from disk (``Backend.batches``: numpy arrays or
+        the backend's own tensors), random-resized-cropped by the loader when that is the
+        augmentation; the trainer applies only crop_flip (at 32x32) to it, never its own
+        random-resized crop."""
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Member probabilities ``[N, M, classes]`` in eval mode (train mode is restored)."""
@@ -171,18 +203,21 @@ class Runner(Protocol):
         """Set plan tensors (any subset) from host arrays."""
 
     def member_probs(self, x: np.ndarray, bn: Literal["eval", "train"] = "eval") -> np.ndarray:
-        """Member probabilities ``[N, M, classes]``; ``bn="train"`` normalises each batch with its own statistics."""
+        """Member probabilities ``[N, M, classes]``; ``bn="train"`` normalises each batch with its
+        own statistics."""
 
-    # Optional: ``member_logits(x) -> [N, M, classes]`` (BatchNorm in eval mode). A runner that has it lets
-    # `mixc eval --ood` report the logit scores (max logit, energy); without it they are left out.
+    # Optional: ``member_logits(x) -> [N, M, classes]`` (BatchNorm in eval mode). A runner that has
+    # it lets `mixc eval --ood` report the logit scores (max logit, energy); without it they are
+    # left out.
 
     def composed_weights(self) -> dict[str, np.ndarray]:
-        """Every member's composed weight layers: ``"<layer>.weight"/".bias"`` -> ``[M, ...]`` (a plain layer's
-        tensor without the member axis). Needed by ``interpolate``."""
+        """Every member's composed weight layers: ``"<layer>.weight"/".bias"`` -> ``[M, ...]`` (a
+        plain layer's tensor without the member axis). Needed by ``interpolate``."""
 
 
 class Backend:
-    """Base class of a backend object: the framework-free parts, and the methods a backend must supply.
+    """Base class of a backend object: the framework-free parts, and the methods a backend must
+    supply.
 
     Subclasses set ``name``, ``extra`` (the pip extra that installs the framework),
     ``modules`` (what must be importable) and ``capabilities``, and implement
@@ -202,25 +237,30 @@ class Backend:
         return f"<mixc backend {self.name}>"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """A subclass's own plan entries check the method too: one check, whichever entry a command uses."""
+        """A subclass's own plan entries check the method too: one check, whichever entry a command
+        uses."""
         super().__init_subclass__(**kwargs)
         for name in PLAN_ENTRIES:
             if name in cls.__dict__:
                 setattr(cls, name, _refusing_unbuilt_methods(cls.__dict__[name]))
 
     def check_method(self, plan: Plan) -> None:
-        """Refuse, with one clear error, a plan whose ensemble method this backend does not build."""
+        """Refuse, with one clear error, a plan whose ensemble method this backend does not
+        build."""
         method = plan.method.name
         if method not in self.capabilities.methods:
             built = ", ".join(sorted(self.capabilities.methods))
-            raise BackendError(f"method '{method}' is not built by the {self.name} backend yet (it builds: {built}); "
-                               f"hint: inspect or compile the plan without a backend (`mixc inspect`, `mixc compile "
-                               f"--emit plan`), or choose a method it builds with --set method=...")
+            raise BackendError(
+                f"method '{method}' is not built by the {self.name} backend yet (it builds:"
+                f" {built}); hint: inspect or compile the plan without a backend (`mixc inspect`,"
+                " `mixc compile --emit plan`), or choose a method it builds with --set method=..."
+            )
 
     # -- availability ---------------------------------------------------------
 
-    def require(self, command: str | None = None) -> "Backend":
-        """``self`` if its framework imports (and it serves ``command``), else a clear error with the fix."""
+    def require(self, command: str | None = None) -> Backend:
+        """``self`` if its framework imports (and it serves ``command``), else a clear error with
+        the fix."""
         for mod in self.modules:
             try:
                 importlib.import_module(mod)
@@ -231,19 +271,25 @@ class Backend:
                 ) from None
         if command is not None and command not in self.capabilities.commands:
             served = ", ".join(sorted(self.capabilities.commands))
-            raise BackendError(f"the {self.name} backend cannot {command} (it serves: {served}); "
-                               "hint: choose another --backend")
+            raise BackendError(
+                f"the {self.name} backend cannot {command} (it serves: {served}); "
+                "hint: choose another --backend"
+            )
         return self
 
-    # -- code and models (by default from the conventional modules: codegen.py, model.py, checkpoint.py) --
+    # -- code and models (by default from the conventional modules: codegen.py, model.py,
+    # checkpoint.py) --
 
     def _module(self, name: str) -> Any:
-        """``<package>.<name>``, imported on first use (so importing the backend object imports no framework)."""
+        """``<package>.<name>``, imported on first use (so importing the backend object imports no
+        framework)."""
         return importlib.import_module(f"{self.package}.{name}")
 
     def emit_source(self, plan: Plan, standalone: bool = False) -> str:
-        """The plan's model as one Python file (what ``mixc compile --backend`` writes); it imports the
-        backend's layer classes, or with ``standalone`` holds them (a file that needs the framework alone)."""
+        """The plan's model as one Python file (what ``mixc compile --backend`` writes); it imports
+        the backend's layer classes, or with ``standalone`` holds them (a file that needs the
+        framework alone).
+        """
         return self._module("codegen").emit_source(plan, standalone=standalone)
 
     def write(self, plan: Plan, out_dir: str | os.PathLike, standalone: bool = False) -> Path:
@@ -251,11 +297,13 @@ class Backend:
         return self._module("model").write(plan, out_dir, standalone=standalone)
 
     def build(self, plan: Plan, **options: Any) -> Any:
-        """The framework model, initialised (options: layout, device, seed... as the backend documents)."""
+        """The framework model, initialised (options: layout, device, seed... as the backend
+        documents)."""
         return self._module("model").build(plan, **options)
 
     def build_options(self) -> frozenset[str]:
-        """The keyword options :meth:`build` takes (``mixc.build`` treats every other keyword as a spec override)."""
+        """The keyword options :meth:`build` takes (``mixc.build`` treats every other keyword as a
+        spec override)."""
         return frozenset(inspect.signature(self._module("model").build).parameters) - {"plan"}
 
     def count_params(self, plan: Plan) -> int:
@@ -264,32 +312,61 @@ class Backend:
 
     # -- checkpoints -----------------------------------------------------------
 
-    def save_checkpoint(self, path: str | os.PathLike, model: Any, plan: Plan, epoch: int,
-                        extra: dict[str, Any] | None = None, metadata: dict[str, str] | None = None) -> Path:
+    def save_checkpoint(
+        self,
+        path: str | os.PathLike,
+        model: Any,
+        plan: Plan,
+        epoch: int,
+        extra: dict[str, Any] | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Path:
         """Write ``model``'s plan tensors (+ ``extra``) in mixc's checkpoint format, atomically."""
         return self._module("checkpoint").save_checkpoint(path, model, plan, epoch, extra, metadata)
 
-    def load_checkpoint(self, path: str | os.PathLike, model: Any, plan: Plan) -> tuple[int, dict[str, Any], dict[str, str]]:
+    def load_checkpoint(
+        self, path: str | os.PathLike, model: Any, plan: Plan
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
         """Load a checkpoint into ``model``; returns (epoch, extra tensors, metadata)."""
         return self._module("checkpoint").load_checkpoint(path, model, plan)
 
     # -- running ---------------------------------------------------------------
 
-    def batches(self, split: Any, input_shape: list[int], *, train: bool, batch: int, seed: int, epoch: int,
-                workers: int, random_crop: bool | None = None) -> Any:
-        """Batches ``(x, y)`` of an image-folder split (``mixc.core.imagefolder.FolderSplit``) for a streamed run:
-        shuffled by ``default_rng([seed, epoch])``, the last partial batch dropped and, with ``random_crop``
-        (None: ``mixc.core.data.default_augment``'s rule), each image random-resized-cropped and flipped when
-        ``train``. By default decoded in this process with numpy (``mixc.core.imagefolder.iter_batches``); torch
-        uses a DataLoader with ``workers`` processes and pinned memory."""
+    def batches(
+        self,
+        split: Any,
+        input_shape: list[int],
+        *,
+        train: bool,
+        batch: int,
+        seed: int,
+        epoch: int,
+        workers: int,
+        random_crop: bool | None = None,
+    ) -> Any:
+        """Batches ``(x, y)`` of an image-folder split (``mixc.core.imagefolder.FolderSplit``) for a
+        streamed run: shuffled by ``default_rng([seed, epoch])``, the last partial batch dropped
+        and, with ``random_crop`` (None: ``mixc.core.data.default_augment``'s rule), each image
+        random-resized-cropped and flipped when ``train``. By default decoded in this process
+        with numpy (``mixc.core.imagefolder.iter_batches``); torch uses a DataLoader with
+        ``workers`` processes and pinned memory."""
         from mixc.core.imagefolder import iter_batches
 
-        return iter_batches(split, input_shape, train=train, batch=batch, seed=seed, epoch=epoch,
-                            random_crop=random_crop)
+        return iter_batches(
+            split,
+            input_shape,
+            train=train,
+            batch=batch,
+            seed=seed,
+            epoch=epoch,
+            random_crop=random_crop,
+        )
 
     def set_threads(self, n: int) -> dict[str, Any]:
-        """Run the framework's CPU work on ``n`` threads (``mixc.core.threads`` picks ``n``); returns what was set,
-        for config.json. By default ``<package>.threads.set_threads``; a backend without one sets nothing."""
+        """Run the framework's CPU work on ``n`` threads (``mixc.core.threads`` picks ``n``);
+        returns what was set, for config.json. By default ``<package>.threads.set_threads``; a
+        backend without one sets nothing.
+        """
         try:
             module = self._module("threads")
         except ModuleNotFoundError as e:
@@ -298,31 +375,49 @@ class Backend:
             return {"threads": n, "applied": False}
         return module.set_threads(n)
 
-
-    def trainer(self, plan: Plan, recipe: Recipe, *, device: str, layout: str, augment: str,
-                compile: bool = False) -> Trainer:
-        """A :class:`Trainer` for the shared driver, initialised from ``recipe.seed``; ``compile`` asks for the
-        framework's graph compiler (torch.compile) where the backend has one, and is refused where not."""
+    def trainer(
+        self,
+        plan: Plan,
+        recipe: Recipe,
+        *,
+        device: str,
+        layout: str,
+        augment: str,
+        compile: bool = False,
+    ) -> Trainer:
+        """A :class:`Trainer` for the shared driver, initialised from ``recipe.seed``; ``compile``
+        asks for the framework's graph compiler (torch.compile) where the backend has one, and is
+        refused where not.
+        """
         raise NotImplementedError
 
-    def runner(self, plan: Plan, *, device: str = "cpu", batch_size: int = 500, layout: str = "auto") -> Runner:
-        """A :class:`Runner`: the plan's model on ``device``, evaluated ``batch_size`` inputs at a time."""
+    def runner(
+        self, plan: Plan, *, device: str = "cpu", batch_size: int = 500, layout: str = "auto"
+    ) -> Runner:
+        """A :class:`Runner`: the plan's model on ``device``, evaluated ``batch_size`` inputs at a
+        time."""
         raise NotImplementedError
 
-    def load_predictor(self, plan: Plan, checkpoint: str | os.PathLike, device: str = "cpu",
-                       batch_size: int = 500) -> Predictor:
-        """Member probabilities of ``checkpoint``'s model: a runner loaded from the verified checkpoint."""
+    def load_predictor(
+        self, plan: Plan, checkpoint: str | os.PathLike, device: str = "cpu", batch_size: int = 500
+    ) -> Predictor:
+        """Member probabilities of ``checkpoint``'s model: a runner loaded from the verified
+        checkpoint."""
         from mixc.core.checkpoint_format import read_plan_arrays
 
-        arrays, _, _ = read_plan_arrays(checkpoint, plan)  # verified before the (slower) model build
+        # verified before the (slower) model build
+        arrays, _, _ = read_plan_arrays(checkpoint, plan)
         runner = self.runner(plan, device=device, batch_size=batch_size)
         runner.load_arrays(arrays)
         return lambda x: runner.member_probs(np.asarray(x, dtype=np.float32))
 
-    def load_logit_predictor(self, plan: Plan, checkpoint: str | os.PathLike, device: str = "cpu",
-                             batch_size: int = 500) -> Predictor | None:
-        """Member logits ``[N, M, classes]`` of ``checkpoint``'s model, or None when the runner gives probabilities
-        only (no ``member_logits``): `mixc eval --ood` then leaves the logit scores out, saying so."""
+    def load_logit_predictor(
+        self, plan: Plan, checkpoint: str | os.PathLike, device: str = "cpu", batch_size: int = 500
+    ) -> Predictor | None:
+        """Member logits ``[N, M, classes]`` of ``checkpoint``'s model, or None when the runner
+        gives probabilities only (no ``member_logits``): `mixc eval --ood` then leaves the logit
+        scores out, saying so.
+        """
         from mixc.core.checkpoint_format import read_plan_arrays
 
         try:
@@ -337,9 +432,13 @@ class Backend:
 
     # -- deployment (``mixc export``) -------------------------------------------
 
-    def export_graph(self, plan: Plan, composed: list[Any], fmt: str, path: Path) -> tuple[str, int | None]:
-        """Write the ensemble with ``composed`` member weights (``mixc.export.compose_all``) folded in as
-        constants, as ``fmt`` (one of ``capabilities.export_formats``) to ``path``; returns (exporter, opset)."""
+    def export_graph(
+        self, plan: Plan, composed: list[Any], fmt: str, path: Path
+    ) -> tuple[str, int | None]:
+        """Write the ensemble with ``composed`` member weights (``mixc.export.compose_all``) folded
+        in as constants, as ``fmt`` (one of ``capabilities.export_formats``) to ``path``; returns
+        (exporter, opset).
+        """
         raise NotImplementedError
 
     def graph_runner(self, fmt: str, path: Path) -> GraphRunner:
@@ -347,5 +446,7 @@ class Backend:
         raise NotImplementedError
 
 
-for _name in PLAN_ENTRIES:  # the base class's own entries (subclasses get theirs in __init_subclass__)
+for (
+    _name
+) in PLAN_ENTRIES:  # the base class's own entries (subclasses get theirs in __init_subclass__)
     setattr(Backend, _name, _refusing_unbuilt_methods(getattr(Backend, _name)))

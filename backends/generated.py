@@ -1,9 +1,9 @@
 """Run generated model source as a Python module with a stable, importable name.
 
 Both backends run the very text that ``mixc compile`` writes, so what runs is what a user reads.
-``load`` (the one entry point, for every backend) runs it as the module ``mixc.backends.compiled.<backend>_<name>_<plan hash>``: a
-stable name, so ``pickle``, ``copy.deepcopy``, ``torch.save(model)`` and ``torch.load`` in another
-process find the class.
+``load`` (the one entry point, for every backend) runs it as the module
+``mixc.backends.compiled.<backend>_<name>_<plan hash>``: a stable name, so ``pickle``,
+``copy.deepcopy``, ``torch.save(model)`` and ``torch.load`` in another process find the class.
 
 Nothing in the cache folder is ever executed as it lies there. Python's import machinery would
 prefer a planted ``__pycache__/<stem>.cpython-311.pyc`` or a package folder ``<stem>/`` to the
@@ -19,10 +19,10 @@ checked ``.py`` beside it, so it is not used at all for these names:
   honest model, and only under its own hash.
 
 The cache (``$MIXC_CACHE_DIR``, else ``$XDG_CACHE_HOME/mixc``, else ``~/.cache/mixc``) keeps
-``<stem>.py`` for readers and tracebacks and ``<stem>.plan.json`` for other processes, written through
-``mixc/safe_write.py`` (atomic, no links). A cache folder that is not the user's own, or that others
-can write, is not used (a note says so once): models still build, only loading a pickled model in
-another process then fails.
+``<stem>.py`` for readers and tracebacks and ``<stem>.plan.json`` for other processes, written
+through ``mixc/safe_write.py`` (atomic, no links). A cache folder that is not the user's own, or
+that others can write, is not used (a note says so once): models still build, only loading a pickled
+model in another process then fails.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def _note_once(text: str) -> None:
 
 
 def private_cache() -> Path | None:
-    """The cache folder, created ``0700`` if missing, when it is this user's and nobody else can write it;
-    else None, with a note (once per process) saying why and what to do."""
+    """The cache folder, created ``0700`` if missing, when it is this user's and nobody else can
+    write it; else None, with a note (once per process) saying why and what to do."""
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -74,16 +74,24 @@ def private_cache() -> Path | None:
         return None
     uid = os.geteuid() if hasattr(os, "geteuid") else st.st_uid
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o022:
-        why = "is not yours" if st.st_uid != uid else f"can be written by other users (mode {stat.filemode(st.st_mode)})"
-        _note_once(f"the model cache {folder} {why}, so compiled models are not cached there (a file planted in "
-                   "it could run as you); models still build, but a model pickled here cannot be loaded in "
-                   f"another process; hint: chmod go-w {folder}, or set MIXC_CACHE_DIR to a folder of your own")
+        why = (
+            "is not yours"
+            if st.st_uid != uid
+            else f"can be written by other users (mode {stat.filemode(st.st_mode)})"
+        )
+        _note_once(
+            f"the model cache {folder} {why}, so compiled models are not cached there (a file"
+            " planted in it could run as you); models still build, but a model pickled here cannot"
+            f" be loaded in another process; hint: chmod go-w {folder}, or set MIXC_CACHE_DIR to a"
+            " folder of your own"
+        )
         return None
     return folder
 
 
 def write(plan: Plan, out_dir: str | Path, source: str) -> Path:
-    """Write ``plan.json`` and ``<name>.py`` (``source``) into ``out_dir``; return the source's path."""
+    """Write ``plan.json`` and ``<name>.py`` (``source``) into ``out_dir``; return the source's
+    path."""
     from mixc.core.safe_write import write_text
 
     out = Path(out_dir)
@@ -92,7 +100,8 @@ def write(plan: Plan, out_dir: str | Path, source: str) -> Path:
 
 
 def _exec_into(mod: types.ModuleType, source: str, filename: str) -> types.ModuleType:
-    """Exec ``source`` into ``mod`` (registered with linecache, so tracebacks show the text that ran)."""
+    """Exec ``source`` into ``mod`` (registered with linecache, so tracebacks show the text that
+    ran)."""
     mod.__file__ = filename
     mod.__mixc_source__ = source
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
@@ -101,10 +110,14 @@ def _exec_into(mod: types.ModuleType, source: str, filename: str) -> types.Modul
 
 
 def _store(folder: Path, stem: str, source: str, plan: Plan) -> Path:
-    """Keep ``<stem>.py`` and ``<stem>.plan.json`` in the cache (rewritten when they differ); the ``.py``'s path."""
+    """Keep ``<stem>.py`` and ``<stem>.plan.json`` in the cache (rewritten when they differ); the
+    ``.py``'s path."""
     from mixc.core.safe_write import write_bytes
 
-    for path, data in ((folder / f"{stem}.py", source.encode()), (folder / f"{stem}.plan.json", plan.to_json().encode())):
+    for path, data in (
+        (folder / f"{stem}.py", source.encode()),
+        (folder / f"{stem}.plan.json", plan.to_json().encode()),
+    ):
         try:
             same = not path.is_symlink() and path.read_bytes() == data
         except OSError:
@@ -132,7 +145,8 @@ def load(plan: Plan, backend: str, source: str | None = None) -> types.ModuleTyp
     name = _PREFIX + stem
     filename = f"<mixc-generated {backend} {module_name(plan)}.py>"
     folder = private_cache()
-    if folder is not None:  # kept for other processes (the cache may have moved since the last build)
+    # kept for other processes (the cache may have moved since the last build)
+    if folder is not None:
         try:
             filename = str(_store(folder, stem, source, plan))
         except (OSError, MixcError):  # a read-only or odd cache: the model still builds
@@ -142,7 +156,9 @@ def load(plan: Plan, backend: str, source: str | None = None) -> types.ModuleTyp
         return mod
     importlib.import_module(PACKAGE)  # the parent, as an import would have it
     mod = types.ModuleType(name)
-    sys.modules[name] = mod  # before exec, as an import does: classes are then found by pickle under this name
+    sys.modules[name] = (
+        mod  # before exec, as an import does: classes are then found by pickle under this name
+    )
     try:
         return _exec_into(mod, source, filename)
     except BaseException:
@@ -163,18 +179,24 @@ def verified_source(stem: str) -> tuple[str, str]:
         raise ImportError(f"{_PREFIX}{stem} is not the name of a mixc compiled model")
     folder = private_cache()
     if folder is None:
-        raise ImportError(f"cannot import {_PREFIX}{stem}: the model cache {cache_dir()} is not private (see the "
-                          "note above)")
+        raise ImportError(
+            f"cannot import {_PREFIX}{stem}: the model cache {cache_dir()} is not private (see the "
+            "note above)"
+        )
     plan_path = folder / f"{stem}.plan.json"
     try:
         plan = read_plan(plan_path)
     except PlanFileError as e:
-        raise ImportError(f"cannot import {_PREFIX}{stem} from the model cache: {e}; hint: build the model "
-                          "once in this cache (mixc.build) before loading it") from None
+        raise ImportError(
+            f"cannot import {_PREFIX}{stem} from the model cache: {e}; hint: build the model "
+            "once in this cache (mixc.build) before loading it"
+        ) from None
     if module_name(plan) != m["name"] or plan.content_hash() != m["hash"]:
-        raise ImportError(f"cannot import {_PREFIX}{stem}: {plan_path} holds plan {plan.name!r} (hash "
-                          f"{plan.content_hash()}), not the one the name says; hint: delete it and build the model "
-                          "again")
+        raise ImportError(
+            f"cannot import {_PREFIX}{stem}: {plan_path} holds plan {plan.name!r} (hash"
+            f" {plan.content_hash()}), not the one the name says; hint: delete it and build the"
+            " model again"
+        )
     source = importlib.import_module(_EMITTERS[m["backend"]]).emit_source(plan)
     return source, str(folder / f"{stem}.py")
 
@@ -192,13 +214,18 @@ class _Loader(importlib.abc.Loader):
 
 
 class CacheFinder(importlib.abc.MetaPathFinder):
-    """Owns ``mixc.backends.compiled.<stem>``: such a module is made from its cached plan, never read from files."""
+    """Owns ``mixc.backends.compiled.<stem>``: such a module is made from its cached plan, never
+    read from files."""
 
-    def find_spec(self, fullname: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
-        if not fullname.startswith(_PREFIX) or "." in fullname[len(_PREFIX):]:
+    def find_spec(
+        self, fullname: str, path: object = None, target: object = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if not fullname.startswith(_PREFIX) or "." in fullname[len(_PREFIX) :]:
             return None
-        stem = fullname[len(_PREFIX):]
-        return importlib.machinery.ModuleSpec(fullname, _Loader(stem), origin=str(cache_dir() / f"{stem}.py"))
+        stem = fullname[len(_PREFIX) :]
+        return importlib.machinery.ModuleSpec(
+            fullname, _Loader(stem), origin=str(cache_dir() / f"{stem}.py")
+        )
 
 
 def install_finder() -> None:

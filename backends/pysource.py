@@ -34,11 +34,14 @@ def comment(s: str) -> str:
 
 def validated(plan: Plan, error: type[Exception]) -> Plan:
     """``plan`` re-validated from its fields, or ``error``: ``model_copy(update=...)`` and
-    ``model_construct`` skip pydantic's checks, and an emitter only lowers a plan that passed them."""
+    ``model_construct`` skip pydantic's checks, and an emitter only lowers a plan that passed them.
+    """
     try:
         return Plan.model_validate(plan.model_dump())
     except ValidationError as e:
-        raise error(f"the plan is not valid, so it is not lowered to code: {first_problem(e)}") from None
+        raise error(
+            f"the plan is not valid, so it is not lowered to code: {first_problem(e)}"
+        ) from None
 
 
 # ---------------------------------------------------------------------------
@@ -76,7 +79,11 @@ def packed(head: str, args: list[str], indent: str, tail: str = "") -> list[str]
     hang = fill(args, f"{indent}{head}(", " " * len(f"{indent}{head}("), f"){tail}")
     if all(len(line) <= LINE_WIDTH for line in hang):
         return hang
-    return [f"{indent}{head}("] + fill(args, f"{indent}    ", f"{indent}    ", ",") + [f"{indent}){tail}"]
+    return (
+        [f"{indent}{head}("]
+        + fill(args, f"{indent}    ", f"{indent}    ", ",")
+        + [f"{indent}){tail}"]
+    )
 
 
 def fill(args: list[str], first: str, rest: str, end: str) -> list[str]:
@@ -91,11 +98,15 @@ def fill(args: list[str], first: str, rest: str, end: str) -> list[str]:
     return lines + [cur]
 
 
-#: a space a comment's lines are not broken at (``comment`` escapes a NUL, so none comes from a plan)
+#: a space a comment's lines are not broken at (``comment`` escapes a NUL, so none comes from a
+#: plan)
 KEEP = "\x00"
 
 
 def wrapped_comment(text: str, first: str = "# ", rest: str = "#   ") -> list[str]:
-    """``text`` (already made inert, see ``comment``) as ``#`` lines of at most LINE_WIDTH characters."""
-    lines = textwrap.wrap(text, LINE_WIDTH, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False)
+    """``text`` (already made inert, see ``comment``) as ``#`` lines of at most LINE_WIDTH
+    characters."""
+    lines = textwrap.wrap(
+        text, LINE_WIDTH, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False
+    )
     return [line.replace(KEEP, " ") for line in lines] or [first.rstrip()]

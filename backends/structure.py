@@ -60,11 +60,15 @@ class Node:
 def attr(local: str) -> str:
     """An attribute name for a relative op or scope name (``b0.conv1`` inlined: ``b0_conv1``)."""
     name = ident(local.replace(".", "_")) or "v"
-    return f"l_{name}" if name[0].isdigit() or keyword.iskeyword(name) or name.startswith("_") else name
+    return (
+        f"l_{name}"
+        if name[0].isdigit() or keyword.iskeyword(name) or name.startswith("_")
+        else name
+    )
 
 
 def relative(node: Node, name: str) -> str:
-    return name[len(node.path) + 1:] if node.path else name
+    return name[len(node.path) + 1 :] if node.path else name
 
 
 def build_tree(plan: Plan) -> Node:
@@ -127,7 +131,9 @@ def class_bodies(root: Node, body, taken: set[str]) -> dict[str, list[Node]]:
                 walk(it, n, depth + 1)
         if n is root or n.is_list:
             return
-        base = camel(n.block) if n.block else camel(parent.local if n.index is not None else n.local)
+        base = (
+            camel(n.block) if n.block else camel(parent.local if n.index is not None else n.local)
+        )
         if not n.block and n.index is not None:
             base += "Block"
         levels.setdefault(depth, []).append((base, n))
@@ -158,7 +164,9 @@ def class_bodies(root: Node, body, taken: set[str]) -> dict[str, list[Node]]:
     return out
 
 
-def assign_vars(node: Node, noop: set[str]) -> tuple[dict[str, str], list[tuple[Any, str, list[str]]]]:
+def assign_vars(
+    node: Node, noop: set[str]
+) -> tuple[dict[str, str], list[tuple[Any, str, list[str]]]]:
     """Variable names for a node's forward: ``x`` for its input, then as few names as liveness
     allows (``x``, ``h``, ``h1``...). Returns (value -> variable, [(item, out var, input vars)]).
     Items whose op is in ``noop`` (dropout of 0) emit nothing: their output is their input."""

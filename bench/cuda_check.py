@@ -1,4 +1,5 @@
-"""CUDA checks of the generated models: numerics, bf16 autocast, channels_last, torch.compile, timings.
+"""CUDA checks of the generated models: numerics, bf16 autocast, channels_last, torch.compile,
+timings.
 
 Two steps, so the GPU machine needs nothing but torch:
 
@@ -62,14 +63,19 @@ def run(folder: Path, log, compile_models: bool = True) -> None:
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")  # cpu: a smoke test of this script
     kind = dev.type
-    log(f"torch {torch.__version__}, {torch.cuda.get_device_name() if cuda else 'no CUDA: smoke test on CPU'}")
+    log(
+        f"torch {torch.__version__},"
+        f" {torch.cuda.get_device_name() if cuda else 'no CUDA: smoke test on CPU'}"
+    )
 
     def probs(logits):
         return torch.softmax(logits.float(), -1).mean(1)
 
     def loss_of(logits, y):
         M = logits.shape[1]
-        return F.cross_entropy(logits.float().flatten(0, 1), y.repeat_interleave(M), reduction="sum") / len(y)
+        return F.cross_entropy(
+            logits.float().flatten(0, 1), y.repeat_interleave(M), reduction="sum"
+        ) / len(y)
 
     small = ["tiny", "rich", "signal", "mlp", "digits"]
     failures = []
@@ -95,8 +101,10 @@ def run(folder: Path, log, compile_models: bool = True) -> None:
                     ok = err < 1e-3
                     if not ok:
                         failures.append(f"{name} {layout} cl={cl} train={training}: {err:.2e}")
-            log(f"{name:8} train={training!s:5} fp32 CUDA vs fp64 CPU, every layout/format: "
-                f"{'ok' if len(failures) == before else failures[-1]}")
+            log(
+                f"{name:8} train={training!s:5} fp32 CUDA vs fp64 CPU, every layout/format: "
+                f"{'ok' if len(failures) == before else failures[-1]}"
+            )
         # gradients: grouped == loop on CUDA
         grads = {}
         for layout in ("grouped", "loop"):
@@ -106,7 +114,10 @@ def run(folder: Path, log, compile_models: bool = True) -> None:
             grads[layout] = {n: p.grad.detach().clone() for n, p in m.named_parameters()}
         # relative to the largest gradient: a conv bias before BN has a (near-)zero gradient
         scale = max(g.abs().max().item() for g in grads["loop"].values())
-        gerr = max((grads["grouped"][n] - grads["loop"][n]).abs().max().item() for n in grads["loop"]) / scale
+        gerr = (
+            max((grads["grouped"][n] - grads["loop"][n]).abs().max().item() for n in grads["loop"])
+            / scale
+        )
         log(f"{name:8} grouped vs loop gradients, max diff / max gradient {gerr:.1e}")
         if gerr > 1e-3:
             failures.append(f"{name} grads {gerr}")
@@ -118,7 +129,9 @@ def run(folder: Path, log, compile_models: bool = True) -> None:
             with torch.autocast(kind, dtype=torch.bfloat16):
                 logits = m(x)
             loss_of(logits, y.to(dev)).backward()
-            finite = all(torch.isfinite(p.grad).all().item() for p in m.parameters() if p.grad is not None)
+            finite = all(
+                torch.isfinite(p.grad).all().item() for p in m.parameters() if p.grad is not None
+            )
             m.load_state_dict(ref.state_dict())
             with torch.no_grad():
                 m.eval()
@@ -126,7 +139,10 @@ def run(folder: Path, log, compile_models: bool = True) -> None:
                     pb = probs(m(x))
                 pf = probs(m(x))
             perr = (pb - pf).abs().max().item()
-            log(f"{name:8} bf16 autocast {layout}: grads finite={finite}, eval prob diff vs fp32 {perr:.3f}")
+            log(
+                f"{name:8} bf16 autocast {layout}: grads finite={finite}, eval prob diff vs fp32"
+                f" {perr:.3f}"
+            )
             if not finite or perr > 0.05:
                 failures.append(f"{name} bf16 {layout}")
     log(f"numerics: {'ALL OK' if not failures else 'FAILURES: ' + '; '.join(failures)}")
@@ -153,13 +169,16 @@ def run(folder: Path, log, compile_models: bool = True) -> None:
             with torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16):
                 logits = m(x)
             loss_of(logits, y).backward()
+
         return step
 
     def loop_of(models, x, y, bf16):
         steps = [ens_step(m, x, y, bf16) for m in models]
+
         def step():
             for s in steps:
                 s()
+
         return step
 
     _, ME = _load(folder / "wrn16_4.py")
@@ -204,11 +223,23 @@ def run(folder: Path, log, compile_models: bool = True) -> None:
             loss_of(le, y).backward()
             diff = (probs(lc) - probs(le)).abs().max().item()
             gscale = max(b.grad.abs().max().item() for b in eager.parameters())
-            gd = max((a.grad - b.grad).abs().max().item() for a, b in zip(comp.parameters(), eager.parameters())) / gscale
+            gd = (
+                max(
+                    (a.grad - b.grad).abs().max().item()
+                    for a, b in zip(comp.parameters(), eager.parameters())
+                )
+                / gscale
+            )
             bn = max((a - b).abs().max().item() for a, b in zip(comp.buffers(), eager.buffers()))
-            msg = f"compile {name} {layout} bf16+cl: first step {ctime:.0f} s, prob diff {diff:.3f}, grad rel diff {gd:.2e}, running-stat diff {bn:.1e}"
+            msg = (
+                f"compile {name} {layout} bf16+cl: first step {ctime:.0f} s, prob diff {diff:.3f},"
+                f" grad rel diff {gd:.2e}, running-stat diff {bn:.1e}"
+            )
             if name == "wrn16_4":
-                msg += f"; step {bench(ens_step(cm, x, y, True), 5, 20):.1f} ms vs eager {bench(ens_step(eager, x, y, True), 5, 20):.1f} ms"
+                msg += (
+                    f"; step {bench(ens_step(cm, x, y, True), 5, 20):.1f} ms vs eager"
+                    f" {bench(ens_step(eager, x, y, True), 5, 20):.1f} ms"
+                )
             log(msg)
 
 

@@ -27,13 +27,14 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+# run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mixc  # noqa: E402
 from mixc.backends.torch import build, named_plan_tensors  # noqa: E402
@@ -57,9 +58,18 @@ def eval_model(plan: Plan) -> torch.nn.Module:
     return build(plan).eval()
 
 
-def candidates(spec: str, overrides: list[str], threads: int, workdir: Path) -> tuple[Plan, dict[str, Callable]]:
-    """name -> function of a numpy batch, for every variant; the exported ones checked against (a)."""
-    from mixc.backends.torch.export import DeployedEnsemble, export_onnx, export_pt2, onnx_runner, pt2_runner
+def candidates(
+    spec: str, overrides: list[str], threads: int, workdir: Path
+) -> tuple[Plan, dict[str, Callable]]:
+    """name -> function of a numpy batch, for every variant; the exported ones checked against
+    (a)."""
+    from mixc.backends.torch.export import (
+        DeployedEnsemble,
+        export_onnx,
+        export_pt2,
+        onnx_runner,
+        pt2_runner,
+    )
     from mixc.export import compose_all
 
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -96,21 +106,38 @@ def candidates(spec: str, overrides: list[str], threads: int, workdir: Path) -> 
     x = np.random.default_rng(0).standard_normal((4, *plan.input_shape)).astype(np.float32)
     with torch.inference_mode():
         want = torch.softmax(mix(torch.from_numpy(x)), -1).numpy()
-        for name in ("(e) deployed module, eager", "(f) torch.export module", "(g) onnxruntime session"):
+        for name in (
+            "(e) deployed module, eager",
+            "(f) torch.export module",
+            "(g) onnxruntime session",
+        ):
             got = variants[name](x)[0]
             got = got.numpy() if isinstance(got, torch.Tensor) else got
             diff = float(np.abs(got - want).max())
-            print(f"check {name}: max |difference| in member probabilities vs (a) = {diff:.2e}", flush=True)
+            print(
+                f"check {name}: max |difference| in member probabilities vs (a) = {diff:.2e}",
+                flush=True,
+            )
             assert diff <= 1e-4, name
     return plan, variants
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="the digits spec (8x8, width 32, 4 members)")
-    ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads (default 1)")
-    ap.add_argument("--batches", default="1,256", help="comma-separated batch sizes (default 1,256)")
-    ap.add_argument("--reps", type=int, default=5, help="timed calls per measurement (median; default 5)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="the digits spec (8x8, width 32, 4 members)"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch and onnxruntime intra-op threads (default 1)"
+    )
+    ap.add_argument(
+        "--batches", default="1,256", help="comma-separated batch sizes (default 1,256)"
+    )
+    ap.add_argument(
+        "--reps", type=int, default=5, help="timed calls per measurement (median; default 5)"
+    )
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
     ap.add_argument("--members", type=int, default=4)
     args = ap.parse_args(argv)
@@ -121,24 +148,33 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         plan, variants = candidates(spec, overrides, args.threads, Path(tmp))
-        print(f"\n{plan.name}: {plan.members} members, input {plan.input_shape}, {plan.accounting.total_params:,} "
-              f"parameters; torch {torch.__version__}, {torch.get_num_threads()} thread(s); median of {args.reps} "
-              f"after {args.warmup} warm-up\n", flush=True)
+        print(
+            f"\n{plan.name}: {plan.members} members, input {plan.input_shape},"
+            f" {plan.accounting.total_params:,} parameters; torch {torch.__version__},"
+            f" {torch.get_num_threads()} thread(s); median of {args.reps} after {args.warmup}"
+            " warm-up\n",
+            flush=True,
+        )
         rng = np.random.default_rng(1)
         for b in batches:
             x = rng.standard_normal((b, *plan.input_shape)).astype(np.float32)
             rows = []
             with torch.inference_mode():
                 for name, fn in variants.items():
-                    wall, cpu = timed(lambda: fn(x), args.reps, args.warmup)
+                    wall, cpu = timed(lambda: fn(x), args.reps, args.warmup)  # noqa: B023 (called here)
                     rows.append((name, wall, cpu))
                     print(f"  measured batch {b}: {name}", file=sys.stderr, flush=True)
             a = rows[0][1]
             c = next(r[1] for r in rows if r[0].startswith("(c)"))
             print(f"batch {b}")
-            print(f"  {'variant':<40} {'wall ms':>10} {'cpu ms':>10} {'wall/(a)':>9} {'wall/(c)':>9}")
+            print(
+                f"  {'variant':<40} {'wall ms':>10} {'cpu ms':>10} {'wall/(a)':>9} {'wall/(c)':>9}"
+            )
             for name, wall, cpu in rows:
-                print(f"  {name:<40} {wall * 1e3:>10.2f} {cpu * 1e3:>10.2f} {wall / a:>9.3f} {wall / c:>9.3f}")
+                print(
+                    f"  {name:<40} {wall * 1e3:>10.2f} {cpu * 1e3:>10.2f} {wall / a:>9.3f}"
+                    f" {wall / c:>9.3f}"
+                )
             print(flush=True)
     return 0
 

@@ -1,6 +1,7 @@
 """Benchmark one training step (forward + backward) of the flax backend on WRN-16-4, side by side.
 
-    python bench/flax_step.py [--quick] [--members 4] [--batch 64] [--grouped] [--no-torch] [--threads N]
+    python bench/flax_step.py [--quick] [--members 4] [--batch 64] [--grouped] [--no-torch]
+    [--threads N]
 
 Compares, in one process and on the same input (32x32, batch 64, M members),
 every step one jit-compiled function returning the gradients and new BatchNorm
@@ -40,11 +41,13 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from math import prod
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+# run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _threads_from_argv(argv: list[str]) -> int | None:
@@ -58,7 +61,8 @@ def _threads_from_argv(argv: list[str]) -> int | None:
 
 
 def _use_cores(n: int) -> None:
-    """Restrict this process to ``n`` of its cores (the last ones), so XLA's pool has ``n`` threads."""
+    """Restrict this process to ``n`` of its cores (the last ones), so XLA's pool has ``n``
+    threads."""
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[-n:])
 
@@ -81,7 +85,8 @@ from mixc.compiler.plan import Plan  # noqa: E402
 
 
 class PlainNet(nnx.Module):
-    """One plain backbone with nnx modules (NHWC), interpreting the plan's op graph in ``plain_forward``."""
+    """One plain backbone with nnx modules (NHWC), interpreting the plan's op graph in
+    ``plain_forward``."""
 
     def __init__(self, plan: Plan, rngs: nnx.Rngs) -> None:
         layers = {}
@@ -89,19 +94,35 @@ class PlainNet(nnx.Module):
             key = op.name.replace(".", "_")
             if op.kind == "conv":
                 layers[key] = nnx.Conv(
-                    op.in_channels, op.out_channels, tuple(op.kernel), strides=tuple(op.stride),
-                    padding=[(p, p) for p in op.padding], kernel_dilation=tuple(op.dilation),
-                    feature_group_count=op.groups, use_bias=op.bias,
-                    kernel_init=nnx.initializers.kaiming_normal(), rngs=rngs,
+                    op.in_channels,
+                    op.out_channels,
+                    tuple(op.kernel),
+                    strides=tuple(op.stride),
+                    padding=[(p, p) for p in op.padding],
+                    kernel_dilation=tuple(op.dilation),
+                    feature_group_count=op.groups,
+                    use_bias=op.bias,
+                    kernel_init=nnx.initializers.kaiming_normal(),
+                    rngs=rngs,
                 )
             elif op.kind == "linear":
-                layers[key] = nnx.Linear(op.in_features, op.out_features, use_bias=op.bias, rngs=rngs)
+                layers[key] = nnx.Linear(
+                    op.in_features, op.out_features, use_bias=op.bias, rngs=rngs
+                )
             elif op.kind == "bn":  # flax's momentum is 1 - PyTorch's
-                layers[key] = nnx.BatchNorm(op.channels, momentum=1 - op.momentum, epsilon=op.eps, rngs=rngs)
+                layers[key] = nnx.BatchNorm(
+                    op.channels, momentum=1 - op.momentum, epsilon=op.eps, rngs=rngs
+                )
         self.layers = nnx.Dict(layers)
 
 
-_ACTS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu, "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid}
+_ACTS = {
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+}
 
 
 def plain_forward(net: PlainNet, plan: Plan, x: jax.Array, train: bool) -> jax.Array:
@@ -133,7 +154,9 @@ def plain_forward(net: PlainNet, plan: Plan, x: jax.Array, train: bool) -> jax.A
             if op.op == "max":
                 y = jax.lax.reduce_window(a, -jnp.inf, jax.lax.max, window, strides, pads)
             else:
-                y = jax.lax.reduce_window(a, 0.0, jax.lax.add, window, strides, pads) / prod(op.kernel)
+                y = jax.lax.reduce_window(a, 0.0, jax.lax.add, window, strides, pads) / prod(
+                    op.kernel
+                )
         else:
             raise ValueError(op.kind)
         vals[op.name] = y
@@ -163,9 +186,12 @@ def ensemble_step(plan: Plan, layout: str, x: jax.Array, y: jax.Array) -> tuple[
     return step, (params, stats, x, y)
 
 
-def backend_loop_step(plan: Plan, members: int, x: jax.Array, y: jax.Array) -> tuple[Callable, tuple]:
-    """Forward + backward of ``members`` plain networks built by mixc's flax backend (a members=1 plan),
-    one after another inside one jit: the same convolution and BatchNorm code as the ensemble."""
+def backend_loop_step(
+    plan: Plan, members: int, x: jax.Array, y: jax.Array
+) -> tuple[Callable, tuple]:
+    """Forward + backward of ``members`` plain networks built by mixc's flax backend (a members=1
+    plan), one after another inside one jit: the same convolution and BatchNorm code as the
+    ensemble."""
     models = [build(plan, layout="loop", seed=i) for i in range(members)]
     graphdef = split(models[0])[0]
     params = [split(m)[1] for m in models]
@@ -190,7 +216,8 @@ def loop_step(plan: Plan, members: int, x: jax.Array, y: jax.Array) -> tuple[Cal
     """Forward + backward of ``members`` plain nnx networks, one after another inside one jit."""
     nets = [PlainNet(plan, nnx.Rngs(i)) for i in range(members)]
     graphdef = nnx.split(nets[0], nnx.Param, nnx.BatchStat)[0]
-    params = [nnx.to_pure_dict(nnx.state(n, nnx.Param)) for n in nets]  # pure pytrees: safe across traces
+    # pure pytrees: safe across traces
+    params = [nnx.to_pure_dict(nnx.state(n, nnx.Param)) for n in nets]
     stats = [nnx.to_pure_dict(nnx.state(n, nnx.BatchStat)) for n in nets]
 
     def step(params, stats, x, y):
@@ -214,8 +241,9 @@ def _compile(fn: Callable, args: tuple) -> tuple[Callable, float]:
     return compiled, time.perf_counter() - t
 
 
-def _torch_steps(plan: Plan, x: np.ndarray, y: np.ndarray, platform: str,
-                 threads: int | None = None) -> dict[str, Callable[[], None]]:
+def _torch_steps(
+    plan: Plan, x: np.ndarray, y: np.ndarray, platform: str, threads: int | None = None
+) -> dict[str, Callable[[], None]]:
     """torch's fwd+bwd for the same plan (bench/train_step.py's definition): on CPU the loop layout,
     plain and channels_last; on a GPU both layouts. The best is the flax/torch reference."""
     try:
@@ -238,7 +266,9 @@ def _torch_steps(plan: Plan, x: np.ndarray, y: np.ndarray, platform: str,
         def step(model=model):
             model.zero_grad(set_to_none=True)
             logits = model(xt)
-            loss = F.cross_entropy(logits.flatten(0, 1), yt.repeat_interleave(plan.members), reduction="sum") / len(yt)
+            loss = F.cross_entropy(
+                logits.flatten(0, 1), yt.repeat_interleave(plan.members), reduction="sum"
+            ) / len(yt)
             loss.backward()
             if cuda:
                 torch.cuda.synchronize()
@@ -267,9 +297,15 @@ def _xla_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def measure_flax(quick: bool = False, members: int = 4, batch: int = 64, grouped: bool | None = None,
-                 torch_too: bool = True, log: Callable[[str], None] = lambda s: None,
-                 threads: int | None = None) -> dict[str, Any]:
+def measure_flax(
+    quick: bool = False,
+    members: int = 4,
+    batch: int = 64,
+    grouped: bool | None = None,
+    torch_too: bool = True,
+    log: Callable[[str], None] = lambda s: None,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Median step times (ms), compile times (s) and the ratios; see the module docstring.
 
     ``grouped``: also time the grouped layout (default: only off CPU, where XLA's grouped
@@ -277,9 +313,15 @@ def measure_flax(quick: bool = False, members: int = 4, batch: int = 64, grouped
     count (XLA's pool is sized by the affinity when jax starts: ``_use_cores``).
     """
     platform = jax.devices()[0].platform
-    warmup, rounds = ((1, 3) if quick else (2, 7)) if platform == "cpu" else ((3, 10) if quick else (5, 30))
+    warmup, rounds = (
+        ((1, 3) if quick else (2, 7)) if platform == "cpu" else ((3, 10) if quick else (5, 30))
+    )
     auto = "loop" if platform == "cpu" else "grouped"
-    layouts = [auto] + ([("grouped" if auto == "loop" else "loop")] if (grouped if grouped is not None else platform != "cpu") else [])
+    layouts = [auto] + (
+        ["grouped" if auto == "loop" else "loop"]
+        if (grouped if grouped is not None else platform != "cpu")
+        else []
+    )
     me_plan = mixc.compile("wrn16_4", [f"members={members}", "budget=1.0x"])
     naive_plan = mixc.compile("wrn16_4", [f"members={members}", "groups=none"])
     plain_plan = mixc.compile("wrn16_4", ["members=1", "groups=none"])
@@ -292,9 +334,13 @@ def measure_flax(quick: bool = False, members: int = 4, batch: int = 64, grouped
 
     builders: dict[str, Callable[[], tuple[Callable, tuple]]] = {}
     for layout in layouts:
-        builders[f"a ensemble {layout}"] = lambda layout=layout: ensemble_step(me_plan, layout, x, y)
+        builders[f"a ensemble {layout}"] = lambda layout=layout: ensemble_step(
+            me_plan, layout, x, y
+        )
     builders[f"b {members} plain nnx nets, loop"] = lambda: loop_step(plain_plan, members, x, y)
-    builders[f"p {members} plain mixc-flax nets, loop"] = lambda: backend_loop_step(plain_plan, members, x, y)
+    builders[f"p {members} plain mixc-flax nets, loop"] = lambda: backend_loop_step(
+        plain_plan, members, x, y
+    )
     builders["c one plain nnx net"] = lambda: loop_step(plain_plan, 1, x, y)
     builders[f"e unfactorised {auto}"] = lambda: ensemble_step(naive_plan, auto, x, y)
 
@@ -313,11 +359,12 @@ def measure_flax(quick: bool = False, members: int = 4, batch: int = 64, grouped
 
             torch_threads = torch.get_num_threads()
 
-    for label, step in steps.items():
+    for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {k: [] for k in steps}
-    cpu: dict[str, list[float]] = {k: [] for k in steps}  # process CPU time: steadier under others' load
+    # process CPU time: steadier under others' load
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(rounds):
         log(f"round {r + 1}/{rounds}")
         for label, step in steps.items():
@@ -336,7 +383,9 @@ def measure_flax(quick: bool = False, members: int = 4, batch: int = 64, grouped
     torch_best = min((k for k in ms if k.startswith("t ")), key=ms.get, default=None)
     out: dict[str, Any] = {
         "device": f"{platform} ({jax.devices()[0].device_kind}), jax {jax.__version__}",
-        "threads": f"XLA {_xla_threads() if platform == 'cpu' else '-'}, torch {torch_threads or '-'}",
+        "threads": (
+            f"XLA {_xla_threads() if platform == 'cpu' else '-'}, torch {torch_threads or '-'}"
+        ),
         "workload": f"WRN-16-4, {members} members at 1.0x, batch {batch}, 32x32, fwd+bwd",
         "gflop_per_step": gflop,
         "step_ms": ms,
@@ -362,25 +411,38 @@ def measure_flax(quick: bool = False, members: int = 4, batch: int = 64, grouped
 
 
 def report(res: dict[str, Any]) -> str:
-    lines = [f"{res['workload']}; {res['device']}; threads: {res['threads']}; "
-             f"{res['gflop_per_step']:.0f} GFLOP per ensemble step"]
+    lines = [
+        f"{res['workload']}; {res['device']}; threads: {res['threads']}; "
+        f"{res['gflop_per_step']:.0f} GFLOP per ensemble step"
+    ]
     for label, t in res["step_ms"].items():
         lo, hi = res["spread_ms"][label]
         comp = res["compile_s"].get(label)
-        lines.append(f"  {label:<34} {t:9.1f} ms  ({lo:.0f}-{hi:.0f})  cpu {res['cpu_ms'][label] / 1000:7.2f} s"
-                     + (f"   jit compile {comp:6.1f} s" if comp is not None else ""))
-    lines.append(f"flax ensemble / flax loop of plain nets: {res['ensemble_over_plain_loop']:.3f} "
-                 f"({res['best_ensemble']}); by process CPU time {res['ensemble_over_plain_loop_cpu']:.3f}")
-    lines.append(f"flax ensemble / M plain nets of this backend (same conv and BN code): "
-                 f"{res['ensemble_over_backend_plain_loop']:.3f}; by process CPU time "
-                 f"{res['ensemble_over_backend_plain_loop_cpu']:.3f}")
+        lines.append(
+            f"  {label:<34} {t:9.1f} ms  ({lo:.0f}-{hi:.0f})  cpu"
+            f" {res['cpu_ms'][label] / 1000:7.2f} s"
+            + (f"   jit compile {comp:6.1f} s" if comp is not None else "")
+        )
+    lines.append(
+        f"flax ensemble / flax loop of plain nets: {res['ensemble_over_plain_loop']:.3f} "
+        f"({res['best_ensemble']}); by process CPU time {res['ensemble_over_plain_loop_cpu']:.3f}"
+    )
+    lines.append(
+        "flax ensemble / M plain nets of this backend (same conv and BN code): "
+        f"{res['ensemble_over_backend_plain_loop']:.3f}; by process CPU time "
+        f"{res['ensemble_over_backend_plain_loop_cpu']:.3f}"
+    )
     lines.append(f"flax ensemble / (M x one plain net):     {res['ensemble_over_m_single']:.3f}")
-    lines.append(f"composition cost (a / e):                {res['composition_cost']:.3f}; "
-                 f"by process CPU time {res['composition_cost_cpu']:.3f}")
+    lines.append(
+        f"composition cost (a / e):                {res['composition_cost']:.3f}; "
+        f"by process CPU time {res['composition_cost_cpu']:.3f}"
+    )
     lines.append(f"target a/b <= 1.05 and a/e <= 1.05: {'met' if res['target_met'] else 'NOT met'}")
     if "flax_over_torch" in res:
-        lines.append(f"flax / torch (best: {res['torch_best']}):   {res['flax_over_torch']:.3f}; "
-                     f"by process CPU time {res['flax_over_torch_cpu']:.3f}")
+        lines.append(
+            f"flax / torch (best: {res['torch_best']}):   {res['flax_over_torch']:.3f}; "
+            f"by process CPU time {res['flax_over_torch_cpu']:.3f}"
+        )
     lines.append(f"flax ensemble throughput: {res['gflops_ensemble']:.0f} GFLOP/s")
     return "\n".join(lines)
 
@@ -390,13 +452,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed rounds")
     ap.add_argument("--members", type=int, default=4)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--grouped", action="store_true", help="also time the grouped layout on CPU (slow)")
-    ap.add_argument("--no-torch", action="store_true", help="skip torch's step (no flax/torch ratio)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="run on N cores: XLA's pool and torch's threads both N")
+    ap.add_argument(
+        "--grouped", action="store_true", help="also time the grouped layout on CPU (slow)"
+    )
+    ap.add_argument(
+        "--no-torch", action="store_true", help="skip torch's step (no flax/torch ratio)"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="run on N cores: XLA's pool and torch's threads both N",
+    )
     args = ap.parse_args(argv)
-    res = measure_flax(args.quick, args.members, args.batch, grouped=True if args.grouped else None,
-                       torch_too=not args.no_torch, log=lambda s: print(s, flush=True), threads=args.threads)
+    res = measure_flax(
+        args.quick,
+        args.members,
+        args.batch,
+        grouped=True if args.grouped else None,
+        torch_too=not args.no_torch,
+        log=lambda s: print(s, flush=True),
+        threads=args.threads,
+    )
     print(report(res))
     return 0
 

@@ -1,6 +1,7 @@
 """Compare initialisation rules on a starved bank (issue 9): mean ± sd over seeds.
 
-    OMP_NUM_THREADS=1 python bench/init_compare.py [--seeds 10] [--epochs 20] [--out /tmp/init-compare]
+    OMP_NUM_THREADS=1 python bench/init_compare.py [--seeds 10] [--epochs 20] [--out
+    /tmp/init-compare]
 
 Trains zoo/digits.mix at width 8 (4 members, budget 1.0x: 6 templates for the four 8-wide
 convs, 2 for the three 16-wide ones) with `mixc train` once per rule and seed, then prints the
@@ -28,8 +29,20 @@ BASE = ["digits", "--set", "backbone.width=8", "--no-progress"]
 def run(out: Path, rule: int, extra: list[str], seed: int, epochs: int) -> dict:
     """Train one point (resumes if it is already there) and return its last metrics line."""
     folder = out / f"rule{rule}-s{seed}"
-    cmd = [sys.executable, "-m", "mixc", "train", *BASE, *extra, "--epochs", str(epochs), "--seed", str(seed),
-           "--out", str(folder)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mixc",
+        "train",
+        *BASE,
+        *extra,
+        "--epochs",
+        str(epochs),
+        "--seed",
+        str(seed),
+        "--out",
+        str(folder),
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads((folder / "metrics.jsonl").read_text().strip().splitlines()[-1])
 
@@ -45,13 +58,19 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/init-compare")
     args = ap.parse_args()
     out = Path(args.out)
-    res = {name: [run(out, i, extra, s, args.epochs) for s in range(args.seeds)]
-           for i, (name, extra) in enumerate(RULES.items())}
+    res = {
+        name: [run(out, i, extra, s, args.epochs) for s in range(args.seeds)]
+        for i, (name, extra) in enumerate(RULES.items())
+    }
     print("| rule | accuracy (%) | NLL | mean member acc (%) | diversity |")
     print("|---|---|---|---|---|")
     for name, rows in res.items():
-        print(f"| {name} | {fmt([r['accuracy'] for r in rows], 100)} | {fmt([r['nll'] for r in rows], 1, 4)} | "
-              f"{fmt([st.mean(r['member_accuracy']) for r in rows], 100)} | {fmt([r['diversity'] for r in rows])} |")
+        print(
+            f"| {name} | {fmt([r['accuracy'] for r in rows], 100)} |"
+            f" {fmt([r['nll'] for r in rows], 1, 4)} |"
+            f" {fmt([st.mean(r['member_accuracy']) for r in rows], 100)} |"
+            f" {fmt([r['diversity'] for r in rows])} |"
+        )
     base = res[next(iter(RULES))]
     for name, rows in list(res.items())[1:]:
         acc = [100 * (r["accuracy"] - b["accuracy"]) for r, b in zip(rows, base)]

@@ -20,12 +20,16 @@ import numpy as np
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, help="the .npz to write")
-    ap.add_argument("--seed", type=int, default=None, help="the generator's seed (default: mnist1d's own)")
+    ap.add_argument(
+        "--seed", type=int, default=None, help="the generator's seed (default: mnist1d's own)"
+    )
     args = ap.parse_args()
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError:
-        raise SystemExit("bench/mnist1d_npz.py needs the mnist1d package: pip install mnist1d") from None
+        raise SystemExit(
+            "bench/mnist1d_npz.py needs the mnist1d package: pip install mnist1d"
+        ) from None
     spec = get_dataset_args()
     if args.seed is not None:
         spec.seed = args.seed
@@ -33,10 +37,15 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(
         args.out,
-        x_train=np.asarray(data["x"], np.float32)[:, None, :], y_train=np.asarray(data["y"], np.int64),
-        x_test=np.asarray(data["x_test"], np.float32)[:, None, :], y_test=np.asarray(data["y_test"], np.int64),
+        x_train=np.asarray(data["x"], np.float32)[:, None, :],
+        y_train=np.asarray(data["y"], np.int64),
+        x_test=np.asarray(data["x_test"], np.float32)[:, None, :],
+        y_test=np.asarray(data["y_test"], np.int64),
     )
-    print(f"wrote {args.out}: {len(data['y'])} training and {len(data['y_test'])} test signals of 40 samples")
+    print(
+        f"wrote {args.out}: {len(data['y'])} training and {len(data['y_test'])} test signals of 40"
+        " samples"
+    )
 
 
 if __name__ == "__main__":

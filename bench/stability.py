@@ -1,26 +1,31 @@
-"""The first training steps of a spec's ensemble beside its baselines: loss curves and update ratios per role.
+"""The first training steps of a spec's ensemble beside its baselines: loss curves and update ratios
+per role.
 
     python bench/stability.py [SPEC] [--steps 20] [--device cpu|cuda] [--backend torch|flax]
-                              [--kinds mixture,mixture-sum,naive,single] [--set KEY=VALUE ...] [--threads N]
+                              [--kinds mixture,mixture-sum,naive,single] [--set KEY=VALUE ...]
+                              [--threads N]
 
-Every run uses the spec's own recipe (learning rate, momentum, batch, weight decay, warm-up) on synthetic
-data of the spec's input shape (``signal * prototype[y] + N(0, 1)``, 10 classes; ``mixc.stability``), each
-example seen once. The kinds:
+Every run uses the spec's own recipe (learning rate, momentum, batch, weight decay, warm-up) on
+synthetic data of the spec's input shape (``signal * prototype[y] + N(0, 1)``, 10 classes;
+``mixc.stability``), each example seen once. The kinds:
 
-- ``mixture``: the spec's ensemble (its method: ``--set method=batch_ensemble`` for another) under its
-  recipe's ``shared_gradient`` (default ``mean_output``; ``--set train.shared_gradient=mean`` for the other);
-- ``mixture-sum``: the same with ``shared_gradient sum`` (the summed member losses' gradient as it is:
+- ``mixture``: the spec's ensemble (its method: ``--set method=batch_ensemble`` for another) under
+  its recipe's ``shared_gradient`` (default ``mean_output``; ``--set train.shared_gradient=mean``
+  for the other);
+- ``mixture-sum``: the same with ``shared_gradient sum`` (the summed member losses' gradient as it
+  is:
   what mixc did before; on the paper's WRN-28-10 x4 at lr 0.1 it diverges in the first epoch);
 - ``naive``: M plain backbones (``--baseline naive``); ``single``: one (``--baseline single``).
 
-It prints the mean member loss every few steps side by side, each run's peak and last-10 mean against the
-naive ensemble's, and, at step 1 (``--probe``), how far one step moved each kind of tensor (``|dW| / |W|``
-over the role's tensors) and each member's composed weights (the median over layers and members; the
-classifier apart), with the ratio to the naive ensemble's for the same layers.
+It prints the mean member loss every few steps side by side, each run's peak and last-10 mean
+against the naive ensemble's, and, at step 1 (``--probe``), how far one step moved each kind of
+tensor (``|dW| / |W|`` over the role's tensors) and each member's composed weights (the median over
+layers and members; the classifier apart), with the ratio to the naive ensemble's for the same
+layers.
 
-Default SPEC: on CPU ``bench/specs/wrn16_10_8px.mix`` (WRN-28-10's widths, two blocks a stage, 8x8 images,
-the flagship's recipe: about 5 s a 4-member step on 2 cores), with ``--device cuda`` the zoo's ``wrn28_10``
-at 10 classes (the paper's model and recipe at full size).
+Default SPEC: on CPU ``bench/specs/wrn16_10_8px.mix`` (WRN-28-10's widths, two blocks a stage, 8x8
+images, the flagship's recipe: about 5 s a 4-member step on 2 cores), with ``--device cuda`` the
+zoo's ``wrn28_10`` at 10 classes (the paper's model and recipe at full size).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+# run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mixc  # noqa: E402
 from mixc.backends import get_backend  # noqa: E402
@@ -47,12 +53,17 @@ KINDS = ("mixture", "mixture-sum", "naive", "single")
 
 def kind_overrides(kind: str, method: str) -> list[str]:
     """The ``--set`` items of one kind of run, for a spec whose method is ``method``."""
-    return {"mixture": [], "mixture-sum": ["train.shared_gradient=sum"]}.get(kind) or baseline_overrides(kind, method)
+    return {"mixture": [], "mixture-sum": ["train.shared_gradient=sum"]}.get(
+        kind
+    ) or baseline_overrides(kind, method)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     return "\n".join([line(header), *(line(r) for r in rows)])
 
 
@@ -68,15 +79,25 @@ def main() -> int:
     ap.add_argument("--backend", default="torch", choices=["torch", "flax"])
     ap.add_argument("--kinds", default="mixture,mixture-sum,naive,single")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's/XLA's own)")
-    ap.add_argument("--probe", default="0", help="0-based steps whose update ratios are measured (comma-separated)")
-    ap.add_argument("--signal", type=float, default=0.5, help="prototype strength of the synthetic data")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: torch's/XLA's own)"
+    )
+    ap.add_argument(
+        "--probe",
+        default="0",
+        help="0-based steps whose update ratios are measured (comma-separated)",
+    )
+    ap.add_argument(
+        "--signal", type=float, default=0.5, help="prototype strength of the synthetic data"
+    )
     ap.add_argument("--layout", default="auto")
     args = ap.parse_args()
 
     on_gpu = args.device.startswith(("cuda", "gpu"))
     spec = args.spec or ("wrn28_10" if on_gpu else CPU_SPEC)
-    base = list(args.overrides) + (["backbone.classes=10"] if spec == "wrn28_10" and not args.spec else [])
+    base = list(args.overrides) + (
+        ["backbone.classes=10"] if spec == "wrn28_10" and not args.spec else []
+    )
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
@@ -84,52 +105,114 @@ def main() -> int:
     probe = tuple(int(s) for s in args.probe.split(","))
     backend = get_backend(args.backend, "train")
     threads = backend.set_threads(args.threads) if args.threads else {}
-    print(f"bench/stability.py: {spec} {' '.join(base)}; backend {args.backend}, device {args.device}, "
-          f"threads {threads.get('threads', 'default')} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); "
-          f"{args.steps} steps", flush=True)
+    print(
+        f"bench/stability.py: {spec} {' '.join(base)}; backend {args.backend}, device"
+        f" {args.device}, threads {threads.get('threads', 'default')}"
+        f" (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); {args.steps} steps",
+        flush=True,
+    )
 
     method = mixc.compile(spec, base).method.name
     traces: dict[str, Trace] = {}
     for kind in kinds:
         plan = mixc.compile(spec, base + kind_overrides(kind, method))
         recipe = Recipe.model_validate(plan.train or {})
-        x, y = synthetic(plan.input_shape, plan.classes, args.steps * recipe.batch, signal=args.signal,
-                         seed=recipe.seed)
+        x, y = synthetic(
+            plan.input_shape,
+            plan.classes,
+            args.steps * recipe.batch,
+            signal=args.signal,
+            seed=recipe.seed,
+        )
         t0 = time.perf_counter()
-        traces[kind] = first_steps(backend, plan, recipe, x, y, args.steps, probe=probe, device=args.device,
-                                   layout=args.layout)
-        print(f"  {kind}: {plan.members} member(s), {plan.accounting.total_params:,} parameters, lr "
-              f"{recipe.optimizer.lr}, batch {recipe.batch}, shared_gradient {recipe.shared_gradient}: "
-              f"{(time.perf_counter() - t0) / args.steps:.2f} s a step", flush=True)
+        traces[kind] = first_steps(
+            backend,
+            plan,
+            recipe,
+            x,
+            y,
+            args.steps,
+            probe=probe,
+            device=args.device,
+            layout=args.layout,
+        )
+        print(
+            f"  {kind}: {plan.members} member(s), {plan.accounting.total_params:,} parameters, lr"
+            f" {recipe.optimizer.lr}, batch {recipe.batch}, shared_gradient"
+            f" {recipe.shared_gradient}: {(time.perf_counter() - t0) / args.steps:.2f} s a step",
+            flush=True,
+        )
 
     every = max(1, args.steps // 20)
-    rows = [[str(s + 1)] + [_f(traces[k].losses[s]) for k in kinds] for s in range(0, args.steps, every)]
+    rows = [
+        [str(s + 1)] + [_f(traces[k].losses[s]) for k in kinds] for s in range(0, args.steps, every)
+    ]
     print("\nmean member cross-entropy by step\n" + _table(["step", *kinds], rows))
     ref = traces.get("naive")
     rows = []
     for k in kinds:
         t = traces[k]
-        rows.append([k, _f(t.losses[0]), _f(t.peak), _f(t.tail()),
-                     _f(t.peak / ref.peak) if ref else "-", _f(t.tail() / ref.tail()) if ref else "-"])
-    print("\n" + _table(["run", "first", "peak", "last 10", "peak / naive", "last 10 / naive"], rows))
+        rows.append(
+            [
+                k,
+                _f(t.losses[0]),
+                _f(t.peak),
+                _f(t.tail()),
+                _f(t.peak / ref.peak) if ref else "-",
+                _f(t.tail() / ref.tail()) if ref else "-",
+            ]
+        )
+    print(
+        "\n" + _table(["run", "first", "peak", "last 10", "peak / naive", "last 10 / naive"], rows)
+    )
 
     for step in probe:
         roles = sorted({r for t in traces.values() for r in t.roles.get(step, {})})
         rows = [[k, *(_f(traces[k].roles.get(step, {}).get(r)) for r in roles)] for k in kinds]
-        print(f"\nstep {step + 1}: update / weight, per kind of tensor\n" + _table(["run", *roles], rows))
+        print(
+            f"\nstep {step + 1}: update / weight, per kind of tensor\n"
+            + _table(["run", *roles], rows)
+        )
         rows = []
         for k in kinds:
             comp = traces[k].composed.get(step, {})
             if not comp:
                 continue
             last = list(comp)[-1]  # the output layer
-            vs = [comp[n] / ref.composed[step][n] for n in comp if ref and n in ref.composed.get(step, {})]
-            rows.append([k, _f(float(np.median(list(comp.values())))), _f(max(comp.values())), _f(comp[last]),
-                         _f(float(np.median(vs))) if vs else "-", _f(max(vs)) if vs else "-",
-                         _f(vs[-1]) if vs else "-", _f(traces[k].alpha_norm.get(step))])
-        print(f"\nstep {step + 1}: composed weights, |dW| / |W| per layer and member (median over members)\n"
-              + _table(["run", "median", "max", "classifier", "median / naive", "max / naive", "classifier / naive",
-                        "alpha norm"], rows))
+            vs = [
+                comp[n] / ref.composed[step][n]
+                for n in comp
+                if ref and n in ref.composed.get(step, {})
+            ]
+            rows.append(
+                [
+                    k,
+                    _f(float(np.median(list(comp.values())))),
+                    _f(max(comp.values())),
+                    _f(comp[last]),
+                    _f(float(np.median(vs))) if vs else "-",
+                    _f(max(vs)) if vs else "-",
+                    _f(vs[-1]) if vs else "-",
+                    _f(traces[k].alpha_norm.get(step)),
+                ]
+            )
+        print(
+            f"\nstep {step + 1}: composed weights, |dW| / |W| per layer and member (median over"
+            " members)\n"
+            + _table(
+                [
+                    "run",
+                    "median",
+                    "max",
+                    "classifier",
+                    "median / naive",
+                    "max / naive",
+                    "classifier / naive",
+                    "alpha norm",
+                ],
+                rows,
+            )
+        )
     return 0
 
 

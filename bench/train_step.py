@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+# run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mixc  # noqa: E402
 from mixc.backends.torch import build  # noqa: E402
@@ -54,14 +55,16 @@ def allocator() -> tuple[str, list[str]]:
     for lib in ("tcmalloc", "jemalloc", "mimalloc"):
         if lib in preload or f"lib{lib}" in maps:
             return lib, []
-    tuned = {k: os.environ[k] for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
+    tuned = {
+        k: os.environ[k] for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"
+    }
     if tuned:
         return f"glibc ({', '.join(f'{k}={v}' for k, v in sorted(tuned.items()))})", []
     return "glibc (defaults)", [
-        "glibc's defaults return every block over 32 MB to the OS when it is freed and fault it back in "
-        "on the next step; the grouped layout's activations cross that size. Use tcmalloc "
-        "(LD_PRELOAD=libtcmalloc.so), set MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large> before "
-        "starting, or pass --tune-malloc."
+        "glibc's defaults return every block over 32 MB to the OS when it is freed and fault it"
+        " back in on the next step; the grouped layout's activations cross that size. Use tcmalloc"
+        " (LD_PRELOAD=libtcmalloc.so), set MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large> before"
+        " starting, or pass --tune-malloc."
     ]
 
 
@@ -79,7 +82,13 @@ def tune_glibc_malloc() -> bool:
 # A plain network, written the way a user would (standard modules), from a members=1 plan
 
 
-ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+ACTS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
 
 
 class PlainNet(nn.Module):
@@ -95,7 +104,14 @@ class PlainNet(nn.Module):
             if op.kind == "conv":
                 conv = nn.Conv2d if op.dim == 2 else nn.Conv1d
                 self.layers[key] = conv(
-                    op.in_channels, op.out_channels, op.kernel, op.stride, op.padding, op.dilation, op.groups, op.bias
+                    op.in_channels,
+                    op.out_channels,
+                    op.kernel,
+                    op.stride,
+                    op.padding,
+                    op.dilation,
+                    op.groups,
+                    op.bias,
                 )
                 nn.init.kaiming_normal_(self.layers[key].weight, nonlinearity="relu")
             elif op.kind == "linear":
@@ -168,7 +184,9 @@ def ensemble_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     def step():
         model.zero_grad(set_to_none=True)
         logits = model(x)  # [B, M, classes]
-        loss = F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(members), reduction="sum") / len(y)
+        loss = F.cross_entropy(
+            logits.flatten(0, 1), y.repeat_interleave(members), reduction="sum"
+        ) / len(y)
         loss.backward()
 
     return step
@@ -207,8 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps per config")
     ap.add_argument("--members", type=int, default=4)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    ap.add_argument("--tune-malloc", action="store_true", help="mallopt: keep freed big blocks (glibc)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch threads (default: torch's choice)"
+    )
+    ap.add_argument(
+        "--tune-malloc", action="store_true", help="mallopt: keep freed big blocks (glibc)"
+    )
     ap.add_argument("--only", default="", help="comma list of configs to run (a,b,c,d,e)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -218,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     warmup, steps = (1, 3) if args.quick else (3, 7)
     M, B = args.members, args.batch
     name, warnings = allocator()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, allocator: {name}"
-          + (" + runtime mallopt" if args.tune_malloc else ""))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, allocator: {name}"
+        + (" + runtime mallopt" if args.tune_malloc else "")
+    )
     for w in warnings if not args.tune_malloc else []:
         print(f"WARNING: {w}")
     only = set(args.only.split(",")) if args.only else set("abcde")
@@ -229,8 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     plain_plan = mixc.compile("wrn16_4", overrides=["members=1", "groups=none"])
     gflop_step = 3 * 2 * forward_macs(plain_plan) * B * M / 1e9  # M backbones, fwd + bwd
     peak = matmul_gflops()
-    print(f"WRN-16-4, {M} members, batch {B}, 32x32: {gflop_step:.0f} GFLOP per ensemble step; "
-          f"float32 matmul {peak:.0f} GFLOP/s; {warmup} warm-up + {steps} timed steps\n")
+    print(
+        f"WRN-16-4, {M} members, batch {B}, 32x32: {gflop_step:.0f} GFLOP per ensemble step; "
+        f"float32 matmul {peak:.0f} GFLOP/s; {warmup} warm-up + {steps} timed steps\n"
+    )
 
     torch.manual_seed(0)
     x = torch.randn(B, 3, 32, 32)
@@ -242,12 +268,24 @@ def main(argv: list[str] | None = None) -> int:
         for layout in ("grouped", "loop"):
             for cl in (False, True):
                 model = build(me_plan, layout=layout, channels_last=cl).train()
-                configs.append((f"a {layout}{' channels_last' if cl else ''}", ensemble_step(model, x, y), gflop_step))
+                configs.append(
+                    (
+                        f"a {layout}{' channels_last' if cl else ''}",
+                        ensemble_step(model, x, y),
+                        gflop_step,
+                    )
+                )
     if "e" in only:
         for layout in ("grouped", "loop"):
             for cl in (False, True):
                 model = build(naive_plan, layout=layout, channels_last=cl).train()
-                configs.append((f"e {layout}{' channels_last' if cl else ''}", ensemble_step(model, x, y), gflop_step))
+                configs.append(
+                    (
+                        f"e {layout}{' channels_last' if cl else ''}",
+                        ensemble_step(model, x, y),
+                        gflop_step,
+                    )
+                )
     nets = [PlainNet(plain_plan).train() for _ in range(M)]
     nets_cl = [PlainNet(plain_plan).train().to(memory_format=torch.channels_last) for _ in range(M)]
     if "b" in only:
@@ -262,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     # Warm up each config, then time them round-robin, so that load from other
     # processes on a shared machine hits every config alike.
     times: dict[str, list[float]] = {label: [] for label, _, _ in configs}
-    cpu: dict[str, list[float]] = {label: [] for label, _, _ in configs}  # process CPU time: steadier under load
+    # process CPU time: steadier under load
+    cpu: dict[str, list[float]] = {label: [] for label, _, _ in configs}
     for label, step, _ in list(configs):
         try:
             for _ in range(warmup):
@@ -295,28 +334,43 @@ def main(argv: list[str] | None = None) -> int:
         for label, work in rows:
             t = results[label]
             spread = f"{min(times[label]) * 1000:.0f}-{max(times[label]) * 1000:.0f}"
-            print(f"  {label:<28} {t * 1000:8.1f} ms  ({spread})  {work / t:6.1f} GFLOP/s   "
-                  f"cpu {cpu_results[label]:6.2f} s")
+            print(
+                f"  {label:<28} {t * 1000:8.1f} ms  ({spread})  {work / t:6.1f} GFLOP/s   "
+                f"cpu {cpu_results[label]:6.2f} s"
+            )
 
     def best(res: dict[str, float], prefix: str) -> tuple[str, float] | None:
         items = [(k, v) for k, v in res.items() if k.startswith(prefix)]
         return min(items, key=lambda kv: kv[1]) if items else None
 
-    for title, res in (("wall time", results), ("process CPU time (less sensitive to other load)", cpu_results)):
+    for title, res in (
+        ("wall time", results),
+        ("process CPU time (less sensitive to other load)", cpu_results),
+    ):
         a = best(res, "a ")
         print(f"\nRatios by {title}, best of each (a is the MixtureEnsemble):")
-        for label, other, scale in (("a/b", "b ", 1), (f"a/({M}*c)", "c ", M), ("a/d", "d ", 1), ("a/e", "e ", 1)):
+        for label, other, scale in (
+            ("a/b", "b ", 1),
+            (f"a/({M}*c)", "c ", M),
+            ("a/d", "d ", 1),
+            ("a/e", "e ", 1),
+        ):
             o = best(res, other)
             if a and o:
                 print(f"  {label:<10} {a[1] / (o[1] * scale):5.3f}   ({a[0]} vs {o[0]})")
         for k in ("grouped", "loop"):
             for fmt in ("", " channels_last"):
                 if f"a {k}{fmt}" in res and f"e {k}{fmt}" in res:
-                    print(f"  composition cost, {k}{fmt}: a/e = {res[f'a {k}{fmt}'] / res[f'e {k}{fmt}']:.3f}")
+                    print(
+                        f"  composition cost, {k}{fmt}: a/e ="
+                        f" {res[f'a {k}{fmt}'] / res[f'e {k}{fmt}']:.3f}"
+                    )
     a = best(results, "a ")
     if a:
-        print(f"\nbest MixtureEnsemble: {a[0]}, {gflop_step / a[1]:.0f} GFLOP/s "
-              f"({gflop_step / a[1] / peak:.0%} of the float32 matmul measured in this run)")
+        print(
+            f"\nbest MixtureEnsemble: {a[0]}, {gflop_step / a[1]:.0f} GFLOP/s "
+            f"({gflop_step / a[1] / peak:.0%} of the float32 matmul measured in this run)"
+        )
     return 0
 
 

@@ -39,11 +39,15 @@ from dataclasses import dataclass, field
 
 from mixc.compiler.group import GroupDraft
 
-MAX_TIE_STEPS = 200  # bound on tie-breaking exchanges (each strictly improves; in practice a handful)
+MAX_TIE_STEPS = (
+    200  # bound on tie-breaking exchanges (each strictly improves; in practice a handful)
+)
 
 
 class BudgetError(Exception):
-    def __init__(self, message: str, hint: str, minimum: int | None = None, setting: str | None = None):
+    def __init__(
+        self, message: str, hint: str, minimum: int | None = None, setting: str | None = None
+    ):
         super().__init__(message)
         self.message, self.hint = message, hint
         self.minimum = minimum  # set when the budget is below the spec's minimum
@@ -70,7 +74,8 @@ def readable_capacity(n_layers: int, tpl: int, members: int, policy: str) -> int
 
 
 def group_shares(groups: list[GroupDraft]) -> list[float]:
-    """Shares of the template budget: explicit ones as given (normalised), others by parameter mass."""
+    """Shares of the template budget: explicit ones as given (normalised), others by parameter
+    mass."""
     free_idx = [i for i, g in enumerate(groups) if g.templates is None]
     explicit = [groups[i].share for i in free_idx if groups[i].share is not None]
     mass = sum(groups[i].total for i in free_idx if groups[i].share is None)
@@ -84,7 +89,9 @@ def group_shares(groups: list[GroupDraft]) -> list[float]:
         scale = 1.0 / given if given > 1.0 or mass == 0 else 1.0
         for i in free_idx:
             g = groups[i]
-            shares[i] = g.share * scale if g.share is not None else (rest * g.total / mass if mass else 0.0)
+            shares[i] = (
+                g.share * scale if g.share is not None else (rest * g.total / mass if mass else 0.0)
+            )
         tot = sum(shares[i] for i in free_idx)
         if tot <= 0:
             return [1.0 / len(free_idx) if i in free_idx else 0.0 for i in range(len(groups))]
@@ -94,8 +101,9 @@ def group_shares(groups: list[GroupDraft]) -> list[float]:
     return shares
 
 
-def water_fill(shares: dict[int, float], sizes: dict[int, int], caps: dict[int, int],
-               template_budget: float) -> dict[int, float]:
+def water_fill(
+    shares: dict[int, float], sizes: dict[int, int], caps: dict[int, int], template_budget: float
+) -> dict[int, float]:
     """Ideal real counts by share, a group above its capacity held there and its excess re-shared.
 
     Why: budget a group cannot read is worth more to the others than to nobody.
@@ -117,8 +125,14 @@ def water_fill(shares: dict[int, float], sizes: dict[int, int], caps: dict[int, 
     return ideal
 
 
-def allocate_banks(groups: list[GroupDraft], fixed_cost: int, members: int, tpl: int,
-                   budget: int | None, policy: str = "shared") -> Allocation:
+def allocate_banks(
+    groups: list[GroupDraft],
+    fixed_cost: int,
+    members: int,
+    tpl: int,
+    budget: int | None,
+    policy: str = "shared",
+) -> Allocation:
     """Template counts per group. ``fixed_cost`` is plain layers plus all members' BN."""
     tpls = [g.templates_per_layer or tpl for g in groups]
     caps = [readable_capacity(len(g.layers), t, members, policy) for g, t in zip(groups, tpls)]
@@ -130,25 +144,35 @@ def allocate_banks(groups: list[GroupDraft], fixed_cost: int, members: int, tpl:
         _check_fixed(groups[i], caps[i], tpls[i], members, policy)
         n[i] = groups[i].templates
         base += n[i] * groups[i].size + alpha_cost(groups[i], n[i], tpls[i], members)
-    minimum = base + sum(groups[i].size + alpha_cost(groups[i], 1, tpls[i], members) for i in free_idx)
-    maximum = base + sum(caps[i] * groups[i].size + alpha_cost(groups[i], caps[i], tpls[i], members)
-                         for i in free_idx)
+    minimum = base + sum(
+        groups[i].size + alpha_cost(groups[i], 1, tpls[i], members) for i in free_idx
+    )
+    maximum = base + sum(
+        caps[i] * groups[i].size + alpha_cost(groups[i], caps[i], tpls[i], members)
+        for i in free_idx
+    )
     shares = group_shares(groups)
 
     def done(counts: list[int]) -> Allocation:
-        return Allocation(counts, shares, [min(t, x) for t, x in zip(tpls, counts)], minimum, maximum, caps)
+        return Allocation(
+            counts, shares, [min(t, x) for t, x in zip(tpls, counts)], minimum, maximum, caps
+        )
 
     if budget is None:
         if free_idx:
             names = ", ".join(groups[i].name for i in free_idx)
-            raise BudgetError(f"no budget is given, but groups {names} have no fixed template count",
-                              "add a budget (e.g. budget 1.0x or budget 36.5M), or give every group templates = N")
+            raise BudgetError(
+                f"no budget is given, but groups {names} have no fixed template count",
+                "add a budget (e.g. budget 1.0x or budget 36.5M), or give every group"
+                " templates = N",
+            )
         return done(n)
     if budget < minimum:
         raise BudgetError(
             f"the budget {budget:,} is below the minimum {minimum:,} for this spec",
-            f"the minimum is the fixed cost (plain layers, every member's BatchNorm and alphas) plus one template "
-            f"per group; raise the budget to at least {minimum:,}, or use fewer members or groups single",
+            "the minimum is the fixed cost (plain layers, every member's BatchNorm and alphas)"
+            f" plus one template per group; raise the budget to at least {minimum:,}, or use fewer"
+            " members or groups single",
             minimum,
         )
     if budget >= maximum:  # every group at capacity: the rest of the budget is unusable
@@ -157,7 +181,9 @@ def allocate_banks(groups: list[GroupDraft], fixed_cost: int, members: int, tpl:
         return done(n)
 
     def total(c: list[int]) -> int:
-        return fixed_cost + sum(c[i] * g.size + alpha_cost(g, c[i], tpls[i], members) for i, g in enumerate(groups))
+        return fixed_cost + sum(
+            c[i] * g.size + alpha_cost(g, c[i], tpls[i], members) for i, g in enumerate(groups)
+        )
 
     def marginal(c: list[int], i: int) -> int | None:
         """Cost of one more template of group i (None at capacity)."""
@@ -167,9 +193,15 @@ def allocate_banks(groups: list[GroupDraft], fixed_cost: int, members: int, tpl:
         return g.size + (members * len(g.layers) if c[i] < tpls[i] else 0)
 
     # 1. Ideal real-valued counts from the shares (water-filled), pricing alphas at their maximum.
-    template_budget = budget - base - sum(alpha_cost(groups[i], tpls[i], tpls[i], members) for i in free_idx)
-    ideal = water_fill({i: shares[i] for i in free_idx}, {i: groups[i].size for i in free_idx},
-                       {i: caps[i] for i in free_idx}, max(0.0, template_budget))
+    template_budget = (
+        budget - base - sum(alpha_cost(groups[i], tpls[i], tpls[i], members) for i in free_idx)
+    )
+    ideal = water_fill(
+        {i: shares[i] for i in free_idx},
+        {i: groups[i].size for i in free_idx},
+        {i: caps[i] for i in free_idx},
+        max(0.0, template_budget),
+    )
     _round(n, free_idx, ideal, caps, budget, total, marginal)
     # 3. Spend what is left: the group furthest below its target first, while any template fits.
     sizes = {i: groups[i].size for i in free_idx}
@@ -186,19 +218,29 @@ def _check_fixed(g: GroupDraft, cap: int, tpl: int, members: int, policy: str) -
     if g.templates > cap:
         raise BudgetError(
             f"group '{g.name}' fixes {g.templates} templates but its slots read at most {cap} "
-            f"({len(g.layers)} layer(s) x {tpl} per layer" + (f" x {members} members)" if policy ==
-                                                               "greedy_disjoint" else ")"),
+            f"({len(g.layers)} layer(s) x {tpl} per layer"
+            + (f" x {members} members)" if policy == "greedy_disjoint" else ")"),
             f"templates no layer reads train nothing: give it at most templates = {cap}, "
-            f"or raise its templates_per_layer", setting="groups")
+            "or raise its templates_per_layer",
+            setting="groups",
+        )
 
 
-def _round(n: list[int], free_idx: list[int], ideal: dict[int, float], caps: list[int], budget: int,
-           total, marginal) -> None:
+def _round(
+    n: list[int],
+    free_idx: list[int],
+    ideal: dict[int, float],
+    caps: list[int],
+    budget: int,
+    total,
+    marginal,
+) -> None:
     """Real-valued counts ``ideal`` made whole in place: floored (at least one), then the largest
     remainders rounded up while they fit."""
     for i in free_idx:
         n[i] = min(caps[i], max(1, math.floor(ideal[i])))
-    # Clamping to one template can overshoot a tight budget: give back from the most over-served group.
+    # Clamping to one template can overshoot a tight budget: give back from the most over-served
+    # group.
     while total(n) > budget:
         over = [i for i in free_idx if n[i] > 1]
         i = max(over, key=lambda j: (n[j] / max(ideal[j], 1e-12), -j))
@@ -212,8 +254,15 @@ def _round(n: list[int], free_idx: list[int], ideal: dict[int, float], caps: lis
             n[i] += 1
 
 
-def fill(n: list[int], free_idx: list[int], sizes: dict[int, int], target: dict[int, float], budget: int,
-         total, marginal) -> None:
+def fill(
+    n: list[int],
+    free_idx: list[int],
+    sizes: dict[int, int],
+    target: dict[int, float],
+    budget: int,
+    total,
+    marginal,
+) -> None:
     """Add templates in place, the group furthest below its target first, while any fits."""
     t = total(n)
     while True:
@@ -226,16 +275,25 @@ def fill(n: list[int], free_idx: list[int], sizes: dict[int, int], target: dict[
         n[i] += 1
 
 
-def share_distance(n: list[int], free_idx: list[int], sizes: dict[int, int],
-                   target: dict[int, float]) -> tuple[float, float]:
-    """(largest, summed) deviation of each group's fraction of the template parameters from its target."""
+def share_distance(
+    n: list[int], free_idx: list[int], sizes: dict[int, int], target: dict[int, float]
+) -> tuple[float, float]:
+    """(largest, summed) deviation of each group's fraction of the template parameters from its
+    target."""
     mass = sum(n[i] * sizes[i] for i in free_idx) or 1
     dev = [abs(n[i] * sizes[i] / mass - target[i]) for i in free_idx]
     return (max(dev, default=0.0), sum(dev))
 
 
-def improving_exchange(n: list[int], free_idx: list[int], sizes: dict[int, int], target: dict[int, float],
-                       budget: int, total, marginal) -> list[int] | None:
+def improving_exchange(
+    n: list[int],
+    free_idx: list[int],
+    sizes: dict[int, int],
+    target: dict[int, float],
+    budget: int,
+    total,
+    marginal,
+) -> list[int] | None:
     """One exchange (fewer templates of group i, as many of j as then fit, refill) that spends no
     less and comes closer to the targets; None if there is none.
 
@@ -274,8 +332,15 @@ def improving_exchange(n: list[int], free_idx: list[int], sizes: dict[int, int],
     return None
 
 
-def break_ties(n: list[int], free_idx: list[int], sizes: dict[int, int], target: dict[int, float],
-               budget: int, total, marginal) -> list[int]:
+def break_ties(
+    n: list[int],
+    free_idx: list[int],
+    sizes: dict[int, int],
+    target: dict[int, float],
+    budget: int,
+    total,
+    marginal,
+) -> list[int]:
     """Local search: apply improving exchanges until none is left (see the module docstring).
 
     Each step strictly lowers the (largest, summed) deviation, so it ends; MAX_TIE_STEPS only
@@ -291,7 +356,8 @@ def break_ties(n: list[int], free_idx: list[int], sizes: dict[int, int], target:
 
 
 def blob_cost(size: int, layer_sizes: list[int], fixed_cost: int, members: int, tpl: int) -> int:
-    """Total parameters when the blob holds ``size`` entries (k per layer = how many windows fit)."""
+    """Total parameters when the blob holds ``size`` entries (k per layer = how many windows
+    fit)."""
     alphas = members * sum(min(tpl, size // s) for s in layer_sizes)
     return fixed_cost + size + alphas
 
@@ -316,7 +382,9 @@ def readable_blob(size: int, layer_sizes: list[int], members: int, tpl: int, pol
         x = d
 
 
-def next_readable_blob(size: int, layer_sizes: list[int], members: int, tpl: int, policy: str) -> int | None:
+def next_readable_blob(
+    size: int, layer_sizes: list[int], members: int, tpl: int, policy: str
+) -> int | None:
     """The smallest readable blob size above ``size`` (None if none: the blob is at capacity)."""
     cap = blob_demand(max(layer_sizes) * tpl, layer_sizes, members, tpl, policy)
     x = size + 1
@@ -331,23 +399,33 @@ def next_readable_blob(size: int, layer_sizes: list[int], members: int, tpl: int
     return None
 
 
-def allocate_blob(layer_sizes: list[int], fixed_cost: int, members: int, tpl: int,
-                  budget: int | None, policy: str = "shared") -> tuple[int, int, int]:
-    """(blob size, minimum budget, largest useful budget): the largest readable blob whose total fits."""
+def allocate_blob(
+    layer_sizes: list[int],
+    fixed_cost: int,
+    members: int,
+    tpl: int,
+    budget: int | None,
+    policy: str = "shared",
+) -> tuple[int, int, int]:
+    """(blob size, minimum budget, largest useful budget): the largest readable blob whose total
+    fits."""
     smallest = max(layer_sizes)  # every layer needs one whole template
     minimum = blob_cost(smallest, layer_sizes, fixed_cost, members, tpl)
     cap = blob_demand(smallest * tpl, layer_sizes, members, tpl, policy)  # every layer at k = tpl
     maximum = blob_cost(cap, layer_sizes, fixed_cost, members, tpl)
     if budget is None:
-        raise BudgetError("groups single needs a budget", "add a budget, e.g. budget 7M or budget 0.25x")
+        raise BudgetError(
+            "groups single needs a budget", "add a budget, e.g. budget 7M or budget 0.25x"
+        )
     if budget < minimum:
         raise BudgetError(
             f"the budget {budget:,} is below the minimum {minimum:,} for this spec",
-            f"in single-blob mode the blob must hold at least the largest layer ({smallest:,} parameters) besides "
-            f"the fixed cost; raise the budget to at least {minimum:,}",
+            f"in single-blob mode the blob must hold at least the largest layer ({smallest:,}"
+            f" parameters) besides the fixed cost; raise the budget to at least {minimum:,}",
             minimum,
         )
-    lo, hi = smallest, min(budget, cap)  # blob_cost is increasing in size: binary search the largest that fits
+    # blob_cost is increasing in size: binary search the largest that fits
+    lo, hi = (smallest, min(budget, cap))
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if blob_cost(mid, layer_sizes, fixed_cost, members, tpl) <= budget:

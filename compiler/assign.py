@@ -11,7 +11,9 @@ The single blob is swept the same way, ``k * size`` entries per slot.
 from __future__ import annotations
 
 
-def assign_bank(n_layers: int, n: int, k: int, members: int, policy: str) -> tuple[list[list[list[int]]], list[int]]:
+def assign_bank(
+    n_layers: int, n: int, k: int, members: int, policy: str
+) -> tuple[list[list[list[int]]], list[int]]:
     """Per layer, per member, the template indices; and how many slots use each template."""
     counter = 0
     usage = [0] * n
@@ -31,8 +33,9 @@ def assign_bank(n_layers: int, n: int, k: int, members: int, policy: str) -> tup
     return out, usage
 
 
-def assign_blob(sizes: list[int], ks: list[int], blob: int, members: int,
-                policy: str) -> tuple[list[list[int]], int, int]:
+def assign_blob(
+    sizes: list[int], ks: list[int], blob: int, members: int, policy: str
+) -> tuple[list[list[int]], int, int]:
     """Per layer, per member, the start offset in the blob; and (min, max) usage of blob entries.
 
     Usage is swept over the breakpoints of the slots' intervals, so it costs

@@ -18,7 +18,7 @@ def collinear(slot: Slot) -> bool:
     """Every member's weight in this layer is a scalar multiple of every other member's."""
     if slot.k != 1:
         return False
-    reads = slot.templates if slot.templates is not None else [[o] for o in (slot.offsets or [])]
+    reads = slot.templates if slot.templates is not None else [[o] for o in slot.offsets or []]
     return all(r == reads[0] for r in reads)
 
 
@@ -29,12 +29,17 @@ def distinct_template_sets(slots: list[Slot]) -> int:
     members = len(slots[0].templates if slots[0].templates is not None else slots[0].offsets or [])
     per_member = set()
     for m in range(members):
-        per_member.add(tuple(tuple(s.templates[m]) if s.templates is not None else (s.offsets[m],) for s in slots))
+        per_member.add(
+            tuple(
+                tuple(s.templates[m]) if s.templates is not None else (s.offsets[m],) for s in slots
+            )
+        )
     return len(per_member)
 
 
 def degenerate_groups(slots: list[Slot]) -> list[str]:
-    """Names of the groups (or "blob") every one of whose layers is collinear, in first-seen order."""
+    """Names of the groups (or "blob") every one of whose layers is collinear, in first-seen
+    order."""
     by_group: dict[str, list[Slot]] = {}
     for s in slots:
         by_group.setdefault(s.group, []).append(s)
@@ -42,6 +47,6 @@ def degenerate_groups(slots: list[Slot]) -> list[str]:
 
 
 def all_collinear(members: int, slots: list[Slot], member_layers: int) -> bool:
-    """The whole ensemble degenerates: several members, no per-member layer, every banked layer collinear
-    (plain layers are shared, hence identical)."""
+    """The whole ensemble degenerates: several members, no per-member layer, every banked layer
+    collinear (plain layers are shared, hence identical)."""
     return members > 1 and member_layers == 0 and all(collinear(s) for s in slots)

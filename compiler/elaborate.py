@@ -33,7 +33,8 @@ class Graph:
     ops: list[Any] = field(default_factory=list)
     names: set[str] = field(default_factory=set)
     pos: dict[str, Pos] = field(default_factory=dict)  # op name -> where it was written
-    scopes: list[P.Scope] = field(default_factory=list)  # named scopes in order (blocks, stages, repeats)
+    # named scopes in order (blocks, stages, repeats)
+    scopes: list[P.Scope] = field(default_factory=list)
 
 
 @dataclass
@@ -61,31 +62,49 @@ def elaborate(program: Program, diags: Diagnostics) -> tuple[Graph, A.Definition
     """The backbone named by the ensemble section, as a flat op graph."""
     ens = program.ensemble
     if ens is None:
-        diags.error(f"{program.main_file} has no ensemble section, so there is nothing to compile", None,
-                    "add: ensemble { backbone NAME(...)  members 4  budget 1.0x }")
+        diags.error(
+            f"{program.main_file} has no ensemble section, so there is nothing to compile",
+            None,
+            "add: ensemble { backbone NAME(...)  members 4  budget 1.0x }",
+        )
         return None
     if ens.backbone not in program.definitions:  # already reported by the section checker
         return None
     defn = program.definitions[ens.backbone]
     el = _Elaborator(program, diags)
-    call = A.Layer(defn.name, None, ens.backbone_args, ens.pos.get("backbone", defn.pos), ens.pos.get("backbone", defn.pos))
+    call = A.Layer(
+        defn.name,
+        None,
+        ens.backbone_args,
+        ens.pos.get("backbone", defn.pos),
+        ens.pos.get("backbone", defn.pos),
+    )
     try:
         env = el.bind(defn, call, dict(program.consts), caller_env=dict(program.consts))
         scope = _Scope("")
         cur = el.body(defn.body, env, scope, None, depth=0)
         if cur is None:
-            diags.error(f"backbone '{defn.name}' has no input statement", defn.name_pos,
-                        "start it with input image(C, H, W), input signal(C, L) or input vector(D)")
+            diags.error(
+                f"backbone '{defn.name}' has no input statement",
+                defn.name_pos,
+                "start it with input image(C, H, W), input signal(C, L) or input vector(D)",
+            )
             raise _Abort
         if el.errored:
             raise _Abort
         if len(cur.shape) != 1:
-            diags.error(f"backbone '{defn.name}' must end in a vector of class scores, but it ends in shape {cur.shape}",
-                        defn.name_pos, "finish with global_avgpool (or flatten) and a linear layer")
+            diags.error(
+                f"backbone '{defn.name}' must end in a vector of class scores, but it ends in shape"
+                f" {cur.shape}",
+                defn.name_pos,
+                "finish with global_avgpool (or flatten) and a linear layer",
+            )
             raise _Abort
         if not any(isinstance(o, (P.ConvOp, P.LinearOp)) for o in el.g.ops):
-            diags.error(f"backbone '{defn.name}' has no conv or linear layer: there is nothing to ensemble",
-                        defn.name_pos)
+            diags.error(
+                f"backbone '{defn.name}' has no conv or linear layer: there is nothing to ensemble",
+                defn.name_pos,
+            )
             raise _Abort
     except _Abort:
         return None
@@ -138,24 +157,41 @@ class _Elaborator:
             e["in_length"] = cur.shape[1]
         return e
 
-    def bind(self, defn: A.Definition, call: A.Layer, base_env: dict, caller_env: dict,
-             cur: _Cur | None = None) -> dict:
+    def bind(
+        self,
+        defn: A.Definition,
+        call: A.Layer,
+        base_env: dict,
+        caller_env: dict,
+        cur: _Cur | None = None,
+    ) -> dict:
         """Bind a call's arguments (evaluated in ``caller_env``) to a definition's parameters."""
         env = dict(base_env)
         names = [p.name for p in defn.params]
         given: dict[str, Any] = {}
         positional = [a for a in call.args if a.name is None]
         if len(positional) > len(names):
-            self.fail(f"{defn.kind} '{defn.name}' takes {len(names)} argument(s), got {len(positional)} positional",
-                      positional[len(names)].pos, f"its parameters are ({', '.join(names)})")
+            self.fail(
+                f"{defn.kind} '{defn.name}' takes {len(names)} argument(s), got {len(positional)}"
+                " positional",
+                positional[len(names)].pos,
+                f"its parameters are ({', '.join(names)})",
+            )
         for p, a in zip(defn.params, positional):
             given[p.name] = self.eval(a.value, caller_env)
         for a in call.args:
             if a.name is None:
                 continue
             if a.name not in names:
-                self.fail(f"{defn.kind} '{defn.name}' has no parameter '{a.name}'", a.pos,
-                          choices_hint(a.name, names) if names else f"{defn.kind} '{defn.name}' takes no arguments")
+                self.fail(
+                    f"{defn.kind} '{defn.name}' has no parameter '{a.name}'",
+                    a.pos,
+                    (
+                        choices_hint(a.name, names)
+                        if names
+                        else f"{defn.kind} '{defn.name}' takes no arguments"
+                    ),
+                )
             if a.name in given:
                 self.fail(f"argument '{a.name}' given twice", a.pos)
             given[a.name] = self.eval(a.value, caller_env)
@@ -165,16 +201,25 @@ class _Elaborator:
             elif p.default is not None:
                 env[p.name] = self.eval(p.default, self.shape_env(env, cur))
             else:
-                self.fail(f"missing argument '{p.name}' of {defn.kind} '{defn.name}'", call.pos,
-                          f"{defn.name}({', '.join(names)}) is defined at {defn.name_pos.file}:{defn.name_pos.line}")
+                self.fail(
+                    f"missing argument '{p.name}' of {defn.kind} '{defn.name}'",
+                    call.pos,
+                    f"{defn.name}({', '.join(names)}) is defined at"
+                    f" {defn.name_pos.file}:{defn.name_pos.line}",
+                )
         return env
 
     # --- statements --------------------------------------------------------
 
-    def body(self, stmts: tuple, env: dict, scope: _Scope, cur: _Cur | None, depth: int) -> _Cur | None:
+    def body(
+        self, stmts: tuple, env: dict, scope: _Scope, cur: _Cur | None, depth: int
+    ) -> _Cur | None:
         if depth > MAX_DEPTH:
-            self.fail("blocks nest too deeply (recursion?)", stmts[0].pos if stmts else Pos("?", 1, 1),
-                      "a block must not call itself")
+            self.fail(
+                "blocks nest too deeply (recursion?)",
+                stmts[0].pos if stmts else Pos("?", 1, 1),
+                "a block must not call itself",
+            )
         env = dict(env)
         i = 0
         while i < len(stmts):
@@ -182,15 +227,25 @@ class _Elaborator:
             step = 1
             try:
                 if isinstance(st, A.Residual):
-                    sc = stmts[i + 1] if i + 1 < len(stmts) and isinstance(stmts[i + 1], A.Shortcut) else None
+                    sc = (
+                        stmts[i + 1]
+                        if i + 1 < len(stmts) and isinstance(stmts[i + 1], A.Shortcut)
+                        else None
+                    )
                     step = 2 if sc is not None else 1
                     cur = self.residual(st, sc, env, scope, cur, depth)
                 elif isinstance(st, A.Shortcut):
-                    self.fail("a shortcut must follow a residual { ... }", st.pos,
-                              "write: residual { main path } then shortcut if COND { projection }")
+                    self.fail(
+                        "a shortcut must follow a residual { ... }",
+                        st.pos,
+                        "write: residual { main path } then shortcut if COND { projection }",
+                    )
                 elif cur is None and not isinstance(st, (A.Input, A.Let)):
-                    self.fail("the backbone must start with an input statement", st.pos,
-                              "add input image(C, H, W), input signal(C, L) or input vector(D) first")
+                    self.fail(
+                        "the backbone must start with an input statement",
+                        st.pos,
+                        "add input image(C, H, W), input signal(C, L) or input vector(D) first",
+                    )
                 else:
                     cur = self.stmt(st, env, scope, cur, depth)
             except _Abort:
@@ -220,25 +275,37 @@ class _Elaborator:
 
     def input(self, st: A.Input, env: dict, cur: _Cur | None) -> _Cur:
         if cur is not None:
-            self.fail("a second input statement", st.pos, "a backbone has exactly one input, at its start")
+            self.fail(
+                "a second input statement", st.pos, "a backbone has exactly one input, at its start"
+            )
         if st.layout not in INPUT_LAYOUTS:
-            self.fail(f"unknown input kind '{st.layout}'", st.pos, choices_hint(st.layout, INPUT_LAYOUTS))
+            self.fail(
+                f"unknown input kind '{st.layout}'", st.pos, choices_hint(st.layout, INPUT_LAYOUTS)
+            )
         dims = INPUT_LAYOUTS[st.layout]
         if len(st.args) != len(dims) or any(a.name for a in st.args):
-            self.fail(f"input {st.layout} takes {len(dims)} positional sizes ({', '.join(dims)})", st.pos)
+            self.fail(
+                f"input {st.layout} takes {len(dims)} positional sizes ({', '.join(dims)})", st.pos
+            )
         shape = []
         for a in st.args:
             v = self.eval(a.value, env)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 self.fail(f"input sizes are positive integers, got {render(v)}", a.pos)
             shape.append(v)
-        return self.add(P.InputOp(name="input", inputs=[], in_shape=shape, out_shape=shape, layout=st.layout), st.pos)
+        return self.add(
+            P.InputOp(name="input", inputs=[], in_shape=shape, out_shape=shape, layout=st.layout),
+            st.pos,
+        )
 
     def repeat(self, st: A.Repeat, env: dict, scope: _Scope, cur: _Cur, depth: int) -> _Cur:
         n = self.eval(st.count, self.shape_env(env, cur))
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            self.fail(f"repeat needs a count that is a non-negative integer, got {render(n)}", st.count.pos,
-                      "use // for integer division, e.g. (depth - 4) // 6")
+            self.fail(
+                f"repeat needs a count that is a non-negative integer, got {render(n)}",
+                st.count.pos,
+                "use // for integer division, e.g. (depth - 4) // 6",
+            )
         if n > MAX_OPS:
             self.fail(f"repeat count {n} is too large", st.count.pos)
         for i in range(n):
@@ -262,8 +329,9 @@ class _Elaborator:
                 cur = self.body(st.body, e, _Scope(scope.full(local)), cur, depth + 1)
         return cur
 
-    def residual(self, st: A.Residual, sc: A.Shortcut | None, env: dict, scope: _Scope, cur: _Cur,
-                 depth: int) -> _Cur:
+    def residual(
+        self, st: A.Residual, sc: A.Shortcut | None, env: dict, scope: _Scope, cur: _Cur, depth: int
+    ) -> _Cur:
         if cur is None:
             self.fail("the backbone must start with an input statement", st.pos)
         x = cur
@@ -274,42 +342,68 @@ class _Elaborator:
             if sc.cond is not None:
                 take = self.eval(sc.cond, self.shape_env(env, x))
                 if not isinstance(take, bool):
-                    self.fail(f"a shortcut condition must be true or false, got {type_name(take)}", sc.cond.pos)
+                    self.fail(
+                        f"a shortcut condition must be true or false, got {type_name(take)}",
+                        sc.cond.pos,
+                    )
             if take:
                 short = self.body(sc.body, env, scope, x, depth + 1)
         if main.shape != short.shape:
             where = "shortcut" if short is not x else "identity shortcut"
             self.fail_shape(
-                f"shape mismatch in residual add: the main path gives {main.shape}, the {where} gives {short.shape}",
+                f"shape mismatch in residual add: the main path gives {main.shape}, the {where}"
+                f" gives {short.shape}",
                 st.pos,
-                "add or fix a projection: shortcut if stride != 1 or in_channels != width { conv proj(width, "
-                "kernel = 1, stride = stride) }",
+                "add or fix a projection: shortcut if stride != 1 or in_channels != width { conv"
+                " proj(width, kernel = 1, stride = stride) }",
             )
         name = scope.full(scope.auto("add"))
-        return self.add(P.AddOp(name=name, inputs=[main.name, short.name], in_shape=main.shape,
-                                out_shape=main.shape), st.pos)
+        return self.add(
+            P.AddOp(
+                name=name, inputs=[main.name, short.name], in_shape=main.shape, out_shape=main.shape
+            ),
+            st.pos,
+        )
 
-    def layer(self, st: A.Layer, env: dict, scope: _Scope, cur: _Cur, depth: int, name: str | None = None,
-              index: int | None = None) -> _Cur:
+    def layer(
+        self,
+        st: A.Layer,
+        env: dict,
+        scope: _Scope,
+        cur: _Cur,
+        depth: int,
+        name: str | None = None,
+        index: int | None = None,
+    ) -> _Cur:
         local = name or st.name
         if local is not None:
             if local in scope.explicit:
-                self.fail(f"duplicate name '{scope.full(local)}'", st.name_pos or st.pos,
-                          "names must be unique within a block or stage")
+                self.fail(
+                    f"duplicate name '{scope.full(local)}'",
+                    st.name_pos or st.pos,
+                    "names must be unique within a block or stage",
+                )
             scope.explicit.add(local)
         defn = self.program.definitions.get(st.kind)
         if defn is not None:
             if defn.kind != "block":
-                self.fail(f"'{st.kind}' is a backbone; only blocks can be used inside a body", st.kind_pos,
-                          f"turn it into a block: block {st.kind}(...) {{ ... }}")
+                self.fail(
+                    f"'{st.kind}' is a backbone; only blocks can be used inside a body",
+                    st.kind_pos,
+                    f"turn it into a block: block {st.kind}(...) {{ ... }}",
+                )
             local = local or scope.auto(st.kind)
             benv = self.bind(defn, st, dict(self.program.consts), self.shape_env(env, cur), cur)
             self.g.scopes.append(P.Scope(name=scope.full(local), block=st.kind, index=index))
             return self.body(defn.body, benv, _Scope(scope.full(local)), cur, depth + 1)
         kind = LAYERS.get(st.kind)
         if kind is None:
-            cands = list(LAYERS) + [n for n, d in self.program.definitions.items() if d.kind == "block"]
-            self.fail(f"unknown layer or block '{st.kind}'", st.kind_pos, choices_hint(st.kind, cands))
+            cands = list(LAYERS) + [
+                n for n, d in self.program.definitions.items() if d.kind == "block"
+            ]
+            self.fail(
+                f"unknown layer or block '{st.kind}'", st.kind_pos, choices_hint(st.kind, cands)
+            )
         full = scope.full(local or scope.auto(st.kind))
         args = self.layer_args(st, kind, self.shape_env(env, cur), full)
         try:
@@ -323,8 +417,11 @@ class _Elaborator:
         out: dict[str, Any] = {}
         positional = [a for a in st.args if a.name is None]
         if len(positional) > len(kind.params):
-            what = f"at most {len(kind.params)} positional argument(s) ({', '.join(kind.params)})" if kind.params \
+            what = (
+                f"at most {len(kind.params)} positional argument(s) ({', '.join(kind.params)})"
+                if kind.params
                 else "no arguments"
+            )
             self.fail(f"{st.kind} takes {what}", positional[len(kind.params)].pos)
         for pname, a in zip(kind.params, positional):
             out[pname] = (self.eval(a.value, env), a.pos)
@@ -332,8 +429,15 @@ class _Elaborator:
             if a.name is None:
                 continue
             if a.name not in kind.params:
-                self.fail(f"{st.kind} has no argument '{a.name}'", a.pos,
-                          choices_hint(a.name, kind.params) if kind.params else f"{st.kind} takes no arguments")
+                self.fail(
+                    f"{st.kind} has no argument '{a.name}'",
+                    a.pos,
+                    (
+                        choices_hint(a.name, kind.params)
+                        if kind.params
+                        else f"{st.kind} takes no arguments"
+                    ),
+                )
             if a.name in out:
                 self.fail(f"argument '{a.name}' given twice", a.pos)
             out[a.name] = (self.eval(a.value, env), a.pos)
@@ -343,9 +447,19 @@ class _Elaborator:
                 v, pos = out[p]
                 values[p] = self.check_type(st.kind, p, v, pos, full)
             elif p in kind.required:
-                self.fail(f"{st.kind} needs '{p}'", st.pos, f"for example: {st.kind}({', '.join(kind.required)} = ...)"
-                          if len(kind.required) > 1 else f"pass it first: {st.kind}(64)" if p == "out"
-                          else f"{st.kind}({p} = ...)")
+                self.fail(
+                    f"{st.kind} needs '{p}'",
+                    st.pos,
+                    (
+                        f"for example: {st.kind}({', '.join(kind.required)} = ...)"
+                        if len(kind.required) > 1
+                        else (
+                            f"pass it first: {st.kind}(64)"
+                            if p == "out"
+                            else f"{st.kind}({p} = ...)"
+                        )
+                    ),
+                )
             else:
                 values[p] = kind.defaults[p]
         return values
@@ -362,7 +476,10 @@ class _Elaborator:
             if t == "ints?" and v is None:
                 return v
             ok = (isinstance(v, int) and not isinstance(v, bool)) or (
-                isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v))
+                isinstance(v, list)
+                and v
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            )
             if not ok:
                 bad = "an integer or a list of integers"
         elif t == "bool":
@@ -374,6 +491,15 @@ class _Elaborator:
             else:
                 v = float(v)
         if bad:
-            hint = "use // for integer division" if isinstance(v, float) and t.startswith("int") else None
-            self.fail(f"{kind} '{arg}' must be {bad}, got {type_name(v)} ({render(v)}) (in layer '{full}')", pos, hint)
+            hint = (
+                "use // for integer division"
+                if isinstance(v, float) and t.startswith("int")
+                else None
+            )
+            self.fail(
+                f"{kind} '{arg}' must be {bad}, got {type_name(v)} ({render(v)}) (in layer"
+                f" '{full}')",
+                pos,
+                hint,
+            )
         return v

@@ -43,7 +43,9 @@ def group_name(op: P.ConvOp | P.LinearOp) -> str:
     return f"{op.kind}_{'x'.join(map(str, op.weight_shape))}" + ("_bias" if op.bias else "")
 
 
-def form_groups(weights: list, ens: EnsembleSpec, diags: Diagnostics) -> tuple[list[GroupDraft], list[str]] | None:
+def form_groups(
+    weights: list, ens: EnsembleSpec, diags: Diagnostics
+) -> tuple[list[GroupDraft], list[str]] | None:
     """Return (groups, plain layer names) for ``by_shape``, ``single``, ``explicit``."""
     if ens.groups == "explicit":
         return _explicit(weights, ens, diags)
@@ -51,7 +53,9 @@ def form_groups(weights: list, ens: EnsembleSpec, diags: Diagnostics) -> tuple[l
     for op in weights:
         k = shape_key(op)
         if k not in by_key:
-            by_key[k] = GroupDraft(group_name(op), [], list(op.weight_shape), op.bias, weight_size(op))
+            by_key[k] = GroupDraft(
+                group_name(op), [], list(op.weight_shape), op.bias, weight_size(op)
+            )
         by_key[k].layers.append(op.name)
     groups, plain = [], []
     for g in by_key.values():
@@ -64,7 +68,9 @@ def form_groups(weights: list, ens: EnsembleSpec, diags: Diagnostics) -> tuple[l
     return groups, plain
 
 
-def _explicit(weights: list, ens: EnsembleSpec, diags: Diagnostics) -> tuple[list[GroupDraft], list[str]] | None:
+def _explicit(
+    weights: list, ens: EnsembleSpec, diags: Diagnostics
+) -> tuple[list[GroupDraft], list[str]] | None:
     taken: dict[str, str] = {}
     groups: list[GroupDraft] = []
     names = [op.name for op in weights]
@@ -72,15 +78,27 @@ def _explicit(weights: list, ens: EnsembleSpec, diags: Diagnostics) -> tuple[lis
     for gs in ens.explicit:
         members = []
         for pat, pos in zip(gs.patterns, gs.pattern_pos):
-            hits = [op for op in weights if fnmatch.fnmatchcase(op.name, pat) and op.name not in taken]
+            hits = [
+                op for op in weights if fnmatch.fnmatchcase(op.name, pat) and op.name not in taken
+            ]
             if not hits:
                 already = [n for n in names if fnmatch.fnmatchcase(n, pat)]
                 if already:
-                    hint = f"every layer it matches is already in group '{taken[already[0]]}' (the first match wins)"
+                    hint = (
+                        f"every layer it matches is already in group '{taken[already[0]]}' (the"
+                        " first match wins)"
+                    )
                 else:
-                    hint = did_you_mean(pat, names) or ("conv and linear layers here: " + ", ".join(names[:8])
-                                                         + (" ..." if len(names) > 8 else ""))
-                diags.error(f'pattern "{pat}" of group \'{gs.name}\' matches no conv or linear layer', pos, hint)
+                    hint = did_you_mean(pat, names) or (
+                        "conv and linear layers here: "
+                        + ", ".join(names[:8])
+                        + (" ..." if len(names) > 8 else "")
+                    )
+                diags.error(
+                    f"pattern \"{pat}\" of group '{gs.name}' matches no conv or linear layer",
+                    pos,
+                    hint,
+                )
                 ok = False
             for op in hits:
                 taken[op.name] = gs.name
@@ -90,15 +108,28 @@ def _explicit(weights: list, ens: EnsembleSpec, diags: Diagnostics) -> tuple[lis
         keys = {shape_key(op) for op in members}
         if len(keys) > 1:
             shapes = sorted({f"{op.kind} {op.weight_shape}" for op in members})
-            diags.error(f"group '{gs.name}' mixes layers of different shapes: {', '.join(shapes)}", gs.pos,
-                        "a bank's templates have one shape: split the group by shape, or use `groups single`")
+            diags.error(
+                f"group '{gs.name}' mixes layers of different shapes: {', '.join(shapes)}",
+                gs.pos,
+                "a bank's templates have one shape: split the group by shape, or use `groups"
+                " single`",
+            )
             ok = False
             continue
         op0 = members[0]
         order = {n: i for i, n in enumerate(names)}
-        groups.append(GroupDraft(gs.name, sorted((op.name for op in members), key=order.__getitem__),
-                                 list(op0.weight_shape), op0.bias, weight_size(op0), gs.share, gs.templates,
-                                 gs.templates_per_layer))
+        groups.append(
+            GroupDraft(
+                gs.name,
+                sorted((op.name for op in members), key=order.__getitem__),
+                list(op0.weight_shape),
+                op0.bias,
+                weight_size(op0),
+                gs.share,
+                gs.templates,
+                gs.templates_per_layer,
+            )
+        )
     if not ok:
         return None
     plain = [n for n in names if n not in taken]

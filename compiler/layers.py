@@ -7,8 +7,9 @@ Shapes are channels-first without the batch axis: [C, H, W], [C, L] or [D].
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from mixc.compiler import plan as P
 
@@ -26,7 +27,8 @@ class LayerKind:
     params: tuple[str, ...]  # in positional order
     required: tuple[str, ...]
     defaults: dict[str, Any]
-    build: Callable[[str, list[str], list[int], dict[str, Any]], Any]  # (name, inputs, in_shape, args) -> Op
+    # (name, inputs, in_shape, args) -> Op
+    build: Callable[[str, list[str], list[int], dict[str, Any]], Any]
     doc: str
 
 
@@ -37,14 +39,17 @@ def _spatial(shape: list[int], kind: str) -> int:
         return 1
     raise ShapeError(
         f"{kind} needs an image [C, H, W] or a signal [C, L], but its input is a vector {shape}",
-        "use linear on vectors, or keep the spatial axes (no flatten/global pooling before this layer)",
+        "use linear on vectors, or keep the spatial axes (no flatten/global pooling before this"
+        " layer)",
     )
 
 
 def _tuple(v: Any, dim: int, arg: str) -> list[int]:
     if isinstance(v, list):
         if len(v) != dim or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-            raise ShapeError(f"'{arg}' must be an integer or a list of {dim} integers, got {v}", arg=arg)
+            raise ShapeError(
+                f"'{arg}' must be an integer or a list of {dim} integers, got {v}", arg=arg
+            )
         return list(v)
     return [v] * dim
 
@@ -53,8 +58,14 @@ def _out_size(n: int, k: int, s: int, p: int, d: int = 1) -> int:
     return (n + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _spatial_out(shape: list[int], kernel: list[int], stride: list[int], padding: list[int],
-                 dilation: list[int], what: str) -> list[int]:
+def _spatial_out(
+    shape: list[int],
+    kernel: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    what: str,
+) -> list[int]:
     out = []
     for n, k, s, p, d in zip(shape[1:], kernel, stride, padding, dilation):
         if s < 1:
@@ -65,7 +76,8 @@ def _spatial_out(shape: list[int], kernel: list[int], stride: list[int], padding
         if o < 1:
             raise ShapeError(
                 f"{what}: kernel {k} (dilation {d}, padding {p}) does not fit an input of size {n}",
-                "use a smaller kernel or stride, more padding, or less downsampling before this layer",
+                "use a smaller kernel or stride, more padding, or less downsampling before this"
+                " layer",
             )
         out.append(o)
     return out
@@ -77,20 +89,38 @@ def _conv(name, inputs, shape, a):
     kernel = _tuple(a["kernel"], dim, "kernel")
     dilation = _tuple(a["dilation"], dim, "dilation")
     pad = a["padding"]
-    padding = [d * (k // 2) for k, d in zip(kernel, dilation)] if pad is None else _tuple(pad, dim, "padding")
+    padding = (
+        [d * (k // 2) for k, d in zip(kernel, dilation)]
+        if pad is None
+        else _tuple(pad, dim, "padding")
+    )
     stride = _tuple(a["stride"], dim, "stride")
     groups, cout = a["groups"], a["out"]
     if groups < 1 or cin % groups or cout % groups:
         raise ShapeError(
-            f"conv groups={groups} must divide both the input channels ({cin}) and the output channels ({cout})",
+            f"conv groups={groups} must divide both the input channels ({cin}) and the output"
+            f" channels ({cout})",
             arg="groups",
         )
     if min(kernel) < 1:
         raise ShapeError(f"kernel must be at least 1, got {kernel}", arg="kernel")
     out = [cout, *_spatial_out(shape, kernel, stride, padding, dilation, "conv")]
-    return P.ConvOp(name=name, inputs=inputs, in_shape=shape, out_shape=out, dim=dim, in_channels=cin,
-                    out_channels=cout, kernel=kernel, stride=stride, padding=padding, dilation=dilation,
-                    groups=groups, bias=a["bias"], source="plain")
+    return P.ConvOp(
+        name=name,
+        inputs=inputs,
+        in_shape=shape,
+        out_shape=out,
+        dim=dim,
+        in_channels=cin,
+        out_channels=cout,
+        kernel=kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=a["bias"],
+        source="plain",
+    )
 
 
 def _linear(name, inputs, shape, a):
@@ -99,22 +129,46 @@ def _linear(name, inputs, shape, a):
             f"linear needs a vector input, but its input has shape {shape}",
             "add global_avgpool (or flatten) before the linear layer",
         )
-    return P.LinearOp(name=name, inputs=inputs, in_shape=shape, out_shape=[a["out"]], in_features=shape[0],
-                      out_features=a["out"], bias=a["bias"], source="plain")
+    return P.LinearOp(
+        name=name,
+        inputs=inputs,
+        in_shape=shape,
+        out_shape=[a["out"]],
+        in_features=shape[0],
+        out_features=a["out"],
+        bias=a["bias"],
+        source="plain",
+    )
 
 
 def _bn(name, inputs, shape, a):
     if not 0 <= a["momentum"] <= 1:
-        raise ShapeError(f"bn momentum is in [0, 1] (PyTorch convention), got {a['momentum']}", arg="momentum")
+        raise ShapeError(
+            f"bn momentum is in [0, 1] (PyTorch convention), got {a['momentum']}", arg="momentum"
+        )
     if not a["eps"] > 0:
         raise ShapeError(f"bn eps must be positive, got {a['eps']}", arg="eps")
-    return P.BatchNormOp(name=name, inputs=inputs, in_shape=shape, out_shape=shape, channels=shape[0],
-                         eps=a["eps"], momentum=a["momentum"])
+    return P.BatchNormOp(
+        name=name,
+        inputs=inputs,
+        in_shape=shape,
+        out_shape=shape,
+        channels=shape[0],
+        eps=a["eps"],
+        momentum=a["momentum"],
+    )
 
 
 def _act(fn):
     def build(name, inputs, shape, a):
-        return P.ActOp(name=name, inputs=inputs, in_shape=shape, out_shape=shape, fn=fn, slope=a.get("slope", 0.01))
+        return P.ActOp(
+            name=name,
+            inputs=inputs,
+            in_shape=shape,
+            out_shape=shape,
+            fn=fn,
+            slope=a.get("slope", 0.01),
+        )
 
     return build
 
@@ -126,10 +180,21 @@ def _pool(op):
         stride = kernel if a["stride"] is None else _tuple(a["stride"], dim, "stride")
         padding = _tuple(a["padding"], dim, "padding")
         if any(2 * p > k for p, k in zip(padding, kernel)):
-            raise ShapeError(f"pool padding {padding} must be at most half the kernel {kernel}", arg="padding")
+            raise ShapeError(
+                f"pool padding {padding} must be at most half the kernel {kernel}", arg="padding"
+            )
         out = [shape[0], *_spatial_out(shape, kernel, stride, padding, [1] * dim, f"{op}pool")]
-        return P.PoolOp(name=name, inputs=inputs, in_shape=shape, out_shape=out, op=op, dim=dim, kernel=kernel,
-                        stride=stride, padding=padding)
+        return P.PoolOp(
+            name=name,
+            inputs=inputs,
+            in_shape=shape,
+            out_shape=out,
+            op=op,
+            dim=dim,
+            kernel=kernel,
+            stride=stride,
+            padding=padding,
+        )
 
     return build
 
@@ -155,36 +220,72 @@ def _dropout(name, inputs, shape, a):
     return P.DropoutOp(name=name, inputs=inputs, in_shape=shape, out_shape=shape, p=a["p"])
 
 
-_POOL_ARGS = dict(params=("kernel", "stride", "padding"), required=("kernel",), defaults={"stride": None, "padding": 0})
+_POOL_ARGS = dict(
+    params=("kernel", "stride", "padding"),
+    required=("kernel",),
+    defaults={"stride": None, "padding": 0},
+)
 
 LAYERS: dict[str, LayerKind] = {
-    "conv": LayerKind(("out", "kernel", "stride", "padding", "dilation", "groups", "bias"), ("out",),
-                      {"kernel": 3, "stride": 1, "padding": None, "dilation": 1, "groups": 1, "bias": False}, _conv,
-                      "1-D or 2-D convolution (by the input's rank); padding defaults to dilation*(kernel//2)"),
-    "linear": LayerKind(("out", "bias"), ("out",), {"bias": True}, _linear, "fully connected layer on a vector"),
-    "bn": LayerKind(("eps", "momentum"), (), {"eps": 1e-5, "momentum": 0.1}, _bn,
-                    "batch normalisation, one per member (PyTorch momentum convention)"),
+    "conv": LayerKind(
+        ("out", "kernel", "stride", "padding", "dilation", "groups", "bias"),
+        ("out",),
+        {"kernel": 3, "stride": 1, "padding": None, "dilation": 1, "groups": 1, "bias": False},
+        _conv,
+        "1-D or 2-D convolution (by the input's rank); padding defaults to dilation*(kernel//2)",
+    ),
+    "linear": LayerKind(
+        ("out", "bias"), ("out",), {"bias": True}, _linear, "fully connected layer on a vector"
+    ),
+    "bn": LayerKind(
+        ("eps", "momentum"),
+        (),
+        {"eps": 1e-5, "momentum": 0.1},
+        _bn,
+        "batch normalisation, one per member (PyTorch momentum convention)",
+    ),
     "relu": LayerKind((), (), {}, _act("relu"), "activation"),
     "gelu": LayerKind((), (), {}, _act("gelu"), "activation"),
     "silu": LayerKind((), (), {}, _act("silu"), "activation"),
     "tanh": LayerKind((), (), {}, _act("tanh"), "activation"),
     "sigmoid": LayerKind((), (), {}, _act("sigmoid"), "activation"),
     "leaky_relu": LayerKind(("slope",), (), {"slope": 0.01}, _act("leaky_relu"), "activation"),
-    "maxpool": LayerKind(**_POOL_ARGS, build=_pool("max"), doc="max pooling; stride defaults to the kernel"),
-    "avgpool": LayerKind(**_POOL_ARGS, build=_pool("avg"), doc="average pooling; stride defaults to the kernel"),
-    "global_avgpool": LayerKind((), (), {}, _global("avg"), "mean over the spatial axes: [C, ...] -> [C]"),
-    "global_maxpool": LayerKind((), (), {}, _global("max"), "max over the spatial axes: [C, ...] -> [C]"),
+    "maxpool": LayerKind(
+        **_POOL_ARGS, build=_pool("max"), doc="max pooling; stride defaults to the kernel"
+    ),
+    "avgpool": LayerKind(
+        **_POOL_ARGS, build=_pool("avg"), doc="average pooling; stride defaults to the kernel"
+    ),
+    "global_avgpool": LayerKind(
+        (), (), {}, _global("avg"), "mean over the spatial axes: [C, ...] -> [C]"
+    ),
+    "global_maxpool": LayerKind(
+        (), (), {}, _global("max"), "max over the spatial axes: [C, ...] -> [C]"
+    ),
     "flatten": LayerKind((), (), {}, _flatten, "[C, ...] -> [C * ...]"),
     "dropout": LayerKind(("p",), (), {"p": 0.5}, _dropout, "dropout with probability p"),
 }
 
 # What each argument must be, for the checker in elaborate.py.
 ARG_TYPES: dict[str, str] = {
-    "out": "int", "kernel": "ints", "stride": "ints", "padding": "ints?", "dilation": "ints", "groups": "int",
-    "bias": "bool", "eps": "float", "momentum": "float", "slope": "float", "p": "float",
+    "out": "int",
+    "kernel": "ints",
+    "stride": "ints",
+    "padding": "ints?",
+    "dilation": "ints",
+    "groups": "int",
+    "bias": "bool",
+    "eps": "float",
+    "momentum": "float",
+    "slope": "float",
+    "p": "float",
 }
 
-INPUT_LAYOUTS = {"image": ("channels", "height", "width"), "signal": ("channels", "length"), "vector": ("features",)}
+INPUT_LAYOUTS = {
+    "image": ("channels", "height", "width"),
+    "signal": ("channels", "length"),
+    "vector": ("features",),
+}
 
 
 def weight_size(op: P.ConvOp | P.LinearOp) -> int:

@@ -36,10 +36,19 @@ import hashlib
 import json
 import os
 import re
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SerializationInfo, SerializerFunctionWrapHandler,
-                      ValidationError, model_serializer, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from mixc.core.errors import MixcError
 
@@ -59,7 +68,9 @@ class _Grown(_Model):
     _implied: ClassVar[dict[str, Any]] = {}
 
     @model_serializer(mode="wrap")
-    def _leave_out_implied(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict:
+    def _leave_out_implied(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict:
         data = handler(self)
         for key, value in self._implied_values().items():
             if key in data and getattr(self, key) == value:
@@ -88,7 +99,9 @@ def _name(v: str) -> str:
 
 def _tensor_name(v: str) -> str:
     if len(v) > 1000 or not _TENSOR.fullmatch(v):
-        raise ValueError("must be a dotted name starting with a letter (such as bank.conv_16x16x3x3)")
+        raise ValueError(
+            "must be a dotted name starting with a letter (such as bank.conv_16x16x3x3)"
+        )
     return v
 
 
@@ -100,14 +113,17 @@ def _hash(v: str) -> str:
 
 def _text(v: str) -> str:
     if len(v) > 4096 or _CONTROL.search(v):
-        raise ValueError("must be one line of text without control characters (at most 4096 characters)")
+        raise ValueError(
+            "must be one line of text without control characters (at most 4096 characters)"
+        )
     return v
 
 
 Name = Annotated[str, AfterValidator(_name)]  # op, layer and group names
 TensorName = Annotated[str, AfterValidator(_tensor_name)]
 Hash = Annotated[str, AfterValidator(_hash)]
-Text = Annotated[str, AfterValidator(_text)]  # the spec's name and file: shown in messages and comments
+# the spec's name and file: shown in messages and comments
+Text = Annotated[str, AfterValidator(_text)]
 Dim = Annotated[int, Field(ge=1)]  # a shape entry, kernel, stride, dilation, count of things
 Count = Annotated[int, Field(ge=0)]  # a padding, an index, a parameter count
 Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
@@ -207,12 +223,19 @@ class AddOp(_OpBase):
 
 
 Op = Annotated[
-    Union[
-        InputOp, ConvOp, LinearOp, BatchNormOp, ActOp, PoolOp, GlobalPoolOp, FlattenOp, DropoutOp, AddOp
-    ],
+    InputOp
+    | ConvOp
+    | LinearOp
+    | BatchNormOp
+    | ActOp
+    | PoolOp
+    | GlobalPoolOp
+    | FlattenOp
+    | DropoutOp
+    | AddOp,
     Field(discriminator="kind"),
 ]
-WeightOp = Union[ConvOp, LinearOp]
+WeightOp = ConvOp | LinearOp
 
 
 # ---------------------------------------------------------------------------
@@ -300,23 +323,31 @@ class Tensor(_Model):
 class Accounting(_Grown):
     """Parameter counts (trainable parameters only; BN running stats are buffers).
 
-    ``total = plain + templates + alphas + fast + bn``; the fields after ``maximum_budget`` came with
-    the other ensemble methods and are left out of the JSON at their defaults (see ``_Grown``).
+    ``total = plain + templates + alphas + fast + bn``; the fields after ``maximum_budget`` came
+    with the other ensemble methods and are left out of the JSON at their defaults (see ``_Grown``).
     """
 
     backbone_params: Count  # one plain member, no factorisation
     naive_params: Count  # members * backbone_params
-    plain_params: Count  # unfactorised weights and biases: shared, per-member, or the single-path network's
+    plain_params: (
+        Count  # unfactorised weights and biases: shared, per-member, or the single-path network's
+    )
     template_params: Count  # banks or blob
     alpha_params: Count  # all members
     bn_params: Count  # all members
     total_params: Count
     budget: Count | None  # None when no budget applies (or every group fixed its template count)
-    minimum_budget: Count  # fixed cost plus one template per group (other methods: the smallest model)
+    minimum_budget: (
+        Count  # fixed cost plus one template per group (other methods: the smallest model)
+    )
     per_member_params: Count  # what one member holds alone (mixture: alphas + BN; see docs/plan.md)
-    maximum_budget: Count | None = None  # largest useful budget: every group (or the blob) fully readable
+    maximum_budget: Count | None = (
+        None  # largest useful budget: every group (or the blob) fully readable
+    )
     fast_params: Count = 0  # BatchEnsemble's fast weights r and s, all members
-    backbone_macs: Count | None = None  # one plain backbone's MACs, where the ops are not that backbone
+    backbone_macs: Count | None = (
+        None  # one plain backbone's MACs, where the ops are not that backbone
+    )
 
     _implied: ClassVar[dict[str, Any]] = {"fast_params": 0, "backbone_macs": None}
 
@@ -356,13 +387,15 @@ Positive = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
 
 
 class MixtureMethod(_Model):
-    """MixtureEnsembles: every banked layer of every member mixes shared templates (``groups``, ``blob``, ``slots``)."""
+    """MixtureEnsembles: every banked layer of every member mixes shared templates (``groups``,
+    ``blob``, ``slots``)."""
 
     name: Literal["mixture"] = "mixture"
 
 
 class NaiveMethod(_Model):
-    """A deep ensemble: M independent backbones (``member.*`` weights); what ``groups none`` compiles to."""
+    """A deep ensemble: M independent backbones (``member.*`` weights); what ``groups none``
+    compiles to."""
 
     name: Literal["naive"] = "naive"
 
@@ -370,9 +403,10 @@ class NaiveMethod(_Model):
 class BatchEnsembleMethod(_Model):
     """BatchEnsemble (Wen et al. 2020; edward2's ``Conv2DBatchEnsemble``/``DenseBatchEnsemble``).
 
-    Member i's layer computes ``((x * r[i]) conv W) * s[i] + b[i]`` with one shared ``W``; the batch is
-    tiled M times. ``fast_init``/``fast_std`` initialise r and s (N(1, fast_std^2), or random signs +-1);
-    ``fast_lr`` multiplies the learning rate of r and s, which get no weight decay (training only: not hashed).
+    Member i's layer computes ``((x * r[i]) conv W) * s[i] + b[i]`` with one shared ``W``; the batch
+    is tiled M times. ``fast_init``/``fast_std`` initialise r and s (N(1, fast_std^2), or random
+    signs +-1); ``fast_lr`` multiplies the learning rate of r and s, which get no weight decay
+    (training only: not hashed).
     """
 
     name: Literal["batch_ensemble"] = "batch_ensemble"
@@ -382,9 +416,9 @@ class BatchEnsembleMethod(_Model):
 
 
 class MimoMethod(_Model):
-    """MIMO (Havasi et al. 2021): one network; the first layer reads the M members' inputs stacked on the
-    channel axis, the last has M heads. ``batch_repetitions`` and ``input_sharing`` (rho) shape training
-    batches only (not hashed)."""
+    """MIMO (Havasi et al. 2021): one network; the first layer reads the M members' inputs stacked
+    on the channel axis, the last has M heads. ``batch_repetitions`` and ``input_sharing`` (rho)
+    shape training batches only (not hashed)."""
 
     name: Literal["mimo"] = "mimo"
     batch_repetitions: Dim = 4
@@ -392,9 +426,10 @@ class MimoMethod(_Model):
 
 
 class PackedMethod(_Model):
-    """Packed-Ensembles (Laurent et al. 2023): every layer widened by ``alpha`` and split into ``gamma * M``
-    groups (the first not split, the last with M groups producing M x classes). ``alpha_from_budget``:
-    alpha was solved from the budget (the one closest to it: see compiler/methods/packed.py)."""
+    """Packed-Ensembles (Laurent et al. 2023): every layer widened by ``alpha`` and split into
+    ``gamma * M`` groups (the first not split, the last with M groups producing M x classes).
+    ``alpha_from_budget``: alpha was solved from the budget (the one closest to it: see
+    compiler/methods/packed.py)."""
 
     name: Literal["packed"] = "packed"
     alpha: Positive = 2.0
@@ -402,8 +437,10 @@ class PackedMethod(_Model):
     alpha_from_budget: bool = False
 
 
-Method = Annotated[Union[MixtureMethod, NaiveMethod, BatchEnsembleMethod, MimoMethod, PackedMethod],
-                   Field(discriminator="name")]
+Method = Annotated[
+    MixtureMethod | NaiveMethod | BatchEnsembleMethod | MimoMethod | PackedMethod,
+    Field(discriminator="name"),
+]
 METHODS = ("mixture", "batch_ensemble", "mimo", "packed", "naive")
 #: method options that only shape training, left out of the content hash (as the train section is)
 _TRAINING_OPTIONS = {"fast_lr", "batch_repetitions", "input_sharing"}
@@ -420,9 +457,16 @@ class Scope(_Model):
 
 
 # Plan fields outside the content hash (see Plan.content_hash).
-_HASH_EXCLUDE = {"spec_hash": True, "source": True, "train": True, "warnings": True, "scopes": True,
-                 "groups": {"__all__": {"capacity"}}, "accounting": {"maximum_budget", "backbone_macs"},
-                 "method": _TRAINING_OPTIONS}
+_HASH_EXCLUDE = {
+    "spec_hash": True,
+    "source": True,
+    "train": True,
+    "warnings": True,
+    "scopes": True,
+    "groups": {"__all__": {"capacity"}},
+    "accounting": {"maximum_budget", "backbone_macs"},
+    "method": _TRAINING_OPTIONS,
+}
 
 
 class Plan(_Grown):
@@ -431,7 +475,8 @@ class Plan(_Grown):
     source: Text  # the spec file it was compiled from, for messages
     spec_hash: Hash = ""  # sha256 of the plan's content (see content_hash)
     members: Dim
-    grouping: Literal["by_shape", "single", "explicit", "none"]  # none: no template groups (every method but mixture)
+    # none: no template groups (every method but mixture)
+    grouping: Literal["by_shape", "single", "explicit", "none"]
     assign: Literal["shared", "greedy_disjoint"]
     templates_per_layer: Dim
     bank_singletons: bool
@@ -450,13 +495,19 @@ class Plan(_Grown):
     init: InitRules = InitRules()  # initialisation rules (part of the model's definition)
     warnings: list[PlanWarning] = []  # compile-time warnings (not part of the content hash)
     scopes: list[Scope] = []  # the spec's blocks, stages and repeats (not part of the content hash)
-    # The ensemble method; a plan without one (every plan before methods existed) is mixture, or naive
-    # when grouping is none. Left out of the JSON while it is that implied default (see _Grown).
+    # The ensemble method; a plan without one (every plan before methods existed) is mixture, or
+    # naive when grouping is none. Left out of the JSON while it is that implied default (see
+    # _Grown).
     method: Method = MixtureMethod()
-    execution: Literal["per_member", "single_path"] = "per_member"  # how activations run: the method's execution
+    execution: Literal["per_member", "single_path"] = (
+        "per_member"  # how activations run: the method's execution
+    )
 
     def _implied_values(self) -> dict[str, Any]:
-        return {"method": NaiveMethod() if self.grouping == "none" else MixtureMethod(), "execution": "per_member"}
+        return {
+            "method": NaiveMethod() if self.grouping == "none" else MixtureMethod(),
+            "execution": "per_member",
+        }
 
     def op(self, name: str) -> Op:
         for o in self.ops:
@@ -478,8 +529,10 @@ class Plan(_Grown):
         Warnings, derived bookkeeping (capacity, maximum_budget) and default init
         rules are left out too, so a plan whose model did not change keeps its hash.
         """
-        data = self.model_dump(mode="json", exclude=_HASH_EXCLUDE | ({"init": True} if self.init == InitRules()
-                                                                      else {}))
+        data = self.model_dump(
+            mode="json",
+            exclude=_HASH_EXCLUDE | ({"init": True} if self.init == InitRules() else {}),
+        )
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -487,39 +540,52 @@ class Plan(_Grown):
         return self.model_dump_json(indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         return cls.model_validate_json(text)
 
     @model_validator(mode="before")
     @classmethod
     def _implied_method(cls, data: Any) -> Any:
-        """A plan that names no method has the one its grouping implies: naive for ``none``, else mixture."""
+        """A plan that names no method has the one its grouping implies: naive for ``none``, else
+        mixture."""
         if isinstance(data, dict) and "method" not in data and data.get("grouping") == "none":
             return {**data, "method": NaiveMethod()}
         return data
 
     @model_validator(mode="after")
-    def _method_fits(self) -> "Plan":
-        """The method, the execution, the grouping and the weight sources agree (backends branch on them)."""
-        from mixc.compiler.methods import get_method  # the methods' modules build plans: imported when used
+    def _method_fits(self) -> Plan:
+        """The method, the execution, the grouping and the weight sources agree (backends branch on
+        them)."""
+        # the methods' modules build plans: imported when used
+        from mixc.compiler.methods import get_method
 
         name, method = self.method.name, get_method(self.method.name)
         if self.execution != method.execution:
-            raise ValueError(f"method {name} runs {method.execution}, but execution is {self.execution}")
+            raise ValueError(
+                f"method {name} runs {method.execution}, but execution is {self.execution}"
+            )
         if method.has_templates == (self.grouping == "none"):
-            raise ValueError(f"method {name} with grouping {self.grouping}: mixture has template groups "
-                             "(grouping none is the naive ensemble), other methods have none")
+            raise ValueError(
+                f"method {name} with grouping {self.grouping}: mixture has template groups "
+                "(grouping none is the naive ensemble), other methods have none"
+            )
         if not method.has_templates and (self.groups or self.slots or self.blob is not None):
             raise ValueError(f"method {name} has no template groups, slots or blob")
         allowed = method.weight_sources
-        bad = next((o for o in self.ops if isinstance(o, (ConvOp, LinearOp)) and o.source not in allowed), None)
+        bad = next(
+            (o for o in self.ops if isinstance(o, (ConvOp, LinearOp)) and o.source not in allowed),
+            None,
+        )
         if bad is not None:
-            raise ValueError(f"layer {bad.name} has source {bad.source}, which method {name} does not use")
+            raise ValueError(
+                f"layer {bad.name} has source {bad.source}, which method {name} does not use"
+            )
         return self
 
     @model_validator(mode="after")
-    def _references(self) -> "Plan":
-        """Every name the plan uses refers to something it defines (a backend then needs no guards)."""
+    def _references(self) -> Plan:
+        """Every name the plan uses refers to something it defines (a backend then needs no
+        guards)."""
         ops: set[str] = set()
         for op in self.ops:
             if op.name in ops:
@@ -531,15 +597,22 @@ class Plan(_Grown):
         groups = {g.name for g in self.groups}
         if len(groups) != len(self.groups):
             raise ValueError("a group is listed twice")
-        used = [self.output, *self.plain_layers, *(n for g in self.groups for n in g.layers),
-                *(s.layer for s in self.slots), *(t.layer for t in self.tensors if t.layer is not None),
-                *(self.blob.layers if self.blob else ())]
+        used = [
+            self.output,
+            *self.plain_layers,
+            *(n for g in self.groups for n in g.layers),
+            *(s.layer for s in self.slots),
+            *(t.layer for t in self.tensors if t.layer is not None),
+            *(self.blob.layers if self.blob else ()),
+        ]
         unknown = next((n for n in used if n not in ops), None)
         if unknown is not None:
             raise ValueError(f"{unknown} is named as a layer but is not an op of the plan")
         for s in self.slots:
             if s.group not in groups and not (s.group == "blob" and self.blob is not None):
-                raise ValueError(f"slot of {s.layer} draws from group {s.group}, which the plan does not have")
+                raise ValueError(
+                    f"slot of {s.layer} draws from group {s.group}, which the plan does not have"
+                )
         return self
 
 
@@ -550,11 +623,13 @@ MAX_PLAN_BYTES = 256 * 2**20
 
 
 class PlanFileError(MixcError, ValueError):
-    """A plan file that cannot be used: unreadable, not a valid plan, or not matching its spec_hash."""
+    """A plan file that cannot be used: unreadable, not a valid plan, or not matching its
+    spec_hash."""
 
 
 def read_plan(path: str | os.PathLike) -> Plan:
-    """Read ``path`` as a Plan, refusing it unless every field is valid and it matches its ``spec_hash``.
+    """Read ``path`` as a Plan, refusing it unless every field is valid and it matches its
+    ``spec_hash``.
 
     Run folders are shared like model files, and a plan is lowered to source that
     is exec'd: a plan edited by hand (or damaged) must stop here, with a message
@@ -569,25 +644,31 @@ def read_plan(path: str | os.PathLike) -> Plan:
     except UnicodeDecodeError:
         raise PlanFileError(f"{path} is not a mixc plan (not UTF-8 text)") from None
     except OSError as e:
-        raise PlanFileError(f"cannot read the plan {path}: {e.strerror or type(e).__name__}") from None
+        raise PlanFileError(
+            f"cannot read the plan {path}: {e.strerror or type(e).__name__}"
+        ) from None
     try:
         plan = Plan.from_json(text)
     except ValidationError as e:
-        raise PlanFileError(f"{path} is not a valid mixc plan: {first_problem(e)}; hint: recompile the spec "
-                            "(`mixc compile SPEC -o plan.json` with the overrides it was trained with)") from None
+        raise PlanFileError(
+            f"{path} is not a valid mixc plan: {first_problem(e)}; hint: recompile the spec "
+            "(`mixc compile SPEC -o plan.json` with the overrides it was trained with)"
+        ) from None
     want = plan.content_hash()
     if plan.spec_hash != want:
         got = f"its spec_hash is {plan.spec_hash}" if plan.spec_hash else "it has no spec_hash"
         raise PlanFileError(
-            f"{path} does not match its content hash ({got}, its content hashes to {want}): it was edited or "
-            "damaged after mixc wrote it, so it is not used; hint: recompile the spec it came from "
-            "(`mixc compile SPEC -o plan.json` with the overrides it was trained with) instead of editing a plan"
+            f"{path} does not match its content hash ({got}, its content hashes to {want}): it was"
+            " edited or damaged after mixc wrote it, so it is not used; hint: recompile the spec"
+            " it came from (`mixc compile SPEC -o plan.json` with the overrides it was trained"
+            " with) instead of editing a plan"
         )
     return plan
 
 
 def first_problem(err: ValidationError) -> str:
-    """The first validation error as ``field: message`` (never the offending value: it may be hostile)."""
+    """The first validation error as ``field: message`` (never the offending value: it may be
+    hostile)."""
     problems = err.errors(include_url=False, include_input=False)
     first = problems[0]
 

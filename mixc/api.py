@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
 from mixc.compiler.plan import Plan
 
-Overrides = Union[Mapping[str, Any], Sequence[str]]
+Overrides = Mapping[str, Any] | Sequence[str]
 
 
 def override_list(overrides: Overrides | None = None, **keywords: Any) -> list[str]:
@@ -35,7 +35,8 @@ def override_list(overrides: Overrides | None = None, **keywords: Any) -> list[s
 
 
 def _value(v: Any) -> str:
-    """A Python value as ``--set`` text: true/false, numbers, names and lists as written in a spec."""
+    """A Python value as ``--set`` text: true/false, numbers, names and lists as written in a
+    spec."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (list, tuple)):
@@ -44,13 +45,15 @@ def _value(v: Any) -> str:
 
 
 def import_path_list(import_paths: Sequence[str | Path] | None) -> list[str | Path]:
-    """``import_paths`` checked as the CLI's repeated ``--import-path``: a list of folder paths, never a string
-    (iterated, ``"/some/dir"`` would allow ``/`` and every letter as a folder)."""
+    """``import_paths`` checked as the CLI's repeated ``--import-path``: a list of folder paths,
+    never a string (iterated, ``"/some/dir"`` would allow ``/`` and every letter as a folder)."""
     if import_paths is None:
         return []
     if isinstance(import_paths, (str, bytes, os.PathLike)):
-        raise TypeError(f"import_paths must be a list of folders, not the single path {import_paths!r}; "
-                        f"hint: import_paths=[{str(import_paths)!r}]")
+        raise TypeError(
+            f"import_paths must be a list of folders, not the single path {import_paths!r}; "
+            f"hint: import_paths=[{str(import_paths)!r}]"
+        )
     items = list(import_paths)
     bad = [p for p in items if not isinstance(p, (str, os.PathLike)) or not str(p)]
     if bad:
@@ -65,11 +68,16 @@ def load(spec: str | Path, overrides: Overrides = (), import_paths: Sequence[str
     """
     from mixc.spec.loader import load_program
 
-    return load_program(_spec(spec), override_list(overrides), import_paths=import_path_list(import_paths))
+    return load_program(
+        _spec(spec), override_list(overrides), import_paths=import_path_list(import_paths)
+    )
 
 
-def compile(spec: str | Path | Plan, overrides: Overrides = (),  # noqa: A001 - public name
-            import_paths: Sequence[str | Path] = ()) -> Plan:
+def compile(
+    spec: str | Path | Plan,
+    overrides: Overrides = (),  # noqa: A001 - public name
+    import_paths: Sequence[str | Path] = (),
+) -> Plan:
     """Compile a spec to its Plan. Raises ``mixc.spec.SpecError`` on bad input."""
     items = override_list(overrides)
     if isinstance(spec, Plan):
@@ -79,22 +87,38 @@ def compile(spec: str | Path | Plan, overrides: Overrides = (),  # noqa: A001 - 
     from mixc.compiler import compile_program
     from mixc.spec.loader import load_program
 
-    return compile_program(load_program(_spec(spec), items, defer=True, import_paths=import_path_list(import_paths)))
+    return compile_program(
+        load_program(_spec(spec), items, defer=True, import_paths=import_path_list(import_paths))
+    )
 
 
-def compile_text(text: str, overrides: Sequence[str] = (), name: str = "spec.mix",
-                 import_paths: Sequence[str | Path] = ()) -> Plan:
-    """Compile spec source held in a string (``name`` is used in messages and as the plan's name)."""
+def compile_text(
+    text: str,
+    overrides: Sequence[str] = (),
+    name: str = "spec.mix",
+    import_paths: Sequence[str | Path] = (),
+) -> Plan:
+    """Compile spec source held in a string (``name`` is used in messages and as the plan's
+    name)."""
     from mixc.compiler import compile_program
     from mixc.spec.loader import load_program
 
     if not isinstance(text, str):  # None would read the file called ``name`` instead
-        raise TypeError(f"compile_text takes the spec's text as a str, not {type(text).__name__}; hint: "
-                        "mixc.compile(path) compiles a file")
+        raise TypeError(
+            f"compile_text takes the spec's text as a str, not {type(text).__name__}; hint: "
+            "mixc.compile(path) compiles a file"
+        )
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str (used in messages), not {name!r}")
-    return compile_program(load_program(name, override_list(overrides), defer=True, text=text,
-                                        import_paths=import_path_list(import_paths)))
+    return compile_program(
+        load_program(
+            name,
+            override_list(overrides),
+            defer=True,
+            text=text,
+            import_paths=import_path_list(import_paths),
+        )
+    )
 
 
 def _spec(spec: Any) -> str | Path:
@@ -103,7 +127,12 @@ def _spec(spec: Any) -> str | Path:
     return spec
 
 
-def build(spec: str | Path | Plan, backend: str = "torch", overrides: Overrides | None = None, **keywords: Any):
+def build(
+    spec: str | Path | Plan,
+    backend: str = "torch",
+    overrides: Overrides | None = None,
+    **keywords: Any,
+):
     """Compile ``spec`` and build its model with ``backend``.
 
     Keywords that the backend's ``build`` takes (``layout``, ``device``, ``channels_last``...)

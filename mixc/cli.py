@@ -12,8 +12,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from rich.console import Console
 
@@ -23,16 +23,34 @@ from mixc.spec.sections import DEFAULT_METHOD
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set members=2 --set budget=20M --set backbone.classes=10 "
-                        "--set train.epochs=5 (repeatable; type-checked like the file)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=(
+            "override a setting, e.g. --set members=2 --set budget=20M --set backbone.classes=10 "
+            "--set train.epochs=5 (repeatable; type-checked like the file)"
+        ),
+    )
 
 
 def _spec_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", metavar="FILE", help="a .mix spec, or the name of a zoo spec (e.g. wrn28_10)")
-    p.add_argument("--import-path", dest="import_paths", action="append", default=[], metavar="DIR",
-                   help="a further folder the spec's imports may read (repeatable; imports otherwise stay inside "
-                        "the spec's folder and the zoo; MIXC_IMPORT_PATH works for every command)")
+    p.add_argument(
+        "file", metavar="FILE", help="a .mix spec, or the name of a zoo spec (e.g. wrn28_10)"
+    )
+    p.add_argument(
+        "--import-path",
+        dest="import_paths",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help=(
+            "a further folder the spec's imports may read (repeatable; imports otherwise stay"
+            " inside the spec's folder and the zoo; MIXC_IMPORT_PATH works for every command)"
+        ),
+    )
 
 
 def cmd_check(args: argparse.Namespace, out: Console) -> int:
@@ -42,7 +60,10 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
     program = load_program(args.file, args.overrides, defer=True, import_paths=args.import_paths)
     if program.ensemble is None and not program.pending:
         n = len(program.definitions)
-        out.print(f"{program.main_file}: ok ({n} definition{'s' if n != 1 else ''}, no ensemble section to compile)")
+        out.print(
+            f"{program.main_file}: ok ({n} definition{'s' if n != 1 else ''}, no ensemble section"
+            " to compile)"
+        )
         return 0
     plan = compile_program(program)
     from mixc.inspect_view import print_warnings
@@ -51,7 +72,10 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
     a = plan.accounting
     budget = f" of {a.budget:,}" if a.budget else ""
     method = f"method {plan.method.name}, " if plan.method.name != DEFAULT_METHOD else ""
-    out.print(f"{program.main_file}: ok ({method}{plan.members} members, {a.total_params:,}{budget} parameters)")
+    out.print(
+        f"{program.main_file}: ok ({method}{plan.members} members, {a.total_params:,}{budget}"
+        " parameters)"
+    )
     return 0
 
 
@@ -84,7 +108,8 @@ def cmd_compile(args: argparse.Namespace, out: Console) -> int:
             path = Path(args.output)
             if path.is_dir() and not path.is_symlink():
                 path = path / "plan.json"
-            check_output(path, inputs=[plan.source, args.file], force=True)  # never over the spec it read
+            # never over the spec it read
+            check_output(path, inputs=[plan.source, args.file], force=True)
             write_text(path, text)
             out.print(f"wrote {path}", highlight=False)
         return 0
@@ -129,8 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     from mixc.backends import GROUP, names
 
     parser = argparse.ArgumentParser(
-        prog="mixc", description="mixc: compile .mix specs into parameter-efficient ensembles (MixtureEnsembles)",
-        epilog=f"backends: {', '.join(names())} (registered in the {GROUP!r} entry-point group; --backend picks one)")
+        prog="mixc",
+        description=(
+            "mixc: compile .mix specs into parameter-efficient ensembles (MixtureEnsembles)"
+        ),
+        epilog=(
+            f"backends: {', '.join(names())} (registered in the {GROUP!r} entry-point group;"
+            " --backend picks one)"
+        ),
+    )
     parser.add_argument("--version", action="version", version=f"mixc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -139,34 +171,65 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("inspect", help="show the allocation: groups, templates, plain layers, accounting")
+    p = sub.add_parser(
+        "inspect", help="show the allocation: groups, templates, plain layers, accounting"
+    )
     _spec_arg(p)
     p.add_argument("--json", action="store_true", help="print a JSON object instead of tables")
     _add_set(p)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("compile", help="compile a spec to a plan (JSON) or to a backend's model source")
+    p = sub.add_parser(
+        "compile", help="compile a spec to a plan (JSON) or to a backend's model source"
+    )
     _spec_arg(p)
-    p.add_argument("--emit", choices=["plan"], default="plan", help="what to write without --backend (the plan)")
+    p.add_argument(
+        "--emit",
+        choices=["plan"],
+        default="plan",
+        help="what to write without --backend (the plan)",
+    )
     add_backend_argument(p, "write OUT/plan.json and OUT/<name>.py for", default=None)
-    p.add_argument("-o", "--output", metavar="OUT", help="output file (plan) or folder (backend); plan: default stdout")
-    p.add_argument("--standalone", action="store_true",
-                   help="with --backend: write the layer classes into the file (needs the framework alone, not mixc)")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="output file (plan) or folder (backend); plan: default stdout",
+    )
+    p.add_argument(
+        "--standalone",
+        action="store_true",
+        help=(
+            "with --backend: write the layer classes into the file (needs the framework alone, not"
+            " mixc)"
+        ),
+    )
     _add_set(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("zoo", help="list the specs that ship with mixc")
     p.set_defaults(func=cmd_zoo)
 
-    for name, help_ in (("train", "train an ensemble (or a baseline) from a spec"),
-                        ("eval", "evaluate a trained run: accuracy, NLL, ECE, Brier, diversity; --ood, selective prediction"),
-                        ("calibrate", "fit a temperature for a trained run on held-out data (eval, export, predict use it)"),
-                        ("verify", "property-based budget verification of a spec's neighbourhood"),
-                        ("interpolate", "accuracy along the line between two members' weights (paper, Figure 4)"),
-                        ("sweep", "train a spec at several budgets/member counts, with baselines; table and plot"),
-                        ("report", "trained runs side by side, shaped like the paper's tables"),
-                        ("export", "export a trained run for deployment: onnx, torch-export (.pt2) or members"),
-                        ("predict", "predict new inputs (.npz, an image, a folder of images) with a trained run")):
+    for name, help_ in (
+        ("train", "train an ensemble (or a baseline) from a spec"),
+        (
+            "eval",
+            (
+                "evaluate a trained run: accuracy, NLL, ECE, Brier, diversity; --ood, selective"
+                " prediction"
+            ),
+        ),
+        (
+            "calibrate",
+            "fit a temperature for a trained run on held-out data (eval, export, predict use it)",
+        ),
+        ("verify", "property-based budget verification of a spec's neighbourhood"),
+        ("interpolate", "accuracy along the line between two members' weights (paper, Figure 4)"),
+        ("sweep", "train a spec at several budgets/member counts, with baselines; table and plot"),
+        ("report", "trained runs side by side, shaped like the paper's tables"),
+        ("export", "export a trained run for deployment: onnx, torch-export (.pt2) or members"),
+        ("predict", "predict new inputs (.npz, an image, a folder of images) with a trained run"),
+    ):
         hooks = _optional(name)
         if hooks is None:
             continue
@@ -189,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_reporting(command: str, fn: Callable[[], int | None]) -> int:
-    """Run ``fn`` and turn every user-facing error (``MixcError``) into its one-paragraph report and exit
-    code, the one place that does (README, "Exit codes"); anything else is a bug and keeps its traceback."""
+    """Run ``fn`` and turn every user-facing error (``MixcError``) into its one-paragraph report and
+    exit code, the one place that does (README, "Exit codes"); anything else is a bug and keeps
+    its traceback.
+    """
     from mixc.core.errors import MixcError
     from mixc.spec.diagnostics import SpecError
 
@@ -214,7 +279,8 @@ def run_reporting(command: str, fn: Callable[[], int | None]) -> int:
 
 
 def _reader_gone() -> int:
-    """stdout's reader went away (``mixc inspect --json | head -1``): stop quietly, as Unix tools do.
+    """stdout's reader went away (``mixc inspect --json | head -1``): stop quietly, as Unix tools
+    do.
 
     Point stdout at /dev/null so the interpreter's final flush cannot raise again.
     """

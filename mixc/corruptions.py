@@ -1,4 +1,5 @@
-"""Common image corruptions at 5 severities, on batches, in pixel space: the CIFAR-C recipe without the files.
+"""Common image corruptions at 5 severities, on batches, in pixel space: the CIFAR-C recipe without
+the files.
 
 Hendrycks & Dietterich (2019) built CIFAR-10-C/CIFAR-100-C by corrupting the
 test set with 19 distortions at 5 severities; the paper's "Corrupt" columns
@@ -45,9 +46,9 @@ from __future__ import annotations
 import io
 import math
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -77,7 +78,8 @@ def _clip(x: np.ndarray) -> np.ndarray:
 
 
 def _correlate2d(x: np.ndarray, kernel: np.ndarray, mode: str) -> np.ndarray:
-    """Same-size 2-D correlation of every image plane with ``kernel`` (odd sides), padded by ``mode``."""
+    """Same-size 2-D correlation of every image plane with ``kernel`` (odd sides), padded by
+    ``mode``."""
     kh, kw = kernel.shape
     ph, pw = kh // 2, kw // 2
     h, w = x.shape[-2:]
@@ -149,7 +151,8 @@ def speckle_noise(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.
 
 
 def _disk_kernel(radius: float, alias_sigma: float) -> np.ndarray:
-    """Hendrycks' ``disk``: a normalised disk, smoothed by a 3x3 Gaussian (cv2.GaussianBlur, ksize 3)."""
+    """Hendrycks' ``disk``: a normalised disk, smoothed by a 3x3 Gaussian (cv2.GaussianBlur, ksize
+    3)."""
     r0 = int(math.floor(radius))
     t = np.arange(-r0, r0 + 1)
     yy, xx = np.meshgrid(t, t, indexing="ij")
@@ -184,7 +187,8 @@ def contrast(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarr
 
 
 def brightness(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """HSV value + c with hue and saturation kept: every channel scales by v'/v (black becomes grey v')."""
+    """HSV value + c with hue and saturation kept: every channel scales by v'/v (black becomes grey
+    v')."""
     c = (0.05, 0.1, 0.15, 0.2, 0.3)[severity - 1]
     v = x.max(axis=1, keepdims=True)
     v_new = np.clip(v + c, 0.0, 1.0)
@@ -207,8 +211,9 @@ def jpeg(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
         from PIL import Image
     except ImportError as e:
         raise DataError(
-            f"the jpeg corruption needs Pillow, which is not importable here ({e}); hint: pip install pillow "
-            "(it comes with the plot extra: pip install 'mixc[plot]'), or leave jpeg out of --corruptions"
+            f"the jpeg corruption needs Pillow, which is not importable here ({e}); hint: pip"
+            " install pillow (it comes with the plot extra: pip install 'mixc[plot]'), or leave"
+            " jpeg out of --corruptions"
         ) from e
     pixels = np.round(_clip(x) * 255.0).astype(np.uint8)  # [N, C, H, W]
     n, c = pixels.shape[:2]
@@ -222,7 +227,9 @@ def jpeg(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
 
     for i in range(n):
         if c == 3:
-            out[i] = roundtrip(np.ascontiguousarray(pixels[i].transpose(1, 2, 0)), "RGB").transpose(2, 0, 1)
+            out[i] = roundtrip(np.ascontiguousarray(pixels[i].transpose(1, 2, 0)), "RGB").transpose(
+                2, 0, 1
+            )
         else:
             for ch in range(c):
                 out[i, ch] = roundtrip(np.ascontiguousarray(pixels[i, ch]), "L")
@@ -244,19 +251,23 @@ CORRUPTIONS: dict[str, Callable[[np.ndarray, int, np.random.Generator], np.ndarr
 
 
 def parse_corruptions(text: str | None) -> list[str]:
-    """``all`` (or None) -> every corruption; else a comma-separated list, checked against the names."""
+    """``all`` (or None) -> every corruption; else a comma-separated list, checked against the
+    names."""
     if text is None or text.strip().lower() in ("", "all"):
         return list(CORRUPTIONS)
     names = [t.strip().lower() for t in text.split(",") if t.strip()]
     names = ["jpeg" if n == "jpeg_compression" else n for n in names]  # the CIFAR-C file name
     bad = [n for n in names if n not in CORRUPTIONS]
     if bad:
-        raise DataError(f"unknown corruption(s) {', '.join(bad)}; choose from {', '.join(CORRUPTIONS)} (or all)")
+        raise DataError(
+            f"unknown corruption(s) {', '.join(bad)}; choose from {', '.join(CORRUPTIONS)} (or all)"
+        )
     return list(dict.fromkeys(names))
 
 
 def corrupt(x: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarray:
-    """Corrupt a batch of pixels ``x`` ``[N, C, H, W]`` in ``[0, 1]``; float32 in ``[0, 1]``, deterministic in ``seed``."""
+    """Corrupt a batch of pixels ``x`` ``[N, C, H, W]`` in ``[0, 1]``; float32 in ``[0, 1]``,
+    deterministic in ``seed``."""
     if name not in CORRUPTIONS:
         raise DataError(f"unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)}")
     if severity not in SEVERITIES:
@@ -290,7 +301,9 @@ class PixelScale:
         return np.clip(x * self._shape(self.std, x.ndim) + self._shape(self.mean, x.ndim), 0.0, 1.0)
 
     def from_pixels(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self._shape(self.mean, x.ndim)) / self._shape(self.std, x.ndim)).astype(np.float32)
+        return ((x - self._shape(self.mean, x.ndim)) / self._shape(self.std, x.ndim)).astype(
+            np.float32
+        )
 
 
 def pixel_scale(dataset: Dataset) -> PixelScale:
@@ -308,12 +321,16 @@ def pixel_scale(dataset: Dataset) -> PixelScale:
     x = dataset.x_train
     if x.ndim != 4:
         raise DataError(
-            f"corruptions apply to images [N, C, H, W], but dataset {dataset.name!r} holds samples of shape "
-            f"{list(x.shape[1:])}; hint: --corruptions needs an image dataset"
+            f"corruptions apply to images [N, C, H, W], but dataset {dataset.name!r} holds samples"
+            f" of shape {list(x.shape[1:])}; hint: --corruptions needs an image dataset"
         )
     mean, std = getattr(dataset, "mean", None), getattr(dataset, "std", None)
     if mean is not None and std is not None:
-        return PixelScale(np.asarray(mean, np.float64).reshape(-1), np.asarray(std, np.float64).reshape(-1), "stored")
+        return PixelScale(
+            np.asarray(mean, np.float64).reshape(-1),
+            np.asarray(std, np.float64).reshape(-1),
+            "stored",
+        )
     axes = (0, 2, 3)
     lo = x.min(axis=axes).astype(np.float64)
     hi = x.max(axis=axes).astype(np.float64)
@@ -328,9 +345,10 @@ def pixel_scale(dataset: Dataset) -> PixelScale:
         c = x.shape[1]
         return PixelScale(np.zeros(c), np.full(c, 1.0 / 255.0), "stored as pixels in [0, 255]")
     raise DataError(
-        f"dataset {dataset.name!r} holds values in [{lo.min():.3g}, {hi.max():.3g}]: corruptions act on pixels, "
-        "and these are neither in [0, 1] nor in [0, 255]; hint: store raw pixels in the .npz (and normalise "
-        "inside the model), or evaluate on digits/cifar10/cifar100, whose scale mixc knows"
+        f"dataset {dataset.name!r} holds values in [{lo.min():.3g}, {hi.max():.3g}]: corruptions"
+        " act on pixels, and these are neither in [0, 1] nor in [0, 255]; hint: store raw pixels"
+        " in the .npz (and normalise inside the model), or evaluate on digits/cifar10/cifar100,"
+        " whose scale mixc knows"
     )
 
 
@@ -339,13 +357,17 @@ def pixel_scale(dataset: Dataset) -> PixelScale:
 
 #: --data name -> (folder name in the data folder, the clean dataset it corrupts)
 CIFAR_C = {"cifar10c": ("CIFAR-10-C", "cifar10"), "cifar100c": ("CIFAR-100-C", "cifar100")}
-_CIFAR_C_HINT = "download it from https://zenodo.org/record/2535967 (CIFAR-10-C) or /record/3555552 (CIFAR-100-C)"
+_CIFAR_C_HINT = (
+    "download it from https://zenodo.org/record/2535967 (CIFAR-10-C) or /record/3555552"
+    " (CIFAR-100-C)"
+)
 _CIFAR_C_PER_SEVERITY = 10000
 
 
 @dataclass(frozen=True)
 class CifarC:
-    """A folder of ``<corruption>.npy`` ``[50000, 32, 32, 3]`` uint8 (severity 1 first) and ``labels.npy``."""
+    """A folder of ``<corruption>.npy`` ``[50000, 32, 32, 3]`` uint8 (severity 1 first) and
+    ``labels.npy``."""
 
     name: str  # cifar10c / cifar100c
     folder: Path
@@ -354,21 +376,28 @@ class CifarC:
     clean: str  # cifar10 / cifar100
 
     def severities(self, corruption: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """(severity, pixels float32 [N, 3, 32, 32] in [0, 1], labels) for severities 1..5, read lazily."""
+        """(severity, pixels float32 [N, 3, 32, 32] in [0, 1], labels) for severities 1..5, read
+        lazily."""
         path = self.folder / f"{corruption}.npy"
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as e:
-            raise DataError(f"cannot read {path} as a .npy array ({e}); hint: {_CIFAR_C_HINT}") from e
+            raise DataError(
+                f"cannot read {path} as a .npy array ({e}); hint: {_CIFAR_C_HINT}"
+            ) from e
         if arr.ndim != 4 or arr.shape[1:] != (32, 32, 3) or arr.shape[0] != len(self.labels):
             raise DataError(
-                f"{path} has shape {list(arr.shape)}; expected [{len(self.labels)}, 32, 32, 3] like labels.npy; "
-                f"hint: {_CIFAR_C_HINT}"
+                f"{path} has shape {list(arr.shape)}; expected [{len(self.labels)}, 32, 32, 3] like"
+                f" labels.npy; hint: {_CIFAR_C_HINT}"
             )
         per = len(self.labels) // len(SEVERITIES)
         for s in SEVERITIES:
             part = np.asarray(arr[(s - 1) * per : s * per], dtype=np.float32) / 255.0
-            yield s, np.ascontiguousarray(part.transpose(0, 3, 1, 2)), self.labels[(s - 1) * per : s * per]
+            yield (
+                s,
+                np.ascontiguousarray(part.transpose(0, 3, 1, 2)),
+                self.labels[(s - 1) * per : s * per],
+            )
 
 
 def load_cifar_c(name: str, data_dir: str | Path | None) -> CifarC:
@@ -380,17 +409,22 @@ def load_cifar_c(name: str, data_dir: str | Path | None) -> CifarC:
     folder = root if (root / "labels.npy").is_file() else root / folder_name
     if not (folder / "labels.npy").is_file():
         raise DataError(
-            f"{name}: no {folder_name}/labels.npy under {root} (nor labels.npy in it); expected the folder of "
-            f"<corruption>.npy files and labels.npy; hint: {_CIFAR_C_HINT}, unpack it into {root}, "
-            "and pass --data-dir"
+            f"{name}: no {folder_name}/labels.npy under {root} (nor labels.npy in it); expected the"
+            f" folder of <corruption>.npy files and labels.npy; hint: {_CIFAR_C_HINT}, unpack it"
+            f" into {root}, and pass --data-dir"
         )
     try:
         labels = np.load(folder / "labels.npy", allow_pickle=False).astype(np.int64)
     except Exception as e:
         raise DataError(f"cannot read {folder / 'labels.npy'} ({e}); hint: {_CIFAR_C_HINT}") from e
     if labels.ndim != 1 or len(labels) % len(SEVERITIES):
-        raise DataError(f"{folder / 'labels.npy'} has shape {list(labels.shape)}; expected [5 * N] (N per severity)")
+        raise DataError(
+            f"{folder / 'labels.npy'} has shape {list(labels.shape)}; expected [5 * N] (N per"
+            " severity)"
+        )
     found = sorted(p.stem for p in folder.glob("*.npy") if p.stem != "labels")
     if not found:
-        raise DataError(f"{folder} holds labels.npy but no <corruption>.npy files; hint: {_CIFAR_C_HINT}")
+        raise DataError(
+            f"{folder} holds labels.npy but no <corruption>.npy files; hint: {_CIFAR_C_HINT}"
+        )
     return CifarC(name, folder, found, labels, clean)

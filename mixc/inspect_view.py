@@ -8,19 +8,24 @@ from rich.console import Console
 from rich.table import Table
 
 from mixc.compiler.degenerate import collinear, distinct_template_sets
+from mixc.compiler.methods import method_of
 from mixc.compiler.plan import Plan
 from mixc.core.flops import backbone_macs, ensemble_macs
-from mixc.compiler.methods import method_of
 
 
 def render_warnings(plan: Plan) -> str:
-    """The plan's warnings in the errors' file:line:col style (with the line and a caret), labelled warning."""
+    """The plan's warnings in the errors' file:line:col style (with the line and a caret), labelled
+    warning."""
     from mixc.spec.diagnostics import Diagnostic, Pos
 
     out = []
     for w in plan.warnings:
         pos = Pos(w.file, w.line, w.col) if w.file and w.line and w.col else None
-        sources = {w.file: "\n" * (w.line - 1) + w.source_line} if pos and w.source_line is not None else {}
+        sources = (
+            {w.file: "\n" * (w.line - 1) + w.source_line}
+            if pos and w.source_line is not None
+            else {}
+        )
         out.append(Diagnostic(w.message, pos, w.hint, severity="warning").render(sources))
     return "\n".join(out)
 
@@ -90,19 +95,27 @@ def summary(plan: Plan) -> dict[str, Any]:
                 "usage_max": max(g.usage),
                 "fixed": g.fixed,
                 "capacity": g.capacity,
-                "distinct_template_sets": distinct_template_sets([sl for sl in plan.slots if sl.group == g.name]),
-                "members_differ": plan.members > 1 and not all(
-                    collinear(sl) for sl in plan.slots if sl.group == g.name),
+                "distinct_template_sets": distinct_template_sets(
+                    [sl for sl in plan.slots if sl.group == g.name]
+                ),
+                "members_differ": (
+                    plan.members > 1
+                    and not all(collinear(sl) for sl in plan.slots if sl.group == g.name)
+                ),
             }
             for g in plan.groups
         ],
-        "blob": None if plan.blob is None else {
-            "size": plan.blob.size,
-            "layers": plan.blob.layers,
-            "templates_per_layer": {s.layer: s.k for s in plan.slots},
-            "usage_min": plan.blob.usage_min,
-            "usage_max": plan.blob.usage_max,
-        },
+        "blob": (
+            None
+            if plan.blob is None
+            else {
+                "size": plan.blob.size,
+                "layers": plan.blob.layers,
+                "templates_per_layer": {s.layer: s.k for s in plan.slots},
+                "usage_min": plan.blob.usage_min,
+                "usage_max": plan.blob.usage_max,
+            }
+        ),
         "plain_layers": [
             {"name": n, "weight_shape": by_name[n].weight_shape, "params": _params(by_name[n])}
             for n in plan.plain_layers
@@ -116,11 +129,17 @@ def _maximum_reason(plan: Plan) -> str | None:
     if a.maximum_budget is None:
         return None
     what = "the blob" if plan.blob is not None else "every group"
-    per = ("layers x templates_per_layer" if plan.assign == "shared"
-           else "members x layers x templates_per_layer")
-    return (f"at {a.maximum_budget:,} {what} holds as many templates as its slots can read ({per}); "
-            f"raise templates_per_layer" + (" or members" if plan.assign == "greedy_disjoint" else "")
-            + " to use a larger budget")
+    per = (
+        "layers x templates_per_layer"
+        if plan.assign == "shared"
+        else "members x layers x templates_per_layer"
+    )
+    return (
+        f"at {a.maximum_budget:,} {what} holds as many templates as its slots can read ({per}); "
+        "raise templates_per_layer"
+        + (" or members" if plan.assign == "greedy_disjoint" else "")
+        + " to use a larger budget"
+    )
 
 
 def _params(op) -> int:
@@ -131,12 +150,18 @@ def _params(op) -> int:
 
 
 def method_label(plan: Plan) -> str:
-    """``packed(alpha = 2, gamma = 1)``: the method as a spec writes it, with the options that define it."""
+    """``packed(alpha = 2, gamma = 1)``: the method as a spec writes it, with the options that
+    define it."""
     opts = plan.method.model_dump(exclude={"name", "alpha_from_budget"})
     if not opts:
         return plan.method.name
-    return f"{plan.method.name}(" + ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}"
-                                               for k, v in opts.items()) + ")"
+    return (
+        f"{plan.method.name}("
+        + ", ".join(
+            f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}" for k, v in opts.items()
+        )
+        + ")"
+    )
 
 
 def _role_params(plan: Plan, *roles: str) -> int:
@@ -146,14 +171,26 @@ def _role_params(plan: Plan, *roles: str) -> int:
 def print_inspect(plan: Plan, console: Console) -> None:
     a = plan.accounting
     if method_of(plan).per_member_weights:
-        head = (f"groups {plan.grouping}, assign {plan.assign}, templates per layer {plan.templates_per_layer}"
-                + (", singletons banked" if plan.bank_singletons else "")) if method_of(plan).has_templates else ""
+        head = (
+            (
+                f"groups {plan.grouping}, assign {plan.assign}, templates per layer"
+                f" {plan.templates_per_layer}"
+                + (", singletons banked" if plan.bank_singletons else "")
+            )
+            if method_of(plan).has_templates
+            else ""
+        )
     else:
         head = "activations " + plan.execution.replace("_", " ")
-    console.print(f"[bold]{plan.name}[/bold]  ({plan.source})  method {method_label(plan)}, members {plan.members}"
-                  + (f", {head}" if head else ""), markup=True)
-    console.print(f"plain backbone: [bold]{a.backbone_params:,}[/bold] parameters "
-                  f"(input {_shape(plan.input_shape)}, {plan.classes} classes)")
+    console.print(
+        f"[bold]{plan.name}[/bold]  ({plan.source})  method {method_label(plan)}, members"
+        f" {plan.members}" + (f", {head}" if head else ""),
+        markup=True,
+    )
+    console.print(
+        f"plain backbone: [bold]{a.backbone_params:,}[/bold] parameters "
+        f"(input {_shape(plan.input_shape)}, {plan.classes} classes)"
+    )
     if method_of(plan).per_member_weights:
         _print_mixture(plan, console)
     else:
@@ -162,7 +199,9 @@ def print_inspect(plan: Plan, console: Console) -> None:
 
 def _flops_row(t: Table, plan: Plan) -> None:
     macs, ref = ensemble_macs(plan), backbone_macs(plan)
-    t.add_row("inference MACs", f"{macs:,}", f"{macs / ref:.2f}x one plain backbone ({ref:,}), per sample")
+    t.add_row(
+        "inference MACs", f"{macs:,}", f"{macs / ref:.2f}x one plain backbone ({ref:,}), per sample"
+    )
 
 
 def _print_method(plan: Plan, console: Console) -> None:
@@ -173,37 +212,66 @@ def _print_method(plan: Plan, console: Console) -> None:
     t.add_column("params", justify="right")
     t.add_column("note")
     if method_of(plan).has_fast_weights:
-        console.print(f"every conv/linear layer: one shared weight W and, per member, fast weights r (input "
-                      f"channels) and s (output channels): member i computes ((x * r_i) conv W) * s_i + b_i; "
-                      f"the batch runs tiled {M} times")
+        console.print(
+            "every conv/linear layer: one shared weight W and, per member, fast weights r (input "
+            "channels) and s (output channels): member i computes ((x * r_i) conv W) * s_i + b_i; "
+            f"the batch runs tiled {M} times"
+        )
         bias = _role_params(plan, "member_bias")
-        t.add_row("shared weights", f"{_role_params(plan, 'plain_weight'):,}", "one W per layer, all members")
+        t.add_row(
+            "shared weights",
+            f"{_role_params(plan, 'plain_weight'):,}",
+            "one W per layer, all members",
+        )
         t.add_row("fast weights r, s", f"{a.fast_params:,}", f"{a.fast_params // M:,} per member")
         if bias:
             t.add_row("biases", f"{bias:,}", f"{bias // M:,} per member")
     else:
         first = next(o for o in plan.ops if o.kind in ("conv", "linear"))
         if method_of(plan).stacks_inputs:
-            console.print(f"one network: its first layer '{first.name}' reads the {M} members' inputs stacked on "
-                          f"the channel axis ({_shape(plan.ops[0].out_shape)}), its output has {M} heads "
-                          f"({M} x {plan.classes})")
+            console.print(
+                f"one network: its first layer '{first.name}' reads the {M} members' inputs stacked"
+                f" on the channel axis ({_shape(plan.ops[0].out_shape)}), its output has {M} heads"
+                f" ({M} x {plan.classes})"
+            )
         else:
             m = plan.method
-            console.print(f"one network, every layer alpha = {m.alpha:g} times as wide and split into gamma x "
-                          f"members = {m.gamma * M} groups (the first layer '{first.name}' not split, the output "
-                          f"layer in {M} groups producing {M} x {plan.classes})")
+            console.print(
+                f"one network, every layer alpha = {m.alpha:g} times as wide and split into gamma x"
+                f" members = {m.gamma * M} groups (the first layer '{first.name}' not split, the"
+                f" output layer in {M} groups producing {M} x {plan.classes})"
+            )
             console.print(_budget_note(plan))
         t.add_row("weights and biases", f"{a.plain_params:,}", "one network holding every member")
-    t.add_row("batchnorm", f"{a.bn_params:,}",
-              f"{a.bn_params // M:,} per member" if plan.execution == "per_member" else "one per layer (per channel)")
-    own = {"batch_ensemble": "fast weights, biases and batchnorm",
-           "mimo": "its share of the first layer's input channels and its head",
-           "packed": "its groups of every layer (a member owns 1/M of every tensor)"}[name]
+    t.add_row(
+        "batchnorm",
+        f"{a.bn_params:,}",
+        (
+            f"{a.bn_params // M:,} per member"
+            if plan.execution == "per_member"
+            else "one per layer (per channel)"
+        ),
+    )
+    own = {
+        "batch_ensemble": "fast weights, biases and batchnorm",
+        "mimo": "its share of the first layer's input channels and its head",
+        "packed": "its groups of every layer (a member owns 1/M of every tensor)",
+    }[name]
     t.add_row("per member", f"{a.per_member_params:,}", own)
-    t.add_row("[bold]total[/bold]", f"[bold]{a.total_params:,}[/bold]",
-              f"budget {a.budget:,}, {a.total_params / a.budget - 1:+.2%}" if a.budget else "no budget applies")
-    t.add_row("naive ensemble", f"{a.naive_params:,}",
-              f"{M} x backbone; this is {a.total_params / a.naive_params:.1%} of it")
+    t.add_row(
+        "[bold]total[/bold]",
+        f"[bold]{a.total_params:,}[/bold]",
+        (
+            f"budget {a.budget:,}, {a.total_params / a.budget - 1:+.2%}"
+            if a.budget
+            else "no budget applies"
+        ),
+    )
+    t.add_row(
+        "naive ensemble",
+        f"{a.naive_params:,}",
+        f"{M} x backbone; this is {a.total_params / a.naive_params:.1%} of it",
+    )
     _flops_row(t, plan)
     console.print(t)
 
@@ -212,9 +280,15 @@ def _budget_note(plan: Plan) -> str:
     """How packed's alpha was chosen."""
     a, m = plan.accounting, plan.method
     if m.alpha_from_budget and a.budget:
-        return (f"alpha {m.alpha:g} solved from the budget {a.budget:,}: of the alphas at which every width divides, "
-                f"the one whose total is closest to the budget ({a.total_params / a.budget - 1:+.2%})")
-    return f"alpha {m.alpha:g} as given (with a budget and no alpha, the alpha closest to the budget is taken)"
+        return (
+            f"alpha {m.alpha:g} solved from the budget {a.budget:,}: of the alphas at which every"
+            " width divides, the one whose total is closest to the budget"
+            f" ({a.total_params / a.budget - 1:+.2%})"
+        )
+    return (
+        f"alpha {m.alpha:g} as given (with a budget and no alpha, the alpha closest to the budget"
+        " is taken)"
+    )
 
 
 def _print_mixture(plan: Plan, console: Console) -> None:
@@ -226,25 +300,44 @@ def _print_mixture(plan: Plan, console: Console) -> None:
         for col in ("layers", "share", "n", "cap", "k", "params", "usage", "sets"):
             t.add_column(col, justify="right", no_wrap=True)
         for g in s["groups"]:
-            t.add_row(g["name"], str(len(g["layers"])), "fixed" if g["fixed"] else f"{g['share']:.3f}",
-                      str(g["templates"]), str(g["capacity"]), str(g["templates_per_layer"]),
-                      f"{g['bank_params']:,}", f"{g['usage_min']}-{g['usage_max']}",
-                      str(g["distinct_template_sets"]) + ("" if g["members_differ"] or plan.members == 1 else " (!)"))
+            t.add_row(
+                g["name"],
+                str(len(g["layers"])),
+                "fixed" if g["fixed"] else f"{g['share']:.3f}",
+                str(g["templates"]),
+                str(g["capacity"]),
+                str(g["templates_per_layer"]),
+                f"{g['bank_params']:,}",
+                f"{g['usage_min']}-{g['usage_max']}",
+                str(g["distinct_template_sets"])
+                + ("" if g["members_differ"] or plan.members == 1 else " (!)"),
+            )
         console.print(t)
-        console.print("n = templates; cap = most templates the group's slots can read; k = templates per layer; "
-                      "usage = slots per template (shared: one slot per layer); sets = distinct template selections "
-                      "among the members ((!): members differ only by a scale in every layer of the group)")
+        console.print(
+            "n = templates; cap = most templates the group's slots can read; k = templates per"
+            " layer; usage = slots per template (shared: one slot per layer); sets = distinct"
+            " template selections among the members ((!): members differ only by a scale in every"
+            " layer of the group)"
+        )
         for g in s["groups"]:
             console.print(f"  {g['name']}: " + ", ".join(g["layers"]), overflow="fold")
     if plan.blob is not None:
         b = plan.blob
         ks = sorted({sl.k for sl in plan.slots})
-        console.print(f"single blob: [bold]{b.size:,}[/bold] entries shared by {len(b.layers)} layers "
-                      f"(templates per layer {', '.join(map(str, ks))}; each entry read by "
-                      f"{b.usage_min}-{b.usage_max} slots)")
+        console.print(
+            f"single blob: [bold]{b.size:,}[/bold] entries shared by {len(b.layers)} layers "
+            f"(templates per layer {', '.join(map(str, ks))}; each entry read by "
+            f"{b.usage_min}-{b.usage_max} slots)"
+        )
     if s["plain_layers"]:
-        t = Table(title="plain layers (one weight shared by all members)" if plan.grouping != "none"
-                  else "per-member layers (no sharing)", title_justify="left")
+        t = Table(
+            title=(
+                "plain layers (one weight shared by all members)"
+                if plan.grouping != "none"
+                else "per-member layers (no sharing)"
+            ),
+            title_justify="left",
+        )
         t.add_column("layer")
         t.add_column("shape")
         t.add_column("params", justify="right")
@@ -257,19 +350,44 @@ def _print_mixture(plan: Plan, console: Console) -> None:
     t.add_column("what")
     t.add_column("params", justify="right")
     t.add_column("note")
-    t.add_row("plain layers" if plan.grouping != "none" else "per-member layers", f"{a.plain_params:,}", "")
-    t.add_row("templates", f"{a.template_params:,}", "banks" if plan.groups else ("blob" if plan.blob else ""))
+    t.add_row(
+        "plain layers" if plan.grouping != "none" else "per-member layers",
+        f"{a.plain_params:,}",
+        "",
+    )
+    t.add_row(
+        "templates",
+        f"{a.template_params:,}",
+        "banks" if plan.groups else ("blob" if plan.blob else ""),
+    )
     t.add_row("alphas", f"{a.alpha_params:,}", f"{s['alphas_per_member']:,} per member")
     t.add_row("batchnorm", f"{a.bn_params:,}", f"{s['bn_per_member']:,} per member")
-    t.add_row("per-member overhead", f"{a.per_member_params:,}",
-              f"{a.per_member_params / a.backbone_params:.2%} of one backbone")
-    t.add_row("[bold]total[/bold]", f"[bold]{a.total_params:,}[/bold]",
-              f"budget {a.budget:,}, {a.total_params / a.budget:.2%} used (minimum {a.minimum_budget:,})"
-              if a.budget else "no budget applies")
+    t.add_row(
+        "per-member overhead",
+        f"{a.per_member_params:,}",
+        f"{a.per_member_params / a.backbone_params:.2%} of one backbone",
+    )
+    t.add_row(
+        "[bold]total[/bold]",
+        f"[bold]{a.total_params:,}[/bold]",
+        (
+            f"budget {a.budget:,}, {a.total_params / a.budget:.2%} used (minimum"
+            f" {a.minimum_budget:,})"
+            if a.budget
+            else "no budget applies"
+        ),
+    )
     if a.budget and a.maximum_budget is not None:
-        t.add_row("largest useful budget", f"{a.maximum_budget:,}", _maximum_reason(plan)
-                  + (" [bold]the budget exceeds it[/bold]" if a.budget > a.maximum_budget else ""))
-    t.add_row("naive ensemble", f"{a.naive_params:,}",
-              f"{plan.members} x backbone; this spec saves {s['saving_vs_naive']:.1%}")
+        t.add_row(
+            "largest useful budget",
+            f"{a.maximum_budget:,}",
+            _maximum_reason(plan)
+            + (" [bold]the budget exceeds it[/bold]" if a.budget > a.maximum_budget else ""),
+        )
+    t.add_row(
+        "naive ensemble",
+        f"{a.naive_params:,}",
+        f"{plan.members} x backbone; this spec saves {s['saving_vs_naive']:.1%}",
+    )
     _flops_row(t, plan)
     console.print(t)

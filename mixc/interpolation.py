@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from mixc.backends import DEFAULT
-from mixc.core.checkpoint_format import spec_hash
 from mixc.compiler.plan import Plan
+from mixc.core.checkpoint_format import spec_hash
 from mixc.evaluation import EvalError, Run
 from mixc.metrics import accuracy, ece, nll
 
@@ -40,9 +40,11 @@ __all__ = ["MemberWeights", "member_weights", "single_plan", "Interpolator", "in
 
 @dataclass
 class MemberWeights:
-    """Per-member arrays of a run: composed layer weights and BatchNorm tensors, member axis first."""
+    """Per-member arrays of a run: composed layer weights and BatchNorm tensors, member axis
+    first."""
 
-    layers: dict[str, np.ndarray]  # "<layer>.weight"/".bias" -> [M, ...], or a shared array (plain layers)
+    # "<layer>.weight"/".bias" -> [M, ...], or a shared array (plain layers)
+    layers: dict[str, np.ndarray]
     shared: set[str]  # keys of ``layers`` without a member axis
     bn: dict[str, np.ndarray]  # "bn.<layer>.weight|bias|running_mean|running_var" -> [M, C]
     members: int
@@ -57,23 +59,31 @@ def member_weights(run: Run, backend: str = DEFAULT, device: str = "cpu") -> Mem
     runner = get_backend(backend, "interpolate").runner(run.plan, device=device)
     runner.load_arrays(arrays)
     layers = runner.composed_weights()
-    shared = {f"{op.name}.{p}" for op in run.plan.ops if op.kind in ("conv", "linear") and op.source == "plain"
-              for p in ("weight", "bias")}
+    shared = {
+        f"{op.name}.{p}"
+        for op in run.plan.ops
+        if op.kind in ("conv", "linear") and op.source == "plain"
+        for p in ("weight", "bias")
+    }
     roles = {t.name: t.role for t in run.plan.tensors}
     bn = {n: np.array(a) for n, a in arrays.items() if roles.get(n, "").startswith("bn_")}
     return MemberWeights(layers, shared & set(layers), bn, run.plan.members)
 
 
 def _weight_ops(plan: Plan) -> dict[str, tuple]:
-    return {op.name: (op.kind, tuple(op.weight_shape), op.bias) for op in plan.ops if op.kind in ("conv", "linear")}
+    return {
+        op.name: (op.kind, tuple(op.weight_shape), op.bias)
+        for op in plan.ops
+        if op.kind in ("conv", "linear")
+    }
 
 
 def single_plan(run: Run) -> Plan:
-    """The run's backbone as a plain one-member network, recompiled from its spec (dropout set to 0)."""
+    """The run's backbone as a plain one-member network, recompiled from its spec (dropout set to
+    0)."""
     import mixc
-    from mixc.spec import SpecError
-
     from mixc.export import check_member_method, plain_plan_overrides
+    from mixc.spec import SpecError
 
     check_member_method(run.plan, "interpolation between members", EvalError)
     spec, overrides = run.spec_and_overrides()
@@ -82,17 +92,20 @@ def single_plan(run: Run) -> Plan:
         plan = mixc.compile(spec, plain_plan_overrides(overrides, run.plan.method.name))
     except SpecError as e:
         raise EvalError(
-            f"cannot recompile {spec} (with {' '.join(overrides) or 'no overrides'}) to build a one-member "
-            f"network for {run.label}: {e.render()}"
+            f"cannot recompile {spec} (with {' '.join(overrides) or 'no overrides'}) to build a"
+            f" one-member network for {run.label}: {e.render()}"
         ) from e
     want = spec_hash(run.plan)
     if spec_hash(again) != want:
         raise EvalError(
-            f"{spec} with {' '.join(overrides) or 'no overrides'} no longer compiles to the plan of {run.label} "
-            f"(spec hash {again.spec_hash} vs {want}); hint: restore the spec as it was trained"
+            f"{spec} with {' '.join(overrides) or 'no overrides'} no longer compiles to the plan of"
+            f" {run.label} (spec hash {again.spec_hash} vs {want}); hint: restore the spec as it"
+            " was trained"
         )
     if _weight_ops(plan) != _weight_ops(run.plan):
-        raise EvalError(f"the one-member network of {spec} has other weight layers than {run.label}'s plan")
+        raise EvalError(
+            f"the one-member network of {spec} has other weight layers than {run.label}'s plan"
+        )
     ops = [op.model_copy(update={"p": 0.0}) if op.kind == "dropout" else op for op in plan.ops]
     return plan.model_copy(update={"ops": ops})
 
@@ -100,7 +113,9 @@ def single_plan(run: Run) -> Plan:
 class Interpolator:
     """A one-member network that can be set to any point between two members and scored."""
 
-    def __init__(self, run: Run, device: str = "cpu", backend: str = DEFAULT, batch: int = 500) -> None:
+    def __init__(
+        self, run: Run, device: str = "cpu", backend: str = DEFAULT, batch: int = 500
+    ) -> None:
         from mixc.backends import get_backend
 
         if run.plan.members < 2:
@@ -108,7 +123,9 @@ class Interpolator:
         self.run = run
         self.weights = member_weights(run, backend, device)
         self.plan = single_plan(run)
-        self.runner = get_backend(backend, "interpolate").runner(self.plan, device=device, batch_size=batch)
+        self.runner = get_backend(backend, "interpolate").runner(
+            self.plan, device=device, batch_size=batch
+        )
         self.shapes = {t.name: tuple(t.shape) for t in self.plan.tensors}
         self._sources: dict[str, tuple[str, str]] = {}  # target tensor -> (kind, key in weights)
         for t in self.plan.tensors:
@@ -128,7 +145,9 @@ class Interpolator:
         m = self.weights.members
         for k in (i, j):
             if not 0 <= k < m:
-                raise EvalError(f"member {k} does not exist: {self.run.label} has members 0..{m - 1}")
+                raise EvalError(
+                    f"member {k} does not exist: {self.run.label} has members 0..{m - 1}"
+                )
         point = {}
         for name, (kind, key) in self._sources.items():
             a, b = self._pick(kind, key, i), self._pick(kind, key, j)
@@ -146,8 +165,16 @@ class Interpolator:
 
 
 def interpolate(
-    run: Run, i: int, j: int, points: int, x: np.ndarray, y: np.ndarray, bn: str = "train", batch: int = 500,
-    device: str = "cpu", backend: str = DEFAULT,
+    run: Run,
+    i: int,
+    j: int,
+    points: int,
+    x: np.ndarray,
+    y: np.ndarray,
+    bn: str = "train",
+    batch: int = 500,
+    device: str = "cpu",
+    backend: str = DEFAULT,
 ) -> dict[str, Any]:
     """Score ``points`` evenly spaced networks from member ``i`` (t=0) to member ``j`` (t=1).
 
@@ -168,4 +195,10 @@ def interpolate(
     for m, t in ((i, 0.0), (j, 1.0)):
         interp.set_point(i, j, t)
         ends[str(m)] = interp.score(x, y, "eval")
-    return {"run": run.label, "members": [i, j], "bn": bn, "points": rows, "members_eval_mode": ends}
+    return {
+        "run": run.label,
+        "members": [i, j],
+        "bn": bn,
+        "points": rows,
+        "members_eval_mode": ends,
+    }

@@ -1,4 +1,5 @@
-"""Per-epoch logs beside metrics.jsonl: ``--logger csv`` (metrics.csv) or ``--logger tensorboard`` (events files).
+"""Per-epoch logs beside metrics.jsonl: ``--logger csv`` (metrics.csv) or ``--logger tensorboard``
+(events files).
 
 metrics.jsonl stays the run's record (validated, resumable); a logger is a view of the same
 numbers for other tools. TensorBoard goes through the ``tensorboard`` package's own writer
@@ -31,7 +32,11 @@ class Logger(Protocol):
 
 
 def _scalars(rec: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k: float(v)
+        for k, v in rec.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 class _Null:
@@ -43,8 +48,8 @@ class _Null:
 
 
 class CsvLogger:
-    """``metrics.csv``: one row per epoch, a column per scalar; rewritten whole each epoch (columns can grow
-    when the test set is first scored), so it always equals metrics.jsonl."""
+    """``metrics.csv``: one row per epoch, a column per scalar; rewritten whole each epoch (columns
+    can grow when the test set is first scored), so it always equals metrics.jsonl."""
 
     def __init__(self, out: Path) -> None:
         self.path = out / "metrics.csv"
@@ -67,14 +72,17 @@ class CsvLogger:
 
 
 class TensorBoardLogger:
-    """Scalars under ``train/``, ``val/`` and ``test/`` at step = epoch, in ``<run>/tensorboard``."""
+    """Scalars under ``train/``, ``val/`` and ``test/`` at step = epoch, in
+    ``<run>/tensorboard``."""
 
     def __init__(self, out: Path) -> None:
         try:
             from tensorboard.summary import Writer
         except ImportError as e:
-            raise LoggerError(f"--logger tensorboard needs the tensorboard package, which is not importable here "
-                              f"({e}); hint: pip install 'mixc[log]'") from None
+            raise LoggerError(
+                "--logger tensorboard needs the tensorboard package, which is not importable here "
+                f"({e}); hint: pip install 'mixc[log]'"
+            ) from None
         self.writer = Writer(str(out / "tensorboard"))
 
     def log(self, rec: dict[str, Any], lines: list[dict[str, Any]]) -> None:
@@ -82,7 +90,13 @@ class TensorBoardLogger:
         for key, value in _scalars(rec).items():
             if key == "epoch":
                 continue
-            group = "val" if key.startswith("val_") else "train" if key in ("train_loss", "lr", "epoch_time") else "test"
+            group = (
+                "val"
+                if key.startswith("val_")
+                else "train"
+                if key in ("train_loss", "lr", "epoch_time")
+                else "test"
+            )
             self.writer.add_scalar(f"{group}/{key.removeprefix('val_')}", value, epoch)
         self.writer.flush()
 

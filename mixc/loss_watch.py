@@ -1,8 +1,9 @@
 """Divergence caught inside the epoch: the training loss of every step, checked every few steps.
 
 A run that diverges should stop at the step where its loss stopped being a number, not at the end of
-an epoch that may be an hour long, and a loss that blows up without becoming NaN (a first-epoch spike
-that leaves every member at chance) deserves a line saying so while the user can still stop the run.
+an epoch that may be an hour long, and a loss that blows up without becoming NaN (a first-epoch
+spike that leaves every member at chance) deserves a line saying so while the user can still stop
+the run.
 
 Steps return their loss on the device; reading it each step would wait for the device every step. So
 the losses are kept for ``every`` steps and read together (one wait per ``every`` steps).
@@ -11,7 +12,8 @@ the losses are kept for ``every`` steps and read together (one wait per ``every`
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mixc.core.errors import TrainError
 
@@ -26,17 +28,31 @@ HIGH_STEPS = 50
 
 
 class LossWatch:
-    """Per-step mean member losses of one training process: a non-finite one raises :class:`TrainError`
-    naming its step; one that stays above ``HIGH_FACTOR`` x the starting loss for ``HIGH_STEPS`` steps
-    calls ``warn`` once. The starting loss is the mean of this process's first ``CHECK_EVERY`` steps (a
-    resumed run starts from where it is)."""
+    """Per-step mean member losses of one training process: a non-finite one raises
+    :class:`TrainError` naming its step; one that stays above ``HIGH_FACTOR`` x the starting loss
+    for ``HIGH_STEPS`` steps calls ``warn`` once. The starting loss is the mean of this process's
+    first ``CHECK_EVERY`` steps (a resumed run starts from where it is)."""
 
-    def __init__(self, members: int, steps_per_epoch: int, warn: Callable[[str], None], hint: str = "",
-                 every: int = CHECK_EVERY) -> None:
-        self.members, self.steps_per_epoch, self.warn, self.hint, self.every = members, steps_per_epoch, warn, hint, every
+    def __init__(
+        self,
+        members: int,
+        steps_per_epoch: int,
+        warn: Callable[[str], None],
+        hint: str = "",
+        every: int = CHECK_EVERY,
+    ) -> None:
+        self.members, self.steps_per_epoch, self.warn, self.hint, self.every = (
+            members,
+            steps_per_epoch,
+            warn,
+            hint,
+            every,
+        )
         self.pending: list[tuple[int, Any]] = []  # (global step, summed member loss on the device)
         self.start: float | None = None
-        self.high_since: int | None = None  # the first global step of the current run of high losses
+        self.high_since: int | None = (
+            None  # the first global step of the current run of high losses
+        )
         self.warned = False
 
     def add(self, global_step: int, loss: Any) -> None:
@@ -52,9 +68,10 @@ class LossWatch:
         for step, value in values:
             if not math.isfinite(value):
                 raise TrainError(
-                    f"the training loss became {value} at step {self._where(step)}; the run folder keeps the last "
-                    "finished epoch; hint: lower the learning rate (--set train.optimizer.lr=...), add warm-up "
-                    "(--set train.warmup=...) or clip gradients (--grad-clip 1)" + self.hint
+                    f"the training loss became {value} at step {self._where(step)}; the run folder"
+                    " keeps the last finished epoch; hint: lower the learning rate (--set"
+                    " train.optimizer.lr=...), add warm-up (--set train.warmup=...) or clip"
+                    " gradients (--grad-clip 1)" + self.hint
                 )
         if self.start is None:
             self.start = sum(v for _, v in values) / max(len(values), 1)
@@ -67,13 +84,14 @@ class LossWatch:
             if not self.warned and step - self.high_since + 1 >= HIGH_STEPS:
                 self.warned = True
                 self.warn(
-                    f"warning: the training loss has stayed above {HIGH_FACTOR:g}x its starting value "
-                    f"({self.start:.3g}) since step {self._where(self.high_since)} ({value:.3g} at step "
-                    f"{step + 1:,}); the run may be diverging; hint: lower the learning rate or add warm-up"
-                    + self.hint
+                    f"warning: the training loss has stayed above {HIGH_FACTOR:g}x its starting"
+                    f" value ({self.start:.3g}) since step {self._where(self.high_since)}"
+                    f" ({value:.3g} at step {step + 1:,}); the run may be diverging; hint: lower"
+                    " the learning rate or add warm-up" + self.hint
                 )
 
     def _where(self, step: int) -> str:
-        """Global step ``step`` (0-based) as the user counts it: "1,234 (epoch 3, step 12 of 156)"."""
+        """Global step ``step`` (0-based) as the user counts it: "1,234 (epoch 3, step 12 of
+        156)"."""
         epoch, within = divmod(step, self.steps_per_epoch)
         return f"{step + 1:,} (epoch {epoch + 1}, step {within + 1} of {self.steps_per_epoch})"

@@ -38,8 +38,19 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "accuracy", "nll", "ece", "adaptive_ece", "classwise_ece", "brier", "disagreement", "diversity", "evaluate", "reliability", "member_summary",
-    "ECE_BINS", "NLL_CLIP",
+    "accuracy",
+    "nll",
+    "ece",
+    "adaptive_ece",
+    "classwise_ece",
+    "brier",
+    "disagreement",
+    "diversity",
+    "evaluate",
+    "reliability",
+    "member_summary",
+    "ECE_BINS",
+    "NLL_CLIP",
 ]
 
 ECE_BINS = 15
@@ -50,7 +61,10 @@ def _check(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarra
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels).astype(np.int64)
     if probs.ndim != 2 or labels.shape != (probs.shape[0],):
-        raise ValueError(f"expected probs [N, C] and labels [N], got {list(probs.shape)} and {list(labels.shape)}")
+        raise ValueError(
+            f"expected probs [N, C] and labels [N], got {list(probs.shape)} and"
+            f" {list(labels.shape)}"
+        )
     return probs, labels
 
 
@@ -89,7 +103,8 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
 
 
 def adaptive_ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
-    """ECE over ``bins`` equal-mass confidence bins (sizes differ by at most one; see the module doc)."""
+    """ECE over ``bins`` equal-mass confidence bins (sizes differ by at most one; see the module
+    doc)."""
     probs, labels = _check(probs, labels)
     n = len(labels)
     if n == 0:
@@ -97,13 +112,15 @@ def adaptive_ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) ->
     conf = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == labels).astype(np.float64)
     order = np.argsort(conf, kind="mergesort")
-    bounds = np.linspace(0, n, min(bins, n) + 1).round().astype(np.int64)[:-1]  # sizes differ by at most one
+    # sizes differ by at most one
+    bounds = np.linspace(0, n, min(bins, n) + 1).round().astype(np.int64)[:-1]
     gap = np.add.reduceat(correct[order] - conf[order], bounds)
     return float(np.sum(np.abs(gap)) / n)
 
 
 def classwise_ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Mean over classes of the ECE of each class's probability (equal-width bins as :func:`ece`)."""
+    """Mean over classes of the ECE of each class's probability (equal-width bins as
+    :func:`ece`)."""
     probs, labels = _check(probs, labels)
     n, c = probs.shape
     if n == 0:
@@ -137,7 +154,8 @@ def disagreement(member_probs: np.ndarray) -> float | None:
 
 
 def diversity(member_probs: np.ndarray, labels: np.ndarray) -> float | None:
-    """Fort et al. (2019) diversity: pairwise disagreement / mean member error rate (see module doc)."""
+    """Fort et al. (2019) diversity: pairwise disagreement / mean member error rate (see module
+    doc)."""
     member_probs = np.asarray(member_probs)
     d = disagreement(member_probs)
     if d is None:
@@ -154,7 +172,8 @@ def evaluate(member_probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     labels = np.asarray(labels).astype(np.int64)
     if member_probs.ndim != 3 or labels.shape != (member_probs.shape[0],):
         raise ValueError(
-            f"expected member_probs [N, M, C] and labels [N], got {list(member_probs.shape)} and {list(labels.shape)}"
+            f"expected member_probs [N, M, C] and labels [N], got {list(member_probs.shape)} and"
+            f" {list(labels.shape)}"
         )
     ens = member_probs.mean(axis=1)
     members = range(member_probs.shape[1])
@@ -191,7 +210,12 @@ def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> 
         count.append(k)
         acc.append(float(correct[m].mean()) if k else None)
         mean_conf.append(float(conf[m].mean()) if k else None)
-    return {"edges": [float(e) for e in edges], "count": count, "accuracy": acc, "confidence": mean_conf}
+    return {
+        "edges": [float(e) for e in edges],
+        "count": count,
+        "accuracy": acc,
+        "confidence": mean_conf,
+    }
 
 
 def member_summary(member_probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:

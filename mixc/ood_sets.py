@@ -49,8 +49,10 @@ def _synthetic(kind: str, test: Dataset, seed: int) -> OodSet:
     try:
         scale = pixel_scale(test)
     except DataError as e:
-        raise DataError(f"--ood {kind} is made from the test set's pixels, but {test.name} has none that mixc can "
-                        f"recover ({e}); hint: pass a .npz holding x as model inputs") from None
+        raise DataError(
+            f"--ood {kind} is made from the test set's pixels, but {test.name} has none that mixc"
+            f" can recover ({e}); hint: pass a .npz holding x as model inputs"
+        ) from None
     px = scale.to_pixels(test.x_test)
     if kind == "noise":
         px = np.random.default_rng([seed, 4099]).random(px.shape)
@@ -59,26 +61,37 @@ def _synthetic(kind: str, test: Dataset, seed: int) -> OodSet:
     else:
         px = px[..., ::-1, ::-1] if px.ndim >= 4 else px[..., ::-1]
     x = np.ascontiguousarray(scale.from_pixels(px), dtype=np.float32)
-    return OodSet(kind, x, f"{SYNTHETIC[kind]}, from {test.name}'s test set ({len(x)} inputs), normalised as "
-                           f"training ({scale.how})")
+    return OodSet(
+        kind,
+        x,
+        f"{SYNTHETIC[kind]}, from {test.name}'s test set ({len(x)} inputs), normalised as "
+        f"training ({scale.how})",
+    )
 
 
-def load_ood_set(run: Any, value: str, test: Dataset, data: str | None, data_dir: str | None,
-                 seed: int = 0) -> OodSet:
-    """``value`` (module doc) as model inputs fitting ``run``'s plan; a DataError naming it otherwise."""
+def load_ood_set(
+    run: Any, value: str, test: Dataset, data: str | None, data_dir: str | None, seed: int = 0
+) -> OodSet:
+    """``value`` (module doc) as model inputs fitting ``run``'s plan; a DataError naming it
+    otherwise."""
     from mixc.commands.predict import read_inputs
     from mixc.evaluation import load_test_set
 
     path = Path(value)
     if path.exists():
-        inputs = read_inputs(run, value, data, data_dir)  # .npz as stored, images normalised like training
+        # .npz as stored, images normalised like training
+        inputs = read_inputs(run, value, data, data_dir)
         return OodSet(path.name, inputs.x, f"{value}: {inputs.preprocessing}")
     if value.lower() in SYNTHETIC:
         return _synthetic(value.lower(), test, seed)
     try:
         ds = load_test_set(value, data_dir, run.plan)
     except DataError as e:
-        raise DataError(f"--ood {value}: {e}; hint: --ood takes a .npz holding x, an image file or folder, "
-                        f"{', '.join(SYNTHETIC)} (made from the test set), or a dataset mixc loads (digits, "
-                        "cifar10, ...) whose inputs fit the model") from None
-    return OodSet(ds.name, np.ascontiguousarray(ds.x_test, dtype=np.float32), f"the {ds.name} test set")
+        raise DataError(
+            f"--ood {value}: {e}; hint: --ood takes a .npz holding x, an image file or folder, "
+            f"{', '.join(SYNTHETIC)} (made from the test set), or a dataset mixc loads (digits, "
+            "cifar10, ...) whose inputs fit the model"
+        ) from None
+    return OodSet(
+        ds.name, np.ascontiguousarray(ds.x_test, dtype=np.float32), f"the {ds.name} test set"
+    )

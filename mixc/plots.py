@@ -1,4 +1,5 @@
-"""PNG figures for eval, interpolate and sweep: the paper's Figures 3 and 4 and a reliability diagram.
+"""PNG figures for eval, interpolate and sweep: the paper's Figures 3 and 4 and a reliability
+diagram.
 
 matplotlib is an optional extra (``pip install 'mixc[plot]'``); it is imported
 inside each function with the Agg backend, so figures are written without a
@@ -7,16 +8,25 @@ display and importing this module costs nothing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from mixc.core.errors import MixcError
 from mixc.spec.sections import DEFAULT_METHOD
 
-__all__ = ["PlotError", "reliability_diagram", "risk_coverage_plot", "corruption_plot", "interpolation_plot", "sweep_params_plot",
-           "sweep_members_plot", "training_curves"]
+__all__ = [
+    "PlotError",
+    "reliability_diagram",
+    "risk_coverage_plot",
+    "corruption_plot",
+    "interpolation_plot",
+    "sweep_params_plot",
+    "sweep_members_plot",
+    "training_curves",
+]
 
 
 class PlotError(MixcError, RuntimeError):
@@ -31,7 +41,8 @@ def _pyplot():
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise PlotError(
-            f"plots need matplotlib, which is not importable here ({e}); hint: pip install 'mixc[plot]'"
+            f"plots need matplotlib, which is not importable here ({e}); hint: pip install"
+            " 'mixc[plot]'"
         ) from e
     return plt
 
@@ -43,14 +54,18 @@ def _save(fig: Any, path: str | Path) -> Path:
     try:
         write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=200, bbox_inches="tight"))
         # every figure also as PDF, for papers
-        write_with(path.with_suffix(".pdf"), lambda tmp: fig.savefig(tmp, format="pdf", bbox_inches="tight"))
+        write_with(
+            path.with_suffix(".pdf"),
+            lambda tmp: fig.savefig(tmp, format="pdf", bbox_inches="tight"),
+        )
     finally:
         _pyplot().close(fig)
     return path
 
 
 def reliability_diagram(rel: dict[str, list], ece: float, path: str | Path, title: str) -> Path:
-    """Accuracy against confidence per bin (``mixc.metrics.reliability``), the gap shaded, counts below."""
+    """Accuracy against confidence per bin (``mixc.metrics.reliability``), the gap shaded, counts
+    below."""
     plt = _pyplot()
     edges = np.asarray(rel["edges"])
     width = edges[1] - edges[0]
@@ -58,13 +73,34 @@ def reliability_diagram(rel: dict[str, list], ece: float, path: str | Path, titl
     acc = np.array([np.nan if a is None else a for a in rel["accuracy"]])
     conf = np.array([np.nan if c is None else c for c in rel["confidence"]])
     count = np.asarray(rel["count"])
-    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, layout="constrained",
-                                  gridspec_kw={"height_ratios": [3, 1]})
-    ax.bar(centers, np.nan_to_num(acc), width=width * 0.95, color="tab:blue", alpha=0.8, edgecolor="black",
-           label="accuracy in bin")
+    fig, (ax, axc) = plt.subplots(
+        2,
+        1,
+        figsize=(5, 6),
+        sharex=True,
+        layout="constrained",
+        gridspec_kw={"height_ratios": [3, 1]},
+    )
+    ax.bar(
+        centers,
+        np.nan_to_num(acc),
+        width=width * 0.95,
+        color="tab:blue",
+        alpha=0.8,
+        edgecolor="black",
+        label="accuracy in bin",
+    )
     gap_lo = np.minimum(np.nan_to_num(acc), np.nan_to_num(conf))
-    ax.bar(centers, np.abs(np.nan_to_num(conf) - np.nan_to_num(acc)), bottom=gap_lo, width=width * 0.95,
-           facecolor="none", edgecolor="tab:red", hatch="//", label="gap to mean confidence")
+    ax.bar(
+        centers,
+        np.abs(np.nan_to_num(conf) - np.nan_to_num(acc)),
+        bottom=gap_lo,
+        width=width * 0.95,
+        facecolor="none",
+        edgecolor="tab:red",
+        hatch="//",
+        label="gap to mean confidence",
+    )
     ax.plot(conf, acc, "o", color="tab:red", ms=3, label="(mean confidence, accuracy)")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     ax.set_ylabel("accuracy")
@@ -78,19 +114,37 @@ def reliability_diagram(rel: dict[str, list], ece: float, path: str | Path, titl
     return _save(fig, path)
 
 
-def risk_coverage_plot(coverage: np.ndarray, risk: np.ndarray, metrics: dict[str, Any], path: str | Path,
-                       title: str) -> Path:
-    """Selective risk against coverage (``mixc.selective.risk_coverage``), AURC and the two operating points."""
+def risk_coverage_plot(
+    coverage: np.ndarray, risk: np.ndarray, metrics: dict[str, Any], path: str | Path, title: str
+) -> Path:
+    """Selective risk against coverage (``mixc.selective.risk_coverage``), AURC and the two
+    operating points."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 4), layout="constrained")
-    ax.plot(coverage, risk, color="tab:blue", lw=1.5, label=f"risk-coverage (AURC {metrics['aurc']:.4f})")
+    ax.plot(
+        coverage,
+        risk,
+        color="tab:blue",
+        lw=1.5,
+        label=f"risk-coverage (AURC {metrics['aurc']:.4f})",
+    )
     ax.fill_between(coverage, risk, color="tab:blue", alpha=0.15)
     ax.axvline(0.8, color="grey", ls=":", lw=1)
-    ax.plot([0.8], [metrics["risk_at_80"]], "o", color="tab:red",
-            label=f"risk at 80% coverage: {metrics['risk_at_80'] * 100:.2f}%")
+    ax.plot(
+        [0.8],
+        [metrics["risk_at_80"]],
+        "o",
+        color="tab:red",
+        label=f"risk at 80% coverage: {metrics['risk_at_80'] * 100:.2f}%",
+    )
     ax.axhline(0.05, color="grey", ls="--", lw=1)
-    ax.plot([metrics["coverage_at_5"]], [0.05], "s", color="tab:green",
-            label=f"coverage at 5% risk: {metrics['coverage_at_5'] * 100:.1f}%")
+    ax.plot(
+        [metrics["coverage_at_5"]],
+        [0.05],
+        "s",
+        color="tab:green",
+        label=f"coverage at 5% risk: {metrics['coverage_at_5'] * 100:.1f}%",
+    )
     ax.set_xlabel("coverage (share of inputs answered, most confident first)")
     ax.set_ylabel("selective risk (error rate of the answered)")
     ax.set_xlim(0, 1)
@@ -100,8 +154,11 @@ def risk_coverage_plot(coverage: np.ndarray, risk: np.ndarray, metrics: dict[str
     return _save(fig, path)
 
 
-def corruption_plot(result: dict[str, Any], clean: dict[str, float] | None, path: str | Path, title: str) -> Path:
-    """Accuracy and NLL against severity: one thin line per corruption, the mean bold, clean at severity 0."""
+def corruption_plot(
+    result: dict[str, Any], clean: dict[str, float] | None, path: str | Path, title: str
+) -> Path:
+    """Accuracy and NLL against severity: one thin line per corruption, the mean bold, clean at
+    severity 0."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     for ax, key, label in ((axes[0], "accuracy", "accuracy (%)"), (axes[1], "nll", "NLL")):
@@ -151,18 +208,25 @@ def _fmt_params(n: float) -> str:
 
 
 def _sd(rows: Sequence[dict[str, Any]], key: str, scale: float) -> list[float] | None:
-    """Error bars: the seeds' standard deviation (``<key>_sd``) of each row, None when no row has one."""
+    """Error bars: the seeds' standard deviation (``<key>_sd``) of each row, None when no row has
+    one."""
     sds = [r.get(f"{key}_sd") for r in rows]
     return None if all(s is None for s in sds) else [(s or 0.0) * scale for s in sds]
 
 
 #: how the figures name the ensemble methods
-METHOD_NAMES = {"mixture": "MixtureEnsemble", "batch_ensemble": "BatchEnsemble", "mimo": "MIMO",
-                "packed": "Packed-Ensembles", "naive": "deep ensemble"}
+METHOD_NAMES = {
+    "mixture": "MixtureEnsemble",
+    "batch_ensemble": "BatchEnsemble",
+    "mimo": "MIMO",
+    "packed": "Packed-Ensembles",
+    "naive": "deep ensemble",
+}
 
 
 def sweep_params_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
-    """The paper's Figure 3 (left): accuracy and NLL against parameter count, baselines as reference points.
+    """The paper's Figure 3 (left): accuracy and NLL against parameter count, baselines as reference
+    points.
 
     ``rows``: sweep rows with ``kind`` (ensemble/single/naive), ``members``,
     ``params``, ``accuracy``, ``nll`` and a ``budget`` label.
@@ -175,26 +239,54 @@ def sweep_params_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: s
         scale = 100.0 if key == "accuracy" else 1.0
         series = dict.fromkeys((r.get("method") or DEFAULT_METHOD, r["members"]) for r in ens)
         for method, m in series:
-            pts = sorted((r for r in ens if (r.get("method") or DEFAULT_METHOD, r["members"]) == (method, m)),
-                         key=lambda r: r["params"])
-            ax.errorbar([r["params"] for r in pts], [r[key] * scale for r in pts], yerr=_sd(pts, key, scale),
-                        fmt="-o" if len(pts) > 1 else "D", capsize=3, label=f"{METHOD_NAMES.get(method, method)} x{m}")
+            pts = sorted(
+                (
+                    r
+                    for r in ens
+                    if (r.get("method") or DEFAULT_METHOD, r["members"]) == (method, m)
+                ),
+                key=lambda r: r["params"],
+            )
+            ax.errorbar(
+                [r["params"] for r in pts],
+                [r[key] * scale for r in pts],
+                yerr=_sd(pts, key, scale),
+                fmt="-o" if len(pts) > 1 else "D",
+                capsize=3,
+                label=f"{METHOD_NAMES.get(method, method)} x{m}",
+            )
             for r in pts:
                 if r["budget"] != "-":
-                    ax.annotate(r["budget"], (r["params"], r[key] * scale), textcoords="offset points",
-                                xytext=(4, 4), fontsize=7)
-        for kind, marker, name in (("single", "*", "single network"), ("naive", "s", "naive ensemble")):
+                    ax.annotate(
+                        r["budget"],
+                        (r["params"], r[key] * scale),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        fontsize=7,
+                    )
+        for kind, marker, name in (
+            ("single", "*", "single network"),
+            ("naive", "s", "naive ensemble"),
+        ):
             for r in (r for r in done if r["kind"] == kind):
                 lab = name if kind == "single" else f"{name} x{r['members']}"
-                ax.errorbar([r["params"]], [r[key] * scale], yerr=_sd([r], key, scale), fmt=marker, ms=12, capsize=3,
-                            label=lab)
+                ax.errorbar(
+                    [r["params"]],
+                    [r[key] * scale],
+                    yerr=_sd([r], key, scale),
+                    fmt=marker,
+                    ms=12,
+                    capsize=3,
+                    label=lab,
+                )
         ax.set_xscale("log")
         ax.margins(x=0.06, y=0.12)  # keep the big baseline markers inside the axes
         ax.set_xlabel("parameters")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
         ticks = sorted({r["params"] for r in ens}) or sorted({r["params"] for r in done})
-        ticks = [t for k, t in enumerate(ticks) if k == 0 or t / ticks[k - 1] > 1.15]  # labels must not collide
+        # labels must not collide
+        ticks = [t for k, t in enumerate(ticks) if k == 0 or t / ticks[k - 1] > 1.15]
         if ticks:
             ax.set_xticks(ticks)
             ax.set_xticklabels([_fmt_params(t) for t in ticks], rotation=45, fontsize=7)
@@ -205,7 +297,8 @@ def sweep_params_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: s
 
 
 def sweep_members_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
-    """The paper's Figure 3 (right): accuracy and NLL against the number of members, one line per budget."""
+    """The paper's Figure 3 (right): accuracy and NLL against the number of members, one line per
+    budget."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     ens = [r for r in rows if r["kind"] == "ensemble" and r.get("accuracy") is not None]
@@ -213,8 +306,14 @@ def sweep_members_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: 
         scale = 100.0 if key == "accuracy" else 1.0
         for b in dict.fromkeys(r["budget"] for r in ens):
             pts = sorted((r for r in ens if r["budget"] == b), key=lambda r: r["members"])
-            ax.errorbar([r["members"] for r in pts], [r[key] * scale for r in pts], yerr=_sd(pts, key, scale),
-                        fmt="-o", capsize=3, label=f"budget {b}")
+            ax.errorbar(
+                [r["members"] for r in pts],
+                [r[key] * scale for r in pts],
+                yerr=_sd(pts, key, scale),
+                fmt="-o",
+                capsize=3,
+                label=f"budget {b}",
+            )
         ms = sorted({r["members"] for r in ens})
         ax.set_xscale("log", base=2)
         ax.set_xticks(ms)
@@ -229,13 +328,17 @@ def sweep_members_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: 
 
 
 def training_curves(lines: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
-    """Loss (train loss; validation and test NLL) and accuracy (validation, test) per epoch, from metrics.jsonl
-    lines; a series is drawn where it was measured (the test set may be scored at the last epoch only)."""
+    """Loss (train loss; validation and test NLL) and accuracy (validation, test) per epoch, from
+    metrics.jsonl lines; a series is drawn where it was measured (the test set may be scored at
+    the last epoch only).
+    """
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     series = (
-        (axes[0], "train_loss", "train loss (mean member CE)", 1.0), (axes[0], "val_nll", "validation NLL", 1.0),
-        (axes[0], "nll", "test NLL", 1.0), (axes[1], "val_accuracy", "validation accuracy", 100.0),
+        (axes[0], "train_loss", "train loss (mean member CE)", 1.0),
+        (axes[0], "val_nll", "validation NLL", 1.0),
+        (axes[0], "nll", "test NLL", 1.0),
+        (axes[1], "val_accuracy", "validation accuracy", 100.0),
         (axes[1], "accuracy", "test accuracy", 100.0),
     )
     for ax, key, label, scale in series:

@@ -1,4 +1,5 @@
-"""What changed between two recipes: how a resume names each field it refuses (or records), old -> new."""
+"""What changed between two recipes: how a resume names each field it refuses (or records), old ->
+new."""
 
 from __future__ import annotations
 
@@ -25,4 +26,8 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def recipe_changes(old: Recipe, new: Recipe) -> dict[str, tuple[Any, Any]]:
     """Every recipe field (dotted) whose value differs, old and new; not data_dir nor seed."""
     a, b = _flat(old.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in _NOT_COMPARED and a.get(k) != b.get(k)}
+    return {
+        k: (a.get(k), b.get(k))
+        for k in sorted(set(a) | set(b))
+        if k not in _NOT_COMPARED and a.get(k) != b.get(k)
+    }

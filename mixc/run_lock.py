@@ -1,9 +1,9 @@
 """One writer per run folder, and the clean-up of an interrupted writer's temporaries.
 
-A lock file holding pid, host and start time, held with ``fcntl.flock``: the kernel drops it when its
-process dies, so a crashed run's lock is taken over (with a note), while a live holder stops a second
-`mixc train` that would interleave its epochs with the first's. Application floor: only the writer
-(``mixc.run_writer``) takes it.
+A lock file holding pid, host and start time, held with ``fcntl.flock``: the kernel drops it when
+its process dies, so a crashed run's lock is taken over (with a note), while a live holder stops a
+second `mixc train` that would interleave its epochs with the first's. Application floor: only the
+writer (``mixc.run_writer``) takes it.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mixc.core.errors import TrainError
 from mixc.core.run_files import LOCK
@@ -36,7 +36,8 @@ _TEMPORARY = re.compile(
 
 
 def clean_temporaries(folder: Path, log: Callable[[str], None] = note) -> list[Path]:
-    """Remove temporaries of an interrupted write (call it holding the folder's lock: nobody else writes)."""
+    """Remove temporaries of an interrupted write (call it holding the folder's lock: nobody else
+    writes)."""
     folder = Path(folder)
     removed = []
     for p in sorted(folder.iterdir()) if folder.is_dir() else []:
@@ -68,7 +69,8 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 class RunLock:
-    """One writer per run folder: ``fcntl.flock`` on a file naming its holder (pid, host, start time).
+    """One writer per run folder: ``fcntl.flock`` on a file naming its holder (pid, host, start
+    time).
 
     The kernel drops a flock when its process dies, so the lock of a killed run
     is taken over (with a note naming it); a live holder makes the second
@@ -81,7 +83,7 @@ class RunLock:
         self.fd: int | None = None
         self.log = log
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         try:
             import fcntl
         except ImportError:  # not POSIX
@@ -95,25 +97,35 @@ class RunLock:
                 holder = _holder(_read_fd(fd))
                 os.close(fd)
                 raise TrainError(
-                    f"the run folder {self.path.parent} is being written by another `mixc train` ({holder}); two "
-                    "writers would interleave their epochs in one checkpoint and metrics.jsonl; hint: wait for it to "
-                    f"finish (or stop it), or pass another --out folder. The lock is {self.path}."
+                    f"the run folder {self.path.parent} is being written by another `mixc train`"
+                    f" ({holder}); two writers would interleave their epochs in one checkpoint and"
+                    " metrics.jsonl; hint: wait for it to finish (or stop it), or pass another"
+                    f" --out folder. The lock is {self.path}."
                 ) from None
             if not _same_file(fd, self.path):  # its holder removed it between our open and flock
                 os.close(fd)
                 continue
             previous = _read_fd(fd)
             if previous:
-                self.log(f"took over the lock of {self.path.parent} from {_holder(previous)}: that run is no "
-                         "longer running (interrupted or killed)")
-            me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                self.log(
+                    f"took over the lock of {self.path.parent} from {_holder(previous)}: that run"
+                    " is no longer running (interrupted or killed)"
+                )
+            me = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
             os.write(fd, (json.dumps(me) + "\n").encode())
             os.fsync(fd)
             self.fd = fd
             return self
-        raise TrainError(f"could not lock {self.path}: it keeps being replaced; hint: is another mixc train starting?")
+        raise TrainError(
+            f"could not lock {self.path}: it keeps being replaced; hint: is another mixc train"
+            " starting?"
+        )
 
     def release(self) -> None:
         if self.fd is None:

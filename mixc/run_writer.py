@@ -1,16 +1,21 @@
-"""`mixc train`'s hold on its run folder, once for every backend (the direction: one training driver).
+"""`mixc train`'s hold on its run folder, once for every backend (the direction: one training
+driver).
 
 Application floor: the backends never write a run folder themselves; the driver (``mixc.training``)
 drives a :class:`RunWriter` and hands the backend's ``save`` to it. What it guarantees:
 
-- one writer per folder (``mixc.run_lock``), and stale temporaries of an interrupted write removed on start;
-- a folder that holds another spec's run, or links where mixc writes, is refused before anything is written;
-- a resume compares the recipe it is given with the one the checkpoint records and refuses a different one
-  (naming each field, old -> new: ``mixc.recipe_diff``) unless asked explicitly, which is then recorded in
-  ``config.json``'s ``history``;
-- each epoch's metrics line is stored inside its checkpoint too, so a crash between the checkpoint's rename
+- one writer per folder (``mixc.run_lock``), and stale temporaries of an interrupted write removed
+  on start;
+- a folder that holds another spec's run, or links where mixc writes, is refused before anything is
+  written;
+- a resume compares the recipe it is given with the one the checkpoint records and refuses a
+  different one (naming each field, old -> new: ``mixc.recipe_diff``) unless asked explicitly, which
+  is then recorded in ``config.json``'s ``history``;
+- each epoch's metrics line is stored inside its checkpoint too, so a crash between the checkpoint's
+  rename
   and the ``metrics.jsonl`` append is repaired on the next start;
-- before a checkpoint replaces the last good one, its metrics must be finite (the backend's save refuses
+- before a checkpoint replaces the last good one, its metrics must be finite (the backend's save
+  refuses
   non-finite tensors).
 
 Every file goes through ``mixc.core.safe_write`` (temporary beside the file, fsync, rename; no links
@@ -21,8 +26,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +48,8 @@ __all__ = ["RunWriter", "check_run_folder", "linked_files", "seed_of"]
 
 
 def linked_files(out: Path) -> list[Path]:
-    """The files of run folder ``out`` that mixc writes and that are symbolic links (a write would follow them)."""
+    """The files of run folder ``out`` that mixc writes and that are symbolic links (a write would
+    follow them)."""
     if not out.is_dir():
         return []
     names = [out / n for n in WRITTEN] + sorted(out.glob("epoch-[0-9][0-9][0-9][0-9].safetensors"))
@@ -50,15 +57,19 @@ def linked_files(out: Path) -> list[Path]:
 
 
 def check_run_folder(out: Path, plan: Plan) -> None:
-    """Refuse a folder that is a file, holds links where mixc writes, or holds another spec's run, naming them."""
+    """Refuse a folder that is a file, holds links where mixc writes, or holds another spec's run,
+    naming them."""
     if out.exists() and not out.is_dir():
-        raise TrainError(f"--out {out} is a file, not a folder; hint: pass a folder for the run's files")
+        raise TrainError(
+            f"--out {out} is a file, not a folder; hint: pass a folder for the run's files"
+        )
     links = linked_files(out)
     if links:
         raise TrainError(
-            f"the run folder {out} holds symbolic links where mixc writes its files ({', '.join(map(str, links))}); "
-            "writing through them would overwrite files outside the run folder; hint: remove the links (or "
-            "replace them with the files themselves), or pass another --out folder"
+            f"the run folder {out} holds symbolic links where mixc writes its files"
+            f" ({', '.join(map(str, links))}); writing through them would overwrite files outside"
+            " the run folder; hint: remove the links (or replace them with the files themselves),"
+            " or pass another --out folder"
         )
     old_path = out / PLAN
     if not old_path.exists():
@@ -66,14 +77,16 @@ def check_run_folder(out: Path, plan: Plan) -> None:
     try:
         old = read_plan(old_path)  # validated and matching its hash, or the folder is not resumed
     except PlanFileError as e:
-        raise TrainError(f"{e}; the run in {out} cannot be resumed from it: pass another --out folder, "
-                         "or delete that one to start over") from None
+        raise TrainError(
+            f"{e}; the run in {out} cannot be resumed from it: pass another --out folder, "
+            "or delete that one to start over"
+        ) from None
     if spec_hash(old) != spec_hash(plan):
         raise TrainError(
-            f"the run folder {out} belongs to {old.name} (from {old.source}, spec hash {spec_hash(old)}), "
-            f"not to {plan.name} (from {plan.source}, spec hash {spec_hash(plan)}); the members, budget or "
-            "architecture differ, so its checkpoint cannot be resumed; hint: pass another --out folder, "
-            "or delete that one to start over"
+            f"the run folder {out} belongs to {old.name} (from {old.source}, spec hash"
+            f" {spec_hash(old)}), not to {plan.name} (from {plan.source}, spec hash"
+            f" {spec_hash(plan)}); the members, budget or architecture differ, so its checkpoint"
+            " cannot be resumed; hint: pass another --out folder, or delete that one to start over"
         )
 
 
@@ -94,8 +107,16 @@ class RunWriter:
     written before every check passed.
     """
 
-    def __init__(self, out: Path, plan: Plan, recipe: Recipe, *, main: bool = True,
-                 allow_recipe_change: bool = False, log: Callable[[str], None] = note) -> None:
+    def __init__(
+        self,
+        out: Path,
+        plan: Plan,
+        recipe: Recipe,
+        *,
+        main: bool = True,
+        allow_recipe_change: bool = False,
+        log: Callable[[str], None] = note,
+    ) -> None:
         self.out, self.plan, self.recipe, self.main = Path(out), plan, recipe, main
         self.allow_recipe_change, self.log = allow_recipe_change, log
         self.ckpt = self.out / CHECKPOINT
@@ -106,7 +127,7 @@ class RunWriter:
         self.saved_epoch = 0
         self._lock: RunLock | None = None
 
-    def __enter__(self) -> "RunWriter":
+    def __enter__(self) -> RunWriter:
         check_run_folder(self.out, self.plan)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -142,20 +163,22 @@ class RunWriter:
             raise TrainError(f"cannot resume {self.out}: {e}") from None
         if head.spec_hash != spec_hash(self.plan):
             raise TrainError(
-                f"cannot resume from {self.ckpt}: it was written for spec {head.spec_name!r} (hash {head.spec_hash}), "
-                f"not {self.plan.name!r} (hash {spec_hash(self.plan)}); hint: pass another --out folder for "
-                f"{self.plan.name}, or delete that one to start over"
+                f"cannot resume from {self.ckpt}: it was written for spec {head.spec_name!r} (hash"
+                f" {head.spec_hash}), not {self.plan.name!r} (hash {spec_hash(self.plan)}); hint:"
+                f" pass another --out folder for {self.plan.name}, or delete that one to start over"
             )
         meta, seed = head.metadata, self.recipe.seed
         if meta.seed is not None and meta.seed != seed:
             raise TrainError(
-                f"the run in {self.out} was trained with seed {meta.seed}, not {seed}; resuming with another seed "
-                f"would not reproduce either run; hint: pass --seed {meta.seed}, or another --out folder"
+                f"the run in {self.out} was trained with seed {meta.seed}, not {seed}; resuming"
+                f" with another seed would not reproduce either run; hint: pass --seed {meta.seed},"
+                " or another --out folder"
             )
         if meta.optimizer is not None and meta.optimizer != self.recipe.optimizer.name:
             raise TrainError(
-                f"the run in {self.out} used the {meta.optimizer} optimiser, not {self.recipe.optimizer.name}; its "
-                "saved optimiser state cannot drive another optimiser; hint: pass another --out folder"
+                f"the run in {self.out} used the {meta.optimizer} optimiser, not"
+                f" {self.recipe.optimizer.name}; its saved optimiser state cannot drive another"
+                " optimiser; hint: pass another --out folder"
             )
         old = meta.recipe or (self.config.recipe if self.config else None)
         if old is not None:
@@ -173,27 +196,43 @@ class RunWriter:
         changes = recipe_changes(old, self.recipe)
         cosine = "cosine" in (old.schedule.name, self.recipe.schedule.name)
         if not cosine and "epochs" in changes:
-            self.history.append({"event": "epochs_changed", "after_epoch": epoch,
-                                 "changes": {"epochs": list(changes.pop("epochs"))}, "time": _now()})
+            self.history.append(
+                {
+                    "event": "epochs_changed",
+                    "after_epoch": epoch,
+                    "changes": {"epochs": list(changes.pop("epochs"))},
+                    "time": _now(),
+                }
+            )
         if not changes:
             return
         listed = "; ".join(f"{k}: {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in changes.items())
         if not self.allow_recipe_change:
             raise TrainError(
-                f"the run in {self.out} trained {epoch} epoch(s) with another recipe ({listed}); resuming it "
-                "would mix two recipes in one run, and its config.json would no longer describe the epochs "
-                "already trained; hint: resume with the settings it was started with, pass another --out folder, "
-                "or pass --allow-recipe-change to go on with the new recipe (recorded in config.json's history)"
+                f"the run in {self.out} trained {epoch} epoch(s) with another recipe ({listed});"
+                " resuming it would mix two recipes in one run, and its config.json would no"
+                " longer describe the epochs already trained; hint: resume with the settings it"
+                " was started with, pass another --out folder, or pass --allow-recipe-change to go"
+                " on with the new recipe (recorded in config.json's history)"
             )
-        self.log(f"{self.out}: going on after epoch {epoch} with a changed recipe ({listed}); recorded in "
-                 f"{CONFIG}'s history")
-        self.history.append({"event": "recipe_changed", "after_epoch": epoch,
-                             "changes": {k: list(v) for k, v in changes.items()},
-                             "previous_recipe": old.model_dump(mode="json"), "allowed_by": "--allow-recipe-change",
-                             "time": _now()})
+        self.log(
+            f"{self.out}: going on after epoch {epoch} with a changed recipe ({listed}); recorded"
+            f" in {CONFIG}'s history"
+        )
+        self.history.append(
+            {
+                "event": "recipe_changed",
+                "after_epoch": epoch,
+                "changes": {k: list(v) for k, v in changes.items()},
+                "previous_recipe": old.model_dump(mode="json"),
+                "allowed_by": "--allow-recipe-change",
+                "time": _now(),
+            }
+        )
 
     def begin(self, options: dict[str, Any]) -> None:
-        """Repair metrics.jsonl, then write plan.json and config.json (history kept); main rank only.
+        """Repair metrics.jsonl, then write plan.json and config.json (history kept); main rank
+        only.
 
         When the checkpoint already has every epoch, nothing is trained and the
         files that describe it are left as they are.
@@ -205,11 +244,18 @@ class RunWriter:
             return
         write_text(self.out / PLAN, self.plan.to_json())
         history = [h.model_dump(mode="json") for h in self.config.history] if self.config else []
-        write_json(self.out / CONFIG, {"recipe": self.recipe.model_dump(mode="json"), "options": options,
-                                       "history": history + self.history})
+        write_json(
+            self.out / CONFIG,
+            {
+                "recipe": self.recipe.model_dump(mode="json"),
+                "options": options,
+                "history": history + self.history,
+            },
+        )
 
     def _repair_metrics(self) -> None:
-        """Keep lines up to the checkpoint's epoch; restore the checkpoint's own line if the append was lost."""
+        """Keep lines up to the checkpoint's epoch; restore the checkpoint's own line if the append
+        was lost."""
         path = self.metrics_path
         try:
             lines, truncated = metric_lines(path, repair=True) if path.is_file() else ([], False)
@@ -220,30 +266,49 @@ class RunWriter:
         restored = own is not None and (not keep or keep[-1].epoch < own.epoch)
         if restored:
             keep.append(own)
-            self.log(f"{path}: restored the line of epoch {own.epoch} from the checkpoint (the run stopped "
-                     "between saving the checkpoint and appending it)")
+            self.log(
+                f"{path}: restored the line of epoch {own.epoch} from the checkpoint (the run"
+                " stopped between saving the checkpoint and appending it)"
+            )
         if truncated:
             self.log(f"{path}: dropped a truncated last line (the run stopped while appending it)")
         if restored or truncated or len(keep) != len(lines):
             write_text(path, "".join(json.dumps(line.model_dump()) + "\n" for line in keep))
 
-    def save_epoch(self, rec: dict[str, Any], save: Callable[[dict[str, Any]], None],
-                   extra: dict[str, Any] | None = None) -> None:
-        """Check ``rec``; have ``save(metadata)`` write the checkpoint (``rec`` inside); then append the line.
+    def save_epoch(
+        self,
+        rec: dict[str, Any],
+        save: Callable[[dict[str, Any]], None],
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Check ``rec``; have ``save(metadata)`` write the checkpoint (``rec`` inside); then append
+        the line.
 
         ``save`` must refuse non-finite tensors (the checkpoint format's savers
         do, with :class:`NonFiniteError`); the last good checkpoint stays then.
         """
         epoch = int(rec["epoch"])
-        kept = (f"the last good checkpoint (epoch {self.saved_epoch}) is kept in {self.ckpt}" if self.saved_epoch
-                else "no checkpoint was written")
-        hint = ("hint: lower the learning rate (--set train.optimizer.lr=...), add warm-up (--set train.warmup=...) "
-                "or clip the inputs' range")
+        kept = (
+            f"the last good checkpoint (epoch {self.saved_epoch}) is kept in {self.ckpt}"
+            if self.saved_epoch
+            else "no checkpoint was written"
+        )
+        hint = (
+            "hint: lower the learning rate (--set train.optimizer.lr=...), add warm-up (--set"
+            " train.warmup=...) or clip the inputs' range"
+        )
         bad = non_finite_metrics(rec)
         if bad:
-            raise TrainError(f"training diverged in epoch {epoch}: {', '.join(bad[:6])}; {kept}; {hint}")
-        meta = {"seed": str(self.recipe.seed), "optimizer": self.recipe.optimizer.name,
-                "recipe": self.recipe.model_dump_json(), "metrics": rec, **(extra or {})}
+            raise TrainError(
+                f"training diverged in epoch {epoch}: {', '.join(bad[:6])}; {kept}; {hint}"
+            )
+        meta = {
+            "seed": str(self.recipe.seed),
+            "optimizer": self.recipe.optimizer.name,
+            "recipe": self.recipe.model_dump_json(),
+            "metrics": rec,
+            **(extra or {}),
+        }
         try:
             save(meta)
         except NonFiniteError as e:
@@ -252,14 +317,16 @@ class RunWriter:
         append_text(self.metrics_path, json.dumps(rec) + "\n")
 
     def keep_best(self, rec: dict[str, Any], metric: str) -> bool:
-        """Copy this epoch's checkpoint to ``best.safetensors`` if its ``val_<metric>`` beats every earlier
-        epoch's (read back from metrics.jsonl, so a resumed run keeps comparing with the whole run).
-        Call after :meth:`save_epoch`. Returns whether it was copied."""
+        """Copy this epoch's checkpoint to ``best.safetensors`` if its ``val_<metric>`` beats every
+        earlier epoch's (read back from metrics.jsonl, so a resumed run keeps comparing with the
+        whole run). Call after :meth:`save_epoch`. Returns whether it was copied."""
         key, higher = f"val_{metric}", BEST_METRICS[metric]
         value = rec.get(key)
         if value is None:
             return False
-        earlier = [getattr(m, key, None) for m in read_metrics(self.out) if m.epoch < int(rec["epoch"])]
+        earlier = [
+            getattr(m, key, None) for m in read_metrics(self.out) if m.epoch < int(rec["epoch"])
+        ]
         earlier = [v for v in earlier if v is not None]
         if earlier and not (value > max(earlier) if higher else value < min(earlier)):
             return False
@@ -267,8 +334,10 @@ class RunWriter:
         return True
 
     def keep_last(self, epoch: int, keep: int) -> list[Path]:
-        """With ``keep`` > 1, copy this epoch's checkpoint to ``epoch-NNNN.safetensors`` and delete such copies
-        older than the last ``keep`` epochs (``checkpoint.safetensors`` is always the last). Returns the kept copies."""
+        """With ``keep`` > 1, copy this epoch's checkpoint to ``epoch-NNNN.safetensors`` and delete
+        such copies older than the last ``keep`` epochs (``checkpoint.safetensors`` is always the
+        last). Returns the kept copies.
+        """
         if keep <= 1:
             return []
         copy_file(self.ckpt, self.out / f"epoch-{epoch:04d}.safetensors")
@@ -280,4 +349,6 @@ class RunWriter:
 
 def seed_of(*parts: int) -> int:
     """A 63-bit seed derived from integers, well mixed (numpy's SeedSequence)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    return int(
+        np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)
+    )

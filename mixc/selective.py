@@ -1,4 +1,5 @@
-"""Selective prediction: how the error falls when the model may abstain on its least confident inputs.
+"""Selective prediction: how the error falls when the model may abstain on its least confident
+inputs.
 
 Numpy only, shared by every backend. Inputs are a confidence per input (the
 ensemble's top probability) and whether its prediction was wrong. Inputs are
@@ -37,19 +38,26 @@ import numpy as np
 __all__ = ["risk_coverage", "selective_metrics", "LEGEND"]
 
 LEGEND = {
-    "aurc": "mean error rate over all coverages, rejecting the least confident first (lower is better)",
-    "augrc": "mean share of inputs that are accepted and wrong, over all coverages (lower is better)",
+    "aurc": (
+        "mean error rate over all coverages, rejecting the least confident first (lower is better)"
+    ),
+    "augrc": (
+        "mean share of inputs that are accepted and wrong, over all coverages (lower is better)"
+    ),
     "risk_at_80": "error rate on the 80% most confident inputs",
     "coverage_at_5": "largest share of inputs that can be answered with at most 5% errors",
 }
 
 
 def _cumulative_errors(confidence: np.ndarray, wrong: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Errors among the ``k`` most confident, ``k = 1..N`` (ties spread evenly), and the tie groups' ends."""
+    """Errors among the ``k`` most confident, ``k = 1..N`` (ties spread evenly), and the tie groups'
+    ends."""
     conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
     err = np.asarray(wrong, dtype=np.float64).reshape(-1)
     if conf.shape != err.shape:
-        raise ValueError(f"confidence {list(conf.shape)} and wrong {list(err.shape)} differ in shape")
+        raise ValueError(
+            f"confidence {list(conf.shape)} and wrong {list(err.shape)} differ in shape"
+        )
     if len(conf) == 0:
         raise ValueError("no predictions")
     order = np.argsort(-conf, kind="mergesort")
@@ -66,7 +74,8 @@ def _cumulative_errors(confidence: np.ndarray, wrong: np.ndarray) -> tuple[np.nd
 
 
 def risk_coverage(confidence: np.ndarray, wrong: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The risk-coverage curve: coverage ``k / N`` and selective risk ``risk(k)`` for ``k = 1..N``."""
+    """The risk-coverage curve: coverage ``k / N`` and selective risk ``risk(k)`` for ``k =
+    1..N``."""
     cum, _ = _cumulative_errors(confidence, wrong)
     k = np.arange(1, len(cum) + 1)
     return k / len(cum), cum / k

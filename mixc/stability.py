@@ -1,4 +1,5 @@
-"""The first steps of training, measured: what ``bench/stability.py`` prints and the stability tests check.
+"""The first steps of training, measured: what ``bench/stability.py`` prints and the stability tests
+check.
 
 A run that diverges does so in its first few hundred steps, so these drive a backend's ``Trainer``
 directly (no run folder, no evaluation) on synthetic data and record, per step, the mean member
@@ -27,11 +28,17 @@ __all__ = ["ROLE_KINDS", "Trace", "synthetic", "first_steps", "role_ratios", "co
 
 #: the tensor kinds reported, by plan role (BatchNorm running statistics are not trained)
 ROLE_KINDS = {
-    "bank": "templates", "blob": "templates", "alpha": "alphas",
-    "plain_weight": "plain (shared)", "plain_bias": "plain (shared)",
-    "member_weight": "per-member weights", "member_bias": "per-member weights",
-    "fast_in": "fast weights", "fast_out": "fast weights",
-    "bn_weight": "batchnorm", "bn_bias": "batchnorm",
+    "bank": "templates",
+    "blob": "templates",
+    "alpha": "alphas",
+    "plain_weight": "plain (shared)",
+    "plain_bias": "plain (shared)",
+    "member_weight": "per-member weights",
+    "member_bias": "per-member weights",
+    "fast_in": "fast weights",
+    "fast_out": "fast weights",
+    "bn_weight": "batchnorm",
+    "bn_bias": "batchnorm",
 }
 
 
@@ -41,8 +48,10 @@ class Trace:
 
     losses: list[float] = field(default_factory=list)  # mean member cross-entropy, per step
     roles: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> kind -> update ratio
-    composed: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> layer -> median over members
-    alpha_norm: dict[int, float] = field(default_factory=dict)  # step -> mean L2 norm of a member's layer alphas
+    # step -> layer -> median over members
+    composed: dict[int, dict[str, float]] = field(default_factory=dict)
+    # step -> mean L2 norm of a member's layer alphas
+    alpha_norm: dict[int, float] = field(default_factory=dict)
 
     @property
     def peak(self) -> float:
@@ -54,10 +63,13 @@ class Trace:
         return float(np.mean(self.losses[-n:]))
 
 
-def synthetic(shape: tuple[int, ...] | list[int], classes: int, n: int, signal: float = 0.5,
-              seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` examples ``signal * prototype[y] + N(0, 1)`` of ``classes`` Gaussian prototypes (float32, labels
-    int64): data of any input shape that a network learns quickly but that is not trivially separable."""
+def synthetic(
+    shape: tuple[int, ...] | list[int], classes: int, n: int, signal: float = 0.5, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` examples ``signal * prototype[y] + N(0, 1)`` of ``classes`` Gaussian prototypes
+    (float32, labels int64): data of any input shape that a network learns quickly but that is
+    not trivially separable.
+    """
     r = np.random.default_rng(seed)
     proto = r.normal(size=(classes, *shape)).astype(np.float32)
     y = r.integers(0, classes, n)
@@ -65,8 +77,11 @@ def synthetic(shape: tuple[int, ...] | list[int], classes: int, n: int, signal: 
     return x, y.astype(np.int64)
 
 
-def role_ratios(plan: Plan, before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> dict[str, float]:
-    """``|after - before| / |before|`` over all trainable tensors of each kind (:data:`ROLE_KINDS`)."""
+def role_ratios(
+    plan: Plan, before: dict[str, np.ndarray], after: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """``|after - before| / |before|`` over all trainable tensors of each kind
+    (:data:`ROLE_KINDS`)."""
     moved: dict[str, float] = {}
     norm: dict[str, float] = {}
     for t in plan.tensors:
@@ -74,14 +89,19 @@ def role_ratios(plan: Plan, before: dict[str, np.ndarray], after: dict[str, np.n
         if kind is None or not t.trainable:
             continue
         old = np.asarray(before[t.name], np.float64)
-        moved[kind] = moved.get(kind, 0.0) + float(np.sum((np.asarray(after[t.name], np.float64) - old) ** 2))
+        moved[kind] = moved.get(kind, 0.0) + float(
+            np.sum((np.asarray(after[t.name], np.float64) - old) ** 2)
+        )
         norm[kind] = norm.get(kind, 0.0) + float(np.sum(old**2))
     return {k: float(np.sqrt(moved[k] / norm[k])) if norm[k] > 0 else float("nan") for k in moved}
 
 
-def composed_ratios(plan: Plan, before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> dict[str, float]:
-    """Per weight layer, the median over members of ``|W_after - W_before| / |W_before|`` of the member's
-    composed weight (empty for the single-path methods, whose members share one network)."""
+def composed_ratios(
+    plan: Plan, before: dict[str, np.ndarray], after: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Per weight layer, the median over members of ``|W_after - W_before| / |W_before|`` of the
+    member's composed weight (empty for the single-path methods, whose members share one
+    network)."""
     if plan.execution == "single_path":
         return {}
     from mixc.export import compose_layer
@@ -92,14 +112,21 @@ def composed_ratios(plan: Plan, before: dict[str, np.ndarray], after: dict[str, 
             continue
         ratios = []
         for m in range(plan.members):
-            w0, w1 = compose_layer(plan, before, op, m).weight, compose_layer(plan, after, op, m).weight
+            w0, w1 = (
+                compose_layer(plan, before, op, m).weight,
+                compose_layer(plan, after, op, m).weight,
+            )
             ratios.append(float(np.linalg.norm(w1 - w0) / max(np.linalg.norm(w0), 1e-30)))
         out[op.name] = float(np.median(ratios))
     return out
 
 
 def _alpha_norm(plan: Plan, arrays: dict[str, np.ndarray]) -> float:
-    norms = [np.linalg.norm(np.asarray(arrays[t.name]), axis=-1) for t in plan.tensors if t.role == "alpha"]
+    norms = [
+        np.linalg.norm(np.asarray(arrays[t.name]), axis=-1)
+        for t in plan.tensors
+        if t.role == "alpha"
+    ]
     return float(np.mean(np.concatenate(norms))) if norms else float("nan")
 
 
@@ -108,12 +135,24 @@ def _snapshot(trainer: Any) -> dict[str, np.ndarray]:
     return {k: np.array(v, copy=True) for k, v in trainer.state_arrays().items()}
 
 
-def first_steps(backend: "Backend", plan: Plan, recipe: Recipe, x: np.ndarray, y: np.ndarray, steps: int, *,
-                probe: tuple[int, ...] = (0,), device: str = "cpu", layout: str = "auto",
-                augment: str = "none") -> Trace:
-    """Train ``plan`` with ``recipe`` (its learning rate, schedule and warm-up, batch, seed) for ``steps`` steps
-    on ``x, y`` (at least ``steps * recipe.batch`` examples: each example is seen once) and trace them.
-    ``probe``: the 0-based steps whose update ratios are measured (each costs a copy of the state)."""
+def first_steps(
+    backend: Backend,
+    plan: Plan,
+    recipe: Recipe,
+    x: np.ndarray,
+    y: np.ndarray,
+    steps: int,
+    *,
+    probe: tuple[int, ...] = (0,),
+    device: str = "cpu",
+    layout: str = "auto",
+    augment: str = "none",
+) -> Trace:
+    """Train ``plan`` with ``recipe`` (its learning rate, schedule and warm-up, batch, seed) for
+    ``steps`` steps on ``x, y`` (at least ``steps * recipe.batch`` examples: each example is seen
+    once) and trace them. ``probe``: the 0-based steps whose update ratios are measured (each
+    costs a copy of the state).
+    """
     batch = recipe.batch
     if len(y) < steps * batch:
         raise ValueError(f"{steps} steps of {batch} need {steps * batch} examples, not {len(y)}")

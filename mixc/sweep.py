@@ -1,14 +1,13 @@
-"""Budget and member sweeps: train one spec at many operating points, tabulate, plot (the paper's Figure 3).
+"""Budget and member sweeps: train one spec at many operating points, tabulate, plot (the paper's
+Figure 3).
 
-A sweep is a list of points, each a set of ``--set`` overrides on one spec:
-``budget=B members=M`` for every budget and member count asked for, plus the
-baselines (``single``: one plain backbone; ``naive``: M plain backbones). With
-``methods`` each ensemble method is a series of its own (``method=X``): budgets
-apply to mixture and packed (which solves its width for the budget), the other
-methods have one point per member count.
-Every point trains with the spec's own recipe through the shared driver
-(``mixc.training``) on the chosen backend into ``OUT/<point>/``, an ordinary run folder (``mixc eval``,
-``interpolate`` and ``report`` work on it). A point whose checkpoint already
+A sweep is a list of points, each a set of ``--set`` overrides on one spec: ``budget=B members=M``
+for every budget and member count asked for, plus the baselines (``single``: one plain backbone;
+``naive``: M plain backbones). With ``methods`` each ensemble method is a series of its own
+(``method=X``): budgets apply to mixture and packed (which solves its width for the budget), the
+other methods have one point per member count. Every point trains with the spec's own recipe through
+the shared driver (``mixc.training``) on the chosen backend into ``OUT/<point>/``, an ordinary run
+folder (``mixc eval``, ``interpolate`` and ``report`` work on it). A point whose checkpoint already
 reached the target epoch is not trained again; a partly trained one resumes.
 
 Low budgets: when a budget is below the ``by_shape`` minimum (the fixed cost
@@ -19,26 +18,34 @@ so in the table. A point that no grouping can fit is reported and skipped.
 
 from __future__ import annotations
 
-import re
-
 import csv
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mixc.backends import DEFAULT
-from mixc.core.checkpoint_format import spec_hash
-from mixc.compiler.plan import Plan
-from mixc.core.errors import MixcError
-from mixc.compiler.methods import method_of
-from mixc.core.run_models import BASELINES, NAIVE, SINGLE
-from mixc.compiler.methods import get_method
+from mixc.compiler.methods import get_method, method_of
 from mixc.compiler.plan import METHODS as PLAN_METHODS
+from mixc.compiler.plan import Plan
+from mixc.core.checkpoint_format import spec_hash
+from mixc.core.errors import MixcError
+from mixc.core.run_models import BASELINES, NAIVE, SINGLE
 from mixc.spec.sections import DEFAULT_METHOD
 
-__all__ = ["SweepError", "Point", "parse_budgets", "parse_members", "plan_points", "run_point", "run_sweep",
-           "write_outputs", "COLUMNS"]
+__all__ = [
+    "SweepError",
+    "Point",
+    "parse_budgets",
+    "parse_members",
+    "plan_points",
+    "run_point",
+    "run_sweep",
+    "write_outputs",
+    "COLUMNS",
+]
 
 
 class SweepError(MixcError, RuntimeError):
@@ -72,11 +79,15 @@ def parse_budgets(text: str | None) -> list[str]:
         return []
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
-        raise SweepError(f"--budgets takes a comma-separated list such as 0.25x,0.5x,1x,2x,4x, not {text!r}")
+        raise SweepError(
+            f"--budgets takes a comma-separated list such as 0.25x,0.5x,1x,2x,4x, not {text!r}"
+        )
     bad = [t for t in items if not _BUDGET.fullmatch(t)]
     if bad:
-        raise SweepError(f"--budgets: {', '.join(map(repr, bad))} is not a budget; write multiples of one plain "
-                         f"backbone (0.5x, 1x) or parameter counts (250K, 5M, 1200000)")
+        raise SweepError(
+            f"--budgets: {', '.join(map(repr, bad))} is not a budget; write multiples of one plain "
+            "backbone (0.5x, 1x) or parameter counts (250K, 5M, 1200000)"
+        )
     return list(dict.fromkeys(items))
 
 
@@ -88,7 +99,10 @@ def parse_members(text: str | None) -> list[int]:
     except ValueError:
         ms = []
     if not ms or any(m < 1 for m in ms):
-        raise SweepError(f"--members takes a comma-separated list of positive counts such as 1,2,4,8, not {text!r}")
+        raise SweepError(
+            "--members takes a comma-separated list of positive counts such as 1,2,4,8, not"
+            f" {text!r}"
+        )
     return list(dict.fromkeys(ms))
 
 
@@ -108,7 +122,8 @@ BUDGETED = tuple(m for m in METHODS if get_method(m).uses_budget)  # the methods
 
 def parse_methods(text: str | None) -> list[str]:
     """``mixture,batch_ensemble,packed(alpha = 2, gamma = 1)`` -> the method values (commas inside
-    parentheses belong to the method), each name checked here so a typo fails before any training."""
+    parentheses belong to the method), each name checked here so a typo fails before any training.
+    """
     if text is None:
         return []
     items, depth, cur = [], 0, ""
@@ -122,8 +137,10 @@ def parse_methods(text: str | None) -> list[str]:
     items = [i for i in items + [cur.strip()] if i]
     bad = [i for i in items if i.split("(")[0].strip() not in METHODS]
     if not items or bad or depth != 0:
-        raise SweepError(f"--methods takes a comma-separated list of {', '.join(METHODS)} (options in parentheses, "
-                         f"e.g. packed(alpha = 2)), not {text!r}")
+        raise SweepError(
+            f"--methods takes a comma-separated list of {', '.join(METHODS)} (options in"
+            f" parentheses, e.g. packed(alpha = 2)), not {text!r}"
+        )
     return items
 
 
@@ -132,18 +149,27 @@ def _method_name(method: str) -> str:
 
 
 def plan_points(
-    spec: str, overrides: list[str], budgets: list[str], members: list[int], baselines: list[str],
-    fallback: str = "single", methods: list[str] | None = None,
+    spec: str,
+    overrides: list[str],
+    budgets: list[str],
+    members: list[int],
+    baselines: list[str],
+    fallback: str = "single",
+    methods: list[str] | None = None,
 ) -> list[Point]:
-    """Compile every point (fast, no training), applying the low-budget fallback; errors stay on the point.
-    ``methods``: one series per ensemble method (default: the spec's, as the mixture points always were)."""
+    """Compile every point (fast, no training), applying the low-budget fallback; errors stay on the
+    point. ``methods``: one series per ensemble method (default: the spec's, as the mixture
+    points always were).
+    """
     import mixc
     from mixc.spec import SpecError
 
     base = mixc.compile(spec, overrides)  # a broken spec is the user's error: let SpecError through
     if base.grouping == "none" and not methods:
-        raise SweepError(f"{spec} is a naive ensemble (groups none): there is no budget to sweep; "
-                         "hint: --methods mixture,naive compares it with a MixtureEnsemble")
+        raise SweepError(
+            f"{spec} is a naive ensemble (groups none): there is no budget to sweep; "
+            "hint: --methods mixture,naive compares it with a MixtureEnsemble"
+        )
     ms = members or [base.members]
     points: list[Point] = []
     for method in methods or [None]:
@@ -151,9 +177,20 @@ def plan_points(
         tag = "" if method is None or name == method == DEFAULT_METHOD else f"{name}-"
         for m in ms:
             for b in (budgets or [None]) if name in BUDGETED else [None]:
-                label = "-" if name not in BUDGETED else (
-                    b if b is not None else f"{base.accounting.budget or base.accounting.total_params:,}")
-                extra = [f"members={m}"] + ([f"method={method}"] if method else []) + ([f"budget={b}"] if b is not None else [])
+                label = (
+                    "-"
+                    if name not in BUDGETED
+                    else (
+                        b
+                        if b is not None
+                        else f"{base.accounting.budget or base.accounting.total_params:,}"
+                    )
+                )
+                extra = (
+                    [f"members={m}"]
+                    + ([f"method={method}"] if method else [])
+                    + ([f"budget={b}"] if b is not None else [])
+                )
                 key = f"{tag}m{m}-b{b}" if b is not None else f"{tag}m{m}"
                 points.append(Point(key, "ensemble", label, m, extra, method=name))
     naive_m = ms[0] if len(ms) == 1 else base.members
@@ -161,18 +198,28 @@ def plan_points(
     if SINGLE in baselines:
         points.append(Point(SINGLE, SINGLE, "-", 1, ["members=1", *plain]))
     if NAIVE in baselines:
-        points.append(Point(f"{NAIVE}-m{naive_m}", NAIVE, "-", naive_m, [f"members={naive_m}", *plain]))
+        points.append(
+            Point(f"{NAIVE}-m{naive_m}", NAIVE, "-", naive_m, [f"members={naive_m}", *plain])
+        )
     for p in points:
         try:
             p.plan = mixc.compile(spec, overrides + p.overrides)
         except SpecError as e:
             below = "below the minimum" in e.render()
-            if below and fallback == "single" and p.kind == "ensemble" and get_method(p.method).has_templates \
-                    and base.grouping == "by_shape":
+            if (
+                below
+                and fallback == "single"
+                and p.kind == "ensemble"
+                and get_method(p.method).has_templates
+                and base.grouping == "by_shape"
+            ):
                 try:
                     p.plan = mixc.compile(spec, overrides + p.overrides + ["groups=single"])
                     p.overrides = p.overrides + ["groups=single"]
-                    p.note = f"one shared blob (groups single), as the paper at its 7M point: {_one_line(e, False)}"
+                    p.note = (
+                        "one shared blob (groups single), as the paper at its 7M point:"
+                        f" {_one_line(e, False)}"
+                    )
                     continue
                 except SpecError as e2:
                     e = e2
@@ -180,15 +227,53 @@ def plan_points(
     return points
 
 
-COLUMNS = ["point", "kind", "method", "members", "budget", "grouping", "params", "params_x", "accuracy", "nll", "ece", "brier",
-           "diversity", "mean_member_accuracy", "flops", "epoch", "status", "note", "run", "seeds", "accuracy_sd",
-           "nll_sd", "ece_sd", "brier_sd", "diversity_sd", "mean_member_accuracy_sd",
-           # from the point's eval.json when `mixc eval` (--ood, after `mixc calibrate`) scored its checkpoint
-           "aurc", "augrc", "ood_auroc", "ood_fpr95", "ood_sets", "temperature", "calibrated_nll",
-           "aurc_sd", "augrc_sd", "ood_auroc_sd", "ood_fpr95_sd", "temperature_sd", "calibrated_nll_sd"]
+COLUMNS = [
+    "point",
+    "kind",
+    "method",
+    "members",
+    "budget",
+    "grouping",
+    "params",
+    "params_x",
+    "accuracy",
+    "nll",
+    "ece",
+    "brier",
+    "diversity",
+    "mean_member_accuracy",
+    "flops",
+    "epoch",
+    "status",
+    "note",
+    "run",
+    "seeds",
+    "accuracy_sd",
+    "nll_sd",
+    "ece_sd",
+    "brier_sd",
+    "diversity_sd",
+    "mean_member_accuracy_sd",
+    # from the point's eval.json when `mixc eval` (--ood, after `mixc calibrate`) scored its
+    # checkpoint
+    "aurc",
+    "augrc",
+    "ood_auroc",
+    "ood_fpr95",
+    "ood_sets",
+    "temperature",
+    "calibrated_nll",
+    "aurc_sd",
+    "augrc_sd",
+    "ood_auroc_sd",
+    "ood_fpr95_sd",
+    "temperature_sd",
+    "calibrated_nll_sd",
+]
 #: the uncertainty columns a sweep carries (shown when some point has them)
 UNCERTAINTY = ["aurc", "augrc", "ood_auroc", "ood_fpr95", "temperature", "calibrated_nll"]
-#: the measured columns that several seeds average (mean, and the sample standard deviation in ``<name>_sd``)
+#: the measured columns that several seeds average (mean, and the sample standard deviation in
+#: ``<name>_sd``)
 MEASURED = ["accuracy", "nll", "ece", "brier", "diversity", "mean_member_accuracy", *UNCERTAINTY]
 
 
@@ -199,26 +284,34 @@ def parse_seeds(text: str | None) -> list[int] | None:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise SweepError(f"--seeds takes comma-separated whole numbers (e.g. 0,1,2), not {text!r}") from None
+        raise SweepError(
+            f"--seeds takes comma-separated whole numbers (e.g. 0,1,2), not {text!r}"
+        ) from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise SweepError(f"--seeds needs at least one seed and no repeats, not {text!r}")
     from mixc.spec.recipe import MAX_SEED
 
     bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
     if bad:
-        raise SweepError(f"--seeds {text}: a seed is a whole number from 0 to {MAX_SEED:,} (2**32 - 1), not {bad[0]:,}; "
-                         "hint: --seeds 0,1,2")
+        raise SweepError(
+            f"--seeds {text}: a seed is a whole number from 0 to {MAX_SEED:,} (2**32 - 1), not"
+            f" {bad[0]:,}; hint: --seeds 0,1,2"
+        )
     return seeds
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """One point's rows over seeds -> one row: the measured columns' mean and sample sd (``<name>_sd``; None with
-    one seed), ``seeds`` = how many finished; status and note from the first row that has them."""
+    """One point's rows over seeds -> one row: the measured columns' mean and sample sd
+    (``<name>_sd``; None with one seed), ``seeds`` = how many finished; status and note from the
+    first row that has them."""
     import statistics
 
     done = [r for r in rows if r.get("accuracy") is not None]
-    out = {**(done[0] if done else rows[0]), "seeds": len(done),
-           "run": rows[0]["run"] if len(rows) == 1 else str(Path(rows[0]["run"]).parent)}
+    out = {
+        **(done[0] if done else rows[0]),
+        "seeds": len(done),
+        "run": rows[0]["run"] if len(rows) == 1 else str(Path(rows[0]["run"]).parent),
+    }
     for c in MEASURED:
         vals = [r[c] for r in done if r.get(c) is not None]
         out[c] = statistics.fmean(vals) if vals else None
@@ -246,11 +339,23 @@ def _finished(folder: Path, plan: Plan, epochs: int) -> dict[str, Any] | None:
 
 
 def run_point(
-    point: Point, spec: str, overrides: list[str], folder: Path, *, data: Any = None, data_dir: str | None = None,
-    epochs: int | None = None, device: str = "cpu", seed: int | None = None, layout: str = "auto",
-    progress: bool = True, backend: str = DEFAULT, threads: int | None = None,
+    point: Point,
+    spec: str,
+    overrides: list[str],
+    folder: Path,
+    *,
+    data: Any = None,
+    data_dir: str | None = None,
+    epochs: int | None = None,
+    device: str = "cpu",
+    seed: int | None = None,
+    layout: str = "auto",
+    progress: bool = True,
+    backend: str = DEFAULT,
+    threads: int | None = None,
 ) -> tuple[dict[str, Any], str]:
-    """Train (or resume, or reuse) one point on ``backend``; returns its final metrics and what was done."""
+    """Train (or resume, or reuse) one point on ``backend``; returns its final metrics and what was
+    done."""
     from mixc.backends import get_backend
     from mixc.spec.recipe import Recipe
     from mixc.training import train
@@ -264,9 +369,25 @@ def run_point(
     status = "resumed" if (folder / "checkpoint.safetensors").is_file() else "trained"
     baseline = point.kind if point.kind in BASELINES else None
     metrics = train(
-        get_backend(backend, "sweep"), plan, recipe, out_dir=folder, data=data, data_dir=data_dir, epochs=epochs, device=device, seed=seed,
-        layout=layout, baseline=baseline, progress=progress, threads=threads,
-        config={"file": spec, "overrides": overrides + point.overrides, "backend": backend, "sweep_point": point.key},
+        get_backend(backend, "sweep"),
+        plan,
+        recipe,
+        out_dir=folder,
+        data=data,
+        data_dir=data_dir,
+        epochs=epochs,
+        device=device,
+        seed=seed,
+        layout=layout,
+        baseline=baseline,
+        progress=progress,
+        threads=threads,
+        config={
+            "file": spec,
+            "overrides": overrides + point.overrides,
+            "backend": backend,
+            "sweep_point": point.key,
+        },
     )
     return metrics, status
 
@@ -275,18 +396,35 @@ def _row(point: Point, metrics: dict[str, Any] | None, status: str, folder: Path
     from mixc.core.flops import relative_flops
 
     row: dict[str, Any] = {c: None for c in COLUMNS}
-    row.update(point=point.key, kind=point.kind, method=point.method if point.kind == "ensemble" else None,
-               members=point.members, budget=point.budget, status=status,
-               note=point.error or point.note, run=str(folder))
+    row.update(
+        point=point.key,
+        kind=point.kind,
+        method=point.method if point.kind == "ensemble" else None,
+        members=point.members,
+        budget=point.budget,
+        status=status,
+        note=point.error or point.note,
+        run=str(folder),
+    )
     if point.plan is not None:
         acc = point.plan.accounting
-        row.update(grouping=point.plan.grouping, params=acc.total_params, params_x=acc.total_params / acc.backbone_params,
-                   flops=relative_flops(point.plan))
+        row.update(
+            grouping=point.plan.grouping,
+            params=acc.total_params,
+            params_x=acc.total_params / acc.backbone_params,
+            flops=relative_flops(point.plan),
+        )
     if metrics:
         accs = metrics.get("member_accuracy") or []
-        row.update(accuracy=metrics["accuracy"], nll=metrics["nll"], ece=metrics["ece"], brier=metrics.get("brier"),
-                   diversity=metrics.get("diversity"), epoch=metrics.get("epoch"),
-                   mean_member_accuracy=sum(accs) / len(accs) if accs else None)
+        row.update(
+            accuracy=metrics["accuracy"],
+            nll=metrics["nll"],
+            ece=metrics["ece"],
+            brier=metrics.get("brier"),
+            diversity=metrics.get("diversity"),
+            epoch=metrics.get("epoch"),
+            mean_member_accuracy=sum(accs) / len(accs) if accs else None,
+        )
         if point.plan is not None and metrics.get("epoch") is not None:
             from mixc.evaluation import uncertainty_columns
 
@@ -296,31 +434,46 @@ def _row(point: Point, metrics: dict[str, Any] | None, status: str, folder: Path
 
 
 def run_sweep(
-    spec: str, overrides: list[str], points: list[Point], out: Path, log: Callable[[str], None] = print,
-    seeds: list[int] | None = None, **train_kw: Any,
+    spec: str,
+    overrides: list[str],
+    points: list[Point],
+    out: Path,
+    log: Callable[[str], None] = print,
+    seeds: list[int] | None = None,
+    **train_kw: Any,
 ) -> list[dict[str, Any]]:
-    """Train every point for each of ``seeds`` (``out/<key>/seed-<s>``; without seeds, the recipe's or
-    ``seed`` in ``out/<key>``); returns one row per point, its measured columns averaged over the seeds with
-    their sd (:func:`aggregate`). Per-seed rows are in each row's ``per_seed``."""
+    """Train every point for each of ``seeds`` (``out/<key>/seed-<s>``; without seeds, the recipe's
+    or ``seed`` in ``out/<key>``); returns one row per point, its measured columns averaged over
+    the seeds with their sd (:func:`aggregate`). Per-seed rows are in each row's ``per_seed``."""
     if not seeds:
         return [aggregate([r]) for r in _run_points(spec, overrides, points, out, log, **train_kw)]
     train_kw.pop("seed", None)
     per_seed = []
     for s in seeds:
         log(f"seed {s}:")
-        per_seed.append(_run_points(spec, overrides, points, out, log, subfolder=f"seed-{s}", seed=s, **train_kw))
+        per_seed.append(
+            _run_points(
+                spec, overrides, points, out, log, subfolder=f"seed-{s}", seed=s, **train_kw
+            )
+        )
     return [{**aggregate(list(rs)), "per_seed": list(rs)} for rs in zip(*per_seed)]
 
 
 def _run_points(
-    spec: str, overrides: list[str], points: list[Point], out: Path, log: Callable[[str], None] = print,
-    subfolder: str = "", **train_kw: Any,
+    spec: str,
+    overrides: list[str],
+    points: list[Point],
+    out: Path,
+    log: Callable[[str], None] = print,
+    subfolder: str = "",
+    **train_kw: Any,
 ) -> list[dict[str, Any]]:
-    """Train every feasible point in turn into ``out/<key>[/subfolder]``; one row per point (failures included).
+    """Train every feasible point in turn into ``out/<key>[/subfolder]``; one row per point
+    (failures included).
 
-    ``train_kw`` go to :func:`run_point` (data, data_dir, epochs, device, seed, layout, progress, backend, threads).
-    A data or backend problem stops the sweep (it would fail every point); a problem with one point's folder
-    is recorded and the sweep goes on.
+    ``train_kw`` go to :func:`run_point` (data, data_dir, epochs, device, seed, layout, progress,
+    backend, threads). A data or backend problem stops the sweep (it would fail every point); a
+    problem with one point's folder is recorded and the sweep goes on.
     """
     from mixc.core.data import DataError
     from mixc.core.errors import BackendError
@@ -334,8 +487,10 @@ def _run_points(
             log(f"[{k}/{n}] {p.key}: skipped: {p.error}")
             rows.append(_row(p, None, "infeasible", folder))
             continue
-        log(f"[{k}/{n}] {p.key}: {p.kind}, {p.members} member(s), {p.plan.accounting.total_params:,} parameters"
-            + (f"; {p.note}" if p.note else ""))
+        log(
+            f"[{k}/{n}] {p.key}: {p.kind}, {p.members} member(s),"
+            f" {p.plan.accounting.total_params:,} parameters" + (f"; {p.note}" if p.note else "")
+        )
         try:
             metrics, status = run_point(p, spec, overrides, folder, **train_kw)
         except (DataError, BackendError):
@@ -346,7 +501,10 @@ def _run_points(
             rows.append(_row(p, None, "failed", folder))
             continue
         if status == "done before":
-            log(f"[{k}/{n}] {p.key}: already trained to epoch {metrics.get('epoch')}, not trained again")
+            log(
+                f"[{k}/{n}] {p.key}: already trained to epoch {metrics.get('epoch')}, not trained"
+                " again"
+            )
         rows.append(_row(p, metrics, status, folder))
     return rows
 
@@ -371,37 +529,80 @@ def _fmt(v: Any, kind: str, sd: float | None = None) -> str:
 
 def markdown(rows: list[dict[str, Any]], title: str) -> str:
     """The sweep table: one line per point, baselines last."""
-    cols = [("point", "point", "s"), ("method", "method", "s"), ("members", "M", "s"), ("budget", "budget", "s"), ("grouping", "grouping", "s"),
-            ("params", "params", "int"), ("params_x", "x backbone", "x"), ("accuracy", "accuracy (%)", "pct"),
-            ("nll", "NLL", "f3"), ("ece", "ECE (%)", "pct"), ("brier", "Brier", "f3"), ("diversity", "diversity", "f3"),
-            ("mean_member_accuracy", "mean member acc (%)", "pct"), ("flops", "FLOPs", "x"), ("status", "status", "s")]
-    extra = [("aurc", "AURC", "f4"), ("augrc", "AUGRC", "f4"), ("ood_auroc", "OOD AUROC", "f4"),
-             ("ood_fpr95", "OOD FPR95 (%)", "pct"), ("temperature", "T", "f3"), ("calibrated_nll", "NLL (T)", "f3")]
+    cols = [
+        ("point", "point", "s"),
+        ("method", "method", "s"),
+        ("members", "M", "s"),
+        ("budget", "budget", "s"),
+        ("grouping", "grouping", "s"),
+        ("params", "params", "int"),
+        ("params_x", "x backbone", "x"),
+        ("accuracy", "accuracy (%)", "pct"),
+        ("nll", "NLL", "f3"),
+        ("ece", "ECE (%)", "pct"),
+        ("brier", "Brier", "f3"),
+        ("diversity", "diversity", "f3"),
+        ("mean_member_accuracy", "mean member acc (%)", "pct"),
+        ("flops", "FLOPs", "x"),
+        ("status", "status", "s"),
+    ]
+    extra = [
+        ("aurc", "AURC", "f4"),
+        ("augrc", "AUGRC", "f4"),
+        ("ood_auroc", "OOD AUROC", "f4"),
+        ("ood_fpr95", "OOD FPR95 (%)", "pct"),
+        ("temperature", "T", "f3"),
+        ("calibrated_nll", "NLL (T)", "f3"),
+    ]
     shown = [c for c in extra if any(r.get(c[0]) is not None for r in rows)]
     cols = cols[:-2] + shown + cols[-2:]
-    lines = [f"## {title}", "", "| " + " | ".join(h for _, h, _ in cols) + " |",
-             "|" + "|".join("---" if f == "s" else "---:" for _, _, f in cols) + "|"]
+    lines = [
+        f"## {title}",
+        "",
+        "| " + " | ".join(h for _, h, _ in cols) + " |",
+        "|" + "|".join("---" if f == "s" else "---:" for _, _, f in cols) + "|",
+    ]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r[c], f, r.get(f"{c}_sd")) for c, _, f in cols) + " |")
     notes = [f"- {r['point']}: {r['note']}" for r in rows if r.get("note")]
-    lines += ["", "Accuracy, NLL and Brier score (of the averaged prediction), ECE (15 bins) and diversity (pairwise disagreement / "
-              "mean member error) on the test set after the last epoch; FLOPs: inference cost relative to one "
-              "plain backbone (multiply-accumulates of the convolutions and linear layers)."]
+    lines += [
+        "",
+        (
+            "Accuracy, NLL and Brier score (of the averaged prediction), ECE (15 bins) and"
+            " diversity (pairwise disagreement / mean member error) on the test set after the last"
+            " epoch; FLOPs: inference cost relative to one plain backbone (multiply-accumulates of"
+            " the convolutions and linear layers)."
+        ),
+    ]
     if shown:
-        lines += ["", "From each point's `mixc eval` (eval.json of its last checkpoint): AURC and AUGRC (selective prediction, "
-                  "lower is better), OOD AUROC and FPR95 of the ensemble's top probability (means over the `--ood` sets), "
-                  "T and NLL (T): the `mixc calibrate` temperature and the test NLL after it."]
+        lines += [
+            "",
+            (
+                "From each point's `mixc eval` (eval.json of its last checkpoint): AURC and AUGRC"
+                " (selective prediction, lower is better), OOD AUROC and FPR95 of the ensemble's"
+                " top probability (means over the `--ood` sets), T and NLL (T): the `mixc"
+                " calibrate` temperature and the test NLL after it."
+            ),
+        ]
     n_seeds = max((r.get("seeds") or 0 for r in rows), default=0)
     if n_seeds > 1:
-        lines += ["", f"Each point trained with {n_seeds} seeds: mean ± sample standard deviation over the seeds."]
+        lines += [
+            "",
+            (
+                f"Each point trained with {n_seeds} seeds: mean ± sample standard deviation over"
+                " the seeds."
+            ),
+        ]
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(rows: list[dict[str, Any]], out: Path, title: str, plots: bool = True) -> list[Path]:
-    """``sweep.md``, ``sweep.csv``, ``sweep.json`` and the PNGs (``sweep.png``; ``sweep_members.png`` when
-    several member counts were trained)."""
+def write_outputs(
+    rows: list[dict[str, Any]], out: Path, title: str, plots: bool = True
+) -> list[Path]:
+    """``sweep.md``, ``sweep.csv``, ``sweep.json`` and the PNGs (``sweep.png``;
+    ``sweep_members.png`` when several member counts were trained)."""
     from mixc.core.safe_write import write_text, write_with
 
     written = [write_text(out / "sweep.md", markdown(rows, title))]
@@ -418,7 +619,9 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str, plots: bool
         from mixc.plots import sweep_members_plot, sweep_params_plot
 
         written.append(sweep_params_plot(rows, out / "sweep.png", title))
-        ens_members = {r["members"] for r in rows if r["kind"] == "ensemble" and r["accuracy"] is not None}
+        ens_members = {
+            r["members"] for r in rows if r["kind"] == "ensemble" and r["accuracy"] is not None
+        }
         if len(ens_members) > 1:
             written.append(sweep_members_plot(rows, out / "sweep_members.png", title))
     return written

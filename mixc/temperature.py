@@ -25,11 +25,14 @@ import numpy as np
 __all__ = ["apply_temperature", "tempered_nll", "fit_temperature", "T_MIN", "T_MAX"]
 
 T_MIN, T_MAX = 0.05, 20.0
-_TINY = 1e-38  # below float32's smallest normal: a probability that underflowed to 0 keeps a finite log
+_TINY = (
+    1e-38  # below float32's smallest normal: a probability that underflowed to 0 keeps a finite log
+)
 
 
 def apply_temperature(member_probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Member probabilities ``[N, M, C]`` as if each member's logits were divided by ``temperature`` (float64)."""
+    """Member probabilities ``[N, M, C]`` as if each member's logits were divided by ``temperature``
+    (float64)."""
     p = np.asarray(member_probs, dtype=np.float64)
     if temperature == 1.0:
         return p
@@ -65,11 +68,14 @@ def _golden(f, lo: float, hi: float, tol: float = 1e-6) -> float:
 
 
 def fit_temperature(member_probs: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature in ``[T_MIN, T_MAX]`` minimising :func:`tempered_nll` on ``(member_probs, labels)``."""
+    """The temperature in ``[T_MIN, T_MAX]`` minimising :func:`tempered_nll` on ``(member_probs,
+    labels)``."""
     p = np.asarray(member_probs, dtype=np.float64)
     y = np.asarray(labels).astype(np.int64)
     if p.ndim != 3 or y.shape != (p.shape[0],) or len(y) == 0:
-        raise ValueError(f"expected member_probs [N, M, C] and labels [N] with N > 0, got {list(p.shape)}, "
-                         f"{list(y.shape)}")
+        raise ValueError(
+            f"expected member_probs [N, M, C] and labels [N] with N > 0, got {list(p.shape)}, "
+            f"{list(y.shape)}"
+        )
     log_t = _golden(lambda s: tempered_nll(p, y, math.exp(s)), math.log(T_MIN), math.log(T_MAX))
     return float(math.exp(log_t))

@@ -55,15 +55,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mixc.compiler.plan import Plan
-from mixc.core.data import Dataset, check_compatible, default_augment, load_dataset, resolve_data_path, split_validation
-from mixc.metrics import evaluate
-from mixc.loggers import make_logger
-from mixc.loss_watch import LossWatch
 from mixc.core.checkpoint_format import spec_hash
+from mixc.core.data import (
+    Dataset,
+    check_compatible,
+    default_augment,
+    load_dataset,
+    resolve_data_path,
+    split_validation,
+)
 from mixc.core.errors import TrainError
 from mixc.core.run_files import BEST_METRICS
 from mixc.core.run_read import read_metrics
 from mixc.core.threads import resolve_threads
+from mixc.loggers import make_logger
+from mixc.loss_watch import LossWatch
+from mixc.metrics import evaluate
 from mixc.reporter import Reporter, epoch_line
 from mixc.run_writer import RunWriter, seed_of
 from mixc.spec.recipe import Recipe
@@ -98,32 +105,38 @@ def learning_rate(recipe: Recipe, step: int, steps_per_epoch: int, epochs: int) 
 
 
 def augment_mode(recipe: Recipe, plan: Plan) -> str:
-    """``crop_flip``, ``random_resized_crop`` or ``none``: ``auto`` is :func:`mixc.core.data.default_augment` (crop_flip
-    at 32x32, the random-resized crop above 32 pixels a side, none otherwise); crop_flip needs images."""
+    """``crop_flip``, ``random_resized_crop`` or ``none``: ``auto`` is
+    :func:`mixc.core.data.default_augment` (crop_flip at 32x32, the random-resized crop above 32
+    pixels a side, none otherwise); crop_flip needs images.
+    """
     is_image = plan.input_layout == "image" and len(plan.input_shape) == 3
     if recipe.augment == "auto":
         return default_augment(plan.input_shape, plan.input_layout)
     if recipe.augment in ("crop_flip", "random_resized_crop") and not is_image:
         raise TrainError(
-            f"augment {recipe.augment} needs image input, but {plan.name} takes {plan.input_layout} "
-            f"{plan.input_shape}; hint: set augment none (--set train.augment=none)"
+            f"augment {recipe.augment} needs image input, but {plan.name} takes {plan.input_layout}"
+            f" {plan.input_shape}; hint: set augment none (--set train.augment=none)"
         )
     return recipe.augment
 
 
 def with_overrides(recipe: Recipe, **values: Any) -> Recipe:
-    """``recipe`` with the non-None ``values`` (epochs, batch, seed, data, data_dir, val_fraction), validated like the file
-    (TrainError naming the option otherwise: ``--epochs 0`` is the user's to fix, not a traceback)."""
+    """``recipe`` with the non-None ``values`` (epochs, batch, seed, data, data_dir, val_fraction),
+    validated like the file (TrainError naming the option otherwise: ``--epochs 0`` is the user's
+    to fix, not a traceback).
+    """
     from pydantic import ValidationError
 
     from mixc.compiler.plan import first_problem
 
-    updates = {k: (str(v) if k == "data_dir" else v) for k, v in values.items() if v is not None}
+    updates = {k: str(v) if k == "data_dir" else v for k, v in values.items() if v is not None}
     try:
         return Recipe.model_validate({**recipe.model_dump(), **updates})
     except ValidationError as e:
-        raise TrainError(f"invalid training option: {first_problem(e)}; hint: check --epochs, --batch-size, "
-                         "--seed, --data and --val-fraction") from None
+        raise TrainError(
+            f"invalid training option: {first_problem(e)}; hint: check --epochs, --batch-size, "
+            "--seed, --data and --val-fraction"
+        ) from None
 
 
 # ---------------------------------------------------------------------------
@@ -137,7 +150,7 @@ class _Run:
     plan: Plan
     recipe: Recipe
     dataset: Dataset
-    trainer: "Trainer"
+    trainer: Trainer
     folder: RunWriter
     reporter: Reporter
     batch: int
@@ -157,7 +170,7 @@ class _Run:
 
 
 def train(
-    backend: "Backend | str",
+    backend: Backend | str,
     plan: Plan,
     recipe: Recipe,
     *,
@@ -186,42 +199,79 @@ def train(
     stream: bool = False,
     workers: int | None = None,
 ) -> dict[str, Any]:
-    """Train ``plan`` with ``recipe`` on ``backend`` into ``out_dir`` (resuming it if it holds a checkpoint).
+    """Train ``plan`` with ``recipe`` on ``backend`` into ``out_dir`` (resuming it if it holds a
+    checkpoint).
 
-    Options other than plan/recipe override the recipe where it has them (``None`` keeps it); the rest are
-    the CLI's (README, "Training"): ``baseline`` only labels the run (pass the recompiled plan), ``config``
-    adds entries to ``config.json``, ``threads`` defaults to :func:`mixc.core.threads.default_threads`,
-    ``best_metric``/``keep``/``eval_test_every_epoch`` choose the checkpoints and test scoring, ``logger``
-    and ``curves`` the extra outputs; ``stream`` reads an image folder from disk with ``workers`` loader
-    processes (default min(4, threads)) instead of decoding it into memory. Returns the final test metrics (:func:`mixc.metrics.evaluate`) plus
-    ``epoch``, ``train_loss`` and ``wall_time``; ``{}`` on data-parallel ranks other than 0.
+    Options other than plan/recipe override the recipe where it has them (``None`` keeps it); the
+    rest are the CLI's (README, "Training"): ``baseline`` only labels the run (pass the recompiled
+    plan), ``config`` adds entries to ``config.json``, ``threads`` defaults to
+    :func:`mixc.core.threads.default_threads`, ``best_metric``/``keep``/``eval_test_every_epoch``
+    choose the checkpoints and test scoring, ``logger`` and ``curves`` the extra outputs; ``stream``
+    reads an image folder from disk with ``workers`` loader processes (default min(4, threads))
+    instead of decoding it into memory. Returns the final test metrics
+    (:func:`mixc.metrics.evaluate`) plus ``epoch``, ``train_loss`` and ``wall_time``; ``{}`` on
+    data-parallel ranks other than 0.
     """
     if isinstance(backend, str):
         from mixc.backends import get_backend
 
         backend = get_backend(backend, "train")
-    recipe = with_overrides(recipe, epochs=epochs, batch=batch_size, seed=seed, data=_data_path(data, plan, recipe),
-                            data_dir=data_dir, val_fraction=val_fraction, precision=precision, grad_clip=grad_clip)
+    recipe = with_overrides(
+        recipe,
+        epochs=epochs,
+        batch=batch_size,
+        seed=seed,
+        data=_data_path(data, plan, recipe),
+        data_dir=data_dir,
+        val_fraction=val_fraction,
+        precision=precision,
+        grad_clip=grad_clip,
+    )
     _check_options(best_metric, keep, layout, backend)
     dataset = _dataset(data, plan, recipe, stream)
     augment = augment_mode(recipe, plan)
     n_threads = resolve_threads(threads)
     thread_info = backend.set_threads(n_threads)
     t_start = time.perf_counter()
-    trainer = backend.trainer(plan, recipe, device=device, layout=layout, augment=augment, compile=compile)
+    trainer = backend.trainer(
+        plan, recipe, device=device, layout=layout, augment=augment, compile=compile
+    )
     try:
-        with RunWriter(Path(out_dir), plan, recipe, main=trainer.rank == 0,
-                       allow_recipe_change=allow_recipe_change) as folder:
+        with RunWriter(
+            Path(out_dir),
+            plan,
+            recipe,
+            main=trainer.rank == 0,
+            allow_recipe_change=allow_recipe_change,
+        ) as folder:
             batch = min(recipe.batch, len(dataset.y_train))
             trainer.begin(dataset.x_train, dataset.y_train[: len(dataset.x_train)], batch)
             if folder.header is not None:
                 _resume(folder, trainer, plan)
-            run = _Run(plan, recipe, dataset, trainer, folder, Reporter(trainer.rank == 0, progress and sys.stdout.isatty()),
-                       batch, len(dataset.y_train) // batch, backend.name,  # the last partial batch is dropped
-                       best_metric=best_metric, keep=keep, baseline=baseline, test_every_epoch=eval_test_every_epoch,
-                       logger=make_logger(logger, folder.out) if trainer.rank == 0 else None,
-                       batches=_batches(backend, dataset, trainer, workers, n_threads, augment))
-            _announce(run, layout, augment, baseline, {**thread_info, "compile": compile, **(config or {})})
+            run = _Run(
+                plan,
+                recipe,
+                dataset,
+                trainer,
+                folder,
+                Reporter(trainer.rank == 0, progress and sys.stdout.isatty()),
+                batch,
+                len(dataset.y_train) // batch,
+                backend.name,  # the last partial batch is dropped
+                best_metric=best_metric,
+                keep=keep,
+                baseline=baseline,
+                test_every_epoch=eval_test_every_epoch,
+                logger=make_logger(logger, folder.out) if trainer.rank == 0 else None,
+                batches=_batches(backend, dataset, trainer, workers, n_threads, augment),
+            )
+            _announce(
+                run,
+                layout,
+                augment,
+                baseline,
+                {**thread_info, "compile": compile, **(config or {})},
+            )
             try:
                 last = _epochs(run)
             finally:
@@ -238,16 +288,17 @@ def train(
         trainer.close()
 
 
-def _resume(folder: RunWriter, trainer: "Trainer", plan: Plan) -> None:
-    """Load the run's checkpoint (verified: spec, header, checksum, finite tensors) into the trainer."""
+def _resume(folder: RunWriter, trainer: Trainer, plan: Plan) -> None:
+    """Load the run's checkpoint (verified: spec, header, checksum, finite tensors) into the
+    trainer."""
     from mixc.core.checkpoint_format import CheckpointError, read_plan_arrays
 
     try:
         arrays, extra, _ = read_plan_arrays(folder.ckpt, plan)
     except CheckpointError as e:
         raise TrainError(
-            f"cannot resume from {folder.ckpt}: {e}; hint: pass another --out folder for {plan.name}, "
-            "or delete that one to start over"
+            f"cannot resume from {folder.ckpt}: {e}; hint: pass another --out folder for"
+            f" {plan.name}, or delete that one to start over"
         ) from e
     trainer.load_state(arrays)
     try:
@@ -256,29 +307,42 @@ def _resume(folder: RunWriter, trainer: "Trainer", plan: Plan) -> None:
         raise TrainError(f"cannot resume from {folder.ckpt}: {e}") from e
 
 
-def _announce(run: _Run, layout: str, augment: str, baseline: str | None, config: dict[str, Any]) -> None:
+def _announce(
+    run: _Run, layout: str, augment: str, baseline: str | None, config: dict[str, Any]
+) -> None:
     """Write plan.json and config.json (rank 0) and print the run's one-line description."""
     plan, recipe, trainer = run.plan, run.recipe, run.trainer
-    run.folder.begin({
-        "spec": plan.source, "spec_hash": spec_hash(plan), "layout": layout, "baseline": baseline,
-        "augment": augment, **trainer.run_options, **config,
-    })
+    run.folder.begin(
+        {
+            "spec": plan.source,
+            "spec_hash": spec_hash(plan),
+            "layout": layout,
+            "baseline": baseline,
+            "augment": augment,
+            **trainer.run_options,
+            **config,
+        }
+    )
     kind = f"{baseline} baseline" if baseline else f"{plan.members} members"
     start = run.folder.start_epoch
     run.reporter.line(
-        f"{plan.name}: {kind}, {plan.accounting.total_params:,} parameters; {run.dataset.description}; "
-        f"{recipe.epochs} epochs x {run.steps} steps of {run.batch}; {recipe.optimizer.name} lr {recipe.optimizer.lr}"
+        f"{plan.name}: {kind}, {plan.accounting.total_params:,} parameters;"
+        f" {run.dataset.description}; {recipe.epochs} epochs x {run.steps} steps of {run.batch};"
+        f" {recipe.optimizer.name} lr {recipe.optimizer.lr}"
         + (f", {recipe.precision}" if recipe.precision != "fp32" else "")
-        + (f", grad clip {recipe.grad_clip}" if recipe.grad_clip else "") + "; "
-        f"device {trainer.device_label}, {_threads_text(config.get('threads'))}; out {run.folder.out}"
-        + (f"; resuming after epoch {start}" if start else "")
+        + (f", grad clip {recipe.grad_clip}" if recipe.grad_clip else "")
+        + f"; device {trainer.device_label}, {_threads_text(config.get('threads'))}; out"
+        f" {run.folder.out}" + (f"; resuming after epoch {start}" if start else "")
     )
 
 
 def _epochs(run: _Run) -> dict[str, Any] | None:
-    """The epochs from the run's start epoch; rank 0 checks and saves each. Returns the last epoch's record."""
+    """The epochs from the run's start epoch; rank 0 checks and saves each. Returns the last epoch's
+    record."""
     recipe, trainer, epochs = run.recipe, run.trainer, run.recipe.epochs
-    run.watch = LossWatch(run.plan.members, run.steps, run.reporter.line, _divergence_hint(run.plan, recipe))
+    run.watch = LossWatch(
+        run.plan.members, run.steps, run.reporter.line, _divergence_hint(run.plan, recipe)
+    )
     last: dict[str, Any] | None = None
     with run.reporter:
         for epoch in range(run.folder.start_epoch, epochs):
@@ -286,15 +350,24 @@ def _epochs(run: _Run) -> dict[str, Any] | None:
             train_loss, lr = _one_epoch(run, epoch)
             if not math.isfinite(train_loss):
                 raise TrainError(
-                    f"the training loss became {train_loss} in epoch {epoch + 1}; hint: lower the learning rate "
-                    f"(--set train.optimizer.lr=...) or add warm-up (--set train.warmup=...)"
+                    f"the training loss became {train_loss} in epoch {epoch + 1}; hint: lower the"
+                    " learning rate (--set train.optimizer.lr=...) or add warm-up (--set"
+                    " train.warmup=...)"
                 )
             if not run.main:
                 continue
-            rec = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr, **_scores(run, epoch + 1 == epochs),
-                   "epoch_time": time.perf_counter() - t0}
-            run.folder.save_epoch(rec, lambda meta: trainer.save(run.folder.ckpt, epoch + 1, meta),
-                                  {"global_step": str((epoch + 1) * run.steps), "backend": run.backend_name})
+            rec = {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                "lr": lr,
+                **_scores(run, epoch + 1 == epochs),
+                "epoch_time": time.perf_counter() - t0,
+            }
+            run.folder.save_epoch(
+                rec,
+                lambda meta: trainer.save(run.folder.ckpt, epoch + 1, meta),  # noqa: B023 (called here)
+                {"global_step": str((epoch + 1) * run.steps), "backend": run.backend_name},
+            )
             best = run.folder.keep_best(rec, run.best_metric)
             run.logger.log(rec, [m.model_dump() for m in read_metrics(run.folder.out)])
             run.folder.keep_last(epoch + 1, run.keep)
@@ -303,9 +376,9 @@ def _epochs(run: _Run) -> dict[str, Any] | None:
     return last
 
 
-def _data_path(data: "Dataset | str | None", plan: Plan, recipe: Recipe) -> str | None:
-    """The data the run reads, absolute: ``--data`` from the current folder, the spec's ``data`` from the
-    spec's folder (like its imports), dataset names as they are."""
+def _data_path(data: Dataset | str | None, plan: Plan, recipe: Recipe) -> str | None:
+    """The data the run reads, absolute: ``--data`` from the current folder, the spec's ``data``
+    from the spec's folder (like its imports), dataset names as they are."""
     if isinstance(data, Dataset):
         return None
     if isinstance(data, str):
@@ -314,51 +387,81 @@ def _data_path(data: "Dataset | str | None", plan: Plan, recipe: Recipe) -> str 
 
 
 def _write_curves(run: _Run) -> None:
-    """curves.png and curves.pdf from metrics.jsonl, titled by what was trained (not by the folder's name);
-    without matplotlib, a note instead (the run itself is complete)."""
+    """curves.png and curves.pdf from metrics.jsonl, titled by what was trained (not by the folder's
+    name); without matplotlib, a note instead (the run itself is complete)."""
     from mixc.plots import PlotError, training_curves
 
     plan, acc = run.plan, run.plan.accounting
-    what = (f"{run.baseline} baseline" if run.baseline else f"{plan.members}-member MixtureEnsemble")
-    title = (f"{plan.name}: {what}, {acc.total_params:,} parameters ({acc.total_params / acc.backbone_params:.2f}x "
-             f"one backbone)")
+    what = f"{run.baseline} baseline" if run.baseline else f"{plan.members}-member MixtureEnsemble"
+    title = (
+        f"{plan.name}: {what}, {acc.total_params:,} parameters"
+        f" ({acc.total_params / acc.backbone_params:.2f}x one backbone)"
+    )
     try:
-        training_curves([m.model_dump() for m in read_metrics(run.folder.out)], run.folder.out / "curves.png", title)
+        training_curves(
+            [m.model_dump() for m in read_metrics(run.folder.out)],
+            run.folder.out / "curves.png",
+            title,
+        )
     except PlotError as e:
         run.reporter.line(f"note: no curves.png: {e}")
 
 
-def _dataset(data: "Dataset | str | None", plan: Plan, recipe: Recipe, stream: bool) -> Dataset:
-    """The run's data: loaded (image folders at the plan's input size), validation held out, checked against the plan."""
-    dataset = data if isinstance(data, Dataset) else load_dataset(recipe.data, recipe.data_dir, plan.input_shape,
-                                                                  stream)
+def _dataset(data: Dataset | str | None, plan: Plan, recipe: Recipe, stream: bool) -> Dataset:
+    """The run's data: loaded (image folders at the plan's input size), validation held out, checked
+    against the plan."""
+    dataset = (
+        data
+        if isinstance(data, Dataset)
+        else load_dataset(recipe.data, recipe.data_dir, plan.input_shape, stream)
+    )
     if stream and dataset.folder is None:
-        raise TrainError(f"--stream reads image folders from disk; {dataset.name} is not one; hint: drop --stream")
+        raise TrainError(
+            f"--stream reads image folders from disk; {dataset.name} is not one; hint: drop"
+            " --stream"
+        )
     dataset = split_validation(dataset, recipe.val_fraction, recipe.seed)
     check_compatible(dataset, plan.input_shape, plan.classes)
     return dataset
 
 
-def _batches(backend: "Backend", dataset: Dataset, trainer: "Trainer", workers: int | None, threads: int,
-             augment: str) -> Any:
-    """``split, train, batch, epoch -> batches`` for a streamed folder (None otherwise); one process only, with
-    ``workers`` loader processes (default min(4, threads)). The loader draws the random-resized crop (on the
-    full image) when ``augment`` asks for it; crop_flip is the trainer's, as in memory."""
+def _batches(
+    backend: Backend,
+    dataset: Dataset,
+    trainer: Trainer,
+    workers: int | None,
+    threads: int,
+    augment: str,
+) -> Any:
+    """``split, train, batch, epoch -> batches`` for a streamed folder (None otherwise); one process
+    only, with ``workers`` loader processes (default min(4, threads)). The loader draws the
+    random-resized crop (on the full image) when ``augment`` asks for it; crop_flip is the
+    trainer's, as in memory."""
     if dataset.folder is None:
         return None
     workers = min(4, threads) if workers is None else workers
     if trainer.world > 1:
-        raise TrainError("a streamed image folder trains in one process for now; hint: run without torchrun, or "
-                         "use a folder that fits in memory (MIXC_IMAGE_MEMORY)")
+        raise TrainError(
+            "a streamed image folder trains in one process for now; hint: run without torchrun, or "
+            "use a folder that fits in memory (MIXC_IMAGE_MEMORY)"
+        )
     if workers < 0:
         raise TrainError(f"--workers must be 0 or more, not {workers}")
     return lambda split, train, batch, seed, epoch: backend.batches(
-        split, list(dataset.x_train.shape[1:]), train=train, batch=batch, seed=seed, epoch=epoch, workers=workers,
-        random_crop=augment == "random_resized_crop")
+        split,
+        list(dataset.x_train.shape[1:]),
+        train=train,
+        batch=batch,
+        seed=seed,
+        epoch=epoch,
+        workers=workers,
+        random_crop=augment == "random_resized_crop",
+    )
 
 
 def _evaluate(run: _Run, split: str) -> dict[str, Any]:
-    """Metrics of ``split`` (val or test): from memory, or streamed batch by batch (resize + center crop)."""
+    """Metrics of ``split`` (val or test): from memory, or streamed batch by batch (resize + center
+    crop)."""
     ds = run.dataset
     y = ds.y_val if split == "val" else ds.y_test
     if run.batches is None:
@@ -368,10 +471,12 @@ def _evaluate(run: _Run, split: str) -> dict[str, Any]:
     return evaluate(np.concatenate(probs), y)
 
 
-def _check_options(best_metric: str, keep: int, layout: str, backend: "Backend") -> None:
+def _check_options(best_metric: str, keep: int, layout: str, backend: Backend) -> None:
     """``--best-metric``, ``--keep`` and ``--layout`` (TrainError naming the option)."""
     if layout not in backend.capabilities.layouts:
-        raise TrainError(f"layout must be {', '.join(backend.capabilities.layouts)}, not {layout!r}")
+        raise TrainError(
+            f"layout must be {', '.join(backend.capabilities.layouts)}, not {layout!r}"
+        )
     if best_metric not in BEST_METRICS:
         raise TrainError(f"--best-metric must be {', '.join(BEST_METRICS)}, not {best_metric!r}")
     if keep < 1:
@@ -379,8 +484,10 @@ def _check_options(best_metric: str, keep: int, layout: str, backend: "Backend")
 
 
 def _scores(run: _Run, last: bool) -> dict[str, Any]:
-    """An epoch's evaluation: validation metrics (``val_*``) when there is a validation set; test metrics
-    without one, at the last epoch, or every epoch when asked (the test set is not for choosing epochs)."""
+    """An epoch's evaluation: validation metrics (``val_*``) when there is a validation set; test
+    metrics without one, at the last epoch, or every epoch when asked (the test set is not for
+    choosing epochs).
+    """
     ds, out = run.dataset, {}
     if ds.x_val is not None:
         v = _evaluate(run, "val")
@@ -395,11 +502,17 @@ def _one_epoch(run: _Run, epoch: int) -> tuple[float, float]:
     recipe, trainer, steps, batch = run.recipe, run.trainer, run.steps, run.batch
     seed, M = recipe.seed, run.plan.members
     perm = np.random.default_rng([seed, epoch]).permutation(len(run.dataset.y_train))
-    trainer.begin_epoch(seed_of(seed, epoch, trainer.rank, 1), seed_of(seed, epoch, trainer.rank, 2))
+    trainer.begin_epoch(
+        seed_of(seed, epoch, trainer.rank, 1), seed_of(seed, epoch, trainer.rank, 2)
+    )
     update = run.reporter.epoch_task(epoch + 1, recipe.epochs, steps)
     loss_sum: Any = 0.0
     lr = recipe.optimizer.lr
-    stream = None if run.batches is None else iter(run.batches(run.dataset.folder.train, True, batch, seed, epoch))
+    stream = (
+        None
+        if run.batches is None
+        else iter(run.batches(run.dataset.folder.train, True, batch, seed, epoch))
+    )
     for step in range(steps):
         lr = learning_rate(recipe, epoch * steps + step, steps, recipe.epochs)
         if stream is not None:  # the loader shuffles with the same default_rng([seed, epoch]) rule
@@ -416,16 +529,19 @@ def _one_epoch(run: _Run, epoch: int) -> tuple[float, float]:
 
 
 def _divergence_hint(plan: Plan, recipe: Recipe) -> str:
-    """What to add to a divergence message about this run: shared weights that take their members' summed
-    gradient, when the mean would reach more of them."""
+    """What to add to a divergence message about this run: shared weights that take their members'
+    summed gradient, when the mean would reach more of them."""
     from mixc.core.method_batches import gradient_scales
 
     if set(gradient_scales(plan, "mean")) - set(gradient_scales(plan, recipe.shared_gradient)):
-        return (f"; under shared_gradient {recipe.shared_gradient}, weights the members share take their summed "
-                "gradient, which diverges at width: --set train.shared_gradient=mean divides it by the member count")
+        return (
+            f"; under shared_gradient {recipe.shared_gradient}, weights the members share take"
+            " their summed gradient, which diverges at width: --set train.shared_gradient=mean"
+            " divides it by the member count"
+        )
     return ""
 
 
 def _threads_text(n: Any) -> str:
-    """"1 thread", "2 threads" (the run header states how many the run uses)."""
+    """ "1 thread", "2 threads" (the run header states how many the run uses)."""
     return f"{n} thread" + ("" if n == 1 else "s")

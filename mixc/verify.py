@@ -19,18 +19,19 @@ import re
 import shlex
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 import mixc
 from mixc.compiler.invariants import check_plan
+from mixc.compiler.methods import get_method
 from mixc.compiler.plan import Plan
 from mixc.core.errors import MixcError
 from mixc.spec.diagnostics import SpecError
-from mixc.compiler.methods import get_method
 from mixc.spec.sections import DEFAULT_METHOD
 
 _SUFFIX = {"K": 1e3, "M": 1e6, "G": 1e9}
@@ -118,7 +119,8 @@ class Report:
     infeasible_reasons: Counter = field(default_factory=Counter)
     failure: dict[str, Any] | None = None
     method: str = DEFAULT_METHOD
-    not_checkable: dict[str, str] = field(default_factory=dict)  # backend -> why its count was not compared
+    # backend -> why its count was not compared
+    not_checkable: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -131,21 +133,27 @@ class Report:
             "models_built": self.built,
             "checks_passed": self.checks_passed,
             "seconds": round(self.seconds, 2),
-            "dimensions": {k: {str(v): n for v, n in sorted(c.items(), key=lambda kv: str(kv[0]))}
-                           for k, c in self.dimensions.items()},
+            "dimensions": {
+                k: {str(v): n for v, n in sorted(c.items(), key=lambda kv: str(kv[0]))}
+                for k, c in self.dimensions.items()
+            },
             "failure": self.failure,
             "method": self.method,
             "not_checkable": self.not_checkable,
         }
 
 
-def _points(space: Space, backbone_params: int, method: str = DEFAULT_METHOD) -> st.SearchStrategy[Point]:
+def _points(
+    space: Space, backbone_params: int, method: str = DEFAULT_METHOD
+) -> st.SearchStrategy[Point]:
     (lo, mult), (hi, _) = space.budgets
     if mult:
         lo, hi = lo * backbone_params, hi * backbone_params
     lo, hi = max(1, int(lo)), max(1, int(hi))
     # Mostly log-uniform (small and large budgets alike), sometimes uniform: integers shrink to LO.
-    log_budget = st.floats(math.log(lo), math.log(hi)).map(lambda v: min(hi, max(lo, int(math.exp(v)))))
+    log_budget = st.floats(math.log(lo), math.log(hi)).map(
+        lambda v: min(hi, max(lo, int(math.exp(v))))
+    )
     budgets = st.one_of(log_budget, st.integers(lo, hi))
     searched = get_method(method).searched_settings  # only what the method reads
 
@@ -162,8 +170,11 @@ def _points(space: Space, backbone_params: int, method: str = DEFAULT_METHOD) ->
     )
 
 
-def _start(spec: str, method: str, backends: Sequence[str]) -> tuple[Report, tuple[str, ...], list[str]]:
-    """The empty report, the dimensions searched for ``method``, and the backends whose counts can be compared."""
+def _start(
+    spec: str, method: str, backends: Sequence[str]
+) -> tuple[Report, tuple[str, ...], list[str]]:
+    """The empty report, the dimensions searched for ``method``, and the backends whose counts can
+    be compared."""
     report = Report(spec=spec, method=method)
     dims = get_method(method).searched_settings
     for dim in dims:
@@ -176,7 +187,8 @@ def _start(spec: str, method: str, backends: Sequence[str]) -> tuple[Report, tup
 
 
 def spec_method(spec: str) -> str:
-    """The method the spec itself chooses: searched as written, so the neighbourhood stays that method's."""
+    """The method the spec itself chooses: searched as written, so the neighbourhood stays that
+    method's."""
     return mixc.load(spec).ensemble.method.name
 
 
@@ -187,19 +199,29 @@ def _builds(backend: str, method: str) -> str | None:
     methods = get_backend(backend, "verify").capabilities.methods
     if method in methods:
         return None
-    return f"method '{method}' is not built by the {backend} backend yet (it builds: {', '.join(sorted(methods))})"
+    return (
+        f"method '{method}' is not built by the {backend} backend yet (it builds:"
+        f" {', '.join(sorted(methods))})"
+    )
 
 
 def _param_count(plan: Plan, backend: str) -> int:
-    """Parameters of the model the backend builds, counted without allocating them (Backend.count_params)."""
+    """Parameters of the model the backend builds, counted without allocating them
+    (Backend.count_params)."""
     from mixc.backends import get_backend
 
     return int(get_backend(backend, "verify").count_params(plan))
 
 
-def verify(spec: str, space: Space, examples: int = 100, seed_value: int = 0,
-           backends: Sequence[str] = (), build_every: int = 10,
-           on_example: Callable[[Report], None] | None = None) -> Report:
+def verify(
+    spec: str,
+    space: Space,
+    examples: int = 100,
+    seed_value: int = 0,
+    backends: Sequence[str] = (),
+    build_every: int = 10,
+    on_example: Callable[[Report], None] | None = None,
+) -> Report:
     """Search ``space`` around ``spec``; the first failure is shrunk and reported."""
     base = mixc.compile(spec)
     method = spec_method(spec)
@@ -214,7 +236,9 @@ def verify(spec: str, space: Space, examples: int = 100, seed_value: int = 0,
         for dim in dims[1:]:
             report.dimensions[dim][getattr(point, dim)] += 1
         if point.budget is not None:
-            report.dimensions["budget"][_bucket(int(point.budget), base.accounting.backbone_params)] += 1
+            report.dimensions["budget"][
+                _bucket(int(point.budget), base.accounting.backbone_params)
+            ] += 1
         try:
             plan = mixc.compile(spec, point.overrides())
         except SpecError as err:
@@ -226,23 +250,44 @@ def verify(spec: str, space: Space, examples: int = 100, seed_value: int = 0,
                 report.infeasible_reasons["below the minimum budget"] += 1
                 m = re.search(r"below the minimum ([\d,]+)", text)
                 minimum = int(m.group(1).replace(",", ""))
-                at_min = Point(str(minimum), point.members, point.templates_per_layer, point.assign, point.groups)
+                at_min = Point(
+                    str(minimum),
+                    point.members,
+                    point.templates_per_layer,
+                    point.assign,
+                    point.groups,
+                )
                 try:  # the stated minimum must itself be feasible
                     _check_plan(mixc.compile(spec, at_min.overrides()), at_min, last_failure)
                 except SpecError:
-                    _fail(last_failure, at_min, "minimum_budget", f"the stated minimum {minimum:,} does not compile")
+                    _fail(
+                        last_failure,
+                        at_min,
+                        "minimum_budget",
+                        f"the stated minimum {minimum:,} does not compile",
+                    )
                 return
             fix = degenerate_fix(text)
             if fix is not None:
                 report.infeasible += 1
                 report.infeasible_reasons["members would be identical"] += 1
                 budget, tpl = fix
-                at = Point(str(budget), point.members, tpl or point.templates_per_layer, point.assign, point.groups)
+                at = Point(
+                    str(budget),
+                    point.members,
+                    tpl or point.templates_per_layer,
+                    point.assign,
+                    point.groups,
+                )
                 try:  # the stated fix must itself compile
                     _check_plan(mixc.compile(spec, at.overrides()), at, last_failure)
                 except SpecError as e2:
-                    _fail(last_failure, at, "minimum_budget",
-                          f"the stated fix does not compile: {e2.render().splitlines()[0]}")
+                    _fail(
+                        last_failure,
+                        at,
+                        "minimum_budget",
+                        f"the stated fix does not compile: {e2.render().splitlines()[0]}",
+                    )
                 return
             if "no layer is factorised" in text:
                 report.infeasible += 1
@@ -255,33 +300,50 @@ def verify(spec: str, space: Space, examples: int = 100, seed_value: int = 0,
             for b in backends:
                 n = _param_count(plan, b)
                 if n != plan.accounting.total_params:
-                    _fail(last_failure, point, f"backend_param_count[{b}]",
-                          f"the {b} model has {n:,} parameters, the plan says {plan.accounting.total_params:,}")
+                    _fail(
+                        last_failure,
+                        point,
+                        f"backend_param_count[{b}]",
+                        f"the {b} model has {n:,} parameters, the plan says"
+                        f" {plan.accounting.total_params:,}",
+                    )
                 report.built += 1
         report.checks_passed += 1
         if on_example:
             on_example(report)
 
     test = settings(
-        max_examples=examples, database=None, deadline=None, derandomize=False,
-        suppress_health_check=list(HealthCheck), phases=(Phase.generate, Phase.shrink), report_multiple_bugs=False,
+        max_examples=examples,
+        database=None,
+        deadline=None,
+        derandomize=False,
+        suppress_health_check=list(HealthCheck),
+        phases=(Phase.generate, Phase.shrink),
+        report_multiple_bugs=False,
     )(seed(seed_value)(given(_points(space, base.accounting.backbone_params, method))(check)))
     try:
         test()
     except AssertionError:
         report.failure = dict(last_failure)  # hypothesis re-runs the shrunk example last
-        report.failure["command"] = "mixc inspect " + shlex.quote(spec) + "".join(
-            f" --set {o}" for o in report.failure["overrides"])
+        report.failure["command"] = (
+            "mixc inspect "
+            + shlex.quote(spec)
+            + "".join(f" --set {o}" for o in report.failure["overrides"])
+        )
     report.seconds = time.perf_counter() - started
     return report
 
 
-_PACKED_MINIMUM = re.compile(r"below the smallest Packed-Ensemble.*?raise the budget to at least ([\d,]+)", re.S)
+_PACKED_MINIMUM = re.compile(
+    r"below the smallest Packed-Ensemble.*?raise the budget to at least ([\d,]+)", re.S
+)
 
 
-def _method_infeasible(text: str, point: Point, report: Report, spec: str, last_failure: dict) -> bool:
-    """Count a packed point that cannot compile (a budget below the smallest, widths that do not divide);
-    the smallest budget the error states must itself compile. False: not such an error."""
+def _method_infeasible(
+    text: str, point: Point, report: Report, spec: str, last_failure: dict
+) -> bool:
+    """Count a packed point that cannot compile (a budget below the smallest, widths that do not
+    divide); the smallest budget the error states must itself compile. False: not such an error."""
     if m := _PACKED_MINIMUM.search(text):
         report.infeasible += 1
         report.infeasible_reasons["below the smallest Packed-Ensemble"] += 1
@@ -289,7 +351,12 @@ def _method_infeasible(text: str, point: Point, report: Report, spec: str, last_
         try:
             _check_plan(mixc.compile(spec, at.overrides()), at, last_failure)
         except SpecError:
-            _fail(last_failure, at, "minimum_budget", f"the stated smallest budget {m.group(1)} does not compile")
+            _fail(
+                last_failure,
+                at,
+                "minimum_budget",
+                f"the stated smallest budget {m.group(1)} does not compile",
+            )
         return True
     if "which do not split into" in text or "not a whole number" in text:
         report.infeasible += 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from mixc.spec.diagnostics import Pos
 
@@ -52,34 +52,34 @@ class Name:
 
 @dataclass(frozen=True)
 class ListExpr:
-    items: tuple["Expr", ...]
+    items: tuple[Expr, ...]
     pos: Pos
 
 
 @dataclass(frozen=True)
 class BinOp:
     op: str  # + - * / // % ** == != < <= > >= and or
-    left: "Expr"
-    right: "Expr"
+    left: Expr
+    right: Expr
     pos: Pos
 
 
 @dataclass(frozen=True)
 class UnaryOp:
     op: str  # - not
-    operand: "Expr"
+    operand: Expr
     pos: Pos
 
 
 @dataclass(frozen=True)
 class IfExpr:
-    cond: "Expr"
-    then: "Expr"
-    orelse: "Expr"
+    cond: Expr
+    then: Expr
+    orelse: Expr
     pos: Pos
 
 
-Expr = Union[Num, Quantity, Str, Bool, Name, ListExpr, BinOp, UnaryOp, IfExpr]
+Expr = Num | Quantity | Str | Bool | Name | ListExpr | BinOp | UnaryOp | IfExpr
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ class Let:
 @dataclass(frozen=True)
 class Stage:
     name: str
-    body: tuple["Stmt", ...]
+    body: tuple[Stmt, ...]
     pos: Pos
 
 
@@ -136,25 +136,25 @@ class Stage:
 class Repeat:
     count: Expr
     var: str | None
-    body: tuple["Stmt", ...]
+    body: tuple[Stmt, ...]
     single: bool  # ``repeat n blk(...)`` (children b0, b1, ...) vs ``repeat n { ... }``
     pos: Pos
 
 
 @dataclass(frozen=True)
 class Residual:
-    body: tuple["Stmt", ...]
+    body: tuple[Stmt, ...]
     pos: Pos
 
 
 @dataclass(frozen=True)
 class Shortcut:
     cond: Expr | None
-    body: tuple["Stmt", ...]
+    body: tuple[Stmt, ...]
     pos: Pos
 
 
-Stmt = Union[Layer, Input, Let, Stage, Repeat, Residual, Shortcut]
+Stmt = Layer | Input | Let | Stage | Repeat | Residual | Shortcut
 
 
 # --- top level ---------------------------------------------------------------
@@ -198,7 +198,7 @@ class BodyValue:
 @dataclass(frozen=True)
 class Setting:
     key: str
-    value: Union[Expr, CallValue, BodyValue]
+    value: Expr | CallValue | BodyValue
     pos: Pos
     key_pos: Pos
 
@@ -231,8 +231,13 @@ def relocate(node: Any, file: str, line: int, dcol: int) -> Any:
     for f in dataclasses.fields(node):
         v = getattr(node, f.name)
         if isinstance(v, Pos):
-            changes[f.name] = Pos(file, line, max(1, v.col + dcol), line,
-                                  (v.end_col + dcol) if v.end_col and v.end_line == v.line else None)
+            changes[f.name] = Pos(
+                file,
+                line,
+                max(1, v.col + dcol),
+                line,
+                (v.end_col + dcol) if v.end_col and v.end_line == v.line else None,
+            )
         elif isinstance(v, tuple):
             changes[f.name] = tuple(relocate(x, file, line, dcol) for x in v)
         elif dataclasses.is_dataclass(v):

@@ -9,8 +9,8 @@ exception the spec and compiler stages raise for bad input; the CLI prints
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from mixc.core.errors import MixcError
 
@@ -64,7 +64,9 @@ class SpecError(MixcError):
         diags = list(diagnostics)
         files = {d.pos.file: i for i, d in reversed(list(enumerate(diags))) if d.pos}
         self.diagnostics = sorted(
-            diags, key=lambda d: (0, files[d.pos.file], d.pos.line, d.pos.col) if d.pos else (1, 0, 0, 0))
+            diags,
+            key=lambda d: (0, files[d.pos.file], d.pos.line, d.pos.col) if d.pos else (1, 0, 0, 0),
+        )
         self.sources = dict(sources or {})
         super().__init__(self.render())
 

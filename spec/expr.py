@@ -8,14 +8,16 @@ exactly stays an integer, so ``(depth - 4) / 6`` can be a layer count.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from mixc.spec import ast as A
 from mixc.spec.diagnostics import Pos, did_you_mean
 
 _SUFFIX = {"K": 1_000, "M": 1_000_000, "G": 1_000_000_000}
-LIMIT = 10**18  # every number a spec computes stays within +-LIMIT (the largest layer or budget is far below)
+# every number a spec computes stays within +-LIMIT (the largest layer or budget is far below)
+LIMIT = 10**18
 MAX_STR = 10_000  # characters in a computed string (names and globs are short)
 MAX_LIST = 100_000  # numbers and strings inside one list, nested lists counted through
 MAX_NEST = 32  # lists inside lists
@@ -32,7 +34,8 @@ class Multiple:
 
 
 class ExprError(Exception):
-    """An expression that cannot be evaluated; the section checks turn it into a positioned diagnostic."""
+    """An expression that cannot be evaluated; the section checks turn it into a positioned
+    diagnostic."""
 
     def __init__(self, message: str, pos: Pos, hint: str | None = None):
         super().__init__(message)
@@ -100,19 +103,27 @@ def evaluate(e: A.Expr, env: Mapping[str, Any], symbols: bool = False) -> Any:
             return env[e.id]
         if symbols:
             return e.id
-        raise ExprError(f"unknown name '{e.id}'", e.pos, did_you_mean(e.id, env) or _bound_hint(env))
+        raise ExprError(
+            f"unknown name '{e.id}'", e.pos, did_you_mean(e.id, env) or _bound_hint(env)
+        )
     if isinstance(e, A.ListExpr):
         items = [evaluate(x, env, symbols) for x in e.items]
         leaves, depth = _measure(items)
         if leaves > MAX_LIST:
-            raise ExprError("list too large", e.pos, f"a list in a spec holds at most {MAX_LIST:,} values")
+            raise ExprError(
+                "list too large", e.pos, f"a list in a spec holds at most {MAX_LIST:,} values"
+            )
         if depth > MAX_NEST:
-            raise ExprError("lists nested too deeply", e.pos, f"lists in a spec nest at most {MAX_NEST} deep")
+            raise ExprError(
+                "lists nested too deeply", e.pos, f"lists in a spec nest at most {MAX_NEST} deep"
+            )
         return items
     if isinstance(e, A.IfExpr):
         cond = evaluate(e.cond, env, symbols)
         if not isinstance(cond, bool):
-            raise ExprError(f"an if-expression needs a boolean condition, got {type_name(cond)}", e.cond.pos)
+            raise ExprError(
+                f"an if-expression needs a boolean condition, got {type_name(cond)}", e.cond.pos
+            )
         return evaluate(e.then if cond else e.orelse, env, symbols)
     if isinstance(e, A.UnaryOp):
         v = evaluate(e.operand, env, symbols)
@@ -121,24 +132,35 @@ def evaluate(e: A.Expr, env: Mapping[str, Any], symbols: bool = False) -> Any:
                 raise ExprError(f"'not' needs a boolean, got {type_name(v)}", e.operand.pos)
             return not v
         return -_num(v, e.operand.pos, "'-'")
-    if isinstance(e, A.CallValue):  # e.g. --set train.optimizer.lr=sgd(): a call where a value belongs
-        raise ExprError(f"'{e.name}(...)' is a call, not a value", e.pos,
-                        "calls such as sgd(lr = 0.1) are whole settings; here give a number, string or list")
+    # e.g. --set train.optimizer.lr=sgd(): a call where a value belongs
+    if isinstance(e, A.CallValue):
+        raise ExprError(
+            f"'{e.name}(...)' is a call, not a value",
+            e.pos,
+            "calls such as sgd(lr = 0.1) are whole settings; here give a number, string or list",
+        )
     if isinstance(e, A.BodyValue):
         raise ExprError("a { ... } body is not a value", e.pos, "only 'groups' takes a body")
     raise TypeError(f"not an expression: {e!r}")  # a parser bug, never user input
 
 
 def _finite(v: int | float, pos: Pos) -> int | float:
-    """Refuse numbers beyond +-LIMIT (and inf/nan): later stages size tensors and loops from them."""
-    if isinstance(v, float) and not (math.isfinite(v) and abs(v) <= LIMIT) or isinstance(v, int) and abs(v) > LIMIT:
+    """Refuse numbers beyond +-LIMIT (and inf/nan): later stages size tensors and loops from
+    them."""
+    if (
+        isinstance(v, float)
+        and not (math.isfinite(v) and abs(v) <= LIMIT)
+        or isinstance(v, int)
+        and abs(v) > LIMIT
+    ):
         raise ExprError("number too large", pos, "numbers in a spec stay below 1e18")
     return v
 
 
 def _measure(items: list, memo: dict[int, tuple[int, int]] | None = None) -> tuple[int, int]:
-    """(values inside, nesting depth) of a list; shared sublists (``[l, l]``) are counted per use but
-    measured once. Every sublist was measured when it was built, so the recursion stays shallow."""
+    """(values inside, nesting depth) of a list; shared sublists (``[l, l]``) are counted per use
+    but measured once. Every sublist was measured when it was built, so the recursion stays
+    shallow."""
     memo = {} if memo is None else memo
     key = id(items)
     if key not in memo:
@@ -176,7 +198,9 @@ def _binop(e: A.BinOp, env: Mapping[str, Any], symbols: bool) -> Any:
     what = f"'{e.op}'"
     if e.op == "+" and isinstance(a, str) and isinstance(b, str):
         if len(a) + len(b) > MAX_STR:
-            raise ExprError("string too long", e.pos, f"a string in a spec holds at most {MAX_STR:,} characters")
+            raise ExprError(
+                "string too long", e.pos, f"a string in a spec holds at most {MAX_STR:,} characters"
+            )
         return a + b
     x = _num(a, e.left.pos, what)
     y = _num(b, e.right.pos, what)
@@ -206,17 +230,22 @@ def _binop(e: A.BinOp, env: Mapping[str, Any], symbols: bool) -> Any:
             return x // y
         if e.op == "%":
             return x % y
-    except (OverflowError, ZeroDivisionError):  # float underflow to 0 in y, or a quotient past float range
+    # float underflow to 0 in y, or a quotient past float range
+    except (OverflowError, ZeroDivisionError):
         raise ExprError("number too large", e.pos, "numbers in a spec stay below 1e18") from None
     raise TypeError(f"unknown operator {e.op}")
 
 
 def _power(x: int | float, y: int | float, e: A.BinOp) -> int | float:
-    """``x ** y``, its size bounded from logarithms first: ``9**9**9`` must fail in microseconds, not hang."""
+    """``x ** y``, its size bounded from logarithms first: ``9**9**9`` must fail in microseconds,
+    not hang."""
     if x == 0 and y < 0:
         raise ExprError("0 cannot be raised to a negative power", e.pos, "division by zero")
     if x < 0 and not float(y).is_integer():
-        raise ExprError(f"a negative number to a fractional power (({render(x)}) ** {render(y)}) is not real", e.pos)
+        raise ExprError(
+            f"a negative number to a fractional power (({render(x)}) ** {render(y)}) is not real",
+            e.pos,
+        )
     if abs(x) not in (0, 1) and y * math.log10(abs(x)) > 18.5:  # |x ** y| > ~3e18
         raise ExprError("number too large", e.pos, "numbers in a spec stay below 1e18")
     try:

@@ -9,9 +9,8 @@ broken line, not just the first.
 from __future__ import annotations
 
 import functools
-import re
+from collections.abc import Iterator
 from importlib import resources
-from typing import Iterator
 
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
@@ -46,7 +45,7 @@ class _DropNewlinesInBrackets:
 _POSTLEX = _DropNewlinesInBrackets()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parser(start: str = "start") -> Lark:
     grammar = resources.files("mixc.spec").joinpath("mix.lark").read_text()
     return Lark(
@@ -80,8 +79,21 @@ def _meta_pos(file: str, meta) -> Pos:
 
 
 _BINOPS = {
-    "add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//", "mod": "%", "pow_": "**",
-    "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "or_": "or", "and_": "and",
+    "add": "+",
+    "sub": "-",
+    "mul": "*",
+    "div": "/",
+    "floordiv": "//",
+    "mod": "%",
+    "pow_": "**",
+    "eq": "==",
+    "ne": "!=",
+    "lt": "<",
+    "le": "<=",
+    "gt": ">",
+    "ge": ">=",
+    "or_": "or",
+    "and_": "and",
 }
 
 
@@ -97,10 +109,13 @@ class _ToAst(Transformer):
     # expressions
     def number(self, meta, c):
         text = str(c[0])
-        # Beyond 19 digits an integer is past the evaluator's bound anyway: read it as a float (inf when
-        # huge) so the bound check reports it, not int()'s 4300-digit limit or a slow conversion.
+        # Beyond 19 digits an integer is past the evaluator's bound anyway: read it as a float (inf
+        # when huge) so the bound check reports it, not int()'s 4300-digit limit or a slow
+        # conversion.
         is_int = text.isdigit() and len(text.lstrip("0")) <= 19
-        return A.Num(int(text.lstrip("0") or "0") if is_int else float(text), _tok_pos(self.file, c[0]))
+        return A.Num(
+            int(text.lstrip("0") or "0") if is_int else float(text), _tok_pos(self.file, c[0])
+        )
 
     def quantity(self, meta, c):
         text = str(c[0])
@@ -181,7 +196,13 @@ class _ToAst(Transformer):
     def repeat_stmt(self, meta, c):
         count, var, body = c
         single = not isinstance(body, tuple)
-        return A.Repeat(count, str(var) if var is not None else None, (body,) if single else body, single, self._p(meta))
+        return A.Repeat(
+            count,
+            str(var) if var is not None else None,
+            (body,) if single else body,
+            single,
+            self._p(meta),
+        )
 
     def residual_stmt(self, meta, c):
         return A.Residual(c[0], self._p(meta))
@@ -194,10 +215,14 @@ class _ToAst(Transformer):
         return A.Import(str(c[0])[1:-1], self._p(meta))
 
     def block_def(self, meta, c):
-        return A.Definition("block", str(c[0]), c[1], c[2], self._p(meta), _tok_pos(self.file, c[0]))
+        return A.Definition(
+            "block", str(c[0]), c[1], c[2], self._p(meta), _tok_pos(self.file, c[0])
+        )
 
     def backbone_def(self, meta, c):
-        return A.Definition("backbone", str(c[0]), c[1], c[2], self._p(meta), _tok_pos(self.file, c[0]))
+        return A.Definition(
+            "backbone", str(c[0]), c[1], c[2], self._p(meta), _tok_pos(self.file, c[0])
+        )
 
     def call_value(self, meta, c):
         return A.CallValue(str(c[0]), c[1], self._p(meta))
@@ -225,11 +250,28 @@ class _ToAst(Transformer):
 # --- syntax errors -----------------------------------------------------------
 
 _TOKEN_NAMES = {
-    "NAME": "a name", "NUMBER": "a number", "QUANTITY": "a quantity (36.5M, 1.0x)",
-    "STRING": "a string", "_NL": "end of line", "$END": "end of file",
-    "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "LBRACE": "'{'", "RBRACE": "'}'",
-    "COMMA": "','", "EQUAL": "'='", "SEMICOLON": "';'", "COLON": "':'", "DOT": "'.'",
-    "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "__ANON_0": "'//'",
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "QUANTITY": "a quantity (36.5M, 1.0x)",
+    "STRING": "a string",
+    "_NL": "end of line",
+    "$END": "end of file",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "LSQB": "'['",
+    "RSQB": "']'",
+    "LBRACE": "'{'",
+    "RBRACE": "'}'",
+    "COMMA": "','",
+    "EQUAL": "'='",
+    "SEMICOLON": "';'",
+    "COLON": "':'",
+    "DOT": "'.'",
+    "PLUS": "'+'",
+    "MINUS": "'-'",
+    "STAR": "'*'",
+    "SLASH": "'/'",
+    "__ANON_0": "'//'",
 }
 
 
@@ -244,11 +286,19 @@ def _describe(term: str, value: str | None = None) -> str:
 def _syntax_diag(e: UnexpectedInput, file: str, text: str) -> tuple[str, Pos, str]:
     if isinstance(e, UnexpectedCharacters):
         ch = text[e.pos_in_stream] if e.pos_in_stream < len(text) else "?"
-        return (f"unexpected character {ch!r}", Pos(file, e.line, e.column, e.line, e.column + 1),
-                "names start with a letter or '_'; numbers may carry a K/M/G or x suffix; comments start with '#'")
+        return (
+            f"unexpected character {ch!r}",
+            Pos(file, e.line, e.column, e.line, e.column + 1),
+            (
+                "names start with a letter or '_'; numbers may carry a K/M/G or x suffix; comments"
+                " start with '#'"
+            ),
+        )
     assert isinstance(e, UnexpectedToken)
     tok = e.token
-    expected = sorted({_describe(t) for t in e.expected if not t.startswith("__ANON") or t in _TOKEN_NAMES})
+    expected = sorted(
+        {_describe(t) for t in e.expected if not t.startswith("__ANON") or t in _TOKEN_NAMES}
+    )
     if tok.type == "$END":
         line = max(1, text.count("\n") + 1)
         last = text.split("\n")[-1]
@@ -263,9 +313,14 @@ def _syntax_diag(e: UnexpectedInput, file: str, text: str) -> tuple[str, Pos, st
     opened = _POSTLEX.open[-1] if _POSTLEX.open else None
     if opened is not None and (tok.type == "$END" or (tok.line or 0) > (opened.line or 0)):
         closer = ")" if opened.type == "LPAR" else "]"
-        return (f"'{opened}' is never closed", _tok_pos(file, opened),
-                f"add the matching '{closer}' (inside brackets a statement may span lines, so the next lines "
-                f"were read as part of it)")
+        return (
+            f"'{opened}' is never closed",
+            _tok_pos(file, opened),
+            (
+                f"add the matching '{closer}' (inside brackets a statement may span lines, so the"
+                " next lines were read as part of it)"
+            ),
+        )
     if "'}'" in expected and tok.type == "$END":
         hint = "a '{' is never closed: add the matching '}'"
     elif tok.type == "_NL" and ("')'" in expected or "']'" in expected):
@@ -324,13 +379,18 @@ def parse(text: str, file: str = "<string>") -> A.Module:
     diags.raise_if_any()
     deep = _too_deep(tree, MAX_DEPTH)
     if deep is not None:
-        diags.error(f"nested too deeply (more than {MAX_DEPTH} levels)", _meta_pos(file, deep.meta),
-                    "split the expression with let, or nest fewer blocks")
+        diags.error(
+            f"nested too deeply (more than {MAX_DEPTH} levels)",
+            _meta_pos(file, deep.meta),
+            "split the expression with let, or nest fewer blocks",
+        )
         diags.raise_if_any()
     try:
         items = _ToAst(file).transform(tree)
     except VisitError as e:  # a bug in the transformer, not the user's fault
-        raise RuntimeError(f"internal error while building the AST of {file}: {e.orig_exc!r}") from e
+        raise RuntimeError(
+            f"internal error while building the AST of {file}: {e.orig_exc!r}"
+        ) from e
     return A.Module(
         file=file,
         imports=tuple(i for i in items if isinstance(i, A.Import)),
@@ -356,7 +416,13 @@ def parse_value(text: str, origin: str = "<--set>") -> A.Expr | A.CallValue:
     settings = module.sections[0].settings if module.sections else ()
     if len(settings) != 1:
         raise SpecError(
-            [Diagnostic(f"cannot read {text!r} as one value", Pos(origin, 1, 1), "write key=value with one value")],
+            [
+                Diagnostic(
+                    f"cannot read {text!r} as one value",
+                    Pos(origin, 1, 1),
+                    "write key=value with one value",
+                )
+            ],
             {origin: text},
         )
     return A.relocate(settings[0].value, origin, 1, -2)  # the value starts at column 3 of line 2

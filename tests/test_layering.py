@@ -1,6 +1,6 @@
-"""The layering rules of docs/architecture.md, checked on the source: frameworks only in backends/, no
-backend compared by name outside backends/, the floors (spec/ and compiler/ below mixc/core, below
-backends/, below the application; each imports only from below), no function over 80 lines."""
+"""The layering rules of docs/architecture.md, checked on the source: frameworks only in backends/,
+no backend compared by name outside backends/, the floors (spec/ and compiler/ below mixc/core,
+below backends/, below the application; each imports only from below), no function over 80 lines."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ REPO = Path(__file__).resolve().parent.parent
 FRAMEWORK_FREE = ("spec", "compiler", "mixc")
 
 _IMPORT = re.compile(r"^\s*(import|from)\s+(torch|jax|flax|optax)\b", re.M)
-_NAME_CHECK = re.compile(r"""(==|!=|\bin\b)\s*\(?\s*["'](torch|flax)["']|["'](torch|flax)["']\s*(==|!=)""")
+_NAME_CHECK = re.compile(
+    r"""(==|!=|\bin\b)\s*\(?\s*["'](torch|flax)["']|["'](torch|flax)["']\s*(==|!=)"""
+)
 
 
 def _files(*folders: str) -> list[Path]:
@@ -25,7 +27,9 @@ def _files(*folders: str) -> list[Path]:
 def test_no_framework_import_or_backend_name_check(path):
     text = path.read_text()
     assert not _IMPORT.search(text), f"{path}: imports a framework; ask a Backend object instead"
-    assert not _NAME_CHECK.search(text), f"{path}: compares with a backend's name; use its capabilities"
+    assert not _NAME_CHECK.search(text), (
+        f"{path}: compares with a backend's name; use its capabilities"
+    )
 
 
 def test_spec_never_imports_the_compiler():
@@ -34,14 +38,16 @@ def test_spec_never_imports_the_compiler():
         assert not imports.search(path.read_text()), path
 
 
-#: The floors, lowest first: what each folder may import of mixc (``import mixc`` alone loads the application).
+#: The floors, lowest first: what each folder may import of mixc (``import mixc`` alone loads the
+#: application).
 _LOWER = ("mixc.spec", "mixc.compiler")
 _CORE = (*_LOWER, "mixc.core")
 _BACKENDS = (*_CORE, "mixc.backends")
 
 
 def _module_of(path: Path) -> str:
-    """``backends/torch/train.py`` -> ``mixc.backends.torch.train`` (the folders map into one package)."""
+    """``backends/torch/train.py`` -> ``mixc.backends.torch.train`` (the folders map into one
+    package)."""
     parts = list(path.relative_to(REPO).with_suffix("").parts)
     if parts[0] != "mixc":
         parts.insert(0, "mixc")
@@ -49,8 +55,11 @@ def _module_of(path: Path) -> str:
 
 
 def _imported(path: Path) -> list[tuple[int, str]]:
-    """Every mixc module ``path`` imports (top-level, function-local and TYPE_CHECKING alike), with its line."""
-    package = _module_of(path) if path.name == "__init__.py" else _module_of(path).rpartition(".")[0]
+    """Every mixc module ``path`` imports (top-level, function-local and TYPE_CHECKING alike), with
+    its line."""
+    package = (
+        _module_of(path) if path.name == "__init__.py" else _module_of(path).rpartition(".")[0]
+    )
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -61,7 +70,9 @@ def _imported(path: Path) -> list[tuple[int, str]]:
                 up = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(up + ([base] if base else []))
             # ``from mixc import training`` imports a module: name it, so the check sees which
-            found += [(node.lineno, f"{base}.{a.name}" if base == "mixc" else base) for a in node.names]
+            found += [
+                (node.lineno, f"{base}.{a.name}" if base == "mixc" else base) for a in node.names
+            ]
     return [(line, name) for line, name in found if name == "mixc" or name.startswith("mixc.")]
 
 
@@ -75,9 +86,12 @@ def _outside(folders: tuple[str, ...], allowed: tuple[str, ...]) -> list[str]:
 
 
 def test_backends_import_only_the_core_and_below():
-    """A backend is written against mixc.core, the spec and the plan: never the application that drives it."""
+    """A backend is written against mixc.core, the spec and the plan: never the application that
+    drives it."""
     bad = _outside(("backends",), _BACKENDS)
-    assert not bad, "backends/ imports the application; move what it needs to mixc/core: " + "; ".join(bad)
+    assert not bad, (
+        "backends/ imports the application; move what it needs to mixc/core: " + "; ".join(bad)
+    )
 
 
 def test_the_core_imports_neither_the_application_nor_the_backends():
@@ -86,13 +100,15 @@ def test_the_core_imports_neither_the_application_nor_the_backends():
 
 
 def test_spec_and_compiler_import_neither_the_application_nor_the_backends():
-    """spec/ and compiler/ may derive their errors from mixc.core.errors, nothing more of the floors above."""
+    """spec/ and compiler/ may derive their errors from mixc.core.errors, nothing more of the floors
+    above."""
     bad = _outside(("spec", "compiler"), (*_LOWER, "mixc.core.errors"))
     assert not bad, "spec/ or compiler/ imports above its floor: " + "; ".join(bad)
 
 
 def test_the_layering_check_sees_local_and_relative_imports(tmp_path, monkeypatch):
-    """The parser above must catch the imports a shortcut would hide: inside a function, from a package."""
+    """The parser above must catch the imports a shortcut would hide: inside a function, from a
+    package."""
     src = "def f():\n    from mixc import training\n    import mixc.cli\n"
     path = REPO / "backends" / "torch" / "train.py"
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: src)
@@ -102,14 +118,16 @@ def test_the_layering_check_sees_local_and_relative_imports(tmp_path, monkeypatc
 
 
 def test_the_backends_import_each_other_never():
-    """torch and flax are siblings: what both need lives in backends/ itself (emit.py, structure.py)."""
+    """torch and flax are siblings: what both need lives in backends/ itself (emit.py,
+    structure.py)."""
     for mine, other in (("flax", "torch"), ("torch", "flax")):
         imports = re.compile(rf"^\s*(from|import)\s+mixc\.backends\.{other}\b", re.M)
         for path in _files(f"backends/{mine}"):
             assert not imports.search(path.read_text()), f"{path} imports mixc.backends.{other}"
 
 
-#: Functions allowed over the limit, as "path:function": none. Split a long function rather than list it.
+#: Functions allowed over the limit, as "path:function": none. Split a long function rather than
+#: list it.
 LONG_FUNCTION_EXCEPTIONS: set[str] = set()
 MAX_LINES = 80
 
@@ -128,4 +146,6 @@ def test_no_function_over_80_lines():
                         long.append(f"{rel}:{node.lineno} {node.name} ({n} lines)")
     assert not long, "split these functions: " + "; ".join(long)
     stale = LONG_FUNCTION_EXCEPTIONS - seen
-    assert not stale, f"no longer over {MAX_LINES} lines, drop from LONG_FUNCTION_EXCEPTIONS: {sorted(stale)}"
+    assert not stale, (
+        f"no longer over {MAX_LINES} lines, drop from LONG_FUNCTION_EXCEPTIONS: {sorted(stale)}"
+    )

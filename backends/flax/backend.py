@@ -14,7 +14,8 @@ __all__ = ["FlaxBackend", "backend"]
 
 
 class FlaxBackend(Backend):
-    """jax/flax.nnx/optax: one jit-compiled step, data parallel over every local device of a platform."""
+    """jax/flax.nnx/optax: one jit-compiled step, data parallel over every local device of a
+    platform."""
 
     name = "flax"
     package = "mixc.backends.flax"
@@ -32,13 +33,24 @@ class FlaxBackend(Backend):
 
         return int(count_params(plan))
 
-    def trainer(self, plan: Plan, recipe: Recipe, *, device: str, layout: str, augment: str,
-                compile: bool = False) -> Trainer:
-        from mixc.backends.flax.train import Trainer as FlaxTrainer, devices_for
+    def trainer(
+        self,
+        plan: Plan,
+        recipe: Recipe,
+        *,
+        device: str,
+        layout: str,
+        augment: str,
+        compile: bool = False,
+    ) -> Trainer:
+        from mixc.backends.flax.train import Trainer as FlaxTrainer
+        from mixc.backends.flax.train import devices_for
 
         return FlaxTrainer(plan, recipe, devices_for(device), layout, augment, recipe.seed, compile)
 
-    def runner(self, plan: Plan, *, device: str = "cpu", batch_size: int = 500, layout: str = "auto") -> Runner:
+    def runner(
+        self, plan: Plan, *, device: str = "cpu", batch_size: int = 500, layout: str = "auto"
+    ) -> Runner:
         from mixc.backends.flax.predict import FlaxRunner
 
         return FlaxRunner(plan, device=device, batch_size=batch_size, layout=layout)

@@ -1,4 +1,5 @@
-"""Checkpoints for flax models, in the format the torch backend writes (``mixc.core.checkpoint_format``).
+"""Checkpoints for flax models, in the format the torch backend writes
+(``mixc.core.checkpoint_format``).
 
 The model stores every parameter in the plan's layout under the plan's names,
 so saving is a copy to host float32 and loading a copy back: a file written by
@@ -14,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from mixc.backends.flax.model import assign_plan_arrays, plan_arrays
+from mixc.compiler.plan import Plan
 from mixc.core.checkpoint_format import (
     CheckpointError,
     check_spec,
@@ -22,7 +24,6 @@ from mixc.core.checkpoint_format import (
     read_tensors,
     save_arrays,
 )
-from mixc.compiler.plan import Plan
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_checkpoint_info"]
 
@@ -35,17 +36,21 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``model``'s plan tensors (+ ``extra`` arrays) to ``path`` atomically; return the path."""
+    """Write ``model``'s plan tensors (+ ``extra`` arrays) to ``path`` atomically; return the
+    path."""
     extra_np = {k: np.asarray(v) for k, v in (extra or {}).items()}
     return save_arrays(path, plan_arrays(model), plan, epoch, extra_np, metadata)
 
 
 def read_checkpoint_info(path: str | Path) -> dict[str, str]:
-    """The checkpoint's header (spec_name, spec_hash, epoch, metadata JSON...) without loading tensors."""
+    """The checkpoint's header (spec_name, spec_hash, epoch, metadata JSON...) without loading
+    tensors."""
     return read_info(path)
 
 
-def load_checkpoint(path: str | Path, model: nnx.Module, plan: Plan) -> tuple[int, dict[str, np.ndarray], dict[str, str]]:
+def load_checkpoint(
+    path: str | Path, model: nnx.Module, plan: Plan
+) -> tuple[int, dict[str, np.ndarray], dict[str, str]]:
     """Load ``path`` into ``model`` (built from ``plan``); return (epoch, extra arrays, metadata).
 
     Raises ``CheckpointError`` when the checkpoint belongs to another spec or

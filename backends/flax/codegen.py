@@ -25,8 +25,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from mixc.backends.emit import CodegenError, Emitter, add, attr_name, checked, class_name, describe, layer_call
-from mixc.backends.emit import module_name
+from mixc.backends.emit import (
+    CodegenError,
+    Emitter,
+    add,
+    attr_name,
+    checked,
+    class_name,
+    describe,
+    layer_call,
+    module_name,
+)
 from mixc.backends.pysource import literal as _q
 from mixc.backends.pysource import tup
 from mixc.backends.structure import Node
@@ -58,7 +67,10 @@ def _pool(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
 
 def _global_pool(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
     axes = tuple(range(1, len(op.in_shape)))
-    return f"each(jnp.{'mean' if op.op == 'avg' else 'max'}, {a[0]}, axis={axes if len(axes) > 1 else axes[0]})"
+    return (
+        f"each(jnp.{'mean' if op.op == 'avg' else 'max'}, {a[0]},"
+        f" axis={axes if len(axes) > 1 else axes[0]})"
+    )
 
 
 def _flatten(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
@@ -70,8 +82,10 @@ def _dropout(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
     return f"w.dropout({a[0]}, {op.p!r}, {em.op_index[op.name]})"
 
 
-#: what a MixtureEnsemble's docstring says its layers hold (emit.describe: other methods say their own)
-MIXTURE_DOC = """Member i's weight in a composed layer is sum_l alpha[i, l] * T[l], T rows of a bank (a layer's
+#: what a MixtureEnsemble's docstring says its layers hold (emit.describe: other methods say their
+#: own)
+MIXTURE_DOC = """\
+Member i's weight in a composed layer is sum_l alpha[i, l] * T[l], T rows of a bank (a layer's
 weight flattened in PyTorch order, then its bias) or windows of the flat ``blob``, composed once
 per call before any layer runs (Ensemble.mix). ``plain`` layers share one weight, ``member``
 layers have one per member, each member has its own BatchNorm (PyTorch's semantics)."""
@@ -80,8 +94,15 @@ layers have one per member, each member has its own BatchNorm (PyTorch's semanti
 class FlaxEmitter(Emitter):
     BACKEND = "flax"
     LOWER = dict(
-        conv=layer_call, linear=layer_call, bn=layer_call, act=_act, pool=_pool,
-        global_pool=_global_pool, flatten=_flatten, dropout=_dropout, add=add,
+        conv=layer_call,
+        linear=layer_call,
+        bn=layer_call,
+        act=_act,
+        pool=_pool,
+        global_pool=_global_pool,
+        flatten=_flatten,
+        dropout=_dropout,
+        add=add,
     )
     IMPORTS = ["import jax", "import jax.numpy as jnp", "from flax import nnx"]
     RUNTIME = "mixc.backends.flax.runtime"
@@ -93,7 +114,9 @@ class FlaxEmitter(Emitter):
     def __init__(self, plan: Plan, standalone: bool = False) -> None:
         for op in plan.ops:
             if op.kind in ("conv", "pool") and op.dim not in (1, 2):
-                raise CodegenError(f"{op.kind} {op.name!r} is {op.dim}-D; only 1-D and 2-D are supported")
+                raise CodegenError(
+                    f"{op.kind} {op.name!r} is {op.dim}-D; only 1-D and 2-D are supported"
+                )
         super().__init__(plan, standalone)
 
     def docstring(self) -> list[str]:
@@ -129,17 +152,32 @@ initialisation and layouts: docs/execution.md in the mixc repository.
             '        self, rngs: nnx.Rngs | None = None, layout: str = "auto", dtype=jnp.float32,',
             '        platform: str = "auto",',
             "    ) -> None:",
-            '        """``platform``: where it runs ("cpu", "gpu"...; "auto": jax\'s default backend when called);',
+            (
+                '        """``platform``: where it runs ("cpu", "gpu"...; "auto": jax\'s default'
+                " backend when called);"
+            ),
             '        it picks the "auto" layout and the CPU convolution gradient."""',
             "        super().__init__(CONFIG, layout, dtype, platform)",
             *[ln for ln in self.children(self.tree, in_block=False) if ln.strip() != "pass"],
-            "        self.reset_parameters(rngs.params() if rngs is not None else jax.random.key(0))",
+            (
+                "        self.reset_parameters(rngs.params() if rngs is not None else"
+                " jax.random.key(0))"
+            ),
             "",
-            "    def __call__(self, x: jax.Array, train: bool = False, dropout_key: jax.Array | None = None):",
-            '        """x [B, *INPUT_SHAPE] channels-first -> member logits [B, MEMBERS, CLASSES]."""',
+            (
+                "    def __call__(self, x: jax.Array, train: bool = False, dropout_key: jax.Array |"
+                " None = None):"
+            ),
+            (
+                '        """x [B, *INPUT_SHAPE] channels-first -> member logits [B, MEMBERS,'
+                ' CLASSES]."""'
+            ),
             *self.stacked_inputs(),
             "        x = jnp.moveaxis(x, 1, -1) if x.ndim > 2 else x  # channels last",
-            "        w = self.composed(train, dropout_key)  # every composed layer's weights, once per call",
+            (
+                "        w = self.composed(train, dropout_key)  # every composed layer's weights,"
+                " once per call"
+            ),
             *self.statements_of(self.tree, final=True),
         ]
 

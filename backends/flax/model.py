@@ -23,7 +23,9 @@ from mixc.compiler.plan import Plan
 
 LAYOUTS = ("auto", "grouped", "loop")
 
-_SOURCES: dict[str, types.ModuleType] = {}  # content hash -> exec'd module (the source depends only on the plan)
+_SOURCES: dict[
+    str, types.ModuleType
+] = {}  # content hash -> exec'd module (the source depends only on the plan)
 
 
 def model_class(plan: Plan) -> type:
@@ -36,7 +38,11 @@ def model_class(plan: Plan) -> type:
 
 
 def build(
-    plan: Plan, layout: str = "auto", seed: int = 0, dtype: Any = None, rngs: nnx.Rngs | None = None,
+    plan: Plan,
+    layout: str = "auto",
+    seed: int = 0,
+    dtype: Any = None,
+    rngs: nnx.Rngs | None = None,
     platform: str = "auto",
 ) -> nnx.Module:
     """Generate the plan's module and instantiate it, initialised from ``seed`` (or ``rngs``).
@@ -75,19 +81,23 @@ _INITS: dict[tuple, tuple] = {}
 
 
 def write(plan: Plan, out_dir: str | Path, standalone: bool = False) -> Path:
-    """Write ``plan.json`` and ``<name>.py`` (the flax module) into ``out_dir``; return the source's path."""
+    """Write ``plan.json`` and ``<name>.py`` (the flax module) into ``out_dir``; return the source's
+    path."""
     return generated.write(plan, out_dir, emit_source(plan, standalone=standalone))
 
 
 def _mapping(model: nnx.Module) -> dict[str, str]:
     mapping = getattr(model, "plan_tensors", None)
     if mapping is None:
-        raise TypeError(f"{type(model).__name__} is not a mixc-generated model (it has no plan_tensors)")
+        raise TypeError(
+            f"{type(model).__name__} is not a mixc-generated model (it has no plan_tensors)"
+        )
     return mapping
 
 
 def named_plan_tensors(model: nnx.Module) -> dict[str, nnx.Variable]:
-    """Every plan tensor name (``bank.g0``, ``bn.s1.b0.bn0.running_mean``...) -> the model's Variable.
+    """Every plan tensor name (``bank.g0``, ``bn.s1.b0.bn0.running_mean``...) -> the model's
+    Variable.
 
     Read a value with ``v[...]``, write one with ``v[...] = array``.
     """
@@ -98,7 +108,11 @@ def _resolve(model: nnx.Module, path: str) -> nnx.Variable:
     """The Variable at a dotted module path (``s1.0.conv1.alpha``, ``banks.conv_32x32x3x3``)."""
     node: Any = model
     for part in path.split("."):
-        node = node[int(part)] if part.isdigit() else (node[part] if isinstance(node, nnx.Dict) else getattr(node, part))
+        node = (
+            node[int(part)]
+            if part.isdigit()
+            else (node[part] if isinstance(node, nnx.Dict) else getattr(node, part))
+        )
     return node
 
 
@@ -108,7 +122,8 @@ def plan_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
 
 
 def assign_plan_arrays(model: nnx.Module, arrays: dict[str, Any]) -> None:
-    """Copy ``arrays`` (plan name -> array of the plan's shape) into the model, keeping its dtypes."""
+    """Copy ``arrays`` (plan name -> array of the plan's shape) into the model, keeping its
+    dtypes."""
     targets = named_plan_tensors(model)
     unknown = sorted(set(arrays) - set(targets))
     if unknown:
@@ -116,7 +131,10 @@ def assign_plan_arrays(model: nnx.Module, arrays: dict[str, Any]) -> None:
     for name, value in arrays.items():
         v = targets[name]
         if tuple(np.shape(value)) != tuple(v[...].shape):
-            raise ValueError(f"tensor {name!r} has shape {list(np.shape(value))}, the model has {list(v[...].shape)}")
+            raise ValueError(
+                f"tensor {name!r} has shape {list(np.shape(value))}, the model has"
+                f" {list(v[...].shape)}"
+            )
         v[...] = jnp.asarray(value, dtype=v[...].dtype)
 
 
@@ -133,7 +151,8 @@ def ensemble_probs(logits: jax.Array) -> jax.Array:
 
 
 def count_params(plan: Plan) -> int:
-    """Trainable parameters of the model ``build(plan)`` makes, from shapes only (no memory, no init)."""
+    """Trainable parameters of the model ``build(plan)`` makes, from shapes only (no memory, no
+    init)."""
     cls = model_class(plan)
     abstract = nnx.eval_shape(lambda: cls(rngs=nnx.Rngs(0)))
     return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))))
@@ -144,8 +163,8 @@ def count_params(plan: Plan) -> int:
 
 
 def split(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, jax.Array], dict[str, jax.Array]]:
-    """(graphdef, params, stats): the model's trainable parameters and BatchNorm statistics as pure dicts
-    keyed by dotted module path (``s1.0.conv1.alpha``)."""
+    """(graphdef, params, stats): the model's trainable parameters and BatchNorm statistics as pure
+    dicts keyed by dotted module path (``s1.0.conv1.alpha``)."""
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     return graphdef, _flat(nnx.to_pure_dict(params)), _flat(nnx.to_pure_dict(stats))
 
@@ -177,7 +196,11 @@ def merge(graphdef: nnx.GraphDef, params: dict, stats: dict) -> nnx.Module:
 
 
 def apply(
-    graphdef: nnx.GraphDef, params: dict, stats: dict, x: jax.Array, train: bool = False,
+    graphdef: nnx.GraphDef,
+    params: dict,
+    stats: dict,
+    x: jax.Array,
+    train: bool = False,
     dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
     """Pure call: (member logits, new stats). Safe under ``jax.jit``/``jax.grad``."""
@@ -191,10 +214,13 @@ def attr_to_plan(model: nnx.Module) -> dict[str, str]:
     return {attr: name for name, attr in _mapping(model).items()}
 
 
-def compute_graphdef(plan: Plan, layout: str = "auto", dtype: Any = None, platform: str = "auto") -> nnx.GraphDef:
-    """The module's structure for arithmetic in ``dtype`` (bf16/fp16 under a mixed-precision policy), to merge with
-    parameters cast to that dtype: the module's own constants (composition's one-hot rows) take its dtype, so a
-    graphdef built for float32 would mix dtypes that XLA's convolutions refuse."""
+def compute_graphdef(
+    plan: Plan, layout: str = "auto", dtype: Any = None, platform: str = "auto"
+) -> nnx.GraphDef:
+    """The module's structure for arithmetic in ``dtype`` (bf16/fp16 under a mixed-precision
+    policy), to merge with parameters cast to that dtype: the module's own constants
+    (composition's one-hot rows) take its dtype, so a graphdef built for float32 would mix dtypes
+    that XLA's convolutions refuse."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
     return _initializer(plan, layout, jnp.dtype(dtype or jnp.float32), platform)[0]

@@ -9,8 +9,9 @@ statistics) the last batch is not padded: padding would change its statistics.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +25,17 @@ __all__ = ["FlaxRunner", "predict_member_probs", "load_predictor"]
 
 
 class FlaxRunner:
-    """The plan's model (functional form) on one device, loaded with plan arrays, numpy in and out."""
+    """The plan's model (functional form) on one device, loaded with plan arrays, numpy in and
+    out."""
 
-    def __init__(self, plan: Plan | None = None, device: str = "cpu", batch_size: int = 500, layout: str = "auto",
-                 model: nnx.Module | None = None) -> None:
+    def __init__(
+        self,
+        plan: Plan | None = None,
+        device: str = "cpu",
+        batch_size: int = 500,
+        layout: str = "auto",
+        model: nnx.Module | None = None,
+    ) -> None:
         self.batch = batch_size
         self.device: jax.Device | None = None
         if model is None:
@@ -60,12 +68,20 @@ class FlaxRunner:
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         def fill(tree: dict) -> dict:
-            return {k: jnp.asarray(np.asarray(arrays[self.names[k]]).reshape(v.shape), v.dtype)
-                    if self.names[k] in arrays else v for k, v in tree.items()}
+            return {
+                k: (
+                    jnp.asarray(np.asarray(arrays[self.names[k]]).reshape(v.shape), v.dtype)
+                    if self.names[k] in arrays
+                    else v
+                )
+                for k, v in tree.items()
+            }
 
         self.params, self.stats = self._put((fill(self.params), fill(self.stats)))
 
-    def member_probs(self, x: np.ndarray, bn: Literal["eval", "train"] = "eval", logits: bool = False) -> np.ndarray:
+    def member_probs(
+        self, x: np.ndarray, bn: Literal["eval", "train"] = "eval", logits: bool = False
+    ) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         train, batch = bn == "train", self.batch
         fn, out = self._fn(train, logits), []
@@ -80,7 +96,8 @@ class FlaxRunner:
         return np.concatenate(out)
 
     def member_logits(self, x: np.ndarray) -> np.ndarray:
-        """Member logits ``[N, M, classes]`` (BatchNorm in eval mode): for scores that need them (energy)."""
+        """Member logits ``[N, M, classes]`` (BatchNorm in eval mode): for scores that need them
+        (energy)."""
         return self.member_probs(x, logits=True)
 
     def composed_weights(self) -> dict[str, np.ndarray]:
@@ -94,9 +111,14 @@ def predict_member_probs(model: nnx.Module, x: np.ndarray, batch: int = 1000) ->
 
 
 def load_predictor(
-    plan: Plan, checkpoint: str | Path, device: str = "cpu", batch_size: int = 500, layout: str = "auto"
+    plan: Plan,
+    checkpoint: str | Path,
+    device: str = "cpu",
+    batch_size: int = 500,
+    layout: str = "auto",
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """A function from inputs ``[N, ...]`` to member probabilities ``[N, M, classes]``, for ``checkpoint``.
+    """A function from inputs ``[N, ...]`` to member probabilities ``[N, M, classes]``, for
+    ``checkpoint``.
 
     Raises ``CheckpointError`` for a checkpoint of another spec; ``device`` as
     in `mixc train --backend flax` (the first device of that platform is used).

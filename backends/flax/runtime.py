@@ -27,23 +27,31 @@ from flax import nnx
 # --- the runtime (``--standalone`` copies everything below this line into the file) ---
 
 
-# The same dataclass as backends/torch/runtime.py's: each runtime must stand alone (--standalone copies it).
+# The same dataclass as backends/torch/runtime.py's: each runtime must stand alone (--standalone
+# copies it).
 @dataclass(frozen=True)
 class Config:
-    """A generated file's tables: members, classes, output layer, init rules, banks, blob, layers."""
+    """A generated file's tables: members, classes, output layer, init rules, banks, blob,
+    layers."""
 
     members: int
     classes: int
-    layers: dict[str, dict[str, Any]]  # conv/linear (and non-default BatchNorm) options by plan name
+    # conv/linear (and non-default BatchNorm) options by plan name
+    layers: dict[str, dict[str, Any]]
     batch_norms: dict[str, int]  # channels by plan name
-    banks: dict[str, tuple]  # plan name -> (key, (templates, size), (weight size, weight std, bias std))
+    # plan name -> (key, (templates, size), (weight size, weight std, bias std))
+    banks: dict[str, tuple]
     blob: tuple[int, float] | None = None  # (size, std) of the flat template store
     output: str = ""  # the output layer (the classifier rule applies to it)
     alpha_std: float | None = None  # None: orthonormal alphas
     classifier_std: float | None = None  # None: PyTorch's usual init of the output layer
-    single_path: bool = False  # one network holds every member (MIMO, Packed-Ensembles): BatchNorm [C]
+    single_path: bool = (
+        False  # one network holds every member (MIMO, Packed-Ensembles): BatchNorm [C]
+    )
     input_members: int = 1  # MIMO: the input stacks this many members' images on the channel axis
-    fast_init: tuple[str, float] | None = None  # BatchEnsemble: ("normal", std) or ("signs", 0) for r and s
+    fast_init: tuple[str, float] | None = (
+        None  # BatchEnsemble: ("normal", std) or ("signs", 0) for r and s
+    )
 
 
 def _pairs(v, dim: int) -> tuple[int, ...]:
@@ -51,7 +59,8 @@ def _pairs(v, dim: int) -> tuple[int, ...]:
 
 
 def kernel_layout(w, lead: int = 0):
-    """A PyTorch conv weight [*lead, O, I/groups, *k] in XLA's kernel layout [*lead, *k, I/groups, O]."""
+    """A PyTorch conv weight [*lead, O, I/groups, *k] in XLA's kernel layout [*lead, *k, I/groups,
+    O]."""
     return jnp.moveaxis(w, (lead, lead + 1), (-1, -2))
 
 
@@ -65,7 +74,8 @@ def _conv(x, kernel, b=None, stride=1, padding=0, dilation=1, groups=1, cpu=Fals
     ``cpu``: on CPU, _conv_cpu's kernel gradient where it is the faster one."""
     dim = kernel.ndim - 2
     args = (_pairs(stride, dim), _pairs(padding, dim), _pairs(dilation, dim), groups)
-    if cpu and 1 < groups <= 16:  # XLA's grouped convolution is 7-11x slower on CPU than one per group
+    # XLA's grouped convolution is 7-11x slower on CPU than one per group
+    if cpu and 1 < groups <= 16:
         parts = zip(jnp.split(x, groups, axis=-1), jnp.split(kernel, groups, axis=-1))
         y = jnp.concatenate([_conv(xg, kg, None, *args[:3], cpu=cpu) for xg, kg in parts], axis=-1)
     else:
@@ -86,7 +96,12 @@ def _xla_conv(x, kernel, stride, padding, dilation, groups):
     numbers = ("NWC", "WIO", "NWC") if x.ndim == 3 else ("NHWC", "HWIO", "NHWC")
     pads = [(p, p) for p in padding]
     return jax.lax.conv_general_dilated(
-        x, kernel, stride, pads, rhs_dilation=dilation, dimension_numbers=numbers,
+        x,
+        kernel,
+        stride,
+        pads,
+        rhs_dilation=dilation,
+        dimension_numbers=numbers,
         feature_group_count=groups,
     )
 
@@ -157,7 +172,9 @@ class Members(tuple):
     """Each member's activation (loop layout); ``+`` adds per member (a shared array to each)."""
 
     def __add__(self, other):
-        return Members([a + (other[m] if isinstance(other, Members) else other) for m, a in enumerate(self)])
+        return Members(
+            [a + (other[m] if isinstance(other, Members) else other) for m, a in enumerate(self)]
+        )
 
     __radd__ = __add__
 
@@ -181,16 +198,23 @@ def each(fn, x, *args, **kwargs):
 class Composed:
     """One call's composed weights (by plan name), the layout, and the call's options."""
 
-    def __init__(self, weights: dict, members: int, grouped: bool, cpu: bool, train: bool, dropout_key) -> None:
+    def __init__(
+        self, weights: dict, members: int, grouped: bool, cpu: bool, train: bool, dropout_key
+    ) -> None:
         self.weights, self.members, self.grouped = weights, members, grouped
         self.cpu, self.train, self.dropout_key = cpu, train, dropout_key
 
     def repeat(self, x):
         """A value shared by all members as every member's (beside per-member values)."""
-        return jnp.concatenate([x] * self.members, axis=-1) if self.grouped else Members([x] * self.members)
+        return (
+            jnp.concatenate([x] * self.members, axis=-1)
+            if self.grouped
+            else Members([x] * self.members)
+        )
 
     def dropout(self, x, p: float, salt: int):
-        """Inverted dropout; the key is folded with the op's ``salt`` (and the member, in a loop)."""
+        """Inverted dropout; the key is folded with the op's ``salt`` (and the member, in a
+        loop)."""
         if not self.train or p == 0:
             return x
         if self.dropout_key is None:
@@ -230,24 +254,37 @@ def orthonormal_rows(g, members: int):
     return jnp.stack(cols, axis=-2).reshape(layers, blocks * k, k)[:, :members]
 
 
-#: weight source (or "bn") -> (plan tensor name, module attribute) of each tensor a layer holds; an entry on
-#: "bias" exists only when the layer has a bias. The compiler's table (compiler/tensor_names.py), kept here
-#: because a standalone file holds this module alone (tests/test_method_homes.py checks they agree).
+#: weight source (or "bn") -> (plan tensor name, module attribute) of each tensor a layer holds; an
+#: entry on "bias" exists only when the layer has a bias. The compiler's table
+#: (compiler/tensor_names.py), kept here because a standalone file holds this module alone
+#: (tests/test_method_homes.py checks they agree).
 LAYER_TENSORS: dict[str, tuple[tuple[str, str], ...]] = {
     "plain": (("plain.{layer}.weight", "weight"), ("plain.{layer}.bias", "bias")),
     "member": (("member.{layer}.weight", "weight"), ("member.{layer}.bias", "bias")),
     "bank": (("alpha.{layer}", "alpha"),),
     "blob": (("alpha.{layer}", "alpha"),),
-    "batch_ensemble": (("plain.{layer}.weight", "weight"), ("fast.{layer}.r", "r"), ("fast.{layer}.s", "s"),
-                       ("member.{layer}.bias", "bias")),
-    "bn": (("bn.{layer}.weight", "weight"), ("bn.{layer}.bias", "bias"), ("bn.{layer}.running_mean", "running_mean"),
-           ("bn.{layer}.running_var", "running_var")),
+    "batch_ensemble": (
+        ("plain.{layer}.weight", "weight"),
+        ("fast.{layer}.r", "r"),
+        ("fast.{layer}.s", "s"),
+        ("member.{layer}.bias", "bias"),
+    ),
+    "bn": (
+        ("bn.{layer}.weight", "weight"),
+        ("bn.{layer}.bias", "bias"),
+        ("bn.{layer}.running_mean", "running_mean"),
+        ("bn.{layer}.running_var", "running_var"),
+    ),
 }
 
 
 def _layer_tensors(source: str, name: str, path: str, has_bias: bool) -> dict[str, str]:
     """A layer's plan tensor names -> its module paths under ``path``."""
-    return {n.format(layer=name): f"{path}.{a}" for n, a in LAYER_TENSORS[source] if a != "bias" or has_bias}
+    return {
+        n.format(layer=name): f"{path}.{a}"
+        for n, a in LAYER_TENSORS[source]
+        if a != "bias" or has_bias
+    }
 
 
 def _linear(x, w, b=None):
@@ -257,8 +294,8 @@ def _linear(x, w, b=None):
 
 
 class _Member:
-    """A weight [M, *shape] (and bias [M, out]) per member: the naive ensemble's layers. Its calls are every
-    per-member layer's (composed ones too, once their weights are composed)."""
+    """A weight [M, *shape] (and bias [M, out]) per member: the naive ensemble's layers. Its calls
+    are every per-member layer's (composed ones too, once their weights are composed)."""
 
     templates = None  # "bank" or "blob": the model composes this layer's weights from that store
     lead = 1  # the weight's leading member axis (0: one weight for all members)
@@ -268,11 +305,15 @@ class _Member:
         lead = (M,) if lead is None else lead
         layer.weight = nnx.Param(jnp.zeros((*lead, *layer.shape)))
         if layer.has_bias:
-            layer.bias = nnx.Param(jnp.zeros((*(lead if bias_lead is None else bias_lead), layer.shape[0])))
+            layer.bias = nnx.Param(
+                jnp.zeros((*(lead if bias_lead is None else bias_lead), layer.shape[0]))
+            )
 
     @classmethod
     def weights(cls, layer, w: Composed):
-        return layer.layout(layer.weight[...], cls.lead), (layer.bias[...] if layer.has_bias else None)
+        return layer.layout(layer.weight[...], cls.lead), (
+            layer.bias[...] if layer.has_bias else None
+        )
 
     @staticmethod
     def reset(layer, draw) -> None:
@@ -296,8 +337,14 @@ class _Member:
         if not w.grouped:  # one convolution per member
             xs = [x] * M if layer.shared_input else x
             biases = [None] * M if bias is None else bias
-            return Members([_conv(v, wm, bm, groups=groups, cpu=w.cpu, **options) for v, wm, bm in zip(xs, weight, biases)])
-        weight = jnp.moveaxis(weight, 0, -2).reshape(*weight.shape[1:-1], -1)  # the members' filters stacked
+            return Members(
+                [
+                    _conv(v, wm, bm, groups=groups, cpu=w.cpu, **options)
+                    for v, wm, bm in zip(xs, weight, biases)
+                ]
+            )
+        # the members' filters stacked
+        weight = jnp.moveaxis(weight, 0, -2).reshape(*weight.shape[1:-1], -1)
         bias = None if bias is None else bias.reshape(-1)
         if layer.shared_input and groups == 1:
             return _conv(x, weight, bias, cpu=w.cpu, **options)
@@ -310,25 +357,33 @@ class _Member:
         if layer.groups > 1:
             return _grouped_linear(layer, x, weight, bias)
         if layer.shared_input and w.grouped:
-            return _linear(x, weight.reshape(-1, weight.shape[-1]), None if bias is None else bias.reshape(-1))
+            return _linear(
+                x, weight.reshape(-1, weight.shape[-1]), None if bias is None else bias.reshape(-1)
+            )
         if not w.grouped:
             xs = [x] * M if layer.shared_input else x
-            return Members([_linear(v, weight[m], None if bias is None else bias[m]) for m, v in enumerate(xs)])
+            return Members(
+                [_linear(v, weight[m], None if bias is None else bias[m]) for m, v in enumerate(xs)]
+            )
         y = jnp.einsum("bmi,moi->bmo", x.reshape(x.shape[0], M, -1), weight)
         return (y if bias is None else y + bias).reshape(x.shape[0], -1)
 
     @staticmethod
     def composed(layer, mixed: dict):
-        """The layer's weight and bias in the plan's (PyTorch) layout, for analysis (``Ensemble.compose``)."""
+        """The layer's weight and bias in the plan's (PyTorch) layout, for analysis
+        (``Ensemble.compose``)."""
         if layer.name in mixed:
             return layer.plan_layout(mixed[layer.name][0], 1), mixed[layer.name][1]
         return layer.weight[...], (layer.bias[...] if layer.has_bias else None)
 
 
 def _grouped_linear(layer, x, weight, bias):
-    """A block-diagonal linear layer (one network, single path): group j maps its slice; weight [O, I/g]."""
+    """A block-diagonal linear layer (one network, single path): group j maps its slice; weight [O,
+    I/g]."""
     g = layer.groups
-    y = jnp.einsum("bgi,goi->bgo", x.reshape(x.shape[0], g, -1), weight.reshape(g, -1, weight.shape[-1]))
+    y = jnp.einsum(
+        "bgi,goi->bgo", x.reshape(x.shape[0], g, -1), weight.reshape(g, -1, weight.shape[-1])
+    )
     y = y.reshape(x.shape[0], -1)
     return y if bias is None else y + bias
 
@@ -350,7 +405,8 @@ class _Plain(_Member):
             return w.repeat(y) if layer.spread else y
         if isinstance(x, Members):  # the shared weight, once per member
             return Members([_conv(v, weight, bias, groups=groups, cpu=w.cpu, **options) for v in x])
-        weight = jnp.tile(weight, (1,) * (weight.ndim - 1) + (M,))  # members side by side: the weight tiled
+        # members side by side: the weight tiled
+        weight = jnp.tile(weight, (1,) * (weight.ndim - 1) + (M,))
         bias = None if bias is None else jnp.tile(bias, M)
         return _conv(x, weight, bias, groups=M * groups, cpu=w.cpu, **options)
 
@@ -366,13 +422,15 @@ class _Plain(_Member):
 
 
 class _Bank(_Member):
-    """Alphas [M, k] over bank rows ``templates[i]``; the model composes the weights (Ensemble.mix)."""
+    """Alphas [M, k] over bank rows ``templates[i]``; the model composes the weights
+    (Ensemble.mix)."""
 
     templates = "bank"
 
     @staticmethod
     def make(layer, cfg: dict, M: int) -> None:
-        layer.templates, layer.rows = tuple(map(tuple, cfg["templates"])), cfg["rows"]  # static: nnx hashes them
+        # static: nnx hashes them
+        layer.templates, layer.rows = (tuple(map(tuple, cfg["templates"])), cfg["rows"])
         layer.alpha = nnx.Param(jnp.zeros((M, len(cfg["templates"][0]))))
 
     @staticmethod
@@ -399,8 +457,8 @@ class _Blob(_Bank):
 
 
 class _BatchEnsemble(_Member):
-    """One shared weight W, each member's input scaled by r [M, in] and its output by s [M, out], a bias
-    [M, out] per member: ((x * r[m]) apply W) * s[m] + b[m]."""
+    """One shared weight W, each member's input scaled by r [M, in] and its output by s [M, out], a
+    bias [M, out] per member: ((x * r[m]) apply W) * s[m] + b[m]."""
 
     lead = 0
 
@@ -415,13 +473,19 @@ class _BatchEnsemble(_Member):
         """Fast weights N(1, std^2) or random signs, then the shared weight as a plain layer's."""
         law, std = layer.fast_init
         for t in (layer.r, layer.s):
-            t.set_value(1.0 + std * draw.normal(t.shape) if law == "normal" else jnp.sign(draw.uniform(t.shape) + 1e-30))
+            t.set_value(
+                1.0 + std * draw.normal(t.shape)
+                if law == "normal"
+                else jnp.sign(draw.uniform(t.shape) + 1e-30)
+            )
         _Member.reset(layer, draw)
 
     @staticmethod
     def conv(layer, x, weight, bias, w: Composed):
         groups, options = layer.groups, dict(layer.options)
-        return _BatchEnsemble.apply(layer, x, w, lambda h: _conv(h, weight, groups=groups, cpu=w.cpu, **options))
+        return _BatchEnsemble.apply(
+            layer, x, w, lambda h: _conv(h, weight, groups=groups, cpu=w.cpu, **options)
+        )
 
     @staticmethod
     def linear(layer, x, weight, bias, w: Composed):
@@ -429,31 +493,51 @@ class _BatchEnsemble(_Member):
 
     @staticmethod
     def apply(layer, x, w: Composed, apply):
-        """``apply`` is the layer's own op on one batch (channels last, so r and s broadcast). Grouped: the
-        members move to the batch axis, so the shared weight runs once, as BatchEnsemble's tiled batch does."""
+        """``apply`` is the layer's own op on one batch (channels last, so r and s broadcast).
+        Grouped: the members move to the batch axis, so the shared weight runs once, as
+        BatchEnsemble's tiled batch does.
+        """
         M, r, s = layer.members, layer.r[...], layer.s[...]
         b = layer.bias[...] if layer.has_bias else None
         if not w.grouped:
             xs = [x] * M if layer.shared_input else x
-            return Members([apply(v * r[m]) * s[m] + (0 if b is None else b[m]) for m, v in enumerate(xs)])
+            return Members(
+                [apply(v * r[m]) * s[m] + (0 if b is None else b[m]) for m, v in enumerate(xs)]
+            )
         x = w.repeat(x) if layer.shared_input else x
         h = jnp.moveaxis(x.reshape(*x.shape[:-1], M, -1) * r, -2, 0)  # [M, B, ..., C]
         y = apply(h.reshape(-1, *h.shape[2:]))
-        y = jnp.moveaxis(y.reshape(M, -1, *y.shape[1:]), 0, -2) * s + (0 if b is None else b)  # [B, ..., M, O]
+        # [B, ..., M, O]
+        y = jnp.moveaxis(y.reshape(M, -1, *y.shape[1:]), 0, -2) * s + (0 if b is None else b)
         return y.reshape(*y.shape[:-2], -1)
 
     @staticmethod
     def composed(layer, mixed: dict):
-        """Per-member weights W * s r^T ([M, *shape]; r read per group), for analysis, as torch's."""
+        """Per-member weights W * s r^T ([M, *shape]; r read per group), for analysis, as
+        torch's."""
         out, per_group = layer.shape[0], layer.shape[1]
-        r = jnp.repeat(layer.r[...].reshape(layer.members, layer.groups, per_group), out // layer.groups, axis=1)
+        r = jnp.repeat(
+            layer.r[...].reshape(layer.members, layer.groups, per_group),
+            out // layer.groups,
+            axis=1,
+        )
         tail = (1,) * (len(layer.shape) - 2)
-        weight = layer.weight[...][None] * layer.s[...].reshape(layer.members, out, 1, *tail) * r.reshape(*r.shape, *tail)
+        weight = (
+            layer.weight[...][None]
+            * layer.s[...].reshape(layer.members, out, 1, *tail)
+            * r.reshape(*r.shape, *tail)
+        )
         return weight, layer.bias[...] if layer.has_bias else None
 
 
 #: a layer's weight source (the plan's ``source``) -> the code that holds and runs its weights
-WEIGHTS = {"plain": _Plain, "member": _Member, "bank": _Bank, "blob": _Blob, "batch_ensemble": _BatchEnsemble}
+WEIGHTS = {
+    "plain": _Plain,
+    "member": _Member,
+    "bank": _Bank,
+    "blob": _Blob,
+    "batch_ensemble": _BatchEnsemble,
+}
 
 
 class Weighted(nnx.Module):
@@ -464,7 +548,12 @@ class Weighted(nnx.Module):
 
     def __init__(self, config: Config, name: str) -> None:
         cfg, M = config.layers[name], config.members
-        self.name, self.source, self.shape, self.made = name, cfg["source"], tuple(cfg["shape"]), _made()
+        self.name, self.source, self.shape, self.made = (
+            name,
+            cfg["source"],
+            tuple(cfg["shape"]),
+            _made(),
+        )
         self.members, self.has_bias, self.bank = M, cfg.get("bias", False), cfg.get("bank")
         self.shared_input, self.spread = cfg.get("shared_input", False), cfg.get("spread", False)
         self.init = (config.alpha_std, config.classifier_std if name == config.output else None)
@@ -492,13 +581,15 @@ class Weighted(nnx.Module):
         return _layer_tensors(self.source, self.name, path, self.has_bias)
 
     def reset_parameters(self, draw) -> None:
-        """Plain and member layers PyTorch's usual init (kaiming normal for convs, the plan's rule for
-        the output layer); alphas are set by the model (orthonormal per k, or the plan's normal law)."""
+        """Plain and member layers PyTorch's usual init (kaiming normal for convs, the plan's rule
+        for the output layer); alphas are set by the model (orthonormal per k, or the plan's
+        normal law).
+        """
         self.kind.reset(self, draw)
 
     def mix_blob(self, blob):
-        """(weight [M, ...] in the call's layout, bias [M, out] or None): member i's templates [k, size]
-        are the blob's window at offsets[i], mixed by its alphas."""
+        """(weight [M, ...] in the call's layout, bias [M, out] or None): member i's templates [k,
+        size] are the blob's window at offsets[i], mixed by its alphas."""
         offsets, alpha = self.offsets, self.alpha[...]
         k, size = alpha.shape[1], math.prod(self.shape) + (self.shape[0] if self.has_bias else 0)
         windows = [window(blob, offset, k * size).reshape(k, size) for offset in offsets]
@@ -517,7 +608,10 @@ class Conv(Weighted):
     def __init__(self, config: Config, name: str) -> None:
         super().__init__(config, name)
         cfg = config.layers[name]
-        self.options = tuple((key, cfg.get(key, default)) for key, default in (("stride", 1), ("padding", 0), ("dilation", 1)))
+        self.options = tuple(
+            (key, cfg.get(key, default))
+            for key, default in (("stride", 1), ("padding", 0), ("dilation", 1))
+        )
 
     def layout(self, weight, lead: int = 0):
         return kernel_layout(weight, lead)
@@ -526,12 +620,14 @@ class Conv(Weighted):
         return torch_layout(weight, lead)
 
     def __call__(self, x, w: Composed):
-        return self.kind.conv(self, x, *self.weights(w), w)  # weight in the kernel layout [(M,) *k, I/groups, O]
+        # weight in the kernel layout [(M,) *k, I/groups, O]
+        return self.kind.conv(self, x, *self.weights(w), w)
 
 
 class Linear(Weighted):
     """A linear layer of every member (see Weighted); inputs [B, M*I], or shared [B, I]. With
-    ``groups`` (Packed-Ensembles' last layer) block-diagonal: group j maps its slice of the inputs."""
+    ``groups`` (Packed-Ensembles' last layer) block-diagonal: group j maps its slice of the inputs.
+    """
 
     def __call__(self, x, w: Composed):
         return self.kind.linear(self, x, *self.weights(w), w)
@@ -546,7 +642,8 @@ class BatchNorm(nnx.Module):
         cfg, channels = config.layers.get(name, {}), config.batch_norms[name]
         self.name, self.shared_input, self.made = name, cfg.get("shared_input", False), _made()
         self.momentum, self.eps = cfg.get("momentum", 0.1), cfg.get("eps", 1e-5)
-        shape = (channels,) if config.single_path else (config.members, channels)  # one network: one BatchNorm
+        # one network: one BatchNorm
+        shape = (channels,) if config.single_path else (config.members, channels)
         self.weight = nnx.Param(jnp.ones(shape))
         self.bias = nnx.Param(jnp.zeros(shape))
         self.running_mean = nnx.BatchStat(jnp.zeros(shape))
@@ -556,7 +653,12 @@ class BatchNorm(nnx.Module):
         return _layer_tensors("bn", self.name, path, True)
 
     def reset_parameters(self, draw) -> None:
-        for t, fill in ((self.weight, 1), (self.bias, 0), (self.running_mean, 0), (self.running_var, 1)):
+        for t, fill in (
+            (self.weight, 1),
+            (self.bias, 0),
+            (self.running_mean, 0),
+            (self.running_var, 1),
+        ):
             t.set_value(jnp.full(t.shape, fill, draw.dtype))
 
     def __call__(self, x, w: Composed):
@@ -565,7 +667,10 @@ class BatchNorm(nnx.Module):
         options = (w.train, self.momentum, self.eps)
         if isinstance(x, Members):
             outs = [_batch_norm(v, *[t[m] for t in tensors], *options) for m, v in enumerate(x)]
-            y, stats = Members([o[0] for o in outs]), [jnp.stack(s) for s in zip(*[o[1] for o in outs])] if w.train else None
+            y, stats = (
+                Members([o[0] for o in outs]),
+                ([jnp.stack(s) for s in zip(*[o[1] for o in outs])] if w.train else None),
+            )
         else:
             y, stats = _batch_norm(x, *[t.reshape(-1) for t in tensors], *options)
             stats = [s.reshape(tensors[0].shape) for s in stats] if w.train else None
@@ -583,16 +688,21 @@ class _Draws:
         self.key, self.dtype, self.pos = key, dtype, [0, 0]
         if key is not None:
             u = jax.random.uniform(key, (sizes[0] + sizes[1],), dtype, -1.0, 1.0)
-            # uniform's interval includes -1 (one draw in 2^23), where erfinv is -inf: a model of tens of millions
-            # of weights then starts with -inf weights and trains to NaN. Clip to the open interval (|z| <= 5.4).
+            # uniform's interval includes -1 (one draw in 2^23), where erfinv is -inf: a model of
+            # tens of millions of weights then starts with -inf weights and trains to NaN. Clip to
+            # the open interval (|z| <= 5.4).
             tiny = jnp.finfo(dtype).epsneg
-            inner = jnp.clip(u[sizes[0]:], -1.0 + tiny, 1.0 - tiny)
+            inner = jnp.clip(u[sizes[0] :], -1.0 + tiny, 1.0 - tiny)
             self.vecs = (u[: sizes[0]], math.sqrt(2) * jax.scipy.special.erfinv(inner))
 
     def _take(self, i: int, shape):
         n = math.prod(shape)
         start, self.pos[i] = self.pos[i], self.pos[i] + n
-        return jnp.zeros(shape, self.dtype) if self.key is None else self.vecs[i][start : start + n].reshape(shape)
+        return (
+            jnp.zeros(shape, self.dtype)
+            if self.key is None
+            else self.vecs[i][start : start + n].reshape(shape)
+        )
 
     def uniform(self, shape):
         return self._take(0, shape)
@@ -613,36 +723,55 @@ def _coefficients(layers: list, rows: int, dtype):
     for layer in layers:
         for member in layer.templates:
             if len(set(member)) < len(member):
-                return jnp.concatenate([
-                    jnp.einsum("mk,mkt->mt", m.alpha[...], jax.nn.one_hot(jnp.array(m.templates), rows, dtype=dtype))
-                    for m in layers
-                ])
+                return jnp.concatenate(
+                    [
+                        jnp.einsum(
+                            "mk,mkt->mt",
+                            m.alpha[...],
+                            jax.nn.one_hot(jnp.array(m.templates), rows, dtype=dtype),
+                        )
+                        for m in layers
+                    ]
+                )
             row = [None] * rows
             for l, t in enumerate(member):
                 row[t] = n + l
             index.append(row)
             n += len(member)
     flat = jnp.concatenate([a.reshape(-1) for a in alphas] + [jnp.zeros(1, alphas[0].dtype)])
-    return flat[jnp.array([[n if i is None else i for i in row] for row in index])]  # n: the trailing zero
+    # n: the trailing zero
+    return flat[jnp.array([[n if i is None else i for i in row] for row in index])]
 
 
 class Ensemble(nnx.Module):
-    """What every generated ensemble shares: templates, composition, initialisation, tensor names."""
+    """What every generated ensemble shares: templates, composition, initialisation, tensor
+    names."""
 
     def __init__(self, config: Config, layout: str, dtype, platform: str) -> None:
         if layout not in ("auto", "grouped", "loop"):
             raise ValueError(f"layout must be auto, grouped or loop, not {layout!r}")
         self.layout, self.platform, self.dtype = layout, platform, jnp.dtype(dtype)
-        self.members, self.n_classes, self.alpha_std = config.members, config.classes, config.alpha_std
+        self.members, self.n_classes, self.alpha_std = (
+            config.members,
+            config.classes,
+            config.alpha_std,
+        )
         self.input_members = config.input_members
-        self.bank_table = tuple((name, key, tuple(shape), tuple(stds)) for name, (key, shape, stds) in config.banks.items())
+        self.bank_table = tuple(
+            (name, key, tuple(shape), tuple(stds))
+            for name, (key, shape, stds) in config.banks.items()
+        )
         self.blob_init = config.blob  # (size, std) or None
-        self.banks = nnx.Dict({key: nnx.Param(jnp.zeros(shape)) for _, key, shape, _ in self.bank_table})
+        self.banks = nnx.Dict(
+            {key: nnx.Param(jnp.zeros(shape)) for _, key, shape, _ in self.bank_table}
+        )
         if config.blob:
             self.blob = nnx.Param(jnp.zeros(config.blob[0]))
 
     def layers(self) -> list[tuple[str, nnx.Module]]:
-        """(path, layer) of every Conv, Linear and BatchNorm, in the order they were made (the plan's)."""
+        """(path, layer) of every Conv, Linear and BatchNorm, in the order they were made (the
+        plan's)."""
+
         def walk(node, path: str):
             items = enumerate(node) if isinstance(node, nnx.List) else vars(node).items()
             for key, child in items:
@@ -673,15 +802,17 @@ class Ensemble(nnx.Module):
             if isinstance(layer, Weighted) and layer.kind.templates and self.alpha_std is None:
                 alphas.setdefault(layer.alpha.shape[1], []).append(layer)
         for k, layers in sorted(alphas.items()):
-            rows = orthonormal_rows(draw.normal((len(layers), -(-self.members // k), k, k)), self.members)
+            rows = orthonormal_rows(
+                draw.normal((len(layers), -(-self.members // k), k, k)), self.members
+            )
             for j, layer in enumerate(layers):
                 layer.alpha.set_value(rows[j])
 
     def mix(self) -> dict:
-        """Every composed layer's (weight [M, ...] in the layer's call layout, bias [M, out] or None),
-        once per call. Per bank: its templates permuted once into the layers' layout (a conv's
-        kernel layout [*k, I, O]), the layers' alphas spread over the bank's rows, then one product,
-        whose rows are every layer's member weights, ready to use."""
+        """Every composed layer's (weight [M, ...] in the layer's call layout, bias [M, out] or
+        None), once per call. Per bank: its templates permuted once into the layers' layout (a
+        conv's kernel layout [*k, I, O]), the layers' alphas spread over the bank's rows, then
+        one product, whose rows are every layer's member weights, ready to use."""
         weights, banked = {}, {}
         for _, layer in self.layers():
             if isinstance(layer, Weighted) and layer.kind.templates == "bank":
@@ -694,10 +825,15 @@ class Ensemble(nnx.Module):
             rows, size = bank.shape[0], math.prod(first.shape)
             templates = first.layout(bank[:, :size].reshape(rows, *first.shape), 1)
             coeffs = _coefficients(layers, rows, self.dtype)
-            composed = (coeffs @ templates.reshape(rows, size)).reshape(len(layers), M, *templates.shape[1:])
+            composed = (coeffs @ templates.reshape(rows, size)).reshape(
+                len(layers), M, *templates.shape[1:]
+            )
             biases = coeffs @ bank[:, size:] if first.has_bias else None
             for j, layer in enumerate(layers):
-                weights[layer.name] = composed[j], (None if biases is None else biases[j * M : (j + 1) * M])
+                weights[layer.name] = (
+                    composed[j],
+                    (None if biases is None else biases[j * M : (j + 1) * M]),
+                )
         return weights
 
     def composed(self, train: bool, dropout_key) -> Composed:
@@ -706,33 +842,48 @@ class Ensemble(nnx.Module):
         return Composed(self.mix(), self.members, grouped, cpu, train, dropout_key)
 
     def stack_inputs(self, x):
-        """MIMO: the members' inputs side by side on the channel axis (channels-first, member-major).
-        x [B, M, *input] gives each member its own (training); x [B, *input] every member the same."""
+        """MIMO: the members' inputs side by side on the channel axis (channels-first,
+        member-major). x [B, M, *input] gives each member its own (training); x [B, *input] every
+        member the same.
+        """
         if x.ndim == len(self.input_shape) + 2:
             if x.shape[1] != self.input_members:
-                raise ValueError(f"MIMO takes one input per member, [B, {self.input_members}, *input], "
-                                 f"not {list(x.shape)}")
+                raise ValueError(
+                    f"MIMO takes one input per member, [B, {self.input_members}, *input], "
+                    f"not {list(x.shape)}"
+                )
             return x.reshape(x.shape[0], -1, *x.shape[3:])
         return jnp.concatenate([x] * self.input_members, axis=1)
 
     def logits(self, x):
         """The last layer's output as member logits [B, members, classes]."""
-        return jnp.stack(x, axis=1) if isinstance(x, Members) else x.reshape(x.shape[0], self.members, self.n_classes)
+        return (
+            jnp.stack(x, axis=1)
+            if isinstance(x, Members)
+            else x.reshape(x.shape[0], self.members, self.n_classes)
+        )
 
     def compose(self) -> dict:
-        """Every layer's "<layer>.weight"/".bias" ([M, ...], or shared for plain layers) in the plan's
-        (PyTorch) layout, for analysis."""
+        """Every layer's "<layer>.weight"/".bias" ([M, ...], or shared for plain layers) in the
+        plan's (PyTorch) layout, for analysis."""
         mixed, out = self.mix(), {}
         for _, m in self.layers():
             if isinstance(m, Weighted):
                 wb = m.kind.composed(m, mixed)
-                out |= {f"{m.name}.{part}": t for part, t in zip(("weight", "bias"), wb) if t is not None}
+                out |= {
+                    f"{m.name}.{part}": t
+                    for part, t in zip(("weight", "bias"), wb)
+                    if t is not None
+                }
         return out
 
     @property
     def plan_tensors(self) -> dict[str, str]:
-        """Plan tensor name (the checkpoint format, shared with the torch backend) -> module path."""
-        names = {name: f"banks.{key}" for name, key, _, _ in self.bank_table} | ({"blob": "blob"} if self.blob_init else {})
+        """Plan tensor name (the checkpoint format, shared with the torch backend) -> module
+        path."""
+        names = {name: f"banks.{key}" for name, key, _, _ in self.bank_table} | (
+            {"blob": "blob"} if self.blob_init else {}
+        )
         for path, layer in self.layers():
             names |= layer.plan_tensors(path)
         return names

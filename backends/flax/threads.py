@@ -17,7 +17,9 @@ import sys
 
 __all__ = ["set_threads"]
 
-_SINGLE = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"  # still honoured by older jax
+_SINGLE = (  # still honoured by older jax
+    "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+)
 
 
 def _started() -> bool:
@@ -27,14 +29,18 @@ def _started() -> bool:
 
 
 def set_threads(n: int) -> dict[str, object]:
-    """Size XLA's CPU pool for ``n`` threads if jax has not started; returns what holds, for config.json."""
+    """Size XLA's CPU pool for ``n`` threads if jax has not started; returns what holds, for
+    config.json."""
     if _started():
         return {"threads": n, "xla_threads": "fixed: jax had started before --threads applied"}
     if n == 1 and "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_SINGLE}".strip()
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if not allowed or n >= len(allowed):
-        return {"threads": n, "xla_threads": f"XLA's pool on every allowed core ({len(allowed) or 'unknown'})"}
+        return {
+            "threads": n,
+            "xla_threads": f"XLA's pool on every allowed core ({len(allowed) or 'unknown'})",
+        }
     import jax
 
     os.sched_setaffinity(0, allowed[:n])

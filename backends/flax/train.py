@@ -1,4 +1,5 @@
-"""Training with jax/flax/optax: the :class:`~mixc.backends.base.Trainer` that ``mixc.training`` drives.
+"""Training with jax/flax/optax: the :class:`~mixc.backends.base.Trainer` that ``mixc.training``
+drives.
 
 The loop, the schedule, seeding, batches, the run folder and the checkpoint
 cadence are the shared driver's (``mixc/training.py``); what is flax's is how
@@ -50,22 +51,31 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mixc.core.checkpoint_format import grad_scaler_arrays, read_grad_scaler, save_arrays, spec_hash
 from mixc.compiler.plan import Plan
+from mixc.core.checkpoint_format import grad_scaler_arrays, read_grad_scaler, save_arrays, spec_hash
 from mixc.core.errors import TrainError
-from mixc.core.run_files import CHECKPOINT, METRICS
-from mixc.spec.recipe import Recipe
 from mixc.core.method_batches import FAST_ROLES, gradient_scales, lr_scale, mimo_rows
+from mixc.core.run_files import CHECKPOINT, METRICS
 from mixc.core.weight_decay import decay_skipped_roles
+from mixc.spec.recipe import Recipe
 
-__all__ = ["TrainError", "crop_flip", "random_resized_crop", "Trainer", "devices_for", "loss_scale_update",
-           "CHECKPOINT", "METRICS"]
+__all__ = [
+    "TrainError",
+    "crop_flip",
+    "random_resized_crop",
+    "Trainer",
+    "devices_for",
+    "loss_scale_update",
+    "CHECKPOINT",
+    "METRICS",
+]
 
 _EVAL_BATCH = 1000
 
 #: the forward pass's dtype under each ``precision`` (None: float32 throughout)
 COMPUTE_DTYPES = {"fp32": None, "bf16": jnp.bfloat16, "fp16": jnp.float16}
-#: fp16 loss scaling: torch.amp.GradScaler's defaults, so either backend scales (and resumes) a run alike
+#: fp16 loss scaling: torch.amp.GradScaler's defaults, so either backend scales (and resumes) a run
+#: alike
 SCALE_INIT, SCALE_GROWTH, SCALE_BACKOFF, SCALE_INTERVAL = 2.0**16, 2.0, 0.5, 2000
 
 
@@ -74,7 +84,8 @@ SCALE_INIT, SCALE_GROWTH, SCALE_BACKOFF, SCALE_INTERVAL = 2.0**16, 2.0, 0.5, 200
 
 
 def crop_flip(key: jax.Array, x: jax.Array, pad: int = 4) -> jax.Array:
-    """Pad-``pad`` random crop plus random horizontal flip of a batch ``[B, C, H, W]``, one draw per image."""
+    """Pad-``pad`` random crop plus random horizontal flip of a batch ``[B, C, H, W]``, one draw per
+    image."""
     b, c, h, w = x.shape
     xp = jnp.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     ky, kx, kf = jax.random.split(key, 3)
@@ -89,12 +100,17 @@ def crop_flip(key: jax.Array, x: jax.Array, pad: int = 4) -> jax.Array:
     return jax.vmap(one)(xp, oy, ox, flip)
 
 
-def random_resized_crop(key: jax.Array, x: jax.Array, scale: tuple[float, float] = (0.08, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> jax.Array:
+def random_resized_crop(
+    key: jax.Array,
+    x: jax.Array,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> jax.Array:
     """ImageNet's training augmentation for a batch in memory ``[B, C, H, W]``, torch's rule
-    (``backends/torch/train.py``): per image up to 10 draws of an area share in ``scale`` and a log-uniform
-    aspect in ``ratio``, the first that fits (else the central crop clamped to ``ratio``), resized back to
-    ``H x W`` (bilinear, edges clamped), and a random horizontal flip."""
+    (``backends/torch/train.py``): per image up to 10 draws of an area share in ``scale`` and a
+    log-uniform aspect in ``ratio``, the first that fits (else the central crop clamped to
+    ``ratio``), resized back to ``H x W`` (bilinear, edges clamped), and a random horizontal flip.
+    """
     b, _, h, w = x.shape
     u = jax.random.uniform(key, (b, 23))
     target = h * w * (scale[0] + (scale[1] - scale[0]) * u[:, :10])
@@ -104,19 +120,31 @@ def random_resized_crop(key: jax.Array, x: jax.Array, scale: tuple[float, float]
     fits = (cw >= 1) & (cw <= w) & (ch >= 1) & (ch <= h)
     first = jnp.argmax(fits, axis=1)[:, None]  # the first draw that fits
     a = w / h
-    fw, fh = (round(h * ratio[1]), h) if a > ratio[1] else (w, round(w / ratio[0])) if a < ratio[0] else (w, h)
+    fw, fh = (
+        (round(h * ratio[1]), h)
+        if a > ratio[1]
+        else (w, round(w / ratio[0]))
+        if a < ratio[0]
+        else (w, h)
+    )
     ok = fits.any(1)
     cw = jnp.where(ok, jnp.take_along_axis(cw, first, 1)[:, 0], fw)
     ch = jnp.where(ok, jnp.take_along_axis(ch, first, 1)[:, 0], fh)
     x0 = jnp.where(ok, jnp.minimum(jnp.floor(u[:, 20] * (w - cw + 1)), w - cw), (w - fw) // 2)
     y0 = jnp.where(ok, jnp.minimum(jnp.floor(u[:, 21] * (h - ch + 1)), h - ch), (h - fh) // 2)
-    cols = jnp.where((u[:, 22] < 0.5)[:, None], w - 1 - jnp.arange(w), jnp.arange(w))  # [B, W], flipped or not
-    sx = x0[:, None] + (cols + 0.5) * cw[:, None] / w - 0.5  # source coordinates of each output pixel
+    # [B, W], flipped or not
+    cols = jnp.where((u[:, 22] < 0.5)[:, None], w - 1 - jnp.arange(w), jnp.arange(w))
+    # source coordinates of each output pixel
+    sx = x0[:, None] + (cols + 0.5) * cw[:, None] / w - 0.5
     sy = y0[:, None] + (jnp.arange(h) + 0.5) * ch[:, None] / h - 0.5
 
     def taps(s, n):  # the two clamped neighbours of each coordinate and the far one's weight
         lo = jnp.floor(s)
-        return jnp.clip(lo, 0, n - 1).astype(jnp.int32), jnp.clip(lo + 1, 0, n - 1).astype(jnp.int32), s - lo
+        return (
+            jnp.clip(lo, 0, n - 1).astype(jnp.int32),
+            jnp.clip(lo + 1, 0, n - 1).astype(jnp.int32),
+            s - lo,
+        )
 
     def one(img, sy, sx):
         ya, yb, fy = taps(sy, h)
@@ -127,20 +155,25 @@ def random_resized_crop(key: jax.Array, x: jax.Array, scale: tuple[float, float]
     return jax.vmap(one)(x, sy, sx).astype(x.dtype)
 
 
-def loss_scale_update(scale: jax.Array, tracker: jax.Array, finite: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The next (loss scale, growth tracker) after a step whose gradients were ``finite`` or not, torch's
-    GradScaler rule: a non-finite step halves the scale and restarts the count; the 2000th good step in a row
-    doubles it (when the double is finite) and restarts the count."""
+def loss_scale_update(
+    scale: jax.Array, tracker: jax.Array, finite: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The next (loss scale, growth tracker) after a step whose gradients were ``finite`` or not,
+    torch's GradScaler rule: a non-finite step halves the scale and restarts the count; the
+    2000th good step in a row doubles it (when the double is finite) and restarts the count."""
     grown = tracker + 1
     grow = grown >= SCALE_INTERVAL
     doubled = scale * SCALE_GROWTH
-    new_scale = jnp.where(finite, jnp.where(grow & jnp.isfinite(doubled), doubled, scale), scale * SCALE_BACKOFF)
+    new_scale = jnp.where(
+        finite, jnp.where(grow & jnp.isfinite(doubled), doubled, scale), scale * SCALE_BACKOFF
+    )
     new_tracker = jnp.where(finite & ~grow, grown, jnp.zeros_like(tracker))
     return new_scale.astype(scale.dtype), new_tracker.astype(tracker.dtype)
 
 
 def devices_for(device: str) -> list[jax.Device]:
-    """The local devices ``--device`` names: ``cpu``, ``gpu``/``cuda`` (all local ones), ``cuda:N``/``gpu:N``."""
+    """The local devices ``--device`` names: ``cpu``, ``gpu``/``cuda`` (all local ones),
+    ``cuda:N``/``gpu:N``."""
     name = str(device).strip().lower()
     platform, _, index = name.partition(":")
     platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
@@ -148,12 +181,15 @@ def devices_for(device: str) -> list[jax.Device]:
         devs = jax.local_devices(backend=platform)
     except RuntimeError as e:
         raise TrainError(
-            f"device {device!r} asked for, but jax {jax.__version__} has no {platform} backend here ({e}); "
-            "hint: --device cpu"
+            f"device {device!r} asked for, but jax {jax.__version__} has no {platform} backend here"
+            f" ({e}); hint: --device cpu"
         ) from None
     if index:
         if not index.isdigit() or int(index) >= len(devs):
-            raise TrainError(f"device {device!r}: there are {len(devs)} local {platform} device(s); hint: --device {platform}")
+            raise TrainError(
+                f"device {device!r}: there are {len(devs)} local {platform} device(s); hint:"
+                f" --device {platform}"
+            )
         devs = [devs[int(index)]]
     return devs
 
@@ -162,28 +198,45 @@ def devices_for(device: str) -> list[jax.Device]:
 # Optimiser
 
 
-def make_optimizer(recipe: Recipe, roles: dict[str, str], fast_lr: float = 1.0,
-                   grad_scales: dict[str, float] | None = None) -> optax.GradientTransformation:
+def make_optimizer(
+    recipe: Recipe,
+    roles: dict[str, str],
+    fast_lr: float = 1.0,
+    grad_scales: dict[str, float] | None = None,
+) -> optax.GradientTransformation:
     """The recipe's optimiser without the learning rate (the step multiplies by -lr).
 
-    ``roles`` maps each parameter key to its plan role, for the weight-decay mask. BatchEnsemble's fast
-    weights get no decay and their updates times ``fast_lr`` (torch: their own group's learning rate).
-    ``grad_scales`` (parameter key -> factor, ``mixc.core.method_batches.gradient_scales``) multiply those
-    gradients first, before clipping and decay, as the torch trainer does after its backward.
+    ``roles`` maps each parameter key to its plan role, for the weight-decay mask. BatchEnsemble's
+    fast weights get no decay and their updates times ``fast_lr`` (torch: their own group's learning
+    rate). ``grad_scales`` (parameter key -> factor, ``mixc.core.method_batches.gradient_scales``)
+    multiply those gradients first, before clipping and decay, as the torch trainer does after its
+    backward.
     """
     skip = decay_skipped_roles(recipe)
     mask = {k: role not in skip and role not in FAST_ROLES for k, role in roles.items()}
     o = recipe.optimizer
     decay = optax.add_decayed_weights(recipe.weight_decay, mask=mask)
-    # torch clips the raw gradients (clip_grad_norm_) before its optimiser adds decay: the same order here
+    # torch clips the raw gradients (clip_grad_norm_) before its optimiser adds decay: the same
+    # order here
     clip = [optax.clip_by_global_norm(recipe.grad_clip)] if recipe.grad_clip else []
-    clip = [optax.masked(optax.scale(f), {k: (grad_scales or {}).get(k) == f for k in roles})
-            for f in sorted(set((grad_scales or {}).values()))] + clip
+    clip = [
+        optax.masked(optax.scale(f), {k: (grad_scales or {}).get(k) == f for k in roles})
+        for f in sorted(set((grad_scales or {}).values()))
+    ] + clip
     fast = {k: role in FAST_ROLES for k, role in roles.items()}
-    scale = [optax.masked(optax.scale(fast_lr), fast)] if fast_lr != 1.0 and any(fast.values()) else []
+    scale = (
+        [optax.masked(optax.scale(fast_lr), fast)] if fast_lr != 1.0 and any(fast.values()) else []
+    )
     if o.name == "sgd":
-        return optax.chain(*clip, decay, optax.trace(decay=o.momentum, nesterov=o.nesterov and o.momentum > 0), *scale)
-    return optax.chain(*clip, optax.scale_by_adam(b1=o.betas[0], b2=o.betas[1], eps=1e-8), decay, *scale)
+        return optax.chain(
+            *clip,
+            decay,
+            optax.trace(decay=o.momentum, nesterov=o.nesterov and o.momentum > 0),
+            *scale,
+        )
+    return optax.chain(
+        *clip, optax.scale_by_adam(b1=o.betas[0], b2=o.betas[1], eps=1e-8), decay, *scale
+    )
 
 
 def _find(state: Any, kind: type) -> Any:
@@ -210,13 +263,19 @@ def optimizer_arrays(state: Any, names: dict[str, str], recipe: Recipe) -> dict[
     return out
 
 
-def restore_optimizer(state: Any, names: dict[str, str], recipe: Recipe, extra: dict[str, np.ndarray]) -> Any:
-    """``state`` with the buffers found in ``extra`` (missing ones stay zero: torch creates them lazily)."""
+def restore_optimizer(
+    state: Any, names: dict[str, str], recipe: Recipe, extra: dict[str, np.ndarray]
+) -> Any:
+    """``state`` with the buffers found in ``extra`` (missing ones stay zero: torch creates them
+    lazily)."""
 
     def fill(tree: dict, suffix: str) -> dict:
         return {
-            k: jnp.asarray(extra[f"optim.{names[k]}.{suffix}"].reshape(v.shape), v.dtype)
-            if f"optim.{names[k]}.{suffix}" in extra else v
+            k: (
+                jnp.asarray(extra[f"optim.{names[k]}.{suffix}"].reshape(v.shape), v.dtype)
+                if f"optim.{names[k]}.{suffix}" in extra
+                else v
+            )
             for k, v in tree.items()
         }
 
@@ -227,7 +286,9 @@ def restore_optimizer(state: Any, names: dict[str, str], recipe: Recipe, extra: 
         elif isinstance(s, optax.ScaleByAdamState):
             steps = [float(v.reshape(-1)[0]) for k, v in extra.items() if k.endswith(".step")]
             count = jnp.asarray(int(max(steps)) if steps else 0, s.count.dtype)
-            parts[i] = s._replace(count=count, mu=fill(s.mu, "exp_avg"), nu=fill(s.nu, "exp_avg_sq"))
+            parts[i] = s._replace(
+                count=count, mu=fill(s.mu, "exp_avg"), nu=fill(s.nu, "exp_avg_sq")
+            )
     return tuple(parts)
 
 
@@ -235,13 +296,25 @@ def restore_optimizer(state: Any, names: dict[str, str], recipe: Recipe, extra: 
 # The compiled step
 
 
-_COMPILED: dict[tuple, tuple] = {}  # jitted steps, reused by every Trainer of the same plan and recipe
+_COMPILED: dict[
+    tuple, tuple
+] = {}  # jitted steps, reused by every Trainer of the same plan and recipe
 
 
-def _compiled_steps(plan: Plan, recipe: Recipe, graphdef: Any, tx: optax.GradientTransformation, augment: str,
-                    replicated: NamedSharding, key: tuple, compute_graphdef: Any = None) -> tuple[Any, Any]:
-    """(train step, predict step), jit-compiled once per ``key`` (plan, layout, loss, optimiser and precision
-    settings, devices). ``compute_graphdef``: the model built for the forward's dtype under bf16/fp16."""
+def _compiled_steps(
+    plan: Plan,
+    recipe: Recipe,
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    augment: str,
+    replicated: NamedSharding,
+    key: tuple,
+    compute_graphdef: Any = None,
+) -> tuple[Any, Any]:
+    """(train step, predict step), jit-compiled once per ``key`` (plan, layout, loss, optimiser and
+    precision settings, devices). ``compute_graphdef``: the model built for the forward's dtype
+    under bf16/fp16.
+    """
     from mixc.backends.flax.model import apply
 
     hit = _COMPILED.get(key)
@@ -258,7 +331,8 @@ def _compiled_steps(plan: Plan, recipe: Recipe, graphdef: Any, tx: optax.Gradien
             x = x.astype(compute)
         logits, new_stats = apply(forward_def, params, stats, x, True, drop_key)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, M, C]
-        target = jax.nn.one_hot(y, classes) * (1.0 - eps) + eps / classes  # [B, C], or [B, M, C] (MIMO)
+        # [B, C], or [B, M, C] (MIMO)
+        target = jax.nn.one_hot(y, classes) * (1.0 - eps) + eps / classes
         member_ce = -((target if y.ndim == 2 else target[:, None, :]) * logp).sum(-1).mean(0)  # [M]
         loss = member_ce.sum()
         return (loss * scale if scaled else loss), (new_stats, loss)
@@ -272,14 +346,17 @@ def _compiled_steps(plan: Plan, recipe: Recipe, graphdef: Any, tx: optax.Gradien
         if rows is not None:  # MIMO: each member its own rows, [b * repetitions, M, ...]
             x, y = x[rows], y[rows]
         scale, tracker = scaler
-        (_, (stats, loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y, drop_key, scale)
+        (_, (stats, loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, stats, x, y, drop_key, scale
+        )
         if scaled:
             inv = (1.0 / scale).astype(jnp.float32)
             grads = jax.tree.map(lambda g: g * inv, grads)
             finite = jnp.all(jnp.stack([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), params, updates)
-        if scaled:  # a step with inf/NaN gradients is skipped (BatchNorm statistics still move, as in torch)
+        # a step with inf/NaN gradients is skipped (BatchNorm statistics still move, as in torch)
+        if scaled:
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
             new_params, new_opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
             scaler = loss_scale_update(scale, tracker, finite)
@@ -297,24 +374,38 @@ def _compiled_steps(plan: Plan, recipe: Recipe, graphdef: Any, tx: optax.Gradien
 
 
 class Trainer:
-    """The model's functional state and its jit-compiled train and predict steps over a device mesh: the
-    driver's Trainer.
+    """The model's functional state and its jit-compiled train and predict steps over a device mesh:
+    the driver's Trainer.
 
     ``params``/``stats``/``opt_state`` are pytrees keyed by module attribute;
     ``names`` maps those keys to plan tensor names.
     """
 
-    def __init__(self, plan: Plan, recipe: Recipe, devices: list[jax.Device], layout: str = "auto",
-                 augment: str = "none", seed: int = 0, compile: bool = False) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        recipe: Recipe,
+        devices: list[jax.Device],
+        layout: str = "auto",
+        augment: str = "none",
+        seed: int = 0,
+        compile: bool = False,
+    ) -> None:
         if compile:
-            raise TrainError("--compile is torch.compile; the flax backend's steps are always jit-compiled by XLA; "
-                             "hint: drop --compile")
+            raise TrainError(
+                "--compile is torch.compile; the flax backend's steps are always jit-compiled by"
+                " XLA; hint: drop --compile"
+            )
         self.plan, self.recipe, self.augment, self.seed = plan, recipe, augment, seed
         self.devices = devices
         self.rank, self.world = 0, len(devices)
         platform = devices[0].platform  # the training devices', not the process's default backend
         self.device_label = f"{platform}{f' x{self.world}' if self.world > 1 else ''} (flax)"
-        self.run_options = {"device": f"{platform} x{self.world}", "world_size": self.world, "jax": jax.__version__}
+        self.run_options = {
+            "device": f"{platform} x{self.world}",
+            "world_size": self.world,
+            "jax": jax.__version__,
+        }
         self.mesh = Mesh(np.array(devices), ("data",))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
@@ -322,77 +413,119 @@ class Trainer:
         self._requested_layout = layout
 
     def begin(self, x_train: np.ndarray, y_train: np.ndarray, batch: int) -> None:
-        """Build the model (from ``seed``) and its optimiser, jit the steps, hold the training set on the host."""
+        """Build the model (from ``seed``) and its optimiser, jit the steps, hold the training set
+        on the host."""
         from mixc.backends.flax.model import attr_to_plan, build, compute_graphdef, split
 
         if batch % self.world:
             raise TrainError(
-                f"the batch of {batch} does not split evenly over {self.world} {self.devices[0].platform} devices; "
-                f"hint: --batch-size {batch - batch % self.world or self.world}"
+                f"the batch of {batch} does not split evenly over {self.world}"
+                f" {self.devices[0].platform} devices; hint: --batch-size"
+                f" {batch - batch % self.world or self.world}"
             )
         plan, recipe, devices = self.plan, self.recipe, self.devices
         with jax.default_device(devices[0]):
-            model = build(plan, layout=self._requested_layout, seed=self.seed, platform=devices[0].platform)
+            model = build(
+                plan, layout=self._requested_layout, seed=self.seed, platform=devices[0].platform
+            )
         self.graphdef, params, stats = split(model)
         self.names = attr_to_plan(model)
         roles = {t.name: t.role for t in plan.tensors}
         scales = gradient_scales(plan, recipe.shared_gradient)
-        self.tx = make_optimizer(recipe, {k: roles[self.names[k]] for k in params}, lr_scale(plan, "fast_in"),
-                                 {k: scales[self.names[k]] for k in params if self.names[k] in scales})
+        self.tx = make_optimizer(
+            recipe,
+            {k: roles[self.names[k]] for k in params},
+            lr_scale(plan, "fast_in"),
+            {k: scales[self.names[k]] for k in params if self.names[k] in scales},
+        )
         self.method_rng = np.random.default_rng(recipe.seed)  # MIMO's shuffles (reseeded per epoch)
         self.params = jax.device_put(params, self.replicated)
         self.stats = jax.device_put(stats, self.replicated)
         self.opt_state = jax.device_put(self.tx.init(params), self.replicated)
-        self.scaler = jax.device_put((jnp.float32(SCALE_INIT if recipe.precision == "fp16" else 1.0), jnp.int32(0)),
-                                     self.replicated)
+        self.scaler = jax.device_put(
+            (jnp.float32(SCALE_INIT if recipe.precision == "fp16" else 1.0), jnp.int32(0)),
+            self.replicated,
+        )
         compute = COMPUTE_DTYPES[recipe.precision]
-        forward_def = None if compute is None else compute_graphdef(
-            plan, self._requested_layout, compute, devices[0].platform)
+        forward_def = (
+            None
+            if compute is None
+            else compute_graphdef(plan, self._requested_layout, compute, devices[0].platform)
+        )
 
         def steps(augment: str) -> tuple[Any, Any]:
             key = (
-                spec_hash(plan), self.layout, augment, recipe.label_smoothing, recipe.optimizer.model_dump_json(),
-                recipe.weight_decay, tuple(recipe.weight_decay_exclude), tuple(d.id for d in devices),
-                devices[0].platform, recipe.grad_clip, recipe.precision, recipe.shared_gradient,
+                spec_hash(plan),
+                self.layout,
+                augment,
+                recipe.label_smoothing,
+                recipe.optimizer.model_dump_json(),
+                recipe.weight_decay,
+                tuple(recipe.weight_decay_exclude),
+                tuple(d.id for d in devices),
+                devices[0].platform,
+                recipe.grad_clip,
+                recipe.precision,
+                recipe.shared_gradient,
                 plan.method.model_dump_json(),  # fast_lr shapes the optimiser but not the spec hash
             )
-            return _compiled_steps(plan, recipe, self.graphdef, self.tx, augment, self.replicated, key, forward_def)
+            return _compiled_steps(
+                plan, recipe, self.graphdef, self.tx, augment, self.replicated, key, forward_def
+            )
 
         self._step, self._predict = steps(self.augment)
-        # a streamed batch was random-resized-cropped by the loader: only crop_flip is applied to it here
-        self._stream_step = self._step if self.augment != "random_resized_crop" else steps("none")[0]
+        # a streamed batch was random-resized-cropped by the loader: only crop_flip is applied to it
+        # here
+        self._stream_step = (
+            self._step if self.augment != "random_resized_crop" else steps("none")[0]
+        )
         self.x_train, self.y_train = x_train, y_train.astype(np.int32)
 
     def begin_epoch(self, augment_seed: int, dropout_seed: int) -> None:
-        """One key per epoch (augmentation and dropout split it per step; ``dropout_seed`` is not needed)."""
+        """One key per epoch (augmentation and dropout split it per step; ``dropout_seed`` is not
+        needed)."""
         self.epoch_key = jax.random.key(augment_seed & 0x7FFFFFFF)
         self.method_rng = np.random.default_rng(augment_seed)  # the torch trainer's MIMO rows
 
     def step(self, idx: np.ndarray, lr: float, step: int) -> jax.Array:
-        """One optimiser step on the global batch ``idx``; returns the (on-device) summed member loss."""
-        return self.step_arrays(self.x_train[idx], self.y_train[idx], lr, jax.random.fold_in(self.epoch_key, step))
+        """One optimiser step on the global batch ``idx``; returns the (on-device) summed member
+        loss."""
+        return self.step_arrays(
+            self.x_train[idx], self.y_train[idx], lr, jax.random.fold_in(self.epoch_key, step)
+        )
 
     def step_batch(self, x: np.ndarray, y: np.ndarray, lr: float, step: int) -> jax.Array:
-        """One step on a streamed batch (numpy, from the shared folder loader, which crops it if that is the
-        augmentation)."""
-        return self.step_arrays(np.asarray(x), np.asarray(y, np.int32), lr, jax.random.fold_in(self.epoch_key, step),
-                                streamed=True)
+        """One step on a streamed batch (numpy, from the shared folder loader, which crops it if
+        that is the augmentation)."""
+        return self.step_arrays(
+            np.asarray(x),
+            np.asarray(y, np.int32),
+            lr,
+            jax.random.fold_in(self.epoch_key, step),
+            streamed=True,
+        )
 
-    def step_arrays(self, x: np.ndarray, y: np.ndarray, lr: float, key: jax.Array, streamed: bool = False) -> jax.Array:
+    def step_arrays(
+        self, x: np.ndarray, y: np.ndarray, lr: float, key: jax.Array, streamed: bool = False
+    ) -> jax.Array:
         """One optimiser step on the global batch ``x``, ``y`` with the step's random ``key``."""
         xs = jax.device_put(x, self.batch_sharding)
         ys = jax.device_put(y, self.batch_sharding)
         rows = mimo_rows(len(x), self.plan, self.method_rng)
         rows = None if rows is None else jax.device_put(rows.astype(np.int32), self.replicated)
-        self.params, self.stats, self.opt_state, self.scaler, loss = (self._stream_step if streamed else self._step)(
-            self.params, self.stats, self.opt_state, self.scaler, xs, ys, jnp.float32(lr), key, rows
-        )
+        self.params, self.stats, self.opt_state, self.scaler, loss = (
+            self._stream_step if streamed else self._step
+        )(self.params, self.stats, self.opt_state, self.scaler, xs, ys, jnp.float32(lr), key, rows)
         return loss
 
     def predict(self, x: np.ndarray, batch: int = _EVAL_BATCH) -> np.ndarray:
         """Each member's softmax over ``x``, ``[N, M, classes]`` float32 numpy, in eval mode."""
         out = [
-            np.asarray(self._predict(self.params, self.stats, jax.device_put(x[i : i + batch], self.replicated)))
+            np.asarray(
+                self._predict(
+                    self.params, self.stats, jax.device_put(x[i : i + batch], self.replicated)
+                )
+            )
             for i in range(0, len(x), batch)
         ]
         return np.concatenate(out)
@@ -422,8 +555,11 @@ class Trainer:
         state = restore_optimizer(self.opt_state, self.names, self.recipe, arrays)
         self.opt_state = jax.device_put(state, self.replicated)
         scaler = read_grad_scaler(arrays)
-        if scaler is not None and self.recipe.precision == "fp16":  # another precision's run: a fresh scaler
-            self.scaler = jax.device_put((jnp.float32(scaler[0]), jnp.int32(scaler[1])), self.replicated)
+        # another precision's run: a fresh scaler
+        if scaler is not None and self.recipe.precision == "fp16":
+            self.scaler = jax.device_put(
+                (jnp.float32(scaler[0]), jnp.int32(scaler[1])), self.replicated
+            )
 
     def save(self, path: Path, epoch: int, metadata: dict[str, Any]) -> None:
         save_arrays(path, self.state_arrays(), self.plan, epoch, self.optimizer_arrays(), metadata)

@@ -41,25 +41,57 @@ class TorchBackend(Backend):
             model = build(plan)
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    def trainer(self, plan: Plan, recipe: Recipe, *, device: str, layout: str, augment: str,
-                compile: bool = False) -> Trainer:
+    def trainer(
+        self,
+        plan: Plan,
+        recipe: Recipe,
+        *,
+        device: str,
+        layout: str,
+        augment: str,
+        compile: bool = False,
+    ) -> Trainer:
         from mixc.backends.torch.train import TorchTrainer
 
-        return TorchTrainer(plan, recipe, device=device, layout=layout, augment=augment, compile=compile)
+        return TorchTrainer(
+            plan, recipe, device=device, layout=layout, augment=augment, compile=compile
+        )
 
-    def batches(self, split: Any, input_shape: list[int], *, train: bool, batch: int, seed: int, epoch: int,
-                workers: int, random_crop: bool | None = None) -> Any:
+    def batches(
+        self,
+        split: Any,
+        input_shape: list[int],
+        *,
+        train: bool,
+        batch: int,
+        seed: int,
+        epoch: int,
+        workers: int,
+        random_crop: bool | None = None,
+    ) -> Any:
         from mixc.backends.torch.data import folder_loader
 
-        return folder_loader(split, input_shape, train=train, batch=batch, workers=workers, seed=seed, epoch=epoch,
-                             random_crop=random_crop)
+        return folder_loader(
+            split,
+            input_shape,
+            train=train,
+            batch=batch,
+            workers=workers,
+            seed=seed,
+            epoch=epoch,
+            random_crop=random_crop,
+        )
 
-    def runner(self, plan: Plan, *, device: str = "cpu", batch_size: int = 500, layout: str = "auto") -> Runner:
+    def runner(
+        self, plan: Plan, *, device: str = "cpu", batch_size: int = 500, layout: str = "auto"
+    ) -> Runner:
         from mixc.backends.torch.predict import TorchRunner
 
         return TorchRunner(plan, device=device, batch_size=batch_size, layout=layout)
 
-    def export_graph(self, plan: Plan, composed: list[Any], fmt: str, path: Path) -> tuple[str, int | None]:
+    def export_graph(
+        self, plan: Plan, composed: list[Any], fmt: str, path: Path
+    ) -> tuple[str, int | None]:
         """ONNX through torch.onnx's dynamo exporter, or a ``torch.export`` program (``.pt2``)."""
         import torch
 

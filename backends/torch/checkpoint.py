@@ -1,4 +1,5 @@
-"""Checkpoints for torch models, in mixc's framework-neutral format (``mixc.core.checkpoint_format``).
+"""Checkpoints for torch models, in mixc's framework-neutral format
+(``mixc.core.checkpoint_format``).
 
 A checkpoint holds the bank form (templates, alphas, plain weights, BatchNorm
 parameters and running statistics) under the plan's tensor names, in the
@@ -19,6 +20,7 @@ from safetensors.torch import save
 from torch import nn
 
 from mixc.backends.torch.model import named_plan_tensors
+from mixc.compiler.plan import Plan
 from mixc.core.checkpoint_format import (
     FORMAT,
     FORMAT_VERSION,
@@ -37,9 +39,16 @@ from mixc.core.checkpoint_format import (
     tensor_checksum,
     write_bytes_atomic,
 )
-from mixc.compiler.plan import Plan
 
-__all__ = ["CheckpointError", "NonFiniteTensorError", "FORMAT", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "read_checkpoint_info"]
+__all__ = [
+    "CheckpointError",
+    "NonFiniteTensorError",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint_info",
+]
 
 _spec_hash = spec_hash  # the old private name
 
@@ -72,7 +81,8 @@ def save_checkpoint(
 
 
 def read_checkpoint_info(path: str | Path) -> dict[str, str]:
-    """The checkpoint's header (spec_name, spec_hash, epoch, metadata JSON...) without loading tensors."""
+    """The checkpoint's header (spec_name, spec_hash, epoch, metadata JSON...) without loading
+    tensors."""
     return read_info(path)
 
 

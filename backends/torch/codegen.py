@@ -19,8 +19,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from mixc.backends.emit import CodegenError, Emitter, add, attr_name, checked, class_name, describe, layer_call
-from mixc.backends.emit import module_name
+from mixc.backends.emit import (
+    CodegenError,
+    Emitter,
+    add,
+    attr_name,
+    checked,
+    class_name,
+    describe,
+    layer_call,
+    module_name,
+)
 from mixc.backends.pysource import literal as _q
 from mixc.backends.pysource import tup
 from mixc.backends.structure import Node
@@ -61,8 +70,10 @@ def _dropout(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
     return f"F.dropout({a[0]}, p={op.p!r}, training=self.training)"
 
 
-#: what a MixtureEnsemble's docstring says its layers hold (emit.describe: other methods say their own)
-MIXTURE_DOC = """Member i's weight in a composed layer is sum_l alpha[i, l] * T[l], T rows of a bank (a layer's
+#: what a MixtureEnsemble's docstring says its layers hold (emit.describe: other methods say their
+#: own)
+MIXTURE_DOC = """\
+Member i's weight in a composed layer is sum_l alpha[i, l] * T[l], T rows of a bank (a layer's
 weight flattened, then its bias) or windows of the flat ``blob``, composed once per forward before
 any layer runs (Ensemble.mix). ``plain`` layers share one weight, ``member`` layers have one per
 member, each member has its own BatchNorm."""
@@ -71,8 +82,15 @@ member, each member has its own BatchNorm."""
 class TorchEmitter(Emitter):
     BACKEND = "torch"
     LOWER = dict(
-        conv=layer_call, linear=layer_call, bn=layer_call, act=_act, pool=_pool,
-        global_pool=_global_pool, flatten=_flatten, dropout=_dropout, add=add,
+        conv=layer_call,
+        linear=layer_call,
+        bn=layer_call,
+        act=_act,
+        pool=_pool,
+        global_pool=_global_pool,
+        flatten=_flatten,
+        dropout=_dropout,
+        add=add,
     )
     IMPORTS = ["import torch", "import torch.nn.functional as F", "from torch import nn"]
     RUNTIME = "mixc.backends.torch.runtime"
@@ -115,8 +133,14 @@ initialisation and layouts: docs/execution.md in the mixc repository.
             "    def forward(self, x: torch.Tensor) -> torch.Tensor:",
             '        """x [B, *INPUT_SHAPE] -> member logits [B, MEMBERS, CLASSES]."""',
             *self.stacked_inputs(),
-            *(["        x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x"]
-              if len(self.plan.input_shape) == 3 else []),
+            *(
+                [
+                    "        x = x.contiguous(memory_format=torch.channels_last) if"
+                    " self.channels_last else x"
+                ]
+                if len(self.plan.input_shape) == 3
+                else []
+            ),
             "        w = self.mix(x.device)  # every composed layer's weights, once per forward",
             *self.statements_of(self.tree, final=True),
         ]

@@ -18,8 +18,8 @@ the mean of the members' softmaxes: the exported graph's two outputs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -29,13 +29,24 @@ from torch import nn
 from mixc.compiler.plan import Plan
 from mixc.core.member_weights import MemberWeights
 
-__all__ = ["DeployedEnsemble", "export_onnx", "export_pt2", "onnx_runner", "pt2_runner", "ONNX_OPSET"]
+__all__ = [
+    "DeployedEnsemble",
+    "export_onnx",
+    "export_pt2",
+    "onnx_runner",
+    "pt2_runner",
+    "ONNX_OPSET",
+]
 
 #: The opset the ONNX export targets (onnxruntime 1.17+ runs it).
 ONNX_OPSET = 18
 
 _ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
 }
 
 
@@ -44,13 +55,15 @@ def _t(a: np.ndarray) -> torch.Tensor:
 
 
 class DeployedEnsemble(nn.Module):
-    """The ensemble in eval mode with composed per-member weights held as buffers (no parameters)."""
+    """The ensemble in eval mode with composed per-member weights held as buffers (no
+    parameters)."""
 
     def __init__(self, plan: Plan, members: list[MemberWeights]) -> None:
         super().__init__()
         self.plan = plan
         self.m = plan.members
-        # A layer whose weights every member shares keeps one copy (it may then run once on a shared input).
+        # A layer whose weights every member shares keeps one copy (it may then run once on a shared
+        # input).
         self.shared_weights: set[str] = set()
         self._names: dict[str, str] = {}
         for op in plan.ops:
@@ -63,13 +76,16 @@ class DeployedEnsemble(nn.Module):
                     if op.bias:
                         self.register_buffer(f"b_{key}", _t(ws[0].bias))
                 else:
-                    self.register_buffer(f"w_{key}", _t(np.stack([w.weight for w in ws])))  # [M, *weight_shape]
+                    # [M, *weight_shape]
+                    self.register_buffer(f"w_{key}", _t(np.stack([w.weight for w in ws])))
                     if op.bias:
-                        self.register_buffer(f"b_{key}", _t(np.stack([w.bias for w in ws])))  # [M, out]
+                        # [M, out]
+                        self.register_buffer(f"b_{key}", _t(np.stack([w.bias for w in ws])))
             elif op.kind == "bn":
                 parts = [mw.bn[op.name] for mw in members]
                 for i, s in enumerate(("g", "b", "mean", "var")):
-                    self.register_buffer(f"bn{s}_{key}", _t(np.concatenate([p[i] for p in parts])))  # [M*C]
+                    # [M*C]
+                    self.register_buffer(f"bn{s}_{key}", _t(np.concatenate([p[i] for p in parts])))
             self._names[op.name] = key
 
     def _buf(self, prefix: str, op_name: str) -> torch.Tensor:
@@ -95,12 +111,20 @@ class DeployedEnsemble(nn.Module):
                 if op.name in self.shared_weights and not per:  # runs once, on the shared input
                     y = conv(a, w, b, op.stride, op.padding, op.dilation, op.groups)
                 else:
-                    if op.name in self.shared_weights:  # one weight, applied to every member's activation
+                    # one weight, applied to every member's activation
+                    if op.name in self.shared_weights:
                         w = w.expand(M, *w.shape)
                         b = None if b is None else b.expand(M, *b.shape)
                     a = a if per else self._expand(a)
-                    y = conv(a, w.flatten(0, 1), None if b is None else b.flatten(), op.stride, op.padding,
-                             op.dilation, op.groups * M)
+                    y = conv(
+                        a,
+                        w.flatten(0, 1),
+                        None if b is None else b.flatten(),
+                        op.stride,
+                        op.padding,
+                        op.dilation,
+                        op.groups * M,
+                    )
                     per = True
                 vals[op.name] = (y, per)
             elif k == "linear":
@@ -114,27 +138,45 @@ class DeployedEnsemble(nn.Module):
                 if op.name in self.shared_weights:
                     y = F.linear(h, w, b)  # one weight for every member
                 else:
-                    y = torch.matmul(h.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)  # [B, M, out]
+                    # [B, M, out]
+                    y = torch.matmul(h.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)
                     if b is not None:
                         y = y + b
                 vals[op.name] = (y.reshape(a.shape[0], M * op.out_features), True)
             elif k == "bn":
                 a = a if per else self._expand(a)
-                y = F.batch_norm(a, self._buf("bnmean", op.name), self._buf("bnvar", op.name),
-                                 self._buf("bng", op.name), self._buf("bnb", op.name), False, 0.0, op.eps)
+                y = F.batch_norm(
+                    a,
+                    self._buf("bnmean", op.name),
+                    self._buf("bnvar", op.name),
+                    self._buf("bng", op.name),
+                    self._buf("bnb", op.name),
+                    False,
+                    0.0,
+                    op.eps,
+                )
                 vals[op.name] = (y, True)
             elif k == "act":
-                fn = (lambda t, s=op.slope: F.leaky_relu(t, s)) if op.fn == "leaky_relu" else _ACTS[op.fn]
+                fn = (
+                    (lambda t, s=op.slope: F.leaky_relu(t, s))
+                    if op.fn == "leaky_relu"
+                    else _ACTS[op.fn]
+                )
                 vals[op.name] = (fn(a), per)
             elif k == "pool":
-                fn = {("max", 1): F.max_pool1d, ("max", 2): F.max_pool2d,
-                      ("avg", 1): F.avg_pool1d, ("avg", 2): F.avg_pool2d}[(op.op, op.dim)]
+                fn = {
+                    ("max", 1): F.max_pool1d,
+                    ("max", 2): F.max_pool2d,
+                    ("avg", 1): F.avg_pool1d,
+                    ("avg", 2): F.avg_pool2d,
+                }[(op.op, op.dim)]
                 vals[op.name] = (fn(a, op.kernel, op.stride, op.padding), per)
             elif k == "global_pool":
                 dims = tuple(range(2, a.dim()))
                 vals[op.name] = (a.mean(dims) if op.op == "avg" else a.amax(dims), per)
             elif k == "flatten":
-                vals[op.name] = (a.flatten(1), per)  # member-major channels: flattening keeps members apart
+                # member-major channels: flattening keeps members apart
+                vals[op.name] = (a.flatten(1), per)
             elif k == "dropout":
                 vals[op.name] = (a, per)  # eval mode
             elif k == "add":
@@ -160,21 +202,31 @@ def _example(plan: Plan, batch: int = 2) -> torch.Tensor:
 def export_pt2(module: DeployedEnsemble, path: Path) -> None:
     """``torch.export`` with a dynamic batch axis, saved with ``torch.export.save``."""
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    ep = torch.export.export(module.eval(), (_example(module.plan),), dynamic_shapes=({0: batch},), strict=False)
+    ep = torch.export.export(
+        module.eval(), (_example(module.plan),), dynamic_shapes=({0: batch},), strict=False
+    )
     torch.export.save(ep, str(path))
 
 
 def export_onnx(module: DeployedEnsemble, path: Path, opset: int = ONNX_OPSET) -> str:
-    """ONNX through torch.onnx's dynamo exporter (needs onnxscript); returns which exporter wrote it."""
+    """ONNX through torch.onnx's dynamo exporter (needs onnxscript); returns which exporter wrote
+    it."""
     import warnings
 
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(
-            module.eval(), (_example(module.plan),), dynamo=True, opset_version=opset,
-            input_names=["x"], output_names=["member_probs", "ensemble_probs"],
-            dynamic_shapes=({0: batch},), optimize=True, verbose=False, external_data=False,
+            module.eval(),
+            (_example(module.plan),),
+            dynamo=True,
+            opset_version=opset,
+            input_names=["x"],
+            output_names=["member_probs", "ensemble_probs"],
+            dynamic_shapes=({0: batch},),
+            optimize=True,
+            verbose=False,
+            external_data=False,
         )
     prog.save(str(path), external_data=False)
     return f"torch.onnx.export(dynamo=True), torch {torch.__version__}"
@@ -192,7 +244,9 @@ def pt2_runner(path: Path) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarra
     return run
 
 
-def onnx_runner(path: Path, threads: int | None = None) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def onnx_runner(
+    path: Path, threads: int | None = None
+) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """An onnxruntime CPU session on ``path``, as a numpy function x -> (member_probs, ensemble)."""
     import onnxruntime as ort
 
@@ -203,7 +257,9 @@ def onnx_runner(path: Path, threads: int | None = None) -> Callable[[np.ndarray]
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
     def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        p, e = sess.run(["member_probs", "ensemble_probs"], {"x": np.ascontiguousarray(x, dtype=np.float32)})
+        p, e = sess.run(
+            ["member_probs", "ensemble_probs"], {"x": np.ascontiguousarray(x, dtype=np.float32)}
+        )
         return p, e
 
     return run

@@ -41,7 +41,8 @@ def build(
     if device is not None:
         from mixc.backends.torch.predict import torch_device
 
-        device = torch_device(device)  # a clear BackendError for "bogus" or a missing GPU, not torch's own
+        # a clear BackendError for "bogus" or a missing GPU, not torch's own
+        device = torch_device(device)
     mod = generated.load(plan, "torch")  # a stable module name: pickle and deepcopy work
     model = getattr(mod, class_name(plan))(layout=layout, channels_last=channels_last)
     if device is not None or dtype is not None:
@@ -55,13 +56,16 @@ def write(plan: Plan, out_dir: str | Path, standalone: bool = False) -> Path:
 
 
 def named_plan_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every plan tensor name (``bank.g0``, ``bn.s1.b0.bn0.running_mean``...) -> the model's Parameter/buffer.
+    """Every plan tensor name (``bank.g0``, ``bn.s1.b0.bn0.running_mean``...) -> the model's
+    Parameter/buffer.
 
     The one place where the checkpoint format's names (the Plan's) meet the module's hierarchical
     state_dict keys: the generated model's ``plan_tensors()`` says which key holds which name."""
     mapping = getattr(model, "plan_tensors", None)
     if not callable(mapping):
-        raise TypeError(f"{type(model).__name__} is not a mixc-generated model (it has no plan_tensors)")
+        raise TypeError(
+            f"{type(model).__name__} is not a mixc-generated model (it has no plan_tensors)"
+        )
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     return {name: tensors[key] for name, key in mapping().items()}
 

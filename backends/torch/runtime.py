@@ -29,34 +29,49 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Config:
-    """A generated file's tables: members, classes, output layer, init rules, banks, blob, layers."""
+    """A generated file's tables: members, classes, output layer, init rules, banks, blob,
+    layers."""
 
     members: int
     classes: int
-    layers: dict[str, dict[str, Any]]  # conv/linear (and non-default BatchNorm) options by plan name
+    # conv/linear (and non-default BatchNorm) options by plan name
+    layers: dict[str, dict[str, Any]]
     batch_norms: dict[str, int]  # channels by plan name
-    banks: dict[str, tuple]  # plan name -> (key, (templates, size), (weight size, weight std, bias std))
+    # plan name -> (key, (templates, size), (weight size, weight std, bias std))
+    banks: dict[str, tuple]
     blob: tuple[int, float] | None = None  # (size, std) of the flat template store
     output: str = ""  # the output layer (the classifier rule applies to it)
     alpha_std: float | None = None  # None: orthonormal alphas
     classifier_std: float | None = None  # None: PyTorch's usual init of the output layer
-    single_path: bool = False  # one network holds every member (MIMO, Packed-Ensembles): BatchNorm [C]
+    single_path: bool = (
+        False  # one network holds every member (MIMO, Packed-Ensembles): BatchNorm [C]
+    )
     input_members: int = 1  # MIMO: the input stacks this many members' images on the channel axis
-    fast_init: tuple[str, float] | None = None  # BatchEnsemble: ("normal", std) or ("signs", 0) for r and s
+    fast_init: tuple[str, float] | None = (
+        None  # BatchEnsemble: ("normal", std) or ("signs", 0) for r and s
+    )
 
 
 class Members(tuple):
-    """Each member's activation (loop layout): torch functions, tensor methods and + apply per member."""
+    """Each member's activation (loop layout): torch functions, tensor methods and + apply per
+    member."""
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         n = next(len(v) for v in (*args, *kwargs.values()) if isinstance(v, Members))
         pick = lambda v, m: v[m] if isinstance(v, Members) else v  # noqa: E731
-        return Members([func(*[pick(a, m) for a in args], **{k: pick(v, m) for k, v in kwargs.items()}) for m in range(n)])
+        return Members(
+            [
+                func(*[pick(a, m) for a in args], **{k: pick(v, m) for k, v in kwargs.items()})
+                for m in range(n)
+            ]
+        )
 
     def __add__(self, other):  # tensor + Members goes through __torch_function__
-        return Members([a + (other[m] if isinstance(other, Members) else other) for m, a in enumerate(self)])
+        return Members(
+            [a + (other[m] if isinstance(other, Members) else other) for m, a in enumerate(self)]
+        )
 
     def __getattr__(self, name: str):  # h.mean((2, 3)), h.flatten(1)
         return lambda *args, **kwargs: Members([getattr(t, name)(*args, **kwargs) for t in self])
@@ -65,7 +80,12 @@ class Members(tuple):
 class Composed:
     """Composed layers' weights for one forward, by plan name, and how members are laid out."""
 
-    def __init__(self, weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]], members: int, grouped: bool) -> None:
+    def __init__(
+        self,
+        weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+        members: int,
+        grouped: bool,
+    ) -> None:
         self.weights, self.members, self.grouped = weights, members, grouped
 
     def repeat(self, x: torch.Tensor) -> torch.Tensor | Members:
@@ -92,38 +112,55 @@ def window(blob: torch.Tensor, start: int, length: int) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-#: weight source (or "bn") -> (plan tensor name, module attribute) of each tensor a layer holds; an entry on
-#: "bias" exists only when the layer has a bias. The compiler's table (compiler/tensor_names.py), kept here
-#: because a standalone file holds this module alone (tests/test_method_homes.py checks they agree).
+#: weight source (or "bn") -> (plan tensor name, module attribute) of each tensor a layer holds; an
+#: entry on "bias" exists only when the layer has a bias. The compiler's table
+#: (compiler/tensor_names.py), kept here because a standalone file holds this module alone
+#: (tests/test_method_homes.py checks they agree).
 LAYER_TENSORS: dict[str, tuple[tuple[str, str], ...]] = {
     "plain": (("plain.{layer}.weight", "weight"), ("plain.{layer}.bias", "bias")),
     "member": (("member.{layer}.weight", "weight"), ("member.{layer}.bias", "bias")),
     "bank": (("alpha.{layer}", "alpha"),),
     "blob": (("alpha.{layer}", "alpha"),),
-    "batch_ensemble": (("plain.{layer}.weight", "weight"), ("fast.{layer}.r", "r"), ("fast.{layer}.s", "s"),
-                       ("member.{layer}.bias", "bias")),
-    "bn": (("bn.{layer}.weight", "weight"), ("bn.{layer}.bias", "bias"), ("bn.{layer}.running_mean", "running_mean"),
-           ("bn.{layer}.running_var", "running_var")),
+    "batch_ensemble": (
+        ("plain.{layer}.weight", "weight"),
+        ("fast.{layer}.r", "r"),
+        ("fast.{layer}.s", "s"),
+        ("member.{layer}.bias", "bias"),
+    ),
+    "bn": (
+        ("bn.{layer}.weight", "weight"),
+        ("bn.{layer}.bias", "bias"),
+        ("bn.{layer}.running_mean", "running_mean"),
+        ("bn.{layer}.running_var", "running_var"),
+    ),
 }
 
 
 def _layer_tensors(source: str, name: str, path: str, has_bias: bool) -> dict[str, str]:
     """A layer's plan tensor names -> its state_dict keys under ``path``."""
-    return {n.format(layer=name): f"{path}.{a}" for n, a in LAYER_TENSORS[source] if a != "bias" or has_bias}
+    return {
+        n.format(layer=name): f"{path}.{a}"
+        for n, a in LAYER_TENSORS[source]
+        if a != "bias" or has_bias
+    }
 
 
 class _Member:
-    """A weight [M, *shape] (and bias [M, out]) per member: the naive ensemble's layers. Its forwards are
-    every per-member layer's (composed ones too, once their weights are composed)."""
+    """A weight [M, *shape] (and bias [M, out]) per member: the naive ensemble's layers. Its
+    forwards are every per-member layer's (composed ones too, once their weights are composed)."""
 
     templates = None  # "bank" or "blob": the model composes this layer's weights from that store
 
     @staticmethod
-    def make(layer: "Weighted", cfg: dict, M: int, lead: tuple = None, bias_lead: tuple = None) -> None:
+    def make(
+        layer: "Weighted", cfg: dict, M: int, lead: tuple = None, bias_lead: tuple = None
+    ) -> None:
         lead = (M,) if lead is None else lead
         layer.weight = nn.Parameter(torch.empty(*lead, *layer.shape))
         bias_lead = lead if bias_lead is None else bias_lead
-        layer.bias = nn.Parameter(torch.empty(*bias_lead, layer.shape[0])) if layer.has_bias else None
+        layer.bias = (
+            nn.Parameter(torch.empty(*bias_lead, layer.shape[0])) if layer.has_bias else None
+        )
 
     @staticmethod
     def weights(layer: "Weighted", w: Composed) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -131,7 +168,8 @@ class _Member:
 
     @staticmethod
     def reset(layer: "Weighted") -> None:
-        """PyTorch's usual init (kaiming normal for convs); the output layer the plan's classifier rule."""
+        """PyTorch's usual init (kaiming normal for convs); the output layer the plan's classifier
+        rule."""
         classifier_std = layer.init[1]
         bound = 1 / math.sqrt(math.prod(layer.shape[1:]))
         if classifier_std is not None:
@@ -149,8 +187,11 @@ class _Member:
         if not w.grouped:  # one convolution per member
             xs = [x] * M if layer.shared_input else x
             biases = [None] * M if bias is None else bias
-            return Members([conv(*args, groups=groups, **options) for args in zip(xs, weight, biases)])
-        bias = None if bias is None else bias.flatten()  # one convolution, the members' filters stacked
+            return Members(
+                [conv(*args, groups=groups, **options) for args in zip(xs, weight, biases)]
+            )
+        # one convolution, the members' filters stacked
+        bias = None if bias is None else bias.flatten()
         if layer.shared_input and groups == 1:
             return conv(x, weight.flatten(0, 1), bias, **options)
         x = torch.cat([x] * M, dim=1) if layer.shared_input else x
@@ -164,7 +205,12 @@ class _Member:
             return F.linear(x, weight.flatten(0, 1), None if bias is None else bias.flatten())
         if not w.grouped:
             xs = [x] * layer.members if layer.shared_input else x
-            return Members([F.linear(xm, weight[m], None if bias is None else bias[m]) for m, xm in enumerate(xs)])
+            return Members(
+                [
+                    F.linear(xm, weight[m], None if bias is None else bias[m])
+                    for m, xm in enumerate(xs)
+                ]
+            )
         y = torch.einsum("bmi,moi->bmo", x.unflatten(1, (layer.members, -1)), weight)
         return (y if bias is None else y + bias).flatten(1)
 
@@ -175,8 +221,11 @@ class _Member:
 
 
 def _grouped_linear(layer: "Linear", x, weight, bias):
-    """A block-diagonal linear layer (one network, single path): group j maps its slice; weight [O, I/g]."""
-    y = torch.einsum("bgi,goi->bgo", x.unflatten(1, (layer.groups, -1)), weight.unflatten(0, (layer.groups, -1)))
+    """A block-diagonal linear layer (one network, single path): group j maps its slice; weight [O,
+    I/g]."""
+    y = torch.einsum(
+        "bgi,goi->bgo", x.unflatten(1, (layer.groups, -1)), weight.unflatten(0, (layer.groups, -1))
+    )
     return y.flatten(1) if bias is None else y.flatten(1) + bias
 
 
@@ -207,14 +256,18 @@ class _Plain(_Member):
 
 
 class _Bank(_Member):
-    """Alphas [M, k] over bank rows ``templates[i]``; the model composes the weights (Ensemble.mix)."""
+    """Alphas [M, k] over bank rows ``templates[i]``; the model composes the weights
+    (Ensemble.mix)."""
 
     templates = "bank"
 
     @staticmethod
     def make(layer: "Weighted", cfg: dict, M: int) -> None:
-        layer.alpha = nn.Parameter(torch.empty(M, len(cfg["templates"][0])))  # alpha [M, k] @ selector [M, k, rows]
-        selector = F.one_hot(torch.tensor(cfg["templates"]), cfg["rows"]).to(torch.get_default_dtype())
+        # alpha [M, k] @ selector [M, k, rows]
+        layer.alpha = nn.Parameter(torch.empty(M, len(cfg["templates"][0])))
+        selector = F.one_hot(torch.tensor(cfg["templates"]), cfg["rows"]).to(
+            torch.get_default_dtype()
+        )
         layer.register_buffer("selector", selector, persistent=False)
 
     @staticmethod
@@ -225,7 +278,11 @@ class _Bank(_Member):
     def reset(layer: "Weighted") -> None:
         """Orthonormal alphas, or the plan's normal law."""
         alpha_std = layer.init[0]
-        return orthonormal_rows_(layer.alpha) if alpha_std is None else nn.init.normal_(layer.alpha, std=alpha_std)
+        return (
+            orthonormal_rows_(layer.alpha)
+            if alpha_std is None
+            else nn.init.normal_(layer.alpha, std=alpha_std)
+        )
 
 
 class _Blob(_Bank):
@@ -239,8 +296,8 @@ class _Blob(_Bank):
 
 
 class _BatchEnsemble(_Member):
-    """One shared weight W, each member's input scaled by r [M, in] and its output by s [M, out], a bias
-    [M, out] per member: ((x * r[m]) apply W) * s[m] + b[m]."""
+    """One shared weight W, each member's input scaled by r [M, in] and its output by s [M, out], a
+    bias [M, out] per member: ((x * r[m]) apply W) * s[m] + b[m]."""
 
     @staticmethod
     def make(layer: "Weighted", cfg: dict, M: int) -> None:
@@ -253,27 +310,39 @@ class _BatchEnsemble(_Member):
         """Fast weights N(1, std^2) or random signs, then the shared weight as a plain layer's."""
         law, std = layer.fast_init
         for t in (layer.r, layer.s):
-            nn.init.normal_(t, mean=1.0, std=std) if law == "normal" else t.copy_(torch.randint_like(t, 2) * 2 - 1)
+            (
+                nn.init.normal_(t, mean=1.0, std=std)
+                if law == "normal"
+                else t.copy_(torch.randint_like(t, 2) * 2 - 1)
+            )
         _Member.reset(layer)
 
     @staticmethod
     def conv(layer: "Conv", x, weight, bias, w: Composed):
-        return _BatchEnsemble.apply(layer, x, w, lambda h: layer.conv(h, weight, groups=layer.groups, **layer.options))
+        return _BatchEnsemble.apply(
+            layer, x, w, lambda h: layer.conv(h, weight, groups=layer.groups, **layer.options)
+        )
 
     @staticmethod
     def linear(layer: "Linear", x, weight, bias, w: Composed):
         return _BatchEnsemble.apply(layer, x, w, lambda h: F.linear(h, weight))
 
     @staticmethod
-    def apply(layer: "Weighted", x: torch.Tensor | Members, w: Composed, apply) -> torch.Tensor | Members:
-        """``apply`` is the layer's own op on one batch. Grouped: the members' activations [B, M*C, ...] are
-        read as a batch [B*M, C, ...] (a view), so the shared weight runs once, as BatchEnsemble's tiled
-        batch does."""
+    def apply(
+        layer: "Weighted", x: torch.Tensor | Members, w: Composed, apply
+    ) -> torch.Tensor | Members:
+        """``apply`` is the layer's own op on one batch. Grouped: the members' activations [B, M*C,
+        ...] are read as a batch [B*M, C, ...] (a view), so the shared weight runs once, as
+        BatchEnsemble's tiled batch does."""
         M, b = layer.members, layer.bias
         if not w.grouped:
             xs = [x] * M if layer.shared_input else x
-            return Members([_scaled(apply(_scaled(xm, layer.r[m])), layer.s[m], None if b is None else b[m])
-                            for m, xm in enumerate(xs)])
+            return Members(
+                [
+                    _scaled(apply(_scaled(xm, layer.r[m])), layer.s[m], None if b is None else b[m])
+                    for m, xm in enumerate(xs)
+                ]
+            )
         x = w.repeat(x) if layer.shared_input else x
         h = _scaled(x.unflatten(1, (M, -1)), layer.r, dim=2)  # [B, M, C, ...]
         y = apply(h.flatten(0, 1)).unflatten(0, (x.shape[0], M))  # [B, M, O, ...]
@@ -283,27 +352,48 @@ class _BatchEnsemble(_Member):
     def composed(layer: "Weighted", mixed: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-member weights W * s r^T ([M, *shape]; r read per group)."""
         out, per_group = layer.shape[0], layer.shape[1]
-        r = layer.r.unflatten(1, (layer.groups, per_group)).repeat_interleave(out // layer.groups, dim=1)  # [M, O, I/g]
+        # [M, O, I/g]
+        r = layer.r.unflatten(1, (layer.groups, per_group)).repeat_interleave(
+            out // layer.groups, dim=1
+        )
         tail = (1,) * (len(layer.shape) - 2)
-        weight = layer.weight[None] * layer.s.view(layer.members, out, 1, *tail) * r.view(*r.shape, *tail)
+        weight = (
+            layer.weight[None]
+            * layer.s.view(layer.members, out, 1, *tail)
+            * r.view(*r.shape, *tail)
+        )
         return weight, layer.bias
 
 
 #: a layer's weight source (the plan's ``source``) -> the code that holds and runs its weights
-WEIGHTS = {"plain": _Plain, "member": _Member, "bank": _Bank, "blob": _Blob, "batch_ensemble": _BatchEnsemble}
+WEIGHTS = {
+    "plain": _Plain,
+    "member": _Member,
+    "bank": _Bank,
+    "blob": _Blob,
+    "batch_ensemble": _BatchEnsemble,
+}
 
 
 class Weighted(nn.Module):
     """A conv or linear layer of every member; how it holds and runs its weights is its source's
     (WEIGHTS): "bank" and "blob" (alphas; the model composes the weights), "member" (a weight per
-    member), "plain" (one shared weight) or "batch_ensemble" (one shared weight and fast weights)."""
+    member), "plain" (one shared weight) or "batch_ensemble" (one shared weight and fast weights).
+    """
 
     def __init__(self, config: Config, name: str) -> None:
         super().__init__()
         cfg, M = config.layers[name], config.members
-        self.name, self.source, self.shape = name, cfg["source"], cfg["shape"]  # [out, in/groups, *kernel]
-        self.members, self.bank, self.has_bias, self.bias = M, cfg.get("bank"), cfg.get("bias", False), None
-        self.shared_input, self.spread = cfg.get("shared_input", False), cfg.get("spread", False)  # spread: repeat
+        # [out, in/groups, *kernel]
+        self.name, self.source, self.shape = (name, cfg["source"], cfg["shape"])
+        self.members, self.bank, self.has_bias, self.bias = (
+            M,
+            cfg.get("bank"),
+            cfg.get("bias", False),
+            None,
+        )
+        # spread: repeat
+        self.shared_input, self.spread = (cfg.get("shared_input", False), cfg.get("spread", False))
         self.init = (config.alpha_std, config.classifier_std if name == config.output else None)
         self.groups, self.fast_init = cfg.get("groups", 1), config.fast_init
         self.kind.make(self, cfg, M)
@@ -319,11 +409,17 @@ class Weighted(nn.Module):
     def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Composed templates [M, size] -> weight [M, *shape] and bias [M, out] (or None)."""
         size = math.prod(self.shape)
-        return flat[:, :size].reshape(self.members, *self.shape), flat[:, size:] if self.has_bias else None
+        return flat[:, :size].reshape(self.members, *self.shape), (
+            flat[:, size:] if self.has_bias else None
+        )
 
     def mix_blob(self, blob: torch.Tensor) -> torch.Tensor:
-        """Member i's templates [k, size] are the blob's window at offsets[i], mixed by its alphas."""
-        k, size = self.alpha.shape[1], math.prod(self.shape) + (self.shape[0] if self.has_bias else 0)
+        """Member i's templates [k, size] are the blob's window at offsets[i], mixed by its
+        alphas."""
+        k, size = (
+            self.alpha.shape[1],
+            math.prod(self.shape) + (self.shape[0] if self.has_bias else 0),
+        )
         windows = [window(blob, offset, k * size).view(k, size) for offset in self.offsets]
         if len(set(self.offsets)) == 1:
             return self.alpha @ windows[0]
@@ -342,7 +438,9 @@ class Weighted(nn.Module):
         return _layer_tensors(self.source, self.name, path, self.bias is not None)
 
 
-def _scaled(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, dim: int = 1) -> torch.Tensor:
+def _scaled(
+    x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, dim: int = 1
+) -> torch.Tensor:
     """x * scale (+ bias), both [..., C] broadcast along x's axis ``dim`` (the channels)."""
     shape = (*scale.shape, *(1,) * (x.dim() - dim - 1))
     x = x * scale.view(*([1] * (dim - scale.dim() + 1)), *shape)
@@ -364,7 +462,8 @@ class Conv(Weighted):
 
 class Linear(Weighted):
     """A linear layer of every member (see Weighted); inputs [B, M*I], or shared [B, I]. With
-    ``groups`` (Packed-Ensembles' last layer) block-diagonal: group j maps its slice of the inputs."""
+    ``groups`` (Packed-Ensembles' last layer) block-diagonal: group j maps its slice of the inputs.
+    """
 
     def forward(self, x: torch.Tensor | Members, w: Composed) -> torch.Tensor | Members:
         return self.kind.linear(self, x, *self.weights(w), w)
@@ -390,26 +489,36 @@ class BatchNorm(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        self.weight.fill_(1.0), self.bias.zero_(), self.running_mean.zero_(), self.running_var.fill_(1.0)
+        (
+            self.weight.fill_(1.0),
+            self.bias.zero_(),
+            self.running_mean.zero_(),
+            self.running_var.fill_(1.0),
+        )
 
     def forward(self, x: torch.Tensor | Members, w: Composed) -> torch.Tensor | Members:
         x = w.repeat(x) if self.shared_input else x
         options = dict(training=self.training, momentum=self.momentum, eps=self.eps)
         tensors = (self.running_mean, self.running_var, self.weight, self.bias)
         if isinstance(x, Members):  # rows of [M, C]: the running statistics update in place
-            return Members([F.batch_norm(xm, *[t[m] for t in tensors], **options) for m, xm in enumerate(x)])
+            return Members(
+                [F.batch_norm(xm, *[t[m] for t in tensors], **options) for m, xm in enumerate(x)]
+            )
         return F.batch_norm(x, *(t.view(-1) for t in tensors), **options)
 
 
 class Ensemble(nn.Module):
-    """What every generated ensemble shares: templates, composition, initialisation, tensor names."""
+    """What every generated ensemble shares: templates, composition, initialisation, tensor
+    names."""
 
     def __init__(self, config: Config, layout: str, channels_last: bool) -> None:
         super().__init__()
         if layout not in ("auto", "grouped", "loop"):
             raise ValueError(f"layout must be auto, grouped or loop, not {layout!r}")
         self.config, self.layout, self.channels_last = config, layout, channels_last
-        self.banks = nn.ParameterDict({key: nn.Parameter(torch.empty(shape)) for key, shape, _ in config.banks.values()})
+        self.banks = nn.ParameterDict(
+            {key: nn.Parameter(torch.empty(shape)) for key, shape, _ in config.banks.values()}
+        )
         self.blob = nn.Parameter(torch.empty(config.blob[0])) if config.blob else None
         self._mixed = None  # (key, composed weights) kept between eval-mode forwards, see mix
 
@@ -418,18 +527,24 @@ class Ensemble(nn.Module):
         return {**super().__getstate__(), "_mixed": None}
 
     def extra_repr(self) -> str:
-        return f"spec={getattr(self, 'spec_name', '?')}, members={self.config.members}, layout={self.layout}, channels_last={self.channels_last}"
+        return (
+            f"spec={getattr(self, 'spec_name', '?')}, members={self.config.members},"
+            f" layout={self.layout}, channels_last={self.channels_last}"
+        )
 
     def setup(self) -> None:
         """Once the layers exist: list the composed ones by bank (plain lists), then initialise."""
         weighted = [m for m in self.modules() if isinstance(m, Weighted)]
-        self.banked = {key: [m for m in weighted if m.bank == key] for key, _, _ in self.config.banks.values()}
+        self.banked = {
+            key: [m for m in weighted if m.bank == key] for key, _, _ in self.config.banks.values()
+        }
         self.blobbed = [m for m in weighted if m.kind.templates == "blob"]
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Templates N(0, v) (weight and bias parts; the variances are in the banks table), then every layer."""
+        """Templates N(0, v) (weight and bias parts; the variances are in the banks table), then
+        every layer."""
         for key, _, (weight_size, weight_std, bias_std) in self.config.banks.values():
             nn.init.normal_(self.banks[key][:, :weight_size], std=weight_std)
             nn.init.normal_(self.banks[key][:, weight_size:], std=bias_std)
@@ -441,25 +556,29 @@ class Ensemble(nn.Module):
 
     def mix(self, device: torch.device) -> Composed:
         """Every composed layer's weights for all members, once per forward. In eval mode without
-        autograd they are kept until a template or alpha changes (their version counters and storage),
-        so inference costs what per-member weights would."""
+        autograd they are kept until a template or alpha changes (their version counters and
+        storage), so inference costs what per-member weights would."""
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             self._mixed = None
             return self._mix(device)
         inputs = [*self.banks.values(), *([self.blob] if self.blob is not None else [])]
-        inputs += [m.alpha for layers in self.banked.values() for m in layers] + [m.alpha for m in self.blobbed]
+        inputs += [m.alpha for layers in self.banked.values() for m in layers] + [
+            m.alpha for m in self.blobbed
+        ]
         key = (device, self.layout, *((t._version, t.data_ptr(), t.dtype) for t in inputs))
         if self._mixed is None or self._mixed[0] != key:
             self._mixed = (key, self._mix(device))
         return self._mixed[1]
 
     def _mix(self, device: torch.device) -> Composed:
-        """Per bank, the layers' alphas spread over its rows, then one product with the templates. In the
-        parameters' precision even under autocast (the convolutions cast the result once)."""
+        """Per bank, the layers' alphas spread over its rows, then one product with the templates.
+        In the parameters' precision even under autocast (the convolutions cast the result once)."""
         weights, M = {}, self.config.members
         with torch.autocast(device.type, enabled=False):
             for key, layers in self.banked.items():
-                coeffs = torch.cat([torch.einsum("mk,mkt->mt", m.alpha, m.selector) for m in layers])
+                coeffs = torch.cat(
+                    [torch.einsum("mk,mkt->mt", m.alpha, m.selector) for m in layers]
+                )
                 for layer, flat in zip(layers, (coeffs @ self.banks[key]).split(M)):
                     weights[layer.name] = layer.split(flat)
             for layer in self.blobbed:
@@ -468,12 +587,16 @@ class Ensemble(nn.Module):
         return Composed(weights, M, grouped)
 
     def stack_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """MIMO: the members' inputs side by side on the channel axis, member-major. x [B, M, *input]
-        gives each member its own (training); x [B, *input] gives every member the same (evaluation)."""
+        """MIMO: the members' inputs side by side on the channel axis, member-major. x [B, M,
+        *input] gives each member its own (training); x [B, *input] gives every member the same
+        (evaluation).
+        """
         if x.dim() == len(self.input_shape) + 2:
             if x.shape[1] != self.config.input_members:
-                raise ValueError(f"MIMO takes one input per member, [B, {self.config.input_members}, *input], "
-                                 f"not {list(x.shape)}")
+                raise ValueError(
+                    f"MIMO takes one input per member, [B, {self.config.input_members}, *input], "
+                    f"not {list(x.shape)}"
+                )
             return x.flatten(1, 2)
         return torch.cat([x] * self.config.input_members, dim=1)
 
@@ -484,14 +607,21 @@ class Ensemble(nn.Module):
         return x.unflatten(1, (self.config.members, self.config.classes))
 
     def compose(self) -> dict[str, torch.Tensor]:
-        """Every layer's "<layer>.weight"/".bias" ([M, ...], or shared for plain layers), for analysis."""
+        """Every layer's "<layer>.weight"/".bias" ([M, ...], or shared for plain layers), for
+        analysis."""
         mixed = self.mix(next(self.parameters()).device).weights
         layers = [m for m in self.modules() if isinstance(m, Weighted)]
         pairs = [(m.name, m.kind.composed(m, mixed)) for m in layers]
-        return {f"{name}.{part}": t for name, wb in pairs for part, t in zip(("weight", "bias"), wb) if t is not None}
+        return {
+            f"{name}.{part}": t
+            for name, wb in pairs
+            for part, t in zip(("weight", "bias"), wb)
+            if t is not None
+        }
 
     def plan_tensors(self) -> dict[str, str]:
-        """Plan tensor name (the checkpoint format, shared with the flax backend) -> state_dict key."""
+        """Plan tensor name (the checkpoint format, shared with the flax backend) -> state_dict
+        key."""
         names = {name: f"banks.{key}" for name, (key, _, _) in self.config.banks.items()}
         names |= {"blob": "blob"} if self.config.blob else {}
         for path, layer in self.named_modules():

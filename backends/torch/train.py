@@ -51,22 +51,32 @@ from torch import nn
 from mixc.backends.torch.predict import host_tensor, predict_member_probs, torch_device
 from mixc.compiler.plan import Plan
 from mixc.core.data import shard
-from mixc.core.method_batches import FAST_ROLES, gradient_scales, lr_scale, mimo_rows
 from mixc.core.errors import TrainError
+from mixc.core.method_batches import FAST_ROLES, gradient_scales, lr_scale, mimo_rows
 from mixc.core.run_files import CHECKPOINT, METRICS
-from mixc.spec.recipe import Recipe
 from mixc.core.weight_decay import decay_skipped_roles
+from mixc.spec.recipe import Recipe
 
-__all__ = ["TrainError", "TorchTrainer", "crop_flip", "random_resized_crop", "predict_member_probs", "CHECKPOINT",
-           "METRICS"]
+__all__ = [
+    "TrainError",
+    "TorchTrainer",
+    "crop_flip",
+    "random_resized_crop",
+    "predict_member_probs",
+    "CHECKPOINT",
+    "METRICS",
+]
 
 
 # ---------------------------------------------------------------------------
 # Pure helpers
 
 
-def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4) -> torch.Tensor:
-    """Pad-``pad`` random crop plus random horizontal flip of a batch ``[B, C, H, W]``, one draw per image."""
+def crop_flip(
+    x: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4
+) -> torch.Tensor:
+    """Pad-``pad`` random crop plus random horizontal flip of a batch ``[B, C, H, W]``, one draw per
+    image."""
     b, _, h, w = x.shape
     dev = x.device
     xp = F.pad(x, (pad, pad, pad, pad))
@@ -82,11 +92,18 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, pad: in
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def crop_boxes(u: torch.Tensor, h: int, w: int, scale: tuple[float, float] = (0.08, 1.0),
-               ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[torch.Tensor, ...]:
-    """(x0, y0, crop width, crop height) per image, from uniforms ``u [B, 22]``, by the image-folder loader's rule
-    (``mixc.core.imagefolder.random_resized_crop``, torchvision's): up to 10 draws of an area share in ``scale`` and
-    a log-uniform aspect in ``ratio``, the first that fits; else the central crop clamped to ``ratio``."""
+def crop_boxes(
+    u: torch.Tensor,
+    h: int,
+    w: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[torch.Tensor, ...]:
+    """(x0, y0, crop width, crop height) per image, from uniforms ``u [B, 22]``, by the image-folder
+    loader's rule (``mixc.core.imagefolder.random_resized_crop``, torchvision's): up to 10 draws
+    of an area share in ``scale`` and a log-uniform aspect in ``ratio``, the first that fits;
+    else the central crop clamped to ``ratio``.
+    """
     area, log_r = h * w, torch.log(torch.tensor(ratio, dtype=torch.float64))
     target = area * (scale[0] + (scale[1] - scale[0]) * u[:, :10].double())
     aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * u[:, 10:20].double())
@@ -94,29 +111,42 @@ def crop_boxes(u: torch.Tensor, h: int, w: int, scale: tuple[float, float] = (0.
     fits = (cw >= 1) & (cw <= w) & (ch >= 1) & (ch <= h)
     first = fits.int().argmax(1, keepdim=True)  # the first draw that fits
     a = w / h
-    fw, fh = (round(h * ratio[1]), h) if a > ratio[1] else (w, round(w / ratio[0])) if a < ratio[0] else (w, h)
+    fw, fh = (
+        (round(h * ratio[1]), h)
+        if a > ratio[1]
+        else (w, round(w / ratio[0]))
+        if a < ratio[0]
+        else (w, h)
+    )
     ok = fits.any(1)
     cw = torch.where(ok, cw.gather(1, first)[:, 0], float(fw))
     ch = torch.where(ok, ch.gather(1, first)[:, 0], float(fh))
-    x0 = torch.where(ok, torch.floor(u[:, 20].double() * (w - cw + 1)).clamp(max=w - cw), float((w - fw) // 2))
-    y0 = torch.where(ok, torch.floor(u[:, 21].double() * (h - ch + 1)).clamp(max=h - ch), float((h - fh) // 2))
+    x0 = torch.where(
+        ok, torch.floor(u[:, 20].double() * (w - cw + 1)).clamp(max=w - cw), float((w - fw) // 2)
+    )
+    y0 = torch.where(
+        ok, torch.floor(u[:, 21].double() * (h - ch + 1)).clamp(max=h - ch), float((h - fh) // 2)
+    )
     return x0, y0, cw, ch
 
 
-def random_resized_crop(x: torch.Tensor, generator: torch.Generator | None = None,
-                        scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
-                        ) -> torch.Tensor:
-    """ImageNet's training augmentation for a batch in memory ``[B, C, H, W]``: per image a random crop
-    (:func:`crop_boxes`) resized back to ``H x W`` (bilinear, edges clamped) and a random horizontal flip.
-    In memory the images are already at the model's size, so this upsamples a part of that; a streamed
-    folder's loader crops the full-size file instead."""
+def random_resized_crop(
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """ImageNet's training augmentation for a batch in memory ``[B, C, H, W]``: per image a random
+    crop (:func:`crop_boxes`) resized back to ``H x W`` (bilinear, edges clamped) and a random
+    horizontal flip. In memory the images are already at the model's size, so this upsamples a
+    part of that; a streamed folder's loader crops the full-size file instead."""
     b, _, h, w = x.shape
     dev = x.device
     u = torch.rand(b, 23, generator=generator, device=dev)
     x0, y0, cw, ch = crop_boxes(u[:, :22], h, w, scale, ratio)
     flip = u[:, 22] < 0.5
-    # affine_grid maps output coordinates in [-1, 1] (pixel centres, align_corners=False) to input ones:
-    # source pixel = x0 + (j + 0.5) * cw / W - 0.5, i.e. normalised sx * u + tx
+    # affine_grid maps output coordinates in [-1, 1] (pixel centres, align_corners=False) to input
+    # ones: source pixel = x0 + (j + 0.5) * cw / W - 0.5, i.e. normalised sx * u + tx
     theta = torch.zeros(b, 2, 3, dtype=torch.float64, device=dev)
     theta[:, 0, 0] = torch.where(flip, -cw / w, cw / w)
     theta[:, 0, 2] = (2 * x0 + cw) / w - 1
@@ -147,7 +177,8 @@ _DDP_MODULES = (
 
 
 def _import_ddp_modules() -> None:
-    """Import DDP's lazily imported modules before any process group exists (see ``_DDP_MODULES``)."""
+    """Import DDP's lazily imported modules before any process group exists (see
+    ``_DDP_MODULES``)."""
     for name in _DDP_MODULES:
         try:
             importlib.import_module(name)
@@ -192,7 +223,8 @@ class _Dist:
         if self.owns_group:
             import torch.distributed as dist
 
-            gc.collect()  # whatever still references the group (a DistributedDataParallel reducer) goes first
+            # whatever still references the group (a DistributedDataParallel reducer) goes first
+            gc.collect()
             dist.barrier()
             time.sleep(0.2)
             dist.destroy_process_group()
@@ -206,9 +238,11 @@ def _param_names(model: nn.Module, plan_tensors: dict[str, torch.Tensor]) -> dic
     return names
 
 
-def _optimizer(model: nn.Module, plan: Plan, recipe: Recipe, names: dict[int, str]) -> torch.optim.Optimizer:
-    """SGD or AdamW over three groups: decayed, not decayed, and BatchEnsemble's fast weights (no decay,
-    their own learning-rate multiplier ``lr_scale``, applied in ``_step``)."""
+def _optimizer(
+    model: nn.Module, plan: Plan, recipe: Recipe, names: dict[int, str]
+) -> torch.optim.Optimizer:
+    """SGD or AdamW over three groups: decayed, not decayed, and BatchEnsemble's fast weights (no
+    decay, their own learning-rate multiplier ``lr_scale``, applied in ``_step``)."""
     roles = {t.name: t.role for t in plan.tensors}
     skip = decay_skipped_roles(recipe)
     decay, no_decay, fast = [], [], []
@@ -224,7 +258,9 @@ def _optimizer(model: nn.Module, plan: Plan, recipe: Recipe, names: dict[int, st
     groups = [g for g in groups if g["params"]]
     o = recipe.optimizer
     if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+        return torch.optim.SGD(
+            groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0
+        )
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
 
 
@@ -234,11 +270,15 @@ def _optimizer_state(opt: torch.optim.Optimizer, names: dict[int, str]) -> dict[
         for p in group["params"]:
             for key, value in opt.state.get(p, {}).items():
                 if torch.is_tensor(value):
-                    out[f"optim.{names[id(p)]}.{key}"] = value.detach().reshape(value.shape or (1,)).cpu().contiguous()
+                    out[f"optim.{names[id(p)]}.{key}"] = (
+                        value.detach().reshape(value.shape or (1,)).cpu().contiguous()
+                    )
     return out
 
 
-def _load_optimizer_state(opt: torch.optim.Optimizer, names: dict[int, str], extra: dict[str, torch.Tensor]) -> None:
+def _load_optimizer_state(
+    opt: torch.optim.Optimizer, names: dict[int, str], extra: dict[str, torch.Tensor]
+) -> None:
     for group in opt.param_groups:
         for p in group["params"]:
             prefix = f"optim.{names[id(p)]}."
@@ -267,8 +307,8 @@ def _weights_hash(model: nn.Module) -> str:
 
 
 def _fits_on_device(nbytes: int, device: torch.device) -> bool:
-    """Whether a training set of ``nbytes`` goes to the accelerator: at most half its free memory, the rest
-    left for the model, its activations and the optimiser."""
+    """Whether a training set of ``nbytes`` goes to the accelerator: at most half its free memory,
+    the rest left for the model, its activations and the optimiser."""
     if device.type != "cuda":
         return True
     free, _ = torch.cuda.mem_get_info(device)
@@ -276,7 +316,8 @@ def _fits_on_device(nbytes: int, device: torch.device) -> bool:
 
 
 def _training_set(x: np.ndarray, device: torch.device) -> tuple[torch.Tensor, bool]:
-    """(the training inputs where steps gather from, whether that is host memory apart from ``device``)."""
+    """(the training inputs where steps gather from, whether that is host memory apart from
+    ``device``)."""
     host = host_tensor(x)
     if device.type == "cpu":
         return host, False  # the host is the device: no copy (a mapped file stays mapped)
@@ -290,11 +331,17 @@ def _autocast_dtype(precision: str) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _backward_and_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: Any, clip: float | None,
-                       model: nn.Module, scales: list[tuple[torch.Tensor, float]] = ()) -> None:
-    """Backward, the shared weights' gradient scales (``mixc.core.method_batches.gradient_scales``), optional
-    global-norm clipping, optimiser step; under fp16 through the gradient scaler (gradients are unscaled
-    before clipping, so ``clip`` means the true norm)."""
+def _backward_and_step(
+    loss: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    scaler: Any,
+    clip: float | None,
+    model: nn.Module,
+    scales: list[tuple[torch.Tensor, float]] = (),
+) -> None:
+    """Backward, the shared weights' gradient scales (``mixc.core.method_batches.gradient_scales``),
+    optional global-norm clipping, optimiser step; under fp16 through the gradient scaler
+    (gradients are unscaled before clipping, so ``clip`` means the true norm)."""
     (loss if scaler is None else scaler.scale(loss)).backward()
     with torch.no_grad():
         for p, factor in scales:
@@ -313,15 +360,34 @@ def _backward_and_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: A
 
 
 class TorchTrainer:
-    """An nn.Module and its optimiser under training (DDP across ``torchrun`` ranks): the driver's Trainer."""
+    """An nn.Module and its optimiser under training (DDP across ``torchrun`` ranks): the driver's
+    Trainer."""
 
-    def __init__(self, plan: Plan, recipe: Recipe, *, device: str = "cpu", layout: str = "auto",
-                 augment: str = "none", compile: bool = False) -> None:
-        self.plan, self.recipe, self.layout, self.augment, self.compile = plan, recipe, layout, augment, compile
+    def __init__(
+        self,
+        plan: Plan,
+        recipe: Recipe,
+        *,
+        device: str = "cpu",
+        layout: str = "auto",
+        augment: str = "none",
+        compile: bool = False,
+    ) -> None:
+        self.plan, self.recipe, self.layout, self.augment, self.compile = (
+            plan,
+            recipe,
+            layout,
+            augment,
+            compile,
+        )
         self.dist = _Dist(device)
         self.rank, self.world, self.device = self.dist.rank, self.dist.world, self.dist.device
         self.device_label = f"{self.device}{f' x{self.world}' if self.world > 1 else ''}"
-        self.run_options = {"device": str(self.device), "world_size": self.world, "torch": torch.__version__}
+        self.run_options = {
+            "device": str(self.device),
+            "world_size": self.world,
+            "torch": torch.__version__,
+        }
         self.model: nn.Module | None = None
 
     def begin(self, x_train: np.ndarray, y_train: np.ndarray, batch: int) -> None:
@@ -333,12 +399,17 @@ class TorchTrainer:
         self.names = _param_names(self.model, named_plan_tensors(self.model))
         self.opt = _optimizer(self.model, self.plan, self.recipe, self.names)
         tensors = named_plan_tensors(self.model)
-        self.grad_scales = [(tensors[n], f) for n, f in gradient_scales(self.plan, self.recipe.shared_gradient).items()]
+        self.grad_scales = [
+            (tensors[n], f)
+            for n, f in gradient_scales(self.plan, self.recipe.shared_gradient).items()
+        ]
         self.net: nn.Module = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.net = DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[dev.index] if dev.type == "cuda" else None
+            )
         if self.compile:
             self.net = torch.compile(self.net)
         self.amp = _autocast_dtype(self.recipe.precision)
@@ -346,7 +417,8 @@ class TorchTrainer:
         self.x_train, self.x_on_host = _training_set(x_train, dev)
         self.y_train = torch.from_numpy(np.ascontiguousarray(y_train)).to(dev)
         self.gen = torch.Generator(device=dev)
-        self.method_rng = np.random.default_rng(self.recipe.seed)  # MIMO's shuffles (reseeded per epoch)
+        # MIMO's shuffles (reseeded per epoch)
+        self.method_rng = np.random.default_rng(self.recipe.seed)
         self.part = shard(batch, self.rank, self.world)
 
     def begin_epoch(self, augment_seed: int, dropout_seed: int) -> None:
@@ -358,15 +430,16 @@ class TorchTrainer:
     def step(self, idx: np.ndarray, lr: float, step: int) -> torch.Tensor:
         host_rows = torch.from_numpy(np.ascontiguousarray(idx[self.part]))
         rows = host_rows.to(self.device)
-        if self.x_on_host:  # the set did not fit on the device: gather in host memory, copy the batch over
+        # the set did not fit on the device: gather in host memory, copy the batch over
+        if self.x_on_host:
             xb = self.x_train.index_select(0, host_rows).to(self.device, non_blocking=True)
         else:
             xb = self.x_train.index_select(0, rows)
         return self._step(xb, self.y_train.index_select(0, rows), lr, self.augment)
 
     def step_batch(self, x: Any, y: Any, lr: float, step: int) -> torch.Tensor:
-        """One step on a streamed batch (numpy or a DataLoader's pinned tensors), random-resized-cropped by the
-        loader if at all: only crop_flip is applied here."""
+        """One step on a streamed batch (numpy or a DataLoader's pinned tensors),
+        random-resized-cropped by the loader if at all: only crop_flip is applied here."""
         xb = torch.as_tensor(x).to(self.device, non_blocking=True)
         yb = torch.as_tensor(y).to(self.device, dtype=torch.int64, non_blocking=True)
         return self._step(xb, yb, lr, "crop_flip" if self.augment == "crop_flip" else "none")
@@ -385,22 +458,32 @@ class TorchTrainer:
             xb, yb = xb[rows], yb[rows]
         else:
             yb = yb[:, None].expand(-1, M)
-        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None
+        ):
             logits = self.net(xb)  # [b, M, classes]
-            loss = F.cross_entropy(
-                logits.float().transpose(1, 2), yb, label_smoothing=self.recipe.label_smoothing
-            ) * M
+            loss = (
+                F.cross_entropy(
+                    logits.float().transpose(1, 2), yb, label_smoothing=self.recipe.label_smoothing
+                )
+                * M
+            )
         self.opt.zero_grad(set_to_none=True)
-        _backward_and_step(loss, self.opt, self.scaler, self.recipe.grad_clip, self.model, self.grad_scales)
+        _backward_and_step(
+            loss, self.opt, self.scaler, self.recipe.grad_clip, self.model, self.grad_scales
+        )
         return loss.detach()
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return predict_member_probs(self.model, x, device=self.device)  # batch by batch to the device
+        # batch by batch to the device
+        return predict_member_probs(self.model, x, device=self.device)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         from mixc.backends.torch.model import named_plan_tensors
 
-        return {n: t.detach().float().cpu().numpy() for n, t in named_plan_tensors(self.model).items()}
+        return {
+            n: t.detach().float().cpu().numpy() for n, t in named_plan_tensors(self.model).items()
+        }
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         from mixc.backends.torch.model import named_plan_tensors
@@ -408,7 +491,8 @@ class TorchTrainer:
         targets = named_plan_tensors(self.model)
         with torch.no_grad():
             for name, a in arrays.items():
-                targets[name].copy_(torch.from_numpy(np.array(a)))  # a copy: file arrays are read-only
+                # a copy: file arrays are read-only
+                targets[name].copy_(torch.from_numpy(np.array(a)))
 
     def optimizer_arrays(self) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in self._extra_state().items()}
@@ -417,21 +501,34 @@ class TorchTrainer:
         from mixc.core.checkpoint_format import GRAD_SCALER_KEYS, read_grad_scaler
 
         scaler = read_grad_scaler(arrays)
-        if scaler is not None and self.scaler is not None:  # another precision's run: a fresh scaler
+        # another precision's run: a fresh scaler
+        if scaler is not None and self.scaler is not None:
             state = self.scaler.state_dict()
             self.scaler.load_state_dict({**state, "scale": scaler[0], "_growth_tracker": scaler[1]})
-        _load_optimizer_state(self.opt, self.names, {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()
-                                                     if k not in GRAD_SCALER_KEYS})
+        _load_optimizer_state(
+            self.opt,
+            self.names,
+            {
+                k: torch.from_numpy(np.array(v))
+                for k, v in arrays.items()
+                if k not in GRAD_SCALER_KEYS
+            },
+        )
 
     def _extra_state(self) -> dict[str, torch.Tensor]:
-        """The optimiser state and, under fp16, the GradScaler's (scale, growth tracker): what resume needs."""
+        """The optimiser state and, under fp16, the GradScaler's (scale, growth tracker): what
+        resume needs."""
         out = _optimizer_state(self.opt, self.names)
         if self.scaler is not None:
             from mixc.core.checkpoint_format import grad_scaler_arrays
 
             state = self.scaler.state_dict()
-            out.update({k: torch.from_numpy(v) for k, v in
-                        grad_scaler_arrays(state["scale"], state["_growth_tracker"]).items()})
+            out.update(
+                {
+                    k: torch.from_numpy(v)
+                    for k, v in grad_scaler_arrays(state["scale"], state["_growth_tracker"]).items()
+                }
+            )
         return out
 
     def save(self, path: Path, epoch: int, metadata: dict[str, Any]) -> None:
@@ -444,7 +541,10 @@ class TorchTrainer:
         try:
             if hash_dir and self.model is not None:
                 Path(hash_dir).mkdir(parents=True, exist_ok=True)
-                (Path(hash_dir) / f"rank{self.rank}.sha256").write_text(_weights_hash(self.model) + "\n")
+                (Path(hash_dir) / f"rank{self.rank}.sha256").write_text(
+                    _weights_hash(self.model) + "\n"
+                )
         finally:
-            self.net = self.model  # drop DistributedDataParallel: its reducer holds the process group
+            # drop DistributedDataParallel: its reducer holds the process group
+            self.net = self.model
             self.dist.close()

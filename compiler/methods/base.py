@@ -62,29 +62,47 @@ class MethodParts:
 
 
 #: every capability a method declares (tests/test_method_homes.py checks each is set)
-CAPABILITIES = ("title", "execution", "weight_sources", "has_templates", "per_member_weights", "shares_plain_weights",
-                "has_fast_weights", "stacks_inputs", "uses_budget", "budget_is_ceiling", "budget_solves",
-                "equal_shares", "searched_settings", "plain_backbone_override")
+CAPABILITIES = (
+    "title",
+    "execution",
+    "weight_sources",
+    "has_templates",
+    "per_member_weights",
+    "shares_plain_weights",
+    "has_fast_weights",
+    "stacks_inputs",
+    "uses_budget",
+    "budget_is_ceiling",
+    "budget_solves",
+    "equal_shares",
+    "searched_settings",
+    "plain_backbone_override",
+)
 
 
 class EnsembleMethod:
-    """One ensemble method. Subclasses set every capability in CAPABILITIES and implement ``build``."""
+    """One ensemble method. Subclasses set every capability in CAPABILITIES and implement
+    ``build``."""
 
     name: ClassVar[str]
     title: ClassVar[str]  # the display name ("Packed-Ensembles")
-    execution: ClassVar[str]  # "per_member" (activations per member) or "single_path" (one network holds all)
+    # "per_member" (activations per member) or "single_path" (one network holds all)
+    execution: ClassVar[str]
     weight_sources: ClassVar[frozenset[str]]  # the conv/linear ``source`` values its plans may hold
     has_templates: ClassVar[bool]  # template groups, slots, blob and alphas (mixture)
     per_member_weights: ClassVar[bool]  # some layer holds a weight per member (``member.*``)
-    shares_plain_weights: ClassVar[bool]  # some layer holds one weight shared by all members (``plain.*``)
+    # some layer holds one weight shared by all members (``plain.*``)
+    shares_plain_weights: ClassVar[bool]
     has_fast_weights: ClassVar[bool]  # BatchEnsemble's r and s (``fast.*``)
     stacks_inputs: ClassVar[bool]  # the input stacks the members' inputs on the channel axis (MIMO)
     uses_budget: ClassVar[bool]  # a budget changes the model
-    budget_is_ceiling: ClassVar[bool]  # the total never exceeds the budget (else: the nearest total)
+    # the total never exceeds the budget (else: the nearest total)
+    budget_is_ceiling: ClassVar[bool]
     budget_solves: ClassVar[str | None]  # the method option a budget solves for (packed: "alpha")
     equal_shares: ClassVar[bool]  # total = members x per-member parameters
     searched_settings: ClassVar[tuple[str, ...]]  # the settings ``mixc verify`` varies
-    plain_backbone_override: ClassVar[tuple[str, ...]]  # --set lines giving the plain single network's spec
+    # --set lines giving the plain single network's spec
+    plain_backbone_override: ClassVar[tuple[str, ...]]
 
     @property
     def single_path(self) -> bool:
@@ -92,7 +110,8 @@ class EnsembleMethod:
         return self.execution == "single_path"
 
     def check_sizes(self, options: dict, ops: list, pos_of) -> None:
-        """Refuse options that make a model too large by construction (MethodError); none by default."""
+        """Refuse options that make a model too large by construction (MethodError); none by
+        default."""
 
     def build(self, b: Backbone) -> MethodParts:
         raise NotImplementedError

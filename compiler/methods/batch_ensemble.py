@@ -1,4 +1,5 @@
-"""BatchEnsemble: the backbone's graph as it is, each weight layer one shared W plus per-member fast weights."""
+"""BatchEnsemble: the backbone's graph as it is, each weight layer one shared W plus per-member fast
+weights."""
 
 from __future__ import annotations
 
@@ -27,11 +28,20 @@ class BatchEnsemble(EnsembleMethod):
 
     def build(self, b: Backbone) -> MethodParts:
         M = b.members
-        new = [o.model_copy(update={"source": "batch_ensemble"}) if o.kind in WEIGHT_KINDS else o for o in b.ops]
+        new = [
+            o.model_copy(update={"source": "batch_ensemble"}) if o.kind in WEIGHT_KINDS else o
+            for o in b.ops
+        ]
         tensors = layer_tensors(new, M, lambda o: batch_ensemble_tensors(o, M), single_path=False)
         own = sum(t.numel for t in tensors if t.per_member and t.trainable)
-        return MethodParts(P.BatchEnsembleMethod(**b.ens.method.options), new, tensors, own // M, trainable(tensors),
-                           None)
+        return MethodParts(
+            P.BatchEnsembleMethod(**b.ens.method.options),
+            new,
+            tensors,
+            own // M,
+            trainable(tensors),
+            None,
+        )
 
 
 register_method(BatchEnsemble())

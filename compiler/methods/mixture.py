@@ -1,7 +1,7 @@
 """MixtureEnsembles: each banked layer of each member mixes shared templates (banks or one blob).
 
-The groups, the template allocation under the budget and the assignment of templates to members happen
-here; when no budget separates the members, the errors name the smallest one that does.
+The groups, the template allocation under the budget and the assignment of templates to members
+happen here; when no budget separates the members, the errors name the smallest one that does.
 """
 
 from __future__ import annotations
@@ -14,24 +14,57 @@ from mixc.compiler.assign import assign_bank, assign_blob
 from mixc.compiler.degenerate import all_collinear, degenerate_groups
 from mixc.compiler.group import form_groups
 from mixc.compiler.layers import weight_size
-from mixc.compiler.methods.base import Backbone, EnsembleMethod, MethodParts, get_method, register_method
-from mixc.compiler.methods.tensors import alpha_tensors, bn_tensors, member_tensors, plain_tensors, template_tensors
+from mixc.compiler.methods.base import (
+    Backbone,
+    EnsembleMethod,
+    MethodParts,
+    get_method,
+    register_method,
+)
+from mixc.compiler.methods.tensors import (
+    alpha_tensors,
+    bn_tensors,
+    member_tensors,
+    plain_tensors,
+    template_tensors,
+)
 from mixc.compiler.plan_warnings import plan_warning
 
 
-def templated_parts(b: Backbone, method, grouping: str, sources: dict[str, str], built: "_Built | None",
-                    plain: list[str], budget: int | None, minimum: int) -> MethodParts:
-    """A mixture or naive model's parts once every weight layer has its source (``built``: the templates)."""
+def templated_parts(
+    b: Backbone,
+    method,
+    grouping: str,
+    sources: dict[str, str],
+    built: _Built | None,
+    plain: list[str],
+    budget: int | None,
+    minimum: int,
+) -> MethodParts:
+    """A mixture or naive model's parts once every weight layer has its source (``built``: the
+    templates)."""
     ens, M = b.ens, b.members
-    ops = [o.model_copy(update={"source": sources[o.name]}) if isinstance(o, (P.ConvOp, P.LinearOp)) else o
-           for o in b.ops]
+    ops = [
+        (
+            o.model_copy(update={"source": sources[o.name]})
+            if isinstance(o, (P.ConvOp, P.LinearOp))
+            else o
+        )
+        for o in b.ops
+    ]
     out_op = ops[-1]
     classifier_law = ens.init.get("classifier", {}).get("law", "uniform")
     if classifier_law != "uniform" and sources.get(out_op.name) in ("bank", "blob"):
-        b.warnings.append(plan_warning(
-            f"the classifier rule does not apply: the output layer '{out_op.name}' reads templates "
-            f"({sources[out_op.name]}), which are drawn by the template rule", ens.pos.get("init"),
-            "keep the output layer plain (bank_singletons false) for the classifier rule to apply", b.diags.sources))
+        b.warnings.append(
+            plan_warning(
+                f"the classifier rule does not apply: the output layer '{out_op.name}' reads"
+                f" templates ({sources[out_op.name]}), which are drawn by the template rule",
+                ens.pos.get("init"),
+                "keep the output layer plain (bank_singletons false) for the classifier rule to"
+                " apply",
+                b.diags.sources,
+            )
+        )
     groups, slots, blob = (built.groups, built.slots, built.blob) if built else ([], [], None)
     tensors = templated_tensors(ops, slots, groups, blob, M)
     by_role: dict[str, int] = {}
@@ -39,16 +72,30 @@ def templated_parts(b: Backbone, method, grouping: str, sources: dict[str, str],
         if t.trainable:
             by_role[t.role] = by_role.get(t.role, 0) + t.numel
     assert by_role.get("alpha", 0) == (built.alpha_params if built else 0)
-    assert by_role.get("bank", 0) + by_role.get("blob", 0) == (built.template_params if built else 0)
+    assert by_role.get("bank", 0) + by_role.get("blob", 0) == (
+        built.template_params if built else 0
+    )
     alpha_bn = by_role.get("alpha", 0) + by_role.get("bn_weight", 0) + by_role.get("bn_bias", 0)
     member = by_role.get("member_weight", 0) + by_role.get("member_bias", 0)
-    return MethodParts(method, ops, tensors, alpha_bn // M + member // M, minimum, budget,
-                       maximum=built.maximum if built else None, grouping=grouping, groups=groups, slots=slots,
-                       blob=blob, plain_layers=plain)
+    return MethodParts(
+        method,
+        ops,
+        tensors,
+        alpha_bn // M + member // M,
+        minimum,
+        budget,
+        maximum=built.maximum if built else None,
+        grouping=grouping,
+        groups=groups,
+        slots=slots,
+        blob=blob,
+        plain_layers=plain,
+    )
 
 
-def templated_tensors(ops: list, slots: list[P.Slot], groups: list[P.Group], blob: P.Blob | None,
-                      M: int) -> list[P.Tensor]:
+def templated_tensors(
+    ops: list, slots: list[P.Slot], groups: list[P.Group], blob: P.Blob | None, M: int
+) -> list[P.Tensor]:
     """The model's named tensors, in a stable order (checkpoints and backends use these names)."""
     out = template_tensors(groups, blob)
     slot_by_layer = {s.layer: s for s in slots}
@@ -94,9 +141,11 @@ class Mixture(EnsembleMethod):
         by_name = {o.name: o for o in weights}
         fixed_cost = sum(weight_size(by_name[n]) for n in plain) + M * b.bn_per_member
         if not drafts:
-            diags.error("no layer is factorised: every conv/linear layer has a unique shape",
-                        ens.pos.get("groups", ens.pos.get("backbone")),
-                        "set bank_singletons true (the thin variant), or use groups single")
+            diags.error(
+                "no layer is factorised: every conv/linear layer has a unique shape",
+                ens.pos.get("groups", ens.pos.get("backbone")),
+                "set bank_singletons true (the thin variant), or use groups single",
+            )
             diags.raise_if_any()
         tpl, policy = ens.templates_per_layer, ens.assign
 
@@ -105,13 +154,17 @@ class Mixture(EnsembleMethod):
 
         built = _built_or_report(b, build)
         _check_members_differ(b, built, build)
-        sources = {s.layer: "blob" if s.group == "blob" else "bank" for s in built.slots} | {n: "plain" for n in plain}
-        return templated_parts(b, P.MixtureMethod(), grouping, sources, built, plain, b.budget, built.minimum)
+        sources = {s.layer: "blob" if s.group == "blob" else "bank" for s in built.slots} | {
+            n: "plain" for n in plain
+        }
+        return templated_parts(
+            b, P.MixtureMethod(), grouping, sources, built, plain, b.budget, built.minimum
+        )
 
 
-def _built_or_report(b: Backbone, build) -> "_Built":
-    """The allocation at the spec's budget, or its error reported (with the minimum that also separates the
-    members, where that is larger than the bare minimum)."""
+def _built_or_report(b: Backbone, build) -> _Built:
+    """The allocation at the spec's budget, or its error reported (with the minimum that also
+    separates the members, where that is larger than the bare minimum)."""
     ens, M, budget = b.ens, b.members, b.budget
     try:
         return build(budget)
@@ -119,38 +172,58 @@ def _built_or_report(b: Backbone, build) -> "_Built":
         if budget is None and "budget" in ens.pos:  # the bad budget itself is already reported
             b.diags.raise_if_any()
         message, hint = e.message, e.hint
-        if e.minimum is not None and M > 1:  # the stated minimum must itself compile: members must differ
-            message, hint = _below_minimum(e, M, ens.templates_per_layer, ens.assign, budget, b.backbone,
-                                           build) or (message, hint)
-        b.diags.error(message, ens.pos.get(e.setting, b.budget_pos) if e.setting else b.budget_pos, hint)
+        # the stated minimum must itself compile: members must differ
+        if e.minimum is not None and M > 1:
+            message, hint = _below_minimum(
+                e, M, ens.templates_per_layer, ens.assign, budget, b.backbone, build
+            ) or (message, hint)
+        b.diags.error(
+            message, ens.pos.get(e.setting, b.budget_pos) if e.setting else b.budget_pos, hint
+        )
         b.diags.raise_if_any()
         raise  # not reached: raise_if_any raised
 
 
-def _check_members_differ(b: Backbone, built: "_Built", build) -> None:
-    """Warn of a budget above the largest useful one and of groups whose members read one template; refuse
-    members that are all the same."""
+def _check_members_differ(b: Backbone, built: _Built, build) -> None:
+    """Warn of a budget above the largest useful one and of groups whose members read one template;
+    refuse members that are all the same."""
     M, budget, budget_pos, sources = b.members, b.budget, b.budget_pos, b.diags.sources
     maximum = built.maximum
     if budget is not None and maximum is not None and budget > maximum:
-        b.warnings.append(plan_warning(
-            f"the budget {budget:,} exceeds the largest useful budget {maximum:,} for this spec: every group "
-            f"already holds as many templates as its layers can read, so {budget - maximum:,} parameters are "
-            f"left unspent", budget_pos,
-            f"lower the budget to {maximum:,}, or raise templates_per_layer (or members under greedy_disjoint) "
-            f"so more templates can be read", sources))
+        b.warnings.append(
+            plan_warning(
+                f"the budget {budget:,} exceeds the largest useful budget {maximum:,} for this"
+                " spec: every group already holds as many templates as its layers can read, so"
+                f" {budget - maximum:,} parameters are left unspent",
+                budget_pos,
+                f"lower the budget to {maximum:,}, or raise templates_per_layer (or members under"
+                " greedy_disjoint) so more templates can be read",
+                sources,
+            )
+        )
     if all_collinear(M, built.slots, 0):
-        message, hint = _degenerate_error(M, b.ens.templates_per_layer, b.ens.assign, budget, b.backbone, build)
+        message, hint = _degenerate_error(
+            M, b.ens.templates_per_layer, b.ens.assign, budget, b.backbone, build
+        )
         b.diags.error(message, budget_pos, hint)
         b.diags.raise_if_any()
     same = degenerate_groups(built.slots) if M > 1 else []
     if same:
-        what = "the blob" if same == ["blob"] else "group" + ("s " if len(same) > 1 else " ") + ", ".join(same)
-        b.warnings.append(plan_warning(
-            f"{what}: every member reads the same single template in each layer, so there the members' "
-            f"weights differ only by a scale that BatchNorm removes", budget_pos,
-            "give these layers a second template per member: a larger budget or share with "
-            "templates_per_layer >= 2, or assign greedy_disjoint", sources))
+        what = (
+            "the blob"
+            if same == ["blob"]
+            else "group" + ("s " if len(same) > 1 else " ") + ", ".join(same)
+        )
+        b.warnings.append(
+            plan_warning(
+                f"{what}: every member reads the same single template in each layer, so there the"
+                " members' weights differ only by a scale that BatchNorm removes",
+                budget_pos,
+                "give these layers a second template per member: a larger budget or share with "
+                "templates_per_layer >= 2, or assign greedy_disjoint",
+                sources,
+            )
+        )
 
 
 @dataclass
@@ -166,8 +239,17 @@ class _Built:
     alpha_params: int
 
 
-def _allocate(drafts: list, weights: list, by_name: dict, fixed_cost: int, M: int, tpl: int, policy: str,
-              grouping: str, budget: int | None) -> _Built:
+def _allocate(
+    drafts: list,
+    weights: list,
+    by_name: dict,
+    fixed_cost: int,
+    M: int,
+    tpl: int,
+    policy: str,
+    grouping: str,
+    budget: int | None,
+) -> _Built:
     """Allocate templates (or the blob) and assign every slot. Raises ``BudgetError``."""
     groups: list[P.Group] = []
     slots: list[P.Slot] = []
@@ -189,12 +271,26 @@ def _allocate(drafts: list, weights: list, by_name: dict, fixed_cost: int, M: in
         caps = alloc.capacity or [None] * len(drafts)
         for d, n, share, k, cap in zip(drafts, alloc.templates, alloc.shares, alloc.k, caps):
             table, usage = assign_bank(len(d.layers), n, k, M, policy)
-            groups.append(P.Group(name=d.name, layers=d.layers, weight_shape=d.weight_shape, bias=d.bias,
-                                  size=d.size, share=share, templates=n, templates_per_layer=k,
-                                  requested_templates_per_layer=d.templates_per_layer or tpl,
-                                  usage=usage, fixed=d.templates is not None, capacity=cap))
+            groups.append(
+                P.Group(
+                    name=d.name,
+                    layers=d.layers,
+                    weight_shape=d.weight_shape,
+                    bias=d.bias,
+                    size=d.size,
+                    share=share,
+                    templates=n,
+                    templates_per_layer=k,
+                    requested_templates_per_layer=d.templates_per_layer or tpl,
+                    usage=usage,
+                    fixed=d.templates is not None,
+                    capacity=cap,
+                )
+            )
             for layer, per_member in zip(d.layers, table):
-                slots.append(P.Slot(layer=layer, group=d.name, size=d.size, k=k, templates=per_member))
+                slots.append(
+                    P.Slot(layer=layer, group=d.name, size=d.size, k=k, templates=per_member)
+                )
         template_params = sum(g.templates * g.size for g in groups)
         alpha_params = M * sum(len(g.layers) * g.templates_per_layer for g in groups)
     slots.sort(key=lambda s: order[s.layer])
@@ -208,6 +304,7 @@ def differ_budget(build, minimum: int, maximum: int) -> int | None:
     compiled and checked, so it is guaranteed to work even where the allocation is
     not monotone in the budget.
     """
+
     def differs(b: int) -> bool:
         try:
             built = build(b)
@@ -227,10 +324,12 @@ def differ_budget(build, minimum: int, maximum: int) -> int | None:
     return hi
 
 
-_DEGENERATE = ("the {M} members would be identical: in every layer each member's weight is a scalar multiple of "
-               "the others' (one template per layer, the same for all members; plain layers are shared), and "
-               "BatchNorm removes the scale")
-_HUGE = 10 ** 30  # a budget above any capacity: probes the minimum and the largest useful budget
+_DEGENERATE = (
+    "the {M} members would be identical: in every layer each member's weight is a scalar multiple"
+    " of the others' (one template per layer, the same for all members; plain layers are shared),"
+    " and BatchNorm removes the scale"
+)
+_HUGE = 10**30  # a budget above any capacity: probes the minimum and the largest useful budget
 
 
 def _bounds(build, t: int) -> tuple[int, int]:
@@ -247,40 +346,62 @@ def _setting_fix(M: int, tpl: int, policy: str, backbone: int, build) -> str:
     except BudgetError:
         at = None
     if at is not None:
-        return f"set templates_per_layer {t} and a budget of at least {at:,} ({at / backbone:.3g}x), or assign " \
-               f"greedy_disjoint"
+        return (
+            f"set templates_per_layer {t} and a budget of at least {at:,} ({at / backbone:.3g}x),"
+            " or assign greedy_disjoint"
+        )
     return "use assign greedy_disjoint, or bank more layers (bank_singletons true)"
 
 
-def _degenerate_error(M: int, tpl: int, policy: str, budget: int | None, backbone: int, build) -> tuple[str, str]:
-    """(message, hint) for a degenerate ensemble: the smallest budget, or the setting, that fixes it."""
+def _degenerate_error(
+    M: int, tpl: int, policy: str, budget: int | None, backbone: int, build
+) -> tuple[str, str]:
+    """(message, hint) for a degenerate ensemble: the smallest budget, or the setting, that fixes
+    it."""
     head = _DEGENERATE.format(M=M)
     if budget is None:
-        return (head, "give a group templates = 2 or more with templates_per_layer 2 or more, or assign "
-                      "greedy_disjoint")
+        return (
+            head,
+            (
+                "give a group templates = 2 or more with templates_per_layer 2 or more, or assign "
+                "greedy_disjoint"
+            ),
+        )
     at = differ_budget(build, *_bounds(build, tpl))
     if at is not None:
-        return (f"{head}; the smallest budget at which members can differ is {at:,}",
-                f"raise the budget to at least {at:,} ({at / backbone:.3g}x)")
-    return (f"{head}; no budget changes that at templates_per_layer {tpl} with assign {policy}",
-            _setting_fix(M, tpl, policy, backbone, build))
+        return (
+            f"{head}; the smallest budget at which members can differ is {at:,}",
+            f"raise the budget to at least {at:,} ({at / backbone:.3g}x)",
+        )
+    return (
+        f"{head}; no budget changes that at templates_per_layer {tpl} with assign {policy}",
+        _setting_fix(M, tpl, policy, backbone, build),
+    )
 
 
-def _below_minimum(e: BudgetError, M: int, tpl: int, policy: str, budget: int, backbone: int,
-                   build) -> tuple[str, str] | None:
-    """A below-the-minimum error whose minimum also keeps the members apart (None: the plain one holds)."""
+def _below_minimum(
+    e: BudgetError, M: int, tpl: int, policy: str, budget: int, backbone: int, build
+) -> tuple[str, str] | None:
+    """A below-the-minimum error whose minimum also keeps the members apart (None: the plain one
+    holds)."""
     lo, hi = _bounds(build, tpl)
     if not all_collinear(M, build(lo).slots, 0):
         return None
     at = differ_budget(build, lo, hi)
     if at is not None:
-        return (f"the budget {budget:,} is below the minimum {at:,} for this spec: below it (from the bare minimum "
-                f"{lo:,} on) every layer gives the {M} members one shared template, so the members would be "
-                f"identical up to a scale that BatchNorm removes",
-                f"raise the budget to at least {at:,} ({at / backbone:.3g}x)")
-    return (f"the budget {budget:,} is too small, and at templates_per_layer {tpl} with assign {policy} no budget "
-            f"helps: " + _DEGENERATE.format(M=M), _setting_fix(M, tpl, policy, backbone, build))
-
+        return (
+            (
+                f"the budget {budget:,} is below the minimum {at:,} for this spec: below it (from"
+                f" the bare minimum {lo:,} on) every layer gives the {M} members one shared"
+                " template, so the members would be identical up to a scale that BatchNorm removes"
+            ),
+            f"raise the budget to at least {at:,} ({at / backbone:.3g}x)",
+        )
+    return (
+        f"the budget {budget:,} is too small, and at templates_per_layer {tpl} with assign {policy}"
+        " no budget helps: " + _DEGENERATE.format(M=M),
+        _setting_fix(M, tpl, policy, backbone, build),
+    )
 
 
 register_method(Mixture())

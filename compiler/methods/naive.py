@@ -1,4 +1,5 @@
-"""The naive deep ensemble: M independent backbones (``member.*`` weights), what ``groups none`` compiles to."""
+"""The naive deep ensemble: M independent backbones (``member.*`` weights), what ``groups none``
+compiles to."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from mixc.compiler.methods.mixture import templated_parts
 
 
 def naive_parts(b: Backbone) -> MethodParts:
-    """No sharing: the size is M backbones whatever the budget says, so a budget does not apply (this is how
-    baselines are compiled from any spec)."""
+    """No sharing: the size is M backbones whatever the budget says, so a budget does not apply
+    (this is how baselines are compiled from any spec)."""
     sources = {o.name: "member" for o in b.ops if isinstance(o, (P.ConvOp, P.LinearOp))}
-    return templated_parts(b, P.NaiveMethod(), "none", sources, None, [], None, b.members * b.backbone)
+    return templated_parts(
+        b, P.NaiveMethod(), "none", sources, None, [], None, b.members * b.backbone
+    )
 
 
 class Naive(EnsembleMethod):

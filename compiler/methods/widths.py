@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from mixc.compiler import plan as P
 from mixc.compiler.methods.base import MethodError
 from mixc.spec.diagnostics import Pos
 
 WEIGHT_KINDS = ("conv", "linear")
-MAX_WIDTH = 1 << 24  # channels a packed layer may reach while alpha is solved (far above any real network)
+# channels a packed layer may reach while alpha is solved (far above any real network)
+MAX_WIDTH = 1 << 24
 
 
 def layer_roles(ops: list) -> tuple[set[str], set[str]]:
-    """(first, last): weight layers no weight layer precedes (they read the input), and weight layers
-    whose output reaches the logits through no other weight layer."""
+    """(first, last): weight layers no weight layer precedes (they read the input), and weight
+    layers whose output reaches the logits through no other weight layer."""
     after_weight: dict[str, bool] = {}
     first: set[str] = set()
     for o in ops:
@@ -44,25 +45,32 @@ def layer_roles(ops: list) -> tuple[set[str], set[str]]:
 WidthRule = Callable[[P.ConvOp | P.LinearOp, int], tuple[int, int]]
 
 
-def retarget(ops: list, input_factor: int, rule: WidthRule, where: dict[str, Pos], what: str) -> list:
-    """The graph with the input's channels multiplied by ``input_factor`` and every weight layer's output
-    channels and groups from ``rule``; every other op follows its input's new shape. Raises MethodError
-    where two paths meet with different widths."""
+def retarget(
+    ops: list, input_factor: int, rule: WidthRule, where: dict[str, Pos], what: str
+) -> list:
+    """The graph with the input's channels multiplied by ``input_factor`` and every weight layer's
+    output channels and groups from ``rule``; every other op follows its input's new shape.
+    Raises MethodError where two paths meet with different widths."""
     shapes: dict[str, list[int]] = {}
     out = []
     for o in ops:
         if o.kind == "input":
-            new = o.model_copy(update={"out_shape": [o.out_shape[0] * input_factor, *o.out_shape[1:]]})
+            new = o.model_copy(
+                update={"out_shape": [o.out_shape[0] * input_factor, *o.out_shape[1:]]}
+            )
             shapes[o.name] = new.out_shape
             out.append(new)
             continue
         ins = [shapes[i] for i in o.inputs]
         x = ins[0]
         if any(s != x for s in ins[1:]):
-            raise MethodError(f"{what}: the residual add '{o.name}' would add {ins[0][0]} channels to "
-                              f"{ins[1][0]}: one path reads the network's input before any weight layer, the "
-                              "other after one", where.get(o.name),
-                              "give the shortcut a projection (conv) so both paths are weight layers' outputs")
+            raise MethodError(
+                f"{what}: the residual add '{o.name}' would add {ins[0][0]} channels to "
+                f"{ins[1][0]}: one path reads the network's input before any weight layer, the "
+                "other after one",
+                where.get(o.name),
+                "give the shortcut a projection (conv) so both paths are weight layers' outputs",
+            )
         new = o.model_copy(update=_retargeted(o, x, rule))
         shapes[o.name] = new.out_shape
         out.append(new)
@@ -74,7 +82,12 @@ def _retargeted(o, x: list[int], rule: WidthRule) -> dict:
     update: dict = {"in_shape": x}
     if o.kind == "conv":
         cout, groups = rule(o, x[0])
-        update |= {"in_channels": x[0], "out_channels": cout, "groups": groups, "out_shape": [cout, *o.out_shape[1:]]}
+        update |= {
+            "in_channels": x[0],
+            "out_channels": cout,
+            "groups": groups,
+            "out_shape": [cout, *o.out_shape[1:]],
+        }
     elif o.kind == "linear":
         cout, groups = rule(o, x[0])
         update |= {"in_features": x[0], "out_features": cout, "groups": groups, "out_shape": [cout]}
@@ -101,7 +114,8 @@ def out_width(o) -> int:
 
 
 def params_of(ops: list) -> int:
-    """Trainable parameters of a single-path network: weights, biases, one BatchNorm scale and shift."""
+    """Trainable parameters of a single-path network: weights, biases, one BatchNorm scale and
+    shift."""
     n = 0
     for o in ops:
         if o.kind in WEIGHT_KINDS:

@@ -1,4 +1,5 @@
-"""`mixc eval RUN_DIR|CHECKPOINT`: score a trained ensemble; optionally under corruption, with plots.
+"""`mixc eval RUN_DIR|CHECKPOINT`: score a trained ensemble; optionally under corruption, with
+plots.
 
 Reports the ensemble's accuracy, NLL of the averaged prediction, ECE (15
 equal-width bins), adaptive (equal-mass) and classwise ECE and Brier score;
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,32 +33,68 @@ from mixc.core.run_models import NAIVE, SINGLE
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `mixc eval`."""
-    p.add_argument("target", metavar="RUN_DIR|CHECKPOINT", help="a run folder (mixc train --out) or a checkpoint file")
+    p.add_argument(
+        "target",
+        metavar="RUN_DIR|CHECKPOINT",
+        help="a run folder (mixc train --out) or a checkpoint file",
+    )
     p.add_argument("--plan", help="the plan of a checkpoint without plan.json beside it")
-    p.add_argument("--data", help="digits, cifar10, cifar100, a .npz, or cifar10c/cifar100c (the published "
-                   "corrupted sets, read from --data-dir); default: what the run trained on")
-    p.add_argument("--data-dir", help="folder holding the cifar archives / CIFAR-10-C / CIFAR-100-C")
+    p.add_argument(
+        "--data",
+        help=(
+            "digits, cifar10, cifar100, a .npz, or cifar10c/cifar100c (the published "
+            "corrupted sets, read from --data-dir); default: what the run trained on"
+        ),
+    )
+    p.add_argument(
+        "--data-dir", help="folder holding the cifar archives / CIFAR-10-C / CIFAR-100-C"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.add_argument("--save-predictions", metavar="P.npz",
-                   help="write member_probs [N, M, classes] (float32) and labels [N] of the clean test set")
+    p.add_argument(
+        "--save-predictions",
+        metavar="P.npz",
+        help="write member_probs [N, M, classes] (float32) and labels [N] of the clean test set",
+    )
     add_backend_argument(p, "evaluate with (checkpoints are shared: any backend reads any run)")
     p.add_argument("--device", default="cpu", help="device (cpu, cuda, cuda:1)")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation batch (default 500)")
     add_threads_argument(p)
-    p.add_argument("--corruptions", nargs="?", const="all", metavar="LIST",
-                   help="also score corrupted copies of the test set at 5 severities: all (the default) or a "
-                        "comma-separated list of gaussian_noise, shot_noise, impulse_noise, speckle_noise, "
-                        "defocus_blur, gaussian_blur, contrast, brightness, pixelate, jpeg")
-    p.add_argument("--severities", default="1,2,3,4,5", help="comma-separated severities (default 1,2,3,4,5)")
+    p.add_argument(
+        "--corruptions",
+        nargs="?",
+        const="all",
+        metavar="LIST",
+        help=(
+            "also score corrupted copies of the test set at 5 severities: all (the default) or a "
+            "comma-separated list of gaussian_noise, shot_noise, impulse_noise, speckle_noise, "
+            "defocus_blur, gaussian_blur, contrast, brightness, pixelate, jpeg"
+        ),
+    )
+    p.add_argument(
+        "--severities", default="1,2,3,4,5", help="comma-separated severities (default 1,2,3,4,5)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the corruptions' noise (default 0)")
-    p.add_argument("--plot", nargs="?", const="", metavar="DIR",
-                   help="write reliability.png (and corruptions.png with --corruptions) into DIR "
-                        "(default: the run folder)")
+    p.add_argument(
+        "--plot",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help=(
+            "write reliability.png (and corruptions.png with --corruptions) into DIR "
+            "(default: the run folder)"
+        ),
+    )
     p.add_argument("--no-save", action="store_true", help="do not write RUN/eval.json")
-    p.add_argument("--ood", action="append", metavar="DATA",
-                   help="also score out-of-distribution detection against DATA (repeatable): a .npz holding x (or "
-                        "x_test) as model inputs, an image file or folder, noise / inverted / flipped (made from the "
-                        "test set, offline), or a dataset mixc loads (digits, cifar10, ...)")
+    p.add_argument(
+        "--ood",
+        action="append",
+        metavar="DATA",
+        help=(
+            "also score out-of-distribution detection against DATA (repeatable): a .npz holding x"
+            " (or x_test) as model inputs, an image file or folder, noise / inverted / flipped"
+            " (made from the test set, offline), or a dataset mixc loads (digits, cifar10, ...)"
+        ),
+    )
 
 
 def _severities(text: str) -> tuple[int, ...]:
@@ -72,7 +108,8 @@ def _severities(text: str) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `mixc eval` with parsed ``args``; returns the exit code (errors are ``MixcError``s for cli.main)."""
+    """Run `mixc eval` with parsed ``args``; returns the exit code (errors are ``MixcError``s for
+    cli.main)."""
     from rich.console import Console
 
     from mixc.corruptions import CIFAR_C, parse_corruptions
@@ -99,16 +136,22 @@ def run(args: argparse.Namespace) -> int:
     # Check the data before the (possibly slow) model load.
     dataset = None if cifar_c else load_test_set(data, data_dir, run_.plan)
     if args.ood and cifar_c:
-        raise DataError(f"--ood compares against a clean test set, and --data {data} is a corrupted one; hint: "
-                        "evaluate --ood and the corrupted sets in two runs of mixc eval")
+        raise DataError(
+            f"--ood compares against a clean test set, and --data {data} is a corrupted one; hint: "
+            "evaluate --ood and the corrupted sets in two runs of mixc eval"
+        )
     ood_sets = _ood_sets(run_, args, dataset, data_dir) if args.ood else []
     from mixc.backends import get_backend
     from mixc.core.threads import resolve_threads
 
     get_backend(args.backend, "eval").set_threads(resolve_threads(args.threads))
-    predict = load_predictor(args.backend, run_.plan, run_.checkpoint, device=args.device, batch_size=args.batch_size)
+    predict = load_predictor(
+        args.backend, run_.plan, run_.checkpoint, device=args.device, batch_size=args.batch_size
+    )
     err = Console(stderr=True, highlight=False)
-    step = (lambda name: err.print(f"  corrupting: {name}", markup=False)) if not args.json else None
+    step = (
+        (lambda name: err.print(f"  corrupting: {name}", markup=False)) if not args.json else None
+    )
 
     result = _head(run_, args, data)
     probs = labels = None
@@ -122,7 +165,9 @@ def run(args: argparse.Namespace) -> int:
         result["samples"] = int(len(labels))
         result["data"] = dataset.name if cifar_c else data
         if names and not cifar_c:
-            result["corruptions"] = evaluate_corruptions(predict, dataset, names, severities, args.seed, on_step=step)
+            result["corruptions"] = evaluate_corruptions(
+                predict, dataset, names, severities, args.seed, on_step=step
+            )
         if cifar_c:
             result["corruptions_of"] = data
         result.update(_uncertainty(args, run_, dataset, probs, ood_sets, data, err, predict))
@@ -130,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
     if args.save_predictions and probs is not None:
         written.append(_save_predictions(Path(args.save_predictions), probs, labels))
     elif args.save_predictions:
-        err.print(f"mixc eval: no clean {data} test set loaded, so no predictions saved", markup=False)
+        err.print(
+            f"mixc eval: no clean {data} test set loaded, so no predictions saved", markup=False
+        )
     if args.plot is not None:
         written += _plots(args, run_, result, probs, labels)
     if not args.no_save and run_.checkpoint.name == "checkpoint.safetensors":
@@ -159,14 +206,25 @@ def _head(run_: Any, args: argparse.Namespace, data: str) -> dict[str, Any]:
     }
 
 
-def _uncertainty(args: argparse.Namespace, run_: Any, dataset: Any, probs: np.ndarray, ood_sets: list[Any],
-                 data: str, err: Any, predict: Any) -> dict[str, Any]:
-    """Selective prediction on the test set, the temperature's before/after, OOD detection (``--ood``)."""
+def _uncertainty(
+    args: argparse.Namespace,
+    run_: Any,
+    dataset: Any,
+    probs: np.ndarray,
+    ood_sets: list[Any],
+    data: str,
+    err: Any,
+    predict: Any,
+) -> dict[str, Any]:
+    """Selective prediction on the test set, the temperature's before/after, OOD detection
+    (``--ood``)."""
     from mixc.selective import selective_metrics
 
     labels = dataset.y_test
     ens = probs.astype(np.float64).mean(axis=1)
-    out: dict[str, Any] = {"selective": selective_metrics(ens.max(axis=1), ens.argmax(axis=1) != labels)}
+    out: dict[str, Any] = {
+        "selective": selective_metrics(ens.max(axis=1), ens.argmax(axis=1) != labels)
+    }
     out.update(_calibration(run_, probs, labels, err))
     if ood_sets:
         out["ood"] = _ood(args, run_, dataset, probs, ood_sets, data, predict)
@@ -188,29 +246,51 @@ def _ood_sets(run_: Any, args: argparse.Namespace, dataset: Any, data_dir: str |
     return sets
 
 
-def _ood(args: argparse.Namespace, run_: Any, dataset: Any, probs: np.ndarray, sets: list[Any],
-         data: str, predict: Any) -> dict[str, Any]:
-    """OOD detection of every set against the test set, every score (``mixc.ood``), with the legend."""
+def _ood(
+    args: argparse.Namespace,
+    run_: Any,
+    dataset: Any,
+    probs: np.ndarray,
+    sets: list[Any],
+    data: str,
+    predict: Any,
+) -> dict[str, Any]:
+    """OOD detection of every set against the test set, every score (``mixc.ood``), with the
+    legend."""
     from mixc.backends import get_backend
     from mixc.ood import METRIC_LEGEND, SCORE_LEGEND, evaluate_ood, ood_scores
 
     backend = get_backend(args.backend, "eval")
-    logits = backend.load_logit_predictor(run_.plan, run_.checkpoint, device=args.device, batch_size=args.batch_size)
+    logits = backend.load_logit_predictor(
+        run_.plan, run_.checkpoint, device=args.device, batch_size=args.batch_size
+    )
     id_scores = ood_scores(probs, None if logits is None else logits(dataset.x_test))
     out: dict[str, Any] = {
-        "in_distribution": f"{data} test set", "samples": int(len(probs)), "positive": "in-distribution",
-        "scores": SCORE_LEGEND, "metrics": METRIC_LEGEND, "sets": {},
+        "in_distribution": f"{data} test set",
+        "samples": int(len(probs)),
+        "positive": "in-distribution",
+        "scores": SCORE_LEGEND,
+        "metrics": METRIC_LEGEND,
+        "sets": {},
     }
     if logits is None:
-        out["note"] = f"the {backend.name} backend gives probabilities only: max_logit and energy are left out"
+        out["note"] = (
+            f"the {backend.name} backend gives probabilities only: max_logit and energy are"
+            " left out"
+        )
     for name, s in sets:
         scores = ood_scores(predict(s.x), None if logits is None else logits(s.x))
-        out["sets"][name] = {"source": s.how, "samples": int(len(s.x)), "scores": evaluate_ood(id_scores, scores)}
+        out["sets"][name] = {
+            "source": s.how,
+            "samples": int(len(s.x)),
+            "scores": evaluate_ood(id_scores, scores),
+        }
     return out
 
 
 def _calibration(run_: Any, probs: np.ndarray, labels: np.ndarray, err: Any) -> dict[str, Any]:
-    """Before and after the run's temperature, when `mixc calibrate` fitted one for this checkpoint."""
+    """Before and after the run's temperature, when `mixc calibrate` fitted one for this
+    checkpoint."""
     from mixc.calibration import lookup, tempered
     from mixc.evaluation import calibration_summary
 
@@ -219,14 +299,21 @@ def _calibration(run_: Any, probs: np.ndarray, labels: np.ndarray, err: Any) -> 
         err.print(f"mixc eval: note: {why}; the temperature is ignored", markup=False)
     if cal is None:
         return {}
-    return {"calibration": {
-        "temperature": cal.temperature, "member_temperatures": cal.member_temperatures, "fitted_on": cal.fitted_on,
-        "warning": cal.warning,
-        "before": calibration_summary(probs, labels), "after": calibration_summary(tempered(probs, cal), labels),
-    }}
+    return {
+        "calibration": {
+            "temperature": cal.temperature,
+            "member_temperatures": cal.member_temperatures,
+            "fitted_on": cal.fitted_on,
+            "warning": cal.warning,
+            "before": calibration_summary(probs, labels),
+            "after": calibration_summary(tempered(probs, cal), labels),
+        }
+    }
 
 
-def _plots(args: argparse.Namespace, run_: Any, result: dict[str, Any], probs, labels) -> list[Path]:
+def _plots(
+    args: argparse.Namespace, run_: Any, result: dict[str, Any], probs, labels
+) -> list[Path]:
     from mixc.metrics import reliability
     from mixc.plots import corruption_plot, reliability_diagram, risk_coverage_plot
     from mixc.selective import risk_coverage
@@ -236,14 +323,33 @@ def _plots(args: argparse.Namespace, run_: Any, result: dict[str, Any], probs, l
     name = f"{run_.plan.name} ({_kind(result)}), {result['data']}"
     if probs is not None:
         ens = probs.mean(axis=1)
-        out.append(reliability_diagram(reliability(ens, labels), result["clean"]["ece"], folder / "reliability.png",
-                                       f"reliability: {name}"))
+        out.append(
+            reliability_diagram(
+                reliability(ens, labels),
+                result["clean"]["ece"],
+                folder / "reliability.png",
+                f"reliability: {name}",
+            )
+        )
         cov, risk = risk_coverage(ens.max(axis=1), ens.argmax(axis=1) != labels)
-        out.append(risk_coverage_plot(cov, risk, result["selective"], folder / "risk_coverage.png",
-                                      f"selective prediction: {name}"))
+        out.append(
+            risk_coverage_plot(
+                cov,
+                risk,
+                result["selective"],
+                folder / "risk_coverage.png",
+                f"selective prediction: {name}",
+            )
+        )
     if "corruptions" in result:
-        out.append(corruption_plot(result["corruptions"], result.get("clean"), folder / "corruptions.png",
-                                   f"corruptions: {name}"))
+        out.append(
+            corruption_plot(
+                result["corruptions"],
+                result.get("clean"),
+                folder / "corruptions.png",
+                f"corruptions: {name}",
+            )
+        )
     return out
 
 
@@ -266,43 +372,86 @@ def _print(result: dict[str, Any], written: list[Path]) -> None:
     from rich.table import Table
 
     console = Console(highlight=False)
-    head = (f"{result['spec']} ({_kind(result)}, {result['params']:,} parameters), checkpoint epoch {result['epoch']}, "
-            f"{result['backend']}")
+    head = (
+        f"{result['spec']} ({_kind(result)}, {result['params']:,} parameters), checkpoint epoch"
+        f" {result['epoch']}, {result['backend']}"
+    )
     c = result.get("clean")
     if c is not None:
-        t = Table(title=f"{head}\n{result['data']} test set, {result['samples']} samples", title_justify="left")
+        t = Table(
+            title=f"{head}\n{result['data']} test set, {result['samples']} samples",
+            title_justify="left",
+        )
         for col in ("", "accuracy", "NLL", "ECE", "Brier"):
             t.add_column(col, justify="right" if col else "left")
-        t.add_row("ensemble", _pct(c["accuracy"]), f"{c['nll']:.4f}", _pct(c["ece"]), f"{c['brier']:.4f}", style="bold")
+        t.add_row(
+            "ensemble",
+            _pct(c["accuracy"]),
+            f"{c['nll']:.4f}",
+            _pct(c["ece"]),
+            f"{c['brier']:.4f}",
+            style="bold",
+        )
         for i, (a, n, e) in enumerate(zip(c["member_accuracy"], c["member_nll"], c["member_ece"])):
-            t.add_row(f"member {i}" + (" (best)" if i == c["best_member"] and len(c["member_accuracy"]) > 1 else ""),
-                      _pct(a), f"{n:.4f}", _pct(e), "")
+            t.add_row(
+                f"member {i}"
+                + (" (best)" if i == c["best_member"] and len(c["member_accuracy"]) > 1 else ""),
+                _pct(a),
+                f"{n:.4f}",
+                _pct(e),
+                "",
+            )
         console.print(t)
-        line = f"mean member accuracy {_pct(c['mean_member_accuracy'])}; best member {c['best_member']} " \
-               f"({_pct(c['best_member_accuracy'])})"
+        line = (
+            f"mean member accuracy {_pct(c['mean_member_accuracy'])}; best member"
+            f" {c['best_member']} ({_pct(c['best_member_accuracy'])})"
+        )
         if c.get("diversity") is not None:
-            line += f"; disagreement {c['disagreement']:.3f}; diversity {c['diversity']:.3f} " \
-                    "(disagreement / mean member error, Fort et al. 2019)"
+            line += (
+                f"; disagreement {c['disagreement']:.3f}; diversity {c['diversity']:.3f} "
+                "(disagreement / mean member error, Fort et al. 2019)"
+            )
         console.print(line)
-        console.print(f"calibration: ECE {_pct(c['ece'])} (15 equal-width bins), adaptive ECE {_pct(c['adaptive_ece'])} "
-                      f"(15 equal-mass bins), classwise ECE {_pct(c['classwise_ece'])}")
+        console.print(
+            f"calibration: ECE {_pct(c['ece'])} (15 equal-width bins), adaptive ECE"
+            f" {_pct(c['adaptive_ece'])} (15 equal-mass bins), classwise ECE"
+            f" {_pct(c['classwise_ece'])}"
+        )
         _print_extras(console, result)
     else:
         console.print(head)
     corr = result.get("corruptions")
     if corr:
         sev = sorted(corr["by_severity"], key=int)
-        t = Table(title=f"under corruption ({corr['source']}): means over severities {', '.join(sev)}; "
-                  "then accuracy (%) by severity", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        t = Table(
+            title=(
+                f"under corruption ({corr['source']}): means over severities {', '.join(sev)}; "
+                "then accuracy (%) by severity"
+            ),
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
         for col in ["corruption", "acc", "NLL", "ECE"] + [f"s{s}" for s in sev]:
             t.add_column(col, justify="left" if col == "corruption" else "right", no_wrap=True)
         f1 = lambda v: f"{v * 100:.1f}"  # noqa: E731
         for name, r in corr["corruptions"].items():
-            t.add_row(name, _pct(r["accuracy"]), f"{r['nll']:.3f}", _pct(r["ece"]),
-                      *[f1(r["severities"][s]["accuracy"]) if s in r["severities"] else "-" for s in sev])
+            t.add_row(
+                name,
+                _pct(r["accuracy"]),
+                f"{r['nll']:.3f}",
+                _pct(r["ece"]),
+                *[f1(r["severities"][s]["accuracy"]) if s in r["severities"] else "-" for s in sev],
+            )
         o = corr["overall"]
-        t.add_row("mean", _pct(o["accuracy"]), f"{o['nll']:.3f}", _pct(o["ece"]),
-                  *[f1(corr["by_severity"][s]["accuracy"]) for s in sev], style="bold")
+        t.add_row(
+            "mean",
+            _pct(o["accuracy"]),
+            f"{o['nll']:.3f}",
+            _pct(o["ece"]),
+            *[f1(corr["by_severity"][s]["accuracy"]) for s in sev],
+            style="bold",
+        )
         console.print(t)
         console.print(f"pixel scale: {corr['pixel_scale']}")
     if written:
@@ -310,7 +459,8 @@ def _print(result: dict[str, Any], written: list[Path]) -> None:
 
 
 def _print_extras(console: Any, result: dict[str, Any]) -> None:
-    """Selective prediction, the temperature's before/after, and OOD detection, each with what it means."""
+    """Selective prediction, the temperature's before/after, and OOD detection, each with what it
+    means."""
     from rich import box
     from rich.table import Table
 
@@ -318,50 +468,90 @@ def _print_extras(console: Any, result: dict[str, Any]) -> None:
 
     s = result.get("selective")
     if s:
-        console.print(f"selective prediction (reject the least confident first): AURC {s['aurc']:.4f}, AUGRC "
-                      f"{s['augrc']:.4f}, risk at 80% coverage {_pct(s['risk_at_80'])}, coverage at 5% risk "
-                      f"{_pct(s['coverage_at_5'])}")
+        console.print(
+            f"selective prediction (reject the least confident first): AURC {s['aurc']:.4f}, AUGRC "
+            f"{s['augrc']:.4f}, risk at 80% coverage {_pct(s['risk_at_80'])}, coverage at 5% risk "
+            f"{_pct(s['coverage_at_5'])}"
+        )
         console.print("  " + "; ".join(f"{k}: {v}" for k, v in LEGEND.items()), style="dim")
     cal = result.get("calibration")
     if cal:
-        t = Table(title=f"temperature {cal['temperature']:.4f} (every member's logits / T before the softmax-mean; "
-                  f"fitted on {cal['fitted_on']})", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        t = Table(
+            title=(
+                f"temperature {cal['temperature']:.4f} (every member's logits / T before the"
+                f" softmax-mean; fitted on {cal['fitted_on']})"
+            ),
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
         for col in ("", "accuracy", "NLL", "ECE", "adaptive ECE", "classwise ECE", "Brier"):
             t.add_column(col, justify="right" if col else "left")
         for row in ("before", "after"):
             r = cal[row]
-            t.add_row(row, _pct(r["accuracy"]), f"{r['nll']:.4f}", _pct(r["ece"]), _pct(r["adaptive_ece"]),
-                      _pct(r["classwise_ece"]), f"{r['brier']:.4f}")
+            t.add_row(
+                row,
+                _pct(r["accuracy"]),
+                f"{r['nll']:.4f}",
+                _pct(r["ece"]),
+                _pct(r["adaptive_ece"]),
+                _pct(r["classwise_ece"]),
+                f"{r['brier']:.4f}",
+            )
         console.print(t)
         if cal.get("warning"):
             console.print(f"warning: {cal['warning']}")
     ood = result.get("ood")
     if not ood:
         return
-    console.print(f"OOD detection: in-distribution (the positives) = {ood['in_distribution']}, {ood['samples']} inputs")
+    console.print(
+        f"OOD detection: in-distribution (the positives) = {ood['in_distribution']},"
+        f" {ood['samples']} inputs"
+    )
     for name, entry in ood["sets"].items():
-        t = Table(title=f"against {name}: {entry['samples']} inputs, {entry['source']}", title_justify="left",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
+        t = Table(
+            title=f"against {name}: {entry['samples']} inputs, {entry['source']}",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+        )
         for col in ("score", "ID when", "AUROC", "AUPR-in", "AUPR-out", "FPR95"):
-            t.add_column(col, justify="left" if col in ("score", "ID when") else "right", no_wrap=True)
+            t.add_column(
+                col, justify="left" if col in ("score", "ID when") else "right", no_wrap=True
+            )
         for score, m in entry["scores"].items():
-            t.add_row(score, "higher" if m["direction"] == "higher = in-distribution" else "lower",
-                      f"{m['auroc']:.4f}", f"{m['aupr_in']:.4f}", f"{m['aupr_out']:.4f}", _pct(m["fpr95"]))
+            t.add_row(
+                score,
+                "higher" if m["direction"] == "higher = in-distribution" else "lower",
+                f"{m['auroc']:.4f}",
+                f"{m['aupr_in']:.4f}",
+                f"{m['aupr_out']:.4f}",
+                _pct(m["fpr95"]),
+            )
         console.print(t)
     if ood.get("note"):
         console.print(f"note: {ood['note']}")
-    console.print("scores (\"ID when\": the direction that means in-distribution): "
-                  + "; ".join(f"{k} = {v}" for k, v in ood["scores"].items()), style="dim")
+    console.print(
+        'scores ("ID when": the direction that means in-distribution): '
+        + "; ".join(f"{k} = {v}" for k, v in ood["scores"].items()),
+        style="dim",
+    )
     shown = {"auroc": "AUROC", "aupr_in": "AUPR-in", "aupr_out": "AUPR-out", "fpr95": "FPR95"}
-    console.print("metrics: " + "; ".join(f"{shown.get(k, k)} = {v}" for k, v in ood["metrics"].items()), style="dim")
+    console.print(
+        "metrics: " + "; ".join(f"{shown.get(k, k)} = {v}" for k, v in ood["metrics"].items()),
+        style="dim",
+    )
 
 
 def _save_predictions(path: Path, probs: np.ndarray, labels: np.ndarray) -> Path:
-    """``member_probs`` and ``labels`` into ``path`` (a .npz), through the one write rule (no links, atomic)."""
+    """``member_probs`` and ``labels`` into ``path`` (a .npz), through the one write rule (no links,
+    atomic)."""
     from mixc.core.safe_write import write_with
 
     def fill(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object: numpy adds no suffix
-            np.savez_compressed(f, member_probs=probs.astype(np.float32), labels=labels.astype(np.int64))
+            np.savez_compressed(
+                f, member_probs=probs.astype(np.float32), labels=labels.astype(np.int64)
+            )
 
     return write_with(path, fill)

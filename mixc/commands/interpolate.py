@@ -18,29 +18,68 @@ import json
 from pathlib import Path
 
 from mixc.commands import add_backend_argument
-
 from mixc.core.data import DataError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `mixc interpolate`."""
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (mixc train --out); one curve each")
-    p.add_argument("--members", nargs=2, type=int, default=[0, 1], metavar=("I", "J"),
-                   help="the two members to interpolate between (default 0 1)")
-    p.add_argument("--points", type=int, default=11, help="points from member I (t=0) to member J (t=1), default 11")
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN", help="run folders (mixc train --out); one curve each"
+    )
+    p.add_argument(
+        "--members",
+        nargs=2,
+        type=int,
+        default=[0, 1],
+        metavar=("I", "J"),
+        help="the two members to interpolate between (default 0 1)",
+    )
+    p.add_argument(
+        "--points",
+        type=int,
+        default=11,
+        help="points from member I (t=0) to member J (t=1), default 11",
+    )
     p.add_argument("--data", help="dataset (default: what the run trained on)")
     p.add_argument("--data-dir", help="folder holding the cifar archives")
-    p.add_argument("--split", choices=["test", "train"], default="test", help="which split to score (default test)")
-    p.add_argument("--bn", choices=["train", "eval"], default="train",
-                   help="BatchNorm mode: train (batch statistics, the paper's choice) or eval (interpolated "
-                        "running statistics)")
-    p.add_argument("--batch-size", type=int, default=500, help="evaluation batch; with --bn train also the "
-                   "batch whose statistics BatchNorm uses (default 500)")
+    p.add_argument(
+        "--split",
+        choices=["test", "train"],
+        default="test",
+        help="which split to score (default test)",
+    )
+    p.add_argument(
+        "--bn",
+        choices=["train", "eval"],
+        default="train",
+        help=(
+            "BatchNorm mode: train (batch statistics, the paper's choice) or eval (interpolated "
+            "running statistics)"
+        ),
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=500,
+        help=(
+            "evaluation batch; with --bn train also the "
+            "batch whose statistics BatchNorm uses (default 500)"
+        ),
+    )
     p.add_argument("--device", default="cpu", help="device (cpu, cuda, cuda:1)")
-    add_backend_argument(p, "run the networks with (checkpoints are shared: any backend reads any run)")
-    p.add_argument("--labels", help="comma-separated curve labels, one per run (default: the folder names)")
-    p.add_argument("--out", help="folder for interpolation.csv/.png (default: the run folder for one run, "
-                   "else the current folder)")
+    add_backend_argument(
+        p, "run the networks with (checkpoints are shared: any backend reads any run)"
+    )
+    p.add_argument(
+        "--labels", help="comma-separated curve labels, one per run (default: the folder names)"
+    )
+    p.add_argument(
+        "--out",
+        help=(
+            "folder for interpolation.csv/.png (default: the run folder for one run, "
+            "else the current folder)"
+        ),
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -50,10 +89,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from mixc.backends import get_backend
+    from mixc.core.safe_write import refuse_link, write_with
     from mixc.evaluation import EvalError, load_test_set, open_run, resolve_data
     from mixc.interpolation import interpolate
     from mixc.plots import interpolation_plot
-    from mixc.core.safe_write import refuse_link, write_with
 
     get_backend(args.backend, "interpolate")  # the install hint before any work
     if args.batch_size < 1:
@@ -63,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         raise EvalError(f"--labels names {len(labels)} curves for {len(args.runs)} runs")
     runs = [open_run(r) for r in args.runs]
     out = Path(args.out) if args.out else (runs[0].folder if len(runs) == 1 else Path("."))
-    for name in ("interpolation.csv", "interpolation.png", "interpolation.pdf"):  # refused before the work
+    # refused before the work
+    for name in ("interpolation.csv", "interpolation.png", "interpolation.pdf"):
         refuse_link(out / name)
     i, j = args.members
     results = []
@@ -71,8 +111,18 @@ def run(args: argparse.Namespace) -> int:
         name, data_dir = resolve_data(r, args.data, args.data_dir)
         ds = load_test_set(name, data_dir, r.plan)
         x, y = (ds.x_test, ds.y_test) if args.split == "test" else (ds.x_train, ds.y_train)
-        res = interpolate(r, i, j, args.points, x, y, bn=args.bn, batch=args.batch_size, device=args.device,
-                          backend=args.backend)
+        res = interpolate(
+            r,
+            i,
+            j,
+            args.points,
+            x,
+            y,
+            bn=args.bn,
+            batch=args.batch_size,
+            device=args.device,
+            backend=args.backend,
+        )
         res["label"] = labels[k] if labels else (r.folder.name or str(r.folder))
         res["params"] = r.plan.accounting.total_params
         res["data"] = f"{name} {args.split}"
@@ -83,37 +133,85 @@ def run(args: argparse.Namespace) -> int:
     def fill(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["run", "label", "params", "member_i", "member_j", "bn", "t", "accuracy", "nll", "ece"])
+            w.writerow(
+                [
+                    "run",
+                    "label",
+                    "params",
+                    "member_i",
+                    "member_j",
+                    "bn",
+                    "t",
+                    "accuracy",
+                    "nll",
+                    "ece",
+                ]
+            )
             for res in results:
                 for p in res["points"]:
-                    w.writerow([res["run"], res["label"], res["params"], i, j, res["bn"], f"{p['t']:.4f}",
-                                f"{p['accuracy']:.6f}", f"{p['nll']:.6f}", f"{p['ece']:.6f}"])
+                    w.writerow(
+                        [
+                            res["run"],
+                            res["label"],
+                            res["params"],
+                            i,
+                            j,
+                            res["bn"],
+                            f"{p['t']:.4f}",
+                            f"{p['accuracy']:.6f}",
+                            f"{p['nll']:.6f}",
+                            f"{p['ece']:.6f}",
+                        ]
+                    )
 
     write_with(csv_path, fill)
-    curves = [{"label": f"{res['label']} ({res['params']:,} params)", "t": [p["t"] for p in res["points"]],
-               "accuracy": [p["accuracy"] for p in res["points"]], "nll": [p["nll"] for p in res["points"]]}
-              for res in results]
-    png = interpolation_plot(curves, out / "interpolation.png",
-                             f"members {i} -> {j}, BatchNorm in {args.bn} mode, {results[0]['data']}")
+    curves = [
+        {
+            "label": f"{res['label']} ({res['params']:,} params)",
+            "t": [p["t"] for p in res["points"]],
+            "accuracy": [p["accuracy"] for p in res["points"]],
+            "nll": [p["nll"] for p in res["points"]],
+        }
+        for res in results
+    ]
+    png = interpolation_plot(
+        curves,
+        out / "interpolation.png",
+        f"members {i} -> {j}, BatchNorm in {args.bn} mode, {results[0]['data']}",
+    )
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
     console = Console(highlight=False)
-    t = Table(title=f"accuracy (%) from member {i} (t=0) to member {j} (t=1), BatchNorm in {args.bn} mode",
-              title_justify="left")
+    t = Table(
+        title=(
+            f"accuracy (%) from member {i} (t=0) to member {j} (t=1), BatchNorm in {args.bn} mode"
+        ),
+        title_justify="left",
+    )
     t.add_column("t", justify="right")
     for res in results:
         t.add_column(res["label"], justify="right")
     for n in range(args.points):
-        t.add_row(f"{results[0]['points'][n]['t']:.2f}", *[f"{res['points'][n]['accuracy'] * 100:.2f}" for res in results])
-    t.add_row("members (eval BN)", *[
-        f"{res['members_eval_mode'][str(i)]['accuracy'] * 100:.2f} / {res['members_eval_mode'][str(j)]['accuracy'] * 100:.2f}"
-        for res in results])
+        t.add_row(
+            f"{results[0]['points'][n]['t']:.2f}",
+            *[f"{res['points'][n]['accuracy'] * 100:.2f}" for res in results],
+        )
+    t.add_row(
+        "members (eval BN)",
+        *[
+            f"{res['members_eval_mode'][str(i)]['accuracy'] * 100:.2f} /"
+            f" {res['members_eval_mode'][str(j)]['accuracy'] * 100:.2f}"
+            for res in results
+        ],
+    )
     console.print(t)
     for res in results:
         accs = [p["accuracy"] for p in res["points"]]
         dip = min(accs[0], accs[-1]) - min(accs)
-        console.print(f"{res['label']}: lowest accuracy {min(accs) * 100:.2f}% (a dip of {dip * 100:.2f} points "
-                      "below the weaker end)")
+        console.print(
+            f"{res['label']}: lowest accuracy {min(accs) * 100:.2f}% (a dip of {dip * 100:.2f}"
+            " points below the weaker end)"
+        )
     console.print(f"wrote {csv_path}, {png}")
     return 0

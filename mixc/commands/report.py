@@ -1,4 +1,5 @@
-"""`mixc report RUN...`: trained runs side by side, as a markdown table shaped like the paper's tables.
+"""`mixc report RUN...`: trained runs side by side, as a markdown table shaped like the paper's
+tables.
 
 Columns: method, params, accuracy, NLL, ECE (Tables 1 and 3), the CIFAR-C
 style corrupted accuracy/NLL/ECE when ``mixc eval --corruptions`` has been run
@@ -18,24 +19,38 @@ import argparse
 import csv
 import json
 import os
-from pathlib import Path
 from typing import Any
-from mixc.core.run_models import NAIVE, SINGLE
+
 from mixc.compiler.methods import method_of
+from mixc.core.run_models import NAIVE, SINGLE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `mixc report`."""
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (mixc train --out, or a sweep's points)")
-    p.add_argument("--labels", help="comma-separated method names, one per run (default: from each run)")
-    p.add_argument("--reference", metavar="RUN",
-                   help="the run whose plain backbone is 1x in the FLOPs column (default: the first single "
-                        "baseline given, else the first run)")
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN", help="run folders (mixc train --out, or a sweep's points)"
+    )
+    p.add_argument(
+        "--labels", help="comma-separated method names, one per run (default: from each run)"
+    )
+    p.add_argument(
+        "--reference",
+        metavar="RUN",
+        help=(
+            "the run whose plain backbone is 1x in the FLOPs column (default: the first single "
+            "baseline given, else the first run)"
+        ),
+    )
     p.add_argument("--out", metavar="FILE.md", help="also write the markdown table to this file")
     p.add_argument("--csv", metavar="FILE.csv", help="also write the rows as CSV")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of markdown")
-    p.add_argument("--per-seed", action="store_true",
-                   help="one row per run (default: runs that differ only in their seed are one row, mean ± sd)")
+    p.add_argument(
+        "--per-seed",
+        action="store_true",
+        help=(
+            "one row per run (default: runs that differ only in their seed are one row, mean ± sd)"
+        ),
+    )
 
 
 def method_name(run: Any) -> str:
@@ -53,7 +68,8 @@ def method_name(run: Any) -> str:
 
 
 def collect(run: Any) -> dict[str, Any]:
-    """The numbers of one run: eval.json of this checkpoint if present, else the last metrics line."""
+    """The numbers of one run: eval.json of this checkpoint if present, else the last metrics
+    line."""
     from mixc.evaluation import EVAL_FILE, EvalError, last_metrics
 
     ev_path = run.folder / EVAL_FILE
@@ -65,7 +81,11 @@ def collect(run: Any) -> dict[str, Any]:
             ev = {}
         if not isinstance(ev, dict) or not isinstance(ev.get("clean"), dict):
             ev = {}  # a damaged cache: the metrics lines below are the record
-        if ev.get("epoch") == run.epoch and ev.get("spec_hash") == run.plan.spec_hash and ev.get("clean"):
+        if (
+            ev.get("epoch") == run.epoch
+            and ev.get("spec_hash") == run.plan.spec_hash
+            and ev.get("clean")
+        ):
             row = {**ev["clean"], "source": f"{EVAL_FILE} ({ev.get('data')})"}
             if ev.get("corruptions"):
                 row["corrupt"] = ev["corruptions"]["overall"]
@@ -73,8 +93,8 @@ def collect(run: Any) -> dict[str, Any]:
         m = last_metrics(run.folder)
         if m is None or m.get("epoch") != run.epoch:
             raise EvalError(
-                f"{run.label}: no metrics of its checkpoint (epoch {run.epoch}) in metrics.jsonl or eval.json; "
-                f"hint: run `mixc eval {run.label}` first"
+                f"{run.label}: no metrics of its checkpoint (epoch {run.epoch}) in metrics.jsonl or"
+                f" eval.json; hint: run `mixc eval {run.label}` first"
             )
         row = {**m, "source": "metrics.jsonl"}
     if row.get("member_accuracy") and "mean_member_accuracy" not in row:
@@ -83,60 +103,92 @@ def collect(run: Any) -> dict[str, Any]:
 
 
 def build_rows(runs: list[Any], labels: list[str] | None, reference: Any) -> list[dict[str, Any]]:
-    from mixc.evaluation import uncertainty_columns
     from mixc.core.flops import backbone_macs, ensemble_macs
+    from mixc.evaluation import uncertainty_columns
 
     ref_macs = backbone_macs(reference.plan)
     rows = []
     for k, r in enumerate(runs):
         m = collect(r)
         acc = r.plan.accounting
-        rows.append({
-            "run": r.label,
-            "method": labels[k] if labels else method_name(r),
-            "params": acc.total_params,
-            "params_x": acc.total_params / acc.backbone_params,
-            "members": r.plan.members,
-            "epoch": r.epoch,
-            "accuracy": m["accuracy"],
-            "nll": m["nll"],
-            "ece": m["ece"],
-            "corrupt_accuracy": (m.get("corrupt") or {}).get("accuracy"),
-            "corrupt_nll": (m.get("corrupt") or {}).get("nll"),
-            "corrupt_ece": (m.get("corrupt") or {}).get("ece"),
-            "diversity": m.get("diversity"),
-            "mean_member_accuracy": m.get("mean_member_accuracy"),
-            "flops": ensemble_macs(r.plan) / ref_macs,
-            "source": m["source"],
-            **uncertainty_columns(r.folder, r.epoch, r.plan.spec_hash),
-        })
+        rows.append(
+            {
+                "run": r.label,
+                "method": labels[k] if labels else method_name(r),
+                "params": acc.total_params,
+                "params_x": acc.total_params / acc.backbone_params,
+                "members": r.plan.members,
+                "epoch": r.epoch,
+                "accuracy": m["accuracy"],
+                "nll": m["nll"],
+                "ece": m["ece"],
+                "corrupt_accuracy": (m.get("corrupt") or {}).get("accuracy"),
+                "corrupt_nll": (m.get("corrupt") or {}).get("nll"),
+                "corrupt_ece": (m.get("corrupt") or {}).get("ece"),
+                "diversity": m.get("diversity"),
+                "mean_member_accuracy": m.get("mean_member_accuracy"),
+                "flops": ensemble_macs(r.plan) / ref_macs,
+                "source": m["source"],
+                **uncertainty_columns(r.folder, r.epoch, r.plan.spec_hash),
+            }
+        )
     return rows
 
 
-MEASURED = ["accuracy", "nll", "ece", "corrupt_accuracy", "corrupt_nll", "corrupt_ece", "diversity",
-            "mean_member_accuracy", "adaptive_ece", "classwise_ece", "aurc", "augrc", "risk_at_80", "coverage_at_5",
-            "ood_auroc", "ood_fpr95", "temperature", "calibrated_nll", "calibrated_ece"]
+MEASURED = [
+    "accuracy",
+    "nll",
+    "ece",
+    "corrupt_accuracy",
+    "corrupt_nll",
+    "corrupt_ece",
+    "diversity",
+    "mean_member_accuracy",
+    "adaptive_ece",
+    "classwise_ece",
+    "aurc",
+    "augrc",
+    "risk_at_80",
+    "coverage_at_5",
+    "ood_auroc",
+    "ood_fpr95",
+    "temperature",
+    "calibrated_nll",
+    "calibrated_ece",
+]
 
-#: the optional uncertainty columns (from eval.json): (key, header, kind), shown when some run has the first key
+#: the optional uncertainty columns (from eval.json): (key, header, kind), shown when some run has
+#: the first key
 UNCERTAINTY = [
-    [("aurc", "AURC", "f4"), ("augrc", "AUGRC", "f4"), ("risk_at_80", "Risk@80%", "pct"),
-     ("coverage_at_5", "Cov@5%", "pct")],
+    [
+        ("aurc", "AURC", "f4"),
+        ("augrc", "AUGRC", "f4"),
+        ("risk_at_80", "Risk@80%", "pct"),
+        ("coverage_at_5", "Cov@5%", "pct"),
+    ],
     [("ood_auroc", "OOD AUROC", "f4"), ("ood_fpr95", "OOD FPR95", "pct")],
-    [("temperature", "T", "f3"), ("calibrated_nll", "NLL (T)", "f3"), ("calibrated_ece", "ECE (T)", "pct")],
+    [
+        ("temperature", "T", "f3"),
+        ("calibrated_nll", "NLL (T)", "f3"),
+        ("calibrated_ece", "ECE (T)", "pct"),
+    ],
 ]
 
 
 def seed_key(run: Any) -> str:
-    """What must be equal for two runs to be the same experiment but for the seed: the spec (plan hash), the
-    baseline, the epoch reached and the recipe without its seed."""
+    """What must be equal for two runs to be the same experiment but for the seed: the spec (plan
+    hash), the baseline, the epoch reached and the recipe without its seed."""
     recipe = dict((run.config or {}).get("recipe") or run.plan.train or {})
     recipe.pop("seed", None)
-    return json.dumps([run.plan.spec_hash, run.baseline, run.epoch, recipe], sort_keys=True, default=str)
+    return json.dumps(
+        [run.plan.spec_hash, run.baseline, run.epoch, recipe], sort_keys=True, default=str
+    )
 
 
 def aggregate_seeds(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
-    """Rows with equal keys become one: the measured columns' mean and sample sd (``<col>_sd``), ``seeds`` the
-    count, ``run`` every folder; order of first appearance. A group of one is left as it is."""
+    """Rows with equal keys become one: the measured columns' mean and sample sd (``<col>_sd``),
+    ``seeds`` the count, ``run`` every folder; order of first appearance. A group of one is left
+    as it is."""
     import statistics
 
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -179,36 +231,57 @@ def markdown(rows: list[dict[str, Any]], reference_label: str) -> str:
     groups = [g for g in UNCERTAINTY if any(r.get(g[0][0]) is not None for r in rows)]
     cols += [h for g in groups for _, h, _ in g]
     cols += ["FLOPs", "Run"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in ("Method", "Run") else "---:" for c in cols) + "|"]
+    lines = [
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join("---" if c in ("Method", "Run") else "---:" for c in cols) + "|",
+    ]
     for r in rows:
-        pct = lambda c, unit="": _cell(r, c, lambda v: f"{v * 100:.2f}", unit)  # noqa: E731
-        num = lambda c, d=3: _cell(r, c, lambda v: f"{v:.{d}f}")  # noqa: E731
-        cells = [r["method"] + (f" ({r['seeds']} seeds)" if r.get("seeds") else ""),
-                 f"{_fmt_params(r['params'])} ({r['params_x']:.2f}x)", pct("accuracy"), num("nll"), pct("ece", "%")]
+        pct = lambda c, unit="": _cell(r, c, lambda v: f"{v * 100:.2f}", unit)  # noqa: E731, B023
+        num = lambda c, d=3: _cell(r, c, lambda v: f"{v:.{d}f}")  # noqa: E731, B023
+        cells = [
+            r["method"] + (f" ({r['seeds']} seeds)" if r.get("seeds") else ""),
+            f"{_fmt_params(r['params'])} ({r['params_x']:.2f}x)",
+            pct("accuracy"),
+            num("nll"),
+            pct("ece", "%"),
+        ]
         if corrupt:
             cells += [pct("corrupt_accuracy"), num("corrupt_nll"), pct("corrupt_ece", "%")]
         if div:
             cells += [num("diversity", 2), pct("mean_member_accuracy")]
         for g in groups:
-            cells += [pct(k, "%") if kind == "pct" else num(k, 4 if kind == "f4" else 3) for k, _, kind in g]
+            cells += [
+                pct(k, "%") if kind == "pct" else num(k, 4 if kind == "f4" else 3)
+                for k, _, kind in g
+            ]
         cells += [f"{r['flops']:.2f}x", f"`{r['run']}`"]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = (f"\nAccuracy and member accuracy in %, NLL of the averaged prediction, ECE over 15 bins; params "
-             f"as a multiple of one plain backbone; FLOPs: inference multiply-accumulates relative to one plain "
-             f"backbone of `{reference_label}`.")
+    notes = (
+        "\nAccuracy and member accuracy in %, NLL of the averaged prediction, ECE over 15 bins;"
+        " params as a multiple of one plain backbone; FLOPs: inference multiply-accumulates"
+        f" relative to one plain backbone of `{reference_label}`."
+    )
     if any(r.get("seeds") for r in rows):
-        notes += " Rows over several seeds (runs that differ only in their seed): mean ± sample standard deviation."
+        notes += (
+            " Rows over several seeds (runs that differ only in their seed): mean ± sample standard"
+            " deviation."
+        )
     if corrupt:
         notes += " Corrupt: means over every corruption and severity (`mixc eval --corruptions`)."
     if UNCERTAINTY[0] in groups:
-        notes += (" AURC, AUGRC: areas under the (generalised) risk-coverage curve, rejecting the least confident "
-                  "first (lower is better); Risk@80%: error on the 80% most confident; Cov@5%: largest share "
-                  "answerable at 5% error (`mixc eval`).")
+        notes += (
+            " AURC, AUGRC: areas under the (generalised) risk-coverage curve, rejecting the least"
+            " confident first (lower is better); Risk@80%: error on the 80% most confident; Cov@5%:"
+            " largest share answerable at 5% error (`mixc eval`)."
+        )
     if UNCERTAINTY[1] in groups:
         sets = sorted({r["ood_sets"] for r in rows if r.get("ood_sets")})
-        notes += (" OOD: the ensemble's top probability (MSP) as the in-distribution score, AUROC (1 perfect, 0.5 "
-                  "chance) and the share of OOD inputs accepted at 95% of the test set (FPR95, lower is better), "
-                  f"means over the sets of `mixc eval --ood` ({'; '.join(sets)}).")
+        notes += (
+            " OOD: the ensemble's top probability (MSP) as the in-distribution score, AUROC (1"
+            " perfect, 0.5 chance) and the share of OOD inputs accepted at 95% of the test set"
+            " (FPR95, lower is better), means over the sets of `mixc eval --ood`"
+            f" ({'; '.join(sets)})."
+        )
     if UNCERTAINTY[2] in groups:
         notes += " T: the temperature of `mixc calibrate`; NLL (T), ECE (T): the test set after it."
     return "\n".join(lines) + "\n" + notes + "\n"
@@ -216,16 +289,19 @@ def markdown(rows: list[dict[str, Any]], reference_label: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run `mixc report`; returns the exit code (errors are ``MixcError``s for cli.main)."""
-    from mixc.evaluation import EvalError, open_run
     from mixc.core.safe_write import check_output, write_text, write_with
+    from mixc.evaluation import EvalError, open_run
 
     runs = [open_run(r) for r in args.runs]
     seen: dict[str, str] = {}
-    for given, r in zip(args.runs, runs):  # one run given twice would count as two seeds of one experiment
+    # one run given twice would count as two seeds of one experiment
+    for given, r in zip(args.runs, runs):
         key = os.path.realpath(r.checkpoint)
         if key in seen:
-            raise EvalError(f"the run {given} is given twice (also as {seen[key]}); each run counts once (runs "
-                            "that differ only in their seed are averaged); hint: name each run folder once")
+            raise EvalError(
+                f"the run {given} is given twice (also as {seen[key]}); each run counts once (runs "
+                "that differ only in their seed are averaged); hint: name each run folder once"
+            )
         seen[key] = given
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     if labels is not None and len(labels) != len(runs):

@@ -1,4 +1,5 @@
-"""`mixc sweep FILE --budgets 0.25x,0.5x,1x,2x,4x [--members 4] [--baselines single,naive]`: Figure 3.
+"""`mixc sweep FILE --budgets 0.25x,0.5x,1x,2x,4x [--members 4] [--baselines single,naive]`: Figure
+3.
 
 Trains the spec at every budget (and member count) with its own recipe, plus
 the baselines, each into ``OUT/<point>/`` (resumable: a finished point is not
@@ -21,58 +22,112 @@ import sys
 from pathlib import Path
 
 from mixc.commands import add_backend_argument, add_threads_argument
-from mixc.spec.sections import DEFAULT_METHOD
 from mixc.core.run_models import BASELINES
+from mixc.spec.sections import DEFAULT_METHOD
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `mixc sweep`."""
     p.add_argument("file", metavar="FILE", help="a .mix spec, or the name of a zoo spec")
-    p.add_argument("--budgets", help="comma-separated budgets: multiples of one plain backbone (0.25x,0.5x,1x,2x,4x) "
-                   "or absolute parameter counts (250K,5M,1200000), mixed freely; default: the spec's")
+    p.add_argument(
+        "--budgets",
+        help=(
+            "comma-separated budgets: multiples of one plain backbone (0.25x,0.5x,1x,2x,4x) "
+            "or absolute parameter counts (250K,5M,1200000), mixed freely; default: the spec's"
+        ),
+    )
     p.add_argument("--members", help="comma-separated member counts (1,2,4,8); default: the spec's")
-    p.add_argument("--methods", help="comma-separated ensemble methods, one series each: mixture, batch_ensemble, "
-                   "mimo, packed, naive (options in parentheses: packed(alpha = 2)); budgets apply to mixture and "
-                   "packed; default: the spec's method")
-    p.add_argument("--baselines", default="", help="comma-separated: single (one plain backbone), naive (M plain "
-                   "backbones; M = the one --members value, else the spec's)")
-    p.add_argument("--fallback", choices=["single", "none"], default="single",
-                   help="below the by_shape minimum, use one shared blob (groups single, as the paper's 7M point) "
-                        "or skip the point (default single)")
+    p.add_argument(
+        "--methods",
+        help=(
+            "comma-separated ensemble methods, one series each: mixture, batch_ensemble, mimo,"
+            " packed, naive (options in parentheses: packed(alpha = 2)); budgets apply to mixture"
+            " and packed; default: the spec's method"
+        ),
+    )
+    p.add_argument(
+        "--baselines",
+        default="",
+        help=(
+            "comma-separated: single (one plain backbone), naive (M plain "
+            "backbones; M = the one --members value, else the spec's)"
+        ),
+    )
+    p.add_argument(
+        "--fallback",
+        choices=["single", "none"],
+        default="single",
+        help=(
+            "below the by_shape minimum, use one shared blob (groups single, as the paper's 7M"
+            " point) or skip the point (default single)"
+        ),
+    )
     p.add_argument("--out", help="sweep folder (default runs/sweep-<spec name>)")
     p.add_argument("--data", help="dataset (default: the spec's train section)")
     p.add_argument("--data-dir", help="folder holding the cifar archives")
     p.add_argument("--epochs", type=int, help="override the spec's epochs for every point")
     p.add_argument("--seed", type=int, help="override the spec's seed")
-    p.add_argument("--seeds", metavar="LIST", help="comma-separated seeds (0,1,2): train every point once per seed "
-                   "(OUT/<point>/seed-<s>) and report mean ± sd, with error bars in the plots")
+    p.add_argument(
+        "--seeds",
+        metavar="LIST",
+        help=(
+            "comma-separated seeds (0,1,2): train every point once per seed "
+            "(OUT/<point>/seed-<s>) and report mean ± sd, with error bars in the plots"
+        ),
+    )
     p.add_argument("--device", default="cpu", help="device: cpu, cuda, cuda:1")
     add_backend_argument(p, "train every point with")
-    p.add_argument("--layout", choices=["auto", "grouped", "loop"], default="auto", help="how members run")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec setting for every point (repeatable), e.g. --set train.epochs=15")
+    p.add_argument(
+        "--layout", choices=["auto", "grouped", "loop"], default="auto", help="how members run"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec setting for every point (repeatable), e.g. --set train.epochs=15",
+    )
     add_threads_argument(p)
     p.add_argument("--no-plot", action="store_true", help="skip the PNGs (no matplotlib needed)")
-    p.add_argument("--no-progress", action="store_true", help="plain lines instead of progress bars")
+    p.add_argument(
+        "--no-progress", action="store_true", help="plain lines instead of progress bars"
+    )
 
 
 def _title(name: str, rows: list, seeds: list[int] | None) -> str:
-    """What the figures and the table show: the spec, the methods, the budgets and members (not folder names
-    or override strings)."""
+    """What the figures and the table show: the spec, the methods, the budgets and members (not
+    folder names or override strings)."""
     ens = [r for r in rows if r["kind"] == "ensemble"]
-    budgets = list(dict.fromkeys(r["budget"] for r in ens if r.get("method", DEFAULT_METHOD) == DEFAULT_METHOD))
+    budgets = list(
+        dict.fromkeys(r["budget"] for r in ens if r.get("method", DEFAULT_METHOD) == DEFAULT_METHOD)
+    )
     members = sorted({r["members"] for r in ens})
     methods = list(dict.fromkeys(r.get("method") or DEFAULT_METHOD for r in ens))
     base = sorted({r["kind"] for r in rows if r["kind"] != "ensemble"})
     if methods != [DEFAULT_METHOD]:
         from mixc.plots import METHOD_NAMES
 
-        parts = [f"{', '.join(METHOD_NAMES.get(m, m) for m in methods)}, members {', '.join(map(str, members))}"
-                 + (f", budgets {', '.join(budgets)}" if budgets else "")]
+        parts = [
+            f"{', '.join(METHOD_NAMES.get(m, m) for m in methods)}, members"
+            f" {', '.join(map(str, members))}"
+            + (f", budgets {', '.join(budgets)}" if budgets else "")
+        ]
     else:
-        parts = [f"MixtureEnsemble, budgets {', '.join(budgets)}, members {', '.join(map(str, members))}"] if budgets else []
+        parts = (
+            [
+                f"MixtureEnsemble, budgets {', '.join(budgets)}, members"
+                f" {', '.join(map(str, members))}"
+            ]
+            if budgets
+            else []
+        )
     parts += [f"{b} baseline" for b in base]
-    return f"{name}: " + "; ".join(parts) + (f" ({len(seeds)} seeds, mean ± sd)" if seeds and len(seeds) > 1 else "")
+    return (
+        f"{name}: "
+        + "; ".join(parts)
+        + (f" ({len(seeds)} seeds, mean ± sd)" if seeds and len(seeds) > 1 else "")
+    )
 
 
 def _error(msg: str) -> None:
@@ -84,8 +139,16 @@ def run(args: argparse.Namespace) -> int:
     from mixc.backends import get_backend
     from mixc.commands.train import tune_allocator
     from mixc.plots import PlotError
-    from mixc.sweep import (SweepError, parse_budgets, parse_members, parse_methods, parse_seeds, plan_points, run_sweep,
-                            write_outputs)
+    from mixc.sweep import (
+        SweepError,
+        parse_budgets,
+        parse_members,
+        parse_methods,
+        parse_seeds,
+        plan_points,
+        run_sweep,
+        write_outputs,
+    )
 
     tune_allocator()
     get_backend(args.backend, "sweep")
@@ -101,21 +164,40 @@ def run(args: argparse.Namespace) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise SweepError("--epochs must be at least 1")
     methods = parse_methods(args.methods)
-    points = plan_points(args.file, list(args.overrides), budgets, members, baselines, args.fallback, methods)
+    points = plan_points(
+        args.file, list(args.overrides), budgets, members, baselines, args.fallback, methods
+    )
     name = next((p.plan.name for p in points if p.plan is not None), Path(args.file).stem)
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{name}"
     if out.exists() and not out.is_dir():
         raise SweepError(f"--out {out} is a file, not a folder")
     bad_points = [p for p in points if p.error]
     if len(bad_points) == len(points):
-        raise SweepError("no point of the sweep can be compiled: " + "; ".join(f"{p.key}: {p.error}" for p in bad_points))
+        raise SweepError(
+            "no point of the sweep can be compiled: "
+            + "; ".join(f"{p.key}: {p.error}" for p in bad_points)
+        )
     try:
-        rows = run_sweep(args.file, list(args.overrides), points, out, data=args.data, data_dir=args.data_dir,
-                         epochs=args.epochs, device=args.device, seed=args.seed, layout=args.layout,
-                         progress=not args.no_progress, backend=args.backend,
-                         threads=args.threads, seeds=seeds)
+        rows = run_sweep(
+            args.file,
+            list(args.overrides),
+            points,
+            out,
+            data=args.data,
+            data_dir=args.data_dir,
+            epochs=args.epochs,
+            device=args.device,
+            seed=args.seed,
+            layout=args.layout,
+            progress=not args.no_progress,
+            backend=args.backend,
+            threads=args.threads,
+            seeds=seeds,
+        )
     except KeyboardInterrupt:
-        _error(f"interrupted; finished epochs are saved under {out}: run the same command to resume")
+        _error(
+            f"interrupted; finished epochs are saved under {out}: run the same command to resume"
+        )
         return 130
     title = _title(name, rows, seeds)
     try:

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -65,19 +65,24 @@ __all__ = [
 
 
 class CheckpointError(MixcError):
-    """A checkpoint that cannot be loaded into this model (other spec, missing or misshapen tensors, damage)."""
+    """A checkpoint that cannot be loaded into this model (other spec, missing or misshapen tensors,
+    damage)."""
 
 
 class NonFiniteTensorError(CheckpointError, NonFiniteError):
-    """Tensors holding NaN or infinity: refused when saving (divergence) and when loading (damage)."""
+    """Tensors holding NaN or infinity: refused when saving (divergence) and when loading
+    (damage)."""
 
 
 def spec_hash(plan: Plan) -> str:
-    """The hash a checkpoint and a run folder record for ``plan`` (the spec's, else the plan's content hash)."""
+    """The hash a checkpoint and a run folder record for ``plan`` (the spec's, else the plan's
+    content hash)."""
     return plan.spec_hash or plan.content_hash()
 
 
-def header(plan: Plan, epoch: int, metadata: dict[str, Any] | None = None, checksum: str | None = None) -> dict[str, str]:
+def header(
+    plan: Plan, epoch: int, metadata: dict[str, Any] | None = None, checksum: str | None = None
+) -> dict[str, str]:
     """The safetensors header of a checkpoint of ``plan`` after ``epoch`` epochs."""
     head = {
         "format": FORMAT,
@@ -108,11 +113,14 @@ def tensor_checksum(arrays: dict[str, Any]) -> str:
 
 
 def check_finite(arrays: dict[str, Any], what: str, after: str = "") -> None:
-    """Raise ``NonFiniteTensorError`` naming every tensor of ``arrays`` that holds NaN or infinity."""
+    """Raise ``NonFiniteTensorError`` naming every tensor of ``arrays`` that holds NaN or
+    infinity."""
     bad = non_finite_tensors(arrays)
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise NonFiniteTensorError(f"{what} non-finite tensor(s): {'; '.join(bad[:5])}{more}{after}")
+        raise NonFiniteTensorError(
+            f"{what} non-finite tensor(s): {'; '.join(bad[:5])}{more}{after}"
+        )
 
 
 def check_model_tensors(shapes: dict[str, Iterable[int]], plan: Plan) -> None:
@@ -125,18 +133,22 @@ def check_model_tensors(shapes: dict[str, Iterable[int]], plan: Plan) -> None:
         )
     for name, shape in shapes.items():
         if list(shape) != expected[name]:
-            raise CheckpointError(f"tensor {name!r} has shape {list(shape)}, the plan says {expected[name]}")
+            raise CheckpointError(
+                f"tensor {name!r} has shape {list(shape)}, the plan says {expected[name]}"
+            )
 
 
 def check_extra_names(extra: Iterable[str], plan: Plan) -> None:
     names = {t.name for t in plan.tensors}
     for name in extra:
         if name in names:
-            raise ValueError(f"extra tensor {name!r} collides with a plan tensor; prefix it, e.g. 'optim.'")
+            raise ValueError(
+                f"extra tensor {name!r} collides with a plan tensor; prefix it, e.g. 'optim.'"
+            )
 
 
-# Checkpoints are written like every other file (mixc/core/safe_write.py): temporary beside it, fsync, rename,
-# never through a link; the names stay for callers of this module.
+# Checkpoints are written like every other file (mixc/core/safe_write.py): temporary beside it,
+# fsync, rename, never through a link; the names stay for callers of this module.
 write_atomic = write_with
 write_bytes_atomic = write_bytes
 
@@ -163,7 +175,9 @@ def save_arrays(
     """Write numpy ``tensors`` (plan name -> array, cast to float32) and ``extra`` atomically."""
     from safetensors.numpy import save
 
-    out = {name: np.ascontiguousarray(np.asarray(a, dtype=np.float32)) for name, a in tensors.items()}
+    out = {
+        name: np.ascontiguousarray(np.asarray(a, dtype=np.float32)) for name, a in tensors.items()
+    }
     check_model_tensors({k: v.shape for k, v in out.items()}, plan)
     extra = extra or {}
     check_extra_names(extra, plan)
@@ -174,7 +188,8 @@ def save_arrays(
 
 
 def read_info(path: str | Path) -> dict[str, str]:
-    """The checkpoint's header (spec_name, spec_hash, epoch, metadata JSON...) without loading tensors."""
+    """The checkpoint's header (spec_name, spec_hash, epoch, metadata JSON...) without loading
+    tensors."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -186,26 +201,30 @@ def read_info(path: str | Path) -> dict[str, str]:
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{str(path)!r} is not a safetensors file ({e})") from e
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is a safetensors file but not a mixc checkpoint (no {FORMAT!r} header)")
+        raise CheckpointError(
+            f"{str(path)!r} is a safetensors file but not a mixc checkpoint (no {FORMAT!r} header)"
+        )
     return meta
 
 
-def check_spec(meta: dict[str, str], plan: Plan, path: str | Path, model_hash: str | None = None) -> None:
+def check_spec(
+    meta: dict[str, str], plan: Plan, path: str | Path, model_hash: str | None = None
+) -> None:
     """Refuse a checkpoint of another spec, or a model built from another plan, naming both."""
     want_name, want_hash = plan.name, spec_hash(plan)
     got_name, got_hash = meta.get("spec_name", "?"), meta.get("spec_hash", "?")
     if got_hash != want_hash:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} was written for spec {got_name!r} (hash {got_hash}), but this model is "
-            f"spec {want_name!r} (hash {want_hash}). The hash covers everything that shapes the tensors "
-            "(backbone, members, budget, grouping, template assignment), so the tensors would not line up. "
-            f"Hint: load it with the spec it was trained from (compile {got_name!r} with the same overrides), "
-            "or start a fresh run for this spec."
+            f"checkpoint {str(path)!r} was written for spec {got_name!r} (hash {got_hash}), but"
+            f" this model is spec {want_name!r} (hash {want_hash}). The hash covers everything that"
+            " shapes the tensors (backbone, members, budget, grouping, template assignment), so"
+            " the tensors would not line up. Hint: load it with the spec it was trained from"
+            f" (compile {got_name!r} with the same overrides), or start a fresh run for this spec."
         )
     if model_hash is not None and model_hash != want_hash:
         raise CheckpointError(
-            f"the model was built from spec hash {model_hash}, not from plan {want_name!r} ({want_hash}); "
-            "hint: pass the plan the model was built from"
+            f"the model was built from spec hash {model_hash}, not from plan {want_name!r}"
+            f" ({want_hash}); hint: pass the plan the model was built from"
         )
 
 
@@ -233,13 +252,19 @@ def read_tensors(
         if missing or wrong:
             parts = []
             if missing:
-                parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+                parts.append(
+                    f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}"
+                    + (" ..." if len(missing) > 5 else "")
+                )
             if wrong:
-                parts.append(f"misshapen: {'; '.join(wrong[:5])}" + (" ..." if len(wrong) > 5 else ""))
+                parts.append(
+                    f"misshapen: {'; '.join(wrong[:5])}" + (" ..." if len(wrong) > 5 else "")
+                )
             raise CheckpointError(
-                f"checkpoint {str(path)!r} for spec {meta.get('spec_name', '?')!r} (hash {meta.get('spec_hash', '?')}) "
-                f"does not hold this plan's tensors: {'; '.join(parts)}. Hint: the file was written by an "
-                "incompatible version or edited; re-save it from a model built with this plan."
+                f"checkpoint {str(path)!r} for spec {meta.get('spec_name', '?')!r} (hash"
+                f" {meta.get('spec_hash', '?')}) does not hold this plan's tensors:"
+                f" {'; '.join(parts)}. Hint: the file was written by an incompatible version or"
+                " edited; re-save it from a model built with this plan."
             )
         loaded = {t.name: f.get_tensor(t.name) for t in plan.tensors}
         extra = {name: f.get_tensor(name) for name in sorted(names - set(loaded))}
@@ -247,43 +272,68 @@ def read_tensors(
     return loaded, extra, meta
 
 
-def read_plan_arrays(path: str | Path, plan: Plan) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, str]]:
-    """(plan arrays, extra arrays, header) of a checkpoint of ``plan``, as numpy: the spec checked, then
-    everything ``read_tensors`` verifies. What a backend loads into its model, and what resume reads."""
+def read_plan_arrays(
+    path: str | Path, plan: Plan
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, str]]:
+    """(plan arrays, extra arrays, header) of a checkpoint of ``plan``, as numpy: the spec checked,
+    then everything ``read_tensors`` verifies. What a backend loads into its model, and what
+    resume reads.
+    """
     check_spec(read_info(path), plan, path)
     return read_tensors(path, plan)
 
 
-#: fp16 training's dynamic loss scale and its growth tracker (good steps since the scale last changed), saved
-#: beside the optimiser state so a resumed fp16 run skips and grows exactly where an uninterrupted one would.
-#: Both backends write and read these names; a checkpoint of an fp32 or bf16 run has neither.
+#: fp16 training's dynamic loss scale and its growth tracker (good steps since the scale last
+#: changed), saved beside the optimiser state so a resumed fp16 run skips and grows exactly where an
+#: uninterrupted one would. Both backends write and read these names; a checkpoint of an fp32 or
+#: bf16 run has neither.
 GRAD_SCALER_KEYS = ("optim.grad_scaler.scale", "optim.grad_scaler.growth_tracker")
 
 
 def grad_scaler_arrays(scale: float, growth_tracker: int) -> dict[str, np.ndarray]:
     """The loss scaler's state as checkpoint tensors (float32 and int64, shape ``[1]``)."""
-    return {GRAD_SCALER_KEYS[0]: np.asarray([scale], np.float32),
-            GRAD_SCALER_KEYS[1]: np.asarray([growth_tracker], np.int64)}
+    return {
+        GRAD_SCALER_KEYS[0]: np.asarray([scale], np.float32),
+        GRAD_SCALER_KEYS[1]: np.asarray([growth_tracker], np.int64),
+    }
 
 
-def read_grad_scaler(extra: dict[str, Any], path: str | Path = "checkpoint") -> tuple[float, int] | None:
-    """(scale, growth tracker) from a checkpoint's extra tensors, or None when it holds no scaler state (a run
-    that was not fp16). Checked like every other field: a value no scaler can hold is a CheckpointError."""
+def read_grad_scaler(
+    extra: dict[str, Any], path: str | Path = "checkpoint"
+) -> tuple[float, int] | None:
+    """(scale, growth tracker) from a checkpoint's extra tensors, or None when it holds no scaler
+    state (a run that was not fp16). Checked like every other field: a value no scaler can hold
+    is a CheckpointError.
+    """
     present = [k for k in GRAD_SCALER_KEYS if k in extra]
     if not present:
         return None
     hint = "hint: use an undamaged copy of the run, or start a new one"
     if len(present) == 1:
         missing = next(k for k in GRAD_SCALER_KEYS if k not in extra)
-        raise CheckpointError(f"checkpoint {str(path)!r} holds {present[0]} but not {missing}; the fp16 loss "
-                              f"scaler's state is saved whole; {hint}")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds {present[0]} but not {missing}; the fp16 loss "
+            f"scaler's state is saved whole; {hint}"
+        )
     scale, tracker = (np.asarray(extra[k]) for k in GRAD_SCALER_KEYS)
-    if scale.size != 1 or not np.issubdtype(scale.dtype, np.floating) or not (0 < float(scale.reshape(-1)[0]) < np.inf):
-        raise CheckpointError(f"checkpoint {str(path)!r}: {GRAD_SCALER_KEYS[0]} must be one positive finite "
-                              f"number, not {scale.dtype} {scale.reshape(-1)[:3].tolist()}; {hint}")
-    if tracker.size != 1 or not np.issubdtype(tracker.dtype, np.integer) or int(tracker.reshape(-1)[0]) < 0:
-        raise CheckpointError(f"checkpoint {str(path)!r}: {GRAD_SCALER_KEYS[1]} must be one integer of 0 or "
-                              f"more, not {tracker.dtype} {tracker.reshape(-1)[:3].tolist()}; {hint}")
+    if (
+        scale.size != 1
+        or not np.issubdtype(scale.dtype, np.floating)
+        or not (0 < float(scale.reshape(-1)[0]) < np.inf)
+    ):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: {GRAD_SCALER_KEYS[0]} must be one positive finite "
+            f"number, not {scale.dtype} {scale.reshape(-1)[:3].tolist()}; {hint}"
+        )
+    if (
+        tracker.size != 1
+        or not np.issubdtype(tracker.dtype, np.integer)
+        or int(tracker.reshape(-1)[0]) < 0
+    ):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: {GRAD_SCALER_KEYS[1]} must be one integer of 0 or "
+            f"more, not {tracker.dtype} {tracker.reshape(-1)[:3].tolist()}; {hint}"
+        )
     return float(scale.reshape(-1)[0]), int(tracker.reshape(-1)[0])
 
 
@@ -291,26 +341,37 @@ _NOTED: set[str] = set()
 
 
 def verify(path: str | Path, meta: dict[str, str], arrays: dict[str, Any]) -> None:
-    """The header is valid, the tensors match its checksum (if it has one) and are finite; else CheckpointError."""
+    """The header is valid, the tensors match its checksum (if it has one) and are finite; else
+    CheckpointError."""
     epoch_and_metadata(meta, path)
     want = meta.get("checksum")
     if want is None:
         if str(path) not in _NOTED:
             _NOTED.add(str(path))
-            print(f"mixc: note: {path} has no checksum (written before mixc recorded them), so its integrity "
-                  "cannot be verified; saving it again adds one", file=sys.stderr)
+            print(
+                f"mixc: note: {path} has no checksum (written before mixc recorded them), so its"
+                " integrity cannot be verified; saving it again adds one",
+                file=sys.stderr,
+            )
     elif tensor_checksum(arrays) != want:
         raise CheckpointError(
-            f"checkpoint {str(path)!r}: its tensor data does not match the checksum recorded when it was saved "
-            "(bytes were changed after writing: a damaged copy, or an edit); hint: copy the run again from "
-            "where it was trained, or retrain"
+            f"checkpoint {str(path)!r}: its tensor data does not match the checksum recorded when"
+            " it was saved (bytes were changed after writing: a damaged copy, or an edit); hint:"
+            " copy the run again from where it was trained, or retrain"
         )
-    check_finite(arrays, f"checkpoint {str(path)!r} holds", "; the weights are damaged (or were saved by a "
-                 "diverged run); hint: use an undamaged copy, or retrain")
+    check_finite(
+        arrays,
+        f"checkpoint {str(path)!r} holds",
+        "; the weights are damaged (or were saved by a "
+        "diverged run); hint: use an undamaged copy, or retrain",
+    )
 
 
-def epoch_and_metadata(meta: dict[str, str], path: str | Path = "checkpoint") -> tuple[int, dict[str, Any]]:
-    """The epoch and the caller's metadata dict from a header, validated (CheckpointError naming each bad field)."""
+def epoch_and_metadata(
+    meta: dict[str, str], path: str | Path = "checkpoint"
+) -> tuple[int, dict[str, Any]]:
+    """The epoch and the caller's metadata dict from a header, validated (CheckpointError naming
+    each bad field)."""
     try:
         head = parse_header(meta, path)
     except RunFolderError as e:

@@ -17,7 +17,14 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-__all__ = ["MixcError", "UsageError", "BackendError", "BackendUnavailable", "RunFolderError", "TrainError"]
+__all__ = [
+    "MixcError",
+    "UsageError",
+    "BackendError",
+    "BackendUnavailable",
+    "RunFolderError",
+    "TrainError",
+]
 
 
 class MixcError(Exception):
@@ -43,8 +50,10 @@ class BackendUnavailable(BackendError):
 
 
 class RunFolderError(MixcError, ValueError):
-    """A run folder file that is not what mixc wrote: one paragraph naming the file, line and field."""
+    """A run folder file that is not what mixc wrote: one paragraph naming the file, line and
+    field."""
 
 
 class TrainError(MixcError, RuntimeError):
-    """A user-facing problem with a training run (its folder, its options); printed without a traceback."""
+    """A user-facing problem with a training run (its folder, its options); printed without a
+    traceback."""

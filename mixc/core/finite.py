@@ -1,5 +1,5 @@
-"""Non-finite checks: NaN or infinity in tensors (refused when saving or loading a checkpoint) or in an
-epoch's metrics (a diverged run, stopped before it replaces the last good checkpoint)."""
+"""Non-finite checks: NaN or infinity in tensors (refused when saving or loading a checkpoint) or in
+an epoch's metrics (a diverged run, stopped before it replaces the last good checkpoint)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ class NonFiniteError(ValueError):
 
 
 def non_finite_tensors(arrays: dict[str, Any]) -> list[str]:
-    """A description of every floating-point array in ``arrays`` holding NaN or infinity (``[]`` if none)."""
+    """A description of every floating-point array in ``arrays`` holding NaN or infinity (``[]`` if
+    none)."""
     bad = []
     for name in sorted(arrays):
         a = np.asarray(arrays[name])
@@ -31,7 +32,8 @@ def non_finite_tensors(arrays: dict[str, Any]) -> list[str]:
 
 
 def non_finite_metrics(rec: dict[str, Any]) -> list[str]:
-    """``name = value`` for every NaN or infinite number in an epoch's record (lists item by item)."""
+    """``name = value`` for every NaN or infinite number in an epoch's record (lists item by
+    item)."""
     bad = []
     for key, value in rec.items():
         items = value if isinstance(value, list) else [value]

@@ -1,4 +1,5 @@
-"""Inference cost from a Plan: multiply-accumulates of the weight layers, as the paper's FLOPs column counts.
+"""Inference cost from a Plan: multiply-accumulates of the weight layers, as the paper's FLOPs
+column counts.
 
 Only convolutions and linear layers are counted (BatchNorm, activations and
 pooling are a few percent of a ResNet's cost and the paper's ratios ignore
@@ -25,7 +26,8 @@ def layer_macs(op) -> int:
 
 
 def backbone_macs(plan: Plan) -> int:
-    """One plain backbone, every layer once (a single-path plan records it: its ops are the widened network)."""
+    """One plain backbone, every layer once (a single-path plan records it: its ops are the widened
+    network)."""
     if plan.accounting.backbone_macs is not None:
         return plan.accounting.backbone_macs
     return sum(layer_macs(op) for op in plan.ops)
@@ -33,8 +35,8 @@ def backbone_macs(plan: Plan) -> int:
 
 def ensemble_macs(plan: Plan) -> int:
     """All members: per-member layers M times, the shared plain prefix once; a single-path plan
-    (MIMO, Packed-Ensembles) runs its one network once. BatchEnsemble's fast weights add M x (in + out)
-    multiplies per layer, elementwise, which are not counted (like BatchNorm)."""
+    (MIMO, Packed-Ensembles) runs its one network once. BatchEnsemble's fast weights add M x (in +
+    out) multiplies per layer, elementwise, which are not counted (like BatchNorm)."""
     if plan.execution == "single_path":
         return sum(layer_macs(op) for op in plan.ops)
     shared: dict[str, bool] = {}
@@ -56,6 +58,7 @@ def ensemble_macs(plan: Plan) -> int:
 
 
 def relative_flops(plan: Plan, reference: Plan | None = None) -> float:
-    """Inference cost of ``plan``'s ensemble relative to one plain ``reference`` backbone (default its own)."""
+    """Inference cost of ``plan``'s ensemble relative to one plain ``reference`` backbone (default
+    its own)."""
     ref = backbone_macs(reference if reference is not None else plan)
     return ensemble_macs(plan) / ref if ref else float("nan")

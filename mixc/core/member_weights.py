@@ -21,7 +21,8 @@ class LayerWeights:
 
 @dataclass(frozen=True)
 class MemberWeights:
-    """One member as a plain network: weights per weight op, BatchNorm per bn op (weight, bias, mean, var)."""
+    """One member as a plain network: weights per weight op, BatchNorm per bn op (weight, bias,
+    mean, var)."""
 
     layers: dict[str, LayerWeights]
     bn: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mixc.compiler.plan import Plan
 from mixc.compiler.methods import method_of
+from mixc.compiler.plan import Plan
 
 #: the plan tensor roles of BatchEnsemble's fast weights
 FAST_ROLES = frozenset({"fast_in", "fast_out"})
@@ -43,7 +43,10 @@ def mimo_rows(batch: int, plan: Plan, rng: np.random.Generator) -> np.ndarray | 
         return None
     main = rng.permutation(np.tile(np.arange(batch), method.batch_repetitions))
     shuffled = int(len(main) * (1.0 - method.input_sharing))
-    cols = [np.concatenate([rng.permutation(main[:shuffled]), main[shuffled:]]) for _ in range(plan.members)]
+    cols = [
+        np.concatenate([rng.permutation(main[:shuffled]), main[shuffled:]])
+        for _ in range(plan.members)
+    ]
     return np.stack(cols, axis=1)
 
 
@@ -52,11 +55,11 @@ SHARED_ROLES = frozenset({"plain_weight", "plain_bias"})
 
 
 def gradient_scales(plan: Plan, shared_gradient: str) -> dict[str, float]:
-    """Plan tensor name -> the factor its gradient is multiplied by before clipping and the optimiser
-    (only the tensors whose factor is not 1). ``shared_gradient`` is the recipe's: "mean" divides the
-    gradient of every weight all members read as it is by the member count, "mean_output" only the output
-    layer's (the one weight of that kind no normalisation follows), "sum" leaves every gradient as the
-    summed loss gives it."""
+    """Plan tensor name -> the factor its gradient is multiplied by before clipping and the
+    optimiser (only the tensors whose factor is not 1). ``shared_gradient`` is the recipe's:
+    "mean" divides the gradient of every weight all members read as it is by the member count,
+    "mean_output" only the output layer's (the one weight of that kind no normalisation follows),
+    "sum" leaves every gradient as the summed loss gives it."""
     M = plan.members
     if shared_gradient == "sum" or M == 1 or plan.execution == "single_path":
         return {}

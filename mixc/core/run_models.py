@@ -1,10 +1,10 @@
 """The run folder's files as validated models (pydantic): what every reader of a run folder checks.
 
 Users share run folders the way they share model files, so a tampered or truncated ``config.json``,
-``metrics.jsonl``, checkpoint header or ``calibration.json`` must give one clear error naming the field,
-never a silently wrong number: these models say what each file may hold. Unknown keys are kept (a newer
-mixc may add some). Read through ``mixc.core.run_read``; written by ``mixc.run_writer`` and the
-checkpoint format.
+``metrics.jsonl``, checkpoint header or ``calibration.json`` must give one clear error naming the
+field, never a silently wrong number: these models say what each file may hold. Unknown keys are
+kept (a newer mixc may add some). Read through ``mixc.core.run_read``; written by
+``mixc.run_writer`` and the checkpoint format.
 """
 
 from __future__ import annotations
@@ -17,8 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from mixc.core.run_files import FORMAT, SUPPORTED_FORMAT_VERSIONS
 from mixc.spec.recipe import Recipe
 
-__all__ = ["MetricsLine", "RunOptions", "HistoryEntry", "RunConfig", "TrainMetadata", "CheckpointHeader",
-           "Calibration"]
+__all__ = [
+    "MetricsLine",
+    "RunOptions",
+    "HistoryEntry",
+    "RunConfig",
+    "TrainMetadata",
+    "CheckpointHeader",
+    "Calibration",
+]
 
 
 class _Lenient(BaseModel):
@@ -28,11 +35,12 @@ class _Lenient(BaseModel):
 
 
 class MetricsLine(_Lenient):
-    """One line of ``metrics.jsonl``: the metrics after an epoch (NaN is allowed: it is what was measured).
+    """One line of ``metrics.jsonl``: the metrics after an epoch (NaN is allowed: it is what was
+    measured).
 
-    Test metrics (``accuracy``, ``nll``, ``ece``...) are on every line of a run without a validation set;
-    with one, they are on the last epoch's line (and every line under ``--eval-test-every-epoch``), and
-    every line has the validation metrics under ``val_*``.
+    Test metrics (``accuracy``, ``nll``, ``ece``...) are on every line of a run without a validation
+    set; with one, they are on the last epoch's line (and every line under
+    ``--eval-test-every-epoch``), and every line has the validation metrics under ``val_*``.
     """
 
     epoch: int = Field(ge=1)
@@ -83,8 +91,9 @@ def _json_object(value: Any) -> Any:
 
 
 def _recorded_recipe(value: Any) -> Any:
-    """A recipe as a run recorded it. Runs recorded before ``shared_gradient`` existed trained with the summed
-    gradient: read them so, or resuming one would silently change its recipe to today's default."""
+    """A recipe as a run recorded it. Runs recorded before ``shared_gradient`` existed trained with
+    the summed gradient: read them so, or resuming one would silently change its recipe to
+    today's default."""
     value = _json_object(value)
     if isinstance(value, dict) and "shared_gradient" not in value:
         value = {**value, "shared_gradient": "sum"}
@@ -92,7 +101,8 @@ def _recorded_recipe(value: Any) -> Any:
 
 
 class RunConfig(_Lenient):
-    """``config.json``: the recipe in force for the latest epochs, the options, and the history of changes."""
+    """``config.json``: the recipe in force for the latest epochs, the options, and the history of
+    changes."""
 
     recipe: Recipe | None = None
     options: RunOptions = Field(default_factory=RunOptions)
@@ -102,7 +112,8 @@ class RunConfig(_Lenient):
 
 
 class TrainMetadata(_Lenient):
-    """The caller's metadata in a checkpoint written by `mixc train` (every key optional: files written by hand)."""
+    """The caller's metadata in a checkpoint written by `mixc train` (every key optional: files
+    written by hand)."""
 
     seed: int | None = None
     optimizer: Literal["sgd", "adamw"] | None = None
@@ -133,23 +144,29 @@ class CheckpointHeader(_Lenient):
     def _known_version(cls, v: str) -> str:
         if v not in SUPPORTED_FORMAT_VERSIONS:
             raise ValueError(
-                f"format version {v!r} is not one this mixc reads ({', '.join(SUPPORTED_FORMAT_VERSIONS)}); "
-                "a newer mixc wrote it, or the header was edited"
+                f"format version {v!r} is not one this mixc reads"
+                f" ({', '.join(SUPPORTED_FORMAT_VERSIONS)}); a newer mixc wrote it, or the header"
+                " was edited"
             )
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "CheckpointHeader":
+    def _consistent(self) -> CheckpointHeader:
         r, m = self.metadata.recipe, self.metadata.metrics
         if r is not None and self.epoch > r.epochs:
-            raise ValueError(f"epoch {self.epoch} is beyond the {r.epochs} epochs of the recipe it records")
+            raise ValueError(
+                f"epoch {self.epoch} is beyond the {r.epochs} epochs of the recipe it records"
+            )
         if m is not None and m.epoch != self.epoch:
-            raise ValueError(f"its metrics are of epoch {m.epoch}, but the header says epoch {self.epoch}")
+            raise ValueError(
+                f"its metrics are of epoch {m.epoch}, but the header says epoch {self.epoch}"
+            )
         return self
 
 
 class Calibration(BaseModel):
-    """``calibration.json``, written by `mixc calibrate`: the fitted temperatures and the checkpoint they fit.
+    """``calibration.json``, written by `mixc calibrate`: the fitted temperatures and the checkpoint
+    they fit.
 
     ``temperature`` divides every member's logits before the softmax-mean (``mixc.temperature``);
     ``member_temperatures[m]`` is member m's own. The checkpoint's sha256 is recorded so that a
@@ -170,7 +187,8 @@ class Calibration(BaseModel):
     samples: int = Field(ge=1)
     nll_before: float
     nll_after: float
-    #: why the temperature may not be trustworthy (held-out data without errors, a search bound reached)
+    #: why the temperature may not be trustworthy (held-out data without errors, a search bound
+    #: reached)
     warning: str | None = Field(None, max_length=10_000)
 
     @field_validator("member_temperatures")

@@ -25,17 +25,31 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from mixc.core.errors import MixcError
 
-__all__ = ["WriteError", "default_mode", "refuse_link", "write_with", "write_bytes", "write_text", "write_json",
-           "append_text", "copy_file", "open_nofollow", "check_output", "replace_folder"]
+__all__ = [
+    "WriteError",
+    "default_mode",
+    "refuse_link",
+    "write_with",
+    "write_bytes",
+    "write_text",
+    "write_json",
+    "append_text",
+    "copy_file",
+    "open_nofollow",
+    "check_output",
+    "replace_folder",
+]
 
 
 class WriteError(MixcError):
-    """An output mixc will not write: a link, a folder in the way, one of the command's inputs, an existing file."""
+    """An output mixc will not write: a link, a folder in the way, one of the command's inputs, an
+    existing file."""
 
 
 def _umask() -> int:
@@ -45,7 +59,8 @@ def _umask() -> int:
 
 
 def default_mode() -> int:
-    """The mode ``open()`` would give a new file: 0o666 less the umask (mkstemp's 0600 would hide shared files)."""
+    """The mode ``open()`` would give a new file: 0o666 less the umask (mkstemp's 0600 would hide
+    shared files)."""
     return 0o666 & ~_umask()
 
 
@@ -55,9 +70,9 @@ def _link_error(path: Path) -> WriteError:
     except OSError:
         target = ""
     return WriteError(
-        f"{path} is a symbolic link{target}; mixc does not write through links, which could overwrite a file "
-        "outside the folder it writes; hint: remove the link (or replace it with a real file or folder), or "
-        "write somewhere else"
+        f"{path} is a symbolic link{target}; mixc does not write through links, which could"
+        " overwrite a file outside the folder it writes; hint: remove the link (or replace it with"
+        " a real file or folder), or write somewhere else"
     )
 
 
@@ -72,16 +87,21 @@ def _target(path: str | os.PathLike, folder_ok: bool = False) -> Path:
     path = Path(path)
     refuse_link(path)
     if not folder_ok and path.is_dir():
-        raise WriteError(f"{path} is a folder, not a file; hint: name a file to write (or remove the folder)")
+        raise WriteError(
+            f"{path} is a folder, not a file; hint: name a file to write (or remove the folder)"
+        )
     parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise WriteError(f"cannot write {path}: {parent} is a file, not a folder; hint: name a path in a "
-                         "folder") from None
+        raise WriteError(
+            f"cannot write {path}: {parent} is a file, not a folder; hint: name a path in a folder"
+        ) from None
     except NotADirectoryError:
-        raise WriteError(f"cannot write {path}: a part of {parent} is a file, not a folder; hint: name a path "
-                         "in a folder") from None
+        raise WriteError(
+            f"cannot write {path}: a part of {parent} is a file, not a folder; hint: name a path "
+            "in a folder"
+        ) from None
     return path
 
 
@@ -94,7 +114,8 @@ def _fsync_path(path: str) -> None:
 
 
 def write_with(path: str | os.PathLike, write: Callable[[str], None], suffix: str = ".tmp") -> Path:
-    """Have ``write(tmp)`` fill a fresh temporary beside ``path``, fsync it, rename it over ``path``.
+    """Have ``write(tmp)`` fill a fresh temporary beside ``path``, fsync it, rename it over
+    ``path``.
 
     For writers that need a file name (matplotlib, numpy, torch.export, onnx); ``suffix`` ends the
     temporary's name (some writers pick the format from it). The temporary is removed on any error.
@@ -106,7 +127,8 @@ def write_with(path: str | os.PathLike, write: Callable[[str], None], suffix: st
         write(tmp)
         os.chmod(tmp, default_mode())  # after the writer: some (safetensors) recreate the file 0600
         _fsync_path(tmp)
-        refuse_link(path)  # a link planted while we wrote is replaced by the rename, never followed; say so
+        # a link planted while we wrote is replaced by the rename, never followed; say so
+        refuse_link(path)
         os.replace(tmp, path)
     except BaseException:
         if os.path.lexists(tmp):
@@ -136,7 +158,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def open_nofollow(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int:
-    """``os.open`` that refuses a link at ``path`` (``O_NOFOLLOW``) with a :class:`WriteError` naming it."""
+    """``os.open`` that refuses a link at ``path`` (``O_NOFOLLOW``) with a :class:`WriteError`
+    naming it."""
     try:
         return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
     except OSError as e:
@@ -161,14 +184,17 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 
 def replace_folder(out: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
-    """Have ``fill(tmp)`` fill a fresh temporary folder beside ``out``, then put it in ``out``'s place.
+    """Have ``fill(tmp)`` fill a fresh temporary folder beside ``out``, then put it in ``out``'s
+    place.
 
     An existing ``out`` (a folder, never a link: refused) is removed just before the rename.
     """
     out = Path(out)
     refuse_link(out)
     if out.exists() and not out.is_dir():
-        raise WriteError(f"{out} is a file, not a folder; hint: name a folder to write (or remove the file)")
+        raise WriteError(
+            f"{out} is a file, not a folder; hint: name a folder to write (or remove the file)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
@@ -191,24 +217,39 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (), force: bool = False,
-                 option: str = "-o", folder_ok: bool = False) -> Path:
-    """Refuse ``path`` as an output: a link, or one of ``inputs`` (the same file by any name), always; an
-    existing file (or folder, with ``folder_ok``) unless ``force``."""
+def check_output(
+    path: str | os.PathLike,
+    *,
+    inputs: Iterable[str | os.PathLike] = (),
+    force: bool = False,
+    option: str = "-o",
+    folder_ok: bool = False,
+) -> Path:
+    """Refuse ``path`` as an output: a link, or one of ``inputs`` (the same file by any name),
+    always; an existing file (or folder, with ``folder_ok``) unless ``force``."""
     path = Path(path)
     refuse_link(path)
     for given in inputs:
         given = Path(given)
         if _same(path, given):
-            raise WriteError(f"{option} {path} is an input of this command ({given}); writing it would destroy "
-                             f"what is being read; hint: pass another {option} path")
+            raise WriteError(
+                f"{option} {path} is an input of this command ({given}); writing it would destroy "
+                f"what is being read; hint: pass another {option} path"
+            )
     if path.is_dir() and not folder_ok:
-        raise WriteError(f"{option} {path} is a folder, not a file; hint: name a file to write (or remove the folder)")
+        raise WriteError(
+            f"{option} {path} is a folder, not a file; hint: name a file to write (or remove the"
+            " folder)"
+        )
     above = next((p for p in path.parents if p.exists()), None)
     if above is not None and not above.is_dir():
-        raise WriteError(f"{option} {path}: {above} is a file, not a folder; hint: name a path in a folder")
+        raise WriteError(
+            f"{option} {path}: {above} is a file, not a folder; hint: name a path in a folder"
+        )
     if path.exists() and not force:
         kind = "folder" if path.is_dir() else "file"
-        raise WriteError(f"{option} {path} already exists (a {kind}); mixc does not overwrite a file it may not "
-                         f"have written; hint: pass another {option} path, or --force to replace it")
+        raise WriteError(
+            f"{option} {path} already exists (a {kind}); mixc does not overwrite a file it may not "
+            f"have written; hint: pass another {option} path, or --force to replace it"
+        )
     return path

@@ -24,7 +24,8 @@ class ThreadsError(MixcError):
 
 
 def _affinity() -> int:
-    """Cores this process may run on (``os.sched_getaffinity`` where the OS has it, else the CPU count)."""
+    """Cores this process may run on (``os.sched_getaffinity`` where the OS has it, else the CPU
+    count)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
@@ -32,7 +33,8 @@ def _affinity() -> int:
 
 
 def _busy_cores() -> int:
-    """Cores other processes keep busy now: the 1-minute load average, rounded (0 where the OS has none)."""
+    """Cores other processes keep busy now: the 1-minute load average, rounded (0 where the OS has
+    none)."""
     try:
         return int(os.getloadavg()[0] + 0.5)
     except (AttributeError, OSError):
@@ -40,24 +42,29 @@ def _busy_cores() -> int:
 
 
 def default_threads() -> int:
-    """Affinity cores less busy ones (at least 1), capped by ``OMP_NUM_THREADS`` if set: what a run uses
-    without ``--threads``."""
+    """Affinity cores less busy ones (at least 1), capped by ``OMP_NUM_THREADS`` if set: what a run
+    uses without ``--threads``."""
     n = max(1, _affinity() - _busy_cores())
     omp = os.environ.get("OMP_NUM_THREADS", "").strip()
     if omp:
         try:
             n = min(n, max(1, int(omp.split(",")[0])))
         except ValueError:
-            raise ThreadsError(f"OMP_NUM_THREADS={omp!r} is not a whole number; hint: unset it, or pass "
-                               "--threads N") from None
+            raise ThreadsError(
+                f"OMP_NUM_THREADS={omp!r} is not a whole number; hint: unset it, or pass "
+                "--threads N"
+            ) from None
     return n
 
 
 def resolve_threads(requested: int | None) -> int:
-    """``requested`` (``--threads``) checked, or the default; a count above the affinity is allowed (the user's call)."""
+    """``requested`` (``--threads``) checked, or the default; a count above the affinity is allowed
+    (the user's call)."""
     if requested is None:
         return default_threads()
     if requested < 1:
-        raise ThreadsError(f"--threads must be 1 or more, not {requested}; hint: leave it out for "
-                           f"the default ({default_threads()} here)")
+        raise ThreadsError(
+            f"--threads must be 1 or more, not {requested}; hint: leave it out for "
+            f"the default ({default_threads()} here)"
+        )
     return requested

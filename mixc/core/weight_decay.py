@@ -1,7 +1,7 @@
 """Which plan tensors get no weight decay: one rule for every backend's optimiser.
 
-In the core (not the training driver) because each backend builds its own optimiser and must exempt the
-same roles, or a recipe would mean different models on torch and flax.
+In the core (not the training driver) because each backend builds its own optimiser and must exempt
+the same roles, or a recipe would mean different models on torch and flax.
 """
 
 from __future__ import annotations

@@ -6,15 +6,15 @@ import copy
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from paths import REPO
+
 import mixc
 from mixc.spec import SpecError
-from paths import REPO
 
 ROOT = REPO
 
@@ -52,10 +52,17 @@ def test_model_pickles_and_loads_in_a_fresh_process(tmp_path):
     assert torch.equal(twin(x), model(x))
     code = (
         "import torch; d = torch.load(r'%s', weights_only=False); "
-        "assert torch.equal(d['model'](d['x']), d['y']); print(type(d['model']).__module__)" % (tmp_path / "m.pt")
+        "assert torch.equal(d['model'](d['x']), d['y']); print(type(d['model']).__module__)"
+        % (tmp_path / "m.pt")
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", "import mixc; " + code], env=env, capture_output=True, text=True,
-                         cwd=tmp_path, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", "import mixc; " + code],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith("mixc.backends.compiled.torch_digits_")

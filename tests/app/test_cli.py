@@ -24,8 +24,18 @@ def test_check_ok_and_library_file(capsys, tmp_path):
 
 
 def test_inspect_json_and_set_overrides(capsys):
-    rc, out, _ = run(capsys, "inspect", "wrn28_10.mix", "--json", "--set", "members=1", "--set", "budget=20M",
-                     "--set", "backbone.classes=10")
+    rc, out, _ = run(
+        capsys,
+        "inspect",
+        "wrn28_10.mix",
+        "--json",
+        "--set",
+        "members=1",
+        "--set",
+        "budget=20M",
+        "--set",
+        "backbone.classes=10",
+    )
     assert rc == 0
     data = json.loads(out)
     assert data["members"] == 1 and data["budget"] == 20_000_000
@@ -37,19 +47,28 @@ def test_inspect_json_and_set_overrides(capsys):
 def test_inspect_tables(capsys):
     rc, out, _ = run(capsys, "inspect", "wrn28_10")
     assert rc == 0
-    for text in ("36,536,884", "conv_640x640x3x3", "s3.b0.conv1", "105 per member", "naive ensemble"):
+    for text in (
+        "36,536,884",
+        "conv_640x640x3x3",
+        "s3.b0.conv1",
+        "105 per member",
+        "naive ensemble",
+    ):
         assert text in out
 
 
-@pytest.mark.parametrize("override,message", [
-    ("members=x", "'members' must be an integer"),
-    ("budgt=3M", "did you mean 'budget'?"),
-    ("members", "key=value"),
-    ("backbone.depht=10", "has no parameter 'depht'"),
-    ("assign=greedy", "unknown assignment policy 'greedy'"),
-    ("train.optimizer.lr=-1", "bad value for 'optimizer.lr'"),
-    ("budget=1K", "below the minimum"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("members=x", "'members' must be an integer"),
+        ("budgt=3M", "did you mean 'budget'?"),
+        ("members", "key=value"),
+        ("backbone.depht=10", "has no parameter 'depht'"),
+        ("assign=greedy", "unknown assignment policy 'greedy'"),
+        ("train.optimizer.lr=-1", "bad value for 'optimizer.lr'"),
+        ("budget=1K", "below the minimum"),
+    ],
+)
 def test_bad_overrides_are_reported_with_their_origin(capsys, override, message):
     rc, out, err = run(capsys, "check", "wrn16_4", "--set", override)
     assert rc == 1

@@ -1,8 +1,10 @@
-"""Corruptions: deterministic in the seed, inside [0, 1], each doing what it says; pixel scale round trip."""
+"""Corruptions: deterministic in the seed, inside [0, 1], each doing what it says; pixel scale round
+trip."""
 
 import numpy as np
 import pytest
 
+from mixc.core.data import DataError, Dataset
 from mixc.corruptions import (
     CORRUPTIONS,
     PixelScale,
@@ -13,7 +15,6 @@ from mixc.corruptions import (
     parse_corruptions,
     pixel_scale,
 )
-from mixc.core.data import DataError, Dataset
 
 
 def _images(n=6, c=3, h=16, w=16, seed=0):
@@ -44,8 +45,12 @@ def test_every_corruption_is_deterministic_and_in_range(name):
 
 def test_noise_depends_on_the_seed_and_not_on_the_selection():
     x = _images()
-    assert not np.array_equal(corrupt(x, "gaussian_noise", 3, 0), corrupt(x, "gaussian_noise", 3, 1))
-    assert not np.array_equal(corrupt(x, "gaussian_noise", 2, 0), corrupt(x, "gaussian_noise", 3, 0)[:0].sum() + x)
+    assert not np.array_equal(
+        corrupt(x, "gaussian_noise", 3, 0), corrupt(x, "gaussian_noise", 3, 1)
+    )
+    assert not np.array_equal(
+        corrupt(x, "gaussian_noise", 2, 0), corrupt(x, "gaussian_noise", 3, 0)[:0].sum() + x
+    )
 
 
 def test_one_channel_and_odd_sizes_work():
@@ -78,7 +83,8 @@ def test_what_each_corruption_does():
     y = corrupt(x, "impulse_noise", 5)
     changed = y != x
     assert set(np.unique(y[changed])) <= {0.0, 1.0}
-    assert 0.02 < changed[2:].mean() < 0.12  # about 7% of values hit (half of them to their own extreme)
+    # about 7% of values hit (half of them to their own extreme)
+    assert 0.02 < changed[2:].mean() < 0.12
     # shot noise keeps black black
     assert corrupt(x, "shot_noise", 5)[0].max() == 0.0
 
@@ -118,8 +124,19 @@ def test_parse_corruptions():
 def _normalised(name, x):
     mean = x.mean(axis=(0, 2, 3), keepdims=True)
     std = x.std(axis=(0, 2, 3), keepdims=True)
-    return Dataset(name, ((x - mean) / std).astype(np.float32), np.zeros(len(x), np.int64),
-                   ((x[:3] - mean) / std).astype(np.float32), np.zeros(3, np.int64), 2, "test"), mean, std
+    return (
+        Dataset(
+            name,
+            ((x - mean) / std).astype(np.float32),
+            np.zeros(len(x), np.int64),
+            ((x[:3] - mean) / std).astype(np.float32),
+            np.zeros(3, np.int64),
+            2,
+            "test",
+        ),
+        mean,
+        std,
+    )
 
 
 def test_pixel_scale_recovers_the_normalisation():
@@ -141,8 +158,15 @@ def test_pixel_scale_of_npz_data():
     ds, _, _ = _normalised("mine", x)
     with pytest.raises(DataError, match="neither in \\[0, 1\\] nor in \\[0, 255\\]"):
         pixel_scale(ds)
-    vec = Dataset("v", np.zeros((4, 5), np.float32), np.zeros(4, np.int64), np.zeros((2, 5), np.float32),
-                  np.zeros(2, np.int64), 2, "")
+    vec = Dataset(
+        "v",
+        np.zeros((4, 5), np.float32),
+        np.zeros(4, np.int64),
+        np.zeros((2, 5), np.float32),
+        np.zeros(2, np.int64),
+        2,
+        "",
+    )
     with pytest.raises(DataError, match="image"):
         pixel_scale(vec)
     assert isinstance(PixelScale(np.zeros(1), np.ones(1), "x"), PixelScale)

@@ -1,4 +1,5 @@
-"""mixc export / predict on a tiny trained run: every export reproduces the run's own predictions."""
+"""mixc export / predict on a tiny trained run: every export reproduces the run's own
+predictions."""
 
 import json
 
@@ -7,11 +8,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from synthetic import generated_npz  # noqa: E402
+
 import mixc  # noqa: E402
 from mixc.backends.torch import build, load_checkpoint, named_plan_tensors  # noqa: E402
 from mixc.backends.torch.export import DeployedEnsemble  # noqa: E402
 from mixc.export import compose_all  # noqa: E402
-from synthetic import generated_npz  # noqa: E402
 
 TINY = ["--set", "backbone.width=8", "--set", "members=2"]
 TOL = 1e-4
@@ -32,8 +34,22 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     npz = generated_npz(root / "gen.npz", n_train=128, n_test=48)
     run = root / "run"
-    rc = main(["train", "digits", "--data", str(npz), "--epochs", "1", "--out", str(run), "--no-progress",
-               "--set", "train.batch=32", *TINY])
+    rc = main(
+        [
+            "train",
+            "digits",
+            "--data",
+            str(npz),
+            "--epochs",
+            "1",
+            "--out",
+            str(run),
+            "--no-progress",
+            "--set",
+            "train.batch=32",
+            *TINY,
+        ]
+    )
     assert rc == 0
     with np.load(npz) as z:
         x = z["x_test"].astype(np.float32)
@@ -57,15 +73,19 @@ def _reference(run, x):
     return logits.numpy(), torch.softmax(logits, -1).numpy()
 
 
-# ---------------------------------------------------------------------------
-# The deployed module against the generated one, on random weights (bank, blob windows that wrap, naive)
+# --------------------------------------------------------------------------- The deployed module
+# against the generated one, on random weights (bank, blob windows that wrap, naive)
 
 
-@pytest.mark.parametrize("overrides", [["members=3"], ["members=3", "groups=single", "budget=0.7x"],
-                                       ["members=2", "groups=none"]], ids=["bank", "blob-wrap", "naive"])
+@pytest.mark.parametrize(
+    "overrides",
+    [["members=3"], ["members=3", "groups=single", "budget=0.7x"], ["members=2", "groups=none"]],
+    ids=["bank", "blob-wrap", "naive"],
+)
 def test_deployed_module_equals_generated_model(overrides):
     plan = mixc.compile("digits", ["backbone.width=8", *overrides])
-    if plan.blob is not None:  # the case this parameter is for: some member's window runs past the end
+    # the case this parameter is for: some member's window runs past the end
+    if plan.blob is not None:
         assert any(o + s.k * s.size > plan.blob.size for s in plan.slots for o in s.offsets)
     torch.manual_seed(0)
     model = build(plan).eval()
@@ -99,8 +119,13 @@ def test_onnx_export_equals_the_run(trained, capsys, tmp_path):
     assert rc == 0, err
     assert "max |difference|" in stdout and "opset 18" in stdout
     manifest = json.loads((tmp_path / "m.onnx.json").read_text())
-    assert manifest["max_abs_diff"] <= TOL and manifest["opset"] == 18 and manifest["checked_samples"] == 48
-    assert manifest["pixel_mean"] == [0.0] and manifest["pixel_std"] == [1.0]  # this npz stores pixels in [0, 1]
+    assert (
+        manifest["max_abs_diff"] <= TOL
+        and manifest["opset"] == 18
+        and manifest["checked_samples"] == 48
+    )
+    # this npz stores pixels in [0, 1]
+    assert manifest["pixel_mean"] == [0.0] and manifest["pixel_std"] == [1.0]
     _, want = _reference(run, x)
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [o.name for o in sess.get_outputs()] == ["member_probs", "ensemble_probs"]
@@ -109,7 +134,8 @@ def test_onnx_export_equals_the_run(trained, capsys, tmp_path):
         assert probs.shape == (len(xb), 2, 10)
         np.testing.assert_allclose(probs, want[: len(xb)], atol=TOL)
         np.testing.assert_allclose(ens, want[: len(xb)].mean(1), atol=TOL)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]  # no temporaries left
+    # no temporaries left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]
 
 
 def test_torch_export_equals_the_run(trained, capsys, tmp_path):
@@ -131,11 +157,16 @@ def test_members_export_loads_into_the_plain_backbone(trained, capsys, tmp_path)
     rc, stdout, err = _cli(capsys, "export", run, "--format", "members", "-o", out)
     assert rc == 0, err
     plain = mixc.compile("digits", [TINY[1], TINY[3], "members=1", "groups=none"])
-    assert sorted(p.name for p in out.iterdir()) == ["export.json", "member_0.safetensors", "member_1.safetensors",
-                                                     "plain_plan.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "export.json",
+        "member_0.safetensors",
+        "member_1.safetensors",
+        "plain_plan.json",
+    ]
     logits, _ = _reference(run, x)
     for m in range(2):
-        net = build(plain)  # an ordinary single network, built from the plain spec, not from the export
+        # an ordinary single network, built from the plain spec, not from the export
+        net = build(plain)
         load_checkpoint(out / f"member_{m}.safetensors", net, plain)
         with torch.no_grad():
             got = net.eval()(torch.from_numpy(x))[:, 0]
@@ -157,12 +188,16 @@ def test_an_export_that_disagrees_is_not_written(trained, capsys, tmp_path, monk
 
     run, _, _ = trained
     monkeypatch.setattr(ex, "compose_all", wrong)
-    rc, stdout, err = _cli(capsys, "export", run, "--format", "torch-export", "-o", tmp_path / "m.pt2")
+    rc, stdout, err = _cli(
+        capsys, "export", run, "--format", "torch-export", "-o", tmp_path / "m.pt2"
+    )
     assert rc == 1 and "disagrees with the run's own model" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # neither the export nor its temporary
 
 
-def test_damaged_and_foreign_runs_and_missing_onnx_are_clear_errors(trained, capsys, tmp_path, monkeypatch):
+def test_damaged_and_foreign_runs_and_missing_onnx_are_clear_errors(
+    trained, capsys, tmp_path, monkeypatch
+):
     import shutil
     import sys
 
@@ -173,7 +208,9 @@ def test_damaged_and_foreign_runs_and_missing_onnx_are_clear_errors(trained, cap
     data[-3] ^= 0xFF  # a flipped byte in the tensor data
     (bad / "checkpoint.safetensors").write_bytes(bytes(data))
     rc, _, err = _cli(capsys, "export", bad, "--format", "members", "-o", tmp_path / "o")
-    assert rc == 1 and "checksum" in err and "Traceback" not in err and not (tmp_path / "o").exists()
+    assert (
+        rc == 1 and "checksum" in err and "Traceback" not in err and not (tmp_path / "o").exists()
+    )
     # another spec's plan beside the checkpoint
     (bad / "checkpoint.safetensors").write_bytes((run / "checkpoint.safetensors").read_bytes())
     (bad / "plan.json").write_text(mixc.compile("digits", ["members=3"]).to_json())
@@ -204,9 +241,12 @@ def test_predict_matches_eval_and_reads_images(trained, capsys, tmp_path):
         assert (p["predicted"] == e["member_probs"].mean(1).argmax(-1)).all()
         np.testing.assert_allclose(p["confidence"], e["member_probs"].mean(1).max(-1), atol=1e-6)
         top = e["member_probs"].argmax(-1)
-        np.testing.assert_array_equal(p["disagreement"], (top[:, 0] != top[:, 1]).astype(np.float32))
+        np.testing.assert_array_equal(
+            p["disagreement"], (top[:, 0] != top[:, 1]).astype(np.float32)
+        )
 
-    # images: pixels in [0, 1] (this npz's scale), resized; the grey image equals its array's prediction
+    # images: pixels in [0, 1] (this npz's scale), resized; the grey image equals its array's
+    # prediction
     from PIL import Image
 
     folder = tmp_path / "imgs"
@@ -218,7 +258,9 @@ def test_predict_matches_eval_and_reads_images(trained, capsys, tmp_path):
     rc, stdout, err = _cli(capsys, "predict", run, folder, "--json", "--show", "1")
     assert rc == 0, err
     r = json.loads(stdout)
-    assert r["inputs"] == 2 and len(r["predictions"]) == 1 and r["predictions"][0]["input"] == "0.png"
+    assert (
+        r["inputs"] == 2 and len(r["predictions"]) == 1 and r["predictions"][0]["input"] == "0.png"
+    )
     _, want = _reference(run, (px[:1, None] / 255.0).astype(np.float32))
     np.testing.assert_allclose(r["predictions"][0]["ensemble_probs"], want.mean(1)[0], atol=1e-5)
     rc, _, err = _cli(capsys, "predict", run, tmp_path / "colour.png", "--json")
@@ -232,8 +274,27 @@ def test_a_flax_run_exports_through_the_shared_checkpoint(trained, capsys, tmp_p
 
     _, npz, x = trained
     run = tmp_path / "flax-run"
-    assert main(["train", "digits", "--backend", "flax", "--data", str(npz), "--epochs", "1", "--out", str(run),
-                 "--no-progress", "--set", "train.batch=64", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "digits",
+                "--backend",
+                "flax",
+                "--data",
+                str(npz),
+                "--epochs",
+                "1",
+                "--out",
+                str(run),
+                "--no-progress",
+                "--set",
+                "train.batch=64",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     out = tmp_path / "m.pt2"
     rc, stdout, err = _cli(capsys, "export", run, "--format", "torch-export", "-o", out)
@@ -251,4 +312,6 @@ def test_a_plain_backbone_of_another_shape_is_refused():
     plan = mixc.compile("digits", ["backbone.width=8", "members=2"])
     check_plain_plan(plan, mixc.compile("digits", ["backbone.width=8", "members=1", "groups=none"]))
     with pytest.raises(ExportError, match="spec file changed"):
-        check_plain_plan(plan, mixc.compile("digits", ["backbone.width=16", "members=1", "groups=none"]))
+        check_plain_plan(
+            plan, mixc.compile("digits", ["backbone.width=16", "members=1", "groups=none"])
+        )

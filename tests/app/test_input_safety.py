@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 
 import pytest
+from paths import REPO
 
 import mixc
 from mixc.cli import main
 from mixc.spec import SpecError
-from paths import REPO
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -73,7 +73,9 @@ def test_let_bombs_are_fast_positioned_errors(expr):
 
 
 def test_doubling_strings_and_lists_are_bounded():
-    strings = "let s0 = \"xxxxxxxxxx\"\n" + "".join(f"let s{i + 1} = s{i} + s{i}\n" for i in range(40))
+    strings = 'let s0 = "xxxxxxxxxx"\n' + "".join(
+        f"let s{i + 1} = s{i} + s{i}\n" for i in range(40)
+    )
     with pytest.raises(SpecError, match="string too long"):
         mixc.compile_text(strings, name="s.mix")
     lists = "let l0 = [1, 2]\n" + "".join(f"let l{i + 1} = [l{i}, l{i}]\n" for i in range(60))
@@ -87,9 +89,21 @@ def test_doubling_strings_and_lists_are_bounded():
 
 
 def test_ordinary_powers_and_divisions_still_work():
-    plan = mixc.compile("digits", ["members=2**2", "budget=2**17 + 10**5", "train.optimizer.lr=10**-2",
-                                   "backbone.width=2**5", "templates_per_layer=9//2"])
-    assert plan.members == 4 and plan.accounting.budget == 2**17 + 10**5 and plan.train["optimizer"]["lr"] == 0.01
+    plan = mixc.compile(
+        "digits",
+        [
+            "members=2**2",
+            "budget=2**17 + 10**5",
+            "train.optimizer.lr=10**-2",
+            "backbone.width=2**5",
+            "templates_per_layer=9//2",
+        ],
+    )
+    assert (
+        plan.members == 4
+        and plan.accounting.budget == 2**17 + 10**5
+        and plan.train["optimizer"]["lr"] == 0.01
+    )
 
 
 # --- imports stay inside the allowed folders ------------------------------------------
@@ -120,11 +134,18 @@ def _check(capsys, spec, *extra: str) -> tuple[int, str]:
     return rc, out + err
 
 
-@pytest.mark.parametrize("target", [
-    "/etc/passwd", "../../../../etc/passwd", "/proc/self/environ", "../secret.txt", "../secret.mix",
-    "link.mix",  # a symlink inside the folder that points outside it
-    "../shared/common.mix",  # outside until named with --import-path
-])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/etc/passwd",
+        "../../../../etc/passwd",
+        "/proc/self/environ",
+        "../secret.txt",
+        "../secret.mix",
+        "link.mix",  # a symlink inside the folder that points outside it
+        "../shared/common.mix",  # outside until named with --import-path
+    ],
+)
 def test_imports_outside_the_allowed_folders_are_refused(capsys, tree, target):
     spec = tree / "spec.mix"
     spec.write_text(f'import "{target}"\n')
@@ -150,7 +171,7 @@ def test_a_file_that_is_not_a_spec_is_never_shown(capsys, tree):
     spec = tree / "spec.mix"
     spec.write_text('import "notes.txt"\n')
     rc, text = _check(capsys, spec)
-    assert rc == 1 and 'does not name a .mix file' in text and SECRET not in text
+    assert rc == 1 and "does not name a .mix file" in text and SECRET not in text
     rc, text = _check(capsys, tree / "notes.txt")  # named on the command line: still not echoed
     assert rc == 1 and "is not a mixc spec" in text and SECRET not in text
     rc, text = _check(capsys, "/etc/passwd")
@@ -198,24 +219,6 @@ def _tamper(data: dict, field: str) -> dict:
     return data
 
 
-@pytest.fixture(scope="module")
-def run_folder(tmp_path_factory):
-    """An untrained digits run (width 8, 2 members): plan.json + checkpoint, and an npz to score it on."""
-    pytest.importorskip("torch")
-    from mixc.backends.torch import build
-    from mixc.backends.torch.checkpoint import save_checkpoint
-    from synthetic import generated_npz
-
-    root = tmp_path_factory.mktemp("runs")
-    run = root / "run"
-    run.mkdir()
-    plan = mixc.compile("digits", ["backbone.width=8", "members=2"])
-    save_checkpoint(run / "checkpoint.safetensors", build(plan), plan, 1)
-    (run / "plan.json").write_text(plan.to_json())
-    generated_npz(root / "d.npz", n_train=16, n_test=16)
-    return run
-
-
 def _copy_tampered(run, dest, field):
     import json
     import shutil
@@ -227,25 +230,38 @@ def _copy_tampered(run, dest, field):
 
 
 def test_the_untampered_run_folder_evaluates(capsys, run_folder):
-    rc, out, err = _cli(capsys, "eval", str(run_folder), "--data", str(run_folder.parent / "d.npz"), "--no-save",
-                        "--json")
+    rc, out, err = _cli(
+        capsys,
+        "eval",
+        str(run_folder),
+        "--data",
+        str(run_folder.parent / "d.npz"),
+        "--no-save",
+        "--json",
+    )
     assert rc == 0, err
 
 
 @pytest.mark.parametrize("field", ["source", "name", "spec_hash", "op", "group", "tensor"])
 def test_code_in_a_plan_is_refused_before_it_runs(capsys, run_folder, tmp_path, field):
     run = _copy_tampered(run_folder, tmp_path / "run", field)
-    rc, out, err = _cli(capsys, "eval", str(run), "--data", str(run_folder.parent / "d.npz"), "--no-save")
+    rc, out, err = _cli(
+        capsys, "eval", str(run), "--data", str(run_folder.parent / "d.npz"), "--no-save"
+    )
     assert rc == 1
     assert f"{run / 'plan.json'} is not a valid mixc plan" in err
     assert "PWNED" not in out + err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("field,message", [("eps", "does not match its content hash"),
-                                           ("no_hash", "it has no spec_hash")])
+@pytest.mark.parametrize(
+    "field,message",
+    [("eps", "does not match its content hash"), ("no_hash", "it has no spec_hash")],
+)
 def test_an_edited_plan_is_refused_by_its_hash(capsys, run_folder, tmp_path, field, message):
     run = _copy_tampered(run_folder, tmp_path / "run", field)
-    rc, out, err = _cli(capsys, "eval", str(run), "--data", str(run_folder.parent / "d.npz"), "--no-save")
+    rc, out, err = _cli(
+        capsys, "eval", str(run), "--data", str(run_folder.parent / "d.npz"), "--no-save"
+    )
     assert rc == 1 and message in err and str(run / "plan.json") in err
     # --plan, report and interpolate open runs the same way
     lone = tmp_path / "lone.safetensors"
@@ -257,7 +273,8 @@ def test_an_edited_plan_is_refused_by_its_hash(capsys, run_folder, tmp_path, fie
 
 
 def test_resuming_into_a_folder_with_a_tampered_plan_is_refused(run_folder, tmp_path):
-    """Both training loops check the run folder through mixc.run_writer.check_run_folder before resuming."""
+    """Both training loops check the run folder through mixc.run_writer.check_run_folder before
+    resuming."""
     from mixc.core.errors import TrainError
     from mixc.run_writer import check_run_folder
 
@@ -268,8 +285,18 @@ def test_resuming_into_a_folder_with_a_tampered_plan_is_refused(run_folder, tmp_
         check_run_folder(run, plan)
 
 
-HOSTILE_TEXT = ['x)\nprint("PWNED")\n# (', '"""', "'''", "\\", 'a"""+print("PWNED")+"""b', "\u2028x", "\r", "\x00",
-                "é\u0085", "\\x\\u00"]
+HOSTILE_TEXT = [
+    'x)\nprint("PWNED")\n# (',
+    '"""',
+    "'''",
+    "\\",
+    'a"""+print("PWNED")+"""b',
+    "\u2028x",
+    "\r",
+    "\x00",
+    "é\u0085",
+    "\\x\\u00",
+]
 
 
 @pytest.mark.parametrize("text", HOSTILE_TEXT)
@@ -286,7 +313,8 @@ def test_quoting_helpers_keep_any_string_inert(text):
 
 
 def test_valid_but_hostile_text_in_a_plan_stays_text(capsys):
-    """Names and file names may hold quotes and backslashes (a file can be called that): quoted, never code."""
+    """Names and file names may hold quotes and backslashes (a file can be called that): quoted,
+    never code."""
     import ast
 
     pytest.importorskip("torch")  # the torch text is executed below
@@ -295,14 +323,22 @@ def test_valid_but_hostile_text_in_a_plan_stays_text(capsys):
     from mixc.backends.torch.codegen import emit_source as torch_source
 
     def calls(tree: ast.Module) -> list[str]:  # statements at module level that run something
-        return [ast.unparse(n) for n in tree.body if isinstance(n, ast.Expr) and not isinstance(n.value, ast.Constant)]
+        return [
+            ast.unparse(n)
+            for n in tree.body
+            if isinstance(n, ast.Expr) and not isinstance(n.value, ast.Constant)
+        ]
 
     name = 'evil"""+print("PWNED")+"""\\'
     honest = mixc.compile("digits", ["backbone.width=8", "members=2"])
     plan = honest.model_copy(update={"name": name, "source": "dir/" + name + "'''.mix"})
     for emit in (torch_source, flax_source):
         tree = ast.parse(emit(plan))
-        spec_name = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "SPEC_NAME")
+        spec_name = next(
+            n.value
+            for n in tree.body
+            if isinstance(n, ast.Assign) and n.targets[0].id == "SPEC_NAME"
+        )
         assert ast.literal_eval(spec_name) == name
         assert calls(tree) == calls(ast.parse(emit(honest)))  # the text added no statement
     mod = generated.load(plan, "torch", torch_source(plan))
@@ -333,12 +369,16 @@ def _closed_pipe(*argv: str) -> tuple[int, str]:
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     root = REPO
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mixc", *argv], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mixc", *argv],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     proc.stdout.close()  # as `| head -0` would: every write now fails with EPIPE
     err = proc.stderr.read().decode()
     proc.stderr.close()
@@ -357,7 +397,9 @@ def test_report_into_a_closed_pipe_ends_quietly(capsys, run_folder, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(run_folder, run)
-    rc, out, err = _cli(capsys, "eval", str(run), "--data", str(run_folder.parent / "d.npz"), "--json")
+    rc, out, err = _cli(
+        capsys, "eval", str(run), "--data", str(run_folder.parent / "d.npz"), "--json"
+    )
     assert rc == 0, err
     rc, err = _closed_pipe("report", str(run), "--json")
     assert rc == 141, err
@@ -366,7 +408,9 @@ def test_report_into_a_closed_pipe_ends_quietly(capsys, run_folder, tmp_path):
 
 def test_members_are_capped_so_tables_stay_small(capsys):
     start = time.perf_counter()
-    rc, out, err = _cli(capsys, "check", "digits", "--set", "backbone.width=1G", "--set", "members=36.5M")
+    rc, out, err = _cli(
+        capsys, "check", "digits", "--set", "backbone.width=1G", "--set", "members=36.5M"
+    )
     assert rc == 1 and "'members' is at most 1,024, got 36,500,000" in err
     assert time.perf_counter() - start < 2.0
     assert mixc.compile("digits", ["members=1024", "budget=10x"]).members == 1024
@@ -378,7 +422,13 @@ def test_a_plan_that_is_not_json_is_refused_without_echo(capsys, run_folder, tmp
     keyed = tmp_path / "keyed.json"
     keyed.write_text('{"\\u001b[31m' + SECRET + '": 1}')
     for plan in (other, keyed):
-        rc, out, err = _cli(capsys, "eval", str(run_folder / "checkpoint.safetensors"), "--plan", str(plan),
-                            "--no-save")
+        rc, out, err = _cli(
+            capsys,
+            "eval",
+            str(run_folder / "checkpoint.safetensors"),
+            "--plan",
+            str(plan),
+            "--no-save",
+        )
         assert rc == 1 and f"{plan} is not a valid mixc plan" in err
         assert SECRET not in out + err and "\x1b" not in err

@@ -1,5 +1,7 @@
-"""Every input safe, second round (issue 25): writes never follow a link or destroy an input, images decode by
-their mode, and the remaining bad inputs are one-paragraph errors (exit 1 or 2), never a traceback."""
+"""Every input safe, second round (issue 25): writes never follow a link or destroy an input, images
+decode by their mode, and the remaining bad inputs are one-paragraph errors (exit 1 or 2), never
+a traceback.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_input_safety import _cli
 
 import mixc
-from test_input_safety import _cli, run_folder  # noqa: F401 - run_folder is a fixture
 
 PRECIOUS = "precious\n"
 
@@ -31,21 +33,37 @@ def _one_paragraph(err: str) -> None:
 # --- writes never follow a link --------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [".mixc-train.lock", "metrics.jsonl", "curves.png", "config.json", "metrics.csv"])
+@pytest.mark.parametrize(
+    "name", [".mixc-train.lock", "metrics.jsonl", "curves.png", "config.json", "metrics.csv"]
+)
 def test_train_refuses_links_where_it_writes(capsys, run_folder, tmp_path, victim, name):
     run = tmp_path / "run"
     shutil.copytree(run_folder, run)
     (run / name).symlink_to(victim)
-    rc, out, err = _cli(capsys, "train", "digits", "--set", "backbone.width=8", "--set", "members=2", "--epochs", "2",
-                        "--data", str(run_folder.parent / "d.npz"), "--out", str(run), "--no-progress")
+    rc, out, err = _cli(
+        capsys,
+        "train",
+        "digits",
+        "--set",
+        "backbone.width=8",
+        "--set",
+        "members=2",
+        "--epochs",
+        "2",
+        "--data",
+        str(run_folder.parent / "d.npz"),
+        "--out",
+        str(run),
+        "--no-progress",
+    )
     assert rc == 1 and str(run / name) in err and "symbolic link" in err
     _one_paragraph(err)
     assert victim.read_text() == PRECIOUS
 
 
 def test_the_lock_and_appends_never_follow_a_link(tmp_path, victim):
-    from mixc.run_lock import RunLock
     from mixc.core.safe_write import WriteError, append_text
+    from mixc.run_lock import RunLock
 
     (tmp_path / ".mixc-train.lock").symlink_to(victim)
     with pytest.raises(WriteError, match="symbolic link"):
@@ -69,7 +87,9 @@ def test_interpolate_refuses_a_linked_output(capsys, run_folder, tmp_path, victi
     run = tmp_path / "run"
     shutil.copytree(run_folder, run)
     (run / "interpolation.csv").symlink_to(victim)
-    rc, out, err = _cli(capsys, "interpolate", str(run), "--data", str(run_folder.parent / "d.npz"), "--points", "2")
+    rc, out, err = _cli(
+        capsys, "interpolate", str(run), "--data", str(run_folder.parent / "d.npz"), "--points", "2"
+    )
     assert rc == 1 and "interpolation.csv is a symbolic link" in err
     _one_paragraph(err)
     assert victim.read_text() == PRECIOUS
@@ -92,15 +112,27 @@ def test_export_never_overwrites_the_runs_checkpoint(capsys, run_folder, tmp_pat
     shutil.copytree(run_folder, run)
     before = (run / "checkpoint.safetensors").read_bytes()
     for extra in ([], ["--force"]):
-        rc, out, err = _cli(capsys, "export", str(run), "--format", "torch-export", "-o",
-                            str(run / "checkpoint.safetensors"), *extra)
+        rc, out, err = _cli(
+            capsys,
+            "export",
+            str(run),
+            "--format",
+            "torch-export",
+            "-o",
+            str(run / "checkpoint.safetensors"),
+            *extra,
+        )
         assert rc == 1 and "is an input of this command" in err, err
         _one_paragraph(err)
     assert (run / "checkpoint.safetensors").read_bytes() == before
 
 
-def test_export_needs_force_to_replace_a_file_it_did_not_write(capsys, run_folder, tmp_path, victim):
-    rc, out, err = _cli(capsys, "export", str(run_folder), "--format", "torch-export", "-o", str(victim))
+def test_export_needs_force_to_replace_a_file_it_did_not_write(
+    capsys, run_folder, tmp_path, victim
+):
+    rc, out, err = _cli(
+        capsys, "export", str(run_folder), "--format", "torch-export", "-o", str(victim)
+    )
     assert rc == 1 and "already exists" in err and "--force" in err
     _one_paragraph(err)
     assert victim.read_text() == PRECIOUS
@@ -111,7 +143,9 @@ def test_export_members_refuses_a_linked_folder(capsys, run_folder, tmp_path):
     elsewhere.mkdir()
     (elsewhere / "keep.txt").write_text(PRECIOUS)
     (tmp_path / "link").symlink_to(elsewhere)
-    rc, out, err = _cli(capsys, "export", str(run_folder), "--format", "members", "-o", str(tmp_path / "link"))
+    rc, out, err = _cli(
+        capsys, "export", str(run_folder), "--format", "members", "-o", str(tmp_path / "link")
+    )
     assert rc == 1 and "symbolic link" in err
     _one_paragraph(err)
     assert (elsewhere / "keep.txt").read_text() == PRECIOUS
@@ -125,11 +159,15 @@ def test_predict_output_paths(capsys, run_folder, tmp_path):
     assert rc == 1 and "is a folder" in err
     _one_paragraph(err)
     (tmp_path / "file").write_text("x")
-    rc, out, err = _cli(capsys, "predict", str(run_folder), npz, "-o", str(tmp_path / "file" / "p.npz"))
+    rc, out, err = _cli(
+        capsys, "predict", str(run_folder), npz, "-o", str(tmp_path / "file" / "p.npz")
+    )
     assert rc == 1 and "is a file, not a folder" in err
     _one_paragraph(err)
     rc, out, err = _cli(capsys, "predict", str(run_folder), npz, "-o", str(tmp_path / "preds"))
-    assert rc == 0 and f"wrote {tmp_path / 'preds.npz'}" in out and (tmp_path / "preds.npz").is_file()
+    assert (
+        rc == 0 and f"wrote {tmp_path / 'preds.npz'}" in out and (tmp_path / "preds.npz").is_file()
+    )
     rc, out, err = _cli(capsys, "predict", str(run_folder), npz, "-o", npz)  # over its own input
     assert rc == 1 and "is an input of this command" in err
 
@@ -176,8 +214,15 @@ def test_a_16_bit_image_predicts_as_its_8_bit_twin(capsys, run_folder, tmp_path)
     sixteen = _png(tmp_path / "sixteen.png", px.astype(np.uint16) * 257, "I;16")
     probs = []
     for image in (eight, sixteen):
-        rc, out, err = _cli(capsys, "predict", str(run_folder), str(image), "--data", str(run_folder.parent / "d.npz"),
-                            "--json")
+        rc, out, err = _cli(
+            capsys,
+            "predict",
+            str(run_folder),
+            str(image),
+            "--data",
+            str(run_folder.parent / "d.npz"),
+            "--json",
+        )
         assert rc == 0, err
         probs.append(json.loads(out)["predictions"][0]["ensemble_probs"])
     np.testing.assert_allclose(probs[0], probs[1], atol=1e-6)
@@ -205,7 +250,9 @@ def test_float_palette_and_cmyk_images_by_their_mode(tmp_path):
     assert open_image(tmp_path / "p.png", 3).mode == "RGB"
 
 
-def test_a_decompression_bomb_is_a_data_error_naming_the_file(capsys, run_folder, tmp_path, monkeypatch):
+def test_a_decompression_bomb_is_a_data_error_naming_the_file(
+    capsys, run_folder, tmp_path, monkeypatch
+):
     pytest.importorskip("PIL")
     from PIL import Image
 
@@ -213,12 +260,21 @@ def test_a_decompression_bomb_is_a_data_error_naming_the_file(capsys, run_folder
     from mixc.core.imagefolder import load_image_folder
 
     bomb = _png(tmp_path / "bomb.png", np.zeros((64, 64), np.uint8), "L")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4,096 pixels: past twice the limit, an error in Pillow
-    rc, out, err = _cli(capsys, "predict", str(run_folder), str(bomb), "--data", str(run_folder.parent / "d.npz"),
-                        "--json")
+    # 4,096 pixels: past twice the limit, an error in Pillow
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    rc, out, err = _cli(
+        capsys,
+        "predict",
+        str(run_folder),
+        str(bomb),
+        "--data",
+        str(run_folder.parent / "d.npz"),
+        "--json",
+    )
     assert rc == 2 and str(bomb) in err and "decompression-bomb limit" in err
     _one_paragraph(err)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # past the limit only: Pillow's warning, an error here
+    # past the limit only: Pillow's warning, an error here
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
     root = tmp_path / "folder"
     for split in ("train", "test"):
         (root / split / "a").mkdir(parents=True)
@@ -255,23 +311,30 @@ def test_verify_refuses_members_beyond_the_limit_as_an_option(capsys):
     assert "FAILED invariant" not in out + err
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.optimizer.lr=inf", "finite number"),
-    ("train.optimizer.lr=nan", "finite number"),
-    ("train.weight_decay=inf", "finite number"),
-    ("train.seed=-1", "greater than or equal to 0"),
-    ("train.seed=2**40", "less than or equal to 4294967295"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.optimizer.lr=inf", "finite number"),
+        ("train.optimizer.lr=nan", "finite number"),
+        ("train.weight_decay=inf", "finite number"),
+        ("train.seed=-1", "greater than or equal to 0"),
+        ("train.seed=2**40", "less than or equal to 4294967295"),
+    ],
+)
 def test_recipe_numbers_are_finite_and_seeds_in_range(capsys, override, message):
     rc, out, err = _cli(capsys, "check", "digits", "--set", override)
     assert rc == 1 and message in err and "Traceback" not in err
 
 
 def test_train_and_sweep_seeds_out_of_range(capsys, tmp_path):
-    rc, out, err = _cli(capsys, "train", "digits", "--seed", str(2**70), "--out", str(tmp_path / "r"))
+    rc, out, err = _cli(
+        capsys, "train", "digits", "--seed", str(2**70), "--out", str(tmp_path / "r")
+    )
     assert rc == 1 and "4294967295" in err and not (tmp_path / "r").exists()
     _one_paragraph(err)
-    rc, out, err = _cli(capsys, "sweep", "digits", "--seeds=-1", "--members", "2", "--out", str(tmp_path / "s"))
+    rc, out, err = _cli(
+        capsys, "sweep", "digits", "--seeds=-1", "--members", "2", "--out", str(tmp_path / "s")
+    )
     assert rc == 1 and "a seed is a whole number from 0" in err
     _one_paragraph(err)
     assert not list(tmp_path.rglob("seed--1"))
@@ -294,21 +357,42 @@ def test_api_arguments_are_checked_like_the_cli():
 def test_compile_never_writes_over_its_spec(capsys, tmp_path):
     spec = tmp_path / "mine.mix"
     text = (Path(mixc.__file__).parent.parent / "zoo" / "digits.mix").read_text()
-    spec.write_text(text.replace('import "blocks/', f'import "{Path(mixc.__file__).parent.parent / "zoo"}/blocks/'))
-    rc, out, err = _cli(capsys, "compile", str(spec), "--import-path", str(Path(mixc.__file__).parent.parent / "zoo"),
-                        "-o", str(spec))
+    spec.write_text(
+        text.replace(
+            'import "blocks/', f'import "{Path(mixc.__file__).parent.parent / "zoo"}/blocks/'
+        )
+    )
+    rc, out, err = _cli(
+        capsys,
+        "compile",
+        str(spec),
+        "--import-path",
+        str(Path(mixc.__file__).parent.parent / "zoo"),
+        "-o",
+        str(spec),
+    )
     assert rc == 1 and "is an input of this command" in err
     assert "import" in spec.read_text()
 
 
-@pytest.mark.parametrize("override,message", [
-    ("method=packed(alpha = 1e9)", "more than 16,777,216 channels"),
-    ("method=mimo(batch_repetitions = 1e9)", "at most 1,024 repetitions"),
-    ("method=naive", "more than numbers in mixc go (1e18)"),  # with backbone.width=100M
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("method=packed(alpha = 1e9)", "more than 16,777,216 channels"),
+        ("method=mimo(batch_repetitions = 1e9)", "at most 1,024 repetitions"),
+        ("method=naive", "more than numbers in mixc go (1e18)"),  # with backbone.width=100M
+    ],
+)
 def test_method_options_and_counts_stay_within_the_limits(capsys, override, message):
-    rc, out, err = _cli(capsys, "inspect", "digits", "--set", "backbone.width=100M" if "naive" in override else
-                        "members=2", "--set", override)
+    rc, out, err = _cli(
+        capsys,
+        "inspect",
+        "digits",
+        "--set",
+        "backbone.width=100M" if "naive" in override else "members=2",
+        "--set",
+        override,
+    )
     assert rc == 1 and message in err and "Traceback" not in err
 
 

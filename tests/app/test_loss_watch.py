@@ -1,4 +1,5 @@
-"""Divergence inside the epoch: a NaN stops the run at its step, a loss far above its start is reported."""
+"""Divergence inside the epoch: a NaN stops the run at its step, a loss far above its start is
+reported."""
 
 import dataclasses
 import json
@@ -7,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from mixc.loss_watch import CHECK_EVERY, HIGH_FACTOR, HIGH_STEPS, LossWatch
 from mixc.core.errors import TrainError
+from mixc.loss_watch import CHECK_EVERY, HIGH_FACTOR, HIGH_STEPS, LossWatch
 
 
 def _watch(lines, members=2, steps_per_epoch=30):
@@ -44,7 +45,8 @@ def test_a_loss_that_stays_high_is_warned_about_once():
     for s, v in enumerate(values):
         w.add(s, 2 * v)
     w.check()
-    assert len(lines) == 1  # 49 high steps, a dip, then 100: one warning, naming where the last run began
+    # 49 high steps, a dip, then 100: one warning, naming where the last run began
+    assert len(lines) == 1
     first_high = CHECK_EVERY + HIGH_STEPS + 1  # 1-based
     assert f"since step {first_high} " in lines[0] and "HINT" in lines[0], lines
 
@@ -63,9 +65,9 @@ def test_training_stops_at_the_nan_step_and_keeps_the_last_epoch(tmp_path, monke
     torch = pytest.importorskip("torch")
     import mixc
     from mixc.backends.torch.train import TorchTrainer
-    from mixc.training import train
     from mixc.core.data import load_dataset
     from mixc.spec.recipe import Recipe
+    from mixc.training import train
 
     data = load_dataset("digits")
     data = dataclasses.replace(data, x_train=data.x_train[:512], y_train=data.y_train[:512])
@@ -76,7 +78,8 @@ def test_training_stops_at_the_nan_step_and_keeps_the_last_epoch(tmp_path, monke
     def step(self, idx, lr, s):
         calls.append(s)
         loss = real_step(self, idx, lr, s)
-        return loss * torch.nan if len(calls) == 16 + 3 else loss  # epoch 2 (16 steps each), its 3rd step
+        # epoch 2 (16 steps each), its 3rd step
+        return loss * torch.nan if len(calls) == 16 + 3 else loss
 
     monkeypatch.setattr(TorchTrainer, "step", step)
     with pytest.raises(TrainError, match=r"at step 19 \(epoch 2, step 3 of 16\)"):

@@ -1,21 +1,20 @@
-"""The paper's recipe at width: shared weights take the mean of their members' gradients (issue: a 4-member
-WRN-28-10 diverged at lr 0.1 while one member and the naive ensemble trained).
+"""The paper's recipe at width: shared weights take the mean of their members' gradients (issue: a
+4-member WRN-28-10 diverged at lr 0.1 while one member and the naive ensemble trained).
 
-The CPU-sized reproducer is a 1024-wide MLP ensemble at lr 0.1 (the WRN recipe's SGD): its classifier and
-input layer are plain layers every member reads, and at that width the summed gradient of four members
-throws the loss far above its start, as the WRN-28-10 did on the GPU. ``bench/stability.py`` measures
-the same on the zoo's WRN at full or reduced size.
+The CPU-sized reproducer is a 1024-wide MLP ensemble at lr 0.1 (the WRN recipe's SGD): its
+classifier and input layer are plain layers every member reads, and at that width the summed
+gradient of four members throws the loss far above its start, as the WRN-28-10 did on the GPU.
+``bench/stability.py`` measures the same on the zoo's WRN at full or reduced size.
 """
 
 import numpy as np
 import pytest
+from framework_fixtures import fast_xla_compiles, one_torch_thread  # noqa: F401  (autouse)
 
 import mixc
 from mixc.core.method_batches import gradient_scales
 from mixc.spec.recipe import Recipe
 from mixc.stability import first_steps, synthetic
-
-from framework_fixtures import fast_xla_compiles, one_torch_thread  # noqa: F401  (autouse)
 
 WIDE_MLP = """
 backbone mlp(width = 512, classes = 10) {
@@ -64,42 +63,63 @@ def _trace(backend_name: str, *overrides: str):
 def test_which_weights_take_the_mean():
     plan = _plan()
     assert gradient_scales(plan, "mean_output") == {"plain.fc.weight": 0.25, "plain.fc.bias": 0.25}
-    assert gradient_scales(plan, "mean") == {"plain.inp.weight": 0.25, "plain.inp.bias": 0.25,
-                                             "plain.fc.weight": 0.25, "plain.fc.bias": 0.25}
+    assert gradient_scales(plan, "mean") == {
+        "plain.inp.weight": 0.25,
+        "plain.inp.bias": 0.25,
+        "plain.fc.weight": 0.25,
+        "plain.fc.bias": 0.25,
+    }
     assert gradient_scales(plan, "sum") == {}
     for rule in ("mean", "mean_output"):
         assert gradient_scales(_plan("members=1"), rule) == {}
-        assert gradient_scales(_plan("groups=none"), rule) == {}  # the naive ensemble shares nothing
-        for single_path in ("method=mimo", "method=packed"):  # one network, trained as the references do
+        # the naive ensemble shares nothing
+        assert gradient_scales(_plan("groups=none"), rule) == {}
+        # one network, trained as the references do
+        for single_path in ("method=mimo", "method=packed"):
             assert gradient_scales(_plan(single_path), rule) == {}
     be = _plan("method=batch_ensemble")
-    assert set(gradient_scales(be, "mean")) == {t.name for t in be.tensors if t.role == "plain_weight"}
+    assert set(gradient_scales(be, "mean")) == {
+        t.name for t in be.tensors if t.role == "plain_weight"
+    }
     assert set(gradient_scales(be, "mean_output")) == {"plain.fc.weight"}
 
 
 def test_the_recipe_defaults_to_the_output_mean_and_takes_the_others_by_set():
     assert Recipe().shared_gradient == "mean_output"
-    assert "shared_gradient" not in _plan().train  # the default stays out of the Plan: its bytes do not move
+    # the default stays out of the Plan: its bytes do not move
+    assert "shared_gradient" not in _plan().train
     for rule in ("sum", "mean"):
-        assert Recipe.model_validate(_plan(f"train.shared_gradient={rule}").train).shared_gradient == rule
+        assert (
+            Recipe.model_validate(_plan(f"train.shared_gradient={rule}").train).shared_gradient
+            == rule
+        )
     with pytest.raises(mixc.spec.SpecError, match="shared_gradient"):
         _plan("train.shared_gradient=average")
 
 
 def _one_step(backend: str, rule: str, init: dict | None = None) -> tuple[dict, dict]:
-    """(state before, state after) one SGD step (momentum and decay off) of a 2-member 32-wide mixture."""
+    """(state before, state after) one SGD step (momentum and decay off) of a 2-member 32-wide
+    mixture."""
     from mixc.backends import get_backend
 
-    plan = _plan(f"train.shared_gradient={rule}", "train.optimizer.momentum=0", "train.weight_decay=0",
-                 "members=2", "backbone.width=32")
+    plan = _plan(
+        f"train.shared_gradient={rule}",
+        "train.optimizer.momentum=0",
+        "train.weight_decay=0",
+        "members=2",
+        "backbone.width=32",
+    )
     recipe = Recipe.model_validate(plan.train)
     x, y = synthetic(plan.input_shape, plan.classes, recipe.batch)
-    trainer = get_backend(backend, "train").trainer(plan, recipe, device="cpu", layout="loop", augment="none")
+    trainer = get_backend(backend, "train").trainer(
+        plan, recipe, device="cpu", layout="loop", augment="none"
+    )
     trainer.begin(x, y, recipe.batch)
     if init is not None:
         trainer.load_state(init)
     trainer.begin_epoch(1, 2)
-    before = {k: np.array(v) for k, v in trainer.state_arrays().items()}  # copies: torch's are live views
+    # copies: torch's are live views
+    before = {k: np.array(v) for k, v in trainer.state_arrays().items()}
     trainer.step(np.arange(recipe.batch), 0.1, 0)
     after = {k: np.array(v) for k, v in trainer.state_arrays().items()}
     trainer.close()
@@ -107,9 +127,9 @@ def _one_step(backend: str, rule: str, init: dict | None = None) -> tuple[dict, 
 
 
 def test_one_step_divides_exactly_the_shared_gradients_in_both_backends():
-    """From one initial state, one step under ``mean`` (``mean_output``) moves every plain layer (the output
-    layer) 1/M as far as under ``sum`` and every other tensor exactly as far, and torch and flax take the
-    same step."""
+    """From one initial state, one step under ``mean`` (``mean_output``) moves every plain layer
+    (the output layer) 1/M as far as under ``sum`` and every other tensor exactly as far, and
+    torch and flax take the same step."""
     pytest.importorskip("torch")
     pytest.importorskip("jax")
     init, _ = _one_step("torch", "sum")
@@ -117,24 +137,38 @@ def test_one_step_divides_exactly_the_shared_gradients_in_both_backends():
     for backend in ("torch", "flax"):
         for rule in ("sum", "mean", "mean_output"):
             before, after = _one_step(backend, rule, init)
-            moved[backend, rule] = {k: after[k] - before[k] for k in after
-                                    if not k.endswith(("running_mean", "running_var"))}
+            moved[backend, rule] = {
+                k: after[k] - before[k]
+                for k in after
+                if not k.endswith(("running_mean", "running_var"))
+            }
     halved = {"mean": ("plain.",), "mean_output": ("plain.fc.",)}
     for name, delta in moved["torch", "sum"].items():
         for rule, prefixes in halved.items():
             factor = 0.5 if name.startswith(prefixes) else 1.0
             for backend in ("torch", "flax"):
-                np.testing.assert_allclose(moved[backend, rule][name], factor * delta, rtol=1e-3, atol=1e-6,
-                                           err_msg=f"{backend} {rule} {name}")
-    assert any(np.abs(d).max() > 1e-4 for n, d in moved["torch", "sum"].items() if n.startswith("plain.inp"))
-    assert any(np.abs(d).max() > 1e-4 for n, d in moved["torch", "sum"].items() if n.startswith("plain.fc"))
+                np.testing.assert_allclose(
+                    moved[backend, rule][name],
+                    factor * delta,
+                    rtol=1e-3,
+                    atol=1e-6,
+                    err_msg=f"{backend} {rule} {name}",
+                )
+    assert any(
+        np.abs(d).max() > 1e-4
+        for n, d in moved["torch", "sum"].items()
+        if n.startswith("plain.inp")
+    )
+    assert any(
+        np.abs(d).max() > 1e-4 for n, d in moved["torch", "sum"].items() if n.startswith("plain.fc")
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "flax"])
 def test_the_wide_mixture_trains_like_the_naive_ensemble(backend):
-    """The reproducer: under ``sum`` the mixture's loss shoots far above its start (the divergence); under the
-    default (``mean_output``) and under ``mean`` its peak and its last steps stay within 1.3x of the naive
-    ensemble's at the same recipe."""
+    """The reproducer: under ``sum`` the mixture's loss shoots far above its start (the divergence);
+    under the default (``mean_output``) and under ``mean`` its peak and its last steps stay
+    within 1.3x of the naive ensemble's at the same recipe."""
     pytest.importorskip({"torch": "torch", "flax": "jax"}[backend])
     naive = _trace(backend, "groups=none")
     summed = _trace(backend, "train.shared_gradient=sum")
@@ -147,12 +181,11 @@ def test_the_wide_mixture_trains_like_the_naive_ensemble(backend):
 
 
 def test_a_recipe_recorded_before_the_setting_reads_as_sum():
-    """Runs recorded before ``shared_gradient`` existed trained with the sum: resuming one under today's
-    default is a recipe change (refused unless --allow-recipe-change), not a silent one."""
+    """Runs recorded before ``shared_gradient`` existed trained with the sum: resuming one under
+    today's default is a recipe change (refused unless --allow-recipe-change), not a silent one."""
     import json
 
     from mixc.core.run_models import RunConfig, TrainMetadata
-
     from mixc.recipe_diff import recipe_changes
 
     old = Recipe().model_dump(mode="json")

@@ -35,7 +35,9 @@ def test_points_fallback_and_infeasible():
     pts = plan_points("digits", [], ["0.2x", "0.4x", "1x"], [], ["single", "naive"])
     by = {p.key: p for p in pts}
     assert list(by) == ["m4-b0.2x", "m4-b0.4x", "m4-b1x", "single", "naive-m4"]
-    assert by["m4-b0.2x"].error and "minimum" in by["m4-b0.2x"].error and by["m4-b0.2x"].plan is None
+    assert (
+        by["m4-b0.2x"].error and "minimum" in by["m4-b0.2x"].error and by["m4-b0.2x"].plan is None
+    )
     fb = by["m4-b0.4x"]  # below the by_shape minimum 70,854 but fits one blob (61,686)
     assert fb.error is None and fb.plan.grouping == "single" and "groups single" in fb.note
     assert fb.overrides[-1] == "groups=single"
@@ -45,7 +47,8 @@ def test_points_fallback_and_infeasible():
     strict = plan_points("digits", [], ["0.4x"], [], [], fallback="none")
     assert strict[0].error and strict[0].plan is None
     grid = plan_points("digits", [], ["1x", "2x"], [2, 4], ["naive"])
-    assert [p.key for p in grid] == ["m2-b1x", "m2-b2x", "m4-b1x", "m4-b2x", "naive-m4"]  # naive: the spec's M
+    # naive: the spec's M
+    assert [p.key for p in grid] == ["m2-b1x", "m2-b2x", "m4-b1x", "m4-b2x", "naive-m4"]
 
 
 def test_tiny_sweep_end_to_end_and_resumes(tmp_path, capsys):
@@ -56,8 +59,25 @@ def test_tiny_sweep_end_to_end_and_resumes(tmp_path, capsys):
 
     npz = generated_npz(tmp_path / "gen.npz", n_train=192, n_test=48)
     out = tmp_path / "sweep"
-    argv = ["sweep", "digits", "--budgets", "1x,2x", "--baselines", "single", "--data", str(npz), "--epochs", "1",
-            "--set", "backbone.width=8", "--set", "members=2", "--out", str(out), "--no-progress"]
+    argv = [
+        "sweep",
+        "digits",
+        "--budgets",
+        "1x,2x",
+        "--baselines",
+        "single",
+        "--data",
+        str(npz),
+        "--epochs",
+        "1",
+        "--set",
+        "backbone.width=8",
+        "--set",
+        "members=2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     first = capsys.readouterr().out
     assert "| point |" in first
@@ -104,11 +124,42 @@ def test_members_and_params_plots(tmp_path):
     rows = []
     for b, p in (("0.5x", 80_000), ("1x", 160_000)):
         for m, a in ((1, 0.90), (2, 0.93), (4, 0.95)):
-            rows.append({"kind": "ensemble", "budget": b, "members": m, "params": p + m, "accuracy": a - 0.01 * (b == "0.5x"),
-                         "nll": 1 - a})
-    rows += [{"kind": "single", "budget": "-", "members": 1, "params": 170_000, "accuracy": 0.9, "nll": 0.3},
-             {"kind": "naive", "budget": "-", "members": 4, "params": 680_000, "accuracy": 0.96, "nll": 0.1},
-             {"kind": "ensemble", "budget": "0.1x", "members": 4, "params": None, "accuracy": None, "nll": None}]
+            rows.append(
+                {
+                    "kind": "ensemble",
+                    "budget": b,
+                    "members": m,
+                    "params": p + m,
+                    "accuracy": a - 0.01 * (b == "0.5x"),
+                    "nll": 1 - a,
+                }
+            )
+    rows += [
+        {
+            "kind": "single",
+            "budget": "-",
+            "members": 1,
+            "params": 170_000,
+            "accuracy": 0.9,
+            "nll": 0.3,
+        },
+        {
+            "kind": "naive",
+            "budget": "-",
+            "members": 4,
+            "params": 680_000,
+            "accuracy": 0.96,
+            "nll": 0.1,
+        },
+        {
+            "kind": "ensemble",
+            "budget": "0.1x",
+            "members": 4,
+            "params": None,
+            "accuracy": None,
+            "nll": None,
+        },
+    ]
     a = sweep_params_plot(rows, tmp_path / "p.png", "t")
     b = sweep_members_plot(rows, tmp_path / "m.png", "t")
     assert a.read_bytes()[:8] == PNG and b.read_bytes()[:8] == PNG
@@ -120,12 +171,33 @@ def test_two_seed_sweep_prints_mean_and_sd(tmp_path, capsys):
     from mixc.cli import main
 
     out = tmp_path / "seeds"
-    argv = ["sweep", "digits", "--budgets", "1x", "--seeds", "0,1", "--epochs", "1", "--set", "backbone.width=4",
-            "--set", "members=2", "--set", "train.batch=512", "--threads", "1", "--no-progress", "--out", str(out)]
+    argv = [
+        "sweep",
+        "digits",
+        "--budgets",
+        "1x",
+        "--seeds",
+        "0,1",
+        "--epochs",
+        "1",
+        "--set",
+        "backbone.width=4",
+        "--set",
+        "members=2",
+        "--set",
+        "train.batch=512",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "±" in text and "2 seeds" in text
-    assert (out / "b1x" / "seed-0" / "checkpoint.safetensors").is_file() or any(out.glob("*/seed-1/checkpoint.safetensors"))
+    assert (out / "b1x" / "seed-0" / "checkpoint.safetensors").is_file() or any(
+        out.glob("*/seed-1/checkpoint.safetensors")
+    )
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert rows[0]["seeds"] == "2" and float(rows[0]["accuracy_sd"]) >= 0
     per = json.loads((out / "sweep.json").read_text())[0]["per_seed"]
@@ -148,7 +220,11 @@ def test_parse_methods_keeps_options_and_refuses_unknown_names():
     from mixc.sweep import parse_methods
 
     assert parse_methods("mixture, batch_ensemble,packed(alpha = 2, gamma = 1),naive") == [
-        "mixture", "batch_ensemble", "packed(alpha = 2, gamma = 1)", "naive"]
+        "mixture",
+        "batch_ensemble",
+        "packed(alpha = 2, gamma = 1)",
+        "naive",
+    ]
     assert parse_methods(None) == []
     for bad in ("mixture,batchensemble", "", "deep", "packed(alpha = 2"):
         with pytest.raises(SweepError, match="--methods"):
@@ -156,8 +232,9 @@ def test_parse_methods_keeps_options_and_refuses_unknown_names():
 
 
 def test_methods_sweep_trains_each_method_as_an_ordinary_run(tmp_path, capsys):
-    """One series per method, each point an ordinary run with the method in its plan; the table names the
-    method, its parameters and inference FLOPs; report shows the method beside the metrics."""
+    """One series per method, each point an ordinary run with the method in its plan; the table
+    names the method, its parameters and inference FLOPs; report shows the method beside the
+    metrics."""
     pytest.importorskip("torch")
     from synthetic import generated_npz
 
@@ -165,21 +242,45 @@ def test_methods_sweep_trains_each_method_as_an_ordinary_run(tmp_path, capsys):
 
     npz = generated_npz(tmp_path / "gen.npz", n_train=128, n_test=48)
     out = tmp_path / "sweep"
-    argv = ["sweep", "digits", "--methods", "mixture,batch_ensemble,mimo,packed,naive", "--data", str(npz),
-            "--epochs", "1", "--set", "backbone.width=8", "--set", "members=2", "--out", str(out), "--no-progress"]
+    argv = [
+        "sweep",
+        "digits",
+        "--methods",
+        "mixture,batch_ensemble,mimo,packed,naive",
+        "--data",
+        str(npz),
+        "--epochs",
+        "1",
+        "--set",
+        "backbone.width=8",
+        "--set",
+        "members=2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "| method |" in table
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [r["method"] for r in rows] == ["mixture", "batch_ensemble", "mimo", "packed", "naive"]
-    assert [r["point"] for r in rows] == ["m2", "batch_ensemble-m2", "mimo-m2", "packed-m2", "naive-m2"]
+    assert [r["point"] for r in rows] == [
+        "m2",
+        "batch_ensemble-m2",
+        "mimo-m2",
+        "packed-m2",
+        "naive-m2",
+    ]
     assert all(r["status"] == "trained" and 0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
     flops = {r["method"]: float(r["flops"]) for r in rows}
     assert flops["naive"] == pytest.approx(2.0) and flops["batch_ensemble"] == pytest.approx(2.0)
-    assert flops["mimo"] == pytest.approx(1.0, rel=0.05)  # one network; only the first conv reads M inputs
+    # one network; only the first conv reads M inputs
+    assert flops["mimo"] == pytest.approx(1.0, rel=0.05)
     params = {r["method"]: int(r["params"]) for r in rows}
     assert params["naive"] > 1.8 * params["mixture"]
-    for r in rows:  # a plan file leaves out the method where grouping implies it (mixture; none: naive)
+    for (
+        r
+    ) in rows:  # a plan file leaves out the method where grouping implies it (mixture; none: naive)
         plan = json.loads((out / r["point"] / "plan.json").read_text())
         implied = "naive" if plan["grouping"] == "none" else "mixture"
         assert plan.get("method", {}).get("name", implied) == r["method"]

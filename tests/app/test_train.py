@@ -8,18 +8,21 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from interrupt import interrupt_after_first_epoch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
 import mixc  # noqa: E402
 from mixc.backends.torch import build, named_plan_tensors  # noqa: E402
-from interrupt import interrupt_after_first_epoch  # noqa: E402
 from mixc.backends.torch import train as torch_train  # noqa: E402
 from mixc.backends.torch.train import crop_flip  # noqa: E402
-from mixc.core.errors import TrainError  # noqa: E402
-from mixc.training import train  # noqa: E402
-from mixc.training import learning_rate  # noqa: E402
 from mixc.commands import train as cmd  # noqa: E402
-from mixc.spec.recipe import Recipe  # noqa: E402
 from mixc.core.data import load_dataset  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from mixc.core.errors import TrainError  # noqa: E402
+from mixc.spec.recipe import Recipe  # noqa: E402
+from mixc.training import (
+    learning_rate,  # noqa: E402
+    train,  # noqa: E402
+)
 
 SMALL = ["backbone.width=8", "members=2", "train.batch=128", "train.optimizer.lr=0.2"]
 
@@ -44,7 +47,12 @@ def _recipe(plan, **kw):
 
 
 def test_learning_rate_warmup_step_cosine():
-    r = Recipe(epochs=10, optimizer={"lr": 1.0}, warmup=2, schedule={"name": "step", "milestones": [4, 8], "gamma": 0.1})
+    r = Recipe(
+        epochs=10,
+        optimizer={"lr": 1.0},
+        warmup=2,
+        schedule={"name": "step", "milestones": [4, 8], "gamma": 0.1},
+    )
     assert learning_rate(r, 0, 10, 10) == pytest.approx(1 / 20)  # warm-up: (step + 1) / (2 * 10)
     assert learning_rate(r, 19, 10, 10) == pytest.approx(1.0)
     assert learning_rate(r, 39, 10, 10) == pytest.approx(1.0)
@@ -80,18 +88,24 @@ def test_training_decreases_loss_and_writes_files(tmp_path, digits):
     assert m["accuracy"] > 0.5 and len(m["member_accuracy"]) == 2
     assert {"accuracy", "nll", "ece", "member_accuracy", "diversity"} <= set(lines[0])
     assert json.loads((out / "config.json").read_text())["recipe"]["epochs"] == 3
-    assert mixc.compiler.plan.Plan.from_json((out / "plan.json").read_text()).spec_hash == plan.spec_hash
+    assert (
+        mixc.compiler.plan.Plan.from_json((out / "plan.json").read_text()).spec_hash
+        == plan.spec_hash
+    )
     ck = load_file(str(out / "checkpoint.safetensors"))
     assert any(k.startswith("optim.") and k.endswith("momentum_buffer") for k in ck)
 
 
 def test_resume_equals_uninterrupted(tmp_path, few, monkeypatch):
     plan = _plan()
-    recipe = _recipe(plan, epochs=2)  # cosine: the LR depends on the total, so this is a true interruption
+    # cosine: the LR depends on the total, so this is a true interruption
+    recipe = _recipe(plan, epochs=2)
     train("torch", plan, recipe, out_dir=tmp_path / "a", data=few, progress=False)
 
-    interrupt_after_first_epoch(monkeypatch, lambda: train("torch", plan, recipe, out_dir=tmp_path / "b", data=few,
-                                                            progress=False))
+    interrupt_after_first_epoch(
+        monkeypatch,
+        lambda: train("torch", plan, recipe, out_dir=tmp_path / "b", data=few, progress=False),
+    )
     m = train("torch", plan, recipe, out_dir=tmp_path / "b", data=few, progress=False)
     assert m["epoch"] == 2
 
@@ -110,7 +124,9 @@ def test_run_folder_of_another_spec_is_refused(tmp_path, few):
     plan = _plan()
     train("torch", plan, _recipe(plan, epochs=1), out_dir=tmp_path, data=few, progress=False)
     other = mixc.compile("digits", ["backbone.width=4", "members=2"])
-    with pytest.raises(TrainError, match=rf"belongs to digits .*{plan.spec_hash}.*{other.spec_hash}"):
+    with pytest.raises(
+        TrainError, match=rf"belongs to digits .*{plan.spec_hash}.*{other.spec_hash}"
+    ):
         train("torch", other, _recipe(other, epochs=1), out_dir=tmp_path, data=few, progress=False)
 
 
@@ -119,10 +135,16 @@ def test_weight_decay_skips_alphas_and_bn():
     model = build(plan)
     tensors = named_plan_tensors(model)
     names = torch_train._param_names(model, tensors)
-    opt = torch_train._optimizer(model, plan, _recipe(plan, weight_decay_exclude=["alphas", "bn"]), names)
+    opt = torch_train._optimizer(
+        model, plan, _recipe(plan, weight_decay_exclude=["alphas", "bn"]), names
+    )
     roles = {t.name: t.role for t in plan.tensors}
-    decayed = {roles[names[id(p)]] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
-    skipped = {roles[names[id(p)]] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    decayed = {
+        roles[names[id(p)]] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]
+    }
+    skipped = {
+        roles[names[id(p)]] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]
+    }
     assert skipped == {"alpha", "bn_weight", "bn_bias"}
     assert "alpha" not in decayed and "bank" in decayed and "plain_weight" in decayed
 
@@ -152,7 +174,15 @@ def test_missing_cuda_is_a_clear_error(tmp_path, few):
         pytest.skip("this machine has a GPU")
     plan = _plan()
     with pytest.raises(TrainError, match="no CUDA GPU"):
-        train("torch", plan, _recipe(plan, epochs=1), out_dir=tmp_path, data=few, device="cuda", progress=False)
+        train(
+            "torch",
+            plan,
+            _recipe(plan, epochs=1),
+            out_dir=tmp_path,
+            data=few,
+            device="cuda",
+            progress=False,
+        )
 
 
 def _cli(argv, capsys):
@@ -162,15 +192,22 @@ def _cli(argv, capsys):
 
 
 def test_cli_bad_data_path(tmp_path, capsys):
-    code, _, err = _cli(["digits", "--data", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "r")], capsys)
+    code, _, err = _cli(
+        ["digits", "--data", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "r")], capsys
+    )
     assert code == 2
     assert "missing.npz" in err and "x_train" in err and "Traceback" not in err
 
 
 def test_cli_wrong_shapes(tmp_path, capsys):
     path = tmp_path / "flat.npz"
-    np.savez(path, x_train=np.zeros((8, 64), np.float32), y_train=np.zeros(8, np.int64),
-             x_test=np.zeros((4, 64), np.float32), y_test=np.zeros(4, np.int64))
+    np.savez(
+        path,
+        x_train=np.zeros((8, 64), np.float32),
+        y_train=np.zeros(8, np.int64),
+        x_test=np.zeros((4, 64), np.float32),
+        y_test=np.zeros(4, np.int64),
+    )
     code, _, err = _cli(["digits", "--data", str(path), "--out", str(tmp_path / "r")], capsys)
     assert code == 2
     assert "[64]" in err and "[1, 8, 8]" in err and "Traceback" not in err
@@ -188,13 +225,28 @@ def test_cli_bad_override_renders_spec_error(tmp_path, capsys):
 
 
 def test_cli_baseline_single_trains_one_member(tmp_path, capsys):
-    code, out, _ = _cli(["digits", "--baseline", "single", "--set", "backbone.width=4", "--epochs", "1",
-                         "--out", str(tmp_path / "s"), "--no-progress"], capsys)
+    code, out, _ = _cli(
+        [
+            "digits",
+            "--baseline",
+            "single",
+            "--set",
+            "backbone.width=4",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "s"),
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 0
     assert "ensemble" in out and "member 0" in out and "member 1" not in out
     plan = json.loads((tmp_path / "s" / "plan.json").read_text())
     assert plan["members"] == 1 and plan["grouping"] == "none"
-    assert json.loads((tmp_path / "s" / "config.json").read_text())["options"]["baseline"] == "single"
+    assert (
+        json.loads((tmp_path / "s" / "config.json").read_text())["options"]["baseline"] == "single"
+    )
 
 
 def test_allocator_tuning_respects_the_environment(monkeypatch):

@@ -1,5 +1,6 @@
-"""mixc eval --ood / selective prediction, mixc calibrate, and the temperature through export and predict, on one
-small digits run (4 members of width 8, 8 epochs: about 99% accurate, about 6 s on one thread)."""
+"""mixc eval --ood / selective prediction, mixc calibrate, and the temperature through export and
+predict, on one small digits run (4 members of width 8, 8 epochs: about 99% accurate, about 6 s
+on one thread)."""
 
 import json
 import shutil
@@ -27,22 +28,60 @@ def digits_run(tmp_path_factory):
     from mixc.cli import main
 
     run = tmp_path_factory.mktemp("uncertainty") / "run"
-    rc = main(["train", "digits", "--epochs", "8", "--out", str(run), "--no-progress", "--threads", "1",
-               "--val-fraction", "0.1", "--set", "backbone.width=8", "--set", "members=4", "--set", "train.batch=32",
-               "--set", "train.schedule=constant"])
+    rc = main(
+        [
+            "train",
+            "digits",
+            "--epochs",
+            "8",
+            "--out",
+            str(run),
+            "--no-progress",
+            "--threads",
+            "1",
+            "--val-fraction",
+            "0.1",
+            "--set",
+            "backbone.width=8",
+            "--set",
+            "members=4",
+            "--set",
+            "train.batch=32",
+            "--set",
+            "train.schedule=constant",
+        ]
+    )
     assert rc == 0
     return run
 
 
 def test_eval_ood_against_noise_and_selective_prediction(digits_run, capsys, tmp_path):
-    rc, out, err = _cli(capsys, "eval", digits_run, "--json", "--no-save", "--threads", "1", "--ood", "noise",
-                        "--ood", "inverted")
+    rc, out, err = _cli(
+        capsys,
+        "eval",
+        digits_run,
+        "--json",
+        "--no-save",
+        "--threads",
+        "1",
+        "--ood",
+        "noise",
+        "--ood",
+        "inverted",
+    )
     assert rc == 0, err
     r = json.loads(out)
     ood = r["ood"]
     assert set(ood["sets"]) == {"noise", "inverted"} and ood["positive"] == "in-distribution"
     noise = ood["sets"]["noise"]["scores"]
-    assert set(noise) == {"msp", "max_logit", "energy", "entropy", "mutual_information", "disagreement"}
+    assert set(noise) == {
+        "msp",
+        "max_logit",
+        "energy",
+        "entropy",
+        "mutual_information",
+        "disagreement",
+    }
     assert noise["msp"]["auroc"] > 0.9  # uniform noise is obviously unlike digits
     assert noise["energy"]["direction"] == "lower = in-distribution"
     for m in noise.values():
@@ -52,7 +91,18 @@ def test_eval_ood_against_noise_and_selective_prediction(digits_run, capsys, tmp
     assert s["risk_full"] == pytest.approx(1 - r["clean"]["accuracy"])
     assert {"adaptive_ece", "classwise_ece"} <= set(r["clean"])
 
-    rc, out, err = _cli(capsys, "eval", digits_run, "--no-save", "--threads", "1", "--ood", "noise", "--plot", tmp_path)
+    rc, out, err = _cli(
+        capsys,
+        "eval",
+        digits_run,
+        "--no-save",
+        "--threads",
+        "1",
+        "--ood",
+        "noise",
+        "--plot",
+        tmp_path,
+    )
     assert rc == 0, err
     assert "against noise" in out and "AUROC" in out and "FPR95" in out and "AURC" in out
     assert "in-distribution" in out and "adaptive ECE" in out  # the legend and the calibration line
@@ -74,17 +124,24 @@ def test_eval_ood_reads_an_image_folder(digits_run, capsys, tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(0)
     for i in range(3):
-        Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8), mode="L").save(folder / f"{i}.png")
-    rc, out, err = _cli(capsys, "eval", digits_run, "--json", "--no-save", "--threads", "1", "--ood", folder)
+        Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8), mode="L").save(
+            folder / f"{i}.png"
+        )
+    rc, out, err = _cli(
+        capsys, "eval", digits_run, "--json", "--no-save", "--threads", "1", "--ood", folder
+    )
     assert rc == 0, err
     s = json.loads(out)["ood"]["sets"]["letters"]
-    assert s["samples"] == 3 and "normalised" in s["source"] and set(s["scores"]) >= {"msp", "energy"}
+    assert (
+        s["samples"] == 3 and "normalised" in s["source"] and set(s["scores"]) >= {"msp", "energy"}
+    )
 
 
 def _overconfident_copy(run, dest, factor=8.0, epoch=None):
-    """The run with its classifier's weight and bias multiplied by ``factor``: logits x factor, over-confident."""
-    from mixc.core.checkpoint_format import read_plan_arrays, save_arrays
+    """The run with its classifier's weight and bias multiplied by ``factor``: logits x factor,
+    over-confident."""
     from mixc.compiler.plan import read_plan
+    from mixc.core.checkpoint_format import read_plan_arrays, save_arrays
 
     if not dest.exists():
         shutil.copytree(run, dest)
@@ -96,28 +153,42 @@ def _overconfident_copy(run, dest, factor=8.0, epoch=None):
     return dest
 
 
-def test_calibrate_lowers_nll_and_round_trips_through_export_and_predict(digits_run, capsys, tmp_path):
-    rc, out, err = _cli(capsys, "calibrate", _overconfident_copy(digits_run, tmp_path / "base", factor=1.0), "--json",
-                        "--threads", "1")
+def test_calibrate_lowers_nll_and_round_trips_through_export_and_predict(
+    digits_run, capsys, tmp_path
+):
+    rc, out, err = _cli(
+        capsys,
+        "calibrate",
+        _overconfident_copy(digits_run, tmp_path / "base", factor=1.0),
+        "--json",
+        "--threads",
+        "1",
+    )
     assert rc == 0, err
-    t0 = json.loads(out)["temperature"]  # the run as trained (a short run is often under-confident: t0 < 1)
-    factor = max(8.0, 4.0 / t0)  # its logits times factor: over-confident, a temperature of 4 or more
+    # the run as trained (a short run is often under-confident: t0 < 1)
+    t0 = json.loads(out)["temperature"]
+    # its logits times factor: over-confident, a temperature of 4 or more
+    factor = max(8.0, 4.0 / t0)
     run = _overconfident_copy(digits_run, tmp_path / "over", factor=factor)
     rc, out, err = _cli(capsys, "calibrate", run, "--json", "--threads", "1")
     assert rc == 0, err
     cal = json.loads(out)
-    assert cal["temperature"] == pytest.approx(factor * t0, rel=0.02)  # softmax(f z / f T) = softmax(z / T)
+    # softmax(f z / f T) = softmax(z / T)
+    assert cal["temperature"] == pytest.approx(factor * t0, rel=0.02)
     assert cal["temperature"] > 1.5 and "the run's validation split" in cal["fitted_on"]
     assert cal["nll_after"] < cal["nll_before"] and len(cal["member_temperatures"]) == 4
 
     preds = tmp_path / "p.npz"
-    rc, out, err = _cli(capsys, "eval", run, "--json", "--threads", "1", "--save-predictions", preds)
+    rc, out, err = _cli(
+        capsys, "eval", run, "--json", "--threads", "1", "--save-predictions", preds
+    )
     assert rc == 0, err
     c = json.loads(out)["calibration"]
     assert c["temperature"] == cal["temperature"]
-    assert c["after"]["nll"] < c["before"]["nll"]  # fitted on the validation split, better on the test set too
+    # fitted on the validation split, better on the test set too
+    assert c["after"]["nll"] < c["before"]["nll"]
     with np.load(preds) as z:
-        member_probs, labels = z["member_probs"], z["labels"]
+        member_probs = z["member_probs"]
     want = apply_temperature(member_probs, cal["temperature"])
 
     x = tmp_path / "x.npz"
@@ -140,18 +211,25 @@ def test_calibrate_lowers_nll_and_round_trips_through_export_and_predict(digits_
 
     plain = read_plan(tmp_path / "members" / "plain_plan.json")
     member0 = load_predictor("torch", plain, tmp_path / "members" / "member_0.safetensors")(
-        load_dataset("digits").x_test)
+        load_dataset("digits").x_test
+    )
     np.testing.assert_allclose(member0[:, 0], want[:, 0], atol=1e-4)  # member 0's logits / T
 
 
 def test_a_temperature_of_another_checkpoint_is_refused(digits_run, capsys, tmp_path):
     run = _overconfident_copy(digits_run, tmp_path / "over")
     assert _cli(capsys, "calibrate", run, "--threads", "1")[0] == 0
-    _overconfident_copy(digits_run, run, factor=1.0, epoch=7)  # the checkpoint changes (as a resume would)
+    # the checkpoint changes (as a resume would)
+    _overconfident_copy(digits_run, run, factor=1.0, epoch=7)
     x = tmp_path / "x.npz"
     np.savez(x, x=np.zeros((2, 1, 8, 8), np.float32))
     rc, _, err = _cli(capsys, "predict", run, x, "--json")
-    assert rc == 1 and "calibration.json" in err and "--no-temperature" in err and "Traceback" not in err
+    assert (
+        rc == 1
+        and "calibration.json" in err
+        and "--no-temperature" in err
+        and "Traceback" not in err
+    )
     rc, out, err = _cli(capsys, "predict", run, x, "--json", "--no-temperature")
     assert rc == 0, err
     assert json.loads(out)["temperature"] is None
@@ -174,7 +252,9 @@ def test_calibrate_option_and_data_errors(digits_run, capsys, tmp_path):
     config["recipe"]["val_fraction"] = 0.0  # as if trained on the whole training set
     (no_val / "config.json").write_text(json.dumps(config))
     rc, _, err = _cli(capsys, "calibrate", no_val)
-    assert rc == 1 and "no held-out data" in err and "--val-fraction" in err and "Traceback" not in err
+    assert (
+        rc == 1 and "no held-out data" in err and "--val-fraction" in err and "Traceback" not in err
+    )
     (tmp_path / "run2").mkdir()
     shutil.copytree(digits_run, tmp_path / "run2" / "r")
     cal = tmp_path / "run2" / "r" / "calibration.json"
@@ -192,8 +272,14 @@ def test_report_and_sweep_carry_the_uncertainty_columns(digits_run, capsys, tmp_
     rc, out, err = _cli(capsys, "report", run, "--json")
     assert rc == 0, err
     row = json.loads(out)[0]
-    assert row["ood_auroc"] == ev["ood"]["sets"]["noise"]["scores"]["msp"]["auroc"] and row["ood_sets"] == "noise"
-    assert row["aurc"] == ev["selective"]["aurc"] and row["adaptive_ece"] == ev["clean"]["adaptive_ece"]
+    assert (
+        row["ood_auroc"] == ev["ood"]["sets"]["noise"]["scores"]["msp"]["auroc"]
+        and row["ood_sets"] == "noise"
+    )
+    assert (
+        row["aurc"] == ev["selective"]["aurc"]
+        and row["adaptive_ece"] == ev["clean"]["adaptive_ece"]
+    )
     assert row["temperature"] is None  # never calibrated
     rc, out, _ = _cli(capsys, "report", run)
     assert "OOD AUROC" in out and "AURC" in out and "(noise)" in out and "NLL (T)" not in out
@@ -206,7 +292,8 @@ def test_report_and_sweep_carry_the_uncertainty_columns(digits_run, capsys, tmp_
     r = _row(point, last_metrics(run), "done before", run)
     assert r["ood_auroc"] == row["ood_auroc"] and r["aurc"] == row["aurc"]
     assert "OOD AUROC" in markdown([r], "t")
-    (run / "eval.json").write_text("{not json")  # a damaged eval.json: the columns are left empty, no error
+    # a damaged eval.json: the columns are left empty, no error
+    (run / "eval.json").write_text("{not json")
     assert _row(point, last_metrics(run), "done before", run)["ood_auroc"] is None
 
 
@@ -220,7 +307,9 @@ def test_logits_from_the_backend_or_a_note_without_them(digits_run, capsys, monk
     x = np.random.default_rng(0).normal(size=(5, 1, 8, 8)).astype(np.float32)
     z = get_backend("torch").load_logit_predictor(r.plan, r.checkpoint)(x)
     e = np.exp(z - z.max(-1, keepdims=True))
-    np.testing.assert_allclose(e / e.sum(-1, keepdims=True), load_predictor("torch", r.plan, r.checkpoint)(x), atol=1e-6)
+    np.testing.assert_allclose(
+        e / e.sum(-1, keepdims=True), load_predictor("torch", r.plan, r.checkpoint)(x), atol=1e-6
+    )
 
     class NoRunner(Backend):  # a third-party backend that only overrides load_predictor
         name = "no-runner"
@@ -236,10 +325,19 @@ def test_logits_from_the_backend_or_a_note_without_them(digits_run, capsys, monk
             return None
 
     real = mixc.backends.get_backend
-    monkeypatch.setattr(mixc.backends, "get_backend",
-                        lambda name, command=None: ProbsOnly() if name == "torch" else real(name, command))
-    rc, out, err = _cli(capsys, "eval", digits_run, "--json", "--no-save", "--threads", "1", "--ood", "noise")
+    monkeypatch.setattr(
+        mixc.backends,
+        "get_backend",
+        lambda name, command=None: ProbsOnly() if name == "torch" else real(name, command),
+    )
+    rc, out, err = _cli(
+        capsys, "eval", digits_run, "--json", "--no-save", "--threads", "1", "--ood", "noise"
+    )
     assert rc == 0, err
     ood = json.loads(out)["ood"]
     assert "probabilities only" in ood["note"] and set(ood["sets"]["noise"]["scores"]) == {
-        "msp", "entropy", "mutual_information", "disagreement"}
+        "msp",
+        "entropy",
+        "mutual_information",
+        "disagreement",
+    }

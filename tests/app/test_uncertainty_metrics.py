@@ -1,5 +1,5 @@
-"""OOD detection, selective prediction, adaptive/classwise ECE and temperature scaling: against scikit-learn
-(the independent reference) and against cases worked out by hand, ties included."""
+"""OOD detection, selective prediction, adaptive/classwise ECE and temperature scaling: against
+scikit-learn (the independent reference) and against cases worked out by hand, ties included."""
 
 import math
 
@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from mixc.metrics import adaptive_ece, classwise_ece, nll
-from mixc.ood import auroc, average_precision, detection_metrics, evaluate_ood, fpr_at_tpr, ood_scores
+from mixc.ood import (
+    auroc,
+    average_precision,
+    detection_metrics,
+    evaluate_ood,
+    fpr_at_tpr,
+    ood_scores,
+)
 from mixc.selective import risk_coverage, selective_metrics
 from mixc.temperature import apply_temperature, fit_temperature, tempered_nll
 
@@ -58,13 +65,20 @@ def test_scores_and_their_directions():
     assert s["entropy"] == pytest.approx([h([0.9, 0.1]), math.log(2)])
     assert s["mutual_information"] == pytest.approx([0.0, math.log(2) - h([0.8, 0.2])])
     assert s["disagreement"].tolist() == [0.0, 1.0]
-    assert s["max_logit"] == pytest.approx([math.log(0.9) + 3, (math.log(0.8) + math.log(0.2)) / 2 + 3])
-    assert s["energy"][0] == pytest.approx(-math.log(math.exp(math.log(0.9) + 3) + math.exp(math.log(0.1) + 3)))
+    assert s["max_logit"] == pytest.approx(
+        [math.log(0.9) + 3, (math.log(0.8) + math.log(0.2)) / 2 + 3]
+    )
+    assert s["energy"][0] == pytest.approx(
+        -math.log(math.exp(math.log(0.9) + 3) + math.exp(math.log(0.1) + 3))
+    )
     assert "max_logit" not in ood_scores(p)  # probabilities alone cannot give logits
     # input 0 is the in-distribution one: every score must rank it so, whatever its raw direction
     r = evaluate_ood({k: v[:1] for k, v in s.items()}, {k: v[1:] for k, v in s.items()})
     assert all(r[k]["auroc"] == 1.0 for k in r) and set(r) == set(s)
-    assert r["energy"]["direction"] == "lower = in-distribution" and r["entropy"]["direction"] == "higher = OOD"
+    assert (
+        r["energy"]["direction"] == "lower = in-distribution"
+        and r["entropy"]["direction"] == "higher = OOD"
+    )
 
 
 def test_disagreement_counts_member_pairs():
@@ -74,14 +88,16 @@ def test_disagreement_counts_member_pairs():
 
 
 def test_selective_by_hand_with_ties():
-    # sorted: 0.9 right | 0.8, 0.8 (one wrong) | 0.6 wrong. Errors among the top k (tie spread): 0, .5, 1, 2
+    # sorted: 0.9 right | 0.8, 0.8 (one wrong) | 0.6 wrong. Errors among the top k (tie spread): 0,
+    # .5, 1, 2
     conf, wrong = np.array([0.8, 0.9, 0.6, 0.8]), np.array([1, 0, 1, 0])
     m = selective_metrics(conf, wrong)
     assert m["aurc"] == pytest.approx((0 + 0.25 + 1 / 3 + 0.5) / 4)
     assert m["augrc"] == pytest.approx((0 + 0.5 + 1 + 2) / 4 / 4)
     assert m["risk_at_80"] == pytest.approx(0.5)  # ceil(0.8 * 4) = all 4
     assert m["coverage_at_5"] == 0.25  # only the first group is below 5% risk
-    swapped = selective_metrics(conf, np.array([0, 0, 1, 1]))  # the wrong one of the tied pair swapped
+    # the wrong one of the tied pair swapped
+    swapped = selective_metrics(conf, np.array([0, 0, 1, 1]))
     assert swapped == m
     cov, risk = risk_coverage(conf, wrong)
     assert cov.tolist() == [0.25, 0.5, 0.75, 1.0] and risk == pytest.approx([0, 0.25, 1 / 3, 0.5])
@@ -94,9 +110,11 @@ def test_adaptive_and_classwise_ece_by_hand():
     conf = np.array([0.6, 0.7, 0.8, 0.9])
     p = np.stack([conf, 1 - conf], axis=1)
     y = np.array([0, 1, 0, 0])  # right, wrong, right, right
-    # 2 equal-mass bins {0.6, 0.7} (acc .5, conf .65) and {0.8, 0.9} (acc 1, conf .85): 2/4*.15 + 2/4*.15
+    # 2 equal-mass bins {0.6, 0.7} (acc .5, conf .65) and {0.8, 0.9} (acc 1, conf .85): 2/4*.15 +
+    # 2/4*.15
     assert adaptive_ece(p, y, bins=2) == pytest.approx(0.15)
-    # class 0: p 0.65 (hit) and 0.62 (miss) share a bin: |1 - 1.27| / 2; class 1 likewise: |1 - 0.73| / 2
+    # class 0: p 0.65 (hit) and 0.62 (miss) share a bin: |1 - 1.27| / 2; class 1 likewise: |1 -
+    # 0.73| / 2
     q = np.array([[0.65, 0.35], [0.62, 0.38]])
     assert classwise_ece(q, np.array([0, 1])) == pytest.approx(0.135)
 
@@ -104,13 +122,18 @@ def test_adaptive_and_classwise_ece_by_hand():
 def test_temperature_recovers_a_known_temperature_and_lowers_nll():
     rng = np.random.default_rng(1)
     z = rng.normal(0, 2, (4000, 3, 5))  # members' logits
-    y = np.array([rng.choice(5, p=np.exp(r) / np.exp(r).sum()) for r in z[:, 0]])  # labels drawn from member 0
-    over = np.exp(3 * z) / np.exp(3 * z).sum(-1, keepdims=True)  # logits 3x too large: over-confident
+    # labels drawn from member 0
+    y = np.array([rng.choice(5, p=np.exp(r) / np.exp(r).sum()) for r in z[:, 0]])
+    # logits 3x too large: over-confident
+    over = np.exp(3 * z) / np.exp(3 * z).sum(-1, keepdims=True)
     t = fit_temperature(over[:, :1], y)
     assert t == pytest.approx(3.0, rel=0.1)
     assert tempered_nll(over[:, :1], y, t) < nll(over[:, 0], y)
-    np.testing.assert_allclose(apply_temperature(over, 3.0)[:, 0], np.exp(z[:, 0]) / np.exp(z[:, 0]).sum(-1, keepdims=True),
-                               atol=1e-9)
+    np.testing.assert_allclose(
+        apply_temperature(over, 3.0)[:, 0],
+        np.exp(z[:, 0]) / np.exp(z[:, 0]).sum(-1, keepdims=True),
+        atol=1e-9,
+    )
     assert fit_temperature(over, y) > 1.0
 
 

@@ -1,10 +1,12 @@
-"""`mixc verify`: passes on the zoo, catches a deliberately broken allocator with a shrunk counterexample."""
+"""`mixc verify`: passes on the zoo, catches a deliberately broken allocator with a shrunk
+counterexample."""
 
 import json
 
 import pytest
 
-import mixc.compiler.methods.mixture as mixture_module  # where mixture calls the allocator and the assigner
+# where mixture calls the allocator and the assigner
+import mixc.compiler.methods.mixture as mixture_module
 from mixc.cli import main
 from mixc.compiler.allocate import Allocation, allocate_banks
 from mixc.compiler.assign import assign_bank
@@ -37,7 +39,10 @@ def test_over_budget_allocator_is_caught(monkeypatch):
 def test_skipped_template_is_caught_and_shrunk(monkeypatch):
     def skipping(n_layers, n, k, members, policy):
         # never hands out the last template of a bank
-        return assign_bank(n_layers, max(1, n - 1), min(k, max(1, n - 1)), members, policy)[0], [0] * n
+        return (
+            assign_bank(n_layers, max(1, n - 1), min(k, max(1, n - 1)), members, policy)[0],
+            [0] * n,
+        )
 
     def patched(n_layers, n, k, members, policy):
         table, _ = skipping(n_layers, n, k, members, policy)
@@ -72,6 +77,12 @@ def test_cli_json_and_exit_codes(capsys):
 
 def test_torch_param_count_is_checked():
     pytest.importorskip("torch")
-    report = verify("digits", Space(budgets=((1.0, True), (3.0, True))), examples=8, seed_value=0,
-                    backends=["torch"], build_every=2)
+    report = verify(
+        "digits",
+        Space(budgets=((1.0, True), (3.0, True))),
+        examples=8,
+        seed_value=0,
+        backends=["torch"],
+        build_every=2,
+    )
     assert report.failure is None and report.built >= 2

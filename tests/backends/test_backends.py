@@ -1,5 +1,5 @@
-"""The Backend interface and its registry: a third-party backend through an entry point, the CLI's choices
-and errors from the registry, and commands that run on every backend with the capability."""
+"""The Backend interface and its registry: a third-party backend through an entry point, the CLI's
+choices and errors from the registry, and commands that run on every backend with the capability."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 from paths import REPO
-
 
 FAKE_BACKEND = '''
 from pathlib import Path
@@ -47,7 +45,8 @@ backend = FakeBackend()
 
 @pytest.fixture(scope="module")
 def fake_site(tmp_path_factory) -> Path:
-    """A folder on PYTHONPATH holding a module and the dist-info that registers it (what pip install leaves)."""
+    """A folder on PYTHONPATH holding a module and the dist-info that registers it (what pip install
+    leaves)."""
     site = tmp_path_factory.mktemp("site")
     (site / "mixc_fake_backend.py").write_text(FAKE_BACKEND)
     info = site / "mixc_fake_backend-0.1.dist-info"
@@ -60,8 +59,14 @@ def fake_site(tmp_path_factory) -> Path:
 def _mixc(site: Path | None, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     path = [str(REPO)] + ([str(site)] if site else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-    return subprocess.run([sys.executable, "-m", "mixc", *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mixc", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_a_pip_installed_backend_shows_in_the_cli_and_compiles(fake_site, tmp_path):
@@ -74,7 +79,9 @@ def test_a_pip_installed_backend_shows_in_the_cli_and_compiles(fake_site, tmp_pa
     assert (tmp_path / "out" / "digits.ops").read_text().splitlines()[0] == "input"  # the first op
     # a capability it does not have: refused before any work, naming what it serves
     done = _mixc(fake_site, "train", "digits", "--backend", "fake", "--out", str(tmp_path / "run"))
-    assert done.returncode == 1 and "the fake backend cannot train (it serves: compile)" in done.stderr
+    assert (
+        done.returncode == 1 and "the fake backend cannot train (it serves: compile)" in done.stderr
+    )
     assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
 
 
@@ -90,7 +97,11 @@ def test_unknown_backend_says_did_you_mean(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "digits", "--backend", "flx"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "did you mean 'flax'?" in err and "installed backends: torch, flax" in err
+    assert (
+        e.value.code == 2
+        and "did you mean 'flax'?" in err
+        and "installed backends: torch, flax" in err
+    )
 
 
 def test_registry_falls_back_to_the_built_in_backends(monkeypatch):
@@ -114,11 +125,15 @@ def test_a_missing_framework_names_the_pip_extra(monkeypatch):
 
 
 def test_backend_objects_do_not_import_their_framework():
-    code = ("import sys, mixc.backends as b; [b.available()[n].load() for n in b.names()]; "
-            "import mixc.cli; mixc.cli.build_parser(); "
-            "print(sorted(m for m in ('torch', 'jax', 'flax', 'optax') if m in sys.modules))")
+    code = (
+        "import sys, mixc.backends as b; [b.available()[n].load() for n in b.names()]; "
+        "import mixc.cli; mixc.cli.build_parser(); "
+        "print(sorted(m for m in ('torch', 'jax', 'flax', 'optax') if m in sys.modules))"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
@@ -135,8 +150,9 @@ def test_both_backends_count_the_plans_parameters():
 
 
 def test_sweep_on_flax_resumes_a_torch_sweep_to_torchs_numbers(tmp_path, capsys):
-    """`mixc sweep --backend flax` goes on from a torch-trained sweep (shared run folders) and ends where
-    torch ends: the same metrics to 1e-3 (no augmentation or dropout here: the same arithmetic)."""
+    """`mixc sweep --backend flax` goes on from a torch-trained sweep (shared run folders) and ends
+    where torch ends: the same metrics to 1e-3 (no augmentation or dropout here: the same
+    arithmetic)."""
     pytest.importorskip("torch")
     pytest.importorskip("jax")
     from synthetic import generated_npz
@@ -144,8 +160,23 @@ def test_sweep_on_flax_resumes_a_torch_sweep_to_torchs_numbers(tmp_path, capsys)
     from mixc.cli import main
 
     npz = generated_npz(tmp_path / "gen.npz", n_train=128, n_test=48)
-    base = ["sweep", "digits", "--budgets", "1x", "--data", str(npz), "--set", "backbone.width=8",
-            "--set", "members=2", "--set", "train.schedule=step", "--no-progress", "--no-plot"]  # cosine: epochs fixed
+    # cosine: epochs fixed
+    base = [
+        "sweep",
+        "digits",
+        "--budgets",
+        "1x",
+        "--data",
+        str(npz),
+        "--set",
+        "backbone.width=8",
+        "--set",
+        "members=2",
+        "--set",
+        "train.schedule=step",
+        "--no-progress",
+        "--no-plot",
+    ]
     assert main([*base, "--epochs", "1", "--out", str(tmp_path / "torch")]) == 0
     shutil.copytree(tmp_path / "torch", tmp_path / "flax")
     assert main([*base, "--epochs", "2", "--out", str(tmp_path / "torch")]) == 0
@@ -162,7 +193,8 @@ def test_sweep_on_flax_resumes_a_torch_sweep_to_torchs_numbers(tmp_path, capsys)
 
 @pytest.mark.parametrize("name", ["torch", "flax"])
 def test_each_backend_implements_the_protocols(name):
-    """Trainer and Runner as the driver and the commands use them: arrays named by the plan, both ways."""
+    """Trainer and Runner as the driver and the commands use them: arrays named by the plan, both
+    ways."""
     pytest.importorskip("torch" if name == "torch" else "jax")
     import numpy as np
 
@@ -173,7 +205,9 @@ def test_each_backend_implements_the_protocols(name):
 
     plan = mixc.compile("digits", ["backbone.width=4", "members=2"])
     backend = get_backend(name)
-    trainer = backend.trainer(plan, Recipe.model_validate(plan.train), device="cpu", layout="auto", augment="none")
+    trainer = backend.trainer(
+        plan, Recipe.model_validate(plan.train), device="cpu", layout="auto", augment="none"
+    )
     try:
         assert isinstance(trainer, Trainer) and trainer.rank == 0 and trainer.world == 1
         x = np.random.default_rng(0).standard_normal((8, 1, 8, 8)).astype(np.float32)
@@ -195,8 +229,8 @@ def test_each_backend_implements_the_protocols(name):
 
 @pytest.mark.parametrize("backend", ["torch", "flax"])
 def test_generated_source_and_checkpoints_do_not_depend_on_the_checkout(tmp_path, backend):
-    """The same spec in two folders gives byte-identical source and checkpoints (no absolute path leaks in,
-    and the checkpoint's header is written in a fixed order)."""
+    """The same spec in two folders gives byte-identical source and checkpoints (no absolute path
+    leaks in, and the checkpoint's header is written in a fixed order)."""
     import shutil
 
     pytest.importorskip({"torch": "torch", "flax": "flax.nnx"}[backend])

@@ -1,5 +1,6 @@
-"""The compiled-model cache runs nothing planted in it (issue 25): not a stale or planted bytecode file, not a
-package folder, not a shared folder's files; a damaged cache file is rewritten, not a traceback."""
+"""The compiled-model cache runs nothing planted in it (issue 25): not a stale or planted bytecode
+file, not a package folder, not a shared folder's files; a damaged cache file is rewritten, not a
+traceback."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def _payload(marker: Path) -> str:
 
 
 def _plant_pyc(py: Path, marker: Path) -> Path:
-    """Bytecode of the payload stamped with the real file's mtime and size: what the import system trusts."""
+    """Bytecode of the payload stamped with the real file's mtime and size: what the import system
+    trusts."""
     from importlib._bootstrap_external import _code_to_timestamp_pyc
 
     st = py.stat()
@@ -84,7 +86,8 @@ def test_a_planted_package_folder_never_runs(cache, tmp_path):
 
 
 def test_a_planted_module_file_never_runs_in_another_process(cache, tmp_path):
-    """Only the cached plan is read (validated, matching the name's hash): a rewritten .py is not run."""
+    """Only the cached plan is read (validated, matching the name's hash): a rewritten .py is not
+    run."""
     model, name, py = _built()
     marker = tmp_path / "marker"
     py.write_text(_payload(marker))

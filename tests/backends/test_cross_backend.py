@@ -1,5 +1,7 @@
-"""One checkpoint format for both frameworks: a file written by either backend loads in the other and
-gives the same member logits (max abs difference < 1e-4, float32), and both count the plan's parameters."""
+"""One checkpoint format for both frameworks: a file written by either backend loads in the other
+and gives the same member logits (max abs difference < 1e-4, float32), and both count the plan's
+parameters.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +11,11 @@ from hypothesis import assume, given, settings
 
 jax = pytest.importorskip("jax")
 torch = pytest.importorskip("torch")
-import jax.numpy as jnp  # noqa: E402
-
 import handmade_plans as hp
-from torch_reference import randomise_batch_norm
-from strategies import specs
-
+import jax.numpy as jnp  # noqa: E402
 from framework_fixtures import fast_xla_compiles, one_torch_thread  # noqa: F401 (autouse)
+from strategies import specs
+from torch_reference import randomise_batch_norm
 
 import mixc
 from mixc.backends import flax as fb
@@ -34,7 +34,9 @@ PLANS = {
     "wrn16_4_k1": lambda: mixc.compile("wrn16_4", ["backbone.k=1", "members=2"]),
     "digits_batch_ensemble": lambda: mixc.compile("digits", ["method=batch_ensemble", "members=3"]),
     "digits_mimo": lambda: mixc.compile("digits", ["method=mimo", "members=3"]),
-    "digits_packed": lambda: mixc.compile("digits", ["method=packed(alpha = 2, gamma = 2)", "members=2"]),
+    "digits_packed": lambda: mixc.compile(
+        "digits", ["method=packed(alpha = 2, gamma = 2)", "members=2"]
+    ),
 }
 
 
@@ -45,7 +47,9 @@ def _randomise_flax(model, seed: int) -> None:
         if name.endswith("running_var"):
             arrays[name] = rng.random(a.shape) + 0.5
         elif name.startswith("bn."):
-            arrays[name] = rng.standard_normal(a.shape) * 0.3 + (1.0 if name.endswith("weight") else 0.0)
+            arrays[name] = rng.standard_normal(a.shape) * 0.3 + (
+                1.0 if name.endswith("weight") else 0.0
+            )
     fb.assign_plan_arrays(model, arrays)
 
 
@@ -64,7 +68,11 @@ def _flax_run(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
     graphdef, params, stats = fb.split(model)
     eval_logits, train_logits, new = _flax_forward(params, stats, jnp.asarray(x), graphdef)
     names = {attr: name for name, attr in model.plan_tensors.items()}
-    return np.asarray(eval_logits), np.asarray(train_logits), {names[k]: np.asarray(v) for k, v in new.items()}
+    return (
+        np.asarray(eval_logits),
+        np.asarray(train_logits),
+        {names[k]: np.asarray(v) for k, v in new.items()},
+    )
 
 
 def _torch_run(model: torch.nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -92,7 +100,9 @@ def _check_both_directions(plan, tmp_path, batch: int = 4) -> None:
     torch.manual_seed(0)
     tm = tb.build(plan)
     randomise_batch_norm(tb.named_plan_tensors(tm), 1)
-    path = tb.save_checkpoint(tmp_path / "from_torch.safetensors", tm, plan, epoch=4, metadata={"by": "torch"})
+    path = tb.save_checkpoint(
+        tmp_path / "from_torch.safetensors", tm, plan, epoch=4, metadata={"by": "torch"}
+    )
     fm = fb.build(plan, seed=7)
     epoch, extra, meta = fb.load_checkpoint(path, fm, plan)
     assert (epoch, extra, meta) == (4, {}, {"by": "torch"})
@@ -103,7 +113,9 @@ def _check_both_directions(plan, tmp_path, batch: int = 4) -> None:
 
     # flax -> torch
     _randomise_flax(fm, 2)
-    path = fb.save_checkpoint(tmp_path / "from_flax.safetensors", fm, plan, epoch=9, metadata={"by": "flax"})
+    path = fb.save_checkpoint(
+        tmp_path / "from_flax.safetensors", fm, plan, epoch=9, metadata={"by": "flax"}
+    )
     tm = tb.build(plan)
     epoch, extra, meta = tb.load_checkpoint(path, tm, plan)
     assert (epoch, extra, meta) == (9, {}, {"by": "flax"})
@@ -128,7 +140,8 @@ def test_files_are_byte_compatible(tmp_path):
     with safe_open(str(a), framework="numpy") as fa, safe_open(str(b), framework="numpy") as fb_:
         assert sorted(fa.keys()) == sorted(fb_.keys()) == sorted(t.name for t in plan.tensors)
         ma, mb = fa.metadata(), fb_.metadata()
-        # the checksum is of each file's own weights (the two builds draw different ones), computed alike
+        # the checksum is of each file's own weights (the two builds draw different ones), computed
+        # alike
         for f, m in ((fa, ma), (fb_, mb)):
             assert m.pop("checksum") == tensor_checksum({k: f.get_tensor(k) for k in f.keys()})
         assert ma == mb
@@ -152,7 +165,8 @@ def test_generated_specs_cross_backends(tmp_path_factory, text):
 @settings(max_examples=15)
 @given(specs())
 def test_generated_specs_parameter_counts_in_both_backends(text):
-    """docs/plan.md: the emitted model's parameter count equals the plan's accounting, in every backend."""
+    """docs/plan.md: the emitted model's parameter count equals the plan's accounting, in every
+    backend."""
     plan = _compile(text)
     with torch.device("meta"):
         tm = tb.build(plan)

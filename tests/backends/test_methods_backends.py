@@ -1,6 +1,6 @@
 """BatchEnsemble, MIMO and Packed-Ensembles in the torch backend against an independent reference
-(tests/support/torch_reference.py: each member as its own network, activations scaled by the fast weights,
-a single-path network run once), in both layouts, with parameter counts from the plan."""
+(tests/support/torch_reference.py: each member as its own network, activations scaled by the fast
+weights, a single-path network run once), in both layouts, with parameter counts from the plan."""
 
 from __future__ import annotations
 
@@ -30,7 +30,10 @@ ensemble {
 
 CASES = {
     "digits batch_ensemble": ("digits", ["method=batch_ensemble"]),
-    "digits batch_ensemble signs": ("digits", ["method=batch_ensemble(fast_init = signs)", "members=3"]),
+    "digits batch_ensemble signs": (
+        "digits",
+        ["method=batch_ensemble(fast_init = signs)", "members=3"],
+    ),
     "digits mimo": ("digits", ["method=mimo", "members=3"]),
     "digits packed": ("digits", ["method=packed(alpha = 2, gamma = 1)"]),
     "digits packed gamma 2": ("digits", ["method=packed(alpha = 2, gamma = 2)", "members=2"]),
@@ -61,7 +64,9 @@ def test_matches_the_reference(case, layout, training):
     assert all(list(named[t.name].shape) == t.shape for t in plan.tensors)
     assert sum(p.numel() for p in model.parameters()) == plan.accounting.total_params
     ref = {k: v.detach().clone() for k, v in named.items()}
-    x = torch.randn(5, *plan.input_shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x = torch.randn(
+        5, *plan.input_shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64
+    )
     got = model(x)
     want = reference_forward(plan, ref, x, training)
     assert got.shape == (5, plan.members, plan.classes)
@@ -80,16 +85,27 @@ def test_batch_ensemble_members_fold_into_plain_weights(case):
     randomise_batch_norm(named_plan_tensors(model))
     folded = model.compose()
     T = {k: v.detach() for k, v in named_plan_tensors(model).items()}
-    naive = mixc.compile(CASES[case][0], ["method=naive"]) if CASES[case][0] != MLP else \
-        mixc.compile_text(MLP, ["method=naive"], name="mlp.mix")
-    T |= {f"member.{op.name}.{part}": folded[f"{op.name}.{part}"] for op in naive.ops if op.kind in ("conv", "linear")
-          for part in ("weight", "bias") if f"{op.name}.{part}" in folded}
-    x = torch.randn(4, *plan.input_shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    naive = (
+        mixc.compile(CASES[case][0], ["method=naive"])
+        if CASES[case][0] != MLP
+        else mixc.compile_text(MLP, ["method=naive"], name="mlp.mix")
+    )
+    T |= {
+        f"member.{op.name}.{part}": folded[f"{op.name}.{part}"]
+        for op in naive.ops
+        if op.kind in ("conv", "linear")
+        for part in ("weight", "bias")
+        if f"{op.name}.{part}" in folded
+    }
+    x = torch.randn(
+        4, *plan.input_shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
     assert (model(x) - reference_forward(naive, T, x, False)).abs().max().item() < 1e-9
 
 
 def test_mimo_gives_each_member_its_own_input():
-    """x [B, M, *input] feeds member m its own image; the same image M times equals x [B, *input]."""
+    """x [B, M, *input] feeds member m its own image; the same image M times equals x [B,
+    *input]."""
     plan = _plan("digits mimo")
     torch.manual_seed(0)
     model = build(plan, dtype=torch.float64).eval()
@@ -101,7 +117,9 @@ def test_mimo_gives_each_member_its_own_input():
     mixed = model(torch.stack([other, x, x], dim=1))
     with pytest.raises(ValueError, match="one input per member"):
         model(torch.stack([x, x], dim=1))
-    assert (mixed - same).abs().amax(dim=(0, 2)).min().item() > 0  # one network: every head sees every input
+    assert (mixed - same).abs().amax(
+        dim=(0, 2)
+    ).min().item() > 0  # one network: every head sees every input
 
 
 @pytest.mark.parametrize("case", ["digits packed", "digits packed gamma 2", "mlp packed"])
@@ -130,9 +148,12 @@ def test_grouped_equals_loop_with_gradients(case):
 def test_fast_weights_initialise_by_the_plan():
     torch.manual_seed(0)
     named = named_plan_tensors(mixc.build("wrn16_4", method="batch_ensemble(fast_std = 0.25)"))
-    fast = torch.cat([t.detach().flatten() for n, t in named.items() if n.startswith("fast.")])  # ~7,000 draws
+    # ~7,000 draws
+    fast = torch.cat([t.detach().flatten() for n, t in named.items() if n.startswith("fast.")])
     assert abs(fast.mean().item() - 1.0) < 0.02 and abs(fast.std().item() - 0.25) < 0.02
-    signs = named_plan_tensors(mixc.build("digits", method="batch_ensemble(fast_init = signs)"))["fast.stem.s"]
+    signs = named_plan_tensors(mixc.build("digits", method="batch_ensemble(fast_init = signs)"))[
+        "fast.stem.s"
+    ]
     assert set(signs.unique().tolist()) == {-1.0, 1.0}
 
 
@@ -140,12 +161,20 @@ def test_fast_weights_initialise_by_the_plan():
 # A trained run of each method, evaluated by the other backend
 
 
-@pytest.mark.parametrize("method,train_backend", [
-    ("batch_ensemble", "torch"), ("mimo", "torch"), ("packed(alpha = 2)", "torch"), ("batch_ensemble", "flax"),
-])
-def test_a_run_of_each_method_scores_the_same_in_both_backends(method, train_backend, tmp_path, capsys):
-    """Train one epoch with one backend, evaluate with both: the same NLL within 1e-3 (the issue's bar),
-    and the training loop's own last NLL."""
+@pytest.mark.parametrize(
+    "method,train_backend",
+    [
+        ("batch_ensemble", "torch"),
+        ("mimo", "torch"),
+        ("packed(alpha = 2)", "torch"),
+        ("batch_ensemble", "flax"),
+    ],
+)
+def test_a_run_of_each_method_scores_the_same_in_both_backends(
+    method, train_backend, tmp_path, capsys
+):
+    """Train one epoch with one backend, evaluate with both: the same NLL within 1e-3 (the issue's
+    bar), and the training loop's own last NLL."""
     pytest.importorskip("jax")
     import json
 
@@ -155,9 +184,27 @@ def test_a_run_of_each_method_scores_the_same_in_both_backends(method, train_bac
 
     npz = generated_npz(tmp_path / "gen.npz")
     run = tmp_path / "run"
-    rc = main(["train", "digits", "--data", str(npz), "--epochs", "1", "--out", str(run), "--no-progress",
-               "--backend", train_backend, "--set", "train.batch=32", "--set", "backbone.width=8",
-               "--set", f"method={method}"])
+    rc = main(
+        [
+            "train",
+            "digits",
+            "--data",
+            str(npz),
+            "--epochs",
+            "1",
+            "--out",
+            str(run),
+            "--no-progress",
+            "--backend",
+            train_backend,
+            "--set",
+            "train.batch=32",
+            "--set",
+            "backbone.width=8",
+            "--set",
+            f"method={method}",
+        ]
+    )
     assert rc == 0
     scores = {}
     for backend in ("torch", "flax"):
@@ -171,8 +218,8 @@ def test_a_run_of_each_method_scores_the_same_in_both_backends(method, train_bac
 
 
 def test_baselines_of_a_spec_written_for_another_method(tmp_path):
-    """A spec whose file says `method batch_ensemble` trains its single-network baseline (no grouping
-    line is added for a method that has none)."""
+    """A spec whose file says `method batch_ensemble` trains its single-network baseline (no
+    grouping line is added for a method that has none)."""
     import json
 
     from synthetic import generated_npz
@@ -181,21 +228,49 @@ def test_baselines_of_a_spec_written_for_another_method(tmp_path):
     from mixc.spec.loader import zoo_specs
 
     zoo = next(p for p in zoo_specs() if p.stem == "digits").parent
-    spec = (zoo / "digits.mix").read_text().replace('import "blocks/wide.mix"', f'import "{zoo}/blocks/wide.mix"')
-    for line in ("    budget 1.0x\n", "    groups by_shape\n", "    templates_per_layer 4\n", "    assign shared\n"):
+    spec = (
+        (zoo / "digits.mix")
+        .read_text()
+        .replace('import "blocks/wide.mix"', f'import "{zoo}/blocks/wide.mix"')
+    )
+    for line in (
+        "    budget 1.0x\n",
+        "    groups by_shape\n",
+        "    templates_per_layer 4\n",
+        "    assign shared\n",
+    ):
         spec = spec.replace(line, "")
     spec = spec.replace("    members 4\n", "    members 2\n    method batch_ensemble\n")
     (tmp_path / "be.mix").write_text(spec)
     npz = generated_npz(tmp_path / "gen.npz", n_train=64, n_test=32)
     run = tmp_path / "single"
-    assert main(["train", str(tmp_path / "be.mix"), "--baseline", "single", "--data", str(npz), "--epochs", "1",
-                 "--out", str(run), "--no-progress", "--set", "backbone.width=8"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(tmp_path / "be.mix"),
+                "--baseline",
+                "single",
+                "--data",
+                str(npz),
+                "--epochs",
+                "1",
+                "--out",
+                str(run),
+                "--no-progress",
+                "--set",
+                "backbone.width=8",
+            ]
+        )
+        == 0
+    )
     plan = json.loads((run / "plan.json").read_text())
     assert plan["members"] == 1 and plan["grouping"] == "none"
 
 
 def test_export_folds_batch_ensemble_members_as_the_model_does():
-    """mixc.export's numpy fold (what `mixc export` writes per member) equals the model's compose()."""
+    """mixc.export's numpy fold (what `mixc export` writes per member) equals the model's
+    compose()."""
     import numpy as np
 
     from mixc.export import ExportError, compose_all
@@ -208,13 +283,16 @@ def test_export_folds_batch_ensemble_members_as_the_model_does():
     members = compose_all(plan, arrays)
     for m, member in enumerate(members):
         for name, layer in member.layers.items():
-            np.testing.assert_allclose(layer.weight, folded[f"{name}.weight"][m], rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(
+                layer.weight, folded[f"{name}.weight"][m], rtol=1e-12, atol=1e-12
+            )
     with pytest.raises(ExportError, match="runs all 3 members in one network"):
         compose_all(_plan("digits mimo"), {})
 
 
 def test_flax_composes_batch_ensemble_members_as_torch_does():
-    """Both backends' compose() fold BatchEnsemble's W * s r^T per member, from the same plan tensors."""
+    """Both backends' compose() fold BatchEnsemble's W * s r^T per member, from the same plan
+    tensors."""
     pytest.importorskip("jax")
     import numpy as np
 

@@ -6,15 +6,16 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import backbones, ensembles, specs, zoo_variants
 
 import mixc
 from mixc.compiler.assign import assign_bank, assign_blob
 from mixc.compiler.invariants import check_plan
 from mixc.spec import SpecError
 from mixc.spec.loader import zoo_specs
-from strategies import backbones, ensembles, specs, zoo_variants
 
-SCALE = int(os.environ.get("MIXC_FUZZ_SCALE", "1"))  # raise for a long run (issue 9: a few hundred per spec)
+# raise for a long run (issue 9: a few hundred per spec)
+SCALE = int(os.environ.get("MIXC_FUZZ_SCALE", "1"))
 MIN_RE = re.compile(r"below the minimum ([\d,]+)")
 DIFFER_RE = re.compile(r"smallest budget at which members can differ is ([\d,]+)")
 SETTING_RE = re.compile(r"set templates_per_layer (\d+) and a budget of at least ([\d,]+)")
@@ -25,7 +26,8 @@ def _count(text: str) -> int:
 
 
 def stated_fix(err: SpecError) -> list[str] | None:
-    """The overrides a rejection states as its remedy (None: a structural error that names a setting only)."""
+    """The overrides a rejection states as its remedy (None: a structural error that names a setting
+    only)."""
     text = err.render()
     if m := MIN_RE.search(text):
         return [f"budget={_count(m.group(1))}"]
@@ -42,7 +44,8 @@ def _minimum(err: SpecError) -> int | None:
 
 
 def compile_or_fix(compile_, overrides: list[str]):
-    """Compile; on a rejection, the stated remedy must compile to a sound plan (which is returned)."""
+    """Compile; on a rejection, the stated remedy must compile to a sound plan (which is
+    returned)."""
     try:
         return compile_(overrides)
     except SpecError as err:
@@ -94,23 +97,32 @@ def test_zoo_variants_read_every_template(name, overrides):
 @given(backbones(), ensembles(budget=False), st.integers(1, 40))
 def test_fixed_template_counts_need_no_budget(backbone, ensemble, n):
     ensemble = ensemble.replace("groups single", "groups by_shape")
-    text = backbone + ensemble.replace("backbone gen", f'backbone gen\n    groups {{ group all("*", templates = {n}) }}'
-                                       ).replace("groups by_shape\n", "")
+    text = backbone + ensemble.replace(
+        "backbone gen", f'backbone gen\n    groups {{ group all("*", templates = {n}) }}'
+    ).replace("groups by_shape\n", "")
     try:
         plan = mixc.compile_text(text)
     except SpecError as err:
         text = err.render()
         # a group fixed beyond what its slots read, or members that cannot differ, is refused
-        assert ("mixes layers of different shapes" in text or "its slots read at most" in text
-                or "members would be identical" in text), text
+        assert (
+            "mixes layers of different shapes" in text
+            or "its slots read at most" in text
+            or "members would be identical" in text
+        ), text
         return
     assert plan.accounting.budget is None
     assert [g.templates for g in plan.groups] == [n]
     assert check_plan(plan) == []
 
 
-@given(st.integers(1, 12), st.integers(1, 30), st.integers(1, 8), st.integers(1, 6),
-       st.sampled_from(["shared", "greedy_disjoint"]))
+@given(
+    st.integers(1, 12),
+    st.integers(1, 30),
+    st.integers(1, 8),
+    st.integers(1, 6),
+    st.sampled_from(["shared", "greedy_disjoint"]),
+)
 def test_round_robin_counter(n_layers, n, k_req, members, policy):
     k = min(k_req, n)
     table, usage = assign_bank(n_layers, n, k, members, policy)
@@ -120,18 +132,29 @@ def test_round_robin_counter(n_layers, n, k_req, members, policy):
     if slots * k >= n:
         assert min(usage) >= 1
     # the cyclic counter, layer-major then member order
-    flat = [t for layer in table for m, idx in enumerate(layer) if policy != "shared" or m == 0 for t in idx]
+    flat = [
+        t
+        for layer in table
+        for m, idx in enumerate(layer)
+        if policy != "shared" or m == 0
+        for t in idx
+    ]
     assert flat == [i % n for i in range(len(flat))]
     for layer in table:
         for idx in layer:
             assert len(set(idx)) == k
         if policy == "greedy_disjoint" and members * k <= n:
             sets = [set(i) for i in layer]
-            assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:])
+            assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1 :])
 
 
-@given(st.lists(st.integers(1, 50), min_size=1, max_size=8), st.integers(1, 4), st.integers(1, 4),
-       st.sampled_from(["shared", "greedy_disjoint"]), st.integers(0, 120))
+@given(
+    st.lists(st.integers(1, 50), min_size=1, max_size=8),
+    st.integers(1, 4),
+    st.integers(1, 4),
+    st.sampled_from(["shared", "greedy_disjoint"]),
+    st.integers(0, 120),
+)
 def test_blob_sweep(sizes, tpl, members, policy, extra):
     blob = max(sizes) + extra
     ks = [min(tpl, blob // s) for s in sizes]

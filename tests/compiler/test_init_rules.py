@@ -13,18 +13,24 @@ NORMAL = ["init.alphas=normal(std = 0.5)", "init.classifier=normal(std = 0.01)"]
 
 def test_the_spec_chooses_and_the_plan_records():
     default = mixc.compile("digits")
-    assert default.init.alphas == InitRule(law="orthonormal") and default.init.classifier == InitRule(law="uniform")
+    assert default.init.alphas == InitRule(
+        law="orthonormal"
+    ) and default.init.classifier == InitRule(law="uniform")
     plan = mixc.compile("digits", NORMAL)
     assert plan.init.alphas == InitRule(law="normal", std=0.5)
     assert plan.init.classifier == InitRule(law="normal", std=0.01)
     assert Plan.from_json(plan.to_json()) == plan
-    assert plan.spec_hash != default.spec_hash  # the rules define the model: checkpoints must not mix them
-    text = ("backbone b(classes = 3) {\n input vector(4)\n linear(8)\n relu\n linear(8)\n relu\n linear(8)\n"
-            " linear fc(classes)\n}\nensemble {\n backbone b\n members 2\n budget 2.0x\n"
-            " init { alphas normal(std = 0.25); classifier uniform }\n}\n")
+    # the rules define the model: checkpoints must not mix them
+    assert plan.spec_hash != default.spec_hash
+    text = (
+        "backbone b(classes = 3) {\n input vector(4)\n linear(8)\n relu\n linear(8)\n relu\n"
+        " linear(8)\n linear fc(classes)\n}\nensemble {\n backbone b\n members 2\n budget 2.0x\n"
+        " init { alphas normal(std = 0.25); classifier uniform }\n}\n"
+    )
     written = mixc.compile_text(text)
     assert written.init.alphas == InitRule(law="normal", std=0.25)
-    overridden = mixc.compile_text(text, ["init.alphas=orthonormal"])  # --set replaces one line of the body
+    # --set replaces one line of the body
+    overridden = mixc.compile_text(text, ["init.alphas=orthonormal"])
     assert overridden.init.alphas == InitRule(law="orthonormal")
 
 
@@ -66,7 +72,9 @@ def test_both_backends_apply_the_plans_rules(tensors):
     t = tensors(plan)
     flat = np.concatenate([v.ravel() for k, v in t.items() if k.startswith("alpha.")])
     assert 0.4 < flat.std() < 0.6 and abs(flat.mean()) < 0.15  # N(0, 0.5^2) over ~100 draws
-    norms = np.concatenate([np.linalg.norm(v, axis=1) for k, v in t.items() if k.startswith("alpha.")])
+    norms = np.concatenate(
+        [np.linalg.norm(v, axis=1) for k, v in t.items() if k.startswith("alpha.")]
+    )
     assert np.ptp(norms) > 0.1  # no longer unit rows
     w = t[f"plain.{plan.output}.weight"]
     assert 0.008 < w.std() < 0.012
@@ -74,6 +82,7 @@ def test_both_backends_apply_the_plans_rules(tensors):
 
 
 def test_a_classifier_rule_that_cannot_apply_is_a_warning():
-    plan = mixc.compile("wrn28_5", ["init.classifier=normal(std=0.01)"])  # thin: the output layer is banked
+    # thin: the output layer is banked
+    plan = mixc.compile("wrn28_5", ["init.classifier=normal(std=0.01)"])
     assert len(plan.warnings) == 1 and "classifier rule does not apply" in plan.warnings[0].message
     assert not mixc.compile("digits", ["init.classifier=normal(std=0.01)"]).warnings

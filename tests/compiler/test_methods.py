@@ -1,9 +1,10 @@
-"""Ensemble methods beside MixtureEnsembles (issue 13, front half): the `method` line, each method's Plan,
-its counts and FLOPs, inspect, verify, and the backends' refusal of methods they do not build.
+"""Ensemble methods beside MixtureEnsembles (issue 13, front half): the `method` line, each method's
+Plan, its counts and FLOPs, inspect, verify, and the backends' refusal of methods they do not
+build.
 
-Counts are recomputed here from the plain backbone's layer list (the `members=1 groups=none` plan, whose
-counts tests/compiler/test_zoo.py pins to the literature) with each method's formula written out independently of
-compiler/methods/.
+Counts are recomputed here from the plain backbone's layer list (the `members=1 groups=none` plan,
+whose counts tests/compiler/test_zoo.py pins to the literature) with each method's formula written
+out independently of compiler/methods/.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ C10 = ["backbone.classes=10"]
 
 
 def layer_list(spec: str, overrides=()) -> tuple[list[tuple], list[int]]:
-    """(weight layers as (in, out, kernel elements, groups, bias), BatchNorm widths) of the plain backbone."""
+    """(weight layers as (in, out, kernel elements, groups, bias), BatchNorm widths) of the plain
+    backbone."""
     plan = mixc.compile(spec, [*overrides, "members=1", "groups=none"])
     layers, bns = [], []
     for o in plan.ops:
@@ -57,18 +59,27 @@ def params(cin: int, cout: int, kk: int, g: int, bias: bool) -> int:
 
 def batch_ensemble_count(layers, bns, M: int) -> int:
     shared = sum(params(cin, cout, kk, g, False) for cin, cout, kk, g, _ in layers)
-    per_member = sum(cin + cout + (cout if b else 0) for cin, cout, _, _, b in layers) + 2 * sum(bns)
+    per_member = sum(cin + cout + (cout if b else 0) for cin, cout, _, _, b in layers) + 2 * sum(
+        bns
+    )
     return shared + M * per_member
 
 
 def mimo_count(layers, bns, M: int) -> int:
     (fc_in, f_out, fkk, fg, fb), (l_in, l_out, lkk, lg, lb) = layers[0], layers[-1]
     middle = sum(params(*x) for x in layers[1:-1])
-    return params(M * fc_in, f_out, fkk, fg, fb) + middle + params(l_in, M * l_out, lkk, lg, lb) + 2 * sum(bns)
+    return (
+        params(M * fc_in, f_out, fkk, fg, fb)
+        + middle
+        + params(l_in, M * l_out, lkk, lg, lb)
+        + 2 * sum(bns)
+    )
 
 
 def packed_valid(layers, M: int, alpha: Fraction, gamma: int) -> bool:
-    """Every widened width whole and divisible by its layer's groups (the zoo's first/last = list ends)."""
+    """Every widened width whole and divisible by its layer's groups (the zoo's first/last = list
+    ends)."""
+
     def ok(width: Fraction, d: int) -> bool:
         return width.denominator == 1 and width.numerator % d == 0
 
@@ -119,7 +130,9 @@ def test_wrn28_10_mimo_count():
 def test_wrn28_10_packed_count():
     plan = mixc.compile("wrn28_10", [*C10, "method=packed(alpha = 2, gamma = 1)"])
     layers, bns = layer_list("wrn28_10", C10)
-    assert plan.accounting.total_params == packed_count(layers, bns, 4, Fraction(2), 1) == 36_504_008
+    assert (
+        plan.accounting.total_params == packed_count(layers, bns, 4, Fraction(2), 1) == 36_504_008
+    )
     assert abs(plan.accounting.total_params / 36.5e6 - 1) < 0.05
     assert plan.accounting.per_member_params * 4 == plan.accounting.total_params
 
@@ -128,7 +141,8 @@ def test_resnet50_batch_ensemble_count():
     plan = mixc.compile("resnet50", ["method=batch_ensemble"])
     layers, bns = layer_list("resnet50")
     assert plan.accounting.total_params == batch_ensemble_count(layers, bns, 4) == 25_927_948
-    # "about 25.6M": per-member BatchNorm (3 x 53,120 more than one shared BatchNorm) and the fast weights
+    # "about 25.6M": per-member BatchNorm (3 x 53,120 more than one shared BatchNorm) and the fast
+    # weights
     assert abs(plan.accounting.total_params / 25.6e6 - 1) < 0.015
 
 
@@ -148,7 +162,12 @@ def test_batch_ensemble_and_mimo_counts(spec, members):
 
 
 @settings(max_examples=30, deadline=None)
-@given(members=st.integers(1, 8), gamma=st.integers(1, 3), num=st.integers(1, 24), den=st.sampled_from([1, 2, 4, 8]))
+@given(
+    members=st.integers(1, 8),
+    gamma=st.integers(1, 3),
+    num=st.integers(1, 24),
+    den=st.sampled_from([1, 2, 4, 8]),
+)
 def test_packed_counts_and_width_errors(members, gamma, num, den):
     alpha = Fraction(num, den)
     layers, bns = layer_list("digits")
@@ -158,12 +177,15 @@ def test_packed_counts_and_width_errors(members, gamma, num, den):
         assert plan.accounting.total_params == packed_count(layers, bns, members, alpha, gamma)
         assert check_plan(plan) == []
     else:
-        with pytest.raises(SpecError, match=r"packed\(alpha = .*layer '[\w.]+' would have .* channels"):
+        with pytest.raises(
+            SpecError, match=r"packed\(alpha = .*layer '[\w.]+' would have .* channels"
+        ):
             mixc.compile("digits", overrides)
 
 
 def _neighbours(layers, members: int, gamma: int, alpha: Fraction) -> list[Fraction]:
-    """The valid alphas just below and above ``alpha`` on a fine grid (digits' widths are 32 and 64)."""
+    """The valid alphas just below and above ``alpha`` on a fine grid (digits' widths are 32 and
+    64)."""
     grid = [Fraction(k, 64) for k in range(1, 64 * 12)]
     valid = [a for a in grid if packed_valid(layers, members, a, gamma)]
     below = [a for a in valid if a < alpha]
@@ -181,8 +203,11 @@ def test_packed_alpha_from_a_budget_is_the_closest(members, gamma, ratio):
         plan = mixc.compile("digits", overrides)
     except SpecError as e:
         assert "below the smallest Packed-Ensemble" in str(e)
-        smallest = min(a for a in (Fraction(k, 64) for k in range(1, 64 * 4))
-                       if packed_valid(layers, members, a, gamma))
+        smallest = min(
+            a
+            for a in (Fraction(k, 64) for k in range(1, 64 * 4))
+            if packed_valid(layers, members, a, gamma)
+        )
         assert packed_count(layers, bns, members, smallest, gamma) > budget
         return
     alpha = Fraction(plan.method.alpha).limit_denominator(64)
@@ -198,9 +223,15 @@ def test_packed_alpha_from_a_budget_is_the_closest(members, gamma, ratio):
 
 
 def test_batch_ensemble_tensors():
-    plan = mixc.compile("digits", ["method=batch_ensemble(fast_init = signs, fast_std = 0.3)", "members=3"])
+    plan = mixc.compile(
+        "digits", ["method=batch_ensemble(fast_init = signs, fast_std = 0.3)", "members=3"]
+    )
     assert plan.execution == "per_member" and plan.grouping == "none"
-    assert plan.method.fast_init == "signs" and plan.method.fast_std == 0.3 and plan.method.fast_lr == 0.5
+    assert (
+        plan.method.fast_init == "signs"
+        and plan.method.fast_std == 0.3
+        and plan.method.fast_lr == 0.5
+    )
     t = {x.name: x for x in plan.tensors}
     stem = plan.op("stem")
     assert stem.source == "batch_ensemble"
@@ -209,15 +240,20 @@ def test_batch_ensemble_tensors():
     assert t["fast.stem.s"].shape == [3, 32] and t["fast.stem.s"].role == "fast_out"
     assert t["member.fc.bias"].shape == [3, 10] and "member.stem.bias" not in t
     assert t["bn.s1.b0.bn0.weight"].shape == [3, 32]
-    assert plan.accounting.fast_params == sum(x.numel for x in plan.tensors if x.role.startswith("fast"))
+    assert plan.accounting.fast_params == sum(
+        x.numel for x in plan.tensors if x.role.startswith("fast")
+    )
     plain = mixc.compile("digits").ops  # the graph keeps the backbone's shapes (one member's view)
-    assert [(o.name, o.in_shape, o.out_shape) for o in plan.ops] == [(o.name, o.in_shape, o.out_shape) for o in plain]
+    assert [(o.name, o.in_shape, o.out_shape) for o in plan.ops] == [
+        (o.name, o.in_shape, o.out_shape) for o in plain
+    ]
 
 
 def test_mimo_plan_shapes():
     plan = mixc.compile("digits", ["method=mimo", "members=3"])
     assert plan.execution == "single_path" and plan.input_shape == [1, 8, 8] and plan.classes == 10
-    assert plan.ops[0].in_shape == [1, 8, 8] and plan.ops[0].out_shape == [3, 8, 8]  # member-major stack
+    # member-major stack
+    assert plan.ops[0].in_shape == [1, 8, 8] and plan.ops[0].out_shape == [3, 8, 8]
     assert plan.op("stem").in_channels == 3 and plan.op(plan.output).out_shape == [30]
     t = {x.name: x for x in plan.tensors}
     assert t["plain.stem.weight"].shape == [32, 3, 3, 3] and t["plain.fc.weight"].shape == [30, 64]
@@ -230,12 +266,20 @@ def test_packed_plan_shapes_and_groups():
     plan = mixc.compile("digits", ["method=packed(alpha = 2, gamma = 2)", "members=2"])
     assert plan.execution == "single_path" and plan.method.alpha == 2.0 and plan.method.gamma == 2
     stem, conv, proj, fc = (plan.op(n) for n in ("stem", "s1.b0.conv1", "s2.b0.proj", "fc"))
-    assert (stem.in_channels, stem.out_channels, stem.groups) == (1, 64, 1)  # first layer: not split
+    # first layer: not split
+    assert (stem.in_channels, stem.out_channels, stem.groups) == (1, 64, 1)
     assert (conv.in_channels, conv.out_channels, conv.groups) == (64, 64, 4)  # gamma x members
-    assert (proj.in_channels, proj.out_channels, proj.groups) == (64, 128, 4)  # projections packed alike
-    assert (fc.in_features, fc.out_features, fc.groups) == (128, 20, 2)  # last: M groups, M x classes
+    # projections packed alike
+    assert (proj.in_channels, proj.out_channels, proj.groups) == (64, 128, 4)
+    # last: M groups, M x classes
+    assert (fc.in_features, fc.out_features, fc.groups) == (128, 20, 2)
     t = {x.name: x for x in plan.tensors}
-    assert t["plain.fc.weight"].shape == [20, 64] and t["plain.s1.b0.conv1.weight"].shape == [64, 16, 3, 3]
+    assert t["plain.fc.weight"].shape == [20, 64] and t["plain.s1.b0.conv1.weight"].shape == [
+        64,
+        16,
+        3,
+        3,
+    ]
     assert t["bn.s1.b0.bn0.weight"].shape == [64]
     assert json.loads(plan.to_json())["ops"][-1]["groups"] == 2
 
@@ -246,25 +290,30 @@ def test_flops_per_method():
     be = mixc.compile("wrn28_10", [*C10, "method=batch_ensemble"])
     assert ensemble_macs(be) == 4 * one and backbone_macs(be) == one
     mimo = mixc.compile("wrn28_10", [*C10, "method=mimo", "members=3"])
-    assert backbone_macs(mimo) == one and ensemble_macs(mimo) == one + 2 * (32 * 32 * 16 * 3 * 9) + 2 * 640 * 10
+    assert (
+        backbone_macs(mimo) == one
+        and ensemble_macs(mimo) == one + 2 * (32 * 32 * 16 * 3 * 9) + 2 * 640 * 10
+    )
     packed = mixc.compile("wrn28_10", [*C10, "method=packed(alpha = 2)"])
-    assert backbone_macs(packed) == one and ensemble_macs(packed) / one == pytest.approx(1.0, abs=0.001)
+    assert backbone_macs(packed) == one and ensemble_macs(packed) / one == pytest.approx(
+        1.0, abs=0.001
+    )
 
 
 # ---------------------------------------------------------------------------
 # Hashes and plan files: mixture plans unchanged
 
 
-#: (content hash, sha256 of plan.json without its source path) of zoo plans compiled before methods existed
-#: (at 9f785c4): the default must move neither
+#: (content hash, sha256 of plan.json without its source path) of zoo plans compiled before methods
+#: existed (at 9f785c4): the default must move neither
 PINNED = {
-    ('digits', ()): ('e488edc6e5058128', '4b4da64da2aae166'),
-    ('digits', ('groups=none',)): ('e8dee12c27733df3', '479902fa9403cfa2'),
-    ('wrn28_10', ()): ('02620279e4f94e51', 'c2d127f6c0075225'),
-    ('wrn28_10_7m', ()): ('26bbf6afc4d31002', 'd6da628f7eb153df'),
-    ('resnet50', ()): ('859af52470a7ae13', '0adf2720b6b21791'),
-    ('wrn16_4', ('members=1', 'groups=none')): ('45ecdcc8be53142c', '7a0343fb8d873942'),
-    ('wrn28_5', ()): ('387232c99c763393', 'de820242ac6cd150'),
+    ("digits", ()): ("e488edc6e5058128", "4b4da64da2aae166"),
+    ("digits", ("groups=none",)): ("e8dee12c27733df3", "479902fa9403cfa2"),
+    ("wrn28_10", ()): ("02620279e4f94e51", "c2d127f6c0075225"),
+    ("wrn28_10_7m", ()): ("26bbf6afc4d31002", "d6da628f7eb153df"),
+    ("resnet50", ()): ("859af52470a7ae13", "0adf2720b6b21791"),
+    ("wrn16_4", ("members=1", "groups=none")): ("45ecdcc8be53142c", "7a0343fb8d873942"),
+    ("wrn28_5", ()): ("387232c99c763393", "de820242ac6cd150"),
 }
 
 
@@ -294,7 +343,10 @@ def test_naive_is_groups_none():
     a = mixc.compile("wrn16_4", ["method=naive"])
     b = mixc.compile("wrn16_4", ["groups=none"])
     assert a.method.name == b.method.name == "naive"
-    assert a.model_dump(exclude={"warnings"}) == b.model_dump(exclude={"warnings"}) and a.spec_hash == b.spec_hash
+    assert (
+        a.model_dump(exclude={"warnings"}) == b.model_dump(exclude={"warnings"})
+        and a.spec_hash == b.spec_hash
+    )
     assert "method" not in json.loads(b.to_json())  # implied by grouping none, as in older plans
 
 
@@ -309,11 +361,20 @@ def test_plan_files_round_trip(tmp_path, method):
 
 def test_training_options_are_not_hashed_but_init_is():
     base = mixc.compile("digits", ["method=batch_ensemble"])
-    assert mixc.compile("digits", ["method=batch_ensemble(fast_lr = 0.1)"]).spec_hash == base.spec_hash
-    assert mixc.compile("digits", ["method=batch_ensemble(fast_std = 0.1)"]).spec_hash != base.spec_hash
+    assert (
+        mixc.compile("digits", ["method=batch_ensemble(fast_lr = 0.1)"]).spec_hash == base.spec_hash
+    )
+    assert (
+        mixc.compile("digits", ["method=batch_ensemble(fast_std = 0.1)"]).spec_hash
+        != base.spec_hash
+    )
     mimo = mixc.compile("digits", ["method=mimo"])
-    assert mixc.compile("digits", ["method=mimo(batch_repetitions = 2, input_sharing = 0.5)"]).spec_hash == \
-        mimo.spec_hash
+    assert (
+        mixc.compile(
+            "digits", ["method=mimo(batch_repetitions = 2, input_sharing = 0.5)"]
+        ).spec_hash
+        == mimo.spec_hash
+    )
 
 
 def test_plan_refuses_an_inconsistent_method():
@@ -329,7 +390,10 @@ def test_plan_refuses_an_inconsistent_method():
 
 def test_method_tensors_invariant_catches_a_wrong_shape():
     plan = mixc.compile("digits", ["method=batch_ensemble"])
-    tensors = [t.model_copy(update={"shape": [4, 2]}) if t.name == "fast.stem.r" else t for t in plan.tensors]
+    tensors = [
+        t.model_copy(update={"shape": [4, 2]}) if t.name == "fast.stem.r" else t
+        for t in plan.tensors
+    ]
     broken = plan.model_copy(update={"tensors": tensors})
     assert "method_tensors" in {v.invariant for v in check_plan(broken)}
 
@@ -368,18 +432,25 @@ def _error(method_lines: str, overrides=()) -> str:
 
 def test_method_line_and_overrides():
     assert _compile("method packed(alpha = 2, gamma = 1)").method.alpha == 2.0
-    assert _compile("method packed", ["method.alpha=3"]).method.alpha == 3.0  # a bare name takes options
+    # a bare name takes options
+    assert _compile("method packed", ["method.alpha=3"]).method.alpha == 3.0
     assert _compile("", ["method=packed", "method.gamma=2"]).method.gamma == 2
     assert _compile("method mimo", ["method=batch_ensemble"]).method.name == "batch_ensemble"
     plan = mixc.compile("wrn16_4", ["method=packed(alpha = 2)"])
     assert plan.method.name == "packed" and plan.method.alpha == 2.0
-    with pytest.raises(SpecError, match="choose the method first: --set method=batch_ensemble --set method.fast_std"):
+    with pytest.raises(
+        SpecError,
+        match="choose the method first: --set method=batch_ensemble --set method.fast_std",
+    ):
         mixc.compile("wrn16_4", ["method.fast_std=0.1"])
 
 
 def test_unknown_methods_and_options_are_positioned():
     text = _error("method batch_ensmble")
-    assert "m.mix:14:12: error: unknown ensemble method 'batch_ensmble'" in text and "'batch_ensemble'" in text
+    assert (
+        "m.mix:14:12: error: unknown ensemble method 'batch_ensmble'" in text
+        and "'batch_ensemble'" in text
+    )
     text = _error("method packed(alpha = 0, beta = 1)")
     assert "option 'alpha' of packed must be positive, got 0" in text
     assert "method packed has no option 'beta'" in text and "expected one of: alpha, gamma" in text
@@ -390,25 +461,44 @@ def test_unknown_methods_and_options_are_positioned():
     assert "^" in _error("method naive(x = 1)")
 
 
-@pytest.mark.parametrize("setting", ["budget 1.0x", "groups by_shape", "templates_per_layer 2", "assign shared",
-                                     "bank_singletons true", "init { alphas normal(std = 0.5) }"])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "budget 1.0x",
+        "groups by_shape",
+        "templates_per_layer 2",
+        "assign shared",
+        "bank_singletons true",
+        "init { alphas normal(std = 0.5) }",
+    ],
+)
 @pytest.mark.parametrize("method", ["batch_ensemble", "mimo", "naive"])
 def test_mixture_settings_beside_another_method_are_errors(setting, method):
     text = _error(f"method {method}\n    {setting}")
     key = "init.alphas" if setting.startswith("init") else setting.split()[0]
-    assert f"'{key}' does not apply to method {method}" in text and "hint:" in text and "m.mix:15:" in text
+    assert (
+        f"'{key}' does not apply to method {method}" in text
+        and "hint:" in text
+        and "m.mix:15:" in text
+    )
 
 
 def test_mixture_settings_from_set_are_errors_and_from_the_file_are_ignored():
     text = _error("method batch_ensemble", ["budget=2M"])
     assert "--set #1:1:1: error: 'budget' does not apply to method batch_ensemble" in text
-    plan = mixc.compile("digits", ["method=batch_ensemble"])  # digits.mix writes budget, groups, tpl, assign
+    # digits.mix writes budget, groups, tpl, assign
+    plan = mixc.compile("digits", ["method=batch_ensemble"])
     (w,) = plan.warnings
-    assert w.message == ("method batch_ensemble, chosen with --set, does not use the spec's budget, groups, "
-                         "templates_per_layer, assign (they are ignored)") and w.line == 17
+    assert (
+        w.message
+        == "method batch_ensemble, chosen with --set, does not use the spec's budget, groups, "
+        "templates_per_layer, assign (they are ignored)"
+        and w.line == 17
+    )
     assert plan.accounting.budget is None
-    assert "groups none is the naive ensemble: use method naive" in _error("method batch_ensemble",
-                                                                           ["groups=none"])
+    assert "groups none is the naive ensemble: use method naive" in _error(
+        "method batch_ensemble", ["groups=none"]
+    )
     assert _compile("method naive\n    groups none").method.name == "naive"  # redundant, not wrong
 
 
@@ -419,21 +509,33 @@ def test_packed_budget_and_alpha_precedence():
     assert solved.method.alpha_from_budget and solved.accounting.budget is not None
     later_alpha = _compile("method packed\n    budget 1.0x", ["method.alpha=1"])
     assert later_alpha.method.alpha == 1.0 and later_alpha.accounting.budget is None
-    assert "the spec's budget is ignored: packed's alpha is given with --set" in later_alpha.warnings[0].message
+    assert (
+        "the spec's budget is ignored: packed's alpha is given with --set"
+        in later_alpha.warnings[0].message
+    )
     later_budget = _compile("method packed(alpha = 1)", ["budget=1.0x"])
     assert later_budget.method.alpha_from_budget
-    assert "the spec's alpha is ignored: the budget given with --set solves alpha" in later_budget.warnings[0].message
+    assert (
+        "the spec's alpha is ignored: the budget given with --set solves alpha"
+        in later_budget.warnings[0].message
+    )
     assert "below the smallest Packed-Ensemble" in _error("method packed\n    budget 100")
 
 
 def test_packed_width_error_names_the_layer_and_valid_alphas():
     text = _error("method packed(alpha = 1.3)")
-    assert "m.mix:5:5: error: packed(alpha = 1.3, gamma = 1) with 4 members: layer 'stem' would have " \
-           "1.3 x 16 = 20.8 output channels, not a whole number" in text
+    assert (
+        "m.mix:5:5: error: packed(alpha = 1.3, gamma = 1) with 4 members: layer 'stem' would have "
+        "1.3 x 16 = 20.8 output channels, not a whole number" in text
+    )
     assert "multiple of 0.25 (try alpha = 1.25 or 1.5)" in text
     text = _error("method packed(alpha = 1, gamma = 8)")
-    assert "layer 's1.b0.conv1' would have 1 x 16 = 16 input channels, which do not split into 32 groups " \
-           "(gamma 8 x 4 members)" in text and "wide.mix:10:9" in text
+    assert (
+        "layer 's1.b0.conv1' would have 1 x 16 = 16 input channels, which do not split into 32"
+        " groups (gamma 8 x 4 members)"
+        in text
+        and "wide.mix:10:9" in text
+    )
 
 
 def test_a_residual_add_of_the_raw_input_is_refused():
@@ -456,19 +558,62 @@ def test_a_residual_add_of_the_raw_input_is_refused():
 
 
 def test_inspect_shows_method_total_per_member_and_flops(capsys):
-    assert main(["inspect", "wrn28_10", "--set", "backbone.classes=10", "--set", "method=batch_ensemble"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                "wrn28_10",
+                "--set",
+                "backbone.classes=10",
+                "--set",
+                "method=batch_ensemble",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    for text in ("method batch_ensemble", "36,611,404", "per member", "37,543", "inference MACs", "4.00x"):
+    for text in (
+        "method batch_ensemble",
+        "36,611,404",
+        "per member",
+        "37,543",
+        "inference MACs",
+        "4.00x",
+    ):
         assert text in out, text
-    assert main(["inspect", "wrn28_10", "--json", "--set", "backbone.classes=10", "--set", "method=mimo",
-                 "--set", "members=3"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                "wrn28_10",
+                "--json",
+                "--set",
+                "backbone.classes=10",
+                "--set",
+                "method=mimo",
+                "--set",
+                "members=3",
+            ]
+        )
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
-    assert data["method"] == "mimo" and data["execution"] == "single_path" and data["total_params"] == 36_492_878
-    assert data["per_member_params"] == 6_842 and data["relative_flops"] == pytest.approx(1.0, abs=0.001)
-    assert main(["inspect", "wrn28_10", "--set", "backbone.classes=10", "--set", "method=packed"]) == 0
+    assert (
+        data["method"] == "mimo"
+        and data["execution"] == "single_path"
+        and data["total_params"] == 36_492_878
+    )
+    assert data["per_member_params"] == 6_842 and data["relative_flops"] == pytest.approx(
+        1.0, abs=0.001
+    )
+    assert (
+        main(["inspect", "wrn28_10", "--set", "backbone.classes=10", "--set", "method=packed"]) == 0
+    )
     out = " ".join(capsys.readouterr().out.split())
-    assert "alpha 2 solved from the budget 36,500,000: of the alphas at which every width divides, the one whose " \
-           "total is closest to the budget (+0.01%)" in out
+    assert (
+        "alpha 2 solved from the budget 36,500,000: of the alphas at which every width divides, the"
+        " one whose total is closest to the budget (+0.01%)" in out
+    )
 
 
 def test_check_names_the_method(capsys):
@@ -482,14 +627,20 @@ def test_verify_a_method_spec(tmp_path):
     spec = tmp_path / "be.mix"
     spec.write_text(PACKED.replace("METHOD", "method batch_ensemble"))
     report = verify(str(spec), Space(), examples=6, seed_value=0)
-    assert report.failure is None and report.method == "batch_ensemble" and set(report.dimensions) == {"members"}
+    assert (
+        report.failure is None
+        and report.method == "batch_ensemble"
+        and set(report.dimensions) == {"members"}
+    )
     spec.write_text(PACKED.replace("METHOD", "method packed"))
     report = verify(str(spec), Space(), examples=10, seed_value=0)
     assert report.failure is None and set(report.dimensions) == {"budget", "members"}
     assert report.feasible > 0
 
 
-def test_verify_builds_the_method_and_reports_an_unbuilt_one_as_not_checkable(tmp_path, capsys, monkeypatch):
+def test_verify_builds_the_method_and_reports_an_unbuilt_one_as_not_checkable(
+    tmp_path, capsys, monkeypatch
+):
     pytest.importorskip("torch")
     import dataclasses
 
@@ -499,7 +650,8 @@ def test_verify_builds_the_method_and_reports_an_unbuilt_one_as_not_checkable(tm
     spec.write_text(PACKED.replace("METHOD", "method mimo"))
     assert main(["verify", str(spec), "--examples", "4", "--backend", "torch"]) == 0
     out = capsys.readouterr().out
-    assert "models built" in out and "not checkable" not in out  # torch builds MIMO: its counts are compared
+    # torch builds MIMO: its counts are compared
+    assert "models built" in out and "not checkable" not in out
     torch_backend = get_backend("torch", "verify")
     fewer = dataclasses.replace(torch_backend.capabilities, methods=frozenset({"mixture", "naive"}))
     monkeypatch.setattr(type(torch_backend), "capabilities", fewer)
@@ -529,10 +681,16 @@ def test_backends_refuse_methods_they_do_not_build():
     assert toy.build(mixc.compile("digits", ["method=naive"])) == "built"
     for method in ("batch_ensemble", "mimo", "packed"):
         plan = mixc.compile("digits", [f"method={method}"])
-        for call in (lambda: toy.build(plan), lambda: toy.count_params(plan), lambda: toy.emit_source(plan),
-                     lambda: toy.runner(plan), lambda: toy.trainer(plan, None, device="cpu", layout="auto",
-                                                                   augment="none")):
-            with pytest.raises(BackendError, match=f"method '{method}' is not built by the toy backend yet"):
+        for call in (
+            lambda: toy.build(plan),
+            lambda: toy.count_params(plan),
+            lambda: toy.emit_source(plan),
+            lambda: toy.runner(plan),
+            lambda: toy.trainer(plan, None, device="cpu", layout="auto", augment="none"),
+        ):
+            with pytest.raises(
+                BackendError, match=f"method '{method}' is not built by the toy backend yet"
+            ):
                 call()
 
 
@@ -541,5 +699,6 @@ def test_a_backend_that_builds_a_method_passes_the_check():
         capabilities = Capabilities(methods=frozenset({"mixture", "naive", "mimo"}))
 
     plan = mixc.compile("digits", ["method=mimo"])
-    assert Wide().build(plan) == "built" and Wide().count_params(plan) == plan.accounting.total_params
-
+    assert (
+        Wide().build(plan) == "built" and Wide().count_params(plan) == plan.accounting.total_params
+    )

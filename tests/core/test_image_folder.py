@@ -1,4 +1,5 @@
-"""Image folders: the scan, the transforms, training from PNGs on both backends, a spec's relative data path."""
+"""Image folders: the scan, the transforms, training from PNGs on both backends, a spec's relative
+data path."""
 
 import json
 from pathlib import Path
@@ -8,13 +9,19 @@ import pytest
 
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
+from spec_texts import tiny_cnn  # noqa: E402
 
 from mixc.core.data import DataError, load_dataset  # noqa: E402
 from mixc.core.imagefolder import FolderReader, random_resized_crop, resize_center_crop, scan  # noqa: E402
-from spec_texts import tiny_cnn  # noqa: E402
 
-SPEC = tiny_cnn("image(1, 8, 8)", 2, train=('    data "imgs"\n    epochs 2\n    batch 16\n'
-                                            "    optimizer sgd(lr = 0.05, momentum = 0.9)\n    schedule constant\n"))
+SPEC = tiny_cnn(
+    "image(1, 8, 8)",
+    2,
+    train=(
+        '    data "imgs"\n    epochs 2\n    batch 16\n'
+        "    optimizer sgd(lr = 0.05, momentum = 0.9)\n    schedule constant\n"
+    ),
+)
 
 
 def make_folder(root: Path, splits=("train", "val"), n=12, size=8, mode="L") -> Path:
@@ -40,7 +47,8 @@ def test_scan_layout_and_errors(tmp_path):
     assert f.classes == ("left", "right") and len(f.train.paths) == 6 and f.val is not None
     assert list(f.test.labels) == [0, 0, 0, 1, 1, 1]
     only_val = scan(make_folder(tmp_path / "b", ("train", "val"), n=2))
-    assert only_val.val is None and len(only_val.test.paths) == 4  # ImageNet layout: val/ is the reported set
+    # ImageNet layout: val/ is the reported set
+    assert only_val.val is None and len(only_val.test.paths) == 4
     make_folder(tmp_path / "c", ("train",), n=1)
     with pytest.raises(DataError, match="neither val/ nor test/"):
         scan(tmp_path / "c")
@@ -73,7 +81,8 @@ def test_in_memory_load(tmp_path):
 
 @pytest.mark.parametrize("backend", ["torch", "flax"])
 def test_image_folder_trains_two_epochs_from_another_folder(tmp_path, monkeypatch, backend):
-    """The spec says data "imgs": it resolves from the spec's folder, not the current one; the run records it."""
+    """The spec says data "imgs": it resolves from the spec's folder, not the current one; the run
+    records it."""
     pytest.importorskip("torch" if backend == "torch" else "jax")
     from mixc.cli import main
     from mixc.core.run_read import read_metrics
@@ -84,29 +93,54 @@ def test_image_folder_trains_two_epochs_from_another_folder(tmp_path, monkeypatc
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    code = main(["train", str(proj / "tiny.mix"), "--backend", backend, "--threads", "1", "--no-progress",
-                 "--out", "run"])
+    code = main(
+        [
+            "train",
+            str(proj / "tiny.mix"),
+            "--backend",
+            backend,
+            "--threads",
+            "1",
+            "--no-progress",
+            "--out",
+            "run",
+        ]
+    )
     assert code == 0
     lines = read_metrics(elsewhere / "run")
     assert [m.epoch for m in lines] == [1, 2] and lines[-1].accuracy is not None
     recipe = json.loads((elsewhere / "run" / "config.json").read_text())["recipe"]
     assert recipe["data"] == str((proj / "imgs").resolve())
-    monkeypatch.chdir(tmp_path)  # evaluated from a third folder: the recorded absolute path is found
+    # evaluated from a third folder: the recorded absolute path is found
+    monkeypatch.chdir(tmp_path)
     assert main(["eval", str(elsewhere / "run"), "--json", "--no-save", "--threads", "1"]) == 0
 
 
 @pytest.mark.parametrize("backend", ["torch", "flax"])
 def test_streamed_folder_trains_and_resumes_exactly(tmp_path, backend):
-    """--stream: batches come from the loader (torch: DataLoader workers); two epochs, then a resumed third
-    equals an uninterrupted three-epoch run (per-sample seeds, the same permutation rule)."""
+    """--stream: batches come from the loader (torch: DataLoader workers); two epochs, then a
+    resumed third equals an uninterrupted three-epoch run (per-sample seeds, the same permutation
+    rule)."""
     pytest.importorskip("torch" if backend == "torch" else "jax")
     from mixc.cli import main
     from mixc.core.run_read import read_metrics
 
     data = make_folder(tmp_path / "imgs", ("train", "val", "test"), n=10)
     (tmp_path / "tiny.mix").write_text(SPEC.replace("epochs 2", "epochs 3"))
-    common = [str(tmp_path / "tiny.mix"), "--backend", backend, "--threads", "1", "--no-progress", "--stream",
-              "--workers", "1" if backend == "torch" else "0", "--data", str(data), "--no-curves"]
+    common = [
+        str(tmp_path / "tiny.mix"),
+        "--backend",
+        backend,
+        "--threads",
+        "1",
+        "--no-progress",
+        "--stream",
+        "--workers",
+        "1" if backend == "torch" else "0",
+        "--data",
+        str(data),
+        "--no-curves",
+    ]
     assert main(["train", *common, "--out", str(tmp_path / "full")]) == 0
     assert main(["train", *common, "--epochs", "2", "--out", str(tmp_path / "part")]) == 0
     assert main(["train", *common, "--out", str(tmp_path / "part")]) == 0
@@ -117,30 +151,40 @@ def test_streamed_folder_trains_and_resumes_exactly(tmp_path, backend):
 
 
 def test_streamed_val_fraction_holds_out_the_in_memory_split(tmp_path):
-    """--val-fraction on a streamed folder splits its file list by the in-memory rule: the same images held out,
-    read with the evaluation transform; a folder with its own val/ still refuses it."""
+    """--val-fraction on a streamed folder splits its file list by the in-memory rule: the same
+    images held out, read with the evaluation transform; a folder with its own val/ still refuses
+    it."""
     from mixc.core.data import split_validation
     from mixc.core.imagefolder import iter_batches
 
     root = make_folder(tmp_path / "imgs", ("train", "test"), n=10)
     memory = split_validation(load_dataset(str(root), input_shape=[1, 8, 8]), 0.3, seed=4)
-    streamed = split_validation(load_dataset(str(root), input_shape=[1, 8, 8], stream=True), 0.3, seed=4)
+    streamed = split_validation(
+        load_dataset(str(root), input_shape=[1, 8, 8], stream=True), 0.3, seed=4
+    )
     assert len(streamed.folder.val.paths) == 6 and len(streamed.folder.train.paths) == 14
     assert not set(streamed.folder.val.paths) & set(streamed.folder.train.paths)
     np.testing.assert_array_equal(streamed.y_val, memory.y_val)
     np.testing.assert_array_equal(streamed.y_train, memory.y_train)
-    x_val = np.concatenate([x for x, _ in iter_batches(streamed.folder.val, [1, 8, 8], train=False, batch=4)])
+    x_val = np.concatenate(
+        [x for x, _ in iter_batches(streamed.folder.val, [1, 8, 8], train=False, batch=4)]
+    )
     np.testing.assert_array_equal(x_val, memory.x_val)  # the evaluation transform, as in memory
     assert "6 of the train images held out" in streamed.description
-    other = split_validation(load_dataset(str(root), input_shape=[1, 8, 8], stream=True), 0.3, seed=5)
+    other = split_validation(
+        load_dataset(str(root), input_shape=[1, 8, 8], stream=True), 0.3, seed=5
+    )
     assert set(other.folder.val.paths) != set(streamed.folder.val.paths)  # seeded
     own_val = make_folder(tmp_path / "withval", ("train", "val", "test"), n=2)
     with pytest.raises(DataError, match="own validation split"):
-        split_validation(load_dataset(str(own_val), input_shape=[1, 8, 8], stream=True), 0.3, seed=0)
+        split_validation(
+            load_dataset(str(own_val), input_shape=[1, 8, 8], stream=True), 0.3, seed=0
+        )
 
 
 def test_streamed_training_with_val_fraction(tmp_path):
-    """A streamed folder without val/ trains with --val-fraction: validation metrics each epoch, a best checkpoint."""
+    """A streamed folder without val/ trains with --val-fraction: validation metrics each epoch, a
+    best checkpoint."""
     pytest.importorskip("torch")
     from mixc.cli import main
     from mixc.core.run_read import read_metrics
@@ -148,8 +192,28 @@ def test_streamed_training_with_val_fraction(tmp_path):
     data = make_folder(tmp_path / "imgs", ("train", "test"), n=16)
     (tmp_path / "tiny.mix").write_text(SPEC)
     out = tmp_path / "run"
-    assert main(["train", str(tmp_path / "tiny.mix"), "--threads", "1", "--no-progress", "--no-curves", "--stream",
-                 "--workers", "0", "--data", str(data), "--val-fraction", "0.25", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(tmp_path / "tiny.mix"),
+                "--threads",
+                "1",
+                "--no-progress",
+                "--no-curves",
+                "--stream",
+                "--workers",
+                "0",
+                "--data",
+                str(data),
+                "--val-fraction",
+                "0.25",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     lines = read_metrics(out)
     assert all(m.val_nll is not None and m.val_accuracy is not None for m in lines)
     assert lines[0].accuracy is None and lines[-1].accuracy is not None

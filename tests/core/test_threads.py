@@ -1,4 +1,5 @@
-"""Thread count: the default respects OMP_NUM_THREADS and the CPU affinity; --threads is applied and recorded."""
+"""Thread count: the default respects OMP_NUM_THREADS and the CPU affinity; --threads is applied and
+recorded."""
 
 import json
 import os
@@ -35,8 +36,25 @@ def test_threads_recorded_and_applied(tmp_path, capsys):
     out = tmp_path / "run"
     before = torch.get_num_threads()
     try:
-        code = main(["train", "digits", "--set", "backbone.width=4", "--set", "members=2", "--epochs", "1",
-                     "--set", "train.batch=512", "--threads", "1", "--no-progress", "--out", str(out)])
+        code = main(
+            [
+                "train",
+                "digits",
+                "--set",
+                "backbone.width=4",
+                "--set",
+                "members=2",
+                "--epochs",
+                "1",
+                "--set",
+                "train.batch=512",
+                "--threads",
+                "1",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
         assert code == 0
         assert torch.get_num_threads() == 1
     finally:
@@ -47,7 +65,8 @@ def test_threads_recorded_and_applied(tmp_path, capsys):
 
 
 def test_default_leaves_the_cores_other_processes_keep_busy(monkeypatch):
-    """On a shared machine OpenMP threads that wait on a busy core slow every step: use the free ones."""
+    """On a shared machine OpenMP threads that wait on a busy core slow every step: use the free
+    ones."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("mixc.core.threads._affinity", lambda: 2)
     monkeypatch.setattr("mixc.core.threads._busy_cores", lambda: 0)
@@ -63,22 +82,27 @@ def test_default_leaves_the_cores_other_processes_keep_busy(monkeypatch):
 
 
 def test_flax_threads_size_xlas_pool_and_give_the_cores_back():
-    """--threads 1 on flax: jax's CPU client starts while the thread may run on one core (its pool keeps
-    that mask), then the thread gets every core back (data workers started later are not squeezed)."""
+    """--threads 1 on flax: jax's CPU client starts while the thread may run on one core (its pool
+    keeps that mask), then the thread gets every core back (data workers started later are not
+    squeezed).
+    """
     pytest.importorskip("jax")
     import subprocess
     import sys
 
     code = (
-        "import json, os\n"
-        "before = sorted(os.sched_getaffinity(0))\n"
-        "from mixc.backends.flax.threads import set_threads\n"
-        "info = set_threads(1)\n"
-        "print(json.dumps({'info': info, 'same': sorted(os.sched_getaffinity(0)) == before, 'cores': len(before)}))\n"
+        "import json, os\nbefore = sorted(os.sched_getaffinity(0))\nfrom mixc.backends.flax.threads"
+        " import set_threads\ninfo = set_threads(1)\nprint(json.dumps({'info': info, 'same':"
+        " sorted(os.sched_getaffinity(0)) == before, 'cores': len(before)}))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                    env=env).stdout.strip().splitlines()[-1])
+    out = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     assert out["same"]
     if out["cores"] > 1:
         assert out["info"]["xla_threads"] == f"XLA's pool on 1 of {out['cores']} cores"

@@ -1,12 +1,12 @@
-"""Golden error reports for typical mistakes (regenerate: MIXC_UPDATE_GOLDEN=1 pytest tests/spec/test_errors_golden.py)."""
+"""Golden error reports for typical mistakes (regenerate: MIXC_UPDATE_GOLDEN=1 pytest
+tests/spec/test_errors_golden.py)."""
 
 import os
-from pathlib import Path
 
 import pytest
+from paths import GOLDEN
 
 from mixc.cli import main
-from paths import GOLDEN
 
 HERE = GOLDEN / "errors"
 CASES = sorted(p.stem for p in HERE.glob("*.mix") if p.stem != "cycle_b")

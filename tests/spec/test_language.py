@@ -1,4 +1,5 @@
-"""Language features: expressions, blocks, repeat, stages, 1-D nets, MLPs, explicit groups, imports."""
+"""Language features: expressions, blocks, repeat, stages, 1-D nets, MLPs, explicit groups,
+imports."""
 
 import pytest
 
@@ -74,8 +75,10 @@ def test_explicit_groups_shares_fixed_counts_and_first_match_wins():
     by = {g.name: g for g in plan.groups}
     assert by["mid"].templates == 3 and by["mid"].fixed
     assert by["big"].layers == ["s3.b0.conv2", "s3.b1.conv1", "s3.b1.conv2"]
-    assert by["big"].share == pytest.approx(1.0)  # the only group with a share gets the whole template budget
-    assert "s3.b0.conv1" in plan.plain_layers and "s1.b0.conv2" in plan.plain_layers  # named by no group
+    # the only group with a share gets the whole template budget
+    assert by["big"].share == pytest.approx(1.0)
+    # named by no group
+    assert "s3.b0.conv1" in plan.plain_layers and "s1.b0.conv2" in plan.plain_layers
     assert check_plan(plan) == []
 
 

@@ -1,7 +1,8 @@
-"""Any input gives a plan or a SpecError whose positions point inside the file: never a traceback."""
+"""Any input gives a plan or a SpecError whose positions point inside the file: never a
+traceback."""
 
 import os
-from functools import lru_cache
+from functools import cache
 
 import lark
 from hypothesis import example, given, settings
@@ -32,7 +33,7 @@ def _compile_or_spec_error(text: str) -> None:
         err.render()  # rendering never fails either
 
 
-@lru_cache(maxsize=None)
+@cache
 def _grammar() -> lark.Lark:
     return lark.Lark(grammar_text(), parser="lalr", start="start")
 
@@ -68,18 +69,61 @@ def test_mutated_zoo_files(name, data):
         elif op == "swap" and i + 1 < len(toks):
             toks[i], toks[i + 1] = toks[i + 1], toks[i]
         elif op == "number":
-            toks[i] = data.draw(st.sampled_from(["0", "-1", "3", "2.5", "1000000000", "1e400", "0.5x", "7K"]))
+            toks[i] = data.draw(
+                st.sampled_from(["0", "-1", "3", "2.5", "1000000000", "1e400", "0.5x", "7K"])
+            )
         elif op == "word":
-            toks[i] = data.draw(st.sampled_from(["conv", "bn", "repeat", "stage", "residual", "x", "{", "}", "(",
-                                                 "=", ";", '"*"', "true", "budget", "members"]))
+            toks[i] = data.draw(
+                st.sampled_from(
+                    [
+                        "conv",
+                        "bn",
+                        "repeat",
+                        "stage",
+                        "residual",
+                        "x",
+                        "{",
+                        "}",
+                        "(",
+                        "=",
+                        ";",
+                        '"*"',
+                        "true",
+                        "budget",
+                        "members",
+                    ]
+                )
+            )
     text = " ".join(toks).replace(" \n ", "\n")
     _compile_or_spec_error(text)
 
 
-# --- --set values and lets built from expression atoms and operators: a SpecError, and fast ------------
+# --- --set values and lets built from expression atoms and operators: a SpecError, and fast
+# ------------
 
-_NUMBERS = st.sampled_from(["0", "1", "2", "3", "9", "10", "36", "-1", "0.5", "1e17", "1e-300", "1e999", "9" * 25,
-                            "9" * 5000, "36.5M", "7K", "1G", "0.0x", "1.0x"])
+_NUMBERS = st.sampled_from(
+    [
+        "0",
+        "1",
+        "2",
+        "3",
+        "9",
+        "10",
+        "36",
+        "-1",
+        "0.5",
+        "1e17",
+        "1e-300",
+        "1e999",
+        "9" * 25,
+        "9" * 5000,
+        "36.5M",
+        "7K",
+        "1G",
+        "0.0x",
+        "1.0x",
+    ]
+)
 _OTHERS = st.sampled_from(['"a"', '"*"', "true", "false", "members", "width", "x", "[1, 2]", "[]"])
 _ATOMS = st.one_of(_NUMBERS, _NUMBERS, _NUMBERS, _OTHERS)  # mostly numbers, so operators get to run
 
@@ -88,20 +132,37 @@ def _combine(children):
     ops = st.sampled_from(["+", "-", "*", "/", "//", "%", "**", "**", "==", "<", "and", "or"])
     binary = st.tuples(children, ops, children).map(lambda t: f"{t[0]} {t[1]} {t[2]}")
     return st.one_of(  # mostly binary operators: that is where the bombs are
-        binary, binary, binary, binary, binary,
+        binary,
+        binary,
+        binary,
+        binary,
+        binary,
         children.map(lambda e: f"({e})"),
         children.map(lambda e: f"-{e}"),
         children.map(lambda e: f"not {e}"),
         st.tuples(children, children, children).map(lambda t: f"{t[0]} if {t[1]} else {t[2]}"),
-        st.tuples(st.sampled_from(["sgd", "f", "cosine"]), children).map(lambda t: f"{t[0]}(lr = {t[1]})"),
+        st.tuples(st.sampled_from(["sgd", "f", "cosine"]), children).map(
+            lambda t: f"{t[0]}(lr = {t[1]})"
+        ),
         st.tuples(children, children).map(lambda t: f"[{t[0]}, {t[1]}]"),
     )
 
 
 EXPRESSIONS = st.recursive(_ATOMS, _combine, max_leaves=8)
-# Not budget: how fast a huge budget allocates is the allocator's property (tests/compiler/test_allocation_properties.py).
-KEYS = ["members", "templates_per_layer", "backbone.width", "backbone.classes", "train.optimizer.lr",
-        "train.epochs", "train.batch", "train.optimizer", "assign", "groups"]
+# Not budget: how fast a huge budget allocates is the allocator's property
+# (tests/compiler/test_allocation_properties.py).
+KEYS = [
+    "members",
+    "templates_per_layer",
+    "backbone.width",
+    "backbone.classes",
+    "train.optimizer.lr",
+    "train.epochs",
+    "train.batch",
+    "train.optimizer",
+    "assign",
+    "groups",
+]
 
 
 class _TooSlow(Exception):
@@ -132,7 +193,16 @@ def _fast_spec_error_or_plan(compile_it) -> None:
 
 
 # The bombs of issue 10, always tried first: each once hung or raised a traceback.
-BOMBS = ["9**9**9", "10**10**10", "3**36.5M", "0**-1", "1e17//1e-300", "sgd()", "(-8)**0.5", "9" * 5000]
+BOMBS = [
+    "9**9**9",
+    "10**10**10",
+    "3**36.5M",
+    "0**-1",
+    "1e17//1e-300",
+    "sgd()",
+    "(-8)**0.5",
+    "9" * 5000,
+]
 
 
 def _bombs(test):
@@ -154,5 +224,7 @@ def test_random_set_values_give_a_plan_or_a_spec_error_quickly(key, value, other
 @example("3**36.5M")
 @example("0**-1")
 def test_random_lets_give_a_plan_or_a_spec_error_quickly(value):
-    text = ZOO["digits"].replace("# digits.mix", f"let v = {value}\nlet w = [v, v]\n# digits.mix", 1)
+    text = ZOO["digits"].replace(
+        "# digits.mix", f"let v = {value}\nlet w = [v, v]\n# digits.mix", 1
+    )
     _fast_spec_error_or_plan(lambda: mixc.compile_text(text, name=NAME))

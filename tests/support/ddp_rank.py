@@ -1,4 +1,5 @@
-"""A torchrun entry for tests/backends/torch/test_ddp.py: `mixc ...`, then record which native threads outlive it.
+"""A torchrun entry for tests/backends/torch/test_ddp.py: `mixc ...`, then record which native
+threads outlive it.
 
 After `mixc train` returns, destroy_process_group must have freed the process
 group: no gloo thread may run on into interpreter shutdown, where tearing it
@@ -27,5 +28,7 @@ if __name__ == "__main__":
     out = os.environ.get("MIXC_THREADS_DIR")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        Path(out, f"rank{os.environ.get('RANK', '0')}.threads").write_text("\n".join(native_threads()) + "\n")
+        Path(out, f"rank{os.environ.get('RANK', '0')}.threads").write_text(
+            "\n".join(native_threads()) + "\n"
+        )
     raise SystemExit(code)

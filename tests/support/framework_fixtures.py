@@ -1,5 +1,7 @@
 """Module-scoped autouse fixtures that the flax-and-torch test modules share: import them by name
-(``from framework_fixtures import fast_xla_compiles, one_torch_thread``) and they apply to that module."""
+(``from framework_fixtures import fast_xla_compiles, one_torch_thread``) and they apply to that
+module.
+"""
 
 import pytest
 

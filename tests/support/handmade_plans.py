@@ -24,7 +24,9 @@ def _pair(v, dim: int) -> list[int]:
 class PlanBuilder:
     """Declare ops in execution order, then ``finish`` with banks/blob."""
 
-    def __init__(self, name: str, input_shape: list[int], members: int, layout: str = "image") -> None:
+    def __init__(
+        self, name: str, input_shape: list[int], members: int, layout: str = "image"
+    ) -> None:
         self.name = name
         self.members = members
         self.input_shape = list(input_shape)
@@ -34,29 +36,66 @@ class PlanBuilder:
 
     def _add(self, kind: str, name: str, inputs: list[str], out_shape: list[int], **fields) -> str:
         in_shape = self.shape[inputs[0]] if inputs else list(self.input_shape)
-        self.ops.append(dict(kind=kind, name=name, inputs=inputs, in_shape=in_shape, out_shape=out_shape, **fields))
+        self.ops.append(
+            dict(
+                kind=kind,
+                name=name,
+                inputs=inputs,
+                in_shape=in_shape,
+                out_shape=out_shape,
+                **fields,
+            )
+        )
         self.shape[name] = out_shape
         return name
 
     def input(self, name: str = "input") -> str:
         return self._add("input", name, [], list(self.input_shape), layout=self.layout)
 
-    def conv(self, name, x, out, kernel=3, stride=1, padding=0, dilation=1, groups=1, bias=False, source="plain"):
+    def conv(
+        self,
+        name,
+        x,
+        out,
+        kernel=3,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        bias=False,
+        source="plain",
+    ):
         c, *spatial = self.shape[x]
         dim = len(spatial)
         k, s, p, d = (_pair(v, dim) for v in (kernel, stride, padding, dilation))
         out_sp = [_conv_len(n, *args) for n, args in zip(spatial, zip(k, s, p, d))]
         return self._add(
-            "conv", name, [x], [out, *out_sp], dim=dim, in_channels=c, out_channels=out, kernel=k,
-            stride=s, padding=p, dilation=d, groups=groups, bias=bias, source=source,
+            "conv",
+            name,
+            [x],
+            [out, *out_sp],
+            dim=dim,
+            in_channels=c,
+            out_channels=out,
+            kernel=k,
+            stride=s,
+            padding=p,
+            dilation=d,
+            groups=groups,
+            bias=bias,
+            source=source,
         )
 
     def linear(self, name, x, out, bias=True, source="plain"):
         (d,) = self.shape[x]
-        return self._add("linear", name, [x], [out], in_features=d, out_features=out, bias=bias, source=source)
+        return self._add(
+            "linear", name, [x], [out], in_features=d, out_features=out, bias=bias, source=source
+        )
 
     def bn(self, name, x, eps=1e-5, momentum=0.1):
-        return self._add("bn", name, [x], self.shape[x], channels=self.shape[x][0], eps=eps, momentum=momentum)
+        return self._add(
+            "bn", name, [x], self.shape[x], channels=self.shape[x][0], eps=eps, momentum=momentum
+        )
 
     def act(self, name, x, fn="relu", slope=0.01):
         return self._add("act", name, [x], self.shape[x], fn=fn, slope=slope)
@@ -66,7 +105,9 @@ class PlanBuilder:
         dim = len(spatial)
         k, s, p = _pair(kernel, dim), _pair(stride or kernel, dim), _pair(padding, dim)
         out_sp = [_conv_len(n, kk, ss, pp, 1) for n, kk, ss, pp in zip(spatial, k, s, p)]
-        return self._add("pool", name, [x], [c, *out_sp], op=op, dim=dim, kernel=k, stride=s, padding=p)
+        return self._add(
+            "pool", name, [x], [c, *out_sp], op=op, dim=dim, kernel=k, stride=s, padding=p
+        )
 
     def global_pool(self, name, x, op="avg"):
         return self._add("global_pool", name, [x], [self.shape[x][0]], op=op)
@@ -95,7 +136,9 @@ class PlanBuilder:
     def finish(
         self,
         output: str,
-        banks: dict[str, tuple[list[str], int, int]] | None = None,  # group -> (layers, templates, k)
+        banks: (
+            dict[str, tuple[list[str], int, int]] | None
+        ) = None,  # group -> (layers, templates, k)
         blob: tuple[list[str], int, int] | None = None,  # (layers, size, k)
         assign: str = "shared",
         grouping: str = "by_shape",
@@ -125,10 +168,20 @@ class PlanBuilder:
                     for t in row:
                         usage[t] += 1
                 slots.append(Slot(layer=name, group=g, size=size, k=k, templates=rows))
-            groups.append(Group(
-                name=g, layers=layers, weight_shape=self._weight_shape(first), bias=first["bias"], size=size,
-                share=0.0, templates=n, templates_per_layer=k, requested_templates_per_layer=k, usage=usage,
-            ))
+            groups.append(
+                Group(
+                    name=g,
+                    layers=layers,
+                    weight_shape=self._weight_shape(first),
+                    bias=first["bias"],
+                    size=size,
+                    share=0.0,
+                    templates=n,
+                    templates_per_layer=k,
+                    requested_templates_per_layer=k,
+                    usage=usage,
+                )
+            )
             tensors.append(Tensor(name=f"bank.{g}", shape=[n, size], role="bank", trainable=True))
         blob_model = None
         if blob:
@@ -157,39 +210,113 @@ class PlanBuilder:
                 backbone += self._size(o)
                 if o["source"] == "plain":
                     plain_layers.append(name)
-                    tensors.append(Tensor(name=f"plain.{name}.weight", shape=ws, role="plain_weight", trainable=True, layer=name))
+                    tensors.append(
+                        Tensor(
+                            name=f"plain.{name}.weight",
+                            shape=ws,
+                            role="plain_weight",
+                            trainable=True,
+                            layer=name,
+                        )
+                    )
                     if o["bias"]:
-                        tensors.append(Tensor(name=f"plain.{name}.bias", shape=[out], role="plain_bias", trainable=True, layer=name))
+                        tensors.append(
+                            Tensor(
+                                name=f"plain.{name}.bias",
+                                shape=[out],
+                                role="plain_bias",
+                                trainable=True,
+                                layer=name,
+                            )
+                        )
                 elif o["source"] == "member":
-                    tensors.append(Tensor(name=f"member.{name}.weight", shape=[M, *ws], role="member_weight", trainable=True, layer=name, per_member=True))
+                    tensors.append(
+                        Tensor(
+                            name=f"member.{name}.weight",
+                            shape=[M, *ws],
+                            role="member_weight",
+                            trainable=True,
+                            layer=name,
+                            per_member=True,
+                        )
+                    )
                     if o["bias"]:
-                        tensors.append(Tensor(name=f"member.{name}.bias", shape=[M, out], role="member_bias", trainable=True, layer=name, per_member=True))
+                        tensors.append(
+                            Tensor(
+                                name=f"member.{name}.bias",
+                                shape=[M, out],
+                                role="member_bias",
+                                trainable=True,
+                                layer=name,
+                                per_member=True,
+                            )
+                        )
                 else:
                     k = next(s.k for s in slots if s.layer == name)
-                    tensors.append(Tensor(name=f"alpha.{name}", shape=[M, k], role="alpha", trainable=True, layer=name, per_member=True))
+                    tensors.append(
+                        Tensor(
+                            name=f"alpha.{name}",
+                            shape=[M, k],
+                            role="alpha",
+                            trainable=True,
+                            layer=name,
+                            per_member=True,
+                        )
+                    )
             elif o["kind"] == "bn":
                 name, c = o["name"], o["channels"]
                 backbone += 2 * c
-                for suffix, role, trainable in (("weight", "bn_weight", True), ("bias", "bn_bias", True),
-                                                ("running_mean", "bn_mean", False), ("running_var", "bn_var", False)):
-                    tensors.append(Tensor(name=f"bn.{name}.{suffix}", shape=[M, c], role=role, trainable=trainable, layer=name, per_member=True))
+                for suffix, role, trainable in (
+                    ("weight", "bn_weight", True),
+                    ("bias", "bn_bias", True),
+                    ("running_mean", "bn_mean", False),
+                    ("running_var", "bn_var", False),
+                ):
+                    tensors.append(
+                        Tensor(
+                            name=f"bn.{name}.{suffix}",
+                            shape=[M, c],
+                            role=role,
+                            trainable=trainable,
+                            layer=name,
+                            per_member=True,
+                        )
+                    )
 
         def total_of(*roles):
             return sum(t.numel for t in tensors if t.role in roles and t.trainable)
 
         acc = Accounting(
-            backbone_params=backbone, naive_params=M * backbone,
+            backbone_params=backbone,
+            naive_params=M * backbone,
             plain_params=total_of("plain_weight", "plain_bias", "member_weight", "member_bias"),
-            template_params=total_of("bank", "blob"), alpha_params=total_of("alpha"),
-            bn_params=total_of("bn_weight", "bn_bias"), total_params=sum(t.numel for t in tensors if t.trainable),
-            budget=None, minimum_budget=0, per_member_params=(total_of("alpha") + total_of("bn_weight", "bn_bias")) // M,
+            template_params=total_of("bank", "blob"),
+            alpha_params=total_of("alpha"),
+            bn_params=total_of("bn_weight", "bn_bias"),
+            total_params=sum(t.numel for t in tensors if t.trainable),
+            budget=None,
+            minimum_budget=0,
+            per_member_params=(total_of("alpha") + total_of("bn_weight", "bn_bias")) // M,
         )
         plan = Plan(
-            name=self.name, source=f"<hand-built {self.name}>", members=M, grouping=grouping, assign=assign,
-            templates_per_layer=max([s.k for s in slots], default=1), bank_singletons=False,
-            input_shape=self.input_shape, input_layout=self.layout, output=output,
-            classes=self.shape[output][0], ops=self.ops, groups=groups, blob=blob_model, slots=slots,
-            plain_layers=plain_layers, tensors=tensors, accounting=acc,
+            name=self.name,
+            source=f"<hand-built {self.name}>",
+            members=M,
+            grouping=grouping,
+            assign=assign,
+            templates_per_layer=max([s.k for s in slots], default=1),
+            bank_singletons=False,
+            input_shape=self.input_shape,
+            input_layout=self.layout,
+            output=output,
+            classes=self.shape[output][0],
+            ops=self.ops,
+            groups=groups,
+            blob=blob_model,
+            slots=slots,
+            plain_layers=plain_layers,
+            tensors=tensors,
+            accounting=acc,
         )
         return plan.model_copy(update={"spec_hash": plan.content_hash()})
 
@@ -198,7 +325,9 @@ class PlanBuilder:
 # The plans the tests use
 
 
-def tiny_convnet(members: int = 3, classes: int = 5, assign: str = "shared", name: str = "tiny") -> Plan:
+def tiny_convnet(
+    members: int = 3, classes: int = 5, assign: str = "shared", name: str = "tiny"
+) -> Plan:
     """Plain stem shared by all members, one bank group (two convs), per-member BN, plain head."""
     b = PlanBuilder(name, [3, 8, 8], members)
     x = b.input()
@@ -250,7 +379,9 @@ def rich_convnet(members: int = 3, assign: str = "greedy_disjoint", dropout: flo
     )
 
 
-def signal_blob_net(members: int = 2, assign: str = "greedy_disjoint", blob_size: int = 700) -> Plan:
+def signal_blob_net(
+    members: int = 2, assign: str = "greedy_disjoint", blob_size: int = 700
+) -> Plan:
     """1-D convs and linears reading one wrapped flat blob; bank conv on the shared input."""
     b = PlanBuilder("signal", [2, 16], members, layout="signal")
     x = b.input()
@@ -264,7 +395,9 @@ def signal_blob_net(members: int = 2, assign: str = "greedy_disjoint", blob_size
     h = b.linear("fc1", h, 6)
     h = b.act("a3", h)
     b.linear("fc2", h, 3)
-    return b.finish("fc2", blob=(["c1", "c2", "fc1", "fc2"], blob_size, 2), assign=assign, grouping="single")
+    return b.finish(
+        "fc2", blob=(["c1", "c2", "fc1", "fc2"], blob_size, 2), assign=assign, grouping="single"
+    )
 
 
 def mlp_net(members: int = 4, dropout: float = 0.1) -> Plan:
@@ -280,7 +413,9 @@ def mlp_net(members: int = 4, dropout: float = 0.1) -> Plan:
     h = b.add("res", h, b.linear("skip", x, 12, source="member"))
     h = b.add("res2", h, b.linear("pskip", x, 12))  # shared + per-member
     b.linear("out", h, 3, bias=True)
-    return b.finish("out", banks={"g12": (["l2", "l3"], 3, 3), "g_in": (["l1"], 2, 2)}, assign="shared")
+    return b.finish(
+        "out", banks={"g12": (["l2", "l3"], 3, 3), "g_in": (["l1"], 2, 2)}, assign="shared"
+    )
 
 
 def three_conv_bank() -> Plan:

@@ -15,8 +15,8 @@ def import_roots(source: str) -> set[str]:
 
 
 def import_written(write, plan, folder, stem: str, module: str):
-    """``write(plan, folder)`` then import the file it wrote as ``module``: what a user copying it gets.
-    Checks the plan.json beside it and the file's name on the way."""
+    """``write(plan, folder)`` then import the file it wrote as ``module``: what a user copying it
+    gets. Checks the plan.json beside it and the file's name on the way."""
     import importlib.util
 
     src_path = write(plan, folder)

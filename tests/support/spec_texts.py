@@ -1,10 +1,15 @@
 """Small .mix sources the tests write to disk: one tiny CNN, shaped per test."""
 
 
-def tiny_cnn(input_: str, classes: int, train: str, stem: str = "conv stem(4, kernel = 3)",
-             ensemble_extra: str = "") -> str:
-    """Three 4-wide convs and a classifier; 2 members at 2.0x (at 1.0x the two same-shape convs would
-    share one template and the members would be identical)."""
+def tiny_cnn(
+    input_: str,
+    classes: int,
+    train: str,
+    stem: str = "conv stem(4, kernel = 3)",
+    ensemble_extra: str = "",
+) -> str:
+    """Three 4-wide convs and a classifier; 2 members at 2.0x (at 1.0x the two same-shape convs
+    would share one template and the members would be identical)."""
     return f"""
 backbone tiny(classes = {classes}) {{
     input {input_}

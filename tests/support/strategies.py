@@ -23,13 +23,17 @@ def backbones(draw, max_units: int = 5) -> str:
         for _ in range(draw(st.integers(1, max_units))):
             w = draw(st.sampled_from(WIDTHS))
             bias = draw(st.booleans())
-            lines.append(f"linear(" + f"{w}, bias = {'true' if bias else 'false'})")
+            lines.append("linear(" + f"{w}, bias = {'true' if bias else 'false'})")
             if draw(st.booleans()):
                 lines.append(draw(st.sampled_from(["relu", "gelu", "tanh", "bn"])))
         lines.append("linear fc(classes)")
     else:
         size = draw(st.integers(4, 9))
-        dims = "(" + str(draw(st.integers(1, 3))) + (f", {size}, {size})" if layout == "image" else f", {size})")
+        dims = (
+            "("
+            + str(draw(st.integers(1, 3)))
+            + (f", {size}, {size})" if layout == "image" else f", {size})")
+        )
         lines.append(f"input {layout}{dims}")
         blocks.append(
             "block unit(width, kernel = 3) {\n"
@@ -54,7 +58,9 @@ def backbones(draw, max_units: int = 5) -> str:
             elif kind == "unit":
                 lines.append(f"unit({w}, kernel = {k})")
             else:
-                lines.append(f"stage st{u} = repeat {draw(st.integers(1, 3))} unit({w}, kernel = {k})")
+                lines.append(
+                    f"stage st{u} = repeat {draw(st.integers(1, 3))} unit({w}, kernel = {k})"
+                )
         lines.append(draw(st.sampled_from(["global_avgpool", "global_maxpool", "flatten"])))
         if draw(st.booleans()):
             lines.append(f"linear({draw(st.sampled_from(WIDTHS))})")
@@ -65,8 +71,13 @@ def backbones(draw, max_units: int = 5) -> str:
 
 
 @st.composite
-def ensembles(draw, budget: bool = True, members_max: int = 8, tpl_max: int = 8,
-              factors: tuple[float, float] = (0.05, 4.0)) -> str:
+def ensembles(
+    draw,
+    budget: bool = True,
+    members_max: int = 8,
+    tpl_max: int = 8,
+    factors: tuple[float, float] = (0.05, 4.0),
+) -> str:
     """An ensemble section for ``gen`` with random members, budget, grouping and policy."""
     members = draw(st.integers(1, members_max))
     groups = draw(st.sampled_from(["by_shape", "by_shape", "single"]))
@@ -97,9 +108,18 @@ def zoo_variants() -> st.SearchStrategy[list[str]]:
     """``--set`` overrides: members 1-8, templates_per_layer 1-8, both policies, by_shape/single,
     bank_singletons, budgets 0.05x-1.5x of one plain backbone."""
     return st.builds(
-        lambda m, t, a, g, b, f: [f"members={m}", f"templates_per_layer={t}", f"assign={a}", f"groups={g}",
-                                  f"bank_singletons={'true' if b else 'false'}", f"budget={f}x"],
-        st.integers(1, 8), st.integers(1, 8), st.sampled_from(["shared", "greedy_disjoint"]),
-        st.sampled_from(["by_shape", "single"]), st.booleans(),
+        lambda m, t, a, g, b, f: [
+            f"members={m}",
+            f"templates_per_layer={t}",
+            f"assign={a}",
+            f"groups={g}",
+            f"bank_singletons={'true' if b else 'false'}",
+            f"budget={f}x",
+        ],
+        st.integers(1, 8),
+        st.integers(1, 8),
+        st.sampled_from(["shared", "greedy_disjoint"]),
+        st.sampled_from(["by_shape", "single"]),
+        st.booleans(),
         st.floats(0.05, 1.5, allow_nan=False).map(lambda f: round(f, 4)),
     )

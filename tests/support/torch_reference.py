@@ -39,13 +39,16 @@ def member_weights(plan: Plan, T: dict[str, torch.Tensor], layer: str, m: int):
         blob = T["blob"]
         n = blob.shape[0]
         flat = sum(
-            alpha[j] * blob[(slot.offsets[m] + j * slot.size + torch.arange(slot.size)) % n] for j in range(slot.k)
+            alpha[j] * blob[(slot.offsets[m] + j * slot.size + torch.arange(slot.size)) % n]
+            for j in range(slot.k)
         )
     wsize = math.prod(op.weight_shape)
     return flat[:wsize].reshape(op.weight_shape), (flat[wsize:] if op.bias else None)
 
 
-def _fast(op, T: dict[str, torch.Tensor], m: int, run, a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def _fast(
+    op, T: dict[str, torch.Tensor], m: int, run, a: torch.Tensor, b: torch.Tensor | None
+) -> torch.Tensor:
     """BatchEnsemble: ((a * r[m]) run W) * s[m] + b[m], r and s along the channel axis."""
     r, s = T[f"fast.{op.name}.r"][m], T[f"fast.{op.name}.s"][m]
     tail = (1,) * (a.dim() - 2)
@@ -53,16 +56,22 @@ def _fast(op, T: dict[str, torch.Tensor], m: int, run, a: torch.Tensor, b: torch
     return y if b is None else y + b.view(1, -1, *tail)
 
 
-def _grouped_linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, groups: int) -> torch.Tensor:
+def _grouped_linear(
+    a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, groups: int
+) -> torch.Tensor:
     """Block-diagonal linear: block j maps input slice j to output slice j."""
     ins, outs = a.chunk(groups, dim=1), w.chunk(groups, dim=0)
     y = torch.cat([F.linear(x_j, w_j) for x_j, w_j in zip(ins, outs)], dim=1)
     return y if b is None else y + b
 
 
-def run_member(plan: Plan, T: dict[str, torch.Tensor], m: int, x: torch.Tensor, training: bool) -> torch.Tensor:
-    """Member ``m``'s logits; updates the running stats in ``T`` (row ``m``) like a real BatchNorm. A
-    single-path plan's one network runs as "member" 0 with unindexed BatchNorm and gives every head."""
+def run_member(
+    plan: Plan, T: dict[str, torch.Tensor], m: int, x: torch.Tensor, training: bool
+) -> torch.Tensor:
+    """Member ``m``'s logits; updates the running stats in ``T`` (row ``m``) like a real BatchNorm.
+    A single-path plan's one network runs as "member" 0 with unindexed BatchNorm and gives every
+    head.
+    """
     single = plan.execution == "single_path"
     row = (lambda t: t) if single else (lambda t: t[m])
     vals: dict[str, torch.Tensor] = {}
@@ -75,7 +84,14 @@ def run_member(plan: Plan, T: dict[str, torch.Tensor], m: int, x: torch.Tensor, 
             w, b = member_weights(plan, T, op.name, m)
             conv = F.conv1d if op.dim == 1 else F.conv2d
             if op.source == "batch_ensemble":
-                y = _fast(op, T, m, lambda h: conv(h, w, None, op.stride, op.padding, op.dilation, op.groups), a, b)
+                y = _fast(
+                    op,
+                    T,
+                    m,
+                    lambda h: conv(h, w, None, op.stride, op.padding, op.dilation, op.groups),
+                    a,
+                    b,
+                )
             else:
                 y = conv(a, w, b, op.stride, op.padding, op.dilation, op.groups)
         elif k == "linear":
@@ -87,16 +103,31 @@ def run_member(plan: Plan, T: dict[str, torch.Tensor], m: int, x: torch.Tensor, 
         elif k == "bn":
             p = f"bn.{op.name}."
             y = F.batch_norm(
-                a, row(T[p + "running_mean"]), row(T[p + "running_var"]), row(T[p + "weight"]), row(T[p + "bias"]),
-                training, op.momentum, op.eps,
+                a,
+                row(T[p + "running_mean"]),
+                row(T[p + "running_var"]),
+                row(T[p + "weight"]),
+                row(T[p + "bias"]),
+                training,
+                op.momentum,
+                op.eps,
             )
         elif k == "act":
             y = {
-                "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+                "relu": F.relu,
+                "gelu": F.gelu,
+                "silu": F.silu,
+                "tanh": torch.tanh,
+                "sigmoid": torch.sigmoid,
                 "leaky_relu": lambda t: F.leaky_relu(t, op.slope),
             }[op.fn](a)
         elif k == "pool":
-            fn = {("max", 1): F.max_pool1d, ("max", 2): F.max_pool2d, ("avg", 1): F.avg_pool1d, ("avg", 2): F.avg_pool2d}
+            fn = {
+                ("max", 1): F.max_pool1d,
+                ("max", 2): F.max_pool2d,
+                ("avg", 1): F.avg_pool1d,
+                ("avg", 2): F.avg_pool2d,
+            }
             y = fn[(op.op, op.dim)](a, op.kernel, op.stride, op.padding)
         elif k == "global_pool":
             dims = tuple(range(2, a.dim()))
@@ -113,9 +144,13 @@ def run_member(plan: Plan, T: dict[str, torch.Tensor], m: int, x: torch.Tensor, 
     return vals[plan.output]
 
 
-def reference_forward(plan: Plan, T: dict[str, torch.Tensor], x: torch.Tensor, training: bool) -> torch.Tensor:
-    """Member logits [B, M, classes], one member at a time (single path: one run, its logits cut into
-    M heads; MIMO's input is the members' images stacked member-major, the same image for all here)."""
+def reference_forward(
+    plan: Plan, T: dict[str, torch.Tensor], x: torch.Tensor, training: bool
+) -> torch.Tensor:
+    """Member logits [B, M, classes], one member at a time (single path: one run, its logits cut
+    into M heads; MIMO's input is the members' images stacked member-major, the same image for
+    all here).
+    """
     if plan.execution == "single_path":
         if plan.method.name == "mimo":
             x = torch.cat([x] * plan.members, dim=1)
@@ -129,7 +164,9 @@ def assert_grouped_equals_loop(plan: Plan, build, named_plan_tensors) -> None:
     a = build(plan, layout="grouped", dtype=torch.float64)
     b = build(plan, layout="loop", dtype=torch.float64)
     b.load_state_dict(a.state_dict())
-    x = torch.randn(4, *plan.input_shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x = torch.randn(
+        4, *plan.input_shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64
+    )
     ya, yb = a(x), b(x)
     assert (ya - yb).abs().max().item() < 1e-10
     target = torch.randn_like(ya)
@@ -150,4 +187,7 @@ def randomise_batch_norm(named: dict[str, torch.Tensor], seed: int = 1) -> None:
             if name.endswith("running_var"):
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
             elif name.startswith("bn."):
-                t.copy_(torch.randn(t.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
+                t.copy_(
+                    torch.randn(t.shape, generator=g) * 0.3
+                    + (1.0 if name.endswith("weight") else 0.0)
+                )

@@ -1,22 +1,21 @@
-"""The flax backend's model: accounting, layouts, codegen, init. Numerics against torch: test_cross_backend.py."""
+"""The flax backend's model: accounting, layouts, codegen, init. Numerics against torch:
+test_cross_backend.py."""
 
 from __future__ import annotations
 
 import math
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 jax = pytest.importorskip("jax")
 nnx = pytest.importorskip("flax.nnx")
-import jax.numpy as jnp  # noqa: E402
-
 import handmade_plans as hp
+import jax.numpy as jnp  # noqa: E402
+from framework_fixtures import fast_xla_compiles  # noqa: F401 (autouse)
 from paths import ZOO as ZOO_DIR
 from source_checks import import_roots, import_written
-from framework_fixtures import fast_xla_compiles  # noqa: F401 (autouse)
 
 import mixc
 from mixc.backends.emit import class_name
@@ -53,7 +52,9 @@ def _randomise(model) -> None:
 
 
 def _input(plan, batch=5):
-    return jnp.asarray(np.random.default_rng(2).standard_normal((batch, *plan.input_shape)), jnp.float32)
+    return jnp.asarray(
+        np.random.default_rng(2).standard_normal((batch, *plan.input_shape)), jnp.float32
+    )
 
 
 @pytest.mark.parametrize("name", sorted(PLANS))
@@ -85,11 +86,14 @@ def test_grouped_equals_loop_with_gradients(name):
     model.layout = "grouped"
     gd_grouped, _, _ = split(model)
     x = _input(plan, batch=4)
-    target = jnp.asarray(np.random.default_rng(3).standard_normal((4, plan.members, plan.classes)), jnp.float32)
+    target = jnp.asarray(
+        np.random.default_rng(3).standard_normal((4, plan.members, plan.classes)), jnp.float32
+    )
 
     def both(p):
         out = []
         for gd in (gd_loop, gd_grouped):
+
             def loss(p, gd=gd):
                 logits, new = apply(gd, p, stats, x, True)
                 return (logits * target).sum(), (logits, new)
@@ -148,7 +152,9 @@ def test_init_variance_and_alphas():
         np.testing.assert_allclose(alpha @ alpha.T, np.eye(3), atol=1e-5)
     fc = np.asarray(named_plan_tensors(model)["plain.fc.weight"][...])
     assert np.abs(fc).max() <= 1 / math.sqrt(32) and fc.std() > 0.5 / math.sqrt(3 * 32)
-    assert not np.array_equal(plan_arrays(build(plan, seed=1))["bank.g"], plan_arrays(model)["bank.g"])
+    assert not np.array_equal(
+        plan_arrays(build(plan, seed=1))["bank.g"], plan_arrays(model)["bank.g"]
+    )
 
 
 def test_ensemble_probs():
@@ -156,14 +162,20 @@ def test_ensemble_probs():
     p = ensemble_probs(logits)
     assert p.shape == (6, 5)
     np.testing.assert_allclose(np.asarray(p.sum(-1)), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(p), np.asarray(jax.nn.softmax(logits, -1).mean(1)), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(p), np.asarray(jax.nn.softmax(logits, -1).mean(1)), rtol=1e-6
+    )
     assert ensemble_probs(logits.astype(jnp.bfloat16)).dtype == jnp.float32
     with pytest.raises(ValueError, match="member logits"):
         ensemble_probs(logits[0])
 
 
 def test_codegen_is_deterministic_and_imports_jax_flax_and_the_runtime():
-    for make in [*PLANS.values(), lambda: mixc.compile("digits"), lambda: mixc.compile("wrn28_10_7m")]:
+    for make in [
+        *PLANS.values(),
+        lambda: mixc.compile("digits"),
+        lambda: mixc.compile("wrn28_10_7m"),
+    ]:
         src = emit_source(make())
         assert src == emit_source(make())
         assert import_roots(src) == {"jax", "flax", "mixc"}
@@ -171,7 +183,8 @@ def test_codegen_is_deterministic_and_imports_jax_flax_and_the_runtime():
 
 
 def test_standalone_source_needs_jax_and_flax_alone_and_computes_the_same(tmp_path):
-    """``--standalone`` writes the runtime into the file: no mixc import, the same parameters and logits."""
+    """``--standalone`` writes the runtime into the file: no mixc import, the same parameters and
+    logits."""
     from mixc.cli import main
 
     plan = hp.tiny_convnet()
@@ -186,7 +199,12 @@ def test_standalone_source_needs_jax_and_flax_alone_and_computes_the_same(tmp_pa
         np.testing.assert_allclose(a, ours_arrays[name], rtol=1e-6, atol=1e-7, err_msg=name)
     x = _input(plan)
     np.testing.assert_allclose(np.asarray(alone(x)), np.asarray(ours(x)), rtol=1e-5, atol=1e-6)
-    assert main(["compile", "digits", "--backend", "flax", "--standalone", "-o", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            ["compile", "digits", "--backend", "flax", "--standalone", "-o", str(tmp_path / "out")]
+        )
+        == 0
+    )
     assert "from mixc" not in (tmp_path / "out" / "digits.py").read_text()
 
 
@@ -264,8 +282,10 @@ def test_cpu_kernel_gradient_equals_xlas(name):
 
 
 def test_normal_draws_are_finite_at_the_size_of_a_wide_network():
-    """The init's normals are erfinv of uniforms on [-1, 1): one draw in 2^23 is exactly -1, so a WRN-28-10
-    (36M weights) started with -inf weights and trained to NaN (on a GPU at once). Key 0 draws -1 in 2^24."""
+    """The init's normals are erfinv of uniforms on [-1, 1): one draw in 2^23 is exactly -1, so a
+    WRN-28-10 (36M weights) started with -inf weights and trained to NaN (on a GPU at once). Key
+    0 draws -1 in 2^24.
+    """
     from mixc.backends.flax.runtime import _Draws
 
     z = np.asarray(_Draws(jax.random.key(0), (0, 1 << 24), jnp.float32).normal((1 << 24,)))
@@ -282,6 +302,9 @@ def test_the_model_runs_through_the_one_loader():
 
     plan = hp.tiny_convnet()
     cls = type(build(plan, layout="loop"))
-    assert cls.__module__ == f"{generated.PACKAGE}.flax_{generated.module_name(plan)}_{plan.content_hash()}"
+    assert (
+        cls.__module__
+        == f"{generated.PACKAGE}.flax_{generated.module_name(plan)}_{plan.content_hash()}"
+    )
     assert sys.modules[cls.__module__].__mixc_source__ == emit_source(plan)
     assert generated.load(plan, "flax") is sys.modules[cls.__module__]

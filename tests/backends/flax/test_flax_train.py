@@ -16,8 +16,8 @@ import pytest
 jax = pytest.importorskip("jax")
 torch = pytest.importorskip("torch")
 import jax.numpy as jnp  # noqa: E402
-
 from framework_fixtures import fast_xla_compiles, one_torch_thread  # noqa: F401 (autouse)
+from paths import SUPPORT
 
 import mixc
 from mixc.backends.flax.train import (
@@ -31,7 +31,6 @@ from mixc.core.checkpoint_format import read_tensors
 from mixc.core.errors import TrainError
 from mixc.spec.recipe import Recipe
 from mixc.training import train
-from paths import SUPPORT
 
 SMALL = ["backbone.width=8", "members=2"]  # digits at width 8: the same graph, a fast compile
 
@@ -52,14 +51,19 @@ def _recipe(**kw) -> Recipe:
 def test_optimizer_matches_torch_with_masks_and_state_names(name):
     """optax chain == torch.optim (Nesterov SGD with coupled L2 / AdamW), decay masked by role."""
     recipe = Recipe.model_validate(
-        {"optimizer": {"name": name, "lr": 0.1, "momentum": 0.9, "nesterov": True}, "weight_decay": 0.01,
-         "weight_decay_exclude": ["alphas", "bn"]}
+        {
+            "optimizer": {"name": name, "lr": 0.1, "momentum": 0.9, "nesterov": True},
+            "weight_decay": 0.01,
+            "weight_decay_exclude": ["alphas", "bn"],
+        }
     )
     rng = np.random.default_rng(0)
     shapes = {"a": (3, 4), "b": (4,), "c": (2, 2)}
     roles = {"a": "bank", "b": "bn_weight", "c": "alpha"}
     init = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
-    grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(4)]
+    grads = [
+        {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(4)
+    ]
     lrs = [0.1, 0.05, 0.05, 0.02]
 
     tx = make_optimizer(recipe, roles)
@@ -70,9 +74,15 @@ def test_optimizer_matches_torch_with_masks_and_state_names(name):
         params = jax.tree.map(lambda p, u: p - lr * u, params, upd)
 
     tp = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in init.items()}
-    groups = [{"params": [tp["a"]], "weight_decay": 0.01}, {"params": [tp["b"], tp["c"]], "weight_decay": 0.0}]
-    opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True) if name == "sgd" else \
-        torch.optim.AdamW(groups, lr=0.1)
+    groups = [
+        {"params": [tp["a"]], "weight_decay": 0.01},
+        {"params": [tp["b"], tp["c"]], "weight_decay": 0.0},
+    ]
+    opt = (
+        torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True)
+        if name == "sgd"
+        else torch.optim.AdamW(groups, lr=0.1)
+    )
     for g, lr in zip(grads, lrs):
         for k, p in tp.items():
             p.grad = torch.from_numpy(g[k])
@@ -80,14 +90,20 @@ def test_optimizer_matches_torch_with_masks_and_state_names(name):
             group["lr"] = lr
         opt.step()
     for k in shapes:
-        np.testing.assert_allclose(np.asarray(params[k]), tp[k].detach().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(params[k]), tp[k].detach().numpy(), rtol=1e-5, atol=1e-6
+        )
 
     # the optimiser state under the torch loop's names, and back
     names = {k: f"t.{k}" for k in shapes}
     arrays = optimizer_arrays(state, names, recipe)
     torch_key = {"sgd": "momentum_buffer", "adamw": "exp_avg"}[name]
-    np.testing.assert_allclose(arrays[f"optim.t.a.{torch_key}"], opt.state[tp["a"]][torch_key].numpy(), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        arrays[f"optim.t.a.{torch_key}"],
+        opt.state[tp["a"]][torch_key].numpy(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     fresh = restore_optimizer(tx.init(params), names, recipe, arrays)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(state)))
 
@@ -121,7 +137,17 @@ def one_epoch(tmp_path_factory) -> Path:
     from mixc.cli import main
 
     out = tmp_path_factory.mktemp("runs") / "one"
-    args = ["train", "digits", "--backend", "flax", "--epochs", "1", "--no-progress", "--out", str(out)]
+    args = [
+        "train",
+        "digits",
+        "--backend",
+        "flax",
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     for o in SMALL:
         args += ["--set", o]
     assert main(args) == 0
@@ -139,7 +165,8 @@ def test_cli_run_folder(one_epoch, capsys):
     assert files == {"plan.json", "config.json", "metrics.jsonl", "checkpoint.safetensors"} | curves
     (rec,) = [json.loads(line) for line in (one_epoch / "metrics.jsonl").read_text().splitlines()]
     assert rec["epoch"] == 1 and len(rec["member_accuracy"]) == 2
-    assert rec["train_loss"] < 2.3 and rec["accuracy"] > 0.15  # learning (chance: 10%, log 10 = 2.30)
+    # learning (chance: 10%, log 10 = 2.30)
+    assert rec["train_loss"] < 2.3 and rec["accuracy"] > 0.15
     config = json.loads((one_epoch / "config.json").read_text())
     assert config["options"]["backend"] == "flax" and config["options"]["world_size"] == 1
     weights = _weights(one_epoch)
@@ -159,16 +186,21 @@ def _few():
 def _interrupt_after_first_epoch(plan, recipe, out, data, monkeypatch) -> None:
     from interrupt import interrupt_after_first_epoch
 
-    interrupt_after_first_epoch(monkeypatch, lambda: train("flax", plan, recipe, out_dir=out, data=data, progress=False))
+    interrupt_after_first_epoch(
+        monkeypatch, lambda: train("flax", plan, recipe, out_dir=out, data=data, progress=False)
+    )
 
 
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     """Interrupted after epoch 1 of 2 and resumed == 2 epochs straight, bit for bit."""
     few = _few()
-    plan, recipe = _plan(), _recipe(epochs=2)  # cosine: the LR depends on the total, so this is a true interruption
+    # cosine: the LR depends on the total, so this is a true interruption
+    plan, recipe = (_plan(), _recipe(epochs=2))
     train("flax", plan, recipe, out_dir=tmp_path / "a", data=few, progress=False)
     _interrupt_after_first_epoch(plan, recipe, tmp_path / "b", few, monkeypatch)
-    assert train("flax", plan, recipe, out_dir=tmp_path / "b", data=few, progress=False)["epoch"] == 2
+    assert (
+        train("flax", plan, recipe, out_dir=tmp_path / "b", data=few, progress=False)["epoch"] == 2
+    )
 
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert a.keys() == b.keys()
@@ -180,10 +212,10 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
 
 
 def test_torch_resumes_a_flax_run(tmp_path, monkeypatch):
-    """One format: the torch loop continues a run the flax loop started (weights, statistics, momentum)
-    and ends where the flax loop ends (no dropout or augmentation here: the same arithmetic)."""
+    """One format: the torch loop continues a run the flax loop started (weights, statistics,
+    momentum) and ends where the flax loop ends (no dropout or augmentation here: the same
+    arithmetic)."""
     import shutil
-
 
     few = _few()
     plan, recipe = _plan(), _recipe(epochs=2)
@@ -205,12 +237,19 @@ def test_run_folder_of_another_spec_is_refused(one_epoch):
 
 
 def test_flax_resume_shares_the_run_folder_rules(one_epoch, tmp_path):
-    """Another recipe is refused (before any compile), the lock holds, non-finite weights are never saved."""
+    """Another recipe is refused (before any compile), the lock holds, non-finite weights are never
+    saved."""
     from mixc.core.checkpoint_format import NonFiniteTensorError, save_arrays
     from mixc.run_lock import RunLock
 
     with pytest.raises(TrainError, match=r"another recipe \(optimizer.lr: 0.05 -> 0.5\)"):
-        train("flax", _plan(), _recipe(epochs=1, optimizer={"lr": 0.5}), out_dir=one_epoch, progress=False)
+        train(
+            "flax",
+            _plan(),
+            _recipe(epochs=1, optimizer={"lr": 0.5}),
+            out_dir=one_epoch,
+            progress=False,
+        )
     lock = RunLock(one_epoch).acquire()
     try:
         with pytest.raises(TrainError, match="being written by another"):
@@ -226,15 +265,22 @@ def test_flax_resume_shares_the_run_folder_rules(one_epoch, tmp_path):
 
 
 def test_two_devices_equal_one(tmp_path):
-    """Data parallel over 2 forced CPU devices: the same weights as the 1-device run (float tolerance)."""
+    """Data parallel over 2 forced CPU devices: the same weights as the 1-device run (float
+    tolerance)."""
     code = (
-        "import sys, jax, mixc; sys.path[:0] = [{here!r}, {support!r}]; import test_flax_train as t; "
-        "jax.config.update('jax_disable_most_optimizations', True); "
-        "assert len(jax.devices()) == 2; "
-        "t.train('flax', t._plan(), t._recipe(epochs=1), out_dir={out!r}, data=t._few(), progress=False)"
+        "import sys, jax, mixc; sys.path[:0] = [{here!r}, {support!r}]; import test_flax_train as"
+        " t; jax.config.update('jax_disable_most_optimizations', True); assert len(jax.devices())"
+        " == 2; t.train('flax', t._plan(), t._recipe(epochs=1), out_dir={out!r}, data=t._few(),"
+        " progress=False)"
     ).format(here=str(Path(__file__).parent), support=str(SUPPORT), out=str(tmp_path / "two"))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "cpu x2" in done.stdout
     assert json.loads((tmp_path / "two" / "config.json").read_text())["options"]["world_size"] == 2
@@ -243,6 +289,6 @@ def test_two_devices_equal_one(tmp_path):
     assert a.keys() == b.keys()
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     print(f"max |2 devices - 1 device| over all tensors: {worst:.2e}")
-    # XLA may fuse the 1-device run differently (float reassociation): seen up to 7e-4 once. A missing
-    # gradient all-reduce (each device stepping on half the batch) moves weights by ~1e-2.
+    # XLA may fuse the 1-device run differently (float reassociation): seen up to 7e-4 once. A
+    # missing gradient all-reduce (each device stepping on half the batch) moves weights by ~1e-2.
     assert worst < 2e-3, worst

@@ -25,9 +25,24 @@ def test_two_gloo_ranks_agree(tmp_path):
         PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
     )
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        str(ROOT / "tests" / "support" / "ddp_rank.py"), "train", "digits", "--set", "backbone.width=8", "--set", "members=2",
-        "--epochs", "2", "--out", str(tmp_path / "run"), "--no-progress",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(ROOT / "tests" / "support" / "ddp_rank.py"),
+        "train",
+        "digits",
+        "--set",
+        "backbone.width=8",
+        "--set",
+        "members=2",
+        "--epochs",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
     ]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -40,8 +55,8 @@ def test_two_gloo_ranks_agree(tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["options"]["world_size"] == 2
     assert (tmp_path / "run" / "checkpoint.safetensors").exists()
-    # destroy_process_group freed the group: no gloo thread outlives `mixc train` (one that does can abort
-    # the rank at interpreter shutdown, as it did in the full suite: SIGABRT in rank 1)
+    # destroy_process_group freed the group: no gloo thread outlives `mixc train` (one that does can
+    # abort the rank at interpreter shutdown, as it did in the full suite: SIGABRT in rank 1)
     if Path("/proc/self/task").is_dir():
         for r in (0, 1):
             threads = (tmp_path / "threads" / f"rank{r}.threads").read_text().split()

@@ -7,12 +7,17 @@ import json
 import pytest
 
 torch = pytest.importorskip("torch")
+import handmade_plans as hp
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import handmade_plans as hp
-
-from mixc.backends.torch import CheckpointError, build, load_checkpoint, named_plan_tensors, save_checkpoint
+from mixc.backends.torch import (
+    CheckpointError,
+    build,
+    load_checkpoint,
+    named_plan_tensors,
+    save_checkpoint,
+)
 
 
 def _model(plan, seed=0, **kw):
@@ -26,7 +31,9 @@ def test_round_trip(tmp_path):
     a.train()
     a(torch.randn(4, *plan.input_shape))  # move the running statistics off their init
     extra = {"optim.step": torch.tensor(7.0), "optim.momentum.bank.g_pw": torch.randn(7, 156)}
-    path = save_checkpoint(tmp_path / "ck.safetensors", a, plan, epoch=3, extra=extra, metadata={"note": "hi"})
+    path = save_checkpoint(
+        tmp_path / "ck.safetensors", a, plan, epoch=3, extra=extra, metadata={"note": "hi"}
+    )
     b = _model(plan, seed=1)
     epoch, got_extra, meta = load_checkpoint(path, b, plan)
     assert epoch == 3 and meta == {"note": "hi"}
@@ -50,7 +57,11 @@ def test_file_holds_plan_tensors_as_float32(tmp_path):
             x = f.get_tensor(t.name)
             assert x.dtype == torch.float32 and list(x.shape) == t.shape
         meta = f.metadata()
-    assert meta["spec_hash"] == plan.spec_hash and meta["spec_name"] == "signal" and meta["epoch"] == "0"
+    assert (
+        meta["spec_hash"] == plan.spec_hash
+        and meta["spec_name"] == "signal"
+        and meta["epoch"] == "0"
+    )
     assert json.loads(meta["metadata"]) == {}
     # the bank form: the file's size tracks the plan's tensors, not M backbones
     n = sum(t.numel for t in plan.tensors)
@@ -74,7 +85,12 @@ def test_missing_and_misshapen_tensors(tmp_path):
     plan = hp.tiny_convnet()
     model = _model(plan)
     tensors = {k: v.detach().clone() for k, v in named_plan_tensors(model).items()}
-    header = {"format": "mixc-checkpoint", "spec_name": plan.name, "spec_hash": plan.spec_hash, "epoch": "0"}
+    header = {
+        "format": "mixc-checkpoint",
+        "spec_name": plan.name,
+        "spec_hash": plan.spec_hash,
+        "epoch": "0",
+    }
     del tensors["alpha.b0.conv1"]
     tensors["bank.g0"] = torch.zeros(2, 576)
     save_file(tensors, tmp_path / "bad.safetensors", metadata=header)
@@ -101,7 +117,6 @@ def test_atomic_write_leaves_no_temp_files(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ck.safetensors"]
 
     import mixc.backends.torch.checkpoint as ck
-
     from mixc.core.checkpoint_format import write_atomic
 
     def boom(filename):

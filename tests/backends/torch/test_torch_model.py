@@ -6,7 +6,6 @@ import copy
 import math
 import os
 import types
-from pathlib import Path
 
 import pytest
 from hypothesis import assume, given, settings
@@ -14,6 +13,8 @@ from hypothesis import assume, given, settings
 torch = pytest.importorskip("torch")
 
 import handmade_plans as hp  # noqa: E402
+from paths import GOLDEN
+from paths import ZOO as ZOO_DIR
 from source_checks import import_roots, import_written
 from strategies import specs
 from torch_reference import assert_grouped_equals_loop, randomise_batch_norm, reference_forward
@@ -22,8 +23,6 @@ import mixc
 from mixc.backends.emit import class_name
 from mixc.backends.torch import build, emit_source, ensemble_probs, named_plan_tensors, write
 from mixc.spec import SpecError
-from paths import GOLDEN, ZOO as ZOO_DIR
-
 
 PLANS = {
     "tiny": lambda: hp.tiny_convnet(),
@@ -31,14 +30,17 @@ PLANS = {
     "rich": lambda: hp.rich_convnet(dropout=0.0),
     "rich_shared": lambda: hp.rich_convnet(members=2, assign="shared", dropout=0.0),
     "signal": lambda: hp.signal_blob_net(),
-    "signal_small_blob": lambda: hp.signal_blob_net(members=3, blob_size=50),  # windows wrap many times
+    # windows wrap many times
+    "signal_small_blob": lambda: hp.signal_blob_net(members=3, blob_size=50),
     "signal_shared": lambda: hp.signal_blob_net(assign="shared"),
     "mlp": lambda: hp.mlp_net(dropout=0.0),
 }
 
 
 def _input(plan, batch=5, dtype=torch.float64):
-    return torch.randn(batch, *plan.input_shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    return torch.randn(
+        batch, *plan.input_shape, generator=torch.Generator().manual_seed(2), dtype=dtype
+    )
 
 
 @pytest.mark.parametrize("name", sorted(PLANS))
@@ -52,7 +54,8 @@ def test_parameters_match_plan(name):
         assert list(named[t.name].shape) == t.shape, t.name
         assert (id(named[t.name]) in params) == t.trainable, t.name
     assert sum(p.numel() for p in model.parameters()) == plan.accounting.total_params
-    assert len(params) == sum(t.trainable for t in plan.tensors)  # nothing trainable outside the plan
+    # nothing trainable outside the plan
+    assert len(params) == sum(t.trainable for t in plan.tensors)
     persistent = set(model.state_dict())
     assert len(persistent) == len(plan.tensors)
 
@@ -141,7 +144,9 @@ def test_standalone_source_needs_torch_alone_and_computes_the_same():
         plan = make()
         src = emit_source(plan, standalone=True)
         assert src == emit_source(plan, standalone=True)
-        assert import_roots(src) <= {"torch", "math", "dataclasses", "typing", "__future__"}, import_roots(src)
+        assert import_roots(src) <= {"torch", "math", "dataclasses", "typing", "__future__"}, (
+            import_roots(src)
+        )
         mod = types.ModuleType("standalone_model")
         exec(compile(src, "standalone_model.py", "exec", dont_inherit=True), mod.__dict__)  # noqa: S102
         torch.manual_seed(0)
@@ -161,7 +166,9 @@ def test_golden_source():
         path.parent.mkdir(exist_ok=True)
         path.write_text(src)
     assert path.exists(), "golden file missing; run with MIXC_UPDATE_GOLDEN=1"
-    assert src == path.read_text(), "codegen output changed; review and regenerate with MIXC_UPDATE_GOLDEN=1"
+    assert src == path.read_text(), (
+        "codegen output changed; review and regenerate with MIXC_UPDATE_GOLDEN=1"
+    )
 
 
 def test_written_file_is_what_runs(tmp_path):
@@ -201,7 +208,9 @@ def test_wrn16_4_runs_in_both_layouts():
     ya = a(x)
     assert ya.shape == (2, 4, 10)
     assert (ya - b(x)).abs().max().item() < 1e-10
-    ref = reference_forward(plan, {k: v.detach().clone() for k, v in named_plan_tensors(b).items()}, x, True)
+    ref = reference_forward(
+        plan, {k: v.detach().clone() for k, v in named_plan_tensors(b).items()}, x, True
+    )
     assert (ya - ref).abs().max().item() < 1e-5
 
 
@@ -229,8 +238,8 @@ def test_generated_specs_build_and_match_reference(text):
 
 @pytest.mark.parametrize("name", ["tiny", "signal_small_blob"])
 def test_eval_mode_keeps_composed_weights_until_a_parameter_changes(name):
-    """Inference composes once; an optimiser step, a loaded state or train mode make it compose again,
-    and every answer equals a fresh composition."""
+    """Inference composes once; an optimiser step, a loaded state or train mode make it compose
+    again, and every answer equals a fresh composition."""
     plan = PLANS[name]()
     model = build(plan).double().eval()
     x = _input(plan)
@@ -239,7 +248,8 @@ def test_eval_mode_keeps_composed_weights_until_a_parameter_changes(name):
     model._mix = lambda device: calls.append(1) or real(device)
     with torch.no_grad():
         first = model(x)
-        assert torch.equal(model(x), first) and len(calls) == 1  # the second forward reused the weights
+        # the second forward reused the weights
+        assert torch.equal(model(x), first) and len(calls) == 1
     with torch.inference_mode():
         model(x)
     assert len(calls) == 1
