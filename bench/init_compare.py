@@ -1,4 +1,4 @@
-"""Compare initialisation rules on a starved bank (issue 9): mean ± sd over seeds.
+"""Compare initialisation rules on a starved bank: mean ± sd over seeds.
 
     OMP_NUM_THREADS=1 python bench/init_compare.py [--seeds 10] [--epochs 20] [--out
     /tmp/init-compare]

@@ -1,35 +1,8 @@
-"""Allocate: turn the parameter budget into template counts (docs/allocation.md).
+"""Allocate: turn the parameter budget into template counts.
 
-Cost model (trainable parameters):
-    total = plain layers + M * BN + sum_g n_g * s_g + M * sum_g L_g * k_g,
-    k_g = min(templates_per_layer_g, n_g)
-so the alphas depend on the template counts: adding a template to a group
-whose n_g is still below its templates-per-layer also adds one alpha per
-layer per member. Every step below prices a template with that marginal cost,
-so the result never exceeds the budget and no further template fits.
-
-Readable capacity. A template no slot reads is a parameter that trains
-nothing, so a group never holds more templates than its slots can read:
-``cap_g = L_g * k`` under ``shared`` (one slot per layer) and
-``M * L_g * k`` under ``greedy_disjoint`` (one slot per layer and member),
-``k`` the requested templates per layer. Budget a group cannot use goes to
-the other groups by their shares (water-filling); once every group is at
-capacity the rest of the budget is unusable, and ``maximum_budget`` (the
-largest useful budget) says where that starts. The blob likewise never
-exceeds the total length its slots read.
-
-Shares break ties. Group ``g``'s target is its share ``f_g`` of the template
-parameters (after water-filling). Among maximal allocations (no further
-template fits), one that spends at least as much of the budget and is closer
-to the targets is preferred; closeness is the largest deviation of a group's
-fraction of the template parameters from its target, then the sum of
-deviations. After the greedy fill the allocator applies such exchanges
-(remove the fewest templates of one group that make room for one more of
-another, add as many of that one as fit, refill) until none improves. It is
-a local search: the result is never beaten by one such two-group exchange
-(the ``shares`` invariant checks exactly that), not proven globally closest.
-The budget spent never drops, so ties (the same total) go to the shares and
-a higher total is never given up for them.
+Templates are priced at their marginal cost (alphas grow with them), no group holds more templates
+than its slots can read, and ties go to the groups' shares by a two-group exchange search. The
+cost model, water-filling and the exchanges: docs/allocation.md.
 """
 
 from __future__ import annotations
@@ -341,7 +314,7 @@ def break_ties(
     total,
     marginal,
 ) -> list[int]:
-    """Local search: apply improving exchanges until none is left (see the module docstring).
+    """Local search: apply improving exchanges until none is left (docs/allocation.md).
 
     Each step strictly lowers the (largest, summed) deviation, so it ends; MAX_TIE_STEPS only
     guards the running time (the invariants then report the exchange that was left).

@@ -1,33 +1,9 @@
 """The Plan: the versioned IR that crosses from the compiler to every backend.
 
-A backend needs nothing but this object (never the AST or the parser): the op
-graph in execution order, how each weight layer gets its weights (plain, from a
-group's bank, or from the flat blob), and the canonical tensor names that
-checkpoints use so that every backend reads every other backend's files.
-
-Conventions every backend follows:
-- Shapes are channels-first without the batch axis: image ``[C, H, W]``,
-  signal ``[C, L]``, vector ``[D]``. A backend may run NHWC internally.
-- Conv weights are ``[out, in/groups, *kernel]`` (PyTorch layout); linear
-  weights are ``[out, in]``. A template is the layer's weight flattened in that
-  order, followed by its bias when the layer has one (``size`` entries).
-- Per-member tensors carry the member axis first (``[M, ...]``).
-- A weight layer's ``source`` says where its weights come from: ``plain``
-  (one tensor: ``plain.<layer>.weight``/``.bias``; shared by all members, or
-  the single network of a single-path method), ``member`` (an unfactorised
-  weight per member, the naive ensemble: ``member.<layer>.weight`` ``[M, ...]``),
-  ``bank`` or ``blob`` (composed per member from templates, see ``Slot``), or
-  ``batch_ensemble`` (a shared weight scaled per member by fast weights).
-- ``method`` names the ensemble method and ``execution`` how activations run:
-  ``per_member`` (each member's activations apart: mixture, naive,
-  batch_ensemble) or ``single_path`` (one network holds every member: mimo,
-  packed). docs/plan.md lists each method's tensors.
-
-A plan is also an input: ``plan.json`` travels in run folders that people share,
-and backends lower it to Python source that is exec'd. So every field is
-validated here, not trusted: names are dotted identifiers, hashes are hex,
-free text has no control characters, sizes are positive and floats finite; and ``read_plan``
-refuses a file whose content does not match its ``spec_hash``.
+A backend needs nothing but this object: the op graph in execution order, where each weight layer
+gets its weights, and the tensor names checkpoints use, so every backend reads every other's files.
+A plan is also an input (``plan.json`` travels in shared run folders and is lowered to code that
+runs), so every field is validated here, not trusted. Conventions: docs/plan.md.
 """
 
 from __future__ import annotations
@@ -133,7 +109,7 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 # ---------------------------------------------------------------------------
 # The op graph
 
-#: where a weight layer's weights come from (module docstring; docs/plan.md)
+#: where a weight layer's weights come from (docs/plan.md)
 Source = Literal["plain", "member", "bank", "blob", "batch_ensemble"]
 
 

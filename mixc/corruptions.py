@@ -1,44 +1,9 @@
-"""Common image corruptions at 5 severities, on batches, in pixel space: the CIFAR-C recipe without
-the files.
+"""Common image corruptions at 5 severities, on batches, in pixel space: the CIFAR-C recipe
+without the files, so any image test set can be scored as the paper's "Corrupt" columns are.
 
-Hendrycks & Dietterich (2019) built CIFAR-10-C/CIFAR-100-C by corrupting the
-test set with 19 distortions at 5 severities; the paper's "Corrupt" columns
-are means over them. This module re-implements the common ones as numpy
-functions on whole batches ``[N, C, H, W]`` of pixels in ``[0, 1]``, with
-their CIFAR parameters (from the authors' ``make_cifar_c.py``), so any image
-test set can be scored the same way:
-
-============== ================================================================
-name           what it does (severities 1..5)
-============== ================================================================
-gaussian_noise add N(0, s^2), s = .04 .06 .08 .09 .10
-shot_noise     Poisson photon noise: Poisson(x * l) / l, l = 500 250 100 75 50
-impulse_noise  salt and pepper: a fraction .01 .02 .03 .05 .07 of the values
-               (per channel) set to 0 or 1 with equal odds
-speckle_noise  multiplicative: x + x * N(0, s^2), s = .06 .1 .12 .16 .2
-defocus_blur   a disk of radius .3 .4 .5 1 1.5, anti-aliased by a 3x3
-               Gaussian of sigma .4 .5 .6 .2 .1 (border: reflect-101, as cv2)
-gaussian_blur  Gaussian of sigma .4 .6 .7 .8 1, truncated at 4 sigma
-               (border: nearest, as skimage)
-contrast       (x - m) * c + m, m the image's per-channel mean,
-               c = .75 .5 .4 .3 .15
-brightness     HSV value + .05 .1 .15 .2 .3, clipped (hue and saturation kept)
-pixelate       box-downsample to a fraction .95 .9 .85 .75 .65 of the side,
-               box-upsample back (PIL's BOX filter, reimplemented exactly)
-jpeg           JPEG at quality 80 65 58 50 40 (PIL, image by image; 1 channel
-               as greyscale, 3 as RGB, other counts channel by channel)
-============== ================================================================
-
-Every result is clipped to ``[0, 1]``. Differences from the published files:
-the published ones were rounded to uint8 after each step; here only JPEG
-quantises (it must). The parameters were tuned for 32x32 images and are used
-as they are for other sizes (on 8x8 digits a blur reaches further, relatively).
-Randomness comes from ``numpy.random.default_rng([seed, crc32(name), severity])``:
-the same seed gives the same corrupted set, whichever corruptions are chosen.
-
-Datasets are normalised (``mixc.core.data``), so :class:`PixelScale` recovers the
-pixels first and normalises the corrupted images back the same way.
-``load_cifar_c`` reads the published ``.npy`` files instead.
+Deterministic in the seed whichever corruptions are chosen; datasets are normalised, so
+:class:`PixelScale` recovers the pixels first. Each corruption's parameters and the differences
+from the published files: docs/evaluation.md.
 """
 
 from __future__ import annotations

@@ -1,33 +1,6 @@
-"""Ensemble metrics, numpy only, so every backend reports the same numbers.
-
-Inputs are per-member class probabilities ``[N, M, C]`` (softmax outputs) and
-integer labels ``[N]``. The ensemble's prediction is the mean of the members'
-probabilities (paper, section 3.2), and every ensemble metric is computed on
-that mean:
-
-- ``accuracy``: argmax of the mean probabilities equals the label.
-- ``nll``: ``-log p_ens[label]`` with ``p_ens`` clipped below at 1e-12, averaged
-  over samples. Not the mean of the members' NLLs (that is ``member_nll``).
-- ``ece``: 15 equal-width confidence bins ``(k/15, (k+1)/15]`` (bin 0 also
-  takes confidence 0); confidence is the largest mean probability;
-  ``sum_b |B_b|/N * |acc(B_b) - conf(B_b)|`` over non-empty bins (Guo et al. 2017).
-  A fraction in [0, 1], not a percentage.
-- ``adaptive_ece``: the same sum over 15 *equal-mass* bins (inputs sorted by
-  confidence, a stable sort, then split into 15 bins whose sizes differ by at
-  most one; Nixon et al. 2019), so sparse high-confidence bins do not hide.
-- ``classwise_ece``: for every class c, the probability given to c (by every
-  input, predicted or not) binned into the 15 equal-width bins,
-  ``sum_b |B_b|/N * |freq(label = c in B_b) - mean p_c in B_b|``; the mean over
-  classes (Kull et al. 2019).
-- ``brier``: multi-class Brier score, ``mean_n sum_c (p_c - onehot_c)^2``, in [0, 2].
-- ``member_accuracy``, ``member_nll``, ``member_ece``: the same for each member alone.
-- ``disagreement``: mean over member pairs of the fraction of samples on which
-  the two members' top-1 predictions differ.
-- ``diversity`` (Fort et al. 2019): each pair's disagreement divided by the
-  *mean member error rate* (1 - mean member accuracy), averaged over pairs.
-  Fort et al. divide by "the error of one of them"; the mean error makes the
-  figure symmetric in the pair and independent of member order. ``None`` for
-  one member; 0.0 when every member is always right.
+"""Ensemble metrics (accuracy, NLL, the three ECEs, Brier, disagreement, diversity), numpy only,
+so every backend reports the same numbers. Each is computed on the mean of the members'
+probabilities; the definitions: docs/evaluation.md.
 """
 
 from __future__ import annotations

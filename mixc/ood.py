@@ -1,28 +1,9 @@
-"""Out-of-distribution detection: scores and their metrics, numpy only, shared by every backend.
+"""Out-of-distribution detection: scores and their metrics (AUROC, AUPR-in/out, FPR95), numpy
+only, shared by every backend.
 
-A score is computed per input from the ensemble's member predictions; a
-detector thresholds it. Every score here is turned into an *in-distribution
-score* (higher = more like the training data) before the metrics, so one set
-of metrics serves all of them; :data:`SCORES` states each score's own
-direction. With in-distribution (ID) inputs as the positives:
-
-- ``auroc``: the probability that a random ID input scores above a random OOD
-  input (ties count one half); 0.5 is chance, 1.0 perfect separation.
-- ``aupr_in``: average precision with ID as the positive class and the
-  ID score as the ranking (scikit-learn's ``average_precision_score``: the sum
-  over distinct thresholds of recall increase times precision; tied scores
-  form one threshold).
-- ``aupr_out``: the same with OOD as the positive class, ranked by the
-  negated score.
-- ``fpr95``: the fraction of OOD inputs accepted as ID at the highest
-  threshold that still accepts at least 95% of the ID inputs (inputs scoring
-  at or above the threshold are accepted, so tied inputs go together). Lower
-  is better.
-
-Why our own AUROC/AP rather than scikit-learn's: scikit-learn is a test
-dependency only (the reference the tests compare against); these are the
-same formulas, vectorised over one sort, so a million scores take well
-under a second.
+Every score is turned into an in-distribution score (higher = more like the training data) so one
+set of metrics serves them all. Our own AUROC/AP (scikit-learn is a test dependency only): the
+same formulas over one sort. The definitions: docs/evaluation.md.
 """
 
 from __future__ import annotations

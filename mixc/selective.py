@@ -1,31 +1,8 @@
 """Selective prediction: how the error falls when the model may abstain on its least confident
-inputs.
+inputs (risk-coverage, AURC, AUGRC, risk at 80% coverage, coverage at 5% risk).
 
-Numpy only, shared by every backend. Inputs are a confidence per input (the
-ensemble's top probability) and whether its prediction was wrong. Inputs are
-accepted from the most confident down; accepting ``k`` of ``N`` is coverage
-``k / N``:
-
-- ``risk(k)``: the error rate among the ``k`` accepted (selective risk);
-  the *risk-coverage curve* is ``(k / N, risk(k))`` for ``k = 1..N``.
-- ``aurc``: the mean of ``risk(k)`` over ``k = 1..N`` (Geifman et al. 2019),
-  the area under the risk-coverage curve; lower is better.
-- ``augrc``: the mean over ``k`` of the *generalised* risk ``errors among the
-  k accepted / N`` (Traub et al. 2024: the joint rate of accepted and wrong),
-  which does not overweight the few most confident inputs; lower is better.
-- ``risk_at_80``: ``risk(ceil(0.8 N))``.
-- ``coverage_at_5``: the largest coverage at which the risk is at most 5%,
-  over the thresholds a detector can use (the ends of groups of tied
-  confidences); 0 when even the most confident group errs more.
-
-Ties: inputs of equal confidence are accepted or rejected together by any
-threshold, so inside a group of ties the errors are spread evenly (the
-expected count under a random order): after ``j`` of a group of ``g``
-holding ``e`` errors, ``j * e / g`` of them are counted. The result does not
-depend on the order of tied inputs.
-
-Why our own: no library in the dependencies computes AURC/AUGRC (scikit-learn
-has none); the tests check hand-computed cases.
+Our own because no dependency computes AURC/AUGRC; ties are spread evenly so the result does not
+depend on the order of tied inputs. The definitions: docs/evaluation.md.
 """
 
 from __future__ import annotations

@@ -1,45 +1,8 @@
 """The one training loop behind `mixc train`, for every backend: framework-free.
 
-What a backend supplies is a :class:`~mixc.backends.base.Trainer` (a step, a
-prediction, its state as plan-named arrays, a checkpoint write). Everything
-that decides *what* is trained, and so what a result means, lives here once:
-
-- Recipe overrides (``--epochs``, ``--batch-size``, ``--seed``, ``--data``) are
-  validated with the recipe; the data must fit the plan before anything runs.
-- Loss: every member sees the same batch and gets its own cross-entropy; the
-  loss is the sum over members of each member's batch-mean CE (paper, 3.2).
-  The logged ``train_loss`` is that sum divided by M (the mean member CE).
-- Weight decay skips the roles listed in ``recipe.weight_decay_exclude``
-  (:func:`mixc.core.weight_decay.decay_skipped_roles`; coupled L2 for SGD, decoupled for AdamW).
-- Learning rate: :func:`learning_rate`, a pure function of the global step,
-  set before every step, so a resumed run replays it exactly. ``step``
-  multiplies by gamma at each milestone epoch, ``cosine`` anneals from the base
-  rate to ``min_lr`` over the epochs after warm-up, ``constant`` keeps it; a
-  warm-up of W epochs multiplies the first W epochs' steps by
-  ``(step + 1) / (W * steps_per_epoch)``.
-- Batches: each epoch draws a permutation of the train set from numpy's
-  ``default_rng([seed, epoch])`` and takes ``batch``-sized slices; the last
-  partial batch is dropped (BatchNorm dislikes tiny batches) unless the set is
-  smaller than one batch. ``batch`` is the global batch: each data-parallel
-  worker takes its share (the backend's business).
-- Randomness: augmentation and dropout are reseeded at each epoch from
-  ``seed_of(seed, epoch, rank, 1|2)``. Checkpoints are written at epoch ends,
-  so a resumed run needs no saved RNG state to replay the rest exactly.
-- Augmentation (:func:`augment_mode`): ``crop_flip`` (pad 4, random crop,
-  random horizontal flip; the default for 32x32 images), ``random_resized_crop``
-  (a random area and aspect resized back, and a flip; the default above 32
-  pixels a side: the backend's on arrays in memory, the loader's on the full
-  image when a folder streams) or ``none``.
-- Divergence: every step's loss is read every few steps (:class:`mixc.loss_watch.LossWatch`):
-  a non-finite one stops the run at once, naming the step (the run folder keeps
-  the last finished epoch); one that stays far above its start gets a warning.
-- Shared weights: ``recipe.shared_gradient`` (``mixc.core.method_batches.gradient_scales``):
-  the shared output layer (by default; or every weight all members read as it is)
-  takes the mean of the members' gradients instead of their sum.
-- Files: the run folder's rules (one writer, the recipe check on resume,
-  divergence, crash repair) are :class:`mixc.run_writer.RunWriter`'s; each
-  epoch's checkpoint holds the weights, the optimiser state under ``optim.*``
-  and the epoch's metrics. Only rank 0 evaluates and writes.
+A backend supplies a :class:`~mixc.backends.base.Trainer`; everything that decides *what* is
+trained (the loss, the schedule, batches, seeding, the loss watch, the run folder) lives here once,
+so the backends cannot drift apart. The rules: docs/training.md.
 """
 
 from __future__ import annotations

@@ -1,42 +1,9 @@
 """Training with jax/flax/optax: the :class:`~mixc.backends.base.Trainer` that ``mixc.training``
 drives.
 
-The loop, the schedule, seeding, batches, the run folder and the checkpoint
-cadence are the shared driver's (``mixc/training.py``); what is flax's is how
-a step runs:
-
-- One jit-compiled step: augmentation, forward, the loss (sum over members of
-  each member's batch-mean cross-entropy, with label smoothing), gradients,
-  the optimiser update, new BatchNorm statistics. The learning rate is an
-  argument of the step, so schedules never recompile.
-- Optimiser (optax): SGD is ``add_decayed_weights`` (coupled L2, masked) then
-  ``trace`` (momentum, Nesterov), exactly PyTorch's SGD; AdamW is
-  ``scale_by_adam`` then masked decoupled decay. The mask skips
-  ``mixc.core.weight_decay.decay_skipped_roles``. First, the gradients of weights every
-  member reads as they are are multiplied by ``mixc.core.method_batches.gradient_scales``
-  (masked ``optax.scale``; 1/M for the output layer by default), as torch does.
-- Data parallel over every local device of the chosen platform with
-  ``jax.sharding``: parameters replicated, each batch split along a ``data``
-  mesh axis. The step is one SPMD program over the global batch, so its
-  result equals the one-device run's up to float rounding (BatchNorm
-  statistics are the global batch's, unlike per-rank statistics under torch DDP).
-- Randomness: augmentation and dropout keys fold the step into a key made from
-  the epoch's seed the driver hands over.
-- Precision (``recipe.precision``), a dtype policy: the master parameters, the
-  optimiser state and BatchNorm's running statistics stay float32; under
-  ``bf16``/``fp16`` the step casts the parameters and the (augmented) inputs to
-  that dtype for the forward pass (the model built for it, so composition runs
-  in it too), and the logits back to float32 for the softmax and the loss;
-  gradients reach the float32 masters through the casts. ``fp16`` adds dynamic
-  loss scaling with torch's GradScaler rules (:func:`loss_scale_update`: start at
-  2**16, halve and skip the step on a non-finite gradient, double after 2000
-  good steps), its state checkpointed under the same names as torch's.
-  Evaluation runs in float32.
-- Checkpoints: the shared format (``mixc.core.checkpoint_format``), plan tensor
-  names; the optimiser state under the torch loop's names
-  (``optim.<tensor>.momentum_buffer``; AdamW ``exp_avg``, ``exp_avg_sq``,
-  ``step``), so a run folder resumes under either backend (an fp16 run's loss
-  scale included).
+What is flax's: one jit-compiled step, optax chains equal to torch's optimisers, data parallel over
+local devices with ``jax.sharding``, a dtype policy for bf16/fp16, and optimiser state saved under
+the torch loop's names so a run resumes under either backend. The rules: docs/training.md.
 """
 
 from __future__ import annotations

@@ -1,36 +1,8 @@
 """Training with torch: the :class:`~mixc.backends.base.Trainer` that ``mixc.training`` drives.
 
-The loop, the schedule, seeding, batches, the run folder and the checkpoint
-cadence are the shared driver's (``mixc/training.py``); what is torch's:
-
-- Optimiser: SGD with (Nesterov) momentum, or AdamW, in two parameter groups
-  (with and without weight decay: ``mixc.core.weight_decay.decay_skipped_roles``). The
-  learning rate is set by hand before every step. Before clipping and the step,
-  the gradients of weights every member reads as they are are multiplied by
-  ``mixc.core.method_batches.gradient_scales`` (1/M for the output layer by default).
-- Augmentation, on batched tensors on the device, from a generator the driver
-  reseeds every epoch: ``crop_flip`` (pad 4 with zeros, random crop, random
-  horizontal flip) or ``random_resized_crop`` (:func:`random_resized_crop`, for
-  arrays in memory; a streamed folder's loader crops the full images itself);
-  dropout draws from torch's global RNG, reseeded likewise.
-- The training set is copied to the device once when it takes at most half of
-  the device's free memory, and a step gathers its batch by index there;
-  otherwise (and always on CPU) it stays in host memory, shared with the
-  dataset's array (a memory-mapped ``.npz`` stays mapped), and each step
-  gathers its batch there and copies it over.
-- Data parallel: under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is
-  gloo on CPU and nccl on CUDA and the model is wrapped in
-  DistributedDataParallel; each rank takes its :func:`mixc.core.data.shard` of every
-  global batch. torch.distributed modules that DDP imports lazily are imported
-  before the process group exists (see :func:`_import_ddp_modules`), so
-  ``destroy_process_group`` really frees it. With ``MIXC_WEIGHTS_HASH_DIR`` set,
-  every rank writes ``rank<r>.sha256`` of its trainable tensors at the end (a
-  test hook: ranks must agree; BN running statistics are per rank and excluded).
-- Checkpoints: ``checkpoint.save_checkpoint`` (safetensors via torch), the
-  optimiser state under ``optim.<tensor>.<buffer>``; under fp16 also the
-  GradScaler's scale and growth tracker (``mixc.core.checkpoint_format.GRAD_SCALER_KEYS``),
-  so a resumed fp16 run skips and grows its loss scale exactly where an
-  uninterrupted one does.
+What is torch's: the optimiser groups and the gradient scales, augmentation on the device, where
+the training set lives, DistributedDataParallel, and the fp16 loss scaler in the checkpoint. The
+rules: docs/training.md.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Expression bombs and crashes in ``--set`` values and ``let``s, imports outside the
 allowed folders, plans that try to inject code into the generated model, and
-output pipes closed early (issue 10).
+output pipes closed early.
 """
 
 from __future__ import annotations

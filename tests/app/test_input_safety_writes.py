@@ -1,4 +1,4 @@
-"""Every input safe, second round (issue 25): writes never follow a link or destroy an input, images
+"""Every input safe: writes never follow a link or destroy an input, images
 decode by their mode, and the remaining bad inputs are one-paragraph errors (exit 1 or 2), never
 a traceback.
 """

@@ -1,4 +1,4 @@
-"""The paper's recipe at width: shared weights take the mean of their members' gradients (issue: a
+"""The paper's recipe at width: shared weights take the mean of their members' gradients (a
 4-member WRN-28-10 diverged at lr 0.1 while one member and the naive ensemble trained).
 
 The CPU-sized reproducer is a 1024-wide MLP ensemble at lr 0.1 (the WRN recipe's SGD): its

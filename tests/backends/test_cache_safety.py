@@ -1,4 +1,4 @@
-"""The compiled-model cache runs nothing planted in it (issue 25): not a stale or planted bytecode
+"""The compiled-model cache runs nothing planted in it: not a stale or planted bytecode
 file, not a package folder, not a shared folder's files; a damaged cache file is rewritten, not a
 traceback."""
 

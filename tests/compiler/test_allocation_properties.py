@@ -14,7 +14,7 @@ from mixc.compiler.invariants import check_plan
 from mixc.spec import SpecError
 from mixc.spec.loader import zoo_specs
 
-# raise for a long run (issue 9: a few hundred per spec)
+# raise for a long run (a few hundred per spec)
 SCALE = int(os.environ.get("MIXC_FUZZ_SCALE", "1"))
 MIN_RE = re.compile(r"below the minimum ([\d,]+)")
 DIFFER_RE = re.compile(r"smallest budget at which members can differ is ([\d,]+)")
@@ -82,7 +82,7 @@ def test_generated_specs_keep_every_invariant(text):
 @settings(max_examples=12 * SCALE)
 @given(st.sampled_from([p.stem for p in zoo_specs()]), zoo_variants())
 def test_zoo_variants_read_every_template(name, overrides):
-    """Issue 9: random --set variants of every zoo spec give no unread template, and every
+    """Random --set variants of every zoo spec give no unread template, and every
     rejection states a remedy that compiles."""
     plan = compile_or_fix(lambda extra: mixc.compile(name, extra), overrides)
     if plan is None:

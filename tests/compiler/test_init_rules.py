@@ -1,4 +1,4 @@
-"""Initialisation rules live in the plan (issue 9) and both backends apply the same ones."""
+"""Initialisation rules live in the plan and both backends apply the same ones."""
 
 from __future__ import annotations
 

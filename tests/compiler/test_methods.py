@@ -1,4 +1,4 @@
-"""Ensemble methods beside MixtureEnsembles (issue 13, front half): the `method` line, each method's
+"""Ensemble methods beside MixtureEnsembles: the `method` line, each method's
 Plan, its counts and FLOPs, inspect, verify, and the backends' refusal of methods they do not
 build.
 

@@ -1,4 +1,4 @@
-"""Issue 9: every budgeted parameter is readable, ties go to the shares, degenerate ensembles are
+"""Every budgeted parameter is readable, ties go to the shares, degenerate ensembles are
 refused."""
 
 import json
@@ -25,7 +25,7 @@ from mixc.verify import Space, verify
 
 CNN = GOLDEN / "errors" / "degenerate_members.mix"
 
-# The reproducers of issue 9: each held templates (or blob entries) no slot reads.
+# Reproducers: each held templates (or blob entries) no slot reads.
 REPRODUCERS = [
     ("wrn28_10", ["templates_per_layer=1"]),
     ("wrn28_5", ["templates_per_layer=2"]),

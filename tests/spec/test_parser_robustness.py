@@ -192,7 +192,7 @@ def _fast_spec_error_or_plan(compile_it) -> None:
     assert elapsed < 2.0, f"took {elapsed:.2f}s"
 
 
-# The bombs of issue 10, always tried first: each once hung or raised a traceback.
+# Known bombs, always tried first: each once hung or raised a traceback.
 BOMBS = [
     "9**9**9",
     "10**10**10",

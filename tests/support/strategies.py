@@ -103,7 +103,7 @@ def specs(draw) -> str:
     return draw(backbones()) + draw(ensembles())
 
 
-# Settings a user would try on a zoo spec with --set (the allocation neighbourhood of issue 9).
+# Settings a user would try on a zoo spec with --set (the allocation's neighbourhood).
 def zoo_variants() -> st.SearchStrategy[list[str]]:
     """``--set`` overrides: members 1-8, templates_per_layer 1-8, both policies, by_shape/single,
     bank_singletons, budgets 0.05x-1.5x of one plain backbone."""
