@@ -332,6 +332,34 @@ def measure_flax(
     y_np = rng.integers(0, 10, batch).astype(np.int32)
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
 
+    plans = (me_plan, naive_plan, plain_plan)
+    steps, compile_s = _compile_steps(_builders(plans, layouts, auto, members, x, y), log)
+    torch_threads = None
+    if torch_too:
+        steps.update(_torch_steps(me_plan, x_np, y_np, platform, threads))
+        if any(k.startswith("t ") for k in steps):
+            import torch
+
+            torch_threads = torch.get_num_threads()
+
+    times, cpu = _time_steps(steps, warmup, rounds, log)
+    out: dict[str, Any] = {
+        "device": f"{platform} ({jax.devices()[0].device_kind}), jax {jax.__version__}",
+        "threads": (
+            f"XLA {_xla_threads() if platform == 'cpu' else '-'}, torch {torch_threads or '-'}"
+        ),
+        "workload": f"WRN-16-4, {members} members at 1.0x, batch {batch}, 32x32, fwd+bwd",
+        "gflop_per_step": gflop,
+    }
+    out.update(_ratios(times, cpu, compile_s, members, auto, gflop))
+    return out
+
+
+def _builders(
+    plans: tuple[Plan, Plan, Plan], layouts: list[str], auto: str, members: int, x, y
+) -> dict[str, Callable[[], tuple[Callable, tuple]]]:
+    """The flax steps to time, by label (the label's first letter is its kind)."""
+    me_plan, naive_plan, plain_plan = plans
     builders: dict[str, Callable[[], tuple[Callable, tuple]]] = {}
     for layout in layouts:
         builders[f"a ensemble {layout}"] = lambda layout=layout: ensemble_step(
@@ -343,7 +371,13 @@ def measure_flax(
     )
     builders["c one plain nnx net"] = lambda: loop_step(plain_plan, 1, x, y)
     builders[f"e unfactorised {auto}"] = lambda: ensemble_step(naive_plan, auto, x, y)
+    return builders
 
+
+def _compile_steps(
+    builders: dict[str, Callable[[], tuple[Callable, tuple]]], log: Callable[[str], None]
+) -> tuple[dict[str, Callable[[], Any]], dict[str, float]]:
+    """Each step compiled, as a call that blocks until its result is ready, and its compile time."""
     steps: dict[str, Callable[[], Any]] = {}
     compile_s: dict[str, float] = {}
     for label, make in builders.items():
@@ -351,14 +385,13 @@ def measure_flax(
         fn, args = make()
         compiled, compile_s[label] = _compile(fn, args)
         steps[label] = lambda c=compiled, a=args: jax.block_until_ready(c(*a))
-    torch_threads = None
-    if torch_too:
-        steps.update(_torch_steps(me_plan, x_np, y_np, platform, threads))
-        if any(k.startswith("t ") for k in steps):
-            import torch
+    return steps, compile_s
 
-            torch_threads = torch.get_num_threads()
 
+def _time_steps(
+    steps: dict[str, Callable[[], Any]], warmup: int, rounds: int, log: Callable[[str], None]
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process CPU seconds of each step, the steps interleaved round by round."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -372,9 +405,20 @@ def measure_flax(
             step()
             times[label].append(time.perf_counter() - t)
             cpu[label].append(time.process_time() - c)
+    return times, cpu
+
+
+def _ratios(
+    times: dict[str, list[float]],
+    cpu: dict[str, list[float]],
+    compile_s: dict[str, float],
+    members: int,
+    auto: str,
+    gflop: float,
+) -> dict[str, Any]:
+    """The medians and the ratios between the steps that the report shows."""
     ms = {k: statistics.median(v) * 1000 for k, v in times.items()}
     cpu_ms = {k: statistics.median(v) * 1000 for k, v in cpu.items()}
-
     best_a = min((k for k in ms if k.startswith("a ")), key=ms.get)
     b = next(k for k in ms if k.startswith("b "))
     c = next(k for k in ms if k.startswith("c "))
@@ -382,12 +426,6 @@ def measure_flax(
     p = next(k for k in ms if k.startswith("p "))
     torch_best = min((k for k in ms if k.startswith("t ")), key=ms.get, default=None)
     out: dict[str, Any] = {
-        "device": f"{platform} ({jax.devices()[0].device_kind}), jax {jax.__version__}",
-        "threads": (
-            f"XLA {_xla_threads() if platform == 'cpu' else '-'}, torch {torch_threads or '-'}"
-        ),
-        "workload": f"WRN-16-4, {members} members at 1.0x, batch {batch}, 32x32, fwd+bwd",
-        "gflop_per_step": gflop,
         "step_ms": ms,
         "spread_ms": {k: (min(v) * 1000, max(v) * 1000) for k, v in times.items()},
         "cpu_ms": cpu_ms,

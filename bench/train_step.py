@@ -220,7 +220,7 @@ def vmap_step(nets: list[nn.Module], x: torch.Tensor, y: torch.Tensor):
     return step
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps per config")
     ap.add_argument("--members", type=int, default=4)
@@ -232,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         "--tune-malloc", action="store_true", help="mallopt: keep freed big blocks (glibc)"
     )
     ap.add_argument("--only", default="", help="comma list of configs to run (a,b,c,d,e)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tune_malloc:
@@ -261,27 +265,42 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     x = torch.randn(B, 3, 32, 32)
     y = torch.randint(0, 10, (B,))
-    xcl = x.contiguous(memory_format=torch.channels_last)
+    configs = _configs(only, (me_plan, naive_plan, plain_plan), M, x, y, gflop_step)
+    configs, times, cpu = _time_configs(configs, warmup, steps)
+    results = {label: statistics.median(ts) for label, ts in times.items()}
+    cpu_results = {label: statistics.median(ts) for label, ts in cpu.items()}
+    _print_table(configs, times, results, cpu_results, M)
+    _print_ratios(results, cpu_results, M)
+    a = _best(results, "a ")
+    if a:
+        print(
+            f"\nbest MixtureEnsemble: {a[0]}, {gflop_step / a[1]:.0f} GFLOP/s "
+            f"({gflop_step / a[1] / peak:.0%} of the float32 matmul measured in this run)"
+        )
+    return 0
 
-    configs: list[tuple[str, object, float]] = []  # (label, step, GFLOP per step)
-    if "a" in only:
+
+def _configs(
+    only: set[str],
+    plans: tuple[Plan, Plan, Plan],
+    M: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gflop_step: float,
+) -> list[tuple[str, object, float]]:
+    """The selected configs as (label, step, GFLOP per step), the label's first letter its kind."""
+    me_plan, naive_plan, plain_plan = plans
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    configs: list[tuple[str, object, float]] = []
+    for key, plan in (("a", me_plan), ("e", naive_plan)):
+        if key not in only:
+            continue
         for layout in ("grouped", "loop"):
             for cl in (False, True):
-                model = build(me_plan, layout=layout, channels_last=cl).train()
+                model = build(plan, layout=layout, channels_last=cl).train()
                 configs.append(
                     (
-                        f"a {layout}{' channels_last' if cl else ''}",
-                        ensemble_step(model, x, y),
-                        gflop_step,
-                    )
-                )
-    if "e" in only:
-        for layout in ("grouped", "loop"):
-            for cl in (False, True):
-                model = build(naive_plan, layout=layout, channels_last=cl).train()
-                configs.append(
-                    (
-                        f"e {layout}{' channels_last' if cl else ''}",
+                        f"{key} {layout}{' channels_last' if cl else ''}",
                         ensemble_step(model, x, y),
                         gflop_step,
                     )
@@ -296,9 +315,14 @@ def main(argv: list[str] | None = None) -> int:
         configs.append(("c one channels_last", loop_step(nets_cl[:1], xcl, y), gflop_step / M))
     if "d" in only:
         configs.append(("d vmap", vmap_step(nets, x, y), gflop_step))
+    return configs
 
-    # Warm up each config, then time them round-robin, so that load from other
-    # processes on a shared machine hits every config alike.
+
+def _time_configs(
+    configs: list[tuple[str, object, float]], warmup: int, steps: int
+) -> tuple[list[tuple[str, object, float]], dict[str, list[float]], dict[str, list[float]]]:
+    """Warm up each config, then time them round-robin, so that load from other processes on a
+    shared machine hits every config alike. A config that fails is reported and left out."""
     times: dict[str, list[float]] = {label: [] for label, _, _ in configs}
     # process CPU time: steadier under load
     cpu: dict[str, list[float]] = {label: [] for label, _, _ in configs}
@@ -318,8 +342,16 @@ def main(argv: list[str] | None = None) -> int:
             step()
             times[label].append(time.perf_counter() - t)
             cpu[label].append(time.process_time() - c)
-    results = {label: statistics.median(ts) for label, ts in times.items()}
-    cpu_results = {label: statistics.median(ts) for label, ts in cpu.items()}
+    return configs, times, cpu
+
+
+def _print_table(
+    configs: list[tuple[str, object, float]],
+    times: dict[str, list[float]],
+    results: dict[str, float],
+    cpu_results: dict[str, float],
+    M: int,
+) -> None:
     titles = {
         "a": "(a) MixtureEnsemble, 1.0x budget",
         "e": "(e) ensemble of unfactorised per-member weights (groups=none)",
@@ -339,15 +371,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"cpu {cpu_results[label]:6.2f} s"
             )
 
-    def best(res: dict[str, float], prefix: str) -> tuple[str, float] | None:
-        items = [(k, v) for k, v in res.items() if k.startswith(prefix)]
-        return min(items, key=lambda kv: kv[1]) if items else None
 
+def _best(res: dict[str, float], prefix: str) -> tuple[str, float] | None:
+    items = [(k, v) for k, v in res.items() if k.startswith(prefix)]
+    return min(items, key=lambda kv: kv[1]) if items else None
+
+
+def _print_ratios(results: dict[str, float], cpu_results: dict[str, float], M: int) -> None:
     for title, res in (
         ("wall time", results),
         ("process CPU time (less sensitive to other load)", cpu_results),
     ):
-        a = best(res, "a ")
+        a = _best(res, "a ")
         print(f"\nRatios by {title}, best of each (a is the MixtureEnsemble):")
         for label, other, scale in (
             ("a/b", "b ", 1),
@@ -355,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             ("a/d", "d ", 1),
             ("a/e", "e ", 1),
         ):
-            o = best(res, other)
+            o = _best(res, other)
             if a and o:
                 print(f"  {label:<10} {a[1] / (o[1] * scale):5.3f}   ({a[0]} vs {o[0]})")
         for k in ("grouped", "loop"):
@@ -365,13 +400,6 @@ def main(argv: list[str] | None = None) -> int:
                         f"  composition cost, {k}{fmt}: a/e ="
                         f" {res[f'a {k}{fmt}'] / res[f'e {k}{fmt}']:.3f}"
                     )
-    a = best(results, "a ")
-    if a:
-        print(
-            f"\nbest MixtureEnsemble: {a[0]}, {gflop_step / a[1]:.0f} GFLOP/s "
-            f"({gflop_step / a[1] / peak:.0%} of the float32 matmul measured in this run)"
-        )
-    return 0
 
 
 if __name__ == "__main__":

@@ -98,39 +98,29 @@ def water_fill(
     return ideal
 
 
-def allocate_banks(
+def _fix_counts(
     groups: list[GroupDraft],
-    fixed_cost: int,
+    fixed_idx: list[int],
+    caps: list[int],
+    tpls: list[int],
     members: int,
-    tpl: int,
-    budget: int | None,
-    policy: str = "shared",
-) -> Allocation:
-    """Template counts per group. ``fixed_cost`` is plain layers plus all members' BN."""
-    tpls = [g.templates_per_layer or tpl for g in groups]
-    caps = [readable_capacity(len(g.layers), t, members, policy) for g, t in zip(groups, tpls)]
-    fixed_idx = [i for i, g in enumerate(groups) if g.templates is not None]
-    free_idx = [i for i, g in enumerate(groups) if g.templates is None]
-    n = [0] * len(groups)
+    policy: str,
+    n: list[int],
+    fixed_cost: int,
+) -> int:
+    """Sets the groups' given template counts in ``n``; returns the cost with them paid."""
     base = fixed_cost
     for i in fixed_idx:
         _check_fixed(groups[i], caps[i], tpls[i], members, policy)
         n[i] = groups[i].templates
         base += n[i] * groups[i].size + alpha_cost(groups[i], n[i], tpls[i], members)
-    minimum = base + sum(
-        groups[i].size + alpha_cost(groups[i], 1, tpls[i], members) for i in free_idx
-    )
-    maximum = base + sum(
-        caps[i] * groups[i].size + alpha_cost(groups[i], caps[i], tpls[i], members)
-        for i in free_idx
-    )
-    shares = group_shares(groups)
+    return base
 
-    def done(counts: list[int]) -> Allocation:
-        return Allocation(
-            counts, shares, [min(t, x) for t, x in zip(tpls, counts)], minimum, maximum, caps
-        )
 
+def _check_budget(
+    groups: list[GroupDraft], free_idx: list[int], budget: int | None, minimum: int
+) -> None:
+    """A budget is needed when any group's count is free, and it must cover the minimum."""
     if budget is None:
         if free_idx:
             names = ", ".join(groups[i].name for i in free_idx)
@@ -139,7 +129,7 @@ def allocate_banks(
                 "add a budget (e.g. budget 1.0x or budget 36.5M), or give every group"
                 " templates = N",
             )
-        return done(n)
+        return
     if budget < minimum:
         raise BudgetError(
             f"the budget {budget:,} is below the minimum {minimum:,} for this spec",
@@ -148,10 +138,21 @@ def allocate_banks(
             " members or groups single",
             minimum,
         )
-    if budget >= maximum:  # every group at capacity: the rest of the budget is unusable
-        for i in free_idx:
-            n[i] = caps[i]
-        return done(n)
+
+
+def _spend_budget(
+    groups: list[GroupDraft],
+    free_idx: list[int],
+    caps: list[int],
+    tpls: list[int],
+    members: int,
+    n: list[int],
+    shares: list[float],
+    budget: int,
+    base: int,
+    fixed_cost: int,
+) -> list[int]:
+    """The free groups' counts for a budget between the minimum and the maximum."""
 
     def total(c: list[int]) -> int:
         return fixed_cost + sum(
@@ -182,8 +183,42 @@ def allocate_banks(
     target = {i: ideal[i] * sizes[i] / mass for i in free_idx}
     fill(n, free_idx, sizes, target, budget, total, marginal)
     # 4. Ties go to the shares: exchanges that spend no less and come closer to the targets.
-    n = break_ties(n, free_idx, sizes, target, budget, total, marginal)
-    return done(n)
+    return break_ties(n, free_idx, sizes, target, budget, total, marginal)
+
+
+def allocate_banks(
+    groups: list[GroupDraft],
+    fixed_cost: int,
+    members: int,
+    tpl: int,
+    budget: int | None,
+    policy: str = "shared",
+) -> Allocation:
+    """Template counts per group. ``fixed_cost`` is plain layers plus all members' BN."""
+    tpls = [g.templates_per_layer or tpl for g in groups]
+    caps = [readable_capacity(len(g.layers), t, members, policy) for g, t in zip(groups, tpls)]
+    fixed_idx = [i for i, g in enumerate(groups) if g.templates is not None]
+    free_idx = [i for i, g in enumerate(groups) if g.templates is None]
+    n = [0] * len(groups)
+    base = _fix_counts(groups, fixed_idx, caps, tpls, members, policy, n, fixed_cost)
+    minimum = base + sum(
+        groups[i].size + alpha_cost(groups[i], 1, tpls[i], members) for i in free_idx
+    )
+    maximum = base + sum(
+        caps[i] * groups[i].size + alpha_cost(groups[i], caps[i], tpls[i], members)
+        for i in free_idx
+    )
+    shares = group_shares(groups)
+    _check_budget(groups, free_idx, budget, minimum)
+    if budget is not None and budget >= maximum:
+        # every group at capacity: the rest of the budget is unusable
+        for i in free_idx:
+            n[i] = caps[i]
+    elif budget is not None:
+        n = _spend_budget(
+            groups, free_idx, caps, tpls, members, n, shares, budget, base, fixed_cost
+        )
+    return Allocation(n, shares, [min(t, x) for t, x in zip(tpls, n)], minimum, maximum, caps)
 
 
 def _check_fixed(g: GroupDraft, cap: int, tpl: int, members: int, policy: str) -> None:

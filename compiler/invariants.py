@@ -21,7 +21,7 @@ from mixc.compiler.allocate import (
 from mixc.compiler.degenerate import all_collinear
 from mixc.compiler.group import GroupDraft
 from mixc.compiler.methods import method_of
-from mixc.compiler.plan import Plan
+from mixc.compiler.plan import Group, Plan, Slot
 from mixc.compiler.tensor_names import tensor_name
 
 INVARIANTS = (
@@ -50,9 +50,22 @@ class Violation:
 
 def check_plan(plan: Plan) -> list[Violation]:
     """Every invariant violation of ``plan`` (empty when the plan is sound)."""
+    out = _check_totals(plan)
+    a = plan.accounting
+    room = None if a.budget is None else a.budget - a.total_params
+    for g in plan.groups:
+        out.extend(_check_group(plan, g, room))
+    if plan.blob is not None:
+        out.extend(_check_blob(plan, room))
+    out.extend(_check_shares(plan))
+    out.extend(_check_members_differ(plan))
+    return out
+
+
+def _check_totals(plan: Plan) -> list[Violation]:
+    """The plan-wide counts: accounting, within_budget and the method's tensors."""
     out: list[Violation] = []
     a = plan.accounting
-    M = plan.members
     trainable = sum(t.numel for t in plan.tensors if t.trainable)
     parts = a.plain_params + a.template_params + a.alpha_params + a.fast_params + a.bn_params
     if trainable != a.total_params or parts != a.total_params:
@@ -71,110 +84,138 @@ def check_plan(plan: Plan) -> list[Violation]:
         )
     if not method_of(plan).has_templates:
         out.extend(_check_method_tensors(plan))
+    return out
 
-    room = None if a.budget is None else a.budget - a.total_params
-    for g in plan.groups:
-        slots = [s for s in plan.slots if s.group == g.name]
-        requested = g.requested_templates_per_layer
-        cap = readable_capacity(len(g.layers), requested, M, plan.assign)
-        if g.templates > cap:
+
+def _check_group(plan: Plan, g: Group, room: int | None) -> list[Violation]:
+    """One group's invariants: its capacity, the budget left, its slots and its usage."""
+    out = _check_group_size(plan, g, room)
+    usage = [0] * g.templates
+    for s in plan.slots:
+        if s.group == g.name:
+            out.extend(_check_slot(plan, g, s, usage))
+    out.extend(_check_usage(g, usage))
+    return out
+
+
+def _check_group_size(plan: Plan, g: Group, room: int | None) -> list[Violation]:
+    """readable_capacity and no_template_fits for one group."""
+    out: list[Violation] = []
+    M = plan.members
+    requested = g.requested_templates_per_layer
+    cap = readable_capacity(len(g.layers), requested, M, plan.assign)
+    if g.templates > cap:
+        out.append(
+            Violation(
+                "readable_capacity",
+                f"group {g.name}: {g.templates} templates but its slots read at most {cap}",
+            )
+        )
+    if room is not None and not g.fixed and g.templates < cap:
+        marginal = g.size + (M * len(g.layers) if g.templates < requested else 0)
+        if marginal <= room:
             out.append(
                 Violation(
-                    "readable_capacity",
-                    f"group {g.name}: {g.templates} templates but its slots read at most {cap}",
+                    "no_template_fits",
+                    f"group {g.name}: one more template costs {marginal:,} "
+                    f"but {room:,} of the budget is unused",
                 )
             )
-        if room is not None and not g.fixed and g.templates < cap:
-            marginal = g.size + (M * len(g.layers) if g.templates < requested else 0)
-            if marginal <= room:
+    return out
+
+
+def _check_slot(plan: Plan, g: Group, s: Slot, usage: list[int]) -> list[Violation]:
+    """One slot's template indices (distinct, in range, shared or disjoint as the policy says);
+    counts the templates it reads into ``usage``."""
+    out: list[Violation] = []
+    seen: list[list[int]] = []
+    for m, idx in enumerate(s.templates or []):
+        if len(set(idx)) != len(idx) or len(idx) != g.templates_per_layer:
+            out.append(
+                Violation(
+                    "distinct_templates",
+                    f"layer {s.layer} member {m}: templates {idx} (k = {g.templates_per_layer})",
+                )
+            )
+        if any(not 0 <= t < g.templates for t in idx):
+            out.append(
+                Violation("distinct_templates", f"layer {s.layer}: index out of range in {idx}")
+            )
+            continue
+        if plan.assign == "shared" and m > 0:
+            if idx != seen[0]:
                 out.append(
                     Violation(
-                        "no_template_fits",
-                        f"group {g.name}: one more template costs {marginal:,} "
-                        f"but {room:,} of the budget is unused",
+                        "distinct_templates",
+                        f"layer {s.layer}: shared policy but member "
+                        f"{m} has {idx}, member 0 has {seen[0]}",
                     )
                 )
-        usage = [0] * g.templates
-        distinct_slots = 0
-        for s in slots:
-            seen: list[list[int]] = []
-            for m, idx in enumerate(s.templates or []):
-                if len(set(idx)) != len(idx) or len(idx) != g.templates_per_layer:
-                    out.append(
-                        Violation(
-                            "distinct_templates",
-                            f"layer {s.layer} member {m}: templates {idx} "
-                            f"(k = {g.templates_per_layer})",
-                        )
+            continue
+        seen.append(idx)
+        for t in idx:
+            usage[t] += 1
+    if plan.assign == "greedy_disjoint" and plan.members * s.k <= g.templates:
+        out.extend(_check_disjoint(plan, g, s, seen))
+    return out
+
+
+def _check_disjoint(plan: Plan, g: Group, s: Slot, seen: list[list[int]]) -> list[Violation]:
+    """greedy_disjoint: no two members of a layer share a template."""
+    out: list[Violation] = []
+    for i in range(len(seen)):
+        for j in range(i + 1, len(seen)):
+            common = set(seen[i]) & set(seen[j])
+            if common:
+                out.append(
+                    Violation(
+                        "disjoint_members",
+                        f"layer {s.layer}: members {i} and {j} share "
+                        f"templates {sorted(common)} with M*k = "
+                        f"{plan.members * s.k} <= n = {g.templates}",
                     )
-                if any(not 0 <= t < g.templates for t in idx):
-                    out.append(
-                        Violation(
-                            "distinct_templates", f"layer {s.layer}: index out of range in {idx}"
-                        )
-                    )
-                    continue
-                if plan.assign == "shared" and m > 0:
-                    if idx != seen[0]:
-                        out.append(
-                            Violation(
-                                "distinct_templates",
-                                f"layer {s.layer}: shared policy but member "
-                                f"{m} has {idx}, member 0 has {seen[0]}",
-                            )
-                        )
-                    continue
-                seen.append(idx)
-                distinct_slots += 1
-                for t in idx:
-                    usage[t] += 1
-            if plan.assign == "greedy_disjoint" and M * s.k <= g.templates:
-                for i in range(len(seen)):
-                    for j in range(i + 1, len(seen)):
-                        common = set(seen[i]) & set(seen[j])
-                        if common:
-                            out.append(
-                                Violation(
-                                    "disjoint_members",
-                                    f"layer {s.layer}: members {i} and {j} share "
-                                    f"templates {sorted(common)} with M*k = "
-                                    f"{M * s.k} <= n = {g.templates}",
-                                )
-                            )
-        if usage != list(g.usage):
-            out.append(
-                Violation(
-                    "accounting", f"group {g.name}: recorded usage {g.usage} but slots give {usage}"
                 )
+    return out
+
+
+def _check_usage(g: Group, usage: list[int]) -> list[Violation]:
+    """The group's recorded usage, its balance and its coverage."""
+    out: list[Violation] = []
+    if usage != list(g.usage):
+        out.append(
+            Violation(
+                "accounting", f"group {g.name}: recorded usage {g.usage} but slots give {usage}"
             )
-        if usage and max(usage) - min(usage) > 1:
-            out.append(
-                Violation(
-                    "balanced_usage", f"group {g.name}: usage ranges {min(usage)}..{max(usage)}"
-                )
+        )
+    if usage and max(usage) - min(usage) > 1:
+        out.append(
+            Violation("balanced_usage", f"group {g.name}: usage ranges {min(usage)}..{max(usage)}")
+        )
+    if usage and min(usage) == 0:
+        unused = [t for t, u in enumerate(usage) if u == 0]
+        shown = unused[:8] + (["..."] if len(unused) > 8 else [])
+        out.append(
+            Violation(
+                "full_coverage",
+                f"group {g.name}: {len(unused)} of {g.templates} templates "
+                f"({', '.join(map(str, shown))}) are read by no slot",
             )
-        if usage and min(usage) == 0:
-            unused = [t for t, u in enumerate(usage) if u == 0]
-            shown = unused[:8] + (["..."] if len(unused) > 8 else [])
-            out.append(
-                Violation(
-                    "full_coverage",
-                    f"group {g.name}: {len(unused)} of {g.templates} templates "
-                    f"({', '.join(map(str, shown))}) are read by no slot",
-                )
-            )
-    if plan.blob is not None:
-        out.extend(_check_blob(plan, room))
-    out.extend(_check_shares(plan))
+        )
+    return out
+
+
+def _check_members_differ(plan: Plan) -> list[Violation]:
+    """Several members that are all scalar multiples of one another are one model."""
+    M = plan.members
     member_layers = sum(1 for o in plan.ops if getattr(o, "source", None) == "member")
     if plan.grouping != "none" and all_collinear(M, list(plan.slots), member_layers):
-        out.append(
+        return [
             Violation(
                 "members_differ",
                 f"all {M} members are scalar multiples of one another in every layer",
             )
-        )
-    return out
+        ]
+    return []
 
 
 def _check_shares(plan: Plan) -> list[Violation]:

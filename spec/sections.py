@@ -149,92 +149,7 @@ def read_ensemble(
             continue
         seen[s.key] = s
         spec.pos[s.key] = s.pos
-        vpos = getattr(s.value, "pos", s.pos)
-        if s.key == "backbone":
-            cv = _read_backbone(s, vpos, definitions, diags)
-            if cv is not None:
-                spec.backbone, spec.backbone_args = cv.name, cv.args
-        elif s.key == "method":
-            m = _read_method(s, consts, diags)
-            if m is not None:
-                spec.method = m
-        elif s.key == "groups":
-            if isinstance(s.value, A.BodyValue):
-                spec.groups = "explicit"
-                spec.explicit = _read_groups(s.value, consts, diags)
-            else:
-                v = _eval(s.value, consts, diags)
-                if v is None:
-                    continue
-                if v not in GROUP_MODES:
-                    diags.error(
-                        f"unknown grouping '{v}'",
-                        vpos,
-                        choices_hint(str(v), GROUP_MODES)
-                        + '; or { group NAME("glob", share = f) ... }',
-                    )
-                    continue
-                spec.groups = v
-        elif s.key in ("members", "templates_per_layer"):
-            v = (
-                _int(_eval(s.value, consts, diags), vpos, s.key, diags)
-                if not isinstance(s.value, (A.CallValue, A.BodyValue))
-                else None
-            )
-            # plans and tables grow with members
-            if v is not None and s.key == "members" and v > MAX_MEMBERS:
-                diags.error(
-                    f"'members' is at most {MAX_MEMBERS:,}, got {v:,}",
-                    vpos,
-                    "an ensemble has a handful of members (the paper uses 4 to 16)",
-                )
-            elif v is not None:
-                setattr(spec, s.key, v)
-        elif s.key == "budget":
-            _read_budget(s, vpos, consts, diags, spec)
-        elif s.key == "assign":
-            v = (
-                _eval(s.value, consts, diags)
-                if not isinstance(s.value, (A.CallValue, A.BodyValue))
-                else None
-            )
-            if v not in ASSIGN:
-                diags.error(
-                    f"unknown assignment policy '{v if v is not None else '?'}'",
-                    vpos,
-                    choices_hint(str(v), ASSIGN),
-                )
-            else:
-                spec.assign = v
-        elif s.key == "bank_singletons":
-            v = (
-                _eval(s.value, consts, diags)
-                if not isinstance(s.value, (A.CallValue, A.BodyValue))
-                else None
-            )
-            if not isinstance(v, bool):
-                diags.error(
-                    "'bank_singletons' is true or false, got"
-                    f" {render(v) if v is not None else '?'}",
-                    vpos,
-                )
-            else:
-                spec.bank_singletons = v
-        elif s.key == "init":
-            if not isinstance(s.value, A.BodyValue):
-                diags.error(
-                    "'init' takes a body: init { alphas orthonormal | normal(std = 0.5); "
-                    "classifier uniform | normal(std = 0.01) }",
-                    vpos,
-                )
-            else:
-                spec.init = _read_init(s.value, consts, diags)
-        else:
-            diags.error(
-                f"unknown ensemble setting '{s.key}'",
-                s.key_pos,
-                choices_hint(s.key, ENSEMBLE_SETTINGS),
-            )
+        _read_ensemble_setting(spec, s, consts, definitions, diags)
     if "backbone" not in seen:
         diags.error(
             "the ensemble section does not name its backbone",
@@ -243,6 +158,123 @@ def read_ensemble(
         )
     _check_method_settings(spec, seen, diags)
     return spec  # possibly partial: the caller goes on to find more errors, then reports them all
+
+
+def _read_ensemble_setting(
+    spec: EnsembleSpec,
+    s: A.Setting,
+    consts: dict,
+    definitions: dict[str, A.Definition],
+    diags: Diagnostics,
+) -> None:
+    """One setting of the ensemble section into ``spec`` (or an error)."""
+    vpos = getattr(s.value, "pos", s.pos)
+    if s.key == "backbone":
+        cv = _read_backbone(s, vpos, definitions, diags)
+        if cv is not None:
+            spec.backbone, spec.backbone_args = cv.name, cv.args
+    elif s.key == "method":
+        m = _read_method(s, consts, diags)
+        if m is not None:
+            spec.method = m
+    elif s.key == "groups":
+        _read_grouping(spec, s, vpos, consts, diags)
+    elif s.key in ("members", "templates_per_layer"):
+        _read_count(spec, s, vpos, consts, diags)
+    elif s.key == "budget":
+        _read_budget(s, vpos, consts, diags, spec)
+    elif s.key == "assign":
+        _read_assign(spec, s, vpos, consts, diags)
+    elif s.key == "bank_singletons":
+        _read_bank_singletons(spec, s, vpos, consts, diags)
+    elif s.key == "init":
+        if not isinstance(s.value, A.BodyValue):
+            diags.error(
+                "'init' takes a body: init { alphas orthonormal | normal(std = 0.5); "
+                "classifier uniform | normal(std = 0.01) }",
+                vpos,
+            )
+        else:
+            spec.init = _read_init(s.value, consts, diags)
+    else:
+        diags.error(
+            f"unknown ensemble setting '{s.key}'", s.key_pos, choices_hint(s.key, ENSEMBLE_SETTINGS)
+        )
+
+
+def _read_grouping(
+    spec: EnsembleSpec, s: A.Setting, vpos: Pos, consts: dict, diags: Diagnostics
+) -> None:
+    """``groups MODE`` or an explicit ``groups { group NAME(...) ... }`` body."""
+    if isinstance(s.value, A.BodyValue):
+        spec.groups = "explicit"
+        spec.explicit = _read_groups(s.value, consts, diags)
+        return
+    v = _eval(s.value, consts, diags)
+    if v is None:
+        return
+    if v not in GROUP_MODES:
+        diags.error(
+            f"unknown grouping '{v}'",
+            vpos,
+            choices_hint(str(v), GROUP_MODES) + '; or { group NAME("glob", share = f) ... }',
+        )
+        return
+    spec.groups = v
+
+
+def _read_count(
+    spec: EnsembleSpec, s: A.Setting, vpos: Pos, consts: dict, diags: Diagnostics
+) -> None:
+    """``members`` or ``templates_per_layer``: an integer."""
+    v = (
+        _int(_eval(s.value, consts, diags), vpos, s.key, diags)
+        if not isinstance(s.value, (A.CallValue, A.BodyValue))
+        else None
+    )
+    # plans and tables grow with members
+    if v is not None and s.key == "members" and v > MAX_MEMBERS:
+        diags.error(
+            f"'members' is at most {MAX_MEMBERS:,}, got {v:,}",
+            vpos,
+            "an ensemble has a handful of members (the paper uses 4 to 16)",
+        )
+    elif v is not None:
+        setattr(spec, s.key, v)
+
+
+def _read_assign(
+    spec: EnsembleSpec, s: A.Setting, vpos: Pos, consts: dict, diags: Diagnostics
+) -> None:
+    v = (
+        _eval(s.value, consts, diags)
+        if not isinstance(s.value, (A.CallValue, A.BodyValue))
+        else None
+    )
+    if v not in ASSIGN:
+        diags.error(
+            f"unknown assignment policy '{v if v is not None else '?'}'",
+            vpos,
+            choices_hint(str(v), ASSIGN),
+        )
+    else:
+        spec.assign = v
+
+
+def _read_bank_singletons(
+    spec: EnsembleSpec, s: A.Setting, vpos: Pos, consts: dict, diags: Diagnostics
+) -> None:
+    v = (
+        _eval(s.value, consts, diags)
+        if not isinstance(s.value, (A.CallValue, A.BodyValue))
+        else None
+    )
+    if not isinstance(v, bool):
+        diags.error(
+            f"'bank_singletons' is true or false, got {render(v) if v is not None else '?'}", vpos
+        )
+    else:
+        spec.bank_singletons = v
 
 
 def _read_backbone(
@@ -586,6 +618,30 @@ def read_train(section: A.Section, consts: dict, diags: Diagnostics) -> dict | N
     """Validate the train section against ``Recipe``; errors point at the setting."""
     from mixc.spec.recipe import Recipe
 
+    raw, where, ok = _collect_train(section, consts, diags)
+    if not ok:
+        return None
+    # Shorthands users write: optimizer sgd / schedule cosine without arguments.
+    for key in ("optimizer", "schedule"):
+        if isinstance(raw.get(key), str):
+            raw[key] = {"name": raw[key]}
+    try:
+        recipe = Recipe.model_validate(raw).model_dump()
+    except ValidationError as err:
+        _report_recipe_errors(err, where, section, diags)
+        return None
+    # Settings added after plans were pinned stay out of the Plan at their defaults, so its bytes
+    # and hash do not move (Recipe fills them back in when the Plan's train section is read).
+    for key, default in IMPLIED_TRAIN.items():
+        if recipe.get(key) == default:
+            del recipe[key]
+    return recipe
+
+
+def _collect_train(
+    section: A.Section, consts: dict, diags: Diagnostics
+) -> tuple[dict[str, Any], dict[tuple, Pos], bool]:
+    """The train settings' values, where each was written, and whether all of them evaluated."""
     raw: dict[str, Any] = {}
     where: dict[tuple, Pos] = {}
     ok = True
@@ -596,20 +652,8 @@ def read_train(section: A.Section, consts: dict, diags: Diagnostics) -> dict | N
             continue
         where[(s.key,)] = s.key_pos
         if isinstance(s.value, A.CallValue):
-            args: dict[str, Any] = {"name": s.value.name}
-            where[(s.key, "name")] = s.value.pos
-            for a in s.value.args:
-                if a.name is None:
-                    diags.error(
-                        f"arguments of '{s.value.name}' are named, e.g. {s.value.name}(lr = 0.1)",
-                        a.pos,
-                    )
-                    ok = False
-                    continue
-                args[a.name] = _eval(a.value, consts, diags)
-                # None: the value's own error is reported, no echo below
-                ok = ok and args[a.name] is not None
-                where[(s.key, a.name)] = a.pos
+            args, args_ok = _train_call_args(s, s.value, consts, diags, where)
+            ok = ok and args_ok
             raw[s.key] = args
         elif isinstance(s.value, A.BodyValue):
             diags.error(f"'{s.key}' takes a value, not a {{ ... }} body", s.value.pos)
@@ -618,53 +662,65 @@ def read_train(section: A.Section, consts: dict, diags: Diagnostics) -> dict | N
             raw[s.key] = _eval(s.value, consts, diags)
             ok = ok and raw[s.key] is not None
             where[(s.key, "value")] = getattr(s.value, "pos", s.pos)
-    if not ok:
-        return None
-    # Shorthands users write: optimizer sgd / schedule cosine without arguments.
-    for key in ("optimizer", "schedule"):
-        if isinstance(raw.get(key), str):
-            raw[key] = {"name": raw[key]}
-    try:
-        recipe = Recipe.model_validate(raw).model_dump()
-    except ValidationError as err:
-        fields = {
-            k: tuple(v.model_fields)
-            for k, v in (("optimizer", _sub("Optimizer")), ("schedule", _sub("Schedule")))
-        }
-        for e in err.errors():
-            loc = tuple(str(x) for x in e["loc"])
-            pos = where.get(loc[:2]) or where.get(loc[:1]) or section.pos
-            if e["type"] == "extra_forbidden":
-                if len(loc) == 1:
-                    diags.error(
-                        f"unknown train setting '{loc[0]}'",
-                        pos,
-                        choices_hint(loc[0], Recipe.model_fields),
-                    )
-                else:
-                    diags.error(
-                        f"unknown argument '{loc[1]}' of '{loc[0]}'",
-                        pos,
-                        choices_hint(loc[1], fields.get(loc[0], ())),
-                    )
-            else:
-                what = ".".join(loc)
-                got = e.get("input")
-                msg = e["msg"].removeprefix("Value error, ")
-                msg = msg[:1].lower() + msg[1:]
-                hint = (
-                    f"got {render(got)}"
-                    if not isinstance(got, dict)
-                    else "see the train section in README.md"
+    return raw, where, ok
+
+
+def _train_call_args(
+    s: A.Setting, call: A.CallValue, consts: dict, diags: Diagnostics, where: dict[tuple, Pos]
+) -> tuple[dict[str, Any], bool]:
+    """A call-valued train setting (``optimizer sgd(lr = 0.1)``) as a dict with its name."""
+    ok = True
+    args: dict[str, Any] = {"name": call.name}
+    where[(s.key, "name")] = call.pos
+    for a in call.args:
+        if a.name is None:
+            diags.error(f"arguments of '{call.name}' are named, e.g. {call.name}(lr = 0.1)", a.pos)
+            ok = False
+            continue
+        args[a.name] = _eval(a.value, consts, diags)
+        # None: the value's own error is reported, no echo below
+        ok = ok and args[a.name] is not None
+        where[(s.key, a.name)] = a.pos
+    return args, ok
+
+
+def _report_recipe_errors(
+    err: ValidationError, where: dict[tuple, Pos], section: A.Section, diags: Diagnostics
+) -> None:
+    """Each of Recipe's validation errors as a diagnostic at the setting or argument it names."""
+    from mixc.spec.recipe import Recipe
+
+    fields = {
+        k: tuple(v.model_fields)
+        for k, v in (("optimizer", _sub("Optimizer")), ("schedule", _sub("Schedule")))
+    }
+    for e in err.errors():
+        loc = tuple(str(x) for x in e["loc"])
+        pos = where.get(loc[:2]) or where.get(loc[:1]) or section.pos
+        if e["type"] == "extra_forbidden":
+            if len(loc) == 1:
+                diags.error(
+                    f"unknown train setting '{loc[0]}'",
+                    pos,
+                    choices_hint(loc[0], Recipe.model_fields),
                 )
-                diags.error(f"bad value for '{what}': {msg}", pos, hint)
-        return None
-    # Settings added after plans were pinned stay out of the Plan at their defaults, so its bytes
-    # and hash do not move (Recipe fills them back in when the Plan's train section is read).
-    for key, default in IMPLIED_TRAIN.items():
-        if recipe.get(key) == default:
-            del recipe[key]
-    return recipe
+            else:
+                diags.error(
+                    f"unknown argument '{loc[1]}' of '{loc[0]}'",
+                    pos,
+                    choices_hint(loc[1], fields.get(loc[0], ())),
+                )
+        else:
+            what = ".".join(loc)
+            got = e.get("input")
+            msg = e["msg"].removeprefix("Value error, ")
+            msg = msg[:1].lower() + msg[1:]
+            hint = (
+                f"got {render(got)}"
+                if not isinstance(got, dict)
+                else "see the train section in README.md"
+            )
+            diags.error(f"bad value for '{what}': {msg}", pos, hint)
 
 
 def _sub(name: str):

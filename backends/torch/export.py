@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixc.compiler.plan import Plan
+from mixc.compiler.plan import AddOp, BatchNormOp, ConvOp, LinearOp, Op, Plan
 from mixc.core.member_weights import MemberWeights
 
 __all__ = [
@@ -95,98 +95,122 @@ class DeployedEnsemble(nn.Module):
         """A shared activation [B, C, ...] -> every member's copy [B, M*C, ...]."""
         return x.repeat(1, self.m, *([1] * (x.dim() - 2)))
 
+    def _conv(self, op: ConvOp, a: torch.Tensor, per: bool) -> tuple[torch.Tensor, bool]:
+        M = self.m
+        w = self._buf("w", op.name)
+        b = self._buf("b", op.name) if op.bias else None
+        conv = F.conv1d if op.dim == 1 else F.conv2d
+        if op.name in self.shared_weights and not per:  # runs once, on the shared input
+            return conv(a, w, b, op.stride, op.padding, op.dilation, op.groups), per
+        # one weight, applied to every member's activation
+        if op.name in self.shared_weights:
+            w = w.expand(M, *w.shape)
+            b = None if b is None else b.expand(M, *b.shape)
+        a = a if per else self._expand(a)
+        y = conv(
+            a,
+            w.flatten(0, 1),
+            None if b is None else b.flatten(),
+            op.stride,
+            op.padding,
+            op.dilation,
+            op.groups * M,
+        )
+        return y, True
+
+    def _linear(self, op: LinearOp, a: torch.Tensor, per: bool) -> tuple[torch.Tensor, bool]:
+        M = self.m
+        w = self._buf("w", op.name)
+        b = self._buf("b", op.name) if op.bias else None
+        if op.name in self.shared_weights and not per:
+            return F.linear(a, w, b), False
+        a = a if per else self._expand(a)
+        h = a.reshape(a.shape[0], M, op.in_features)  # [B, M, D]
+        if op.name in self.shared_weights:
+            y = F.linear(h, w, b)  # one weight for every member
+        else:
+            # [B, M, out]
+            y = torch.matmul(h.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)
+            if b is not None:
+                y = y + b
+        return y.reshape(a.shape[0], M * op.out_features), True
+
+    def _bn(self, op: BatchNormOp, a: torch.Tensor, per: bool) -> tuple[torch.Tensor, bool]:
+        a = a if per else self._expand(a)
+        y = F.batch_norm(
+            a,
+            self._buf("bnmean", op.name),
+            self._buf("bnvar", op.name),
+            self._buf("bng", op.name),
+            self._buf("bnb", op.name),
+            False,
+            0.0,
+            op.eps,
+        )
+        return y, True
+
+    def _pointwise(self, op: Op, a: torch.Tensor, per: bool) -> tuple[torch.Tensor, bool]:
+        """The ops that act on each member's activation alone (act, pools, flatten, dropout)."""
+        k = op.kind
+        if k == "act":
+            fn = (
+                (lambda t, s=op.slope: F.leaky_relu(t, s))
+                if op.fn == "leaky_relu"
+                else _ACTS[op.fn]
+            )
+            return fn(a), per
+        if k == "pool":
+            fn = {
+                ("max", 1): F.max_pool1d,
+                ("max", 2): F.max_pool2d,
+                ("avg", 1): F.avg_pool1d,
+                ("avg", 2): F.avg_pool2d,
+            }[(op.op, op.dim)]
+            return fn(a, op.kernel, op.stride, op.padding), per
+        if k == "global_pool":
+            dims = tuple(range(2, a.dim()))
+            return (a.mean(dims) if op.op == "avg" else a.amax(dims)), per
+        if k == "flatten":
+            # member-major channels: flattening keeps members apart
+            return a.flatten(1), per
+        if k == "dropout":
+            return a, per  # eval mode
+        # the Plan's op kinds are a closed set
+        raise AssertionError(f"op kind {k}")
+
+    def _add(
+        self, op: AddOp, vals: dict[str, tuple[torch.Tensor, bool]]
+    ) -> tuple[torch.Tensor, bool]:
+        a, per = vals[op.inputs[0]]
+        b_, per_b = vals[op.inputs[1]]
+        if per != per_b:
+            a = a if per else self._expand(a)
+            b_ = b_ if per_b else self._expand(b_)
+        return a + b_, per or per_b
+
+    def _run_op(
+        self, op: Op, vals: dict[str, tuple[torch.Tensor, bool]]
+    ) -> tuple[torch.Tensor, bool]:
+        """One op's (value, per-member?) from its inputs' values."""
+        a, per = vals[op.inputs[0]]
+        if op.kind == "conv":
+            return self._conv(op, a, per)
+        if op.kind == "linear":
+            return self._linear(op, a, per)
+        if op.kind == "bn":
+            return self._bn(op, a, per)
+        if op.kind == "add":
+            return self._add(op, vals)
+        return self._pointwise(op, a, per)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         plan, M = self.plan, self.m
         vals: dict[str, tuple[torch.Tensor, bool]] = {}  # op -> (value, per-member?)
         for op in plan.ops:
-            k = op.kind
-            if k == "input":
+            if op.kind == "input":
                 vals[op.name] = (x, False)
-                continue
-            a, per = vals[op.inputs[0]]
-            if k == "conv":
-                w = self._buf("w", op.name)
-                b = self._buf("b", op.name) if op.bias else None
-                conv = F.conv1d if op.dim == 1 else F.conv2d
-                if op.name in self.shared_weights and not per:  # runs once, on the shared input
-                    y = conv(a, w, b, op.stride, op.padding, op.dilation, op.groups)
-                else:
-                    # one weight, applied to every member's activation
-                    if op.name in self.shared_weights:
-                        w = w.expand(M, *w.shape)
-                        b = None if b is None else b.expand(M, *b.shape)
-                    a = a if per else self._expand(a)
-                    y = conv(
-                        a,
-                        w.flatten(0, 1),
-                        None if b is None else b.flatten(),
-                        op.stride,
-                        op.padding,
-                        op.dilation,
-                        op.groups * M,
-                    )
-                    per = True
-                vals[op.name] = (y, per)
-            elif k == "linear":
-                w = self._buf("w", op.name)
-                b = self._buf("b", op.name) if op.bias else None
-                if op.name in self.shared_weights and not per:
-                    vals[op.name] = (F.linear(a, w, b), False)
-                    continue
-                a = a if per else self._expand(a)
-                h = a.reshape(a.shape[0], M, op.in_features)  # [B, M, D]
-                if op.name in self.shared_weights:
-                    y = F.linear(h, w, b)  # one weight for every member
-                else:
-                    # [B, M, out]
-                    y = torch.matmul(h.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)
-                    if b is not None:
-                        y = y + b
-                vals[op.name] = (y.reshape(a.shape[0], M * op.out_features), True)
-            elif k == "bn":
-                a = a if per else self._expand(a)
-                y = F.batch_norm(
-                    a,
-                    self._buf("bnmean", op.name),
-                    self._buf("bnvar", op.name),
-                    self._buf("bng", op.name),
-                    self._buf("bnb", op.name),
-                    False,
-                    0.0,
-                    op.eps,
-                )
-                vals[op.name] = (y, True)
-            elif k == "act":
-                fn = (
-                    (lambda t, s=op.slope: F.leaky_relu(t, s))
-                    if op.fn == "leaky_relu"
-                    else _ACTS[op.fn]
-                )
-                vals[op.name] = (fn(a), per)
-            elif k == "pool":
-                fn = {
-                    ("max", 1): F.max_pool1d,
-                    ("max", 2): F.max_pool2d,
-                    ("avg", 1): F.avg_pool1d,
-                    ("avg", 2): F.avg_pool2d,
-                }[(op.op, op.dim)]
-                vals[op.name] = (fn(a, op.kernel, op.stride, op.padding), per)
-            elif k == "global_pool":
-                dims = tuple(range(2, a.dim()))
-                vals[op.name] = (a.mean(dims) if op.op == "avg" else a.amax(dims), per)
-            elif k == "flatten":
-                # member-major channels: flattening keeps members apart
-                vals[op.name] = (a.flatten(1), per)
-            elif k == "dropout":
-                vals[op.name] = (a, per)  # eval mode
-            elif k == "add":
-                b_, per_b = vals[op.inputs[1]]
-                if per != per_b:
-                    a = a if per else self._expand(a)
-                    b_ = b_ if per_b else self._expand(b_)
-                vals[op.name] = (a + b_, per or per_b)
-            else:  # the Plan's op kinds are a closed set
-                raise AssertionError(f"op kind {k}")
+            else:
+                vals[op.name] = self._run_op(op, vals)
         out, per = vals[plan.output]
         if not per:
             out = self._expand(out)

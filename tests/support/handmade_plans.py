@@ -143,8 +143,45 @@ class PlanBuilder:
         assign: str = "shared",
         grouping: str = "by_shape",
     ) -> Plan:
-        M = self.members
         banks = banks or {}
+        self._mark_sources(banks, blob)
+        slots, tensors = [], []
+        groups = self._bank_groups(banks, assign, slots, tensors)
+        blob_model = self._blob(blob, assign, slots, tensors) if blob else None
+        plain_layers, backbone = [], 0
+        for o in self.ops:
+            if o["kind"] in ("conv", "linear"):
+                backbone += self._size(o)
+                if o["source"] == "plain":
+                    plain_layers.append(o["name"])
+                tensors.extend(self._weight_tensors(o, slots))
+            elif o["kind"] == "bn":
+                backbone += 2 * o["channels"]
+                tensors.extend(self._bn_tensors(o))
+        plan = Plan(
+            name=self.name,
+            source=f"<hand-built {self.name}>",
+            members=self.members,
+            grouping=grouping,
+            assign=assign,
+            templates_per_layer=max([s.k for s in slots], default=1),
+            bank_singletons=False,
+            input_shape=self.input_shape,
+            input_layout=self.layout,
+            output=output,
+            classes=self.shape[output][0],
+            ops=self.ops,
+            groups=groups,
+            blob=blob_model,
+            slots=slots,
+            plain_layers=plain_layers,
+            tensors=tensors,
+            accounting=self._accounting(tensors, backbone),
+        )
+        return plan.model_copy(update={"spec_hash": plan.content_hash()})
+
+    def _mark_sources(self, banks: dict, blob: tuple | None) -> None:
+        """The layers the banks and the blob hold read their weights from there."""
         ops = {o["name"]: o for o in self.ops}
         for layers, *_ in banks.values():
             for name in layers:
@@ -152,7 +189,12 @@ class PlanBuilder:
         if blob:
             for name in blob[0]:
                 ops[name]["source"] = "blob"
-        slots, groups, tensors = [], [], []
+
+    def _bank_groups(self, banks: dict, assign: str, slots: list, tensors: list) -> list[Group]:
+        """One Group per bank, its slots (templates dealt round-robin) and its bank tensor."""
+        M = self.members
+        ops = {o["name"]: o for o in self.ops}
+        groups = []
         for g, (layers, n, k) in banks.items():
             first = ops[layers[0]]
             size = self._size(first)
@@ -183,110 +225,99 @@ class PlanBuilder:
                 )
             )
             tensors.append(Tensor(name=f"bank.{g}", shape=[n, size], role="bank", trainable=True))
-        blob_model = None
-        if blob:
-            layers, total, k = blob
-            cover = [0] * total
-            counter = 0
-            for name in layers:
-                size = self._size(ops[name])
-                offsets = []
-                for m in range(M):
-                    if assign == "greedy_disjoint" or m == 0:
-                        off = counter % total
-                        counter += k * size
-                    offsets.append(off)
-                    for j in range(k * size):
-                        cover[(off + j) % total] += 1
-                slots.append(Slot(layer=name, group="blob", size=size, k=k, offsets=offsets))
-            blob_model = Blob(size=total, layers=layers, usage_min=min(cover), usage_max=max(cover))
-            tensors.append(Tensor(name="blob", shape=[total], role="blob", trainable=True))
-        plain_layers = []
-        backbone = 0
-        for o in self.ops:
-            if o["kind"] in ("conv", "linear"):
-                name, ws = o["name"], self._weight_shape(o)
-                out = ws[0]
-                backbone += self._size(o)
-                if o["source"] == "plain":
-                    plain_layers.append(name)
-                    tensors.append(
-                        Tensor(
-                            name=f"plain.{name}.weight",
-                            shape=ws,
-                            role="plain_weight",
-                            trainable=True,
-                            layer=name,
-                        )
+        return groups
+
+    def _blob(self, blob: tuple, assign: str, slots: list, tensors: list) -> Blob:
+        """The blob, its slots (offsets dealt in turn) and its tensor."""
+        M = self.members
+        ops = {o["name"]: o for o in self.ops}
+        layers, total, k = blob
+        cover = [0] * total
+        counter = 0
+        for name in layers:
+            size = self._size(ops[name])
+            offsets = []
+            for m in range(M):
+                if assign == "greedy_disjoint" or m == 0:
+                    off = counter % total
+                    counter += k * size
+                offsets.append(off)
+                for j in range(k * size):
+                    cover[(off + j) % total] += 1
+            slots.append(Slot(layer=name, group="blob", size=size, k=k, offsets=offsets))
+        tensors.append(Tensor(name="blob", shape=[total], role="blob", trainable=True))
+        return Blob(size=total, layers=layers, usage_min=min(cover), usage_max=max(cover))
+
+    def _weight_tensors(self, o: dict, slots: list[Slot]) -> list[Tensor]:
+        """A conv or linear layer's tensors: plain or per-member weights, or its alphas."""
+        M = self.members
+        name, ws = o["name"], self._weight_shape(o)
+        out = ws[0]
+        if o["source"] in ("plain", "member"):
+            src = o["source"]
+            mine = {} if src == "plain" else {"per_member": True}
+            lead = [] if src == "plain" else [M]
+            tensors = [
+                Tensor(
+                    name=f"{src}.{name}.weight",
+                    shape=[*lead, *ws],
+                    role=f"{src}_weight",
+                    trainable=True,
+                    layer=name,
+                    **mine,
+                )
+            ]
+            if o["bias"]:
+                tensors.append(
+                    Tensor(
+                        name=f"{src}.{name}.bias",
+                        shape=[*lead, out],
+                        role=f"{src}_bias",
+                        trainable=True,
+                        layer=name,
+                        **mine,
                     )
-                    if o["bias"]:
-                        tensors.append(
-                            Tensor(
-                                name=f"plain.{name}.bias",
-                                shape=[out],
-                                role="plain_bias",
-                                trainable=True,
-                                layer=name,
-                            )
-                        )
-                elif o["source"] == "member":
-                    tensors.append(
-                        Tensor(
-                            name=f"member.{name}.weight",
-                            shape=[M, *ws],
-                            role="member_weight",
-                            trainable=True,
-                            layer=name,
-                            per_member=True,
-                        )
-                    )
-                    if o["bias"]:
-                        tensors.append(
-                            Tensor(
-                                name=f"member.{name}.bias",
-                                shape=[M, out],
-                                role="member_bias",
-                                trainable=True,
-                                layer=name,
-                                per_member=True,
-                            )
-                        )
-                else:
-                    k = next(s.k for s in slots if s.layer == name)
-                    tensors.append(
-                        Tensor(
-                            name=f"alpha.{name}",
-                            shape=[M, k],
-                            role="alpha",
-                            trainable=True,
-                            layer=name,
-                            per_member=True,
-                        )
-                    )
-            elif o["kind"] == "bn":
-                name, c = o["name"], o["channels"]
-                backbone += 2 * c
-                for suffix, role, trainable in (
-                    ("weight", "bn_weight", True),
-                    ("bias", "bn_bias", True),
-                    ("running_mean", "bn_mean", False),
-                    ("running_var", "bn_var", False),
-                ):
-                    tensors.append(
-                        Tensor(
-                            name=f"bn.{name}.{suffix}",
-                            shape=[M, c],
-                            role=role,
-                            trainable=trainable,
-                            layer=name,
-                            per_member=True,
-                        )
-                    )
+                )
+            return tensors
+        k = next(s.k for s in slots if s.layer == name)
+        return [
+            Tensor(
+                name=f"alpha.{name}",
+                shape=[M, k],
+                role="alpha",
+                trainable=True,
+                layer=name,
+                per_member=True,
+            )
+        ]
+
+    def _bn_tensors(self, o: dict) -> list[Tensor]:
+        """A BatchNorm's per-member affine parameters and running statistics."""
+        name, c = o["name"], o["channels"]
+        return [
+            Tensor(
+                name=f"bn.{name}.{suffix}",
+                shape=[self.members, c],
+                role=role,
+                trainable=trainable,
+                layer=name,
+                per_member=True,
+            )
+            for suffix, role, trainable in (
+                ("weight", "bn_weight", True),
+                ("bias", "bn_bias", True),
+                ("running_mean", "bn_mean", False),
+                ("running_var", "bn_var", False),
+            )
+        ]
+
+    def _accounting(self, tensors: list[Tensor], backbone: int) -> Accounting:
+        M = self.members
 
         def total_of(*roles):
             return sum(t.numel for t in tensors if t.role in roles and t.trainable)
 
-        acc = Accounting(
+        return Accounting(
             backbone_params=backbone,
             naive_params=M * backbone,
             plain_params=total_of("plain_weight", "plain_bias", "member_weight", "member_bias"),
@@ -298,27 +329,6 @@ class PlanBuilder:
             minimum_budget=0,
             per_member_params=(total_of("alpha") + total_of("bn_weight", "bn_bias")) // M,
         )
-        plan = Plan(
-            name=self.name,
-            source=f"<hand-built {self.name}>",
-            members=M,
-            grouping=grouping,
-            assign=assign,
-            templates_per_layer=max([s.k for s in slots], default=1),
-            bank_singletons=False,
-            input_shape=self.input_shape,
-            input_layout=self.layout,
-            output=output,
-            classes=self.shape[output][0],
-            ops=self.ops,
-            groups=groups,
-            blob=blob_model,
-            slots=slots,
-            plain_layers=plain_layers,
-            tensors=tensors,
-            accounting=acc,
-        )
-        return plan.model_copy(update={"spec_hash": plan.content_hash()})
 
 
 # ---------------------------------------------------------------------------
