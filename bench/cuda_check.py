@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def emit(out: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
     import handmade_plans as hp
 
     import mixc
@@ -50,7 +50,12 @@ def _load(path: Path):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    cls = next(v for v in vars(mod).values() if isinstance(v, type) and hasattr(v, "plan_tensors"))
+    # the model class: the generated subclass of the runtime's Ensemble (blocks and layers are not)
+    cls = next(
+        v
+        for v in vars(mod).values()
+        if isinstance(v, type) and issubclass(v, mod.Ensemble) and v is not mod.Ensemble
+    )
     return mod, cls
 
 
