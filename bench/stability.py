@@ -71,7 +71,7 @@ def _f(v: float) -> str:
     return "-" if v is None or not np.isfinite(v) else f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
 
 
-def main() -> int:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("spec", nargs="?", help="a .mix spec or zoo name (default: see the module doc)")
     ap.add_argument("--steps", type=int, default=20)
@@ -92,26 +92,15 @@ def main() -> int:
     )
     ap.add_argument("--layout", default="auto")
     args = ap.parse_args()
-
-    on_gpu = args.device.startswith(("cuda", "gpu"))
-    spec = args.spec or ("wrn28_10" if on_gpu else CPU_SPEC)
-    base = list(args.overrides) + (
-        ["backbone.classes=10"] if spec == "wrn28_10" and not args.spec else []
-    )
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in KINDS]
+    args.kind_list = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = [k for k in args.kind_list if k not in KINDS]
     if unknown:
         ap.error(f"--kinds: {', '.join(unknown)} not among {', '.join(KINDS)}")
-    probe = tuple(int(s) for s in args.probe.split(","))
-    backend = get_backend(args.backend, "train")
-    threads = backend.set_threads(args.threads) if args.threads else {}
-    print(
-        f"bench/stability.py: {spec} {' '.join(base)}; backend {args.backend}, device"
-        f" {args.device}, threads {threads.get('threads', 'default')}"
-        f" (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); {args.steps} steps",
-        flush=True,
-    )
+    return args
 
+
+def _trace_kinds(args, spec: str, base: list[str], kinds: list[str], probe, backend) -> dict:
+    """The first steps of each kind of run, side by side on the same synthetic data rule."""
     method = mixc.compile(spec, base).method.name
     traces: dict[str, Trace] = {}
     for kind in kinds:
@@ -142,11 +131,12 @@ def main() -> int:
             f" {recipe.shared_gradient}: {(time.perf_counter() - t0) / args.steps:.2f} s a step",
             flush=True,
         )
+    return traces
 
-    every = max(1, args.steps // 20)
-    rows = [
-        [str(s + 1)] + [_f(traces[k].losses[s]) for k in kinds] for s in range(0, args.steps, every)
-    ]
+
+def _print_losses(traces: dict, kinds: list[str], steps: int) -> None:
+    every = max(1, steps // 20)
+    rows = [[str(s + 1)] + [_f(traces[k].losses[s]) for k in kinds] for s in range(0, steps, every)]
     print("\nmean member cross-entropy by step\n" + _table(["step", *kinds], rows))
     ref = traces.get("naive")
     rows = []
@@ -166,53 +156,65 @@ def main() -> int:
         "\n" + _table(["run", "first", "peak", "last 10", "peak / naive", "last 10 / naive"], rows)
     )
 
-    for step in probe:
-        roles = sorted({r for t in traces.values() for r in t.roles.get(step, {})})
-        rows = [[k, *(_f(traces[k].roles.get(step, {}).get(r)) for r in roles)] for k in kinds]
-        print(
-            f"\nstep {step + 1}: update / weight, per kind of tensor\n"
-            + _table(["run", *roles], rows)
-        )
-        rows = []
-        for k in kinds:
-            comp = traces[k].composed.get(step, {})
-            if not comp:
-                continue
-            last = list(comp)[-1]  # the output layer
-            vs = [
-                comp[n] / ref.composed[step][n]
-                for n in comp
-                if ref and n in ref.composed.get(step, {})
+
+def _print_updates(traces: dict, kinds: list[str], step: int) -> None:
+    """Update ratios at ``step``: per role of tensor, then per composed layer against naive."""
+    ref = traces.get("naive")
+    roles = sorted({r for t in traces.values() for r in t.roles.get(step, {})})
+    rows = [[k, *(_f(traces[k].roles.get(step, {}).get(r)) for r in roles)] for k in kinds]
+    print(
+        f"\nstep {step + 1}: update / weight, per kind of tensor\n" + _table(["run", *roles], rows)
+    )
+    rows = []
+    for k in kinds:
+        comp = traces[k].composed.get(step, {})
+        if not comp:
+            continue
+        last = list(comp)[-1]  # the output layer
+        vs = [
+            comp[n] / ref.composed[step][n] for n in comp if ref and n in ref.composed.get(step, {})
+        ]
+        rows.append(
+            [
+                k,
+                _f(float(np.median(list(comp.values())))),
+                _f(max(comp.values())),
+                _f(comp[last]),
+                _f(float(np.median(vs))) if vs else "-",
+                _f(max(vs)) if vs else "-",
+                _f(vs[-1]) if vs else "-",
+                _f(traces[k].alpha_norm.get(step)),
             ]
-            rows.append(
-                [
-                    k,
-                    _f(float(np.median(list(comp.values())))),
-                    _f(max(comp.values())),
-                    _f(comp[last]),
-                    _f(float(np.median(vs))) if vs else "-",
-                    _f(max(vs)) if vs else "-",
-                    _f(vs[-1]) if vs else "-",
-                    _f(traces[k].alpha_norm.get(step)),
-                ]
-            )
-        print(
-            f"\nstep {step + 1}: composed weights, |dW| / |W| per layer and member (median over"
-            " members)\n"
-            + _table(
-                [
-                    "run",
-                    "median",
-                    "max",
-                    "classifier",
-                    "median / naive",
-                    "max / naive",
-                    "classifier / naive",
-                    "alpha norm",
-                ],
-                rows,
-            )
         )
+    header = ["run", "median", "max", "classifier", "median / naive", "max / naive"]
+    header += ["classifier / naive", "alpha norm"]
+    print(
+        f"\nstep {step + 1}: composed weights, |dW| / |W| per layer and member (median over"
+        " members)\n" + _table(header, rows)
+    )
+
+
+def main() -> int:
+    args = _parse_args()
+    on_gpu = args.device.startswith(("cuda", "gpu"))
+    spec = args.spec or ("wrn28_10" if on_gpu else CPU_SPEC)
+    base = list(args.overrides) + (
+        ["backbone.classes=10"] if spec == "wrn28_10" and not args.spec else []
+    )
+    kinds = args.kind_list
+    probe = tuple(int(s) for s in args.probe.split(","))
+    backend = get_backend(args.backend, "train")
+    threads = backend.set_threads(args.threads) if args.threads else {}
+    print(
+        f"bench/stability.py: {spec} {' '.join(base)}; backend {args.backend}, device"
+        f" {args.device}, threads {threads.get('threads', 'default')}"
+        f" (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); {args.steps} steps",
+        flush=True,
+    )
+    traces = _trace_kinds(args, spec, base, kinds, probe, backend)
+    _print_losses(traces, kinds, args.steps)
+    for step in probe:
+        _print_updates(traces, kinds, step)
     return 0
 
 
