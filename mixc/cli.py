@@ -150,6 +150,28 @@ def _optional(name: str) -> tuple[Callable, Callable] | None:
     return mod.add_arguments, mod.run
 
 
+_OPTIONAL_COMMANDS = (
+    ("train", "train an ensemble (or a baseline) from a spec"),
+    (
+        "eval",
+        (
+            "evaluate a trained run: accuracy, NLL, ECE, Brier, diversity; --ood, selective"
+            " prediction"
+        ),
+    ),
+    (
+        "calibrate",
+        "fit a temperature for a trained run on held-out data (eval, export, predict use it)",
+    ),
+    ("verify", "property-based budget verification of a spec's neighbourhood"),
+    ("interpolate", "accuracy along the line between two members' weights (paper, Figure 4)"),
+    ("sweep", "train a spec at several budgets/member counts, with baselines; table and plot"),
+    ("report", "trained runs side by side, shaped like the paper's tables"),
+    ("export", "export a trained run for deployment: onnx, torch-export (.pt2) or members"),
+    ("predict", "predict new inputs (.npz, an image, a folder of images) with a trained run"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mixc.backends import GROUP, names
 
@@ -165,12 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mixc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_check_command(sub)
+    _add_inspect_command(sub)
+    _add_compile_command(sub)
+    p = sub.add_parser("zoo", help="list the specs that ship with mixc")
+    p.set_defaults(func=cmd_zoo)
+    _add_optional_commands(sub)
+    return parser
 
+
+def _add_check_command(sub) -> None:
     p = sub.add_parser("check", help="parse and check a spec; report every error")
     _spec_arg(p)
     _add_set(p)
     p.set_defaults(func=cmd_check)
 
+
+def _add_inspect_command(sub) -> None:
     p = sub.add_parser(
         "inspect", help="show the allocation: groups, templates, plain layers, accounting"
     )
@@ -179,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_compile_command(sub) -> None:
     p = sub.add_parser(
         "compile", help="compile a spec to a plan (JSON) or to a backend's model source"
     )
@@ -207,29 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("zoo", help="list the specs that ship with mixc")
-    p.set_defaults(func=cmd_zoo)
 
-    for name, help_ in (
-        ("train", "train an ensemble (or a baseline) from a spec"),
-        (
-            "eval",
-            (
-                "evaluate a trained run: accuracy, NLL, ECE, Brier, diversity; --ood, selective"
-                " prediction"
-            ),
-        ),
-        (
-            "calibrate",
-            "fit a temperature for a trained run on held-out data (eval, export, predict use it)",
-        ),
-        ("verify", "property-based budget verification of a spec's neighbourhood"),
-        ("interpolate", "accuracy along the line between two members' weights (paper, Figure 4)"),
-        ("sweep", "train a spec at several budgets/member counts, with baselines; table and plot"),
-        ("report", "trained runs side by side, shaped like the paper's tables"),
-        ("export", "export a trained run for deployment: onnx, torch-export (.pt2) or members"),
-        ("predict", "predict new inputs (.npz, an image, a folder of images) with a trained run"),
-    ):
+def _add_optional_commands(sub) -> None:
+    """The subcommands in mixc.commands.<name>; one whose module is missing is left out."""
+    for name, help_ in _OPTIONAL_COMMANDS:
         hooks = _optional(name)
         if hooks is None:
             continue
@@ -237,7 +253,6 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         add_arguments(p)
         p.set_defaults(func=lambda a, out, run=run: run(a))
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

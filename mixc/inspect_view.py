@@ -293,42 +293,57 @@ def _budget_note(plan: Plan) -> str:
 
 def _print_mixture(plan: Plan, console: Console) -> None:
     s = summary(plan)
-    a = plan.accounting
     if plan.groups:
-        t = Table(title="parameter groups", title_justify="left")
-        t.add_column("group", overflow="fold")
-        for col in ("layers", "share", "n", "cap", "k", "params", "usage", "sets"):
-            t.add_column(col, justify="right", no_wrap=True)
-        for g in s["groups"]:
-            t.add_row(
-                g["name"],
-                str(len(g["layers"])),
-                "fixed" if g["fixed"] else f"{g['share']:.3f}",
-                str(g["templates"]),
-                str(g["capacity"]),
-                str(g["templates_per_layer"]),
-                f"{g['bank_params']:,}",
-                f"{g['usage_min']}-{g['usage_max']}",
-                str(g["distinct_template_sets"])
-                + ("" if g["members_differ"] or plan.members == 1 else " (!)"),
-            )
-        console.print(t)
-        console.print(
-            "n = templates; cap = most templates the group's slots can read; k = templates per"
-            " layer; usage = slots per template (shared: one slot per layer); sets = distinct"
-            " template selections among the members ((!): members differ only by a scale in every"
-            " layer of the group)"
-        )
-        for g in s["groups"]:
-            console.print(f"  {g['name']}: " + ", ".join(g["layers"]), overflow="fold")
+        _print_groups(plan, s, console)
     if plan.blob is not None:
-        b = plan.blob
-        ks = sorted({sl.k for sl in plan.slots})
-        console.print(
-            f"single blob: [bold]{b.size:,}[/bold] entries shared by {len(b.layers)} layers "
-            f"(templates per layer {', '.join(map(str, ks))}; each entry read by "
-            f"{b.usage_min}-{b.usage_max} slots)"
+        _print_blob(plan, console)
+    _print_plain_layers(plan, s, console)
+    _print_accounting(plan, s, console)
+
+
+def _print_groups(plan: Plan, s: dict[str, Any], console: Console) -> None:
+    """The parameter groups' table, its legend, and every group's layers."""
+    t = Table(title="parameter groups", title_justify="left")
+    t.add_column("group", overflow="fold")
+    for col in ("layers", "share", "n", "cap", "k", "params", "usage", "sets"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for g in s["groups"]:
+        t.add_row(
+            g["name"],
+            str(len(g["layers"])),
+            "fixed" if g["fixed"] else f"{g['share']:.3f}",
+            str(g["templates"]),
+            str(g["capacity"]),
+            str(g["templates_per_layer"]),
+            f"{g['bank_params']:,}",
+            f"{g['usage_min']}-{g['usage_max']}",
+            str(g["distinct_template_sets"])
+            + ("" if g["members_differ"] or plan.members == 1 else " (!)"),
         )
+    console.print(t)
+    console.print(
+        "n = templates; cap = most templates the group's slots can read; k = templates per"
+        " layer; usage = slots per template (shared: one slot per layer); sets = distinct"
+        " template selections among the members ((!): members differ only by a scale in every"
+        " layer of the group)"
+    )
+    for g in s["groups"]:
+        console.print(f"  {g['name']}: " + ", ".join(g["layers"]), overflow="fold")
+
+
+def _print_blob(plan: Plan, console: Console) -> None:
+    """The single blob's size, its layers and how often each entry is read."""
+    b = plan.blob
+    ks = sorted({sl.k for sl in plan.slots})
+    console.print(
+        f"single blob: [bold]{b.size:,}[/bold] entries shared by {len(b.layers)} layers "
+        f"(templates per layer {', '.join(map(str, ks))}; each entry read by "
+        f"{b.usage_min}-{b.usage_max} slots)"
+    )
+
+
+def _print_plain_layers(plan: Plan, s: dict[str, Any], console: Console) -> None:
+    """The layers outside any group (shared by all members, or per member without sharing)."""
     if s["plain_layers"]:
         t = Table(
             title=(
@@ -346,6 +361,11 @@ def _print_mixture(plan: Plan, console: Console) -> None:
         console.print(t)
     elif plan.grouping == "none":
         console.print("no sharing (groups none): every member has its own copy of every layer")
+
+
+def _print_accounting(plan: Plan, s: dict[str, Any], console: Console) -> None:
+    """Where the parameters go, the budget, the naive ensemble it is measured against, FLOPs."""
+    a = plan.accounting
     t = Table(title="accounting", title_justify="left", show_header=False)
     t.add_column("what")
     t.add_column("params", justify="right")

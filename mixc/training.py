@@ -175,80 +175,163 @@ def train(
     (:func:`mixc.metrics.evaluate`) plus ``epoch``, ``train_loss`` and ``wall_time``; ``{}`` on
     data-parallel ranks other than 0.
     """
+    options = _Options(
+        out_dir=out_dir,
+        data=data,
+        data_dir=data_dir,
+        epochs=epochs,
+        batch_size=batch_size,
+        device=device,
+        seed=seed,
+        layout=layout,
+        baseline=baseline,
+        progress=progress,
+        config=config,
+        allow_recipe_change=allow_recipe_change,
+        threads=threads,
+        val_fraction=val_fraction,
+        best_metric=best_metric,
+        keep=keep,
+        eval_test_every_epoch=eval_test_every_epoch,
+        precision=precision,
+        grad_clip=grad_clip,
+        compile=compile,
+        logger=logger,
+        curves=curves,
+        stream=stream,
+        workers=workers,
+    )
+    return _train(backend, plan, recipe, options)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """train()'s keyword arguments, handed on as one (train's docstring says what each does)."""
+
+    out_dir: str | os.PathLike
+    data: Dataset | str | None
+    data_dir: str | os.PathLike | None
+    epochs: int | None
+    batch_size: int | None
+    device: str
+    seed: int | None
+    layout: str
+    baseline: str | None
+    progress: bool
+    config: dict[str, Any] | None
+    allow_recipe_change: bool
+    threads: int | None
+    val_fraction: float | None
+    best_metric: str
+    keep: int
+    eval_test_every_epoch: bool
+    precision: str | None
+    grad_clip: float | None
+    compile: bool
+    logger: str
+    curves: bool
+    stream: bool
+    workers: int | None
+
+
+def _train(backend: Backend | str, plan: Plan, recipe: Recipe, o: _Options) -> dict[str, Any]:
+    """The recipe with the options' overrides, checked options and data, then the run in its
+    folder; the trainer is closed however it ends."""
     if isinstance(backend, str):
         from mixc.backends import get_backend
 
         backend = get_backend(backend, "train")
     recipe = with_overrides(
         recipe,
-        epochs=epochs,
-        batch=batch_size,
-        seed=seed,
-        data=_data_path(data, plan, recipe),
-        data_dir=data_dir,
-        val_fraction=val_fraction,
-        precision=precision,
-        grad_clip=grad_clip,
+        epochs=o.epochs,
+        batch=o.batch_size,
+        seed=o.seed,
+        data=_data_path(o.data, plan, recipe),
+        data_dir=o.data_dir,
+        val_fraction=o.val_fraction,
+        precision=o.precision,
+        grad_clip=o.grad_clip,
     )
-    _check_options(best_metric, keep, layout, backend)
-    dataset = _dataset(data, plan, recipe, stream)
+    _check_options(o.best_metric, o.keep, o.layout, backend)
+    dataset = _dataset(o.data, plan, recipe, o.stream)
     augment = augment_mode(recipe, plan)
-    n_threads = resolve_threads(threads)
+    n_threads = resolve_threads(o.threads)
     thread_info = backend.set_threads(n_threads)
     t_start = time.perf_counter()
     trainer = backend.trainer(
-        plan, recipe, device=device, layout=layout, augment=augment, compile=compile
+        plan, recipe, device=o.device, layout=o.layout, augment=augment, compile=o.compile
     )
     try:
         with RunWriter(
-            Path(out_dir),
+            Path(o.out_dir),
             plan,
             recipe,
             main=trainer.rank == 0,
-            allow_recipe_change=allow_recipe_change,
+            allow_recipe_change=o.allow_recipe_change,
         ) as folder:
-            batch = min(recipe.batch, len(dataset.y_train))
-            trainer.begin(dataset.x_train, dataset.y_train[: len(dataset.x_train)], batch)
-            if folder.header is not None:
-                _resume(folder, trainer, plan)
-            run = _Run(
-                plan,
-                recipe,
-                dataset,
-                trainer,
-                folder,
-                Reporter(trainer.rank == 0, progress and sys.stdout.isatty()),
-                batch,
-                len(dataset.y_train) // batch,
-                backend.name,  # the last partial batch is dropped
-                best_metric=best_metric,
-                keep=keep,
-                baseline=baseline,
-                test_every_epoch=eval_test_every_epoch,
-                logger=make_logger(logger, folder.out) if trainer.rank == 0 else None,
-                batches=_batches(backend, dataset, trainer, workers, n_threads, augment),
-            )
+            run = _start_run(o, backend, plan, recipe, dataset, trainer, folder, augment, n_threads)
             _announce(
                 run,
-                layout,
+                o.layout,
                 augment,
-                baseline,
-                {**thread_info, "compile": compile, **(config or {})},
+                o.baseline,
+                {**thread_info, "compile": o.compile, **(o.config or {})},
             )
-            try:
-                last = _epochs(run)
-            finally:
-                if run.logger is not None:
-                    run.logger.close()
-            if not run.main:
-                return {}
-            if curves:
-                _write_curves(run)
-            if last is None:  # nothing left to train: report the checkpoint as it stands
-                last = {"epoch": folder.start_epoch, "train_loss": None, **_evaluate(run, "test")}
-            return {**last, "wall_time": time.perf_counter() - t_start}
+            return _finish(run, o.curves, t_start)
     finally:
         trainer.close()
+
+
+def _start_run(
+    o: _Options,
+    backend: Backend,
+    plan: Plan,
+    recipe: Recipe,
+    dataset: Dataset,
+    trainer: Trainer,
+    folder: RunWriter,
+    augment: str,
+    n_threads: int,
+) -> _Run:
+    """Hand the training set to the trainer, load the checkpoint when resuming, gather the run."""
+    batch = min(recipe.batch, len(dataset.y_train))
+    trainer.begin(dataset.x_train, dataset.y_train[: len(dataset.x_train)], batch)
+    if folder.header is not None:
+        _resume(folder, trainer, plan)
+    return _Run(
+        plan,
+        recipe,
+        dataset,
+        trainer,
+        folder,
+        Reporter(trainer.rank == 0, o.progress and sys.stdout.isatty()),
+        batch,
+        len(dataset.y_train) // batch,  # the last partial batch is dropped
+        backend.name,
+        best_metric=o.best_metric,
+        keep=o.keep,
+        baseline=o.baseline,
+        test_every_epoch=o.eval_test_every_epoch,
+        logger=make_logger(o.logger, folder.out) if trainer.rank == 0 else None,
+        batches=_batches(backend, dataset, trainer, o.workers, n_threads, augment),
+    )
+
+
+def _finish(run: _Run, curves: bool, t_start: float) -> dict[str, Any]:
+    """Train the epochs; rank 0 writes the curves and returns the last epoch's record and the wall
+    time (the checkpoint's test scores when no epoch was left)."""
+    try:
+        last = _epochs(run)
+    finally:
+        if run.logger is not None:
+            run.logger.close()
+    if not run.main:
+        return {}
+    if curves:
+        _write_curves(run)
+    if last is None:  # nothing left to train: report the checkpoint as it stands
+        last = {"epoch": run.folder.start_epoch, "train_loss": None, **_evaluate(run, "test")}
+    return {**last, "wall_time": time.perf_counter() - t_start}
 
 
 def _resume(folder: RunWriter, trainer: Trainer, plan: Plan) -> None:

@@ -228,86 +228,18 @@ def verify(
     report, dims, backends = _start(spec, method, backends)
     started = time.perf_counter()
     last_failure: dict[str, Any] = {}
-    seen = {"n": 0}
 
     def check(point: Point) -> None:
-        seen["n"] += 1
-        report.examples += 1
-        for dim in dims[1:]:
-            report.dimensions[dim][getattr(point, dim)] += 1
-        if point.budget is not None:
-            report.dimensions["budget"][
-                _bucket(int(point.budget), base.accounting.backbone_params)
-            ] += 1
+        _count(report, point, dims, base.accounting.backbone_params)
         try:
             plan = mixc.compile(spec, point.overrides())
         except SpecError as err:
-            text = err.render()
-            if _method_infeasible(text, point, report, spec, last_failure):
-                return
-            if "below the minimum" in text:
-                report.infeasible += 1
-                report.infeasible_reasons["below the minimum budget"] += 1
-                m = re.search(r"below the minimum ([\d,]+)", text)
-                minimum = int(m.group(1).replace(",", ""))
-                at_min = Point(
-                    str(minimum),
-                    point.members,
-                    point.templates_per_layer,
-                    point.assign,
-                    point.groups,
-                )
-                try:  # the stated minimum must itself be feasible
-                    _check_plan(mixc.compile(spec, at_min.overrides()), at_min, last_failure)
-                except SpecError:
-                    _fail(
-                        last_failure,
-                        at_min,
-                        "minimum_budget",
-                        f"the stated minimum {minimum:,} does not compile",
-                    )
-                return
-            fix = degenerate_fix(text)
-            if fix is not None:
-                report.infeasible += 1
-                report.infeasible_reasons["members would be identical"] += 1
-                budget, tpl = fix
-                at = Point(
-                    str(budget),
-                    point.members,
-                    tpl or point.templates_per_layer,
-                    point.assign,
-                    point.groups,
-                )
-                try:  # the stated fix must itself compile
-                    _check_plan(mixc.compile(spec, at.overrides()), at, last_failure)
-                except SpecError as e2:
-                    _fail(
-                        last_failure,
-                        at,
-                        "minimum_budget",
-                        f"the stated fix does not compile: {e2.render().splitlines()[0]}",
-                    )
-                return
-            if "no layer is factorised" in text:
-                report.infeasible += 1
-                report.infeasible_reasons["no layer is factorised"] += 1
-                return
-            _fail(last_failure, point, "compiles", text.splitlines()[0])
+            _infeasible(err.render(), point, report, spec, last_failure)
+            return
         report.feasible += 1
         _check_plan(plan, point, last_failure)
         if backends and (report.feasible - 1) % build_every == 0:
-            for b in backends:
-                n = _param_count(plan, b)
-                if n != plan.accounting.total_params:
-                    _fail(
-                        last_failure,
-                        point,
-                        f"backend_param_count[{b}]",
-                        f"the {b} model has {n:,} parameters, the plan says"
-                        f" {plan.accounting.total_params:,}",
-                    )
-                report.built += 1
+            _check_backends(plan, point, backends, report, last_failure)
         report.checks_passed += 1
         if on_example:
             on_example(report)
@@ -332,6 +264,96 @@ def verify(
         )
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _count(report: Report, point: Point, dims: Sequence[str], backbone: int) -> None:
+    """One more example, tallied under each dimension's value (budgets in bands of the
+    backbone)."""
+    report.examples += 1
+    for dim in dims[1:]:
+        report.dimensions[dim][getattr(point, dim)] += 1
+    if point.budget is not None:
+        report.dimensions["budget"][_bucket(int(point.budget), backbone)] += 1
+
+
+def _infeasible(text: str, point: Point, report: Report, spec: str, last_failure: dict) -> None:
+    """Count a point that does not compile for a stated reason; any other error is a failure."""
+    if _method_infeasible(text, point, report, spec, last_failure):
+        return
+    if _below_minimum(text, point, report, spec, last_failure):
+        return
+    if _degenerate(text, point, report, spec, last_failure):
+        return
+    if "no layer is factorised" in text:
+        report.infeasible += 1
+        report.infeasible_reasons["no layer is factorised"] += 1
+        return
+    _fail(last_failure, point, "compiles", text.splitlines()[0])
+
+
+def _below_minimum(text: str, point: Point, report: Report, spec: str, last_failure: dict) -> bool:
+    """Count a budget below the minimum; the minimum the error states must itself be feasible.
+    False: not such an error."""
+    if "below the minimum" not in text:
+        return False
+    report.infeasible += 1
+    report.infeasible_reasons["below the minimum budget"] += 1
+    m = re.search(r"below the minimum ([\d,]+)", text)
+    minimum = int(m.group(1).replace(",", ""))
+    at_min = Point(
+        str(minimum), point.members, point.templates_per_layer, point.assign, point.groups
+    )
+    try:  # the stated minimum must itself be feasible
+        _check_plan(mixc.compile(spec, at_min.overrides()), at_min, last_failure)
+    except SpecError:
+        _fail(
+            last_failure,
+            at_min,
+            "minimum_budget",
+            f"the stated minimum {minimum:,} does not compile",
+        )
+    return True
+
+
+def _degenerate(text: str, point: Point, report: Report, spec: str, last_failure: dict) -> bool:
+    """Count a point whose members would be identical; the fix the error states must itself
+    compile. False: not such an error."""
+    fix = degenerate_fix(text)
+    if fix is None:
+        return False
+    report.infeasible += 1
+    report.infeasible_reasons["members would be identical"] += 1
+    budget, tpl = fix
+    at = Point(
+        str(budget), point.members, tpl or point.templates_per_layer, point.assign, point.groups
+    )
+    try:  # the stated fix must itself compile
+        _check_plan(mixc.compile(spec, at.overrides()), at, last_failure)
+    except SpecError as e2:
+        _fail(
+            last_failure,
+            at,
+            "minimum_budget",
+            f"the stated fix does not compile: {e2.render().splitlines()[0]}",
+        )
+    return True
+
+
+def _check_backends(
+    plan: Plan, point: Point, backends: Sequence[str], report: Report, last_failure: dict
+) -> None:
+    """Build the plan on every backend: its parameter count must be the plan's."""
+    for b in backends:
+        n = _param_count(plan, b)
+        if n != plan.accounting.total_params:
+            _fail(
+                last_failure,
+                point,
+                f"backend_param_count[{b}]",
+                f"the {b} model has {n:,} parameters, the plan says"
+                f" {plan.accounting.total_params:,}",
+            )
+        report.built += 1
 
 
 _PACKED_MINIMUM = re.compile(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -107,27 +107,47 @@ def _severities(text: str) -> tuple[int, ...]:
     return sev
 
 
+class _Inputs(NamedTuple):
+    """What `mixc eval` reads before the model loads (so bad data fails before a slow load)."""
+
+    cifar_c: str | None  # the published CIFAR-C set --data names, if any
+    names: list[str] | None  # corruptions to apply (None: every file in the CIFAR-C folder)
+    severities: Any
+    dataset: Any  # the clean test set (None for CIFAR-C, which brings its own)
+    ood_sets: list[Any]
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `mixc eval` with parsed ``args``; returns the exit code (errors are ``MixcError``s for
     cli.main)."""
     from rich.console import Console
 
-    from mixc.corruptions import CIFAR_C, parse_corruptions
-    from mixc.evaluation import (
-        evaluate_cifar_c,
-        evaluate_corruptions,
-        load_predictor,
-        load_test_set,
-        open_run,
-        resolve_data,
-        save_eval,
-        summarise,
-    )
+    from mixc.evaluation import open_run, resolve_data
 
     if args.batch_size < 1:
         raise DataError("--batch-size must be at least 1")
     run_ = open_run(args.target, args.plan)
     data, data_dir = resolve_data(run_, args.data, args.data_dir)
+    inputs = _inputs(args, run_, data, data_dir)
+    predict = _load_model(args, run_)
+    err = Console(stderr=True, highlight=False)
+    step = (
+        (lambda name: err.print(f"  corrupting: {name}", markup=False)) if not args.json else None
+    )
+    result, probs, labels = _evaluate(args, run_, data, data_dir, inputs, predict, err, step)
+    written = _write_outputs(args, run_, result, probs, labels, data, err)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        _print(result, written)
+    return 0
+
+
+def _inputs(args: argparse.Namespace, run_: Any, data: str, data_dir: str | None) -> _Inputs:
+    """The corruptions, severities, test set and --ood sets, checked before the model loads."""
+    from mixc.corruptions import CIFAR_C, parse_corruptions
+    from mixc.evaluation import load_test_set
+
     cifar_c = data.lower() if data.lower() in CIFAR_C else None
     severities = _severities(args.severities)
     names = parse_corruptions(args.corruptions) if (args.corruptions or cifar_c) else []
@@ -141,18 +161,36 @@ def run(args: argparse.Namespace) -> int:
             "evaluate --ood and the corrupted sets in two runs of mixc eval"
         )
     ood_sets = _ood_sets(run_, args, dataset, data_dir) if args.ood else []
+    return _Inputs(cifar_c, names, severities, dataset, ood_sets)
+
+
+def _load_model(args: argparse.Namespace, run_: Any) -> Any:
+    """The run's predictor on the chosen backend, with its thread count set."""
     from mixc.backends import get_backend
     from mixc.core.threads import resolve_threads
+    from mixc.evaluation import load_predictor
 
     get_backend(args.backend, "eval").set_threads(resolve_threads(args.threads))
-    predict = load_predictor(
+    return load_predictor(
         args.backend, run_.plan, run_.checkpoint, device=args.device, batch_size=args.batch_size
     )
-    err = Console(stderr=True, highlight=False)
-    step = (
-        (lambda name: err.print(f"  corrupting: {name}", markup=False)) if not args.json else None
-    )
 
+
+def _evaluate(
+    args: argparse.Namespace,
+    run_: Any,
+    data: str,
+    data_dir: str | None,
+    inputs: _Inputs,
+    predict: Any,
+    err: Any,
+    step: Any,
+) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
+    """The result dict, with the clean test set's member probabilities and labels (None when no
+    clean set was loaded)."""
+    from mixc.evaluation import evaluate_cifar_c, evaluate_corruptions, summarise
+
+    cifar_c, names, dataset = inputs.cifar_c, inputs.names, inputs.dataset
     result = _head(run_, args, data)
     probs = labels = None
     if cifar_c:
@@ -166,11 +204,26 @@ def run(args: argparse.Namespace) -> int:
         result["data"] = dataset.name if cifar_c else data
         if names and not cifar_c:
             result["corruptions"] = evaluate_corruptions(
-                predict, dataset, names, severities, args.seed, on_step=step
+                predict, dataset, names, inputs.severities, args.seed, on_step=step
             )
         if cifar_c:
             result["corruptions_of"] = data
-        result.update(_uncertainty(args, run_, dataset, probs, ood_sets, data, err, predict))
+        result.update(_uncertainty(args, run_, dataset, probs, inputs.ood_sets, data, err, predict))
+    return result, probs, labels
+
+
+def _write_outputs(
+    args: argparse.Namespace,
+    run_: Any,
+    result: dict[str, Any],
+    probs: np.ndarray | None,
+    labels: np.ndarray | None,
+    data: str,
+    err: Any,
+) -> list[Path]:
+    """--save-predictions, --plot and RUN/eval.json; returns the paths written."""
+    from mixc.evaluation import save_eval
+
     written: list[Path] = []
     if args.save_predictions and probs is not None:
         written.append(_save_predictions(Path(args.save_predictions), probs, labels))
@@ -182,12 +235,7 @@ def run(args: argparse.Namespace) -> int:
         written += _plots(args, run_, result, probs, labels)
     if not args.no_save and run_.checkpoint.name == "checkpoint.safetensors":
         written.append(save_eval(run_.folder, result))
-
-    if args.json:
-        print(json.dumps(result, indent=1))
-    else:
-        _print(result, written)
-    return 0
+    return written
 
 
 def _head(run_: Any, args: argparse.Namespace, data: str) -> dict[str, Any]:
@@ -367,103 +415,112 @@ def _pct(v: float | None) -> str:
 
 
 def _print(result: dict[str, Any], written: list[Path]) -> None:
-    from rich import box
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(highlight=False)
     head = (
         f"{result['spec']} ({_kind(result)}, {result['params']:,} parameters), checkpoint epoch"
         f" {result['epoch']}, {result['backend']}"
     )
-    c = result.get("clean")
-    if c is not None:
-        t = Table(
-            title=f"{head}\n{result['data']} test set, {result['samples']} samples",
-            title_justify="left",
-        )
-        for col in ("", "accuracy", "NLL", "ECE", "Brier"):
-            t.add_column(col, justify="right" if col else "left")
-        t.add_row(
-            "ensemble",
-            _pct(c["accuracy"]),
-            f"{c['nll']:.4f}",
-            _pct(c["ece"]),
-            f"{c['brier']:.4f}",
-            style="bold",
-        )
-        for i, (a, n, e) in enumerate(zip(c["member_accuracy"], c["member_nll"], c["member_ece"])):
-            t.add_row(
-                f"member {i}"
-                + (" (best)" if i == c["best_member"] and len(c["member_accuracy"]) > 1 else ""),
-                _pct(a),
-                f"{n:.4f}",
-                _pct(e),
-                "",
-            )
-        console.print(t)
-        line = (
-            f"mean member accuracy {_pct(c['mean_member_accuracy'])}; best member"
-            f" {c['best_member']} ({_pct(c['best_member_accuracy'])})"
-        )
-        if c.get("diversity") is not None:
-            line += (
-                f"; disagreement {c['disagreement']:.3f}; diversity {c['diversity']:.3f} "
-                "(disagreement / mean member error, Fort et al. 2019)"
-            )
-        console.print(line)
-        console.print(
-            f"calibration: ECE {_pct(c['ece'])} (15 equal-width bins), adaptive ECE"
-            f" {_pct(c['adaptive_ece'])} (15 equal-mass bins), classwise ECE"
-            f" {_pct(c['classwise_ece'])}"
-        )
+    if result.get("clean") is not None:
+        _print_clean(console, result, head)
         _print_extras(console, result)
     else:
         console.print(head)
-    corr = result.get("corruptions")
-    if corr:
-        sev = sorted(corr["by_severity"], key=int)
-        t = Table(
-            title=(
-                f"under corruption ({corr['source']}): means over severities {', '.join(sev)}; "
-                "then accuracy (%) by severity"
-            ),
-            title_justify="left",
-            box=box.SIMPLE_HEAD,
-            pad_edge=False,
-        )
-        for col in ["corruption", "acc", "NLL", "ECE"] + [f"s{s}" for s in sev]:
-            t.add_column(col, justify="left" if col == "corruption" else "right", no_wrap=True)
-        f1 = lambda v: f"{v * 100:.1f}"  # noqa: E731
-        for name, r in corr["corruptions"].items():
-            t.add_row(
-                name,
-                _pct(r["accuracy"]),
-                f"{r['nll']:.3f}",
-                _pct(r["ece"]),
-                *[f1(r["severities"][s]["accuracy"]) if s in r["severities"] else "-" for s in sev],
-            )
-        o = corr["overall"]
-        t.add_row(
-            "mean",
-            _pct(o["accuracy"]),
-            f"{o['nll']:.3f}",
-            _pct(o["ece"]),
-            *[f1(corr["by_severity"][s]["accuracy"]) for s in sev],
-            style="bold",
-        )
-        console.print(t)
-        console.print(f"pixel scale: {corr['pixel_scale']}")
+    if result.get("corruptions"):
+        _print_corruptions(console, result["corruptions"])
     if written:
         console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _print_clean(console: Any, result: dict[str, Any], head: str) -> None:
+    """The clean test set: the ensemble's and every member's scores, diversity, calibration."""
+    from rich.table import Table
+
+    c = result["clean"]
+    t = Table(
+        title=f"{head}\n{result['data']} test set, {result['samples']} samples",
+        title_justify="left",
+    )
+    for col in ("", "accuracy", "NLL", "ECE", "Brier"):
+        t.add_column(col, justify="right" if col else "left")
+    t.add_row(
+        "ensemble",
+        _pct(c["accuracy"]),
+        f"{c['nll']:.4f}",
+        _pct(c["ece"]),
+        f"{c['brier']:.4f}",
+        style="bold",
+    )
+    for i, (a, n, e) in enumerate(zip(c["member_accuracy"], c["member_nll"], c["member_ece"])):
+        t.add_row(
+            f"member {i}"
+            + (" (best)" if i == c["best_member"] and len(c["member_accuracy"]) > 1 else ""),
+            _pct(a),
+            f"{n:.4f}",
+            _pct(e),
+            "",
+        )
+    console.print(t)
+    line = (
+        f"mean member accuracy {_pct(c['mean_member_accuracy'])}; best member"
+        f" {c['best_member']} ({_pct(c['best_member_accuracy'])})"
+    )
+    if c.get("diversity") is not None:
+        line += (
+            f"; disagreement {c['disagreement']:.3f}; diversity {c['diversity']:.3f} "
+            "(disagreement / mean member error, Fort et al. 2019)"
+        )
+    console.print(line)
+    console.print(
+        f"calibration: ECE {_pct(c['ece'])} (15 equal-width bins), adaptive ECE"
+        f" {_pct(c['adaptive_ece'])} (15 equal-mass bins), classwise ECE"
+        f" {_pct(c['classwise_ece'])}"
+    )
+
+
+def _print_corruptions(console: Any, corr: dict[str, Any]) -> None:
+    """Every corruption's means over severities, then its accuracy at each severity."""
+    from rich import box
+    from rich.table import Table
+
+    sev = sorted(corr["by_severity"], key=int)
+    t = Table(
+        title=(
+            f"under corruption ({corr['source']}): means over severities {', '.join(sev)}; "
+            "then accuracy (%) by severity"
+        ),
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    for col in ["corruption", "acc", "NLL", "ECE"] + [f"s{s}" for s in sev]:
+        t.add_column(col, justify="left" if col == "corruption" else "right", no_wrap=True)
+    f1 = lambda v: f"{v * 100:.1f}"  # noqa: E731
+    for name, r in corr["corruptions"].items():
+        t.add_row(
+            name,
+            _pct(r["accuracy"]),
+            f"{r['nll']:.3f}",
+            _pct(r["ece"]),
+            *[f1(r["severities"][s]["accuracy"]) if s in r["severities"] else "-" for s in sev],
+        )
+    o = corr["overall"]
+    t.add_row(
+        "mean",
+        _pct(o["accuracy"]),
+        f"{o['nll']:.3f}",
+        _pct(o["ece"]),
+        *[f1(corr["by_severity"][s]["accuracy"]) for s in sev],
+        style="bold",
+    )
+    console.print(t)
+    console.print(f"pixel scale: {corr['pixel_scale']}")
 
 
 def _print_extras(console: Any, result: dict[str, Any]) -> None:
     """Selective prediction, the temperature's before/after, and OOD detection, each with what it
     means."""
-    from rich import box
-    from rich.table import Table
-
     from mixc.selective import LEGEND
 
     s = result.get("selective")
@@ -474,36 +531,49 @@ def _print_extras(console: Any, result: dict[str, Any]) -> None:
             f"{_pct(s['coverage_at_5'])}"
         )
         console.print("  " + "; ".join(f"{k}: {v}" for k, v in LEGEND.items()), style="dim")
-    cal = result.get("calibration")
-    if cal:
-        t = Table(
-            title=(
-                f"temperature {cal['temperature']:.4f} (every member's logits / T before the"
-                f" softmax-mean; fitted on {cal['fitted_on']})"
-            ),
-            title_justify="left",
-            box=box.SIMPLE_HEAD,
-            pad_edge=False,
+    if result.get("calibration"):
+        _print_calibration(console, result["calibration"])
+    if result.get("ood"):
+        _print_ood(console, result["ood"])
+
+
+def _print_calibration(console: Any, cal: dict[str, Any]) -> None:
+    """Every score before and after the run's temperature."""
+    from rich import box
+    from rich.table import Table
+
+    t = Table(
+        title=(
+            f"temperature {cal['temperature']:.4f} (every member's logits / T before the"
+            f" softmax-mean; fitted on {cal['fitted_on']})"
+        ),
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    for col in ("", "accuracy", "NLL", "ECE", "adaptive ECE", "classwise ECE", "Brier"):
+        t.add_column(col, justify="right" if col else "left")
+    for row in ("before", "after"):
+        r = cal[row]
+        t.add_row(
+            row,
+            _pct(r["accuracy"]),
+            f"{r['nll']:.4f}",
+            _pct(r["ece"]),
+            _pct(r["adaptive_ece"]),
+            _pct(r["classwise_ece"]),
+            f"{r['brier']:.4f}",
         )
-        for col in ("", "accuracy", "NLL", "ECE", "adaptive ECE", "classwise ECE", "Brier"):
-            t.add_column(col, justify="right" if col else "left")
-        for row in ("before", "after"):
-            r = cal[row]
-            t.add_row(
-                row,
-                _pct(r["accuracy"]),
-                f"{r['nll']:.4f}",
-                _pct(r["ece"]),
-                _pct(r["adaptive_ece"]),
-                _pct(r["classwise_ece"]),
-                f"{r['brier']:.4f}",
-            )
-        console.print(t)
-        if cal.get("warning"):
-            console.print(f"warning: {cal['warning']}")
-    ood = result.get("ood")
-    if not ood:
-        return
+    console.print(t)
+    if cal.get("warning"):
+        console.print(f"warning: {cal['warning']}")
+
+
+def _print_ood(console: Any, ood: dict[str, Any]) -> None:
+    """OOD detection: a table per set, every score's metrics, then the legends."""
+    from rich import box
+    from rich.table import Table
+
     console.print(
         f"OOD detection: in-distribution (the positives) = {ood['in_distribution']},"
         f" {ood['samples']} inputs"

@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 from mixc.commands import add_backend_argument
 from mixc.core.data import DataError
@@ -85,14 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `mixc interpolate`; returns the exit code (errors are ``MixcError``s for cli.main)."""
-    from rich.console import Console
-    from rich.table import Table
-
     from mixc.backends import get_backend
-    from mixc.core.safe_write import refuse_link, write_with
-    from mixc.evaluation import EvalError, load_test_set, open_run, resolve_data
-    from mixc.interpolation import interpolate
-    from mixc.plots import interpolation_plot
+    from mixc.core.safe_write import refuse_link
+    from mixc.evaluation import EvalError, open_run
 
     get_backend(args.backend, "interpolate")  # the install hint before any work
     if args.batch_size < 1:
@@ -105,6 +101,24 @@ def run(args: argparse.Namespace) -> int:
     # refused before the work
     for name in ("interpolation.csv", "interpolation.png", "interpolation.pdf"):
         refuse_link(out / name)
+    results = _interpolate_runs(args, runs, labels)
+    csv_path = out / "interpolation.csv"
+    _write_csv(csv_path, results, *args.members)
+    png = _plot(args, results, out)
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    _print(args, results, csv_path, png)
+    return 0
+
+
+def _interpolate_runs(
+    args: argparse.Namespace, runs: list[Any], labels: list[str] | None
+) -> list[dict[str, Any]]:
+    """Every run's curve between the two members, on its own test (or train) set."""
+    from mixc.evaluation import load_test_set, resolve_data
+    from mixc.interpolation import interpolate
+
     i, j = args.members
     results = []
     for k, r in enumerate(runs):
@@ -127,8 +141,12 @@ def run(args: argparse.Namespace) -> int:
         res["params"] = r.plan.accounting.total_params
         res["data"] = f"{name} {args.split}"
         results.append(res)
+    return results
 
-    csv_path = out / "interpolation.csv"
+
+def _write_csv(csv_path: Path, results: list[dict[str, Any]], i: int, j: int) -> None:
+    """One row per run and point, through the one write rule (no links, atomic)."""
+    from mixc.core.safe_write import write_with
 
     def fill(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
@@ -165,6 +183,13 @@ def run(args: argparse.Namespace) -> int:
                     )
 
     write_with(csv_path, fill)
+
+
+def _plot(args: argparse.Namespace, results: list[dict[str, Any]], out: Path) -> Path:
+    """Accuracy and NLL along t, a curve per run; returns the PNG's path."""
+    from mixc.plots import interpolation_plot
+
+    i, j = args.members
     curves = [
         {
             "label": f"{res['label']} ({res['params']:,} params)",
@@ -174,14 +199,21 @@ def run(args: argparse.Namespace) -> int:
         }
         for res in results
     ]
-    png = interpolation_plot(
+    return interpolation_plot(
         curves,
         out / "interpolation.png",
         f"members {i} -> {j}, BatchNorm in {args.bn} mode, {results[0]['data']}",
     )
-    if args.json:
-        print(json.dumps(results, indent=1))
-        return 0
+
+
+def _print(
+    args: argparse.Namespace, results: list[dict[str, Any]], csv_path: Path, png: Path
+) -> None:
+    """Accuracy at every t, a column per run, each run's dip below its weaker end, the files."""
+    from rich.console import Console
+    from rich.table import Table
+
+    i, j = args.members
     console = Console(highlight=False)
     t = Table(
         title=(
@@ -214,4 +246,3 @@ def run(args: argparse.Namespace) -> int:
             " points below the weaker end)"
         )
     console.print(f"wrote {csv_path}, {png}")
-    return 0

@@ -40,6 +40,19 @@ _THRESHOLD = 1 << 30
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `mixc train`."""
+    _add_data_arguments(parser)
+    _add_recipe_arguments(parser)
+    _add_run_arguments(parser)
+    _add_backend_arguments(parser)
+    _add_validation_arguments(parser)
+    _add_numerics_arguments(parser)
+    _add_logging_arguments(parser)
+    _add_streaming_arguments(parser)
+    _add_behaviour_arguments(parser)
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The spec and the data it trains on."""
     parser.add_argument("file", help="a .mix spec, or the name of one in the zoo (e.g. digits)")
     parser.add_argument(
         "--data",
@@ -51,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir", help="folder holding the cifar archives (default: the spec's, else ./data)"
     )
+
+
+def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """Overrides of the spec's recipe, and the device it runs on."""
     parser.add_argument("--epochs", type=int, help="override the spec's epochs")
     parser.add_argument(
         "--batch-size", type=int, help="override the spec's batch (the global batch under torchrun)"
@@ -59,6 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default cpu)"
     )
     parser.add_argument("--seed", type=int, help="override the spec's seed")
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The run folder, how members run, baselines and --set overrides."""
     parser.add_argument(
         "--out",
         help=(
@@ -88,12 +109,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             " (repeatable)"
         ),
     )
+
+
+def _add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """The backend and its threads."""
     add_backend_argument(
         parser,
         "train with (torch: DDP under torchrun; flax: data parallel over every local "
         "device of --device)",
     )
     add_threads_argument(parser)
+
+
+def _add_validation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The validation split, the metric that picks the best checkpoint, and how many to keep."""
     parser.add_argument(
         "--val-fraction",
         type=float,
@@ -119,6 +148,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "checkpoint.safetensors, the last)"
         ),
     )
+
+
+def _add_numerics_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arithmetic precision, gradient clipping and compilation."""
     parser.add_argument(
         "--precision",
         choices=["fp32", "bf16", "fp16"],
@@ -140,6 +173,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "torch.compile the model (worth it on GPU for long runs; flax refuses: it always jits)"
         ),
     )
+
+
+def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is logged and plotted besides metrics.jsonl."""
     parser.add_argument(
         "--logger",
         choices=["none", "csv", "tensorboard"],
@@ -155,6 +192,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip curves.png/.pdf (written when matplotlib is installed)",
     )
+
+
+def _add_streaming_arguments(parser: argparse.ArgumentParser) -> None:
+    """Streaming an image folder from disk."""
     parser.add_argument(
         "--stream",
         action="store_true",
@@ -169,6 +210,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="loader processes for a streamed image folder (default min(4, threads))",
     )
+
+
+def _add_behaviour_arguments(parser: argparse.ArgumentParser) -> None:
+    """Test scoring, progress display and resuming with a changed recipe."""
     parser.add_argument(
         "--eval-test-every-epoch",
         action="store_true",
