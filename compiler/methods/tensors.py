@@ -29,68 +29,39 @@ def bn_tensors(o: P.BatchNormOp, M: int | None) -> list[P.Tensor]:
     ]
 
 
+def _layer_tensor(
+    o, source: str, attribute: str, shape: list[int], role: str, M: int | None = None
+):
+    """One trainable tensor of layer ``o``; per member when ``M`` is given (its axis first)."""
+    return P.Tensor(
+        name=tensor_name(source, o.name, attribute),
+        shape=shape if M is None else [M, *shape],
+        role=role,
+        trainable=True,
+        layer=o.name,
+        per_member=M is not None,
+    )
+
+
 def plain_tensors(o) -> list[P.Tensor]:
     """One weight (and bias) shared by all members."""
-    out = [
-        P.Tensor(
-            name=tensor_name("plain", o.name, "weight"),
-            shape=o.weight_shape,
-            role="plain_weight",
-            trainable=True,
-            layer=o.name,
-        )
-    ]
+    out = [_layer_tensor(o, "plain", "weight", o.weight_shape, "plain_weight")]
     if o.bias:
-        out.append(
-            P.Tensor(
-                name=tensor_name("plain", o.name, "bias"),
-                shape=[out_width(o)],
-                role="plain_bias",
-                trainable=True,
-                layer=o.name,
-            )
-        )
+        out.append(_layer_tensor(o, "plain", "bias", [out_width(o)], "plain_bias"))
     return out
 
 
 def member_tensors(o, M: int) -> list[P.Tensor]:
     """A weight (and bias) per member."""
-    out = [
-        P.Tensor(
-            name=tensor_name("member", o.name, "weight"),
-            shape=[M, *o.weight_shape],
-            role="member_weight",
-            trainable=True,
-            layer=o.name,
-            per_member=True,
-        )
-    ]
+    out = [_layer_tensor(o, "member", "weight", o.weight_shape, "member_weight", M)]
     if o.bias:
-        out.append(
-            P.Tensor(
-                name=tensor_name("member", o.name, "bias"),
-                shape=[M, o.weight_shape[0]],
-                role="member_bias",
-                trainable=True,
-                layer=o.name,
-                per_member=True,
-            )
-        )
+        out.append(_layer_tensor(o, "member", "bias", [o.weight_shape[0]], "member_bias", M))
     return out
 
 
 def alpha_tensors(o, M: int, k: int) -> list[P.Tensor]:
     """A composed layer's mixing weights, k per member."""
-    return [
-        P.Tensor(
-            name=tensor_name(o.source, o.name, "alpha"),
-            shape=[M, k],
-            role="alpha",
-            trainable=True,
-            layer=o.name,
-            per_member=True,
-        )
-    ]
+    return [_layer_tensor(o, o.source, "alpha", [k], "alpha", M)]
 
 
 def template_tensors(groups: list, blob) -> list[P.Tensor]:
@@ -107,43 +78,14 @@ def template_tensors(groups: list, blob) -> list[P.Tensor]:
 def batch_ensemble_tensors(o, M: int) -> list[P.Tensor]:
     """A BatchEnsemble layer: shared ``W``, fast weights ``r [M, in]`` and ``s [M, out]``, a bias
     per member."""
-    name = lambda attribute: tensor_name("batch_ensemble", o.name, attribute)  # noqa: E731
+    source = "batch_ensemble"
     out = [
-        P.Tensor(
-            name=name("weight"),
-            shape=o.weight_shape,
-            role="plain_weight",
-            trainable=True,
-            layer=o.name,
-        ),
-        P.Tensor(
-            name=name("r"),
-            shape=[M, in_width(o)],
-            role="fast_in",
-            trainable=True,
-            layer=o.name,
-            per_member=True,
-        ),
-        P.Tensor(
-            name=name("s"),
-            shape=[M, out_width(o)],
-            role="fast_out",
-            trainable=True,
-            layer=o.name,
-            per_member=True,
-        ),
+        _layer_tensor(o, source, "weight", o.weight_shape, "plain_weight"),
+        _layer_tensor(o, source, "r", [in_width(o)], "fast_in", M),
+        _layer_tensor(o, source, "s", [out_width(o)], "fast_out", M),
     ]
     if o.bias:
-        out.append(
-            P.Tensor(
-                name=name("bias"),
-                shape=[M, out_width(o)],
-                role="member_bias",
-                trainable=True,
-                layer=o.name,
-                per_member=True,
-            )
-        )
+        out.append(_layer_tensor(o, source, "bias", [out_width(o)], "member_bias", M))
     return out
 
 
