@@ -74,7 +74,7 @@ def _conv(x, kernel, b=None, stride=1, padding=0, dilation=1, groups=1, cpu=Fals
     ``cpu``: on CPU, _conv_cpu's kernel gradient where it is the faster one."""
     dim = kernel.ndim - 2
     args = (_pairs(stride, dim), _pairs(padding, dim), _pairs(dilation, dim), groups)
-    # XLA's grouped convolution is 7-11x slower on CPU than one per group
+    # XLA's grouped convolution is slower on CPU than one per group (mixc's docs/execution.md)
     if cpu and 1 < groups <= 16:
         parts = zip(jnp.split(x, groups, axis=-1), jnp.split(kernel, groups, axis=-1))
         y = jnp.concatenate([_conv(xg, kg, None, *args[:3], cpu=cpu) for xg, kg in parts], axis=-1)
@@ -85,10 +85,9 @@ def _conv(x, kernel, b=None, stride=1, padding=0, dilation=1, groups=1, cpu=Fals
 
 
 def _taps_gradient(kernel, stride) -> bool:
-    """Whether _conv_cpu's kernel gradient beats XLA's own on CPU for this ``kernel`` [*k, I, O]
-    (measured with jax 0.10 on 2 cores: XLA's is up to 2x faster for stride-1 convolutions with at
-    most 128 output channels and a kernel wider than 1x1; up to 10x slower for 1x1 kernels, 1.2-1.6x
-    slower for strided or wider convolutions)."""
+    """Whether _conv_cpu's kernel gradient beats XLA's own on CPU for this ``kernel`` [*k, I, O]:
+    for 1x1 kernels, strided convolutions and those with more than 128 output channels (the
+    measurements behind the rule: mixc's docs/execution.md)."""
     return math.prod(kernel.shape[:-2]) == 1 or max(stride) > 1 or kernel.shape[-1] > 128
 
 

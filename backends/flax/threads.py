@@ -3,7 +3,7 @@
 XLA has no "N threads" flag for the CPU backend: its intra-op pool is sized by the cores the
 process may run on (its CPU affinity) when the client starts, and with jax 0.10 the old
 single-thread flags (``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``) no
-longer keep it to one thread (measured: a digits run still used 1.3 cores). So ``--threads N``
+longer keep it to one thread (docs/execution.md has the measurement). So ``--threads N``
 below the allowed cores starts jax's CPU client while the calling thread may run on only N of them
 (the pool's threads inherit that mask and keep it), then gives the thread its cores back, so data
 loader workers started later are not squeezed onto N cores. Once jax has started, its pool cannot

@@ -2,10 +2,9 @@
 
 Why: torch's default (one intra-op thread per *online* core) ignores both the
 process's CPU affinity (``taskset``, cgroup cpusets, a batch scheduler's
-allocation) and ``OMP_NUM_THREADS``, and oversubscribes a shared machine: on a
-busy 2-core box ``mixc train digits`` ran many times slower at torch's default
-than with one thread (OpenMP's threads spin at every barrier waiting for the one
-another process holds up). The default here is the number of cores this process
+allocation) and ``OMP_NUM_THREADS``, and oversubscribes a shared machine, where it
+can run many times slower than one thread (OpenMP's threads spin at every barrier
+waiting for the one another process holds up). The default here is the number of cores this process
 may run on, less the cores other processes keep busy (the 1-minute load average,
 rounded), at least one; ``OMP_NUM_THREADS``, when the user set it, caps it.
 """
