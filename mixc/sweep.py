@@ -28,8 +28,7 @@ from typing import Any
 
 from mixc.backends import DEFAULT
 from mixc.compiler.methods import get_method, method_of
-from mixc.compiler.plan import METHODS as PLAN_METHODS
-from mixc.compiler.plan import Plan
+from mixc.compiler.plan import METHODS, Plan
 from mixc.core.checkpoint_format import spec_hash
 from mixc.core.errors import MixcError
 from mixc.core.run_models import BASELINES, NAIVE, SINGLE
@@ -115,9 +114,8 @@ def _one_line(e: Exception, hint: bool = True) -> str:
     return (first.split("error:", 1)[-1].strip() + (f" ({hint})" if hint else "")).strip()
 
 
-#: the methods ``--methods`` takes (the spec language's ``method`` line)
-METHODS = PLAN_METHODS
-BUDGETED = tuple(m for m in METHODS if get_method(m).uses_budget)  # the methods a budget applies to
+#: the methods a budget applies to (``--methods`` takes every one of the plan's METHODS)
+BUDGETED = tuple(m for m in METHODS if get_method(m).uses_budget)
 
 
 def parse_methods(text: str | None) -> list[str]:

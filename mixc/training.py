@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -175,32 +175,8 @@ def train(
     (:func:`mixc.metrics.evaluate`) plus ``epoch``, ``train_loss`` and ``wall_time``; ``{}`` on
     data-parallel ranks other than 0.
     """
-    options = _Options(
-        out_dir=out_dir,
-        data=data,
-        data_dir=data_dir,
-        epochs=epochs,
-        batch_size=batch_size,
-        device=device,
-        seed=seed,
-        layout=layout,
-        baseline=baseline,
-        progress=progress,
-        config=config,
-        allow_recipe_change=allow_recipe_change,
-        threads=threads,
-        val_fraction=val_fraction,
-        best_metric=best_metric,
-        keep=keep,
-        eval_test_every_epoch=eval_test_every_epoch,
-        precision=precision,
-        grad_clip=grad_clip,
-        compile=compile,
-        logger=logger,
-        curves=curves,
-        stream=stream,
-        workers=workers,
-    )
+    arguments = locals()  # the keyword options, handed on as one (their names are _Options')
+    options = _Options(**{f.name: arguments[f.name] for f in fields(_Options)})
     return _train(backend, plan, recipe, options)
 
 

@@ -547,12 +547,8 @@ class Weighted(nnx.Module):
 
     def __init__(self, config: Config, name: str) -> None:
         cfg, M = config.layers[name], config.members
-        self.name, self.source, self.shape, self.made = (
-            name,
-            cfg["source"],
-            tuple(cfg["shape"]),
-            _made(),
-        )
+        self.name, self.source, self.made = name, cfg["source"], _made()
+        self.shape = tuple(cfg["shape"])  # [out, in/groups, *kernel]
         self.members, self.has_bias, self.bank = M, cfg.get("bias", False), cfg.get("bank")
         self.shared_input, self.spread = cfg.get("shared_input", False), cfg.get("spread", False)
         self.init = (config.alpha_std, config.classifier_std if name == config.output else None)

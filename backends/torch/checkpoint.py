@@ -37,8 +37,8 @@ from mixc.core.checkpoint_format import (
     read_tensors,
     spec_hash,
     tensor_checksum,
-    write_bytes_atomic,
 )
+from mixc.core.safe_write import write_bytes
 
 __all__ = [
     "CheckpointError",
@@ -77,7 +77,7 @@ def save_checkpoint(
     host = {name: t.numpy() for name, t in tensors.items()}  # views, no copies
     check_finite(host, f"refusing to save {path}:")
     head = header(plan, epoch, metadata, tensor_checksum(host))
-    return write_bytes_atomic(path, canonical_safetensors(save(tensors, metadata=head)))
+    return write_bytes(path, canonical_safetensors(save(tensors, metadata=head)))
 
 
 def read_checkpoint_info(path: str | Path) -> dict[str, str]:

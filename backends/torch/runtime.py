@@ -384,16 +384,12 @@ class Weighted(nn.Module):
     def __init__(self, config: Config, name: str) -> None:
         super().__init__()
         cfg, M = config.layers[name], config.members
-        # [out, in/groups, *kernel]
-        self.name, self.source, self.shape = (name, cfg["source"], cfg["shape"])
-        self.members, self.bank, self.has_bias, self.bias = (
-            M,
-            cfg.get("bank"),
-            cfg.get("bias", False),
-            None,
-        )
-        # spread: repeat
-        self.shared_input, self.spread = (cfg.get("shared_input", False), cfg.get("spread", False))
+        self.name, self.source = name, cfg["source"]
+        self.shape = cfg["shape"]  # [out, in/groups, *kernel]
+        self.members, self.bank = M, cfg.get("bank")
+        self.has_bias, self.bias = cfg.get("bias", False), None
+        self.shared_input = cfg.get("shared_input", False)
+        self.spread = cfg.get("spread", False)  # a shared-input output repeated for every member
         self.init = (config.alpha_std, config.classifier_std if name == config.output else None)
         self.groups, self.fast_init = cfg.get("groups", 1), config.fast_init
         self.kind.make(self, cfg, M)

@@ -35,7 +35,7 @@ from mixc.core.errors import MixcError, RunFolderError
 from mixc.core.finite import NonFiniteError, non_finite_tensors
 from mixc.core.run_files import FORMAT
 from mixc.core.run_read import parse_header
-from mixc.core.safe_write import write_bytes, write_with
+from mixc.core.safe_write import write_bytes
 
 FORMAT_VERSION = "1"
 
@@ -50,8 +50,6 @@ __all__ = [
     "header",
     "check_model_tensors",
     "check_extra_names",
-    "write_atomic",
-    "write_bytes_atomic",
     "canonical_safetensors",
     "save_arrays",
     "read_info",
@@ -147,12 +145,6 @@ def check_extra_names(extra: Iterable[str], plan: Plan) -> None:
             )
 
 
-# Checkpoints are written like every other file (mixc/core/safe_write.py): temporary beside it,
-# fsync, rename, never through a link; the names stay for callers of this module.
-write_atomic = write_with
-write_bytes_atomic = write_bytes
-
-
 def canonical_safetensors(data: bytes) -> bytes:
     """safetensors bytes with the JSON header's keys sorted. Its writer orders the header (and the
     metadata) as a hash map iterates, so the same tensors gave different bytes from one save to the
@@ -184,7 +176,8 @@ def save_arrays(
     out.update({name: np.ascontiguousarray(np.asarray(a)) for name, a in extra.items()})
     check_finite(out, f"refusing to save {path}:")
     head = header(plan, epoch, metadata, tensor_checksum(out))
-    return write_bytes_atomic(path, canonical_safetensors(save(out, metadata=head)))
+    # written like every other file: temporary beside it, fsync, rename, never through a link
+    return write_bytes(path, canonical_safetensors(save(out, metadata=head)))
 
 
 def read_info(path: str | Path) -> dict[str, str]:

@@ -255,3 +255,18 @@ def test_allocator_tuning_respects_the_environment(monkeypatch):
     monkeypatch.delenv("LD_PRELOAD")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1")
     assert "user" in cmd.tune_allocator()
+
+
+def test_every_train_option_reaches_the_loop():
+    """train() hands its keyword options on as one _Options: a new keyword must be a field too."""
+    import dataclasses
+    import inspect
+
+    from mixc.training import _Options, train
+
+    keywords = [
+        p.name
+        for p in inspect.signature(train).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    assert keywords == [f.name for f in dataclasses.fields(_Options)]

@@ -117,14 +117,14 @@ def test_atomic_write_leaves_no_temp_files(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ck.safetensors"]
 
     import mixc.backends.torch.checkpoint as ck
-    from mixc.core.checkpoint_format import write_atomic
+    from mixc.core.safe_write import write_with
 
     def boom(filename):
         with open(filename, "wb") as f:
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "write_bytes_atomic", lambda path, data: write_atomic(path, boom))
+    monkeypatch.setattr(ck, "write_bytes", lambda path, data: write_with(path, boom))
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, model, plan, epoch=3)
     assert [p.name for p in tmp_path.iterdir()] == ["ck.safetensors"]
