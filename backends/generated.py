@@ -20,9 +20,9 @@ checked ``.py`` beside it, so it is not used at all for these names:
 
 The cache (``$MIXC_CACHE_DIR``, else ``$XDG_CACHE_HOME/mixc``, else ``~/.cache/mixc``) keeps
 ``<stem>.py`` for readers and tracebacks and ``<stem>.plan.json`` for other processes, written
-through ``mixc/core/safe_write.py`` (atomic, no links). A cache folder that is not the user's own, or
-that others can write, is not used (a note says so once): models still build, only loading a pickled
-model in another process then fails.
+through ``mixc/core/safe_write.py`` (atomic, no links). A cache folder that is not the user's own,
+or that others can write, is not used (a note says so once): models still build, only loading a
+pickled model in another process then fails.
 """
 
 from __future__ import annotations
