@@ -36,6 +36,7 @@ import numpy as np
 
 from mixc.compiler.plan import Plan
 from mixc.core.errors import BackendError, BackendUnavailable
+from mixc.core.layout_choice import LayoutChoice
 from mixc.spec.recipe import Recipe
 
 __all__ = [
@@ -151,6 +152,9 @@ class Trainer(Protocol):
     world: int  # data-parallel workers (processes or devices)
     device_label: str  # for the console line: "cpu", "cuda:0 x2", "cpu x2 (flax)"
     run_options: dict[str, Any]  # recorded in config.json: device, world_size, framework version
+    #: the layout trained in (mixc.core.layout_choice): None until begin() chooses it, unless the
+    #: driver sets the one a resumed run folder recorded before calling begin()
+    layout_choice: LayoutChoice | None
 
     def begin(self, x_train: np.ndarray, y_train: np.ndarray, batch: int) -> None:
         """Build the model and optimiser (from the recipe's seed) and hold the training set (on the
@@ -166,6 +170,11 @@ class Trainer(Protocol):
         takes its shard) at learning rate ``lr``; ``step`` counts from 0 within the epoch.
         Returns the summed member loss as a framework scalar (added up on the device; ``float()``
         works on it)."""
+
+    def fetch_losses(self, losses: list[Any]) -> Callable[[], list[float]]:
+        """Start copying some steps' losses to the host; the returned function waits for that copy
+        alone (not for the steps queued since) and gives them as floats. The driver reads losses
+        only this way, a batch of them at a time, so no step waits for the device."""
 
     def step_batch(self, x: Any, y: Any, lr: float, step: int) -> Any:
         """One optimiser step on a batch streamed from disk (``Backend.batches``: numpy arrays or

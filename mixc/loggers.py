@@ -94,7 +94,7 @@ class TensorBoardLogger:
                 "val"
                 if key.startswith("val_")
                 else "train"
-                if key in ("train_loss", "lr", "epoch_time")
+                if key in ("train_loss", "lr", "epoch_time", "train_time", "images_per_s")
                 else "test"
             )
             self.writer.add_scalar(f"{group}/{key.removeprefix('val_')}", value, epoch)

@@ -6,7 +6,9 @@ spike that leaves every member at chance) deserves a line saying so while the us
 the run.
 
 Steps return their loss on the device; reading it each step would wait for the device every step. So
-the losses are kept for ``every`` steps and read together (one wait per ``every`` steps).
+the losses are kept for ``every`` steps, then copied to the host together (the trainer's
+``fetch_losses``), and that copy is read ``every`` steps later, when its steps are long finished:
+no step waits for the device, and a NaN stops the run at most ``2 * every`` steps after it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class LossWatch:
         warn: Callable[[str], None],
         hint: str = "",
         every: int = CHECK_EVERY,
+        fetch: Callable[[list[Any]], Callable[[], list[float]]] | None = None,
     ) -> None:
         self.members, self.steps_per_epoch, self.warn, self.hint, self.every = (
             members,
@@ -48,23 +51,43 @@ class LossWatch:
             hint,
             every,
         )
+        self.fetch = fetch or _read_now
         self.pending: list[tuple[int, Any]] = []  # (global step, summed member loss on the device)
+        self.inflight: list[tuple[list[int], Callable[[], list[float]]]] = []  # copies started
+        self.read: list[tuple[int, float]] = []  # (global step, mean member loss) not yet taken
         self.start: float | None = None
-        self.high_since: int | None = (
-            None  # the first global step of the current run of high losses
-        )
+        self.high_since: int | None = None  # the first global step of the current high run
         self.warned = False
 
     def add(self, global_step: int, loss: Any) -> None:
-        """Keep one step's summed member loss; read the kept ones every ``every`` steps."""
+        """Keep one step's summed member loss; every ``every`` steps start copying the kept ones to
+        the host and judge the copy started ``every`` steps before."""
         self.pending.append((global_step, loss))
         if len(self.pending) >= self.every:
-            self.check()
+            self._send()
+            while len(self.inflight) > 1:
+                self._judge(*self.inflight.pop(0))
 
     def check(self) -> None:
-        """Read the kept losses (one wait for the device) and judge them in step order."""
-        values = [(s, float(v) / self.members) for s, v in self.pending]
-        self.pending = []
+        """Read every loss kept or in flight (one wait for the device) and judge them in order."""
+        self._send()
+        while self.inflight:
+            self._judge(*self.inflight.pop(0))
+
+    def take(self) -> list[tuple[int, float]]:
+        """The (global step, mean member loss) pairs read since the last take, in step order."""
+        out, self.read = self.read, []
+        return out
+
+    def _send(self) -> None:
+        if self.pending:
+            steps, losses = zip(*self.pending)
+            self.inflight.append((list(steps), self.fetch(list(losses))))
+            self.pending = []
+
+    def _judge(self, steps: list[int], read: Callable[[], list[float]]) -> None:
+        values = [(s, float(v) / self.members) for s, v in zip(steps, read())]
+        self.read.extend(values)
         for step, value in values:
             if not math.isfinite(value):
                 raise TrainError(
@@ -95,3 +118,8 @@ class LossWatch:
         156)"."""
         epoch, within = divmod(step, self.steps_per_epoch)
         return f"{step + 1:,} (epoch {epoch + 1}, step {within + 1} of {self.steps_per_epoch})"
+
+
+def _read_now(losses: list[Any]) -> Callable[[], list[float]]:
+    """The fetch of plain numbers (tests, a trainer without one): nothing to wait for."""
+    return lambda: [float(v) for v in losses]

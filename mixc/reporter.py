@@ -85,4 +85,5 @@ def epoch_line(rec: dict[str, Any], epochs: int) -> str:
             f"{label}acc {rec['accuracy'] * 100:.2f}%  {label}nll {rec['nll']:.4f}  "
             f"{label}ece {rec['ece'] * 100:.2f}%  members {members}"
         )
-    return "  ".join(parts + [f"{rec['epoch_time']:.1f}s"])
+    speed = [f"{rec['images_per_s']:,.0f} img/s"] if rec.get("images_per_s") else []
+    return "  ".join(parts + speed + [f"{rec['epoch_time']:.1f}s"])

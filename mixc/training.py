@@ -28,6 +28,7 @@ from mixc.core.data import (
     split_validation,
 )
 from mixc.core.errors import TrainError
+from mixc.core.layout_choice import LayoutChoice
 from mixc.core.run_files import BEST_METRICS
 from mixc.core.run_read import read_metrics
 from mixc.core.threads import resolve_threads
@@ -271,6 +272,8 @@ def _start_run(
 ) -> _Run:
     """Hand the training set to the trainer, load the checkpoint when resuming, gather the run."""
     batch = min(recipe.batch, len(dataset.y_train))
+    if o.layout == "auto":  # a resumed run goes on in the layout it started in
+        trainer.layout_choice = _recorded_layout(folder)
     trainer.begin(dataset.x_train, dataset.y_train[: len(dataset.x_train)], batch)
     if folder.header is not None:
         _resume(folder, trainer, plan)
@@ -329,16 +332,27 @@ def _resume(folder: RunWriter, trainer: Trainer, plan: Plan) -> None:
         raise TrainError(f"cannot resume from {folder.ckpt}: {e}") from e
 
 
+def _recorded_layout(folder: RunWriter) -> LayoutChoice | None:
+    """The layout choice a resumed run folder's config.json recorded (None: a new run, or a folder
+    from before choices were recorded)."""
+    if folder.header is None or folder.config is None:
+        return None
+    recorded = folder.config.options.layout_choice
+    return None if recorded is None else recorded.model_copy(update={"how": "resumed"})
+
+
 def _announce(
     run: _Run, layout: str, augment: str, baseline: str | None, config: dict[str, Any]
 ) -> None:
     """Write plan.json and config.json (rank 0) and print the run's one-line description."""
     plan, recipe, trainer = run.plan, run.recipe, run.trainer
+    choice = trainer.layout_choice
     run.folder.begin(
         {
             "spec": plan.source,
             "spec_hash": spec_hash(plan),
-            "layout": layout,
+            "layout": choice.layout if choice else layout,
+            "layout_choice": choice.model_dump(mode="json") if choice else None,
             "baseline": baseline,
             "augment": augment,
             **trainer.run_options,
@@ -353,7 +367,9 @@ def _announce(
         f" {recipe.optimizer.name} lr {recipe.optimizer.lr}"
         + (f", {recipe.precision}" if recipe.precision != "fp32" else "")
         + (f", grad clip {recipe.grad_clip}" if recipe.grad_clip else "")
-        + f"; device {trainer.device_label}, {_threads_text(config.get('threads'))}; out"
+        + f"; device {trainer.device_label}, {_threads_text(config.get('threads'))}"
+        + (f", {choice.describe()}" if choice else "")
+        + "; out"
         f" {run.folder.out}" + (f"; resuming after epoch {start}" if start else "")
     )
 
@@ -363,13 +379,17 @@ def _epochs(run: _Run) -> dict[str, Any] | None:
     record."""
     recipe, trainer, epochs = run.recipe, run.trainer, run.recipe.epochs
     run.watch = LossWatch(
-        run.plan.members, run.steps, run.reporter.line, _divergence_hint(run.plan, recipe)
+        run.plan.members,
+        run.steps,
+        run.reporter.line,
+        _divergence_hint(run.plan, recipe),
+        fetch=trainer.fetch_losses,
     )
     last: dict[str, Any] | None = None
     with run.reporter:
         for epoch in range(run.folder.start_epoch, epochs):
             t0 = time.perf_counter()
-            train_loss, lr = _one_epoch(run, epoch)
+            train_loss, lr, train_time = _one_epoch(run, epoch)
             if not math.isfinite(train_loss):
                 raise TrainError(
                     f"the training loss became {train_loss} in epoch {epoch + 1}; hint: lower the"
@@ -384,6 +404,8 @@ def _epochs(run: _Run) -> dict[str, Any] | None:
                 "lr": lr,
                 **_scores(run, epoch + 1 == epochs),
                 "epoch_time": time.perf_counter() - t0,
+                "train_time": train_time,
+                "images_per_s": run.steps * run.batch / train_time,
             }
             run.folder.save_epoch(
                 rec,
@@ -519,22 +541,24 @@ def _scores(run: _Run, last: bool) -> dict[str, Any]:
     return out
 
 
-def _one_epoch(run: _Run, epoch: int) -> tuple[float, float]:
-    """Every step of ``epoch``; returns (mean member loss, the last learning rate)."""
-    recipe, trainer, steps, batch = run.recipe, run.trainer, run.steps, run.batch
-    seed, M = recipe.seed, run.plan.members
+def _one_epoch(run: _Run, epoch: int) -> tuple[float, float, float]:
+    """Every step of ``epoch``; returns (mean member loss, the last learning rate, the seconds the
+    steps took). The losses reach the host only through the loss watch, a batch of steps late, so
+    no step waits for the device (docs/training.md, "Speed")."""
+    recipe, trainer, steps, batch, watch = run.recipe, run.trainer, run.steps, run.batch, run.watch
+    seed = recipe.seed
     perm = np.random.default_rng([seed, epoch]).permutation(len(run.dataset.y_train))
     trainer.begin_epoch(
         seed_of(seed, epoch, trainer.rank, 1), seed_of(seed, epoch, trainer.rank, 2)
     )
     update = run.reporter.epoch_task(epoch + 1, recipe.epochs, steps)
-    loss_sum: Any = 0.0
-    lr = recipe.optimizer.lr
+    loss_sum, lr = 0.0, recipe.optimizer.lr
     stream = (
         None
         if run.batches is None
         else iter(run.batches(run.dataset.folder.train, True, batch, seed, epoch))
     )
+    t0 = time.perf_counter()
     for step in range(steps):
         lr = learning_rate(recipe, epoch * steps + step, steps, recipe.epochs)
         if stream is not None:  # the loader shuffles with the same default_rng([seed, epoch]) rule
@@ -542,12 +566,15 @@ def _one_epoch(run: _Run, epoch: int) -> tuple[float, float]:
             loss = trainer.step_batch(x, y, lr, step)
         else:
             loss = trainer.step(perm[step * batch : (step + 1) * batch], lr, step)
-        loss_sum = loss_sum + loss  # on the device: no sync per step
-        run.watch.add(epoch * steps + step, loss)  # read every few steps: a NaN stops the run there
-        if run.reporter.progress is not None and (step % 10 == 0 or step == steps - 1):
-            update(step + 1, float(loss) / M)
-    run.watch.check()
-    return float(loss_sum) / steps / M, lr
+        watch.add(epoch * steps + step, loss)  # a NaN stops the run within a few steps
+        if read := watch.take():  # the bar shows the latest loss read, a few steps back
+            loss_sum += sum(v for _, v in read)
+            update(step + 1, read[-1][1])
+    watch.check()  # the epoch's last losses: the one wait for the device
+    read = watch.take()
+    loss_sum += sum(v for _, v in read)
+    update(steps, read[-1][1] if read else None)
+    return loss_sum / steps, lr, time.perf_counter() - t0
 
 
 def _divergence_hint(plan: Plan, recipe: Recipe) -> str:

@@ -9,6 +9,8 @@ the torch loop's names so a run resumes under either backend. The rules: docs/tr
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mixc.compiler.plan import Plan
 from mixc.core.checkpoint_format import grad_scaler_arrays, read_grad_scaler, save_arrays, spec_hash
 from mixc.core.errors import TrainError
+from mixc.core.layout_choice import TIMED_STEPS, WARMUP_STEPS, LayoutChoice, choose_layout
 from mixc.core.method_batches import FAST_ROLES, gradient_scales, lr_scale, mimo_rows
 from mixc.core.run_files import CHECKPOINT, METRICS
 from mixc.core.weight_decay import decay_skipped_roles
@@ -340,6 +343,16 @@ def _compiled_steps(
     return hit
 
 
+def _fits_on_devices(nbytes: int, devices: list[jax.Device]) -> bool:
+    """Whether a training set of ``nbytes`` goes to the accelerators (each holds a copy): at most
+    half the memory each has free, as under torch. On the CPU the host array is used as it is."""
+    if devices[0].platform == "cpu":
+        return False
+    stats = [d.memory_stats() or {} for d in devices]
+    free = [s.get("bytes_limit", 0) - s.get("bytes_in_use", 0) for s in stats]
+    return nbytes <= min(free) // 2
+
+
 class Trainer:
     """The model's functional state and its jit-compiled train and predict steps over a device mesh:
     the driver's Trainer.
@@ -376,25 +389,56 @@ class Trainer:
         self.mesh = Mesh(np.array(devices), ("data",))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
-        self.layout = layout if layout != "auto" else ("loop" if platform == "cpu" else "grouped")
-        self._requested_layout = layout
+        self.layout = layout  # "auto" is made concrete by begin()
+        #: the layout trained in: chosen by begin() (the driver sets a run folder's recorded one)
+        self.layout_choice: LayoutChoice | None = None
 
     def begin(self, x_train: np.ndarray, y_train: np.ndarray, batch: int) -> None:
-        """Build the model (from ``seed``) and its optimiser, jit the steps, hold the training set
-        on the host."""
-        from mixc.backends.flax.model import attr_to_plan, build, compute_graphdef, split
-
+        """Hold the training set on the host, choose the layout (mixc.core.layout_choice: timed on
+        an accelerator under auto), then build the model (from ``seed``) and its optimiser and jit
+        the steps."""
         if batch % self.world:
             raise TrainError(
                 f"the batch of {batch} does not split evenly over {self.world}"
                 f" {self.devices[0].platform} devices; hint: --batch-size"
                 f" {batch - batch % self.world or self.world}"
             )
+        self.x_train, self.y_train = x_train, y_train.astype(np.int32)
+        self.on_device = None  # (x, y) on the devices when the set fits there: gathered there
+        if _fits_on_devices(x_train.nbytes, self.devices):
+            self.on_device = tuple(
+                jax.device_put(a, self.replicated) for a in (self.x_train, self.y_train)
+            )
+        self.method_rng = np.random.default_rng(self.recipe.seed)  # MIMO's (reseeded per epoch)
+        if self.layout_choice is None:
+            self.layout_choice = choose_layout(
+                self.layout,
+                self.devices[0].platform,
+                False,  # flax's convolutions are channels-last already
+                lambda c: self._time_steps(c[0], batch),
+            )
+        self._install(self.layout_choice.layout)
+
+    def _time_steps(self, layout: str, batch: int) -> list[float]:
+        """Seconds of each timed step of ``layout`` (after the warm-up steps, which compile it) on
+        the first batch of the training set, at learning rate 0; the state is rebuilt afterwards."""
+        self._install(layout)
+        self.begin_epoch(0, 0)
+        idx, times = np.arange(batch), []
+        for i in range(WARMUP_STEPS + TIMED_STEPS):
+            t0 = time.perf_counter()
+            jax.block_until_ready(self.step(idx, 0.0, i))
+            times.append(time.perf_counter() - t0)
+        return times[WARMUP_STEPS:]
+
+    def _install(self, layout: str) -> None:
+        """Build the model in ``layout`` (from ``seed``) with its optimiser state and jit-compiled
+        steps (cached by their settings, so the timed layout is not compiled twice)."""
+        from mixc.backends.flax.model import attr_to_plan, build, compute_graphdef, split
+
         plan, recipe, devices = self.plan, self.recipe, self.devices
         with jax.default_device(devices[0]):
-            model = build(
-                plan, layout=self._requested_layout, seed=self.seed, platform=devices[0].platform
-            )
+            model = build(plan, layout=layout, seed=self.seed, platform=devices[0].platform)
         self.graphdef, params, stats = split(model)
         self.names = attr_to_plan(model)
         roles = {t.name: t.role for t in plan.tensors}
@@ -405,7 +449,6 @@ class Trainer:
             lr_scale(plan, "fast_in"),
             {k: scales[self.names[k]] for k in params if self.names[k] in scales},
         )
-        self.method_rng = np.random.default_rng(recipe.seed)  # MIMO's shuffles (reseeded per epoch)
         self.params = jax.device_put(params, self.replicated)
         self.stats = jax.device_put(stats, self.replicated)
         self.opt_state = jax.device_put(self.tx.init(params), self.replicated)
@@ -417,13 +460,13 @@ class Trainer:
         forward_def = (
             None
             if compute is None
-            else compute_graphdef(plan, self._requested_layout, compute, devices[0].platform)
+            else compute_graphdef(plan, layout, compute, devices[0].platform)
         )
 
         def steps(augment: str) -> tuple[Any, Any]:
             key = (
                 spec_hash(plan),
-                self.layout,
+                layout,
                 augment,
                 recipe.label_smoothing,
                 recipe.optimizer.model_dump_json(),
@@ -446,7 +489,6 @@ class Trainer:
         self._stream_step = (
             self._step if self.augment != "random_resized_crop" else steps("none")[0]
         )
-        self.x_train, self.y_train = x_train, y_train.astype(np.int32)
 
     def begin_epoch(self, augment_seed: int, dropout_seed: int) -> None:
         """One key per epoch (augmentation and dropout split it per step; ``dropout_seed`` is not
@@ -457,9 +499,12 @@ class Trainer:
     def step(self, idx: np.ndarray, lr: float, step: int) -> jax.Array:
         """One optimiser step on the global batch ``idx``; returns the (on-device) summed member
         loss."""
-        return self.step_arrays(
-            self.x_train[idx], self.y_train[idx], lr, jax.random.fold_in(self.epoch_key, step)
-        )
+        key = jax.random.fold_in(self.epoch_key, step)
+        if self.on_device is None:
+            return self.step_arrays(self.x_train[idx], self.y_train[idx], lr, key)
+        rows = jax.device_put(np.asarray(idx, np.int32), self.replicated)
+        x, y = (jnp.take(a, rows, axis=0) for a in self.on_device)
+        return self.step_arrays(x, y, lr, key)
 
     def step_batch(self, x: np.ndarray, y: np.ndarray, lr: float, step: int) -> jax.Array:
         """One step on a streamed batch (numpy, from the shared folder loader, which crops it if
@@ -473,10 +518,10 @@ class Trainer:
         )
 
     def step_arrays(
-        self, x: np.ndarray, y: np.ndarray, lr: float, key: jax.Array, streamed: bool = False
+        self, x: Any, y: Any, lr: float, key: jax.Array, streamed: bool = False
     ) -> jax.Array:
         """One optimiser step on the global batch ``x``, ``y`` with the step's random ``key``."""
-        xs = jax.device_put(x, self.batch_sharding)
+        xs = jax.device_put(x, self.batch_sharding)  # from the host, or resharded on the devices
         ys = jax.device_put(y, self.batch_sharding)
         rows = mimo_rows(len(x), self.plan, self.method_rng)
         rows = None if rows is None else jax.device_put(rows.astype(np.int32), self.replicated)
@@ -484,6 +529,13 @@ class Trainer:
             self._stream_step if streamed else self._step
         )(self.params, self.stats, self.opt_state, self.scaler, xs, ys, jnp.float32(lr), key, rows)
         return loss
+
+    def fetch_losses(self, losses: list[jax.Array]) -> Callable[[], list[float]]:
+        """Start copying step losses to the host; the returned function waits for those steps alone
+        (jax tracks each array's readiness, so nothing queued after them is waited for)."""
+        values = jnp.stack(losses).astype(jnp.float32)
+        values.copy_to_host_async()
+        return lambda: np.asarray(values).tolist()
 
     def predict(self, x: np.ndarray, batch: int = _EVAL_BATCH) -> np.ndarray:
         """Each member's softmax over ``x``, ``[N, M, classes]`` float32 numpy, in eval mode."""

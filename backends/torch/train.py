@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,13 @@ from mixc.backends.torch.predict import host_tensor, predict_member_probs, torch
 from mixc.compiler.plan import Plan
 from mixc.core.data import shard
 from mixc.core.errors import TrainError
+from mixc.core.layout_choice import (
+    TIMED_STEPS,
+    WARMUP_STEPS,
+    Candidate,
+    LayoutChoice,
+    choose_layout,
+)
 from mixc.core.method_batches import FAST_ROLES, gradient_scales, lr_scale, mimo_rows
 from mixc.core.run_files import CHECKPOINT, METRICS
 from mixc.core.weight_decay import decay_skipped_roles
@@ -298,6 +306,20 @@ def _training_set(x: np.ndarray, device: torch.device) -> tuple[torch.Tensor, bo
     return host, True
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without waiting for the device: a copy from pageable host memory waits
+    for every queued kernel first, one from pinned memory is queued like a kernel."""
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (timing only: training steps never wait)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _autocast_dtype(precision: str) -> torch.dtype | None:
     """The autocast dtype of ``precision`` (None: fp32, autocast off)."""
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -361,13 +383,32 @@ class TorchTrainer:
             "torch": torch.__version__,
         }
         self.model: nn.Module | None = None
+        #: the layout trained in: chosen by begin() (the driver sets a run folder's recorded one)
+        self.layout_choice: LayoutChoice | None = None
 
     def begin(self, x_train: np.ndarray, y_train: np.ndarray, batch: int) -> None:
         dev = self.device
+        self.amp = _autocast_dtype(self.recipe.precision)
+        self.x_train, self.x_on_host = _training_set(x_train, dev)
+        self.y_train = torch.from_numpy(np.ascontiguousarray(y_train)).to(dev)
+        self.gen = torch.Generator(device=dev)
+        # MIMO's shuffles (reseeded per epoch)
+        self.method_rng = np.random.default_rng(self.recipe.seed)
+        self.part = shard(batch, self.rank, self.world)
+        if self.layout_choice is None:
+            self.layout_choice = self._choose_layout(batch)
         torch.manual_seed(self.recipe.seed)  # the same initial weights on every rank
+        self._install(self.layout_choice, wrap=True)
+
+    def _install(self, choice: LayoutChoice, wrap: bool) -> None:
+        """Build the model in ``choice``'s layout with its optimiser; ``wrap``: also under
+        DistributedDataParallel across ranks and torch.compile when asked (not for timing)."""
         from mixc.backends.torch.model import build, named_plan_tensors
 
-        self.model = build(self.plan, layout=self.layout, device=dev)
+        dev = self.device
+        self.model = build(
+            self.plan, layout=choice.layout, device=dev, channels_last=choice.channels_last
+        )
         self.names = _param_names(self.model, named_plan_tensors(self.model))
         self.opt = _optimizer(self.model, self.plan, self.recipe, self.names)
         tensors = named_plan_tensors(self.model)
@@ -376,22 +417,49 @@ class TorchTrainer:
             for n, f in gradient_scales(self.plan, self.recipe.shared_gradient).items()
         ]
         self.net: nn.Module = self.model
-        if self.world > 1:
+        if wrap and self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             self.net = DistributedDataParallel(
                 self.model, device_ids=[dev.index] if dev.type == "cuda" else None
             )
-        if self.compile:
+        if wrap and self.compile:
             self.net = torch.compile(self.net)
-        self.amp = _autocast_dtype(self.recipe.precision)
         self.scaler = torch.amp.GradScaler(dev.type) if self.recipe.precision == "fp16" else None
-        self.x_train, self.x_on_host = _training_set(x_train, dev)
-        self.y_train = torch.from_numpy(np.ascontiguousarray(y_train)).to(dev)
-        self.gen = torch.Generator(device=dev)
-        # MIMO's shuffles (reseeded per epoch)
-        self.method_rng = np.random.default_rng(self.recipe.seed)
-        self.part = shard(batch, self.rank, self.world)
+
+    def _choose_layout(self, batch: int) -> LayoutChoice:
+        """``self.layout`` made concrete (mixc.core.layout_choice): on an accelerator under auto, by
+        timing a few steps of each candidate on a throwaway model (eager, one process each); the
+        ranks take rank 0's choice."""
+        image = self.plan.input_layout == "image" and len(self.plan.input_shape) == 3
+        choice = choose_layout(
+            self.layout, self.device.type, image, lambda c: self._time_steps(c, batch)
+        )
+        if self.world > 1:
+            import torch.distributed as dist
+
+            shared = [choice]
+            dist.broadcast_object_list(shared, src=0)
+            choice = shared[0]
+        return choice
+
+    def _time_steps(self, candidate: Candidate, batch: int) -> list[float]:
+        """Seconds of each timed step of ``candidate`` (after the warm-up steps) on the first batch
+        of the training set, at learning rate 0; the model is dropped afterwards."""
+        layout, channels_last = candidate
+        self._install(LayoutChoice(layout=layout, channels_last=channels_last, how="rule"), False)
+        self.net.train()
+        idx, times = np.arange(batch), []
+        for i in range(WARMUP_STEPS + TIMED_STEPS):
+            _synchronize(self.device)
+            t0 = time.perf_counter()
+            self.step(idx, 0.0, i)
+            _synchronize(self.device)
+            times.append(time.perf_counter() - t0)
+        self.model = self.net = self.opt = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return times[WARMUP_STEPS:]
 
     def begin_epoch(self, augment_seed: int, dropout_seed: int) -> None:
         self.gen.manual_seed(augment_seed)
@@ -401,10 +469,10 @@ class TorchTrainer:
 
     def step(self, idx: np.ndarray, lr: float, step: int) -> torch.Tensor:
         host_rows = torch.from_numpy(np.ascontiguousarray(idx[self.part]))
-        rows = host_rows.to(self.device)
+        rows = _to_device(host_rows, self.device)
         # the set did not fit on the device: gather in host memory, copy the batch over
         if self.x_on_host:
-            xb = self.x_train.index_select(0, host_rows).to(self.device, non_blocking=True)
+            xb = _to_device(self.x_train.index_select(0, host_rows), self.device)
         else:
             xb = self.x_train.index_select(0, rows)
         return self._step(xb, self.y_train.index_select(0, rows), lr, self.augment)
@@ -412,9 +480,29 @@ class TorchTrainer:
     def step_batch(self, x: Any, y: Any, lr: float, step: int) -> torch.Tensor:
         """One step on a streamed batch (numpy or a DataLoader's pinned tensors),
         random-resized-cropped by the loader if at all: only crop_flip is applied here."""
-        xb = torch.as_tensor(x).to(self.device, non_blocking=True)
-        yb = torch.as_tensor(y).to(self.device, dtype=torch.int64, non_blocking=True)
+        xb = _to_device(torch.as_tensor(x), self.device)
+        yb = _to_device(torch.as_tensor(y), self.device).long()
         return self._step(xb, yb, lr, "crop_flip" if self.augment == "crop_flip" else "none")
+
+    def fetch_losses(self, losses: list[torch.Tensor]) -> Callable[[], list[float]]:
+        """Start copying step losses to the host; the returned function waits for that copy alone.
+
+        ``Tensor.item()`` would wait for every kernel queued so far, draining the queue the host
+        keeps ahead of the GPU; an asynchronous copy into pinned memory and an event wait only for
+        the losses' own steps, long finished when the driver reads them."""
+        values = torch.stack(losses).float()
+        if self.device.type != "cuda":
+            return values.tolist
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def read() -> list[float]:
+            copied.synchronize()
+            return host.tolist()
+
+        return read
 
     def _step(self, xb: torch.Tensor, yb: torch.Tensor, lr: float, augment: str) -> torch.Tensor:
         if augment == "crop_flip":
@@ -426,7 +514,7 @@ class TorchTrainer:
         M = self.plan.members
         rows = mimo_rows(len(xb), self.plan, self.method_rng)
         if rows is not None:  # MIMO: each member its own rows, [b * repetitions, M, ...]
-            rows = torch.from_numpy(rows).to(xb.device)
+            rows = _to_device(torch.from_numpy(rows), xb.device)
             xb, yb = xb[rows], yb[rows]
         else:
             yb = yb[:, None].expand(-1, M)

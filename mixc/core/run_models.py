@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mixc.core.layout_choice import LayoutChoice
 from mixc.core.run_files import FORMAT, SUPPORTED_FORMAT_VERSIONS
 from mixc.spec.recipe import Recipe
 
@@ -55,6 +56,8 @@ class MetricsLine(_Lenient):
     member_accuracy: list[float] = Field(default_factory=list)
     member_nll: list[float] = Field(default_factory=list)
     diversity: float | None = None
+    train_time: float | None = Field(None, ge=0)  # seconds of the epoch's training steps
+    images_per_s: float | None = Field(None, ge=0)  # training images (of the global batch) a second
 
 
 #: the baselines a run can be (``mixc train --baseline``): kinds of run, not ensemble methods
@@ -70,6 +73,7 @@ class RunOptions(_Lenient):
     overrides: list[str] = Field(default_factory=list)
     world_size: int = Field(1, ge=1)
     threads: int | None = Field(None, ge=1)  # CPU threads of the framework (mixc/core/threads.py)
+    layout_choice: LayoutChoice | None = None  # how the members ran (mixc/core/layout_choice.py)
 
 
 class HistoryEntry(_Lenient):

@@ -19,12 +19,33 @@ def _watch(lines, members=2, steps_per_epoch=30):
 def test_a_nan_names_its_step_and_epoch():
     lines = []
     w = _watch(lines)
-    losses = [4.0] * 37 + [math.nan] + [4.0] * 5  # summed over 2 members: 2.0 each
+    losses = [4.0] * 37 + [math.nan] + [4.0] * 25  # summed over 2 members: 2.0 each
     with pytest.raises(TrainError, match=r"became nan at step 38 \(epoch 2, step 8 of 30\).*HINT"):
         for s, v in enumerate(losses):
             w.add(s, v)
-    assert s == 39  # read at the next check, not at the epoch's end (step 60)
+    # steps 30-39 are sent to the host at step 39 and read one batch later, at step 49: never
+    # waiting for the steps queued since, and not at the epoch's end (step 60)
+    assert s == 49
     assert lines == []
+
+
+def test_losses_are_fetched_a_batch_at_a_time_and_read_a_batch_later():
+    fetched, read = [], []
+
+    def fetch(losses):
+        fetched.append(list(losses))
+        return lambda: read.append(len(fetched)) or [float(v) for v in losses]
+
+    w = LossWatch(1, 100, print, fetch=fetch)
+    for s in range(35):
+        w.add(s, float(s))
+        if s == 19:  # two batches sent, the first read
+            assert len(fetched) == 2 and read == [2]
+    assert [len(f) for f in fetched] == [10, 10, 10] and read == [2, 3]
+    assert [s for s, _ in w.take()] == list(range(20))
+    w.check()  # the epoch's end: the rest, in one last fetch
+    assert [len(f) for f in fetched] == [10, 10, 10, 5] and read == [2, 3, 4, 4]
+    assert w.take() == [(s, float(s)) for s in range(20, 35)]
 
 
 def test_an_infinite_loss_found_by_the_final_check_of_an_epoch():
@@ -71,20 +92,21 @@ def test_training_stops_at_the_nan_step_and_keeps_the_last_epoch(tmp_path, monke
 
     data = load_dataset("digits")
     data = dataclasses.replace(data, x_train=data.x_train[:512], y_train=data.y_train[:512])
-    plan = mixc.compile("digits", ["backbone.width=8", "members=2", "train.batch=32"])
+    plan = mixc.compile("digits", ["backbone.width=8", "members=2", "train.batch=16"])
     recipe = Recipe.model_validate({**plan.train, "epochs": 3})
     real_step, calls = TorchTrainer.step, []
 
     def step(self, idx, lr, s):
         calls.append(s)
         loss = real_step(self, idx, lr, s)
-        # epoch 2 (16 steps each), its 3rd step
-        return loss * torch.nan if len(calls) == 16 + 3 else loss
+        # epoch 2 (32 steps each), its 3rd step
+        return loss * torch.nan if len(calls) == 32 + 3 else loss
 
     monkeypatch.setattr(TorchTrainer, "step", step)
-    with pytest.raises(TrainError, match=r"at step 19 \(epoch 2, step 3 of 16\)"):
+    with pytest.raises(TrainError, match=r"at step 35 \(epoch 2, step 3 of 32\)"):
         train("torch", plan, recipe, out_dir=tmp_path, data=data, progress=False)
-    assert len(calls) == 16 + CHECK_EVERY  # stopped at epoch 2's first check, not at its end (32)
+    # epoch 2's first ten losses are read when the next ten are sent: not at its end (64)
+    assert len(calls) == 32 + 2 * CHECK_EVERY
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1]
     from mixc.core.checkpoint_format import read_plan_arrays

@@ -61,7 +61,7 @@ def test_threads_recorded_and_applied(tmp_path, capsys):
         torch.set_num_threads(before)
     options = json.loads((out / "config.json").read_text())["options"]
     assert options["threads"] == 1
-    assert "cpu, 1 thread;" in capsys.readouterr().out
+    assert "cpu, 1 thread," in capsys.readouterr().out
 
 
 def test_default_leaves_the_cores_other_processes_keep_busy(monkeypatch):
