@@ -472,6 +472,7 @@ def trainer_row(setup: Setup, best: Row, dev) -> tuple[Row, Row]:
     import numpy as np
 
     from mixc.backends.torch.train import TorchTrainer
+    from mixc.core.layout_choice import LayoutChoice
     from mixc.spec.recipe import Recipe
 
     plan = best.plan
@@ -479,6 +480,10 @@ def trainer_row(setup: Setup, best: Row, dev) -> tuple[Row, Row]:
         {**(plan.train or {}), "precision": setup.precision, "batch": setup.batch}
     )
     trainer = TorchTrainer(plan, recipe, device=str(dev), layout=best.layout, augment="none")
+    # the bare rows' layout and memory format, not timed again: the ratio is the trainer's overhead
+    trainer.layout_choice = LayoutChoice(
+        layout=best.layout, channels_last=setup.channels_last, how="forced"
+    )
     rng = np.random.default_rng(0)
     n = 4 * setup.batch
     x = rng.standard_normal((n, *plan.input_shape)).astype(np.float32)
