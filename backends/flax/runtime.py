@@ -69,13 +69,14 @@ def torch_layout(kernel, lead: int = 0):
     return jnp.moveaxis(kernel, (-1, -2), (lead, lead + 1))
 
 
-def _conv(x, kernel, b=None, stride=1, padding=0, dilation=1, groups=1, cpu=False):
+def _conv(x, kernel, b=None, stride=1, padding=0, dilation=1, groups=1, cpu=False, split=False):
     """PyTorch's conv of channels-last x with ``kernel`` [*k, I/groups, O] (``kernel_layout``);
-    ``cpu``: on CPU, _conv_cpu's kernel gradient where it is the faster one."""
+    ``cpu``: on CPU, _conv_cpu's kernel gradient where it is the faster one; ``split``: one dense
+    convolution per group (the same numbers)."""
     dim = kernel.ndim - 2
     args = (_pairs(stride, dim), _pairs(padding, dim), _pairs(dilation, dim), groups)
     # XLA's grouped convolution is slower on CPU than one per group (mixc's docs/execution.md)
-    if cpu and 1 < groups <= 16:
+    if groups > 1 and (split or (cpu and groups <= 16)):
         parts = zip(jnp.split(x, groups, axis=-1), jnp.split(kernel, groups, axis=-1))
         y = jnp.concatenate([_conv(xg, kg, None, *args[:3], cpu=cpu) for xg, kg in parts], axis=-1)
     else:
@@ -195,13 +196,24 @@ def each(fn, x, *args, **kwargs):
 
 
 class Composed:
-    """One call's composed weights (by plan name), the layout, and the call's options."""
+    """One call's composed weights (by plan name), the layout, and the call's options.
+    ``split_groups`` (layout "loop" asked for by name): a single-path network's grouped layers
+    (Packed-Ensembles) run one dense op per group instead of one grouped op; "auto" keeps the
+    grouped op (on CPU ``_conv`` splits it anyway), so the trainer can time both."""
 
     def __init__(
-        self, weights: dict, members: int, grouped: bool, cpu: bool, train: bool, dropout_key
+        self,
+        weights: dict,
+        members: int,
+        grouped: bool,
+        cpu: bool,
+        train: bool,
+        dropout_key,
+        split_groups: bool = False,
     ) -> None:
         self.weights, self.members, self.grouped = weights, members, grouped
         self.cpu, self.train, self.dropout_key = cpu, train, dropout_key
+        self.split_groups = split_groups
 
     def repeat(self, x):
         """A value shared by all members as every member's (beside per-member values)."""
@@ -354,7 +366,7 @@ class _Member:
     def linear(layer, x, weight, bias, w: Composed):
         M = layer.members
         if layer.groups > 1:
-            return _grouped_linear(layer, x, weight, bias)
+            return _grouped_linear(layer, x, weight, bias, w)
         if layer.shared_input and w.grouped:
             return _linear(
                 x, weight.reshape(-1, weight.shape[-1]), None if bias is None else bias.reshape(-1)
@@ -376,10 +388,14 @@ class _Member:
         return layer.weight[...], (layer.bias[...] if layer.has_bias else None)
 
 
-def _grouped_linear(layer, x, weight, bias):
+def _grouped_linear(layer, x, weight, bias, w: Composed):
     """A block-diagonal linear layer (one network, single path): group j maps its slice; weight [O,
-    I/g]."""
+    I/g]. One batched product, or one per group with ``w.split_groups``."""
     g = layer.groups
+    if w.split_groups:
+        biases = [None] * g if bias is None else jnp.split(bias, g)
+        parts = zip(jnp.split(x, g, axis=-1), jnp.split(weight, g), biases)
+        return jnp.concatenate([_linear(xj, wj, bj) for xj, wj, bj in parts], axis=-1)
     y = jnp.einsum(
         "bgi,goi->bgo", x.reshape(x.shape[0], g, -1), weight.reshape(g, -1, weight.shape[-1])
     )
@@ -399,8 +415,8 @@ class _Plain(_Member):
     @staticmethod
     def conv(layer, x, weight, bias, w: Composed):
         groups, options, M = layer.groups, dict(layer.options), layer.members
-        if layer.shared_input:  # computed once for all members
-            y = _conv(x, weight, bias, groups=groups, cpu=w.cpu, **options)
+        if layer.shared_input:  # computed once for all members; split: Packed-Ensembles' "loop"
+            y = _conv(x, weight, bias, groups=groups, cpu=w.cpu, split=w.split_groups, **options)
             return w.repeat(y) if layer.spread else y
         if isinstance(x, Members):  # the shared weight, once per member
             return Members([_conv(v, weight, bias, groups=groups, cpu=w.cpu, **options) for v in x])
@@ -412,7 +428,7 @@ class _Plain(_Member):
     @staticmethod
     def linear(layer, x, weight, bias, w: Composed):
         if layer.groups > 1:
-            return _grouped_linear(layer, x, weight, bias)
+            return _grouped_linear(layer, x, weight, bias, w)
         if layer.shared_input or isinstance(x, Members):
             y = each(_linear, x, weight, bias)
             return w.repeat(y) if layer.spread else y
@@ -456,9 +472,19 @@ class _Blob(_Bank):
 
 
 class _BatchEnsemble(_Member):
-    """One shared weight W, each member's input scaled by r [M, in] and its output by s [M, out], a
-    bias [M, out] per member: ((x * r[m]) apply W) * s[m] + b[m]."""
+    """One shared weight W [O, I/g, *k], fast weights r [M, in] and s [M, out], a bias [M, out] per
+    member. Member m's layer is W_m = W * s_m r_m^T (r read per group of input channels), run in
+    one of two formulations with the same numbers, as torch's:
 
+    - composed: W_m formed in the call (``fold``), then the naive ensemble's layer (``_Member``):
+      the residuals are x and W_m, as the naive ensemble's; the extra work is M * |W| products.
+    - scaled: ((x * r[m]) apply W) * s[m] + b[m]: W is read once, but x, x * r and the layer's
+      output are kept for the backward pass, and the extra work is M * B * positions * (in + out).
+
+    The rule (``composes``): compose when M * |W| <= M * B * positions * (in + out), positions
+    the input's spatial size (1 for a linear layer); shapes are the call's own."""
+
+    formulation = "auto"  # "compose" or "scale" forces one (tests, benchmarks)
     lead = 0
 
     @staticmethod
@@ -480,7 +506,27 @@ class _BatchEnsemble(_Member):
         _Member.reset(layer, draw)
 
     @staticmethod
+    def composes(layer, x) -> bool:
+        """The size rule (see the class): whether composing W_m costs less than scaling x."""
+        if _BatchEnsemble.formulation != "auto":
+            return _BatchEnsemble.formulation == "compose"
+        a = x[0] if isinstance(x, Members) else x  # [B, *spatial, C]
+        positions = math.prod(a.shape[:-1])
+        return math.prod(layer.shape) <= positions * (layer.r.shape[1] + layer.shape[0])
+
+    @staticmethod
+    def fold(layer):
+        """W * s r^T for every member, [M, *shape] in the plan's layout: the fast weights' outer
+        product [M, O, I/g] first, then one product with W."""
+        out, per_group, M = layer.shape[0], layer.shape[1], layer.members
+        r = jnp.repeat(layer.r[...].reshape(M, layer.groups, per_group), out // layer.groups, 1)
+        outer = layer.s[...].reshape(M, out, 1) * r
+        return layer.weight[...] * outer.reshape(*outer.shape, *(1,) * (len(layer.shape) - 2))
+
+    @staticmethod
     def conv(layer, x, weight, bias, w: Composed):
+        if _BatchEnsemble.composes(layer, x):
+            return _Member.conv(layer, x, layer.layout(_BatchEnsemble.fold(layer), 1), bias, w)
         groups, options = layer.groups, dict(layer.options)
         return _BatchEnsemble.apply(
             layer, x, w, lambda h: _conv(h, weight, groups=groups, cpu=w.cpu, **options)
@@ -488,13 +534,15 @@ class _BatchEnsemble(_Member):
 
     @staticmethod
     def linear(layer, x, weight, bias, w: Composed):
+        if _BatchEnsemble.composes(layer, x):
+            return _Member.linear(layer, x, _BatchEnsemble.fold(layer), bias, w)
         return _BatchEnsemble.apply(layer, x, w, lambda h: _linear(h, weight))
 
     @staticmethod
     def apply(layer, x, w: Composed, apply):
-        """``apply`` is the layer's own op on one batch (channels last, so r and s broadcast).
-        Grouped: the members move to the batch axis, so the shared weight runs once, as
-        BatchEnsemble's tiled batch does.
+        """The scaled formulation; ``apply`` is the layer's own op on one batch (channels last,
+        so r and s broadcast). Grouped: the members move to the batch axis, so the shared weight
+        runs once, as BatchEnsemble's tiled batch does.
         """
         M, r, s = layer.members, layer.r[...], layer.s[...]
         b = layer.bias[...] if layer.has_bias else None
@@ -514,19 +562,7 @@ class _BatchEnsemble(_Member):
     def composed(layer, mixed: dict):
         """Per-member weights W * s r^T ([M, *shape]; r read per group), for analysis, as
         torch's."""
-        out, per_group = layer.shape[0], layer.shape[1]
-        r = jnp.repeat(
-            layer.r[...].reshape(layer.members, layer.groups, per_group),
-            out // layer.groups,
-            axis=1,
-        )
-        tail = (1,) * (len(layer.shape) - 2)
-        weight = (
-            layer.weight[...][None]
-            * layer.s[...].reshape(layer.members, out, 1, *tail)
-            * r.reshape(*r.shape, *tail)
-        )
-        return weight, layer.bias[...] if layer.has_bias else None
+        return _BatchEnsemble.fold(layer), layer.bias[...] if layer.has_bias else None
 
 
 #: a layer's weight source (the plan's ``source``) -> the code that holds and runs its weights
@@ -834,7 +870,8 @@ class Ensemble(nnx.Module):
     def composed(self, train: bool, dropout_key) -> Composed:
         cpu = (jax.default_backend() if self.platform == "auto" else self.platform) == "cpu"
         grouped = self.layout == "grouped" or (self.layout == "auto" and not cpu)
-        return Composed(self.mix(), self.members, grouped, cpu, train, dropout_key)
+        split = self.layout == "loop"
+        return Composed(self.mix(), self.members, grouped, cpu, train, dropout_key, split)
 
     def stack_inputs(self, x):
         """MIMO: the members' inputs side by side on the channel axis (channels-first,

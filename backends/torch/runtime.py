@@ -78,15 +78,20 @@ class Members(tuple):
 
 
 class Composed:
-    """Composed layers' weights for one forward, by plan name, and how members are laid out."""
+    """Composed layers' weights for one forward, by plan name, and how members are laid out.
+    ``split_groups`` (layout "loop" asked for by name): a single-path network's grouped layers
+    (Packed-Ensembles) run one dense op per group instead of one grouped op; "auto" keeps the
+    grouped op, so the trainer can time both."""
 
     def __init__(
         self,
         weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
         members: int,
         grouped: bool,
+        split_groups: bool = False,
     ) -> None:
         self.weights, self.members, self.grouped = weights, members, grouped
+        self.split_groups = split_groups
 
     def repeat(self, x: torch.Tensor) -> torch.Tensor | Members:
         """A value shared by all members as every member's (beside per-member values)."""
@@ -200,7 +205,7 @@ class _Member:
     @staticmethod
     def linear(layer: "Linear", x, weight, bias, w: Composed):
         if layer.groups > 1:
-            return _grouped_linear(layer, x, weight, bias)
+            return _grouped_linear(layer, x, weight, bias, w)
         if layer.shared_input and w.grouped:
             return F.linear(x, weight.flatten(0, 1), None if bias is None else bias.flatten())
         if not w.grouped:
@@ -220,13 +225,23 @@ class _Member:
         return mixed.get(layer.name, (getattr(layer, "weight", None), layer.bias))
 
 
-def _grouped_linear(layer: "Linear", x, weight, bias):
+def _grouped_linear(layer: "Linear", x, weight, bias, w: Composed):
     """A block-diagonal linear layer (one network, single path): group j maps its slice; weight [O,
-    I/g]."""
+    I/g]. One batched product, or one per group with ``w.split_groups``."""
+    if w.split_groups:
+        return _per_group(F.linear, layer.groups, x, weight, bias)
     y = torch.einsum(
         "bgi,goi->bgo", x.unflatten(1, (layer.groups, -1)), weight.unflatten(0, (layer.groups, -1))
     )
     return y.flatten(1) if bias is None else y.flatten(1) + bias
+
+
+def _per_group(op, groups: int, x: torch.Tensor, weight, bias, **options) -> torch.Tensor:
+    """A grouped op as one dense ``op`` per group: group j's input channels (axis 1) with its
+    slice of the weight's outputs, the outputs concatenated; the numbers of ``groups=g``."""
+    biases = [None] * groups if bias is None else bias.chunk(groups)
+    parts = zip(x.chunk(groups, dim=1), weight.chunk(groups), biases)
+    return torch.cat([op(xj, wj, bj, **options) for xj, wj, bj in parts], dim=1)
 
 
 class _Plain(_Member):
@@ -239,7 +254,10 @@ class _Plain(_Member):
     @staticmethod
     def conv(layer: "Conv", x, weight, bias, w: Composed):
         if layer.shared_input:  # computed once for all members
-            y = layer.conv(x, weight, bias, groups=layer.groups, **layer.options)
+            if w.split_groups and layer.groups > 1:  # Packed-Ensembles, layout "loop"
+                y = _per_group(layer.conv, layer.groups, x, weight, bias, **layer.options)
+            else:
+                y = layer.conv(x, weight, bias, groups=layer.groups, **layer.options)
             return w.repeat(y) if layer.spread else y
         M = layer.members  # the shared weight, once per member
         weight, bias = weight.expand(M, *weight.shape), None if bias is None else bias.expand(M, -1)
@@ -248,7 +266,7 @@ class _Plain(_Member):
     @staticmethod
     def linear(layer: "Linear", x, weight, bias, w: Composed):
         if layer.groups > 1:
-            return _grouped_linear(layer, x, weight, bias)
+            return _grouped_linear(layer, x, weight, bias, w)
         if layer.shared_input or not w.grouped:  # a Members input runs each member
             y = F.linear(x, weight, bias)
             return w.repeat(y) if layer.spread else y
@@ -296,8 +314,22 @@ class _Blob(_Bank):
 
 
 class _BatchEnsemble(_Member):
-    """One shared weight W, each member's input scaled by r [M, in] and its output by s [M, out], a
-    bias [M, out] per member: ((x * r[m]) apply W) * s[m] + b[m]."""
+    """One shared weight W [O, I/g, *k], fast weights r [M, in] and s [M, out], a bias [M, out] per
+    member. Member m's layer is W_m = W * s_m r_m^T (r read per group of input channels), run in
+    one of two formulations with the same numbers:
+
+    - composed: W_m formed in the forward (``fold``), then the naive ensemble's layer
+      (``_Member``): autograd saves x and W_m, as the naive ensemble does; the extra work is
+      weight-sized, M * |W| products.
+    - scaled: ((x * r[m]) apply W) * s[m] + b[m]: W is read once, but x, x * r and the layer's
+      output are saved (about 3x a plain layer's activations) and the extra work is
+      activation-sized, M * B * positions * (in + out) products.
+
+    The rule (``composes``): compose when M * |W| <= M * B * positions * (in + out), positions
+    the input's spatial size (1 for a linear layer), i.e. when the weight-sized work is no more
+    than the activation-sized work it replaces; shapes are the forward's own."""
+
+    formulation = "auto"  # "compose" or "scale" forces one (tests, benchmarks)
 
     @staticmethod
     def make(layer: "Weighted", cfg: dict, M: int) -> None:
@@ -318,22 +350,46 @@ class _BatchEnsemble(_Member):
         _Member.reset(layer)
 
     @staticmethod
+    def composes(layer: "Weighted", x: torch.Tensor | Members) -> bool:
+        """The size rule (see the class): whether composing W_m costs less than scaling x."""
+        if _BatchEnsemble.formulation != "auto":
+            return _BatchEnsemble.formulation == "compose"
+        a = x[0] if isinstance(x, Members) else x  # [B, C, *spatial]
+        positions = a.shape[0] * math.prod(a.shape[2:])
+        return math.prod(layer.shape) <= positions * (layer.r.shape[1] + layer.shape[0])
+
+    @staticmethod
+    def fold(layer: "Weighted") -> torch.Tensor:
+        """W * s r^T for every member, [M, *shape]: the fast weights' outer product [M, O, I/g]
+        first, so the product with W saves only W and that (not an [M, *shape] intermediate).
+        Elementwise ops, which autocast leaves alone: in the parameters' precision, as
+        ``Ensemble._mix``; the convolution casts the result."""
+        out, per_group, M = layer.shape[0], layer.shape[1], layer.members
+        r = layer.r.unflatten(1, (layer.groups, per_group))
+        outer = layer.s.view(M, out, 1) * r.repeat_interleave(out // layer.groups, dim=1)
+        return layer.weight * outer.view(*outer.shape, *(1,) * (len(layer.shape) - 2))
+
+    @staticmethod
     def conv(layer: "Conv", x, weight, bias, w: Composed):
+        if _BatchEnsemble.composes(layer, x):
+            return _Member.conv(layer, x, _BatchEnsemble.fold(layer), bias, w)
         return _BatchEnsemble.apply(
             layer, x, w, lambda h: layer.conv(h, weight, groups=layer.groups, **layer.options)
         )
 
     @staticmethod
     def linear(layer: "Linear", x, weight, bias, w: Composed):
+        if _BatchEnsemble.composes(layer, x):
+            return _Member.linear(layer, x, _BatchEnsemble.fold(layer), bias, w)
         return _BatchEnsemble.apply(layer, x, w, lambda h: F.linear(h, weight))
 
     @staticmethod
     def apply(
         layer: "Weighted", x: torch.Tensor | Members, w: Composed, apply
     ) -> torch.Tensor | Members:
-        """``apply`` is the layer's own op on one batch. Grouped: the members' activations [B, M*C,
-        ...] are read as a batch [B*M, C, ...] (a view), so the shared weight runs once, as
-        BatchEnsemble's tiled batch does."""
+        """The scaled formulation; ``apply`` is the layer's own op on one batch. Grouped: the
+        members' activations [B, M*C, ...] are read as a batch [B*M, C, ...] (a view), so the
+        shared weight runs once, as BatchEnsemble's tiled batch does."""
         M, b = layer.members, layer.bias
         if not w.grouped:
             xs = [x] * M if layer.shared_input else x
@@ -351,18 +407,7 @@ class _BatchEnsemble(_Member):
     @staticmethod
     def composed(layer: "Weighted", mixed: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-member weights W * s r^T ([M, *shape]; r read per group)."""
-        out, per_group = layer.shape[0], layer.shape[1]
-        # [M, O, I/g]
-        r = layer.r.unflatten(1, (layer.groups, per_group)).repeat_interleave(
-            out // layer.groups, dim=1
-        )
-        tail = (1,) * (len(layer.shape) - 2)
-        weight = (
-            layer.weight[None]
-            * layer.s.view(layer.members, out, 1, *tail)
-            * r.view(*r.shape, *tail)
-        )
-        return weight, layer.bias
+        return _BatchEnsemble.fold(layer), layer.bias
 
 
 #: a layer's weight source (the plan's ``source``) -> the code that holds and runs its weights
@@ -580,7 +625,7 @@ class Ensemble(nn.Module):
             for layer in self.blobbed:
                 weights[layer.name] = layer.split(layer.mix_blob(self.blob))
         grouped = self.layout == "grouped" or (self.layout == "auto" and device.type == "cuda")
-        return Composed(weights, M, grouped)
+        return Composed(weights, M, grouped, split_groups=self.layout == "loop")
 
     def stack_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """MIMO: the members' inputs side by side on the channel axis, member-major. x [B, M,
