@@ -3,8 +3,9 @@
 Which layout is faster depends on the model, the batch and the device: on one H200 the loop layout
 beat the grouped one by 1.25x for WRN-28-10 x4 at batch 128, while WRN-16-4 at batch 64 went the
 other way. So ``auto`` times the candidates for a few steps on the run's own model, batch and
-device, and the run keeps the fastest; on the CPU, where the loop layout wins throughout
-(docs/execution.md), it follows that rule instead of spending steps on timing. The choice and its
+device, and the run keeps the fastest; on the CPU it keeps the runtimes' own rule for it (members
+one after another, Packed-Ensembles' groups in one grouped convolution: faster there throughout,
+docs/execution.md) instead of spending steps on timing. The choice and its
 timings go into ``config.json``; a resumed run takes the recorded choice. Details:
 docs/training.md ("Layout").
 """
@@ -48,7 +49,7 @@ class LayoutChoice(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    layout: Literal["grouped", "loop"]
+    layout: Literal["auto", "grouped", "loop"]  # auto: the runtime's rule for the device
     channels_last: bool = False
     how: Literal["forced", "rule", "measured", "resumed"]
     step_ms: dict[str, float] = Field(default_factory=dict)
@@ -70,11 +71,12 @@ def label(candidate: Candidate) -> str:
 
 def candidates(requested: str, device_kind: str, image_input: bool) -> list[Candidate]:
     """What ``requested`` (auto, grouped or loop) leaves to choose on ``device_kind``: both layouts
-    under auto, and on an accelerator each also in channels_last when the input is an image (the
-    memory format tensor cores prefer). One candidate means there is nothing to time."""
+    under auto on an accelerator (elsewhere auto stays the runtime's rule for the device), each
+    also in channels_last there when the input is an image (the memory format tensor cores
+    prefer). One candidate means there is nothing to time."""
     accelerator = device_kind in MEASURED_DEVICES
     if requested == "auto":
-        layouts = ["loop", "grouped"] if accelerator else ["loop"]
+        layouts = ["loop", "grouped"] if accelerator else ["auto"]
     else:
         layouts = [requested]
     formats = [False, True] if accelerator and image_input else [False]

@@ -6,12 +6,12 @@ from pydantic import ValidationError
 from mixc.core.layout_choice import LayoutChoice, candidates, choose_layout, label
 
 
-def test_auto_on_the_cpu_is_the_loop_rule_without_timing():
+def test_auto_on_the_cpu_is_the_runtime_rule_without_timing():
     def never(_):
         raise AssertionError("nothing to time on the CPU")
 
     choice = choose_layout("auto", "cpu", True, never)
-    assert (choice.layout, choice.channels_last, choice.how) == ("loop", False, "rule")
+    assert (choice.layout, choice.channels_last, choice.how) == ("auto", False, "rule")
     assert choice.step_ms == {}
 
 
