@@ -829,7 +829,8 @@ def print_report(res: dict[str, Any]) -> None:
         console.print(f"  {k:<44} {v if isinstance(v, str) else format(v, '.3f')}")
     if TRAINER in res["rows"]:
         console.print(
-            "  (the trainer builds its model without channels_last and adds weight decay)"
+            "  (the trainer runs the bare rows' layout and memory format, and adds its batch"
+            " gather, weight decay and gradient scales)"
         )
 
 
