@@ -167,14 +167,18 @@ def test_auto_layout_is_timed_recorded_and_kept_on_resume(tmp_path, data, monkey
     assert timed == [] and again == {**choice, "how": "resumed"}
 
 
-def test_a_forced_layout_is_not_timed(tmp_path, data, monkeypatch):
-    monkeypatch.setattr(layout_choice, "MEASURED_DEVICES", {"cpu"})
+def test_a_forced_layout_is_kept_and_only_its_memory_formats_timed(tmp_path, data, monkeypatch):
     plan = _plan()
     recipe = _recipe(plan)
-    train("torch", plan, recipe, out_dir=tmp_path, data=data, progress=False, layout="grouped")
-    choice = _config(tmp_path)["layout_choice"]
-    # on an accelerator the memory format is still timed; the CPU has one candidate per layout here
-    assert choice["layout"] == "grouped" and choice["how"] in ("forced", "measured")
+    run = dict(data=data, progress=False, layout="grouped")
+    train("torch", plan, recipe, out_dir=tmp_path / "cpu", **run)
+    choice = _config(tmp_path / "cpu")["layout_choice"]
+    assert choice == {"layout": "grouped", "channels_last": False, "how": "forced", "step_ms": {}}
+    monkeypatch.setattr(layout_choice, "MEASURED_DEVICES", {"cpu"})  # as on a GPU
+    train("torch", plan, recipe, out_dir=tmp_path / "gpu", **run)
+    choice = _config(tmp_path / "gpu")["layout_choice"]
+    assert choice["layout"] == "grouped" and choice["how"] == "measured"
+    assert set(choice["step_ms"]) == {"grouped", "grouped+channels_last"}
 
 
 def test_a_tampered_layout_choice_is_a_clear_error(tmp_path, data):

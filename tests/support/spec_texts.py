@@ -1,4 +1,4 @@
-"""Small .mix sources the tests write to disk: one tiny CNN, shaped per test."""
+"""Small .mix sources the tests write to disk: one tiny CNN, shaped per test, and a small WRN."""
 
 
 def tiny_cnn(
@@ -31,3 +31,24 @@ ensemble {{
 train {{
 {train}}}
 """
+
+
+#: a small Wide ResNet (depth 10, width 2, 32x32 images, 10 classes), 4 members: big enough that
+#: activations and weights both matter (the BatchEnsemble memory tests)
+SMALL_WRN = """import "blocks/wide.mix"
+ensemble {
+    backbone wrn(depth = 10, k = 2, classes = 10)
+    members 4
+}
+"""
+
+
+def small_wrn_plan(method: str):
+    """SMALL_WRN compiled under ``method`` (the zoo's blocks on the import path)."""
+    from paths import ZOO
+
+    import mixc
+
+    return mixc.compile_text(
+        SMALL_WRN, [f"method={method}"], name="wrn10_2.mix", import_paths=[ZOO]
+    )

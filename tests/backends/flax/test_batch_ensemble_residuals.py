@@ -14,22 +14,14 @@ import pytest
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 from framework_fixtures import fast_xla_compiles  # noqa: F401 (autouse)
-from paths import ZOO  # noqa: E402
+from spec_texts import small_wrn_plan  # noqa: E402
 
-import mixc  # noqa: E402
 from mixc.backends.flax import apply, build, runtime, split  # noqa: E402
-
-SPEC = """import "blocks/wide.mix"
-ensemble {
-    backbone wrn(depth = 10, k = 2, classes = 10)
-    members 4
-}
-"""
 
 
 def residual_bytes(method: str, layout: str) -> int:
     """Bytes of the residuals of one training call of the small WRN."""
-    plan = mixc.compile_text(SPEC, [f"method={method}"], name="wrn10_2.mix", import_paths=[ZOO])
+    plan = small_wrn_plan(method)
     graphdef, params, stats = split(build(plan, layout=layout, seed=0))
     x = np.random.default_rng(0).standard_normal((16, *plan.input_shape))
     x = jnp.asarray(x, jnp.float32)

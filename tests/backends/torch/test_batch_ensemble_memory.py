@@ -12,22 +12,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from paths import ZOO  # noqa: E402
+from spec_texts import small_wrn_plan  # noqa: E402
 
-import mixc  # noqa: E402
 from mixc.backends.torch import build, runtime  # noqa: E402
-
-SPEC = """import "blocks/wide.mix"
-ensemble {
-    backbone wrn(depth = 10, k = 2, classes = 10)
-    members 4
-}
-"""
 
 
 def saved_bytes(method: str, layout: str) -> int:
     """Bytes autograd saves (distinct storages) in one training forward of the small WRN."""
-    plan = mixc.compile_text(SPEC, [f"method={method}"], name="wrn10_2.mix", import_paths=[ZOO])
+    plan = small_wrn_plan(method)
     torch.manual_seed(0)
     model = build(plan, layout=layout).train()
     x = torch.randn(16, *plan.input_shape)
