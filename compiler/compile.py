@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mixc.compiler import plan as P
 from mixc.compiler.elaborate import elaborate
-from mixc.compiler.layers import weight_size
+from mixc.compiler.layers import member_op_params, weight_size
 from mixc.compiler.methods import Backbone, EnsembleMethod, MethodError, MethodParts, get_method
 from mixc.compiler.plan_warnings import plan_warning
 from mixc.spec.diagnostics import Diagnostics
@@ -50,8 +50,8 @@ def _backbone(program: Program, graph, diags: Diagnostics) -> Backbone:
     """The backbone's size and the spec's budget in parameters, for the method to build from."""
     ens = program.ensemble
     weights = [o for o in graph.ops if isinstance(o, (P.ConvOp, P.LinearOp))]
-    bn_per_member = sum(2 * o.channels for o in graph.ops if isinstance(o, P.BatchNormOp))
-    backbone = sum(weight_size(o) for o in weights) + bn_per_member
+    member_ops = sum(member_op_params(o) for o in graph.ops)
+    backbone = sum(weight_size(o) for o in weights) + member_ops
     budget = ens.budget
     if isinstance(budget, Multiple):
         budget = int(budget.factor * backbone)
@@ -60,7 +60,7 @@ def _backbone(program: Program, graph, diags: Diagnostics) -> Backbone:
         ens,
         graph,
         backbone,
-        bn_per_member,
+        member_ops,
         budget,
         budget_pos,
         _ignored_warnings(ens, diags.sources),
@@ -94,6 +94,8 @@ def _accounting(b: Backbone, parts: MethodParts) -> P.Accounting:
             ("plain", ("plain_weight", "plain_bias", "member_weight", "member_bias")),
             ("fast", ("fast_in", "fast_out")),
             ("bn", ("bn_weight", "bn_bias")),
+            ("norm", ("norm_weight", "norm_bias")),
+            ("embedding", ("embedding",)),
             ("templates", ("bank", "blob")),
             ("alpha", ("alpha",)),
         )
@@ -106,6 +108,8 @@ def _accounting(b: Backbone, parts: MethodParts) -> P.Accounting:
         template_params=part["templates"],
         alpha_params=part["alpha"],
         bn_params=part["bn"],
+        norm_params=part["norm"],
+        embedding_params=part["embedding"],
         total_params=sum(by_role.values()),
         budget=parts.budget,
         minimum_budget=parts.minimum,

@@ -411,7 +411,12 @@ class _Elaborator:
         except ShapeError as e:
             pos = next((a.pos for a in st.args if a.name == e.arg), st.pos) if e.arg else st.pos
             self.fail_shape(f"{e.message} (in layer '{full}')", pos, e.hint)
-        return self.add(op, st.pos)
+        if not isinstance(op, list):
+            return self.add(op, st.pos)
+        self.g.scopes.append(P.Scope(name=full, block=st.kind))  # a composite layer: its own scope
+        for part in op:
+            cur = self.add(part, st.pos)
+        return cur
 
     def layer_args(self, st: A.Layer, kind, env: dict, full: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -485,6 +490,9 @@ class _Elaborator:
         elif t == "bool":
             if not isinstance(v, bool):
                 bad = "true or false"
+        elif t == "str":
+            if not isinstance(v, str):
+                bad = "a string"
         elif t == "float":
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 bad = "a number"

@@ -21,6 +21,7 @@ from mixc.compiler.allocate import (
 from mixc.compiler.degenerate import all_collinear
 from mixc.compiler.group import GroupDraft
 from mixc.compiler.methods import method_of
+from mixc.compiler.methods.tensors import member_op_tensors
 from mixc.compiler.plan import Group, Plan, Slot
 from mixc.compiler.tensor_names import tensor_name
 
@@ -67,7 +68,7 @@ def _check_totals(plan: Plan) -> list[Violation]:
     out: list[Violation] = []
     a = plan.accounting
     trainable = sum(t.numel for t in plan.tensors if t.trainable)
-    parts = a.plain_params + a.template_params + a.alpha_params + a.fast_params + a.bn_params
+    parts = a.plain_params + a.template_params + a.alpha_params + a.fast_params + a.member_op_params
     if trainable != a.total_params or parts != a.total_params:
         out.append(
             Violation(
@@ -244,7 +245,7 @@ def _check_shares(plan: Plan) -> list[Violation]:
     ]
     tpls = [g.requested_templates_per_layer for g in plan.groups]
     caps = [readable_capacity(len(g.layers), t, M, plan.assign) for g, t in zip(plan.groups, tpls)]
-    fixed_cost = a.plain_params + a.bn_params
+    fixed_cost = a.plain_params + a.member_op_params
     base = fixed_cost + sum(
         g.templates * g.size + alpha_cost(d, g.templates, t, M)
         for d, g, t in zip(drafts, plan.groups, tpls)
@@ -324,7 +325,7 @@ def _check_blob(plan: Plan, room: int | None) -> list[Violation]:
             )
         )
     if room is not None:
-        plain_bn = plan.accounting.plain_params + plan.accounting.bn_params
+        plain_bn = plan.accounting.plain_params + plan.accounting.member_op_params
         sizes = [s.size for s in slots]
         nxt = next_readable_blob(b.size, sizes, plan.members, plan.templates_per_layer, plan.assign)
         if (
@@ -362,6 +363,9 @@ def _expected_tensors(plan: Plan) -> dict[str, list[int]]:
                 want[tensor_name("bn", o.name, field)] = (
                     [M, o.channels] if per_member else [o.channels]
                 )
+        else:  # LayerNorm, class token, position embedding
+            for t in member_op_tensors(o, M if per_member else None):
+                want[t.name] = list(t.shape)
     return want
 
 

@@ -2,7 +2,10 @@
 
 One table (``LAYERS``) drives argument checking, shape inference and the
 language reference, so adding a layer kind is one entry plus one builder.
-Shapes are channels-first without the batch axis: [C, H, W], [C, L] or [D].
+Shapes are channels-first without the batch axis: [C, H, W], [C, L] or [D]; a token sequence is
+[D, N], read like a signal (D channels, N positions), so a linear layer on it maps each token.
+A kind's builder returns one op, or several (``attention``: its projections and the attention
+between them, under a scope of the layer's name).
 """
 
 from __future__ import annotations
@@ -124,20 +127,119 @@ def _conv(name, inputs, shape, a):
 
 
 def _linear(name, inputs, shape, a):
-    if len(shape) != 1:
+    if len(shape) > 2:
         raise ShapeError(
-            f"linear needs a vector input, but its input has shape {shape}",
-            "add global_avgpool (or flatten) before the linear layer",
+            f"linear needs a vector [D] or a sequence [D, N], but its input has shape {shape}",
+            "add global_avgpool (or flatten) before the linear layer, or tokens to read an image"
+            " as a sequence",
         )
     return P.LinearOp(
         name=name,
         inputs=inputs,
         in_shape=shape,
-        out_shape=[a["out"]],
+        out_shape=[a["out"], *shape[1:]],
         in_features=shape[0],
         out_features=a["out"],
         bias=a["bias"],
         source="plain",
+    )
+
+
+def _sequence(shape: list[int], kind: str) -> None:
+    if len(shape) != 2:
+        raise ShapeError(
+            f"{kind} needs a token sequence [D, N], but its input has shape {shape}",
+            "read an image as tokens first (conv patch(..., kernel = p, stride = p) then tokens)",
+        )
+
+
+def _layernorm(name, inputs, shape, a):
+    if not a["eps"] > 0:
+        raise ShapeError(f"layernorm eps must be positive, got {a['eps']}", arg="eps")
+    return P.LayerNormOp(
+        name=name, inputs=inputs, in_shape=shape, out_shape=shape, channels=shape[0], eps=a["eps"]
+    )
+
+
+def _attention(name, inputs, shape, a):
+    """q, k, v (linear D -> D each), the attention of the three, the output projection."""
+    _sequence(shape, "attention")
+    dim, heads = shape[0], a["heads"]
+    if dim % heads:
+        raise ShapeError(
+            f"attention: {heads} heads must divide the {dim} channels of its input",
+            f"use a number of heads that divides {dim}",
+            arg="heads",
+        )
+
+    def proj(local: str, src: str) -> P.LinearOp:
+        return P.LinearOp(
+            name=f"{name}.{local}",
+            inputs=[src],
+            in_shape=shape,
+            out_shape=shape,
+            in_features=dim,
+            out_features=dim,
+            bias=a["bias"],
+            source="plain",
+        )
+
+    q, k, v = (proj(p, inputs[0]) for p in ("q", "k", "v"))
+    attend = P.AttentionOp(
+        name=f"{name}.attend",
+        inputs=[q.name, k.name, v.name],
+        in_shape=shape,
+        out_shape=shape,
+        channels=dim,
+        heads=heads,
+    )
+    return [q, k, v, attend, proj("proj", attend.name)]
+
+
+def _tokens(name, inputs, shape, a):
+    if len(shape) != 3:
+        raise ShapeError(
+            f"tokens reads an image [C, H, W] as a sequence, but its input has shape {shape}",
+            "use tokens right after the patch embedding (a conv with kernel = stride = patch)",
+        )
+    return P.TokensOp(
+        name=name, inputs=inputs, in_shape=shape, out_shape=[shape[0], shape[1] * shape[2]]
+    )
+
+
+def _cls_token(name, inputs, shape, a):
+    _sequence(shape, "cls_token")
+    return P.ClassTokenOp(
+        name=name,
+        inputs=inputs,
+        in_shape=shape,
+        out_shape=[shape[0], shape[1] + 1],
+        channels=shape[0],
+    )
+
+
+def _pos_embed(name, inputs, shape, a):
+    _sequence(shape, "pos_embed")
+    return P.PosEmbedOp(
+        name=name,
+        inputs=inputs,
+        in_shape=shape,
+        out_shape=shape,
+        channels=shape[0],
+        tokens=shape[1],
+    )
+
+
+def _token_pool(name, inputs, shape, a):
+    _sequence(shape, "token_pool")
+    if a["mode"] not in ("cls", "mean"):
+        raise ShapeError(
+            f'token_pool mode is "cls" or "mean", got {a["mode"]!r}',
+            'token_pool("cls") reads the class token, token_pool("mean") averages the tokens',
+            arg="mode",
+        )
+    return P.TokenPoolOp(
+        name=name, inputs=inputs, in_shape=shape, out_shape=[shape[0]], op=a["mode"]
     )
 
 
@@ -235,7 +337,11 @@ LAYERS: dict[str, LayerKind] = {
         "1-D or 2-D convolution (by the input's rank); padding defaults to dilation*(kernel//2)",
     ),
     "linear": LayerKind(
-        ("out", "bias"), ("out",), {"bias": True}, _linear, "fully connected layer on a vector"
+        ("out", "bias"),
+        ("out",),
+        {"bias": True},
+        _linear,
+        "fully connected layer on a vector [D], or on each token of a sequence [D, N]",
     ),
     "bn": LayerKind(
         ("eps", "momentum"),
@@ -264,6 +370,33 @@ LAYERS: dict[str, LayerKind] = {
     ),
     "flatten": LayerKind((), (), {}, _flatten, "[C, ...] -> [C * ...]"),
     "dropout": LayerKind(("p",), (), {"p": 0.5}, _dropout, "dropout with probability p"),
+    "layernorm": LayerKind(
+        ("eps",),
+        (),
+        {"eps": 1e-5},
+        _layernorm,
+        "layer normalisation over the channels at each position, one per member",
+    ),
+    "attention": LayerKind(
+        ("heads", "bias"),
+        ("heads",),
+        {"bias": True},
+        _attention,
+        "multi-head self-attention on a sequence [D, N]: linear q, k, v (D -> D), scaled"
+        " dot-product attention in `heads` heads, linear proj",
+    ),
+    "tokens": LayerKind((), (), {}, _tokens, "an image [C, H, W] as a sequence [C, H*W]"),
+    "cls_token": LayerKind(
+        (), (), {}, _cls_token, "a learned class token before the sequence: [D, N] -> [D, N + 1]"
+    ),
+    "pos_embed": LayerKind((), (), {}, _pos_embed, "a learned position embedding, added"),
+    "token_pool": LayerKind(
+        ("mode",),
+        (),
+        {"mode": "cls"},
+        _token_pool,
+        'a sequence [D, N] to a vector [D]: "cls" (the first token) or "mean"',
+    ),
 }
 
 # What each argument must be, for the checker in elaborate.py.
@@ -279,6 +412,8 @@ ARG_TYPES: dict[str, str] = {
     "momentum": "float",
     "slope": "float",
     "p": "float",
+    "heads": "int",
+    "mode": "str",
 }
 
 INPUT_LAYOUTS = {
@@ -296,6 +431,18 @@ def weight_size(op: P.ConvOp | P.LinearOp) -> int:
     return n + (op.weight_shape[0] if op.bias else 0)
 
 
+def member_op_params(op) -> int:
+    """Trainable parameters one member holds in an op that is not a weight layer: a BatchNorm's or
+    LayerNorm's scale and shift, a class token, a position embedding (0 for every other op)."""
+    if op.kind in ("bn", "layernorm"):
+        return 2 * op.channels
+    if op.kind == "cls_token":
+        return op.channels
+    if op.kind == "pos_embed":
+        return op.channels * op.tokens
+    return 0
+
+
 def macs(op) -> int:
     """Multiply-accumulates of one conv/linear op for one sample (0 for every other op)."""
     if op.kind == "conv":
@@ -304,5 +451,8 @@ def macs(op) -> int:
             n *= d
         return n
     if op.kind == "linear":
-        return op.in_features * op.out_features // op.groups
+        positions = op.in_shape[1] if len(op.in_shape) == 2 else 1
+        return positions * op.in_features * op.out_features // op.groups
+    if op.kind == "attention":  # q k^T and the weighted sum of v: 2 N^2 D
+        return 2 * op.in_shape[1] ** 2 * op.channels
     return 0

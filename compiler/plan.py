@@ -198,6 +198,62 @@ class AddOp(_OpBase):
     kind: Literal["add"] = "add"
 
 
+# Transformer ops (docs/transformers.md). A token sequence is [D, N] like a signal: channels first,
+# one position per token, so the members sit on the channel axis as for convnets.
+
+
+class LayerNormOp(_OpBase):
+    """Normalisation over the channels at each position, one scale and shift per member.
+    ``groups`` > 1 (Packed-Ensembles' single network) normalises each block of channels alone."""
+
+    kind: Literal["layernorm"] = "layernorm"
+    channels: Dim
+    eps: Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+    groups: Dim = 1
+
+
+class AttentionOp(_OpBase):
+    """Scaled dot-product attention of inputs (q, k, v), each [D, N], in ``heads`` heads of
+    ``channels // heads``: the weightless middle of a multi-head self-attention, whose q/k/v and
+    output projections are linear ops of their own."""
+
+    kind: Literal["attention"] = "attention"
+    channels: Dim
+    heads: Dim
+
+    @property
+    def head_dim(self) -> int:
+        return self.channels // self.heads
+
+
+class TokensOp(_OpBase):
+    """An image [C, H, W] read as a sequence of H*W tokens [C, H*W] (row-major, as timm's)."""
+
+    kind: Literal["tokens"] = "tokens"
+
+
+class ClassTokenOp(_OpBase):
+    """A learned token put before the sequence: [D, N] -> [D, N + 1]; one [D] per member."""
+
+    kind: Literal["cls_token"] = "cls_token"
+    channels: Dim
+
+
+class PosEmbedOp(_OpBase):
+    """A learned position embedding added to the sequence; one [N, D] per member."""
+
+    kind: Literal["pos_embed"] = "pos_embed"
+    channels: Dim
+    tokens: Dim
+
+
+class TokenPoolOp(_OpBase):
+    """A sequence [D, N] to a vector [D]: the first (class) token, or the mean of the tokens."""
+
+    kind: Literal["token_pool"] = "token_pool"
+    op: Literal["cls", "mean"]
+
+
 Op = Annotated[
     InputOp
     | ConvOp
@@ -208,7 +264,13 @@ Op = Annotated[
     | GlobalPoolOp
     | FlattenOp
     | DropoutOp
-    | AddOp,
+    | AddOp
+    | LayerNormOp
+    | AttentionOp
+    | TokensOp
+    | ClassTokenOp
+    | PosEmbedOp
+    | TokenPoolOp,
     Field(discriminator="kind"),
 ]
 WeightOp = ConvOp | LinearOp
@@ -283,6 +345,9 @@ class Tensor(_Model):
         "bn_bias",
         "bn_mean",
         "bn_var",
+        "norm_weight",  # LayerNorm's scale
+        "norm_bias",  # LayerNorm's shift
+        "embedding",  # a class token or a position embedding
     ]
     trainable: bool
     layer: Name | None = None
@@ -299,8 +364,9 @@ class Tensor(_Model):
 class Accounting(_Grown):
     """Parameter counts (trainable parameters only; BN running stats are buffers).
 
-    ``total = plain + templates + alphas + fast + bn``; the fields after ``maximum_budget`` came
-    with the other ensemble methods and are left out of the JSON at their defaults (see ``_Grown``).
+    ``total = plain + templates + alphas + fast + bn + norm + embedding``; the fields after
+    ``maximum_budget`` came with the other ensemble methods and the transformer ops, and are left
+    out of the JSON at their defaults (see ``_Grown``).
     """
 
     backbone_params: Count  # one plain member, no factorisation
@@ -321,11 +387,23 @@ class Accounting(_Grown):
         None  # largest useful budget: every group (or the blob) fully readable
     )
     fast_params: Count = 0  # BatchEnsemble's fast weights r and s, all members
+    norm_params: Count = 0  # LayerNorm scales and shifts, all members
+    embedding_params: Count = 0  # class tokens and position embeddings, all members
     backbone_macs: Count | None = (
         None  # one plain backbone's MACs, where the ops are not that backbone
     )
 
-    _implied: ClassVar[dict[str, Any]] = {"fast_params": 0, "backbone_macs": None}
+    @property
+    def member_op_params(self) -> int:
+        """Every member's BatchNorm, LayerNorm and embedding parameters."""
+        return self.bn_params + self.norm_params + self.embedding_params
+
+    _implied: ClassVar[dict[str, Any]] = {
+        "fast_params": 0,
+        "backbone_macs": None,
+        "norm_params": 0,
+        "embedding_params": 0,
+    }
 
 
 class PlanWarning(_Model):

@@ -7,7 +7,8 @@ the same names onto module attributes. They are copied into standalone files, so
 
 from __future__ import annotations
 
-#: weight source (or "bn") -> (plan name pattern, module attribute) of each tensor a layer holds;
+#: weight source (or the kind of a per-member op: "bn", "layernorm", "cls_token", "pos_embed") ->
+#: (plan name pattern, module attribute) of each tensor a layer holds;
 #: an entry on attribute "bias" exists only when the layer has a bias
 LAYER_TENSORS: dict[str, tuple[tuple[str, str], ...]] = {
     "plain": (("plain.{layer}.weight", "weight"), ("plain.{layer}.bias", "bias")),
@@ -26,6 +27,9 @@ LAYER_TENSORS: dict[str, tuple[tuple[str, str], ...]] = {
         ("bn.{layer}.running_mean", "running_mean"),
         ("bn.{layer}.running_var", "running_var"),
     ),
+    "layernorm": (("ln.{layer}.weight", "weight"), ("ln.{layer}.bias", "bias")),
+    "cls_token": (("embed.{layer}.token", "token"),),
+    "pos_embed": (("embed.{layer}.pos", "pos"),),
 }
 BLOB = "blob"  # the flat template store's tensor
 

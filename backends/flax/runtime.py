@@ -286,6 +286,9 @@ LAYER_TENSORS: dict[str, tuple[tuple[str, str], ...]] = {
         ("bn.{layer}.running_mean", "running_mean"),
         ("bn.{layer}.running_var", "running_var"),
     ),
+    "layernorm": (("ln.{layer}.weight", "weight"), ("ln.{layer}.bias", "bias")),
+    "cls_token": (("embed.{layer}.token", "token"),),
+    "pos_embed": (("embed.{layer}.pos", "pos"),),
 }
 
 

@@ -27,7 +27,7 @@ class Backbone:
     ens: Any  # the spec's EnsembleSpec
     graph: Any  # the elaborated graph (ops, pos, scopes)
     backbone: int  # one plain backbone's trainable parameters
-    bn_per_member: int
+    member_op_params: int  # one member's BatchNorm, LayerNorm and embedding parameters
     budget: int | None  # the budget in parameters (a multiple already resolved)
     budget_pos: Pos | None
     warnings: list  # plan warnings so far; a method may add its own

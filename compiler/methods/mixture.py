@@ -22,8 +22,9 @@ from mixc.compiler.methods.base import (
     register_method,
 )
 from mixc.compiler.methods.tensors import (
+    MEMBER_OP_ROLES,
     alpha_tensors,
-    bn_tensors,
+    member_op_tensors,
     member_tensors,
     plain_tensors,
     template_tensors,
@@ -75,7 +76,7 @@ def templated_parts(
     assert by_role.get("bank", 0) + by_role.get("blob", 0) == (
         built.template_params if built else 0
     )
-    alpha_bn = by_role.get("alpha", 0) + by_role.get("bn_weight", 0) + by_role.get("bn_bias", 0)
+    alpha_bn = by_role.get("alpha", 0) + sum(by_role.get(r, 0) for r in MEMBER_OP_ROLES)
     member = by_role.get("member_weight", 0) + by_role.get("member_bias", 0)
     return MethodParts(
         method,
@@ -107,8 +108,8 @@ def templated_tensors(
                 out += member_tensors(o, M)
             else:
                 out += alpha_tensors(o, M, slot_by_layer[o.name].k)
-        elif isinstance(o, P.BatchNormOp):
-            out += bn_tensors(o, M)
+        else:
+            out += member_op_tensors(o, M)
     return out
 
 
@@ -139,7 +140,7 @@ class Mixture(EnsembleMethod):
             diags.raise_if_any()
         drafts, plain = formed
         by_name = {o.name: o for o in weights}
-        fixed_cost = sum(weight_size(by_name[n]) for n in plain) + M * b.bn_per_member
+        fixed_cost = sum(weight_size(by_name[n]) for n in plain) + M * b.member_op_params
         if not drafts:
             diags.error(
                 "no layer is factorised: every conv/linear layer has a unique shape",

@@ -49,6 +49,9 @@ def packed_constraints(ops: list, M: int, gamma: int) -> list[WidthConstraint]:
     first, last = layer_roles(ops)
     out: list[WidthConstraint] = []
     for o in ops:
+        if o.kind == "attention":
+            heads = f"{M} members x {o.heads} heads"
+            out.append(WidthConstraint(o.name, "input", o.channels, M * o.heads, heads))
         if o.kind not in WEIGHT_KINDS:
             continue
         g = o.groups
@@ -123,7 +126,7 @@ def packed_ops(ops: list, M: int, alpha: Fraction, gamma: int, where: dict[str, 
             return M * out_width(o), (g if o.name in first else M * g)
         return int(alpha * out_width(o)), (g if o.name in first else gamma * M * g)
 
-    return retarget(ops, 1, rule, where, "packed")
+    return retarget(ops, 1, rule, where, "packed", split=M)
 
 
 def _width_message(c: WidthConstraint, alpha: Fraction, gamma: int, M: int) -> str:

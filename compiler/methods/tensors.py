@@ -6,6 +6,9 @@ from mixc.compiler import plan as P
 from mixc.compiler.methods.widths import WEIGHT_KINDS, in_width, out_width
 from mixc.compiler.tensor_names import BLOB, bank_name, tensor_name
 
+#: the roles of the tensors of ops that are not weight layers (member_op_tensors), trainable ones
+MEMBER_OP_ROLES = ("bn_weight", "bn_bias", "norm_weight", "norm_bias", "embedding")
+
 
 def bn_tensors(o: P.BatchNormOp, M: int | None) -> list[P.Tensor]:
     """One BatchNorm's tensors: ``[M, C]`` per member, or ``[C]`` for a single-path network (``M``
@@ -27,6 +30,53 @@ def bn_tensors(o: P.BatchNormOp, M: int | None) -> list[P.Tensor]:
             ("running_var", "bn_var", False),
         )
     ]
+
+
+def norm_tensors(o: P.LayerNormOp, M: int | None) -> list[P.Tensor]:
+    """One LayerNorm's scale and shift: ``[M, C]`` per member, or ``[C]`` on a single path."""
+    shape = [o.channels] if M is None else [M, o.channels]
+    return [
+        P.Tensor(
+            name=tensor_name("layernorm", o.name, field),
+            shape=shape,
+            role=role,
+            trainable=True,
+            layer=o.name,
+            per_member=M is not None,
+        )
+        for field, role in (("weight", "norm_weight"), ("bias", "norm_bias"))
+    ]
+
+
+def embedding_tensors(o: P.ClassTokenOp | P.PosEmbedOp, M: int | None) -> list[P.Tensor]:
+    """A class token ``[D]`` or a position embedding ``[N, D]`` (token-major, as timm stores it),
+    per member ``[M, ...]`` or one on a single path."""
+    if o.kind == "cls_token":
+        field, shape = "token", [o.channels]
+    else:
+        field, shape = "pos", [o.tokens, o.channels]
+    return [
+        P.Tensor(
+            name=tensor_name(o.kind, o.name, field),
+            shape=shape if M is None else [M, *shape],
+            role="embedding",
+            trainable=True,
+            layer=o.name,
+            per_member=M is not None,
+        )
+    ]
+
+
+def member_op_tensors(o, M: int | None) -> list[P.Tensor]:
+    """The tensors of an op that is not a weight layer (BatchNorm, LayerNorm, class token,
+    position embedding; none for the rest): every member's own, or ``M`` None for one network."""
+    if o.kind == "bn":
+        return bn_tensors(o, M)
+    if o.kind == "layernorm":
+        return norm_tensors(o, M)
+    if o.kind in ("cls_token", "pos_embed"):
+        return embedding_tensors(o, M)
+    return []
 
 
 def _layer_tensor(
@@ -91,13 +141,14 @@ def batch_ensemble_tensors(o, M: int) -> list[P.Tensor]:
 
 def layer_tensors(ops: list, M: int, weight, single_path: bool) -> list[P.Tensor]:
     """Every tensor of a model without templates, in op order (the checkpoint names); ``weight(o)``
-    gives a weight layer's tensors, BatchNorm is [C] on a single path, else [M, C]."""
+    gives a weight layer's tensors; BatchNorm and the other per-member ops are [C] on a single
+    path, else [M, C]."""
     out: list[P.Tensor] = []
     for o in ops:
         if o.kind in WEIGHT_KINDS:
             out += weight(o)
-        elif o.kind == "bn":
-            out += bn_tensors(o, None if single_path else M)
+        else:
+            out += member_op_tensors(o, None if single_path else M)
     return out
 
 

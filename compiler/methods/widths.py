@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mixc.compiler import plan as P
+from mixc.compiler.layers import member_op_params, weight_size
 from mixc.compiler.methods.base import MethodError
 from mixc.spec.diagnostics import Pos
 
@@ -46,10 +47,12 @@ WidthRule = Callable[[P.ConvOp | P.LinearOp, int], tuple[int, int]]
 
 
 def retarget(
-    ops: list, input_factor: int, rule: WidthRule, where: dict[str, Pos], what: str
+    ops: list, input_factor: int, rule: WidthRule, where: dict[str, Pos], what: str, split: int = 1
 ) -> list:
     """The graph with the input's channels multiplied by ``input_factor`` and every weight layer's
     output channels and groups from ``rule``; every other op follows its input's new shape.
+    ``split``: the members the network's channels are split between (Packed-Ensembles: each
+    LayerNorm normalises each member's block, each attention has every member's heads).
     Raises MethodError where two paths meet with different widths."""
     shapes: dict[str, list[int]] = {}
     out = []
@@ -71,13 +74,13 @@ def retarget(
                 where.get(o.name),
                 "give the shortcut a projection (conv) so both paths are weight layers' outputs",
             )
-        new = o.model_copy(update=_retargeted(o, x, rule))
+        new = o.model_copy(update=_retargeted(o, x, rule, split))
         shapes[o.name] = new.out_shape
         out.append(new)
     return out
 
 
-def _retargeted(o, x: list[int], rule: WidthRule) -> dict:
+def _retargeted(o, x: list[int], rule: WidthRule, split: int) -> dict:
     """The fields of op ``o`` that change when its input has shape ``x``."""
     update: dict = {"in_shape": x}
     if o.kind == "conv":
@@ -90,9 +93,20 @@ def _retargeted(o, x: list[int], rule: WidthRule) -> dict:
         }
     elif o.kind == "linear":
         cout, groups = rule(o, x[0])
-        update |= {"in_features": x[0], "out_features": cout, "groups": groups, "out_shape": [cout]}
+        update |= {
+            "in_features": x[0],
+            "out_features": cout,
+            "groups": groups,
+            "out_shape": [cout, *x[1:]],
+        }
     elif o.kind == "bn":
         update |= {"channels": x[0], "out_shape": x}
+    elif o.kind == "layernorm":
+        update |= {"channels": x[0], "out_shape": x, "groups": o.groups * split}
+    elif o.kind == "attention":
+        update |= {"channels": x[0], "out_shape": x, "heads": o.heads * split}
+    elif o.kind in ("cls_token", "pos_embed"):
+        update |= {"channels": x[0], "out_shape": [x[0], *o.out_shape[1:]]}
     elif o.kind == "flatten":
         n = 1
         for d in x:
@@ -114,15 +128,6 @@ def out_width(o) -> int:
 
 
 def params_of(ops: list) -> int:
-    """Trainable parameters of a single-path network: weights, biases, one BatchNorm scale and
-    shift."""
-    n = 0
-    for o in ops:
-        if o.kind in WEIGHT_KINDS:
-            w = 1
-            for d in o.weight_shape:
-                w *= d
-            n += w + (out_width(o) if o.bias else 0)
-        elif o.kind == "bn":
-            n += 2 * o.channels
-    return n
+    """Trainable parameters of a single-path network: weights, biases, one BatchNorm (LayerNorm)
+    scale and shift, one class token and position embedding."""
+    return sum(weight_size(o) if o.kind in WEIGHT_KINDS else member_op_params(o) for o in ops)
