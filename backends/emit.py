@@ -107,6 +107,10 @@ def blob_var(plan: Plan) -> float:
 # Plan checks
 
 
+#: ops that hold parameters of each member's own besides the weight layers
+MEMBER_OPS = ("bn", "layernorm", "cls_token", "pos_embed")
+
+
 def shared_flags(plan: Plan) -> dict[str, bool]:
     """An op's output is shared when it is the same for every member (computed once); in a
     single-path plan (MIMO, Packed-Ensembles) every op runs once for all members."""
@@ -117,7 +121,7 @@ def shared_flags(plan: Plan) -> dict[str, bool]:
         ins = all(shared[i] for i in op.inputs)
         if op.kind == "input":
             shared[op.name] = True
-        elif op.kind == "bn":
+        elif op.kind in MEMBER_OPS:  # every member's own parameters
             shared[op.name] = False
         elif op.kind in ("conv", "linear"):
             shared[op.name] = ins and op.source == "plain"
@@ -323,7 +327,14 @@ def runtime_source(module: str) -> tuple[list[str], list[str]]:
 
 
 #: the runtime's class for each kind of layer op
-LAYER_CLASS = {"conv": "Conv", "linear": "Linear", "bn": "BatchNorm"}
+LAYER_CLASS = {
+    "conv": "Conv",
+    "linear": "Linear",
+    "bn": "BatchNorm",
+    "layernorm": "LayerNorm",
+    "cls_token": "ClassToken",
+    "pos_embed": "PosEmbed",
+}
 
 #: one lowering: (emitter, the node being written, the op, its input variables) -> an expression
 Lowering = Callable[["Emitter", Any, Any, list[str]], str]
@@ -341,8 +352,17 @@ class Emitter:
     RUNTIME: ClassVar[str] = ""  # the module holding the layer classes
     RUNTIME_NAMES: ClassVar[list[str]] = ["BatchNorm", "Composed", "Config", "Conv", "Ensemble"]
     # op kind -> runtime name it needs
-    OPTIONAL_NAMES: ClassVar[dict[str, str]] = {"linear": "Linear"}
+    OPTIONAL_NAMES: ClassVar[dict[str, str]] = {
+        "linear": "Linear",
+        "layernorm": "LayerNorm",
+        "cls_token": "ClassToken",
+        "pos_embed": "PosEmbed",
+        "attention": "attend",
+    }
     RESERVED_CLASSES = {
+        "LayerNorm",
+        "ClassToken",
+        "PosEmbed",
         "Composed",
         "Config",
         "Conv",
@@ -521,6 +541,8 @@ class Emitter:
             cfg = [f"momentum={op.momentum!r}"] if op.momentum != 0.1 else []
             cfg += [f"eps={op.eps!r}"] if op.eps != 1e-5 else []
             return cfg + (["shared_input=True"] if shared_in and not self.single_path else [])
+        if op.kind in MEMBER_OPS:
+            return self.member_op_config(op, shared_in)
         cfg = [f"shape={tuple(op.weight_shape)!r}"]
         if op.kind == "conv":
             for key, v, default in (
@@ -541,8 +563,18 @@ class Emitter:
             cfg += [f"bank={_q(ident(slot.group))}", f"rows={rows}", f"templates={templates}"]
         elif op.source == "blob":
             cfg += [f"k={slot.k}", f"offsets={slot.offsets}"]
+        cfg += ["tokens=True"] if op.kind == "linear" and len(op.in_shape) == 2 else []
         cfg += ["shared_input=True"] if shared_in else []
         return cfg + (["spread=True"] if op.name in self.spread else [])
+
+    def member_op_config(self, op: Any, shared_in: bool) -> list[str]:
+        """A LAYERS row of a LayerNorm, class token or position embedding: its shape and options."""
+        cfg = [f"channels={op.channels}"]
+        if op.kind == "layernorm":
+            cfg += [f"eps={op.eps!r}"] + ([f"groups={op.groups}"] if op.groups != 1 else [])
+        elif op.kind == "pos_embed":
+            cfg.append(f"tokens={op.tokens}")
+        return cfg + (["shared_input=True"] if shared_in and not self.single_path else [])
 
     # -- the classes -------------------------------------------------------
 
@@ -664,9 +696,15 @@ class Emitter:
 
 
 def layer_call(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
-    """A conv, linear or BatchNorm layer: the block's attribute, called with the composed
-    weights."""
+    """A conv, linear, BatchNorm, LayerNorm or embedding layer: the block's attribute, called with
+    the composed weights."""
     return f"self.{attr(relative(node, op.name))}({a[0]}, w)"
+
+
+def attend(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
+    """Attention of (q, k, v); the head size, not the count, is what every layout shares (grouped,
+    the members' heads sit side by side on the channel axis)."""
+    return f"attend({a[0]}, {a[1]}, {a[2]}, head_dim={op.head_dim})"
 
 
 def add(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
