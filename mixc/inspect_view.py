@@ -43,6 +43,13 @@ def _shape(s: list[int]) -> str:
     return "x".join(map(str, s))
 
 
+def _transformer_rows(t, a, members: int, how: str) -> None:
+    """LayerNorm and embedding rows, shown only for the backbones that have them."""
+    for label, n in (("layernorm", a.norm_params), ("embeddings", a.embedding_params)):
+        if n:
+            t.add_row(label, f"{n:,}", f"{n // members:,} {how}" if how == "per member" else how)
+
+
 def summary(plan: Plan) -> dict[str, Any]:
     """The JSON form of `mixc inspect`: stable keys for scripts and CI."""
     a = plan.accounting
@@ -77,6 +84,8 @@ def summary(plan: Plan) -> dict[str, Any]:
         "bn_per_member": bn_member,
         "per_member_params": a.per_member_params,
         "fast_params": a.fast_params,
+        "norm_params": a.norm_params,
+        "embedding_params": a.embedding_params,
         "inference_macs": ensemble_macs(plan),
         "backbone_macs": backbone_macs(plan),
         "relative_flops": ensemble_macs(plan) / backbone_macs(plan),
@@ -243,14 +252,18 @@ def _print_method(plan: Plan, console: Console) -> None:
             )
             console.print(_budget_note(plan))
         t.add_row("weights and biases", f"{a.plain_params:,}", "one network holding every member")
-    t.add_row(
-        "batchnorm",
-        f"{a.bn_params:,}",
-        (
-            f"{a.bn_params // M:,} per member"
-            if plan.execution == "per_member"
-            else "one per layer (per channel)"
-        ),
+    if a.bn_params or not a.norm_params:
+        t.add_row(
+            "batchnorm",
+            f"{a.bn_params:,}",
+            (
+                f"{a.bn_params // M:,} per member"
+                if plan.execution == "per_member"
+                else "one per layer (per channel)"
+            ),
+        )
+    _transformer_rows(
+        t, a, M, "per member" if plan.execution == "per_member" else "one per layer (per channel)"
     )
     own = {
         "batch_ensemble": "fast weights, biases and batchnorm",
@@ -381,7 +394,9 @@ def _print_accounting(plan: Plan, s: dict[str, Any], console: Console) -> None:
         "banks" if plan.groups else ("blob" if plan.blob else ""),
     )
     t.add_row("alphas", f"{a.alpha_params:,}", f"{s['alphas_per_member']:,} per member")
-    t.add_row("batchnorm", f"{a.bn_params:,}", f"{s['bn_per_member']:,} per member")
+    if a.bn_params or not a.norm_params:
+        t.add_row("batchnorm", f"{a.bn_params:,}", f"{s['bn_per_member']:,} per member")
+    _transformer_rows(t, a, plan.members, "per member")
     t.add_row(
         "per-member overhead",
         f"{a.per_member_params:,}",

@@ -57,7 +57,7 @@ class Recipe(_Model):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     # What weight decay skips (paper appendix: alphas; ImageNet recipe: BatchNorm too).
-    weight_decay_exclude: list[Literal["alphas", "bn", "bias"]] = Field(
+    weight_decay_exclude: list[Literal["alphas", "bn", "bias", "norm", "embedding"]] = Field(
         default_factory=lambda: ["alphas", "bn"]
     )
     # auto: crop_flip at 32x32, random_resized_crop above 32 pixels a side, none otherwise

@@ -1,15 +1,15 @@
 """Inference cost from a Plan: multiply-accumulates of the weight layers, as the paper's FLOPs
 column counts.
 
-Only convolutions and linear layers are counted (BatchNorm, activations and
-pooling are a few percent of a ResNet's cost and the paper's ratios ignore
-them). An ensemble runs every member's layers, except that a chain of plain
-layers reading the shared input (e.g. a plain stem) runs once for all members,
-as the generated models do. Composing weights from templates is also left
-out: at inference it is done once, not per sample. So a 4-member
-MixtureEnsemble costs about 4x its backbone, and the paper's thin WRN-28-5 x4
-about 1x a WRN-28-10. BatchEnsemble runs every layer per member (M x); MIMO and Packed-Ensembles run
-one network (MIMO about 1x, Packed-Ensembles about alpha^2 / (gamma M) x).
+Only convolutions, linear layers and attention's two products (q k^T and the weighted sum of v,
+2 N^2 D for N tokens of D channels) are counted (BatchNorm, LayerNorm, activations, softmax and
+pooling are a few percent of a ResNet's or a ViT's cost and the paper's ratios ignore them). An
+ensemble runs every member's layers, except that a chain of plain layers reading the shared input
+(e.g. a plain stem) runs once for all members, as the generated models do. Composing weights from
+templates is also left out: at inference it is done once, not per sample. So a 4-member
+MixtureEnsemble costs about 4x its backbone, and the paper's thin WRN-28-5 x4 about 1x a WRN-28-10.
+BatchEnsemble runs every layer per member (M x); MIMO and Packed-Ensembles run one network (MIMO
+about 1x, Packed-Ensembles about alpha^2 / (gamma M) x).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ __all__ = ["layer_macs", "backbone_macs", "ensemble_macs", "relative_flops"]
 
 
 def layer_macs(op) -> int:
-    """Multiply-accumulates of one conv/linear op for one sample (0 for other ops)."""
+    """Multiply-accumulates of one conv, linear or attention op for one sample (0 for other
+    ops)."""
     return macs(op)
 
 
@@ -46,8 +47,8 @@ def ensemble_macs(plan: Plan) -> int:
             shared[op.name] = True
             continue
         inputs_shared = all(shared.get(i, False) for i in op.inputs)
-        if op.kind == "bn":
-            s = False  # every member has its own BatchNorm
+        if op.kind in ("bn", "layernorm", "cls_token", "pos_embed"):
+            s = False  # every member has its own parameters
         elif op.kind in ("conv", "linear"):
             s = inputs_shared and op.source == "plain"
         else:

@@ -15,6 +15,8 @@ EXCLUDE_ROLES = {
     "alphas": {"alpha"},
     "bn": {"bn_weight", "bn_bias"},
     "bias": {"plain_bias", "member_bias"},
+    "norm": {"norm_weight", "norm_bias"},  # LayerNorm
+    "embedding": {"embedding"},  # class tokens, position embeddings
 }
 
 

@@ -123,3 +123,30 @@ def zoo_variants() -> st.SearchStrategy[list[str]]:
         st.booleans(),
         st.floats(0.05, 1.5, allow_nan=False).map(lambda f: round(f, 4)),
     )
+
+
+@st.composite
+def vit_backbones(draw) -> str:
+    """A random ViT (``backbone gen``) written with zoo/blocks/vit.mix's block, pooled by its
+    class token or by the mean of its tokens."""
+    heads = draw(st.integers(1, 3))
+    dim = heads * draw(st.sampled_from((2, 4)))
+    patch = draw(st.sampled_from((1, 2)))
+    size = patch * draw(st.integers(1, 3))
+    depth = draw(st.integers(1, 3))
+    mlp = draw(st.integers(1, 3))
+    cls = draw(st.booleans())
+    pool = "cls" if cls else "mean"
+    return (
+        'import "blocks/vit.mix"\n'
+        "backbone gen(classes = 3) {\n"
+        f"    input image(2, {size}, {size})\n"
+        f"    conv patch_embed({dim}, kernel = {patch}, stride = {patch}, padding = 0,"
+        " bias = true)\n"
+        "    tokens\n" + ("    cls_token cls\n" if cls else "") + "    pos_embed pos\n"
+        f"    stage blocks = repeat {depth} vit_block({dim}, {heads}, mlp = {mlp})\n"
+        "    layernorm norm\n"
+        f'    token_pool("{pool}")\n'
+        "    linear head(classes)\n"
+        "}\n"
+    )
