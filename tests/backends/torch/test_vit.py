@@ -228,3 +228,18 @@ def test_mean_pooled_vit_without_class_token(ensemble, layout):
     x = _input(plan)
     assert "x.mean(2)" in emit_source(plan)
     assert (model(x) - reference_forward(plan, ref, x, training=True)).abs().max() < 1e-9
+
+
+def test_export_names_the_unsupported_op_kind():
+    """The deployable module (ONNX, torch.export) refuses a ViT with a clear error."""
+    import numpy as np
+
+    from mixc.backends.torch.export import DeployedEnsemble
+    from mixc.core.errors import BackendError
+    from mixc.export import compose_all
+
+    plan = _plan()
+    arrays = {k: v.detach().numpy() for k, v in named_plan_tensors(build(plan)).items()}
+    composed = compose_all(plan, {k: np.asarray(v) for k, v in arrays.items()})
+    with pytest.raises(BackendError, match="does not support op kind 'attention'"):
+        DeployedEnsemble(plan, composed)
