@@ -23,6 +23,7 @@ from mixc.backends.emit import (
     CodegenError,
     Emitter,
     add,
+    attend,
     attr_name,
     checked,
     class_name,
@@ -66,6 +67,16 @@ def _flatten(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
     return f"{a[0]}.flatten(1)"
 
 
+def _tokens(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
+    """An image [B, C, H, W] as a token sequence [B, C, H*W], row-major."""
+    return f"{a[0]}.flatten(2)"
+
+
+def _token_pool(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
+    """[B, D, N] -> [B, D]: the class token (position 0) or the mean over tokens."""
+    return f"{a[0]}.select(2, 0)" if op.op == "cls" else f"{a[0]}.mean(2)"
+
+
 def _dropout(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
     return f"F.dropout({a[0]}, p={op.p!r}, training=self.training)"
 
@@ -91,6 +102,12 @@ class TorchEmitter(Emitter):
         flatten=_flatten,
         dropout=_dropout,
         add=add,
+        layernorm=layer_call,
+        cls_token=layer_call,
+        pos_embed=layer_call,
+        attention=attend,
+        tokens=_tokens,
+        token_pool=_token_pool,
     )
     IMPORTS = ["import torch", "import torch.nn.functional as F", "from torch import nn"]
     RUNTIME = "mixc.backends.torch.runtime"

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixc.compiler.plan import AddOp, BatchNormOp, ConvOp, LinearOp, Op, Plan
+from mixc.core.errors import BackendError
 from mixc.core.member_weights import MemberWeights
 
 __all__ = [
@@ -50,6 +51,21 @@ _ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+#: the op kinds DeployedEnsemble runs (not yet the Vision Transformer's: issue 22)
+EXPORTED_KINDS = {
+    "input",
+    "conv",
+    "linear",
+    "bn",
+    "act",
+    "pool",
+    "global_pool",
+    "flatten",
+    "dropout",
+    "add",
+}
+
+
 def _t(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
@@ -60,6 +76,13 @@ class DeployedEnsemble(nn.Module):
 
     def __init__(self, plan: Plan, members: list[MemberWeights]) -> None:
         super().__init__()
+        unsupported = sorted({op.kind for op in plan.ops} - EXPORTED_KINDS)
+        if unsupported:  # transformer ops: the composed member weights carry no LayerNorm etc.
+            raise BackendError(
+                f"the torch export (ONNX, torch.export) does not support op kind"
+                f" {unsupported[0]!r} yet ({', '.join(unsupported)} in {plan.name!r}); hint: deploy"
+                " the generated model itself (mixc compile --backend torch) instead"
+            )
         self.plan = plan
         self.m = plan.members
         # A layer whose weights every member shares keeps one copy (it may then run once on a shared

@@ -504,12 +504,27 @@ class Conv(Weighted):
         return self.kind.conv(self, x, *self.weights(w), w)
 
 
+def _tokenwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, **options):
+    """A linear layer applied to every token of x [B, I, N]: a 1-D convolution of kernel 1."""
+    return F.conv1d(x, weight.unsqueeze(-1), bias, **options)
+
+
 class Linear(Weighted):
     """A linear layer of every member (see Weighted); inputs [B, M*I], or shared [B, I]. With
     ``groups`` (Packed-Ensembles' last layer) block-diagonal: group j maps its slice of the inputs.
+    With ``tokens`` it reads a sequence [B, M*I, N] and maps each token alike, which is a 1-D
+    convolution of kernel 1: it runs through its source's conv path (every layout and weight source
+    as a Conv's) with the weight kept [out, in], so checkpoints keep the plan's shapes.
     """
 
+    def __init__(self, config: Config, name: str) -> None:
+        super().__init__(config, name)
+        self.tokens = config.layers[name].get("tokens", False)
+        self.conv, self.options = _tokenwise, {}
+
     def forward(self, x: torch.Tensor | Members, w: Composed) -> torch.Tensor | Members:
+        if self.tokens:
+            return self.kind.conv(self, x, *self.weights(w), w)
         return self.kind.linear(self, x, *self.weights(w), w)
 
 
@@ -549,6 +564,135 @@ class BatchNorm(nn.Module):
                 [F.batch_norm(xm, *[t[m] for t in tensors], **options) for m, xm in enumerate(x)]
             )
         return F.batch_norm(x, *(t.view(-1) for t in tensors), **options)
+
+
+class MemberOp(nn.Module):
+    """A layer with each member's own parameters ([M, ...]; one network's [...] on a single path)
+    besides the weight layers: LayerNorm, ClassToken, PosEmbed. ``TENSORS`` is its LAYER_TENSORS
+    key; a shared input (``shared_input``) is first repeated for every member."""
+
+    TENSORS = ""
+
+    def __init__(self, config: Config, name: str) -> None:
+        super().__init__()
+        cfg = config.layers[name]
+        self.name, self.channels = name, cfg["channels"]
+        self.shared_input = cfg.get("shared_input", False)
+        self.lead = () if config.single_path else (config.members,)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, channels={self.channels}"
+
+    def plan_tensors(self, path: str) -> dict[str, str]:
+        return _layer_tensors(self.TENSORS, self.name, path, True)
+
+    def forward(self, x: torch.Tensor | Members, w: Composed) -> torch.Tensor | Members:
+        x = w.repeat(x) if self.shared_input else x
+        if isinstance(x, Members):
+            return Members([self.apply_to(xm, m) for m, xm in enumerate(x)])
+        return self.apply_to(x, None)
+
+    def apply_to(self, x: torch.Tensor, m: int | None) -> torch.Tensor:
+        """The layer on one tensor: member m's parameters (loop layout), or with m None every
+        member's side by side on the channel axis (grouped layout, or one network)."""
+        raise NotImplementedError
+
+    def own(self, t: torch.Tensor, m: int | None) -> torch.Tensor:
+        """Member m's row of a parameter, or every row (the members side by side)."""
+        return t if m is None else t[m]
+
+
+class LayerNorm(MemberOp):
+    """Each member's LayerNorm over the channels at every position: for x[:, c, ...] at one
+    position, y = (x - mean_c x) / sqrt(var_c x + eps) * weight[c] + bias[c], the variance biased
+    (as torch's and timm's). Grouped, the members' M*C channels are normalised in M blocks of C;
+    with ``groups`` g (Packed-Ensembles' one network) in g blocks of C/g, each block read alone so
+    members stay apart. Weight ones and bias zeros at init."""
+
+    TENSORS = "layernorm"
+
+    def __init__(self, config: Config, name: str) -> None:
+        super().__init__(config, name)
+        cfg = config.layers[name]
+        self.eps, self.block = cfg.get("eps", 1e-5), self.channels // cfg.get("groups", 1)
+        self.weight = nn.Parameter(torch.ones(*self.lead, self.channels))
+        self.bias = nn.Parameter(torch.zeros(*self.lead, self.channels))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.weight.fill_(1.0), self.bias.zero_()
+
+    def apply_to(self, x: torch.Tensor, m: int | None) -> torch.Tensor:
+        weight, bias, block = self.own(self.weight, m), self.own(self.bias, m), self.block
+        blocks = x.shape[1] // block
+        if blocks == 1:  # one block: torch's layer_norm with its affine, channels last
+            y = F.layer_norm(x.movedim(1, -1), (block,), weight, bias, self.eps)
+            return y.movedim(-1, 1)
+        h = x.unflatten(1, (blocks, block)).movedim(2, -1)  # [B, blocks, *positions, block]
+        h = F.layer_norm(h, (block,), eps=self.eps)
+        shape = (blocks, *(1,) * (x.dim() - 2), block)
+        h = h * weight.reshape(shape) + bias.reshape(shape)
+        return h.movedim(-1, 2).flatten(1, 2)
+
+
+class ClassToken(MemberOp):
+    """Each member's learned class token put before its sequence: [B, D, N] -> [B, D, N + 1],
+    token 0 being ``token`` [D] (grouped: the members' [M*D] side by side). Init N(0, 1e-6^2),
+    timm's."""
+
+    TENSORS = "cls_token"
+
+    def __init__(self, config: Config, name: str) -> None:
+        super().__init__(config, name)
+        self.token = nn.Parameter(torch.zeros(*self.lead, self.channels))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.token, std=1e-6)
+
+    def apply_to(self, x: torch.Tensor, m: int | None) -> torch.Tensor:
+        token = self.own(self.token, m).reshape(1, -1, 1).to(x.dtype)
+        return torch.cat([token.expand(x.shape[0], -1, -1), x], dim=2)
+
+
+class PosEmbed(MemberOp):
+    """Each member's learned position embedding, added: y[:, d, n] = x[:, d, n] + pos[n, d]. The
+    tensor is token-major [N, D] (timm's layout; [M, N, D] per member), the activations
+    channels-first, so its transpose is added. Init truncated normal, std 0.02 (timm's call:
+    bounds +-2, so at this std all but a normal)."""
+
+    TENSORS = "pos_embed"
+
+    def __init__(self, config: Config, name: str) -> None:
+        super().__init__(config, name)
+        tokens = config.layers[name]["tokens"]
+        self.pos = nn.Parameter(torch.zeros(*self.lead, tokens, self.channels))
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, tokens={self.pos.shape[-2]}, channels={self.channels}"
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.pos, std=0.02)
+
+    def apply_to(self, x: torch.Tensor, m: int | None) -> torch.Tensor:
+        pos = self.own(self.pos, m).transpose(-1, -2)  # [..., D, N]
+        return x + pos.reshape(-1, pos.shape[-1])
+
+
+def attend(q, k, v, head_dim: int):
+    """Multi-head scaled dot-product attention of q, k, v [B, C, N] (channels-first sequences):
+    head h reads channels h*head_dim .. (h+1)*head_dim - 1, and its output at token i is
+    sum_j softmax_j(q_i . k_j / sqrt(head_dim)) v_j. The head count is C // head_dim, so one call
+    serves one network, a member (loop layout: a Members tuple, per member) or the members side
+    by side (grouped: their heads side by side)."""
+    if any(isinstance(t, Members) for t in (q, k, v)):
+        n = next(len(t) for t in (q, k, v) if isinstance(t, Members))
+        q, k, v = ((t if isinstance(t, Members) else [t] * n) for t in (q, k, v))
+        return Members([attend(*qkv, head_dim=head_dim) for qkv in zip(q, k, v)])
+    split = lambda t: t.unflatten(1, (-1, head_dim)).transpose(2, 3)  # noqa: E731  [B, H, N, d]
+    y = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    return y.transpose(2, 3).flatten(1, 2)
 
 
 class Ensemble(nn.Module):
@@ -595,7 +739,7 @@ class Ensemble(nn.Module):
         if self.blob is not None:
             nn.init.normal_(self.blob, std=self.config.blob[1])
         for layer in self.modules():
-            if isinstance(layer, (Weighted, BatchNorm)):
+            if isinstance(layer, (Weighted, BatchNorm, MemberOp)):
                 layer.reset_parameters()
 
     def mix(self, device: torch.device) -> Composed:
@@ -671,6 +815,6 @@ class Ensemble(nn.Module):
         for path, layer in self.named_modules():
             if isinstance(layer, BatchNorm):
                 names |= _layer_tensors("bn", layer.name, path, True)
-            elif isinstance(layer, Weighted):
+            elif isinstance(layer, (Weighted, MemberOp)):
                 names |= layer.plan_tensors(path)
         return names

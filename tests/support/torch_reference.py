@@ -2,11 +2,11 @@
 
 Weights are composed here straight from the plan's definition (sum of alpha
 times template, blob windows by modular indexing), and each member runs the op
-graph with plain ``torch.nn.functional`` calls, one member at a time. Nothing
-is shared with the code generator. BatchEnsemble scales activations (the
-backend folds nothing either, but batches the members); a single-path plan
-(MIMO, Packed-Ensembles) runs once, its grouped linear layer as a loop of
-blocks, and its logits are cut into the members' heads.
+graph with plain ``torch.nn.functional`` calls, one member at a time (LayerNorm
+and attention written out by hand). Nothing is shared with the code generator.
+BatchEnsemble scales activations (the backend folds nothing either, but batches
+the members); a single-path plan (MIMO, Packed-Ensembles) runs once, its grouped
+linear layer as a loop of blocks, and its logits are cut into the members' heads.
 """
 
 from __future__ import annotations
@@ -56,13 +56,59 @@ def _fast(
     return y if b is None else y + b.view(1, -1, *tail)
 
 
+def _linear(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear on vectors [B, I]; on a sequence [B, I, N] each token mapped (channels first)."""
+    if a.dim() == 2:
+        return F.linear(a, w, b)
+    return F.linear(a.transpose(1, 2), w, b).transpose(1, 2)
+
+
 def _grouped_linear(
     a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, groups: int
 ) -> torch.Tensor:
     """Block-diagonal linear: block j maps input slice j to output slice j."""
     ins, outs = a.chunk(groups, dim=1), w.chunk(groups, dim=0)
-    y = torch.cat([F.linear(x_j, w_j) for x_j, w_j in zip(ins, outs)], dim=1)
-    return y if b is None else y + b
+    y = torch.cat([_linear(x_j, w_j) for x_j, w_j in zip(ins, outs)], dim=1)
+    return y if b is None else y + b.view(1, -1, *(1,) * (a.dim() - 2))
+
+
+def _layer_norm(op, a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """By hand: each block of channels (``groups`` blocks; one per member here) normalised at
+    every position with its biased variance, then the per-channel affine."""
+    h = a.unflatten(1, (op.groups, -1))
+    mean = h.mean(2, keepdim=True)
+    var = ((h - mean) ** 2).mean(2, keepdim=True)
+    h = ((h - mean) / torch.sqrt(var + op.eps)).flatten(1, 2)
+    tail = (1,) * (a.dim() - 2)
+    return h * weight.view(1, -1, *tail) + bias.view(1, -1, *tail)
+
+
+def _attention(op, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """By hand: per head, softmax(q k^T / sqrt(d)) v on [B, D, N] sequences, heads of d = D /
+    heads consecutive channels."""
+    d = op.channels // op.heads
+    q, k, v = (t.unflatten(1, (op.heads, d)) for t in (q, k, v))  # [B, H, d, N]
+    scores = torch.einsum("bhdi,bhdj->bhij", q, k) / math.sqrt(d)
+    return torch.einsum("bhij,bhdj->bhdi", torch.softmax(scores, dim=-1), v).flatten(1, 2)
+
+
+def _sequence_op(op, a: torch.Tensor, vals: dict, T: dict, row) -> torch.Tensor:
+    """A transformer op of one member (``row`` picks its parameters)."""
+    k = op.kind
+    if k == "tokens":
+        return a.reshape(a.shape[0], a.shape[1], -1)
+    if k == "cls_token":
+        token = row(T[f"embed.{op.name}.token"])
+        return torch.cat([token.view(1, -1, 1).expand(a.shape[0], -1, 1), a], dim=2)
+    if k == "pos_embed":
+        return a + row(T[f"embed.{op.name}.pos"]).T.unsqueeze(0)
+    if k == "layernorm":
+        return _layer_norm(op, a, row(T[f"ln.{op.name}.weight"]), row(T[f"ln.{op.name}.bias"]))
+    if k == "attention":
+        return _attention(op, *(vals[i] for i in op.inputs))
+    if k == "token_pool":
+        return a[:, :, 0] if op.op == "cls" else a.mean(2)
+    raise AssertionError(k)
 
 
 def run_member(
@@ -97,9 +143,9 @@ def run_member(
         elif k == "linear":
             w, b = member_weights(plan, T, op.name, m)
             if op.source == "batch_ensemble":
-                y = _fast(op, T, m, lambda h: F.linear(h, w), a, b)
+                y = _fast(op, T, m, lambda h: _linear(h, w), a, b)
             else:
-                y = _grouped_linear(a, w, b, op.groups) if op.groups > 1 else F.linear(a, w, b)
+                y = _grouped_linear(a, w, b, op.groups) if op.groups > 1 else _linear(a, w, b)
         elif k == "bn":
             p = f"bn.{op.name}."
             y = F.batch_norm(
@@ -139,7 +185,7 @@ def run_member(
         elif k == "add":
             y = vals[op.inputs[0]] + vals[op.inputs[1]]
         else:
-            raise AssertionError(k)
+            y = _sequence_op(op, a, vals, T, row)
         vals[op.name] = y
     return vals[plan.output]
 
