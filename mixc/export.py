@@ -132,7 +132,12 @@ def compose_member(plan: Plan, arrays: dict[str, np.ndarray], m: int) -> MemberW
             bn[op.name] = tuple(
                 _get(arrays, p + s)[m] for s in ("weight", "bias", "running_mean", "running_var")
             )
-    return MemberWeights(layers, bn)
+    own = {
+        t.name: _get(arrays, t.name)[m]
+        for t in plan.tensors
+        if t.role in ("norm_weight", "norm_bias", "embedding")
+    }
+    return MemberWeights(layers, bn, own)
 
 
 def compose_all(plan: Plan, arrays: dict[str, np.ndarray]) -> list[MemberWeights]:
@@ -163,7 +168,7 @@ def with_temperature(
         scaled = LayerWeights(
             lw.weight / temperature, None if lw.bias is None else lw.bias / temperature
         )
-        out.append(MemberWeights({**mw.layers, last.name: scaled}, mw.bn))
+        out.append(MemberWeights({**mw.layers, last.name: scaled}, mw.bn, mw.own))
     return out
 
 

@@ -46,8 +46,16 @@ class MemberWeights:
     # "<layer>.weight"/".bias" -> [M, ...], or a shared array (plain layers)
     layers: dict[str, np.ndarray]
     shared: set[str]  # keys of ``layers`` without a member axis
-    bn: dict[str, np.ndarray]  # "bn.<layer>.weight|bias|running_mean|running_var" -> [M, C]
+    # "bn.<layer>.weight|bias|running_mean|running_var", "ln.<layer>.weight|bias",
+    # "embed.<layer>.token|pos" -> [M, ...]
+    bn: dict[str, np.ndarray]
     members: int
+
+
+def _member_own(role: str) -> bool:
+    """A tensor each member holds whole, stored [M, ...] by its plan name: BatchNorm's (with its
+    running statistics), LayerNorm's, class tokens and position embeddings."""
+    return role.startswith("bn_") or role in ("norm_weight", "norm_bias", "embedding")
 
 
 def member_weights(run: Run, backend: str = DEFAULT, device: str = "cpu") -> MemberWeights:
@@ -66,7 +74,7 @@ def member_weights(run: Run, backend: str = DEFAULT, device: str = "cpu") -> Mem
         for p in ("weight", "bias")
     }
     roles = {t.name: t.role for t in run.plan.tensors}
-    bn = {n: np.array(a) for n, a in arrays.items() if roles.get(n, "").startswith("bn_")}
+    bn = {n: np.array(a) for n, a in arrays.items() if _member_own(roles.get(n, ""))}
     return MemberWeights(layers, shared & set(layers), bn, run.plan.members)
 
 
@@ -129,7 +137,7 @@ class Interpolator:
         self.shapes = {t.name: tuple(t.shape) for t in self.plan.tensors}
         self._sources: dict[str, tuple[str, str]] = {}  # target tensor -> (kind, key in weights)
         for t in self.plan.tensors:
-            if t.role.startswith("bn_"):
+            if _member_own(t.role):
                 self._sources[t.name] = ("bn", t.name)
             else:  # member.<layer>.weight / plain.<layer>.bias -> "<layer>.weight"
                 self._sources[t.name] = ("layer", t.name.split(".", 1)[1])

@@ -51,8 +51,14 @@ _ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-#: the op kinds DeployedEnsemble runs (not yet the Vision Transformer's: issue 22)
+#: the op kinds DeployedEnsemble runs
 EXPORTED_KINDS = {
+    "layernorm",
+    "attention",
+    "tokens",
+    "cls_token",
+    "pos_embed",
+    "token_pool",
     "input",
     "conv",
     "linear",
@@ -77,7 +83,7 @@ class DeployedEnsemble(nn.Module):
     def __init__(self, plan: Plan, members: list[MemberWeights]) -> None:
         super().__init__()
         unsupported = sorted({op.kind for op in plan.ops} - EXPORTED_KINDS)
-        if unsupported:  # transformer ops: the composed member weights carry no LayerNorm etc.
+        if unsupported:  # a kind added to the plan but not yet here
             raise BackendError(
                 f"the torch export (ONNX, torch.export) does not support op kind"
                 f" {unsupported[0]!r} yet ({', '.join(unsupported)} in {plan.name!r}); hint: deploy"
@@ -109,6 +115,12 @@ class DeployedEnsemble(nn.Module):
                 for i, s in enumerate(("g", "b", "mean", "var")):
                     # [M*C]
                     self.register_buffer(f"bn{s}_{key}", _t(np.concatenate([p[i] for p in parts])))
+            else:  # LayerNorm, class token, position embedding: each member's rows, stacked
+                for name in (t.name for t in plan.tensors if t.layer == op.name):
+                    part = name.rsplit(".", 1)[1]
+                    self.register_buffer(
+                        f"{part}_{key}", _t(np.stack([mw.own[name] for mw in members]))
+                    )
             self._names[op.name] = key
 
     def _buf(self, prefix: str, op_name: str) -> torch.Tensor:
@@ -145,6 +157,8 @@ class DeployedEnsemble(nn.Module):
         M = self.m
         w = self._buf("w", op.name)
         b = self._buf("b", op.name) if op.bias else None
+        if len(op.in_shape) == 2:  # each token of a sequence: a 1x1 convolution over the tokens
+            return self._conv1x1(op, a, per, w, b)
         if op.name in self.shared_weights and not per:
             return F.linear(a, w, b), False
         a = a if per else self._expand(a)
@@ -157,6 +171,53 @@ class DeployedEnsemble(nn.Module):
             if b is not None:
                 y = y + b
         return y.reshape(a.shape[0], M * op.out_features), True
+
+    def _conv1x1(self, op: LinearOp, a: torch.Tensor, per: bool, w, b) -> tuple[torch.Tensor, bool]:
+        """A token-wise linear layer on [B, (M*)D, N]: members side by side, one grouped conv."""
+        if op.name in self.shared_weights and not per:
+            return F.conv1d(a, w.unsqueeze(-1), b), False
+        if op.name in self.shared_weights:
+            w = w.expand(self.m, *w.shape)
+            b = None if b is None else b.expand(self.m, *b.shape)
+        a = a if per else self._expand(a)
+        y = F.conv1d(
+            a, w.flatten(0, 1).unsqueeze(-1), None if b is None else b.flatten(), groups=self.m
+        )
+        return y, True
+
+    def _sequence(
+        self, op: Op, vals: dict[str, tuple[torch.Tensor, bool]]
+    ) -> tuple[torch.Tensor, bool]:
+        """The transformer ops on [B, (M*)D, N]: each member's channels form one block."""
+        a, per = vals[op.inputs[0]]
+        k, M = op.kind, self.m
+        if k == "tokens":
+            return a.flatten(2), per
+        if k == "token_pool":
+            return (a.select(2, 0) if op.op == "cls" else a.mean(2)), per
+        if k == "attention":  # the members' heads side by side: M * heads heads of head_dim
+            q, k_, v = (vals[i][0] if vals[i][1] else self._expand(vals[i][0]) for i in op.inputs)
+            B, N = q.shape[0], q.shape[2]
+            heads = lambda t: t.reshape(B, -1, op.head_dim, N).transpose(2, 3)  # noqa: E731
+            y = F.scaled_dot_product_attention(heads(q), heads(k_), heads(v))
+            return y.transpose(2, 3).reshape(B, -1, N), True
+        a = a if per else self._expand(a)
+        if k == "cls_token":  # token [M, D] -> [B, M*D, 1] before the sequence
+            token = self._buf("token", op.name).reshape(1, -1, 1).expand(a.shape[0], -1, -1)
+            return torch.cat([token, a], dim=2), True
+        if k == "pos_embed":  # pos [M, N, D] -> [1, M*D, N]
+            return a + self._buf("pos", op.name).transpose(1, 2).reshape(1, -1, a.shape[2]), True
+        # layernorm: over each member's C channels at every position
+        B, rest = a.shape[0], a.shape[2:]
+        h = a.reshape(B, M, op.channels, *rest)
+        mean = h.mean(2, keepdim=True)
+        var = (h - mean).pow(2).mean(2, keepdim=True)
+        h = (h - mean) / torch.sqrt(var + op.eps)
+        shape = (1, M, op.channels, *(1,) * len(rest))
+        h = h * self._buf("weight", op.name).reshape(shape) + self._buf("bias", op.name).reshape(
+            shape
+        )
+        return h.reshape(a.shape), True
 
     def _bn(self, op: BatchNormOp, a: torch.Tensor, per: bool) -> tuple[torch.Tensor, bool]:
         a = a if per else self._expand(a)
@@ -224,6 +285,8 @@ class DeployedEnsemble(nn.Module):
             return self._bn(op, a, per)
         if op.kind == "add":
             return self._add(op, vals)
+        if op.kind in ("layernorm", "attention", "tokens", "cls_token", "pos_embed", "token_pool"):
+            return self._sequence(op, vals)
         return self._pointwise(op, a, per)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

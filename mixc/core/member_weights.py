@@ -6,7 +6,7 @@ In the core because ``mixc.export`` (the application) composes them and a backen
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,7 +22,9 @@ class LayerWeights:
 @dataclass(frozen=True)
 class MemberWeights:
     """One member as a plain network: weights per weight op, BatchNorm per bn op (weight, bias,
-    mean, var)."""
+    mean, var), and the member's row of every other per-member tensor (LayerNorm, class token,
+    position embedding) by plan tensor name."""
 
     layers: dict[str, LayerWeights]
     bn: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+    own: dict[str, np.ndarray] = field(default_factory=dict)

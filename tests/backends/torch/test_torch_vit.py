@@ -230,16 +230,38 @@ def test_mean_pooled_vit_without_class_token(ensemble, layout):
     assert (model(x) - reference_forward(plan, ref, x, training=True)).abs().max() < 1e-9
 
 
-def test_export_names_the_unsupported_op_kind():
-    """The deployable module (ONNX, torch.export) refuses a ViT with a clear error."""
+@pytest.mark.parametrize("method", ["mixture shared", "naive", "batch_ensemble"])
+def test_deployed_vit_equals_the_generated_model(method, tmp_path):
+    """The deployable module (composed weights as constants) gives the generated model's
+    probabilities; exported by torch.export and ONNX (run by onnxruntime) it still does."""
     import numpy as np
 
-    from mixc.backends.torch.export import DeployedEnsemble
-    from mixc.core.errors import BackendError
+    from mixc.backends.torch.export import DeployedEnsemble, export_onnx, export_pt2
     from mixc.export import compose_all
 
-    plan = _plan()
-    arrays = {k: v.detach().numpy() for k, v in named_plan_tensors(build(plan)).items()}
-    composed = compose_all(plan, {k: np.asarray(v) for k, v in arrays.items()})
-    with pytest.raises(BackendError, match="does not support op kind 'attention'"):
-        DeployedEnsemble(plan, composed)
+    plan = _plan(method)
+    torch.manual_seed(0)
+    model = build(plan).eval()
+    _randomise_norms_and_embeddings(named_plan_tensors(model))
+    arrays = {
+        k: v.detach().numpy().astype(np.float64) for k, v in named_plan_tensors(model).items()
+    }
+    dep = DeployedEnsemble(plan, compose_all(plan, arrays)).eval()
+    x = _input(plan, batch=5, dtype=torch.float32)
+    with torch.no_grad():
+        want = torch.softmax(model(x), -1)
+        probs, ens = dep(x)
+    torch.testing.assert_close(probs, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ens, want.mean(1), atol=1e-5, rtol=0)
+    if method != "mixture shared":
+        return
+    export_pt2(dep, tmp_path / "m.pt2")
+    with torch.no_grad():
+        got, _ = torch.export.load(str(tmp_path / "m.pt2")).module()(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    export_onnx(dep, tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got, _ = sess.run(None, {"x": x.numpy()})
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
