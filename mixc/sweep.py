@@ -569,7 +569,7 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
             "Accuracy, NLL and Brier score (of the averaged prediction), ECE (15 bins) and"
             " diversity (pairwise disagreement / mean member error) on the test set after the last"
             " epoch; FLOPs: inference cost relative to one plain backbone (multiply-accumulates of"
-            " the convolutions and linear layers)."
+            " the convolutions, linear layers and attention)."
         ),
     ]
     if shown:
