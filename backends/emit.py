@@ -153,9 +153,10 @@ def check(plan: Plan) -> None:
     if [op.kind for op in p.ops].count("input") != 1 or p.ops[0].kind != "input":
         raise CodegenError(f"plan {p.name!r} must start with exactly one input op")
     for op in p.ops:
-        if op.kind == "linear" and len(op.in_shape) != 1:
+        if op.kind == "linear" and len(op.in_shape) not in (1, 2):
             raise CodegenError(
-                f"linear {op.name!r} reads shape {op.in_shape}; only vectors are supported"
+                f"linear {op.name!r} reads shape {op.in_shape}; only vectors and token"
+                " sequences are supported"
             )
         if (
             op.kind in ("conv", "linear")
