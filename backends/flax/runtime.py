@@ -208,12 +208,19 @@ def each(fn, x, *args, **kwargs):
 
 def attend(q, k, v, head_dim: int):
     """Softmax attention of sequences [B, N, C] in heads of ``head_dim`` channels: C // head_dim
-    heads, so members side by side on the channels (grouped) are just more heads."""
-    if isinstance(q, Members):
-        return Members([attend(*qkv, head_dim) for qkv in zip(q, k, v)])
-    split = [t.reshape(*t.shape[:-1], t.shape[-1] // head_dim, head_dim) for t in (q, k, v)]
-    y = jax.nn.dot_product_attention(*split)
-    return y.reshape(q.shape)
+    heads, so members side by side on the channels (grouped) are just more heads. One of q, k, v
+    shared by all members (a plain layer's, [B, N, D]) is read by every member."""
+    qkv = (q, k, v)
+    loop = next((len(t) for t in qkv if isinstance(t, Members)), 0)
+    if loop:
+        qkv = [t if isinstance(t, Members) else [t] * loop for t in qkv]
+        return Members([attend(*one, head_dim) for one in zip(*qkv)])
+    width = max(t.shape[-1] for t in qkv)  # grouped: a shared one repeated side by side
+    qkv = [jnp.concatenate([t] * (width // t.shape[-1]), -1) for t in qkv]
+    y = jax.nn.dot_product_attention(
+        *[t.reshape(*t.shape[:-1], width // head_dim, head_dim) for t in qkv]
+    )
+    return y.reshape(*y.shape[:-2], width)
 
 
 class Composed:
@@ -738,11 +745,12 @@ class BatchNorm(nnx.Module):
 def _layer_norm(x, weight, bias, blocks: int, eps: float):
     """PyTorch's layer_norm over each of ``blocks`` equal consecutive blocks of the channel (last)
     axis (biased variance), then the affine of all the channels: blocks are the members side by
-    side (grouped) or Packed-Ensembles' groups."""
-    h = x.reshape(*x.shape[:-1], blocks, -1)
+    side (grouped) or Packed-Ensembles' groups. Statistics in float32 at least, as torch's autocast
+    runs layer_norm, so a bf16/fp16 forward keeps them accurate."""
+    h = x.reshape(*x.shape[:-1], blocks, -1).astype(jnp.promote_types(x.dtype, jnp.float32))
     mu = h.mean(-1, keepdims=True)
     h = (h - mu) * jax.lax.rsqrt(jnp.square(h - mu).mean(-1, keepdims=True) + eps)
-    return h.reshape(x.shape) * weight.reshape(-1) + bias.reshape(-1)
+    return (h.reshape(x.shape) * weight.reshape(-1) + bias.reshape(-1)).astype(x.dtype)
 
 
 class _PerMember(nnx.Module):
