@@ -286,3 +286,33 @@ def test_naive_members_equal_a_numpy_reference():
     for m in range(M):
         ref = _reference_member(np.asarray(x, np.float64), t, m)
         np.testing.assert_allclose(logits[:, m], ref, rtol=1e-4, atol=2e-5, err_msg=f"member {m}")
+
+
+def test_attend_reads_a_shared_input_in_both_layouts():
+    """A q, k or v shared by all members ([B, N, D], a plain layer's) meets per-member ones."""
+    from mixc.backends.flax.runtime import Members, attend
+
+    rng = np.random.default_rng(7)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 5, 2, 8)), jnp.float32) for _ in range(3))
+    shared_k = k[:, :, 0]
+    per_member = [attend(q[:, :, m], shared_k, v[:, :, m], head_dim=4) for m in range(2)]
+    loop = attend(Members([q[:, :, 0], q[:, :, 1]]), shared_k, Members([v[:, :, 0], v[:, :, 1]]), 4)
+    grouped = attend(q.reshape(2, 5, 16), shared_k, v.reshape(2, 5, 16), head_dim=4)
+    for m in range(2):
+        np.testing.assert_allclose(loop[m], per_member[m], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(grouped[..., 8 * m : 8 * m + 8], per_member[m], atol=1e-6)
+
+
+def test_a_bf16_forward_stays_in_bf16_and_near_float32():
+    """The mixed-precision policy's forward (parameters cast, LayerNorm statistics in float32)."""
+    from mixc.backends.flax.model import compute_graphdef
+
+    plan = _plan("packed")
+    graphdef, params, stats = split(build(plan, layout="grouped"))
+    x = _input()
+    ref = np.asarray(apply(graphdef, params, stats, x)[0])
+    low = compute_graphdef(plan, "grouped", jnp.bfloat16)
+    cast = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    out = jax.jit(lambda p: apply(low, p, stats, x.astype(jnp.bfloat16))[0])(cast)
+    assert out.dtype == jnp.bfloat16
+    assert np.abs(np.asarray(out, np.float32) - ref).max() < 0.05 * np.abs(ref).max()
