@@ -29,6 +29,7 @@ from mixc.backends.emit import (
     CodegenError,
     Emitter,
     add,
+    attend,
     attr_name,
     checked,
     class_name,
@@ -77,6 +78,14 @@ def _flatten(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
     return f"each(flatten, {a[0]})"
 
 
+def _tokens(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
+    return f"each(tokens, {a[0]})"
+
+
+def _token_pool(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
+    return f"each(token_pool, {a[0]}, {_q(op.op)})"
+
+
 def _dropout(em: Emitter, node: Node, op: Any, a: list[str]) -> str:
     """Dropout salts its key with the op's position in the plan (stable across layouts)."""
     return f"w.dropout({a[0]}, {op.p!r}, {em.op_index[op.name]})"
@@ -103,11 +112,23 @@ class FlaxEmitter(Emitter):
         flatten=_flatten,
         dropout=_dropout,
         add=add,
+        layernorm=layer_call,
+        cls_token=layer_call,
+        pos_embed=layer_call,
+        attention=attend,
+        tokens=_tokens,
+        token_pool=_token_pool,
     )
     IMPORTS = ["import jax", "import jax.numpy as jnp", "from flax import nnx"]
     RUNTIME = "mixc.backends.flax.runtime"
     RUNTIME_NAMES = [*Emitter.RUNTIME_NAMES, "each"]
-    OPTIONAL_NAMES = {"linear": "Linear", "flatten": "flatten", "pool": "pool"}
+    OPTIONAL_NAMES = {
+        **Emitter.OPTIONAL_NAMES,
+        "flatten": "flatten",
+        "pool": "pool",
+        "tokens": "tokens",
+        "token_pool": "token_pool",
+    }
     MODULE_LIST = "nnx.List"
     MODULE_BASE = "nnx.Module"
 

@@ -168,6 +168,17 @@ def flatten(x):
     return x.reshape(x.shape[0], -1)
 
 
+def tokens(x):
+    """An image [B, H, W, C] as a sequence [B, H*W, C], row-major over (H, W): the token order of
+    PyTorch's flatten(2) of [B, C, H, W], so positions match the torch backend's."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def token_pool(x, op: str):
+    """A sequence [B, N, C] -> [B, C]: its first (class) token ("cls") or the mean of its tokens."""
+    return x[:, 0] if op == "cls" else x.mean(1)
+
+
 class Members(tuple):
     """Each member's activation (loop layout); ``+`` adds per member (a shared array to each)."""
 
@@ -193,6 +204,23 @@ def each(fn, x, *args, **kwargs):
     if isinstance(x, Members):
         return Members([fn(v, *args, **kwargs) for v in x])
     return fn(x, *args, **kwargs)
+
+
+def attend(q, k, v, head_dim: int):
+    """Softmax attention of sequences [B, N, C] in heads of ``head_dim`` channels: C // head_dim
+    heads, so members side by side on the channels (grouped) are just more heads. One of q, k, v
+    shared by all members (a plain layer's, [B, N, D]) is read by every member."""
+    qkv = (q, k, v)
+    loop = next((len(t) for t in qkv if isinstance(t, Members)), 0)
+    if loop:
+        qkv = [t if isinstance(t, Members) else [t] * loop for t in qkv]
+        return Members([attend(*one, head_dim) for one in zip(*qkv)])
+    width = max(t.shape[-1] for t in qkv)  # grouped: a shared one repeated side by side
+    qkv = [jnp.concatenate([t] * (width // t.shape[-1]), -1) for t in qkv]
+    y = jax.nn.dot_product_attention(
+        *[t.reshape(*t.shape[:-1], width // head_dim, head_dim) for t in qkv]
+    )
+    return y.reshape(*y.shape[:-2], width)
 
 
 class Composed:
@@ -379,8 +407,8 @@ class _Member:
             return Members(
                 [_linear(v, weight[m], None if bias is None else bias[m]) for m, v in enumerate(xs)]
             )
-        y = jnp.einsum("bmi,moi->bmo", x.reshape(x.shape[0], M, -1), weight)
-        return (y if bias is None else y + bias).reshape(x.shape[0], -1)
+        y = jnp.einsum("...mi,moi->...mo", x.reshape(*x.shape[:-1], M, -1), weight)
+        return (y if bias is None else y + bias).reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def composed(layer, mixed: dict):
@@ -400,9 +428,9 @@ def _grouped_linear(layer, x, weight, bias, w: Composed):
         parts = zip(jnp.split(x, g, axis=-1), jnp.split(weight, g), biases)
         return jnp.concatenate([_linear(xj, wj, bj) for xj, wj, bj in parts], axis=-1)
     y = jnp.einsum(
-        "bgi,goi->bgo", x.reshape(x.shape[0], g, -1), weight.reshape(g, -1, weight.shape[-1])
+        "...gi,goi->...go", x.reshape(*x.shape[:-1], g, -1), weight.reshape(g, -1, weight.shape[-1])
     )
-    y = y.reshape(x.shape[0], -1)
+    y = y.reshape(*x.shape[:-1], -1)
     return y if bias is None else y + bias
 
 
@@ -435,8 +463,8 @@ class _Plain(_Member):
         if layer.shared_input or isinstance(x, Members):
             y = each(_linear, x, weight, bias)
             return w.repeat(y) if layer.spread else y
-        y = x.reshape(x.shape[0], layer.members, -1) @ weight.T
-        return (y if bias is None else y + bias).reshape(x.shape[0], -1)
+        y = x.reshape(*x.shape[:-1], layer.members, -1) @ weight.T
+        return (y if bias is None else y + bias).reshape(*x.shape[:-1], -1)
 
 
 class _Bank(_Member):
@@ -659,9 +687,10 @@ class Conv(Weighted):
 
 
 class Linear(Weighted):
-    """A linear layer of every member (see Weighted); inputs [B, M*I], or shared [B, I]. With
-    ``groups`` (Packed-Ensembles' last layer) block-diagonal: group j maps its slice of the inputs.
-    """
+    """A linear layer of every member (see Weighted); inputs [B, M*I], or shared [B, I]; on a token
+    sequence [B, N, M*I] each token alike (every axis before the channels is a batch axis). With
+    ``groups`` (Packed-Ensembles' grouped layers) block-diagonal: group j maps its slice of the
+    inputs."""
 
     def __call__(self, x, w: Composed):
         return self.kind.linear(self, x, *self.weights(w), w)
@@ -711,6 +740,122 @@ class BatchNorm(nnx.Module):
         if w.train:
             self.running_mean[...], self.running_var[...] = stats
         return y
+
+
+def _layer_norm(x, weight, bias, blocks: int, eps: float):
+    """PyTorch's layer_norm over each of ``blocks`` equal consecutive blocks of the channel (last)
+    axis (biased variance), then the affine of all the channels: blocks are the members side by
+    side (grouped) or Packed-Ensembles' groups. Statistics in float32 at least, as torch's autocast
+    runs layer_norm, so a bf16/fp16 forward keeps them accurate."""
+    h = x.reshape(*x.shape[:-1], blocks, -1).astype(jnp.promote_types(x.dtype, jnp.float32))
+    mu = h.mean(-1, keepdims=True)
+    h = (h - mu) * jax.lax.rsqrt(jnp.square(h - mu).mean(-1, keepdims=True) + eps)
+    return (h.reshape(x.shape) * weight.reshape(-1) + bias.reshape(-1)).astype(x.dtype)
+
+
+class _PerMember(nnx.Module):
+    """A layer holding each member's own tensors ([M, *shape]; one network: [*shape]) and no
+    weights to compose: LayerNorm and the token embeddings. ``kind`` names its LAYER_TENSORS row;
+    ``shared_input``: the input is the same for every member, repeated before the layer runs."""
+
+    kind = ""
+
+    def __init__(self, config: Config, name: str) -> None:
+        cfg = config.layers[name]
+        self.name, self.channels, self.made = name, cfg["channels"], _made()
+        self.shared_input, self.single_path = cfg.get("shared_input", False), config.single_path
+        self.members = config.members
+
+    def param(self, *shape):
+        """A parameter of one member's ``shape``, per member unless the network is one."""
+        return nnx.Param(jnp.zeros(shape if self.single_path else (self.members, *shape)))
+
+    def plan_tensors(self, path: str) -> dict[str, str]:
+        return _layer_tensors(self.kind, self.name, path, True)
+
+    def members_of(self, x, w: Composed):
+        """(the input, per member if shared, and the loop layout's member index or None)."""
+        x = w.repeat(x) if self.shared_input else x
+        return x, (range(len(x)) if isinstance(x, Members) else None)
+
+
+class LayerNorm(_PerMember):
+    """Each member's LayerNorm over the channels at each position (weight, bias [M, C]; PyTorch's
+    semantics); grouped, one normalisation of every member's block of channels. With ``groups``
+    (Packed-Ensembles' one network) each group's channels are normalised alone."""
+
+    kind = "layernorm"
+
+    def __init__(self, config: Config, name: str) -> None:
+        super().__init__(config, name)
+        cfg = config.layers[name]
+        self.eps, self.groups = cfg.get("eps", 1e-5), cfg.get("groups", 1)
+        self.weight, self.bias = self.param(self.channels), self.param(self.channels)
+
+    def reset_parameters(self, draw) -> None:
+        self.weight.set_value(jnp.ones(self.weight.shape, draw.dtype))
+        self.bias.set_value(jnp.zeros(self.bias.shape, draw.dtype))
+
+    def __call__(self, x, w: Composed):
+        x, loop = self.members_of(x, w)
+        weight, bias = self.weight[...], self.bias[...]
+        if loop is not None:
+            return Members([_layer_norm(x[m], weight[m], bias[m], 1, self.eps) for m in loop])
+        blocks = self.groups if self.single_path else self.members
+        return _layer_norm(x, weight, bias, blocks, self.eps)
+
+
+class ClassToken(_PerMember):
+    """Each member's learned token [M, D] put before its sequence: [B, N, D] -> [B, N + 1, D].
+    Initialised N(0, 1e-6^2), as timm's ViT."""
+
+    kind = "cls_token"
+
+    def __init__(self, config: Config, name: str) -> None:
+        super().__init__(config, name)
+        self.token = self.param(self.channels)
+
+    def reset_parameters(self, draw) -> None:
+        self.token.set_value(1e-6 * draw.normal(self.token.shape))
+
+    @staticmethod
+    def _put(x, token):
+        return jnp.concatenate([jnp.broadcast_to(token, (x.shape[0], 1, x.shape[-1])), x], 1)
+
+    def __call__(self, x, w: Composed):
+        x, loop = self.members_of(x, w)
+        token = self.token[...]
+        if loop is not None:
+            return Members([self._put(x[m], token[m]) for m in loop])
+        return self._put(x, token.reshape(-1))  # grouped: the members' tokens side by side
+
+
+class PosEmbed(_PerMember):
+    """Each member's learned position embedding [M, N, D] (token-major, the plan's layout) added
+    to its sequence. Initialised N(0, 0.02^2), as timm's ViT (its truncation at +-2 lies 100
+    standard deviations out)."""
+
+    kind = "pos_embed"
+
+    def __init__(self, config: Config, name: str) -> None:
+        super().__init__(config, name)
+        self.pos = self.param(config.layers[name]["tokens"], self.channels)
+
+    def reset_parameters(self, draw) -> None:
+        self.pos.set_value(0.02 * draw.normal(self.pos.shape))
+
+    def __call__(self, x, w: Composed):
+        x, loop = self.members_of(x, w)
+        pos = self.pos[...]
+        if loop is not None:
+            return Members([x[m] + pos[m] for m in loop])
+        if not self.single_path:  # grouped: [M, N, D] -> [N, M*D], the members side by side
+            pos = jnp.moveaxis(pos, 0, 1).reshape(pos.shape[1], -1)
+        return x + pos
+
+
+#: every kind of layer the model walks for parameters, initialisation and plan tensor names
+LAYER_TYPES = (Weighted, BatchNorm, _PerMember)
 
 
 class _Draws:
@@ -803,13 +948,13 @@ class Ensemble(nnx.Module):
             self.blob = nnx.Param(jnp.zeros(config.blob[0]))
 
     def layers(self) -> list[tuple[str, nnx.Module]]:
-        """(path, layer) of every Conv, Linear and BatchNorm, in the order they were made (the
-        plan's)."""
+        """(path, layer) of every Conv, Linear, BatchNorm, LayerNorm and token embedding, in the
+        order they were made (the plan's)."""
 
         def walk(node, path: str):
             items = enumerate(node) if isinstance(node, nnx.List) else vars(node).items()
             for key, child in items:
-                if isinstance(child, (Weighted, BatchNorm)):
+                if isinstance(child, LAYER_TYPES):
                     yield f"{path}{key}", child
                 elif isinstance(child, (nnx.Module, nnx.List)) and not isinstance(child, nnx.Dict):
                     yield from walk(child, f"{path}{key}.")
