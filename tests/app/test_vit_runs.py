@@ -145,3 +145,34 @@ def test_vit_sweep_trains_each_method(vit_run, capsys, tmp_path):
     )
     assert rc == 0, err
     assert "mixture" in out and "packed" in out and "single" in out
+
+
+def test_flax_trains_the_vit_and_torch_reads_its_run(vit_run, capsys, tmp_path):
+    pytest.importorskip("jax")
+    _, npz = vit_run
+    run = tmp_path / "flax"
+    rc, _, err = _cli(
+        capsys,
+        "train",
+        "vit_digits",
+        "--backend",
+        "flax",
+        "--data",
+        npz,
+        "--epochs",
+        "1",
+        "--out",
+        run,
+        "--no-progress",
+        "--threads",
+        "1",
+        *SMALL,
+    )
+    assert rc == 0, err
+    got = {}
+    for backend in ("flax", "torch"):
+        rc, out, err = _cli(capsys, "eval", run, "--backend", backend, "--json", "--no-save")
+        assert rc == 0, err
+        got[backend] = json.loads(out)["clean"]
+    assert got["flax"]["accuracy"] == got["torch"]["accuracy"]
+    assert got["flax"]["nll"] == pytest.approx(got["torch"]["nll"], rel=1e-4)

@@ -23,6 +23,8 @@ from mixc.backends import torch as tb
 from mixc.spec import SpecError
 
 TOL = 1e-4
+#: a smaller vit_digits: 2 blocks of width 32, 3 members
+VIT = ["backbone.dim=32", "backbone.depth=2", "members=3"]
 
 PLANS = {
     "tiny": lambda: hp.tiny_convnet(),
@@ -37,7 +39,25 @@ PLANS = {
     "digits_packed": lambda: mixc.compile(
         "digits", ["method=packed(alpha = 2, gamma = 2)", "members=2"]
     ),
+    "vit_mixture": lambda: mixc.compile("vit_digits", VIT),
+    "vit_mixture_greedy": lambda: mixc.compile("vit_digits", [*VIT, "assign=greedy_disjoint"]),
+    "vit_batch_ensemble": lambda: mixc.compile("vit_digits", [*VIT, "method=batch_ensemble"]),
+    "vit_mimo": lambda: mixc.compile("vit_digits", [*VIT, "method=mimo"]),
+    "vit_packed": lambda: mixc.compile(
+        "vit_digits", [*VIT, "members=2", "method=packed(alpha = 2, gamma = 1)"]
+    ),
+    "vit_naive": lambda: mixc.compile("vit_digits", [*VIT, "groups=none"]),
 }
+
+
+def _randomise_transformer(arrays: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """LayerNorm affine and embeddings away from their init, so the comparison reads them."""
+    rng = np.random.default_rng(seed)
+    return {
+        name: rng.standard_normal(a.shape) * 0.3 + (1.0 if name.endswith("weight") else 0.0)
+        for name, a in arrays.items()
+        if name.startswith(("ln.", "embed."))
+    }
 
 
 def _randomise_flax(model, seed: int) -> None:
@@ -50,6 +70,7 @@ def _randomise_flax(model, seed: int) -> None:
             arrays[name] = rng.standard_normal(a.shape) * 0.3 + (
                 1.0 if name.endswith("weight") else 0.0
             )
+    arrays |= _randomise_transformer(fb.plan_arrays(model), seed)
     fb.assign_plan_arrays(model, arrays)
 
 
@@ -100,6 +121,10 @@ def _check_both_directions(plan, tmp_path, batch: int = 4) -> None:
     torch.manual_seed(0)
     tm = tb.build(plan)
     randomise_batch_norm(tb.named_plan_tensors(tm), 1)
+    named = tb.named_plan_tensors(tm)
+    with torch.no_grad():
+        for name, a in _randomise_transformer({k: v.numpy() for k, v in named.items()}, 1).items():
+            named[name].copy_(torch.from_numpy(a))
     path = tb.save_checkpoint(
         tmp_path / "from_torch.safetensors", tm, plan, epoch=4, metadata={"by": "torch"}
     )
