@@ -41,6 +41,7 @@ _DEFAULTS = {
     "avgpool": {"padding": 0},
 }
 _POSITIONAL = {"conv": "out", "linear": "out", "maxpool": "kernel", "avgpool": "kernel"}
+_POSITIONAL.update(dropout="p", leaky_relu="slope")
 PLAIN = ["members=1", "groups=none"]
 
 
@@ -383,7 +384,7 @@ def _conditions(block: _Block) -> None:
     paths = sorted({p for inst in block.instances for p in inst.shortcuts}, key=_order)
     for p in paths:
         has = [inst.shortcuts.get(p, False) for inst in block.instances]
-        if all(has):
+        if all(has) or not any(has):
             continue
         first = next(
             (q for q in sorted(block.template.layers, key=_order) if q[: len(p) + 1] == (*p, "s")),
@@ -458,6 +459,7 @@ class Imported:
     tensors: dict[str, dict[str, str]]
     blocks: list[str] = field(default_factory=list)
     stages: list[str] = field(default_factory=list)
+    note: str = ""  # what the user should know (a budget above 1.0x, and why)
 
 
 def _inline(stmts: list, calls: list[_Instance], top: bool) -> list:
@@ -606,8 +608,8 @@ ENSEMBLE = """\
 ensemble {{
     backbone {name}({call})
     members 4
-    budget 1.0x
-    groups by_shape
+    budget {budget}
+    groups {groups}
     templates_per_layer 4
     assign shared
 }}
@@ -647,7 +649,7 @@ def spec_from_graph(graph: ModuleGraph, input_shape: list[int], origin: str) -> 
     text = [f"# {name}.mix: imported by `mixc import {origin}`", ""]
     text += [_block_text(b) + "\n" for b in unique_blocks]
     text += [f"backbone {name}({params}) {{", _input_line(input_shape), *body, "}", ""]
-    text.append(ENSEMBLE.format(name=name, call=call))
+    text.append(ENSEMBLE.format(name=name, call=call, budget="{budget}", groups="{groups}"))
     stages = [ln.split()[1] for ln in body if ln.strip().startswith("stage ")]
     return Imported("\n".join(text), name, tensors, [b.name for b in unique_blocks], stages)
 
@@ -690,6 +692,7 @@ def import_graph(
 
     graph = _importer(backend).describe_module(module, list(input_shape))
     imported = spec_from_graph(graph, list(input_shape), origin)
+    _choose_budget(imported)
     try:
         plan = compile_text(imported.text, PLAIN, name=f"{imported.name}.mix")
     except MixcError as e:
@@ -698,6 +701,40 @@ def import_graph(
             " bug in mixc import, please report it with the model"
         ) from None
     return imported, plan
+
+
+#: the default ensemble's budgets, tried in order until one compiles
+BUDGETS = ("1.0x", "1.25x", "1.5x", "2.0x", "3.0x")
+
+
+def _choose_budget(imported: Imported) -> None:
+    """``groups by_shape``, ``budget 1.0x`` when the default ensemble compiles so, else the first
+    that does of BUDGETS, then of ``groups single``, then banking singletons (a small model may
+    bank too little at 1.0x for its members to differ, or have no two layers of one shape), with a
+    note saying why."""
+    from mixc.api import compile_text
+
+    template, first_error = imported.text, None
+    for groups in ("by_shape", "single", "by_shape\n    bank_singletons true"):
+        for budget in BUDGETS:
+            imported.text = template.replace("{budget}", budget).replace("{groups}", groups)
+            try:
+                compile_text(imported.text, name=f"{imported.name}.mix")
+            except MixcError as e:
+                first_error = first_error or e.render().splitlines()[0]
+                continue
+            if first_error:
+                chosen = groups.replace("\n   ", ";")
+                imported.note = (
+                    f"groups {chosen}, budget {budget} in the ensemble section: with by_shape at"
+                    f" 1.0x, {first_error}"
+                )
+                imported.text = imported.text.replace(
+                    f"    budget {budget}", f"    budget {budget}  # see `mixc inspect`: 1.0x fails"
+                )
+            return
+    imported.text = template.replace("{budget}", "1.0x").replace("{groups}", "by_shape")
+    imported.note = f"the default ensemble section does not compile: {first_error}; edit it"
 
 
 def check(
