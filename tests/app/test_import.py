@@ -179,3 +179,36 @@ def test_imported_cnn_trains_as_a_mixture_on_digits(tmp_path):
         threads=1,
     )
     assert m["accuracy"] >= 0.95
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["method=naive"], ["budget=3.0x", "templates_per_layer=2"]],
+    ids=["naive", "mixture"],
+)
+def test_init_from_reproduces_the_pretrained_network(overrides):
+    """--init-from: naive members are copies; a mixture whose bank can hold each banked layer
+    (conv2 and conv3 share a shape) reproduces them by least squares, so every member's logits
+    are the original's."""
+    from mixc.backends import get_backend
+    from mixc.backends.torch import build, named_plan_tensors
+    from mixc.init_from import initialise
+
+    module = M.randomised(M.SmallCNN()).eval()
+    imported, plain = import_graph(module, [1, 8, 8], "cnn")
+    names, _ = check(module, imported, plain, [1, 8, 8])
+    pre = get_backend("torch").imported_arrays(module, names, plain)
+    plan = mixc.compile_text(imported.text, overrides)
+    model = build(plan).eval()
+    tensors = named_plan_tensors(model)
+    state = {k: v.detach().numpy().copy() for k, v in tensors.items()}
+    new, lines = initialise(state, plan, pre, [])
+    assert "copied exactly" in lines[0]
+    assert any("least squares" in line for line in lines) == (plan.method.name == "mixture")
+    with torch.no_grad():
+        for k, v in new.items():
+            tensors[k].copy_(torch.as_tensor(v))
+        x = torch.randn(16, 1, 8, 8)
+        want, got = module(x), model(x)
+    assert got.shape[1] == 4
+    assert (got - want[:, None]).abs().max() < 1e-4, lines
