@@ -489,7 +489,7 @@ def _label(layers: list[GraphNode], prefix: str, full: str, tensors: dict) -> No
         if not node.tensors:
             continue
         rel = node.path[len(prefix) :] if prefix and node.path.startswith(prefix) else node.path
-        node.label = ident(rel)
+        node.label = ident(f"{node.layer}_{rel}" if rel[:1].isdigit() else rel)
         key = full + node.label
         if key in tensors:
             raise _fail(
