@@ -212,3 +212,47 @@ def test_init_from_reproduces_the_pretrained_network(overrides):
         want, got = module(x), model(x)
     assert got.shape[1] == 4
     assert (got - want[:, None]).abs().max() < 1e-4, lines
+
+
+def test_stage_of_calls_where_no_repeat_expression_fits():
+    """Widths 16, 32, 64 along one Sequential: no `if i == 0` expression gives them, so the stage
+    lists its calls (named b0, b1, b2 as a repeat would)."""
+
+    def block(cin, cout):
+        down = torch.nn.Sequential(
+            torch.nn.Conv2d(cin, cout, 1, bias=False), torch.nn.BatchNorm2d(cout)
+        )
+        return M.BasicBlock(cin, cout, 1, down)
+
+    class Pyramid(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(1, 8, 3, padding=1)
+            self.body = torch.nn.Sequential(block(8, 16), block(16, 32), block(32, 64))
+            self.head = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.head(self.body(self.stem(x)).mean((2, 3)))
+
+    module = M.randomised(Pyramid())
+    imported, plan = import_graph(module, [1, 8, 8], "pyramid")
+    _, result = check(module, imported, plan, [1, 8, 8])
+    assert result.max_abs_diff <= 1e-5
+    assert "    stage body {\n        basic_block b0(width = 16)\n" in imported.text
+    assert "basic_block b2(width = 64)" in imported.text
+
+
+def test_cli_module_path_and_help(capsys, tmp_path, monkeypatch):
+    (tmp_path / "mixc_import_probe.py").write_text(
+        "from torch import nn\n\ndef make(d=6):\n    return nn.Sequential(nn.Linear(d, 3))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    rc, out, err = run(
+        capsys, "import", "mixc_import_probe:make", "--args", '{"d": 5}', "--input", "5"
+    )
+    assert rc == 0, err
+    assert "input vector(5)" in out and "linear linear_0(classes)" in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "import" in capsys.readouterr().out
