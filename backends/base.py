@@ -106,6 +106,8 @@ class Capabilities:
     ] = ()  # graph formats `mixc export` can write through it ("onnx", ...)
     # the ensemble methods it builds (Plan.method.name)
     methods: frozenset[str] = frozenset({"mixture", "naive"})
+    # the models `mixc import` reads through it ("torch.nn.Module"; "" if none)
+    imports: str = ""
 
 
 #: the Backend methods that take a plan first; each refuses a plan whose method the backend does not
@@ -452,6 +454,27 @@ class Backend:
 
     def graph_runner(self, fmt: str, path: Path) -> GraphRunner:
         """Run an exported graph the way a deployment would (onnxruntime for ONNX, say)."""
+        raise NotImplementedError
+
+    # -- `mixc import` (when ``capabilities.imports`` names a model type) ---------------------
+
+    def describe_module(self, module: Any, input_shape: list[int]) -> Any:
+        """``module`` (a model of this framework) traced into a neutral
+        :class:`mixc.core.module_graph.ModuleGraph` for inputs of one sample's ``input_shape``."""
+        raise NotImplementedError
+
+    def check_import(
+        self, module: Any, plan: Plan, name_map: dict[str, str], input_shape: list[int]
+    ) -> Any:
+        """Build ``plan`` (one plain member), copy ``module``'s weights in through ``name_map``
+        (state name -> plan tensor) and compare logits (an ``ImportCheck``, mixc.core.module_graph).
+        """
+        raise NotImplementedError
+
+    def imported_arrays(
+        self, module: Any, name_map: dict[str, str], plan: Plan
+    ) -> dict[str, np.ndarray]:
+        """``module``'s weights as numpy arrays under ``plan``'s tensor names and shapes."""
         raise NotImplementedError
 
 

@@ -16,6 +16,6 @@ if _os.path.isfile(_os.path.join(_root, "compiler", "plan.py")) and _root not in
 
 __version__ = "0.1.0"
 
-from mixc.api import build, compile, compile_text, load  # noqa: E402
+from mixc.api import build, compile, compile_text, import_module, load  # noqa: E402
 
-__all__ = ["build", "compile", "compile_text", "load", "__version__"]
+__all__ = ["build", "compile", "compile_text", "import_module", "load", "__version__"]

@@ -148,3 +148,11 @@ def build(
     spec_keys = {k: v for k, v in keywords.items() if k not in accepted}
     plan = compile(spec, override_list(overrides, **spec_keys))
     return chosen.build(plan, **options)
+
+
+def import_module(module: Any, input_shape: Sequence[int], backend: str = "torch") -> str:
+    """The ``.mix`` text of a model you already have (a ``torch.nn.Module``), with its blocks and
+    stages, checked against it (``mixc import``; docs/importing.md)."""
+    from mixc.importing import import_module as run
+
+    return run(module, input_shape, backend)

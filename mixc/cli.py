@@ -140,9 +140,12 @@ def cmd_zoo(args: argparse.Namespace, out: Console) -> int:
 def _optional(name: str) -> tuple[Callable, Callable] | None:
     """Subcommands that live in mixc.commands.<name> (they may need a framework)."""
     import importlib
+    import keyword
 
-    try:
-        mod = importlib.import_module(f"mixc.commands.{name}")
+    try:  # a keyword (import) names its module with a trailing underscore
+        mod = importlib.import_module(
+            f"mixc.commands.{name}{'_' if keyword.iskeyword(name) else ''}"
+        )
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("mixc.commands"):
             return None
@@ -169,6 +172,7 @@ _OPTIONAL_COMMANDS = (
     ("report", "trained runs side by side, shaped like the paper's tables"),
     ("export", "export a trained run for deployment: onnx, torch-export (.pt2) or members"),
     ("predict", "predict new inputs (.npz, an image, a folder of images) with a trained run"),
+    ("import", "a model you have (a torch.nn.Module) as a .mix spec, checked against it"),
 )
 
 

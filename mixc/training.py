@@ -162,6 +162,9 @@ def train(
     curves: bool = True,
     stream: bool = False,
     workers: int | None = None,
+    init_from: str | os.PathLike | None = None,
+    init_exclude: tuple[str, ...] = (),
+    init_noise: float = 0.0,
 ) -> dict[str, Any]:
     """Train ``plan`` with ``recipe`` on ``backend`` into ``out_dir`` (resuming it if it holds a
     checkpoint).
@@ -172,7 +175,9 @@ def train(
     :func:`mixc.core.threads.default_threads`, ``best_metric``/``keep``/``eval_test_every_epoch``
     choose the checkpoints and test scoring, ``logger`` and ``curves`` the extra outputs; ``stream``
     reads an image folder from disk with ``workers`` loader processes (default min(4, threads))
-    instead of decoding it into memory. Returns the final test metrics
+    instead of decoding it into memory. ``init_from`` starts a new run from one network's weights
+    (``mixc import --weights``; ``mixc/init_from.py``), but for layers matching ``init_exclude``
+    globs, with ``init_noise`` apart. Returns the final test metrics
     (:func:`mixc.metrics.evaluate`) plus ``epoch``, ``train_loss`` and ``wall_time``; ``{}`` on
     data-parallel ranks other than 0.
     """
@@ -209,6 +214,9 @@ class _Options:
     curves: bool
     stream: bool
     workers: int | None
+    init_from: str | os.PathLike | None
+    init_exclude: tuple[str, ...]
+    init_noise: float
 
 
 def _train(backend: Backend | str, plan: Plan, recipe: Recipe, o: _Options) -> dict[str, Any]:
@@ -277,6 +285,8 @@ def _start_run(
     trainer.begin(dataset.x_train, dataset.y_train[: len(dataset.x_train)], batch)
     if folder.header is not None:
         _resume(folder, trainer, plan)
+    elif o.init_from is not None:
+        _initialise(o, trainer, plan, recipe.seed)
     return _Run(
         plan,
         recipe,
@@ -311,6 +321,20 @@ def _finish(run: _Run, curves: bool, t_start: float) -> dict[str, Any]:
     if last is None:  # nothing left to train: report the checkpoint as it stands
         last = {"epoch": run.folder.start_epoch, "train_loss": None, **_evaluate(run, "test")}
     return {**last, "wall_time": time.perf_counter() - t_start}
+
+
+def _initialise(o: _Options, trainer: Trainer, plan: Plan, recipe_seed: int) -> None:
+    """A new run's tensors from a pretrained network (``--init-from``), reported line by line."""
+    from mixc.init_from import initialise, read_pretrained
+
+    pretrained = read_pretrained(o.init_from)
+    state, lines = initialise(
+        trainer.state_arrays(), plan, pretrained, list(o.init_exclude), o.init_noise, recipe_seed
+    )
+    trainer.load_state(state)
+    if trainer.rank == 0:
+        for line in lines:
+            print(f"init from {o.init_from}: {line}")
 
 
 def _resume(folder: RunWriter, trainer: Trainer, plan: Plan) -> None:

@@ -29,6 +29,7 @@ class TorchBackend(Backend):
         data_parallel="DistributedDataParallel, one process per device under torchrun",
         export_formats=("onnx", "torch-export"),
         methods=frozenset({"mixture", "naive", "batch_ensemble", "mimo", "packed"}),
+        imports="torch.nn.Module",
     )
 
     def count_params(self, plan: Plan) -> int:
@@ -107,6 +108,24 @@ class TorchBackend(Backend):
         from mixc.backends.torch.export import onnx_runner, pt2_runner
 
         return onnx_runner(path) if fmt == "onnx" else pt2_runner(path)
+
+    def describe_module(self, module: Any, input_shape: list[int]) -> Any:
+        """torch.fx, hierarchically (``importer.py``)."""
+        from mixc.backends.torch.importer import describe_module
+
+        return describe_module(module, input_shape)
+
+    def check_import(
+        self, module: Any, plan: Plan, name_map: dict[str, str], input_shape: list[int]
+    ) -> Any:
+        from mixc.backends.torch.importer import check_import
+
+        return check_import(module, plan, name_map, input_shape)
+
+    def imported_arrays(self, module: Any, name_map: dict[str, str], plan: Plan) -> dict[str, Any]:
+        from mixc.backends.torch.importer import mapped_arrays
+
+        return {k: v.numpy() for k, v in mapped_arrays(module, name_map, plan).items()}
 
 
 backend = TorchBackend()

@@ -99,6 +99,27 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="train one plain backbone (single) or M independent ones (naive) instead",
     )
     parser.add_argument(
+        "--init-from",
+        metavar="FILE",
+        help="start a new run from one network's weights (mixc import --weights FILE): copied"
+        " into every member, banked layers fitted by least squares (docs/importing.md)",
+    )
+    parser.add_argument(
+        "--init-exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="layers (globs, e.g. fc) that keep their fresh initialisation under --init-from",
+    )
+    parser.add_argument(
+        "--init-noise",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="under --init-from, multiply each member's own weights and alphas by 1 + F*N(0,1)"
+        " so that members starting from one network can part (default 0)",
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -328,6 +349,9 @@ def run(args: argparse.Namespace) -> int:
             compile=args.compile,
             logger=args.logger,
             curves=not args.no_curves,
+            init_from=args.init_from,
+            init_exclude=tuple(args.init_exclude),
+            init_noise=args.init_noise,
             stream=args.stream,
             workers=args.workers,
         )
