@@ -734,3 +734,17 @@ def _name(local: str, in_block: bool, tail: str = "") -> str:
     if in_block:
         return "f" + _q("{name}." + local + tail)
     return "f" + _q(local + tail) if tail else _q(local)
+
+
+#: the lowerings every backend writes alike; a backend's LOWER adds its own (activations, pools,
+#: reshapes) to these
+COMMON_LOWER: dict[str, Lowering] = {
+    "conv": layer_call,
+    "linear": layer_call,
+    "bn": layer_call,
+    "layernorm": layer_call,
+    "cls_token": layer_call,
+    "pos_embed": layer_call,
+    "add": add,
+    "attention": attend,
+}

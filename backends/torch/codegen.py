@@ -20,15 +20,13 @@ from __future__ import annotations
 from typing import Any
 
 from mixc.backends.emit import (
+    COMMON_LOWER,
     CodegenError,
     Emitter,
-    add,
-    attend,
     attr_name,
     checked,
     class_name,
     describe,
-    layer_call,
     module_name,
 )
 from mixc.backends.pysource import literal as _q
@@ -92,23 +90,16 @@ member, each member has its own BatchNorm."""
 
 class TorchEmitter(Emitter):
     BACKEND = "torch"
-    LOWER = dict(
-        conv=layer_call,
-        linear=layer_call,
-        bn=layer_call,
-        act=_act,
-        pool=_pool,
-        global_pool=_global_pool,
-        flatten=_flatten,
-        dropout=_dropout,
-        add=add,
-        layernorm=layer_call,
-        cls_token=layer_call,
-        pos_embed=layer_call,
-        attention=attend,
-        tokens=_tokens,
-        token_pool=_token_pool,
-    )
+    LOWER = {
+        **COMMON_LOWER,
+        "act": _act,
+        "pool": _pool,
+        "global_pool": _global_pool,
+        "flatten": _flatten,
+        "dropout": _dropout,
+        "tokens": _tokens,
+        "token_pool": _token_pool,
+    }
     IMPORTS = ["import torch", "import torch.nn.functional as F", "from torch import nn"]
     RUNTIME = "mixc.backends.torch.runtime"
     MODULE_LIST = "nn.ModuleList"
