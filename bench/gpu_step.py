@@ -709,8 +709,16 @@ def best_of(rows: list[Row], variant: str) -> Row | None:
     return min(mine, key=lambda r: statistics.median(r.times), default=None)
 
 
+def sequence_length(plan: Plan) -> int | None:
+    """Tokens per image of a transformer (the longest sequence: with the class token), else
+    None."""
+    lengths = [op.out_shape[1] for op in plan.ops if op.kind in ("tokens", "cls_token")]
+    return max(lengths, default=None)
+
+
 def row_figures(row: Row) -> dict[str, Any]:
     ms = statistics.median(row.times) * 1000
+    tokens = sequence_length(row.plan)
     return {
         "title": row.title,
         "layout": row.layout,
@@ -723,6 +731,8 @@ def row_figures(row: Row) -> dict[str, Any]:
         "step_ms_min": min(row.times) * 1000,
         "step_ms_max": max(row.times) * 1000,
         "tflops": 6 * row.macs * row.images / (ms / 1000) / 1e12,
+        "images_per_s": row.images / (ms / 1000),
+        "tokens_per_s": None if tokens is None else row.images * tokens / (ms / 1000),
         "memory_gib": None if row.memory_bytes is None else row.memory_bytes / GIB,
         "eval_ms": row.eval_ms,
         "compile_s": row.compile_s if row.compile_s is not None else row.extra.get("jit_s"),
@@ -809,14 +819,16 @@ def print_report(res: dict[str, Any]) -> None:
         f"batch {m['batch_per_member']} per member; {m['warmup']} warm-up + {m['steps']} rounds"
     )
     mem = "memory GiB" if m["backend"] == "flax" or "CUDA" in m["memory_measure"] else "mem* GiB"
-    table = Table("row", "method", "layout", "step ms (min-max)", "TFLOP/s", mem,
-                  f"eval ms @{m['eval_batch']}", "compile s")  # fmt: skip
+    table = Table("row", "method", "layout", "step ms (min-max)", "img/s", "tokens/s", "TFLOP/s",
+                  mem, f"eval ms @{m['eval_batch']}", "compile s")  # fmt: skip
     for key, f in res["rows"].items():
         table.add_row(
             key,
             f["title"],
             f["layout"],
             f"{f['step_ms']:.1f} ({f['step_ms_min']:.1f}-{f['step_ms_max']:.1f})",
+            fmt(f["images_per_s"], ",.0f"),
+            fmt(f["tokens_per_s"], ",.0f"),
             fmt(f["tflops"], ".3f"),
             fmt(f["memory_gib"], ".3f"),
             fmt(f["eval_ms"], ".1f"),

@@ -73,6 +73,8 @@ def _check_rows(res: dict, wanted: list[str]) -> None:
         assert (row["macs_per_image"], row["images"]) == (macs, images), key
         want = 6 * macs * images / (row["step_ms"] / 1000) / 1e12
         assert row["tflops"] == pytest.approx(want, rel=1e-9), key
+        assert row["images_per_s"] == pytest.approx(images / (row["step_ms"] / 1000), rel=1e-9)
+        assert row["tokens_per_s"] is None  # a convnet
     members = meta["members"]
     assert rows["naive_loop"]["macs_per_image"] == members * rows["single"]["macs_per_image"]
 
@@ -126,3 +128,11 @@ def test_flax_rows_and_figures(flax_result):
     _check_ratios(flax_result)
     assert "XLA" in flax_result["meta"]["memory_measure"]
     assert all(row["compile_s"] > 0 for row in flax_result["rows"].values())
+
+
+def test_tokens_per_image_of_a_vit():
+    """tokens/s counts each image's sequence with its class token (a convnet has none)."""
+    bench = _bench()
+    assert bench.sequence_length(mixc.compile("vit_digits")) == 16 + 1
+    assert bench.sequence_length(mixc.compile("vit_ti16", ["members=1"])) == 196 + 1
+    assert bench.sequence_length(mixc.compile("digits")) is None
