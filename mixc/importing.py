@@ -39,9 +39,11 @@ _DEFAULTS = {
     "dropout": {"p": 0.5},
     "maxpool": {"padding": 0},
     "avgpool": {"padding": 0},
+    "attention": {"bias": True},
 }
 _POSITIONAL = {"conv": "out", "linear": "out", "maxpool": "kernel", "avgpool": "kernel"}
-_POSITIONAL.update(dropout="p", leaky_relu="slope")
+_POSITIONAL.update(dropout="p", leaky_relu="slope", attention="heads", token_pool="mode")
+_QUOTED = {("token_pool", "mode")}  # string arguments (others are numbers or parameter names)
 PLAIN = ["members=1", "groups=none"]
 
 
@@ -292,7 +294,7 @@ def layer_text(node: GraphNode, name: str | None, bound: dict[str, str] | None =
     for key, val in args.items():
         if key not in bound and key in defaults and _same(defaults[key], val):
             continue
-        text = bound.get(key, _value(val))
+        text = bound.get(key, f'"{val}"' if (kind, key) in _QUOTED else _value(val))
         items.append(text if key == _POSITIONAL.get(kind) else f"{key} = {text}")
     head = f"{kind} {name}" if name else kind
     return head + (f"({', '.join(items)})" if items else "")
@@ -509,9 +511,10 @@ def _make_blocks(calls: list[_Instance]) -> dict[int, _Block]:
         groups[(inst.call.graph.cls, sig)].append(inst)
     by_call, names = {}, set()
     for (cls, _), insts in groups.items():
-        name, n = snake(cls), 2
+        base = _block_name(cls, insts[0])
+        name, n = base, 2
         while name in names:
-            name, n = f"{snake(cls)}_{n}", n + 1
+            name, n = f"{base}_{n}", n + 1
         names.add(name)
         block = _Block(name, insts)
         block.template = max(insts, key=lambda i: sum(i.shortcuts.values()))
@@ -519,6 +522,16 @@ def _make_blocks(calls: list[_Instance]) -> dict[int, _Block]:
         _conditions(block)
         by_call.update({id(i): block for i in insts})
     return by_call
+
+
+def _block_name(cls: str, inst: _Instance) -> str:
+    """``BasicBlock`` -> ``basic_block``; timm's ``Block`` (a reserved word) holding attention ->
+    ``vit_block``, as zoo/blocks/vit.mix names it."""
+    name = snake(cls)
+    if name.endswith("_") and name[:-1] in _RESERVED:
+        if any(n.layer == "attention" for n in _layers(inst.stmts)):
+            return "vit_block"
+    return name
 
 
 def _expr(values: list) -> str | None:
@@ -626,6 +639,30 @@ train {{
 """
 
 
+_CONVNET_TRAIN = """\
+    optimizer sgd(lr = 0.05, momentum = 0.9, nesterov = true)
+    schedule cosine
+    weight_decay 5e-4
+    weight_decay_exclude [alphas, bn]
+"""
+#: a transformer's recipe, as the zoo's ViTs (AdamW, warm-up, no decay on norms and embeddings)
+_VIT_TRAIN = """\
+    optimizer adamw(lr = 1e-3)
+    schedule cosine
+    warmup 5
+    weight_decay 0.05
+    weight_decay_exclude [alphas, norm, embedding, bias]
+"""
+
+
+def _all_layers(items: list) -> list[GraphNode]:
+    """The root's layers and its block instances' layers."""
+    out = []
+    for s in items:
+        out += _layers(s.stmts) if isinstance(s, _Instance) else _layers([s])
+    return out
+
+
 def spec_from_graph(graph: ModuleGraph, input_shape: list[int], origin: str) -> Imported:
     """The ``.mix`` text of a traced model (blocks, stages, backbone, default ensemble and
     train sections) and its weight layers' tensors."""
@@ -649,7 +686,10 @@ def spec_from_graph(graph: ModuleGraph, input_shape: list[int], origin: str) -> 
     text = [f"# {name}.mix: imported by `mixc import {origin}`", ""]
     text += [_block_text(b) + "\n" for b in unique_blocks]
     text += [f"backbone {name}({params}) {{", _input_line(input_shape), *body, "}", ""]
-    text.append(ENSEMBLE.format(name=name, call=call, budget="{budget}", groups="{groups}"))
+    sections = ENSEMBLE.format(name=name, call=call, budget="{budget}", groups="{groups}")
+    if any(n.layer == "attention" for n in _all_layers(items)):
+        sections = sections.replace(_CONVNET_TRAIN, _VIT_TRAIN)
+    text.append(sections)
     stages = [ln.split()[1] for ln in body if ln.strip().startswith("stage ")]
     return Imported("\n".join(text), name, tensors, [b.name for b in unique_blocks], stages)
 
@@ -660,10 +700,12 @@ def name_map(imported: Imported, plan: Any) -> dict[str, str]:
 
     out = {}
     for layer, fields in imported.tensors.items():
-        op = plan.op(layer)
-        source = getattr(op, "source", None) or op.kind
         for attr, original in fields.items():
-            out[original] = tensor_name(source, layer, attr)
+            sub, _, attr = attr.rpartition(".")  # an attention's q.weight: its layer attn.q
+            name = f"{layer}.{sub}" if sub else layer
+            op = plan.op(name)
+            source = getattr(op, "source", None) or op.kind
+            out[original] = tensor_name(source, name, attr)
     return out
 
 

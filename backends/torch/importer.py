@@ -24,6 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from mixc.backends.torch.import_transformer import (
+    attention_layer,
+    attention_like,
+    param_layer,
+    token_layer,
+)
 from mixc.compiler.plan import Plan
 from mixc.core.module_graph import GraphNode, ImportCheck, ModuleGraph, ModuleImportError
 
@@ -49,6 +55,10 @@ _ADDS = (operator.add, operator.iadd, torch.add)
 _RESHAPES = {torch.flatten, torch.reshape}
 _RESHAPE_METHODS = {"flatten", "view", "reshape"}
 _NOOP_METHODS = {"contiguous", "clone"}
+_PARAM_HINT_SHORT = (
+    "mixc reads a parameter in forward only as a class token or a position embedding: keep other"
+    " weights inside torch.nn layers"
+)
 
 
 def _is_torch_layer(m: nn.Module) -> bool:
@@ -66,7 +76,7 @@ class _Tracer(fx.Tracer):
         self.record_stack_traces = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if _is_torch_layer(m):
+        if _is_torch_layer(m) or attention_like(m):
             return True
         return self.shallow and not isinstance(m, _CONTAINERS)
 
@@ -119,13 +129,13 @@ def describe_module(module: nn.Module, input_shape: list[int]) -> ModuleGraph:
     try:
         with torch.no_grad():
             x = torch.randn(2, *input_shape)
-            return _describe(module, module, "", x, shallow=True)
+            return _describe(module, module, "", x, shallow=True, tokens=False)
     finally:
         module.train(was_training)
 
 
 def _describe(
-    root: nn.Module, module: nn.Module, path: str, x: torch.Tensor, shallow: bool
+    root: nn.Module, module: nn.Module, path: str, x: torch.Tensor, shallow: bool, tokens: bool
 ) -> ModuleGraph:
     label = f"module {path!r}" if path else "the model"
     gm = _trace(module, shallow, label)
@@ -141,7 +151,7 @@ def _describe(
     containers = {
         prefix + name for name, m in module.named_modules() if name and isinstance(m, _CONTAINERS)
     }
-    converter = _Converter(root, module, prefix, shallow)
+    converter = _Converter(root, module, prefix, shallow, tokens)
     nodes = converter.convert(gm)
     return ModuleGraph(cls=type(module).__name__, path=path, nodes=nodes, containers=containers)
 
@@ -169,10 +179,21 @@ def _one(v: Any, what: str) -> int:
 class _Converter:
     """fx nodes of one traced graph -> GraphNodes (aliases for no-ops)."""
 
-    def __init__(self, root: nn.Module, module: nn.Module, prefix: str, shallow: bool):
+    def __init__(
+        self, root: nn.Module, module: nn.Module, prefix: str, shallow: bool, tokens: bool
+    ):
         self.root, self.module, self.prefix, self.shallow = root, module, prefix, shallow
+        self.tokens_in = tokens  # the forward's input is a token sequence
         self.alias: dict[str, str] = {}
         self.kinds: dict[str, str] = {}
+        self.values: set[str] = set()  # the GraphNodes made so far
+        self.seq: set[str] = set()  # ... of them, the token sequences
+        self.params: dict[str, str] = {}  # a node reading a parameter -> its path from the root
+        self.flat: set[str] = set()  # images flattened, to become tokens at their transpose
+        self.tuples: set[str] = set()  # MultiheadAttention calls (a tuple: [0] is the output)
+
+    def is_seq(self, v: Any) -> bool:
+        return isinstance(v, fx.Node) and self.alias.get(v.name, v.name) in self.seq
 
     def fail(self, node: fx.Node, what: str, hint: str) -> ModuleImportError:
         at = _where(node)
@@ -183,9 +204,16 @@ class _Converter:
         )
 
     def ref(self, v: Any, node: fx.Node) -> str:
-        if not isinstance(v, fx.Node):
-            raise self.fail(node, "takes a value that is not the output of a layer", "see below")
-        return self.alias.get(v.name, v.name)
+        if isinstance(v, fx.Node) and v.name in self.params:
+            raise self.fail(node, f"reads the parameter {self.params[v.name]!r}", _PARAM_HINT_SHORT)
+        name = self.alias.get(v.name, v.name) if isinstance(v, fx.Node) else None
+        if name not in self.values:
+            raise self.fail(
+                node,
+                "takes a value that is not the output of a layer",
+                "mixc imports chains of layers, residual adds and the ViT token ops",
+            )
+        return name
 
     def convert(self, gm: fx.GraphModule) -> list[GraphNode]:
         out: list[GraphNode] = []
@@ -199,65 +227,114 @@ class _Converter:
             made = self.node(node)
             if made is not None:
                 self.kinds[made.name] = made.layer or made.kind
+                self.values.add(made.name)
+                if made.tokens:
+                    self.seq.add(made.name)
                 out.append(made)
         return out
 
     def node(self, node: fx.Node) -> GraphNode | None:
         if node.op == "placeholder":
-            return GraphNode(node.name, "input", shape=_shape(node) or [])
+            shape = _shape(node) or []
+            if self.tokens_in:
+                shape = shape[::-1]
+            return GraphNode(node.name, "input", shape=shape, tokens=self.tokens_in)
         if node.op == "output":
             arg = node.args[0]
             if not isinstance(arg, fx.Node):
                 raise self.fail(node, "returns several values", "return the logits alone")
-            return GraphNode(node.name, "output", [self.ref(arg, node)], _shape(arg) or [])
+            src = self.ref(arg, node)
+            seq = src in self.seq
+            shape = (_shape(arg) or [])[:: -1 if seq else 1]
+            return GraphNode(node.name, "output", [src], shape, tokens=seq)
         if node.op == "get_attr":
-            raise self.fail(
-                node,
-                "reads a parameter or buffer directly in forward",
-                "keep weights inside torch.nn layers (Conv, Linear, BatchNorm...)",
-            )
+            return self.attribute(node)
+        if node.op == "call_module" and attention_like(self.module.get_submodule(node.target)):
+            return self.module_node(node)
         if _shape(node) is None:
             if (
                 node.op == "call_method"
                 and node.target == "size"
                 or node.op == "call_function"
-                and node.target is getattr
+                and node.target in (getattr, operator.getitem)
+                and not (isinstance(node.args[0], fx.Node) and node.args[0].name in self.tuples)
             ):
                 return None  # a size read for a reshape, checked by the reshape's shapes
             raise self.fail(node, "does not produce a tensor", "mixc imports tensor ops only")
+        if node.op == "call_function" and node.target is operator.getitem:
+            src = node.args[0]
+            if isinstance(src, fx.Node) and src.name in self.tuples:
+                if node.args[1] != 0:
+                    raise self.fail(node, "reads the attention weights", "use attn(x, x, x)[0]")
+                self.alias[node.name] = self.ref(src, node)
+                return None
         if node.op == "call_module":
             return self.module_node(node)
         return self.function_node(node)
 
-    def made(self, node: fx.Node, layer: str, args: dict, inputs: list, **kw: Any) -> GraphNode:
+    def attribute(self, node: fx.Node) -> None:
+        """A parameter read in forward: remembered for a class token or position embedding."""
+        try:
+            self.module.get_parameter(node.target)
+        except AttributeError:
+            raise self.fail(
+                node,
+                "reads a buffer or constant directly in forward",
+                "keep weights inside torch.nn layers (Conv, Linear, BatchNorm...)",
+            ) from None
+        self.params[node.name] = self.prefix + node.target
+        return None
+
+    def made(
+        self,
+        node: fx.Node,
+        layer: str,
+        args: dict,
+        inputs: list,
+        tokens: bool | None = None,
+        shape: list[int] | None = None,
+        **kw: Any,
+    ) -> GraphNode:
+        """A layer node; a token sequence when ``tokens`` says so, else when an input is one
+        (its shape then written ``[D, N]``)."""
+        refs = [self.ref(i, node) for i in inputs]
+        seq = any(r in self.seq for r in refs) if tokens is None else tokens
+        shape = shape if shape is not None else _shape(node)
+        if seq and shape is not None:
+            shape = shape[::-1]
         return GraphNode(
             node.name,
             "layer",
-            [self.ref(i, node) for i in inputs],
-            _shape(node),
+            refs,
+            shape,
             layer=layer,
             args=args,
             where=_where(node),
+            tokens=seq,
             **kw,
         )
 
     def module_node(self, node: fx.Node) -> GraphNode | None:
         m = self.module.get_submodule(node.target)
         path = self.prefix + node.target
+        if attention_like(m):
+            return attention_layer(m, self, node, path)
         if not _is_torch_layer(m):  # a user-defined sub-module of the root: its own graph
             x = node.args[0]
             if len(node.args) != 1 or node.kwargs or not isinstance(x, fx.Node):
                 raise self.fail(node, "calls a sub-module with several inputs", "one input each")
             sample = torch.randn(2, *_shape(x))
-            graph = _describe(self.root, m, path, sample, shallow=False)
+            graph = _describe(self.root, m, path, sample, shallow=False, tokens=self.is_seq(x))
+            out = graph.nodes[-1]
             return GraphNode(
                 node.name,
                 "call",
                 [self.ref(x, node)],
-                _shape(node),
+                out.shape,
                 path=path,
                 graph=graph,
                 where=_where(node),
+                tokens=out.tokens,
             )
         if isinstance(m, (nn.Identity, nn.Flatten)):
             return self.reshape(node, node.args[0])
@@ -281,6 +358,12 @@ class _Converter:
         if src == into:
             self.alias[node.name] = self.ref(x, node)
             return None
+        if self.is_seq(x):
+            raise self.fail(
+                node,
+                f"reshapes a token sequence {src} to {into}",
+                "mixc reads a sequence only by its layers, x[:, 0] or x.mean(dim=1)",
+            )
         if into is None or src is None or len(into) != 1:
             raise self.fail(
                 node,
@@ -294,6 +377,10 @@ class _Converter:
 
     def function_node(self, node: fx.Node) -> GraphNode | None:
         t = node.target
+        for special in (param_layer, token_layer):
+            made = special(node, self)
+            if made is not False:
+                return made
         if (
             node.op == "call_function"
             and t in _ADDS
@@ -310,12 +397,14 @@ class _Converter:
                     "adds a constant or a scaled value",
                     "mixc adds only two paths of a residual block (`residual { } shortcut { }`)",
                 )
+            seq = self.is_seq(a) or self.is_seq(b)
             return GraphNode(
                 node.name,
                 "add",
                 [self.ref(a, node), self.ref(b, node)],
-                _shape(node),
+                _shape(node)[:: -1 if seq else 1],
                 where=_where(node),
+                tokens=seq,
             )
         layer = _function_layer(node, self)
         if layer is not None or node.name in self.alias:
@@ -375,9 +464,11 @@ def _module_layer(m: nn.Module, conv: _Converter, node: fx.Node) -> tuple[str, d
     if isinstance(m, (nn.Conv1d, nn.Conv2d)):
         return "conv", _conv(m, conv, node)
     if isinstance(m, nn.Linear):
-        if len(_shape(node.args[0]) or []) != 1:
+        if len(_shape(node.args[0]) or []) != 1 and not conv.is_seq(node.args[0]):
             raise conv.fail(
-                node, "applies a Linear to a tensor of more than one axis", "flatten first"
+                node,
+                "applies a Linear to a tensor of more than one axis",
+                "flatten first (or apply it to a token sequence)",
             )
         return "linear", {"out": m.out_features, "bias": m.bias is not None}
     if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -391,10 +482,12 @@ def _module_layer(m: nn.Module, conv: _Converter, node: fx.Node) -> tuple[str, d
             len(m.normalized_shape) != 1
             or not m.elementwise_affine
             or m.bias is None
-            or len(_shape(node.args[0]) or []) != 1
+            or not (len(_shape(node.args[0]) or []) == 1 or conv.is_seq(node.args[0]))
         ):
             raise conv.fail(
-                node, "is a LayerNorm mixc cannot express", "LayerNorm(D) on vectors [D]"
+                node,
+                "is a LayerNorm mixc cannot express",
+                "LayerNorm(D) on vectors [D] or token sequences [N, D]",
             )
         return "layernorm", {"eps": m.eps}
     for cls, kind in _ACT_MODULES.items():
@@ -472,6 +565,15 @@ def _function_layer(node: fx.Node, conv: _Converter) -> GraphNode | None:
 # The faithfulness check and the weights
 
 
+def _state_tensor(state: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """A state tensor by its name in a name map: ``name[i/n]`` is the i-th of its n row blocks
+    (q, k or v of a fused projection)."""
+    m = re.fullmatch(r"(.+)\[(\d+)/(\d+)\]", key)
+    if m is None:
+        return state[key]
+    return state[m.group(1)].chunk(int(m.group(3)), dim=0)[int(m.group(2))]
+
+
 def mapped_arrays(module: nn.Module, name_map: dict[str, str], plan: Plan) -> dict[str, Any]:
     """The module's state under plan names, shaped as the plan's (a leading member axis of 1)."""
     from mixc.backends.torch.model import build, named_plan_tensors
@@ -479,7 +581,10 @@ def mapped_arrays(module: nn.Module, name_map: dict[str, str], plan: Plan) -> di
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in named_plan_tensors(build(plan)).items()}
     state = module.state_dict()
-    return {p: state[t].detach().reshape(shapes[p]) for t, p in name_map.items()}
+    return {
+        p: _state_tensor(state, t).detach().reshape(shapes[p]).contiguous()
+        for t, p in name_map.items()
+    }
 
 
 def check_import(
@@ -502,7 +607,7 @@ def check_import(
     state = original.state_dict()
     with torch.no_grad():
         for t, p in name_map.items():
-            tensors[p].copy_(state[t].reshape(tensors[p].shape))
+            tensors[p].copy_(_state_tensor(state, t).reshape(tensors[p].shape))
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(8, *input_shape, generator=g, dtype=torch.float64)
         want = original(x)

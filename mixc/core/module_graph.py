@@ -28,7 +28,10 @@ class GraphNode:
     own graph is ``graph``) or ``output``. ``path`` is the module's dotted path from the root (empty
     for a function), ``tensors`` maps a plan field (``weight``, ``running_mean``...) to the
     framework's state name, ``shape`` is one sample's output shape, ``where`` the source line.
-    ``label`` is the layer's name in the text, chosen by the application.
+    ``label`` is the layer's name in the text, chosen by the application. ``tokens``: the value is
+    a token sequence, its ``shape`` written as the language holds it, ``[D, N]``. A ``tensors``
+    field may name a sub-layer (``q.weight`` of an ``attention``), and a state name may end in
+    ``[i/n]``: the i-th of n equal row blocks (a fused qkv projection split into q, k, v).
     """
 
     name: str
@@ -42,6 +45,7 @@ class GraphNode:
     where: str = ""
     graph: ModuleGraph | None = None
     label: str = ""  # the layer's name in the .mix text (set by the application)
+    tokens: bool = False
 
 
 @dataclass

@@ -240,3 +240,142 @@ def randomised(module, seed=0):
             m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
             m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
     return module
+
+
+# ---------------------------------------------------------------------------
+# Vision Transformers, written as timm writes them (plain PyTorch, no timm)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch=16, channels=3, dim=192):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, dim, kernel_size=patch, stride=patch)
+        self.norm = nn.Identity()
+
+    def forward(self, x):
+        x = self.proj(x)
+        x = x.flatten(2).transpose(1, 2)
+        return self.norm(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads=8, qkv_bias=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = nn.Identity()
+        self.k_norm = nn.Identity()
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(0.0)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, mha=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.mha = mha
+        if mha:
+            self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        else:
+            self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        if self.mha:
+            h = self.norm1(x)
+            x = x + self.attn(h, h, h, need_weights=False)[0]
+        else:
+            x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """timm's VisionTransformer, trimmed: ``pool`` "token" (a class token, x[:, 0]) or "avg"
+    (no class token, the mean of the tokens); ``mha`` uses nn.MultiheadAttention."""
+
+    def __init__(
+        self,
+        img_size=224,
+        patch_size=16,
+        in_chans=3,
+        num_classes=1000,
+        embed_dim=192,
+        depth=12,
+        num_heads=3,
+        mlp_ratio=4.0,
+        pool="token",
+        mha=False,
+    ):
+        super().__init__()
+        self.pool = pool
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        n = (img_size // patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if pool == "token" else None
+        n += 1 if pool == "token" else 0
+        self.pos_embed = nn.Parameter(torch.randn(1, n, embed_dim) * 0.02)
+        self.pos_drop = nn.Dropout(0.0)
+        self.blocks = nn.Sequential(
+            *[Block(embed_dim, num_heads, mlp_ratio, mha) for _ in range(depth)]
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = self.pos_drop(x + self.pos_embed)
+        x = self.blocks(x)
+        x = self.norm(x)
+        x = x[:, 0] if self.pool == "token" else x.mean(dim=1)
+        return self.head(x)
+
+
+def vit_small(**kw):
+    """8x8 images, patch 2 (16 tokens), width 32, depth 2, 4 heads."""
+    args = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=2)
+    return VisionTransformer(**{**args, "num_heads": 4, **kw})
+
+
+def vit_ti16(**kw):
+    return VisionTransformer(**kw)
+
+
+def randomised_vit(module, seed=0):
+    """``module`` with random LayerNorm affines and embeddings (ones and zeros would hide a
+    misplaced copy)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+    for name, p in module.named_parameters():
+        if name in ("cls_token", "pos_embed"):
+            p.data.copy_(torch.randn(p.shape, generator=g))
+    return module
