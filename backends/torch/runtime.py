@@ -626,7 +626,9 @@ class LayerNorm(MemberOp):
         weight, bias, block = self.own(self.weight, m), self.own(self.bias, m), self.block
         blocks = x.shape[1] // block
         if blocks == 1:  # one block: torch's layer_norm with its affine, channels last
-            y = F.layer_norm(x.movedim(1, -1), (block,), weight, bias, self.eps)
+            y = F.layer_norm(
+                x.movedim(1, -1), (block,), weight.reshape(block), bias.reshape(block), self.eps
+            )
             return y.movedim(-1, 1)
         h = x.unflatten(1, (blocks, block)).movedim(2, -1)  # [B, blocks, *positions, block]
         h = F.layer_norm(h, (block,), eps=self.eps)

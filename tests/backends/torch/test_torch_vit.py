@@ -265,3 +265,17 @@ def test_deployed_vit_equals_the_generated_model(method, tmp_path):
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     got, _ = sess.run(None, {"x": x.numpy()})
     np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [["members=1", "groups=none"], ["members=1"]])
+def test_one_member_vit_runs_in_both_layouts(overrides):
+    """One network (a single baseline): the grouped layout's LayerNorm has one block of [1, C]
+    parameters; it must give the loop layout's logits (grouped is auto's choice on CUDA)."""
+    plan = mixc.compile("vit_digits", ["backbone.dim=32", "backbone.depth=1", *overrides])
+    torch.manual_seed(0)
+    grouped = build(plan, layout="grouped", dtype=torch.float64)
+    _randomise_norms_and_embeddings(named_plan_tensors(grouped))
+    loop = build(plan, layout="loop", dtype=torch.float64)
+    loop.load_state_dict(grouped.state_dict())
+    x = _input(plan)
+    assert (grouped(x) - loop(x)).abs().max().item() < 1e-12
