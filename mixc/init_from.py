@@ -38,12 +38,19 @@ def read_pretrained(path: str | Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as e:  # missing file, not safetensors, damaged header
         raise TrainError(
             f"--init-from {path}: cannot read it as safetensors ({type(e).__name__}: {e}); hint:"
             " write one with `mixc import ... --weights FILE`"
         ) from None
+    for name, value in tensors.items():
+        if value.dtype.kind != "f" or not np.isfinite(value).all():
+            raise TrainError(
+                f"--init-from {path}: tensor {name!r} is not finite floating point (dtype"
+                f" {value.dtype}); hint: write the file again with `mixc import ... --weights FILE`"
+            )
+    return tensors
 
 
 def _pretrained_layer(pre: dict[str, np.ndarray], layer: str) -> np.ndarray | None:
@@ -69,6 +76,11 @@ def initialise(
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """``state`` (the new run's plan tensors) with the pretrained weights put in; the report's
     lines (what was exact, what approximate, what left alone)."""
+    if not (np.isfinite(noise) and noise >= 0):
+        raise TrainError(
+            f"--init-noise is a finite factor of at least 0, got {noise}; hint: 0.05 parts the"
+            " members gently"
+        )
     out = dict(state)
     skip = lambda layer: any(fnmatch.fnmatchcase(layer, g) for g in exclude)  # noqa: E731
     copied, left, banked = 0, [], {}
@@ -77,7 +89,8 @@ def initialise(
         layer = rest.rpartition(".")[0]
         if skip(layer):
             continue
-        if name in out and out[name].shape[1:] == value.shape[1:] and kind != "plain":
+        if name in out and kind != "plain":
+            _check_one_member(name, value, out[name].shape)
             out[name] = np.broadcast_to(value, out[name].shape).astype(out[name].dtype)
             copied += 1
             continue
@@ -111,6 +124,16 @@ def initialise(
     return out, lines
 
 
+def _check_one_member(name: str, value: np.ndarray, shape: tuple[int, ...]) -> None:
+    """A per-member tensor of the file must be one member's, [1, *shape[1:]]."""
+    if value.shape != (1, *shape[1:]):
+        raise TrainError(
+            f"--init-from: tensor {name!r} has shape {list(value.shape)}, but one member of this"
+            f" plan holds {[1, *shape[1:]]}; hint: the file must come from `mixc import --weights`"
+            " of this spec's model"
+        )
+
+
 def _fit_group(
     out: dict[str, np.ndarray], plan: Any, group: str, layers: list[str], pre: dict
 ) -> float:
@@ -118,6 +141,14 @@ def _fit_group(
     coordinate), then each member's alphas given the templates."""
     bank = out[bank_name(group)].astype(np.float64)
     targets = {layer: _pretrained_layer(pre, layer) for layer in layers}
+    for layer, target in targets.items():
+        if target is None or target.size != bank.shape[1]:
+            size = None if target is None else target.size
+            raise TrainError(
+                f"--init-from: layer {layer!r} has {size} weights and biases in the file, but its"
+                f" bank's templates hold {bank.shape[1]}; hint: the file must come from `mixc"
+                " import --weights` of this spec's model"
+            )
     slots = {layer: plan.slot(layer) for layer in layers}
     alphas = {layer: out[f"alpha.{layer}"].astype(np.float64) for layer in layers}
     rows = [(layer, m) for layer in layers for m in range(alphas[layer].shape[0])]

@@ -285,6 +285,8 @@ def _start_run(
     trainer.begin(dataset.x_train, dataset.y_train[: len(dataset.x_train)], batch)
     if folder.header is not None:
         _resume(folder, trainer, plan)
+        if o.init_from is not None and trainer.rank == 0:
+            print(f"note: --init-from {o.init_from} ignored: the run resumes from its checkpoint")
     elif o.init_from is not None:
         _initialise(o, trainer, plan, recipe.seed)
     return _Run(

@@ -4,6 +4,7 @@ weights copied), blocks and stages are recovered, what the language lacks is one
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -256,3 +257,28 @@ def test_cli_module_path_and_help(capsys, tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "import" in capsys.readouterr().out
+
+
+def test_init_from_a_foreign_or_damaged_file_is_one_clear_error(tmp_path):
+    """A file of another model (a tensor of the wrong shape), a non-finite tensor or a bad noise
+    factor: one TrainError naming the tensor or value, no traceback from numpy."""
+    from safetensors.numpy import save_file
+
+    from mixc.backends.torch import build, named_plan_tensors
+    from mixc.core.errors import TrainError
+    from mixc.init_from import initialise, read_pretrained
+
+    module = M.randomised(M.SmallCNN()).eval()
+    imported, plain = import_graph(module, [1, 8, 8], "cnn")
+    plan = mixc.compile_text(imported.text, ["method=naive"])
+    state = {k: v.detach().numpy().copy() for k, v in named_plan_tensors(build(plan)).items()}
+    name = next(n for n in state if n.startswith("member.") and n.endswith(".weight"))
+    wrong = {name: np.zeros((3, *state[name].shape[1:]), np.float32)}
+    with pytest.raises(TrainError, match=f"tensor '{name}' has shape"):
+        initialise(state, plan, wrong, [])
+    with pytest.raises(TrainError, match="--init-noise"):
+        initialise(state, plan, {name: state[name][:1]}, [], noise=-1.0)
+    bad = np.full((1, *state[name].shape[1:]), np.nan, np.float32)
+    save_file({name: bad}, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(TrainError, match="not finite"):
+        read_pretrained(tmp_path / "nan.safetensors")
