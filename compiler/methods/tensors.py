@@ -10,73 +10,43 @@ from mixc.compiler.tensor_names import BLOB, bank_name, tensor_name
 MEMBER_OP_ROLES = ("bn_weight", "bn_bias", "norm_weight", "norm_bias", "embedding")
 
 
-def bn_tensors(o: P.BatchNormOp, M: int | None) -> list[P.Tensor]:
-    """One BatchNorm's tensors: ``[M, C]`` per member, or ``[C]`` for a single-path network (``M``
-    None)."""
-    shape = [o.channels] if M is None else [M, o.channels]
+#: per kind of op that is not a weight layer: (field, role, trainable) of each tensor it holds
+_MEMBER_OP_FIELDS = {
+    "bn": (
+        ("weight", "bn_weight", True),
+        ("bias", "bn_bias", True),
+        ("running_mean", "bn_mean", False),
+        ("running_var", "bn_var", False),
+    ),
+    "layernorm": (("weight", "norm_weight", True), ("bias", "norm_bias", True)),
+    "cls_token": (("token", "embedding", True),),
+    "pos_embed": (("pos", "embedding", True),),
+}
+
+
+def member_op_tensors(o, M: int | None) -> list[P.Tensor]:
+    """The tensors of an op that is not a weight layer (none for most): BatchNorm's and
+    LayerNorm's ``[C]``, a class token ``[D]``, a position embedding ``[N, D]`` (token-major, as
+    timm stores it); every member's own (``[M, ...]``), or one network's (``M`` None)."""
+    if o.kind not in _MEMBER_OP_FIELDS:
+        return []
+    shape = [o.tokens, o.channels] if o.kind == "pos_embed" else [o.channels]
     return [
         P.Tensor(
-            name=tensor_name("bn", o.name, field),
-            shape=shape,
+            name=tensor_name(o.kind, o.name, field),
+            shape=shape if M is None else [M, *shape],
             role=role,
             trainable=trainable,
             layer=o.name,
             per_member=M is not None,
         )
-        for field, role, trainable in (
-            ("weight", "bn_weight", True),
-            ("bias", "bn_bias", True),
-            ("running_mean", "bn_mean", False),
-            ("running_var", "bn_var", False),
-        )
+        for field, role, trainable in _MEMBER_OP_FIELDS[o.kind]
     ]
 
 
-def norm_tensors(o: P.LayerNormOp, M: int | None) -> list[P.Tensor]:
-    """One LayerNorm's scale and shift: ``[M, C]`` per member, or ``[C]`` on a single path."""
-    shape = [o.channels] if M is None else [M, o.channels]
-    return [
-        P.Tensor(
-            name=tensor_name("layernorm", o.name, field),
-            shape=shape,
-            role=role,
-            trainable=True,
-            layer=o.name,
-            per_member=M is not None,
-        )
-        for field, role in (("weight", "norm_weight"), ("bias", "norm_bias"))
-    ]
-
-
-def embedding_tensors(o: P.ClassTokenOp | P.PosEmbedOp, M: int | None) -> list[P.Tensor]:
-    """A class token ``[D]`` or a position embedding ``[N, D]`` (token-major, as timm stores it),
-    per member ``[M, ...]`` or one on a single path."""
-    if o.kind == "cls_token":
-        field, shape = "token", [o.channels]
-    else:
-        field, shape = "pos", [o.tokens, o.channels]
-    return [
-        P.Tensor(
-            name=tensor_name(o.kind, o.name, field),
-            shape=shape if M is None else [M, *shape],
-            role="embedding",
-            trainable=True,
-            layer=o.name,
-            per_member=M is not None,
-        )
-    ]
-
-
-def member_op_tensors(o, M: int | None) -> list[P.Tensor]:
-    """The tensors of an op that is not a weight layer (BatchNorm, LayerNorm, class token,
-    position embedding; none for the rest): every member's own, or ``M`` None for one network."""
-    if o.kind == "bn":
-        return bn_tensors(o, M)
-    if o.kind == "layernorm":
-        return norm_tensors(o, M)
-    if o.kind in ("cls_token", "pos_embed"):
-        return embedding_tensors(o, M)
-    return []
+def bn_tensors(o: P.BatchNormOp, M: int | None) -> list[P.Tensor]:
+    """One BatchNorm's tensors: ``[M, C]`` per member, or ``[C]`` for a single-path network."""
+    return member_op_tensors(o, M)
 
 
 def _layer_tensor(
