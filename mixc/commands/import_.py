@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from mixc.core.module_graph import ModuleImportError
-    from mixc.core.safe_write import check_output, write_text
+    from mixc.core.safe_write import WriteError, check_output, write_text
     from mixc.importing import (
         check,
         faithful,
@@ -63,9 +63,16 @@ def run(args: argparse.Namespace) -> int:
 
     shape = parse_input(args.input)
     kwargs = parse_args_json(args.args)
-    for out in (args.output, args.weights):
-        if out:
-            check_output(out, inputs=[args.target.rpartition(":")[0]], force=args.force)
+    source = args.target.rpartition(":")[0]
+    if args.output:
+        check_output(args.output, inputs=[source], force=args.force)
+    if args.weights:
+        if args.output and Path(args.weights).resolve() == Path(args.output).resolve():
+            raise WriteError(
+                f"--weights {args.weights} is also -o: the weights would replace the spec; hint:"
+                " name the weights file net.safetensors"
+            )
+        check_output(args.weights, inputs=[source], force=args.force, option="--weights")
     module = load_factory(args.target, kwargs)
     imported, plan = import_graph(module, shape, args.target, args.backend)
     names, result = check(module, imported, plan, shape, args.backend)

@@ -282,3 +282,11 @@ def test_init_from_a_foreign_or_damaged_file_is_one_clear_error(tmp_path):
     save_file({name: bad}, str(tmp_path / "nan.safetensors"))
     with pytest.raises(TrainError, match="not finite"):
         read_pretrained(tmp_path / "nan.safetensors")
+
+
+def test_cli_refuses_weights_written_over_the_spec(capsys, tmp_path):
+    out = tmp_path / "net.mix"
+    argv = ["import", f"{MODELS}:make_cnn", "--input", "1,8,8", "-o", str(out)]
+    rc, _, err = run(capsys, *argv, "--weights", str(tmp_path / "." / "net.mix"), "--force")
+    assert rc == 1 and not out.exists()
+    assert "is also -o" in err and "Traceback" not in err
